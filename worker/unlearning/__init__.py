@@ -1,0 +1,1 @@
+"""The unlearning core: a pure library (no database, no Celery) that the worker calls."""
