@@ -1,0 +1,136 @@
+"""Shared vocabulary of the ML core: tasks, batches and the multi-task loss.
+
+A model of the core is an ``nn.Module`` whose ``forward(x)`` returns ``dict[str, Tensor]``: one
+entry per main task (keyed by task name) and one for the subset-ID head (key ``SUBSET_HEAD``).
+Labels use ``IGNORE`` (-1) where a sample has no supervision for a task (it was never labelled,
+it was forgotten for that task, or its label was purged).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SUBSET_HEAD = "subset_id"
+IGNORE = -1
+
+
+class TaskSpec(Protocol):
+    """A main task: its head width, its per-sample loss and its metric (higher is better)."""
+
+    name: str
+    num_outputs: int
+    weight: float
+
+    def per_sample_loss(self, output: Tensor, target: Tensor) -> Tensor:
+        """Loss of each sample, shape ``[N]``; 0 where ``target == IGNORE``."""
+        ...
+
+    def metric(self, output: Tensor, target: Tensor) -> float:
+        """Task metric over the supervised samples (NaN when there are none)."""
+        ...
+
+
+@dataclass(frozen=True)
+class ClassificationTask:
+    """Multi-class classification: cross-entropy loss, accuracy metric."""
+
+    name: str
+    num_outputs: int
+    weight: float = 1.0
+
+    def per_sample_loss(self, output: Tensor, target: Tensor) -> Tensor:
+        supervised = target != IGNORE
+        safe_target = torch.where(supervised, target, torch.zeros_like(target))
+        loss = F.cross_entropy(output, safe_target, reduction="none")
+        return loss * supervised.to(loss.dtype)
+
+    def metric(self, output: Tensor, target: Tensor) -> float:
+        supervised = target != IGNORE
+        if not bool(supervised.any()):
+            return float("nan")
+        correct = output.argmax(dim=-1)[supervised] == target[supervised]
+        return float(correct.float().mean())
+
+
+@dataclass
+class Batch:
+    """Inputs and targets of a set of samples."""
+
+    x: Tensor
+    labels: dict[str, Tensor]
+    subset: Tensor  # index of the sample's client in the subset-ID head; IGNORE if none
+    sample_ids: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def to(self, device: torch.device | str) -> Batch:
+        return Batch(
+            x=self.x.to(device),
+            labels={name: y.to(device) for name, y in self.labels.items()},
+            subset=self.subset.to(device),
+            sample_ids=self.sample_ids,
+        )
+
+    def select(self, index: Tensor) -> Batch:
+        """The rows ``index`` (a long or bool tensor) of this batch."""
+        if index.dtype == torch.bool:
+            index = index.nonzero(as_tuple=True)[0]
+        ids = [self.sample_ids[i] for i in index.tolist()] if self.sample_ids else []
+        return Batch(
+            x=self.x[index],
+            labels={name: y[index] for name, y in self.labels.items()},
+            subset=self.subset[index],
+            sample_ids=ids,
+        )
+
+    def split(self, size: int) -> list[Batch]:
+        """Consecutive mini-batches of at most ``size`` rows."""
+        n = len(self)
+        return [self.select(torch.arange(i, min(i + size, n))) for i in range(0, n, size)]
+
+
+def main_task_losses(
+    outputs: dict[str, Tensor], labels: dict[str, Tensor], tasks: Sequence[TaskSpec]
+) -> Tensor:
+    """Weighted sum over ``tasks`` of each sample's loss, shape ``[N]`` (interference paper Eq. 2)."""
+    total: Tensor | None = None
+    for task in tasks:
+        term = task.weight * task.per_sample_loss(outputs[task.name], labels[task.name])
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("main_task_losses needs at least one task")
+    return total
+
+
+def main_task_loss(
+    outputs: dict[str, Tensor], labels: dict[str, Tensor], tasks: Sequence[TaskSpec]
+) -> Tensor:
+    """Mean over supervised (sample, task) pairs of the weighted task losses: a scalar."""
+    per_sample = main_task_losses(outputs, labels, tasks)
+    supervised = sum((labels[t.name] != IGNORE).to(per_sample.dtype) for t in tasks)
+    denominator = torch.clamp(torch.as_tensor(supervised).sum(), min=1.0)
+    return per_sample.sum() / denominator
+
+
+@dataclass
+class Partitions:
+    """The four data partitions of one forget request (interference paper Eq. 3).
+
+    Each partition is a ``Batch`` whose labels are ``IGNORE`` outside its task set, so that one
+    masked loss serves all four. Retain partitions over X_r use the seeded anchor subset.
+    """
+
+    forget: Batch  # D_f        = X_f x T_f
+    retain_task: Batch  # D_r^task   = X_f x T_r (empty when T_r is empty: full-task request)
+    retain_inst: Batch  # D_r^inst   = X_r x T_f
+    retain_clean: Batch  # D_r^clean  = X_r x T_r (empty in full-task requests)
+    forget_tasks: list[str]
+    retain_tasks: list[str]
+    anchor_sample_ids: list[str]
