@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,9 +23,14 @@ IGNORE = -1
 class TaskSpec(Protocol):
     """A main task: its head width, its per-sample loss and its metric (higher is better)."""
 
-    name: str
-    num_outputs: int
-    weight: float
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def num_outputs(self) -> int: ...
+
+    @property
+    def weight(self) -> float: ...
 
     def per_sample_loss(self, output: Tensor, target: Tensor) -> Tensor:
         """Loss of each sample, shape ``[N]``; 0 where ``target == IGNORE``."""
@@ -117,6 +122,33 @@ def main_task_loss(
     supervised = sum((labels[t.name] != IGNORE).to(per_sample.dtype) for t in tasks)
     denominator = torch.clamp(torch.as_tensor(supervised).sum(), min=1.0)
     return per_sample.sum() / denominator
+
+
+@dataclass(frozen=True)
+class ForgetSpec:
+    """One forget request, as the pipeline hands it to the engine (docs/architecture.md).
+
+    ``kind="client"``: forget the client's samples (``sample_ids`` None = all of them) for
+    ``tasks`` (empty = every task: full-task unlearning). ``kind="task"``: forget ``tasks`` (a
+    non-empty list) for ``sample_ids`` (None = all samples of ``client_id``): partial-task
+    unlearning when some tasks remain.
+    """
+
+    request_id: str
+    kind: Literal["client", "task"]
+    client_id: str | None
+    sample_ids: list[str] | None
+    tasks: list[str]
+
+
+def empty_batch(input_shape: Sequence[int], task_names: Sequence[str]) -> Batch:
+    """A batch of zero rows with the given per-sample input shape."""
+    return Batch(
+        x=torch.zeros((0, *input_shape)),
+        labels={name: torch.zeros(0, dtype=torch.long) for name in task_names},
+        subset=torch.zeros(0, dtype=torch.long),
+        sample_ids=[],
+    )
 
 
 @dataclass

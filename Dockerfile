@@ -1,0 +1,52 @@
+# syntax=docker/dockerfile:1.7
+# Multi-stage build. Targets:
+#   api     FastAPI service + migrations (no torch, no peft: `service` never imports them)
+#   worker  Celery worker with the ML core (CUDA build of torch), one process per GPU
+# docker compose builds both (see docker-compose.yml).
+
+ARG PYTHON_VERSION=3.11
+
+# ---- wheels of the lethe package itself (no dependencies) -------------------------------------
+FROM python:${PYTHON_VERSION}-slim AS build
+WORKDIR /src
+RUN pip install --no-cache-dir --upgrade pip build
+COPY pyproject.toml README.md ./
+COPY service ./service
+COPY worker ./worker
+RUN python -m build --wheel --outdir /wheels .
+
+# ---- common runtime base ----------------------------------------------------------------------
+FROM python:${PYTHON_VERSION}-slim AS runtime
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    LETHE_HOME=/var/lib/lethe
+RUN useradd --system --create-home --home-dir /home/lethe --uid 10001 lethe \
+    && mkdir -p /var/lib/lethe && chown lethe /var/lib/lethe
+WORKDIR /app
+COPY alembic.ini* ./
+COPY migrations ./migrations
+
+# ---- api: core dependencies only --------------------------------------------------------------
+FROM runtime AS api
+COPY --from=build /wheels /wheels
+RUN pip install /wheels/lethe-*.whl && rm -rf /wheels \
+    && python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)"
+USER lethe
+EXPOSE 8000
+HEALTHCHECK --interval=10s --timeout=3s --retries=5 \
+    CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"
+CMD ["uvicorn", "service.api.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000"]
+
+# ---- worker: torch (CUDA build) + the ml extra ------------------------------------------------
+FROM runtime AS worker
+# The CUDA build of torch comes from PyTorch's index; the package itself only asks for torch>=2.2,<3.
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
+RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+COPY --from=build /wheels /wheels
+RUN pip install "$(ls /wheels/lethe-*.whl)[ml]" && rm -rf /wheels
+USER lethe
+# One Celery process per visible GPU (CUDA_VISIBLE_DEVICES per child); CPU when none is visible.
+CMD ["lethe", "worker"]

@@ -1,0 +1,1 @@
+"""Alembic migrations: one chain from an empty database."""

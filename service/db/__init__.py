@@ -1,0 +1,1 @@
+"""Database layer: typed ORM models and the engine / session factory."""

@@ -1,0 +1,301 @@
+"""SQLAlchemy 2 typed models: the system of record.
+
+Statuses are plain strings guarded by CHECK constraints; the allowed values are the ``*_STATUSES``
+tuples below. Every constraint and index has a name (see ``NAMING_CONVENTION``), so that Alembic
+migrations are reproducible on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Final
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from service.db.types import UTCDateTime, utcnow
+
+NAMING_CONVENTION: Final = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+MODEL_STATUSES: Final = ("preparing", "ready", "failed")
+SUBJECT_STATUSES: Final = ("active", "forgotten")
+REQUEST_KINDS: Final = ("client", "task")
+REQUEST_STATUSES: Final = (
+    "received",
+    "queued",
+    "running",
+    "verifying",
+    "completed",
+    "failed",
+    "cancelled",
+    "rejected",
+)
+#: Requests in these statuses are "pending": a second request for the same subject is not created.
+ACTIVE_REQUEST_STATUSES: Final = ("received", "queued", "running", "verifying")
+ROUND_STATUSES: Final = ("running", "verifying", "completed", "failed")
+#: At most one round per model is in one of these statuses (partial unique index).
+LIVE_ROUND_STATUSES: Final = ("running", "verifying")
+VERSION_STATUSES: Final = ("active", "withdrawn")
+SCOPES: Final = ("submit", "admin", "serve")
+
+JSONDict = dict[str, Any]
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime(), JSONDict: JSON(), list[str]: JSON()}  # noqa: RUF012
+
+
+class Model(Base):
+    """A registered model: a workload, the unlearning method and its settings."""
+
+    __tablename__ = "models"
+    __table_args__ = (CheckConstraint(_in("status", MODEL_STATUSES), name="status"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    workload: Mapped[str] = mapped_column(String(200))
+    tasks: Mapped[list[str]] = mapped_column(default=list)
+    method: Mapped[str] = mapped_column(String(100))
+    method_config: Mapped[JSONDict] = mapped_column(default=dict)
+    settings: Mapped[JSONDict] = mapped_column(default=dict)
+    status: Mapped[str] = mapped_column(String(16), default="preparing")
+    error: Mapped[str | None] = mapped_column(Text)
+    #: Directory of the frozen base model, relative to the artifacts directory.
+    base_location: Mapped[str | None] = mapped_column(String(500))
+    #: ``{file name: {"sha256": hex, "size": bytes}}`` of the base model's files.
+    base_files: Mapped[JSONDict] = mapped_column(default=dict)
+    #: Last fencing token handed out for this model's rounds (strictly increasing).
+    last_fencing_token: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    prepared_at: Mapped[datetime | None]
+
+
+class Subject(Base):
+    """A client of a model: whose data it was trained on."""
+
+    __tablename__ = "subjects"
+    __table_args__ = (
+        UniqueConstraint("model_id", "client_id"),
+        CheckConstraint(_in("status", SUBJECT_STATUSES), name="status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    client_id: Mapped[str] = mapped_column(String(200))
+    sample_count: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    forgotten_by_request_id: Mapped[str | None] = mapped_column(ForeignKey("forget_requests.id"))
+    forgotten_at: Mapped[datetime | None]
+    purged_at: Mapped[datetime | None]
+
+
+class Sample(Base):
+    """A training sample of a model, so that the API validates sample ids without the worker."""
+
+    __tablename__ = "samples"
+    __table_args__ = (
+        UniqueConstraint("model_id", "sample_id"),
+        Index("ix_samples_model_id_client_id", "model_id", "client_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    sample_id: Mapped[str] = mapped_column(String(200))
+    client_id: Mapped[str] = mapped_column(String(200))
+    #: The whole sample was deleted from the dataset store (its client was forgotten).
+    purged: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Tasks whose label of this sample was deleted (per-task forgetting).
+    purged_tasks: Mapped[list[str]] = mapped_column(default=list)
+
+
+class ApiKey(Base):
+    """An API key, stored as the SHA-256 of the secret, with its scopes."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(32))
+    name: Mapped[str | None] = mapped_column(String(200))
+    scopes: Mapped[list[str]] = mapped_column(default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+
+
+class ForgetRequest(Base):
+    """One right-to-be-forgotten request; ``seq`` is the arrival order."""
+
+    __tablename__ = "forget_requests"
+    __table_args__ = (
+        UniqueConstraint("api_key_id", "idempotency_key"),
+        CheckConstraint(_in("kind", REQUEST_KINDS), name="kind"),
+        CheckConstraint(_in("status", REQUEST_STATUSES), name="status"),
+        Index("ix_forget_requests_model_id_status_seq", "model_id", "status", "seq"),
+        # One pending request per subject and model: a second submission returns the first.
+        Index(
+            "uq_forget_requests_active_subject",
+            "model_id",
+            "subject_key",
+            unique=True,
+            sqlite_where=text(_in("status", ACTIVE_REQUEST_STATUSES)),
+            postgresql_where=text(_in("status", ACTIVE_REQUEST_STATUSES)),
+        ),
+    )
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[str] = mapped_column(String(36), unique=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(8))
+    client_id: Mapped[str | None] = mapped_column(String(200))
+    sample_ids: Mapped[list[str] | None] = mapped_column(JSON)
+    tasks: Mapped[list[str]] = mapped_column(default=list)
+    #: Canonical description of what is forgotten; equal for equal subjects.
+    subject_key: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default="received")
+    idempotency_key: Mapped[str] = mapped_column(String(200))
+    payload_hash: Mapped[str] = mapped_column(String(64))
+    api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"))
+    external_id: Mapped[str | None] = mapped_column(String(200))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    due_at: Mapped[datetime]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    completed_at: Mapped[datetime | None]
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    #: The round that currently holds (or last held) this request.
+    round_id: Mapped[int | None] = mapped_column(ForeignKey("rounds.id"))
+    #: The adapter version that no longer contains the subject (when completed).
+    version_id: Mapped[int | None] = mapped_column(ForeignKey("adapter_versions.id"))
+
+
+class RequestEvent(Base):
+    """Append-only lifecycle event; all events form one SHA-256 hash chain (ordered by ``id``)."""
+
+    __tablename__ = "request_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[str] = mapped_column(ForeignKey("forget_requests.id", ondelete="CASCADE"), index=True)
+    type: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str | None] = mapped_column(String(16))
+    actor: Mapped[str] = mapped_column(String(200))
+    detail: Mapped[JSONDict] = mapped_column(default=dict)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class Round(Base):
+    """One unlearning round of a model: covered requests, lease and fencing token."""
+
+    __tablename__ = "rounds"
+    __table_args__ = (
+        CheckConstraint(_in("status", ROUND_STATUSES), name="status"),
+        # The database, not worker goodwill, allows one live round per model.
+        Index(
+            "uq_rounds_one_live_per_model",
+            "model_id",
+            unique=True,
+            sqlite_where=text(_in("status", LIVE_ROUND_STATUSES)),
+            postgresql_where=text(_in("status", LIVE_ROUND_STATUSES)),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    method: Mapped[str] = mapped_column(String(100))
+    method_config: Mapped[JSONDict] = mapped_column(default=dict)
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None]
+    fencing_token: Mapped[int] = mapped_column(BigInteger)
+    attempts: Mapped[int] = mapped_column(Integer, default=1)
+    parent_version: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
+class RoundRequest(Base):
+    """The requests a round covers, in arrival order."""
+
+    __tablename__ = "round_requests"
+
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id", ondelete="CASCADE"), primary_key=True)
+    request_id: Mapped[str] = mapped_column(ForeignKey("forget_requests.id"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer)
+
+
+class AdapterVersion(Base):
+    """An immutable adapter version of a model (v1 = the original)."""
+
+    __tablename__ = "adapter_versions"
+    __table_args__ = (
+        UniqueConstraint("model_id", "version"),
+        CheckConstraint(_in("status", VERSION_STATUSES), name="status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
+    version: Mapped[int] = mapped_column(Integer)
+    parent_version: Mapped[int | None] = mapped_column(Integer)
+    #: Directory of the version's files, relative to the artifacts directory.
+    location: Mapped[str] = mapped_column(String(500))
+    #: ``{file name: {"sha256": hex, "size": bytes}}``.
+    files: Mapped[JSONDict] = mapped_column(default=dict)
+    round_id: Mapped[int | None] = mapped_column(ForeignKey("rounds.id"))
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    #: Evidence of a version not produced by a request (v1: the preparation's audit).
+    evidence: Mapped[JSONDict | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    withdrawn_at: Mapped[datetime | None]
+
+
+class Evidence(Base):
+    """The audit of one request in the round that completed it."""
+
+    __tablename__ = "evidence"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    request_id: Mapped[str] = mapped_column(ForeignKey("forget_requests.id", ondelete="CASCADE"), index=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"))
+    version_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id"))
+    payload: Mapped[JSONDict] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Worker(Base):
+    """A worker process and its last heartbeat."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    queues: Mapped[list[str]] = mapped_column(default=list)
+    state: Mapped[str] = mapped_column(String(32))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,244 @@
+"""Request lifecycle on the API side: submit, cancel, retry. Only flushes; the caller commits."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Literal
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.db.models import ForgetRequest, Model
+from service.db.types import utcnow
+from service.errors import ConflictError, NotFoundError, UnprocessableError
+from service.repositories import events as events_repo
+from service.repositories import models as models_repo
+from service.repositories import requests as requests_repo
+
+
+@dataclass(frozen=True)
+class Submission:
+    model: str
+    kind: Literal["client", "task"]
+    client_id: str | None = None
+    sample_ids: list[str] | None = None
+    tasks: list[str] | None = None
+    external_id: str | None = None
+
+    def payload_hash(self) -> str:
+        body = {
+            "model": self.model,
+            "kind": self.kind,
+            "client_id": self.client_id,
+            "sample_ids": self.sample_ids,
+            "tasks": self.tasks,
+            "external_id": self.external_id,
+        }
+        return hashlib.sha256(events_repo.canonical_json(body).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class SubmitResult:
+    request: ForgetRequest
+    created: bool
+
+
+def subject_key(kind: str, client_id: str | None, sample_ids: list[str] | None, tasks: list[str]) -> str:
+    body: dict[str, Any] = {"kind": kind, "tasks": sorted(set(tasks))}
+    if kind == "client":
+        body["client_id"] = client_id
+    else:
+        body["sample_ids"] = sorted(set(sample_ids or []))
+    return hashlib.sha256(events_repo.canonical_json(body).encode()).hexdigest()
+
+
+def submit(
+    session: Session,
+    submission: Submission,
+    *,
+    idempotency_key: str,
+    api_key_id: int | None,
+    actor: str,
+    due_days: int,
+) -> SubmitResult:
+    """Record a forget request (status ``queued``), or return the one this submission repeats.
+
+    Same idempotency key and body: that request. Same key, other body: 422. A pending request
+    for the same subject: that request.
+    """
+    payload_hash = submission.payload_hash()
+    replay = _replay(session, api_key_id, idempotency_key, payload_hash)
+    if replay is not None:
+        return SubmitResult(replay, created=False)
+    model = models_repo.get_model(session, submission.model)
+    if model is None:
+        raise NotFoundError(f"model {submission.model!r} is not registered", field="model")
+    if model.status != "ready":
+        raise ConflictError(
+            f"model {model.name!r} is {model.status}, not ready; forget requests are accepted once "
+            "it is prepared",
+            field="model",
+            model_status=model.status,
+        )
+    tasks = _validate(session, model, submission)
+    key = subject_key(submission.kind, submission.client_id, submission.sample_ids, tasks)
+    pending = requests_repo.active_for_subject(session, model.id, key)
+    if pending is not None:
+        return SubmitResult(pending, created=False)
+
+    now = utcnow()
+    request = ForgetRequest(
+        id=str(uuid.uuid4()),
+        model_id=model.id,
+        kind=submission.kind,
+        client_id=submission.client_id if submission.kind == "client" else None,
+        sample_ids=sorted(set(submission.sample_ids or [])) if submission.kind == "task" else None,
+        tasks=tasks,
+        subject_key=key,
+        status="queued",
+        idempotency_key=idempotency_key,
+        payload_hash=payload_hash,
+        api_key_id=api_key_id,
+        external_id=submission.external_id,
+        received_at=now,
+        due_at=now + timedelta(days=due_days),
+        updated_at=now,
+        attempts=0,
+    )
+    try:
+        with session.begin_nested():
+            session.add(request)
+            session.flush()
+    except IntegrityError:
+        # A concurrent submission won the race (same idempotency key, or same pending subject).
+        replay = _replay(session, api_key_id, idempotency_key, payload_hash)
+        if replay is not None:
+            return SubmitResult(replay, created=False)
+        pending = requests_repo.active_for_subject(session, model.id, key)
+        if pending is not None:
+            return SubmitResult(pending, created=False)
+        raise
+    detail = {"kind": request.kind, "model": model.name, "external_id": request.external_id}
+    events_repo.append_event(session, request.id, "received", actor=actor, status="received", detail=detail)
+    events_repo.append_event(session, request.id, "queued", actor=actor, status="queued")
+    return SubmitResult(request, created=True)
+
+
+def _replay(session: Session, api_key_id: int | None, key: str, payload_hash: str) -> ForgetRequest | None:
+    existing = requests_repo.by_idempotency_key(session, api_key_id, key)
+    if existing is None:
+        return None
+    if existing.payload_hash != payload_hash:
+        raise UnprocessableError(
+            "this Idempotency-Key was already used with a different body",
+            field="Idempotency-Key",
+            request_id=existing.id,
+        )
+    return existing
+
+
+def _validate(session: Session, model: Model, submission: Submission) -> list[str]:
+    """Check the subject against the model; returns the tasks the request covers."""
+    if submission.tasks is not None:
+        unknown = sorted(set(submission.tasks) - set(model.tasks))
+        if unknown:
+            raise UnprocessableError(
+                f"unknown task(s) {unknown} for model {model.name!r} (tasks: {model.tasks})",
+                field="tasks",
+                unknown=unknown,
+            )
+    if submission.kind == "client":
+        assert submission.client_id is not None  # the schema guarantees it
+        subject = models_repo.get_subject(session, model.id, submission.client_id)
+        if subject is None:
+            raise NotFoundError(
+                f"client {submission.client_id!r} is not a subject of model {model.name!r}",
+                field="client_id",
+            )
+        if subject.status == "forgotten":
+            raise ConflictError(
+                f"client {submission.client_id!r} was already forgotten",
+                field="client_id",
+                forgotten_by=subject.forgotten_by_request_id,
+            )
+        return sorted(set(submission.tasks)) if submission.tasks else list(model.tasks)
+
+    sample_ids = submission.sample_ids or []
+    found = models_repo.find_samples(session, model.id, sample_ids)
+    unknown = sorted(set(sample_ids) - set(found))
+    if unknown:
+        shown = unknown[:20]
+        raise NotFoundError(
+            f"{len(unknown)} unknown sample id(s) for model {model.name!r}: {shown}",
+            field="sample_ids",
+            unknown=shown,
+        )
+    gone = sorted(s.sample_id for s in found.values() if s.purged)
+    if gone:
+        raise ConflictError(
+            f"sample(s) {gone[:20]} belong to a forgotten client and were purged", field="sample_ids"
+        )
+    for sample in found.values():
+        subject = models_repo.get_subject(session, model.id, sample.client_id)
+        if subject is not None and subject.status == "forgotten":
+            raise ConflictError(
+                f"sample {sample.sample_id!r} belongs to client {sample.client_id!r}, already forgotten",
+                field="sample_ids",
+                forgotten_by=subject.forgotten_by_request_id,
+            )
+    return sorted(set(submission.tasks or []))
+
+
+def cancel(session: Session, request_id: str, *, actor: str) -> ForgetRequest:
+    request = _locked(session, request_id)
+    if request.status not in ("received", "queued"):
+        raise ConflictError(
+            f"request is {request.status}; only a request that has not started can be cancelled",
+            status_now=request.status,
+        )
+    request.status = "cancelled"
+    request.updated_at = utcnow()
+    events_repo.append_event(session, request.id, "cancelled", actor=actor, status="cancelled")
+    return request
+
+
+def retry(session: Session, request_id: str, *, actor: str) -> ForgetRequest:
+    request = _locked(session, request_id)
+    if request.status != "failed":
+        raise ConflictError(
+            f"request is {request.status}; only a failed request can be retried", status_now=request.status
+        )
+    previous_error = request.error
+    try:
+        with session.begin_nested():
+            request.status = "queued"
+            request.attempts = 0
+            request.error = None
+            request.updated_at = utcnow()
+            session.flush()
+    except IntegrityError:
+        session.refresh(request)
+        pending = requests_repo.active_for_subject(session, request.model_id, request.subject_key)
+        raise ConflictError(
+            "another request for the same subject is pending",
+            pending_request=pending.id if pending is not None else None,
+        ) from None
+    events_repo.append_event(
+        session,
+        request.id,
+        "retried",
+        actor=actor,
+        status="queued",
+        detail={"previous_error": previous_error},
+    )
+    return request
+
+
+def _locked(session: Session, request_id: str) -> ForgetRequest:
+    request = requests_repo.get_request(session, request_id, lock=True)
+    if request is None:
+        raise NotFoundError(f"forget request {request_id!r} does not exist")
+    return request

@@ -1,0 +1,299 @@
+"""``lethe pull``: keep a serving host's copy of a model's latest adapter current (torch-free).
+
+The client polls ``GET /v1/models/{model}/adapters/latest`` with ``If-None-Match``; on a new
+version it downloads every file into a temporary directory next to the destination, checks each
+file's sha256 (and size) against the server's listing (and the version's ``manifest.json``), fsyncs,
+renames the directory to ``DEST/versions/v<n>`` and then swaps the ``DEST/current`` symbolic link
+atomically (``rename`` over the old link). Readers that resolve ``current`` see the old version or
+the new one, never a half-written directory. Older local versions that the server withdrew (410)
+are deleted; see docs/serving.md for vLLM / LoRAX hosts (a new adapter name per version).
+
+Layout of ``DEST``::
+
+    DEST/current -> versions/v<n>     the version to serve
+    DEST/versions/v<n>/               peft files + manifest.json, verified
+    DEST/state.json                   model, version, ETag of the last successful pull
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import quote
+
+import click
+import httpx
+
+STATE_FILE = "state.json"
+CURRENT_LINK = "current"
+VERSIONS_DIR = "versions"
+MANIFEST = "manifest.json"
+
+
+class PullError(Exception):
+    """The server's answer could not be turned into a verified local version."""
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    name: str
+    sha256: str
+    size: int | None
+    url: str
+
+
+@dataclass(frozen=True)
+class PullResult:
+    changed: bool
+    version: int | None
+    path: Path | None
+    etag: str | None
+
+
+def _safe_name(name: str) -> str:
+    path = PurePosixPath(name)
+    if path.is_absolute() or ".." in path.parts or not path.parts or name.startswith("/"):
+        raise PullError(f"refusing the file name {name!r}")
+    return path.as_posix()
+
+
+def parse_listing(data: Mapping[str, Any], base_url: str, model: str) -> tuple[int, list[RemoteFile]]:
+    """Version number and files of a ``.../adapters/latest`` (or ``.../adapters/{n}``) answer.
+
+    ``files`` may be a mapping ``{name: {"sha256", "size", "url"?}}`` or a list of objects with a
+    ``name`` (or ``path``); a missing ``url`` means the standard file route.
+    """
+    try:
+        version = int(data["version"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise PullError(f"no version in the server's answer: {data!r}") from exc
+    raw = data.get("files")
+    entries: list[tuple[str, Mapping[str, Any]]] = []
+    if isinstance(raw, Mapping):
+        entries = [(str(k), v) for k, v in raw.items() if isinstance(v, Mapping)]
+    elif isinstance(raw, list):
+        entries = [(str(v.get("name") or v.get("path")), v) for v in raw if isinstance(v, Mapping)]
+    if not entries:
+        raise PullError("the server listed no files")
+    files: list[RemoteFile] = []
+    for name, meta in entries:
+        name = _safe_name(name)
+        sha = str(meta.get("sha256", "")).lower()
+        if len(sha) != 64:
+            raise PullError(f"no sha256 for {name}")
+        url = meta.get("url") or meta.get("href") or meta.get("download_url")
+        if not url:
+            url = f"/v1/models/{quote(model)}/adapters/{version}/files/{quote(name)}"
+        size = meta.get("size")
+        url = str(url)
+        if not url.startswith(("http://", "https://")):
+            url = base_url.rstrip("/") + "/" + url.lstrip("/")
+        files.append(RemoteFile(name, sha, None if size is None else int(size), url))
+    return version, files
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _download(client: httpx.Client, remote: RemoteFile, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    h = hashlib.sha256()
+    size = 0
+    with client.stream("GET", remote.url) as resp:
+        if resp.status_code != 200:
+            raise PullError(f"GET {remote.url}: HTTP {resp.status_code}")
+        with open(target, "wb") as fh:
+            for chunk in resp.iter_bytes():
+                h.update(chunk)
+                size += len(chunk)
+                fh.write(chunk)
+            fh.flush()
+            os.fsync(fh.fileno())
+    if h.hexdigest() != remote.sha256:
+        raise PullError(f"{remote.name}: sha256 {h.hexdigest()} != {remote.sha256} (listed)")
+    if remote.size is not None and size != remote.size:
+        raise PullError(f"{remote.name}: {size} bytes != {remote.size} (listed)")
+
+
+def _check_manifest(directory: Path, files: list[RemoteFile]) -> None:
+    """When the version carries a manifest, every file it lists must be here with that hash."""
+    path = directory / MANIFEST
+    if not path.exists():
+        return
+    manifest = json.loads(path.read_text())
+    listed = {f.name: f.sha256 for f in files}
+    for name, meta in dict(manifest.get("files", {})).items():
+        if listed.get(name) != str(meta.get("sha256")):
+            raise PullError(f"manifest and server listing disagree on {name}")
+
+
+def read_state(dest: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((dest / STATE_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_state(dest: Path, state: Mapping[str, Any]) -> None:
+    tmp = dest / f".{STATE_FILE}.{uuid.uuid4().hex}"
+    tmp.write_text(json.dumps(dict(state), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, dest / STATE_FILE)
+
+
+def current_version(dest: Path) -> int | None:
+    link = dest / CURRENT_LINK
+    if not link.is_symlink():
+        return None
+    name = Path(os.readlink(link)).name
+    return int(name[1:]) if name.startswith("v") and name[1:].isdigit() else None
+
+
+def swap_current(dest: Path, version_dir: Path) -> None:
+    """Point ``dest/current`` at ``version_dir`` atomically (a new link renamed over the old one)."""
+    tmp = dest / f".{CURRENT_LINK}.{uuid.uuid4().hex}"
+    os.symlink(os.path.relpath(version_dir, dest), tmp)
+    os.replace(tmp, dest / CURRENT_LINK)
+    _fsync_dir(dest)
+
+
+def local_versions(dest: Path) -> list[int]:
+    root = dest / VERSIONS_DIR
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name[1:]) for p in root.iterdir() if p.name.startswith("v") and p.name[1:].isdigit())
+
+
+def pull_once(client: httpx.Client, base_url: str, model: str, dest: Path, *, keep: int = 2) -> PullResult:
+    """One poll: download and install the latest version if it changed."""
+    dest.mkdir(parents=True, exist_ok=True)
+    state = read_state(dest)
+    have = current_version(dest)
+    headers: dict[str, str] = {}
+    etag = state.get("etag") if state.get("model") == model and have is not None else None
+    if etag and (dest / VERSIONS_DIR / f"v{have}").is_dir():
+        headers["If-None-Match"] = str(etag)
+    resp = client.get(f"{base_url}/v1/models/{quote(model)}/adapters/latest", headers=headers)
+    if resp.status_code == 304:
+        return PullResult(False, have, dest / VERSIONS_DIR / f"v{have}", str(etag))
+    if resp.status_code != 200:
+        raise PullError(f"GET latest adapter of {model}: HTTP {resp.status_code}: {resp.text[:300]}")
+    version, files = parse_listing(resp.json(), base_url, model)
+    new_etag = resp.headers.get("ETag")
+    final = dest / VERSIONS_DIR / f"v{version}"
+    changed = have != version
+    if not final.is_dir():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest / VERSIONS_DIR / f".tmp-v{version}-{uuid.uuid4().hex[:8]}"
+        try:
+            for remote in files:
+                _download(client, remote, tmp / remote.name)
+            _check_manifest(tmp, files)
+            _fsync_dir(tmp)
+            os.rename(tmp, final)
+            _fsync_dir(final.parent)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    if changed:
+        swap_current(dest, final)
+    _write_state(dest, {"model": model, "version": version, "etag": new_etag})
+    _prune(client, base_url, model, dest, current=version, keep=keep)
+    return PullResult(changed, version, final, new_etag)
+
+
+def _prune(client: httpx.Client, base_url: str, model: str, dest: Path, *, current: int, keep: int) -> None:
+    """Delete local versions the server withdrew (410), and all but the newest ``keep``."""
+    older = [v for v in local_versions(dest) if v != current]
+    for v in older:
+        with contextlib.suppress(httpx.HTTPError):
+            if client.get(f"{base_url}/v1/models/{quote(model)}/adapters/{v}").status_code in (404, 410):
+                shutil.rmtree(dest / VERSIONS_DIR / f"v{v}", ignore_errors=True)
+    remaining = [v for v in local_versions(dest) if v != current]
+    for v in remaining[: max(0, len(remaining) - (keep - 1))]:
+        shutil.rmtree(dest / VERSIONS_DIR / f"v{v}", ignore_errors=True)
+    for tmp in (dest / VERSIONS_DIR).glob(".tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def make_client(api_key: str | None, *, timeout: float = 30.0) -> httpx.Client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.Client(headers=headers, timeout=timeout, follow_redirects=True)
+
+
+def watch(
+    base_url: str,
+    model: str,
+    dest: Path,
+    *,
+    api_key: str | None,
+    interval: float,
+    keep: int,
+    on_change: Callable[[PullResult], None],
+    stop: Callable[[], bool] = lambda: False,
+) -> None:
+    with make_client(api_key) as client:
+        while not stop():
+            try:
+                result = pull_once(client, base_url, model, dest, keep=keep)
+                if result.changed:
+                    on_change(result)
+            except (PullError, httpx.HTTPError) as exc:
+                click.echo(f"lethe pull: {exc}", err=True)
+            time.sleep(interval)
+
+
+@click.command("pull")
+@click.option("--model", "model", required=True, help="Model name.")
+@click.option("--dest", "dest", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--url", "url", envvar="LETHE_API_URL", default="http://127.0.0.1:8000", show_default=True)
+@click.option("--api-key", "api_key", envvar="LETHE_API_KEY", default=None, help="Key with the serve scope.")
+@click.option("--watch/--once", "watch_mode", default=False, help="Keep polling (ETag) or pull once.")
+@click.option("--interval", default=30.0, show_default=True, help="Seconds between polls with --watch.")
+@click.option("--keep", default=2, show_default=True, help="Local versions kept (withdrawn ones never).")
+@click.option("--exec", "exec_cmd", default=None, help="Shell command run after each new version "
+              "(env: LETHE_ADAPTER_NAME, LETHE_ADAPTER_PATH, LETHE_ADAPTER_VERSION).")  # fmt: skip
+def pull_command(
+    model: str, dest: Path, url: str, api_key: str | None, watch_mode: bool, interval: float,
+    keep: int, exec_cmd: str | None,
+) -> None:  # fmt: skip
+    """Pull the latest adapter of MODEL into DEST (verified, swapped atomically); print its version."""
+    base_url = url.rstrip("/")
+    dest = dest.expanduser().resolve()
+
+    def announce(result: PullResult) -> None:
+        click.echo(f"{model} v{result.version} {'installed' if result.changed else 'unchanged'} "
+                   f"at {dest / CURRENT_LINK}")  # fmt: skip
+        if exec_cmd and result.changed and result.path is not None:
+            env = dict(os.environ)
+            env.update(
+                LETHE_ADAPTER_NAME=f"{model}-v{result.version}",
+                LETHE_ADAPTER_PATH=str(result.path),
+                LETHE_ADAPTER_VERSION=str(result.version),
+            )
+            subprocess.run(exec_cmd, shell=True, env=env, check=False)
+
+    if watch_mode:
+        watch(base_url, model, dest, api_key=api_key, interval=interval, keep=keep, on_change=announce)
+        return
+    try:
+        with make_client(api_key) as client:
+            result = pull_once(client, base_url, model, dest, keep=keep)
+    except (PullError, httpx.HTTPError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    announce(result)

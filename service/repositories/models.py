@@ -1,0 +1,146 @@
+"""Registered models, their subjects (clients) and samples."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.orm import Session
+
+from service.db.models import Model, Sample, Subject
+
+
+def get_model(session: Session, name: str) -> Model | None:
+    return session.scalar(select(Model).where(Model.name == name))
+
+
+def lock_model(session: Session, name: str, *, skip_locked: bool = False) -> Model | None:
+    """The model row, locked for this transaction (PostgreSQL ``FOR UPDATE [SKIP LOCKED]``).
+
+    With ``skip_locked``, a row another transaction holds reads as ``None``. On SQLite the whole
+    transaction already holds the write lock (``BEGIN IMMEDIATE``).
+    """
+    stmt = (
+        select(Model)
+        .where(Model.name == name)
+        .with_for_update(skip_locked=skip_locked)
+        .execution_options(populate_existing=True)
+    )
+    return session.scalar(stmt)
+
+
+def list_models(session: Session) -> list[Model]:
+    return list(session.scalars(select(Model).order_by(Model.name)))
+
+
+def create_model(
+    session: Session,
+    name: str,
+    *,
+    workload: str,
+    method: str,
+    method_config: dict[str, Any],
+    settings: dict[str, Any],
+) -> Model:
+    model = Model(
+        name=name,
+        workload=workload,
+        method=method,
+        method_config=method_config,
+        settings=settings,
+        status="preparing",
+        tasks=[],
+        base_files={},
+        last_fencing_token=0,
+    )
+    session.add(model)
+    session.flush()
+    return model
+
+
+def add_subjects(session: Session, model_id: int, subjects: dict[str, list[str]]) -> None:
+    """Insert the model's clients and their samples (bulk)."""
+    if not subjects:
+        return
+    session.execute(
+        insert(Subject),
+        [
+            {"model_id": model_id, "client_id": client, "sample_count": len(samples), "status": "active"}
+            for client, samples in subjects.items()
+        ],
+    )
+    rows = [
+        {"model_id": model_id, "sample_id": sample, "client_id": client, "purged": False, "purged_tasks": []}
+        for client, samples in subjects.items()
+        for sample in samples
+    ]
+    for start in range(0, len(rows), 5000):
+        session.execute(insert(Sample), rows[start : start + 5000])
+
+
+def get_subject(session: Session, model_id: int, client_id: str) -> Subject | None:
+    return session.scalar(select(Subject).where(Subject.model_id == model_id, Subject.client_id == client_id))
+
+
+def count_subjects(session: Session, model_id: int) -> tuple[int, int]:
+    """(all subjects, forgotten subjects) of a model."""
+    total = session.scalar(select(func.count()).select_from(Subject).where(Subject.model_id == model_id))
+    forgotten = session.scalar(
+        select(func.count())
+        .select_from(Subject)
+        .where(Subject.model_id == model_id, Subject.status == "forgotten")
+    )
+    return int(total or 0), int(forgotten or 0)
+
+
+def mark_subjects_forgotten(
+    session: Session, model_id: int, client_ids: Sequence[str], *, request_id: str, at: datetime
+) -> None:
+    if not client_ids:
+        return
+    session.execute(
+        update(Subject)
+        .where(Subject.model_id == model_id, Subject.client_id.in_(client_ids))
+        .values(status="forgotten", forgotten_by_request_id=request_id, forgotten_at=at)
+    )
+
+
+def find_samples(session: Session, model_id: int, sample_ids: Iterable[str]) -> dict[str, Sample]:
+    wanted = list(dict.fromkeys(sample_ids))
+    found: dict[str, Sample] = {}
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start : start + 500]
+        stmt = select(Sample).where(Sample.model_id == model_id, Sample.sample_id.in_(chunk))
+        found.update({s.sample_id: s for s in session.scalars(stmt)})
+    return found
+
+
+def mark_clients_purged(session: Session, model_id: int, client_ids: Sequence[str], *, at: datetime) -> None:
+    if not client_ids:
+        return
+    session.execute(
+        update(Subject)
+        .where(Subject.model_id == model_id, Subject.client_id.in_(client_ids))
+        .values(purged_at=at)
+    )
+    session.execute(
+        update(Sample)
+        .where(Sample.model_id == model_id, Sample.client_id.in_(client_ids))
+        .values(purged=True)
+    )
+
+
+def mark_sample_tasks_purged(
+    session: Session, model_id: int, sample_tasks: Sequence[tuple[str, str]]
+) -> None:
+    by_sample: dict[str, set[str]] = {}
+    for sample_id, task in sample_tasks:
+        by_sample.setdefault(sample_id, set()).add(task)
+    samples = find_samples(session, model_id, by_sample)
+    for sample_id, tasks in by_sample.items():
+        sample = samples.get(sample_id)
+        if sample is not None:
+            sample.purged_tasks = sorted(set(sample.purged_tasks) | tasks)
+    session.flush()

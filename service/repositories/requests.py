@@ -1,0 +1,94 @@
+"""Forget requests: creation, look-ups, the queue order, listing with a cursor."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from service.db.models import ACTIVE_REQUEST_STATUSES, ForgetRequest, Model
+
+
+def get_request(session: Session, request_id: str, *, lock: bool = False) -> ForgetRequest | None:
+    stmt = select(ForgetRequest).where(ForgetRequest.id == request_id)
+    if lock:
+        stmt = stmt.with_for_update().execution_options(populate_existing=True)
+    return session.scalar(stmt)
+
+
+def by_idempotency_key(session: Session, api_key_id: int | None, key: str) -> ForgetRequest | None:
+    stmt = select(ForgetRequest).where(
+        ForgetRequest.idempotency_key == key,
+        ForgetRequest.api_key_id.is_(None) if api_key_id is None else ForgetRequest.api_key_id == api_key_id,
+    )
+    return session.scalar(stmt)
+
+
+def active_for_subject(session: Session, model_id: int, subject_key: str) -> ForgetRequest | None:
+    stmt = select(ForgetRequest).where(
+        ForgetRequest.model_id == model_id,
+        ForgetRequest.subject_key == subject_key,
+        ForgetRequest.status.in_(ACTIVE_REQUEST_STATUSES),
+    )
+    return session.scalar(stmt)
+
+
+def oldest_queued(
+    session: Session, model_id: int, *, limit: int, after_seq: int = 0, lock: bool = False
+) -> list[ForgetRequest]:
+    """The model's queued requests in arrival order (locked without skipping: order is strict)."""
+    stmt = (
+        select(ForgetRequest)
+        .where(
+            ForgetRequest.model_id == model_id,
+            ForgetRequest.status == "queued",
+            ForgetRequest.seq > after_seq,
+        )
+        .order_by(ForgetRequest.seq)
+        .limit(limit)
+    )
+    if lock:
+        stmt = stmt.with_for_update().execution_options(populate_existing=True)
+    return list(session.scalars(stmt))
+
+
+def list_requests(
+    session: Session,
+    *,
+    api_key_id: int | None,
+    statuses: Sequence[str] = (),
+    model_id: int | None = None,
+    before_seq: int | None = None,
+    limit: int,
+) -> list[ForgetRequest]:
+    """Newest first; ``api_key_id`` restricts to one submitter (None: everyone's)."""
+    stmt = select(ForgetRequest).order_by(ForgetRequest.seq.desc()).limit(limit)
+    if api_key_id is not None:
+        stmt = stmt.where(ForgetRequest.api_key_id == api_key_id)
+    if statuses:
+        stmt = stmt.where(ForgetRequest.status.in_(statuses))
+    if model_id is not None:
+        stmt = stmt.where(ForgetRequest.model_id == model_id)
+    if before_seq is not None:
+        stmt = stmt.where(ForgetRequest.seq < before_seq)
+    return list(session.scalars(stmt))
+
+
+def model_names(session: Session, model_ids: Sequence[int]) -> dict[int, str]:
+    if not model_ids:
+        return {}
+    rows = session.execute(select(Model.id, Model.name).where(Model.id.in_(set(model_ids))))
+    return {row.id: row.name for row in rows}
+
+
+def queue_stats(session: Session, model_id: int) -> tuple[int, datetime | None]:
+    """(queued count, oldest queued receipt time) of a model."""
+    row = session.execute(
+        select(func.count(), func.min(ForgetRequest.received_at)).where(
+            ForgetRequest.model_id == model_id, ForgetRequest.status == "queued"
+        )
+    ).one()
+    count, oldest = row
+    return int(count), oldest

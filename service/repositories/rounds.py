@@ -1,0 +1,65 @@
+"""Rounds: the live round of a model, the requests a round covers, what the sweeper wakes."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from service.db.models import LIVE_ROUND_STATUSES, ForgetRequest, Model, Round, RoundRequest
+
+
+def live_round(session: Session, model_id: int, *, lock: bool = False) -> Round | None:
+    stmt = select(Round).where(Round.model_id == model_id, Round.status.in_(LIVE_ROUND_STATUSES))
+    if lock:
+        stmt = stmt.with_for_update().execution_options(populate_existing=True)
+    return session.scalar(stmt)
+
+
+def get_round(session: Session, round_id: int, *, lock: bool = False) -> Round | None:
+    stmt = select(Round).where(Round.id == round_id)
+    if lock:
+        stmt = stmt.with_for_update().execution_options(populate_existing=True)
+    return session.scalar(stmt)
+
+
+def covered_requests(session: Session, round_id: int, *, lock: bool = False) -> list[ForgetRequest]:
+    """The requests of a round in arrival order."""
+    stmt = (
+        select(ForgetRequest)
+        .join(RoundRequest, RoundRequest.request_id == ForgetRequest.id)
+        .where(RoundRequest.round_id == round_id)
+        .order_by(RoundRequest.position)
+    )
+    if lock:
+        stmt = stmt.with_for_update(of=ForgetRequest).execution_options(populate_existing=True)
+    return list(session.scalars(stmt))
+
+
+def attach_requests(session: Session, round_id: int, requests: list[ForgetRequest]) -> None:
+    session.add_all(
+        RoundRequest(round_id=round_id, request_id=request.id, position=position)
+        for position, request in enumerate(requests)
+    )
+    session.flush()
+
+
+def models_to_wake(session: Session, *, now: datetime) -> list[str]:
+    """Ready models with queued requests or an expired live round, and no live lease."""
+    leased = select(Round.model_id).where(Round.status.in_(LIVE_ROUND_STATUSES), Round.lease_expires_at > now)
+    expired = select(Round.model_id).where(
+        Round.status.in_(LIVE_ROUND_STATUSES),
+        or_(Round.lease_expires_at.is_(None), Round.lease_expires_at <= now),
+    )
+    queued = select(ForgetRequest.model_id).where(ForgetRequest.status == "queued")
+    stmt = (
+        select(Model.name)
+        .where(
+            Model.status == "ready",
+            or_(Model.id.in_(queued), Model.id.in_(expired)),
+            Model.id.not_in(leased),
+        )
+        .order_by(Model.name)
+    )
+    return list(session.scalars(stmt))

@@ -1,0 +1,93 @@
+"""Adapter versions of a model and the evidence rows attached to requests."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from service.db.models import AdapterVersion, Evidence
+
+
+def latest_active(session: Session, model_id: int) -> AdapterVersion | None:
+    stmt = (
+        select(AdapterVersion)
+        .where(AdapterVersion.model_id == model_id, AdapterVersion.status == "active")
+        .order_by(AdapterVersion.version.desc())
+        .limit(1)
+    )
+    return session.scalar(stmt)
+
+
+def get_version(session: Session, model_id: int, version: int) -> AdapterVersion | None:
+    return session.scalar(
+        select(AdapterVersion).where(AdapterVersion.model_id == model_id, AdapterVersion.version == version)
+    )
+
+
+def list_versions(session: Session, model_id: int) -> list[AdapterVersion]:
+    stmt = select(AdapterVersion).where(AdapterVersion.model_id == model_id).order_by(AdapterVersion.version)
+    return list(session.scalars(stmt))
+
+
+def next_version_number(session: Session, model_id: int) -> int:
+    current = session.scalar(
+        select(func.max(AdapterVersion.version)).where(AdapterVersion.model_id == model_id)
+    )
+    return int(current or 0) + 1
+
+
+def add_version(
+    session: Session,
+    *,
+    model_id: int,
+    version: int,
+    parent_version: int | None,
+    location: str,
+    files: dict[str, Any],
+    round_id: int | None,
+    evidence: dict[str, Any] | None = None,
+) -> AdapterVersion:
+    row = AdapterVersion(
+        model_id=model_id,
+        version=version,
+        parent_version=parent_version,
+        location=location,
+        files=files,
+        round_id=round_id,
+        status="active",
+        evidence=evidence,
+    )
+    session.add(row)
+    session.flush()
+    return row
+
+
+def withdraw(session: Session, model_id: int, versions: Sequence[int], *, at: datetime) -> None:
+    if not versions:
+        return
+    session.execute(
+        update(AdapterVersion)
+        .where(
+            AdapterVersion.model_id == model_id,
+            AdapterVersion.version.in_(versions),
+            AdapterVersion.status == "active",
+        )
+        .values(status="withdrawn", withdrawn_at=at)
+    )
+
+
+def add_evidence(
+    session: Session, *, request_id: str, round_id: int, version_id: int, payload: dict[str, Any]
+) -> Evidence:
+    row = Evidence(request_id=request_id, round_id=round_id, version_id=version_id, payload=payload)
+    session.add(row)
+    return row
+
+
+def evidence_for_request(session: Session, request_id: str) -> list[Evidence]:
+    stmt = select(Evidence).where(Evidence.request_id == request_id).order_by(Evidence.id)
+    return list(session.scalars(stmt))

@@ -1,0 +1,543 @@
+"""The queue protocol: the worker's only way to change queue state.
+
+Every function takes a SQLAlchemy ``Session`` and only flushes; the caller (the task boundary) owns
+the transaction and commits it. The database enforces the invariants:
+
+- at most one live (running / verifying) round per model: a partial unique index on ``rounds``;
+- claims of one model are serialised: PostgreSQL locks the model row ``FOR UPDATE SKIP LOCKED`` (a
+  second claimer gets ``None`` at once instead of waiting); SQLite transactions are
+  ``BEGIN IMMEDIATE``;
+- a round's holder is proven by its fencing token: every write re-reads the round row under lock and
+  raises :class:`LeaseLost` if the token changed (another worker resumed it) or the round ended.
+  A holder whose lease expired but was not taken over keeps its token and may still publish.
+- requests are claimed strictly in arrival order (``forget_requests.seq``); a resumed round keeps
+  its requests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal, cast
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from service.db.models import LIVE_ROUND_STATUSES, ForgetRequest, Model, Round
+from service.db.types import utcnow
+from service.repositories import events as events_repo
+from service.repositories import models as models_repo
+from service.repositories import requests as requests_repo
+from service.repositories import rounds as rounds_repo
+from service.repositories import versions as versions_repo
+from service.repositories import workers as workers_repo
+
+__all__ = [
+    "ClaimedRequest",
+    "ClaimedRound",
+    "FileDigest",
+    "LeaseLost",
+    "PublishedVersion",
+    "UnknownModelError",
+    "claim_round",
+    "fail_round",
+    "files_from_json",
+    "files_to_json",
+    "heartbeat",
+    "mark_model_failed",
+    "mark_purged",
+    "mark_verifying",
+    "models_to_wake",
+    "publish_round",
+    "register_prepared_model",
+    "renew_lease",
+]
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class ClaimedRequest:
+    id: str
+    kind: Literal["client", "task"]
+    client_id: str | None
+    sample_ids: list[str] | None
+    tasks: list[str]
+    attempts: int
+
+
+@dataclass(frozen=True)
+class ClaimedRound:
+    round_id: int
+    model_name: str
+    fencing_token: int
+    worker_id: str
+    requests: list[ClaimedRequest]  # arrival order
+    method: str
+    method_config: dict[str, Any]
+    parent_version: int | None
+    parent_location: str | None  # latest active version
+
+
+@dataclass(frozen=True)
+class PublishedVersion:
+    model_name: str
+    version: int
+    parent_version: int | None
+    location: str
+    files: dict[str, FileDigest]
+    round_id: int | None
+    created_at: datetime
+
+
+class LeaseLost(Exception):  # noqa: N818 (the contract's name)
+    """The round is no longer held under this fencing token; the caller must stop and roll back."""
+
+
+class UnknownModelError(LookupError):
+    """No model of that name is registered."""
+
+
+def files_to_json(files: dict[str, FileDigest]) -> dict[str, Any]:
+    return {name: {"sha256": d.sha256, "size": d.size} for name, d in sorted(files.items())}
+
+
+def files_from_json(files: dict[str, Any]) -> dict[str, FileDigest]:
+    return {name: FileDigest(sha256=str(d["sha256"]), size=int(d["size"])) for name, d in files.items()}
+
+
+# --- claiming -------------------------------------------------------------------------------------
+
+
+def claim_round(
+    session: Session,
+    model_name: str,
+    worker_id: str,
+    *,
+    lease_seconds: int,
+    max_requests: int,
+    max_attempts: int,
+) -> ClaimedRound | None:
+    """Claim the model's next round, or ``None`` when there is nothing to do or someone else holds it.
+
+    Resumes the model's live round whose lease expired (same requests, attempts + 1, new fencing
+    token) or starts a round with the oldest queued requests. Requests whose attempts reached
+    ``max_attempts`` fail instead of being claimed again.
+    """
+    if max_requests < 1:
+        raise ValueError("max_requests must be at least 1")
+    model = models_repo.lock_model(session, model_name, skip_locked=True)
+    if model is None or model.status != "ready":
+        return None
+    now = utcnow()
+    live = rounds_repo.live_round(session, model.id, lock=True)
+    if live is not None:
+        if live.lease_expires_at is not None and live.lease_expires_at > now:
+            return None
+        resumed = _resume(session, model, live, worker_id, now, lease_seconds, max_attempts)
+        if resumed is not None:
+            return resumed
+    return _start(session, model, worker_id, now, lease_seconds, max_requests, max_attempts)
+
+
+def _next_token(model: Model) -> int:
+    model.last_fencing_token += 1
+    return model.last_fencing_token
+
+
+def _resume(
+    session: Session,
+    model: Model,
+    live: Round,
+    worker_id: str,
+    now: datetime,
+    lease_seconds: int,
+    max_attempts: int,
+) -> ClaimedRound | None:
+    requests = rounds_repo.covered_requests(session, live.id, lock=True)
+    previous_owner = live.lease_owner
+    if live.attempts >= max_attempts:
+        error = f"round {live.id} lost its lease {live.attempts} times; giving up"
+        _end_round(session, live, status="failed", error=error, now=now)
+        for request in requests:
+            _set_status(session, request, "failed", actor="system", error=error, now=now)
+        return None
+    live.attempts += 1
+    live.fencing_token = _next_token(model)
+    live.lease_owner = worker_id
+    live.lease_expires_at = now + timedelta(seconds=lease_seconds)
+    live.status = "running"
+    live.updated_at = now
+    for request in requests:
+        request.attempts += 1
+        _set_status(
+            session,
+            request,
+            "running",
+            actor=worker_id,
+            event="resumed",
+            now=now,
+            detail={
+                "round_id": live.id,
+                "fencing_token": live.fencing_token,
+                "attempt": request.attempts,
+                "previous_owner": previous_owner,
+            },
+        )
+    session.flush()
+    return _claimed(session, model, live, worker_id, requests)
+
+
+def _start(
+    session: Session,
+    model: Model,
+    worker_id: str,
+    now: datetime,
+    lease_seconds: int,
+    max_requests: int,
+    max_attempts: int,
+) -> ClaimedRound | None:
+    chosen: list[ForgetRequest] = []
+    after_seq = 0
+    while len(chosen) < max_requests:
+        batch = requests_repo.oldest_queued(
+            session, model.id, limit=max_requests - len(chosen), after_seq=after_seq, lock=True
+        )
+        if not batch:
+            break
+        for request in batch:
+            after_seq = request.seq
+            if request.attempts >= max_attempts:
+                error = f"gave up after {request.attempts} attempts: {request.error or 'unknown error'}"
+                _set_status(session, request, "failed", actor="system", error=error, now=now)
+            else:
+                chosen.append(request)
+    if not chosen:
+        session.flush()
+        return None
+    parent = versions_repo.latest_active(session, model.id)
+    token = _next_token(model)
+    round_ = Round(
+        model_id=model.id,
+        status="running",
+        method=model.method,
+        method_config=dict(model.method_config),
+        lease_owner=worker_id,
+        lease_expires_at=now + timedelta(seconds=lease_seconds),
+        fencing_token=token,
+        attempts=1,
+        parent_version=parent.version if parent is not None else None,
+        created_at=now,
+        updated_at=now,
+    )
+    try:
+        with session.begin_nested():
+            session.add(round_)
+            session.flush()
+    except IntegrityError:
+        # Another live round exists (the partial unique index): not ours to run.
+        return None
+    rounds_repo.attach_requests(session, round_.id, chosen)
+    for request in chosen:
+        request.attempts += 1
+        request.round_id = round_.id
+        _set_status(
+            session,
+            request,
+            "running",
+            actor=worker_id,
+            event="claimed",
+            now=now,
+            detail={"round_id": round_.id, "fencing_token": token, "attempt": request.attempts},
+        )
+    session.flush()
+    return _claimed(session, model, round_, worker_id, chosen)
+
+
+def _claimed(
+    session: Session, model: Model, round_: Round, worker_id: str, requests: list[ForgetRequest]
+) -> ClaimedRound:
+    parent_location = None
+    if round_.parent_version is not None:
+        parent = versions_repo.get_version(session, model.id, round_.parent_version)
+        parent_location = parent.location if parent is not None else None
+    return ClaimedRound(
+        round_id=round_.id,
+        model_name=model.name,
+        fencing_token=round_.fencing_token,
+        worker_id=worker_id,
+        requests=[
+            ClaimedRequest(
+                id=r.id,
+                kind=cast(Literal["client", "task"], r.kind),
+                client_id=r.client_id,
+                sample_ids=list(r.sample_ids) if r.sample_ids is not None else None,
+                tasks=list(r.tasks),
+                attempts=r.attempts,
+            )
+            for r in requests
+        ],
+        method=round_.method,
+        method_config=dict(round_.method_config),
+        parent_version=round_.parent_version,
+        parent_location=parent_location,
+    )
+
+
+# --- holding a round ------------------------------------------------------------------------------
+
+
+def _held(session: Session, claimed: ClaimedRound) -> Round:
+    round_ = rounds_repo.get_round(session, claimed.round_id, lock=True)
+    if round_ is None or round_.status not in LIVE_ROUND_STATUSES:
+        raise LeaseLost(f"round {claimed.round_id} is no longer live")
+    if round_.fencing_token != claimed.fencing_token:
+        raise LeaseLost(
+            f"round {claimed.round_id} was taken over (token {round_.fencing_token}, "
+            f"ours {claimed.fencing_token})"
+        )
+    return round_
+
+
+def renew_lease(session: Session, claimed: ClaimedRound, *, lease_seconds: int) -> None:
+    round_ = _held(session, claimed)
+    now = utcnow()
+    round_.lease_expires_at = now + timedelta(seconds=lease_seconds)
+    round_.updated_at = now
+    session.flush()
+
+
+def mark_verifying(session: Session, claimed: ClaimedRound) -> None:
+    round_ = _held(session, claimed)
+    now = utcnow()
+    round_.status = "verifying"
+    round_.updated_at = now
+    for request in rounds_repo.covered_requests(session, round_.id, lock=True):
+        _set_status(session, request, "verifying", actor=claimed.worker_id, now=now)
+    session.flush()
+
+
+def publish_round(
+    session: Session,
+    claimed: ClaimedRound,
+    *,
+    location: str,
+    files: dict[str, FileDigest],
+    evidence: dict[str, dict[str, Any]],
+    withdraw_versions: list[int],
+) -> PublishedVersion:
+    """Publish the round's adapter version and complete its requests, after checking the token."""
+    round_ = _held(session, claimed)
+    now = utcnow()
+    model_id = round_.model_id
+    version = versions_repo.add_version(
+        session,
+        model_id=model_id,
+        version=versions_repo.next_version_number(session, model_id),
+        parent_version=round_.parent_version,
+        location=location,
+        files=files_to_json(files),
+        round_id=round_.id,
+    )
+    versions_repo.withdraw(session, model_id, withdraw_versions, at=now)
+    for request in rounds_repo.covered_requests(session, round_.id, lock=True):
+        versions_repo.add_evidence(
+            session,
+            request_id=request.id,
+            round_id=round_.id,
+            version_id=version.id,
+            payload=evidence.get(request.id, {}),
+        )
+        if request.kind == "client" and request.client_id is not None:
+            models_repo.mark_subjects_forgotten(
+                session, model_id, [request.client_id], request_id=request.id, at=now
+            )
+        request.version_id = version.id
+        request.completed_at = now
+        _set_status(
+            session,
+            request,
+            "completed",
+            actor=claimed.worker_id,
+            now=now,
+            error=None,
+            detail={
+                "round_id": round_.id,
+                "version": version.version,
+                "withdrawn_versions": sorted(withdraw_versions),
+            },
+        )
+    _end_round(session, round_, status="completed", error=None, now=now)
+    return PublishedVersion(
+        model_name=claimed.model_name,
+        version=version.version,
+        parent_version=version.parent_version,
+        location=version.location,
+        files=dict(files),
+        round_id=round_.id,
+        created_at=version.created_at,
+    )
+
+
+def fail_round(session: Session, claimed: ClaimedRound, *, error: str, retryable: bool) -> None:
+    """End the round as failed; its requests go back to the queue (retryable) or fail."""
+    round_ = _held(session, claimed)
+    now = utcnow()
+    for request in rounds_repo.covered_requests(session, round_.id, lock=True):
+        _set_status(
+            session,
+            request,
+            "queued" if retryable else "failed",
+            actor=claimed.worker_id,
+            event="requeued" if retryable else "failed",
+            error=error,
+            now=now,
+            detail={"round_id": round_.id, "retryable": retryable},
+        )
+    _end_round(session, round_, status="failed", error=error, now=now)
+
+
+def _end_round(session: Session, round_: Round, *, status: str, error: str | None, now: datetime) -> None:
+    round_.status = status
+    round_.error = error
+    round_.lease_expires_at = None
+    round_.finished_at = now
+    round_.updated_at = now
+    session.flush()
+
+
+def _set_status(
+    session: Session,
+    request: ForgetRequest,
+    status: str,
+    *,
+    actor: str,
+    now: datetime,
+    event: str | None = None,
+    error: str | None = None,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    request.status = status
+    request.updated_at = now
+    if error is not None or status == "completed":
+        request.error = error
+    body = dict(detail or {})
+    if error is not None:
+        body["error"] = error
+    events_repo.append_event(session, request.id, event or status, actor=actor, status=status, detail=body)
+
+
+# --- sweeper, heartbeats, preparation, purge ------------------------------------------------------
+
+
+def models_to_wake(session: Session) -> list[str]:
+    """Models with queued requests (or an expired live round) and no live lease."""
+    return rounds_repo.models_to_wake(session, now=utcnow())
+
+
+def heartbeat(session: Session, worker_id: str, *, hostname: str, queues: list[str], state: str) -> None:
+    workers_repo.upsert_heartbeat(
+        session, worker_id, hostname=hostname, queues=queues, state=state, at=utcnow()
+    )
+
+
+def register_prepared_model(
+    session: Session,
+    model_name: str,
+    *,
+    subjects: dict[str, list[str]],
+    location: str,
+    files: dict[str, FileDigest],
+    evidence: dict[str, Any],
+    tasks: list[str] | None = None,
+    base_location: str | None = None,
+    base_files: dict[str, FileDigest] | None = None,
+) -> PublishedVersion:
+    """Record a prepared model: v1 (``location``/``files``), its tasks, subjects, samples and base.
+
+    The model must have been registered (status ``preparing``); it becomes ``ready``. Idempotent:
+    when v1 already exists it is returned unchanged.
+    """
+    model = models_repo.lock_model(session, model_name)
+    if model is None:
+        raise UnknownModelError(model_name)
+    existing = versions_repo.get_version(session, model.id, 1)
+    if existing is not None:
+        return _published(
+            model.name,
+            existing.version,
+            existing.parent_version,
+            existing.location,
+            existing.files,
+            existing.round_id,
+            existing.created_at,
+        )
+    now = utcnow()
+    models_repo.add_subjects(session, model.id, subjects)
+    version = versions_repo.add_version(
+        session,
+        model_id=model.id,
+        version=1,
+        parent_version=None,
+        location=location,
+        files=files_to_json(files),
+        round_id=None,
+        evidence=evidence,
+    )
+    if tasks is not None:
+        model.tasks = list(tasks)
+    if base_location is not None:
+        model.base_location = base_location
+    if base_files is not None:
+        model.base_files = files_to_json(base_files)
+    model.status = "ready"
+    model.error = None
+    model.prepared_at = now
+    session.flush()
+    return _published(model.name, 1, None, location, version.files, None, version.created_at)
+
+
+def _published(
+    name: str,
+    version: int,
+    parent: int | None,
+    location: str,
+    files: dict[str, Any],
+    round_id: int | None,
+    created_at: datetime,
+) -> PublishedVersion:
+    return PublishedVersion(
+        model_name=name,
+        version=version,
+        parent_version=parent,
+        location=location,
+        files=files_from_json(files),
+        round_id=round_id,
+        created_at=created_at,
+    )
+
+
+def mark_model_failed(session: Session, model_name: str, *, error: str) -> None:
+    """Preparation failed: the model is ``failed`` with the error (re-register to try again)."""
+    model = models_repo.lock_model(session, model_name)
+    if model is None:
+        raise UnknownModelError(model_name)
+    model.status = "failed"
+    model.error = error
+    session.flush()
+
+
+def mark_purged(
+    session: Session, model_name: str, *, client_ids: list[str], sample_tasks: list[tuple[str, str]]
+) -> None:
+    """Record that the raw data was deleted: clients' samples, and (sample id, task) labels."""
+    model = models_repo.get_model(session, model_name)
+    if model is None:
+        raise UnknownModelError(model_name)
+    models_repo.mark_clients_purged(session, model.id, client_ids, at=utcnow())
+    models_repo.mark_sample_tasks_purged(session, model.id, sample_tasks)
+    session.flush()

@@ -1,0 +1,324 @@
+"""The queue protocol (service.rounds) on a real migrated database: order, exclusivity, leases."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import lifecycle, rounds
+from service.db.models import AdapterVersion, Evidence, ForgetRequest, Model, Round, Sample, Subject, Worker
+from service.db.session import transaction
+from service.db.types import utcnow
+from service.errors import ConflictError
+from service.repositories import events as events_repo
+
+LEASE = 60
+DIGEST = rounds.FileDigest(sha256="0" * 64, size=1)
+
+
+def submit_client(factory: sessionmaker[Session], client: str, key: str | None = None) -> str:
+    with transaction(factory) as session:
+        result = lifecycle.submit(
+            session,
+            lifecycle.Submission(model="digits", kind="client", client_id=client),
+            idempotency_key=key or f"k-{client}",
+            api_key_id=None,
+            actor="test",
+            due_days=30,
+        )
+        return result.request.id
+
+
+def claim(factory: sessionmaker[Session], worker: str, **kw: int) -> rounds.ClaimedRound | None:
+    with transaction(factory) as session:
+        return rounds.claim_round(
+            session,
+            "digits",
+            worker,
+            lease_seconds=kw.get("lease_seconds", LEASE),
+            max_requests=kw.get("max_requests", 2),
+            max_attempts=kw.get("max_attempts", 3),
+        )
+
+
+def expire_lease(factory: sessionmaker[Session], round_id: int) -> None:
+    with transaction(factory) as session:
+        session.execute(
+            update(Round).where(Round.id == round_id).values(lease_expires_at=utcnow() - timedelta(seconds=1))
+        )
+
+
+def publish(factory: sessionmaker[Session], claimed: rounds.ClaimedRound) -> rounds.PublishedVersion:
+    with transaction(factory) as session:
+        return rounds.publish_round(
+            session,
+            claimed,
+            location=f"digits/adapters/{claimed.round_id}-{claimed.fencing_token}",
+            files={"adapter_model.safetensors": DIGEST},
+            evidence={r.id: {"auc": 0.5} for r in claimed.requests},
+            withdraw_versions=[1],
+        )
+
+
+def statuses(factory: sessionmaker[Session], ids: list[str]) -> list[str]:
+    with factory() as session:
+        rows = {row.id: row.status for row in session.execute(select(ForgetRequest.id, ForgetRequest.status))}
+        return [rows[i] for i in ids]
+
+
+@pytest.mark.usefixtures("ready_model")
+def test_claims_in_arrival_order_and_one_round_per_model(sessions: sessionmaker[Session]) -> None:
+    ids = [submit_client(sessions, c) for c in ("c2", "c0", "c1")]
+    first = claim(sessions, "w1")
+    assert first is not None
+    assert [r.id for r in first.requests] == ids[:2]
+    assert first.parent_version == 1
+    assert first.parent_location == "digits/adapters/v1"
+    assert first.method == "ssd"
+    assert first.method_config == {"alpha": 1.0}
+    assert all(r.attempts == 1 and r.kind == "client" for r in first.requests)
+    assert first.requests[0].tasks == ["digit", "parity"]
+    # The lease is live: nobody else gets a round of this model, not even for the third request.
+    assert claim(sessions, "w2") is None
+    assert statuses(sessions, ids) == ["running", "running", "queued"]
+
+    published = publish(sessions, first)
+    assert (published.version, published.parent_version) == (2, 1)
+    second = claim(sessions, "w2")
+    assert second is not None
+    assert [r.id for r in second.requests] == ids[2:]
+    assert second.parent_version == 2
+    assert second.fencing_token > first.fencing_token
+
+
+@pytest.mark.usefixtures("ready_model")
+def test_publish_completes_requests_and_records_evidence(sessions: sessionmaker[Session]) -> None:
+    ids = [submit_client(sessions, "c0")]
+    claimed = claim(sessions, "w1")
+    assert claimed is not None
+    with transaction(sessions) as session:
+        rounds.mark_verifying(session, claimed)
+    assert statuses(sessions, ids) == ["verifying"]
+    publish(sessions, claimed)
+    assert statuses(sessions, ids) == ["completed"]
+    with sessions() as session:
+        subject = session.scalars(select(Subject).where(Subject.client_id == "c0")).one()
+        assert (subject.status, subject.forgotten_by_request_id) == ("forgotten", ids[0])
+        versions = {v.version: v.status for v in session.scalars(select(AdapterVersion))}
+        assert versions == {1: "withdrawn", 2: "active"}
+        evidence = session.scalars(select(Evidence)).one()
+        assert evidence.payload == {"auc": 0.5}
+        assert session.get(Round, claimed.round_id) is not None
+        assert events_repo.verify_chain(session).ok
+        types = [e.type for e in events_repo.events_for_request(session, ids[0])]
+        assert types == ["received", "queued", "claimed", "verifying", "completed"]
+    with pytest.raises(ConflictError) as err:
+        submit_client(sessions, "c0", key="again")
+    assert err.value.extra["forgotten_by"] == ids[0]
+
+
+@pytest.mark.usefixtures("ready_model")
+def test_expired_lease_is_resumed_with_a_new_token_and_fences_the_old_holder(
+    sessions: sessionmaker[Session],
+) -> None:
+    ids = [submit_client(sessions, "c0"), submit_client(sessions, "c1")]
+    old = claim(sessions, "w1")
+    assert old is not None
+    expire_lease(sessions, old.round_id)
+    with sessions() as session:
+        assert rounds.models_to_wake(session) == ["digits"]
+
+    new = claim(sessions, "w2")
+    assert new is not None
+    assert new.round_id == old.round_id
+    assert [r.id for r in new.requests] == ids
+    assert [r.attempts for r in new.requests] == [2, 2]
+    assert new.fencing_token > old.fencing_token
+    assert new.worker_id == "w2"
+
+    with pytest.raises(rounds.LeaseLost), transaction(sessions) as session:
+        rounds.renew_lease(session, old, lease_seconds=LEASE)
+    with pytest.raises(rounds.LeaseLost):
+        publish(sessions, old)
+    with pytest.raises(rounds.LeaseLost), transaction(sessions) as session:
+        rounds.fail_round(session, old, error="x", retryable=True)
+    # The fenced-off attempt changed nothing.
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(AdapterVersion)) == 1
+    assert publish(sessions, new).version == 2
+
+
+@pytest.mark.usefixtures("ready_model")
+def test_an_expired_lease_nobody_took_over_may_still_publish(sessions: sessionmaker[Session]) -> None:
+    submit_client(sessions, "c0")
+    claimed = claim(sessions, "w1")
+    assert claimed is not None
+    expire_lease(sessions, claimed.round_id)
+    with transaction(sessions) as session:
+        rounds.renew_lease(session, claimed, lease_seconds=LEASE)
+    with sessions() as session:
+        assert rounds.models_to_wake(session) == []
+    assert publish(sessions, claimed).version == 2
+
+
+@pytest.mark.usefixtures("ready_model")
+def test_round_lease_expiring_too_often_fails_its_requests(sessions: sessionmaker[Session]) -> None:
+    ids = [submit_client(sessions, "c0")]
+    later = submit_client(sessions, "c1")
+    claimed = claim(sessions, "w1", max_requests=1, max_attempts=2)
+    assert claimed is not None
+    expire_lease(sessions, claimed.round_id)
+    again = claim(sessions, "w1", max_requests=1, max_attempts=2)
+    assert again is not None
+    assert again.round_id == claimed.round_id
+    expire_lease(sessions, claimed.round_id)
+    third = claim(sessions, "w1", max_requests=1, max_attempts=2)
+    assert statuses(sessions, ids) == ["failed"]
+    assert third is not None
+    assert [r.id for r in third.requests] == [later]
+
+
+@pytest.mark.usefixtures("ready_model")
+def test_fail_round_requeues_in_order_or_fails(sessions: sessionmaker[Session]) -> None:
+    ids = [submit_client(sessions, c) for c in ("c0", "c1", "c2")]
+    claimed = claim(sessions, "w1", max_requests=1)
+    assert claimed is not None
+    with transaction(sessions) as session:
+        rounds.fail_round(session, claimed, error="CUDA out of memory", retryable=True)
+    assert statuses(sessions, ids) == ["queued", "queued", "queued"]
+    retried = claim(sessions, "w1", max_requests=1)
+    assert retried is not None
+    assert [r.id for r in retried.requests] == ids[:1]
+    assert retried.requests[0].attempts == 2
+    with transaction(sessions) as session:
+        rounds.fail_round(session, retried, error="bad input", retryable=False)
+    assert statuses(sessions, ids) == ["failed", "queued", "queued"]
+    with sessions() as session:
+        request = session.scalars(select(ForgetRequest).where(ForgetRequest.id == ids[0])).one()
+        assert request.error == "bad input"
+
+
+@pytest.mark.usefixtures("ready_model")
+def test_requests_over_max_attempts_fail_instead_of_being_claimed(sessions: sessionmaker[Session]) -> None:
+    ids = [submit_client(sessions, c) for c in ("c0", "c1")]
+    for _ in range(2):
+        claimed = claim(sessions, "w1", max_requests=1, max_attempts=2)
+        assert claimed is not None
+        assert claimed.requests[0].id == ids[0]
+        with transaction(sessions) as session:
+            rounds.fail_round(session, claimed, error="flaky", retryable=True)
+    claimed = claim(sessions, "w1", max_requests=1, max_attempts=2)
+    assert claimed is not None
+    assert [r.id for r in claimed.requests] == ids[1:]
+    assert statuses(sessions, ids) == ["failed", "running"]
+
+
+@pytest.mark.usefixtures("ready_model")
+def test_cancelled_requests_are_not_claimed(sessions: sessionmaker[Session]) -> None:
+    ids = [submit_client(sessions, c) for c in ("c0", "c1")]
+    with transaction(sessions) as session:
+        lifecycle.cancel(session, ids[0], actor="admin")
+    claimed = claim(sessions, "w1")
+    assert claimed is not None
+    assert [r.id for r in claimed.requests] == ids[1:]
+    with pytest.raises(ConflictError), transaction(sessions) as session:
+        lifecycle.cancel(session, ids[1], actor="admin")
+
+
+@pytest.mark.usefixtures("ready_model")
+def test_database_allows_one_live_round_per_model(sessions: sessionmaker[Session]) -> None:
+    submit_client(sessions, "c0")
+    assert claim(sessions, "w1") is not None
+    with transaction(sessions) as session:
+        model_id = session.scalars(select(Model.id)).one()
+        session.add(Round(model_id=model_id, status="running", method="ssd", fencing_token=99))
+        with pytest.raises(IntegrityError):
+            session.flush()
+        session.rollback()
+
+
+@pytest.mark.usefixtures("ready_model")
+def test_concurrent_claims_never_share_a_model(sessions: sessionmaker[Session]) -> None:
+    """While one claimer holds the model (transaction open), a second gets nothing."""
+    submit_client(sessions, "c0")
+    with transaction(sessions) as first:
+        if first.get_bind().dialect.name != "postgresql":
+            pytest.skip("SQLite serialises whole transactions (BEGIN IMMEDIATE)")
+        claimed = rounds.claim_round(
+            first, "digits", "w1", lease_seconds=LEASE, max_requests=4, max_attempts=3
+        )
+        assert claimed is not None
+        with transaction(sessions) as second:
+            assert (
+                rounds.claim_round(
+                    second, "digits", "w2", lease_seconds=LEASE, max_requests=4, max_attempts=3
+                )
+                is None
+            )
+
+
+def test_models_to_wake(sessions: sessionmaker[Session], ready_model: str) -> None:
+    with sessions() as session:
+        assert rounds.models_to_wake(session) == []
+    submit_client(sessions, "c0")
+    with sessions() as session:
+        assert rounds.models_to_wake(session) == [ready_model]
+    assert claim(sessions, "w1") is not None
+    with sessions() as session:
+        assert rounds.models_to_wake(session) == []
+
+
+def test_unknown_or_unready_models_are_not_claimed(sessions: sessionmaker[Session]) -> None:
+    assert claim(sessions, "w1") is None
+    with transaction(sessions) as session:
+        session.add(Model(name="digits", workload="w", method="ssd", status="preparing"))
+    assert claim(sessions, "w1") is None
+
+
+@pytest.mark.usefixtures("ready_model")
+def test_register_prepared_model_is_idempotent_and_records_subjects(sessions: sessionmaker[Session]) -> None:
+    with transaction(sessions) as session:
+        again = rounds.register_prepared_model(
+            session, "digits", subjects={"zz": ["s1"]}, location="other", files={}, evidence={}
+        )
+        assert (again.version, again.location) == (1, "digits/adapters/v1")
+        model = session.scalars(select(Model)).one()
+        assert (model.status, model.tasks, model.base_location) == (
+            "ready",
+            ["digit", "parity"],
+            "digits/base",
+        )
+        assert model.base_files == {"model.safetensors": {"sha256": "0" * 64, "size": 1}}
+        assert session.scalar(select(func.count()).select_from(Subject)) == 3
+        assert session.scalar(select(func.count()).select_from(Sample)) == 12
+    with pytest.raises(rounds.UnknownModelError), transaction(sessions) as session:
+        rounds.register_prepared_model(session, "nope", subjects={}, location="x", files={}, evidence={})
+    with transaction(sessions) as session:
+        rounds.mark_model_failed(session, "digits", error="boom")
+
+
+@pytest.mark.usefixtures("ready_model")
+def test_mark_purged(sessions: sessionmaker[Session]) -> None:
+    with transaction(sessions) as session:
+        rounds.mark_purged(session, "digits", client_ids=["c0"], sample_tasks=[("s00004", "parity")])
+        rounds.mark_purged(session, "digits", client_ids=[], sample_tasks=[("s00004", "digit")])
+    with sessions() as session:
+        samples = {s.sample_id: s for s in session.scalars(select(Sample))}
+        assert samples["s00000"].purged
+        assert not samples["s00004"].purged
+        assert samples["s00004"].purged_tasks == ["digit", "parity"]
+        subject = session.scalars(select(Subject).where(Subject.client_id == "c0")).one()
+        assert subject.purged_at is not None
+
+
+def test_heartbeat_upserts(sessions: sessionmaker[Session]) -> None:
+    for state in ("idle", "busy"):
+        with transaction(sessions) as session:
+            rounds.heartbeat(session, "w1", hostname="gpu-1", queues=["lethe-gpu"], state=state)
+    with sessions() as session:
+        worker = session.scalars(select(Worker)).one()
+        assert (worker.state, worker.queues, worker.hostname) == ("busy", ["lethe-gpu"], "gpu-1")

@@ -1,0 +1,161 @@
+"""Unit tests of service/pull.py against an in-process fake of the serving API (httpx.MockTransport)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from service import pull
+
+BASE = "http://lethe.test"
+
+
+def _digest(body: bytes) -> dict[str, Any]:
+    return {"sha256": hashlib.sha256(body).hexdigest(), "size": len(body)}
+
+
+class FakeServer:
+    def __init__(self) -> None:
+        self.versions: dict[int, dict[str, bytes]] = {}
+        self.withdrawn: set[int] = set()
+        self.latest = 0
+        self.corrupt: str | None = None
+        self.requests: list[httpx.Request] = []
+
+    def publish(self, version: int, files: dict[str, bytes]) -> None:
+        manifest = {"files": {n: _digest(b) for n, b in files.items()}}
+        self.versions[version] = {**files, "manifest.json": json.dumps(manifest).encode()}
+        self.latest = version
+
+    def listing(self, version: int) -> dict[str, Any]:
+        return {
+            "model": "m",
+            "version": version,
+            "files": {n: _digest(b) for n, b in self.versions[version].items()},
+        }
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        parts = request.url.path.strip("/").split("/")
+        # v1 models m adapters <latest|n> [files <name>]
+        assert parts[:4] == ["v1", "models", "m", "adapters"]
+        if parts[4] == "latest":
+            etag = f'"v{self.latest}"'
+            if request.headers.get("if-none-match") == etag:
+                return httpx.Response(304, headers={"ETag": etag})
+            return httpx.Response(200, json=self.listing(self.latest), headers={"ETag": etag})
+        version = int(parts[4])
+        if version in self.withdrawn:
+            return httpx.Response(410, json={"title": "withdrawn"})
+        if len(parts) == 5:
+            return httpx.Response(200, json=self.listing(version))
+        name = "/".join(parts[6:])
+        body = self.versions[version][name]
+        if self.corrupt == name:
+            body = body + b"!"
+        return httpx.Response(200, content=body)
+
+
+@pytest.fixture
+def server() -> FakeServer:
+    s = FakeServer()
+    s.publish(1, {"adapter_config.json": b'{"r": 16}', "adapter_model.safetensors": b"w1"})
+    return s
+
+
+def _client(server: FakeServer) -> httpx.Client:
+    return httpx.Client(transport=httpx.MockTransport(server.handler))
+
+
+def test_first_pull_installs_and_verifies(server: FakeServer, tmp_path: Path) -> None:
+    with _client(server) as client:
+        result = pull.pull_once(client, BASE, "m", tmp_path)
+    assert result.changed
+    assert result.version == 1
+    current = tmp_path / pull.CURRENT_LINK
+    assert current.is_symlink()
+    assert (current / "adapter_model.safetensors").read_bytes() == b"w1"
+    assert pull.current_version(tmp_path) == 1
+    assert pull.read_state(tmp_path)["etag"] == '"v1"'
+
+
+def test_etag_gives_304_and_no_download(server: FakeServer, tmp_path: Path) -> None:
+    with _client(server) as client:
+        pull.pull_once(client, BASE, "m", tmp_path)
+        server.requests.clear()
+        result = pull.pull_once(client, BASE, "m", tmp_path)
+    assert not result.changed
+    assert result.version == 1
+    assert [r.url.path for r in server.requests] == ["/v1/models/m/adapters/latest"]
+    assert server.requests[0].headers["if-none-match"] == '"v1"'
+
+
+def test_new_version_swaps_and_prunes_withdrawn(server: FakeServer, tmp_path: Path) -> None:
+    with _client(server) as client:
+        pull.pull_once(client, BASE, "m", tmp_path)
+        old_target = os.readlink(tmp_path / pull.CURRENT_LINK)
+        server.publish(2, {"adapter_config.json": b'{"r": 16}', "adapter_model.safetensors": b"w2"})
+        server.withdrawn.add(1)
+        result = pull.pull_once(client, BASE, "m", tmp_path)
+    assert result.changed
+    assert result.version == 2
+    assert os.readlink(tmp_path / pull.CURRENT_LINK) != old_target
+    assert (tmp_path / pull.CURRENT_LINK / "adapter_model.safetensors").read_bytes() == b"w2"
+    assert pull.local_versions(tmp_path) == [2]  # v1 was withdrawn: deleted locally
+
+
+def test_keep_limits_old_versions(server: FakeServer, tmp_path: Path) -> None:
+    with _client(server) as client:
+        for v in (1, 2, 3):
+            if v > 1:
+                server.publish(v, {"adapter_model.safetensors": f"w{v}".encode()})
+            pull.pull_once(client, BASE, "m", tmp_path, keep=2)
+    assert pull.local_versions(tmp_path) == [2, 3]
+
+
+def test_bad_hash_keeps_current_version(server: FakeServer, tmp_path: Path) -> None:
+    with _client(server) as client:
+        pull.pull_once(client, BASE, "m", tmp_path)
+        server.publish(2, {"adapter_model.safetensors": b"w2"})
+        server.corrupt = "adapter_model.safetensors"
+        with pytest.raises(pull.PullError, match="sha256"):
+            pull.pull_once(client, BASE, "m", tmp_path)
+    assert pull.current_version(tmp_path) == 1
+    assert pull.local_versions(tmp_path) == [1]
+    assert not [p for p in (tmp_path / pull.VERSIONS_DIR).iterdir() if p.name.startswith(".tmp")]
+
+
+def test_refuses_path_traversal() -> None:
+    listing = {"version": 3, "files": {"../evil": {"sha256": "0" * 64}}}
+    with pytest.raises(pull.PullError, match="refusing"):
+        pull.parse_listing(listing, BASE, "m")
+
+
+def test_listing_forms() -> None:
+    sha = "a" * 64
+    version, files = pull.parse_listing(
+        {"version": "4", "files": [{"name": "a.json", "sha256": sha, "size": 2, "url": "/dl/a.json"}]},
+        BASE,
+        "m",
+    )
+    assert version == 4
+    assert files[0].url == f"{BASE}/dl/a.json"
+    _, files = pull.parse_listing({"version": 4, "files": {"b.bin": {"sha256": sha}}}, BASE, "m")
+    assert files[0].url == f"{BASE}/v1/models/m/adapters/4/files/b.bin"
+    assert files[0].size is None
+
+
+def test_cli_prints_version(server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pull, "make_client", lambda api_key, timeout=30.0: _client(server))
+    result = CliRunner().invoke(pull.pull_command, ["--model", "m", "--dest", str(tmp_path), "--url", BASE])
+    assert result.exit_code == 0, result.output
+    assert "m v1 installed" in result.output
+    result = CliRunner().invoke(pull.pull_command, ["--model", "m", "--dest", str(tmp_path), "--url", BASE])
+    assert "m v1 unchanged" in result.output

@@ -1,0 +1,320 @@
+"""Adapter-version directories on disk: atomic writes, manifests, sha256, tombstones, orphan GC.
+
+Layout (docs/architecture.md)::
+
+    <artifacts>/<model>/base/                        frozen base (config.json + model.safetensors)
+    <artifacts>/<model>/adapters/<round>-<token>/    one adapter version, immutable once published
+    <artifacts>/<model>/adapters/.staging-*          work directories of running (or crashed) rounds
+    <artifacts>/<model>/tombstones/<version>.json    what a withdrawn version was (hashes)
+
+A version is written into a staging directory, every file is fsynced, ``manifest.json`` (per-file
+sha256, base model, parent version, covered requests, evidence digests) is written last, the
+directory is fsynced and renamed to its final name, and the parent directory is fsynced. A crash
+leaves either no final directory or a complete one; a complete directory that no database row
+points at is an orphan and :meth:`ModelArtifacts.gc_orphans` removes it.
+
+This module is pure (no database, no torch): the pipeline passes what the database knows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+STAGING_PREFIX = ".staging-"
+_CHUNK = 1 << 20
+_VERSION_DIR = re.compile(r"^(\d+)-(\d+)$")
+
+
+class ArtifactError(Exception):
+    """A version directory is missing, incomplete or does not match its manifest."""
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    """sha256 (hex) and size in bytes of one file of a version."""
+
+    sha256: str
+    size: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sha256": self.sha256, "size": self.size}
+
+
+def sha256_file(path: Path) -> FileDigest:
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    return FileDigest(h.hexdigest(), size)
+
+
+def canonical_json(data: Any) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def json_digest(data: Any) -> str:
+    """sha256 of the canonical JSON of ``data`` (an evidence document's id in the manifest)."""
+    return hashlib.sha256(canonical_json(data)).hexdigest()
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``path`` through a temporary file, fsync it, rename, fsync the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, json.dumps(data, indent=2, sort_keys=True).encode() + b"\n")
+
+
+def version_dir_name(round_id: int, fencing_token: int) -> str:
+    """The directory name of the version one round attempt writes: unique per (round, token)."""
+    if round_id < 0 or fencing_token < 0:
+        raise ValueError("round id and fencing token must be non-negative")
+    return f"{round_id}-{fencing_token}"
+
+
+def _files_of(directory: Path) -> list[Path]:
+    out: list[Path] = []
+    for path in sorted(directory.rglob("*")):
+        if path.is_symlink():
+            raise ArtifactError(f"symbolic link in a version directory: {path}")
+        if path.is_file():
+            out.append(path)
+    return out
+
+
+def digest_directory(directory: Path, *, exclude: Iterable[str] = (MANIFEST,)) -> dict[str, FileDigest]:
+    """sha256 of every regular file under ``directory`` keyed by its POSIX relative path."""
+    skip = set(exclude)
+    result: dict[str, FileDigest] = {}
+    for path in _files_of(directory):
+        rel = path.relative_to(directory).as_posix()
+        if rel not in skip:
+            result[rel] = sha256_file(path)
+    return result
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    path = directory / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"no {MANIFEST} in {directory}")
+    data = json.loads(path.read_text())
+    if not isinstance(data, dict) or int(data.get("format", 0)) != MANIFEST_FORMAT:
+        raise ArtifactError(f"unsupported manifest in {directory}")
+    return data
+
+
+def verify_directory(directory: Path) -> dict[str, FileDigest]:
+    """Check every file against the manifest (no missing, extra or altered file); the digests."""
+    manifest = read_manifest(directory)
+    expected = {k: FileDigest(str(v["sha256"]), int(v["size"])) for k, v in manifest["files"].items()}
+    actual = digest_directory(directory)
+    if actual != expected:
+        missing = sorted(set(expected) - set(actual))
+        extra = sorted(set(actual) - set(expected))
+        changed = sorted(k for k in set(expected) & set(actual) if expected[k] != actual[k])
+        raise ArtifactError(
+            f"{directory} does not match its manifest (missing {missing}, extra {extra}, changed {changed})"
+        )
+    return actual
+
+
+@dataclass(frozen=True)
+class CommittedVersion:
+    """A version directory after :meth:`ModelArtifacts.commit`: where, and the digests to publish."""
+
+    name: str
+    path: Path
+    location: str  # relative to the artifacts root: "<model>/adapters/<name>"
+    files: dict[str, FileDigest]  # every file including manifest.json
+    manifest: dict[str, Any]
+
+
+class ModelArtifacts:
+    """The artifact directories of one model under an artifacts root."""
+
+    def __init__(self, root: Path, model: str) -> None:
+        self.root = Path(root)
+        self.model = model
+        self.model_dir = self.root / model
+        self.base_dir = self.model_dir / "base"
+        self.adapters_dir = self.model_dir / "adapters"
+        self.tombstones_dir = self.model_dir / "tombstones"
+
+    # -- locations -----------------------------------------------------------------------------
+    def location_of(self, name: str) -> str:
+        return f"{self.model}/adapters/{name}"
+
+    def resolve(self, location: str) -> Path:
+        """The directory of a database ``location`` (relative to the root, or absolute)."""
+        path = Path(location)
+        return path if path.is_absolute() else self.root / path
+
+    def base_digest(self) -> dict[str, Any]:
+        """sha256 of the frozen base's files (recorded in every manifest)."""
+        if not self.base_dir.is_dir():
+            return {}
+        return {k: v.to_json() for k, v in digest_directory(self.base_dir, exclude=()).items()}
+
+    # -- writing a version ---------------------------------------------------------------------
+    def staging_dir(self, name: str) -> Path:
+        """A fresh, empty work directory for the version ``name`` (same filesystem as the final one)."""
+        self.adapters_dir.mkdir(parents=True, exist_ok=True)
+        path = self.adapters_dir / f"{STAGING_PREFIX}{name}-{uuid.uuid4().hex[:12]}"
+        path.mkdir()
+        return path
+
+    def commit(
+        self,
+        staging: Path,
+        name: str,
+        *,
+        parent_version: int | None,
+        requests: list[str],
+        evidence: Mapping[str, Any],
+        extra: Mapping[str, Any] | None = None,
+    ) -> CommittedVersion:
+        """Seal ``staging`` as the version directory ``name``: hash, manifest, fsync, rename.
+
+        ``evidence`` maps request id → evidence document; the manifest records each document's
+        sha256 (its id). Raises ``FileExistsError`` if ``name`` exists already (a (round, token)
+        pair is written once).
+        """
+        final = self.adapters_dir / name
+        if final.exists():
+            raise FileExistsError(f"version directory {final} exists already")
+        if (staging / MANIFEST).exists():
+            raise ArtifactError(f"{staging} already has a manifest")
+        files = digest_directory(staging)
+        if not files:
+            raise ArtifactError(f"{staging} is empty")
+        manifest: dict[str, Any] = {
+            "format": MANIFEST_FORMAT,
+            "model": self.model,
+            "name": name,
+            "created_at": datetime.now(UTC).isoformat(),
+            "base": {"location": f"{self.model}/base", "files": self.base_digest()},
+            "parent_version": parent_version,
+            "requests": list(requests),
+            "evidence": {rid: json_digest(doc) for rid, doc in evidence.items()},
+            "files": {k: v.to_json() for k, v in sorted(files.items())},
+            **dict(extra or {}),
+        }
+        for path in _files_of(staging):
+            fsync_file(path)
+        atomic_write_json(staging / MANIFEST, manifest)
+        fsync_dir(staging)
+        os.rename(staging, final)  # atomic on one filesystem; fails if ``final`` appeared meanwhile
+        fsync_dir(self.adapters_dir)
+        all_files = dict(files)
+        all_files[MANIFEST] = sha256_file(final / MANIFEST)
+        return CommittedVersion(name, final, self.location_of(name), all_files, manifest)
+
+    def discard(self, path: Path) -> None:
+        """Remove a staging or unpublished version directory (lease lost, failed round)."""
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+
+    # -- withdrawing ---------------------------------------------------------------------------
+    def tombstone_path(self, version: int) -> Path:
+        return self.tombstones_dir / f"{version}.json"
+
+    def delete_version(self, version: int, location: str, *, reason: str) -> Path:
+        """Write the version's tombstone (its manifest's hashes), then delete its files. Idempotent."""
+        directory = self.resolve(location)
+        tomb = self.tombstone_path(version)
+        if not tomb.exists():
+            try:
+                manifest: dict[str, Any] | None = read_manifest(directory)
+            except (ArtifactError, FileNotFoundError, json.JSONDecodeError):
+                manifest = None
+            atomic_write_json(
+                tomb,
+                {
+                    "format": MANIFEST_FORMAT,
+                    "model": self.model,
+                    "version": version,
+                    "location": location,
+                    "deleted_at": datetime.now(UTC).isoformat(),
+                    "reason": reason,
+                    "files": (manifest or {}).get("files", {}),
+                    "manifest_sha256": (
+                        sha256_file(directory / MANIFEST).sha256 if manifest is not None else None
+                    ),
+                    "parent_version": (manifest or {}).get("parent_version"),
+                    "requests": (manifest or {}).get("requests", []),
+                },
+            )
+        if directory.exists():
+            shutil.rmtree(directory)
+            fsync_dir(directory.parent)
+        return tomb
+
+    # -- garbage collection --------------------------------------------------------------------
+    def gc_orphans(self, keep: Iterable[str], *, min_age_seconds: float = 0.0) -> list[Path]:
+        """Remove version and staging directories that ``keep`` (database locations) does not name.
+
+        Call it while holding the model's round lease: no other live worker can publish then, so a
+        directory no row points at belongs to a crashed or fenced-off attempt. ``min_age_seconds``
+        spares very recent directories (a belt on top of the lease).
+        """
+        if not self.adapters_dir.is_dir():
+            return []
+        kept = {self.resolve(loc).resolve() for loc in keep}
+        now = time.time()
+        removed: list[Path] = []
+        for entry in sorted(self.adapters_dir.iterdir()):
+            if not entry.is_dir() or entry.resolve() in kept:
+                continue
+            if not (entry.name.startswith(STAGING_PREFIX) or _VERSION_DIR.match(entry.name)):
+                continue
+            try:
+                age = now - entry.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            if age < min_age_seconds:
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+        return removed

@@ -1,0 +1,40 @@
+"""Worker-side settings (``LETHE_WORKER_*``), built at worker start-up, never at import."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GPU_QUEUE = "lethe-gpu"
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LETHE_WORKER_", extra="ignore")
+
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="auto: cuda when this process sees a GPU, else cpu."
+    )
+    queues: list[str] = Field(default_factory=lambda: [GPU_QUEUE])
+    soft_time_limit: int = Field(
+        default=3600, description="A round (or prepare) running longer is interrupted and retried."
+    )
+    hard_time_limit: int = Field(
+        default=3900, description="A round still running after this kills its process (restarted)."
+    )
+    heartbeat_seconds: float = Field(default=10.0, description="Worker heartbeat and sweep period.")
+    sweep: bool = Field(default=True, description="This worker also runs the sweeper (wakes models).")
+    gc_min_age_seconds: float = Field(default=0.0, description="Orphan directories younger are kept.")
+    seed: int = Field(default=0, description="Seed of the engine's randomness (recorded in evidence).")
+
+    @model_validator(mode="after")
+    def _limits(self) -> WorkerSettings:
+        if self.hard_time_limit <= self.soft_time_limit:
+            raise ValueError("hard_time_limit must exceed soft_time_limit")
+        return self
+
+    @property
+    def visibility_timeout(self) -> int:
+        """Redis redelivers an unacknowledged message after this: longer than any round can run."""
+        return self.hard_time_limit + 600

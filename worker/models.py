@@ -1,0 +1,109 @@
+"""Operator operations on models from the worker side (``lethe models``, ``lethe demo``)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from celery import Celery
+
+from service.db.migrate import upgrade
+from service.db.session import create_db_engine, make_session_factory, transaction
+from service.repositories import models as models_repo
+from service.repositories import versions as versions_repo
+from service.settings import Settings
+from worker.config import WorkerSettings
+
+MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+FALLBACK_METHOD = "retrain"
+
+
+def default_method() -> str:
+    """The ML core's default method name (its registry), or ``retrain`` without a registry."""
+    try:
+        from worker.unlearning import methods
+    except ImportError:
+        return FALLBACK_METHOD
+    return str(getattr(methods, "DEFAULT_METHOD", FALLBACK_METHOD))
+
+
+def _session_factory(settings: Settings) -> Any:
+    return make_session_factory(create_db_engine(settings.resolved_database_url))
+
+
+def migrate(settings: Settings | None = None) -> None:
+    settings = settings or Settings()
+    upgrade(settings.resolved_database_url)
+
+
+def create_model(
+    name: str,
+    *,
+    workload: str,
+    method: str | None = None,
+    method_config: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
+    app_settings: Settings | None = None,
+) -> bool:
+    """Register a model (status ``preparing``); False if it exists already. Runs migrations first."""
+    if not MODEL_NAME.match(name):
+        raise ValueError(f"invalid model name {name!r} (want {MODEL_NAME.pattern})")
+    from worker.unlearning.workload import available_workloads
+
+    if workload not in available_workloads():
+        raise ValueError(f"unknown workload {workload!r}; available: {', '.join(available_workloads())}")
+    app_settings = app_settings or Settings()
+    migrate(app_settings)
+    factory = _session_factory(app_settings)
+    with transaction(factory) as session:
+        if models_repo.get_model(session, name) is not None:
+            return False
+        models_repo.create_model(
+            session,
+            name,
+            workload=workload,
+            method=method or default_method(),
+            method_config=dict(method_config or {}),
+            settings=dict(settings or {}),
+        )
+    return True
+
+
+def prepare_here(name: str, *, app_settings: Settings | None = None) -> int | None:
+    """Train v1 in this process (the pipeline's ``prepare_model``); the version, None if ready."""
+    from worker.pipeline import WorkerContext, prepare_model
+
+    app_settings = app_settings or Settings()
+    ctx = WorkerContext.create(app_settings, WorkerSettings(), worker_id="cli")
+    published = prepare_model(ctx, name)
+    return published.version if published is not None else None
+
+
+def queue_prepare(name: str, *, app_settings: Settings | None = None) -> None:
+    from worker.celery_app import TASK_PREPARE, celery_config
+
+    app_settings = app_settings or Settings()
+    client = Celery("lethe-cli", set_as_current=False)
+    client.conf.update(celery_config(app_settings, WorkerSettings()))
+    client.send_task(TASK_PREPARE, args=[name])
+
+
+def list_models(app_settings: Settings | None = None) -> list[dict[str, Any]]:
+    app_settings = app_settings or Settings()
+    factory = _session_factory(app_settings)
+    rows: list[dict[str, Any]] = []
+    with transaction(factory) as session:
+        for model in models_repo.list_models(session):
+            versions = versions_repo.list_versions(session, model.id)
+            latest = versions_repo.latest_active(session, model.id)
+            rows.append(
+                {
+                    "name": model.name,
+                    "workload": model.workload,
+                    "method": model.method,
+                    "status": model.status,
+                    "latest_version": latest.version if latest else None,
+                    "versions": [f"v{v.version}:{v.status}" for v in versions],
+                }
+            )
+    return rows

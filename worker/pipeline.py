@@ -1,0 +1,550 @@
+"""One unlearning round, and the preparation of a model: the worker's side of the queue protocol.
+
+A round (``run_round``)::
+
+    claim (service.rounds.claim_round: lease + fencing token, requests in arrival order)
+    → GC orphan directories of crashed attempts (we hold the model's lease)
+    → engine.run_round into a staging directory, lease renewed by a watchdog thread
+    → mark_verifying → seal the version (artifacts.commit: fsync, manifest, rename)
+    → publish_round (checks the fencing token; moves latest; withdraws every earlier active
+      version: each of them was trained on the subjects this round forgets; completes requests)
+    → delete withdrawn versions' files (tombstones keep their hashes)
+    → DataStore.purge + mark_purged.
+
+Crash safety: every step before ``publish_round`` commits is redone by the next attempt (the lease
+expires, the round is resumed under a new token, the old attempt's directory is an orphan and
+removed). ``publish_round`` is one transaction. Everything after it is idempotent and re-done by
+:func:`reconcile` (at the start of every wake and at worker start) if the worker dies in between:
+withdrawn versions whose files still exist are deleted, completed requests whose data is not
+recorded as purged are purged.
+
+Torch and the ML core are imported lazily (inside functions), so ``lethe worker``'s supervisor and
+the CLI's help never load torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import rounds
+from service.db.models import ForgetRequest, Model, Sample, Subject
+from service.db.session import create_db_engine, make_session_factory, transaction
+from service.repositories import models as models_repo
+from service.repositories import versions as versions_repo
+from service.settings import Settings
+from worker.artifacts import CommittedVersion, FileDigest, ModelArtifacts, digest_directory, version_dir_name
+from worker.config import WorkerSettings
+from worker.watchdog import RoundWatchdog
+
+if TYPE_CHECKING:
+    from worker.unlearning.types import ForgetSpec
+    from worker.unlearning.workload import Workload
+
+log = logging.getLogger(__name__)
+
+ProgressHook = Callable[[str, dict[str, Any]], None]
+
+
+class PermanentRoundError(Exception):
+    """The round cannot succeed by retrying (bad request content): its requests fail."""
+
+
+@dataclass
+class WorkerContext:
+    """What a task needs: settings, a session factory, identity, device."""
+
+    settings: Settings
+    worker_settings: WorkerSettings
+    session_factory: sessionmaker[Session]
+    worker_id: str
+    hostname: str = field(default_factory=socket.gethostname)
+    device: str = "cpu"
+    #: called with (event, details) at each step; tests use it to crash at a chosen point
+    hook: ProgressHook | None = None
+
+    @classmethod
+    def create(
+        cls, settings: Settings, worker_settings: WorkerSettings, *, worker_id: str | None = None
+    ) -> WorkerContext:
+        engine = create_db_engine(settings.resolved_database_url)
+        hostname = socket.gethostname()
+        return cls(
+            settings=settings,
+            worker_settings=worker_settings,
+            session_factory=make_session_factory(engine),
+            worker_id=worker_id or f"{hostname}:{os.getpid()}",
+            hostname=hostname,
+            device=resolve_device(worker_settings.device),
+        )
+
+    @property
+    def artifacts_root(self) -> Path:
+        return self.settings.resolved_artifacts_dir
+
+    def artifacts(self, model: str) -> ModelArtifacts:
+        return ModelArtifacts(self.artifacts_root, model)
+
+    def data_dir(self, model: str) -> Path:
+        return self.settings.resolved_data_dir / model
+
+    def cache_dir(self, model: str) -> Path:
+        return self.settings.resolved_home / "cache" / model
+
+    def emit(self, event: str, **details: Any) -> None:
+        if self.hook is not None:
+            self.hook(event, details)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` when this process sees a GPU (CUDA initialises here, in the child)."""
+    if device != "auto":
+        return device
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def model_lock(directory: Path, name: str = ".lethe.lock") -> Iterator[None]:
+    """An exclusive ``flock`` on ``directory/name`` (data-store writes, preparation)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / name, "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _to_rounds_files(files: dict[str, FileDigest]) -> dict[str, rounds.FileDigest]:
+    return {k: rounds.FileDigest(sha256=v.sha256, size=v.size) for k, v in files.items()}
+
+
+def _spec(request: rounds.ClaimedRequest | ForgetRequest) -> ForgetSpec:
+    from worker.unlearning.types import ForgetSpec
+
+    kind = request.kind
+    if kind not in ("client", "task"):
+        raise PermanentRoundError(f"unknown request kind {kind!r}")
+    return ForgetSpec(
+        request_id=request.id,
+        kind="client" if kind == "client" else "task",
+        client_id=request.client_id,
+        sample_ids=list(request.sample_ids) if request.sample_ids is not None else None,
+        tasks=list(request.tasks),
+    )
+
+
+def _load_workload(model: Model) -> Workload:
+    from worker.unlearning.workload import load_workload
+
+    return load_workload(model.workload)
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    round_id: int
+    fencing_token: int
+    requests: list[str]
+    version: int | None
+    status: str  # published | lease_lost | failed
+    withdrawn: list[int] = field(default_factory=list)
+    error: str | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# rounds
+# ----------------------------------------------------------------------------------------------
+
+
+def wake_model(ctx: WorkerContext, model_name: str, *, max_rounds: int = 1000) -> list[RoundResult]:
+    """Reconcile, then run the model's rounds until nothing is left to claim."""
+    reconcile(ctx, model_name)
+    results: list[RoundResult] = []
+    for _ in range(max_rounds):
+        result = run_one_round(ctx, model_name)
+        if result is None:
+            break
+        results.append(result)
+        if result.status == "lease_lost":
+            break  # someone else holds the model now
+    return results
+
+
+def claim(ctx: WorkerContext, model_name: str) -> rounds.ClaimedRound | None:
+    s = ctx.settings
+    with transaction(ctx.session_factory) as session:
+        return rounds.claim_round(
+            session,
+            model_name,
+            ctx.worker_id,
+            lease_seconds=s.lease_seconds,
+            max_requests=s.max_requests_per_round,
+            max_attempts=s.max_attempts,
+        )
+
+
+def run_one_round(ctx: WorkerContext, model_name: str) -> RoundResult | None:
+    claimed = claim(ctx, model_name)
+    if claimed is None:
+        return None
+    log.info(
+        "round %d of %s claimed (token %d): %s",
+        claimed.round_id, model_name, claimed.fencing_token, [r.id for r in claimed.requests],
+    )  # fmt: skip
+    ctx.emit("claimed", round_id=claimed.round_id, token=claimed.fencing_token)
+    store = ctx.artifacts(model_name)
+    staging: Path | None = None
+    committed: CommittedVersion | None = None
+    request_ids = [r.id for r in claimed.requests]
+    try:
+        with transaction(ctx.session_factory) as session:
+            model = models_repo.get_model(session, model_name)
+            if model is None:
+                raise PermanentRoundError(f"model {model_name} disappeared")
+            locations = [v.location for v in versions_repo.list_versions(session, model.id)]
+            workload_settings = dict(model.settings)
+            model_row = model
+        removed = store.gc_orphans(locations, min_age_seconds=ctx.worker_settings.gc_min_age_seconds)
+        if removed:
+            log.info("removed %d orphan directories of %s", len(removed), model_name)
+        if claimed.parent_location is None:
+            raise PermanentRoundError(f"model {model_name} has no active version to unlearn from")
+        name = version_dir_name(claimed.round_id, claimed.fencing_token)
+        staging = store.staging_dir(name)
+        watchdog = _watchdog(ctx, claimed)
+        with watchdog:
+            outcome = _run_engine(ctx, claimed, model_row, workload_settings, staging, watchdog)
+            watchdog.check()
+            ctx.emit("engine_done", round_id=claimed.round_id)
+            with transaction(ctx.session_factory) as session:
+                rounds.mark_verifying(session, claimed)
+            committed = store.commit(
+                staging,
+                name,
+                parent_version=claimed.parent_version,
+                requests=request_ids,
+                evidence=outcome,
+                extra={
+                    "round_id": claimed.round_id,
+                    "fencing_token": claimed.fencing_token,
+                    "method": claimed.method,
+                    "worker": ctx.worker_id,
+                },
+            )
+            staging = None
+            ctx.emit("committed", round_id=claimed.round_id, path=str(committed.path))
+            watchdog.check()
+            with transaction(ctx.session_factory) as session:
+                model = models_repo.get_model(session, model_name)
+                assert model is not None
+                withdraw = [
+                    v.version
+                    for v in versions_repo.list_versions(session, model.id)
+                    if v.status == "active"
+                ]
+                published = rounds.publish_round(
+                    session,
+                    claimed,
+                    location=committed.location,
+                    files=_to_rounds_files(committed.files),
+                    evidence=outcome,
+                    withdraw_versions=withdraw,
+                )
+        ctx.emit("published", round_id=claimed.round_id, version=published.version)
+        log.info("round %d published %s v%d; withdrew %s", claimed.round_id, model_name,
+                 published.version, withdraw)  # fmt: skip
+    except rounds.LeaseLost as exc:
+        log.warning("round %d: lease lost (%s); discarding its directory", claimed.round_id, exc)
+        for path in (staging, committed.path if committed else None):
+            if path is not None:
+                store.discard(path)
+        return RoundResult(claimed.round_id, claimed.fencing_token, request_ids, None, "lease_lost",
+                           error=str(exc))  # fmt: skip
+    except Exception as exc:  # SoftTimeLimitExceeded is an Exception: retried
+        retryable = not isinstance(exc, PermanentRoundError | ValueError | KeyError)
+        error = f"{type(exc).__name__}: {exc}"
+        log.error("round %d failed (%s): %s", claimed.round_id, "retry" if retryable else "final",
+                  traceback.format_exc())  # fmt: skip
+        for path in (staging, committed.path if committed else None):
+            if path is not None:
+                store.discard(path)
+        try:
+            with transaction(ctx.session_factory) as session:
+                rounds.fail_round(session, claimed, error=error[:2000], retryable=retryable)
+        except rounds.LeaseLost:
+            pass
+        return RoundResult(claimed.round_id, claimed.fencing_token, request_ids, None, "failed",
+                           error=error)  # fmt: skip
+    after_publish(ctx, model_name, withdrawn=withdraw)
+    return RoundResult(
+        claimed.round_id, claimed.fencing_token, request_ids, published.version, "published", withdraw
+    )
+
+
+def _watchdog(ctx: WorkerContext, claimed: rounds.ClaimedRound) -> RoundWatchdog:
+    lease = ctx.settings.lease_seconds
+
+    def renew() -> None:
+        with transaction(ctx.session_factory) as session:
+            rounds.renew_lease(session, claimed, lease_seconds=lease)
+
+    return RoundWatchdog(
+        renew=renew,
+        interval=max(1.0, lease / 3),
+        soft_limit=ctx.worker_settings.soft_time_limit,
+        hard_limit=ctx.worker_settings.hard_time_limit,
+        lease_lost_types=(rounds.LeaseLost,),
+    )
+
+
+def _run_engine(
+    ctx: WorkerContext,
+    claimed: rounds.ClaimedRound,
+    model: Model,
+    workload_settings: dict[str, Any],
+    staging: Path,
+    watchdog: RoundWatchdog,
+) -> dict[str, dict[str, Any]]:
+    from worker.unlearning.engine import run_round
+
+    workload = _load_workload(model)
+    store = ctx.artifacts(claimed.model_name)
+    settings = dict(workload_settings)
+    if claimed.method_config:
+        settings = {**settings, "method": dict(claimed.method_config)}
+
+    def on_progress(done: int, total: int, message: str) -> None:
+        watchdog.check()
+        ctx.emit("progress", round_id=claimed.round_id, done=done, total=total, message=message)
+
+    assert claimed.parent_location is not None
+    outcome = run_round(
+        workload,
+        data_dir=ctx.data_dir(claimed.model_name),
+        base_dir=store.base_dir,
+        adapter_in=store.resolve(claimed.parent_location),
+        adapter_out=staging,
+        requests=[_spec(r) for r in claimed.requests],
+        method=claimed.method,
+        settings=settings,
+        seed=ctx.worker_settings.seed,
+        device=ctx.device,
+        cache_dir=ctx.cache_dir(claimed.model_name),
+        on_progress=on_progress,
+    )
+    return {rid: dict(doc) for rid, doc in outcome.evidence.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# after publish: withdrawn files, purge (idempotent; redone by reconcile after a crash)
+# ----------------------------------------------------------------------------------------------
+
+
+def after_publish(ctx: WorkerContext, model_name: str, *, withdrawn: list[int]) -> None:
+    delete_withdrawn_files(ctx, model_name)
+    ctx.emit("withdrawn_deleted", versions=withdrawn)
+    purge_completed(ctx, model_name)
+    ctx.emit("purged")
+
+
+def reconcile(ctx: WorkerContext, model_name: str) -> None:
+    """Finish what a crash after a publish left undone (files of withdrawn versions, purges)."""
+    try:
+        delete_withdrawn_files(ctx, model_name)
+        purge_completed(ctx, model_name)
+    except Exception:
+        log.exception("reconciling %s failed; will retry at the next wake", model_name)
+
+
+def delete_withdrawn_files(ctx: WorkerContext, model_name: str) -> list[int]:
+    store = ctx.artifacts(model_name)
+    with transaction(ctx.session_factory) as session:
+        model = models_repo.get_model(session, model_name)
+        if model is None:
+            return []
+        todo = [
+            (v.version, v.location)
+            for v in versions_repo.list_versions(session, model.id)
+            if v.status == "withdrawn"
+        ]
+    done: list[int] = []
+    for version, location in todo:
+        if store.resolve(location).exists() or not store.tombstone_path(version).exists():
+            store.delete_version(version, location, reason="withdrawn: contains a forgotten subject")
+            done.append(version)
+    return done
+
+
+def _pending_purges(session: Session, model: Model) -> list[ForgetRequest]:
+    """Completed requests whose raw data is not yet recorded as purged."""
+    completed = list(
+        session.scalars(
+            select(ForgetRequest)
+            .where(ForgetRequest.model_id == model.id, ForgetRequest.status == "completed")
+            .order_by(ForgetRequest.seq)
+        )
+    )
+    if not completed:
+        return []
+    purged_clients = set(
+        session.scalars(
+            select(Subject.client_id).where(Subject.model_id == model.id, Subject.purged_at.is_not(None))
+        )
+    )
+    pending: list[ForgetRequest] = []
+    for req in completed:
+        tasks = list(req.tasks) or list(model.tasks)
+        if req.client_id is not None and req.client_id in purged_clients:
+            continue  # the whole client is gone
+        if req.kind == "client" and req.sample_ids is None and set(tasks) >= set(model.tasks):
+            pending.append(req)  # whole client, not yet purged
+            continue
+        stmt = select(Sample).where(Sample.model_id == model.id)
+        if req.sample_ids is not None:
+            stmt = stmt.where(Sample.sample_id.in_(list(req.sample_ids)))
+        elif req.client_id is not None:
+            stmt = stmt.where(Sample.client_id == req.client_id)
+        samples = list(session.scalars(stmt))
+        if any(not s.purged and not set(tasks) <= set(s.purged_tasks) for s in samples):
+            pending.append(req)
+    return pending
+
+
+def purge_completed(ctx: WorkerContext, model_name: str) -> list[str]:
+    """Purge the raw data of completed requests not yet purged; record it (mark_purged)."""
+    data_dir = ctx.data_dir(model_name)
+    with transaction(ctx.session_factory) as session:
+        model = models_repo.get_model(session, model_name)
+        if model is None or model.status != "ready":
+            return []
+        pending = [_spec(r) for r in _pending_purges(session, model)]
+    if not pending:
+        return []
+    from worker.unlearning.datastore import DataStore
+
+    with model_lock(data_dir):
+        store = DataStore(data_dir)
+        clients: list[str] = []
+        pairs: list[tuple[str, str]] = []
+        for spec in pending:
+            resolved = store.resolve(spec)
+            if resolved.whole_client and resolved.client_id is not None:
+                clients.append(resolved.client_id)
+            else:
+                pairs.extend((s, t) for s in resolved.sample_ids for t in resolved.forget_tasks)
+        report = store.purge(pending)
+    with transaction(ctx.session_factory) as session:
+        rounds.mark_purged(
+            session, model_name, client_ids=sorted(set(clients)), sample_tasks=sorted(set(pairs))
+        )
+    log.info("purged %s: %s", model_name, report.to_json() if report else {})
+    return [s.request_id for s in pending]
+
+
+# ----------------------------------------------------------------------------------------------
+# preparation
+# ----------------------------------------------------------------------------------------------
+
+
+def prepare_model(ctx: WorkerContext, model_name: str) -> rounds.PublishedVersion | None:
+    """Materialise the dataset, pretrain the base, train v1, register it (status → ready).
+
+    Serialised per model by a file lock; a crashed attempt's partial files are rebuilt from scratch
+    (the model is still ``preparing``, so nothing depends on them).
+    """
+    from worker.unlearning.engine import prepare
+
+    store = ctx.artifacts(model_name)
+    data_dir = ctx.data_dir(model_name)
+    store.model_dir.mkdir(parents=True, exist_ok=True)
+    with model_lock(store.model_dir, ".prepare.lock"):
+        with transaction(ctx.session_factory) as session:
+            model = models_repo.get_model(session, model_name)
+            if model is None:
+                raise rounds.UnknownModelError(model_name)
+            if model.status != "preparing":
+                log.info("model %s is %s: nothing to prepare", model_name, model.status)
+                return None
+            workload_name = model.workload
+            settings = dict(model.settings)
+            model_row = model
+        try:
+            workload = _load_workload(model_row)
+            import shutil
+
+            for stale in (data_dir, store.base_dir, store.adapters_dir):
+                if stale.exists():
+                    shutil.rmtree(stale)
+            name = version_dir_name(0, int(time.time() * 1000))
+            staging = store.staging_dir(name)
+            ctx.emit("preparing", model=model_name)
+            prepared = prepare(
+                workload,
+                data_dir=data_dir,
+                base_dir=store.base_dir,
+                adapter_dir=staging,
+                settings=settings,
+                seed=ctx.worker_settings.seed,
+            )
+            committed = store.commit(
+                staging,
+                name,
+                parent_version=None,
+                requests=[],
+                evidence={"prepare": prepared.evidence},
+                extra={"workload": workload_name, "version": 1},
+            )
+            base_files = digest_directory(store.base_dir, exclude=())
+            with transaction(ctx.session_factory) as session:
+                return rounds.register_prepared_model(
+                    session,
+                    model_name,
+                    subjects=prepared.subjects,
+                    location=committed.location,
+                    files=_to_rounds_files(committed.files),
+                    evidence=prepared.evidence,
+                    tasks=prepared.tasks,
+                    base_location=f"{model_name}/base",
+                    base_files=_to_rounds_files(base_files),
+                )
+        except Exception as exc:
+            log.exception("preparing %s failed", model_name)
+            with transaction(ctx.session_factory) as session:
+                rounds.mark_model_failed(session, model_name, error=f"{type(exc).__name__}: {exc}"[:2000])
+            raise
+
+
+# ----------------------------------------------------------------------------------------------
+# sweeper / heartbeat helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def models_to_wake(ctx: WorkerContext) -> list[str]:
+    with transaction(ctx.session_factory) as session:
+        return rounds.models_to_wake(session)
+
+
+def heartbeat(ctx: WorkerContext, *, queues: list[str], state: str) -> None:
+    with transaction(ctx.session_factory) as session:
+        rounds.heartbeat(session, ctx.worker_id, hostname=ctx.hostname, queues=queues, state=state)
+
+
+def ready_models(ctx: WorkerContext) -> list[str]:
+    with transaction(ctx.session_factory) as session:
+        return [m.name for m in models_repo.list_models(session) if m.status == "ready"]

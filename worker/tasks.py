@@ -1,0 +1,176 @@
+"""Celery tasks, registered by name on the worker's app at start-up (:func:`register`).
+
+- ``lethe.wake_model(model_name)``: reconcile, then run the model's rounds until its queue is empty;
+- ``lethe.prepare_model(model_name)``: dataset, base, v1, register (status ``ready``);
+- ``lethe.sweep()``: send ``lethe.wake_model`` for every model with queued requests and no live lease;
+- ``lethe.heartbeat()``: record this worker's heartbeat now.
+
+Every worker process also runs a background thread (:class:`Heartbeat`) that records a heartbeat
+(state ``idle`` / ``busy``) and runs the sweep every ``LETHE_WORKER_HEARTBEAT_SECONDS``, so that
+requests accepted while the broker was down are processed once it is back, and a round whose worker
+died is resumed when its lease expires. Wakes are de-duplicated for a short while through a Redis
+key, so that a busy fleet does not fill the queue with wakes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import Celery, signals
+
+from service.settings import Settings
+from worker import pipeline
+from worker.celery_app import TASK_HEARTBEAT, TASK_PREPARE, TASK_SWEEP, TASK_WAKE
+from worker.config import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+WAKE_KEY = "lethe:wake:{model}"
+ALIVE_FILE = Path("/tmp/lethe-worker.alive")
+
+
+class _State:
+    ctx: pipeline.WorkerContext | None = None
+    app: Celery | None = None
+    busy = 0
+    lock = threading.Lock()
+    heartbeat: Heartbeat | None = None
+
+
+def context() -> pipeline.WorkerContext:
+    if _State.ctx is None:
+        raise RuntimeError("worker tasks are not registered (call worker.tasks.register)")
+    return _State.ctx
+
+
+class _Busy:
+    def __enter__(self) -> None:
+        with _State.lock:
+            _State.busy += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with _State.lock:
+            _State.busy -= 1
+
+
+def send_wake(
+    app: Celery, broker: redis.Redis[bytes] | None, model_name: str, *, dedupe_seconds: int
+) -> bool:
+    """Send ``lethe.wake_model`` unless one was sent for the model within ``dedupe_seconds``."""
+    if broker is not None and dedupe_seconds > 0:
+        try:
+            if not broker.set(WAKE_KEY.format(model=model_name), "1", nx=True, ex=dedupe_seconds):
+                return False
+        except redis.RedisError:
+            pass  # the send below will tell whether the broker is reachable
+    app.send_task(TASK_WAKE, args=[model_name])
+    return True
+
+
+def sweep(app: Celery, ctx: pipeline.WorkerContext, broker: redis.Redis[bytes] | None) -> list[str]:
+    sent: list[str] = []
+    dedupe = int(max(15.0, 3 * ctx.worker_settings.heartbeat_seconds))
+    for model_name in pipeline.models_to_wake(ctx):
+        if send_wake(app, broker, model_name, dedupe_seconds=dedupe):
+            sent.append(model_name)
+    if sent:
+        log.info("sweeper woke %s", sent)
+    return sent
+
+
+class Heartbeat:
+    """Background thread: heartbeat + sweep every ``interval`` seconds."""
+
+    def __init__(self, app: Celery, ctx: pipeline.WorkerContext, *, interval: float, do_sweep: bool) -> None:
+        self.app = app
+        self.ctx = ctx
+        self.interval = interval
+        self.do_sweep = do_sweep
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lethe-heartbeat", daemon=True)
+        url = ctx.settings.broker_url
+        self.broker: redis.Redis[bytes] | None = None
+        if url and url.startswith("redis"):
+            self.broker = redis.Redis.from_url(url)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, state: str = "stopped") -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        try:
+            pipeline.heartbeat(self.ctx, queues=self.ctx.worker_settings.queues, state=state)
+        except Exception:
+            log.debug("final heartbeat failed", exc_info=True)
+
+    def beat(self) -> None:
+        state = "busy" if _State.busy else "idle"
+        pipeline.heartbeat(self.ctx, queues=self.ctx.worker_settings.queues, state=state)
+        with contextlib.suppress(OSError):
+            ALIVE_FILE.touch()
+        if self.do_sweep:
+            sweep(self.app, self.ctx, self.broker)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self.beat()
+            except Exception:
+                log.warning("heartbeat / sweep failed; retrying", exc_info=True)
+            if self._stop.wait(self.interval):
+                return
+
+
+def register(app: Celery, settings: Settings, worker_settings: WorkerSettings) -> None:
+    """Register the tasks on ``app`` and the start/stop hooks of the worker process."""
+    _State.app = app
+
+    def ctx() -> pipeline.WorkerContext:
+        if _State.ctx is None:
+            _State.ctx = pipeline.WorkerContext.create(settings, worker_settings)
+        return _State.ctx
+
+    @app.task(name=TASK_WAKE, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+    def wake_model(model_name: str) -> dict[str, Any]:
+        with _Busy():
+            results = pipeline.wake_model(ctx(), model_name)
+        return {"rounds": [r.round_id for r in results], "versions": [r.version for r in results]}
+
+    @app.task(name=TASK_PREPARE, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+    def prepare_model(model_name: str) -> dict[str, Any]:
+        with _Busy():
+            published = pipeline.prepare_model(ctx(), model_name)
+            # requests accepted while the model was preparing can run now
+            if published is not None:
+                pipeline.wake_model(ctx(), model_name)
+        return {"version": published.version if published else None}
+
+    @app.task(name=TASK_SWEEP, ignore_result=True)
+    def sweep_task() -> list[str]:
+        hb = _State.heartbeat
+        return sweep(app, ctx(), hb.broker if hb else None)
+
+    @app.task(name=TASK_HEARTBEAT, ignore_result=True)
+    def heartbeat_task() -> None:
+        pipeline.heartbeat(ctx(), queues=worker_settings.queues, state="busy" if _State.busy else "idle")
+
+    @signals.worker_ready.connect(weak=False)
+    def _on_ready(**_: Any) -> None:
+        c = ctx()
+        log.info("worker %s ready on %s (device %s)", c.worker_id, worker_settings.queues, c.device)
+        for model_name in pipeline.ready_models(c):
+            pipeline.reconcile(c, model_name)
+        hb = Heartbeat(app, c, interval=worker_settings.heartbeat_seconds, do_sweep=worker_settings.sweep)
+        _State.heartbeat = hb
+        hb.start()
+
+    @signals.worker_shutdown.connect(weak=False)
+    def _on_shutdown(**_: Any) -> None:
+        if _State.heartbeat is not None:
+            _State.heartbeat.stop()

@@ -1,0 +1,439 @@
+"""``lethe bench``: methods × settings × sequential stages × seeds on the default workload.
+
+``run_bench(preset="quick", json_path=..., seeds=...)`` is what the CLI calls. For every seed it
+trains v1 once, then for each setting — ``FU`` (full-task client requests) and ``PU:<task>``
+(partial-task: one task of one client's samples) — runs 3 sequential stages (a different client each).
+At every stage the retain set is the same for all methods, so one ``retrain`` per stage serves both
+as the ``retrain`` method's run and as the reference of everybody's UIS. ``original`` does nothing.
+
+``measure_workload`` measures what makes the workload worth auditing (docs/workloads.md): per
+client, the original–retrain gap on the forget set (accuracy, loss-MIA AUC) and the retrain's Val
+spread over seeds. ``python -m worker.unlearning.bench --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from peft import PeftModel
+
+from worker.unlearning.datastore import DataStore
+from worker.unlearning.engine import (
+    EngineInputs,
+    advance_state,
+    apply_method,
+    audit_request,
+    ensure_base,
+    reference_retrain,
+    request_context,
+)
+from worker.unlearning.state import RoundState
+from worker.unlearning.training import TrainConfig, retrain, train_v1
+from worker.unlearning.types import Batch, ForgetSpec, TaskSpec
+from worker.unlearning.workload import Workload, load_workload
+
+APPROXIMATE_METHODS = ["ssd", "ia", "default"]
+METHODS = ["original", "retrain", *APPROXIMATE_METHODS]
+
+
+@dataclass(frozen=True)
+class Preset:
+    seeds: tuple[int, ...]
+    stages: int
+    settings: tuple[str, ...] | None  # None: FU and PU:<task> for every task
+    overrides: Mapping[str, Any]
+
+
+PRESETS: dict[str, Preset] = {
+    "quick": Preset(seeds=(0, 1, 2), stages=3, settings=None, overrides={}),
+    "full": Preset(seeds=(0, 1, 2, 3, 4), stages=3, settings=None, overrides={}),
+    # a smoke run for tests: one seed, one setting, a tiny training recipe
+    "smoke": Preset(
+        seeds=(0,),
+        stages=2,
+        settings=("FU",),
+        overrides={"train": {"epochs": 3, "main_only_epochs": 1}, "pretrain": {"epochs": 2}},
+    ),
+}
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _settings_list(workload: Workload, preset: Preset) -> list[str]:
+    if preset.settings is not None:
+        return list(preset.settings)
+    return ["FU", *[f"PU:{t.name}" for t in workload.tasks()]]
+
+
+def _stage_specs(setting: str, clients: Sequence[str], seed: int, stages: int) -> list[ForgetSpec]:
+    order = np.random.default_rng(10_000 + seed).permutation(len(clients))[:stages]
+    picked = [clients[int(i)] for i in order]
+    if setting == "FU":
+        return [ForgetSpec(f"fu-{seed}-{k}-{c}", "client", c, None, []) for k, c in enumerate(picked, 1)]
+    if setting.startswith("PU:"):
+        task = setting.split(":", 1)[1]
+        return [
+            ForgetSpec(f"pu-{task}-{seed}-{k}-{c}", "task", c, None, [task]) for k, c in enumerate(picked, 1)
+        ]
+    raise ValueError(f"unknown setting {setting!r}")
+
+
+def _row(
+    setting: str, stage: int, method: str, seed: int, evidence: Mapping[str, Any], wall: float
+) -> dict[str, Any]:
+    tasks: dict[str, dict[str, float | None]] = {}
+    for name, ev in dict(evidence.get("tasks", {})).items():
+        tasks[name] = {
+            "ret": _num(ev.get("ret")),
+            "unl": _num(ev.get("unl")),
+            "val": _num(ev.get("val")),
+            "mia_auc": _num(ev.get("mia_auc", ev.get("mia_unl_val"))),
+        }
+    uis = evidence.get("uis")
+    return {
+        "setting": setting,
+        "stage": stage,
+        "method": method,
+        "seed": seed,
+        "uis": None if method in ("retrain",) or uis is None else float(uis),
+        "wall_s": float(wall),
+        "tasks": tasks,
+    }
+
+
+def _num(value: Any) -> float | None:
+    if value is None:
+        return None
+    f = float(value)
+    return None if math.isnan(f) else f
+
+
+def run_bench(
+    preset: str = "quick",
+    json_path: Path | str | None = None,
+    seeds: Sequence[int] | None = None,
+    *,
+    workload: str = "digits-clients",
+    methods: Sequence[str] | None = None,
+    echo: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
+    """Run the benchmark; print a table (via ``echo``), write ``json_path``; return the JSON."""
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    chosen = PRESETS[preset]
+    seed_list = list(seeds) if seeds else list(chosen.seeds)
+    method_list = list(methods) if methods else list(METHODS)
+    wl = load_workload(workload)
+    settings = wl.settings(chosen.overrides)
+    t_start = time.perf_counter()
+    runs: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="lethe-bench-") as tmp:
+        root = Path(tmp)
+        DataStore.materialise(root / "data", wl)
+        ensure_base(wl, root / "base", settings, seed=0)  # the frozen base is the same for every seed
+        for seed in seed_list:
+            inputs = EngineInputs.load(
+                wl,
+                data_dir=root / "data",
+                base_dir=root / "base",
+                settings=settings,
+                seed=seed,
+                cache_dir=root / "cache",
+            )
+            cfg = TrainConfig.from_settings(inputs.settings)
+            t0 = time.perf_counter()
+            all_data = _full_train_set(inputs)
+            v1 = train_v1(inputs.base, all_data, inputs.tasks, cfg, seed=seed)
+            _log(f"[bench] seed {seed}: v1 trained in {time.perf_counter() - t0:.1f}s")
+            for setting in _settings_list(wl, chosen):
+                runs.extend(_run_setting(inputs, v1, setting, seed, chosen.stages, method_list))
+                _log(f"[bench] seed {seed} {setting} done ({time.perf_counter() - t_start:.0f}s elapsed)")
+    result: dict[str, Any] = {
+        "runs": runs,
+        "meta": {
+            "preset": preset,
+            "workload": workload,
+            "seeds": seed_list,
+            "methods": method_list,
+            "stages": chosen.stages,
+            "torch_threads": torch.get_num_threads(),
+            "total_wall_s": time.perf_counter() - t_start,
+        },
+    }
+    result["summary"] = summarise(runs)
+    if json_path is not None:
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    if echo is not None:
+        echo(format_table(result))
+    return result
+
+
+def _full_train_set(inputs: EngineInputs) -> Batch:
+    from worker.unlearning.partitions import retain_set
+
+    return retain_set(
+        inputs.data, None, tasks=inputs.task_names, client_index=inputs.client_index, state=RoundState()
+    )
+
+
+def _run_setting(
+    inputs: EngineInputs, v1: PeftModel, setting: str, seed: int, stages: int, methods: Sequence[str]
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    specs = _stage_specs(setting, inputs.store.active_clients, seed, stages)
+    state = RoundState()
+    approx = [m for m in methods if m not in ("retrain",)]
+    models: dict[str, PeftModel] = {m: copy.deepcopy(v1) for m in approx}
+    for stage, spec in enumerate(specs, start=1):
+        cache_key = f"bench-v1-seed{seed}" if stage == 1 else None
+        ctx = request_context(inputs, spec, state, stage=stage, cache_key=cache_key)
+        after = state.copy()
+        pruned_now: list[int] = []
+        t0 = time.perf_counter()
+        reference = reference_retrain(
+            inputs.base,
+            ctx.retain,
+            inputs.tasks,
+            inputs.settings,
+            seed=seed,
+            pruned=sorted(set(state.pruned_subset_outputs) | set(_pruned(ctx))),
+        )
+        retrain_wall = time.perf_counter() - t0
+        if "retrain" in methods:
+            ev = audit_request(
+                reference,
+                ctx,
+                reference=None,
+                original=reference,
+                method="retrain",
+                method_info={},
+                timings={"method_s": retrain_wall},
+            )
+            rows.append(_row(setting, stage, "retrain", seed, ev, retrain_wall))
+        for method in approx:
+            before = models[method]
+            start_model = copy.deepcopy(before)
+            model, info, pruned_now, wall = apply_method(method, start_model, ctx)
+            models[method] = model
+            ev = audit_request(
+                model,
+                ctx,
+                reference=reference,
+                original=before,
+                method=method,
+                method_info=info,
+                timings={"method_s": wall},
+            )
+            rows.append(_row(setting, stage, method, seed, ev, wall))
+        advance_state(after, ctx, _pruned(ctx) or pruned_now)
+        state = after
+    return rows
+
+
+def _pruned(ctx: Any) -> list[int]:
+    from worker.unlearning.engine import pruned_outputs
+
+    return pruned_outputs(ctx)
+
+
+# ----------------------------------------------------------------------------------------------
+# summary and table
+# ----------------------------------------------------------------------------------------------
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.median(vals) if vals else None
+
+
+def summarise(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Medians over seeds per (setting, stage, method)."""
+    keys = sorted(
+        {(r["setting"], r["stage"], r["method"]) for r in runs},
+        key=lambda k: (k[0], k[1], METHODS.index(k[2]) if k[2] in METHODS else 99),
+    )
+    out = []
+    for setting, stage, method in keys:
+        sel = [r for r in runs if (r["setting"], r["stage"], r["method"]) == (setting, stage, method)]
+        tasks = sorted({t for r in sel for t in r["tasks"]})
+        out.append(
+            {
+                "setting": setting,
+                "stage": stage,
+                "method": method,
+                "n": len(sel),
+                "uis": _median([r["uis"] for r in sel]),
+                "wall_s": _median([r["wall_s"] for r in sel]),
+                "tasks": {
+                    t: {
+                        k: _median([r["tasks"].get(t, {}).get(k) for r in sel])
+                        for k in ("ret", "unl", "val", "mia_auc")
+                    }
+                    for t in tasks
+                },
+            }
+        )
+    return out
+
+
+def _fmt(v: float | None, width: int = 6, digits: int = 3) -> str:
+    return f"{'—':>{width}}" if v is None else f"{v:>{width}.{digits}f}"
+
+
+def format_table(result: Mapping[str, Any]) -> str:
+    summary = result["summary"]
+    tasks = sorted({t for row in summary for t in row["tasks"]})
+    head = f"{'setting':<16}{'stage':>5} {'method':<9}{'UIS':>7}{'wall_s':>8}"
+    for t in tasks:
+        head += f" | {t[:10]:<10} {'ret':>5} {'unl':>5} {'val':>5} {'mia':>5}"
+    lines = [f"lethe bench — medians over seeds {result['meta']['seeds']}", head, "-" * len(head)]
+    for row in summary:
+        line = f"{row['setting']:<16}{row['stage']:>5} {row['method']:<9}"
+        line += f"{_fmt(row['uis'], 7)}{_fmt(row['wall_s'], 8, 2)}"
+        for t in tasks:
+            m = row["tasks"].get(t, {})
+            line += f" | {'':<10} " + " ".join(_fmt(m.get(k), 5, 2) for k in ("ret", "unl", "val", "mia_auc"))
+        lines.append(line)
+    lines.append(f"total wall: {result['meta']['total_wall_s']:.0f}s")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# workload measurability (docs/workloads.md)
+# ----------------------------------------------------------------------------------------------
+
+
+def _auc(members: torch.Tensor, nonmembers: torch.Tensor) -> float:
+    """ROC-AUC of the score −loss for members vs non-members (ties count one half)."""
+    from sklearn.metrics import roc_auc_score
+
+    scores = np.concatenate([-members.numpy(), -nonmembers.numpy()])
+    labels = np.concatenate([np.ones(len(members)), np.zeros(len(nonmembers))])
+    return float(roc_auc_score(labels, scores))
+
+
+def _eval(model: torch.nn.Module, batch: Batch, task: TaskSpec) -> tuple[float, torch.Tensor]:
+    with torch.no_grad():
+        out = model(batch.x)[task.name]
+    target = batch.labels[task.name]
+    supervised = target >= 0
+    return task.metric(out, target), task.per_sample_loss(out, target)[supervised]
+
+
+def measure_workload(
+    workload: str = "digits-clients", seeds: Sequence[int] = (0, 1, 2), clients: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Original vs retrain on each forgotten client: accuracy and loss-MIA gaps; retrain Val spread."""
+    torch.set_num_threads(1)
+    wl = load_workload(workload)
+    settings = wl.settings()
+    with tempfile.TemporaryDirectory(prefix="lethe-measure-") as tmp:
+        root = Path(tmp)
+        DataStore.materialise(root / "data", wl)
+        ensure_base(wl, root / "base", settings, seed=0)
+        inputs = EngineInputs.load(
+            wl, data_dir=root / "data", base_dir=root / "base", settings=settings, seed=0
+        )
+    cfg = TrainConfig.from_settings(inputs.settings)
+    data = _full_train_set(inputs)
+    owners = inputs.data.client_ids
+    picked = list(clients) if clients else wl.clients()
+    rows: list[dict[str, Any]] = []
+    for seed in seeds:
+        v1 = train_v1(inputs.base, data, inputs.tasks, cfg, seed=seed)
+        for client in picked:
+            idx = torch.tensor([o == client for o in owners], dtype=torch.bool)
+            forget, keep = data.select(idx), data.select(~idx)
+            ref = retrain(inputs.base, keep, inputs.tasks, cfg, seed=seed)
+            row: dict[str, Any] = {"seed": seed, "client": client, "n": len(forget), "tasks": {}}
+            for task in inputs.tasks:
+                acc_o, loss_o = _eval(v1, forget, task)
+                acc_r, loss_r = _eval(ref, forget, task)
+                val_o, vloss_o = _eval(v1, inputs.heldout, task)
+                val_r, vloss_r = _eval(ref, inputs.heldout, task)
+                row["tasks"][task.name] = {
+                    "acc_original": acc_o,
+                    "acc_retrain": acc_r,
+                    "acc_gap": acc_o - acc_r,
+                    "mia_original": _auc(loss_o, vloss_o),
+                    "mia_retrain": _auc(loss_r, vloss_r),
+                    "val_original": val_o,
+                    "val_retrain": val_r,
+                }
+                row["tasks"][task.name]["mia_gap"] = (
+                    row["tasks"][task.name]["mia_original"] - row["tasks"][task.name]["mia_retrain"]
+                )
+            rows.append(row)
+            _log(
+                f"[measure] seed {seed} {client}: "
+                + json.dumps({k: round(v["acc_gap"], 3) for k, v in row["tasks"].items()})
+            )
+    summary: dict[str, Any] = {}
+    for task in inputs.tasks:
+        t = task.name
+        acc_gaps = [r["tasks"][t]["acc_gap"] for r in rows]
+        mia_gaps = [r["tasks"][t]["mia_gap"] for r in rows]
+        # Val spread of the retrain over seeds, per forgotten client (max − min), then its median/max.
+        spreads = []
+        for client in picked:
+            vals = [r["tasks"][t]["val_retrain"] for r in rows if r["client"] == client]
+            spreads.append(max(vals) - min(vals))
+        summary[t] = {
+            "median_acc_gap": statistics.median(acc_gaps),
+            "min_acc_gap": min(acc_gaps),
+            "median_mia_gap": statistics.median(mia_gaps),
+            "min_mia_gap": min(mia_gaps),
+            "clients_acc_gap_ge_0.10": sum(
+                1
+                for c in picked
+                if statistics.median([r["tasks"][t]["acc_gap"] for r in rows if r["client"] == c]) >= 0.10
+            ),
+            "clients_mia_gap_ge_0.10": sum(
+                1
+                for c in picked
+                if statistics.median([r["tasks"][t]["mia_gap"] for r in rows if r["client"] == c]) >= 0.10
+            ),
+            "median_val_retrain": statistics.median([r["tasks"][t]["val_retrain"] for r in rows]),
+            "median_val_original": statistics.median([r["tasks"][t]["val_original"] for r in rows]),
+            "median_val_spread_over_seeds": statistics.median(spreads),
+            "max_val_spread_over_seeds": max(spreads),
+        }
+    return {"workload": workload, "seeds": list(seeds), "clients": picked, "rows": rows, "summary": summary}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.unlearning.bench")
+    parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+    parser.add_argument("--json", dest="json_path", default=None)
+    parser.add_argument("--seeds", default=None, help="comma-separated, e.g. 0,1,2")
+    parser.add_argument("--measure-workload", action="store_true", help="measure the workload's gaps instead")
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    if args.measure_workload:
+        result = measure_workload(seeds=seeds or (0, 1, 2))
+        print(json.dumps(result["summary"], indent=2))
+        if args.json_path:
+            Path(args.json_path).write_text(json.dumps(result, indent=2) + "\n")
+        return 0
+    run_bench(args.preset, args.json_path, seeds)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

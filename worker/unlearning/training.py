@@ -1,0 +1,151 @@
+"""Training of the original adapter (v1) and of the exact ``retrain`` reference.
+
+v1 recipe (subset-wise paper §4.1 and §5, UNLEARNING.md): a fresh LoRA adapter (rank 16) on the frozen
+base, trained with ``L = λ1·L_main + λ2·L_aux + λ_dis·(λ_pull·L_pull + λ_push·L_push)`` (Eqs. 4–7):
+the first ``main_only_epochs`` epochs with the main tasks only (λ2 = λ_dis = 0), then with the
+subset-ID head and the disentanglement loss on. ``L_main`` is the weighted sum of the task losses
+(interference paper Eq. 2). ``retrain`` is the same recipe on the retain set only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from torch import Tensor
+
+from worker.unlearning.model import DEFAULT_RANK, MultiHeadNet, forward_with_embedding, wrap_lora
+from worker.unlearning.types import IGNORE, SUBSET_HEAD, Batch, TaskSpec, main_task_loss
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 60
+    main_only_epochs: int = 15
+    batch_size: int = 64
+    lr: float = 1e-2
+    weight_decay: float = 0.0
+    lambda_main: float = 1.0
+    lambda_aux: float = 1.0
+    lambda_dis: float = 0.1
+    lambda_pull: float = 1.0
+    lambda_push: float = 1.0
+    margin: float = 1.0
+    rank: int = DEFAULT_RANK
+    lora_alpha: int = DEFAULT_RANK
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> TrainConfig:
+        """From the per-model settings: keys of ``settings["train"]`` plus ``settings["lora"]``."""
+        train = dict(settings.get("train", {}))
+        lora = dict(settings.get("lora", {}))
+        if "rank" in lora:
+            train.setdefault("rank", lora["rank"])
+        if "alpha" in lora:
+            train.setdefault("lora_alpha", lora["alpha"])
+        names = {f.name: f.type for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in train.items():
+            if key not in names:
+                raise ValueError(f"unknown training setting {key!r}")
+            kwargs[key] = int(value) if names[key] == "int" else float(value)
+        return cls(**kwargs)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def disentanglement_losses(z: Tensor, subset: Tensor, margin: float) -> tuple[Tensor, Tensor]:
+    """``(L_pull, L_push)`` of Eqs. 5–6 over the subsets present in the batch (vectorised).
+
+    ``L_pull``: mean over subsets of the mean squared distance of their embeddings to the centroid.
+    ``L_push``: mean over ordered pairs of distinct subsets of ``max(0, m − ||z̄_s − z̄_s'||)²``;
+    0 when fewer than two subsets are present. Samples with ``subset == IGNORE`` take no part.
+    """
+    valid = subset != IGNORE
+    zero = z.sum() * 0.0
+    if not bool(valid.any()):
+        return zero, zero
+    z = z[valid]
+    s = subset[valid]
+    present, inverse = torch.unique(s, return_inverse=True)
+    k = int(present.numel())
+    onehot = F.one_hot(inverse, k).to(z.dtype)  # [n, k]
+    counts = onehot.sum(0)  # [k]
+    centroids = (onehot.T @ z) / counts[:, None]  # [k, d]
+    sq = ((z - centroids[inverse]) ** 2).sum(-1)  # [n]
+    pull = ((onehot * sq[:, None]).sum(0) / counts).mean()
+    if k < 2:
+        return pull, zero
+    diff = centroids[:, None, :] - centroids[None, :, :]
+    dist = torch.sqrt(torch.clamp((diff**2).sum(-1), min=1e-12))
+    off_diag = ~torch.eye(k, dtype=torch.bool, device=z.device)
+    push = (torch.clamp(margin - dist[off_diag], min=0.0) ** 2).mean()
+    return pull, push
+
+
+def subset_loss(output: Tensor, subset: Tensor) -> Tensor:
+    """Cross-entropy of the subset-ID head over samples with a subset label (0 if none)."""
+    valid = subset != IGNORE
+    if not bool(valid.any()):
+        return output.sum() * 0.0
+    return F.cross_entropy(output[valid], subset[valid])
+
+
+def v1_loss(
+    model: torch.nn.Module, batch: Batch, tasks: Sequence[TaskSpec], cfg: TrainConfig, *, phase_two: bool
+) -> Tensor:
+    """The training loss of one mini-batch (Eq. 4); ``phase_two`` switches L_aux and L_dis on."""
+    outputs, z = forward_with_embedding(model, batch.x)
+    loss = cfg.lambda_main * main_task_loss(outputs, batch.labels, tasks)
+    if phase_two:
+        loss = loss + cfg.lambda_aux * subset_loss(outputs[SUBSET_HEAD], batch.subset)
+        # On the unit sphere: the raw embedding's scale would let L_dis swamp the task losses.
+        pull, push = disentanglement_losses(F.normalize(z, dim=-1), batch.subset, cfg.margin)
+        loss = loss + cfg.lambda_dis * (cfg.lambda_pull * pull + cfg.lambda_push * push)
+    return loss
+
+
+def train_adapter(
+    model: PeftModel, data: Batch, tasks: Sequence[TaskSpec], cfg: TrainConfig, *, seed: int
+) -> PeftModel:
+    """Train ``model``'s adapter and heads on ``data`` with the v1 schedule (in place)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    n = len(data)
+    model.train()
+    for epoch in range(cfg.epochs):
+        phase_two = epoch >= cfg.main_only_epochs
+        order = torch.randperm(n, generator=gen)
+        for start in range(0, n, cfg.batch_size):
+            batch = data.select(order[start : start + cfg.batch_size])
+            loss = v1_loss(model, batch, tasks, cfg, phase_two=phase_two)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()  # type: ignore[no-untyped-call]
+            opt.step()
+    model.eval()
+    return model
+
+
+def train_v1(
+    base: MultiHeadNet, data: Batch, tasks: Sequence[TaskSpec], cfg: TrainConfig, *, seed: int
+) -> PeftModel:
+    """The original adapter: fresh LoRA (seeded) on a copy of ``base``, trained on ``data``."""
+    model = wrap_lora(base, rank=cfg.rank, alpha=cfg.lora_alpha, seed=seed)
+    return train_adapter(model, data, tasks, cfg, seed=seed)
+
+
+def retrain(
+    base: MultiHeadNet, retain: Batch, tasks: Sequence[TaskSpec], cfg: TrainConfig, *, seed: int
+) -> PeftModel:
+    """Exact unlearning: a fresh adapter trained with the v1 recipe on the retain set only.
+
+    ``retain`` must already exclude forgotten instances and carry ``IGNORE`` for forgotten
+    (sample, task) labels (see :mod:`worker.unlearning.partitions`).
+    """
+    return train_v1(base, retain, tasks, cfg, seed=seed)

@@ -1,0 +1,1 @@
+"""Built-in workloads (registered under the ``lethe.workloads`` entry-point group)."""
