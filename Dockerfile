@@ -3,19 +3,13 @@
 #   api     FastAPI service + migrations (no torch, no peft: `service` never imports them)
 #   worker  Celery worker with the ML core (CUDA build of torch), one process per GPU
 # docker compose builds both (see docker-compose.yml).
+#
+# The source tree is installed in place (`pip install -e`): `lethe migrate` finds alembic.ini and
+# migrations/ next to the package (service/db/migrate.py), which a wheel would not carry.
 
 ARG PYTHON_VERSION=3.11
 
-# ---- wheels of the lethe package itself (no dependencies) -------------------------------------
-FROM python:${PYTHON_VERSION}-slim AS build
-WORKDIR /src
-RUN pip install --no-cache-dir --upgrade pip build
-COPY pyproject.toml README.md ./
-COPY service ./service
-COPY worker ./worker
-RUN python -m build --wheel --outdir /wheels .
-
-# ---- common runtime base ----------------------------------------------------------------------
+# ---- common base: the source, a non-root user, no dependencies yet ----------------------------
 FROM python:${PYTHON_VERSION}-slim AS runtime
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -25,13 +19,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN useradd --system --create-home --home-dir /home/lethe --uid 10001 lethe \
     && mkdir -p /var/lib/lethe && chown lethe /var/lib/lethe
 WORKDIR /app
-COPY alembic.ini* ./
+COPY pyproject.toml README.md alembic.ini ./
 COPY migrations ./migrations
+COPY service ./service
+COPY worker ./worker
 
-# ---- api: core dependencies only --------------------------------------------------------------
+# ---- api: core dependencies only; the build fails if torch is importable ----------------------
 FROM runtime AS api
-COPY --from=build /wheels /wheels
-RUN pip install /wheels/lethe-*.whl && rm -rf /wheels \
+RUN pip install -e . \
     && python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)"
 USER lethe
 EXPOSE 8000
@@ -44,9 +39,8 @@ FROM runtime AS worker
 # The CUDA build of torch comes from PyTorch's index; the package itself only asks for torch>=2.2,<3.
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
-RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
-COPY --from=build /wheels /wheels
-RUN pip install "$(ls /wheels/lethe-*.whl)[ml]" && rm -rf /wheels
+RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" \
+    && pip install -e ".[ml]"
 USER lethe
 # One Celery process per visible GPU (CUDA_VISIBLE_DEVICES per child); CPU when none is visible.
 CMD ["lethe", "worker"]

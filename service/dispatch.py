@@ -8,6 +8,7 @@ sends the wake-up again later, so a lost message loses nothing and a duplicate d
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -29,12 +30,17 @@ class Dispatcher:
     broker_url: str | None
     timeout_seconds: float = 2.0
     _app: Celery | None = field(default=None, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @property
     def enabled(self) -> bool:
         return bool(self.broker_url)
 
     def _celery(self) -> Celery:
+        with self._lock:
+            return self._celery_locked()
+
+    def _celery_locked(self) -> Celery:
         if self._app is None:
             app = Celery("lethe-dispatch", broker=self.broker_url, set_as_current=False)
             app.conf.update(
@@ -76,12 +82,13 @@ class Dispatcher:
             return "not configured"
         try:
             with self._celery().connection_for_write() as conn:
-                conn.ensure_connection(max_retries=1, timeout=self.timeout_seconds)
+                conn.ensure_connection(max_retries=1, timeout=max(1, round(self.timeout_seconds)))
         except Exception:
             return "unreachable"
         return "ok"
 
     def close(self) -> None:
-        if self._app is not None:
-            self._app.close()
-            self._app = None
+        with self._lock:
+            if self._app is not None:
+                self._app.close()
+                self._app = None

@@ -181,8 +181,9 @@ def _validate(session: Session, model: Model, submission: Submission) -> list[st
         raise ConflictError(
             f"sample(s) {gone[:20]} belong to a forgotten client and were purged", field="sample_ids"
         )
-    for sample in found.values():
-        subject = models_repo.get_subject(session, model.id, sample.client_id)
+    subjects = models_repo.get_subjects(session, model.id, (s.client_id for s in found.values()))
+    for sample in sorted(found.values(), key=lambda s: s.sample_id):
+        subject = subjects.get(sample.client_id)
         if subject is not None and subject.status == "forgotten":
             raise ConflictError(
                 f"sample {sample.sample_id!r} belongs to client {sample.client_id!r}, already forgotten",

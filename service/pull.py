@@ -13,6 +13,7 @@ Layout of ``DEST``::
     DEST/current -> versions/v<n>     the version to serve
     DEST/versions/v<n>/               peft files + manifest.json, verified
     DEST/state.json                   model, version, ETag of the last successful pull
+    DEST/base/                        the frozen base model (``--with-base``), verified
 """
 
 from __future__ import annotations
@@ -231,6 +232,31 @@ def _prune(client: httpx.Client, base_url: str, model: str, dest: Path, *, curre
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def pull_base(client: httpx.Client, base_url: str, model: str, dest: Path) -> Path:
+    """Download the model's frozen base (``GET /v1/models/{model}/base``) into ``dest``, verified.
+
+    The base does not change between adapter versions; files already present with the listed
+    sha256 are kept.
+    """
+    resp = client.get(f"{base_url}/v1/models/{quote(model)}/base")
+    if resp.status_code != 200:
+        raise PullError(f"GET base of {model}: HTTP {resp.status_code}: {resp.text[:300]}")
+    _, files = parse_listing({"version": 0, **resp.json()}, base_url, model)
+    dest.mkdir(parents=True, exist_ok=True)
+    for remote in files:
+        target = dest / remote.name
+        if target.is_file() and hashlib.sha256(target.read_bytes()).hexdigest() == remote.sha256:
+            continue
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
+        try:
+            _download(client, remote, tmp)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    _fsync_dir(dest)
+    return dest
+
+
 def make_client(api_key: str | None, *, timeout: float = 30.0) -> httpx.Client:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     return httpx.Client(headers=headers, timeout=timeout, follow_redirects=True)
@@ -266,11 +292,12 @@ def watch(
 @click.option("--watch/--once", "watch_mode", default=False, help="Keep polling (ETag) or pull once.")
 @click.option("--interval", default=30.0, show_default=True, help="Seconds between polls with --watch.")
 @click.option("--keep", default=2, show_default=True, help="Local versions kept (withdrawn ones never).")
+@click.option("--with-base", is_flag=True, help="Also fetch the frozen base model into DEST/base (verified).")
 @click.option("--exec", "exec_cmd", default=None, help="Shell command run after each new version "
               "(env: LETHE_ADAPTER_NAME, LETHE_ADAPTER_PATH, LETHE_ADAPTER_VERSION).")  # fmt: skip
 def pull_command(
     model: str, dest: Path, url: str, api_key: str | None, watch_mode: bool, interval: float,
-    keep: int, exec_cmd: str | None,
+    keep: int, with_base: bool, exec_cmd: str | None,
 ) -> None:  # fmt: skip
     """Pull the latest adapter of MODEL into DEST (verified, swapped atomically); print its version."""
     base_url = url.rstrip("/")
@@ -289,10 +316,15 @@ def pull_command(
             subprocess.run(exec_cmd, shell=True, env=env, check=False)
 
     if watch_mode:
+        if with_base:
+            with make_client(api_key) as client:
+                pull_base(client, base_url, model, dest / "base")
         watch(base_url, model, dest, api_key=api_key, interval=interval, keep=keep, on_change=announce)
         return
     try:
         with make_client(api_key) as client:
+            if with_base:
+                pull_base(client, base_url, model, dest / "base")
             result = pull_once(client, base_url, model, dest, keep=keep)
     except (PullError, httpx.HTTPError) as exc:
         raise click.ClickException(str(exc)) from exc

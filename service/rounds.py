@@ -201,7 +201,10 @@ def _start(
     max_requests: int,
     max_attempts: int,
 ) -> ClaimedRound | None:
+    # Lock every row first and append events (which take the chain lock) afterwards: a
+    # transaction never waits for a row lock while it holds the chain lock.
     chosen: list[ForgetRequest] = []
+    exhausted: list[ForgetRequest] = []
     after_seq = 0
     while len(chosen) < max_requests:
         batch = requests_repo.oldest_queued(
@@ -211,11 +214,10 @@ def _start(
             break
         for request in batch:
             after_seq = request.seq
-            if request.attempts >= max_attempts:
-                error = f"gave up after {request.attempts} attempts: {request.error or 'unknown error'}"
-                _set_status(session, request, "failed", actor="system", error=error, now=now)
-            else:
-                chosen.append(request)
+            (exhausted if request.attempts >= max_attempts else chosen).append(request)
+    for request in exhausted:
+        error = f"gave up after {request.attempts} attempts: {request.error or 'unknown error'}"
+        _set_status(session, request, "failed", actor="system", error=error, now=now)
     if not chosen:
         session.flush()
         return None
@@ -344,7 +346,8 @@ def publish_round(
         round_id=round_.id,
     )
     versions_repo.withdraw(session, model_id, withdraw_versions, at=now)
-    for request in rounds_repo.covered_requests(session, round_.id, lock=True):
+    requests = rounds_repo.covered_requests(session, round_.id, lock=True)
+    for request in requests:
         versions_repo.add_evidence(
             session,
             request_id=request.id,
@@ -358,6 +361,7 @@ def publish_round(
             )
         request.version_id = version.id
         request.completed_at = now
+    for request in requests:
         _set_status(
             session,
             request,
@@ -401,9 +405,14 @@ def fail_round(session: Session, claimed: ClaimedRound, *, error: str, retryable
     _end_round(session, round_, status="failed", error=error, now=now)
 
 
+def _clean(error: str | None) -> str | None:
+    """PostgreSQL text cannot hold NUL; keep errors readable and bounded."""
+    return None if error is None else error.replace("\x00", "\ufffd")[:4000]
+
+
 def _end_round(session: Session, round_: Round, *, status: str, error: str | None, now: datetime) -> None:
     round_.status = status
-    round_.error = error
+    round_.error = _clean(error)
     round_.lease_expires_at = None
     round_.finished_at = now
     round_.updated_at = now
@@ -421,6 +430,7 @@ def _set_status(
     error: str | None = None,
     detail: dict[str, Any] | None = None,
 ) -> None:
+    error = _clean(error)
     request.status = status
     request.updated_at = now
     if error is not None or status == "completed":
@@ -527,7 +537,7 @@ def mark_model_failed(session: Session, model_name: str, *, error: str) -> None:
     if model is None:
         raise UnknownModelError(model_name)
     model.status = "failed"
-    model.error = error
+    model.error = _clean(error)
     session.flush()
 
 

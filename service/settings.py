@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     max_requests_per_round: int = Field(default=4, description="Queued requests coalesced per round.")
     sweep_interval_seconds: float = Field(default=15.0, description="Sweeper period.")
     due_days: int = Field(default=30, description="Deadline of a forget request after receipt.")
+    dispatch_timeout_seconds: float = Field(
+        default=2.0, description="Broker connect/send timeout of the API's wake-up messages."
+    )
 
     @property
     def resolved_home(self) -> Path:

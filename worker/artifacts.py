@@ -18,6 +18,7 @@ This module is pure (no database, no torch): the pipeline passes what the databa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -287,7 +288,8 @@ class ModelArtifacts:
                 },
             )
         if directory.exists():
-            shutil.rmtree(directory)
+            with contextlib.suppress(FileNotFoundError):  # another worker deleted it meanwhile
+                shutil.rmtree(directory)
             fsync_dir(directory.parent)
         return tomb
 

@@ -71,15 +71,20 @@ def run_celery_worker(loglevel: str, slot: str) -> None:
     )
 
 
+def child_command(gpu: str, loglevel: str) -> tuple[list[str], dict[str, str]]:
+    """Command and environment of the worker process for one GPU: it sees only that GPU."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu, LETHE_WORKER_DEVICE="cuda")
+    code = "import sys; from service.cli import main; sys.argv[0] = 'lethe'; main()"
+    return [sys.executable, "-c", code, "worker", "--gpus", "inherit", "--loglevel", loglevel], env
+
+
 def supervise(gpus: list[str], loglevel: str) -> int:
     """One child process per GPU (CUDA_VISIBLE_DEVICES=<gpu>), restarted when it dies."""
     children: dict[str, subprocess.Popen[bytes]] = {}
     stopping = False
 
     def spawn(gpu: str) -> subprocess.Popen[bytes]:
-        env = dict(os.environ, CUDA_VISIBLE_DEVICES=gpu, LETHE_WORKER_DEVICE="cuda")
-        code = "import sys; from service.cli import main; sys.argv[0] = 'lethe'; main()"
-        args = [sys.executable, "-c", code, "worker", "--gpus", "inherit", "--loglevel", loglevel]
+        args, env = child_command(gpu, loglevel)
         return subprocess.Popen(args, env=env)
 
     def stop(signum: int, _frame: object) -> None:
@@ -160,8 +165,12 @@ def up_command(port: int, workers: int) -> None:
     from service.settings import Settings
     from worker.embedded import EmbeddedStack
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = Settings()
-    env = {"LETHE_LEASE_SECONDS": os.environ.get("LETHE_LEASE_SECONDS", "30")}
+    env = {
+        "LETHE_LEASE_SECONDS": os.environ.get("LETHE_LEASE_SECONDS", "30"),
+        "LETHE_WORKER_HEARTBEAT_SECONDS": os.environ.get("LETHE_WORKER_HEARTBEAT_SECONDS", "2"),
+    }
     stack = EmbeddedStack(home=settings.resolved_home, api_port=port, workers=workers, env=env)
     stopping = False
 
@@ -178,7 +187,9 @@ def up_command(port: int, workers: int) -> None:
         while not stopping:
             time.sleep(0.5)
             if stack.api is not None and stack.api.poll() is not None:
-                raise click.ClickException(f"the API exited ({stack.api.returncode}); see {stack.home / 'logs'}")
+                raise click.ClickException(
+                    f"the API exited ({stack.api.returncode}); see {stack.home / 'logs'}"
+                )
     click.echo("stopped")
 
 
@@ -284,9 +295,7 @@ def bench_command(preset: str, json_path: Path | None, seeds: int | None) -> Non
     kwargs: dict[str, Any] = {"preset": preset, "json_path": json_path}
     if seeds is not None:
         kwargs["seeds"] = seeds
-    result = bench.run_bench(**kwargs)
-    if json_path is None and result is not None:
-        click.echo(json.dumps(result, indent=2, default=str))
+    bench.run_bench(**kwargs)  # prints its table; writes the JSON when asked
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,6 +27,15 @@ class WorkerSettings(BaseSettings):
     sweep: bool = Field(default=True, description="This worker also runs the sweeper (wakes models).")
     gc_min_age_seconds: float = Field(default=0.0, description="Orphan directories younger are kept.")
     seed: int = Field(default=0, description="Seed of the engine's randomness (recorded in evidence).")
+    torch_threads: int | None = Field(
+        default=1,
+        description="torch intra-op threads (None: torch's default, one per core). 1 by default: the "
+        "built-in workloads' networks are small, and extra threads spin on a shared CPU (measured: "
+        "2 threads on a busy 2-core machine made rounds 10-20x slower). Raise it for large CPU models.",
+    )
+    fault_pause: str | None = Field(
+        default=None, description="Tests only: '<step>:<seconds>' pauses a round at that step (crash tests)."
+    )
 
     @model_validator(mode="after")
     def _limits(self) -> WorkerSettings:

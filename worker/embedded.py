@@ -194,6 +194,10 @@ class EmbeddedStack:
     redis_port: int | None = None
     log_dir: Path | None = None
     worker_args: list[str] = field(default_factory=list)
+    #: an external broker (tests, an existing Redis); None: start the embedded one
+    broker_url: str | None = None
+    #: run ``lethe migrate`` first (off when the database is known to be at head)
+    run_migrations: bool = True
 
     def __post_init__(self) -> None:
         self.home = Path(self.home).expanduser().resolve()
@@ -207,6 +211,10 @@ class EmbeddedStack:
         self._logs = self.log_dir or self.home / "logs"
 
     @property
+    def broker(self) -> str:
+        return self.broker_url or self.redis.url
+
+    @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.api_port}"
 
@@ -214,38 +222,53 @@ class EmbeddedStack:
         env = dict(os.environ)
         env.update(self.env)
         env["LETHE_HOME"] = str(self.home)
-        env["LETHE_BROKER_URL"] = self.redis.url
+        env["LETHE_BROKER_URL"] = self.broker
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # The worker shares this machine's cores with the API (and the demo): one intra-op thread.
+        # torch's default (one per core) spins on a busy machine and trains the small networks of
+        # the built-in workloads several times slower.
+        env.setdefault("LETHE_WORKER_TORCH_THREADS", "1")
         return env
 
     def migrate(self) -> None:
         subprocess.run(lethe_command("migrate"), env=self.child_env(), check=True, stdout=subprocess.DEVNULL)
 
-    def start_api(self) -> None:
+    def start_api(self, *, wait: bool = True) -> None:
         args = [
             sys.executable, "-m", "uvicorn", API_APP, "--factory",
             "--host", "127.0.0.1", "--port", str(self.api_port), "--log-level", "warning",
         ]  # fmt: skip
         self.api = spawn(args, env=self.child_env(), log_path=self._logs / "api.log")
-        wait_http_ok(f"{self.api_url}/healthz", timeout=60, proc=self.api)
+        if wait:
+            self.wait_api()
 
-    def start_worker(self) -> subprocess.Popen[bytes]:
-        index = len(self.worker_procs)
+    def wait_api(self, timeout: float = 90.0) -> None:
+        wait_http_ok(f"{self.api_url}/healthz", timeout=timeout, proc=self.api)
+
+    def start_worker(self, index: int | None = None) -> subprocess.Popen[bytes]:
+        """Start a worker (a new one, or in place of worker ``index``)."""
+        slot = len(self.worker_procs) if index is None else index
         proc = spawn(
             lethe_command("worker", *self.worker_args),
             env=self.child_env(),
-            log_path=self._logs / f"worker-{index}.log",
+            log_path=self._logs / f"worker-{slot}.log",
         )
-        self.worker_procs.append(proc)
+        if index is None:
+            self.worker_procs.append(proc)
+        else:
+            self.worker_procs[index] = proc
         return proc
 
     def start(self) -> EmbeddedStack:
         self.home.mkdir(parents=True, exist_ok=True)
-        self.redis.start()
-        self.migrate()
-        self.start_api()
+        if self.broker_url is None:
+            self.redis.start()
+        if self.run_migrations:
+            self.migrate()
+        self.start_api(wait=False)  # API and workers start in parallel
         for _ in range(self.workers):
             self.start_worker()
+        self.wait_api()
         if self.restart_workers:
             self._monitor = threading.Thread(target=self._watch_workers, name="lethe-supervisor", daemon=True)
             self._monitor.start()
@@ -257,11 +280,7 @@ class EmbeddedStack:
                 if proc.poll() is not None and not self._stopping.is_set():
                     log.warning("worker %d exited (%s): restarting it", i, proc.returncode)
                     self.worker_restarts += 1
-                    self.worker_procs[i] = spawn(
-                        lethe_command("worker", *self.worker_args),
-                        env=self.child_env(),
-                        log_path=self._logs / f"worker-{i}.log",
-                    )
+                    self.start_worker(i)
 
     def stop(self) -> None:
         self._stopping.set()

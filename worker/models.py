@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from celery import Celery
+from sqlalchemy.orm import Session, sessionmaker
 
+from service import registry
 from service.db.migrate import upgrade
 from service.db.session import create_db_engine, make_session_factory, transaction
 from service.repositories import models as models_repo
@@ -15,20 +19,15 @@ from service.settings import Settings
 from worker.config import WorkerSettings
 
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-FALLBACK_METHOD = "retrain"
 
 
-def default_method() -> str:
-    """The ML core's default method name (its registry), or ``retrain`` without a registry."""
+@contextmanager
+def _sessions(settings: Settings) -> Iterator[sessionmaker[Session]]:
+    engine = create_db_engine(settings.resolved_database_url)
     try:
-        from worker.unlearning import methods
-    except ImportError:
-        return FALLBACK_METHOD
-    return str(getattr(methods, "DEFAULT_METHOD", FALLBACK_METHOD))
-
-
-def _session_factory(settings: Settings) -> Any:
-    return make_session_factory(create_db_engine(settings.resolved_database_url))
+        yield make_session_factory(engine)
+    finally:
+        engine.dispose()
 
 
 def migrate(settings: Settings | None = None) -> None:
@@ -45,7 +44,10 @@ def create_model(
     settings: dict[str, Any] | None = None,
     app_settings: Settings | None = None,
 ) -> bool:
-    """Register a model (status ``preparing``); False if it exists already. Runs migrations first."""
+    """Register a model (status ``preparing``); False if it exists (and has not failed).
+
+    Runs the migrations first. ``method`` None: the API's default (``service.registry``).
+    """
     if not MODEL_NAME.match(name):
         raise ValueError(f"invalid model name {name!r} (want {MODEL_NAME.pattern})")
     from worker.unlearning.workload import available_workloads
@@ -54,15 +56,16 @@ def create_model(
         raise ValueError(f"unknown workload {workload!r}; available: {', '.join(available_workloads())}")
     app_settings = app_settings or Settings()
     migrate(app_settings)
-    factory = _session_factory(app_settings)
-    with transaction(factory) as session:
-        if models_repo.get_model(session, name) is not None:
+    with _sessions(app_settings) as factory, transaction(factory) as session:
+        existing = models_repo.get_model(session, name)
+        if existing is not None and existing.status != "failed":
             return False
-        models_repo.create_model(
+        # the API's registration (default method, re-registration of a failed model)
+        registry.register(
             session,
             name,
             workload=workload,
-            method=method or default_method(),
+            method=method,
             method_config=dict(method_config or {}),
             settings=dict(settings or {}),
         )
@@ -75,7 +78,10 @@ def prepare_here(name: str, *, app_settings: Settings | None = None) -> int | No
 
     app_settings = app_settings or Settings()
     ctx = WorkerContext.create(app_settings, WorkerSettings(), worker_id="cli")
-    published = prepare_model(ctx, name)
+    try:
+        published = prepare_model(ctx, name)
+    finally:
+        ctx.close()
     return published.version if published is not None else None
 
 
@@ -90,9 +96,8 @@ def queue_prepare(name: str, *, app_settings: Settings | None = None) -> None:
 
 def list_models(app_settings: Settings | None = None) -> list[dict[str, Any]]:
     app_settings = app_settings or Settings()
-    factory = _session_factory(app_settings)
     rows: list[dict[str, Any]] = []
-    with transaction(factory) as session:
+    with _sessions(app_settings) as factory, transaction(factory) as session:
         for model in models_repo.list_models(session):
             versions = versions_repo.list_versions(session, model.id)
             latest = versions_repo.latest_active(session, model.id)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import socket
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import select
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import rounds
@@ -74,6 +75,7 @@ class WorkerContext:
     device: str = "cpu"
     #: called with (event, details) at each step; tests use it to crash at a chosen point
     hook: ProgressHook | None = None
+    engine: Engine | None = None
 
     @classmethod
     def create(
@@ -81,6 +83,10 @@ class WorkerContext:
     ) -> WorkerContext:
         engine = create_db_engine(settings.resolved_database_url)
         hostname = socket.gethostname()
+        if worker_settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(worker_settings.torch_threads)
         return cls(
             settings=settings,
             worker_settings=worker_settings,
@@ -88,7 +94,14 @@ class WorkerContext:
             worker_id=worker_id or f"{hostname}:{os.getpid()}",
             hostname=hostname,
             device=resolve_device(worker_settings.device),
+            hook=fault_pause_hook(worker_settings.fault_pause, settings.resolved_home),
+            engine=engine,
         )
+
+    def close(self) -> None:
+        """Close the database connections (the context is not used afterwards)."""
+        if self.engine is not None:
+            self.engine.dispose()
 
     @property
     def artifacts_root(self) -> Path:
@@ -106,6 +119,29 @@ class WorkerContext:
     def emit(self, event: str, **details: Any) -> None:
         if self.hook is not None:
             self.hook(event, details)
+
+
+def fault_pause_hook(spec: str | None, home: Path) -> ProgressHook | None:
+    """Fault injection for crash tests: ``"<event>:<seconds>"`` pauses the round at that step.
+
+    On reaching the step the worker writes ``$LETHE_HOME/fault-<event>`` (so a test knows when to
+    SIGKILL it) and sleeps. Events: claimed, progress, engine_done, committed, published,
+    withdrawn_deleted, purged. Unset in production.
+    """
+    if not spec:
+        return None
+    event, _, seconds = spec.partition(":")
+    pause = float(seconds or 3600)
+    fired: list[str] = []
+
+    def hook(name: str, details: dict[str, Any]) -> None:
+        if name == event and not fired:
+            fired.append(name)
+            (home / f"fault-{event}").write_text(json.dumps({"pid": os.getpid(), **details}, default=str))
+            log.warning("fault injection: pausing %.0f s at %s", pause, event)
+            time.sleep(pause)
+
+    return hook
 
 
 def resolve_device(device: str) -> str:
@@ -254,9 +290,7 @@ def run_one_round(ctx: WorkerContext, model_name: str) -> RoundResult | None:
                 model = models_repo.get_model(session, model_name)
                 assert model is not None
                 withdraw = [
-                    v.version
-                    for v in versions_repo.list_versions(session, model.id)
-                    if v.status == "active"
+                    v.version for v in versions_repo.list_versions(session, model.id) if v.status == "active"
                 ]
                 published = rounds.publish_round(
                     session,
@@ -357,10 +391,15 @@ def _run_engine(
 
 
 def after_publish(ctx: WorkerContext, model_name: str, *, withdrawn: list[int]) -> None:
-    delete_withdrawn_files(ctx, model_name)
-    ctx.emit("withdrawn_deleted", versions=withdrawn)
-    purge_completed(ctx, model_name)
-    ctx.emit("purged")
+    """Delete the withdrawn versions' files, then purge. A failure here is logged, not raised: the
+    version is published and the requests are completed; :func:`reconcile` finishes the job."""
+    try:
+        delete_withdrawn_files(ctx, model_name)
+        ctx.emit("withdrawn_deleted", versions=withdrawn)
+        purge_completed(ctx, model_name)
+        ctx.emit("purged")
+    except Exception:
+        log.exception("after publishing %s: cleanup failed; the next wake reconciles it", model_name)
 
 
 def reconcile(ctx: WorkerContext, model_name: str) -> None:
@@ -543,6 +582,38 @@ def models_to_wake(ctx: WorkerContext) -> list[str]:
 def heartbeat(ctx: WorkerContext, *, queues: list[str], state: str) -> None:
     with transaction(ctx.session_factory) as session:
         rounds.heartbeat(session, ctx.worker_id, hostname=ctx.hostname, queues=queues, state=state)
+
+
+def models_to_prepare(ctx: WorkerContext, *, min_age_seconds: float = 60.0) -> list[str]:
+    """Models still ``preparing`` a while after registration whose preparation no one runs here.
+
+    The API sends ``lethe.prepare_model`` after registering a model; when that message was lost
+    (broker down) or its worker died, the sweeper sends it again. A preparation in progress on this
+    host holds the model's prepare lock (a shared artifacts volume extends this across hosts).
+    """
+    from datetime import timedelta
+
+    from service.db.types import utcnow
+
+    cutoff = utcnow() - timedelta(seconds=min_age_seconds)
+    with transaction(ctx.session_factory) as session:
+        names = [
+            m.name
+            for m in models_repo.list_models(session)
+            if m.status == "preparing" and m.created_at <= cutoff
+        ]
+    idle: list[str] = []
+    for name in names:
+        lock_dir = ctx.artifacts(name).model_dir
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        with open(lock_dir / ".prepare.lock", "a+b") as fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        idle.append(name)
+    return idle
 
 
 def ready_models(ctx: WorkerContext) -> list[str]:

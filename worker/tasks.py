@@ -31,6 +31,7 @@ from worker.config import WorkerSettings
 log = logging.getLogger(__name__)
 
 WAKE_KEY = "lethe:wake:{model}"
+PREPARE_KEY = "lethe:prepare:{model}"
 ALIVE_FILE = Path("/tmp/lethe-worker.alive")
 
 
@@ -62,17 +63,14 @@ def send_wake(
     app: Celery, broker: redis.Redis[bytes] | None, model_name: str, *, dedupe_seconds: int
 ) -> bool:
     """Send ``lethe.wake_model`` unless one was sent for the model within ``dedupe_seconds``."""
-    if broker is not None and dedupe_seconds > 0:
-        try:
-            if not broker.set(WAKE_KEY.format(model=model_name), "1", nx=True, ex=dedupe_seconds):
-                return False
-        except redis.RedisError:
-            pass  # the send below will tell whether the broker is reachable
+    if dedupe_seconds > 0 and not _once(broker, WAKE_KEY.format(model=model_name), dedupe_seconds):
+        return False
     app.send_task(TASK_WAKE, args=[model_name])
     return True
 
 
 def sweep(app: Celery, ctx: pipeline.WorkerContext, broker: redis.Redis[bytes] | None) -> list[str]:
+    """Wake models with queued requests (or an expired round); re-send lost preparations."""
     sent: list[str] = []
     dedupe = int(max(15.0, 3 * ctx.worker_settings.heartbeat_seconds))
     for model_name in pipeline.models_to_wake(ctx):
@@ -80,7 +78,21 @@ def sweep(app: Celery, ctx: pipeline.WorkerContext, broker: redis.Redis[bytes] |
             sent.append(model_name)
     if sent:
         log.info("sweeper woke %s", sent)
+    for model_name in pipeline.models_to_prepare(ctx):
+        if _once(broker, PREPARE_KEY.format(model=model_name), 600):
+            app.send_task(TASK_PREPARE, args=[model_name])
+            log.info("sweeper re-sent the preparation of %s", model_name)
     return sent
+
+
+def _once(broker: redis.Redis[bytes] | None, key: str, seconds: int) -> bool:
+    """True at most once per ``seconds`` per key (always True without a Redis client)."""
+    if broker is None:
+        return True
+    try:
+        return bool(broker.set(key, "1", nx=True, ex=seconds))
+    except redis.RedisError:
+        return True
 
 
 class Heartbeat:
@@ -166,6 +178,11 @@ def register(app: Celery, settings: Settings, worker_settings: WorkerSettings) -
         log.info("worker %s ready on %s (device %s)", c.worker_id, worker_settings.queues, c.device)
         for model_name in pipeline.ready_models(c):
             pipeline.reconcile(c, model_name)
+        # warm up: import torch, peft and the ML core now rather than in the first round (no CUDA
+        # initialisation happens on import)
+        import worker.unlearning.engine
+        import worker.unlearning.methods  # noqa: F401
+
         hb = Heartbeat(app, c, interval=worker_settings.heartbeat_seconds, do_sweep=worker_settings.sweep)
         _State.heartbeat = hb
         hb.start()

@@ -84,6 +84,16 @@ def get_subject(session: Session, model_id: int, client_id: str) -> Subject | No
     return session.scalar(select(Subject).where(Subject.model_id == model_id, Subject.client_id == client_id))
 
 
+def get_subjects(session: Session, model_id: int, client_ids: Iterable[str]) -> dict[str, Subject]:
+    wanted = list(dict.fromkeys(client_ids))
+    found: dict[str, Subject] = {}
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start : start + 500]
+        stmt = select(Subject).where(Subject.model_id == model_id, Subject.client_id.in_(chunk))
+        found.update({s.client_id: s for s in session.scalars(stmt)})
+    return found
+
+
 def count_subjects(session: Session, model_id: int) -> tuple[int, int]:
     """(all subjects, forgotten subjects) of a model."""
     total = session.scalar(select(func.count()).select_from(Subject).where(Subject.model_id == model_id))

@@ -91,3 +91,13 @@ def add_evidence(
 def evidence_for_request(session: Session, request_id: str) -> list[Evidence]:
     stmt = select(Evidence).where(Evidence.request_id == request_id).order_by(Evidence.id)
     return list(session.scalars(stmt))
+
+
+def version_numbers(session: Session, version_ids: Sequence[int]) -> dict[int, int]:
+    """``{adapter_versions.id: version number}``."""
+    if not version_ids:
+        return {}
+    rows = session.execute(
+        select(AdapterVersion.id, AdapterVersion.version).where(AdapterVersion.id.in_(set(version_ids)))
+    )
+    return {row.id: row.version for row in rows}

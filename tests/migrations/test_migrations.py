@@ -57,7 +57,27 @@ def test_alembic_cli_from_repo_root_uses_lethe_settings(tmp_path: Path) -> None:
     assert (tmp_path / "home" / "lethe.db").is_file()
     url = f"sqlite:///{tmp_path / 'other.db'}"
     result = subprocess.run(
-        [*alembic, "upgrade", "head"], cwd=REPO, env={**env, "LETHE_DATABASE_URL": url}, capture_output=True
+        [*alembic, "upgrade", "head"],
+        cwd=REPO,
+        env={**env, "LETHE_DATABASE_URL": url},
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0
+    assert _tables(url) == set(Base.metadata.tables)
+
+
+def test_installed_layout_finds_migrations_in_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As in the API image: the package is installed, migrations/ sits in the working directory."""
+    monkeypatch.setattr(migrate, "REPO_ROOT", tmp_path / "site-packages")
+    monkeypatch.chdir(REPO)
+    assert migrate.migrations_dir() == REPO / "migrations"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="LETHE_MIGRATIONS_DIR"):
+        migrate.migrations_dir()
+    monkeypatch.setenv("LETHE_MIGRATIONS_DIR", str(REPO / "migrations"))
+    url = f"sqlite:///{tmp_path / 'lethe.db'}"
+    migrate.upgrade(url)
     assert _tables(url) == set(Base.metadata.tables)

@@ -6,18 +6,27 @@ starts from empty tables.
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import uvicorn
+from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.api.app import create_app
 from service.db import migrate
 from service.db.models import Base
 from service.db.session import create_db_engine, make_session_factory, transaction
+from service.repositories import keys as keys_repo
 from service.repositories import models as models_repo
 from service.rounds import FileDigest, register_prepared_model
+from service.settings import Settings
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
@@ -105,3 +114,63 @@ def tmp_home(tmp_path: Path) -> Path:
     home = tmp_path / "home"
     home.mkdir()
     return home
+
+
+@pytest.fixture
+def settings(database_url: str, tmp_path: Path, engine: Engine) -> Settings:
+    """Settings of an API on the migrated test database (emptied), without a broker."""
+    return Settings(
+        home=tmp_path / "home",
+        database_url=database_url,
+        artifacts_dir=tmp_path / "artifacts",
+        broker_url=None,
+        max_body_bytes=64 * 1024,
+    )
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+@dataclass(frozen=True)
+class Keys:
+    submit: dict[str, str]
+    other_submit: dict[str, str]
+    admin: dict[str, str]
+    serve: dict[str, str]
+
+
+@pytest.fixture
+def keys(sessions: sessionmaker[Session]) -> Keys:
+    def header(*scopes: str) -> dict[str, str]:
+        with transaction(sessions) as session:
+            _, secret = keys_repo.create_key(session, scopes)
+        return {"Authorization": f"Bearer {secret}"}
+
+    return Keys(
+        submit=header("submit"), other_submit=header("submit"), admin=header("admin"), serve=header("serve")
+    )
+
+
+@pytest.fixture
+def live_server(settings: Settings) -> Iterator[str]:
+    """The API on a real uvicorn server in a thread; yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(create_app(settings), log_level="warning", ws="none", lifespan="on")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

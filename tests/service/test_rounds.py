@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
@@ -195,11 +197,11 @@ def test_fail_round_requeues_in_order_or_fails(sessions: sessionmaker[Session]) 
     assert [r.id for r in retried.requests] == ids[:1]
     assert retried.requests[0].attempts == 2
     with transaction(sessions) as session:
-        rounds.fail_round(session, retried, error="bad input", retryable=False)
+        rounds.fail_round(session, retried, error="bad\x00input", retryable=False)
     assert statuses(sessions, ids) == ["failed", "queued", "queued"]
     with sessions() as session:
         request = session.scalars(select(ForgetRequest).where(ForgetRequest.id == ids[0])).one()
-        assert request.error == "bad input"
+        assert request.error == "bad\ufffdinput"
 
 
 @pytest.mark.usefixtures("ready_model")
@@ -242,12 +244,16 @@ def test_database_allows_one_live_round_per_model(sessions: sessionmaker[Session
 
 
 @pytest.mark.usefixtures("ready_model")
-def test_concurrent_claims_never_share_a_model(sessions: sessionmaker[Session]) -> None:
-    """While one claimer holds the model (transaction open), a second gets nothing."""
+@pytest.mark.parametrize(
+    "database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+def test_a_claimer_skips_a_model_another_claimer_holds(sessions: sessionmaker[Session]) -> None:
+    """PostgreSQL: while one claimer holds the model row, a second gets None at once (SKIP LOCKED).
+
+    (SQLite serialises whole transactions with BEGIN IMMEDIATE instead.)
+    """
     submit_client(sessions, "c0")
     with transaction(sessions) as first:
-        if first.get_bind().dialect.name != "postgresql":
-            pytest.skip("SQLite serialises whole transactions (BEGIN IMMEDIATE)")
         claimed = rounds.claim_round(
             first, "digits", "w1", lease_seconds=LEASE, max_requests=4, max_attempts=3
         )
@@ -322,3 +328,23 @@ def test_heartbeat_upserts(sessions: sessionmaker[Session]) -> None:
     with sessions() as session:
         worker = session.scalars(select(Worker)).one()
         assert (worker.state, worker.queues, worker.hostname) == ("busy", ["lethe-gpu"], "gpu-1")
+
+
+@pytest.mark.usefixtures("ready_model")
+def test_racing_claimers_get_one_round(sessions: sessionmaker[Session]) -> None:
+    """Real threads, one session each: exactly one claimer wins the model."""
+    for c in ("c0", "c1", "c2"):
+        submit_client(sessions, c)
+    barrier = threading.Barrier(4)
+
+    def race(worker: str) -> rounds.ClaimedRound | None:
+        barrier.wait()
+        return claim(sessions, worker, max_requests=4)
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(race, [f"w{i}" for i in range(4)]))
+    winners = [r for r in results if r is not None]
+    assert len(winners) == 1
+    assert len(winners[0].requests) == 3
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Round)) == 1

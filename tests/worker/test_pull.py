@@ -44,6 +44,14 @@ class FakeServer:
     def handler(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
         parts = request.url.path.strip("/").split("/")
+        if parts[:4] == ["v1", "models", "m", "base"]:
+            base = {"config.json": b'{"input_dim": 64}', "model.safetensors": b"base-weights"}
+            if len(parts) == 4:
+                files = [
+                    {"name": n, **_digest(b), "url": f"/v1/models/m/base/files/{n}"} for n, b in base.items()
+                ]
+                return httpx.Response(200, json={"model": "m", "files": files})
+            return httpx.Response(200, content=base[parts[5]])
         # v1 models m adapters <latest|n> [files <name>]
         assert parts[:4] == ["v1", "models", "m", "adapters"]
         if parts[4] == "latest":
@@ -159,3 +167,12 @@ def test_cli_prints_version(server: FakeServer, tmp_path: Path, monkeypatch: pyt
     assert "m v1 installed" in result.output
     result = CliRunner().invoke(pull.pull_command, ["--model", "m", "--dest", str(tmp_path), "--url", BASE])
     assert "m v1 unchanged" in result.output
+
+
+def test_pull_base_downloads_and_verifies(server: FakeServer, tmp_path: Path) -> None:
+    with _client(server) as client:
+        dest = pull.pull_base(client, BASE, "m", tmp_path / "base")
+        assert (dest / "model.safetensors").read_bytes() == b"base-weights"
+        mtime = (dest / "config.json").stat().st_mtime_ns
+        pull.pull_base(client, BASE, "m", dest)  # unchanged files are kept
+        assert (dest / "config.json").stat().st_mtime_ns == mtime

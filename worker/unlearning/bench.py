@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import statistics
@@ -35,10 +36,13 @@ from worker.unlearning.engine import (
     EngineInputs,
     advance_state,
     apply_method,
-    audit_request,
+    compute_reference,
     ensure_base,
-    reference_retrain,
+    evaluate,
+    prepare,
     request_context,
+    request_evidence,
+    run_round,
 )
 from worker.unlearning.state import RoundState
 from worker.unlearning.training import TrainConfig, retrain, train_v1
@@ -102,9 +106,10 @@ def _row(
             "ret": _num(ev.get("ret")),
             "unl": _num(ev.get("unl")),
             "val": _num(ev.get("val")),
-            "mia_auc": _num(ev.get("mia_auc", ev.get("mia_unl_val"))),
+            "mia_auc": _num(ev.get("mia_auc")),
         }
-    uis = evidence.get("uis")
+    uis_block = evidence.get("uis")
+    uis = uis_block.get("value") if isinstance(uis_block, Mapping) else uis_block
     return {
         "setting": setting,
         "stage": stage,
@@ -123,21 +128,35 @@ def _num(value: Any) -> float | None:
     return None if math.isnan(f) else f
 
 
+def _seed_list(seeds: int | Sequence[int] | None, preset: Preset) -> list[int]:
+    if isinstance(seeds, int):  # a number of seeds: 0 … seeds−1
+        return list(range(seeds))
+    return list(seeds) if seeds else list(preset.seeds)
+
+
 def run_bench(
     preset: str = "quick",
     json_path: Path | str | None = None,
-    seeds: Sequence[int] | None = None,
+    seeds: int | Sequence[int] | None = None,
     *,
-    workload: str = "digits-clients",
+    workload: str | Workload = "digits-clients",
     methods: Sequence[str] | None = None,
     echo: Callable[[str], None] | None = print,
 ) -> dict[str, Any]:
-    """Run the benchmark; print a table (via ``echo``), write ``json_path``; return the JSON."""
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    """Run the benchmark; print a table (via ``echo``), write ``json_path``; return the JSON.
+
+    ``preset``: ``quick`` (3 seeds, FU + PU:<each task>, 3 stages; ≤ 5 min on 2 cores), ``full``
+    (5 seeds) or ``smoke``. ``seeds``: the seeds to run, or how many (0 … n−1); default the preset's.
+    """
+    # One intra-op thread: the networks are small, and extra threads only spin (measured: 2 threads
+    # on a loaded 2-core machine made training ~10× slower).
+    torch.set_num_threads(1)
     chosen = PRESETS[preset]
-    seed_list = list(seeds) if seeds else list(chosen.seeds)
+    seed_list = _seed_list(seeds, chosen)
+    if not seed_list:
+        raise ValueError("the benchmark needs at least one seed")
     method_list = list(methods) if methods else list(METHODS)
-    wl = load_workload(workload)
+    wl = load_workload(workload) if isinstance(workload, str) else workload
     settings = wl.settings(chosen.overrides)
     t_start = time.perf_counter()
     runs: list[dict[str, Any]] = []
@@ -156,7 +175,7 @@ def run_bench(
             )
             cfg = TrainConfig.from_settings(inputs.settings)
             t0 = time.perf_counter()
-            all_data = _full_train_set(inputs)
+            all_data = inputs.full_train_set()
             v1 = train_v1(inputs.base, all_data, inputs.tasks, cfg, seed=seed)
             _log(f"[bench] seed {seed}: v1 trained in {time.perf_counter() - t0:.1f}s")
             for setting in _settings_list(wl, chosen):
@@ -166,7 +185,7 @@ def run_bench(
         "runs": runs,
         "meta": {
             "preset": preset,
-            "workload": workload,
+            "workload": wl.name,
             "seeds": seed_list,
             "methods": method_list,
             "stages": chosen.stages,
@@ -175,6 +194,7 @@ def run_bench(
         },
     }
     result["summary"] = summarise(runs)
+    result["goals"] = check_goals(result["summary"])
     if json_path is not None:
         path = Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -184,72 +204,57 @@ def run_bench(
     return result
 
 
-def _full_train_set(inputs: EngineInputs) -> Batch:
-    from worker.unlearning.partitions import retain_set
-
-    return retain_set(
-        inputs.data, None, tasks=inputs.task_names, client_index=inputs.client_index, state=RoundState()
-    )
-
-
 def _run_setting(
     inputs: EngineInputs, v1: PeftModel, setting: str, seed: int, stages: int, methods: Sequence[str]
 ) -> list[dict[str, Any]]:
+    """One setting of one seed: ``stages`` sequential requests; every method keeps its own model."""
     rows: list[dict[str, Any]] = []
     specs = _stage_specs(setting, inputs.store.active_clients, seed, stages)
     state = RoundState()
-    approx = [m for m in methods if m not in ("retrain",)]
+    approx = [m for m in methods if m != "retrain"]
     models: dict[str, PeftModel] = {m: copy.deepcopy(v1) for m in approx}
+    pruned: dict[str, list[int]] = {m: [] for m in approx}
     for stage, spec in enumerate(specs, start=1):
+        # stage 1 starts every method from v1: its full-data importance is shared (cached)
         cache_key = f"bench-v1-seed{seed}" if stage == 1 else None
         ctx = request_context(inputs, spec, state, stage=stage, cache_key=cache_key)
-        after = state.copy()
-        pruned_now: list[int] = []
-        t0 = time.perf_counter()
-        reference = reference_retrain(
-            inputs.base,
-            ctx.retain,
-            inputs.tasks,
-            inputs.settings,
-            seed=seed,
-            pruned=sorted(set(state.pruned_subset_outputs) | set(_pruned(ctx))),
-        )
-        retrain_wall = time.perf_counter() - t0
+        reference = compute_reference(ctx)
         if "retrain" in methods:
-            ev = audit_request(
-                reference,
+            ev = request_evidence(
+                reference.model,
                 ctx,
-                reference=None,
-                original=reference,
                 method="retrain",
                 method_info={},
-                timings={"method_s": retrain_wall},
+                reference=None,
+                original=None,
+                timings={"method_s": reference.wall_s},
             )
-            rows.append(_row(setting, stage, "retrain", seed, ev, retrain_wall))
+            rows.append(_row(setting, stage, "retrain", seed, ev, reference.wall_s))
         for method in approx:
-            before = models[method]
-            start_model = copy.deepcopy(before)
-            model, info, pruned_now, wall = apply_method(method, start_model, ctx)
+            model = models[method]
+            # pruning belongs to some methods only: each method keeps its own pruned outputs
+            state_m = ctx.state.copy()
+            state_m.pruned_subset_outputs = list(pruned[method])
+            ctx_m = dataclasses.replace(ctx, state=state_m)
+            original = evaluate(model, ctx_m)
+            model, info, newly, wall = apply_method(
+                method, model, ctx_m, mia_target=reference.mia_target(ctx)
+            )
             models[method] = model
-            ev = audit_request(
+            pruned[method] = sorted(set(pruned[method]) | set(newly))
+            ev = request_evidence(
                 model,
-                ctx,
-                reference=reference,
-                original=before,
+                ctx_m,
                 method=method,
                 method_info=info,
+                reference=reference,
+                original=original,
                 timings={"method_s": wall},
+                pruned=newly,
             )
             rows.append(_row(setting, stage, method, seed, ev, wall))
-        advance_state(after, ctx, _pruned(ctx) or pruned_now)
-        state = after
+        advance_state(state, ctx, ctx.prune_outputs)
     return rows
-
-
-def _pruned(ctx: Any) -> list[int]:
-    from worker.unlearning.engine import pruned_outputs
-
-    return pruned_outputs(ctx)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,6 +297,43 @@ def summarise(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def check_goals(summary: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The issue's goals, per (setting, stage): is ``default``'s median UIS the lowest among the
+    approximate methods, and its median wall time ≤ 1/10 of ``retrain``'s?"""
+    by_key: dict[tuple[str, int], dict[str, Mapping[str, Any]]] = {}
+    for row in summary:
+        by_key.setdefault((row["setting"], int(row["stage"])), {})[row["method"]] = row
+    checks: list[dict[str, Any]] = []
+    for (setting, stage), rows in sorted(by_key.items()):
+        approx = {m: rows[m]["uis"] for m in APPROXIMATE_METHODS if m in rows and rows[m]["uis"] is not None}
+        # ties go to default (the goal is "lowest", not "strictly lowest")
+        best = min(approx, key=lambda m: (approx[m], m != "default")) if approx else None
+        d_wall = rows["default"]["wall_s"] if "default" in rows else None
+        r_wall = rows["retrain"]["wall_s"] if "retrain" in rows else None
+        ratio = d_wall / r_wall if d_wall is not None and r_wall else None
+        checks.append(
+            {
+                "setting": setting,
+                "stage": stage,
+                "lowest_uis_method": best,
+                # ties count for default
+                "default_lowest_uis": (approx["default"] <= min(approx.values()))
+                if "default" in approx
+                else None,
+                "default_over_retrain_wall": ratio,
+                "wall_goal_met": None if ratio is None else ratio <= 0.1,
+            }
+        )
+    met = [bool(c["default_lowest_uis"]) for c in checks if c["default_lowest_uis"] is not None]
+    walls = [bool(c["wall_goal_met"]) for c in checks if c["wall_goal_met"] is not None]
+    return {
+        "per_stage": checks,
+        "default_lowest_uis_everywhere": bool(met) and all(met),
+        "default_lowest_uis_count": f"{sum(met)}/{len(met)}",
+        "wall_goal_met_everywhere": bool(walls) and all(walls),
+    }
+
+
 def _fmt(v: float | None, width: int = 6, digits: int = 3) -> str:
     return f"{'—':>{width}}" if v is None else f"{v:>{width}.{digits}f}"
 
@@ -310,7 +352,47 @@ def format_table(result: Mapping[str, Any]) -> str:
             m = row["tasks"].get(t, {})
             line += f" | {'':<10} " + " ".join(_fmt(m.get(k), 5, 2) for k in ("ret", "unl", "val", "mia_auc"))
         lines.append(line)
+    goals = result.get("goals")
+    if goals:
+        lines.append("")
+        lines.append(
+            f"goal 1 — default has the lowest median UIS of {', '.join(APPROXIMATE_METHODS)}: "
+            f"{goals['default_lowest_uis_count']} (setting, stage) pairs"
+        )
+        for c in goals["per_stage"]:
+            ratio = c["default_over_retrain_wall"]
+            lines.append(
+                f"  {c['setting']:<16} stage {c['stage']}: lowest UIS = {c['lowest_uis_method']}; "
+                f"wall default/retrain = {'—' if ratio is None else f'{ratio:.2f}'}"
+            )
+        lines.append(
+            "goal 2 — default median wall ≤ 1/10 of retrain's everywhere: "
+            f"{goals['wall_goal_met_everywhere']}"
+        )
     lines.append(f"total wall: {result['meta']['total_wall_s']:.0f}s")
+    return "\n".join(lines)
+
+
+def markdown_summary(result: Mapping[str, Any]) -> str:
+    """The summary as a Markdown table (medians over seeds), for docs/benchmarks.md."""
+    summary = result["summary"]
+    tasks = sorted({t for row in summary for t in row["tasks"]})
+    cols = ["setting", "stage", "method", "UIS", "wall s"]
+    for t in tasks:
+        cols += [f"{t} ret", f"{t} unl", f"{t} val", f"{t} MIA"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
+    def f(v: float | None, digits: int = 2) -> str:
+        return "—" if v is None else f"{v:.{digits}f}"
+
+    for row in summary:
+        cells = [row["setting"], str(row["stage"]), row["method"], f(row["uis"], 3), f(row["wall_s"])]
+        for t in tasks:
+            m = row["tasks"].get(t, {})
+            cells += [f(m.get(k)) for k in ("ret", "unl", "val", "mia_auc")]
+        if row["method"] == "default":
+            cells = [f"**{c}**" if i in (2, 3) else c for i, c in enumerate(cells)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -351,7 +433,7 @@ def measure_workload(
             wl, data_dir=root / "data", base_dir=root / "base", settings=settings, seed=0
         )
     cfg = TrainConfig.from_settings(inputs.settings)
-    data = _full_train_set(inputs)
+    data = inputs.full_train_set()
     owners = inputs.data.client_ids
     picked = list(clients) if clients else wl.clients()
     rows: list[dict[str, Any]] = []
@@ -417,14 +499,61 @@ def measure_workload(
     return {"workload": workload, "seeds": list(seeds), "clients": picked, "rows": rows, "summary": summary}
 
 
+def measure_latency(
+    workload: str = "digits-clients", method: str = "default", seed: int = 0
+) -> dict[str, Any]:
+    """Wall time of ``prepare`` and of three ``run_round`` calls (client, partial-task, both)."""
+    torch.set_num_threads(1)
+    wl = load_workload(workload)
+    clients = wl.clients()
+    task = wl.tasks()[0].name
+    rounds = {
+        "client request": [ForgetSpec("a", "client", clients[3], None, [])],
+        "partial-task request": [ForgetSpec("b", "task", clients[5], None, [task])],
+        "client + partial-task": [
+            ForgetSpec("c", "client", clients[1], None, []),
+            ForgetSpec("d", "task", clients[7], None, [task]),
+        ],
+    }
+    out: dict[str, Any] = {"workload": workload, "method": method, "seed": seed, "rounds": {}}
+    with tempfile.TemporaryDirectory(prefix="lethe-latency-") as tmp:
+        root = Path(tmp)
+        t0 = time.perf_counter()
+        prepare(
+            wl,
+            data_dir=root / "data",
+            base_dir=root / "base",
+            adapter_dir=root / "v1",
+            settings={},
+            seed=seed,
+        )
+        out["prepare_s"] = time.perf_counter() - t0
+        for i, (name, specs) in enumerate(rounds.items()):
+            t0 = time.perf_counter()
+            outcome = run_round(
+                wl, data_dir=root / "data", base_dir=root / "base", adapter_in=root / "v1",
+                adapter_out=root / f"v{i + 2}", requests=specs, method=method, settings={}, seed=seed,
+                cache_dir=root / "cache",
+            )  # fmt: skip
+            out["rounds"][name] = {
+                "wall_s": time.perf_counter() - t0,
+                "per_request": {rid: ev["timings_s"] for rid, ev in outcome.evidence.items()},
+            }
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m worker.unlearning.bench")
     parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
     parser.add_argument("--json", dest="json_path", default=None)
     parser.add_argument("--seeds", default=None, help="comma-separated, e.g. 0,1,2")
     parser.add_argument("--measure-workload", action="store_true", help="measure the workload's gaps instead")
+    parser.add_argument("--latency", action="store_true", help="time prepare and three rounds instead")
     args = parser.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else None
+    if args.latency:
+        print(json.dumps(measure_latency(), indent=2))
+        return 0
     if args.measure_workload:
         result = measure_workload(seeds=seeds or (0, 1, 2))
         print(json.dumps(result["summary"], indent=2))

@@ -10,7 +10,6 @@ subset-ID output for good, update the RoundState, audit (with a retrain referenc
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -22,18 +21,21 @@ import torch
 from peft import PeftModel
 
 from worker.unlearning.adapter_io import ADAPTER_WEIGHTS, load_adapter, save_adapter
+from worker.unlearning.audit import AuditConfig, ModelMetrics, audit, evaluate_model, unl_split
 from worker.unlearning.datastore import DataStore, ResolvedSpec
-from worker.unlearning.model import MultiHeadNet, load_base, save_base, unwrap
+from worker.unlearning.model import MultiHeadNet, load_base, save_base
 from worker.unlearning.partitions import (
     DEFAULT_ANCHOR_FRACTION,
     ForgetSelection,
     anchor_seed,
     build_partitions,
+    id_mask,
     retain_set,
 )
+from worker.unlearning.pruning import reapply_pruning
 from worker.unlearning.state import RoundState
 from worker.unlearning.training import TrainConfig, retrain, train_v1
-from worker.unlearning.types import SUBSET_HEAD, Batch, ForgetSpec, Partitions, TaskSpec
+from worker.unlearning.types import SUBSET_HEAD, Batch, ForgetSpec, Partitions, TaskSpec, concat_batches
 from worker.unlearning.workload import SampleSet, Workload
 
 __all__ = [
@@ -46,7 +48,6 @@ __all__ = [
 ]
 
 ProgressCallback = Callable[[int, int, str], None]
-PRUNED_LOGIT = -1.0e4  # a pruned subset-ID output: weight row 0, bias very negative
 
 
 @dataclass
@@ -132,7 +133,9 @@ def prepare(
     _seed_all(seed)
     model = train_v1(base, train, tasks, cfg, seed=seed)
     t_train = time.perf_counter()
-    save_adapter(model, Path(adapter_dir), state)
+    save_adapter(model, Path(adapter_dir))
+    state.importance_cache_key = adapter_digest(Path(adapter_dir))
+    state.save(Path(adapter_dir))
     heldout = store.heldout().to_batch(store.client_index())
     evidence: dict[str, Any] = {
         "kind": "prepare",
@@ -159,13 +162,15 @@ def prepare(
 
 @dataclass
 class RequestContext:
-    """Everything one request's method, pruning and audit need (built by the engine)."""
+    """Everything the engine knows about one request before its method runs."""
 
     spec: ForgetSpec
     resolved: ResolvedSpec
     selection: ForgetSelection
     partitions: Partitions
-    retain: Batch  # the full retain set (what a retrain learns from)
+    retain: Batch  # the full retain set (what a retrain learns from): X × T minus D_f and earlier forgets
+    ret: Batch  # the Ret split of the audit: retained instances X_r (the retain set without X_f rows)
+    unl: Batch  # the Unl split: X_f with every label it has (D_f ∪ D_r^task)
     heldout: Batch
     tasks: list[TaskSpec]
     client_index: dict[str, int]
@@ -175,16 +180,25 @@ class RequestContext:
     base: MultiHeadNet
     state: RoundState  # the state *before* this request
     cache_dir: Path | None
-    importance_cache_key: str | None
+    cache_key: str | None
     stage: int
+
+    @property
+    def prune_outputs(self) -> list[int]:
+        """The subset-ID outputs this request suppresses (a whole-client request: the client's)."""
+        if self.resolved.whole_client and self.resolved.client_id is not None:
+            return [self.client_index[self.resolved.client_id]]
+        return []
 
 
 def _selection(resolved: ResolvedSpec, state: RoundState) -> ForgetSelection:
-    ids = [s for s in resolved.sample_ids if s not in set(state.forgotten_samples)]
+    gone = set(state.forgotten_samples)
+    ids = [s for s in resolved.sample_ids if s not in gone]
     return ForgetSelection(sample_ids=ids, forget_tasks=list(resolved.forget_tasks))
 
 
 def advance_state(state: RoundState, ctx: RequestContext, pruned: Sequence[int]) -> None:
+    """Record the request in ``state`` (in place): what is forgotten, what is pruned."""
     resolved = ctx.resolved
     if resolved.whole_client and resolved.client_id is not None:
         state.add_clients([resolved.client_id])
@@ -247,13 +261,19 @@ class EngineInputs:
 
     @property
     def wants_reference(self) -> bool:
-        return bool(dict(self.settings.get("audit", {})).get("retrain_reference", True))
+        return bool(dict(self.settings.get("audit", {}) or {}).get("retrain_reference", True))
+
+    def full_train_set(self) -> Batch:
+        """The v1 training data: every client sample with all its labels."""
+        return retain_set(
+            self.data, None, tasks=self.task_names, client_index=self.client_index, state=RoundState()
+        )
 
 
 def request_context(
     inputs: EngineInputs, spec: ForgetSpec, state: RoundState, *, stage: int, cache_key: str | None
 ) -> RequestContext:
-    """Resolve a request against the store and build its partitions and retain set."""
+    """Resolve a request against the store and build its partitions, retain set and audit splits."""
     resolved = inputs.store.resolve(spec)
     selection = _selection(resolved, state)
     partitions = build_partitions(
@@ -268,12 +288,16 @@ def request_context(
     retain = retain_set(
         inputs.data, selection, tasks=inputs.task_names, client_index=inputs.client_index, state=state
     )
+    forget_ids = set(selection.sample_ids)
+    ret = retain.select(~id_mask(retain.sample_ids, forget_ids))
     return RequestContext(
         spec=spec,
         resolved=resolved,
         selection=selection,
         partitions=partitions,
         retain=retain,
+        ret=ret,
+        unl=unl_split(partitions),
         heldout=inputs.heldout,
         tasks=inputs.tasks,
         client_index=inputs.client_index,
@@ -283,28 +307,171 @@ def request_context(
         base=inputs.base,
         state=state.copy(),
         cache_dir=inputs.cache_dir,
-        importance_cache_key=cache_key,
+        cache_key=cache_key,
         stage=stage,
     )
 
 
-def pruned_outputs(ctx: RequestContext) -> list[int]:
-    """The subset-ID outputs this request suppresses (a whole-client request: the client's)."""
-    if ctx.resolved.whole_client and ctx.resolved.client_id is not None:
-        return [ctx.client_index[ctx.resolved.client_id]]
-    return []
+def evaluate(model: torch.nn.Module, ctx: RequestContext) -> ModelMetrics:
+    """Task metrics and loss-MIA of ``model`` on this request's Ret / Unl / Val splits."""
+    cfg = AuditConfig.from_settings(ctx.settings)
+    return evaluate_model(
+        model,
+        ctx.tasks,
+        ret=ctx.ret,
+        unl=ctx.unl,
+        val=ctx.heldout,
+        device=ctx.device,
+        batch_size=cfg.batch_size,
+    )
+
+
+@dataclass
+class Reference:
+    """The exact reference of one request: a retrain on its retain set, and its metrics."""
+
+    model: PeftModel
+    metrics: ModelMetrics
+    wall_s: float
+
+    def mia_target(self, ctx: RequestContext) -> dict[str, float]:
+        return self.metrics.mia_target(ctx.partitions.forget_tasks)
+
+
+def reference_retrain(
+    base: MultiHeadNet,
+    retain: Batch,
+    tasks: Sequence[TaskSpec],
+    settings: Mapping[str, Any],
+    *,
+    seed: int,
+    pruned: Sequence[int],
+    device: str = "cpu",
+) -> PeftModel:
+    """The exact reference: a fresh adapter trained on the retain set (v1 recipe), pruning applied."""
+    cfg = TrainConfig.from_settings(settings)
+    model = retrain(base, retain, tasks, cfg, seed=seed, device=device)
+    reapply_pruning(model, pruned)
+    return model
+
+
+def compute_reference(ctx: RequestContext) -> Reference:
+    t0 = time.perf_counter()
+    pruned = sorted(set(ctx.state.pruned_subset_outputs) | set(ctx.prune_outputs))
+    model = reference_retrain(
+        ctx.base, ctx.retain, ctx.tasks, ctx.settings, seed=ctx.seed, pruned=pruned, device=ctx.device
+    )
+    wall = time.perf_counter() - t0
+    return Reference(model=model, metrics=evaluate(model, ctx), wall_s=wall)
 
 
 def apply_method(
-    method: str, model: PeftModel, ctx: RequestContext
+    method: str,
+    model: PeftModel,
+    ctx: RequestContext,
+    *,
+    mia_target: Mapping[str, float] | None = None,
+    on_progress: Callable[[str], None] | None = None,
 ) -> tuple[PeftModel, dict[str, Any], list[int], float]:
-    """Run ``method`` for one request, then (re-)apply persistent pruning. Returns the model, the
-    method's info, the outputs newly pruned, and the wall time in seconds."""
+    """Run ``method`` (from the methods registry) for one request, then re-apply the persistent
+    pruning. Returns the model, the method's info, the outputs the method pruned, and the wall time."""
+    from worker.unlearning.methods import MethodContext, get_method
+
+    fn = get_method(method)
     t0 = time.perf_counter()
-    model, info = run_method(method, model, ctx)
-    pruned = pruned_outputs(ctx)
-    reapply_pruning(model, sorted(set(ctx.state.pruned_subset_outputs) | set(pruned)))
-    return model, info, pruned, time.perf_counter() - t0
+    parts = [b for b in (ctx.retain, ctx.partitions.forget) if len(b)]
+    mctx = MethodContext(
+        model=model,
+        tasks=ctx.tasks,
+        partitions=ctx.partitions,
+        full=concat_batches(parts) if parts else ctx.retain,
+        heldout=ctx.heldout,
+        settings=ctx.settings,
+        seed=ctx.seed,
+        device=ctx.device,
+        prune_outputs=ctx.prune_outputs,
+        pruned_outputs=list(ctx.state.pruned_subset_outputs),
+        mia_target=dict(mia_target) if mia_target else None,
+        cache_dir=ctx.cache_dir,
+        cache_key=ctx.cache_key,
+        retain=ctx.retain,
+        base=ctx.base,
+        on_progress=on_progress,
+    )
+    result = fn(mctx)
+    out = result.model
+    if not isinstance(out, PeftModel):
+        raise TypeError(f"method {method!r} returned a {type(out).__name__}, not a peft model")
+    pruned = sorted({int(o) for o in result.pruned_outputs})
+    reapply_pruning(out, sorted(set(ctx.state.pruned_subset_outputs) | set(pruned)))
+    return out, dict(result.info), pruned, time.perf_counter() - t0
+
+
+def request_evidence(
+    model: torch.nn.Module,
+    ctx: RequestContext,
+    *,
+    method: str,
+    method_info: Mapping[str, Any],
+    reference: Reference | None,
+    original: ModelMetrics | None,
+    timings: Mapping[str, float],
+    pruned: Sequence[int] = (),
+) -> dict[str, Any]:
+    """The evidence of one request (JSON): the audit plus what was run on which data.
+
+    ``pruned``: the subset-ID outputs this request's method suppressed."""
+    evidence = audit(
+        model,
+        ctx.tasks,
+        ret=ctx.ret,
+        unl=ctx.unl,
+        val=ctx.heldout,
+        forget_tasks=ctx.partitions.forget_tasks,
+        reference=None if reference is None else reference.metrics,
+        original=original,
+        reference_name="retrain",
+        settings=ctx.settings,
+        seed=ctx.seed,
+        device=ctx.device,
+    ).to_json()
+    if len(ctx.partitions.forget) == 0:
+        evidence["uis"]["reason"] = "nothing left to forget: the request's data is already forgotten"
+    elif reference is None and evidence["uis"].get("reason") is not None:
+        evidence["uis"]["reason"] = (
+            "no retrain reference (settings.audit.retrain_reference is false): UIS is only reported "
+            "against a real retrain on the same retain set"
+        )
+    evidence.update(
+        {
+            "request_id": ctx.spec.request_id,
+            "kind": ctx.spec.kind,
+            "client_id": ctx.resolved.client_id,
+            "stage": ctx.stage,
+            "method": method,
+            "method_info": dict(method_info),
+            "settings": ctx.settings,
+            "seed": ctx.seed,
+            "forget_samples": len(ctx.selection.sample_ids),
+            "full_task": ctx.resolved.full_task,
+            "anchor": {
+                "fraction": float(ctx.settings.get("anchor_fraction", DEFAULT_ANCHOR_FRACTION)),
+                "seed": anchor_seed(ctx.seed, ctx.spec.request_id),
+                "size": len(ctx.partitions.anchor_sample_ids),
+                "sample_ids": list(ctx.partitions.anchor_sample_ids),
+            },
+            "partition_sizes": {
+                "forget": len(ctx.partitions.forget),
+                "retain_task": len(ctx.partitions.retain_task),
+                "retain_inst": len(ctx.partitions.retain_inst),
+                "retain_clean": len(ctx.partitions.retain_clean),
+                "retain_set": len(ctx.retain),
+            },
+            "pruned_subset_outputs": sorted({int(o) for o in pruned}),
+            "timings_s": dict(timings),
+        }
+    )
+    return evidence
 
 
 def run_round(
@@ -323,6 +490,9 @@ def run_round(
     on_progress: ProgressCallback | None = None,
 ) -> RoundOutcome:
     """One unlearning round: the requests in order (one stage each); writes ``adapter_out``."""
+    from worker.unlearning.methods import get_method
+
+    get_method(method)  # unknown method: fail before any work
     inputs = EngineInputs.load(
         workload,
         data_dir=data_dir,
@@ -335,146 +505,75 @@ def run_round(
     state = RoundState.load(Path(adapter_in))
     model = load_adapter(inputs.base, Path(adapter_in), trainable=True, device=device)
     reapply_pruning(model, state.pruned_subset_outputs)
+    # the cached full-data importance belongs to adapter_in's weights (the state records the key;
+    # the digest is recomputed so that a mismatch can never reuse a stale cache)
     cache_key: str | None = adapter_digest(Path(adapter_in))
     evidence: dict[str, dict[str, Any]] = {}
     timings: dict[str, float] = {}
     n = len(requests)
+
     for stage, spec in enumerate(requests, start=1):
-        if on_progress is not None:
-            on_progress(stage - 1, n, f"request {spec.request_id}: {method}")
+
+        def progress(message: str, _stage: int = stage, _id: str = spec.request_id) -> None:
+            if on_progress is not None:
+                on_progress(_stage - 1, n, f"request {_id}: {message}")
+
         t0 = time.perf_counter()
         ctx = request_context(inputs, spec, state, stage=stage, cache_key=cache_key)
-        before = copy.deepcopy(model)
-        t1 = time.perf_counter()
-        model, info, pruned, wall = apply_method(method, model, ctx)
-        advance_state(state, ctx, pruned)
-        cache_key = None  # the adapter changed: cached full-data importance no longer applies
-        reference: PeftModel | None = None
-        t_ref = 0.0
-        if inputs.wants_reference:
-            if on_progress is not None:
-                on_progress(stage - 1, n, f"request {spec.request_id}: retrain reference")
-            tr = time.perf_counter()
-            reference = reference_retrain(
-                inputs.base,
-                ctx.retain,
-                inputs.tasks,
-                inputs.settings,
-                seed=seed,
-                pruned=state.pruned_subset_outputs,
+        t_ctx = time.perf_counter() - t0
+        reference: Reference | None = None
+        info: dict[str, Any]
+        nothing_left = len(ctx.partitions.forget) == 0
+        if inputs.wants_reference and not nothing_left:
+            progress("retrain reference")
+            reference = compute_reference(ctx)
+        original = evaluate(model, ctx)
+        progress(method)
+        if nothing_left:
+            # everything the request names is already forgotten (a repeated request, or a retry
+            # after a purge): nothing to unlearn; pruning of a whole client is still (re)applied
+            pruned = ctx.prune_outputs
+            reapply_pruning(model, sorted(set(state.pruned_subset_outputs) | set(pruned)))
+            info, wall = {"method": method, "skipped": "nothing left to forget"}, 0.0
+        elif method == "retrain" and reference is not None:
+            # the reference *is* the retrain (same retain set, recipe and seed): do not train twice
+            model, info, pruned, wall = (
+                reference.model,
+                {"method": "retrain", "reused_reference": True},
+                ctx.prune_outputs,
+                reference.wall_s,
             )
-            t_ref = time.perf_counter() - tr
-        evidence[spec.request_id] = audit_request(
+        else:
+            model, info, pruned, wall = apply_method(
+                method,
+                model,
+                ctx,
+                mia_target=None if reference is None else reference.mia_target(ctx),
+                on_progress=progress,
+            )
+        advance_state(state, ctx, pruned)
+        cache_key = None  # the adapter changed: a cached full-data importance no longer applies
+        progress("audit")
+        evidence[spec.request_id] = request_evidence(
             model,
             ctx,
-            reference=reference,
-            original=before,
             method=method,
             method_info=info,
-            timings={"partitions_s": t1 - t0, "method_s": wall, "reference_s": t_ref},
+            reference=reference,
+            original=original,
+            pruned=pruned,
+            timings={
+                "partitions_s": t_ctx,
+                "method_s": wall,
+                "reference_s": 0.0 if reference is None else reference.wall_s,
+            },
         )
         timings[spec.request_id] = wall
         if on_progress is not None:
             on_progress(stage, n, f"request {spec.request_id}: done")
     state.version += 1
-    state.importance_cache_key = None
-    save_adapter(model, Path(adapter_out), state)
+    save_adapter(model, Path(adapter_out))
+    # the key the next round's full-data importance is cached under: this version's weights digest
+    state.importance_cache_key = adapter_digest(Path(adapter_out))
+    state.save(Path(adapter_out))
     return RoundOutcome(evidence=evidence, state=state, timings=timings)
-
-
-def reference_retrain(
-    base: MultiHeadNet,
-    retain: Batch,
-    tasks: Sequence[TaskSpec],
-    settings: Mapping[str, Any],
-    *,
-    seed: int,
-    pruned: Sequence[int],
-) -> PeftModel:
-    """The exact reference: a fresh adapter trained on the retain set (v1 recipe), pruning applied."""
-    cfg = TrainConfig.from_settings(settings)
-    model = retrain(base, retain, tasks, cfg, seed=seed)
-    reapply_pruning(model, pruned)
-    return model
-
-
-# ----------------------------------------------------------------------------------------------
-# glue to the methods registry, pruning and audit (worker/unlearning/methods, pruning.py, audit.py)
-# ----------------------------------------------------------------------------------------------
-
-
-def snapshot(model: PeftModel) -> dict[str, torch.Tensor]:
-    """A copy of the trainable parameters (adapter + heads) before a method runs."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def reapply_pruning(model: PeftModel, outputs: Sequence[int]) -> None:
-    """Suppress the subset-ID head's ``outputs`` (persistent pruning, re-applied every round)."""
-    if not outputs:
-        return
-    head = unwrap(model).heads[SUBSET_HEAD]
-    active = getattr(head, "modules_to_save", None)
-    targets = list(active.values()) if isinstance(active, torch.nn.ModuleDict) else [head]
-    with torch.no_grad():
-        for linear in targets:
-            assert isinstance(linear, torch.nn.Linear)
-            idx = torch.tensor(sorted(set(outputs)), dtype=torch.long)
-            linear.weight[idx] = 0.0
-            if linear.bias is not None:
-                linear.bias[idx] = PRUNED_LOGIT
-
-
-def run_method(name: str, model: PeftModel, ctx: RequestContext) -> tuple[PeftModel, dict[str, Any]]:
-    """Run the unlearning method ``name`` on ``model`` for one request; returns the model and info."""
-    if name == "original":
-        return model, {"method": "original"}
-    if name == "retrain":
-        cfg = TrainConfig.from_settings(ctx.settings)
-        fresh = retrain(ctx.base, ctx.retain, ctx.tasks, cfg, seed=ctx.seed)
-        for p in fresh.parameters():
-            if p.requires_grad:
-                p.requires_grad_(True)
-        return fresh, {"method": "retrain", "train_config": cfg.to_json()}
-    raise KeyError(f"unknown unlearning method {name!r}")
-
-
-def audit_request(
-    model: PeftModel,
-    ctx: RequestContext,
-    *,
-    reference: PeftModel | None,
-    original: PeftModel,
-    method: str,
-    method_info: Mapping[str, Any],
-    timings: Mapping[str, float],
-) -> dict[str, Any]:
-    """The evidence of one request (JSON)."""
-    forget_ids = set(ctx.selection.sample_ids)
-    unl = ctx.partitions.forget
-    retained = ctx.retain
-    per_task: dict[str, Any] = {}
-    for t in ctx.tasks:
-        per_task[t.name] = {
-            "ret": _task_metrics(model, retained, [t])[t.name],
-            "unl": _task_metrics(model, unl, [t])[t.name] if t.name in ctx.partitions.forget_tasks else None,
-            "val": _task_metrics(model, ctx.heldout, [t])[t.name],
-        }
-    return {
-        "request_id": ctx.spec.request_id,
-        "stage": ctx.stage,
-        "method": method,
-        "method_info": dict(method_info),
-        "seed": ctx.seed,
-        "forget_samples": len(forget_ids),
-        "forget_tasks": list(ctx.partitions.forget_tasks),
-        "anchor": {
-            "fraction": float(ctx.settings.get("anchor_fraction", DEFAULT_ANCHOR_FRACTION)),
-            "size": len(ctx.partitions.anchor_sample_ids),
-            "sample_ids": list(ctx.partitions.anchor_sample_ids),
-        },
-        "tasks": per_task,
-        "uis": None,
-        "uis_reference": None,
-        "uis_reason": "no retrain reference" if reference is None else "audit module not available",
-        "timings_s": dict(timings),
-    }

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from worker.unlearning.state import RoundState
@@ -38,6 +39,14 @@ class ForgetSelection:
     forget_tasks: list[str]
 
 
+def id_mask(ids: Sequence[str], wanted: Iterable[str]) -> torch.Tensor:
+    """Bool tensor: which of ``ids`` are in ``wanted`` (vectorised with numpy)."""
+    want = np.asarray(sorted(set(wanted)), dtype=np.str_)
+    if len(ids) == 0 or want.size == 0:
+        return torch.zeros(len(ids), dtype=torch.bool)
+    return torch.from_numpy(np.isin(np.asarray(ids, dtype=np.str_), want))
+
+
 def active_samples(data: SampleSet, state: RoundState) -> SampleSet:
     """``data`` without forgotten clients/samples, with forgotten (sample, task) labels ``IGNORE``."""
     keep = [
@@ -51,7 +60,7 @@ def active_samples(data: SampleSet, state: RoundState) -> SampleSet:
     pairs = state.forgotten_pair_set()
     if pairs:
         for t, y in labels.items():
-            mask = torch.tensor([(s, t) in pairs for s in ids], dtype=torch.bool)
+            mask = id_mask(ids, (s for s, task in pairs if task == t))
             y[mask] = IGNORE
     return SampleSet(
         x=data.x[rows], sample_ids=ids, client_ids=[data.client_ids[i] for i in keep], labels=labels
@@ -105,7 +114,7 @@ def build_partitions(
     retain_tasks = [t for t in tasks if t not in selection.forget_tasks]
     active = active_samples(data, state).to_batch(client_index)
     forget_ids = set(selection.sample_ids)
-    is_forget = torch.tensor([s in forget_ids for s in active.sample_ids], dtype=torch.bool)
+    is_forget = id_mask(active.sample_ids, forget_ids)
     x_f = active.select(is_forget)
     x_r = active.select(~is_forget)
     anchor = x_r.select(anchor_indices(len(x_r), anchor_fraction, seed))
@@ -136,7 +145,7 @@ def retain_set(
     if selection is None or not selection.sample_ids:
         return _mask_tasks(active, tasks)
     forget_ids = set(selection.sample_ids)
-    is_forget = torch.tensor([s in forget_ids for s in active.sample_ids], dtype=torch.bool)
+    is_forget = id_mask(active.sample_ids, forget_ids)
     labels = {}
     for t, y in active.labels.items():
         labels[t] = (

@@ -5,10 +5,15 @@ base, trained with ``L = λ1·L_main + λ2·L_aux + λ_dis·(λ_pull·L_pull + �
 the first ``main_only_epochs`` epochs with the main tasks only (λ2 = λ_dis = 0), then with the
 subset-ID head and the disentanglement loss on. ``L_main`` is the weighted sum of the task losses
 (interference paper Eq. 2). ``retrain`` is the same recipe on the retain set only.
+
+Deviation: L_pull / L_push act on the L2-normalised trunk embedding (so ``margin`` is a distance on
+the unit sphere, ≤ 2). On the raw embedding the pull term's scale swamped the task losses and
+collapsed the digits workload (Val 0.11), whatever the margin.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -37,6 +42,9 @@ class TrainConfig:
     margin: float = 1.0
     rank: int = DEFAULT_RANK
     lora_alpha: int = DEFAULT_RANK
+    # Cosine decay of the learning rate from ``lr`` to ``final_lr_fraction·lr`` over the run
+    # (1.0 = constant learning rate).
+    final_lr_fraction: float = 1.0
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> TrainConfig:
@@ -111,13 +119,29 @@ def v1_loss(
 
 
 def train_adapter(
-    model: PeftModel, data: Batch, tasks: Sequence[TaskSpec], cfg: TrainConfig, *, seed: int
+    model: PeftModel,
+    data: Batch,
+    tasks: Sequence[TaskSpec],
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    device: str = "cpu",
 ) -> PeftModel:
-    """Train ``model``'s adapter and heads on ``data`` with the v1 schedule (in place)."""
+    """Train ``model``'s adapter and heads on ``data`` with the v1 schedule (in place, on ``device``)."""
+    model.to(device)
+    data = data.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(seed)
     n = len(data)
+    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    total = max(1, cfg.epochs * steps_per_epoch)
+    floor = cfg.final_lr_fraction
+
+    def factor(step: int) -> float:
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * step / total))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     model.train()
     for epoch in range(cfg.epochs):
         phase_two = epoch >= cfg.main_only_epochs
@@ -128,24 +152,37 @@ def train_adapter(
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
+            sched.step()
     model.eval()
     return model
 
 
 def train_v1(
-    base: MultiHeadNet, data: Batch, tasks: Sequence[TaskSpec], cfg: TrainConfig, *, seed: int
+    base: MultiHeadNet,
+    data: Batch,
+    tasks: Sequence[TaskSpec],
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    device: str = "cpu",
 ) -> PeftModel:
     """The original adapter: fresh LoRA (seeded) on a copy of ``base``, trained on ``data``."""
     model = wrap_lora(base, rank=cfg.rank, alpha=cfg.lora_alpha, seed=seed)
-    return train_adapter(model, data, tasks, cfg, seed=seed)
+    return train_adapter(model, data, tasks, cfg, seed=seed, device=device)
 
 
 def retrain(
-    base: MultiHeadNet, retain: Batch, tasks: Sequence[TaskSpec], cfg: TrainConfig, *, seed: int
+    base: MultiHeadNet,
+    retain: Batch,
+    tasks: Sequence[TaskSpec],
+    cfg: TrainConfig,
+    *,
+    seed: int,
+    device: str = "cpu",
 ) -> PeftModel:
     """Exact unlearning: a fresh adapter trained with the v1 recipe on the retain set only.
 
     ``retain`` must already exclude forgotten instances and carry ``IGNORE`` for forgotten
     (sample, task) labels (see :mod:`worker.unlearning.partitions`).
     """
-    return train_v1(base, retain, tasks, cfg, seed=seed)
+    return train_v1(base, retain, tasks, cfg, seed=seed, device=device)

@@ -141,6 +141,33 @@ class ForgetSpec:
     tasks: list[str]
 
 
+def concat_batches(batches: Sequence[Batch]) -> Batch:
+    """The rows of ``batches`` one after the other (tasks missing from a batch are ``IGNORE``)."""
+    if not batches:
+        raise ValueError("concat_batches needs at least one batch")
+    names: list[str] = []
+    for b in batches:
+        names.extend(n for n in b.labels if n not in names)
+    labels = {
+        n: torch.cat(
+            [
+                b.labels[n]
+                if n in b.labels
+                else torch.full((len(b),), IGNORE, dtype=torch.long, device=b.x.device)
+                for b in batches
+            ]
+        )
+        for n in names
+    }
+    with_ids = all(len(b.sample_ids) == len(b) for b in batches)
+    return Batch(
+        x=torch.cat([b.x for b in batches]),
+        labels=labels,
+        subset=torch.cat([b.subset for b in batches]),
+        sample_ids=[s for b in batches for s in b.sample_ids] if with_ids else [],
+    )
+
+
 def empty_batch(input_shape: Sequence[int], task_names: Sequence[str]) -> Batch:
     """A batch of zero rows with the given per-sample input shape."""
     return Batch(

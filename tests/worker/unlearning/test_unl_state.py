@@ -10,7 +10,7 @@ import torch
 
 from worker.unlearning.adapter_io import load_adapter
 from worker.unlearning.datastore import DataStore
-from worker.unlearning.engine import ForgetSpec, RoundState, prepare, run_round
+from worker.unlearning.engine import ForgetSpec, RoundState, adapter_digest, prepare, run_round
 from worker.unlearning.types import SUBSET_HEAD
 from worker.unlearning.workloads.toy import ToyWorkload
 
@@ -43,7 +43,8 @@ def test_sequential_rounds_hand_state_over(tmp_path: Path) -> None:
         workload, data_dir=dirs["data"], base_dir=dirs["base"], adapter_dir=dirs["v1"], settings={}, seed=0
     )
     assert sorted(prepared.subjects) == ["u0", "u1", "u2"]
-    assert RoundState.load(dirs["v1"]) == RoundState(version=1)
+    v1_state = RoundState.load(dirs["v1"])
+    assert v1_state == RoundState(version=1, importance_cache_key=adapter_digest(dirs["v1"]))
     common = {"data_dir": dirs["data"], "base_dir": dirs["base"], "settings": {}, "seed": 0}
     first = run_round(
         workload,
@@ -74,6 +75,7 @@ def test_sequential_rounds_hand_state_over(tmp_path: Path) -> None:
     assert state.forgotten_clients == ["u0"]
     assert state.pruned_subset_outputs == [0]
     assert state.forgotten_pairs == [("t01000", "side"), ("t01001", "side")]
+    assert state.importance_cache_key == adapter_digest(dirs["v3"])
     evidence = second.evidence["r2"]
     assert evidence["forget_tasks"] == ["side"]
     assert not any(s.startswith("t00") for s in evidence["anchor"]["sample_ids"])

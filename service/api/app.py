@@ -1,0 +1,85 @@
+"""The FastAPI application factory (``uvicorn --factory service.api.app:create_app``).
+
+Nothing is built at import time: settings, the engine and the dispatcher are created by
+:func:`create_app` / the lifespan. This module never imports torch, peft or ``worker``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from service.api import problems
+from service.api.limits import BodySizeLimit
+from service.api.routers import admin, forget_requests, health, serving
+from service.api.state import AppState
+from service.db.session import create_db_engine, make_session_factory
+from service.dispatch import Dispatcher
+from service.settings import Settings
+from service.sweeper import run_sweeper
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """\
+Lethe turns right-to-be-forgotten requests into verified, versioned model updates.
+
+Authenticate with `Authorization: Bearer <key>` (scopes `submit`, `admin`, `serve`; `admin` may
+do everything). Every error is `application/problem+json` (RFC 9457).
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_db_engine(settings.resolved_database_url)
+        dispatcher = Dispatcher(settings.broker_url, timeout_seconds=settings.dispatch_timeout_seconds)
+        state = AppState(
+            settings=settings, engine=engine, sessions=make_session_factory(engine), dispatcher=dispatcher
+        )
+        app.state.lethe = state
+        sweeper = None
+        if dispatcher.enabled and settings.sweep_interval_seconds > 0:
+            sweeper = asyncio.create_task(
+                run_sweeper(state.sessions, dispatcher, interval=settings.sweep_interval_seconds),
+                name="lethe-sweeper",
+            )
+        try:
+            yield
+        finally:
+            if sweeper is not None:
+                sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sweeper
+            dispatcher.close()
+            engine.dispose()
+
+    app = FastAPI(
+        title="Lethe",
+        version="1.0.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = problems.document_problems(
+                get_openapi(
+                    title=app.title, version=app.version, description=app.description, routes=app.routes
+                )
+            )
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    problems.install(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    for router in (forget_requests.router, admin.router, serving.router, health.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,181 @@
+"""``/v1/forget-requests``: submit, read, list (a submitter sees only its own requests)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated
+
+from fastapi import APIRouter, BackgroundTasks, Depends, Header, Query, Response
+from sqlalchemy.orm import Session
+
+from service import lifecycle
+from service.api import presenters, schemas
+from service.api.auth import Principal, require
+from service.api.problems import problem_responses
+from service.api.state import State
+from service.db.models import ForgetRequest
+from service.errors import BadRequestError, NotFoundError
+from service.repositories import events as events_repo
+from service.repositories import models as models_repo
+from service.repositories import requests as requests_repo
+from service.repositories import versions as versions_repo
+
+router = APIRouter(
+    prefix="/v1/forget-requests", tags=["forget requests"], responses=problem_responses(401, 403, 422)
+)
+MAX_SEQ = 2**31 - 1
+Submitter = Annotated[Principal, Depends(require("submit"))]
+
+
+def _visible(session: Session, request_id: str, principal: Principal) -> ForgetRequest:
+    row = requests_repo.get_request(session, request_id)
+    if row is None or (not principal.is_admin and row.api_key_id != principal.key_id):
+        raise NotFoundError(f"forget request {request_id!r} does not exist")
+    return row
+
+
+@router.post(
+    "",
+    status_code=201,
+    summary="Submit a forget request",
+    responses={
+        200: {"model": schemas.ForgetRequestOut, "description": "The request this submission repeats"},
+        **problem_responses(400, 404, 409, 413),
+    },
+)
+def create_forget_request(
+    body: schemas.ForgetRequestIn,
+    response: Response,
+    background: BackgroundTasks,
+    state: State,
+    principal: Submitter,
+    idempotency_key: Annotated[
+        str,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=200,
+            description="Required. The same key and body return the same request; another body: 422.",
+        ),
+    ],
+) -> schemas.ForgetRequestOut:
+    submission = lifecycle.Submission(
+        model=body.model,
+        kind=body.kind,
+        client_id=body.client_id,
+        sample_ids=body.sample_ids,
+        tasks=body.tasks,
+        external_id=body.external_id,
+    )
+    with state.transaction() as session:
+        result = lifecycle.submit(
+            session,
+            submission,
+            idempotency_key=idempotency_key,
+            api_key_id=principal.key_id,
+            actor=principal.actor,
+            due_days=state.settings.due_days,
+        )
+        out = presenters.forget_request(session, result.request)
+    if result.created:
+        background.add_task(state.dispatcher.wake, out.model)
+    response.status_code = 201 if result.created else 200
+    response.headers["Location"] = f"/v1/forget-requests/{out.id}"
+    return out
+
+
+def _decode_cursor(cursor: str) -> int:
+    try:
+        value = base64.urlsafe_b64decode(cursor.encode("ascii") + b"==").decode("ascii")
+        kind, _, seq = value.partition(":")
+        if kind != "seq" or not seq.isascii() or not seq.isdigit() or int(seq) > MAX_SEQ:
+            raise ValueError(value)
+        return int(seq)
+    except (ValueError, UnicodeError, binascii.Error):
+        raise BadRequestError("invalid cursor", field="cursor") from None
+
+
+def _encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode("ascii").rstrip("=")
+
+
+@router.get("", summary="List forget requests (newest first)", responses=problem_responses(400, 404))
+def list_forget_requests(
+    state: State,
+    principal: Submitter,
+    status: Annotated[schemas.RequestStatus | None, Query(description="Only this status.")] = None,
+    model: Annotated[schemas.ModelName | None, Query(description="Only this model.")] = None,
+    cursor: Annotated[str | None, Query(max_length=200, description="From `next_cursor`.")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> schemas.ForgetRequestPage:
+    before = _decode_cursor(cursor) if cursor is not None else None
+    with state.transaction() as session:
+        model_id = None
+        if model is not None:
+            found = models_repo.get_model(session, model)
+            if found is None:
+                raise NotFoundError(f"model {model!r} is not registered", field="model")
+            model_id = found.id
+        rows = requests_repo.list_requests(
+            session,
+            api_key_id=None if principal.is_admin else principal.key_id,
+            statuses=[status] if status else [],
+            model_id=model_id,
+            before_seq=before,
+            limit=limit + 1,
+        )
+        items = presenters.forget_requests(session, rows[:limit])
+    next_cursor = _encode_cursor(rows[limit - 1].seq) if len(rows) > limit else None
+    return schemas.ForgetRequestPage(items=items, next_cursor=next_cursor)
+
+
+@router.get("/{request_id}", summary="One forget request", responses=problem_responses(404))
+def get_forget_request(request_id: str, state: State, principal: Submitter) -> schemas.ForgetRequestOut:
+    with state.transaction() as session:
+        return presenters.forget_request(session, _visible(session, request_id, principal))
+
+
+@router.get(
+    "/{request_id}/events", summary="The request's lifecycle events", responses=problem_responses(404)
+)
+def get_forget_request_events(request_id: str, state: State, principal: Submitter) -> list[schemas.EventOut]:
+    with state.transaction() as session:
+        row = _visible(session, request_id, principal)
+        return [
+            schemas.EventOut(
+                id=e.id,
+                type=e.type,
+                status=e.status,
+                actor=e.actor,
+                at=e.at,
+                detail=e.detail,
+                prev_hash=e.prev_hash,
+                hash=e.hash,
+            )
+            for e in events_repo.events_for_request(session, row.id)
+        ]
+
+
+@router.get(
+    "/{request_id}/evidence",
+    summary="The audit of the round that completed it",
+    responses=problem_responses(404),
+)
+def get_forget_request_evidence(
+    request_id: str, state: State, principal: Submitter
+) -> list[schemas.EvidenceOut]:
+    with state.transaction() as session:
+        row = _visible(session, request_id, principal)
+        evidence = versions_repo.evidence_for_request(session, row.id)
+        numbers = versions_repo.version_numbers(session, [e.version_id for e in evidence])
+        return [
+            schemas.EvidenceOut(
+                request_id=e.request_id,
+                round_id=e.round_id,
+                version=numbers[e.version_id],
+                created_at=e.created_at,
+                payload=e.payload,
+            )
+            for e in evidence
+        ]

@@ -1,0 +1,185 @@
+"""``/v1/models/{model}``: what serving hosts pull: the latest adapter, its files, the base model."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Request, Response
+from fastapi.responses import FileResponse
+from sqlalchemy.orm import Session
+
+from service.api import schemas
+from service.api.auth import Principal, require
+from service.api.problems import problem_responses
+from service.api.state import State
+from service.artifacts import etag_matches, etag_of, resolve_file, sha256_header
+from service.db.models import AdapterVersion, Model
+from service.errors import GoneError, NotFoundError
+from service.repositories import models as models_repo
+from service.repositories import versions as versions_repo
+
+router = APIRouter(prefix="/v1/models", tags=["serving"], responses=problem_responses(401, 403, 404))
+Server = Annotated[Principal, Depends(require("serve"))]
+IfNoneMatch = Annotated[str | None, Header(alias="If-None-Match")]
+MODEL_NAME = re.compile(schemas.MODEL_NAME_PATTERN)
+VERSION = re.compile(r"^[1-9][0-9]{0,8}$")
+
+
+def _model(session: Session, name: str) -> Model:
+    model = models_repo.get_model(session, name) if MODEL_NAME.match(name) else None
+    if model is None:
+        raise NotFoundError(f"model {name!r} is not registered")
+    return model
+
+
+def _version(session: Session, model: Model, version: str) -> AdapterVersion:
+    row = versions_repo.get_version(session, model.id, int(version)) if VERSION.match(version) else None
+    if row is None:
+        raise NotFoundError(f"model {model.name!r} has no adapter version {version!r}")
+    if row.status == "withdrawn":
+        raise GoneError(
+            f"adapter version {row.version} of {model.name!r} was withdrawn",
+            withdrawn_at=row.withdrawn_at.isoformat() if row.withdrawn_at else None,
+        )
+    return row
+
+
+def _files(files: dict[str, Any], url_for: Any) -> list[schemas.FileOut]:
+    return [
+        schemas.FileOut(name=name, sha256=str(d["sha256"]), size=int(d["size"]), url=str(url_for(name)))
+        for name, d in sorted(files.items())
+    ]
+
+
+def _adapter(request: Request, model: Model, row: AdapterVersion) -> schemas.AdapterOut:
+    def url(name: str) -> Any:
+        return request.url_for("download_adapter_file", model=model.name, version=str(row.version), name=name)
+
+    return schemas.AdapterOut(
+        model=model.name,
+        version=row.version,
+        parent=row.parent_version,
+        status="active",
+        created_at=row.created_at,
+        files=_files(row.files, url),
+    )
+
+
+def _metadata_response(
+    payload: schemas.AdapterOut | schemas.BaseModelOut, etag: str, if_none_match: str | None
+) -> Response:
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    return Response(payload.model_dump_json(), media_type="application/json", headers=headers)
+
+
+def _file_response(path: Any, sha256: str, if_none_match: str | None) -> Response:
+    etag = f'"{sha256}"'
+    headers = {"ETag": etag, "Repr-Digest": sha256_header(sha256), "X-Checksum-SHA256": sha256}
+    if etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    return FileResponse(path, media_type="application/octet-stream", headers=headers)
+
+
+@router.get(
+    "/{model}/adapters/latest",
+    summary="The latest active adapter version (ETag; 304 on If-None-Match)",
+    response_model=schemas.AdapterOut,
+    responses={304: {"description": "Not modified"}},
+)
+def latest_adapter(
+    model: str, request: Request, state: State, _: Server, if_none_match: IfNoneMatch = None
+) -> Response:
+    with state.transaction() as session:
+        found = _model(session, model)
+        row = versions_repo.latest_active(session, found.id)
+        if row is None:
+            raise NotFoundError(f"model {model!r} has no adapter version yet ({found.status})")
+        payload = _adapter(request, found, row)
+        etag = etag_of(found.name, row.version, row.files)
+    return _metadata_response(payload, etag, if_none_match)
+
+
+@router.get(
+    "/{model}/adapters/{version}",
+    summary="One adapter version (410 when withdrawn)",
+    response_model=schemas.AdapterOut,
+    responses={304: {"description": "Not modified"}, **problem_responses(410)},
+)
+def adapter_version(
+    model: str, version: str, request: Request, state: State, _: Server, if_none_match: IfNoneMatch = None
+) -> Response:
+    with state.transaction() as session:
+        found = _model(session, model)
+        row = _version(session, found, version)
+        payload = _adapter(request, found, row)
+        etag = etag_of(found.name, row.version, row.files)
+    return _metadata_response(payload, etag, if_none_match)
+
+
+@router.get(
+    "/{model}/adapters/{version}/files/{name}",
+    summary="Download one file of an adapter version (with its SHA-256)",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "The file"},
+        304: {"description": "Not modified"},
+        **problem_responses(410),
+    },
+)
+def download_adapter_file(
+    model: str,
+    version: str,
+    name: str,
+    state: State,
+    _: Server,
+    if_none_match: IfNoneMatch = None,
+) -> Response:
+    with state.transaction() as session:
+        found = _model(session, model)
+        row = _version(session, found, version)
+        location, files = row.location, dict(row.files)
+    path = resolve_file(state.settings.resolved_artifacts_dir, location, name, files)
+    return _file_response(path, str(files[name]["sha256"]), if_none_match)
+
+
+@router.get(
+    "/{model}/base",
+    summary="The frozen base model's files",
+    response_model=schemas.BaseModelOut,
+    responses={304: {"description": "Not modified"}},
+)
+def base_model(
+    model: str, request: Request, state: State, _: Server, if_none_match: IfNoneMatch = None
+) -> Response:
+    with state.transaction() as session:
+        found = _model(session, model)
+        if found.base_location is None:
+            raise NotFoundError(f"model {model!r} has no base model yet ({found.status})")
+
+        def url(name: str) -> Any:
+            return request.url_for("download_base_file", model=found.name, name=name)
+
+        payload = schemas.BaseModelOut(model=found.name, files=_files(found.base_files, url))
+        etag = etag_of(found.name, "base", found.base_files)
+    return _metadata_response(payload, etag, if_none_match)
+
+
+@router.get(
+    "/{model}/base/files/{name}",
+    summary="Download one file of the base model (with its SHA-256)",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}, "description": "The file"}},
+)
+def download_base_file(
+    model: str, name: str, state: State, _: Server, if_none_match: IfNoneMatch = None
+) -> Response:
+    with state.transaction() as session:
+        found = _model(session, model)
+        if found.base_location is None:
+            raise NotFoundError(f"model {model!r} has no base model yet")
+        location, files = found.base_location, dict(found.base_files)
+    path = resolve_file(state.settings.resolved_artifacts_dir, location, name, files)
+    return _file_response(path, str(files[name]["sha256"]), if_none_match)

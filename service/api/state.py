@@ -1,0 +1,39 @@
+"""What the app holds for its lifetime, and the FastAPI dependencies that hand it out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, Request
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db.session import transaction
+from service.dispatch import Dispatcher
+from service.settings import Settings
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    engine: Engine
+    sessions: sessionmaker[Session]
+    dispatcher: Dispatcher
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """The request boundary's unit of work: commit on success, roll back on error."""
+        with transaction(self.sessions) as session:
+            yield session
+
+
+def get_state(request: Request) -> AppState:
+    state = request.app.state.lethe
+    assert isinstance(state, AppState)
+    return state
+
+
+State = Annotated[AppState, Depends(get_state)]

@@ -1,0 +1,49 @@
+"""Read-only access to published files under the artifacts directory (serving side)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from service.errors import NotFoundError
+
+
+def resolve_file(artifacts_dir: Path, location: str, name: str, recorded: dict[str, Any]) -> Path:
+    """The path of a recorded file, or NotFoundError (unrecorded name, escape, missing file).
+
+    Only names the database recorded for the version are served, and the resolved path (symlinks
+    followed) must stay inside the artifacts directory.
+    """
+    if name not in recorded or "/" in name or "\\" in name or name in ("", ".", ".."):
+        raise NotFoundError(f"no file {name!r} here")
+    root = artifacts_dir.resolve()
+    path = (root / location / name).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise NotFoundError(f"file {name!r} is not available")
+    return path
+
+
+def sha256_header(hex_digest: str) -> str:
+    """An RFC 9530 ``Repr-Digest`` value for a SHA-256 hex digest."""
+    return f"sha-256=:{base64.b64encode(bytes.fromhex(hex_digest)).decode('ascii')}:"
+
+
+def etag_of(*parts: Any) -> str:
+    digest = hashlib.sha256(repr(parts).encode("utf-8")).hexdigest()[:32]
+    return f'"{digest}"'
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    if not if_none_match:
+        return False
+    for candidate in if_none_match.split(","):
+        tag = candidate.strip()
+        if tag == "*":
+            return True
+        if tag.startswith("W/"):
+            tag = tag[2:]
+        if tag == etag:
+            return True
+    return False

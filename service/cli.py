@@ -1,0 +1,159 @@
+"""The ``lethe`` console script.
+
+Built-in commands: ``serve``, ``keys create``, ``migrate``, ``sweep``. More commands come from the
+entry-point group ``lethe.cli`` (the worker's ``worker``, ``up``, ``demo``, …); they are loaded only
+when listed or invoked, and one that fails to import breaks nothing else: invoking it prints why.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from importlib.metadata import EntryPoint, entry_points
+
+import click
+from sqlalchemy.engine import make_url
+
+from service.db.models import SCOPES
+from service.settings import Settings
+
+ENTRY_POINT_GROUP = "lethe.cli"
+
+
+def _broken_command(name: str, error: BaseException) -> click.Command:
+    message = f"the command {name!r} is unavailable: {type(error).__name__}: {error}"
+
+    @click.command(
+        name=name,
+        help=f"(unavailable: {type(error).__name__})",
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    )
+    def broken() -> None:
+        raise click.ClickException(message)
+
+    return broken
+
+
+class LetheGroup(click.Group):
+    """A group that adds the commands of the ``lethe.cli`` entry-point group, lazily."""
+
+    def _entry_points(self) -> dict[str, EntryPoint]:
+        return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self._entry_points()))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        builtin = super().get_command(ctx, cmd_name)
+        if builtin is not None:
+            return builtin
+        ep = self._entry_points().get(cmd_name)
+        if ep is None:
+            return None
+        try:
+            loaded = ep.load()
+        except Exception as exc:  # an optional part (e.g. the worker's torch) is missing or broken
+            return _broken_command(cmd_name, exc)
+        if not isinstance(loaded, click.Command):
+            return _broken_command(cmd_name, TypeError(f"{ep.value} is not a click command"))
+        return loaded
+
+
+@click.group(cls=LetheGroup)
+@click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
+def main(log_level: str) -> None:
+    """Lethe: right-to-be-forgotten requests turned into versioned model updates."""
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+
+
+def _is_sqlite(url: str) -> bool:
+    return make_url(url).get_backend_name() == "sqlite"
+
+
+@main.command()
+def migrate() -> None:
+    """Create or upgrade the database to the latest schema."""
+    from service.db import migrate as migrations
+
+    settings = Settings()
+    migrations.upgrade(settings.resolved_database_url)
+    click.echo(f"database at {make_url(settings.resolved_database_url).render_as_string()} is up to date")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--migrate/--no-migrate",
+    "run_migrations",
+    default=None,
+    help="Upgrade the database first (default: only for SQLite, the embedded default).",
+)
+def serve(host: str, port: int, run_migrations: bool | None) -> None:
+    """Run the HTTP API (no torch in this process)."""
+    import uvicorn
+
+    from service.api.app import create_app
+    from service.db import migrate as migrations
+
+    settings = Settings()
+    if run_migrations or (run_migrations is None and _is_sqlite(settings.resolved_database_url)):
+        migrations.upgrade(settings.resolved_database_url)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", proxy_headers=True)
+
+
+@main.group()
+def keys() -> None:
+    """API keys."""
+
+
+@keys.command("create")
+@click.option(
+    "--scope",
+    "scopes",
+    multiple=True,
+    required=True,
+    type=click.Choice(SCOPES),
+    help="submit, admin or serve (repeatable).",
+)
+@click.option("--name", default=None, help="A label for the key.")
+def keys_create(scopes: tuple[str, ...], name: str | None) -> None:
+    """Create an API key and print it (it is shown only this once)."""
+    from service.db.session import create_db_engine, make_session_factory, transaction
+    from service.repositories import keys as keys_repo
+
+    engine = create_db_engine(Settings().resolved_database_url)
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            _, secret = keys_repo.create_key(session, scopes, name=name)
+    finally:
+        engine.dispose()
+    click.echo(secret)
+    click.echo(
+        f"scopes: {', '.join(sorted(set(scopes)))} (store the key now; only its hash is kept)", err=True
+    )
+
+
+@main.command()
+def sweep() -> None:
+    """Send wake-ups once for every model with queued requests and no live lease."""
+    from service.db.session import create_db_engine, make_session_factory
+    from service.dispatch import Dispatcher
+    from service.sweeper import sweep_once
+
+    settings = Settings()
+    if not settings.broker_url:
+        raise click.ClickException("LETHE_BROKER_URL is not set: there is no broker to send wake-ups to")
+    engine = create_db_engine(settings.resolved_database_url)
+    dispatcher = Dispatcher(settings.broker_url, timeout_seconds=settings.dispatch_timeout_seconds)
+    try:
+        woken = sweep_once(make_session_factory(engine), dispatcher)
+    finally:
+        dispatcher.close()
+        engine.dispose()
+    click.echo(f"woke: {', '.join(woken)}" if woken else "nothing to wake")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""Small helpers shared by the API tests."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+
+class ResponseLike(Protocol):
+    """httpx's and the TestClient's (httpx2) responses alike."""
+
+    @property
+    def status_code(self) -> int: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    @property
+    def text(self) -> str: ...
+    def json(self) -> Any: ...
+
+
+def assert_problem(response: ResponseLike, status: int, *, field: str | None = None) -> dict[str, Any]:
+    """The response is an RFC 9457 problem with this status (and names ``field``)."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/problem+json"), response.headers
+    body = response.json()
+    assert isinstance(body, dict)
+    assert body["status"] == status
+    assert isinstance(body["title"], str)
+    assert "type" in body
+    if field is not None:
+        assert body.get("field") == field, body
+    return body
+
+
+def client_body(client_id: str = "c0", model: str = "digits", **extra: Any) -> dict[str, Any]:
+    return {"model": model, "kind": "client", "client_id": client_id, **extra}
+
+
+def task_body(samples: list[str], tasks: list[str], model: str = "digits", **extra: Any) -> dict[str, Any]:
+    return {"model": model, "kind": "task", "sample_ids": samples, "tasks": tasks, **extra}

@@ -1,0 +1,262 @@
+"""POST / GET /v1/forget-requests over the real migrated database, every bad input included."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import rounds
+from service.db.session import transaction
+from tests.service.conftest import Keys
+from tests.service.helpers import assert_problem, client_body, task_body
+
+pytestmark = pytest.mark.usefixtures("ready_model")
+
+
+def post(client: TestClient, keys: Keys, body: Any, key: str | None = "k1", **headers: str) -> Any:
+    h = {**keys.submit, **headers}
+    if key is not None:
+        h["Idempotency-Key"] = key
+    return client.post("/v1/forget-requests", json=body, headers=h)
+
+
+def test_create_replay_and_conflicting_replay(client: TestClient, keys: Keys) -> None:
+    first = post(client, keys, client_body("c1", external_id="DSR-7"))
+    assert first.status_code == 201, first.text
+    created = first.json()
+    assert created["status"] == "queued"
+    assert created["tasks"] == ["digit", "parity"]
+    assert created["external_id"] == "DSR-7"
+    assert first.headers["location"] == f"/v1/forget-requests/{created['id']}"
+    assert created["due_at"] > created["received_at"]
+
+    again = post(client, keys, client_body("c1", external_id="DSR-7"))
+    assert again.status_code == 200
+    assert again.json()["id"] == created["id"]
+
+    other = post(client, keys, client_body("c2"))
+    assert_problem(other, 422, field="Idempotency-Key")
+
+    shown = client.get(f"/v1/forget-requests/{created['id']}", headers=keys.submit)
+    assert shown.status_code == 200
+    assert shown.json() == again.json()
+
+
+def test_task_request(client: TestClient, keys: Keys) -> None:
+    response = post(client, keys, task_body(["s00001", "s00000"], ["parity"]))
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert (body["kind"], body["sample_ids"], body["tasks"]) == ("task", ["s00000", "s00001"], ["parity"])
+
+
+def test_same_subject_pending_returns_the_existing_request(client: TestClient, keys: Keys) -> None:
+    first = post(client, keys, client_body("c0"), key="a")
+    second = post(client, keys, client_body("c0"), key="b")
+    assert (first.status_code, second.status_code) == (201, 200)
+    assert second.json()["id"] == first.json()["id"]
+    listed = client.get("/v1/forget-requests", headers=keys.submit).json()
+    assert len(listed["items"]) == 1
+
+
+def test_missing_idempotency_key_is_400(client: TestClient, keys: Keys) -> None:
+    assert_problem(post(client, keys, client_body(), key=None), 400, field="Idempotency-Key")
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        (client_body(model="nope"), 404, "model"),
+        (client_body(model="Bad Name!"), 422, "model"),
+        (client_body("c99"), 404, "client_id"),
+        (client_body("c0", tasks=["colour"]), 422, "tasks"),
+        (task_body(["s00000", "s99999"], ["digit"]), 404, "sample_ids"),
+        (task_body(["s00000"], ["colour"]), 422, "tasks"),
+        ({"model": "digits", "kind": "task", "sample_ids": ["s00000"]}, 422, None),
+        ({"model": "digits", "kind": "client"}, 422, None),
+        ({"model": "digits", "kind": "client", "client_id": "c0", "sample_ids": ["s00000"]}, 422, None),
+        ({"model": "digits", "kind": "everything", "client_id": "c0"}, 422, "kind"),
+        ({"model": "digits", "kind": "client", "client_id": "c0", "surprise": 1}, 422, "surprise"),
+        ({"model": "digits", "kind": "client", "client_id": 7}, 422, "client_id"),
+        ({"model": "digits", "kind": "client", "client_id": "../../etc"}, 422, "client_id"),
+        (task_body([], ["digit"]), 422, "sample_ids"),
+        (task_body(["s00000"], []), 422, "tasks"),
+        (["not", "an", "object"], 422, None),
+        ("a string", 422, None),
+        (None, 422, None),
+    ],
+)
+def test_bad_inputs(client: TestClient, keys: Keys, body: Any, status: int, field: str | None) -> None:
+    body_out = assert_problem(post(client, keys, body), status, field=field)
+    assert body_out.get("detail")
+
+
+def test_malformed_json_is_400(client: TestClient, keys: Keys) -> None:
+    response = client.post(
+        "/v1/forget-requests",
+        content=b'{"model": "digits", ',
+        headers={**keys.submit, "Idempotency-Key": "x", "Content-Type": "application/json"},
+    )
+    assert_problem(response, 400)
+
+
+def test_oversized_body_is_413(client: TestClient, keys: Keys) -> None:
+    huge = task_body([f"s{i:05d}" for i in range(9000)], ["digit"])
+    assert_problem(post(client, keys, huge), 413)
+
+    def chunks() -> Any:
+        for _ in range(100):
+            yield b" " * 1024
+
+    streamed = client.post(
+        "/v1/forget-requests",
+        content=chunks(),
+        headers={**keys.submit, "Idempotency-Key": "x", "Content-Type": "application/json"},
+    )
+    assert_problem(streamed, 413)
+
+
+def test_model_not_ready_is_409(client: TestClient, keys: Keys) -> None:
+    registered = client.post(
+        "/v1/admin/models", json={"name": "later", "workload": "digits-clients"}, headers=keys.admin
+    )
+    assert registered.status_code == 201, registered.text
+    assert_problem(post(client, keys, client_body(model="later")), 409, field="model")
+
+
+def test_client_already_forgotten_is_409_pointing_at_the_request(
+    client: TestClient, keys: Keys, sessions: sessionmaker[Session]
+) -> None:
+    first = post(client, keys, client_body("c2")).json()
+    with transaction(sessions) as session:
+        claimed = rounds.claim_round(session, "digits", "w", lease_seconds=60, max_requests=4, max_attempts=3)
+        assert claimed is not None
+        rounds.publish_round(
+            session, claimed, location="digits/adapters/x", files={}, evidence={}, withdraw_versions=[]
+        )
+    problem = assert_problem(post(client, keys, client_body("c2"), key="k2"), 409, field="client_id")
+    assert problem["forgotten_by"] == first["id"]
+    # A per-task request on that client's samples is refused too.
+    samples = task_body(["s00008"], ["digit"])
+    assert (
+        assert_problem(post(client, keys, samples, key="k3"), 409, field="sample_ids")["forgotten_by"]
+        == first["id"]
+    )
+    # The replay of the original submission still answers the same request.
+    assert post(client, keys, client_body("c2")).json()["status"] == "completed"
+
+
+def test_auth(client: TestClient, keys: Keys) -> None:
+    url = "/v1/forget-requests"
+    assert_problem(client.post(url, json=client_body(), headers={"Idempotency-Key": "k"}), 401)
+    bad = {"Authorization": "Bearer lethe_nope", "Idempotency-Key": "k"}
+    response = client.post(url, json=client_body(), headers=bad)
+    assert_problem(response, 401)
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert_problem(client.post(url, json=client_body(), headers={"Authorization": "Basic abc"}), 401)
+    assert_problem(client.post(url, json=client_body(), headers={**keys.serve, "Idempotency-Key": "k"}), 403)
+    assert_problem(client.get(url, headers=keys.serve), 403)
+
+
+def test_a_submitter_sees_only_its_own_requests(client: TestClient, keys: Keys) -> None:
+    mine = post(client, keys, client_body("c0")).json()
+    theirs = client.post(
+        "/v1/forget-requests", json=client_body("c1"), headers={**keys.other_submit, "Idempotency-Key": "k1"}
+    ).json()
+    assert theirs["id"] != mine["id"]
+    for suffix in ("", "/events", "/evidence"):
+        assert_problem(client.get(f"/v1/forget-requests/{theirs['id']}{suffix}", headers=keys.submit), 404)
+        assert (
+            client.get(f"/v1/forget-requests/{theirs['id']}{suffix}", headers=keys.admin).status_code == 200
+        )
+    assert [r["id"] for r in client.get("/v1/forget-requests", headers=keys.submit).json()["items"]] == [
+        mine["id"]
+    ]
+    assert len(client.get("/v1/forget-requests", headers=keys.admin).json()["items"]) == 2
+    assert_problem(client.get("/v1/forget-requests/not-a-request", headers=keys.submit), 404)
+
+
+def test_list_filters_and_cursor_pagination(client: TestClient, keys: Keys) -> None:
+    ids = [post(client, keys, client_body(c), key=c).json()["id"] for c in ("c0", "c1", "c2")]
+    seen: list[str] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"limit": 2, **({"cursor": cursor} if cursor else {})}
+        page = client.get("/v1/forget-requests", params=params, headers=keys.submit).json()
+        seen += [r["id"] for r in page["items"]]
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+    assert seen == ids[::-1]
+    queued = client.get(
+        "/v1/forget-requests", params={"status": "queued", "model": "digits"}, headers=keys.submit
+    )
+    assert len(queued.json()["items"]) == 3
+    none = client.get("/v1/forget-requests", params={"status": "completed"}, headers=keys.submit)
+    assert none.json() == {"items": [], "next_cursor": None}
+    assert_problem(
+        client.get("/v1/forget-requests", params={"cursor": "!!"}, headers=keys.submit), 400, field="cursor"
+    )
+    assert_problem(
+        client.get("/v1/forget-requests", params={"status": "done"}, headers=keys.submit), 422, field="status"
+    )
+    assert_problem(
+        client.get("/v1/forget-requests", params={"limit": 0}, headers=keys.submit), 422, field="limit"
+    )
+    assert_problem(
+        client.get("/v1/forget-requests", params={"model": "nope"}, headers=keys.submit), 404, field="model"
+    )
+
+
+def test_events_and_evidence(client: TestClient, keys: Keys, sessions: sessionmaker[Session]) -> None:
+    created = post(client, keys, client_body("c0")).json()
+    with transaction(sessions) as session:
+        claimed = rounds.claim_round(session, "digits", "w", lease_seconds=60, max_requests=4, max_attempts=3)
+        assert claimed is not None
+        rounds.publish_round(
+            session,
+            claimed,
+            location="digits/adapters/x",
+            files={},
+            evidence={created["id"]: {"mia_auc": 0.51}},
+            withdraw_versions=[1],
+        )
+    events = client.get(f"/v1/forget-requests/{created['id']}/events", headers=keys.submit).json()
+    assert [e["type"] for e in events] == ["received", "queued", "claimed", "completed"]
+    assert all(len(e["hash"]) == 64 for e in events)
+    evidence = client.get(f"/v1/forget-requests/{created['id']}/evidence", headers=keys.submit).json()
+    assert evidence[0]["payload"] == {"mia_auc": 0.51}
+    assert evidence[0]["version"] == 2
+    shown = client.get(f"/v1/forget-requests/{created['id']}", headers=keys.submit).json()
+    assert (shown["status"], shown["version"]) == ("completed", 2)
+
+
+WEIRD: list[Any] = [
+    "",
+    "\x00",
+    "a" * 5000,
+    "💥",
+    "../",
+    None,
+    1e308,
+    -1,
+    2**70,
+    [],
+    {},
+    [[]],
+    True,
+    " c0",
+    "\u202e",
+]
+
+
+@pytest.mark.parametrize("field", ["model", "kind", "client_id", "sample_ids", "tasks", "external_id"])
+def test_no_input_makes_it_answer_500(client: TestClient, keys: Keys, field: str) -> None:
+    for i, value in enumerate(WEIRD):
+        body = {**client_body("c0"), field: value}
+        response = post(client, keys, body, key=f"{field}-{i}")
+        assert response.status_code < 500, (value, response.text)
+        if response.status_code >= 400:
+            assert response.headers["content-type"] == "application/problem+json"

@@ -1,0 +1,191 @@
+"""/v1/models/{model}: latest adapter (ETag / 304), file downloads with digests, 410, path tricks."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
+
+from service import rounds
+from service.db.session import transaction
+from service.repositories import models as models_repo
+from service.settings import Settings
+from tests.service.conftest import Keys
+from tests.service.helpers import assert_problem, client_body
+
+
+def write_files(directory: Path, files: dict[str, bytes]) -> dict[str, rounds.FileDigest]:
+    directory.mkdir(parents=True, exist_ok=True)
+    digests = {}
+    for name, content in files.items():
+        (directory / name).write_bytes(content)
+        digests[name] = rounds.FileDigest(sha256=hashlib.sha256(content).hexdigest(), size=len(content))
+    return digests
+
+
+@pytest.fixture
+def served(settings: Settings, sessions: sessionmaker[Session]) -> Path:
+    root = settings.resolved_artifacts_dir
+    v1 = write_files(
+        root / "digits/adapters/0-1",
+        {"adapter_model.safetensors": b"v1-weights", "adapter_config.json": b"{}"},
+    )
+    base = write_files(root / "digits/base", {"model.safetensors": b"base-weights", "config.json": b"{}"})
+    (root.parent / "secret.txt").write_text("do not serve")
+    with transaction(sessions) as session:
+        models_repo.create_model(
+            session, "digits", workload="digits-clients", method="ssd", method_config={}, settings={}
+        )
+        rounds.register_prepared_model(
+            session,
+            "digits",
+            subjects={"c0": ["s00000"], "c1": ["s00001"]},
+            location="digits/adapters/0-1",
+            files=v1,
+            evidence={},
+            tasks=["digit"],
+            base_location="digits/base",
+            base_files=base,
+        )
+    return root
+
+
+def publish_v2(root: Path, sessions: sessionmaker[Session], keys: Keys, client: TestClient) -> None:
+    client.post(
+        "/v1/forget-requests", json=client_body("c0"), headers={**keys.submit, "Idempotency-Key": "k"}
+    )
+    files = write_files(root / "digits/adapters/1-1", {"adapter_model.safetensors": b"v2-weights"})
+    with transaction(sessions) as session:
+        claimed = rounds.claim_round(session, "digits", "w", lease_seconds=60, max_requests=4, max_attempts=3)
+        assert claimed is not None
+        rounds.publish_round(
+            session, claimed, location="digits/adapters/1-1", files=files, evidence={}, withdraw_versions=[1]
+        )
+
+
+@pytest.mark.usefixtures("served")
+def test_latest_with_etag_and_304(client: TestClient, keys: Keys) -> None:
+    response = client.get("/v1/models/digits/adapters/latest", headers=keys.serve)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["version"], body["parent"], body["status"]) == (1, None, "active")
+    files = {f["name"]: f for f in body["files"]}
+    assert files["adapter_model.safetensors"]["sha256"] == hashlib.sha256(b"v1-weights").hexdigest()
+    assert files["adapter_model.safetensors"]["size"] == len(b"v1-weights")
+    etag = response.headers["etag"]
+    cached = client.get("/v1/models/digits/adapters/latest", headers={**keys.serve, "If-None-Match": etag})
+    assert cached.status_code == 304
+    assert cached.headers["etag"] == etag
+    weak = client.get(
+        "/v1/models/digits/adapters/latest", headers={**keys.serve, "If-None-Match": f'"x", W/{etag}'}
+    )
+    assert weak.status_code == 304
+    stale = client.get("/v1/models/digits/adapters/latest", headers={**keys.serve, "If-None-Match": '"old"'})
+    assert stale.status_code == 200
+
+    download = client.get(files["adapter_model.safetensors"]["url"], headers=keys.serve)
+    assert download.status_code == 200
+    assert download.content == b"v1-weights"
+    assert download.headers["x-checksum-sha256"] == hashlib.sha256(b"v1-weights").hexdigest()
+    assert download.headers["repr-digest"].startswith("sha-256=:")
+    again = client.get(
+        files["adapter_model.safetensors"]["url"],
+        headers={**keys.serve, "If-None-Match": download.headers["etag"]},
+    )
+    assert again.status_code == 304
+
+
+def test_new_version_changes_etag_and_withdrawn_is_410(
+    client: TestClient, keys: Keys, served: Path, sessions: sessionmaker[Session]
+) -> None:
+    etag = client.get("/v1/models/digits/adapters/latest", headers=keys.serve).headers["etag"]
+    publish_v2(served, sessions, keys, client)
+    latest = client.get("/v1/models/digits/adapters/latest", headers={**keys.serve, "If-None-Match": etag})
+    assert latest.status_code == 200
+    assert (latest.json()["version"], latest.json()["parent"]) == (2, 1)
+    assert client.get("/v1/models/digits/adapters/2", headers=keys.serve).status_code == 200
+    assert_problem(client.get("/v1/models/digits/adapters/1", headers=keys.serve), 410)
+    gone = client.get("/v1/models/digits/adapters/1/files/adapter_model.safetensors", headers=keys.serve)
+    assert_problem(gone, 410)
+
+
+@pytest.mark.usefixtures("served")
+def test_base_model_files(client: TestClient, keys: Keys) -> None:
+    base = client.get("/v1/models/digits/base", headers=keys.serve)
+    assert base.status_code == 200
+    files = {f["name"]: f for f in base.json()["files"]}
+    assert set(files) == {"model.safetensors", "config.json"}
+    download = client.get(files["model.safetensors"]["url"], headers=keys.serve)
+    assert download.content == b"base-weights"
+    assert download.headers["x-checksum-sha256"] == files["model.safetensors"]["sha256"]
+
+
+@pytest.mark.usefixtures("served")
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/models/digits/adapters/1/files/..%2F..%2F..%2Fsecret.txt",
+        "/v1/models/digits/adapters/1/files/../../../secret.txt",
+        "/v1/models/digits/adapters/1/files/%2e%2e",
+        "/v1/models/digits/adapters/1/files/manifest.json",
+        "/v1/models/digits/adapters/1/files/",
+        "/v1/models/digits/adapters/01/files/adapter_model.safetensors",
+        "/v1/models/digits/adapters/-1",
+        "/v1/models/digits/adapters/1e3",
+        "/v1/models/digits/adapters/99999999999999999999",
+        "/v1/models/digits/adapters/9",
+        "/v1/models/..%2Fdigits/adapters/latest",
+        "/v1/models/DIGITS/adapters/latest",
+        "/v1/models/nope/adapters/latest",
+        "/v1/models/digits/base/files/..%2Fadapters%2F0-1%2Fadapter_config.json",
+        "/v1/models/digits/base/files/%00",
+        "/v1/models/digits/base/files/nope",
+    ],
+)
+def test_path_tricks_are_404(client: TestClient, keys: Keys, path: str) -> None:
+    assert_problem(client.get(path, headers=keys.serve), 404)
+
+
+def test_recorded_names_that_escape_are_404(
+    client: TestClient, keys: Keys, settings: Settings, sessions: sessionmaker[Session]
+) -> None:
+    root = settings.resolved_artifacts_dir
+    (root / "evil").mkdir(parents=True)
+    (root / "evil" / "link").symlink_to(root.parent / "outside.txt")
+    (root.parent / "outside.txt").write_text("secret")
+    with transaction(sessions) as session:
+        models_repo.create_model(
+            session, "evil", workload="digits-clients", method="ssd", method_config={}, settings={}
+        )
+        digest = rounds.FileDigest(sha256="0" * 64, size=1)
+        rounds.register_prepared_model(
+            session,
+            "evil",
+            subjects={},
+            location="../",
+            files={"outside.txt": digest},
+            evidence={},
+            base_location="evil",
+            base_files={"link": digest},
+        )
+    assert_problem(client.get("/v1/models/evil/adapters/1/files/outside.txt", headers=keys.serve), 404)
+    assert_problem(client.get("/v1/models/evil/base/files/link", headers=keys.serve), 404)
+
+
+@pytest.mark.usefixtures("served")
+def test_serving_needs_the_serve_scope(client: TestClient, keys: Keys) -> None:
+    assert_problem(client.get("/v1/models/digits/adapters/latest"), 401)
+    assert_problem(client.get("/v1/models/digits/adapters/latest", headers=keys.submit), 403)
+    assert client.get("/v1/models/digits/adapters/latest", headers=keys.admin).status_code == 200
+
+
+def test_model_without_versions_is_404(client: TestClient, keys: Keys) -> None:
+    created = client.post(
+        "/v1/admin/models", json={"name": "fresh", "workload": "digits-clients"}, headers=keys.admin
+    )
+    assert created.status_code == 201
+    assert_problem(client.get("/v1/models/fresh/adapters/latest", headers=keys.serve), 404)
+    assert_problem(client.get("/v1/models/fresh/base", headers=keys.serve), 404)

@@ -1,0 +1,119 @@
+"""The ``lethe`` console script: keys, migrate, sweep, and plugin commands from entry points."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from importlib.metadata import EntryPoint
+from pathlib import Path
+
+import click
+import httpx
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import create_engine, inspect
+from sqlalchemy.orm import Session
+
+from service import cli
+from service.repositories import keys as keys_repo
+
+plugin = click.Command("hello", callback=lambda: click.echo("hello from a plugin"))
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("LETHE_HOME", str(tmp_path))
+    for name in ("LETHE_DATABASE_URL", "LETHE_BROKER_URL"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path
+
+
+def test_migrate_then_keys_create_prints_a_key_once_and_stores_its_hash(home: Path) -> None:
+    runner = CliRunner()
+    migrated = runner.invoke(cli.main, ["migrate"])
+    assert migrated.exit_code == 0, migrated.output
+    engine = create_engine(f"sqlite:///{home / 'lethe.db'}")
+    assert "forget_requests" in inspect(engine).get_table_names()
+
+    created = runner.invoke(cli.main, ["keys", "create", "--scope", "submit", "--scope", "serve"])
+    assert created.exit_code == 0, created.output
+    secret = created.stdout.strip().splitlines()[0]
+    assert secret.startswith("lethe_")
+    with Session(engine) as session:
+        row = keys_repo.find_active(session, secret)
+        assert row is not None
+        assert row.scopes == ["serve", "submit"]
+        assert row.key_hash != secret
+        assert secret not in row.key_hash
+    engine.dispose()
+
+    wrong = runner.invoke(cli.main, ["keys", "create", "--scope", "root"])
+    assert wrong.exit_code == 2
+
+
+def test_sweep_needs_a_broker(home: Path) -> None:
+    result = CliRunner().invoke(cli.main, ["sweep"])
+    assert result.exit_code == 1
+    assert "LETHE_BROKER_URL" in result.output
+
+
+def test_a_plugin_that_fails_to_import_breaks_nothing_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = [
+        EntryPoint(name="broken", value="no_such_module_xyz:command", group=cli.ENTRY_POINT_GROUP),
+        EntryPoint(name="hello", value=f"{__name__}:plugin", group=cli.ENTRY_POINT_GROUP),
+        EntryPoint(name="notacommand", value="os:sep", group=cli.ENTRY_POINT_GROUP),
+        EntryPoint(name="migrate", value="no_such_module_xyz:command", group=cli.ENTRY_POINT_GROUP),
+    ]
+    monkeypatch.setattr(cli, "entry_points", lambda group: fake)
+    runner = CliRunner()
+    listing = runner.invoke(cli.main, ["--help"])
+    assert listing.exit_code == 0, listing.output
+    assert "broken" in listing.output
+    assert "hello" in listing.output
+    assert runner.invoke(cli.main, ["hello"]).output == "hello from a plugin\n"
+    broken = runner.invoke(cli.main, ["broken", "--anything"])
+    assert broken.exit_code == 1
+    assert "'broken' is unavailable" in broken.output
+    assert "no_such_module_xyz" in broken.output
+    assert runner.invoke(cli.main, ["notacommand"]).exit_code == 1
+    assert "Create or upgrade" in runner.invoke(cli.main, ["migrate", "--help"]).output
+
+
+def test_serve_runs_the_api_on_the_embedded_default(home: Path) -> None:
+    """``lethe serve --port N`` migrates the SQLite default, answers, and a new key works."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    lethe = [sys.executable, "-c", "import sys; from service.cli import main; sys.argv[0] = 'lethe'; main()"]
+    env = {**os.environ, "LETHE_HOME": str(home)}
+    proc = subprocess.Popen([*lethe, "serve", "--port", str(port)], env=env, stderr=subprocess.PIPE)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "lethe serve did not become ready"
+            time.sleep(0.1)
+        key = subprocess.run(
+            [*lethe, "keys", "create", "--scope", "admin"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        response = httpx.get(f"{base}/v1/admin/models", headers={"Authorization": f"Bearer {key}"})
+        assert (response.status_code, response.json()) == (200, [])
+        assert (home / "lethe.db").is_file()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        if proc.stderr is not None:
+            proc.stderr.close()

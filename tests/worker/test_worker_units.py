@@ -1,0 +1,184 @@
+"""Unit tests of the worker's plumbing: watchdog, Celery configuration, GPU discovery, fault hook."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from celery.exceptions import SoftTimeLimitExceeded
+from click.testing import CliRunner
+
+from service.settings import Settings
+from worker import cli
+from worker.celery_app import TASK_NAMES, celery_config
+from worker.config import GPU_QUEUE, WorkerSettings
+from worker.pipeline import fault_pause_hook
+from worker.watchdog import RoundWatchdog
+
+
+class LostError(Exception):
+    pass
+
+
+def test_watchdog_renews_and_detects_lost_lease() -> None:
+    calls: list[float] = []
+
+    def renew() -> None:
+        calls.append(time.monotonic())
+        if len(calls) >= 2:
+            raise LostError("taken over")
+
+    dog = RoundWatchdog(
+        renew=renew, interval=0.05, soft_limit=60, hard_limit=120, lease_lost_types=(LostError,)
+    )
+    with dog:
+        deadline = time.monotonic() + 5
+        while dog.lease_lost is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with pytest.raises(LostError):
+            dog.check()
+    assert dog.renewals == 1
+    assert len(calls) == 2  # no renewal after the loss
+
+
+def test_watchdog_keeps_renewing_after_transient_errors() -> None:
+    attempts: list[int] = []
+
+    def renew() -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise OSError("database blip")
+
+    dog = RoundWatchdog(
+        renew=renew, interval=0.05, soft_limit=60, hard_limit=120, lease_lost_types=(LostError,)
+    )
+    with dog:
+        deadline = time.monotonic() + 5
+        while dog.renewals < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert dog.lease_lost is None
+    assert dog.renewals >= 2
+    dog.check()
+
+
+def test_watchdog_soft_limit_interrupts_the_task_thread() -> None:
+    dog = RoundWatchdog(renew=lambda: None, interval=0.05, soft_limit=0.2, hard_limit=60)
+
+    def busy_round() -> None:
+        with dog:
+            for _ in range(500):  # a Python loop: the asynchronous exception lands between bytecodes
+                time.sleep(0.01)
+
+    with pytest.raises(SoftTimeLimitExceeded):
+        busy_round()
+    assert dog.soft_limit_hit
+
+
+def test_watchdog_hard_limit_ends_the_process() -> None:
+    ended = threading.Event()
+    dog = RoundWatchdog(
+        renew=lambda: None,
+        interval=0.05,
+        soft_limit=0.1,
+        hard_limit=0.3,
+        on_hard_limit=ended.set,
+        interrupt_on_soft_limit=False,
+    )
+    with dog:
+        assert ended.wait(5)
+    with pytest.raises(SoftTimeLimitExceeded):
+        dog.check()
+
+
+def test_celery_config_reliability_settings() -> None:
+    ws = WorkerSettings(soft_time_limit=100, hard_time_limit=200)
+    conf = celery_config(Settings(broker_url="redis://127.0.0.1:1/0"), ws)
+    assert conf["task_acks_late"] is True
+    assert conf["task_reject_on_worker_lost"] is True
+    assert conf["worker_prefetch_multiplier"] == 1
+    assert conf["task_time_limit"] == 200
+    assert conf["task_soft_time_limit"] == 100
+    assert conf["broker_transport_options"]["visibility_timeout"] > ws.hard_time_limit
+    assert conf["task_default_queue"] == GPU_QUEUE
+    assert {conf["task_routes"][name]["queue"] for name in TASK_NAMES} == {GPU_QUEUE}
+
+
+def test_celery_config_needs_a_broker() -> None:
+    with pytest.raises(ValueError, match="BROKER"):
+        celery_config(Settings(broker_url=None), WorkerSettings())
+
+
+def test_worker_settings_validate_limits() -> None:
+    with pytest.raises(ValueError, match="hard_time_limit"):
+        WorkerSettings(soft_time_limit=10, hard_time_limit=5)
+
+
+def test_visible_gpus_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,2")
+    assert cli.visible_gpus() == ["0", "2"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert cli.visible_gpus() == []
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setattr("shutil.which", lambda _name: None)
+    assert cli.visible_gpus() == []
+
+
+def test_fault_pause_hook(tmp_path: Path) -> None:
+    assert fault_pause_hook(None, tmp_path) is None
+    hook = fault_pause_hook("committed:0", tmp_path)
+    assert hook is not None
+    hook("claimed", {})
+    assert not (tmp_path / "fault-committed").exists()
+    hook("committed", {"round_id": 3})
+    assert json.loads((tmp_path / "fault-committed").read_text())["round_id"] == 3
+
+
+def test_supervisor_side_never_imports_torch() -> None:
+    """The parent of the per-GPU workers (and the CLI) must not load torch (no CUDA in a parent)."""
+    code = (
+        "import sys, worker.cli, worker.embedded, worker.celery_app, worker.tasks, worker.pipeline\n"
+        "import service.pull\n"
+        "worker.cli.visible_gpus()\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+        "assert 'worker.unlearning.engine' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_models_create_and_list_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LETHE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("LETHE_DATABASE_URL", raising=False)
+    runner = CliRunner()
+    created = runner.invoke(cli.models_command, ["create", "m-one", "--prepare", "none", "--settings", "{}"])
+    assert created.exit_code == 0, created.output
+    assert "model m-one registered" in created.output
+    again = runner.invoke(cli.models_command, ["create", "m-one", "--prepare", "none"])
+    assert "model m-one exists" in again.output
+    bad = runner.invoke(cli.models_command, ["create", "Bad_Name", "--prepare", "none"])
+    assert bad.exit_code != 0
+    listed = runner.invoke(cli.models_command, ["list", "--json"])
+    assert listed.exit_code == 0, listed.output
+    rows = json.loads(listed.output)
+    assert rows == [
+        {
+            "name": "m-one",
+            "workload": "digits-clients",
+            "method": "default",
+            "status": "preparing",
+            "latest_version": None,
+            "versions": [],
+        }
+    ]
+
+
+def test_one_worker_process_per_gpu() -> None:
+    for gpu in ("0", "3"):
+        args, env = cli.child_command(gpu, "info")
+        assert env["CUDA_VISIBLE_DEVICES"] == gpu
+        assert env["LETHE_WORKER_DEVICE"] == "cuda"
+        assert args[-4:] == ["--gpus", "inherit", "--loglevel", "info"]

@@ -1,0 +1,124 @@
+"""The methods registry and the built-in methods on a toy peft model."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from worker.unlearning.lora import lora_pairs, trainable_head
+from worker.unlearning.methods import MethodContext, MethodResult, available_methods, get_method, register
+from worker.unlearning.model import MultiHeadNet, NetConfig, wrap_lora
+from worker.unlearning.pruning import is_pruned
+from worker.unlearning.types import IGNORE, SUBSET_HEAD, Batch, ClassificationTask, Partitions, concat_batches
+
+TASKS = [ClassificationTask("a", 3), ClassificationTask("b", 2)]
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    net = MultiHeadNet(
+        NetConfig(input_dim=4, hidden_dims=(6,), embed_dim=6, task_outputs={"a": 3, "b": 2}, num_subsets=3)
+    )
+    model = wrap_lora(net, rank=4, seed=0)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for pair in lora_pairs(model):
+            params[pair.b].normal_(0.0, 0.3)
+    return model
+
+
+def _batch(n: int, seed: int, tasks: list[str], subset: int = 0) -> Batch:
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randint(0, 3, (n,), generator=gen)
+    b = torch.randint(0, 2, (n,), generator=gen)
+    return Batch(
+        x=torch.randn(n, 4, generator=gen),
+        labels={
+            "a": a if "a" in tasks else torch.full((n,), IGNORE, dtype=torch.long),
+            "b": b if "b" in tasks else torch.full((n,), IGNORE, dtype=torch.long),
+        },
+        subset=torch.full((n,), subset, dtype=torch.long),
+        sample_ids=[f"{seed}-{i}" for i in range(n)],
+    )
+
+
+def _ctx(model: nn.Module, settings: Mapping[str, Any], tmp: Path | None = None) -> MethodContext:
+    parts = Partitions(
+        forget=_batch(8, 1, ["a", "b"], subset=1),
+        retain_task=_batch(0, 1, []),
+        retain_inst=_batch(8, 2, ["a", "b"]),
+        retain_clean=_batch(0, 2, []),
+        forget_tasks=["a", "b"],
+        retain_tasks=[],
+        anchor_sample_ids=[],
+    )
+    retain = _batch(24, 2, ["a", "b"])
+    return MethodContext(
+        model=model,
+        tasks=TASKS,
+        partitions=parts,
+        full=concat_batches([retain, parts.forget]),
+        heldout=_batch(10, 3, ["a", "b"]),
+        settings=settings,
+        seed=0,
+        prune_outputs=[1],
+        pruned_outputs=[0],
+        cache_dir=tmp,
+        cache_key="v1digest" if tmp is not None else None,
+    )
+
+
+def test_registry_lookup_and_duplicates() -> None:
+    assert {"original", "ssd", "ia", "default"} <= set(available_methods())
+    with pytest.raises(KeyError, match="unknown unlearning method"):
+        get_method("no-such-method")
+
+    def other(ctx: MethodContext) -> MethodResult:
+        return MethodResult(model=ctx.model)
+
+    with pytest.raises(ValueError, match="already registered"):
+        register("ssd")(other)
+
+
+def test_original_is_a_no_op() -> None:
+    model = _model()
+    before = copy.deepcopy(model.state_dict())
+    result = get_method("original")(_ctx(model, {}))
+    assert result.model is model
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert result.pruned_outputs == []
+
+
+def test_default_runs_ssd_then_ia_then_prunes(tmp_path: Path) -> None:
+    settings = {"ssd": {"alpha": 1.0}, "ia": {"lr": 1e-2, "epochs": 2, "batch_size": 4}}
+    model = _model()
+    result = get_method("default")(_ctx(model, settings, tmp_path))
+    assert result.info["stages"] == {"ssd": True, "ia": True, "prune": True}
+    assert result.info["ssd"]["selected"] > 0
+    assert result.info["ia"]["epochs_run"] == 2
+    assert result.pruned_outputs == [1]
+    assert is_pruned(model, 1)
+    assert is_pruned(model, 0)  # earlier rounds' outputs re-applied
+    assert not is_pruned(model, 2)
+    assert list(tmp_path.glob("importance-v1digest-*.safetensors"))  # I_D cached for the adapter
+    # SSD alone through the stage switches equals the ssd method (same seed, same data)
+    m1, m2 = _model(), _model()
+    get_method("default")(_ctx(m1, {**settings, "default": {"ia": False, "prune": False}}))
+    get_method("ssd")(_ctx(m2, settings))
+    assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters(), strict=True))
+    assert not is_pruned(m1, 1)
+
+
+def test_ia_method_leaves_subset_head_alone_and_rejects_unknown_settings() -> None:
+    model = _model()
+    head = trainable_head(model, SUBSET_HEAD).weight.detach().clone()
+    get_method("ia")(_ctx(model, {"ia": {"epochs": 1, "lr": 1e-2}}))
+    assert torch.equal(trainable_head(model, SUBSET_HEAD).weight.detach(), head)
+    with pytest.raises(ValueError, match="unknown default-method settings"):
+        get_method("default")(_ctx(_model(), {"default": {"finetune": True}}))

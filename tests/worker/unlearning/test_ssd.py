@@ -1,0 +1,220 @@
+"""SSD dampening: hand-computed importances and dampening, reference semantics, cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from worker.unlearning.lora import lora_pairs
+from worker.unlearning.model import MultiHeadNet, NetConfig, wrap_lora
+from worker.unlearning.ssd import (
+    SSDConfig,
+    batch_importance,
+    cache_path,
+    dampen,
+    dampening_factors,
+    full_importance,
+    importance_fingerprint,
+    per_sample_importance,
+    ssd,
+)
+from worker.unlearning.types import IGNORE, SUBSET_HEAD, Batch, ClassificationTask
+
+
+@dataclass(frozen=True)
+class HalfSquare:
+    """Regression task: loss ½(out − y)², so each sample's gradient is (w·x − y)·x by hand."""
+
+    name: str = "reg"
+    num_outputs: int = 1
+    weight: float = 1.0
+
+    def per_sample_loss(self, output: Tensor, target: Tensor) -> Tensor:
+        return 0.5 * (output[:, 0] - target.to(output.dtype)) ** 2
+
+    def metric(self, output: Tensor, target: Tensor) -> float:
+        return float(-((output[:, 0] - target) ** 2).mean())
+
+
+def _w(model: nn.Module) -> Tensor:
+    heads = model.heads
+    assert isinstance(heads, nn.ModuleDict)
+    head = heads["reg"]
+    assert isinstance(head, nn.Linear)
+    return head.weight
+
+
+class Linear2(nn.Module):
+    """out["reg"] = w·x with w = (1, 1); a subset-ID head the main-task loss never reaches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heads = nn.ModuleDict({"reg": nn.Linear(2, 1, bias=False), SUBSET_HEAD: nn.Linear(2, 2)})
+        with torch.no_grad():
+            _w(self).copy_(torch.tensor([[1.0, 1.0]]))
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return {name: head(x) for name, head in self.heads.items()}
+
+
+def _batch(x: list[list[float]], y: list[float]) -> Batch:
+    n = len(x)
+    return Batch(
+        x=torch.tensor(x, dtype=torch.float32),
+        labels={"reg": torch.tensor(y, dtype=torch.float32)},
+        subset=torch.zeros(n, dtype=torch.long),
+        sample_ids=[f"s{i}" for i in range(n)],
+    )
+
+
+# D = {(1,0)->0, (0,1)->0, (1,0)->-2}; the last sample is the forget set.
+# Per-sample gradients (w·x − y)·x: (1,0), (0,1), (3,0).
+FULL = _batch([[1, 0], [0, 1], [1, 0]], [0, 0, -2])
+FORGET = _batch([[1, 0]], [-2])
+W = "heads.reg.weight"
+
+
+def test_batch_importance_batch_size_one_is_mean_of_squared_sample_gradients() -> None:
+    imp = batch_importance(Linear2(), FULL, [HalfSquare()], batch_size=1)
+    assert torch.allclose(imp[W], torch.tensor([[10 / 3, 1 / 3]]))
+    # the subset-ID head gets no gradient from the main-task loss: importance 0
+    assert float(imp[f"heads.{SUBSET_HEAD}.weight"].abs().sum()) == 0.0
+
+
+def test_batch_importance_squares_the_batch_mean_gradient() -> None:
+    # one batch of 3: mean gradient (4/3, 1/3), squared (16/9, 1/9) — not the per-sample Fisher
+    imp = batch_importance(Linear2(), FULL, [HalfSquare()], batch_size=3)
+    assert torch.allclose(imp[W], torch.tensor([[16 / 9, 1 / 9]]))
+    imp2 = batch_importance(Linear2(), FULL, [HalfSquare()], batch_size=2)
+    # batches {(1,0),(0,1)}: mean grad (1/2, 1/2); {(1,0)->-2}: (3, 0) -> ((1/4+9)/2, (1/4)/2)
+    assert torch.allclose(imp2[W], torch.tensor([[37 / 8, 1 / 8]]))
+
+
+def test_per_sample_fisher_via_torch_func() -> None:
+    imp = per_sample_importance(Linear2(), FULL, [HalfSquare()])
+    assert torch.allclose(imp[W], torch.tensor([[10 / 3, 1 / 3]]))
+
+
+def test_ssd_on_toy_matches_hand_computation() -> None:
+    # batch_size 1, α = 2, λ = 1: I_D = (10/3, 1/3), I_f = (9, 0) -> select w0, β = (10/3)/9 = 10/27
+    model = Linear2()
+    info = ssd(
+        model,
+        full=FULL,
+        forget=FORGET,
+        tasks=[HalfSquare()],
+        cfg=SSDConfig(alpha=2, lam=1, batch_size=1, shuffle=False),
+    )
+    assert torch.allclose(_w(model).detach(), torch.tensor([[10 / 27, 1.0]]))
+    assert info["selected"] == 1
+    # batch_size 3: I_D = (16/9, 1/9), I_f = (9, 0) -> β = (16/9)/9 = 16/81
+    model = Linear2()
+    ssd(model, full=FULL, forget=FORGET, tasks=[HalfSquare()], cfg=SSDConfig(alpha=2, lam=1, batch_size=3))
+    assert torch.allclose(_w(model).detach(), torch.tensor([[16 / 81, 1.0]]))
+    # reference default α = 10: 9 > 10·16/9 is false, nothing changes
+    model = Linear2()
+    info = ssd(model, full=FULL, forget=FORGET, tasks=[HalfSquare()], cfg=SSDConfig(batch_size=3))
+    assert torch.equal(_w(model).detach(), torch.tensor([[1.0, 1.0]]))
+    assert info["selected"] == 0
+
+
+def test_dampen_rules_including_zero_full_importance() -> None:
+    model = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[2.0, 3.0, 4.0, 5.0]]))
+    full = {"weight": torch.tensor([[0.0, 1.0, 1.0, 0.0]])}
+    forget = {"weight": torch.tensor([[5.0, 0.5, 20.0, 0.0]])}
+    info = dampen(model, full, forget, alpha=10.0, lam=1.0)
+    # I_D = 0 < I_f -> exactly 0; 0.5 > 10 false -> kept; 20 > 10 -> β = 1/20; 0 > 0 false -> kept
+    assert torch.allclose(model.weight.detach(), torch.tensor([[0.0, 3.0, 4.0 / 20, 5.0]]))
+    assert model.weight[0, 0].item() == 0.0
+    assert info["selected"] == 2
+    assert info["zeroed"] == 1
+    selected, beta = dampening_factors(torch.tensor([1.0]), torch.tensor([20.0]), 10.0, 100.0)
+    assert bool(selected.item())
+    assert beta.item() == 1.0  # min(λ·I_D/I_f, 1) caps at 1
+
+
+def _peft_model() -> nn.Module:
+    net = MultiHeadNet(
+        NetConfig(input_dim=5, hidden_dims=(6,), embed_dim=6, task_outputs={"a": 3}, num_subsets=2)
+    )
+    model = wrap_lora(net, rank=4, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for pair in lora_pairs(model):
+            params[pair.b].copy_(torch.randn(params[pair.b].shape, generator=gen) * 0.3)
+    return model
+
+
+def _cls_batch(n: int, seed: int) -> Batch:
+    gen = torch.Generator().manual_seed(seed)
+    return Batch(
+        x=torch.randn(n, 5, generator=gen),
+        labels={"a": torch.randint(0, 3, (n,), generator=gen)},
+        subset=torch.full((n,), IGNORE, dtype=torch.long),
+        sample_ids=[f"x{seed}-{i}" for i in range(n)],
+    )
+
+
+def test_peft_importance_covers_lora_factors_and_trainable_heads_only() -> None:
+    model = _peft_model()
+    imp = batch_importance(model, _cls_batch(8, 0), [ClassificationTask("a", 3)], batch_size=4)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(imp) == trainable
+    assert any(".lora_A." in n for n in imp)
+    assert any(".lora_B." in n for n in imp)
+    assert all(float(imp[n].sum()) > 0 for n in imp if ".lora_" in n or ".heads.a." in n)
+    assert all(float(imp[n].sum()) == 0 for n in imp if f".heads.{SUBSET_HEAD}." in n)
+    assert model.training  # mode restored after the eval-mode computation
+
+
+def test_full_importance_cache_per_adapter_digest(tmp_path: Path) -> None:
+    model = _peft_model()
+    data = _cls_batch(8, 0)
+    tasks = [ClassificationTask("a", 3)]
+    cfg = SSDConfig(batch_size=4)
+    imp, hit = full_importance(model, data, tasks, cfg, cache_dir=tmp_path, adapter_digest="abc123")
+    assert not hit
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    path = cache_path(tmp_path, "abc123", importance_fingerprint(data, cfg, names, 0))
+    assert path.exists()
+    # a hit returns the stored tensors even if the model changed (the digest says it did not)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    again, hit = full_importance(model, data, tasks, cfg, cache_dir=tmp_path, adapter_digest="abc123")
+    assert hit
+    assert all(torch.equal(again[n], imp[n]) for n in imp)
+    _, hit_other = full_importance(model, data, tasks, cfg, cache_dir=tmp_path, adapter_digest="other")
+    assert not hit_other
+    path.write_bytes(b"torn")
+    _, hit_torn = full_importance(model, data, tasks, cfg, cache_dir=tmp_path, adapter_digest="abc123")
+    assert not hit_torn
+    _, hit_other_data = full_importance(
+        model, _cls_batch(9, 1), tasks, cfg, cache_dir=tmp_path, adapter_digest="abc123"
+    )
+    assert not hit_other_data
+
+
+def test_config_rejects_unknown_and_accepts_lambda_key() -> None:
+    assert SSDConfig.from_settings({"alpha": 5, "lambda": 0.5}).lam == 0.5
+    with pytest.raises(ValueError, match="unknown SSD setting"):
+        SSDConfig.from_settings({"alhpa": 1})
+    with pytest.raises(ValueError, match="fisher"):
+        SSDConfig.from_settings({"fisher": "exact"})
+
+
+def test_per_sample_fisher_on_peft_model_equals_batches_of_one() -> None:
+    model = _peft_model()
+    data = _cls_batch(6, 2)
+    tasks = [ClassificationTask("a", 3)]
+    vmapped = per_sample_importance(model, data, tasks, chunk_size=4)
+    looped = batch_importance(model, data, tasks, batch_size=1)
+    assert set(vmapped) == set(looped)
+    assert all(torch.allclose(vmapped[n], looped[n], atol=1e-7, rtol=1e-4) for n in looped)

@@ -1,0 +1,549 @@
+"""Audit evidence of one forget request: task metrics, membership inference, UIS.
+
+- Per task and split (``ret`` retained instances, ``unl`` forgotten instances, ``val`` held out) the
+  task metric.
+- Loss-based MIA (interference paper App. C.1.4): score = −per-sample task loss, ROC-AUC of
+  members vs held-out non-members; ``unl``-vs-``val`` is the headline (``mia_auc``), ``ret``-vs-``val``
+  is recorded (``mia_auc_ret``), with the average precision of the headline attack (``mia_ap``).
+- The logistic-regression attacker of the subset-wise paper §5: features = the concatenated
+  softmaxes of every head (main tasks, then the subset-ID head), forget instances labelled 1,
+  retained instances 0, ``class_weight="balanced"``, 5-fold ``StratifiedKFold``, accuracy of the
+  cross-validated predictions. (The public code passes ``multi_class=``, which current
+  scikit-learn rejects; with two classes lbfgs fits the same model without it.)
+- UIS (interference paper Eqs. 30–31) only against a real retrain reference: forgotten tasks are
+  compared with the retrain reference, retained tasks with the original model; otherwise ``None``
+  with the reason.
+
+Everything returned is a dataclass with ``to_json()`` (NaN becomes ``null``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, average_precision_score
+from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from torch import Tensor, nn
+
+from worker.unlearning.types import IGNORE, SUBSET_HEAD, Batch, Partitions, TaskSpec, concat_batches
+
+UIS_TERMS = ("ret", "unl", "val", "mia")
+
+
+# ----------------------------------------------------------------------------------------------
+# settings
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """Audit settings (``settings["audit"]``; keys the audit does not own are ignored)."""
+
+    attacker_folds: int = 5
+    attacker_max_retain: int = 2000  # retained rows the attacker sees at most (seeded subsample)
+    attacker_max_iter: int = 1000
+    uis_floor: float = 1e-3  # smallest |reference| a UIS term divides by (reference metric 0)
+    batch_size: int = 1024
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any] | None) -> AuditConfig:
+        audit = dict((settings or {}).get("audit", {}) or {})
+        names = {f.name: f.type for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in audit.items():
+            if key in names:
+                kwargs[key] = int(value) if names[key] == "int" else float(value)
+        return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# evidence types
+# ----------------------------------------------------------------------------------------------
+
+
+def _num(value: float | None) -> float | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return float(value)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float):
+        return _num(value)
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+@dataclass
+class TaskMetrics:
+    """One task's metrics on the three splits and its loss-based MIA."""
+
+    ret: float | None
+    unl: float | None
+    val: float | None
+    mia_auc: float | None  # unl-vs-val ROC-AUC (headline)
+    mia_auc_ret: float | None  # ret-vs-val ROC-AUC
+    mia_ap: float | None  # unl-vs-val average precision
+    n_ret: int = 0
+    n_unl: int = 0
+    n_val: int = 0
+
+    def value(self, term: str) -> float | None:
+        """The UIS term ``term`` (``ret``, ``unl``, ``val``, ``mia``)."""
+        return _num(self.mia_auc if term == "mia" else getattr(self, term))
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = _jsonable(asdict(self))
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> TaskMetrics:
+        def f(key: str) -> float | None:
+            v = data.get(key)
+            return None if v is None else float(v)
+
+        return cls(
+            ret=f("ret"),
+            unl=f("unl"),
+            val=f("val"),
+            mia_auc=f("mia_auc"),
+            mia_auc_ret=f("mia_auc_ret"),
+            mia_ap=f("mia_ap"),
+            n_ret=int(data.get("n_ret", 0)),
+            n_unl=int(data.get("n_unl", 0)),
+            n_val=int(data.get("n_val", 0)),
+        )
+
+
+@dataclass
+class ModelMetrics:
+    """:class:`TaskMetrics` per task of one model (the method's, the original's or the retrain's)."""
+
+    tasks: dict[str, TaskMetrics]
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: m.to_json() for name, m in self.tasks.items()}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ModelMetrics:
+        return cls(tasks={str(k): TaskMetrics.from_json(v) for k, v in data.items()})
+
+    def mia_target(self, tasks: Sequence[str]) -> dict[str, float]:
+        """The unl-vs-val AUCs of ``tasks`` (an early-stopping target taken from a reference)."""
+        out: dict[str, float] = {}
+        for t in tasks:
+            v = self.tasks[t].mia_auc if t in self.tasks else None
+            if v is not None:
+                out[t] = float(v)
+        return out
+
+
+@dataclass
+class AttackerResult:
+    """The logistic-regression attacker (forget = 1 vs retain = 0), cross-validated accuracy."""
+
+    accuracy: float | None
+    folds: int
+    n_forget: int
+    n_retain: int
+    features: list[str]
+    reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = _jsonable(asdict(self))
+        return out
+
+
+@dataclass
+class UISResult:
+    """UIS (Eqs. 30–31) or ``None`` with the reason; per task its reference and terms."""
+
+    value: float | None
+    reference: str | None  # name of the retrain reference used, None when UIS is not reported
+    reason: str | None
+    per_task: dict[str, float | None] = field(default_factory=dict)
+    task_reference: dict[str, str] = field(default_factory=dict)  # task -> "retrain" | "original"
+    terms: dict[str, dict[str, float | None]] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = _jsonable(asdict(self))
+        return out
+
+
+@dataclass
+class AuditEvidence:
+    """The audit of one request: per task metrics (method), attacker, UIS and the references."""
+
+    tasks: dict[str, TaskMetrics]
+    forget_tasks: list[str]
+    retain_tasks: list[str]
+    attacker: AttackerResult
+    uis: UISResult
+    reference: str | None  # which retrain reference UIS used (None: none given)
+    reference_metrics: ModelMetrics | None = None
+    original_metrics: ModelMetrics | None = None
+
+    @property
+    def mia_auc(self) -> dict[str, float | None]:
+        """Headline unl-vs-val AUC per forgotten task."""
+        return {t: self.tasks[t].mia_auc for t in self.forget_tasks if t in self.tasks}
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "tasks": {name: m.to_json() for name, m in self.tasks.items()},
+            "forget_tasks": list(self.forget_tasks),
+            "retain_tasks": list(self.retain_tasks),
+            "mia": {
+                "kind": "loss",
+                "score": "-per_sample_loss",
+                "headline": "unl_vs_val",
+                "unl_vs_val": _jsonable(self.mia_auc),
+            },
+            "attacker": self.attacker.to_json(),
+            "uis": self.uis.to_json(),
+            "reference": self.reference,
+            "reference_metrics": None if self.reference_metrics is None else self.reference_metrics.to_json(),
+            "original_metrics": None if self.original_metrics is None else self.original_metrics.to_json(),
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# primitives
+# ----------------------------------------------------------------------------------------------
+
+
+def loss_mia_auc(member_losses: Tensor, nonmember_losses: Tensor) -> float | None:
+    """ROC-AUC of the loss attack: score = −loss, members = 1. ``None`` if a side is empty.
+
+    The Mann–Whitney form (ties count one half), equal to ``sklearn.metrics.roc_auc_score`` and
+    without its per-call validation cost (early stopping calls it every epoch).
+    """
+    m = member_losses.detach().double().cpu().reshape(-1)
+    n = nonmember_losses.detach().double().cpu().reshape(-1)
+    n_m, n_n = int(m.numel()), int(n.numel())
+    if n_m == 0 or n_n == 0:
+        return None
+    score = -torch.cat([m, n])
+    ranks = _average_ranks(score)
+    u = float(ranks[:n_m].sum()) - n_m * (n_m + 1) / 2.0
+    return u / (n_m * n_n)
+
+
+def _average_ranks(values: Tensor) -> Tensor:
+    """1-based ranks of ``values`` with ties given their average rank (vectorised)."""
+    sorted_vals, order = torch.sort(values, stable=True)
+    _, inverse, counts = torch.unique_consecutive(sorted_vals, return_inverse=True, return_counts=True)
+    ends = torch.cumsum(counts, 0).to(torch.float64)  # last 1-based rank of each tie group
+    avg = ends - (counts.to(torch.float64) - 1.0) / 2.0
+    ranks = torch.empty_like(values, dtype=torch.float64)
+    ranks[order] = avg[inverse]
+    return ranks
+
+
+def loss_mia_ap(member_losses: Tensor, nonmember_losses: Tensor) -> float | None:
+    """Average precision of the loss attack (members positive). ``None`` if a side is empty."""
+    m = member_losses.detach().double().cpu().reshape(-1)
+    n = nonmember_losses.detach().double().cpu().reshape(-1)
+    if m.numel() == 0 or n.numel() == 0:
+        return None
+    y = np.concatenate([np.ones(m.numel()), np.zeros(n.numel())])
+    score = -np.concatenate([m.numpy(), n.numpy()])
+    return float(average_precision_score(y, score))
+
+
+def logistic_attack(
+    forget_features: np.ndarray,
+    retain_features: np.ndarray,
+    *,
+    folds: int = 5,
+    seed: int = 0,
+    max_iter: int = 1000,
+    feature_names: Sequence[str] = (),
+) -> AttackerResult:
+    """Cross-validated accuracy of a balanced logistic regression telling forget (1) from retain (0)."""
+    n_f, n_r = int(forget_features.shape[0]), int(retain_features.shape[0])
+    k = min(folds, n_f, n_r)
+    names = list(feature_names)
+    if k < 2:
+        return AttackerResult(None, k, n_f, n_r, names, reason="fewer than 2 samples in a class")
+    X = np.nan_to_num(np.concatenate([forget_features, retain_features]).astype(np.float64))
+    y = np.concatenate([np.ones(n_f, dtype=np.int64), np.zeros(n_r, dtype=np.int64)])
+    clf = LogisticRegression(class_weight="balanced", max_iter=max_iter)
+    cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=ConvergenceWarning)
+        pred = cross_val_predict(clf, X, y, cv=cv)
+    reason = None if k == folds else f"{k} folds (a class has fewer than {folds} samples)"
+    return AttackerResult(float(accuracy_score(y, pred)), k, n_f, n_r, names, reason=reason)
+
+
+def _relative(value: float | None, ref: float | None, floor: float) -> float | None:
+    if value is None or ref is None:
+        return None
+    return abs(value - ref) / max(abs(ref), floor)
+
+
+def unlearning_impact_score(
+    metrics: ModelMetrics,
+    *,
+    forget_tasks: Sequence[str],
+    reference: ModelMetrics | None,
+    original: ModelMetrics | None,
+    reference_name: str = "retrain",
+    floor: float = 1e-3,
+) -> UISResult:
+    """UIS (Eqs. 30–31): mean over tasks of Σ_{ret,unl,val,mia} |s − s̄| / s̄.
+
+    s̄ is the retrain reference's metric for forgotten tasks and the original model's for retained
+    tasks. A term whose value is missing on either side (e.g. no samples) is left out of its task's
+    sum and listed as ``None`` in ``terms``; s̄ is floored at ``floor`` in the denominator. Returns
+    ``value=None`` with the reason when no retrain reference is given, when a retained task has no
+    original metrics, or when a task has no term at all.
+    """
+    task_names = list(metrics.tasks)
+    if reference is None:
+        return UISResult(None, None, "no retrain reference given: UIS is only reported against one")
+    per_task: dict[str, float | None] = {}
+    task_ref: dict[str, str] = {}
+    terms: dict[str, dict[str, float | None]] = {}
+    for t in task_names:
+        if t in forget_tasks:
+            ref_model, ref_name = reference, "retrain"
+        else:
+            if original is None:
+                return UISResult(None, None, f"retained task {t!r} needs the original model's metrics")
+            ref_model, ref_name = original, "original"
+        if t not in ref_model.tasks:
+            return UISResult(None, None, f"the {ref_name} metrics lack task {t!r}")
+        task_ref[t] = ref_name
+        mine, ref = metrics.tasks[t], ref_model.tasks[t]
+        terms[t] = {k: _relative(mine.value(k), ref.value(k), floor) for k in UIS_TERMS}
+        present = [v for v in terms[t].values() if v is not None]
+        per_task[t] = float(sum(present)) if present else None
+    missing = [t for t, v in per_task.items() if v is None]
+    if missing or not per_task:
+        return UISResult(None, None, f"no comparable metric for tasks {missing}", per_task, task_ref, terms)
+    value = float(sum(v for v in per_task.values() if v is not None) / len(per_task))
+    return UISResult(value, reference_name, None, per_task, task_ref, terms)
+
+
+# ----------------------------------------------------------------------------------------------
+# model evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def model_outputs(model: nn.Module, x: Tensor, *, batch_size: int = 1024) -> dict[str, Tensor]:
+    """``model(x)`` in eval mode without gradients, in chunks (training mode restored after)."""
+    was_training = model.training
+    model.eval()
+    chunks: list[dict[str, Tensor]] = []
+    try:
+        with torch.no_grad():
+            for start in range(0, max(int(x.shape[0]), 1), batch_size):
+                part = x[start : start + batch_size]
+                if int(part.shape[0]) == 0 and chunks:
+                    break
+                chunks.append({k: v.detach() for k, v in model(part).items()})
+    finally:
+        model.train(was_training)
+    return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
+
+
+def _task_losses(task: TaskSpec, out: Tensor, target: Tensor) -> Tensor:
+    supervised = target != IGNORE
+    return task.per_sample_loss(out, target)[supervised]
+
+
+def _metric(task: TaskSpec, out: Tensor, target: Tensor) -> float | None:
+    if not bool((target != IGNORE).any()):
+        return None
+    return _num(task.metric(out, target))
+
+
+def evaluate_model(
+    model: nn.Module,
+    tasks: Sequence[TaskSpec],
+    *,
+    ret: Batch,
+    unl: Batch,
+    val: Batch,
+    device: str = "cpu",
+    batch_size: int = 1024,
+) -> ModelMetrics:
+    """Task metric per split and the loss-based MIA AUCs of every task."""
+    outs = {
+        split: model_outputs(model, b.x.to(device), batch_size=batch_size) if len(b) else None
+        for split, b in (("ret", ret), ("unl", unl), ("val", val))
+    }
+    batches = {"ret": ret, "unl": unl, "val": val}
+    result: dict[str, TaskMetrics] = {}
+    for task in tasks:
+        metric: dict[str, float | None] = {}
+        losses: dict[str, Tensor] = {}
+        counts: dict[str, int] = {}
+        for split, b in batches.items():
+            out = outs[split]
+            if out is None or task.name not in b.labels:
+                metric[split], losses[split], counts[split] = None, torch.zeros(0), 0
+                continue
+            y = b.labels[task.name].to(device)
+            metric[split] = _metric(task, out[task.name], y)
+            losses[split] = _task_losses(task, out[task.name], y)
+            counts[split] = int(losses[split].numel())
+        result[task.name] = TaskMetrics(
+            ret=metric["ret"],
+            unl=metric["unl"],
+            val=metric["val"],
+            mia_auc=loss_mia_auc(losses["unl"], losses["val"]),
+            mia_auc_ret=loss_mia_auc(losses["ret"], losses["val"]),
+            mia_ap=loss_mia_ap(losses["unl"], losses["val"]),
+            n_ret=counts["ret"],
+            n_unl=counts["unl"],
+            n_val=counts["val"],
+        )
+    return ModelMetrics(tasks=result)
+
+
+def forget_mia(
+    model: nn.Module, tasks: Sequence[TaskSpec], forget: Batch, heldout: Batch, *, device: str = "cpu"
+) -> dict[str, float]:
+    """Unl-vs-val loss-MIA AUC per task supervised in ``forget`` (early stopping uses it)."""
+    if len(forget) == 0 or len(heldout) == 0:
+        return {}
+    out_f = model_outputs(model, forget.x.to(device))
+    out_v = model_outputs(model, heldout.x.to(device))
+    aucs: dict[str, float] = {}
+    for task in tasks:
+        if task.name not in forget.labels or task.name not in heldout.labels:
+            continue
+        auc = loss_mia_auc(
+            _task_losses(task, out_f[task.name], forget.labels[task.name].to(device)),
+            _task_losses(task, out_v[task.name], heldout.labels[task.name].to(device)),
+        )
+        if auc is not None:
+            aucs[task.name] = auc
+    return aucs
+
+
+def softmax_features(
+    model: nn.Module, tasks: Sequence[TaskSpec], x: Tensor, *, batch_size: int = 1024
+) -> tuple[np.ndarray, list[str]]:
+    """Concatenated head softmaxes (main tasks in order, then the subset-ID head if present)."""
+    out = model_outputs(model, x, batch_size=batch_size)
+    keys = [t.name for t in tasks] + ([SUBSET_HEAD] if SUBSET_HEAD in out else [])
+    probs = [torch.softmax(out[k].double(), dim=-1) for k in keys]
+    names = [f"{k}[{i}]" for k, p in zip(keys, probs, strict=True) for i in range(int(p.shape[-1]))]
+    return torch.cat(probs, dim=-1).cpu().numpy(), names
+
+
+def unique_rows(batch: Batch) -> Batch:
+    """``batch`` with one row per sample id (first occurrence); unchanged without sample ids."""
+    if len(batch.sample_ids) != len(batch):
+        return batch
+    seen: set[str] = set()
+    keep: list[int] = []
+    for i, s in enumerate(batch.sample_ids):
+        if s not in seen:
+            seen.add(s)
+            keep.append(i)
+    return batch.select(torch.tensor(keep, dtype=torch.long))
+
+
+def unl_split(partitions: Partitions) -> Batch:
+    """The Unl split: the forgotten instances X_f with every label they have (D_f ∪ D_r^task)."""
+    parts = [b for b in (partitions.forget, partitions.retain_task) if len(b)]
+    return concat_batches(parts) if parts else partitions.forget
+
+
+# ----------------------------------------------------------------------------------------------
+# the audit
+# ----------------------------------------------------------------------------------------------
+
+
+def audit(
+    model: nn.Module,
+    tasks: Sequence[TaskSpec],
+    *,
+    ret: Batch,
+    unl: Batch,
+    val: Batch,
+    forget_tasks: Sequence[str],
+    reference: ModelMetrics | None = None,
+    original: ModelMetrics | None = None,
+    reference_name: str = "retrain",
+    settings: Mapping[str, Any] | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+) -> AuditEvidence:
+    """Audit ``model`` after one request.
+
+    ``ret``: retained instances (the retain set, all their retained labels); ``unl``: the forgotten
+    instances with every label they have (:func:`unl_split`); ``val``: held out.
+    ``reference``: the metrics of a *real* retrain on the same retain set (``evaluate_model`` on the
+    same splits) — UIS is reported only with it; ``original``: the metrics of the model before the
+    request (needed for retained tasks in partial-task requests).
+    """
+    cfg = AuditConfig.from_settings(settings)
+    metrics = evaluate_model(
+        model, tasks, ret=ret, unl=unl, val=val, device=device, batch_size=cfg.batch_size
+    )
+    attacker = _attack(model, tasks, unl, ret, cfg, seed=seed, device=device)
+    uis = unlearning_impact_score(
+        metrics,
+        forget_tasks=forget_tasks,
+        reference=reference,
+        original=original,
+        reference_name=reference_name,
+        floor=cfg.uis_floor,
+    )
+    return AuditEvidence(
+        tasks=metrics.tasks,
+        forget_tasks=[t.name for t in tasks if t.name in forget_tasks],
+        retain_tasks=[t.name for t in tasks if t.name not in forget_tasks],
+        attacker=attacker,
+        uis=uis,
+        reference=None if reference is None else reference_name,
+        reference_metrics=reference,
+        original_metrics=original,
+    )
+
+
+def _attack(
+    model: nn.Module,
+    tasks: Sequence[TaskSpec],
+    unl: Batch,
+    ret: Batch,
+    cfg: AuditConfig,
+    *,
+    seed: int,
+    device: str,
+) -> AttackerResult:
+    forget = unique_rows(unl)
+    retain = unique_rows(ret)
+    if len(retain) > cfg.attacker_max_retain:
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(retain), generator=gen)[: cfg.attacker_max_retain].sort().values
+        retain = retain.select(idx)
+    if len(forget) == 0 or len(retain) == 0:
+        return AttackerResult(None, 0, len(forget), len(retain), [], reason="empty forget or retain set")
+    f_feat, names = softmax_features(model, tasks, forget.x.to(device), batch_size=cfg.batch_size)
+    r_feat, _ = softmax_features(model, tasks, retain.x.to(device), batch_size=cfg.batch_size)
+    return logistic_attack(
+        f_feat,
+        r_feat,
+        folds=cfg.attacker_folds,
+        seed=seed,
+        max_iter=cfg.attacker_max_iter,
+        feature_names=names,
+    )

@@ -1,0 +1,171 @@
+"""Gradients of the main-task loss with ``torch.func`` (``functional_call`` + ``grad`` / ``vmap`` /
+``jacrev``): per sample, per mini-batch, and per (partition, task) in one vectorised call.
+
+All functions take the parameters by name (names of ``model.named_parameters()``); parameters not
+named are read from the module as constants. The model is put in eval mode for the call (no
+dropout; the SSD reference computes importances in eval mode) and its mode is restored after.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import cast
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jacrev, vmap
+
+from worker.unlearning.types import IGNORE, Batch, TaskSpec, concat_batches, main_task_loss, main_task_losses
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _params(model: nn.Module, names: Sequence[str]) -> dict[str, Tensor]:
+    all_params = dict(model.named_parameters())
+    return {n: all_params[n].detach() for n in names}
+
+
+def _forward(model: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> dict[str, Tensor]:
+    out = functional_call(model, dict(params), (x,))
+    return cast(dict[str, Tensor], out)
+
+
+def batch_grad(
+    model: nn.Module, names: Sequence[str], batch: Batch, tasks: Sequence[TaskSpec]
+) -> dict[str, Tensor]:
+    """Gradient of the batch's mean main-task loss (:func:`types.main_task_loss`)."""
+
+    def loss(params: dict[str, Tensor]) -> Tensor:
+        return main_task_loss(_forward(model, params, batch.x), batch.labels, tasks)
+
+    with eval_mode(model):
+        out = grad(loss)(_params(model, names))
+    return cast(dict[str, Tensor], out)
+
+
+def per_sample_grads(
+    model: nn.Module,
+    names: Sequence[str],
+    batch: Batch,
+    tasks: Sequence[TaskSpec],
+    *,
+    chunk_size: int | None = None,
+) -> dict[str, Tensor]:
+    """``{name: [N, *shape]}``: the gradient of each sample's weighted main-task loss
+    (:func:`types.main_task_losses`; 0 for a sample without supervision), via ``vmap(grad)``."""
+
+    def one(params: dict[str, Tensor], x: Tensor, labels: dict[str, Tensor]) -> Tensor:
+        outputs = _forward(model, params, x.unsqueeze(0))
+        return main_task_losses(outputs, {k: v.unsqueeze(0) for k, v in labels.items()}, tasks).sum()
+
+    labels = {t.name: batch.labels[t.name] for t in tasks}
+    with eval_mode(model):
+        fn = vmap(grad(one), in_dims=(None, 0, 0), chunk_size=chunk_size)
+        out = fn(_params(model, names), batch.x, labels)
+    return cast(dict[str, Tensor], out)
+
+
+def task_loss_matrix(
+    outputs: Mapping[str, Tensor],
+    labels: Mapping[str, Tensor],
+    tasks: Sequence[TaskSpec],
+    part: Tensor,
+    num_parts: int,
+) -> Tensor:
+    """``L[p, t] = Σ_{i∈p} w_t·ℓ_{i,t} / N_p`` with ``N_p`` the supervised (sample, task) pairs of
+    partition ``p`` (rows ``part == p``), so that ``L[p].sum()`` is partition ``p``'s
+    :func:`types.main_task_loss` (0 for an empty partition)."""
+    per_task = torch.stack(
+        [t.weight * t.per_sample_loss(outputs[t.name], labels[t.name]) for t in tasks], dim=-1
+    )  # [N, T]
+    supervised = torch.stack([(labels[t.name] != IGNORE) for t in tasks], dim=-1).to(per_task.dtype)
+    onehot = torch.nn.functional.one_hot(part, num_parts).to(per_task.dtype)  # [N, P]
+    sums = onehot.T @ per_task  # [P, T]
+    counts = (onehot.T @ supervised).sum(-1, keepdim=True)  # [P, 1]
+    return sums / torch.clamp(counts, min=1.0)
+
+
+def partition_task_grads(
+    model: nn.Module,
+    names: Sequence[str],
+    batches: Sequence[Batch],
+    tasks: Sequence[TaskSpec],
+    *,
+    backend: str = "autograd",
+) -> dict[str, Tensor]:
+    """``{name: [P, T, *shape]}``: the gradient of each partition's loss restricted to each task
+    (:func:`task_loss_matrix`) in one forward pass and one vectorised backward.
+
+    Summing over ``T`` gives the gradient of the partition's mean main-task loss. Only the
+    (partition, task) pairs with supervision are differentiated (the others are 0). ``backend``:
+    ``"autograd"`` (default) = ``torch.autograd.grad(..., is_grads_batched=True)``, the backward
+    vmapped over the one-hot cotangents; ``"func"`` = ``torch.func.jacrev`` over
+    ``functional_call``. Both compute the same vector–Jacobian products; the first avoids
+    ``functional_call``'s per-call re-parametrisation (≈ 4× faster on the small models here).
+    """
+    P, T = len(batches), len(tasks)
+    present = [(p, b) for p, b in enumerate(batches) if len(b)]
+    params = _params(model, names)
+    out: dict[str, Tensor] = {
+        n: torch.zeros((P * T, *v.shape), dtype=v.dtype, device=v.device) for n, v in params.items()
+    }
+    if not present:
+        return {n: v.reshape(P, T, *v.shape[1:]) for n, v in out.items()}
+    joined = concat_batches([b for _, b in present])
+    part = torch.cat([torch.full((len(b),), p, dtype=torch.long, device=joined.x.device) for p, b in present])
+    labels = {t.name: joined.labels[t.name] for t in tasks}
+    supervised = torch.stack([labels[t.name] != IGNORE for t in tasks], dim=-1).to(torch.float32)
+    onehot = torch.nn.functional.one_hot(part, P).to(torch.float32)
+    live = ((onehot.T @ supervised) > 0).reshape(-1)  # [P*T]
+    index = live.nonzero(as_tuple=True)[0]
+    k = int(index.numel())
+    if k == 0:
+        return {n: v.reshape(P, T, *v.shape[1:]) for n, v in out.items()}
+
+    if backend == "func":
+
+        def losses(prm: dict[str, Tensor]) -> Tensor:
+            matrix = task_loss_matrix(_forward(model, prm, joined.x), labels, tasks, part, P)
+            return matrix.reshape(-1)[index]
+
+        with eval_mode(model):
+            jac = cast(dict[str, Tensor], jacrev(losses)(params))
+    elif backend == "autograd":
+        live_params = dict(model.named_parameters())
+        tensors = [live_params[n] for n in names]
+        with eval_mode(model), torch.enable_grad():
+            matrix = task_loss_matrix(model(joined.x), labels, tasks, part, P)
+            selected = matrix.reshape(-1)[index]
+            cotangents = torch.eye(k, dtype=selected.dtype, device=selected.device)
+            grads = torch.autograd.grad(
+                selected, tensors, grad_outputs=cotangents, is_grads_batched=True, allow_unused=True
+            )
+        jac = {
+            n: torch.zeros((k, *t.shape), dtype=t.dtype, device=t.device) if g is None else g.detach()
+            for n, t, g in zip(names, tensors, grads, strict=True)
+        }
+    else:
+        raise ValueError(f"unknown gradient backend {backend!r}")
+    for n, g in jac.items():
+        out[n][index] = g
+    return {n: v.reshape(P, T, *v.shape[1:]) for n, v in out.items()}
+
+
+def minibatches(batch: Batch, size: int, *, shuffle: bool, seed: int) -> list[Batch]:
+    """Mini-batches of ``batch`` (a seeded permutation when ``shuffle``)."""
+    n = len(batch)
+    if n == 0:
+        return []
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        batch = batch.select(order)
+    return batch.split(max(1, int(size)))

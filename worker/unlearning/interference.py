@@ -1,0 +1,548 @@
+"""Interference-aware LoRA updates (interference paper §4, Eqs. 6–11, Algorithm 1).
+
+Per iteration, on mini-batches of D_f, D_r^clean, D_r^inst and D_r^task:
+
+1. Gradients of every (partition, task) loss in one ``jacrev`` call
+   (:func:`worker.unlearning.grads.partition_task_grads`).
+2. Task-aware projection (Eqs. 7–8) on the LoRA rank space: task ``t`` has an orthonormal basis
+   ``U_t ∈ R^{r×s}``, ``P_t = U_t U_tᵀ``. peft stores ``A`` as ``r × in`` and ``B`` as ``out × r``
+   (the paper writes ``W + B Aᵀ`` with ``A ∈ R^{k×r}``), so ``∇_A^{(t)} = P_t ∇_A`` and
+   ``∇_B^{(t)} = ∇_B P_t`` — the paper's right-multiplication in peft's layout.
+   One basis per task, shared by all adapted layers and by A and B.
+3. Sequential orthogonalisation of task ``t``'s forget gradient against the clean, then instance,
+   then task retain gradients (Eqs. 9–10, with ε), per factor ``Z`` (each layer's A and B, each
+   head tensor), all factors at once with segment sums.
+4. The Eq. 11 direction ``η1·∇_r − η2·∇_f^⊥`` is the gradient handed to AdamW (descent on the
+   retain loss, ascent on the orthogonalised forget loss); the base stays frozen.
+5. The subspaces take a gradient step on ``Σ_{t≠t'} ||U_tᵀU_t'||²_F`` and are re-orthonormalised
+   by QR (Algorithm 1 line 18).
+
+Heads of forgotten tasks get the same rule without projection. After every epoch (a pass over
+D_f) the forget-vs-held-out loss-MIA AUC is measured; the checkpoint whose AUC is closest to the
+target (the retrain reference's when given, else ``mia_target``, default 0.5) is kept — epoch 0,
+the model as given, included.
+
+Choices the paper leaves open (also in docs/methods.md):
+
+- which gradients enter step 3 for task ``t``: the forget gradient is D_f's loss *on task t*
+  (zero for retained tasks); the retain gradients it is orthogonalised against are each retain
+  partition's *whole* loss (all its tasks) projected by ``P_t`` — the directions the forget update
+  could disturb inside task ``t``'s subspace. (Restricting them to task ``t`` too would make the
+  clean and task retain gradients vanish for every forgotten task, and the ablations void.) The
+  retain descent term of task ``t`` is the retain partitions' loss on task ``t`` projected by ``P_t``.
+- the per-task updates of Algorithm 1 are summed into one AdamW step per iteration (one moment
+  update per mini-batch, not ``|T|``).
+- deviation: by default the three retain gradients are Gram–Schmidt-orthogonalised among
+  themselves (in the order clean → inst → task) before Eq. 9 is applied with each; when they are
+  mutually orthogonal this *is* Eq. 10, otherwise the literal Eq. 10 leaves the result orthogonal
+  to the last gradient only. With ε = 0 the result is then orthogonal to every retain gradient.
+  A retain gradient that is zero or (numerically) in the span of the earlier ones — e.g. B = 0 —
+  is skipped instead of dividing by ~0. ``gram_schmidt=False`` gives the literal Eq. 10.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from worker.unlearning.audit import forget_mia
+from worker.unlearning.grads import partition_task_grads
+from worker.unlearning.lora import LoraPair, param_groups, restore
+from worker.unlearning.types import IGNORE, Batch, Partitions, TaskSpec
+
+RETAIN_ORDER = ("clean", "inst", "task")
+
+
+@dataclass(frozen=True)
+class IAConfig:
+    """``settings["ia"]``. Stage switches: ``projection``, ``orth_clean``, ``orth_inst``,
+    ``orth_task`` (the paper's Table 3 ablations), ``update_heads``, ``early_stopping``."""
+
+    lr: float = 1e-4
+    eta1: float = 1.0
+    eta2: float = 0.1
+    epochs: int = 20
+    batch_size: int = 32
+    weight_decay: float = 0.0
+    epsilon: float = 1e-12
+    rank_tol: float = 1e-8
+    subspace_dim: int = 0  # 0: rank // number of involved tasks (at least 1)
+    subspace_init: str = "random"  # "random" (overlapping, the regulariser separates) | "orthogonal"
+    subspace_lr: float = 0.1
+    projection: bool = True
+    orth_clean: bool = True
+    orth_inst: bool = True
+    orth_task: bool = True
+    gram_schmidt: bool = True
+    update_heads: bool = True
+    early_stopping: bool = True
+    mia_target: float = 0.5
+    patience: int = 0  # epochs without improvement before stopping; 0 = run all epochs
+    grad_backend: str = "autograd"  # "autograd" (batched VJPs) | "func" (torch.func.jacrev)
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any] | None) -> IAConfig:
+        known = {f.name: f.type for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in dict(settings or {}).items():
+            if key not in known:
+                raise ValueError(f"unknown interference-aware setting {key!r}")
+            kind = known[key]
+            if kind == "bool":
+                kwargs[key] = bool(value)
+            elif kind == "int":
+                kwargs[key] = int(value)
+            elif kind == "float":
+                kwargs[key] = float(value)
+            else:
+                kwargs[key] = str(value)
+        cfg = cls(**kwargs)
+        if cfg.grad_backend not in ("autograd", "func"):
+            raise ValueError("grad_backend must be 'autograd' or 'func'")
+        if cfg.subspace_init not in ("random", "orthogonal"):
+            raise ValueError("subspace_init must be 'random' or 'orthogonal'")
+        if cfg.epochs < 0 or cfg.batch_size < 1 or cfg.epsilon < 0:
+            raise ValueError("interference-aware update needs epochs >= 0, batch_size >= 1, epsilon >= 0")
+        return cfg
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def retain_switches(self) -> dict[str, bool]:
+        return {"clean": self.orth_clean, "inst": self.orth_inst, "task": self.orth_task}
+
+
+# ----------------------------------------------------------------------------------------------
+# task subspaces and projectors (Eqs. 7–8)
+# ----------------------------------------------------------------------------------------------
+
+
+def orthonormalize(U: Tensor) -> Tensor:
+    """QR of each ``[r, s]`` basis in ``U`` (``[..., r, s]``), signs fixed so that diag(R) ≥ 0."""
+    Q, R = torch.linalg.qr(U)
+    sign = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    out: Tensor = Q * sign.unsqueeze(-2)
+    return out
+
+
+def init_subspaces(num_tasks: int, rank: int, dim: int, *, seed: int, mode: str = "random") -> Tensor:
+    """``[T, r, s]`` orthonormal bases: independent random ones, or disjoint columns of one random
+    orthogonal matrix (``mode="orthogonal"``, needs ``T·s ≤ r``)."""
+    if not 1 <= dim <= rank:
+        raise ValueError(f"subspace dimension {dim} must be in [1, {rank}]")
+    gen = torch.Generator().manual_seed(seed)
+    if mode == "orthogonal":
+        if num_tasks * dim > rank:
+            raise ValueError("orthogonal subspaces need num_tasks * dim <= rank")
+        Q = orthonormalize(torch.randn(rank, rank, generator=gen, dtype=torch.float64))
+        return Q[:, : num_tasks * dim].reshape(rank, num_tasks, dim).permute(1, 0, 2).contiguous()
+    return orthonormalize(torch.randn(num_tasks, rank, dim, generator=gen, dtype=torch.float64))
+
+
+def projectors(U: Tensor) -> Tensor:
+    """``P_t = U_t U_tᵀ`` for every task: ``[T, r, r]``."""
+    return U @ U.transpose(-1, -2)
+
+
+def subspace_penalty(U: Tensor) -> Tensor:
+    """``Σ_{t≠t'} ||U_tᵀ U_t'||²_F`` (ordered pairs)."""
+    G = torch.einsum("tri,urj->tuij", U, U)  # [T, T, s, s]
+    sq = (G**2).sum(dim=(-1, -2))
+    total: Tensor = sq.sum() - torch.diagonal(sq).sum()
+    return total
+
+
+def subspace_step(U: Tensor, lr: float) -> Tensor:
+    """One gradient step on :func:`subspace_penalty`, then QR re-orthonormalisation."""
+    if U.shape[0] < 2 or lr == 0:
+        return orthonormalize(U)
+    V = U.detach().clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(subspace_penalty(V), V)
+    return orthonormalize((V - lr * g).detach())
+
+
+# ----------------------------------------------------------------------------------------------
+# flat layout of the updated parameters: LoRA A (rank rows), LoRA B (rank columns), heads
+# ----------------------------------------------------------------------------------------------
+
+
+class FlatLayout:
+    """Packs ``{name: [*lead, *shape]}`` gradients into ``[*lead, D]``: all A factors as one
+    ``[r, ΣK]`` block, all B factors as one ``[ΣD, r]`` block, then the head tensors flat.
+
+    ``segments`` ([D], long) numbers the factors ``Z`` of Eq. 9: one per layer's A, one per layer's
+    B, one per head tensor.
+    """
+
+    def __init__(self, shapes: Mapping[str, torch.Size], pairs: Sequence[LoraPair], heads: Sequence[str]):
+        self.a_names = [p.a for p in pairs]
+        self.b_names = [p.b for p in pairs]
+        self.h_names = list(heads)
+        ranks = {p.rank for p in pairs}
+        if len(ranks) > 1:
+            raise ValueError("all LoRA layers must share one rank")
+        self.rank = ranks.pop() if ranks else 0
+        self.a_cols = [int(shapes[n][1]) for n in self.a_names]
+        self.b_rows = [int(shapes[n][0]) for n in self.b_names]
+        self.h_shapes = [tuple(shapes[n]) for n in self.h_names]
+        self.h_sizes = [math.prod(s) for s in self.h_shapes]
+        self.n_a = self.rank * sum(self.a_cols)
+        self.n_b = sum(self.b_rows) * self.rank
+        self.n_h = sum(self.h_sizes)
+        L = len(pairs)
+        col_layer = torch.repeat_interleave(torch.arange(L), torch.tensor(self.a_cols, dtype=torch.long))
+        row_layer = torch.repeat_interleave(torch.arange(L), torch.tensor(self.b_rows, dtype=torch.long))
+        head_seg = torch.repeat_interleave(
+            torch.arange(len(self.h_names)), torch.tensor(self.h_sizes, dtype=torch.long)
+        )
+        self.segments = torch.cat(
+            [col_layer.repeat(self.rank), L + row_layer.repeat_interleave(self.rank), 2 * L + head_seg]
+        )
+        self.n_segments = 2 * L + len(self.h_names)
+        self._matrices: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+    def segment_matrix(self, like: Tensor) -> Tensor:
+        """The ``[D, S]`` segment indicator with ``like``'s dtype and device (built once each)."""
+        key = (like.dtype, like.device)
+        if key not in self._matrices:
+            onehot = torch.nn.functional.one_hot(self.segments.to(like.device), self.n_segments)
+            self._matrices[key] = onehot.to(like.dtype)
+        return self._matrices[key]
+
+    @property
+    def names(self) -> list[str]:
+        return [*self.a_names, *self.b_names, *self.h_names]
+
+    @property
+    def size(self) -> int:
+        return self.n_a + self.n_b + self.n_h
+
+    def pack(self, g: Mapping[str, Tensor], lead: int) -> Tensor:
+        parts: list[Tensor] = []
+        if self.a_names:
+            a = torch.cat([g[n] for n in self.a_names], dim=-1)  # [*lead, r, ΣK]
+            parts.append(a.reshape(*a.shape[:lead], -1))
+            b = torch.cat([g[n] for n in self.b_names], dim=-2)  # [*lead, ΣD, r]
+            parts.append(b.reshape(*b.shape[:lead], -1))
+        for n in self.h_names:
+            parts.append(g[n].reshape(*g[n].shape[:lead], -1))
+        return torch.cat(parts, dim=-1)
+
+    def unpack(self, flat: Tensor) -> dict[str, Tensor]:
+        """``[D]`` → ``{name: tensor}`` (views into ``flat``)."""
+        out: dict[str, Tensor] = {}
+        a, b, h = torch.split(flat, [self.n_a, self.n_b, self.n_h])
+        if self.a_names:
+            a_blocks = torch.split(a.reshape(self.rank, -1), self.a_cols, dim=1)
+            b_blocks = torch.split(b.reshape(-1, self.rank), self.b_rows, dim=0)
+            out.update(zip(self.a_names, a_blocks, strict=True))
+            out.update(zip(self.b_names, b_blocks, strict=True))
+        for n, piece, shape in zip(self.h_names, torch.split(h, self.h_sizes), self.h_shapes, strict=True):
+            out[n] = piece.reshape(shape)
+        return out
+
+    def project(self, flat: Tensor, P: Tensor) -> Tensor:
+        """Apply ``P_t`` to task ``t``'s row: ``flat`` is ``[..., T, D]``, ``P`` is ``[T, r, r]``.
+
+        A block: ``P_t ∇_A`` (rank rows); B block: ``∇_B P_t`` (rank columns); heads unchanged.
+        """
+        if not self.a_names:
+            return flat
+        lead = flat.shape[:-1]
+        a, b, h = torch.split(flat, [self.n_a, self.n_b, self.n_h], dim=-1)
+        a = a.reshape(*lead, self.rank, -1)
+        b = b.reshape(*lead, -1, self.rank)
+        P = P.to(device=flat.device, dtype=flat.dtype)
+        a = torch.einsum("tij,...tjk->...tik", P, a)
+        b = torch.einsum("...tdi,tij->...tdj", b, P)
+        return torch.cat([a.reshape(*lead, -1), b.reshape(*lead, -1), h], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Eqs. 9–10
+# ----------------------------------------------------------------------------------------------
+
+
+def segment_dot(a: Tensor, b: Tensor, segments: Tensor | None, n_segments: int) -> Tensor:
+    """Per-segment inner products along the last dim: ``[..., D] × [..., D] → [..., S]``."""
+    prod = a * b
+    if segments is None:
+        return prod.sum(-1, keepdim=True)
+    return prod @ _onehot(segments, n_segments, prod)
+
+
+def _onehot(segments: Tensor, n_segments: int, like: Tensor) -> Tensor:
+    """``[D, S]`` indicator of the segments (dense: S is small, so segment sums are one matmul)."""
+    return torch.nn.functional.one_hot(segments.to(like.device), n_segments).to(like.dtype)
+
+
+class _Segments:
+    """Segment sums and broadcasts with one ``[D, S]`` indicator (given, or built once)."""
+
+    def __init__(
+        self, segments: Tensor | None, n_segments: int, like: Tensor, matrix: Tensor | None = None
+    ) -> None:
+        if matrix is not None:
+            self.M: Tensor | None = matrix.to(device=like.device, dtype=like.dtype)
+        else:
+            self.M = None if segments is None else _onehot(segments, n_segments, like)
+
+    def dot(self, a: Tensor, b: Tensor) -> Tensor:
+        prod = a * b
+        return prod.sum(-1, keepdim=True) if self.M is None else prod @ self.M
+
+    def expand(self, coef: Tensor) -> Tensor:
+        return coef if self.M is None else coef @ self.M.T
+
+    def remove(self, vec: Tensor, along: Tensor, eps: float) -> Tensor:
+        """``vec − <vec, along>/(||along||² + ε)·along`` per segment; 0 where ``||along|| = 0``."""
+        dot = self.dot(vec, along)
+        sq = self.dot(along, along)
+        denom = torch.where(sq > 0, sq + eps, torch.ones_like(sq))
+        coef = torch.where(sq > 0, dot / denom, torch.zeros_like(dot))
+        return vec - self.expand(coef) * along
+
+
+def orthogonalize(
+    forget: Tensor,
+    retains: Sequence[Tensor],
+    *,
+    segments: Tensor | None = None,
+    n_segments: int = 1,
+    eps: float = 0.0,
+    gram_schmidt: bool = True,
+    rank_tol: float = 1e-8,
+    segment_matrix: Tensor | None = None,
+) -> Tensor:
+    """``∇_f^⊥`` of Eq. 10: the forget gradient with the retain gradients removed in order.
+
+    Shapes ``[..., D]``; ``segments`` ([D]) splits the last dim into the factors ``Z`` that are
+    orthogonalised separately (None: one factor). With ``gram_schmidt`` the retain gradients are
+    first made mutually orthogonal (in the given order; a gradient whose residual has squared norm
+    ≤ ``rank_tol``·its own is dropped for that factor), so that with ``eps = 0`` the result is
+    orthogonal to every one of them. Without it, the literal Eq. 10 sequence.
+    ``segment_matrix``: the ``[D, S]`` indicator of ``segments`` if already built.
+    """
+    seg = _Segments(segments, n_segments, forget, segment_matrix)
+    out = forget
+    if not gram_schmidt:
+        for r in retains:
+            out = seg.remove(out, r, eps)
+        return out
+    basis: list[Tensor] = []
+    for r in retains:
+        q = r
+        for b in basis:
+            q = seg.remove(q, b, 0.0)
+        own = seg.dot(r, r)
+        res = seg.dot(q, q)
+        keep = (res > rank_tol * own) & (own > 0)
+        q = q * seg.expand(keep.to(q.dtype))
+        basis.append(q)
+        out = seg.remove(out, q, eps)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the update loop (Algorithm 1)
+# ----------------------------------------------------------------------------------------------
+
+
+class _Cycler:
+    """Endless seeded mini-batches of a partition (a fresh permutation per pass)."""
+
+    def __init__(self, batch: Batch, size: int, gen: torch.Generator) -> None:
+        self.batch, self.size, self.gen = batch, size, gen
+        self.order = torch.zeros(0, dtype=torch.long)
+        self.pos = 0
+
+    def next(self) -> Batch:
+        n = len(self.batch)
+        if n == 0:
+            return self.batch
+        take: list[Tensor] = []
+        need = min(self.size, n)
+        while need > 0:
+            if self.pos >= int(self.order.numel()):
+                self.order = torch.randperm(n, generator=self.gen)
+                self.pos = 0
+            chunk = self.order[self.pos : self.pos + need]
+            self.pos += int(chunk.numel())
+            need -= int(chunk.numel())
+            take.append(chunk)
+        return self.batch.select(torch.cat(take))
+
+
+def involved_tasks(partitions: Partitions, tasks: Sequence[TaskSpec]) -> list[TaskSpec]:
+    """The tasks supervised in at least one of the four partitions (in ``tasks`` order)."""
+    parts = (partitions.forget, partitions.retain_clean, partitions.retain_inst, partitions.retain_task)
+    out: list[TaskSpec] = []
+    for t in tasks:
+        if any(len(p) and t.name in p.labels and bool((p.labels[t.name] != IGNORE).any()) for p in parts):
+            out.append(t)
+    return out
+
+
+def _distance(aucs: Mapping[str, float], target: float | Mapping[str, float], default: float) -> float | None:
+    if not aucs:
+        return None
+    gaps = []
+    for t, auc in aucs.items():
+        goal = target.get(t, default) if isinstance(target, Mapping) else float(target)
+        gaps.append(abs(auc - goal))
+    return float(sum(gaps) / len(gaps))
+
+
+def interference_aware_unlearn(
+    model: nn.Module,
+    *,
+    tasks: Sequence[TaskSpec],
+    partitions: Partitions,
+    heldout: Batch,
+    cfg: IAConfig | None = None,
+    seed: int = 0,
+    mia_target: float | Mapping[str, float] | None = None,
+    device: str = "cpu",
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Algorithm 1 on ``model`` in place (LoRA factors + forgotten-task heads). Returns JSON info."""
+    cfg = cfg or IAConfig()
+    info: dict[str, Any] = {"config": cfg.to_json()}
+    forget = partitions.forget.to(device)
+    if len(forget) == 0 or cfg.epochs == 0:
+        info.update(
+            epochs_run=0, best_epoch=0, steps=0, reason="empty forget set" if len(forget) == 0 else None
+        )
+        return info
+    inv = involved_tasks(partitions, tasks)
+    inv_names = [t.name for t in inv]
+    forget_names = [t for t in partitions.forget_tasks if t in inv_names]
+    forget_specs = [t for t in inv if t.name in forget_names]
+
+    groups = param_groups(model)
+    head_names = groups.head_params(forget_names) if cfg.update_heads else []
+    all_params = dict(model.named_parameters())
+    layout = FlatLayout({n: p.shape for n, p in all_params.items()}, groups.lora, head_names)
+    names = layout.names
+    params = [all_params[n] for n in names]
+    rank = layout.rank
+    T = len(inv)
+    dim = cfg.subspace_dim or max(1, rank // max(T, 1))
+    use_projection = cfg.projection and rank > 0
+    U = init_subspaces(T, rank, min(dim, rank), seed=seed, mode=cfg.subspace_init) if use_projection else None
+    info.update(
+        tasks=inv_names,
+        forget_tasks=forget_names,
+        rank=rank,
+        subspace_dim=dim if use_projection else None,
+        updated_parameters=names,
+    )
+
+    gen = torch.Generator().manual_seed(seed)
+    cyclers = {
+        "clean": _Cycler(partitions.retain_clean.to(device), cfg.batch_size, gen),
+        "inst": _Cycler(partitions.retain_inst.to(device), cfg.batch_size, gen),
+        "task": _Cycler(partitions.retain_task.to(device), cfg.batch_size, gen),
+    }
+    switches = cfg.retain_switches
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    heldout = heldout.to(device)
+    target: float | Mapping[str, float] = cfg.mia_target if mia_target is None else mia_target
+
+    def measure() -> tuple[dict[str, float], float | None]:
+        aucs = forget_mia(model, forget_specs, forget, heldout, device=device)
+        return aucs, _distance(aucs, target, cfg.mia_target)
+
+    aucs, dist = measure()
+    history: list[dict[str, Any]] = [{"epoch": 0, "mia_auc": aucs, "distance": dist}]
+    best_epoch, best_dist = 0, dist
+    best_state = {n: all_params[n].detach().clone() for n in names}
+    steps, since_best = 0, 0
+    epochs_run = 0
+    for epoch in range(1, cfg.epochs + 1):
+        order = torch.randperm(len(forget), generator=gen)
+        for start in range(0, len(forget), cfg.batch_size):
+            f_batch = forget.select(order[start : start + cfg.batch_size])
+            retain_batches = {k: c.next() for k, c in cyclers.items()}
+            G = partition_task_grads(
+                model,
+                names,
+                [f_batch, retain_batches["clean"], retain_batches["inst"], retain_batches["task"]],
+                inv,
+                backend=cfg.grad_backend,
+            )
+            flat = layout.pack(G, lead=2).detach()  # [4, T, D]
+            direction = _direction(flat, layout, U, cfg, switches)
+            for p, g in zip(params, layout.unpack(direction).values(), strict=True):
+                p.grad = g.to(p.dtype).clone()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if U is not None:
+                U = subspace_step(U, cfg.subspace_lr)
+            steps += 1
+        epochs_run = epoch
+        aucs, dist = measure()
+        history.append({"epoch": epoch, "mia_auc": aucs, "distance": dist})
+        if progress is not None:
+            progress(f"ia: epoch {epoch}/{cfg.epochs} mia={aucs}")
+        if dist is not None and (best_dist is None or dist < best_dist):
+            best_epoch, best_dist, since_best = epoch, dist, 0
+            best_state = {n: all_params[n].detach().clone() for n in names}
+        else:
+            since_best += 1
+        if cfg.early_stopping and cfg.patience > 0 and since_best >= cfg.patience:
+            break
+    if cfg.early_stopping:
+        restore(model, best_state)
+    else:  # the last epoch is kept
+        best_epoch, best_dist = epochs_run, dist
+    info.update(
+        epochs_run=epochs_run,
+        steps=steps,
+        best_epoch=best_epoch,
+        best_distance=best_dist,
+        mia_target=dict(target) if isinstance(target, Mapping) else float(target),
+        history=history,
+        subspace_penalty=None if U is None else float(subspace_penalty(U)),
+    )
+    return info
+
+
+def _direction(
+    flat: Tensor, layout: FlatLayout, U: Tensor | None, cfg: IAConfig, switches: Mapping[str, bool]
+) -> Tensor:
+    """The Eq. 11 gradient ``Σ_t η1·∇_r^{(t)} − η2·∇_f^{⊥(t)}`` from ``[4, T, D]`` partition-task grads
+    (partitions in the order forget, clean, inst, task)."""
+    T = int(flat.shape[1])
+    forget_t = flat[0]  # [T, D]: D_f's loss on task t
+    retain_t = flat[1:]  # [3, T, D]
+    retain_full = retain_t.sum(1, keepdim=True).expand(-1, T, -1)  # [3, T, D]: whole partition loss
+    descent = retain_t.sum(0)  # [T, D]: retain loss on task t
+    if U is not None:
+        P = projectors(U)
+        forget_t = layout.project(forget_t, P)
+        retain_full = layout.project(retain_full, P)
+        descent = layout.project(descent, P)
+    # an all-zero retain gradient (an empty partition, e.g. clean and task in full-task requests)
+    # removes nothing: skip it rather than pay for its segment sums
+    chosen = [
+        retain_full[i] for i, k in enumerate(RETAIN_ORDER) if switches[k] and bool(retain_full[i].any())
+    ]
+    orth = orthogonalize(
+        forget_t,
+        chosen,
+        segments=layout.segments,
+        n_segments=layout.n_segments,
+        eps=cfg.epsilon,
+        gram_schmidt=cfg.gram_schmidt,
+        rank_tol=cfg.rank_tol,
+        segment_matrix=layout.segment_matrix(forget_t),
+    )
+    return (cfg.eta1 * descent - cfg.eta2 * orth).sum(0)

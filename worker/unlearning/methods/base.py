@@ -1,0 +1,86 @@
+"""What an unlearning method receives (:class:`MethodContext`) and returns (:class:`MethodResult`).
+
+A method is a function ``(MethodContext) -> MethodResult`` registered by name
+(:func:`worker.unlearning.methods.register`). It may update ``ctx.model`` in place (adapter and
+heads only: the base stays frozen) or return another model (``retrain``). Settings are read from
+``ctx.settings`` under the method's own key (``"ssd"``, ``"ia"``, ``"default"``, ``"pruning"``, …);
+unknown keys are errors. ``info`` is JSON (the evidence records it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from worker.unlearning.types import Batch, Partitions, TaskSpec
+
+MiaTarget = float | Mapping[str, float]
+
+
+@dataclass
+class MethodContext:
+    """Everything one request's method needs (built by the engine or the benchmark).
+
+    - ``model``: the peft-wrapped model to unlearn (trainable adapter + heads);
+    - ``tasks``: the workload's main tasks;
+    - ``partitions``: D_f, D_r^task, D_r^inst, D_r^clean of this request (anchor subsets);
+    - ``full``: the data D of the full-data importance F_D: the current training data *including*
+      the forget set (SSD reference semantics), e.g. ``concat_batches([retain, partitions.forget])``;
+    - ``heldout``: the held-out split (early stopping: forget-vs-held-out MIA);
+    - ``settings``: the per-model settings (each method reads its own key);
+    - ``seed``, ``device``;
+    - ``prune_outputs``: subset-ID outputs this request suppresses (the forgotten client's index for a
+      client request; empty otherwise); ``pruned_outputs``: those suppressed by earlier requests;
+    - ``mia_target``: the retrain reference's unl-vs-val loss-MIA AUC (a float, or per forgotten task)
+      when one is known before the method runs; ``None`` = the configured default (0.5);
+    - ``cache_dir`` / ``cache_key``: where the full-data importance is cached and the digest of the
+      adapter version ``model`` was loaded from (``None``: do not cache — the model already changed);
+    - ``retain`` / ``base``: the full retain set and the frozen base network (``retrain`` needs them);
+    - ``on_progress``: an optional callback taking a short message.
+    """
+
+    model: nn.Module
+    tasks: Sequence[TaskSpec]
+    partitions: Partitions
+    full: Batch
+    heldout: Batch
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    device: str = "cpu"
+    prune_outputs: Sequence[int] = ()
+    pruned_outputs: Sequence[int] = ()
+    mia_target: MiaTarget | None = None
+    cache_dir: Path | None = None
+    cache_key: str | None = None
+    retain: Batch | None = None
+    base: nn.Module | None = None
+    on_progress: Callable[[str], None] | None = None
+
+    def method_settings(self, key: str) -> dict[str, Any]:
+        """``settings[key]`` as a dict (empty when absent)."""
+        value = self.settings.get(key, {})
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise ValueError(f"settings[{key!r}] must be a mapping, not {type(value).__name__}")
+        return dict(value)
+
+    def progress(self, message: str) -> None:
+        if self.on_progress is not None:
+            self.on_progress(message)
+
+
+@dataclass
+class MethodResult:
+    """The unlearned model, JSON info about the run, and the subset-ID outputs the method pruned."""
+
+    model: nn.Module
+    info: dict[str, Any] = field(default_factory=dict)
+    pruned_outputs: list[int] = field(default_factory=list)
+
+
+Method = Callable[[MethodContext], MethodResult]

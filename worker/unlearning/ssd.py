@@ -1,0 +1,335 @@
+"""Selective Synaptic Dampening (subset-wise paper §4.2, Eqs. 8–9/20) on the adapter and heads.
+
+Default = the public SSD reference's semantics (``../shared/papers/README.md``):
+
+- importance ``I_S`` = the squared gradient of each mini-batch's *mean* main-task loss, averaged
+  over the mini-batches (not a per-sample Fisher), model in eval mode;
+- ``D`` (for ``I_D``) is the whole training data *including* the forget set;
+- every parameter that gets a gradient takes part: with LoRA the A and B factors and the
+  trainable heads (a head the main-task loss does not reach, e.g. the subset-ID head, has
+  ``I = 0`` on both sides and is never selected);
+- selection ``I_f > α·I_D``, factor ``β = min(λ·I_D / I_f, 1)``, ``θ ← β·θ`` on the selection;
+  where ``I_D = 0 < I_f`` the weight becomes exactly 0; defaults α = 10, λ = 1.
+
+Option ``fisher="per_sample"``: the diagonal empirical Fisher ``mean_i (∇ℓ_i)²`` over the samples
+with supervision, per-sample gradients by ``torch.func`` (``vmap(grad)``).
+
+The full-data importance can be cached per adapter version: a safetensors file in ``cache_dir``
+named by the adapter digest and a fingerprint of the settings and the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from worker.unlearning.grads import eval_mode, minibatches, per_sample_grads
+from worker.unlearning.types import IGNORE, Batch, TaskSpec, main_task_loss
+
+FisherMode = Literal["batch", "per_sample"]
+Importance = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class SSDConfig:
+    """``settings["ssd"]``: ``alpha``, ``lambda`` (or ``lam``), ``batch_size``, ``fisher``
+    (``"batch"`` = reference, ``"per_sample"``), ``shuffle`` (mini-batch order, seeded),
+    ``cache`` (cache the full-data importance), ``chunk_size`` (per-sample vmap chunks)."""
+
+    alpha: float = 10.0
+    lam: float = 1.0
+    batch_size: int = 64
+    fisher: str = "batch"
+    shuffle: bool = True
+    cache: bool = True
+    chunk_size: int = 256
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any] | None) -> SSDConfig:
+        raw = dict(settings or {})
+        if "lambda" in raw:
+            raw["lam"] = raw.pop("lambda")
+        known = {f.name: f.type for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key not in known:
+                raise ValueError(f"unknown SSD setting {key!r}")
+            kind = known[key]
+            if kind == "bool":
+                kwargs[key] = bool(value)
+            elif kind == "int":
+                kwargs[key] = int(value)
+            elif kind == "float":
+                kwargs[key] = float(value)
+            else:
+                kwargs[key] = str(value)
+        cfg = cls(**kwargs)
+        if cfg.fisher not in ("batch", "per_sample"):
+            raise ValueError(f"SSD fisher must be 'batch' or 'per_sample', not {cfg.fisher!r}")
+        if cfg.alpha < 0 or cfg.lam < 0 or cfg.batch_size < 1:
+            raise ValueError("SSD needs alpha >= 0, lambda >= 0, batch_size >= 1")
+        return cfg
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+# ----------------------------------------------------------------------------------------------
+# importance
+# ----------------------------------------------------------------------------------------------
+
+
+def batch_importance(
+    model: nn.Module,
+    data: Batch,
+    tasks: Sequence[TaskSpec],
+    *,
+    batch_size: int,
+    names: Sequence[str] | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> Importance:
+    """Reference semantics: mean over mini-batches of the squared gradient of the batch mean loss.
+
+    A parameter that gets no gradient (``.grad is None``) keeps importance 0.
+    """
+    names = list(names) if names is not None else trainable_names(model)
+    params = dict(model.named_parameters())
+    imp = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names}
+    batches = minibatches(data, batch_size, shuffle=shuffle, seed=seed)
+    if not batches:
+        return imp
+    saved = {n: params[n].grad for n in names}
+    with eval_mode(model):
+        for batch in batches:
+            for n in names:
+                params[n].grad = None
+            loss = main_task_loss(model(batch.x), batch.labels, tasks)
+            loss.backward()  # type: ignore[no-untyped-call]
+            torch._foreach_add_(
+                [imp[n] for n in names if params[n].grad is not None],
+                [g.detach().float().pow(2) for n in names if (g := params[n].grad) is not None],
+            )
+    for n in names:
+        params[n].grad = saved[n]
+    torch._foreach_div_(list(imp.values()), float(len(batches)))
+    return imp
+
+
+def per_sample_importance(
+    model: nn.Module,
+    data: Batch,
+    tasks: Sequence[TaskSpec],
+    *,
+    names: Sequence[str] | None = None,
+    chunk_size: int = 256,
+) -> Importance:
+    """Diagonal empirical Fisher ``mean_i (∇ℓ_i)²`` over samples with supervision (``vmap(grad)``)."""
+    names = list(names) if names is not None else trainable_names(model)
+    params = dict(model.named_parameters())
+    imp = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names}
+    supervised = torch.stack([data.labels[t.name] != IGNORE for t in tasks]).any(0)
+    data = data.select(supervised)
+    n_total = len(data)
+    if n_total == 0:
+        return imp
+    for part in data.split(chunk_size):
+        g = per_sample_grads(model, names, part, tasks, chunk_size=chunk_size)
+        torch._foreach_add_([imp[n] for n in names], [g[n].float().pow(2).sum(0) for n in names])
+    torch._foreach_div_(list(imp.values()), float(n_total))
+    return imp
+
+
+def importance(
+    model: nn.Module,
+    data: Batch,
+    tasks: Sequence[TaskSpec],
+    cfg: SSDConfig,
+    *,
+    names: Sequence[str] | None = None,
+    seed: int = 0,
+) -> Importance:
+    """The importance of ``cfg.fisher`` kind over ``data``."""
+    if cfg.fisher == "per_sample":
+        return per_sample_importance(model, data, tasks, names=names, chunk_size=cfg.chunk_size)
+    return batch_importance(
+        model, data, tasks, batch_size=cfg.batch_size, names=names, shuffle=cfg.shuffle, seed=seed
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# cache of the full-data importance
+# ----------------------------------------------------------------------------------------------
+
+
+def importance_fingerprint(data: Batch, cfg: SSDConfig, names: Sequence[str], seed: int) -> str:
+    """Digest of what the full-data importance depends on besides the adapter weights."""
+    h = hashlib.sha256()
+    h.update(
+        json.dumps(
+            {
+                "fisher": cfg.fisher,
+                "batch_size": cfg.batch_size,
+                "shuffle": cfg.shuffle,
+                "seed": seed if cfg.shuffle else None,
+                "names": list(names),
+                "rows": len(data),
+            },
+            sort_keys=True,
+        ).encode()
+    )
+    if len(data.sample_ids) == len(data):
+        h.update("\0".join(data.sample_ids).encode())
+    else:
+        h.update(data.x.detach().cpu().contiguous().numpy().tobytes())
+    for name in sorted(data.labels):
+        h.update(name.encode())
+        h.update(data.labels[name].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cache_path(cache_dir: Path, adapter_digest: str, fingerprint: str) -> Path:
+    safe = "".join(c for c in adapter_digest if c.isalnum() or c in "-_")[:128]
+    if not safe:
+        raise ValueError("empty adapter digest")
+    return Path(cache_dir) / f"importance-{safe}-{fingerprint}.safetensors"
+
+
+def save_importance(path: Path, imp: Mapping[str, Tensor]) -> None:
+    """Write ``imp`` (safetensors) atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in imp.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def load_importance(path: Path, names: Sequence[str] | None = None) -> Importance | None:
+    """Read a cached importance; ``None`` if absent, unreadable or missing one of ``names``."""
+    if not path.exists():
+        return None
+    try:
+        imp = load_file(str(path))
+    except Exception:  # a torn or foreign file is a cache miss, never an error
+        return None
+    if names is not None and any(n not in imp for n in names):
+        return None
+    return dict(imp)
+
+
+def full_importance(
+    model: nn.Module,
+    data: Batch,
+    tasks: Sequence[TaskSpec],
+    cfg: SSDConfig,
+    *,
+    seed: int = 0,
+    names: Sequence[str] | None = None,
+    cache_dir: Path | None = None,
+    adapter_digest: str | None = None,
+) -> tuple[Importance, bool]:
+    """``I_D`` over ``data``, read from / written to the cache when ``cache_dir`` and
+    ``adapter_digest`` are given (and ``cfg.cache``). Returns the importance and whether it was a hit."""
+    names = list(names) if names is not None else trainable_names(model)
+    path: Path | None = None
+    if cfg.cache and cache_dir is not None and adapter_digest:
+        path = cache_path(cache_dir, adapter_digest, importance_fingerprint(data, cfg, names, seed))
+        cached = load_importance(path, names)
+        if cached is not None:
+            device = next(model.parameters()).device
+            return {n: cached[n].to(device) for n in names}, True
+    imp = importance(model, data, tasks, cfg, names=names, seed=seed)
+    if path is not None:
+        save_importance(path, imp)
+    return imp, False
+
+
+# ----------------------------------------------------------------------------------------------
+# dampening
+# ----------------------------------------------------------------------------------------------
+
+
+def dampening_factors(full: Tensor, forget: Tensor, alpha: float, lam: float) -> tuple[Tensor, Tensor]:
+    """``(selected, beta)``: ``selected = I_f > α·I_D``; ``beta = min(λ·I_D / I_f, 1)`` there, 1 elsewhere.
+
+    ``I_D = 0 < I_f`` gives ``beta = 0`` (the weight is zeroed), as in the reference.
+    """
+    selected = forget > alpha * full
+    safe = torch.where(selected, forget, torch.ones_like(forget))
+    beta = torch.where(selected, torch.clamp(lam * full / safe, max=1.0), torch.ones_like(forget))
+    return selected, beta
+
+
+def dampen(
+    model: nn.Module,
+    full: Mapping[str, Tensor],
+    forget: Mapping[str, Tensor],
+    *,
+    alpha: float = 10.0,
+    lam: float = 1.0,
+) -> dict[str, Any]:
+    """Apply Eq. 9/20 in place to the parameters named in ``forget`` (all of them at once, flat)."""
+    params = dict(model.named_parameters())
+    names = [n for n in forget if n in params]
+    if not names:
+        return {"parameters": 0, "selected": 0, "zeroed": 0, "per_parameter": {}}
+    flat_full = torch.cat([full[n].reshape(-1).to(params[n].device) for n in names])
+    flat_forget = torch.cat([forget[n].reshape(-1).to(params[n].device) for n in names])
+    selected, beta = dampening_factors(flat_full.float(), flat_forget.float(), alpha, lam)
+    sizes = [params[n].numel() for n in names]
+    factors = [
+        b.view_as(params[n]).to(params[n].dtype) for n, b in zip(names, torch.split(beta, sizes), strict=True)
+    ]
+    with torch.no_grad():
+        torch._foreach_mul_([params[n] for n in names], factors)
+    per_param = {
+        n: int(s.sum()) for n, s in zip(names, torch.split(selected, sizes), strict=True) if bool(s.any())
+    }
+    return {
+        "parameters": int(flat_forget.numel()),
+        "selected": int(selected.sum()),
+        "zeroed": int((selected & (beta == 0)).sum()),
+        "per_parameter": per_param,
+    }
+
+
+def ssd(
+    model: nn.Module,
+    *,
+    full: Batch,
+    forget: Batch,
+    tasks: Sequence[TaskSpec],
+    cfg: SSDConfig | None = None,
+    seed: int = 0,
+    cache_dir: Path | None = None,
+    adapter_digest: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """SSD on ``model`` (in place): ``I_D`` over ``full`` (cached), ``I_f`` over ``forget``, dampen.
+
+    Returns JSON info: settings, cache hit, selected/zeroed counts.
+    """
+    cfg = cfg or SSDConfig()
+    names = trainable_names(model)
+    if progress is not None:
+        progress("ssd: full-data importance")
+    imp_full, hit = full_importance(
+        model, full, tasks, cfg, seed=seed, names=names, cache_dir=cache_dir, adapter_digest=adapter_digest
+    )
+    if progress is not None:
+        progress("ssd: forget-set importance")
+    imp_forget = importance(model, forget, tasks, cfg, names=names, seed=seed + 1)
+    stats = dampen(model, imp_full, imp_forget, alpha=cfg.alpha, lam=cfg.lam)
+    return {"config": cfg.to_json(), "cache_hit": hit, **stats}
