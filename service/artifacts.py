@@ -19,8 +19,12 @@ def resolve_file(artifacts_dir: Path, location: str, name: str, recorded: dict[s
     if name not in recorded or "/" in name or "\\" in name or name in ("", ".", ".."):
         raise NotFoundError(f"no file {name!r} here")
     root = artifacts_dir.resolve()
-    path = (root / location / name).resolve()
-    if not path.is_relative_to(root) or not path.is_file():
+    try:
+        path = (root / location / name).resolve()
+        available = path.is_relative_to(root) and path.is_file()
+    except (OSError, ValueError):  # e.g. a name too long for the file system, or a NUL byte
+        available = False
+    if not available:
         raise NotFoundError(f"file {name!r} is not available")
     return path
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import uuid
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Literal
@@ -91,7 +90,7 @@ def submit(
 
     now = utcnow()
     request = ForgetRequest(
-        id=str(uuid.uuid4()),
+        id=requests_repo.new_request_id(),
         model_id=model.id,
         kind=submission.kind,
         client_id=submission.client_id if submission.kind == "client" else None,

@@ -35,6 +35,8 @@ from urllib.parse import quote
 import click
 import httpx
 
+from service.fileio import fsync_dir, sha256_file
+
 STATE_FILE = "state.json"
 CURRENT_LINK = "current"
 VERSIONS_DIR = "versions"
@@ -103,14 +105,6 @@ def parse_listing(data: Mapping[str, Any], base_url: str, model: str) -> tuple[i
     return version, files
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _download(client: httpx.Client, remote: RemoteFile, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     h = hashlib.sha256()
@@ -170,7 +164,7 @@ def swap_current(dest: Path, version_dir: Path) -> None:
     tmp = dest / f".{CURRENT_LINK}.{uuid.uuid4().hex}"
     os.symlink(os.path.relpath(version_dir, dest), tmp)
     os.replace(tmp, dest / CURRENT_LINK)
-    _fsync_dir(dest)
+    fsync_dir(dest)
 
 
 def local_versions(dest: Path) -> list[int]:
@@ -205,9 +199,9 @@ def pull_once(client: httpx.Client, base_url: str, model: str, dest: Path, *, ke
             for remote in files:
                 _download(client, remote, tmp / remote.name)
             _check_manifest(tmp, files)
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             os.rename(tmp, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -245,7 +239,7 @@ def pull_base(client: httpx.Client, base_url: str, model: str, dest: Path) -> Pa
     dest.mkdir(parents=True, exist_ok=True)
     for remote in files:
         target = dest / remote.name
-        if target.is_file() and hashlib.sha256(target.read_bytes()).hexdigest() == remote.sha256:
+        if target.is_file() and sha256_file(target)[0] == remote.sha256:
             continue
         tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}")
         try:
@@ -253,7 +247,7 @@ def pull_base(client: httpx.Client, base_url: str, model: str, dest: Path) -> Pa
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
-    _fsync_dir(dest)
+    fsync_dir(dest)
     return dest
 
 

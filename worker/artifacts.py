@@ -32,10 +32,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from service import fileio
+from service.fileio import fsync_dir, fsync_file
+
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 STAGING_PREFIX = ".staging-"
-_CHUNK = 1 << 20
 _VERSION_DIR = re.compile(r"^(\d+)-(\d+)$")
 
 
@@ -55,13 +57,7 @@ class FileDigest:
 
 
 def sha256_file(path: Path) -> FileDigest:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return FileDigest(h.hexdigest(), size)
+    return FileDigest(*fileio.sha256_file(path))
 
 
 def canonical_json(data: Any) -> bytes:
@@ -71,22 +67,6 @@ def canonical_json(data: Any) -> bytes:
 def json_digest(data: Any) -> str:
     """sha256 of the canonical JSON of ``data`` (an evidence document's id in the manifest)."""
     return hashlib.sha256(canonical_json(data)).hexdigest()
-
-
-def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -13,12 +13,14 @@ Reliability settings (see docs/operations.md):
 - ``task_reject_on_worker_lost``: a message whose worker died is requeued. The attempt cap lives
   in the database (``service.rounds.claim_round(max_attempts=...)``), not in Celery's redelivery
   count, so a poison request fails after ``LETHE_MAX_ATTEMPTS`` crashes instead of looping;
-- Redis ``visibility_timeout`` longer than the hard time limit of any round;
+- Redis ``visibility_timeout`` longer than any task: a task runs one round (``lethe.wake_model``
+  then sends the next wake) or one preparation, each bounded by the hard time limit, and the
+  timeout is that limit + 600 s;
 - the solo pool (CUDA is not fork-safe; one process per GPU). Celery's ``task_time_limit`` and
   ``task_soft_time_limit`` are enforced by the prefork pool only, so with solo the
-  :class:`worker.watchdog.RoundWatchdog` thread enforces them (soft: raise in the task thread;
-  hard: exit the process, the round is resumed under a new fencing token); the Celery limits are
-  set as well for anyone running the prefork pool.
+  :class:`worker.watchdog.RoundWatchdog` thread enforces them (soft: raise in the task thread
+  while the engine runs; hard: exit the process, the round is resumed under a new fencing token);
+  the Celery limits are set as well for anyone running the prefork pool.
 
 Configuration happens in :func:`configure` at worker start-up (``lethe worker``), never at import.
 """

@@ -7,10 +7,13 @@
 5. follow them to completion with a live progress table;
 6. print the evidence (metrics, MIA, UIS and its reference) and the adapter lineage;
 7. pull the latest adapter over HTTP (ETag, sha256), load it with ``PeftModel.from_pretrained`` and
-   show that predictions changed on the forgotten data and not elsewhere; check that v1 answers
-   410 and that the forgotten client's raw data is gone from the dataset store.
+   check that it forgot (on the forgotten data it does no better than on unseen data, by a clear
+   margin below the old version) while held-out accuracy stays within a stated tolerance (see
+   ``FORGET_NOISE_Z`` and ``HELDOUT_TOLERANCE``); check that v1 answers 410 and that the forgotten
+   client's raw data is gone from the dataset store.
 
-Exit status 0 when everything worked, 1 otherwise. Child processes are stopped on every exit path.
+Exit status 0 when every step and check passed, 1 otherwise. Child processes are stopped on every
+exit path.
 """
 
 from __future__ import annotations
@@ -392,11 +395,76 @@ def _run(
     return 0
 
 
+# What a correct unlearning must show on the serving host (checked on the pulled versions):
+#
+# - forgotten data: the new version does no better on it than the old version does on data it
+#   never saw (the held-out split, same task), up to the sampling noise of the forgotten group:
+#   accuracy ≤ held-out accuracy + FORGET_NOISE_Z standard errors of a proportion over the group's
+#   n samples. The old version must have been above that bound (it had memorised the data), so
+#   the accuracy falls by a clear margin; otherwise the demo has shown nothing and says so.
+# - everything else: held-out accuracy of every task stays within HELDOUT_TOLERANCE of the old
+#   version's. An exact retrain moves it 3–5 points from seed to seed on the default workload
+#   (docs/workloads.md), so a correct unlearning may move it that much, and no more. The tasks the
+#   per-task request keeps, on that request's samples (still training data), stay within the same
+#   tolerance plus FORGET_NOISE_Z standard errors of the group's n samples.
+FORGET_NOISE_Z = 2.0
+HELDOUT_TOLERANCE = 0.05
+
+
+@dataclass(frozen=True)
+class Check:
+    what: str
+    ok: bool
+    detail: str
+
+
+def _accuracy(pred: Any, labels: Any) -> tuple[float, int]:
+    mask = labels >= 0
+    n = int(mask.sum())
+    return (float((pred[mask] == labels[mask]).float().mean()) if n else float("nan")), n
+
+
+def forget_check(what: str, before: float, after: float, n: int, heldout_before: float) -> Check:
+    """The forgotten group's accuracy fell to the level of unseen data (see FORGET_NOISE_Z)."""
+    if n == 0 or math.isnan(before) or math.isnan(heldout_before):
+        return Check(what, False, "no labelled samples to measure")
+    bound = heldout_before + FORGET_NOISE_Z * math.sqrt(heldout_before * (1 - heldout_before) / n)
+    detail = (
+        f"{_fmt(before)} → {_fmt(after)}; unseen-data level {_fmt(heldout_before)} "
+        f"+ {FORGET_NOISE_Z:g} SE (n={n}) = {_fmt(bound)}"
+    )
+    if before <= bound:
+        return Check(what, False, detail + ": the old version had not memorised it (nothing to show)")
+    return Check(what, after <= bound, detail)
+
+
+def heldout_check(task: str, before: float, after: float) -> Check:
+    """Held-out accuracy stayed within HELDOUT_TOLERANCE of the old version's."""
+    detail = (
+        f"{_fmt(before)} → {_fmt(after)} (drop {100 * (before - after):+.1f} points; "
+        f"allowed {100 * HELDOUT_TOLERANCE:.0f})"
+    )
+    return Check(f"held-out accuracy kept: {task}", after >= before - HELDOUT_TOLERANCE, detail)
+
+
+def kept_check(what: str, before: float, after: float, n: int) -> Check:
+    """Retained training data kept its accuracy (HELDOUT_TOLERANCE + sampling noise of n samples)."""
+    if n == 0 or math.isnan(before):
+        return Check(what, False, "no labelled samples to measure")
+    allowed = HELDOUT_TOLERANCE + FORGET_NOISE_Z * math.sqrt(before * (1 - before) / n)
+    detail = (
+        f"{_fmt(before)} → {_fmt(after)} (drop {100 * (before - after):+.1f} points; allowed "
+        f"{100 * allowed:.1f} = {100 * HELDOUT_TOLERANCE:.0f} + {FORGET_NOISE_Z:g} SE, n={n})"
+    )
+    return Check(what, after >= before - allowed, detail)
+
+
 def _compare(
     console: Console, before_dir: Path, after_dir: Path, base_dir: Path, subjects: Subjects,
     client_set: Any, task_x: Any, task_labels: dict[str, Any], heldout: Any, torch: Any,
 ) -> bool:  # fmt: skip
     """Predictions of v_before vs the new version (both loaded with PeftModel.from_pretrained)."""
+    # (label, inputs, labels, tasks, forgotten?)
     groups = [
         (f"forgotten client {subjects.client}", client_set.x, client_set.labels, subjects.tasks, True),
         (f"{subjects.task_client}'s samples, task forgotten", task_x, task_labels, [subjects.task], True),
@@ -407,31 +475,39 @@ def _compare(
     t = Table(title="serving host: predictions before vs after (PeftModel.from_pretrained)")
     for col in ("data", "task", "n", "acc before", "acc after", "predictions changed"):
         t.add_column(col, justify="right" if col not in ("data", "task") else "left")
-    changed: dict[bool, list[float]] = {True: [], False: []}
-    for label, x, labels, tasks, forgotten in groups:
+    measured: dict[tuple[str, str], tuple[float, float, int]] = {}
+    for label, x, labels, tasks, _ in groups:
         pb = _predictions(before_dir, base_dir, x)
         pa = _predictions(after_dir, base_dir, x)
         for task in tasks:
             y = labels[task]
-            mask = y >= 0
-            n = int(mask.sum())
-            acc_b = float((pb[task][mask] == y[mask]).float().mean()) if n else float("nan")
-            acc_a = float((pa[task][mask] == y[mask]).float().mean()) if n else float("nan")
+            (acc_b, n), (acc_a, _) = _accuracy(pb[task], y), _accuracy(pa[task], y)
+            measured[(label, task)] = (acc_b, acc_a, n)
             frac = float((pb[task] != pa[task]).float().mean()) if len(y) else float("nan")
-            changed[forgotten].append(frac)
-            t.add_row(label, task, str(len(y)), _fmt(acc_b), _fmt(acc_a), f"{100 * frac:.1f} %")
+            t.add_row(label, task, str(n), _fmt(acc_b), _fmt(acc_a), f"{100 * frac:.1f} %")
     console.print(t)
-    forgot = max(changed[True]) if changed[True] else 0.0
-    kept = max(changed[False]) if changed[False] else 0.0
-    if forgot > kept:
+    heldout_label = groups[-1][0]
+    forgotten = {g[0] for g in groups if g[4]}
+    checks = [
+        forget_check(f"forgotten: {label}, {task}", before, after, n, measured[(heldout_label, task)][0])
+        if label in forgotten
+        else kept_check(f"kept: {label}, {task}", before, after, n)
+        for (label, task), (before, after, n) in measured.items()
+        if label != heldout_label
+    ]
+    checks += [heldout_check(task, *measured[(heldout_label, task)][:2]) for task in subjects.tasks]
+    for check in checks:
+        mark = "[green]✓[/green]" if check.ok else "[red]✗[/red]"
+        console.print(f"{mark} {check.what}: {check.detail}")
+    ok = all(c.ok for c in checks)
+    if ok:
         console.print(
-            f"[green]✓[/green] predictions changed most on the forgotten data ({100 * forgot:.1f} %) "
-            f"and less elsewhere (at most {100 * kept:.1f} %)"
+            "[green]✓[/green] the served model forgot: on the forgotten data it now does no better than "
+            "on data it never saw, and what it keeps (held-out, retained labels) kept its accuracy"
         )
-    else:  # a property of the unlearning method's settings, not a failure of the system
+    else:
         console.print(
-            f"[yellow]⚠[/yellow] predictions changed as much elsewhere (up to {100 * kept:.1f} %) as on "
-            f"the forgotten data ({100 * forgot:.1f} %): see the evidence above and docs/methods.md"
+            "[red]✗[/red] unlearning checks failed (thresholds: docs/operations.md, `lethe demo`); "
+            "the evidence above shows the method's own measurements"
         )
-    ok = True
     return ok

@@ -79,7 +79,7 @@ def prepare_here(name: str, *, app_settings: Settings | None = None) -> int | No
     app_settings = app_settings or Settings()
     ctx = WorkerContext.create(app_settings, WorkerSettings(), worker_id="cli")
     try:
-        published = prepare_model(ctx, name)
+        published = prepare_model(ctx, name, time_limits=False)
     finally:
         ctx.close()
     return published.version if published is not None else None

@@ -126,7 +126,8 @@ def fault_pause_hook(spec: str | None, home: Path) -> ProgressHook | None:
 
     On reaching the step the worker writes ``$LETHE_HOME/fault-<event>`` (so a test knows when to
     SIGKILL it) and sleeps. Events: claimed, progress, engine_done, committed, published,
-    withdrawn_deleted, purged. Unset in production.
+    withdrawn_deleted, store_purged (raw data deleted, not yet recorded), purged. Unset in
+    production (``LETHE_WORKER_FAULT_PAUSE``, documented as test-only).
     """
     if not spec:
         return None
@@ -145,14 +146,22 @@ def fault_pause_hook(spec: str | None, home: Path) -> ProgressHook | None:
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` → ``cuda`` when this process sees a GPU (CUDA initialises here, in the child)."""
-    if device != "auto":
-        return device
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+    """``auto`` → ``cuda`` when this process sees a GPU, else ``cpu`` (the CPU fallback).
+
+    Runs in the worker process itself (the per-GPU child), never in a supervisor. ``cuda`` asked
+    for explicitly without a visible GPU is a configuration error, not a silent fallback.
+    """
+    if device == "cpu" or (device == "auto" and os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1")):
         return "cpu"
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    available = torch.cuda.is_available()
+    if device == "cuda" and not available:
+        raise RuntimeError(
+            "LETHE_WORKER_DEVICE=cuda but this process sees no GPU "
+            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); use auto or cpu"
+        )
+    return "cuda" if available else "cpu"
 
 
 @contextlib.contextmanager
@@ -235,6 +244,24 @@ def claim(ctx: WorkerContext, model_name: str) -> rounds.ClaimedRound | None:
         )
 
 
+@dataclass
+class _Attempt:
+    """The directories one round attempt wrote, for cleanup when it does not publish."""
+
+    staging: Path | None = None
+    committed: CommittedVersion | None = None
+    #: set just before the publish transaction: from then on the database may name ``committed``
+    #: (a commit whose outcome is unknown), so only the orphan GC, which reads the database, may
+    #: remove it
+    publishing: bool = False
+
+    def discard(self, store: ModelArtifacts) -> None:
+        if self.staging is not None:
+            store.discard(self.staging)
+        if self.committed is not None and not self.publishing:
+            store.discard(self.committed.path)
+
+
 def run_one_round(ctx: WorkerContext, model_name: str) -> RoundResult | None:
     claimed = claim(ctx, model_name)
     if claimed is None:
@@ -245,69 +272,14 @@ def run_one_round(ctx: WorkerContext, model_name: str) -> RoundResult | None:
     )  # fmt: skip
     ctx.emit("claimed", round_id=claimed.round_id, token=claimed.fencing_token)
     store = ctx.artifacts(model_name)
-    staging: Path | None = None
-    committed: CommittedVersion | None = None
+    attempt = _Attempt()
     request_ids = [r.id for r in claimed.requests]
     try:
-        with transaction(ctx.session_factory) as session:
-            model = models_repo.get_model(session, model_name)
-            if model is None:
-                raise PermanentRoundError(f"model {model_name} disappeared")
-            locations = [v.location for v in versions_repo.list_versions(session, model.id)]
-            workload_settings = dict(model.settings)
-            model_row = model
-        removed = store.gc_orphans(locations, min_age_seconds=ctx.worker_settings.gc_min_age_seconds)
-        if removed:
-            log.info("removed %d orphan directories of %s", len(removed), model_name)
-        if claimed.parent_location is None:
-            raise PermanentRoundError(f"model {model_name} has no active version to unlearn from")
-        name = version_dir_name(claimed.round_id, claimed.fencing_token)
-        staging = store.staging_dir(name)
-        watchdog = _watchdog(ctx, claimed)
-        with watchdog:
-            outcome = _run_engine(ctx, claimed, model_row, workload_settings, staging, watchdog)
-            watchdog.check()
-            ctx.emit("engine_done", round_id=claimed.round_id)
-            with transaction(ctx.session_factory) as session:
-                rounds.mark_verifying(session, claimed)
-            committed = store.commit(
-                staging,
-                name,
-                parent_version=claimed.parent_version,
-                requests=request_ids,
-                evidence=outcome,
-                extra={
-                    "round_id": claimed.round_id,
-                    "fencing_token": claimed.fencing_token,
-                    "method": claimed.method,
-                    "worker": ctx.worker_id,
-                },
-            )
-            staging = None
-            ctx.emit("committed", round_id=claimed.round_id, path=str(committed.path))
-            watchdog.check()
-            with transaction(ctx.session_factory) as session:
-                model = models_repo.get_model(session, model_name)
-                assert model is not None
-                withdraw = [
-                    v.version for v in versions_repo.list_versions(session, model.id) if v.status == "active"
-                ]
-                published = rounds.publish_round(
-                    session,
-                    claimed,
-                    location=committed.location,
-                    files=_to_rounds_files(committed.files),
-                    evidence=outcome,
-                    withdraw_versions=withdraw,
-                )
-        ctx.emit("published", round_id=claimed.round_id, version=published.version)
-        log.info("round %d published %s v%d; withdrew %s", claimed.round_id, model_name,
-                 published.version, withdraw)  # fmt: skip
+        published, withdrawn = _run_and_publish(ctx, claimed, store, attempt)
     except rounds.LeaseLost as exc:
         log.warning("round %d: lease lost (%s); discarding its directory", claimed.round_id, exc)
-        for path in (staging, committed.path if committed else None):
-            if path is not None:
-                store.discard(path)
+        attempt.publishing = False  # LeaseLost comes before publish_round writes: it rolled back
+        attempt.discard(store)
         return RoundResult(claimed.round_id, claimed.fencing_token, request_ids, None, "lease_lost",
                            error=str(exc))  # fmt: skip
     except Exception as exc:  # SoftTimeLimitExceeded is an Exception: retried
@@ -315,9 +287,7 @@ def run_one_round(ctx: WorkerContext, model_name: str) -> RoundResult | None:
         error = f"{type(exc).__name__}: {exc}"
         log.error("round %d failed (%s): %s", claimed.round_id, "retry" if retryable else "final",
                   traceback.format_exc())  # fmt: skip
-        for path in (staging, committed.path if committed else None):
-            if path is not None:
-                store.discard(path)
+        attempt.discard(store)
         try:
             with transaction(ctx.session_factory) as session:
                 rounds.fail_round(session, claimed, error=error[:2000], retryable=retryable)
@@ -325,10 +295,74 @@ def run_one_round(ctx: WorkerContext, model_name: str) -> RoundResult | None:
             pass
         return RoundResult(claimed.round_id, claimed.fencing_token, request_ids, None, "failed",
                            error=error)  # fmt: skip
-    after_publish(ctx, model_name, withdrawn=withdraw)
+    ctx.emit("published", round_id=claimed.round_id, version=published.version)
+    log.info("round %d published %s v%d; withdrew %s", claimed.round_id, model_name,
+             published.version, withdrawn)  # fmt: skip
+    after_publish(ctx, model_name, withdrawn=withdrawn)
     return RoundResult(
-        claimed.round_id, claimed.fencing_token, request_ids, published.version, "published", withdraw
+        claimed.round_id, claimed.fencing_token, request_ids, published.version, "published", withdrawn
     )
+
+
+def _run_and_publish(
+    ctx: WorkerContext, claimed: rounds.ClaimedRound, store: ModelArtifacts, attempt: _Attempt
+) -> tuple[rounds.PublishedVersion, list[int]]:
+    """GC → engine → seal → publish; raises on any failure (the caller cleans up and fails)."""
+    model_name = claimed.model_name
+    with transaction(ctx.session_factory) as session:
+        model = models_repo.get_model(session, model_name)
+        if model is None:
+            raise PermanentRoundError(f"model {model_name} disappeared")
+        locations = [v.location for v in versions_repo.list_versions(session, model.id)]
+        workload_settings = dict(model.settings)
+        model_row = model
+    removed = store.gc_orphans(locations, min_age_seconds=ctx.worker_settings.gc_min_age_seconds)
+    if removed:
+        log.info("removed %d orphan directories of %s", len(removed), model_name)
+    if claimed.parent_location is None:
+        raise PermanentRoundError(f"model {model_name} has no active version to unlearn from")
+    name = version_dir_name(claimed.round_id, claimed.fencing_token)
+    staging = attempt.staging = store.staging_dir(name)
+    with _watchdog(ctx, claimed) as watchdog:
+        with watchdog.interruptible():
+            outcome = _run_engine(
+                ctx, claimed, model=model_row, workload_settings=workload_settings, staging=staging,
+                watchdog=watchdog,
+            )  # fmt: skip
+        watchdog.check()
+        ctx.emit("engine_done", round_id=claimed.round_id)
+        with transaction(ctx.session_factory) as session:
+            rounds.mark_verifying(session, claimed)
+        attempt.committed = store.commit(
+            staging, name, parent_version=claimed.parent_version, requests=[r.id for r in claimed.requests],
+            evidence=outcome, extra=_manifest_extra(ctx, claimed),
+        )  # fmt: skip
+        attempt.staging = None
+        ctx.emit("committed", round_id=claimed.round_id, path=str(attempt.committed.path))
+        watchdog.check()
+        attempt.publishing = True
+        with transaction(ctx.session_factory) as session:
+            model = models_repo.get_model(session, model_name)
+            assert model is not None
+            withdraw = [
+                v.version for v in versions_repo.list_versions(session, model.id) if v.status == "active"
+            ]
+            published = rounds.publish_round(
+                session,
+                claimed,
+                location=attempt.committed.location,
+                files=_to_rounds_files(attempt.committed.files),
+                evidence=outcome,
+                withdraw_versions=withdraw,
+            )
+    return published, withdraw
+
+
+def _manifest_extra(ctx: WorkerContext, claimed: rounds.ClaimedRound) -> dict[str, Any]:
+    """What the manifest records about the attempt that wrote the version."""
+    extra: dict[str, Any] = {key: getattr(claimed, key) for key in ("round_id", "fencing_token", "method")}
+    extra["worker"] = ctx.worker_id
+    return extra
 
 
 def _watchdog(ctx: WorkerContext, claimed: rounds.ClaimedRound) -> RoundWatchdog:
@@ -350,6 +384,7 @@ def _watchdog(ctx: WorkerContext, claimed: rounds.ClaimedRound) -> RoundWatchdog
 def _run_engine(
     ctx: WorkerContext,
     claimed: rounds.ClaimedRound,
+    *,
     model: Model,
     workload_settings: dict[str, Any],
     staging: Path,
@@ -488,6 +523,7 @@ def purge_completed(ctx: WorkerContext, model_name: str) -> list[str]:
             else:
                 pairs.extend((s, t) for s in resolved.sample_ids for t in resolved.forget_tasks)
         report = store.purge(pending)
+    ctx.emit("store_purged", requests=[s.request_id for s in pending])
     with transaction(ctx.session_factory) as session:
         rounds.mark_purged(
             session, model_name, client_ids=sorted(set(clients)), sample_tasks=sorted(set(pairs))
@@ -501,11 +537,15 @@ def purge_completed(ctx: WorkerContext, model_name: str) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
-def prepare_model(ctx: WorkerContext, model_name: str) -> rounds.PublishedVersion | None:
+def prepare_model(
+    ctx: WorkerContext, model_name: str, *, time_limits: bool = True
+) -> rounds.PublishedVersion | None:
     """Materialise the dataset, pretrain the base, train v1, register it (status → ready).
 
     Serialised per model by a file lock; a crashed attempt's partial files are rebuilt from scratch
-    (the model is still ``preparing``, so nothing depends on them).
+    (the model is still ``preparing``, so nothing depends on them). ``time_limits``: the training
+    runs under the worker's soft / hard time limits (off for ``lethe models create``, which an
+    operator runs in the foreground).
     """
     from worker.unlearning.engine import prepare
 
@@ -533,14 +573,15 @@ def prepare_model(ctx: WorkerContext, model_name: str) -> rounds.PublishedVersio
             name = version_dir_name(0, int(time.time() * 1000))
             staging = store.staging_dir(name)
             ctx.emit("preparing", model=model_name)
-            prepared = prepare(
-                workload,
-                data_dir=data_dir,
-                base_dir=store.base_dir,
-                adapter_dir=staging,
-                settings=settings,
-                seed=ctx.worker_settings.seed,
-            )
+            with _time_limited(ctx, time_limits):
+                prepared = prepare(
+                    workload,
+                    data_dir=data_dir,
+                    base_dir=store.base_dir,
+                    adapter_dir=staging,
+                    settings=settings,
+                    seed=ctx.worker_settings.seed,
+                )
             committed = store.commit(
                 staging,
                 name,
@@ -567,6 +608,19 @@ def prepare_model(ctx: WorkerContext, model_name: str) -> rounds.PublishedVersio
             with transaction(ctx.session_factory) as session:
                 rounds.mark_model_failed(session, model_name, error=f"{type(exc).__name__}: {exc}"[:2000])
             raise
+
+
+@contextlib.contextmanager
+def _time_limited(ctx: WorkerContext, enabled: bool) -> Iterator[None]:
+    """The worker's soft / hard time limits around a block (the solo pool ignores Celery's)."""
+    if not enabled:
+        yield
+        return
+    ws = ctx.worker_settings
+    dog = RoundWatchdog(renew=lambda: None, interval=60.0, soft_limit=ws.soft_time_limit,
+                        hard_limit=ws.hard_time_limit)  # fmt: skip
+    with dog, dog.interruptible():
+        yield
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Celery tasks, registered by name on the worker's app at start-up (:func:`register`).
 
-- ``lethe.wake_model(model_name)``: reconcile, then run the model's rounds until its queue is empty;
+- ``lethe.wake_model(model_name)``: reconcile, run the model's next round, and send another wake
+  when a round ran (one round per message: see :func:`wake_again`);
 - ``lethe.prepare_model(model_name)``: dataset, base, v1, register (status ``ready``);
 - ``lethe.sweep()``: send ``lethe.wake_model`` for every model with queued requests and no live lease;
 - ``lethe.heartbeat()``: record this worker's heartbeat now.
@@ -67,6 +68,20 @@ def send_wake(
         return False
     app.send_task(TASK_WAKE, args=[model_name])
     return True
+
+
+def wake_again(app: Celery, model_name: str) -> None:
+    """Continue with the model's next round in a new message.
+
+    A task runs at most one round (or one preparation), each bounded by the hard time limit, so no
+    message stays unacknowledged longer than the broker's visibility timeout (hard limit + 600 s)
+    and Redis never hands a message that is still being worked on to a second worker. When the
+    broker is down the sweeper sends the wake later.
+    """
+    try:
+        app.send_task(TASK_WAKE, args=[model_name])
+    except Exception:
+        log.warning("could not send the next wake of %s; the sweeper will", model_name, exc_info=True)
 
 
 def sweep(app: Celery, ctx: pipeline.WorkerContext, broker: redis.Redis[bytes] | None) -> list[str]:
@@ -151,16 +166,17 @@ def register(app: Celery, settings: Settings, worker_settings: WorkerSettings) -
     @app.task(name=TASK_WAKE, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
     def wake_model(model_name: str) -> dict[str, Any]:
         with _Busy():
-            results = pipeline.wake_model(ctx(), model_name)
+            results = pipeline.wake_model(ctx(), model_name, max_rounds=1)
+        if results and results[-1].status != "lease_lost":
+            wake_again(app, model_name)
         return {"rounds": [r.round_id for r in results], "versions": [r.version for r in results]}
 
     @app.task(name=TASK_PREPARE, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
     def prepare_model(model_name: str) -> dict[str, Any]:
         with _Busy():
             published = pipeline.prepare_model(ctx(), model_name)
-            # requests accepted while the model was preparing can run now
-            if published is not None:
-                pipeline.wake_model(ctx(), model_name)
+        if published is not None:
+            wake_again(app, model_name)  # requests accepted while the model was preparing
         return {"version": published.version if published else None}
 
     @app.task(name=TASK_SWEEP, ignore_result=True)

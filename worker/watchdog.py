@@ -10,8 +10,10 @@ thread does the enforcement instead:
   the round notices at its next :meth:`check` (the engine's progress callback, and before publish)
   and the fencing token makes ``publish_round`` refuse anyway;
 - after ``soft_limit`` seconds it raises ``SoftTimeLimitExceeded`` in the task thread (an
-  asynchronous exception, delivered at the next Python bytecode: torch kernels finish first) and
-  :meth:`check` raises it too;
+  asynchronous exception, delivered at the next Python bytecode: torch kernels finish first), but
+  only while the task thread is inside :meth:`interruptible` (the engine). Outside it (sealing and
+  publishing the version) only :meth:`check` raises it: an exception landing just after the publish
+  committed would otherwise make the round discard the directory the database now names;
 - after ``hard_limit`` seconds it ends the process (``os._exit``): the round's lease expires and the
   round is resumed by another worker under a new fencing token; the attempt cap in the database
   stops a round that always hangs.
@@ -19,12 +21,13 @@ thread does the enforcement instead:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from celery.exceptions import SoftTimeLimitExceeded
 
@@ -36,6 +39,11 @@ HARD_LIMIT_EXIT_CODE = 75
 def _raise_in_thread(thread_id: int, exc_type: type[BaseException]) -> bool:
     result = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc_type))
     return int(result) == 1
+
+
+def _cancel_pending(thread_id: int) -> None:
+    """Withdraw an asynchronous exception set for ``thread_id`` but not delivered yet (NULL clears)."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), None)
 
 
 def _hard_exit() -> None:
@@ -64,6 +72,9 @@ class RoundWatchdog:
         self._on_hard = on_hard_limit
         self._interrupt = interrupt_on_soft_limit
         self._stop = threading.Event()
+        # guards _interruptible against the watchdog thread raising while the region is left
+        self._region = threading.Lock()
+        self._interruptible = False
         self._thread: threading.Thread | None = None
         self._target_thread = threading.get_ident()
         self._started = 0.0
@@ -93,6 +104,19 @@ class RoundWatchdog:
     def elapsed(self) -> float:
         return time.monotonic() - self._started
 
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """The region (in the task thread) where the soft limit may interrupt asynchronously."""
+        with self._region:
+            self._interruptible = True
+        try:
+            self.check()  # the limit may have passed before the region was entered
+            yield
+        finally:
+            with self._region:
+                self._interruptible = False
+                _cancel_pending(self._target_thread)
+
     def check(self) -> None:
         """Raise in the round's thread if the lease was lost or the soft limit passed."""
         if self.lease_lost is not None:
@@ -112,8 +136,9 @@ class RoundWatchdog:
             if elapsed >= self._soft and not self.soft_limit_hit:
                 self.soft_limit_hit = True
                 log.warning("round exceeded the soft time limit (%.0f s): interrupting it", self._soft)
-                if self._interrupt:
-                    _raise_in_thread(self._target_thread, SoftTimeLimitExceeded)
+                with self._region:
+                    if self._interrupt and self._interruptible:
+                        _raise_in_thread(self._target_thread, SoftTimeLimitExceeded)
             if now >= next_renewal and self.lease_lost is None:
                 next_renewal = now + self._interval
                 try:

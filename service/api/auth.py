@@ -4,16 +4,29 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Any
 
-from fastapi import Depends, HTTPException
+from fastapi import HTTPException, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.api.state import State
 from service.repositories import keys as keys_repo
 
-bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer lethe_...`")
-Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+SCOPE_DESCRIPTIONS = {
+    "submit": "submit forget requests and read the caller's own requests",
+    "serve": "download adapter versions and the base model",
+    "admin": "everything: every request, the queue, workers, cancel / retry, the model registry",
+}
+bearer = HTTPBearer(
+    auto_error=False,
+    bearerFormat="lethe_<random>",
+    description="An API key (`lethe keys create --scope S`), sent as `Authorization: Bearer <key>`. "
+    "Scopes, listed per operation under `security`: "
+    + "; ".join(f"`{name}`: {meaning}" for name, meaning in SCOPE_DESCRIPTIONS.items())
+    + ". Missing or unknown key: 401; a key without the scope: 403.",
+)
+#: The credentials dependency per scope (the scope shows in the OpenAPI ``security`` of operations).
+_CREDENTIALS = {scope: Security(bearer, scopes=[scope]) for scope in SCOPE_DESCRIPTIONS}
 
 
 @dataclass(frozen=True)
@@ -38,7 +51,10 @@ def _unauthorized(detail: str) -> HTTPException:
 def require(scope: str) -> Callable[..., Principal]:
     """A dependency that authenticates the caller and demands ``scope`` (or ``admin``)."""
 
-    def dependency(state: State, credentials: Credentials) -> Principal:
+    # A default, not an ``Annotated`` type: annotations are strings here and cannot see ``scope``.
+    def dependency(
+        state: State, credentials: HTTPAuthorizationCredentials | None = _CREDENTIALS[scope]
+    ) -> Principal:
         if credentials is None or not credentials.credentials:
             raise _unauthorized("an API key is required (Authorization: Bearer <key>)")
         with state.transaction() as session:
@@ -51,3 +67,15 @@ def require(scope: str) -> Callable[..., Principal]:
         return principal
 
     return dependency
+
+
+def document_scopes(schema: dict[str, Any]) -> dict[str, Any]:
+    """Operations that need a scope accept an ``admin`` key too (as :func:`require` does)."""
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            needed = [
+                scope for req in operation.get("security", []) for scope in req.get(bearer.scheme_name, [])
+            ]
+            if needed and "admin" not in needed:
+                operation["security"].append({bearer.scheme_name: ["admin"]})
+    return schema

@@ -7,8 +7,10 @@ from collections.abc import Sequence
 from sqlalchemy.orm import Session
 
 from service.api import schemas
-from service.db.models import ForgetRequest
+from service.db.models import ForgetRequest, Model, Round
+from service.repositories import models as models_repo
 from service.repositories import requests as requests_repo
+from service.repositories import rounds as rounds_repo
 from service.repositories import versions as versions_repo
 
 
@@ -18,21 +20,9 @@ def forget_requests(session: Session, rows: Sequence[ForgetRequest]) -> list[sch
         session, [r.version_id for r in rows if r.version_id is not None]
     )
     return [
-        schemas.ForgetRequestOut(
-            id=r.id,
+        schemas.ForgetRequestOut.from_row(
+            r,
             model=names[r.model_id],
-            kind="client" if r.kind == "client" else "task",
-            client_id=r.client_id,
-            sample_ids=r.sample_ids,
-            tasks=list(r.tasks),
-            status=r.status,
-            external_id=r.external_id,
-            received_at=r.received_at,
-            due_at=r.due_at,
-            updated_at=r.updated_at,
-            completed_at=r.completed_at,
-            attempts=r.attempts,
-            error=r.error,
             version=versions.get(r.version_id) if r.version_id is not None else None,
         )
         for r in rows
@@ -41,3 +31,29 @@ def forget_requests(session: Session, rows: Sequence[ForgetRequest]) -> list[sch
 
 def forget_request(session: Session, row: ForgetRequest) -> schemas.ForgetRequestOut:
     return forget_requests(session, [row])[0]
+
+
+def model(session: Session, row: Model) -> schemas.ModelOut:
+    latest = versions_repo.latest_active(session, row.id)
+    return schemas.ModelOut.from_row(row, latest_version=latest.version if latest is not None else None)
+
+
+def model_detail(session: Session, row: Model) -> schemas.ModelDetail:
+    total, forgotten = models_repo.count_subjects(session, row.id)
+    versions = [
+        schemas.VersionSummary.from_row(v, parent=v.parent_version)
+        for v in versions_repo.list_versions(session, row.id)
+    ]
+    return schemas.ModelDetail(
+        **model(session, row).model_dump(), subjects=total, forgotten_subjects=forgotten, versions=versions
+    )
+
+
+def lease(session: Session, live: Round) -> schemas.LeaseOut:
+    return schemas.LeaseOut.from_row(
+        live,
+        round_id=live.id,
+        owner=live.lease_owner,
+        expires_at=live.lease_expires_at,
+        request_ids=[r.id for r in rounds_repo.covered_requests(session, live.id)],
+    )

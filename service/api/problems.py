@@ -10,7 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy.exc import DataError, DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.errors import ServiceError
@@ -32,7 +32,7 @@ class Problem(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    type: str = "about:blank"
+    type: str = Field(description="A URI naming the problem type; `about:blank`: see the status.")
     title: str
     status: int
     detail: str | None = None
@@ -76,8 +76,26 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"description": _phrase(status)} for status in statuses}
 
 
+#: Parameter schemas every value satisfies (a path segment, an optional plain header).
+_UNCONSTRAINED = ({"type": "string"}, {"anyOf": [{"type": "string"}, {"type": "null"}]})
+
+
+def _can_fail_validation(operation: dict[str, Any]) -> bool:
+    """Whether FastAPI may answer 422: a body, or a parameter that is constrained or required
+    (path parameters are always present)."""
+    if "requestBody" in operation:
+        return True
+    for parameter in operation.get("parameters", []):
+        constraints = {k: v for k, v in parameter["schema"].items() if k not in ("title", "description")}
+        required = parameter.get("required", False) and parameter["in"] != "path"
+        if required or constraints not in _UNCONSTRAINED:
+            return True
+    return False
+
+
 def document_problems(schema: dict[str, Any]) -> dict[str, Any]:
-    """Make every 4xx/5xx response of an OpenAPI document an ``application/problem+json`` Problem."""
+    """Make every 4xx/5xx response of an OpenAPI document an ``application/problem+json`` Problem,
+    and drop the 422 FastAPI lists for operations whose inputs always validate."""
     schemas = schema.setdefault("components", {}).setdefault("schemas", {})
     problem = Problem.model_json_schema(ref_template="#/components/schemas/{model}")
     schemas.update(problem.pop("$defs", {}))
@@ -85,7 +103,10 @@ def document_problems(schema: dict[str, Any]) -> dict[str, Any]:
     ref = {"$ref": "#/components/schemas/Problem"}
     for operations in schema.get("paths", {}).values():
         for operation in operations.values():
-            for status, response in operation.get("responses", {}).items():
+            responses = operation.get("responses", {})
+            if not _can_fail_validation(operation):
+                responses.pop("422", None)
+            for status, response in responses.items():
                 if status.isdigit() and int(status) >= 400:
                     response["content"] = {PROBLEM_JSON: {"schema": ref}}
     for unused in ("HTTPValidationError", "ValidationError"):
@@ -141,15 +162,14 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         return problem_response(
             400, detail="the body is not valid JSON", instance=request.url.path, type_=TYPE_BASE + "bad-json"
         )
-    missing_key = [
-        e
-        for e in raw
-        if e.get("type") == "missing" and tuple(e.get("loc", ()))[:2] == ("header", "Idempotency-Key")
-    ]
-    if missing_key:
+    key_errors = [e for e in raw if tuple(e.get("loc", ()))[:2] == ("header", "Idempotency-Key")]
+    if key_errors:
+        missing = any(e.get("type") == "missing" for e in key_errors)
         return problem_response(
             400,
-            detail="the Idempotency-Key header is required",
+            detail="the Idempotency-Key header is required"
+            if missing
+            else "the Idempotency-Key header must be 1 to 200 printable ASCII characters",
             instance=request.url.path,
             type_=TYPE_BASE + "idempotency-key-required",
             field="Idempotency-Key",
@@ -170,6 +190,12 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, DataError):
         return problem_response(
             422, detail="a value was not accepted by the database", instance=request.url.path
+        )
+    if isinstance(exc, IntegrityError):
+        # A race the code did not turn into a domain answer; nothing was written.
+        log.warning("integrity error on %s %s", request.method, request.url.path, exc_info=True)
+        return problem_response(
+            409, detail="the request conflicts with a concurrent change; try again", instance=request.url.path
         )
     log.warning("database error on %s %s", request.method, request.url.path, exc_info=True)
     return problem_response(

@@ -2,19 +2,54 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+from service.db.models import MODEL_NAME_PATTERN
+
 IDENTIFIER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,199}$"
+#: Printable ASCII: an idempotency key is an opaque token such as a UUID.
+IDEMPOTENCY_KEY_PATTERN = r"^[\x20-\x7e]{1,200}$"
 
 ModelName = Annotated[str, StringConstraints(pattern=MODEL_NAME_PATTERN)]
 Identifier = Annotated[str, StringConstraints(pattern=IDENTIFIER_PATTERN)]
 RequestStatus = Literal[
     "received", "queued", "running", "verifying", "completed", "failed", "cancelled", "rejected"
 ]
+
+
+#: Nesting allowed inside a free-form JSON object (settings need a few levels, not hundreds).
+MAX_JSON_DEPTH = 20
+
+
+def _nests_deeper_than(value: Any, limit: int) -> bool:
+    """Whether lists / objects nest more than ``limit`` levels (breadth-first: no recursion)."""
+    level = [value]
+    for _ in range(limit):
+        level = [
+            child
+            for item in level
+            for child in (item.values() if isinstance(item, dict) else item if isinstance(item, list) else ())
+        ]
+    return any(isinstance(item, dict | list) for item in level)
+
+
+def _plain_json(value: dict[str, Any]) -> dict[str, Any]:
+    """Refuse nesting deeper than :data:`MAX_JSON_DEPTH` (the response serializer has a depth
+    limit), and what JSON parsers accept but JSON cannot carry (NaN, Infinity, lone surrogates)."""
+    if _nests_deeper_than(value, MAX_JSON_DEPTH):
+        raise ValueError(f"must not nest more than {MAX_JSON_DEPTH} levels deep")
+    try:
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (ValueError, UnicodeEncodeError):
+        raise ValueError("must be plain JSON: no NaN or Infinity, no lone UTF-16 surrogates") from None
+    return value
+
+
+JsonObject = Annotated[dict[str, Any], AfterValidator(_plain_json)]
 
 
 class _In(BaseModel):
@@ -36,7 +71,7 @@ class ForgetRequestIn(_In):
         max_length=100,
         description="Required for kind `task`; for `client` it defaults to all the model's tasks.",
     )
-    external_id: Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f]{1,200}$")] | None = Field(
+    external_id: Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f-\x9f]{1,200}$")] | None = Field(
         default=None, description="The caller's own reference (e.g. a DSR ticket)."
     )
 
@@ -57,7 +92,20 @@ class ForgetRequestIn(_In):
         return self
 
 
-class ForgetRequestOut(BaseModel):
+class _Out(BaseModel):
+    @classmethod
+    def from_row(cls, row: object, **values: Any) -> Self:
+        """This schema with each field read from ``row``'s attribute of the same name, except the
+        fields given in ``values``."""
+        unknown = values.keys() - cls.model_fields.keys()
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
+        return cls.model_validate(
+            {name: values[name] if name in values else getattr(row, name) for name in cls.model_fields}
+        )
+
+
+class ForgetRequestOut(_Out):
     id: str
     model: str
     kind: Literal["client", "task"]
@@ -80,7 +128,7 @@ class ForgetRequestPage(BaseModel):
     next_cursor: str | None = Field(description="Pass as `cursor` to get the next page; null at the end.")
 
 
-class EventOut(BaseModel):
+class EventOut(_Out):
     id: int
     type: str
     status: str | None
@@ -91,7 +139,7 @@ class EventOut(BaseModel):
     hash: str
 
 
-class EvidenceOut(BaseModel):
+class EvidenceOut(_Out):
     request_id: str
     round_id: int
     version: int
@@ -101,15 +149,15 @@ class EvidenceOut(BaseModel):
 
 class ModelIn(_In):
     name: ModelName
-    workload: Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    workload: Identifier
     method: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,99}$")] | None = Field(
         default=None, description="Unlearning method; default: the worker's default method."
     )
-    method_config: dict[str, Any] = Field(default_factory=dict)
-    settings: dict[str, Any] = Field(default_factory=dict)
+    method_config: JsonObject = Field(default_factory=dict)
+    settings: JsonObject = Field(default_factory=dict)
 
 
-class VersionSummary(BaseModel):
+class VersionSummary(_Out):
     version: int
     parent: int | None
     status: Literal["active", "withdrawn"]
@@ -118,7 +166,7 @@ class VersionSummary(BaseModel):
     round_id: int | None
 
 
-class ModelOut(BaseModel):
+class ModelOut(_Out):
     name: str
     workload: str
     tasks: list[str]
@@ -138,7 +186,7 @@ class ModelDetail(ModelOut):
     versions: list[VersionSummary]
 
 
-class LeaseOut(BaseModel):
+class LeaseOut(_Out):
     round_id: int
     status: str
     owner: str | None
@@ -157,7 +205,7 @@ class QueueEntry(BaseModel):
     running_round: LeaseOut | None
 
 
-class WorkerOut(BaseModel):
+class WorkerOut(_Out):
     id: str
     hostname: str
     queues: list[str]

@@ -56,12 +56,24 @@ ROUND_STATUSES: Final = ("running", "verifying", "completed", "failed")
 LIVE_ROUND_STATUSES: Final = ("running", "verifying")
 VERSION_STATUSES: Final = ("active", "withdrawn")
 SCOPES: Final = ("submit", "admin", "serve")
+#: A model's name; it appears in URLs and directory names.
+MODEL_NAME_PATTERN: Final = r"^[a-z0-9][a-z0-9-]{0,62}$"
 
 JSONDict = dict[str, Any]
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
     return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+def _status_check(statuses: tuple[str, ...]) -> CheckConstraint:
+    return CheckConstraint(_in("status", statuses), name="status")
+
+
+def _unique_while(name: str, *columns: str, statuses: tuple[str, ...]) -> Index:
+    """A partial unique index over the rows in ``statuses`` (SQLite and PostgreSQL alike)."""
+    where = text(_in("status", statuses))
+    return Index(name, *columns, unique=True, sqlite_where=where, postgresql_where=where)
 
 
 class Base(DeclarativeBase):
@@ -73,7 +85,7 @@ class Model(Base):
     """A registered model: a workload, the unlearning method and its settings."""
 
     __tablename__ = "models"
-    __table_args__ = (CheckConstraint(_in("status", MODEL_STATUSES), name="status"),)
+    __table_args__ = (_status_check(MODEL_STATUSES),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(63), unique=True)
@@ -100,7 +112,7 @@ class Subject(Base):
     __tablename__ = "subjects"
     __table_args__ = (
         UniqueConstraint("model_id", "client_id"),
-        CheckConstraint(_in("status", SUBJECT_STATUSES), name="status"),
+        _status_check(SUBJECT_STATUSES),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -153,16 +165,11 @@ class ForgetRequest(Base):
     __table_args__ = (
         UniqueConstraint("api_key_id", "idempotency_key"),
         CheckConstraint(_in("kind", REQUEST_KINDS), name="kind"),
-        CheckConstraint(_in("status", REQUEST_STATUSES), name="status"),
+        _status_check(REQUEST_STATUSES),
         Index("ix_forget_requests_model_id_status_seq", "model_id", "status", "seq"),
         # One pending request per subject and model: a second submission returns the first.
-        Index(
-            "uq_forget_requests_active_subject",
-            "model_id",
-            "subject_key",
-            unique=True,
-            sqlite_where=text(_in("status", ACTIVE_REQUEST_STATUSES)),
-            postgresql_where=text(_in("status", ACTIVE_REQUEST_STATUSES)),
+        _unique_while(
+            "uq_forget_requests_active_subject", "model_id", "subject_key", statuses=ACTIVE_REQUEST_STATUSES
         ),
     )
 
@@ -213,15 +220,9 @@ class Round(Base):
 
     __tablename__ = "rounds"
     __table_args__ = (
-        CheckConstraint(_in("status", ROUND_STATUSES), name="status"),
+        _status_check(ROUND_STATUSES),
         # The database, not worker goodwill, allows one live round per model.
-        Index(
-            "uq_rounds_one_live_per_model",
-            "model_id",
-            unique=True,
-            sqlite_where=text(_in("status", LIVE_ROUND_STATUSES)),
-            postgresql_where=text(_in("status", LIVE_ROUND_STATUSES)),
-        ),
+        _unique_while("uq_rounds_one_live_per_model", "model_id", statuses=LIVE_ROUND_STATUSES),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -256,7 +257,7 @@ class AdapterVersion(Base):
     __tablename__ = "adapter_versions"
     __table_args__ = (
         UniqueConstraint("model_id", "version"),
-        CheckConstraint(_in("status", VERSION_STATUSES), name="status"),
+        _status_check(VERSION_STATUSES),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

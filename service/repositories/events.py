@@ -32,38 +32,18 @@ def _timestamp(value: datetime) -> str:
     return as_utc(value).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def event_hash(
-    *,
-    request_id: str,
-    type: str,
-    status: str | None,
-    actor: str,
-    detail: dict[str, Any],
-    at: datetime,
-    prev_hash: str,
-) -> str:
+def event_hash(event: RequestEvent) -> str:
+    """The SHA-256 of the event's canonical JSON (its ``prev_hash`` included, its own hash not)."""
     body = {
-        "request_id": request_id,
-        "type": type,
-        "status": status,
-        "actor": actor,
-        "detail": detail,
-        "at": _timestamp(at),
-        "prev_hash": prev_hash,
+        "request_id": event.request_id,
+        "type": event.type,
+        "status": event.status,
+        "actor": event.actor,
+        "detail": event.detail,
+        "at": _timestamp(event.at),
+        "prev_hash": event.prev_hash,
     }
     return hashlib.sha256(canonical_json(body).encode("utf-8")).hexdigest()
-
-
-def _row_hash(event: RequestEvent) -> str:
-    return event_hash(
-        request_id=event.request_id,
-        type=event.type,
-        status=event.status,
-        actor=event.actor,
-        detail=event.detail,
-        at=event.at,
-        prev_hash=event.prev_hash,
-    )
 
 
 def _lock_chain(session: Session) -> None:
@@ -85,27 +65,16 @@ def append_event(
     _lock_chain(session)
     session.flush()
     prev = session.scalar(select(RequestEvent.hash).order_by(RequestEvent.id.desc()).limit(1))
-    prev_hash = prev or GENESIS_HASH
-    at = utcnow()
-    body = dict(detail or {})
     event = RequestEvent(
         request_id=request_id,
         type=type,
         status=status,
         actor=actor,
-        detail=body,
-        at=at,
-        prev_hash=prev_hash,
-        hash=event_hash(
-            request_id=request_id,
-            type=type,
-            status=status,
-            actor=actor,
-            detail=body,
-            at=at,
-            prev_hash=prev_hash,
-        ),
+        detail=dict(detail or {}),
+        at=utcnow(),
+        prev_hash=prev or GENESIS_HASH,
     )
+    event.hash = event_hash(event)
     session.add(event)
     session.flush()
     return event
@@ -147,7 +116,7 @@ def verify_chain(session: Session, *, batch_size: int = 1000) -> ChainReport:
             reason = None
             if event.prev_hash != expected_prev:
                 reason = "prev_hash does not match the hash of the event before it"
-            elif _row_hash(event) != event.hash:
+            elif event_hash(event) != event.hash:
                 reason = "stored hash does not match the event's content"
             if reason is not None:
                 return ChainReport(

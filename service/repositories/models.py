@@ -2,17 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
-from service.db.models import Model, Sample, Subject
+from service.db.models import MODEL_NAME_PATTERN, Model, Sample, Subject
+
+_MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
+#: Values per ``IN (...)`` list, well under SQLite's and PostgreSQL's bound-parameter limits.
+IN_CHUNK = 500
+
+
+def is_model_name(name: str) -> bool:
+    return _MODEL_NAME.fullmatch(name) is not None
 
 
 def get_model(session: Session, name: str) -> Model | None:
+    """The model called ``name``; None also, without a query, for a name no model can have
+    (PostgreSQL would refuse some of them, e.g. with a NUL byte)."""
+    if not is_model_name(name):
+        return None
     return session.scalar(select(Model).where(Model.name == name))
 
 
@@ -84,11 +97,16 @@ def get_subject(session: Session, model_id: int, client_id: str) -> Subject | No
     return session.scalar(select(Subject).where(Subject.model_id == model_id, Subject.client_id == client_id))
 
 
+def _chunks(values: Iterable[str]) -> Iterator[list[str]]:
+    """The distinct ``values`` in lists of at most :data:`IN_CHUNK`."""
+    distinct = list(dict.fromkeys(values))
+    for start in range(0, len(distinct), IN_CHUNK):
+        yield distinct[start : start + IN_CHUNK]
+
+
 def get_subjects(session: Session, model_id: int, client_ids: Iterable[str]) -> dict[str, Subject]:
-    wanted = list(dict.fromkeys(client_ids))
     found: dict[str, Subject] = {}
-    for start in range(0, len(wanted), 500):
-        chunk = wanted[start : start + 500]
+    for chunk in _chunks(client_ids):
         stmt = select(Subject).where(Subject.model_id == model_id, Subject.client_id.in_(chunk))
         found.update({s.client_id: s for s in session.scalars(stmt)})
     return found
@@ -118,10 +136,8 @@ def mark_subjects_forgotten(
 
 
 def find_samples(session: Session, model_id: int, sample_ids: Iterable[str]) -> dict[str, Sample]:
-    wanted = list(dict.fromkeys(sample_ids))
     found: dict[str, Sample] = {}
-    for start in range(0, len(wanted), 500):
-        chunk = wanted[start : start + 500]
+    for chunk in _chunks(sample_ids):
         stmt = select(Sample).where(Sample.model_id == model_id, Sample.sample_id.in_(chunk))
         found.update({s.sample_id: s for s in session.scalars(stmt)})
     return found

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -10,8 +12,18 @@ from sqlalchemy.orm import Session
 
 from service.db.models import ACTIVE_REQUEST_STATUSES, ForgetRequest, Model
 
+_REQUEST_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def new_request_id() -> str:
+    return str(uuid.uuid4())
+
 
 def get_request(session: Session, request_id: str, *, lock: bool = False) -> ForgetRequest | None:
+    """The request with this id; None also, without a query, for an id :func:`new_request_id`
+    never makes (PostgreSQL would refuse some of them, e.g. with a NUL byte)."""
+    if _REQUEST_ID.fullmatch(request_id) is None:
+        return None
     stmt = select(ForgetRequest).where(ForgetRequest.id == request_id)
     if lock:
         stmt = stmt.with_for_update().execution_options(populate_existing=True)

@@ -18,15 +18,24 @@ class ResponseLike(Protocol):
     def json(self) -> Any: ...
 
 
+def assert_is_problem(response: ResponseLike) -> dict[str, Any]:
+    """The response is an RFC 9457 problem: its media type, and the members with their types."""
+    assert response.headers["content-type"] == "application/problem+json", response.headers
+    body = response.json()
+    assert isinstance(body, dict), body
+    assert body["status"] == response.status_code, body
+    for member in ("type", "title"):
+        assert isinstance(body[member], str), body
+        assert body[member], body
+    assert isinstance(body.get("detail", ""), str), body
+    assert isinstance(body.get("instance", ""), str), body
+    return body
+
+
 def assert_problem(response: ResponseLike, status: int, *, field: str | None = None) -> dict[str, Any]:
     """The response is an RFC 9457 problem with this status (and names ``field``)."""
     assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/problem+json"), response.headers
-    body = response.json()
-    assert isinstance(body, dict)
-    assert body["status"] == status
-    assert isinstance(body["title"], str)
-    assert "type" in body
+    body = assert_is_problem(response)
     if field is not None:
         assert body.get("field") == field, body
     return body

@@ -182,3 +182,32 @@ def test_audit_verify_finds_a_deleted_or_backdated_event(
     report = client.get("/v1/admin/audit/verify", headers=keys.admin).json()
     assert report["first_broken"]["event_id"] == events[2].id
     assert "prev_hash" in report["first_broken"]["reason"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        (b'"method_config": {"alpha": NaN}', "method_config"),
+        (b'"method_config": {"alpha": Infinity}', "method_config"),
+        (b'"method_config": {"alpha": 1e999}', "method_config"),
+        (b'"settings": {"note": "\\ud800"}', "settings"),
+        (b'"settings": {"\\udfff": 1}', "settings"),
+        (b'"settings": ' + b'{"a": ' * 21 + b"1" + b"}" * 21, "settings"),
+        (b'"workload": "digits clients\\u0000"', "workload"),
+    ],
+)
+def test_model_settings_must_be_plain_json(client: TestClient, keys: Keys, fields: bytes, field: str) -> None:
+    """What a lenient JSON parser accepts but JSON cannot carry is refused, and nothing is stored."""
+    body = b'{"name": "fraud", "workload": "digits-clients", ' + fields + b"}"
+    response = client.post(
+        "/v1/admin/models", content=body, headers={**keys.admin, "Content-Type": "application/json"}
+    )
+    assert_problem(response, 422, field=field)
+    assert client.get("/v1/admin/models", headers=keys.admin).json() == []
+
+
+def test_model_settings_may_nest_a_little(client: TestClient, keys: Keys) -> None:
+    nested = {"a": {"b": {"c": [1, 2, {"d": None}]}}}
+    body = {"name": "fraud", "workload": "digits-clients", "settings": nested}
+    assert client.post("/v1/admin/models", json=body, headers=keys.admin).status_code == 201
+    assert client.get("/v1/admin/models/fraud", headers=keys.admin).json()["settings"] == nested

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import re
 import socket
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy.exc import IntegrityError
 
+from service import lifecycle
 from service.api.app import create_app
+from service.api.schemas import IDEMPOTENCY_KEY_PATTERN
 from service.settings import Settings
 from tests.service.conftest import Keys
 from tests.service.helpers import assert_problem
@@ -53,42 +60,142 @@ def test_routing_errors_are_problems(client: TestClient, keys: Keys) -> None:
     assert_problem(client.put("/healthz"), 405)
 
 
-def test_openapi_document(client: TestClient) -> None:
-    doc = client.get("/openapi.json").json()
-    paths = doc["paths"]
-    expected = {
-        "/v1/forget-requests": {"get", "post"},
-        "/v1/forget-requests/{request_id}": {"get"},
-        "/v1/forget-requests/{request_id}/events": {"get"},
-        "/v1/forget-requests/{request_id}/evidence": {"get"},
-        "/v1/admin/queue": {"get"},
-        "/v1/admin/workers": {"get"},
-        "/v1/admin/forget-requests/{request_id}/cancel": {"post"},
-        "/v1/admin/forget-requests/{request_id}/retry": {"post"},
-        "/v1/admin/models": {"get", "post"},
-        "/v1/admin/models/{name}": {"get"},
-        "/v1/admin/audit/verify": {"get"},
-        "/v1/models/{model}/adapters/latest": {"get"},
-        "/v1/models/{model}/adapters/{version}": {"get"},
-        "/v1/models/{model}/adapters/{version}/files/{name}": {"get"},
-        "/v1/models/{model}/base": {"get"},
-        "/v1/models/{model}/base/files/{name}": {"get"},
-        "/healthz": {"get"},
-        "/readyz": {"get"},
-    }
-    for path, methods in expected.items():
-        assert set(paths[path]) >= methods, path
-    post = paths["/v1/forget-requests"]["post"]
-    header = next(p for p in post["parameters"] if p["name"] == "Idempotency-Key")
-    assert header["required"] is True
-    assert {"200", "201", "400", "401", "403", "404", "409", "413", "422"} <= set(post["responses"])
-    for path_item in paths.values():
-        for operation in path_item.values():
-            for status, response in operation["responses"].items():
-                if int(status) >= 400:
-                    assert list(response["content"]) == ["application/problem+json"], (status, operation)
-    assert "HTTPValidationError" not in doc["components"]["schemas"]
-    assert "field" in doc["components"]["schemas"]["Problem"]["properties"]
-    assert "HTTPBearer" in doc["components"]["securitySchemes"]
-    latest = paths["/v1/models/{model}/adapters/latest"]["get"]["responses"]
+STATUSES = {
+    ("post", "/v1/forget-requests"): "200 201 400 401 403 404 409 413 422 503",
+    ("get", "/v1/forget-requests"): "200 400 401 403 404 422 503",
+    ("get", "/v1/forget-requests/{request_id}"): "200 401 403 404 503",
+    ("get", "/v1/forget-requests/{request_id}/events"): "200 401 403 404 503",
+    ("get", "/v1/forget-requests/{request_id}/evidence"): "200 401 403 404 503",
+    ("get", "/v1/admin/queue"): "200 401 403 503",
+    ("get", "/v1/admin/workers"): "200 401 403 503",
+    ("post", "/v1/admin/forget-requests/{request_id}/cancel"): "200 401 403 404 409 503",
+    ("post", "/v1/admin/forget-requests/{request_id}/retry"): "200 401 403 404 409 503",
+    ("get", "/v1/admin/models"): "200 401 403 503",
+    ("post", "/v1/admin/models"): "201 401 403 409 413 422 503",
+    ("get", "/v1/admin/models/{name}"): "200 401 403 404 503",
+    ("get", "/v1/admin/audit/verify"): "200 401 403 503",
+    ("get", "/v1/models/{model}/adapters/latest"): "200 304 401 403 404 503",
+    ("get", "/v1/models/{model}/adapters/{version}"): "200 304 401 403 404 410 503",
+    ("get", "/v1/models/{model}/adapters/{version}/files/{name}"): "200 304 401 403 404 410 503",
+    ("get", "/v1/models/{model}/base"): "200 304 401 403 404 503",
+    ("get", "/v1/models/{model}/base/files/{name}"): "200 304 401 403 404 503",
+    ("get", "/healthz"): "200",
+    ("get", "/readyz"): "200 503",
+}
+SCOPE_BY_PREFIX = {"/v1/forget-requests": "submit", "/v1/admin/": "admin", "/v1/models/": "serve"}
+
+
+def _refs(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        if isinstance(node.get("$ref"), str):
+            yield node["$ref"]
+        for value in node.values():
+            yield from _refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _refs(value)
+
+
+@pytest.fixture(scope="module")
+def openapi() -> dict[str, Any]:
+    document: dict[str, Any] = create_app(Settings(database_url="sqlite://")).openapi()
+    return document
+
+
+def _operations(doc: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(method, path): op for path, item in doc["paths"].items() for method, op in item.items()}
+
+
+def test_openapi_is_served_and_every_reference_resolves(client: TestClient, openapi: dict[str, Any]) -> None:
+    """Structural checks (openapi-spec-validator is not a dependency)."""
+    assert client.get("/openapi.json").json() == openapi
+    assert openapi["openapi"].startswith("3.1.")
+    assert openapi["info"]["title"] == "Lethe"
+    schemas = openapi["components"]["schemas"]
+    for ref in _refs(openapi):
+        where, name = ref.rsplit("/", 1)
+        assert where == "#/components/schemas", ref
+        assert name in schemas, ref
+    operations = _operations(openapi)
+    assert len({op["operationId"] for op in operations.values()}) == len(operations)
+    for key, operation in operations.items():
+        assert operation["summary"], key
+        assert operation["tags"], key
+
+
+def test_openapi_lists_every_status_each_operation_answers(openapi: dict[str, Any]) -> None:
+    listed = {key: " ".join(sorted(op["responses"])) for key, op in _operations(openapi).items()}
+    assert listed == STATUSES
+
+
+def test_openapi_errors_are_problems_and_successes_have_schemas(openapi: dict[str, Any]) -> None:
+    problem_body = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    for key, operation in _operations(openapi).items():
+        for status, response in operation["responses"].items():
+            if int(status) >= 400:
+                assert response["content"] == problem_body, (key, status)
+            elif status != "304":
+                assert set(response["content"]) <= {"application/json", "application/octet-stream"}, key
+                json_body = response["content"].get("application/json", {"schema": {}})
+                assert "schema" in json_body, key
+    problem = openapi["components"]["schemas"]["Problem"]
+    assert {"type", "title", "status", "detail", "instance", "field", "errors"} <= set(problem["properties"])
+    assert {"type", "title", "status"} <= set(problem["required"])
+    assert "HTTPValidationError" not in openapi["components"]["schemas"]
+    operations = _operations(openapi)
+    latest = operations[("get", "/v1/models/{model}/adapters/latest")]["responses"]
     assert latest["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/AdapterOut")
+    download = operations[("get", "/v1/models/{model}/adapters/{version}/files/{name}")]["responses"]
+    assert "application/octet-stream" in download["200"]["content"]
+
+
+def test_openapi_security_names_the_scope_of_each_operation(openapi: dict[str, Any]) -> None:
+    scheme = openapi["components"]["securitySchemes"]["HTTPBearer"]
+    assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
+    for name in ("submit", "admin", "serve"):
+        assert f"`{name}`" in scheme["description"]
+    for (method, path), operation in _operations(openapi).items():
+        scope = next((s for prefix, s in SCOPE_BY_PREFIX.items() if path.startswith(prefix)), None)
+        if scope is None:
+            assert "security" not in operation, path
+        else:
+            accepted = dict.fromkeys([scope, "admin"])
+            assert operation["security"] == [{"HTTPBearer": [s]} for s in accepted], (method, path)
+
+
+def test_openapi_parameters_and_bodies(openapi: dict[str, Any]) -> None:
+    bodies = {("post", "/v1/forget-requests"): "ForgetRequestIn", ("post", "/v1/admin/models"): "ModelIn"}
+    for (method, path), operation in _operations(openapi).items():
+        parameters = operation.get("parameters", [])
+        in_path = {p["name"] for p in parameters if p["in"] == "path"}
+        assert in_path == set(re.findall(r"{(\w+)}", path)), path
+        for parameter in parameters:
+            assert parameter["in"] in ("path", "query", "header"), path
+            assert "schema" in parameter, path
+            if parameter["in"] == "path":
+                assert parameter["required"] is True, path
+        if (method, path) in bodies:
+            body = operation["requestBody"]
+            assert body["required"] is True
+            assert body["content"]["application/json"]["schema"]["$ref"].endswith("/" + bodies[method, path])
+        else:
+            assert "requestBody" not in operation, path
+    post = _operations(openapi)[("post", "/v1/forget-requests")]
+    header = next(p for p in post["parameters"] if p["name"] == "Idempotency-Key")
+    assert (header["in"], header["required"]) == ("header", True)
+    assert header["schema"]["pattern"] == IDEMPOTENCY_KEY_PATTERN
+
+
+def test_an_unforeseen_integrity_error_is_409(
+    client: TestClient, keys: Keys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def race(*_: Any, **__: Any) -> Any:
+        raise IntegrityError("INSERT ...", {}, Exception("duplicate key"))
+
+    monkeypatch.setattr(lifecycle, "submit", race)
+    response = client.post(
+        "/v1/forget-requests",
+        json={"model": "digits", "kind": "client", "client_id": "c0"},
+        headers={**keys.submit, "Idempotency-Key": "k"},
+    )
+    assert "try again" in assert_problem(response, 409)["detail"]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
@@ -31,7 +33,8 @@ def test_create_replay_and_conflicting_replay(client: TestClient, keys: Keys) ->
     assert created["tasks"] == ["digit", "parity"]
     assert created["external_id"] == "DSR-7"
     assert first.headers["location"] == f"/v1/forget-requests/{created['id']}"
-    assert created["due_at"] > created["received_at"]
+    received, due = (datetime.fromisoformat(created[k]) for k in ("received_at", "due_at"))
+    assert due - received == timedelta(days=30)
 
     again = post(client, keys, client_body("c1", external_id="DSR-7"))
     assert again.status_code == 200
@@ -65,6 +68,15 @@ def test_missing_idempotency_key_is_400(client: TestClient, keys: Keys) -> None:
     assert_problem(post(client, keys, client_body(), key=None), 400, field="Idempotency-Key")
 
 
+@pytest.mark.parametrize("key", ["", "k" * 201, "a\x00b", "tab\there", "\xe9t\xe9"])
+def test_malformed_idempotency_key_is_400(client: TestClient, keys: Keys, key: str) -> None:
+    headers = {name.encode(): value.encode() for name, value in keys.submit.items()}
+    headers[b"Idempotency-Key"] = key.encode("latin-1")
+    response = client.post("/v1/forget-requests", json=client_body(), headers=headers)
+    assert_problem(response, 400, field="Idempotency-Key")
+    assert client.get("/v1/forget-requests", headers=keys.submit).json()["items"] == []
+
+
 @pytest.mark.parametrize(
     ("body", "status", "field"),
     [
@@ -81,6 +93,8 @@ def test_missing_idempotency_key_is_400(client: TestClient, keys: Keys) -> None:
         ({"model": "digits", "kind": "client", "client_id": "c0", "surprise": 1}, 422, "surprise"),
         ({"model": "digits", "kind": "client", "client_id": 7}, 422, "client_id"),
         ({"model": "digits", "kind": "client", "client_id": "../../etc"}, 422, "client_id"),
+        (client_body("c0", external_id="DSR\u0085"), 422, "external_id"),
+        (client_body("c0", external_id="x" * 201), 422, "external_id"),
         (task_body([], ["digit"]), 422, "sample_ids"),
         (task_body(["s00000"], []), 422, "tasks"),
         (["not", "an", "object"], 422, None),
@@ -116,6 +130,44 @@ def test_oversized_body_is_413(client: TestClient, keys: Keys) -> None:
         headers={**keys.submit, "Idempotency-Key": "x", "Content-Type": "application/json"},
     )
     assert_problem(streamed, 413)
+
+
+def test_oversized_chunked_body_is_413_on_a_real_server(live_server: str, keys: Keys) -> None:
+    """Without Content-Length (Transfer-Encoding: chunked) the body is counted as it arrives."""
+
+    def chunks() -> Any:
+        yield b'{"model": "digits", "kind": "task", "sample_ids": ['
+        for i in range(10_000):
+            yield f'"s{i:05d}", '.encode()
+        yield b'"s00000"], "tasks": ["digit"]}'
+
+    headers = {**keys.submit, "Idempotency-Key": "big", "Content-Type": "application/json"}
+    with httpx.Client(base_url=live_server, timeout=30) as http:
+        request = http.build_request("POST", "/v1/forget-requests", content=chunks(), headers=headers)
+        assert "content-length" not in request.headers
+        assert request.headers["transfer-encoding"] == "chunked"
+        response = http.send(request)
+        assert_problem(response, 413)
+        assert http.get("/v1/forget-requests", headers=keys.submit).json()["items"] == []
+
+
+@pytest.mark.parametrize(
+    "request_id",
+    [
+        "not-a-request",
+        "a%00b",
+        "x" * 5000,
+        "00000000-0000-0000-0000-000000000000",
+        "00000000-0000-0000-0000-00000000000A",
+        "..%2F..%2Fetc",
+    ],
+)
+def test_ids_that_cannot_exist_are_404(client: TestClient, keys: Keys, request_id: str) -> None:
+    for suffix in ("", "/events", "/evidence"):
+        assert_problem(client.get(f"/v1/forget-requests/{request_id}{suffix}", headers=keys.submit), 404)
+    for action in ("cancel", "retry"):
+        url = f"/v1/admin/forget-requests/{request_id}/{action}"
+        assert_problem(client.post(url, headers=keys.admin), 404)
 
 
 def test_model_not_ready_is_409(client: TestClient, keys: Keys) -> None:

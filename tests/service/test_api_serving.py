@@ -121,6 +121,12 @@ def test_base_model_files(client: TestClient, keys: Keys) -> None:
     download = client.get(files["model.safetensors"]["url"], headers=keys.serve)
     assert download.content == b"base-weights"
     assert download.headers["x-checksum-sha256"] == files["model.safetensors"]["sha256"]
+    cached = client.get(
+        "/v1/models/digits/base", headers={**keys.serve, "If-None-Match": base.headers["etag"]}
+    )
+    assert (cached.status_code, cached.content) == (304, b"")
+    again = {**keys.serve, "If-None-Match": download.headers["etag"]}
+    assert client.get(files["model.safetensors"]["url"], headers=again).status_code == 304
 
 
 @pytest.mark.usefixtures("served")
@@ -143,6 +149,21 @@ def test_base_model_files(client: TestClient, keys: Keys) -> None:
         "/v1/models/digits/base/files/..%2Fadapters%2F0-1%2Fadapter_config.json",
         "/v1/models/digits/base/files/%00",
         "/v1/models/digits/base/files/nope",
+        # absolute paths, backslashes, NUL, newlines, case, very long names
+        "/v1/models/digits/adapters/1/files/%2Fetc%2Fpasswd",
+        "/v1/models/digits/base/files/%2F" + "..%2F" * 8 + "etc%2Fpasswd",
+        "/v1/models/digits/adapters/1/files/..%5C..%5C..%5Csecret.txt",
+        "/v1/models/digits/adapters/1/files/%2e%2e%5Csecret.txt",
+        "/v1/models/digits/adapters/1/files/adapter_model.safetensors%00",
+        "/v1/models/digits/adapters/1/files/adapter_model.safetensors%00.json",
+        "/v1/models/digits/adapters/1/files/ADAPTER_MODEL.SAFETENSORS",
+        "/v1/models/digits/adapters/1/files/" + "a" * 5000,
+        "/v1/models/digits/adapters/1%0A",
+        "/v1/models/digits/adapters/1%0A/files/adapter_model.safetensors",
+        "/v1/models/digits%0A/adapters/latest",
+        "/v1/models/digits%00/base",
+        "/v1/models/" + "a" * 5000 + "/adapters/latest",
+        "/v1/models/%2e%2e/adapters/latest",
     ],
 )
 def test_path_tricks_are_404(client: TestClient, keys: Keys, path: str) -> None:
@@ -169,10 +190,12 @@ def test_recorded_names_that_escape_are_404(
             files={"outside.txt": digest},
             evidence={},
             base_location="evil",
-            base_files={"link": digest},
+            base_files={"link": digest, "n" * 300: digest},
         )
     assert_problem(client.get("/v1/models/evil/adapters/1/files/outside.txt", headers=keys.serve), 404)
     assert_problem(client.get("/v1/models/evil/base/files/link", headers=keys.serve), 404)
+    # A recorded name longer than the file system allows (ENAMETOOLONG) is a 404, not a crash.
+    assert_problem(client.get(f"/v1/models/evil/base/files/{'n' * 300}", headers=keys.serve), 404)
 
 
 @pytest.mark.usefixtures("served")

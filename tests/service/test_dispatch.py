@@ -43,6 +43,14 @@ def messages(r: redis.Redis[bytes]) -> list[tuple[str, list[Any]]]:
     return out
 
 
+def submit_c0(client: TestClient, keys: Keys) -> int:
+    """Submit a forget request for client c0 of digits; its status code."""
+    response = client.post(
+        "/v1/forget-requests", json=client_body("c0"), headers={**keys.submit, "Idempotency-Key": "k"}
+    )
+    return response.status_code
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -82,10 +90,7 @@ def test_post_succeeds_when_the_broker_is_down(settings: Settings, keys: Keys) -
         update={"broker_url": f"redis://127.0.0.1:{closed_port()}/0", "dispatch_timeout_seconds": 0.5}
     )
     with TestClient(create_app(down)) as client:
-        response = client.post(
-            "/v1/forget-requests", json=client_body("c0"), headers={**keys.submit, "Idempotency-Key": "k"}
-        )
-    assert response.status_code == 201
+        assert submit_c0(client, keys) == 201
 
 
 @pytest.mark.redis
@@ -96,10 +101,8 @@ def test_post_wakes_the_model_and_the_sweeper_resends(
     url, r = broker
     live = settings.model_copy(update={"broker_url": url, "sweep_interval_seconds": 0})
     with TestClient(create_app(live)) as client:
-        response = client.post(
-            "/v1/forget-requests", json=client_body("c0"), headers={**keys.submit, "Idempotency-Key": "k"}
-        )
-        assert response.status_code == 201
+        assert client.get("/readyz").json()["broker"] == "ok"
+        assert submit_c0(client, keys) == 201
         registered = client.post(
             "/v1/admin/models", json={"name": "fraud", "workload": "digits-clients"}, headers=keys.admin
         )
@@ -118,13 +121,11 @@ def test_post_wakes_the_model_and_the_sweeper_resends(
 @pytest.mark.redis
 @pytest.mark.usefixtures("ready_model")
 def test_lifespan_runs_the_sweeper(
-    settings: Settings, keys: Keys, broker: tuple[str, redis.Redis[bytes]], sessions: sessionmaker[Session]
+    settings: Settings, keys: Keys, broker: tuple[str, redis.Redis[bytes]]
 ) -> None:
     url, r = broker
     with TestClient(create_app(settings)) as client:  # no broker: nothing is sent
-        client.post(
-            "/v1/forget-requests", json=client_body("c0"), headers={**keys.submit, "Idempotency-Key": "k"}
-        )
+        assert submit_c0(client, keys) == 201
     assert messages(r) == []
     live = settings.model_copy(update={"broker_url": url, "sweep_interval_seconds": 0.05})
     with TestClient(create_app(live)):
@@ -151,9 +152,7 @@ def test_lethe_sweep_one_shot(
 ) -> None:
     url, r = broker
     with TestClient(create_app(settings)) as client:
-        client.post(
-            "/v1/forget-requests", json=client_body("c0"), headers={**keys.submit, "Idempotency-Key": "k"}
-        )
+        assert submit_c0(client, keys) == 201
     monkeypatch.setenv("LETHE_DATABASE_URL", settings.resolved_database_url)
     monkeypatch.setenv("LETHE_BROKER_URL", url)
     result = CliRunner().invoke(cli.main, ["sweep"])

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from service import fileio
 from worker import artifacts
 from worker.artifacts import (
     MANIFEST,
@@ -102,7 +103,7 @@ def test_fsyncs_files_and_directories(tmp_path: Path, monkeypatch: pytest.Monkey
     staging = _stage(store, "4-1")
     synced_files: list[str] = []
     synced_dirs: list[str] = []
-    real_file, real_dir = artifacts.fsync_file, artifacts.fsync_dir
+    real_file, real_dir = fileio.fsync_file, fileio.fsync_dir
 
     def spy_file(path: Path) -> None:
         synced_files.append(path.name)

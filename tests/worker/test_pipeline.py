@@ -6,12 +6,15 @@ these tests exercise claim → seal → publish → withdraw and the lease-takeo
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import update
 
 from service import lifecycle, registry, rounds
@@ -26,6 +29,7 @@ from service.settings import Settings
 from worker import pipeline
 from worker.artifacts import ModelArtifacts, verify_directory
 from worker.config import WorkerSettings
+from worker.watchdog import RoundWatchdog
 
 MODEL = "m1"
 
@@ -69,21 +73,19 @@ def _submit(ctx: pipeline.WorkerContext, client: str) -> str:
         return result.request.id
 
 
-def _fake_engine(
-    before_return: Callable[[rounds.ClaimedRound], None] | None = None,
-) -> Callable[..., dict[str, dict[str, Any]]]:
+EngineHook = Callable[[rounds.ClaimedRound, RoundWatchdog], None]
+
+
+def _fake_engine(before_return: EngineHook | None = None) -> Callable[..., dict[str, dict[str, Any]]]:
+    """Stands in for ``pipeline._run_engine``: writes two adapter files, calls ``before_return``."""
+
     def run(
-        ctx: pipeline.WorkerContext,
-        claimed: rounds.ClaimedRound,
-        model: Any,
-        workload_settings: dict[str, Any],
-        staging: Path,
-        watchdog: Any,
+        _ctx: object, claimed: rounds.ClaimedRound, *, staging: Path, watchdog: RoundWatchdog, **_: object
     ) -> dict[str, dict[str, Any]]:
         (staging / "adapter_model.safetensors").write_bytes(f"round {claimed.round_id}".encode())
         (staging / "adapter_config.json").write_text("{}")
         if before_return is not None:
-            before_return(claimed)
+            before_return(claimed, watchdog)
         return {r.id: {"fake": True} for r in claimed.requests}
 
     return run
@@ -139,7 +141,7 @@ def test_taken_over_worker_cannot_publish(
     )
     taken: list[rounds.ClaimedRound] = []
 
-    def take_over(claimed: rounds.ClaimedRound) -> None:
+    def take_over(claimed: rounds.ClaimedRound, _: RoundWatchdog) -> None:
         _expire_leases(ctx)
         resumed = pipeline.claim(ctx2, MODEL)
         assert resumed is not None
@@ -203,3 +205,194 @@ def test_engine_error_requeues_then_fails_at_the_attempt_cap(
         assert request.status == "failed"
         assert "CUDA out of memory" in (request.error or "")
     assert [p.name for p in ctx.artifacts(MODEL).adapters_dir.iterdir()] == ["0-1"]
+
+
+def _variant(ctx: pipeline.WorkerContext, **changes: Any) -> pipeline.WorkerContext:
+    """Another worker on the same database: settings / worker settings / id / hook replaced."""
+    return dataclasses.replace(ctx, engine=None, **changes)
+
+
+def _evidence_rows(ctx: pipeline.WorkerContext, request_id: str) -> int:
+    with transaction(ctx.session_factory) as session:
+        return len(versions_repo.evidence_for_request(session, request_id))
+
+
+def _adapter_dirs(ctx: pipeline.WorkerContext) -> list[str]:
+    return sorted(p.name for p in ctx.artifacts(MODEL).adapters_dir.iterdir())
+
+
+def test_taken_over_after_sealing_cannot_publish(
+    ctx: pipeline.WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease is taken over after worker 1 sealed its version (renamed into place) and before it
+    published: publish_round refuses the stale fencing token, the sealed directory is discarded and
+    nothing is published; worker 2 then publishes the one new version, one evidence row."""
+    ctx2 = _variant(ctx, worker_id="w2")
+    sealed: list[Path] = []
+
+    def take_over_after_sealing(event: str, details: dict[str, Any]) -> None:
+        if event == "committed":
+            sealed.append(Path(details["path"]))
+            assert sealed[0].is_dir()
+            _expire_leases(ctx)
+            assert pipeline.claim(ctx2, MODEL) is not None
+
+    ctx1 = _variant(ctx, hook=take_over_after_sealing)
+    monkeypatch.setattr(pipeline, "_run_engine", _fake_engine())
+    request_id = _submit(ctx, "c1")
+    result = pipeline.run_one_round(ctx1, MODEL)
+    assert result is not None
+    assert result.status == "lease_lost"
+    assert "taken over" in (result.error or "")
+    assert sealed
+    assert not sealed[0].exists()
+    assert _adapter_dirs(ctx) == ["0-1"]
+    assert _versions(ctx) == [(1, "active")]
+    assert _request_status(ctx, request_id) == "running"  # worker 2 holds it
+    _expire_leases(ctx)
+    result2 = pipeline.run_one_round(ctx2, MODEL)
+    assert result2 is not None
+    assert result2.status == "published"
+    assert _versions(ctx) == [(1, "withdrawn"), (2, "active")]
+    assert _request_status(ctx, request_id) == "completed"
+    assert _evidence_rows(ctx, request_id) == 1
+
+
+def test_lease_loss_seen_by_the_watchdog_stops_the_engine(
+    ctx: pipeline.WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watchdog's renewal finds the round taken over; the engine's next progress check raises
+    LeaseLost and the round stops before sealing anything."""
+    short_lease = _variant(ctx, settings=ctx.settings.model_copy(update={"lease_seconds": 3}))
+    ctx2 = _variant(ctx, worker_id="w2")
+    seen: list[BaseException] = []
+
+    def taken_over_mid_engine(_: rounds.ClaimedRound, watchdog: RoundWatchdog) -> None:
+        _expire_leases(ctx)
+        assert pipeline.claim(ctx2, MODEL) is not None
+        deadline = time.monotonic() + 10
+        while watchdog.lease_lost is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert watchdog.lease_lost is not None
+        seen.append(watchdog.lease_lost)
+        watchdog.check()  # what the engine's progress callback does
+
+    monkeypatch.setattr(pipeline, "_run_engine", _fake_engine(taken_over_mid_engine))
+    _submit(ctx, "c0")
+    result = pipeline.run_one_round(short_lease, MODEL)
+    assert result is not None
+    assert result.status == "lease_lost"
+    assert isinstance(seen[0], rounds.LeaseLost)
+    assert _adapter_dirs(ctx) == ["0-1"]
+    assert _versions(ctx) == [(1, "active")]
+
+
+def test_soft_time_limit_interrupts_the_engine_and_requeues(
+    ctx: pipeline.WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Solo pool: Celery does not enforce the soft limit, the watchdog does. A round still in the
+    engine after it is interrupted (asynchronous exception), fails retryably, its requests go back to
+    the queue and nothing is published; the next attempt publishes once."""
+    limited = _variant(
+        ctx, worker_settings=WorkerSettings(device="cpu", soft_time_limit=1, hard_time_limit=600)
+    )
+    interrupted_after: list[float] = []
+
+    def python_loop(_: rounds.ClaimedRound, __: RoundWatchdog) -> None:
+        started = time.monotonic()
+        try:
+            while time.monotonic() - started < 15:
+                time.sleep(0.01)
+        finally:
+            interrupted_after.append(time.monotonic() - started)
+
+    monkeypatch.setattr(pipeline, "_run_engine", _fake_engine(python_loop))
+    request_id = _submit(ctx, "c0")
+    result = pipeline.run_one_round(limited, MODEL)
+    assert result is not None
+    assert result.status == "failed"
+    assert (result.error or "").startswith("SoftTimeLimitExceeded")
+    assert interrupted_after[0] < 5
+    assert _request_status(ctx, request_id) == "queued"
+    assert _adapter_dirs(ctx) == ["0-1"]
+    assert _versions(ctx) == [(1, "active")]
+    monkeypatch.setattr(pipeline, "_run_engine", _fake_engine())
+    retried = pipeline.run_one_round(ctx, MODEL)
+    assert retried is not None
+    assert retried.status == "published"
+    assert _versions(ctx) == [(1, "withdrawn"), (2, "active")]
+    assert _evidence_rows(ctx, request_id) == 1
+
+
+def test_soft_limit_outside_the_engine_never_interrupts_asynchronously(
+    ctx: pipeline.WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The soft limit passes while the version is being sealed: no asynchronous exception lands
+    there (it could land after the publish committed); the check before publishing fails the round
+    and the sealed, unpublished directory is discarded."""
+    finished: list[bool] = []
+
+    def slow_sealing(event: str, _: dict[str, Any]) -> None:
+        if event == "committed":
+            started = time.monotonic()
+            while time.monotonic() - started < 2.5:  # Python bytecode: an async exception would land
+                time.sleep(0.01)
+            finished.append(True)
+
+    limited = _variant(
+        ctx,
+        worker_settings=WorkerSettings(device="cpu", soft_time_limit=1, hard_time_limit=600),
+        hook=slow_sealing,
+    )
+    monkeypatch.setattr(pipeline, "_run_engine", _fake_engine())
+    request_id = _submit(ctx, "c0")
+    result = pipeline.run_one_round(limited, MODEL)
+    assert result is not None
+    assert finished == [True]
+    assert result.status == "failed"
+    assert "round ran longer than 1 s" in (result.error or "")  # from check(), not asynchronous
+    assert _request_status(ctx, request_id) == "queued"
+    assert _adapter_dirs(ctx) == ["0-1"]
+    assert _versions(ctx) == [(1, "active")]
+
+
+def test_wake_runs_at_most_max_rounds(ctx: pipeline.WorkerContext, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wake task runs one round per message (its duration stays under the visibility timeout)."""
+    one_per_round = _variant(ctx, settings=ctx.settings.model_copy(update={"max_requests_per_round": 1}))
+    monkeypatch.setattr(pipeline, "_run_engine", _fake_engine())
+    first, second = _submit(ctx, "c0"), _submit(ctx, "c1")
+    results = pipeline.wake_model(one_per_round, MODEL, max_rounds=1)
+    assert [r.status for r in results] == ["published"]
+    assert (_request_status(ctx, first), _request_status(ctx, second)) == ("completed", "queued")
+    assert [r.version for r in pipeline.wake_model(one_per_round, MODEL, max_rounds=1)] == [3]
+    assert pipeline.wake_model(one_per_round, MODEL, max_rounds=1) == []
+
+
+def test_preparation_runs_under_the_soft_time_limit(
+    ctx: pipeline.WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A preparation (dataset, base, v1) longer than the soft limit is interrupted; the model fails."""
+    from worker.unlearning import engine
+
+    def endless_prepare(*args: object, **kwargs: object) -> None:
+        started = time.monotonic()
+        while time.monotonic() - started < 15:
+            time.sleep(0.01)
+
+    monkeypatch.setattr(engine, "prepare", endless_prepare)
+    with transaction(ctx.session_factory) as session:
+        registry.register(
+            session, "m2", workload="digits-clients", method="default", method_config={}, settings={}
+        )
+    limited = _variant(
+        ctx, worker_settings=WorkerSettings(device="cpu", soft_time_limit=1, hard_time_limit=600)
+    )
+    started = time.monotonic()
+    with pytest.raises(SoftTimeLimitExceeded):
+        pipeline.prepare_model(limited, "m2")
+    assert time.monotonic() - started < 8
+    with transaction(ctx.session_factory) as session:
+        model = models_repo.get_model(session, "m2")
+        assert model is not None
+        assert model.status == "failed"
+        assert "SoftTimeLimitExceeded" in (model.error or "")

@@ -2,11 +2,14 @@
 
 POST → completed → latest adapter changed → pulled, loaded with PeftModel.from_pretrained and equal
 to the worker's outputs; withdrawn versions answer 410; purged samples are gone; SIGKILL of the
-worker mid-round → completed once, one new version; three requests complete in arrival order.
+worker at each dangerous step of a round → completed once, one new version; the hard time limit
+ends a hung worker and the round is retried once; three requests complete in arrival order (one
+round per wake message); with the broker down requests are accepted and processed once it is back.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -19,9 +22,11 @@ from sqlalchemy import create_engine, text
 
 from service import pull
 from tests.worker.system import MODEL, SMALL_SETTINGS, System, prepare_template, running_system
+from worker.artifacts import verify_directory
 from worker.unlearning.adapter_io import load_adapter
 from worker.unlearning.datastore import DataStore
 from worker.unlearning.model import load_base
+from worker.watchdog import HARD_LIMIT_EXIT_CODE
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(400)]
 
@@ -121,48 +126,123 @@ def test_purged_samples_are_gone(completed: tuple[System, str, dict[str, object]
 
 
 def test_sigkill_at_every_step_completes_once(template: Path, tmp_path: Path, redis_server_url: str) -> None:
-    """SIGKILL the worker mid-engine, then after sealing the version directory (not yet published),
-    then right after the publish; a worker started after each kill takes over. Exactly one new
-    version, one completion, one evidence row; the killed attempts' directories are collected, the
-    withdrawn version's files deleted (tombstone kept) and the client's data purged."""
+    """SIGKILL the worker at each dangerous step of one round, starting a new worker after each kill:
+
+    1. mid-engine (a live round, a staging directory);
+    2. after the version directory was sealed and renamed into place, before ``publish_round``
+       committed (an orphan directory no database row names);
+    3. after ``publish_round`` committed, before the withdrawn version's files were deleted and the
+       subject's raw data purged;
+    4. (in the restarted worker's reconciliation) after the raw data was deleted, before the purge
+       was recorded in the database.
+
+    In the end: exactly one new version, one completion, one evidence row; the killed attempts'
+    directories collected, the withdrawn version's files deleted (tombstone kept), the purge done
+    and recorded."""
     env = {"LETHE_WORKER_FAULT_PAUSE": "progress:600", "LETHE_MAX_ATTEMPTS": "5"}
     with running_system(template, tmp_path / "home", redis_server_url, env=env) as system:
         request_id = system.submit({"kind": "client", "client_id": "c4"})
-        for step, after in (("progress", "committed"), ("committed", "published"), ("published", None)):
-            marker = system.home / f"fault-{step}"
-            system.wait_file(marker)
+        assert _v1_dir(system).is_dir()
+        steps = ("progress", "committed", "published", "store_purged", None)
+        for step, after in itertools.pairwise(steps):
+            assert step is not None
+            system.wait_file(system.home / f"fault-{step}")
             system.kill_worker()
-            state = system.request(request_id)["status"]
-            assert state in ({"completed"} if step == "published" else {"running", "verifying"}), step
-            if step == "committed":  # the sealed but unpublished directory of the killed attempt
-                assert [p.name for p in system.adapters_dir.iterdir() if p.name.startswith("1-")] == ["1-2"]
+            _assert_state_at_kill(system, step, request_id)
             if after is None:
                 del system.stack.env["LETHE_WORKER_FAULT_PAUSE"]
             else:
                 system.stack.env["LETHE_WORKER_FAULT_PAUSE"] = f"{after}:600"
             system.stack.start_worker(0)
-        body = system.wait(request_id, {"completed", "failed"})
-        assert body["status"] == "completed", system.logs()
-        assert body["version"] == 2
-        assert body["attempts"] == 3
-        versions = system.sql("select version, status, location from adapter_versions order by version")
-        assert [(v, s) for v, s, _ in versions] == [(1, "withdrawn"), (2, "active")]
-        assert Path(versions[1][2]).name == "1-3"  # written by the third attempt (fencing token 3)
-        assert system.sql("select count(*) from evidence where request_id = ?", request_id) == [(1,)]
-        events = [
-            e for (e,) in system.sql("select type from request_events where request_id = ?", request_id)
-        ]
-        assert events.count("completed") == 1
-        assert events.count("resumed") == 2
-        # the restarted worker reconciles: orphan directories, withdrawn files, purge
+        location = _completed_once_as_v2(system, request_id, attempts=3)
+        assert Path(location).name == "1-3"  # written by the third attempt (fencing token 3)
+        # the last worker reconciles: withdrawn files, the purge recorded
         tombstone = system.adapters_dir.parent / "tombstones" / "1.json"
 
         def settled() -> bool:
             remaining = sorted(p.name for p in system.adapters_dir.iterdir())
-            purged = DataStore(system.data_dir).client_samples("c4") is None
-            return remaining == ["1-3"] and tombstone.exists() and purged
+            return remaining == ["1-3"] and tombstone.exists() and _purge_recorded(system, "c4")
 
         system.wait_until(settled)
+        assert DataStore(system.data_dir).client_samples("c4") is None
+
+
+def _completed_once_as_v2(system: System, request_id: str, *, attempts: int) -> str:
+    """The request completed once, after ``attempts`` attempts, as the only new version (v2), with
+    one evidence row; the location of v2."""
+    body = system.wait(request_id, {"completed", "failed"})
+    assert body["status"] == "completed", system.logs()
+    assert (body["version"], body["attempts"]) == (2, attempts)
+    versions = system.sql("select version, status, location from adapter_versions order by version")
+    assert [(v, s) for v, s, _ in versions] == [(1, "withdrawn"), (2, "active")]
+    assert system.sql("select count(*) from evidence where request_id = ?", request_id) == [(1,)]
+    events = [e for (e,) in system.sql("select type from request_events where request_id = ?", request_id)]
+    assert events.count("completed") == 1
+    assert events.count("resumed") == attempts - 1
+    return str(versions[1][2])
+
+
+def _v1_dir(system: System) -> Path:
+    ((location,),) = system.sql("select location from adapter_versions where version = 1")
+    return system.home / "artifacts" / str(location)
+
+
+def _purge_recorded(system: System, client: str) -> bool:
+    rows = system.sql("select purged_at is not null from subjects where client_id = ?", client)
+    return rows == [(1,)]
+
+
+def _assert_state_at_kill(system: System, step: str, request_id: str) -> None:
+    """What the database and the disk hold right after the worker was killed at ``step``."""
+    status = system.request(request_id)["status"]
+    versions = system.sql("select version, status from adapter_versions order by version")
+    in_store = DataStore(system.data_dir).client_samples("c4") is not None
+    if step in ("progress", "committed"):  # nothing published yet
+        assert status in {"running", "verifying"}, step
+        assert versions == [(1, "active")], step
+        assert in_store
+    if step == "committed":  # the sealed, complete but unpublished directory of attempt 2
+        sealed = [p for p in system.adapters_dir.iterdir() if p.name.startswith("1-")]
+        assert [p.name for p in sealed] == ["1-2"]
+        verify_directory(sealed[0])
+    if step == "published":  # published, nothing cleaned up yet
+        assert status == "completed"
+        assert versions == [(1, "withdrawn"), (2, "active")]
+        assert _v1_dir(system).is_dir()  # the withdrawn version's files are still there
+        assert in_store
+    if step == "store_purged":  # raw data gone, the purge not yet recorded
+        assert not _v1_dir(system).exists()
+        assert not in_store
+        assert not _purge_recorded(system, "c4")
+
+
+def test_hard_time_limit_ends_the_worker_and_the_round_is_retried_once(
+    template: Path, tmp_path: Path, redis_server_url: str
+) -> None:
+    """With the solo pool Celery enforces no time limit; the watchdog does. A round hung in a C call
+    (the fault pause sleeps; an asynchronous soft-limit exception cannot land there) past the hard
+    limit ends the worker process with exit code 75. A new worker resumes the round once the lease
+    expires: one new version, one completion, two attempts."""
+    env = {
+        "LETHE_WORKER_FAULT_PAUSE": "progress:600",
+        "LETHE_WORKER_SOFT_TIME_LIMIT": "8",
+        "LETHE_WORKER_HARD_TIME_LIMIT": "10",
+    }
+    with running_system(template, tmp_path / "home", redis_server_url, env=env) as system:
+        request_id = system.submit({"kind": "client", "client_id": "c9"})
+        system.wait_file(system.home / "fault-progress")
+        worker = system.stack.worker_procs[0]
+        assert worker.wait(timeout=60) == HARD_LIMIT_EXIT_CODE, system.logs()
+        assert "exceeded the hard time limit" in (system.home / "logs" / "worker-0.log").read_text()
+        assert system.request(request_id)["status"] == "running"
+        for name in (
+            "LETHE_WORKER_FAULT_PAUSE",
+            "LETHE_WORKER_SOFT_TIME_LIMIT",
+            "LETHE_WORKER_HARD_TIME_LIMIT",
+        ):
+            del system.stack.env[name]
+        system.stack.start_worker(0)
+        _completed_once_as_v2(system, request_id, attempts=2)
 
 
 def test_three_requests_complete_in_arrival_order(
@@ -190,7 +270,13 @@ def test_broker_down_requests_accepted_and_processed_when_back(template: Path, t
     with running_system(template, tmp_path / "home", None) as system:
         system.wait_until(lambda: bool(system.sql("select 1 from workers where state = 'idle'")))
         system.stack.redis.stop()
-        request_id = system.submit({"kind": "client", "client_id": "c8"})
+        resp = system.http.post(
+            f"{system.api}/v1/forget-requests",
+            json={"model": MODEL, "kind": "client", "client_id": "c8"},
+            headers={"Idempotency-Key": "broker-down"},
+        )
+        assert resp.status_code == 201, resp.text  # accepted: the database is the queue
+        request_id = resp.json()["id"]
         assert system.request(request_id)["status"] == "queued"
         time.sleep(2)
         assert system.request(request_id)["status"] == "queued"  # nothing can wake a worker

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,7 +21,7 @@ from service.settings import Settings
 from worker import cli
 from worker.celery_app import TASK_NAMES, celery_config
 from worker.config import GPU_QUEUE, WorkerSettings
-from worker.pipeline import fault_pause_hook
+from worker.pipeline import fault_pause_hook, resolve_device
 from worker.watchdog import RoundWatchdog
 
 
@@ -70,13 +74,32 @@ def test_watchdog_soft_limit_interrupts_the_task_thread() -> None:
     dog = RoundWatchdog(renew=lambda: None, interval=0.05, soft_limit=0.2, hard_limit=60)
 
     def busy_round() -> None:
-        with dog:
+        with dog, dog.interruptible():
             for _ in range(500):  # a Python loop: the asynchronous exception lands between bytecodes
                 time.sleep(0.01)
 
+    started = time.monotonic()
     with pytest.raises(SoftTimeLimitExceeded):
         busy_round()
+    assert time.monotonic() - started < 4
     assert dog.soft_limit_hit
+
+
+def test_watchdog_interrupts_only_inside_the_interruptible_region() -> None:
+    """Outside ``interruptible()`` (sealing, publishing) the soft limit is only raised by check();
+    entering the region after the limit passed raises at once."""
+    dog = RoundWatchdog(renew=lambda: None, interval=0.05, soft_limit=0.2, hard_limit=60)
+    with dog:
+        deadline = time.monotonic() + 5
+        while not dog.soft_limit_hit and time.monotonic() < deadline:
+            time.sleep(0.01)  # a Python loop that would receive an asynchronous exception
+        assert dog.soft_limit_hit
+        for _ in range(50):  # still nothing delivered
+            time.sleep(0.01)
+        with pytest.raises(SoftTimeLimitExceeded, match="longer than"):
+            dog.check()
+        with pytest.raises(SoftTimeLimitExceeded), dog.interruptible():
+            pass
 
 
 def test_watchdog_hard_limit_ends_the_process() -> None:
@@ -182,3 +205,88 @@ def test_one_worker_process_per_gpu() -> None:
         assert env["CUDA_VISIBLE_DEVICES"] == gpu
         assert env["LETHE_WORKER_DEVICE"] == "cuda"
         assert args[-4:] == ["--gpus", "inherit", "--loglevel", "info"]
+
+
+def test_device_resolution_falls_back_to_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    assert resolve_device("cpu") == "cpu"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert resolve_device("auto") == "cpu"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert resolve_device("auto") == "cpu"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    with pytest.raises(RuntimeError, match="sees no GPU"):
+        resolve_device("cuda")  # asked for explicitly: an error, not a silent fallback
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda"
+
+
+SUPERVISOR = """
+import os, sys
+from pathlib import Path
+import worker.cli as cli
+
+out = Path(sys.argv[1])
+CHILD = (
+    "import os, sys, time, pathlib; "
+    "pathlib.Path(sys.argv[1], f'child-{os.getpid()}').write_text("
+    "os.environ['CUDA_VISIBLE_DEVICES'] + ' ' + os.environ['LETHE_WORKER_DEVICE']); time.sleep(120)"
+)
+real = cli.child_command
+
+
+def child_command(gpu, loglevel):
+    _, env = real(gpu, loglevel)  # the real environment; a stand-in process instead of Celery
+    return [sys.executable, "-c", CHILD, str(out)], env
+
+
+cli.child_command = child_command
+try:
+    cli.worker_command.main(["--gpus", "0,1"], standalone_mode=False)
+except SystemExit as exc:
+    code = exc.code
+else:
+    code = None
+(out / "parent").write_text(f"{code} torch={'torch' in sys.modules}")
+"""
+
+
+def _children(directory: Path) -> dict[int, str]:
+    return {int(p.name.split("-")[1]): p.read_text() for p in directory.glob("child-*")}
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_supervisor_runs_one_process_per_gpu_and_never_imports_torch(tmp_path: Path) -> None:
+    """``lethe worker --gpus 0,1``: one child per GPU, each seeing only its GPU, a dead child is
+    restarted, SIGTERM is forwarded, and the supervising parent never imports torch (so it can never
+    initialise CUDA before its children exist)."""
+    parent = subprocess.Popen([sys.executable, "-c", SUPERVISOR, str(tmp_path)])
+    try:
+        _wait_for(lambda: len(_children(tmp_path)) == 2)
+        first = _children(tmp_path)
+        assert sorted(first.values()) == ["0 cuda", "1 cuda"]
+        victim = next(pid for pid, seen in first.items() if seen == "1 cuda")
+        os.kill(victim, signal.SIGKILL)
+        _wait_for(lambda: len(_children(tmp_path)) == 3)  # restarted on the same GPU
+        (new_pid,) = set(_children(tmp_path)) - set(first)
+        assert _children(tmp_path)[new_pid] == "1 cuda"
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=30) == 0
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+    assert (tmp_path / "parent").read_text() == "0 torch=False"
+    for pid in _children(tmp_path):
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

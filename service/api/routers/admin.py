@@ -5,24 +5,21 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Response
-from sqlalchemy.orm import Session
 
 from service import lifecycle, registry
 from service.api import presenters, schemas
 from service.api.auth import Principal, require
 from service.api.problems import problem_responses
 from service.api.state import State
-from service.db.models import Model
 from service.db.types import utcnow
 from service.errors import NotFoundError
 from service.repositories import events as events_repo
 from service.repositories import models as models_repo
 from service.repositories import requests as requests_repo
 from service.repositories import rounds as rounds_repo
-from service.repositories import versions as versions_repo
 from service.repositories import workers as workers_repo
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=problem_responses(401, 403))
+router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=problem_responses(401, 403, 503))
 Admin = Annotated[Principal, Depends(require("admin"))]
 
 
@@ -34,17 +31,6 @@ def queue(state: State, _: Admin) -> list[schemas.QueueEntry]:
         for model in models_repo.list_models(session):
             pending, oldest = requests_repo.queue_stats(session, model.id)
             live = rounds_repo.live_round(session, model.id)
-            lease = None
-            if live is not None:
-                lease = schemas.LeaseOut(
-                    round_id=live.id,
-                    status=live.status,
-                    owner=live.lease_owner,
-                    expires_at=live.lease_expires_at,
-                    fencing_token=live.fencing_token,
-                    attempts=live.attempts,
-                    request_ids=[r.id for r in rounds_repo.covered_requests(session, live.id)],
-                )
             entries.append(
                 schemas.QueueEntry(
                     model=model.name,
@@ -52,7 +38,7 @@ def queue(state: State, _: Admin) -> list[schemas.QueueEntry]:
                     pending=pending,
                     oldest_pending_at=oldest,
                     oldest_pending_age_seconds=(now - oldest).total_seconds() if oldest else None,
-                    running_round=lease,
+                    running_round=presenters.lease(session, live) if live is not None else None,
                 )
             )
     return entries
@@ -63,14 +49,8 @@ def workers(state: State, _: Admin) -> list[schemas.WorkerOut]:
     now = utcnow()
     with state.transaction() as session:
         return [
-            schemas.WorkerOut(
-                id=w.id,
-                hostname=w.hostname,
-                queues=list(w.queues),
-                state=w.state,
-                started_at=w.started_at,
-                last_heartbeat_at=w.last_heartbeat_at,
-                seconds_since_heartbeat=max(0.0, (now - w.last_heartbeat_at).total_seconds()),
+            schemas.WorkerOut.from_row(
+                w, seconds_since_heartbeat=max(0.0, (now - w.last_heartbeat_at).total_seconds())
             )
             for w in workers_repo.list_workers(session)
         ]
@@ -102,27 +82,10 @@ def retry(
     return out
 
 
-def _model_out(session: Session, model: Model) -> schemas.ModelOut:
-    latest = versions_repo.latest_active(session, model.id)
-    return schemas.ModelOut(
-        name=model.name,
-        workload=model.workload,
-        tasks=list(model.tasks),
-        method=model.method,
-        method_config=model.method_config,
-        settings=model.settings,
-        status=model.status,
-        error=model.error,
-        created_at=model.created_at,
-        prepared_at=model.prepared_at,
-        latest_version=latest.version if latest is not None else None,
-    )
-
-
 @router.get("/models", summary="Registered models")
 def list_models(state: State, _: Admin) -> list[schemas.ModelOut]:
     with state.transaction() as session:
-        return [_model_out(session, m) for m in models_repo.list_models(session)]
+        return [presenters.model(session, m) for m in models_repo.list_models(session)]
 
 
 @router.get(
@@ -133,31 +96,14 @@ def show_model(name: str, state: State, _: Admin) -> schemas.ModelDetail:
         model = models_repo.get_model(session, name)
         if model is None:
             raise NotFoundError(f"model {name!r} is not registered")
-        total, forgotten = models_repo.count_subjects(session, model.id)
-        versions = [
-            schemas.VersionSummary(
-                version=v.version,
-                parent=v.parent_version,
-                status=v.status,
-                created_at=v.created_at,
-                withdrawn_at=v.withdrawn_at,
-                round_id=v.round_id,
-            )
-            for v in versions_repo.list_versions(session, model.id)
-        ]
-        return schemas.ModelDetail(
-            **_model_out(session, model).model_dump(),
-            subjects=total,
-            forgotten_subjects=forgotten,
-            versions=versions,
-        )
+        return presenters.model_detail(session, model)
 
 
 @router.post(
     "/models",
     status_code=201,
     summary="Register a model for a workload; a worker prepares it (dataset, base, v1)",
-    responses=problem_responses(409),
+    responses=problem_responses(409, 413),
 )
 def register_model(
     body: schemas.ModelIn, state: State, _: Admin, response: Response, background: BackgroundTasks
@@ -171,7 +117,7 @@ def register_model(
             method_config=body.method_config,
             settings=body.settings,
         )
-        out = _model_out(session, model)
+        out = presenters.model(session, model)
     background.add_task(state.dispatcher.prepare, out.name)
     response.headers["Location"] = f"/v1/admin/models/{out.name}"
     return out

@@ -22,7 +22,7 @@ from service.repositories import requests as requests_repo
 from service.repositories import versions as versions_repo
 
 router = APIRouter(
-    prefix="/v1/forget-requests", tags=["forget requests"], responses=problem_responses(401, 403, 422)
+    prefix="/v1/forget-requests", tags=["forget requests"], responses=problem_responses(401, 403, 503)
 )
 MAX_SEQ = 2**31 - 1
 Submitter = Annotated[Principal, Depends(require("submit"))]
@@ -54,9 +54,9 @@ def create_forget_request(
         str,
         Header(
             alias="Idempotency-Key",
-            min_length=1,
-            max_length=200,
-            description="Required. The same key and body return the same request; another body: 422.",
+            pattern=schemas.IDEMPOTENCY_KEY_PATTERN,
+            description="Required (missing or malformed: 400): 1 to 200 printable ASCII characters, "
+            "scoped to the API key. The same key and body return the same request; another body: 422.",
         ),
     ],
 ) -> schemas.ForgetRequestOut:
@@ -142,19 +142,7 @@ def get_forget_request(request_id: str, state: State, principal: Submitter) -> s
 def get_forget_request_events(request_id: str, state: State, principal: Submitter) -> list[schemas.EventOut]:
     with state.transaction() as session:
         row = _visible(session, request_id, principal)
-        return [
-            schemas.EventOut(
-                id=e.id,
-                type=e.type,
-                status=e.status,
-                actor=e.actor,
-                at=e.at,
-                detail=e.detail,
-                prev_hash=e.prev_hash,
-                hash=e.hash,
-            )
-            for e in events_repo.events_for_request(session, row.id)
-        ]
+        return [schemas.EventOut.from_row(e) for e in events_repo.events_for_request(session, row.id)]
 
 
 @router.get(
@@ -169,13 +157,4 @@ def get_forget_request_evidence(
         row = _visible(session, request_id, principal)
         evidence = versions_repo.evidence_for_request(session, row.id)
         numbers = versions_repo.version_numbers(session, [e.version_id for e in evidence])
-        return [
-            schemas.EvidenceOut(
-                request_id=e.request_id,
-                round_id=e.round_id,
-                version=numbers[e.version_id],
-                created_at=e.created_at,
-                payload=e.payload,
-            )
-            for e in evidence
-        ]
+        return [schemas.EvidenceOut.from_row(e, version=numbers[e.version_id]) for e in evidence]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request, Response
@@ -19,22 +20,29 @@ from service.errors import GoneError, NotFoundError
 from service.repositories import models as models_repo
 from service.repositories import versions as versions_repo
 
-router = APIRouter(prefix="/v1/models", tags=["serving"], responses=problem_responses(401, 403, 404))
+router = APIRouter(prefix="/v1/models", tags=["serving"], responses=problem_responses(401, 403, 404, 503))
 Server = Annotated[Principal, Depends(require("serve"))]
 IfNoneMatch = Annotated[str | None, Header(alias="If-None-Match")]
-MODEL_NAME = re.compile(schemas.MODEL_NAME_PATTERN)
-VERSION = re.compile(r"^[1-9][0-9]{0,8}$")
+VERSION = re.compile(r"[1-9][0-9]{0,8}")
 
 
 def _model(session: Session, name: str) -> Model:
-    model = models_repo.get_model(session, name) if MODEL_NAME.match(name) else None
+    model = models_repo.get_model(session, name)
     if model is None:
         raise NotFoundError(f"model {name!r} is not registered")
     return model
 
 
+def _with_base(session: Session, name: str) -> tuple[Model, str]:
+    """The model and its base model's directory (404 until a worker prepared it)."""
+    model = _model(session, name)
+    if model.base_location is None:
+        raise NotFoundError(f"model {name!r} has no base model yet ({model.status})")
+    return model, model.base_location
+
+
 def _version(session: Session, model: Model, version: str) -> AdapterVersion:
-    row = versions_repo.get_version(session, model.id, int(version)) if VERSION.match(version) else None
+    row = versions_repo.get_version(session, model.id, int(version)) if VERSION.fullmatch(version) else None
     if row is None:
         raise NotFoundError(f"model {model.name!r} has no adapter version {version!r}")
     if row.status == "withdrawn":
@@ -75,7 +83,18 @@ def _metadata_response(
     return Response(payload.model_dump_json(), media_type="application/json", headers=headers)
 
 
-def _file_response(path: Any, sha256: str, if_none_match: str | None) -> Response:
+def _adapter_response(
+    request: Request, model: Model, row: AdapterVersion, if_none_match: str | None
+) -> Response:
+    etag = etag_of(model.name, row.version, row.files)
+    return _metadata_response(_adapter(request, model, row), etag, if_none_match)
+
+
+def _file_response(
+    artifacts_dir: Path, location: str, name: str, files: dict[str, Any], if_none_match: str | None
+) -> Response:
+    path = resolve_file(artifacts_dir, location, name, files)
+    sha256 = str(files[name]["sha256"])
     etag = f'"{sha256}"'
     headers = {"ETag": etag, "Repr-Digest": sha256_header(sha256), "X-Checksum-SHA256": sha256}
     if etag_matches(if_none_match, etag):
@@ -83,11 +102,20 @@ def _file_response(path: Any, sha256: str, if_none_match: str | None) -> Respons
     return FileResponse(path, media_type="application/octet-stream", headers=headers)
 
 
+NOT_MODIFIED: dict[int | str, dict[str, Any]] = {
+    304: {"description": "Not modified: the `If-None-Match` ETag is current"}
+}
+A_FILE: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/octet-stream": {}}, "description": "The file"},
+    **NOT_MODIFIED,
+}
+
+
 @router.get(
     "/{model}/adapters/latest",
     summary="The latest active adapter version (ETag; 304 on If-None-Match)",
     response_model=schemas.AdapterOut,
-    responses={304: {"description": "Not modified"}},
+    responses=NOT_MODIFIED,
 )
 def latest_adapter(
     model: str, request: Request, state: State, _: Server, if_none_match: IfNoneMatch = None
@@ -97,89 +125,67 @@ def latest_adapter(
         row = versions_repo.latest_active(session, found.id)
         if row is None:
             raise NotFoundError(f"model {model!r} has no adapter version yet ({found.status})")
-        payload = _adapter(request, found, row)
-        etag = etag_of(found.name, row.version, row.files)
-    return _metadata_response(payload, etag, if_none_match)
+        return _adapter_response(request, found, row, if_none_match)
 
 
 @router.get(
     "/{model}/adapters/{version}",
     summary="One adapter version (410 when withdrawn)",
     response_model=schemas.AdapterOut,
-    responses={304: {"description": "Not modified"}, **problem_responses(410)},
+    responses={**NOT_MODIFIED, **problem_responses(410)},
 )
 def adapter_version(
     model: str, version: str, request: Request, state: State, _: Server, if_none_match: IfNoneMatch = None
 ) -> Response:
     with state.transaction() as session:
         found = _model(session, model)
-        row = _version(session, found, version)
-        payload = _adapter(request, found, row)
-        etag = etag_of(found.name, row.version, row.files)
-    return _metadata_response(payload, etag, if_none_match)
+        return _adapter_response(request, found, _version(session, found, version), if_none_match)
 
 
 @router.get(
     "/{model}/adapters/{version}/files/{name}",
     summary="Download one file of an adapter version (with its SHA-256)",
     response_class=FileResponse,
-    responses={
-        200: {"content": {"application/octet-stream": {}}, "description": "The file"},
-        304: {"description": "Not modified"},
-        **problem_responses(410),
-    },
+    responses={**A_FILE, **problem_responses(410)},
 )
 def download_adapter_file(
-    model: str,
-    version: str,
-    name: str,
-    state: State,
-    _: Server,
-    if_none_match: IfNoneMatch = None,
+    model: str, version: str, name: str, state: State, _: Server, if_none_match: IfNoneMatch = None
 ) -> Response:
     with state.transaction() as session:
-        found = _model(session, model)
-        row = _version(session, found, version)
-        location, files = row.location, dict(row.files)
-    path = resolve_file(state.settings.resolved_artifacts_dir, location, name, files)
-    return _file_response(path, str(files[name]["sha256"]), if_none_match)
+        row = _version(session, _model(session, model), version)
+    return _file_response(state.settings.resolved_artifacts_dir, row.location, name, row.files, if_none_match)
 
 
 @router.get(
     "/{model}/base",
-    summary="The frozen base model's files",
+    summary="The frozen base model's files (ETag; 304 on If-None-Match)",
     response_model=schemas.BaseModelOut,
-    responses={304: {"description": "Not modified"}},
+    responses=NOT_MODIFIED,
 )
 def base_model(
     model: str, request: Request, state: State, _: Server, if_none_match: IfNoneMatch = None
 ) -> Response:
     with state.transaction() as session:
-        found = _model(session, model)
-        if found.base_location is None:
-            raise NotFoundError(f"model {model!r} has no base model yet ({found.status})")
+        found, _location = _with_base(session, model)
 
-        def url(name: str) -> Any:
-            return request.url_for("download_base_file", model=found.name, name=name)
+    def url(name: str) -> Any:
+        return request.url_for("download_base_file", model=found.name, name=name)
 
-        payload = schemas.BaseModelOut(model=found.name, files=_files(found.base_files, url))
-        etag = etag_of(found.name, "base", found.base_files)
-    return _metadata_response(payload, etag, if_none_match)
+    payload = schemas.BaseModelOut(model=found.name, files=_files(found.base_files, url))
+    return _metadata_response(payload, etag_of(found.name, "base", found.base_files), if_none_match)
 
 
 @router.get(
     "/{model}/base/files/{name}",
     summary="Download one file of the base model (with its SHA-256)",
     response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {}}, "description": "The file"}},
+    responses=A_FILE,
 )
 def download_base_file(
     model: str, name: str, state: State, _: Server, if_none_match: IfNoneMatch = None
 ) -> Response:
     with state.transaction() as session:
-        found = _model(session, model)
-        if found.base_location is None:
-            raise NotFoundError(f"model {model!r} has no base model yet")
-        location, files = found.base_location, dict(found.base_files)
-    path = resolve_file(state.settings.resolved_artifacts_dir, location, name, files)
-    return _file_response(path, str(files[name]["sha256"]), if_none_match)
+        found, location = _with_base(session, model)
+    return _file_response(
+        state.settings.resolved_artifacts_dir, location, name, found.base_files, if_none_match
+    )

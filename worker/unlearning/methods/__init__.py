@@ -1,7 +1,8 @@
 """The registry of unlearning methods: ``register(name)`` decorator, ``get_method(name)``.
 
-Built-in methods live in one module each (``original``, ``ssd``, ``ia``, ``default``, ``retrain``)
-and register themselves when this package is imported.
+Built-in methods live in one module each (``original``, ``ssd``, ``ia``, ``default``, ``retrain``
+and the gradient baselines ``neggrad_plus``, ``orthograd``, ``gdr_gma``, ``uno``) and register
+themselves when this package is imported.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ __all__ = [
 ]
 
 _REGISTRY: dict[str, Method] = {}
-_BUILTIN = ("original", "ssd", "ia", "default", "retrain")
+_BUILTIN = ("original", "ssd", "ia", "default", "retrain", "neggrad_plus", "orthograd", "gdr_gma", "uno")
 
 
 def register(name: str) -> Callable[[Method], Method]:
