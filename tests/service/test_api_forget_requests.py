@@ -212,6 +212,20 @@ def test_auth(client: TestClient, keys: Keys) -> None:
     assert_problem(client.get(url, headers=keys.serve), 403)
 
 
+def test_a_subject_pending_for_another_key_is_409_without_its_content(client: TestClient, keys: Keys) -> None:
+    mine = post(client, keys, client_body("c0", external_id="DSR-secret")).json()
+    theirs = client.post(
+        "/v1/forget-requests", json=client_body("c0"), headers={**keys.other_submit, "Idempotency-Key": "x"}
+    )
+    problem = assert_problem(theirs, 409)
+    assert problem["pending_request"] == mine["id"]
+    assert "DSR-secret" not in theirs.text
+    as_admin = client.post(
+        "/v1/forget-requests", json=client_body("c0"), headers={**keys.admin, "Idempotency-Key": "x"}
+    )
+    assert (as_admin.status_code, as_admin.json()["id"]) == (200, mine["id"])
+
+
 def test_a_submitter_sees_only_its_own_requests(client: TestClient, keys: Keys) -> None:
     mine = post(client, keys, client_body("c0")).json()
     theirs = client.post(

@@ -155,9 +155,9 @@ def hostile_object(rng: random.Random) -> dict[str, Any]:
     return {hostile_string(rng): rng.choice(values) for _ in range(rng.randint(1, 3))}
 
 
-def mutated_value(rng: random.Random, value: Any) -> Any:
-    """Half the time of ``value``'s type (to get past the schema's type check), else anything."""
-    if rng.random() < 0.5:
+def mutated_value(rng: random.Random, value: Any, same_type: float = 0.5) -> Any:
+    """Often of ``value``'s type (to get past the schema's type check), else anything."""
+    if rng.random() >= same_type:
         return hostile_value(rng)
     if isinstance(value, dict):
         return hostile_object(rng)
@@ -286,8 +286,8 @@ def authorization(rng: random.Random, world: World) -> bytes | None:
 
 
 def near_valid_case(rng: random.Random, method: str, path: str, world: World) -> Case:
-    """A valid admin request with at most one hostile ingredient in its body, so that the code
-    behind authentication and validation runs (subjects, the registry, serving, the queue)."""
+    """A valid admin request with one hostile field at most, mostly of the right type, so that
+    the code behind authentication and validation runs (subjects, the registry, serving, the queue)."""
     url = path
     for name in ("request_id", "model", "version", "name"):
         url = url.replace("{" + name + "}", path_value(rng, name, world, hostile=0.1))
@@ -297,9 +297,9 @@ def near_valid_case(rng: random.Random, method: str, path: str, world: World) ->
         "Content-Type": b"application/json",
     }
     body = valid_body(rng, path)
-    if rng.random() < 0.5:
+    if rng.random() < 0.8:
         name = rng.choice(sorted(body))
-        body[name] = mutated_value(rng, body[name])
+        body[name] = mutated_value(rng, body[name], same_type=0.8)
     content = json.dumps(body, ensure_ascii=True, allow_nan=True).encode() if method == "POST" else None
     return Case(method, url, headers, content)
 

@@ -33,6 +33,7 @@ from sklearn.metrics import accuracy_score, average_precision_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from torch import Tensor, nn
 
+from worker.unlearning.grads import eval_mode
 from worker.unlearning.types import IGNORE, SUBSET_HEAD, Batch, Partitions, TaskSpec, concat_batches
 
 UIS_TERMS = ("ret", "unl", "val", "mia")
@@ -345,18 +346,15 @@ def unlearning_impact_score(
 
 def model_outputs(model: nn.Module, x: Tensor, *, batch_size: int = 1024) -> dict[str, Tensor]:
     """``model(x)`` in eval mode without gradients, in chunks (training mode restored after)."""
-    was_training = model.training
-    model.eval()
     chunks: list[dict[str, Tensor]] = []
-    try:
-        with torch.no_grad():
-            for start in range(0, max(int(x.shape[0]), 1), batch_size):
-                part = x[start : start + batch_size]
-                if int(part.shape[0]) == 0 and chunks:
-                    break
-                chunks.append({k: v.detach() for k, v in model(part).items()})
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad():
+        for start in range(0, max(int(x.shape[0]), 1), batch_size):
+            part = x[start : start + batch_size]
+            if int(part.shape[0]) == 0 and chunks:
+                break
+            chunks.append({k: v.detach() for k, v in model(part).items()})
+    if len(chunks) == 1:
+        return chunks[0]
     return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
 
 
@@ -421,15 +419,29 @@ def forget_mia(
     """Unl-vs-val loss-MIA AUC per task supervised in ``forget`` (early stopping uses it)."""
     if len(forget) == 0 or len(heldout) == 0:
         return {}
-    out_f = model_outputs(model, forget.x.to(device))
-    out_v = model_outputs(model, heldout.x.to(device))
+    out = model_outputs(model, torch.cat([forget.x, heldout.x]).to(device))  # one forward pass
+    n_f = len(forget)
+    return mia_from_outputs(
+        tasks, {k: v[:n_f] for k, v in out.items()}, forget, {k: v[n_f:] for k, v in out.items()}, heldout
+    )
+
+
+def mia_from_outputs(
+    tasks: Sequence[TaskSpec],
+    out_forget: Mapping[str, Tensor],
+    forget: Batch,
+    out_heldout: Mapping[str, Tensor],
+    heldout: Batch,
+) -> dict[str, float]:
+    """:func:`forget_mia` from outputs already computed (``out_*[task]`` aligned with the batches)."""
     aucs: dict[str, float] = {}
     for task in tasks:
         if task.name not in forget.labels or task.name not in heldout.labels:
             continue
+        device = out_forget[task.name].device
         auc = loss_mia_auc(
-            _task_losses(task, out_f[task.name], forget.labels[task.name].to(device)),
-            _task_losses(task, out_v[task.name], heldout.labels[task.name].to(device)),
+            _task_losses(task, out_forget[task.name], forget.labels[task.name].to(device)),
+            _task_losses(task, out_heldout[task.name], heldout.labels[task.name].to(device)),
         )
         if auc is not None:
             aucs[task.name] = auc

@@ -44,16 +44,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from worker.unlearning.audit import forget_mia
-from worker.unlearning.grads import partition_task_grads
+from worker.unlearning.audit import mia_from_outputs, model_outputs
+from worker.unlearning.config import typed_kwargs
+from worker.unlearning.grads import eval_mode, partition_task_grads
 from worker.unlearning.lora import LoraPair, param_groups, restore
-from worker.unlearning.types import IGNORE, Batch, Partitions, TaskSpec
+from worker.unlearning.types import IGNORE, Batch, Partitions, TaskSpec, concat_batches
 
 RETAIN_ORDER = ("clean", "inst", "task")
 
@@ -63,10 +64,12 @@ class IAConfig:
     """``settings["ia"]``. Stage switches: ``projection``, ``orth_clean``, ``orth_inst``,
     ``orth_task`` (the paper's Table 3 ablations), ``update_heads``, ``early_stopping``."""
 
+    # Eq. 11 through AdamW (paper: lr 1e-4, η1 = 1, η2 = 0.1, at most 20 epochs)
     lr: float = 1e-4
     eta1: float = 1.0
     eta2: float = 0.1
     epochs: int = 20
+    # mini-batch of each partition per iteration; AdamW's decoupled weight decay
     batch_size: int = 32
     weight_decay: float = 0.0
     epsilon: float = 1e-12
@@ -83,31 +86,23 @@ class IAConfig:
     early_stopping: bool = True
     mia_target: float = 0.5
     patience: int = 0  # epochs without improvement before stopping; 0 = run all epochs
+    # deviation (docs/methods.md): early stopping only among the checkpoints whose accuracy on the
+    # retain check rows dropped by at most this much from the pre-request model; 1 = off (paper)
+    retain_tolerance: float = 1.0
+    check_size: int = 256  # retain check rows (a seeded subset of the retain partitions)
     grad_backend: str = "autograd"  # "autograd" (batched VJPs) | "func" (torch.func.jacrev)
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | None) -> IAConfig:
-        known = {f.name: f.type for f in fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in dict(settings or {}).items():
-            if key not in known:
-                raise ValueError(f"unknown interference-aware setting {key!r}")
-            kind = known[key]
-            if kind == "bool":
-                kwargs[key] = bool(value)
-            elif kind == "int":
-                kwargs[key] = int(value)
-            elif kind == "float":
-                kwargs[key] = float(value)
-            else:
-                kwargs[key] = str(value)
-        cfg = cls(**kwargs)
+        cfg = cls(**typed_kwargs(cls, settings, "interference-aware"))
         if cfg.grad_backend not in ("autograd", "func"):
             raise ValueError("grad_backend must be 'autograd' or 'func'")
         if cfg.subspace_init not in ("random", "orthogonal"):
             raise ValueError("subspace_init must be 'random' or 'orthogonal'")
         if cfg.epochs < 0 or cfg.batch_size < 1 or cfg.epsilon < 0:
             raise ValueError("interference-aware update needs epochs >= 0, batch_size >= 1, epsilon >= 0")
+        if cfg.retain_tolerance < 0 or cfg.check_size < 0:
+            raise ValueError("interference-aware update needs retain_tolerance >= 0, check_size >= 0")
         return cfg
 
     def to_json(self) -> dict[str, Any]:
@@ -159,13 +154,19 @@ def subspace_penalty(U: Tensor) -> Tensor:
     return total
 
 
+def subspace_penalty_grad(U: Tensor) -> Tensor:
+    """The gradient of :func:`subspace_penalty` in closed form: ``4·(Σ_{t'} P_t' − P_t)·U_t``
+    (each unordered pair is counted twice and ``∂||U_tᵀU_t'||²_F/∂U_t = 2·U_t'U_t'ᵀU_t``)."""
+    P = projectors(U)
+    return 4.0 * (P.sum(0, keepdim=True) - P) @ U
+
+
 def subspace_step(U: Tensor, lr: float) -> Tensor:
     """One gradient step on :func:`subspace_penalty`, then QR re-orthonormalisation."""
     if U.shape[0] < 2 or lr == 0:
         return orthonormalize(U)
-    V = U.detach().clone().requires_grad_(True)
-    (g,) = torch.autograd.grad(subspace_penalty(V), V)
-    return orthonormalize((V - lr * g).detach())
+    U = U.detach()
+    return orthonormalize(U - lr * subspace_penalty_grad(U))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,6 +401,113 @@ def _distance(aucs: Mapping[str, float], target: float | Mapping[str, float], de
     return float(sum(gaps) / len(gaps))
 
 
+def retain_check(partitions: Partitions, *, size: int, seed: int) -> Batch:
+    """The rows the retain tolerance is checked on: the retain partitions (D_r^clean, D_r^inst,
+    D_r^task) merged to one row per sample with all its retained labels, at most ``size`` rows
+    (a seeded subset; ``size = 0``: none)."""
+    parts = [b for b in (partitions.retain_clean, partitions.retain_inst, partitions.retain_task) if len(b)]
+    if not parts or size == 0:
+        return partitions.forget.select(torch.zeros(0, dtype=torch.long))
+    merged = merge_rows(concat_batches(parts))
+    if len(merged) > size:
+        gen = torch.Generator().manual_seed(seed)
+        merged = merged.select(torch.randperm(len(merged), generator=gen)[:size].sort().values)
+    return merged
+
+
+def merge_rows(batch: Batch) -> Batch:
+    """One row per sample id with every label it has in ``batch`` (rows without ids stay apart)."""
+    if len(batch.sample_ids) != len(batch):
+        return batch
+    first: dict[str, int] = {}
+    inverse = torch.tensor([first.setdefault(s, len(first)) for s in batch.sample_ids], dtype=torch.long)
+    keep = torch.zeros(len(first), dtype=torch.long).scatter_(
+        0, inverse.flip(0), torch.arange(len(batch) - 1, -1, -1, dtype=torch.long)
+    )  # the first row of each sample
+    labels = {
+        t: torch.full((len(first),), IGNORE, dtype=y.dtype).scatter_reduce(0, inverse, y, reduce="amax")
+        for t, y in batch.labels.items()
+    }  # IGNORE is below every class index, so the max keeps the one real label
+    rows = batch.select(keep)
+    return Batch(x=rows.x, labels=labels, subset=rows.subset, sample_ids=rows.sample_ids)
+
+
+def task_accuracy(tasks: Sequence[TaskSpec], outputs: Mapping[str, Tensor], batch: Batch) -> dict[str, float]:
+    """Each task's metric on the rows of ``batch`` that have its label (tasks without any: left out)."""
+    out: dict[str, float] = {}
+    for task in tasks:
+        y = batch.labels.get(task.name)
+        if y is None or not bool((y != IGNORE).any()):
+            continue
+        out[task.name] = float(task.metric(outputs[task.name], y.to(outputs[task.name].device)))
+    return out
+
+
+def check_accuracy(
+    model: nn.Module,
+    tasks: Sequence[TaskSpec],
+    partitions: Partitions,
+    cfg: IAConfig,
+    *,
+    seed: int,
+    device: str = "cpu",
+) -> dict[str, float]:
+    """``model``'s accuracy on the :func:`retain_check` rows (the ``retain_baseline`` of
+    :func:`interference_aware_unlearn`, measured before any stage of a request changes the model)."""
+    check = retain_check(partitions, size=cfg.check_size, seed=seed).to(device)
+    if len(check) == 0:
+        return {}
+    return task_accuracy(tasks, model_outputs(model, check.x), check)
+
+
+class _Monitor:
+    """What early stopping measures after every epoch, in one forward pass: each forgotten task's
+    forget-vs-held-out loss-MIA AUC and each task's accuracy on the retain check rows."""
+
+    def __init__(
+        self,
+        forget: Batch,
+        heldout: Batch,
+        check: Batch,
+        forget_tasks: Sequence[TaskSpec],
+        tasks: Sequence[TaskSpec],
+        device: str,
+    ) -> None:
+        self.forget, self.heldout, self.check = forget, heldout, check
+        self.forget_tasks, self.tasks = list(forget_tasks), list(tasks)
+        self.x = torch.cat([forget.x, heldout.x, check.x]).to(device)
+        self.sizes = [len(forget), len(heldout), len(check)]
+
+    def __call__(self, model: nn.Module) -> tuple[dict[str, float], dict[str, float]]:
+        out = model_outputs(model, self.x)
+        parts = {k: torch.split(v, self.sizes) for k, v in out.items()}
+        f_out, v_out, c_out = ({k: p[i] for k, p in parts.items()} for i in range(3))
+        aucs = mia_from_outputs(self.forget_tasks, f_out, self.forget, v_out, self.heldout)
+        return aucs, task_accuracy(self.tasks, c_out, self.check)
+
+
+def _drop(accuracy: Mapping[str, float], baseline: Mapping[str, float]) -> float:
+    """The largest accuracy drop of any task from ``baseline`` (0 when nothing is comparable)."""
+    drops = [baseline[t] - a for t, a in accuracy.items() if t in baseline]
+    return max(drops, default=0.0)
+
+
+def select_checkpoint(history: Sequence[Mapping[str, Any]], tolerance: float) -> int:
+    """The index in ``history`` early stopping keeps: among the checkpoints whose ``retain_drop``
+    is within ``tolerance``, the one whose MIA ``distance`` to the target is smallest (earliest on
+    ties); when none is within it, the one with the smallest drop. A checkpoint without a distance
+    ranks after those with one."""
+
+    def closeness(i: int) -> tuple[float, int]:
+        d = history[i]["distance"]
+        return (math.inf if d is None else float(d), i)
+
+    within = [i for i, h in enumerate(history) if h["retain_drop"] <= tolerance + 1e-12]
+    if within:
+        return min(within, key=closeness)
+    return min(range(len(history)), key=lambda i: (history[i]["retain_drop"], *closeness(i)))
+
+
 def interference_aware_unlearn(
     model: nn.Module,
     *,
@@ -411,8 +519,13 @@ def interference_aware_unlearn(
     mia_target: float | Mapping[str, float] | None = None,
     device: str = "cpu",
     progress: Callable[[str], None] | None = None,
+    retain_baseline: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Algorithm 1 on ``model`` in place (LoRA factors + forgotten-task heads). Returns JSON info."""
+    """Algorithm 1 on ``model`` in place (LoRA factors + forgotten-task heads). Returns JSON info.
+
+    ``retain_baseline``: the pre-request model's accuracy on :func:`retain_check` rows (the
+    ``default`` method measures it before SSD); ``None``: the model as given is the baseline.
+    """
     cfg = cfg or IAConfig()
     info: dict[str, Any] = {"config": cfg.to_json()}
     forget = partitions.forget.to(device)
@@ -421,6 +534,25 @@ def interference_aware_unlearn(
             epochs_run=0, best_epoch=0, steps=0, reason="empty forget set" if len(forget) == 0 else None
         )
         return info
+    with eval_mode(model):  # no dropout or batch statistics anywhere in the loop (as the gradients)
+        info.update(_run(model, tasks, partitions, forget, heldout.to(device), cfg, seed, mia_target,
+                         device, progress, retain_baseline))  # fmt: skip
+    return info
+
+
+def _run(
+    model: nn.Module,
+    tasks: Sequence[TaskSpec],
+    partitions: Partitions,
+    forget: Batch,
+    heldout: Batch,
+    cfg: IAConfig,
+    seed: int,
+    mia_target: float | Mapping[str, float] | None,
+    device: str,
+    progress: Callable[[str], None] | None,
+    retain_baseline: Mapping[str, float] | None,
+) -> dict[str, Any]:
     inv = involved_tasks(partitions, tasks)
     inv_names = [t.name for t in inv]
     forget_names = [t for t in partitions.forget_tasks if t in inv_names]
@@ -437,13 +569,13 @@ def interference_aware_unlearn(
     dim = cfg.subspace_dim or max(1, rank // max(T, 1))
     use_projection = cfg.projection and rank > 0
     U = init_subspaces(T, rank, min(dim, rank), seed=seed, mode=cfg.subspace_init) if use_projection else None
-    info.update(
-        tasks=inv_names,
-        forget_tasks=forget_names,
-        rank=rank,
-        subspace_dim=dim if use_projection else None,
-        updated_parameters=names,
-    )
+    info: dict[str, Any] = {
+        "tasks": inv_names,
+        "forget_tasks": forget_names,
+        "rank": rank,
+        "subspace_dim": dim if use_projection else None,
+        "updated_parameters": names,
+    }
 
     gen = torch.Generator().manual_seed(seed)
     cyclers = {
@@ -452,32 +584,39 @@ def interference_aware_unlearn(
         "task": _Cycler(partitions.retain_task.to(device), cfg.batch_size, gen),
     }
     switches = cfg.retain_switches
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    heldout = heldout.to(device)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     target: float | Mapping[str, float] = cfg.mia_target if mia_target is None else mia_target
+    check = retain_check(partitions, size=cfg.check_size, seed=seed).to(device)
+    monitor = _Monitor(forget, heldout, check, forget_specs, inv, device)
 
-    def measure() -> tuple[dict[str, float], float | None]:
-        aucs = forget_mia(model, forget_specs, forget, heldout, device=device)
-        return aucs, _distance(aucs, target, cfg.mia_target)
+    history: list[dict[str, Any]] = []
+    states: list[dict[str, Tensor]] = []
 
-    aucs, dist = measure()
-    history: list[dict[str, Any]] = [{"epoch": 0, "mia_auc": aucs, "distance": dist}]
-    best_epoch, best_dist = 0, dist
-    best_state = {n: all_params[n].detach().clone() for n in names}
-    steps, since_best = 0, 0
+    def checkpoint(epoch: int) -> None:
+        aucs, accuracy = monitor(model)
+        if not history and retain_baseline is None:
+            baseline.update(accuracy)
+        history.append(
+            {
+                "epoch": epoch,
+                "mia_auc": aucs,
+                "distance": _distance(aucs, target, cfg.mia_target),
+                "retain_accuracy": accuracy,
+                "retain_drop": _drop(accuracy, baseline),
+            }
+        )
+        states.append({n: all_params[n].detach().clone() for n in names})
+
+    baseline: dict[str, float] = dict(retain_baseline or {})
+    checkpoint(0)
+    steps, since_best, best = 0, 0, 0
     epochs_run = 0
     for epoch in range(1, cfg.epochs + 1):
         order = torch.randperm(len(forget), generator=gen)
         for start in range(0, len(forget), cfg.batch_size):
             f_batch = forget.select(order[start : start + cfg.batch_size])
-            retain_batches = {k: c.next() for k, c in cyclers.items()}
-            G = partition_task_grads(
-                model,
-                names,
-                [f_batch, retain_batches["clean"], retain_batches["inst"], retain_batches["task"]],
-                inv,
-                backend=cfg.grad_backend,
-            )
+            retain_batches = [cyclers[k].next() for k in ("clean", "inst", "task")]
+            G = partition_task_grads(model, names, [f_batch, *retain_batches], inv, backend=cfg.grad_backend)
             flat = layout.pack(G, lead=2).detach()  # [4, T, D]
             direction = _direction(flat, layout, U, cfg, switches)
             for p, g in zip(params, layout.unpack(direction).values(), strict=True):
@@ -488,26 +627,23 @@ def interference_aware_unlearn(
                 U = subspace_step(U, cfg.subspace_lr)
             steps += 1
         epochs_run = epoch
-        aucs, dist = measure()
-        history.append({"epoch": epoch, "mia_auc": aucs, "distance": dist})
+        checkpoint(epoch)
         if progress is not None:
-            progress(f"ia: epoch {epoch}/{cfg.epochs} mia={aucs}")
-        if dist is not None and (best_dist is None or dist < best_dist):
-            best_epoch, best_dist, since_best = epoch, dist, 0
-            best_state = {n: all_params[n].detach().clone() for n in names}
-        else:
-            since_best += 1
+            progress(f"ia: epoch {epoch}/{cfg.epochs} mia={history[-1]['mia_auc']}")
+        chosen = select_checkpoint(history, cfg.retain_tolerance)
+        since_best = 0 if chosen != best else since_best + 1
+        best = chosen
         if cfg.early_stopping and cfg.patience > 0 and since_best >= cfg.patience:
             break
-    if cfg.early_stopping:
-        restore(model, best_state)
-    else:  # the last epoch is kept
-        best_epoch, best_dist = epochs_run, dist
+    if not cfg.early_stopping:  # the last epoch is kept
+        best = epochs_run
+    restore(model, states[best])
     info.update(
         epochs_run=epochs_run,
         steps=steps,
-        best_epoch=best_epoch,
-        best_distance=best_dist,
+        best_epoch=history[best]["epoch"],
+        best_distance=history[best]["distance"],
+        retain_baseline=baseline,
         mia_target=dict(target) if isinstance(target, Mapping) else float(target),
         history=history,
         subspace_penalty=None if U is None else float(subspace_penalty(U)),

@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from worker.unlearning.config import typed_kwargs
 from worker.unlearning.grads import eval_mode, minibatches, per_sample_grads
 from worker.unlearning.types import IGNORE, Batch, TaskSpec, main_task_loss
 
@@ -58,21 +59,7 @@ class SSDConfig:
         raw = dict(settings or {})
         if "lambda" in raw:
             raw["lam"] = raw.pop("lambda")
-        known = {f.name: f.type for f in fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in raw.items():
-            if key not in known:
-                raise ValueError(f"unknown SSD setting {key!r}")
-            kind = known[key]
-            if kind == "bool":
-                kwargs[key] = bool(value)
-            elif kind == "int":
-                kwargs[key] = int(value)
-            elif kind == "float":
-                kwargs[key] = float(value)
-            else:
-                kwargs[key] = str(value)
-        cfg = cls(**kwargs)
+        cfg = cls(**typed_kwargs(cls, raw, "SSD"))
         if cfg.fisher not in ("batch", "per_sample"):
             raise ValueError(f"SSD fisher must be 'batch' or 'per_sample', not {cfg.fisher!r}")
         if cfg.alpha < 0 or cfg.lam < 0 or cfg.batch_size < 1:

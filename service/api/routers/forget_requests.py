@@ -15,7 +15,7 @@ from service.api.auth import Principal, require
 from service.api.problems import problem_responses
 from service.api.state import State
 from service.db.models import ForgetRequest
-from service.errors import BadRequestError, NotFoundError
+from service.errors import BadRequestError, ConflictError, NotFoundError
 from service.repositories import events as events_repo
 from service.repositories import models as models_repo
 from service.repositories import requests as requests_repo
@@ -28,9 +28,14 @@ MAX_SEQ = 2**31 - 1
 Submitter = Annotated[Principal, Depends(require("submit"))]
 
 
+def _sees(principal: Principal, row: ForgetRequest) -> bool:
+    """A submitter sees the requests it submitted; an admin sees all."""
+    return principal.is_admin or row.api_key_id == principal.key_id
+
+
 def _visible(session: Session, request_id: str, principal: Principal) -> ForgetRequest:
     row = requests_repo.get_request(session, request_id)
-    if row is None or (not principal.is_admin and row.api_key_id != principal.key_id):
+    if row is None or not _sees(principal, row):
         raise NotFoundError(f"forget request {request_id!r} does not exist")
     return row
 
@@ -77,6 +82,12 @@ def create_forget_request(
             actor=principal.actor,
             due_days=state.settings.due_days,
         )
+        if not _sees(principal, result.request):
+            # Another key's pending request for the subject: its content is not this caller's to read.
+            raise ConflictError(
+                "a request for this subject, submitted with another API key, is already pending",
+                pending_request=result.request.id,
+            )
         out = presenters.forget_request(session, result.request)
     if result.created:
         background.add_task(state.dispatcher.wake, out.model)

@@ -69,6 +69,11 @@ class MethodContext:
             raise ValueError(f"settings[{key!r}] must be a mapping, not {type(value).__name__}")
         return dict(value)
 
+    def common_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments every update rule of the core takes from the context:
+        ``tasks``, ``seed`` and the ``progress`` callback."""
+        return {"tasks": self.tasks, "seed": self.seed, "progress": self.on_progress}
+
     def progress(self, message: str) -> None:
         if self.on_progress is not None:
             self.on_progress(message)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from worker.unlearning.interference import IAConfig, interference_aware_unlearn
@@ -10,19 +11,20 @@ from worker.unlearning.methods import register
 from worker.unlearning.methods.base import MethodContext, MethodResult
 
 
-def run_ia(ctx: MethodContext) -> dict[str, Any]:
-    """Algorithm 1 on ``ctx.model`` in place; early stopping on ``ctx.mia_target`` (else settings)."""
-    cfg = IAConfig.from_settings(ctx.method_settings("ia"))
+def run_ia(ctx: MethodContext, retain_baseline: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """Algorithm 1 on ``ctx.model`` in place; early stopping on ``ctx.mia_target`` (else settings).
+
+    ``retain_baseline``: the pre-request accuracy on the retain check rows (``None``: the model as
+    given), see :func:`worker.unlearning.interference.check_accuracy`."""
     return interference_aware_unlearn(
         ctx.model,
-        tasks=ctx.tasks,
         partitions=ctx.partitions,
         heldout=ctx.heldout,
-        cfg=cfg,
-        seed=ctx.seed,
+        cfg=IAConfig.from_settings(ctx.method_settings("ia")),
         mia_target=ctx.mia_target,
+        retain_baseline=retain_baseline,
         device=ctx.device,
-        progress=ctx.on_progress,
+        **ctx.common_kwargs(),
     )
 
 

@@ -9,17 +9,14 @@ from worker.unlearning.ssd import SSDConfig, ssd
 
 def run_ssd(ctx: MethodContext) -> dict[str, object]:
     """SSD on ``ctx.model`` in place: I_D over ``ctx.full`` (cached per adapter digest), I_f over D_f."""
-    cfg = SSDConfig.from_settings(ctx.method_settings("ssd"))
     return ssd(
         ctx.model,
         full=ctx.full.to(ctx.device),
         forget=ctx.partitions.forget.to(ctx.device),
-        tasks=ctx.tasks,
-        cfg=cfg,
-        seed=ctx.seed,
+        cfg=SSDConfig.from_settings(ctx.method_settings("ssd")),
         cache_dir=ctx.cache_dir,
         adapter_digest=ctx.cache_key,
-        progress=ctx.on_progress,
+        **ctx.common_kwargs(),
     )
 
 
