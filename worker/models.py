@@ -12,13 +12,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service import registry
 from service.db.migrate import upgrade
+from service.db.models import MODEL_NAME_PATTERN
 from service.db.session import create_db_engine, make_session_factory, transaction
 from service.repositories import models as models_repo
 from service.repositories import versions as versions_repo
 from service.settings import Settings
 from worker.config import WorkerSettings
 
-MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 
 
 @contextmanager

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -71,7 +71,8 @@ class AuditConfig:
 
 
 def _num(value: float | None) -> float | None:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    # JSON (and PostgreSQL's jsonb) has no NaN or infinity: an undefined metric is null.
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return None
     return float(value)
 
@@ -344,15 +345,23 @@ def unlearning_impact_score(
 # ----------------------------------------------------------------------------------------------
 
 
-def model_outputs(model: nn.Module, x: Tensor, *, batch_size: int = 1024) -> dict[str, Tensor]:
-    """``model(x)`` in eval mode without gradients, in chunks (training mode restored after)."""
+def model_outputs(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    batch_size: int = 1024,
+    forward: Callable[[Tensor], Mapping[str, Tensor]] | None = None,
+) -> dict[str, Tensor]:
+    """``model(x)`` in eval mode without gradients, in chunks (training mode restored after).
+    ``forward``: a function computing the same outputs (``lora.fast_forward(model)``)."""
+    fn = forward if forward is not None else model
     chunks: list[dict[str, Tensor]] = []
     with eval_mode(model), torch.no_grad():
         for start in range(0, max(int(x.shape[0]), 1), batch_size):
             part = x[start : start + batch_size]
             if int(part.shape[0]) == 0 and chunks:
                 break
-            chunks.append({k: v.detach() for k, v in model(part).items()})
+            chunks.append({k: v.detach() for k, v in fn(part).items()})
     if len(chunks) == 1:
         return chunks[0]
     return {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
@@ -470,6 +479,23 @@ def unique_rows(batch: Batch) -> Batch:
             seen.add(s)
             keep.append(i)
     return batch.select(torch.tensor(keep, dtype=torch.long))
+
+
+def merge_rows(batch: Batch) -> Batch:
+    """One row per sample id with every label it has in ``batch`` (rows without ids stay apart)."""
+    if len(batch.sample_ids) != len(batch):
+        return batch
+    first: dict[str, int] = {}
+    inverse = torch.tensor([first.setdefault(s, len(first)) for s in batch.sample_ids], dtype=torch.long)
+    keep = torch.zeros(len(first), dtype=torch.long).scatter_(
+        0, inverse.flip(0), torch.arange(len(batch) - 1, -1, -1, dtype=torch.long)
+    )  # the first row of each sample
+    labels = {
+        t: torch.full((len(first),), IGNORE, dtype=y.dtype).scatter_reduce(0, inverse, y, reduce="amax")
+        for t, y in batch.labels.items()
+    }  # IGNORE is below every class index, so the max keeps the one real label
+    rows = batch.select(keep)
+    return Batch(x=rows.x, labels=labels, subset=rows.subset, sample_ids=rows.sample_ids)
 
 
 def unl_split(partitions: Partitions) -> Batch:

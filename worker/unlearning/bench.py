@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import math
 import statistics
@@ -39,18 +38,35 @@ from worker.unlearning.engine import (
     compute_reference,
     ensure_base,
     evaluate,
+    full_importance_settings,
+    precompute_next_importance,
     prepare,
     request_context,
     request_evidence,
     run_round,
+    training_data,
 )
+from worker.unlearning.ssd import precompute_full_importance
 from worker.unlearning.state import RoundState
 from worker.unlearning.training import TrainConfig, retrain, train_v1
 from worker.unlearning.types import Batch, ForgetSpec, TaskSpec
 from worker.unlearning.workload import Workload, load_workload
 
-APPROXIMATE_METHODS = ["ssd", "ia", "default"]
+APPROXIMATE_METHODS = ["ssd", "ia", "default"]  # goal 1 of the issue compares these three
 METHODS = ["original", "retrain", *APPROXIMATE_METHODS]
+
+
+def registered_methods() -> list[str]:
+    """Every method of the registry: the bounds first, ``default`` last, the rest by name."""
+    from worker.unlearning.methods import available_methods
+
+    names = set(available_methods())
+    middle = sorted(names - {"original", "retrain", "default"})
+    return (
+        [m for m in ("original", "retrain") if m in names]
+        + middle
+        + (["default"] if "default" in names else [])
+    )
 
 
 @dataclass(frozen=True)
@@ -59,11 +75,12 @@ class Preset:
     stages: int
     settings: tuple[str, ...] | None  # None: FU and PU:<task> for every task
     overrides: Mapping[str, Any]
+    methods: tuple[str, ...] | None = tuple(METHODS)  # None: every method of the registry
 
 
 PRESETS: dict[str, Preset] = {
     "quick": Preset(seeds=(0, 1, 2), stages=3, settings=None, overrides={}),
-    "full": Preset(seeds=(0, 1, 2, 3, 4), stages=3, settings=None, overrides={}),
+    "full": Preset(seeds=(0, 1, 2, 3, 4), stages=3, settings=None, overrides={}, methods=None),
     # a smoke run for tests: one seed, one setting, a tiny training recipe
     "smoke": Preset(
         seeds=(0,),
@@ -98,7 +115,13 @@ def _stage_specs(setting: str, clients: Sequence[str], seed: int, stages: int) -
 
 
 def _row(
-    setting: str, stage: int, method: str, seed: int, evidence: Mapping[str, Any], wall: float
+    setting: str,
+    stage: int,
+    method: str,
+    seed: int,
+    evidence: Mapping[str, Any],
+    wall: float,
+    precompute: float = 0.0,
 ) -> dict[str, Any]:
     tasks: dict[str, dict[str, float | None]] = {}
     for name, ev in dict(evidence.get("tasks", {})).items():
@@ -117,6 +140,9 @@ def _row(
         "seed": seed,
         "uis": None if method in ("retrain",) or uis is None else float(uis),
         "wall_s": float(wall),
+        # SSD's full-data importance this request read, computed ahead (after the previous request,
+        # or for v1 before the first): work moved off the request, reported, not hidden
+        "importance_precompute_s": float(precompute),
         "tasks": tasks,
     }
 
@@ -155,7 +181,10 @@ def run_bench(
     seed_list = _seed_list(seeds, chosen)
     if not seed_list:
         raise ValueError("the benchmark needs at least one seed")
-    method_list = list(methods) if methods else list(METHODS)
+    if methods:
+        method_list = list(methods)
+    else:
+        method_list = list(chosen.methods) if chosen.methods is not None else registered_methods()
     wl = load_workload(workload) if isinstance(workload, str) else workload
     settings = wl.settings(chosen.overrides)
     t_start = time.perf_counter()
@@ -207,17 +236,31 @@ def run_bench(
 def _run_setting(
     inputs: EngineInputs, v1: PeftModel, setting: str, seed: int, stages: int, methods: Sequence[str]
 ) -> list[dict[str, Any]]:
-    """One setting of one seed: ``stages`` sequential requests; every method keeps its own model."""
+    """One setting of one seed: ``stages`` sequential requests; every method keeps its own model.
+
+    SSD's full-data importance (``I_D``) is computed ahead, as the engine does: v1's before stage 1
+    (``prepare`` does it in production), each later model's right after the request that made it;
+    the time is the row's ``importance_precompute_s`` (of the request that reads it)."""
     rows: list[dict[str, Any]] = []
     specs = _stage_specs(setting, inputs.store.active_clients, seed, stages)
     state = RoundState()
     approx = [m for m in methods if m != "retrain"]
     models: dict[str, PeftModel] = {m: copy.deepcopy(v1) for m in approx}
     pruned: dict[str, list[int]] = {m: [] for m in approx}
+    keys: dict[str, str | None] = dict.fromkeys(approx)
+    ahead: dict[str, float] = dict.fromkeys(approx, 0.0)
+    v1_time: float | None = None
     for stage, spec in enumerate(specs, start=1):
-        # stage 1 starts every method from v1: its full-data importance is shared (cached)
-        cache_key = f"bench-v1-seed{seed}" if stage == 1 else None
-        ctx = request_context(inputs, spec, state, stage=stage, cache_key=cache_key)
+        ctx = request_context(inputs, spec, state, stage=stage, cache_key=None)
+        if stage == 1:  # every method starts from v1: one I_D, computed once for all of them
+            for method in approx:
+                ssd_settings = full_importance_settings(method, inputs.settings)
+                if ssd_settings is not None:
+                    key, t = precompute_full_importance(
+                        v1, training_data(ctx), ctx.tasks, ssd_settings, seed=seed, cache_dir=ctx.cache_dir
+                    )
+                    v1_time = t if v1_time is None else v1_time
+                    keys[method], ahead[method] = key, v1_time
         reference = compute_reference(ctx)
         if "retrain" in methods:
             ev = request_evidence(
@@ -233,15 +276,18 @@ def _run_setting(
         for method in approx:
             model = models[method]
             # pruning belongs to some methods only: each method keeps its own pruned outputs
-            state_m = ctx.state.copy()
-            state_m.pruned_subset_outputs = list(pruned[method])
-            ctx_m = dataclasses.replace(ctx, state=state_m)
+            # the method's own partitions (its anchor fraction, engine.anchor_fraction); same retain set
+            ctx_m = request_context(inputs, spec, state, stage=stage, cache_key=keys[method], method=method)
+            ctx_m.state.pruned_subset_outputs = list(pruned[method])
             original = evaluate(model, ctx_m)
             model, info, newly, wall = apply_method(
                 method, model, ctx_m, mia_target=reference.mia_target(ctx)
             )
             models[method] = model
             pruned[method] = sorted(set(pruned[method]) | set(newly))
+            precompute = ahead[method]
+            if stage < len(specs):
+                keys[method], ahead[method] = precompute_next_importance(model, ctx_m, method)
             ev = request_evidence(
                 model,
                 ctx_m,
@@ -252,7 +298,7 @@ def _run_setting(
                 timings={"method_s": wall},
                 pruned=newly,
             )
-            rows.append(_row(setting, stage, method, seed, ev, wall))
+            rows.append(_row(setting, stage, method, seed, ev, wall, precompute))
         advance_state(state, ctx, ctx.prune_outputs)
     return rows
 
@@ -269,9 +315,10 @@ def _median(values: Sequence[float | None]) -> float | None:
 
 def summarise(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Medians over seeds per (setting, stage, method)."""
+    order = {m: i for i, m in enumerate(registered_methods())}
     keys = sorted(
         {(r["setting"], r["stage"], r["method"]) for r in runs},
-        key=lambda k: (k[0], k[1], METHODS.index(k[2]) if k[2] in METHODS else 99),
+        key=lambda k: (k[0], k[1], order.get(k[2], len(order)), k[2]),
     )
     out = []
     for setting, stage, method in keys:
@@ -285,6 +332,10 @@ def summarise(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "n": len(sel),
                 "uis": _median([r["uis"] for r in sel]),
                 "wall_s": _median([r["wall_s"] for r in sel]),
+                "importance_precompute_s": _median([r.get("importance_precompute_s", 0.0) for r in sel]),
+                "wall_with_precompute_s": _median(
+                    [r["wall_s"] + r.get("importance_precompute_s", 0.0) for r in sel]
+                ),
                 "tasks": {
                     t: {
                         k: _median([r["tasks"].get(t, {}).get(k) for r in sel])
@@ -298,8 +349,10 @@ def summarise(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def check_goals(summary: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The issue's goals, per (setting, stage): is ``default``'s median UIS the lowest among the
-    approximate methods, and its median wall time ≤ 1/10 of ``retrain``'s?"""
+    """The issue's goals, per (setting, stage): is ``default``'s median UIS the lowest among
+    ``ssd``, ``ia`` and ``default`` (and, recorded too, among every approximate method run), and its
+    median wall time ≤ 1/10 of ``retrain``'s — the method's own time, and with the full-data
+    importance it read (computed ahead) added?"""
     by_key: dict[tuple[str, int], dict[str, Mapping[str, Any]]] = {}
     for row in summary:
         by_key.setdefault((row["setting"], int(row["stage"])), {})[row["method"]] = row
@@ -308,9 +361,14 @@ def check_goals(summary: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         approx = {m: rows[m]["uis"] for m in APPROXIMATE_METHODS if m in rows and rows[m]["uis"] is not None}
         # ties go to default (the goal is "lowest", not "strictly lowest")
         best = min(approx, key=lambda m: (approx[m], m != "default")) if approx else None
+        others = {
+            m: r["uis"] for m, r in rows.items() if m not in ("original", "retrain") and r["uis"] is not None
+        }
         d_wall = rows["default"]["wall_s"] if "default" in rows else None
+        d_total = rows["default"].get("wall_with_precompute_s") if "default" in rows else None
         r_wall = rows["retrain"]["wall_s"] if "retrain" in rows else None
         ratio = d_wall / r_wall if d_wall is not None and r_wall else None
+        ratio_total = d_total / r_wall if d_total is not None and r_wall else None
         checks.append(
             {
                 "setting": setting,
@@ -320,17 +378,31 @@ def check_goals(summary: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 "default_lowest_uis": (approx["default"] <= min(approx.values()))
                 if "default" in approx
                 else None,
+                "lowest_uis_all_methods": min(others, key=lambda m: (others[m], m != "default"))
+                if others
+                else None,
                 "default_over_retrain_wall": ratio,
+                "default_with_precompute_over_retrain_wall": ratio_total,
                 "wall_goal_met": None if ratio is None else ratio <= 0.1,
+                "wall_goal_met_with_precompute": None if ratio_total is None else ratio_total <= 0.1,
             }
         )
     met = [bool(c["default_lowest_uis"]) for c in checks if c["default_lowest_uis"] is not None]
     walls = [bool(c["wall_goal_met"]) for c in checks if c["wall_goal_met"] is not None]
+    walls_total = [
+        bool(c["wall_goal_met_with_precompute"])
+        for c in checks
+        if c["wall_goal_met_with_precompute"] is not None
+    ]
+    ratios = [c["default_over_retrain_wall"] for c in checks if c["default_over_retrain_wall"] is not None]
     return {
         "per_stage": checks,
         "default_lowest_uis_everywhere": bool(met) and all(met),
         "default_lowest_uis_count": f"{sum(met)}/{len(met)}",
         "wall_goal_met_everywhere": bool(walls) and all(walls),
+        "wall_goal_met_count": f"{sum(walls)}/{len(walls)}",
+        "wall_goal_met_with_precompute_count": f"{sum(walls_total)}/{len(walls_total)}",
+        "median_default_over_retrain_wall": _median(ratios),
     }
 
 
@@ -341,13 +413,14 @@ def _fmt(v: float | None, width: int = 6, digits: int = 3) -> str:
 def format_table(result: Mapping[str, Any]) -> str:
     summary = result["summary"]
     tasks = sorted({t for row in summary for t in row["tasks"]})
-    head = f"{'setting':<16}{'stage':>5} {'method':<9}{'UIS':>7}{'wall_s':>8}"
+    head = f"{'setting':<16}{'stage':>5} {'method':<13}{'UIS':>7}{'wall_s':>8}{'ahead_s':>8}"
     for t in tasks:
         head += f" | {t[:10]:<10} {'ret':>5} {'unl':>5} {'val':>5} {'mia':>5}"
     lines = [f"lethe bench — medians over seeds {result['meta']['seeds']}", head, "-" * len(head)]
     for row in summary:
-        line = f"{row['setting']:<16}{row['stage']:>5} {row['method']:<9}"
+        line = f"{row['setting']:<16}{row['stage']:>5} {row['method']:<13}"
         line += f"{_fmt(row['uis'], 7)}{_fmt(row['wall_s'], 8, 2)}"
+        line += _fmt(row.get("importance_precompute_s"), 8, 2)
         for t in tasks:
             m = row["tasks"].get(t, {})
             line += f" | {'':<10} " + " ".join(_fmt(m.get(k), 5, 2) for k in ("ret", "unl", "val", "mia_auc"))
@@ -360,14 +433,16 @@ def format_table(result: Mapping[str, Any]) -> str:
             f"{goals['default_lowest_uis_count']} (setting, stage) pairs"
         )
         for c in goals["per_stage"]:
-            ratio = c["default_over_retrain_wall"]
+            ratio, total = c["default_over_retrain_wall"], c.get("default_with_precompute_over_retrain_wall")
             lines.append(
-                f"  {c['setting']:<16} stage {c['stage']}: lowest UIS = {c['lowest_uis_method']}; "
-                f"wall default/retrain = {'—' if ratio is None else f'{ratio:.2f}'}"
+                f"  {c['setting']:<16} stage {c['stage']}: lowest UIS = {c['lowest_uis_method']} "
+                f"(all methods: {c.get('lowest_uis_all_methods')}); wall default/retrain = "
+                f"{'—' if ratio is None else f'{ratio:.2f}'} "
+                f"(with the importance computed ahead: {'—' if total is None else f'{total:.2f}'})"
             )
         lines.append(
-            "goal 2 — default median wall ≤ 1/10 of retrain's everywhere: "
-            f"{goals['wall_goal_met_everywhere']}"
+            f"goal 2 — default median wall ≤ 1/10 of retrain's: {goals.get('wall_goal_met_count')} "
+            f"(with the importance computed ahead: {goals.get('wall_goal_met_with_precompute_count')})"
         )
     lines.append(f"total wall: {result['meta']['total_wall_s']:.0f}s")
     return "\n".join(lines)
@@ -377,7 +452,7 @@ def markdown_summary(result: Mapping[str, Any]) -> str:
     """The summary as a Markdown table (medians over seeds), for docs/benchmarks.md."""
     summary = result["summary"]
     tasks = sorted({t for row in summary for t in row["tasks"]})
-    cols = ["setting", "stage", "method", "UIS", "wall s"]
+    cols = ["setting", "stage", "method", "UIS", "wall s", "ahead s"]
     for t in tasks:
         cols += [f"{t} ret", f"{t} unl", f"{t} val", f"{t} MIA"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -386,7 +461,14 @@ def markdown_summary(result: Mapping[str, Any]) -> str:
         return "—" if v is None else f"{v:.{digits}f}"
 
     for row in summary:
-        cells = [row["setting"], str(row["stage"]), row["method"], f(row["uis"], 3), f(row["wall_s"])]
+        cells = [
+            row["setting"],
+            str(row["stage"]),
+            row["method"],
+            f(row["uis"], 3),
+            f(row["wall_s"]),
+            f(row.get("importance_precompute_s")),
+        ]
         for t in tasks:
             m = row["tasks"].get(t, {})
             cells += [f(m.get(k)) for k in ("ret", "unl", "val", "mia_auc")]

@@ -10,7 +10,6 @@ subset-ID output for good, update the RoundState, audit (with a retrain referenc
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,8 +19,8 @@ from typing import Any
 import torch
 from peft import PeftModel
 
-from worker.unlearning.adapter_io import ADAPTER_WEIGHTS, load_adapter, save_adapter
-from worker.unlearning.audit import AuditConfig, ModelMetrics, audit, evaluate_model, unl_split
+from worker.unlearning.adapter_io import load_adapter, save_adapter
+from worker.unlearning.audit import AuditConfig, ModelMetrics, audit, evaluate_model, merge_rows, unl_split
 from worker.unlearning.datastore import DataStore, ResolvedSpec
 from worker.unlearning.model import MultiHeadNet, load_base, save_base
 from worker.unlearning.partitions import (
@@ -33,6 +32,7 @@ from worker.unlearning.partitions import (
     retain_set,
 )
 from worker.unlearning.pruning import reapply_pruning
+from worker.unlearning.ssd import precompute_full_importance, weights_digest
 from worker.unlearning.state import RoundState
 from worker.unlearning.training import TrainConfig, retrain, train_v1
 from worker.unlearning.types import SUBSET_HEAD, Batch, ForgetSpec, Partitions, TaskSpec, concat_batches
@@ -63,15 +63,6 @@ class RoundOutcome:
     evidence: dict[str, dict[str, Any]]
     state: RoundState
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def adapter_digest(adapter_dir: Path) -> str:
-    """sha256 of the adapter weights (the key of caches tied to an adapter version)."""
-    h = hashlib.sha256()
-    with open(adapter_dir / ADAPTER_WEIGHTS, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _seed_all(seed: int) -> None:
@@ -117,8 +108,12 @@ def prepare(
     adapter_dir: Path,
     settings: Mapping[str, Any],
     seed: int,
+    cache_dir: Path | None = None,
 ) -> PreparedModel:
-    """Materialise the store, pretrain the frozen base (if absent), train v1 into ``adapter_dir``."""
+    """Materialise the store, pretrain the frozen base (if absent), train v1 into ``adapter_dir``.
+
+    With ``cache_dir``, v1's full-data importance (SSD's ``I_D``) is computed into the cache too,
+    so the first request on v1 does not wait for it (``timings_s.importance``)."""
     t0 = time.perf_counter()
     merged = workload.settings(settings)
     store = DataStore.materialise(Path(data_dir), workload)
@@ -134,8 +129,13 @@ def prepare(
     model = train_v1(base, train, tasks, cfg, seed=seed)
     t_train = time.perf_counter()
     save_adapter(model, Path(adapter_dir))
-    state.importance_cache_key = adapter_digest(Path(adapter_dir))
+    state.importance_cache_key = weights_digest(model)
     state.save(Path(adapter_dir))
+    t_importance = 0.0
+    for ssd_settings in importance_settings_of_methods(merged):  # the method is chosen per round
+        t_importance += precompute_full_importance(
+            model, train, tasks, ssd_settings, seed=seed, cache_dir=cache_dir
+        )[1]
     heldout = store.heldout().to_batch(store.client_index())
     evidence: dict[str, Any] = {
         "kind": "prepare",
@@ -149,7 +149,7 @@ def prepare(
             "val": _task_metrics(model, heldout, tasks),
             "subset_id_train_accuracy": _subset_accuracy(model, train),
         },
-        "timings_s": {"base": t_base - t0, "train": t_train - t_base},
+        "timings_s": {"base": t_base - t0, "train": t_train - t_base, "importance": t_importance},
     }
     subjects = {c: store.sample_ids_of(c) for c in store.active_clients}
     return PreparedModel(subjects=subjects, tasks=task_names, state=state, evidence=evidence)
@@ -182,6 +182,7 @@ class RequestContext:
     cache_dir: Path | None
     cache_key: str | None
     stage: int
+    anchor_fraction: float = DEFAULT_ANCHOR_FRACTION  # of the retain instances in the anchor
 
     @property
     def prune_outputs(self) -> list[int]:
@@ -270,19 +271,37 @@ class EngineInputs:
         )
 
 
+def anchor_fraction(settings: Mapping[str, Any], method: str | None = None) -> float:
+    """The anchor fraction of ``method``'s partitions: ``settings["anchor_fractions"][method]`` when
+    set (the anchor is what a method's retain term sees: methods may need different amounts), else
+    ``settings["anchor_fraction"]`` (default 0.1)."""
+    per_method = dict(settings.get("anchor_fractions") or {})
+    if method is not None and method in per_method:
+        return float(per_method[method])
+    return float(settings.get("anchor_fraction", DEFAULT_ANCHOR_FRACTION))
+
+
 def request_context(
-    inputs: EngineInputs, spec: ForgetSpec, state: RoundState, *, stage: int, cache_key: str | None
+    inputs: EngineInputs,
+    spec: ForgetSpec,
+    state: RoundState,
+    *,
+    stage: int,
+    cache_key: str | None,
+    method: str | None = None,
 ) -> RequestContext:
-    """Resolve a request against the store and build its partitions, retain set and audit splits."""
+    """Resolve a request against the store and build its partitions (with ``method``'s anchor
+    fraction), retain set and audit splits."""
     resolved = inputs.store.resolve(spec)
     selection = _selection(resolved, state)
+    fraction = anchor_fraction(inputs.settings, method)
     partitions = build_partitions(
         inputs.data,
         selection,
         tasks=inputs.task_names,
         client_index=inputs.client_index,
         state=state,
-        anchor_fraction=float(inputs.settings.get("anchor_fraction", DEFAULT_ANCHOR_FRACTION)),
+        anchor_fraction=fraction,
         seed=anchor_seed(inputs.seed, spec.request_id),
     )
     retain = retain_set(
@@ -309,6 +328,7 @@ def request_context(
         cache_dir=inputs.cache_dir,
         cache_key=cache_key,
         stage=stage,
+        anchor_fraction=fraction,
     )
 
 
@@ -365,6 +385,48 @@ def compute_reference(ctx: RequestContext) -> Reference:
     return Reference(model=model, metrics=evaluate(model, ctx), wall_s=wall)
 
 
+def training_data(ctx: RequestContext) -> Batch:
+    """D of SSD's full-data importance: the current training data, one row per sample with every
+    label it still has (the retain set and D_f merged)."""
+    parts = [b for b in (ctx.retain, ctx.partitions.forget) if len(b)]
+    return merge_rows(concat_batches(parts)) if parts else ctx.retain
+
+
+def full_importance_settings(method: str, settings: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The SSD settings with which ``method`` reads the full-data importance, or ``None`` if it
+    does not (then computing it ahead is pointless)."""
+    from worker.unlearning.methods.default import ssd_stage_settings
+
+    if method == "ssd":
+        return dict(settings.get("ssd") or {})
+    return ssd_stage_settings(settings) if method == "default" else None
+
+
+def importance_settings_of_methods(settings: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The distinct SSD settings with which the built-in methods (``ssd``, ``default``) read the
+    full-data importance (what ``prepare`` computes ahead for v1)."""
+    out: list[dict[str, Any]] = []
+    for method in ("ssd", "default"):
+        chosen = full_importance_settings(method, settings)
+        if chosen is not None and chosen not in out:
+            out.append(chosen)
+    return out
+
+
+def precompute_next_importance(
+    model: torch.nn.Module, ctx: RequestContext, method: str
+) -> tuple[str | None, float]:
+    """After ``ctx``'s request: the next request's ``I_D`` of ``model`` (its training data is this
+    request's retain set) into the cache, when ``method`` uses it. Returns the cache key for the
+    next request (``None``: nothing cached) and the seconds spent."""
+    ssd_settings = full_importance_settings(method, ctx.settings)
+    if ssd_settings is None:
+        return None, 0.0
+    return precompute_full_importance(
+        model, ctx.retain, ctx.tasks, ssd_settings, seed=ctx.seed, cache_dir=ctx.cache_dir
+    )
+
+
 def apply_method(
     method: str,
     model: PeftModel,
@@ -379,12 +441,11 @@ def apply_method(
 
     fn = get_method(method)
     t0 = time.perf_counter()
-    parts = [b for b in (ctx.retain, ctx.partitions.forget) if len(b)]
     mctx = MethodContext(
         model=model,
         tasks=ctx.tasks,
         partitions=ctx.partitions,
-        full=concat_batches(parts) if parts else ctx.retain,
+        full=training_data(ctx),
         heldout=ctx.heldout,
         settings=ctx.settings,
         seed=ctx.seed,
@@ -455,7 +516,7 @@ def request_evidence(
             "forget_samples": len(ctx.selection.sample_ids),
             "full_task": ctx.resolved.full_task,
             "anchor": {
-                "fraction": float(ctx.settings.get("anchor_fraction", DEFAULT_ANCHOR_FRACTION)),
+                "fraction": ctx.anchor_fraction,
                 "seed": anchor_seed(ctx.seed, ctx.spec.request_id),
                 "size": len(ctx.partitions.anchor_sample_ids),
                 "sample_ids": list(ctx.partitions.anchor_sample_ids),
@@ -507,7 +568,7 @@ def run_round(
     reapply_pruning(model, state.pruned_subset_outputs)
     # the cached full-data importance belongs to adapter_in's weights (the state records the key;
     # the digest is recomputed so that a mismatch can never reuse a stale cache)
-    cache_key: str | None = adapter_digest(Path(adapter_in))
+    cache_key: str | None = weights_digest(model)
     evidence: dict[str, dict[str, Any]] = {}
     timings: dict[str, float] = {}
     n = len(requests)
@@ -519,7 +580,7 @@ def run_round(
                 on_progress(_stage - 1, n, f"request {_id}: {message}")
 
         t0 = time.perf_counter()
-        ctx = request_context(inputs, spec, state, stage=stage, cache_key=cache_key)
+        ctx = request_context(inputs, spec, state, stage=stage, cache_key=cache_key, method=method)
         t_ctx = time.perf_counter() - t0
         reference: Reference | None = None
         info: dict[str, Any]
@@ -552,7 +613,9 @@ def run_round(
                 on_progress=progress,
             )
         advance_state(state, ctx, pruned)
-        cache_key = None  # the adapter changed: a cached full-data importance no longer applies
+        # the adapter changed: the next request (or round) needs the new weights' I_D; computing it
+        # now is reported as its own timing, not hidden in the next request's method time
+        cache_key, t_next = (None, 0.0) if nothing_left else precompute_next_importance(model, ctx, method)
         progress("audit")
         evidence[spec.request_id] = request_evidence(
             model,
@@ -566,6 +629,7 @@ def run_round(
                 "partitions_s": t_ctx,
                 "method_s": wall,
                 "reference_s": 0.0 if reference is None else reference.wall_s,
+                "importance_precompute_s": t_next,
             },
         )
         timings[spec.request_id] = wall
@@ -574,6 +638,6 @@ def run_round(
     state.version += 1
     save_adapter(model, Path(adapter_out))
     # the key the next round's full-data importance is cached under: this version's weights digest
-    state.importance_cache_key = adapter_digest(Path(adapter_out))
+    state.importance_cache_key = weights_digest(model)
     state.save(Path(adapter_out))
     return RoundOutcome(evidence=evidence, state=state, timings=timings)

@@ -8,7 +8,7 @@ dropout; the SSD reference computes importances in eval mode) and its mode is re
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import cast
 
@@ -21,10 +21,11 @@ from worker.unlearning.types import IGNORE, Batch, TaskSpec, concat_batches, mai
 
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in eval mode for the block, its mode restored after. A model already in eval mode
-    is left alone: switching a peft model's mode walks every submodule (≈ 0.7 ms here), which the
-    unlearning loops would otherwise pay several times per step."""
-    if not any(m.training for m in model.modules()):
+    """``model`` in eval mode for the block, its mode restored after. A model whose root module is
+    already in eval mode (``model.eval()`` sets every submodule) is left alone: switching a peft
+    model's mode walks every submodule (≈ 0.7 ms here), which the unlearning loops would otherwise
+    pay several times per step."""
+    if not model.training:
         yield model
         return
     was_training = model.training
@@ -107,6 +108,8 @@ def partition_task_grads(
     tasks: Sequence[TaskSpec],
     *,
     backend: str = "autograd",
+    forward: Callable[[Tensor], Mapping[str, Tensor]] | None = None,
+    named: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """``{name: [P, T, *shape]}``: the gradient of each partition's loss restricted to each task
     (:func:`task_loss_matrix`) in one forward pass and one vectorised backward.
@@ -117,10 +120,14 @@ def partition_task_grads(
     vmapped over the one-hot cotangents; ``"func"`` = ``torch.func.jacrev`` over
     ``functional_call``. Both compute the same vector–Jacobian products; the first avoids
     ``functional_call``'s per-call re-parametrisation (≈ 4× faster on the small models here).
+    ``forward`` (autograd backend): a function computing ``model(x)`` from the same parameter
+    tensors (``lora.fast_forward(model)``); ``named``: ``dict(model.named_parameters())`` if the
+    caller has it (walking a peft model's modules costs ≈ 1 ms a call).
     """
     P, T = len(batches), len(tasks)
     present = [(p, b) for p, b in enumerate(batches) if len(b)]
-    params = _params(model, names)
+    live_params = dict(named) if named is not None else dict(model.named_parameters())
+    params = {n: live_params[n].detach() for n in names}
     out: dict[str, Tensor] = {
         n: torch.zeros((P * T, *v.shape), dtype=v.dtype, device=v.device) for n, v in params.items()
     }
@@ -146,10 +153,10 @@ def partition_task_grads(
         with eval_mode(model):
             jac = cast(dict[str, Tensor], jacrev(losses)(params))
     elif backend == "autograd":
-        live_params = dict(model.named_parameters())
         tensors = [live_params[n] for n in names]
         with eval_mode(model), torch.enable_grad():
-            matrix = task_loss_matrix(model(joined.x), labels, tasks, part, P)
+            outputs = (forward if forward is not None else model)(joined.x)
+            matrix = task_loss_matrix(outputs, labels, tasks, part, P)
             selected = matrix.reshape(-1)[index]
             cotangents = torch.eye(k, dtype=selected.dtype, device=selected.device)
             grads = torch.autograd.grad(

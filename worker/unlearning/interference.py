@@ -50,10 +50,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from worker.unlearning.audit import mia_from_outputs, model_outputs
+from worker.unlearning.audit import merge_rows, mia_from_outputs, model_outputs
 from worker.unlearning.config import typed_kwargs
 from worker.unlearning.grads import eval_mode, partition_task_grads
-from worker.unlearning.lora import LoraPair, param_groups, restore
+from worker.unlearning.lora import Forward, LoraPair, fast_forward, param_groups, restore
 from worker.unlearning.types import IGNORE, Batch, Partitions, TaskSpec, concat_batches
 
 RETAIN_ORDER = ("clean", "inst", "task")
@@ -69,28 +69,34 @@ class IAConfig:
     eta1: float = 1.0
     eta2: float = 0.1
     epochs: int = 20
-    # mini-batch of each partition per iteration; AdamW's decoupled weight decay
+    # the mini-batch of each partition per iteration; AdamW's decoupled weight decay
     batch_size: int = 32
     weight_decay: float = 0.0
+    # Eqs. 9–10: ε, and the residual below which a retain gradient is dropped from the basis
     epsilon: float = 1e-12
     rank_tol: float = 1e-8
+    # task subspaces (Eqs. 7–8)
     subspace_dim: int = 0  # 0: rank // number of involved tasks (at least 1)
     subspace_init: str = "random"  # "random" (overlapping, the regulariser separates) | "orthogonal"
     subspace_lr: float = 0.1
+    # the stages (the paper's Table 3 ablations) and the Eq. 10 variant
     projection: bool = True
     orth_clean: bool = True
     orth_inst: bool = True
     orth_task: bool = True
     gram_schmidt: bool = True
+    # forgotten tasks' heads follow the same rule (without projection)
     update_heads: bool = True
+    # early stopping: the checkpoint whose forget-vs-held-out MIA AUC is closest to the target
     early_stopping: bool = True
     mia_target: float = 0.5
-    patience: int = 0  # epochs without improvement before stopping; 0 = run all epochs
+    patience: int = 0  # epochs without a change of the kept checkpoint before stopping; 0 = run all
     # deviation (docs/methods.md): early stopping only among the checkpoints whose accuracy on the
     # retain check rows dropped by at most this much from the pre-request model; 1 = off (paper)
     retain_tolerance: float = 1.0
     check_size: int = 256  # retain check rows (a seeded subset of the retain partitions)
-    grad_backend: str = "autograd"  # "autograd" (batched VJPs) | "func" (torch.func.jacrev)
+    # per-(partition, task) gradients: "autograd" (batched VJPs) | "func" (torch.func.jacrev)
+    grad_backend: str = "autograd"
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | None) -> IAConfig:
@@ -107,6 +113,11 @@ class IAConfig:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def checks_retain(self) -> bool:
+        """Whether early stopping checks the retain rows (a tolerance of 1 admits any accuracy drop)."""
+        return self.early_stopping and self.retain_tolerance < 1.0 and self.check_size > 0
 
     @property
     def retain_switches(self) -> dict[str, bool]:
@@ -285,7 +296,8 @@ def _onehot(segments: Tensor, n_segments: int, like: Tensor) -> Tensor:
 
 
 class _Segments:
-    """Segment sums and broadcasts with one ``[D, S]`` indicator (given, or built once)."""
+    """Segment sums (one matmul with the ``[D, S]`` indicator, given or built once) and broadcasts
+    (an index gather: ≈ 3× cheaper than the transposed matmul)."""
 
     def __init__(
         self, segments: Tensor | None, n_segments: int, like: Tensor, matrix: Tensor | None = None
@@ -294,18 +306,20 @@ class _Segments:
             self.M: Tensor | None = matrix.to(device=like.device, dtype=like.dtype)
         else:
             self.M = None if segments is None else _onehot(segments, n_segments, like)
+        self.index = None if segments is None else segments.to(like.device)
 
     def dot(self, a: Tensor, b: Tensor) -> Tensor:
         prod = a * b
         return prod.sum(-1, keepdim=True) if self.M is None else prod @ self.M
 
     def expand(self, coef: Tensor) -> Tensor:
-        return coef if self.M is None else coef @ self.M.T
+        return coef if self.index is None else coef.index_select(-1, self.index)
 
-    def remove(self, vec: Tensor, along: Tensor, eps: float) -> Tensor:
-        """``vec − <vec, along>/(||along||² + ε)·along`` per segment; 0 where ``||along|| = 0``."""
+    def remove(self, vec: Tensor, along: Tensor, eps: float, sq: Tensor | None = None) -> Tensor:
+        """``vec − <vec, along>/(||along||² + ε)·along`` per segment; 0 where ``||along|| = 0``.
+        ``sq``: ``||along||²`` per segment when already known."""
         dot = self.dot(vec, along)
-        sq = self.dot(along, along)
+        sq = self.dot(along, along) if sq is None else sq
         denom = torch.where(sq > 0, sq + eps, torch.ones_like(sq))
         coef = torch.where(sq > 0, dot / denom, torch.zeros_like(dot))
         return vec - self.expand(coef) * along
@@ -337,17 +351,17 @@ def orthogonalize(
         for r in retains:
             out = seg.remove(out, r, eps)
         return out
-    basis: list[Tensor] = []
+    basis: list[tuple[Tensor, Tensor]] = []  # (q, ||q||² per segment)
     for r in retains:
         q = r
-        for b in basis:
-            q = seg.remove(q, b, 0.0)
+        for b, b_sq in basis:
+            q = seg.remove(q, b, 0.0, b_sq)
         own = seg.dot(r, r)
-        res = seg.dot(q, q)
-        keep = (res > rank_tol * own) & (own > 0)
-        q = q * seg.expand(keep.to(q.dtype))
-        basis.append(q)
-        out = seg.remove(out, q, eps)
+        res = seg.dot(q, q) if basis else own
+        keep = ((res > rank_tol * own) & (own > 0)).to(q.dtype)
+        q = q * seg.expand(keep)
+        basis.append((q, res * keep))  # = ||q||² of the kept q (keep is 0 or 1)
+        out = seg.remove(out, q, eps, res * keep)
     return out
 
 
@@ -403,33 +417,19 @@ def _distance(aucs: Mapping[str, float], target: float | Mapping[str, float], de
 
 def retain_check(partitions: Partitions, *, size: int, seed: int) -> Batch:
     """The rows the retain tolerance is checked on: the retain partitions (D_r^clean, D_r^inst,
-    D_r^task) merged to one row per sample with all its retained labels, at most ``size`` rows
-    (a seeded subset; ``size = 0``: none)."""
+    D_r^task: the anchor and X_f's retained tasks) merged to one row per sample with all its
+    retained labels, at most ``size`` rows (a seeded subset; ``size = 0``: none).
+
+    Measured alternative (docs/methods.md): retained rows outside the anchor, which the update does
+    not train on, stopped the update earlier at the same Ret and a much worse UIS."""
     parts = [b for b in (partitions.retain_clean, partitions.retain_inst, partitions.retain_task) if len(b)]
     if not parts or size == 0:
         return partitions.forget.select(torch.zeros(0, dtype=torch.long))
-    merged = merge_rows(concat_batches(parts))
-    if len(merged) > size:
+    rows = merge_rows(concat_batches(parts))
+    if len(rows) > size:
         gen = torch.Generator().manual_seed(seed)
-        merged = merged.select(torch.randperm(len(merged), generator=gen)[:size].sort().values)
-    return merged
-
-
-def merge_rows(batch: Batch) -> Batch:
-    """One row per sample id with every label it has in ``batch`` (rows without ids stay apart)."""
-    if len(batch.sample_ids) != len(batch):
-        return batch
-    first: dict[str, int] = {}
-    inverse = torch.tensor([first.setdefault(s, len(first)) for s in batch.sample_ids], dtype=torch.long)
-    keep = torch.zeros(len(first), dtype=torch.long).scatter_(
-        0, inverse.flip(0), torch.arange(len(batch) - 1, -1, -1, dtype=torch.long)
-    )  # the first row of each sample
-    labels = {
-        t: torch.full((len(first),), IGNORE, dtype=y.dtype).scatter_reduce(0, inverse, y, reduce="amax")
-        for t, y in batch.labels.items()
-    }  # IGNORE is below every class index, so the max keeps the one real label
-    rows = batch.select(keep)
-    return Batch(x=rows.x, labels=labels, subset=rows.subset, sample_ids=rows.sample_ids)
+        rows = rows.select(torch.randperm(len(rows), generator=gen)[:size].sort().values)
+    return rows
 
 
 def task_accuracy(tasks: Sequence[TaskSpec], outputs: Mapping[str, Tensor], batch: Batch) -> dict[str, float]:
@@ -472,14 +472,15 @@ class _Monitor:
         forget_tasks: Sequence[TaskSpec],
         tasks: Sequence[TaskSpec],
         device: str,
+        forward: Forward | None = None,
     ) -> None:
-        self.forget, self.heldout, self.check = forget, heldout, check
+        self.forget, self.heldout, self.check, self.forward = forget, heldout, check, forward
         self.forget_tasks, self.tasks = list(forget_tasks), list(tasks)
         self.x = torch.cat([forget.x, heldout.x, check.x]).to(device)
         self.sizes = [len(forget), len(heldout), len(check)]
 
     def __call__(self, model: nn.Module) -> tuple[dict[str, float], dict[str, float]]:
-        out = model_outputs(model, self.x)
+        out = model_outputs(model, self.x, forward=self.forward)
         parts = {k: torch.split(v, self.sizes) for k, v in out.items()}
         f_out, v_out, c_out = ({k: p[i] for k, p in parts.items()} for i in range(3))
         aucs = mia_from_outputs(self.forget_tasks, f_out, self.forget, v_out, self.heldout)
@@ -523,7 +524,7 @@ def interference_aware_unlearn(
 ) -> dict[str, Any]:
     """Algorithm 1 on ``model`` in place (LoRA factors + forgotten-task heads). Returns JSON info.
 
-    ``retain_baseline``: the pre-request model's accuracy on :func:`retain_check` rows (the
+    ``retain_baseline``: the pre-request model's accuracy on the :func:`retain_check` rows (the
     ``default`` method measures it before SSD); ``None``: the model as given is the baseline.
     """
     cfg = cfg or IAConfig()
@@ -535,8 +536,9 @@ def interference_aware_unlearn(
         )
         return info
     with eval_mode(model):  # no dropout or batch statistics anywhere in the loop (as the gradients)
+        check = retain_check(partitions, size=cfg.check_size if cfg.checks_retain else 0, seed=seed)
         info.update(_run(model, tasks, partitions, forget, heldout.to(device), cfg, seed, mia_target,
-                         device, progress, retain_baseline))  # fmt: skip
+                         device, progress, retain_baseline, check.to(device)))  # fmt: skip
     return info
 
 
@@ -552,6 +554,7 @@ def _run(
     device: str,
     progress: Callable[[str], None] | None,
     retain_baseline: Mapping[str, float] | None,
+    check: Batch,
 ) -> dict[str, Any]:
     inv = involved_tasks(partitions, tasks)
     inv_names = [t.name for t in inv]
@@ -586,8 +589,8 @@ def _run(
     switches = cfg.retain_switches
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     target: float | Mapping[str, float] = cfg.mia_target if mia_target is None else mia_target
-    check = retain_check(partitions, size=cfg.check_size, seed=seed).to(device)
-    monitor = _Monitor(forget, heldout, check, forget_specs, inv, device)
+    forward = fast_forward(model)
+    monitor = _Monitor(forget, heldout, check, forget_specs, inv, device, forward)
 
     history: list[dict[str, Any]] = []
     states: list[dict[str, Tensor]] = []
@@ -616,7 +619,15 @@ def _run(
         for start in range(0, len(forget), cfg.batch_size):
             f_batch = forget.select(order[start : start + cfg.batch_size])
             retain_batches = [cyclers[k].next() for k in ("clean", "inst", "task")]
-            G = partition_task_grads(model, names, [f_batch, *retain_batches], inv, backend=cfg.grad_backend)
+            G = partition_task_grads(
+                model,
+                names,
+                [f_batch, *retain_batches],
+                inv,
+                backend=cfg.grad_backend,
+                forward=forward,
+                named=all_params,
+            )
             flat = layout.pack(G, lead=2).detach()  # [4, T, D]
             direction = _direction(flat, layout, U, cfg, switches)
             for p, g in zip(params, layout.unpack(direction).values(), strict=True):
@@ -661,11 +672,9 @@ def _direction(
     retain_t = flat[1:]  # [3, T, D]
     retain_full = retain_t.sum(1, keepdim=True).expand(-1, T, -1)  # [3, T, D]: whole partition loss
     descent = retain_t.sum(0)  # [T, D]: retain loss on task t
-    if U is not None:
-        P = projectors(U)
-        forget_t = layout.project(forget_t, P)
-        retain_full = layout.project(retain_full, P)
-        descent = layout.project(descent, P)
+    if U is not None:  # one projection of all five [T, D] blocks
+        stacked = layout.project(torch.cat([forget_t[None], retain_full, descent[None]]), projectors(U))
+        forget_t, retain_full, descent = stacked[0], stacked[1:4], stacked[4]
     # an all-zero retain gradient (an empty partition, e.g. clean and task in full-task requests)
     # removes nothing: skip it rather than pay for its segment sums
     chosen = [

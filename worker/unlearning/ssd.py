@@ -20,11 +20,14 @@ named by the adapter digest and a fingerprint of the settings and the data.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
+from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,7 +37,8 @@ from torch import Tensor, nn
 
 from worker.unlearning.config import typed_kwargs
 from worker.unlearning.grads import eval_mode, minibatches, per_sample_grads
-from worker.unlearning.types import IGNORE, Batch, TaskSpec, main_task_loss
+from worker.unlearning.lora import LoraMLPView, fast_forward
+from worker.unlearning.types import IGNORE, Batch, TaskSpec, main_task_loss, main_task_losses
 
 FisherMode = Literal["batch", "per_sample"]
 Importance = dict[str, Tensor]
@@ -100,11 +104,12 @@ def batch_importance(
     if not batches:
         return imp
     saved = {n: params[n].grad for n in names}
+    forward = fast_forward(model)
     with eval_mode(model):
         for batch in batches:
             for n in names:
                 params[n].grad = None
-            loss = main_task_loss(model(batch.x), batch.labels, tasks)
+            loss = main_task_loss(forward(batch.x), batch.labels, tasks)
             loss.backward()  # type: ignore[no-untyped-call]
             torch._foreach_add_(
                 [imp[n] for n in names if params[n].grad is not None],
@@ -114,6 +119,10 @@ def batch_importance(
         params[n].grad = saved[n]
     torch._foreach_div_(list(imp.values()), float(len(batches)))
     return imp
+
+
+def _losses(outputs: dict[str, Tensor], *, labels: dict[str, Tensor], tasks: Sequence[TaskSpec]) -> Tensor:
+    return main_task_losses(outputs, labels, tasks)
 
 
 def per_sample_importance(
@@ -133,9 +142,16 @@ def per_sample_importance(
     n_total = len(data)
     if n_total == 0:
         return imp
+    view = fast_forward(model)
+    squares = isinstance(view, LoraMLPView) and {id(params[n]) for n in names} <= view.tensor_ids()
     for part in data.split(chunk_size):
-        g = per_sample_grads(model, names, part, tasks, chunk_size=chunk_size)
-        torch._foreach_add_([imp[n] for n in names], [g[n].float().pow(2).sum(0) for n in names])
+        if squares:  # the same sums from one backward pass (LoraMLPView.sample_grad_squares)
+            assert isinstance(view, LoraMLPView)
+            sq = view.sample_grad_squares(part.x, functools.partial(_losses, labels=part.labels, tasks=tasks))
+            torch._foreach_add_([imp[n] for n in names], [sq[id(params[n])].float() for n in names])
+        else:
+            g = per_sample_grads(model, names, part, tasks, chunk_size=chunk_size)
+            torch._foreach_add_([imp[n] for n in names], [g[n].float().pow(2).sum(0) for n in names])
     torch._foreach_div_(list(imp.values()), float(n_total))
     return imp
 
@@ -188,6 +204,39 @@ def importance_fingerprint(data: Batch, cfg: SSDConfig, names: Sequence[str], se
     return h.hexdigest()[:16]
 
 
+def weights_digest(model: nn.Module) -> str:
+    """sha256 of the model's trainable tensors (names, shapes, dtypes, values): the cache key of the
+    full-data importance. The same for a model in memory and after a save/load round trip of its
+    adapter, so a round can compute the next version's ``I_D`` before it is published."""
+    h = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+            h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def precompute_full_importance(
+    model: nn.Module,
+    data: Batch,
+    tasks: Sequence[TaskSpec],
+    settings: Mapping[str, Any] | None,
+    *,
+    seed: int,
+    cache_dir: Path | None,
+) -> tuple[str | None, float]:
+    """Compute ``I_D`` of ``model`` over ``data`` (the training data of the *next* request) into the
+    cache ahead of time. Returns the cache key (``None``: caching is off) and the seconds it took —
+    work moved, not removed: callers report it next to the method's own time."""
+    cfg = SSDConfig.from_settings(settings)
+    if not cfg.cache or cache_dir is None:
+        return None, 0.0
+    t0 = time.perf_counter()
+    key = weights_digest(model)
+    full_importance(model, data, tasks, cfg, seed=seed, cache_dir=cache_dir, adapter_digest=key)
+    return key, time.perf_counter() - t0
+
+
 def cache_path(cache_dir: Path, adapter_digest: str, fingerprint: str) -> Path:
     safe = "".join(c for c in adapter_digest if c.isalnum() or c in "-_")[:128]
     if not safe:
@@ -216,6 +265,14 @@ def load_importance(path: Path, names: Sequence[str] | None = None) -> Importanc
     return dict(imp)
 
 
+def canonical_order(data: Batch) -> Batch:
+    """``data`` sorted by sample id (unchanged without one id per row)."""
+    ids = data.sample_ids
+    if len(ids) != len(data) or all(a <= b for a, b in pairwise(ids)):
+        return data
+    return data.select(torch.tensor(sorted(range(len(ids)), key=ids.__getitem__), dtype=torch.long))
+
+
 def full_importance(
     model: nn.Module,
     data: Batch,
@@ -228,8 +285,13 @@ def full_importance(
     adapter_digest: str | None = None,
 ) -> tuple[Importance, bool]:
     """``I_D`` over ``data``, read from / written to the cache when ``cache_dir`` and
-    ``adapter_digest`` are given (and ``cfg.cache``). Returns the importance and whether it was a hit."""
+    ``adapter_digest`` are given (and ``cfg.cache``). Returns the importance and whether it was a hit.
+
+    The rows are put in sample-id order first, so that the same training data gives the same
+    mini-batches (and cache entry) whichever order it was assembled in: the engine computes the
+    next request's ``I_D`` ahead of time from the retain set (``engine.precompute_importance``)."""
     names = list(names) if names is not None else trainable_names(model)
+    data = canonical_order(data)
     path: Path | None = None
     if cfg.cache and cache_dir is not None and adapter_digest:
         path = cache_path(cache_dir, adapter_digest, importance_fingerprint(data, cfg, names, seed))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from peft import PeftModel
 from torch import Tensor
 
+from worker.unlearning.config import typed_kwargs
 from worker.unlearning.model import DEFAULT_RANK, MultiHeadNet, forward_with_embedding, wrap_lora
 from worker.unlearning.types import IGNORE, SUBSET_HEAD, Batch, TaskSpec, main_task_loss
 
@@ -55,13 +56,7 @@ class TrainConfig:
             train.setdefault("rank", lora["rank"])
         if "alpha" in lora:
             train.setdefault("lora_alpha", lora["alpha"])
-        names = {f.name: f.type for f in fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in train.items():
-            if key not in names:
-                raise ValueError(f"unknown training setting {key!r}")
-            kwargs[key] = int(value) if names[key] == "int" else float(value)
-        return cls(**kwargs)
+        return cls(**typed_kwargs(cls, train, "training"))
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -118,8 +113,8 @@ def v1_loss(
     return loss
 
 
-def train_adapter(
-    model: PeftModel,
+def train_v1(
+    base: MultiHeadNet,
     data: Batch,
     tasks: Sequence[TaskSpec],
     cfg: TrainConfig,
@@ -127,7 +122,9 @@ def train_adapter(
     seed: int,
     device: str = "cpu",
 ) -> PeftModel:
-    """Train ``model``'s adapter and heads on ``data`` with the v1 schedule (in place, on ``device``)."""
+    """The original adapter: fresh LoRA (seeded) on a copy of ``base``, trained on ``data`` with the
+    v1 schedule (on ``device``)."""
+    model = wrap_lora(base, rank=cfg.rank, alpha=cfg.lora_alpha, seed=seed)
     model.to(device)
     data = data.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -157,32 +154,7 @@ def train_adapter(
     return model
 
 
-def train_v1(
-    base: MultiHeadNet,
-    data: Batch,
-    tasks: Sequence[TaskSpec],
-    cfg: TrainConfig,
-    *,
-    seed: int,
-    device: str = "cpu",
-) -> PeftModel:
-    """The original adapter: fresh LoRA (seeded) on a copy of ``base``, trained on ``data``."""
-    model = wrap_lora(base, rank=cfg.rank, alpha=cfg.lora_alpha, seed=seed)
-    return train_adapter(model, data, tasks, cfg, seed=seed, device=device)
-
-
-def retrain(
-    base: MultiHeadNet,
-    retain: Batch,
-    tasks: Sequence[TaskSpec],
-    cfg: TrainConfig,
-    *,
-    seed: int,
-    device: str = "cpu",
-) -> PeftModel:
-    """Exact unlearning: a fresh adapter trained with the v1 recipe on the retain set only.
-
-    ``retain`` must already exclude forgotten instances and carry ``IGNORE`` for forgotten
-    (sample, task) labels (see :mod:`worker.unlearning.partitions`).
-    """
-    return train_v1(base, retain, tasks, cfg, seed=seed, device=device)
+# Exact unlearning, the ``retrain`` reference: the v1 recipe (a fresh seeded adapter) on the retain set
+# only — one recipe, two data sets. The retain set must already exclude forgotten instances and carry
+# ``IGNORE`` for forgotten (sample, task) labels (see :mod:`worker.unlearning.partitions`).
+retrain = train_v1

@@ -10,6 +10,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
+from tests.worker.unlearning.toy_nets import toy_batch, toy_model
 from worker.unlearning.audit import (
     ModelMetrics,
     TaskMetrics,
@@ -20,8 +21,7 @@ from worker.unlearning.audit import (
     unl_split,
     unlearning_impact_score,
 )
-from worker.unlearning.model import MultiHeadNet, NetConfig, wrap_lora
-from worker.unlearning.types import IGNORE, Batch, ClassificationTask, Partitions
+from worker.unlearning.types import Batch, ClassificationTask, Partitions
 
 
 def test_loss_mia_auc_on_hand_made_losses() -> None:
@@ -111,26 +111,11 @@ def test_logistic_attacker_cross_validated_accuracy() -> None:
 
 
 def _model() -> nn.Module:
-    torch.manual_seed(0)
-    net = MultiHeadNet(
-        NetConfig(input_dim=4, hidden_dims=(8,), embed_dim=8, task_outputs={"a": 3, "b": 2}, num_subsets=3)
-    )
-    return wrap_lora(net, rank=4, seed=0)
+    return toy_model(hidden=8, rank=4, num_subsets=3, b_scale=0.0)
 
 
 def _batch(n: int, seed: int, tasks: list[str]) -> Batch:
-    gen = torch.Generator().manual_seed(seed)
-    a = torch.randint(0, 3, (n,), generator=gen)
-    b = torch.randint(0, 2, (n,), generator=gen)
-    return Batch(
-        x=torch.randn(n, 4, generator=gen),
-        labels={
-            "a": a if "a" in tasks else torch.full((n,), IGNORE, dtype=torch.long),
-            "b": b if "b" in tasks else torch.full((n,), IGNORE, dtype=torch.long),
-        },
-        subset=torch.zeros(n, dtype=torch.long),
-        sample_ids=[f"{seed}-{i}" for i in range(n)],
-    )
+    return toy_batch(n, seed, tasks)
 
 
 def test_audit_evidence_is_json_and_names_its_reference() -> None:

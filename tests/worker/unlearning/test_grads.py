@@ -6,35 +6,28 @@ import pytest
 import torch
 from torch import nn
 
-from worker.unlearning.grads import batch_grad, partition_task_grads, per_sample_grads, task_loss_matrix
-from worker.unlearning.lora import lora_pairs
-from worker.unlearning.model import MultiHeadNet, NetConfig, wrap_lora
+from tests.worker.unlearning.toy_nets import toy_batch, toy_model
+from worker.unlearning.grads import (
+    batch_grad,
+    eval_mode,
+    partition_task_grads,
+    per_sample_grads,
+    task_loss_matrix,
+)
+from worker.unlearning.lora import LoraMLPView, fast_forward
 from worker.unlearning.types import IGNORE, Batch, ClassificationTask, main_task_loss, main_task_losses
 
 TASKS = [ClassificationTask("a", 3), ClassificationTask("b", 2, weight=0.5)]
 
 
 def _model() -> nn.Module:
-    torch.manual_seed(0)
-    net = MultiHeadNet(
-        NetConfig(input_dim=4, hidden_dims=(5,), embed_dim=5, task_outputs={"a": 3, "b": 2}, num_subsets=2)
-    )
-    model = wrap_lora(net, rank=2, seed=0)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for pair in lora_pairs(model):
-            params[pair.b].normal_(0.0, 0.3)
-    return model
+    return toy_model(hidden=5, rank=2, num_subsets=2)
 
 
 def _batch(n: int, seed: int) -> Batch:
-    gen = torch.Generator().manual_seed(seed)
-    a = torch.randint(0, 3, (n,), generator=gen)
-    b = torch.randint(0, 2, (n,), generator=gen)
-    b[::3] = IGNORE  # some samples have no label for task b
-    return Batch(
-        x=torch.randn(n, 4, generator=gen), labels={"a": a, "b": b}, subset=torch.zeros(n, dtype=torch.long)
-    )
+    batch = toy_batch(n, seed)
+    batch.labels["b"][::3] = IGNORE  # some samples have no label for task b
+    return batch
 
 
 def _names(model: nn.Module) -> list[str]:
@@ -103,3 +96,36 @@ def test_task_loss_matrix_rows_sum_to_partition_loss() -> None:
             expected = main_task_loss(model(rows.x), rows.labels, TASKS)
             assert torch.allclose(L[p].sum(), expected, atol=1e-6)
         assert float(L[2].abs().sum()) == 0.0
+
+
+def test_fast_forward_view_reproduces_peft_outputs_and_gradients() -> None:
+    model = _model()
+    view = fast_forward(model)
+    assert isinstance(view, LoraMLPView)
+    batch = _batch(9, 6)
+    want, got = model(batch.x), view(batch.x)
+    assert set(want) == set(got)
+    assert all(torch.allclose(want[k], got[k], atol=1e-6) for k in want)
+    names = _names(model)
+    parts = [_batch(4, 7), _batch(0, 8), _batch(5, 9)]
+    plain = partition_task_grads(model, names, parts, TASKS)
+    fast = partition_task_grads(model, names, parts, TASKS, forward=view)
+    assert all(torch.allclose(plain[n], fast[n], atol=1e-6) for n in names)
+
+
+def test_fast_forward_falls_back_to_the_model_when_the_view_would_differ() -> None:
+    model = _model()
+    model.merge_adapter()  # type: ignore[operator]  # B·A now inside the base weight: the view would add it twice
+    assert fast_forward(model) is model
+
+
+def test_eval_mode_switches_a_training_model_and_leaves_an_eval_model_alone() -> None:
+    model = _model()
+    model.train()
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert all(m.training for m in model.modules())
+    model.eval()
+    with eval_mode(model):
+        assert not model.training
+    assert not model.training

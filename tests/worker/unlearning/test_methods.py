@@ -11,41 +11,23 @@ import pytest
 import torch
 from torch import nn
 
-from worker.unlearning.lora import lora_pairs, trainable_head
+from tests.worker.unlearning.toy_nets import toy_batch, toy_model
+from worker.unlearning.interference import IAConfig, check_accuracy
+from worker.unlearning.lora import trainable_head
 from worker.unlearning.methods import MethodContext, MethodResult, available_methods, get_method, register
-from worker.unlearning.model import MultiHeadNet, NetConfig, wrap_lora
+from worker.unlearning.methods.default import ssd_stage_settings
 from worker.unlearning.pruning import is_pruned
-from worker.unlearning.types import IGNORE, SUBSET_HEAD, Batch, ClassificationTask, Partitions, concat_batches
+from worker.unlearning.types import SUBSET_HEAD, Batch, ClassificationTask, Partitions, concat_batches
 
 TASKS = [ClassificationTask("a", 3), ClassificationTask("b", 2)]
 
 
 def _model() -> nn.Module:
-    torch.manual_seed(0)
-    net = MultiHeadNet(
-        NetConfig(input_dim=4, hidden_dims=(6,), embed_dim=6, task_outputs={"a": 3, "b": 2}, num_subsets=3)
-    )
-    model = wrap_lora(net, rank=4, seed=0)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for pair in lora_pairs(model):
-            params[pair.b].normal_(0.0, 0.3)
-    return model
+    return toy_model(hidden=6, rank=4, num_subsets=3)
 
 
 def _batch(n: int, seed: int, tasks: list[str], subset: int = 0) -> Batch:
-    gen = torch.Generator().manual_seed(seed)
-    a = torch.randint(0, 3, (n,), generator=gen)
-    b = torch.randint(0, 2, (n,), generator=gen)
-    return Batch(
-        x=torch.randn(n, 4, generator=gen),
-        labels={
-            "a": a if "a" in tasks else torch.full((n,), IGNORE, dtype=torch.long),
-            "b": b if "b" in tasks else torch.full((n,), IGNORE, dtype=torch.long),
-        },
-        subset=torch.full((n,), subset, dtype=torch.long),
-        sample_ids=[f"{seed}-{i}" for i in range(n)],
-    )
+    return toy_batch(n, seed, tasks, subset=subset)
 
 
 def _ctx(model: nn.Module, settings: Mapping[str, Any], tmp: Path | None = None) -> MethodContext:
@@ -122,3 +104,28 @@ def test_ia_method_leaves_subset_head_alone_and_rejects_unknown_settings() -> No
     assert torch.equal(trainable_head(model, SUBSET_HEAD).weight.detach(), head)
     with pytest.raises(ValueError, match="unknown default-method settings"):
         get_method("default")(_ctx(_model(), {"default": {"finetune": True}}))
+
+
+def test_default_stage_settings_merge_over_the_methods_own() -> None:
+    settings = {"ssd": {"alpha": 2.0}, "ia": {"epochs": 1, "lr": 1e-2}, "default": {"ssd": {"lambda": 5}}}
+    result = get_method("default")(_ctx(_model(), settings))
+    assert result.info["ssd"]["config"]["alpha"] == 2.0  # from settings["ssd"]
+    assert result.info["ssd"]["config"]["lam"] == 5.0  # default's SSD stage only
+    alone = get_method("ssd")(_ctx(_model(), settings))
+    assert alone.info["ssd"]["config"]["lam"] == 1.0  # the ssd method keeps the library default
+    assert ssd_stage_settings(settings) == {"alpha": 2.0, "lambda": 5}
+    assert ssd_stage_settings({"default": {"ssd": False}}) is None
+    with pytest.raises(ValueError, match="is a switch"):
+        get_method("default")(_ctx(_model(), {"default": {"prune": {"on": True}}}))
+
+
+def test_default_measures_the_retain_baseline_before_ssd() -> None:
+    """With a retain tolerance, the accuracy SSD costs the retain rows counts against it: the
+    baseline is the model before the request, not after the dampening."""
+    ia = {"epochs": 1, "lr": 1e-3, "retain_tolerance": 0.0}
+    settings = {"ssd": {"alpha": 0.0, "lambda": 0.0}, "ia": ia}
+    model = _model()
+    before = check_accuracy(model, TASKS, _ctx(model, settings).partitions, IAConfig(), seed=0)
+    result = get_method("default")(_ctx(model, settings))
+    assert result.info["ia"]["retain_baseline"] == before
+    assert result.info["ia"]["history"][0]["retain_accuracy"] != before  # SSD (zeroing) changed it

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from worker.unlearning.grads import per_sample_grads
 from worker.unlearning.lora import lora_pairs
 from worker.unlearning.model import MultiHeadNet, NetConfig, wrap_lora
 from worker.unlearning.ssd import (
@@ -20,7 +21,9 @@ from worker.unlearning.ssd import (
     full_importance,
     importance_fingerprint,
     per_sample_importance,
+    precompute_full_importance,
     ssd,
+    weights_digest,
 )
 from worker.unlearning.types import IGNORE, SUBSET_HEAD, Batch, ClassificationTask
 
@@ -139,11 +142,20 @@ def test_dampen_rules_including_zero_full_importance() -> None:
     assert beta.item() == 1.0  # min(λ·I_D/I_f, 1) caps at 1
 
 
-def _peft_model() -> nn.Module:
+def _peft_model(
+    hidden_dims: tuple[int, ...] = (6,), embed_dim: int = 6, tasks: tuple[str, ...] = ("a",), rank: int = 4
+) -> nn.Module:
+    outputs = {"a": 3, "b": 2}
     net = MultiHeadNet(
-        NetConfig(input_dim=5, hidden_dims=(6,), embed_dim=6, task_outputs={"a": 3}, num_subsets=2)
+        NetConfig(
+            input_dim=5,
+            hidden_dims=hidden_dims,
+            embed_dim=embed_dim,
+            task_outputs={t: outputs[t] for t in tasks},
+            num_subsets=2,
+        )
     )
-    model = wrap_lora(net, rank=4, seed=0)
+    model = wrap_lora(net, rank=rank, seed=0)
     gen = torch.Generator().manual_seed(1)
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -218,3 +230,54 @@ def test_per_sample_fisher_on_peft_model_equals_batches_of_one() -> None:
     looped = batch_importance(model, data, tasks, batch_size=1)
     assert set(vmapped) == set(looped)
     assert all(torch.allclose(vmapped[n], looped[n], atol=1e-7, rtol=1e-4) for n in looped)
+
+
+def test_full_importance_does_not_depend_on_the_row_order(tmp_path: Path) -> None:
+    """The engine computes the next request's I_D from the retain set, whose rows come in another
+    order than the next request's training data: the same data must give the same I_D and key."""
+    model = _peft_model()
+    data = _cls_batch(12, 3)
+    shuffled = data.select(torch.randperm(12, generator=torch.Generator().manual_seed(0)))
+    cfg, tasks = SSDConfig(batch_size=5), [ClassificationTask("a", 3)]
+    first, _ = full_importance(model, data, tasks, cfg, seed=4, cache_dir=tmp_path, adapter_digest="k")
+    again, hit = full_importance(model, shuffled, tasks, cfg, seed=4, cache_dir=tmp_path, adapter_digest="k")
+    assert hit
+    fresh, _ = full_importance(model, shuffled, tasks, cfg, seed=4)
+    assert all(torch.equal(first[n], again[n]) and torch.equal(first[n], fresh[n]) for n in first)
+
+
+def test_precomputed_full_importance_is_keyed_by_the_weights(tmp_path: Path) -> None:
+    model = _peft_model()
+    data, tasks = _cls_batch(8, 0), [ClassificationTask("a", 3)]
+    key, seconds = precompute_full_importance(
+        model, data, tasks, {"batch_size": 4}, seed=1, cache_dir=tmp_path
+    )
+    assert key == weights_digest(model)
+    assert seconds > 0.0
+    _, hit = full_importance(
+        model, data, tasks, SSDConfig(batch_size=4), seed=1, cache_dir=tmp_path, adapter_digest=key
+    )
+    assert hit
+    assert precompute_full_importance(model, data, tasks, {}, seed=1, cache_dir=None) == (None, 0.0)
+    with torch.no_grad():
+        next(p for p in model.parameters() if p.requires_grad).add_(1e-3)
+    assert weights_digest(model) != key  # any change of the weights: another key
+
+
+def test_per_sample_fisher_from_one_backward_equals_vmapped_sample_gradients() -> None:
+    """LoraMLPView.sample_grad_squares (the path per_sample_importance takes on the core's model)
+    against torch.func per-sample gradients, with a second task that some samples lack."""
+    model = _peft_model(hidden_dims=(6, 7), embed_dim=4, tasks=("a", "b"), rank=3)
+    gen = torch.Generator().manual_seed(5)
+    tasks = [ClassificationTask("a", 3), ClassificationTask("b", 2, weight=0.5)]
+    data = _cls_batch(11, 4)
+    b = torch.randint(0, 2, (11,), generator=gen)
+    b[::4] = IGNORE
+    data.labels["b"] = b
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    got = per_sample_importance(model, data, tasks, names=names)
+    grads = per_sample_grads(model, names, data, tasks)
+    for n in names:
+        want = grads[n].pow(2).sum(0) / len(data)
+        assert torch.allclose(got[n], want, rtol=1e-5, atol=1e-9), n
+    assert any(float(got[n].sum()) > 0 for n in names if SUBSET_HEAD not in n)

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.unlearning.bench import format_table, run_bench
+from worker.unlearning.bench import PRESETS, format_table, registered_methods, run_bench
+from worker.unlearning.methods import available_methods
 from worker.unlearning.workloads.toy import ToyWorkload
 
 
@@ -23,7 +24,18 @@ def test_bench_smoke_writes_the_json_format(tmp_path: Path, capsys: pytest.Captu
         (s, m) for s in (1, 2) for m in ("original", "retrain", "ssd")
     }
     for r in runs:
-        assert set(r) == {"setting", "stage", "method", "seed", "uis", "wall_s", "tasks"}
+        assert set(r) == {
+            "setting",
+            "stage",
+            "method",
+            "seed",
+            "uis",
+            "wall_s",
+            "importance_precompute_s",
+            "tasks",
+        }
+        # SSD's full-data importance is computed ahead and reported; methods without it report 0
+        assert (r["importance_precompute_s"] > 0.0) == (r["method"] == "ssd")
         assert r["setting"] == "FU"
         assert r["seed"] == 3
         assert r["wall_s"] >= 0.0
@@ -36,3 +48,12 @@ def test_bench_smoke_writes_the_json_format(tmp_path: Path, capsys: pytest.Captu
             assert isinstance(r["uis"], float)
     assert "lethe bench" in capsys.readouterr().out
     assert "total wall" in format_table(result)
+
+
+def test_full_preset_runs_every_registered_method_and_quick_the_core_five() -> None:
+    assert PRESETS["full"].methods is None  # resolved to the registry when the bench runs
+    full = registered_methods()
+    assert sorted(full) == sorted(available_methods())
+    assert full[:2] == ["original", "retrain"]
+    assert full[-1] == "default"
+    assert PRESETS["quick"].methods == ("original", "retrain", "ssd", "ia", "default")

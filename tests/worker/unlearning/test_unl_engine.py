@@ -1,27 +1,58 @@
-"""engine.prepare / engine.run_round on the toy workload: files, evidence, progress, errors."""
+"""engine.prepare / engine.run_round on the toy workload: files, evidence, progress, errors, the
+full-data importance computed ahead, per-method anchors."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from worker.unlearning.engine import ForgetSpec, prepare, run_round
+from worker.unlearning.engine import ForgetSpec, RoundOutcome, anchor_fraction, prepare, run_round
 from worker.unlearning.workloads.toy import ToyWorkload
+
+
+def _prepare(root: Path, cache_dir: Path | None = None) -> Path:
+    """v1 of the toy model under ``root`` (data, base, v1)."""
+    prepare(
+        ToyWorkload(),
+        data_dir=root / "data",
+        base_dir=root / "base",
+        adapter_dir=root / "v1",
+        settings={},
+        seed=0,
+        cache_dir=cache_dir,
+    )
+    return root
 
 
 @pytest.fixture
 def prepared(tmp_path: Path) -> Path:
-    prepare(
+    return _prepare(tmp_path)
+
+
+def _round(
+    prepared: Path,
+    requests: list[ForgetSpec],
+    method: str,
+    settings: dict[str, Any],
+    seed: int = 0,
+    **extra: Any,
+) -> RoundOutcome:
+    """``run_round`` from v1 into v2 of the prepared toy model."""
+    return run_round(
         ToyWorkload(),
-        data_dir=tmp_path / "data",
-        base_dir=tmp_path / "base",
-        adapter_dir=tmp_path / "v1",
-        settings={},
-        seed=0,
+        data_dir=prepared / "data",
+        base_dir=prepared / "base",
+        adapter_in=prepared / "v1",
+        adapter_out=prepared / "v2",
+        requests=requests,
+        method=method,
+        settings=settings,
+        seed=seed,
+        **extra,
     )
-    return tmp_path
 
 
 def test_prepare_writes_base_store_and_v1(prepared: Path) -> None:
@@ -36,18 +67,15 @@ def test_prepare_writes_base_store_and_v1(prepared: Path) -> None:
 
 def test_run_round_writes_adapter_and_json_evidence(prepared: Path) -> None:
     progress: list[tuple[int, int, str]] = []
-    outcome = run_round(
-        ToyWorkload(),
-        data_dir=prepared / "data",
-        base_dir=prepared / "base",
-        adapter_in=prepared / "v1",
-        adapter_out=prepared / "v2",
-        requests=[
-            ForgetSpec("r1", "client", "u1", None, []),
-            ForgetSpec("r2", "task", "u2", ["t02000", "t02001"], ["kind"]),
-        ],
-        method="original",
-        settings={"audit": {"retrain_reference": False}},
+    requests = [
+        ForgetSpec("r1", "client", "u1", None, []),
+        ForgetSpec("r2", "task", "u2", ["t02000", "t02001"], ["kind"]),
+    ]
+    outcome = _round(
+        prepared,
+        requests,
+        "original",
+        {"audit": {"retrain_reference": False}},
         seed=1,
         on_progress=lambda done, total, msg: progress.append((done, total, msg)),
     )
@@ -63,35 +91,13 @@ def test_run_round_writes_adapter_and_json_evidence(prepared: Path) -> None:
 
 def test_unknown_method_is_rejected(prepared: Path) -> None:
     with pytest.raises(KeyError, match="unknown unlearning method"):
-        run_round(
-            ToyWorkload(),
-            data_dir=prepared / "data",
-            base_dir=prepared / "base",
-            adapter_in=prepared / "v1",
-            adapter_out=prepared / "v2",
-            requests=[ForgetSpec("r1", "client", "u1", None, [])],
-            method="no-such-method",
-            settings={},
-            seed=0,
-        )
+        _round(prepared, [ForgetSpec("r1", "client", "u1", None, [])], "no-such-method", {})
     assert not (prepared / "v2").exists()
 
 
 def test_repeated_request_is_a_no_op(prepared: Path) -> None:
-    outcome = run_round(
-        ToyWorkload(),
-        data_dir=prepared / "data",
-        base_dir=prepared / "base",
-        adapter_in=prepared / "v1",
-        adapter_out=prepared / "v2",
-        requests=[
-            ForgetSpec("r1", "client", "u1", None, []),
-            ForgetSpec("r1-again", "client", "u1", None, []),
-        ],
-        method="ssd",
-        settings={},
-        seed=0,
-    )
+    requests = [ForgetSpec("r1", "client", "u1", None, []), ForgetSpec("r1-again", "client", "u1", None, [])]
+    outcome = _round(prepared, requests, "ssd", {})
     again = outcome.evidence["r1-again"]
     assert again["method_info"]["skipped"] == "nothing left to forget"
     assert again["forget_samples"] == 0
@@ -102,16 +108,11 @@ def test_repeated_request_is_a_no_op(prepared: Path) -> None:
 
 @pytest.mark.parametrize("reference", [True, False])
 def test_retrain_method_trains_on_the_retain_set(prepared: Path, reference: bool) -> None:
-    outcome = run_round(
-        ToyWorkload(),
-        data_dir=prepared / "data",
-        base_dir=prepared / "base",
-        adapter_in=prepared / "v1",
-        adapter_out=prepared / "v2",
-        requests=[ForgetSpec("r1", "client", "u2", None, [])],
-        method="retrain",
-        settings={"audit": {"retrain_reference": reference}},
-        seed=0,
+    outcome = _round(
+        prepared,
+        [ForgetSpec("r1", "client", "u2", None, [])],
+        "retrain",
+        {"audit": {"retrain_reference": reference}},
     )
     ev = outcome.evidence["r1"]
     assert ev["method"] == "retrain"
@@ -123,3 +124,33 @@ def test_retrain_method_trains_on_the_retain_set(prepared: Path, reference: bool
     else:
         assert ev["method_info"]["retain_samples"] == 24
         assert ev["uis"]["value"] is None
+
+
+def test_next_requests_importance_is_computed_ahead_and_read_from_the_cache(tmp_path: Path) -> None:
+    """With a cache, ``prepare`` computes v1's I_D and every request the next one's, timed apart:
+    each request of the round then reads its I_D from the cache (the same numbers as computing it
+    on the spot: SSD's selection is identical without the cache)."""
+    _prepare(tmp_path, cache_dir=tmp_path / "cache")
+    requests = [ForgetSpec("r1", "client", "u1", None, []), ForgetSpec("r2", "task", "u2", None, ["kind"])]
+    settings = {"audit": {"retrain_reference": False}}
+    cached = _round(tmp_path, requests, "default", settings, cache_dir=tmp_path / "cache")
+    on_the_spot = _round(tmp_path, requests, "default", settings)
+    for rid in ("r1", "r2"):
+        ev, plain = cached.evidence[rid], on_the_spot.evidence[rid]
+        assert ev["method_info"]["ssd"]["cache_hit"] is True
+        assert plain["method_info"]["ssd"]["cache_hit"] is False
+        assert ev["method_info"]["ssd"]["selected"] == plain["method_info"]["ssd"]["selected"]
+        assert ev["timings_s"]["importance_precompute_s"] > 0.0  # for the next request / version
+        assert plain["timings_s"]["importance_precompute_s"] == 0.0  # no cache: nothing ahead
+
+
+def test_anchor_fraction_per_method(prepared: Path) -> None:
+    settings = {"anchor_fraction": 0.25, "anchor_fractions": {"ia": 1.0}}
+    assert anchor_fraction(settings, "ia") == 1.0
+    assert anchor_fraction(settings, "ssd") == 0.25
+    assert anchor_fraction({}, "ia") == 0.1
+    spec = [ForgetSpec("r1", "client", "u1", None, [])]
+    full = _round(prepared, spec, "ia", {**settings, "audit": {"retrain_reference": False}})
+    ev = full.evidence["r1"]
+    assert ev["anchor"]["fraction"] == 1.0
+    assert ev["anchor"]["size"] == ev["partition_sizes"]["retain_set"]  # every retained instance

@@ -10,7 +10,8 @@ import torch
 
 from worker.unlearning.adapter_io import load_adapter
 from worker.unlearning.datastore import DataStore
-from worker.unlearning.engine import ForgetSpec, RoundState, adapter_digest, prepare, run_round
+from worker.unlearning.engine import ForgetSpec, RoundState, prepare, run_round
+from worker.unlearning.ssd import weights_digest
 from worker.unlearning.types import SUBSET_HEAD
 from worker.unlearning.workloads.toy import ToyWorkload
 
@@ -44,7 +45,9 @@ def test_sequential_rounds_hand_state_over(tmp_path: Path) -> None:
     )
     assert sorted(prepared.subjects) == ["u0", "u1", "u2"]
     v1_state = RoundState.load(dirs["v1"])
-    assert v1_state == RoundState(version=1, importance_cache_key=adapter_digest(dirs["v1"]))
+    # the importance cache key is the digest of the version's trainable weights, as loaded back
+    v1_key = weights_digest(load_adapter(dirs["base"], dirs["v1"], trainable=True))
+    assert v1_state == RoundState(version=1, importance_cache_key=v1_key)
     common = {"data_dir": dirs["data"], "base_dir": dirs["base"], "settings": {}, "seed": 0}
     first = run_round(
         workload,
@@ -75,7 +78,9 @@ def test_sequential_rounds_hand_state_over(tmp_path: Path) -> None:
     assert state.forgotten_clients == ["u0"]
     assert state.pruned_subset_outputs == [0]
     assert state.forgotten_pairs == [("t01000", "side"), ("t01001", "side")]
-    assert state.importance_cache_key == adapter_digest(dirs["v3"])
+    assert state.importance_cache_key == weights_digest(
+        load_adapter(dirs["base"], dirs["v3"], trainable=True)
+    )
     evidence = second.evidence["r2"]
     assert evidence["forget_tasks"] == ["side"]
     assert not any(s.startswith("t00") for s in evidence["anchor"]["sample_ids"])

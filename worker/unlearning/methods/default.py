@@ -1,9 +1,12 @@
 """``default``: SSD dampening → interference-aware LoRA updates → subset-ID pruning (UNLEARNING.md).
 
-Stage switches under ``settings["default"]``: ``ssd``, ``ia``, ``prune`` (booleans, all on by
-default) — "SSD alone" is ``{"ia": false}``; the ablations of the interference-aware stage are
-switched under ``settings["ia"]``. Pruning suppresses ``ctx.prune_outputs`` (the forgotten client's
-subset-ID output of a client request) and re-applies ``ctx.pruned_outputs``.
+Stage switches under ``settings["default"]``: ``ssd``, ``ia``, ``prune`` (all on by default) —
+"SSD alone" is ``{"ia": false}``; the ablations of the interference-aware stage are switched under
+``settings["ia"]``. ``ssd`` and ``ia`` may also be a mapping: the stage is on, with these settings
+merged over ``settings["ssd"]`` / ``settings["ia"]`` (e.g. a milder dampening when the
+interference-aware stage follows: ``{"ssd": {"lambda": 5}}``, while the ``ssd`` method alone keeps
+its own). Pruning suppresses ``ctx.prune_outputs`` (the forgotten client's subset-ID output of a
+client request) and re-applies ``ctx.pruned_outputs``.
 
 The retain check of the interference-aware stage's early stopping (``ia.retain_tolerance``) is
 measured on the model *before* SSD, so that the damage SSD does counts against the tolerance.
@@ -11,6 +14,8 @@ measured on the model *before* SSD, so that the damage SSD does counts against t
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 from worker.unlearning.interference import IAConfig, check_accuracy
@@ -23,21 +28,53 @@ from worker.unlearning.pruning import prune_outputs
 STAGES = ("ssd", "ia", "prune")
 
 
-def stage_switches(ctx: MethodContext) -> dict[str, bool]:
-    raw = ctx.method_settings("default")
+def stage_settings(settings: Mapping[str, Any]) -> tuple[dict[str, bool], dict[str, dict[str, Any]]]:
+    """``settings["default"]`` as (stage switches, per-stage setting overrides)."""
+    raw = settings.get("default") or {}
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"settings['default'] must be a mapping, not {type(raw).__name__}")
     unknown = sorted(set(raw) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown default-method settings {unknown} (stages: {list(STAGES)})")
-    return {stage: bool(raw.get(stage, True)) for stage in STAGES}
+    switches: dict[str, bool] = {}
+    overrides: dict[str, dict[str, Any]] = {}
+    for stage in STAGES:
+        value = raw.get(stage, True)
+        if isinstance(value, Mapping):
+            if stage == "prune":
+                raise ValueError("settings['default']['prune'] is a switch (true or false)")
+            switches[stage], overrides[stage] = True, dict(value)
+        else:
+            switches[stage] = bool(value)
+    return switches, overrides
+
+
+def stage_context(ctx: MethodContext, overrides: Mapping[str, Mapping[str, Any]]) -> MethodContext:
+    """``ctx`` with each stage's overrides merged over its settings block."""
+    if not overrides:
+        return ctx
+    settings = dict(ctx.settings)
+    for stage, extra in overrides.items():
+        settings[stage] = {**ctx.method_settings(stage), **extra}
+    return dataclasses.replace(ctx, settings=settings)
+
+
+def ssd_stage_settings(settings: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The SSD settings ``default``'s SSD stage runs with (``None``: the stage is off)."""
+    switches, overrides = stage_settings(settings)
+    if not switches["ssd"]:
+        return None
+    return {**dict(settings.get("ssd") or {}), **overrides.get("ssd", {})}
 
 
 @register("default")
 def default_method(ctx: MethodContext) -> MethodResult:
-    switches = stage_switches(ctx)
-    info: dict[str, Any] = {"method": "default", "stages": switches}
+    switches, overrides = stage_settings(ctx.settings)
+    ctx = stage_context(ctx, overrides)
+    info: dict[str, Any] = {"method": "default", "stages": switches, "stage_overrides": overrides}
     baseline = None
-    if switches["ia"]:
-        cfg = IAConfig.from_settings(ctx.method_settings("ia"))
+    cfg = IAConfig.from_settings(ctx.method_settings("ia"))
+    if switches["ia"] and cfg.checks_retain:
         baseline = check_accuracy(ctx.model, ctx.tasks, ctx.partitions, cfg, seed=ctx.seed, device=ctx.device)
     if switches["ssd"]:
         ctx.progress("default: ssd")
