@@ -21,7 +21,8 @@ class RoundState:
     - ``forgotten_samples``: samples forgotten for every task (listed even when their client is);
     - ``forgotten_pairs``: (sample id, task) pairs forgotten by partial-task requests;
     - ``pruned_subset_outputs``: subset-ID head outputs suppressed for good (re-applied each round);
-    - ``importance_cache_key``: key of the cached full-data importance (per adapter version), or None;
+    - ``importance_cache_key``: key of the cached full-data importance of this version (the digest
+      of its trainable weights, ``ssd.weights_digest``), or None;
     - ``version``: adapter version this state belongs to (1 = original), ``requests``: request ids
       processed so far, in order.
     """
