@@ -82,6 +82,10 @@ start_redis() {
             (exec 3<>"/dev/tcp/127.0.0.1/$redis_port") 2>/dev/null && break
             sleep 0.1
         done
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$redis_port") 2>/dev/null; then
+            log "redis did not start on port $redis_port (see $state/redis/redis.log)"
+            exit 1
+        fi
     fi
 }
 
