@@ -581,6 +581,8 @@ def prepare_model(
                     adapter_dir=staging,
                     settings=settings,
                     seed=ctx.worker_settings.seed,
+                    # v1's SSD importance is computed now, so the first request does not wait on it
+                    cache_dir=ctx.cache_dir(model_name),
                 )
             committed = store.commit(
                 staging,

@@ -182,3 +182,28 @@ def minibatches(batch: Batch, size: int, *, shuffle: bool, seed: int) -> list[Ba
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
         batch = batch.select(order)
     return batch.split(max(1, int(size)))
+
+
+class Cycler:
+    """Endless seeded mini-batches of ``batch`` (a fresh permutation per pass)."""
+
+    def __init__(self, batch: Batch, size: int, gen: torch.Generator) -> None:
+        self.batch, self.size, self.gen = batch, size, gen
+        self.order = torch.zeros(0, dtype=torch.long)
+        self.pos = 0
+
+    def next(self) -> Batch:
+        n = len(self.batch)
+        if n == 0:
+            return self.batch
+        take: list[Tensor] = []
+        need = min(self.size, n)
+        while need > 0:
+            if self.pos >= int(self.order.numel()):
+                self.order = torch.randperm(n, generator=self.gen)
+                self.pos = 0
+            chunk = self.order[self.pos : self.pos + need]
+            self.pos += int(chunk.numel())
+            need -= int(chunk.numel())
+            take.append(chunk)
+        return self.batch.select(torch.cat(take))

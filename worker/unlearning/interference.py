@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from worker.unlearning.audit import merge_rows, mia_from_outputs, model_outputs
 from worker.unlearning.config import typed_kwargs
-from worker.unlearning.grads import eval_mode, partition_task_grads
+from worker.unlearning.grads import Cycler, eval_mode, partition_task_grads
 from worker.unlearning.lora import Forward, LoraPair, fast_forward, param_groups, restore
 from worker.unlearning.types import IGNORE, Batch, Partitions, TaskSpec, concat_batches
 
@@ -370,31 +370,6 @@ def orthogonalize(
 # ----------------------------------------------------------------------------------------------
 
 
-class _Cycler:
-    """Endless seeded mini-batches of a partition (a fresh permutation per pass)."""
-
-    def __init__(self, batch: Batch, size: int, gen: torch.Generator) -> None:
-        self.batch, self.size, self.gen = batch, size, gen
-        self.order = torch.zeros(0, dtype=torch.long)
-        self.pos = 0
-
-    def next(self) -> Batch:
-        n = len(self.batch)
-        if n == 0:
-            return self.batch
-        take: list[Tensor] = []
-        need = min(self.size, n)
-        while need > 0:
-            if self.pos >= int(self.order.numel()):
-                self.order = torch.randperm(n, generator=self.gen)
-                self.pos = 0
-            chunk = self.order[self.pos : self.pos + need]
-            self.pos += int(chunk.numel())
-            need -= int(chunk.numel())
-            take.append(chunk)
-        return self.batch.select(torch.cat(take))
-
-
 def involved_tasks(partitions: Partitions, tasks: Sequence[TaskSpec]) -> list[TaskSpec]:
     """The tasks supervised in at least one of the four partitions (in ``tasks`` order)."""
     parts = (partitions.forget, partitions.retain_clean, partitions.retain_inst, partitions.retain_task)
@@ -582,9 +557,9 @@ def _run(
 
     gen = torch.Generator().manual_seed(seed)
     cyclers = {
-        "clean": _Cycler(partitions.retain_clean.to(device), cfg.batch_size, gen),
-        "inst": _Cycler(partitions.retain_inst.to(device), cfg.batch_size, gen),
-        "task": _Cycler(partitions.retain_task.to(device), cfg.batch_size, gen),
+        "clean": Cycler(partitions.retain_clean.to(device), cfg.batch_size, gen),
+        "inst": Cycler(partitions.retain_inst.to(device), cfg.batch_size, gen),
+        "task": Cycler(partitions.retain_task.to(device), cfg.batch_size, gen),
     }
     switches = cfg.retain_switches
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from worker.unlearning.audit import forget_mia
-from worker.unlearning.grads import eval_mode, per_sample_grads
+from worker.unlearning.grads import Cycler, eval_mode, per_sample_grads
 from worker.unlearning.lora import param_groups, restore
 from worker.unlearning.methods.base import MethodContext
 from worker.unlearning.types import IGNORE, Batch, Partitions, TaskSpec, concat_batches, main_task_loss
@@ -164,31 +164,6 @@ def retain_union(partitions: Partitions) -> Batch:
     """D_r^task ∪ D_r^inst ∪ D_r^clean (non-empty ones, in that order; labels keep their masks)."""
     parts = [p for p in (partitions.retain_task, partitions.retain_inst, partitions.retain_clean) if len(p)]
     return concat_batches(parts) if parts else partitions.retain_inst
-
-
-class Cycler:
-    """Endless seeded mini-batches of ``batch`` (a fresh permutation per pass)."""
-
-    def __init__(self, batch: Batch, size: int, gen: torch.Generator) -> None:
-        self.batch, self.size, self.gen = batch, size, gen
-        self.order = torch.zeros(0, dtype=torch.long)
-        self.pos = 0
-
-    def next(self) -> Batch:
-        n = len(self.batch)
-        if n == 0:
-            return self.batch
-        take: list[Tensor] = []
-        need = min(self.size, n)
-        while need > 0:
-            if self.pos >= int(self.order.numel()):
-                self.order = torch.randperm(n, generator=self.gen)
-                self.pos = 0
-            chunk = self.order[self.pos : self.pos + need]
-            self.pos += int(chunk.numel())
-            need -= int(chunk.numel())
-            take.append(chunk)
-        return self.batch.select(torch.cat(take))
 
 
 # ----------------------------------------------------------------------------------------------
