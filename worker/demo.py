@@ -19,7 +19,6 @@ exit path.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import time
@@ -34,6 +33,8 @@ from rich.live import Live
 from rich.table import Table
 
 from service.settings import Settings
+from worker import demo_checks
+from worker.demo_checks import fmt as _fmt
 
 TERMINAL = {"completed", "failed", "cancelled", "rejected"}
 
@@ -49,14 +50,6 @@ class Subjects:
 
 class DemoFailure(Exception):  # noqa: N818 (a failed demo, not an error of the code)
     pass
-
-
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.3f}"
-    return str(value)
 
 
 def _choose_subjects(session_factory: Any, model_name: str) -> Subjects:
@@ -245,8 +238,6 @@ def _run(
     console: Console, app_settings: Settings, model_name: str, timeout: float, settings: dict[str, Any],
     t_start: float,
 ) -> int:  # fmt: skip
-    import torch
-
     from service import pull
     from service.db.session import create_db_engine, make_session_factory
     from worker import models as ops
@@ -377,7 +368,7 @@ def _run(
                 f"(withdrawn; local copy deleted: {deleted})"
             )
         ok = _compare(console, before_dir, after.path, base_local, subjects, client_set, task_x, task_labels,
-                      heldout, torch)  # fmt: skip
+                      heldout)  # fmt: skip
         store = DataStore(app_settings.resolved_data_dir / model_name)
         purged = store.client_samples(subjects.client) is None
         console.print(
@@ -395,107 +386,24 @@ def _run(
     return 0
 
 
-# What a correct unlearning must show on the serving host (checked on the pulled versions):
-#
-# - forgotten data: the new version does no better on it than the old version does on data it
-#   never saw (the held-out split, same task), up to the sampling noise of the forgotten group:
-#   accuracy ≤ held-out accuracy + FORGET_NOISE_Z standard errors of a proportion over the group's
-#   n samples. The old version must have been above that bound (it had memorised the data), so
-#   the accuracy falls by a clear margin; otherwise the demo has shown nothing and says so.
-# - everything else: held-out accuracy of every task stays within HELDOUT_TOLERANCE of the old
-#   version's. An exact retrain moves it 3–5 points from seed to seed on the default workload
-#   (docs/workloads.md), so a correct unlearning may move it that much, and no more. The tasks the
-#   per-task request keeps, on that request's samples (still training data), stay within the same
-#   tolerance plus FORGET_NOISE_Z standard errors of the group's n samples.
-FORGET_NOISE_Z = 2.0
-HELDOUT_TOLERANCE = 0.05
-
-
-@dataclass(frozen=True)
-class Check:
-    what: str
-    ok: bool
-    detail: str
-
-
-def _accuracy(pred: Any, labels: Any) -> tuple[float, int]:
-    mask = labels >= 0
-    n = int(mask.sum())
-    return (float((pred[mask] == labels[mask]).float().mean()) if n else float("nan")), n
-
-
-def forget_check(what: str, before: float, after: float, n: int, heldout_before: float) -> Check:
-    """The forgotten group's accuracy fell to the level of unseen data (see FORGET_NOISE_Z)."""
-    if n == 0 or math.isnan(before) or math.isnan(heldout_before):
-        return Check(what, False, "no labelled samples to measure")
-    bound = heldout_before + FORGET_NOISE_Z * math.sqrt(heldout_before * (1 - heldout_before) / n)
-    detail = (
-        f"{_fmt(before)} → {_fmt(after)}; unseen-data level {_fmt(heldout_before)} "
-        f"+ {FORGET_NOISE_Z:g} SE (n={n}) = {_fmt(bound)}"
-    )
-    if before <= bound:
-        return Check(what, False, detail + ": the old version had not memorised it (nothing to show)")
-    return Check(what, after <= bound, detail)
-
-
-def heldout_check(task: str, before: float, after: float) -> Check:
-    """Held-out accuracy stayed within HELDOUT_TOLERANCE of the old version's."""
-    detail = (
-        f"{_fmt(before)} → {_fmt(after)} (drop {100 * (before - after):+.1f} points; "
-        f"allowed {100 * HELDOUT_TOLERANCE:.0f})"
-    )
-    return Check(f"held-out accuracy kept: {task}", after >= before - HELDOUT_TOLERANCE, detail)
-
-
-def kept_check(what: str, before: float, after: float, n: int) -> Check:
-    """Retained training data kept its accuracy (HELDOUT_TOLERANCE + sampling noise of n samples)."""
-    if n == 0 or math.isnan(before):
-        return Check(what, False, "no labelled samples to measure")
-    allowed = HELDOUT_TOLERANCE + FORGET_NOISE_Z * math.sqrt(before * (1 - before) / n)
-    detail = (
-        f"{_fmt(before)} → {_fmt(after)} (drop {100 * (before - after):+.1f} points; allowed "
-        f"{100 * allowed:.1f} = {100 * HELDOUT_TOLERANCE:.0f} + {FORGET_NOISE_Z:g} SE, n={n})"
-    )
-    return Check(what, after >= before - allowed, detail)
-
-
 def _compare(
     console: Console, before_dir: Path, after_dir: Path, base_dir: Path, subjects: Subjects,
-    client_set: Any, task_x: Any, task_labels: dict[str, Any], heldout: Any, torch: Any,
+    client_set: Any, task_x: Any, task_labels: dict[str, Any], heldout: Any,
 ) -> bool:  # fmt: skip
     """Predictions of v_before vs the new version (both loaded with PeftModel.from_pretrained)."""
-    # (label, inputs, labels, tasks, forgotten?)
-    groups = [
-        (f"forgotten client {subjects.client}", client_set.x, client_set.labels, subjects.tasks, True),
-        (f"{subjects.task_client}'s samples, task forgotten", task_x, task_labels, [subjects.task], True),
-        (f"{subjects.task_client}'s samples, other tasks kept", task_x, task_labels,
-         [t for t in subjects.tasks if t != subjects.task], False),
-        ("held-out (never trained on)", heldout.x, heldout.labels, subjects.tasks, False),
-    ]  # fmt: skip
+    groups = demo_groups(subjects, client_set, task_x, task_labels, heldout)
+    measured = demo_checks.measure(
+        lambda x: _predictions(before_dir, base_dir, x),
+        lambda x: _predictions(after_dir, base_dir, x),
+        groups,
+    )
     t = Table(title="serving host: predictions before vs after (PeftModel.from_pretrained)")
     for col in ("data", "task", "n", "acc before", "acc after", "predictions changed"):
         t.add_column(col, justify="right" if col not in ("data", "task") else "left")
-    measured: dict[tuple[str, str], tuple[float, float, int]] = {}
-    for label, x, labels, tasks, _ in groups:
-        pb = _predictions(before_dir, base_dir, x)
-        pa = _predictions(after_dir, base_dir, x)
-        for task in tasks:
-            y = labels[task]
-            (acc_b, n), (acc_a, _) = _accuracy(pb[task], y), _accuracy(pa[task], y)
-            measured[(label, task)] = (acc_b, acc_a, n)
-            frac = float((pb[task] != pa[task]).float().mean()) if len(y) else float("nan")
-            t.add_row(label, task, str(n), _fmt(acc_b), _fmt(acc_a), f"{100 * frac:.1f} %")
+    for m in measured:
+        t.add_row(m.group, m.task, str(m.n), _fmt(m.before), _fmt(m.after), f"{100 * m.changed:.1f} %")
     console.print(t)
-    heldout_label = groups[-1][0]
-    forgotten = {g[0] for g in groups if g[4]}
-    checks = [
-        forget_check(f"forgotten: {label}, {task}", before, after, n, measured[(heldout_label, task)][0])
-        if label in forgotten
-        else kept_check(f"kept: {label}, {task}", before, after, n)
-        for (label, task), (before, after, n) in measured.items()
-        if label != heldout_label
-    ]
-    checks += [heldout_check(task, *measured[(heldout_label, task)][:2]) for task in subjects.tasks]
+    checks = demo_checks.checks(measured, groups, heldout_label=groups[-1].label)
     for check in checks:
         mark = "[green]✓[/green]" if check.ok else "[red]✗[/red]"
         console.print(f"{mark} {check.what}: {check.detail}")
@@ -511,3 +419,19 @@ def _compare(
             "the evidence above shows the method's own measurements"
         )
     return ok
+
+
+def demo_groups(
+    subjects: Subjects, client_set: Any, task_x: Any, task_labels: dict[str, Any], heldout: Any
+) -> list[demo_checks.Group]:
+    """What the serving host measures; the held-out group last."""
+    Group = demo_checks.Group
+    kept = [t for t in subjects.tasks if t != subjects.task]
+    return [
+        Group(f"forgotten client {subjects.client}", client_set.x, client_set.labels, subjects.tasks, True),
+        Group(
+            f"{subjects.task_client}'s samples, task forgotten", task_x, task_labels, [subjects.task], True
+        ),
+        Group(f"{subjects.task_client}'s samples, other tasks kept", task_x, task_labels, kept, False),
+        Group("held-out (never trained on)", heldout.x, heldout.labels, subjects.tasks, False),
+    ]

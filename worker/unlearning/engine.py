@@ -26,6 +26,7 @@ from worker.unlearning.model import MultiHeadNet, load_base, save_base
 from worker.unlearning.partitions import (
     DEFAULT_ANCHOR_FRACTION,
     ForgetSelection,
+    anchor_key,
     anchor_seed,
     build_partitions,
     id_mask,
@@ -281,6 +282,15 @@ def anchor_fraction(settings: Mapping[str, Any], method: str | None = None) -> f
     return float(settings.get("anchor_fraction", DEFAULT_ANCHOR_FRACTION))
 
 
+def request_anchor_key(spec: ForgetSpec, settings: Mapping[str, Any]) -> str:
+    """The anchor key of ``spec`` (:func:`worker.unlearning.partitions.anchor_key`): its content and
+    ``settings["anchor_draw"]``."""
+    draw = settings.get("anchor_draw", 0)
+    if isinstance(draw, bool) or not isinstance(draw, int):
+        raise ValueError("settings['anchor_draw'] must be an integer")
+    return anchor_key(spec.kind, spec.client_id, spec.sample_ids, spec.tasks, draw)
+
+
 def request_context(
     inputs: EngineInputs,
     spec: ForgetSpec,
@@ -302,7 +312,7 @@ def request_context(
         client_index=inputs.client_index,
         state=state,
         anchor_fraction=fraction,
-        seed=anchor_seed(inputs.seed, spec.request_id),
+        seed=anchor_seed(inputs.seed, request_anchor_key(spec, inputs.settings)),
     )
     retain = retain_set(
         inputs.data, selection, tasks=inputs.task_names, client_index=inputs.client_index, state=state
@@ -517,7 +527,8 @@ def request_evidence(
             "full_task": ctx.resolved.full_task,
             "anchor": {
                 "fraction": ctx.anchor_fraction,
-                "seed": anchor_seed(ctx.seed, ctx.spec.request_id),
+                "seed": anchor_seed(ctx.seed, request_anchor_key(ctx.spec, ctx.settings)),
+                "draw": int(ctx.settings.get("anchor_draw", 0)),
                 "size": len(ctx.partitions.anchor_sample_ids),
                 "sample_ids": list(ctx.partitions.anchor_sample_ids),
             },

@@ -54,6 +54,7 @@ from worker.unlearning.audit import merge_rows, mia_from_outputs, model_outputs
 from worker.unlearning.config import typed_kwargs
 from worker.unlearning.grads import Cycler, eval_mode, partition_task_grads
 from worker.unlearning.lora import Forward, LoraPair, fast_forward, param_groups, restore
+from worker.unlearning.partitions import id_mask
 from worker.unlearning.types import IGNORE, Batch, Partitions, TaskSpec, concat_batches
 
 RETAIN_ORDER = ("clean", "inst", "task")
@@ -94,7 +95,12 @@ class IAConfig:
     # deviation (docs/methods.md): early stopping only among the checkpoints whose accuracy on the
     # retain check rows dropped by at most this much from the pre-request model; 1 = off (paper)
     retain_tolerance: float = 1.0
-    check_size: int = 256  # retain check rows (a seeded subset of the retain partitions)
+    check_size: int = 256  # retain check rows (a seeded subset, see ``check_rows``)
+    # where they come from: "anchor" (the retain partitions, which the update trains on),
+    # "outside_anchor" (retained instances outside the anchor and X_f: training data of the model
+    # that the update does not see, so a drop there is damage the retain term did not repair) or
+    # "both" (each checked on its own)
+    check_rows: str = "anchor"
     # per-(partition, task) gradients: "autograd" (batched VJPs) | "func" (torch.func.jacrev)
     grad_backend: str = "autograd"
 
@@ -103,6 +109,8 @@ class IAConfig:
         cfg = cls(**typed_kwargs(cls, settings, "interference-aware"))
         if cfg.grad_backend not in ("autograd", "func"):
             raise ValueError("grad_backend must be 'autograd' or 'func'")
+        if cfg.check_rows not in ("anchor", "outside_anchor", "both"):
+            raise ValueError("check_rows must be 'anchor', 'outside_anchor' or 'both'")
         if cfg.subspace_init not in ("random", "orthogonal"):
             raise ValueError("subspace_init must be 'random' or 'orthogonal'")
         if cfg.epochs < 0 or cfg.batch_size < 1 or cfg.epsilon < 0:
@@ -390,21 +398,71 @@ def _distance(aucs: Mapping[str, float], target: float | Mapping[str, float], de
     return float(sum(gaps) / len(gaps))
 
 
-def retain_check(partitions: Partitions, *, size: int, seed: int) -> Batch:
-    """The rows the retain tolerance is checked on: the retain partitions (D_r^clean, D_r^inst,
-    D_r^task: the anchor and X_f's retained tasks) merged to one row per sample with all its
-    retained labels, at most ``size`` rows (a seeded subset; ``size = 0``: none).
+def retain_check(
+    partitions: Partitions, *, size: int, seed: int, retain: Batch | None = None, rows: str = "anchor"
+) -> Batch:
+    """The rows the retain tolerance is checked on, one row per sample with all its retained
+    labels: retained instances (a seeded subset of at most ``size`` per source; ``size = 0``: no
+    rows at all), then every row of D_r^task (X_f's kept tasks: what a per-task request promises
+    to keep). :func:`retain_accuracy` measures each source on its own.
 
-    Measured alternative (docs/methods.md): retained rows outside the anchor, which the update does
-    not train on, stopped the update earlier at the same Ret and a much worse UIS."""
-    parts = [b for b in (partitions.retain_clean, partitions.retain_inst, partitions.retain_task) if len(b)]
-    if not parts or size == 0:
-        return partitions.forget.select(torch.zeros(0, dtype=torch.long))
-    rows = merge_rows(concat_batches(parts))
-    if len(rows) > size:
-        gen = torch.Generator().manual_seed(seed)
-        rows = rows.select(torch.randperm(len(rows), generator=gen)[:size].sort().values)
-    return rows
+    ``rows``: where the retained instances come from — ``"anchor"``: the retain partitions over the
+    anchor (D_r^clean, D_r^inst), which the update trains on; ``"outside_anchor"``: the rows of
+    ``retain`` (the full retain set) outside the anchor and X_f, which it does not train on (damage
+    there is what the retain term did not repair, e.g. a task's generalisation); ``"both"``: both
+    (docs/methods.md has all three measured)."""
+    empty = partitions.forget.select(torch.zeros(0, dtype=torch.long))
+    if size == 0:
+        return empty
+    gen = torch.Generator().manual_seed(seed)
+
+    def subset(batch: Batch) -> Batch:
+        if len(batch) <= size:
+            return batch
+        return batch.select(torch.randperm(len(batch), generator=gen)[:size].sort().values)
+
+    sources: list[Batch] = []
+    if rows in ("anchor", "both"):
+        parts = [b for b in (partitions.retain_clean, partitions.retain_inst) if len(b)]
+        sources.append(subset(merge_rows(concat_batches(parts))) if parts else empty)
+    if rows in ("outside_anchor", "both"):
+        if retain is None:
+            raise ValueError(f"retain_check(rows={rows!r}) needs the retain set")
+        seen = {*partitions.anchor_sample_ids, *partitions.forget.sample_ids}
+        sources.append(subset(retain.select(~id_mask(retain.sample_ids, seen))))
+    if len(partitions.retain_task):
+        sources.append(merge_rows(partitions.retain_task))
+    return concat_batches(sources)
+
+
+KEPT_OF_FORGOTTEN = " (kept tasks of X_f)"
+OUTSIDE_ANCHOR = " (outside the anchor)"
+
+
+def retain_accuracy(
+    tasks: Sequence[TaskSpec],
+    outputs: Mapping[str, Tensor],
+    check: Batch,
+    forget_ids: Sequence[str],
+    anchor_ids: Sequence[str] | None = None,
+) -> dict[str, float]:
+    """Each task's accuracy on each source of the :func:`retain_check` rows: the retained instances
+    (under ``"<task>"``; with ``anchor_ids``, the rows outside the anchor under ``"<task> (outside
+    the anchor)"``) and X_f's rows (D_r^task, under ``"<task> (kept tasks of X_f)"``). A drop in
+    any counts against the retain tolerance, so a per-task request cannot trade the kept tasks of
+    the forgotten samples (a few dozen rows) for the anchor's hundreds."""
+    device = check.x.device
+    on_xf = id_mask(check.sample_ids, forget_ids).to(device)
+    groups = {"": ~on_xf, KEPT_OF_FORGOTTEN: on_xf}
+    if anchor_ids is not None:
+        in_anchor = id_mask(check.sample_ids, anchor_ids).to(device)
+        groups = {"": in_anchor, OUTSIDE_ANCHOR: ~in_anchor & ~on_xf, KEPT_OF_FORGOTTEN: on_xf}
+    out: dict[str, float] = {}
+    for suffix, mask in groups.items():
+        if bool(mask.any()):
+            acc = task_accuracy(tasks, {k: v[mask] for k, v in outputs.items()}, check.select(mask))
+            out.update({f"{t}{suffix}": a for t, a in acc.items()})
+    return out
 
 
 def task_accuracy(tasks: Sequence[TaskSpec], outputs: Mapping[str, Tensor], batch: Batch) -> dict[str, float]:
@@ -426,13 +484,26 @@ def check_accuracy(
     *,
     seed: int,
     device: str = "cpu",
+    retain: Batch | None = None,
 ) -> dict[str, float]:
     """``model``'s accuracy on the :func:`retain_check` rows (the ``retain_baseline`` of
     :func:`interference_aware_unlearn`, measured before any stage of a request changes the model)."""
-    check = retain_check(partitions, size=cfg.check_size, seed=seed).to(device)
+    check = retain_check(partitions, size=cfg.check_size, seed=seed, retain=retain, rows=cfg.check_rows)
+    check = check.to(device)
     if len(check) == 0:
         return {}
-    return task_accuracy(tasks, model_outputs(model, check.x), check)
+    return retain_accuracy(
+        tasks,
+        model_outputs(model, check.x),
+        check,
+        partitions.forget.sample_ids,
+        _anchor_ids(partitions, cfg),
+    )
+
+
+def _anchor_ids(partitions: Partitions, cfg: IAConfig) -> list[str] | None:
+    """The anchor's sample ids when the check rows mix anchor and outside rows (``"both"``)."""
+    return list(partitions.anchor_sample_ids) if cfg.check_rows == "both" else None
 
 
 class _Monitor:
@@ -448,8 +519,10 @@ class _Monitor:
         tasks: Sequence[TaskSpec],
         device: str,
         forward: Forward | None = None,
+        anchor_ids: Sequence[str] | None = None,
     ) -> None:
         self.forget, self.heldout, self.check, self.forward = forget, heldout, check, forward
+        self.anchor_ids = anchor_ids
         self.forget_tasks, self.tasks = list(forget_tasks), list(tasks)
         self.x = torch.cat([forget.x, heldout.x, check.x]).to(device)
         self.sizes = [len(forget), len(heldout), len(check)]
@@ -459,7 +532,7 @@ class _Monitor:
         parts = {k: torch.split(v, self.sizes) for k, v in out.items()}
         f_out, v_out, c_out = ({k: p[i] for k, p in parts.items()} for i in range(3))
         aucs = mia_from_outputs(self.forget_tasks, f_out, self.forget, v_out, self.heldout)
-        return aucs, task_accuracy(self.tasks, c_out, self.check)
+        return aucs, retain_accuracy(self.tasks, c_out, self.check, self.forget.sample_ids, self.anchor_ids)
 
 
 def _drop(accuracy: Mapping[str, float], baseline: Mapping[str, float]) -> float:
@@ -496,6 +569,7 @@ def interference_aware_unlearn(
     device: str = "cpu",
     progress: Callable[[str], None] | None = None,
     retain_baseline: Mapping[str, float] | None = None,
+    retain: Batch | None = None,
 ) -> dict[str, Any]:
     """Algorithm 1 on ``model`` in place (LoRA factors + forgotten-task heads). Returns JSON info.
 
@@ -511,7 +585,8 @@ def interference_aware_unlearn(
         )
         return info
     with eval_mode(model):  # no dropout or batch statistics anywhere in the loop (as the gradients)
-        check = retain_check(partitions, size=cfg.check_size if cfg.checks_retain else 0, seed=seed)
+        size = cfg.check_size if cfg.checks_retain else 0
+        check = retain_check(partitions, size=size, seed=seed, retain=retain, rows=cfg.check_rows)
         info.update(_run(model, tasks, partitions, forget, heldout.to(device), cfg, seed, mia_target,
                          device, progress, retain_baseline, check.to(device)))  # fmt: skip
     return info
@@ -565,7 +640,9 @@ def _run(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     target: float | Mapping[str, float] = cfg.mia_target if mia_target is None else mia_target
     forward = fast_forward(model)
-    monitor = _Monitor(forget, heldout, check, forget_specs, inv, device, forward)
+    monitor = _Monitor(
+        forget, heldout, check, forget_specs, inv, device, forward, _anchor_ids(partitions, cfg)
+    )
 
     history: list[dict[str, Any]] = []
     states: list[dict[str, Tensor]] = []

@@ -79,9 +79,20 @@ def _mask_tasks(batch: Batch, keep_tasks: Sequence[str]) -> Batch:
     return masked.select(supervised)
 
 
-def anchor_seed(seed: int, request_id: str) -> int:
-    """The seed of a request's anchor subset: a function of the round seed and the request id."""
-    digest = hashlib.sha256(f"{seed}:{request_id}".encode()).digest()
+def anchor_key(
+    kind: str, client_id: str | None, sample_ids: Sequence[str] | None, tasks: Sequence[str], draw: int = 0
+) -> str:
+    """What a request's anchor subset is drawn from: the request's content (not its id, which is a
+    random uuid), so that the same request on the same adapter version gives the same adapter — a
+    reproducible result and evidence — and ``draw`` (``settings["anchor_draw"]``, default 0) to
+    re-draw it on purpose (``scripts/demo_reliability.py`` measures over draws)."""
+    samples = ",".join(sorted(sample_ids)) if sample_ids is not None else "*"
+    return f"{kind}|{client_id or ''}|{samples}|{','.join(sorted(tasks))}|{draw}"
+
+
+def anchor_seed(seed: int, key: str) -> int:
+    """The seed of a request's anchor subset: a function of the round seed and :func:`anchor_key`."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
 
 

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from worker.unlearning.engine import request_anchor_key
 from worker.unlearning.partitions import (
     ForgetSelection,
     anchor_indices,
+    anchor_key,
+    anchor_seed,
     build_partitions,
     retain_set,
 )
 from worker.unlearning.state import RoundState
-from worker.unlearning.types import IGNORE, Batch
+from worker.unlearning.types import IGNORE, Batch, ForgetSpec
 from worker.unlearning.workload import SampleSet
 
 TASKS = ["a", "b", "c"]
@@ -150,3 +154,27 @@ def test_anchor_subset_is_seeded_and_sized() -> None:
     idx = [anchor_indices(100, 0.1, s).tolist() for s in range(5)]
     assert all(len(i) == 10 and i == sorted(set(i)) for i in idx)
     assert len({tuple(i) for i in idx}) > 1
+
+
+def test_anchor_key_follows_the_request_content_not_its_id() -> None:
+    """The same request content gives the same anchor (a reproducible adapter); a different
+    subject, task set or ``anchor_draw`` gives another one. Order of ids and tasks does not count."""
+    key = anchor_key("task", None, ["s2", "s1"], ["b", "a"])
+    assert key == anchor_key("task", None, ["s1", "s2"], ["a", "b"])
+    assert anchor_seed(0, key) == anchor_seed(0, anchor_key("task", None, ["s1", "s2"], ["a", "b"], 0))
+    others = [
+        anchor_key("task", None, ["s1"], ["a", "b"]),
+        anchor_key("task", None, ["s1", "s2"], ["a"]),
+        anchor_key("client", "c1", None, []),
+        anchor_key("task", None, ["s1", "s2"], ["a", "b"], draw=1),
+    ]
+    assert len({anchor_seed(0, k) for k in [key, *others]}) == 5
+    assert anchor_seed(0, key) != anchor_seed(1, key)  # the worker seed counts too
+
+
+def test_request_anchor_key_rejects_a_non_integer_draw() -> None:
+    spec = ForgetSpec("r1", "client", "c1", None, [])
+    assert request_anchor_key(spec, {}) == request_anchor_key(spec, {"anchor_draw": 0})
+    for bad in (True, 1.5, "1"):
+        with pytest.raises(ValueError, match="anchor_draw"):
+            request_anchor_key(spec, {"anchor_draw": bad})

@@ -75,7 +75,9 @@ def default_method(ctx: MethodContext) -> MethodResult:
     baseline = None
     cfg = IAConfig.from_settings(ctx.method_settings("ia"))
     if switches["ia"] and cfg.checks_retain:
-        baseline = check_accuracy(ctx.model, ctx.tasks, ctx.partitions, cfg, seed=ctx.seed, device=ctx.device)
+        baseline = check_accuracy(
+            ctx.model, ctx.tasks, ctx.partitions, cfg, seed=ctx.seed, device=ctx.device, retain=ctx.retain
+        )
     if switches["ssd"]:
         ctx.progress("default: ssd")
         info["ssd"] = run_ssd(ctx)

@@ -23,6 +23,7 @@ def run_ia(ctx: MethodContext, retain_baseline: Mapping[str, float] | None = Non
         cfg=IAConfig.from_settings(ctx.method_settings("ia")),
         mia_target=ctx.mia_target,
         retain_baseline=retain_baseline,
+        retain=ctx.retain,
         device=ctx.device,
         **ctx.common_kwargs(),
     )

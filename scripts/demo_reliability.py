@@ -1,0 +1,197 @@
+"""How often ``lethe demo``'s unlearning checks pass, and by what margin (docs/benchmarks.md).
+
+The demo submits, on a fresh v1 of the default model, a per-client request (the first client) and
+a per-task request (the last task of 40 samples of the second client) and checks on the serving host
+that the new version forgot and kept the rest (``worker/demo_checks.py``). The demo is one
+reproducible draw: the anchor subset of a request is seeded by the worker seed, the request's
+content and ``settings["anchor_draw"]`` (0), see ``partitions.anchor_key``. This script runs the
+same two requests through the same engine with ``anchor_draw`` = 0 … trials−1 (draw 0 is the
+demo's own), in process (no API, broker or worker: what they add does not touch the numbers), and
+reports the pass rate and each check's margin (median, worst). ``--seed`` changes the worker seed
+(the frozen base, v1 and the engine's randomness): another machine's demo, in effect.
+
+    python scripts/demo_reliability.py --trials 20 --seed 0 --json bench-results/demo-reliability-s0.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from worker import demo_checks
+from worker.demo import Subjects, _predictions, demo_groups
+from worker.unlearning.datastore import DataStore
+from worker.unlearning.engine import prepare, run_round
+from worker.unlearning.types import ForgetSpec
+from worker.unlearning.workload import load_workload
+
+WORKLOAD = "digits-clients"
+
+
+def _subjects(store: DataStore, tasks: list[str]) -> Subjects:
+    """The demo's choice on a fresh model (``worker.demo._choose_subjects``)."""
+    client, task_client = store.active_clients[:2]
+    task = tasks[-1]
+    samples = sorted(store.sample_ids_of(task_client))[:40]
+    return Subjects(client=client, task_client=task_client, task_samples=samples, task=task, tasks=tasks)
+
+
+def _requests(subjects: Subjects, trial: int) -> list[ForgetSpec]:
+    return [
+        ForgetSpec(f"client-{trial}", "client", subjects.client, None, []),
+        ForgetSpec(f"task-{trial}", "task", None, subjects.task_samples, [subjects.task]),
+    ]
+
+
+def run(trials: int, *, seed: int, rounds: str, settings: dict[str, Any], method: str) -> dict[str, Any]:
+    workload = load_workload(WORKLOAD)
+    with tempfile.TemporaryDirectory(prefix="lethe-demo-reliability-") as tmp:
+        root = Path(tmp)
+        data_dir, base_dir, v1, cache = root / "data", root / "base", root / "v1", root / "cache"
+        t0 = time.perf_counter()
+        prepared = prepare(workload, data_dir=data_dir, base_dir=base_dir, adapter_dir=v1,
+                           settings=settings, seed=seed, cache_dir=cache)  # fmt: skip
+        print(f"v1 prepared in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        store = DataStore(data_dir)
+        subjects = _subjects(store, prepared.tasks)
+        client_set = store.client_samples(subjects.client)
+        task_rows = store.client_samples(subjects.task_client)
+        heldout = store.heldout()
+        if client_set is None or task_rows is None:
+            raise RuntimeError("a fresh store has every client")
+        pick = [i for i, s in enumerate(task_rows.sample_ids) if s in set(subjects.task_samples)]
+        groups = demo_groups(
+            subjects,
+            client_set,
+            task_rows.x[pick],
+            {t: y[pick] for t, y in task_rows.labels.items()},
+            heldout,
+        )
+        results = []
+        for trial in range(trials):
+            t1 = time.perf_counter()
+            requests = _requests(subjects, trial)
+            drawn = {**settings, "anchor_draw": trial}
+            parent = v1
+            batches = [requests] if rounds == "one" else [[r] for r in requests]
+            evidence: dict[str, Any] = {}
+            for i, batch in enumerate(batches):
+                out = root / f"t{trial}-r{i}"
+                outcome = run_round(workload, data_dir=data_dir, base_dir=base_dir, adapter_in=parent,
+                                    adapter_out=out, requests=batch, method=method, settings=drawn,
+                                    seed=seed, cache_dir=cache)  # fmt: skip
+                evidence.update(outcome.evidence)
+                parent = out
+            measured = demo_checks.measure(
+                lambda x: _predictions(v1, base_dir, x),
+                lambda x, p=parent: _predictions(p, base_dir, x),
+                groups,
+            )
+            checks = demo_checks.checks(measured, groups, heldout_label=groups[-1].label)
+            ok = all(c.ok for c in checks)
+            results.append(
+                {
+                    "anchor_draw": trial,
+                    "ok": ok,
+                    "seconds": time.perf_counter() - t1,
+                    "checks": [
+                        {"what": c.what, "ok": c.ok, "margin": c.margin, "detail": c.detail} for c in checks
+                    ],
+                    "requests": {rid: _request_summary(ev) for rid, ev in evidence.items()},
+                }
+            )
+            failed = [c.what for c in checks if not c.ok]
+            print(f"anchor_draw {trial}: {'pass' if ok else 'FAIL ' + '; '.join(failed)} "
+                  f"({time.perf_counter() - t1:.1f} s)", file=sys.stderr)  # fmt: skip
+            for d in (root / f"t{trial}-r{i}" for i in range(len(batches))):
+                _rmtree(d)
+    return {
+        "trials": trials,
+        "seed": seed,
+        "rounds": rounds,
+        "method": method,
+        "settings": settings,
+        "passed": sum(r["ok"] for r in results),
+        "summary": summarise(results),
+        "results": results,
+    }
+
+
+def _request_summary(evidence: dict[str, Any]) -> dict[str, Any]:
+    """What explains a check's margin: Unl accuracy of the method and of the retrain reference, and
+    the interference-aware stage's early stopping (kept epoch, MIA AUC and retain drop per epoch)."""
+    ia = (evidence.get("method_info") or {}).get("ia") or {}
+
+    def unl(metrics: Any) -> dict[str, Any]:
+        return {t: m.get("unl") for t, m in (metrics or {}).items()}
+
+    return {
+        "forget_tasks": evidence.get("forget_tasks"),
+        "unl": unl(evidence.get("tasks")),
+        "reference_unl": unl(evidence.get("reference_metrics")),
+        "original_unl": unl(evidence.get("original_metrics")),
+        "ia_best_epoch": ia.get("best_epoch"),
+        "ia_history": [(h["epoch"], h["mia_auc"], round(h["retain_drop"], 3)) for h in ia.get("history", [])],
+        "mia_target": ia.get("mia_target"),
+    }
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def summarise(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per check: how often it passed, its median and worst margin (accuracy points)."""
+    names = [c["what"] for c in results[0]["checks"]] if results else []
+    out = []
+    for i, name in enumerate(names):
+        margins = [r["checks"][i]["margin"] for r in results]
+        out.append({"check": name, "passed": sum(r["checks"][i]["ok"] for r in results),
+                    "median_margin": statistics.median(margins), "worst_margin": min(margins)})  # fmt: skip
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0, help="the worker's seed (v1 and the engine)")
+    parser.add_argument(
+        "--rounds",
+        choices=("one", "two"),
+        default="one",
+        help="both requests in one round, or one round each (the demo gets either)",
+    )
+    parser.add_argument("--method", default="default")
+    parser.add_argument("--settings", default="{}", help="workload settings overrides (JSON)")
+    parser.add_argument("--json", type=Path, help="write the full result here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("LETHE_WORKER_TORCH_THREADS", "1")))  # as the demo's worker
+    result = run(args.trials, seed=args.seed, rounds=args.rounds, settings=json.loads(args.settings),
+                 method=args.method)  # fmt: skip
+    print(f"\n{result['passed']}/{result['trials']} trials passed every check ({args.rounds} round(s))")
+    print(f"{'check':70} {'passed':>7} {'median':>8} {'worst':>8}")
+    for row in result["summary"]:
+        print(f"{row['check'][:70]:70} {row['passed']:>7} {100 * row['median_margin']:+8.1f} "
+              f"{100 * row['worst_margin']:+8.1f}")  # fmt: skip
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
