@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -114,7 +115,7 @@ def run(trials: int, *, seed: int, rounds: str, settings: dict[str, Any], method
             print(f"anchor_draw {trial}: {'pass' if ok else 'FAIL ' + '; '.join(failed)} "
                   f"({time.perf_counter() - t1:.1f} s)", file=sys.stderr)  # fmt: skip
             for d in (root / f"t{trial}-r{i}" for i in range(len(batches))):
-                _rmtree(d)
+                shutil.rmtree(d, ignore_errors=True)
     return {
         "trials": trials,
         "seed": seed,
@@ -144,12 +145,6 @@ def _request_summary(evidence: dict[str, Any]) -> dict[str, Any]:
         "ia_history": [(h["epoch"], h["mia_auc"], round(h["retain_drop"], 3)) for h in ia.get("history", [])],
         "mia_target": ia.get("mia_target"),
     }
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def summarise(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
