@@ -33,6 +33,7 @@ from worker import demo_checks
 from worker.demo import Subjects, _predictions, demo_groups
 from worker.unlearning.datastore import DataStore
 from worker.unlearning.engine import prepare, run_round
+from worker.unlearning.runtime import runtime_environment
 from worker.unlearning.types import ForgetSpec
 from worker.unlearning.workload import load_workload
 
@@ -78,7 +79,7 @@ def run(trials: int, *, seed: int, rounds: str, settings: dict[str, Any], method
             {t: y[pick] for t, y in task_rows.labels.items()},
             heldout,
         )
-        results = []
+        results: list[dict[str, Any]] = []
         for trial in range(trials):
             t1 = time.perf_counter()
             requests = _requests(subjects, trial)
@@ -123,15 +124,19 @@ def run(trials: int, *, seed: int, rounds: str, settings: dict[str, Any], method
         "method": method,
         "settings": settings,
         "passed": sum(r["ok"] for r in results),
+        "fallbacks": sum(any(q.get("path") == "retrain" for q in r["requests"].values()) for r in results),
+        "environment": runtime_environment(),
         "summary": summarise(results),
         "results": results,
     }
 
 
 def _request_summary(evidence: dict[str, Any]) -> dict[str, Any]:
-    """What explains a check's margin: Unl accuracy of the method and of the retrain reference, and
-    the interference-aware stage's early stopping (kept epoch, MIA AUC and retain drop per epoch)."""
+    """What explains a check's margin: Unl accuracy before and after, the engine's acceptance check
+    (passed, the path published: the method or the retrain fallback), and the interference-aware
+    stage's early stopping (kept epoch, MIA AUC and retain drop per epoch)."""
     ia = (evidence.get("method_info") or {}).get("ia") or {}
+    accepted = evidence.get("acceptance") or {}
 
     def unl(metrics: Any) -> dict[str, Any]:
         return {t: m.get("unl") for t, m in (metrics or {}).items()}
@@ -139,8 +144,10 @@ def _request_summary(evidence: dict[str, Any]) -> dict[str, Any]:
     return {
         "forget_tasks": evidence.get("forget_tasks"),
         "unl": unl(evidence.get("tasks")),
-        "reference_unl": unl(evidence.get("reference_metrics")),
         "original_unl": unl(evidence.get("original_metrics")),
+        "acceptance_passed": accepted.get("passed"),
+        "path": accepted.get("path"),
+        "failed_method_checks": [c["what"] for c in accepted.get("method_checks", []) if not c["ok"]],
         "ia_best_epoch": ia.get("best_epoch"),
         "ia_history": [(h["epoch"], h["mia_auc"], round(h["retain_drop"], 3)) for h in ia.get("history", [])],
         "mia_target": ia.get("mia_target"),
@@ -177,7 +184,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(int(os.environ.get("LETHE_WORKER_TORCH_THREADS", "1")))  # as the demo's worker
     result = run(args.trials, seed=args.seed, rounds=args.rounds, settings=json.loads(args.settings),
                  method=args.method)  # fmt: skip
-    print(f"\n{result['passed']}/{result['trials']} trials passed every check ({args.rounds} round(s))")
+    env = result["environment"]
+    print(
+        f"\n{result['passed']}/{result['trials']} trials passed every check ({args.rounds} round(s)); "
+        f"the acceptance check fell back to retrain in {result['fallbacks']}; "
+        f"torch {env['torch']}, CPU path {env['cpu_capability']}, {env['threads']} thread(s)"
+    )
     print(f"{'check':70} {'passed':>7} {'median':>8} {'worst':>8}")
     for row in result["summary"]:
         print(f"{row['check'][:70]:70} {row['passed']:>7} {100 * row['median_margin']:+8.1f} "

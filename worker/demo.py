@@ -142,15 +142,17 @@ def _follow(
 
 
 def _evidence_table(console: Console, label: str, payload: dict[str, Any]) -> None:
-    """Per task: the original, the new version and the retrain reference on Ret / Unl / Val + MIA."""
+    """Per task: the original and the new version on Ret / Unl / Val + MIA (and a retrain's, where
+    certification appended one); the acceptance check and the path the round published."""
     t = Table(title=f"evidence: {label}")
     for col in ("task", "model", "ret", "unl", "val", "MIA AUC unl/val", "MIA AUC ret/val"):
         t.add_column(col, justify="left" if col in ("task", "model") else "right")
     rows = [
         ("original", payload.get("original_metrics") or {}),
         ("unlearned", payload.get("tasks") or {}),
-        (f"reference ({payload.get('reference') or 'none'})", payload.get("reference_metrics") or {}),
     ]
+    if payload.get("reference_metrics"):
+        rows.append((f"reference ({payload.get('reference')})", payload["reference_metrics"]))
     forget_tasks = set(payload.get("forget_tasks") or [])
     for task in payload.get("tasks") or {}:
         for name, metrics in rows:
@@ -178,6 +180,15 @@ def _evidence_table(console: Console, label: str, payload: dict[str, Any]) -> No
         )
     else:
         console.print(f"  UIS: n/a ({reason or 'no retrain reference'})")
+    accepted = payload.get("acceptance") or {}
+    if accepted.get("checked"):
+        failed = [c["what"] for c in accepted.get("method_checks", []) if not c["ok"]]
+        path = accepted.get("path")
+        console.print(
+            f"  acceptance check (forget set vs unseen data, kept tasks, held-out): "
+            f"{'passed' if accepted.get('passed') else '[red]FAILED[/red]'}; published: {path}"
+            + (f" (the method's update failed: {'; '.join(failed)})" if failed else "")
+        )
     attacker = payload.get("attacker") or {}
     if attacker.get("accuracy") is not None:
         console.print(

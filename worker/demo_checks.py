@@ -17,22 +17,36 @@ What a correct unlearning must show (checked on the pulled versions):
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-FORGET_NOISE_Z = 2.0
-HELDOUT_TOLERANCE = 0.05
+# one definition of each check, shared with the engine's acceptance check (a request that completed
+# has passed these on its own data, or its evidence says why not)
+from worker.unlearning.acceptance import (
+    FORGET_NOISE_Z,
+    HELDOUT_TOLERANCE,
+    Check,
+    fmt,
+    forget_check,
+    heldout_check,
+    kept_check,
+)
 
-
-@dataclass(frozen=True)
-class Check:
-    what: str
-    ok: bool
-    detail: str
-    # how far inside (> 0) or outside (< 0) its bound the measured accuracy is, in accuracy points
-    margin: float = float("nan")
+__all__ = [
+    "FORGET_NOISE_Z",
+    "HELDOUT_TOLERANCE",
+    "Check",
+    "Group",
+    "Measured",
+    "accuracy",
+    "checks",
+    "fmt",
+    "forget_check",
+    "heldout_check",
+    "kept_check",
+    "measure",
+]
 
 
 @dataclass(frozen=True)
@@ -56,56 +70,11 @@ class Measured:
     changed: float  # fraction of rows whose prediction changed
 
 
-def fmt(value: Any) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.3f}"
-    return str(value)
-
-
 def accuracy(pred: Any, labels: Any) -> tuple[float, int]:
     """Accuracy of ``pred`` on the labelled rows of ``labels`` (negative = no label), and their count."""
     mask = labels >= 0
     n = int(mask.sum())
     return (float((pred[mask] == labels[mask]).float().mean()) if n else float("nan")), n
-
-
-def forget_check(what: str, before: float, after: float, n: int, heldout_before: float) -> Check:
-    """The forgotten group's accuracy fell to the level of unseen data (see FORGET_NOISE_Z)."""
-    if n == 0 or math.isnan(before) or math.isnan(heldout_before):
-        return Check(what, False, "no labelled samples to measure")
-    bound = heldout_before + FORGET_NOISE_Z * math.sqrt(heldout_before * (1 - heldout_before) / n)
-    detail = (
-        f"{fmt(before)} → {fmt(after)}; unseen-data level {fmt(heldout_before)} "
-        f"+ {FORGET_NOISE_Z:g} SE (n={n}) = {fmt(bound)}"
-    )
-    if before <= bound:
-        return Check(what, False, detail + ": the old version had not memorised it (nothing to show)")
-    return Check(what, after <= bound, detail, margin=bound - after)
-
-
-def heldout_check(task: str, before: float, after: float) -> Check:
-    """Held-out accuracy stayed within HELDOUT_TOLERANCE of the old version's."""
-    detail = (
-        f"{fmt(before)} → {fmt(after)} (drop {100 * (before - after):+.1f} points; "
-        f"allowed {100 * HELDOUT_TOLERANCE:.0f})"
-    )
-    margin = after - (before - HELDOUT_TOLERANCE)
-    return Check(f"held-out accuracy kept: {task}", margin >= 0, detail, margin=margin)
-
-
-def kept_check(what: str, before: float, after: float, n: int) -> Check:
-    """Retained training data kept its accuracy (HELDOUT_TOLERANCE + sampling noise of n samples)."""
-    if n == 0 or math.isnan(before):
-        return Check(what, False, "no labelled samples to measure")
-    allowed = HELDOUT_TOLERANCE + FORGET_NOISE_Z * math.sqrt(before * (1 - before) / n)
-    detail = (
-        f"{fmt(before)} → {fmt(after)} (drop {100 * (before - after):+.1f} points; allowed "
-        f"{100 * allowed:.1f} = {100 * HELDOUT_TOLERANCE:.0f} + {FORGET_NOISE_Z:g} SE, n={n})"
-    )
-    margin = after - (before - allowed)
-    return Check(what, margin >= 0, detail, margin=margin)
 
 
 Predict = Callable[[Any], Mapping[str, Any]]  # inputs → per-task predicted classes

@@ -32,7 +32,6 @@ MODEL = "digits"
 SMALL_SETTINGS: dict[str, Any] = {
     "pretrain": {"epochs": 5},
     "train": {"epochs": 6, "main_only_epochs": 2},
-    "audit": {"retrain_reference": False},
 }
 #: Redis databases the stacks use, one per stack in turn: a stack that is still running (a
 #: module-scoped one) must not consume another stack's wake-ups from the same queue.

@@ -46,6 +46,7 @@ from worker.unlearning.engine import (
     run_round,
     training_data,
 )
+from worker.unlearning.runtime import runtime_environment
 from worker.unlearning.ssd import precompute_full_importance
 from worker.unlearning.state import RoundState
 from worker.unlearning.training import TrainConfig, retrain, train_v1
@@ -226,6 +227,7 @@ def run_bench(
             "stages": chosen.stages,
             "settings_overrides": dict(settings_overrides or {}),
             "torch_threads": torch.get_num_threads(),
+            "environment": runtime_environment(),
             "total_wall_s": time.perf_counter() - t_start,
         },
     }
@@ -294,9 +296,8 @@ def _run_setting(
             ctx_m = request_context(inputs, spec, state, stage=stage, cache_key=keys[method], method=method)
             ctx_m.state.pruned_subset_outputs = list(pruned[method])
             original = evaluate(model, ctx_m)
-            model, info, newly, wall = apply_method(
-                method, model, ctx_m, mia_target=reference.mia_target(ctx)
-            )
+            # no oracle: the method never sees the retrain (it only scores the method, below)
+            model, info, newly, wall = apply_method(method, model, ctx_m)
             models[method] = model
             pruned[method] = sorted(set(pruned[method]) | set(newly))
             precompute = ahead[method]

@@ -3,13 +3,20 @@
 Contracts: docs/architecture.md ("The ML core"). ``run_round`` processes the requests in order, each
 request one stage of the sequential setting: resolve X_f/T_f against the store, build the four
 partitions, run the method (by name, from the methods registry), suppress a forgotten client's
-subset-ID output for good, update the RoundState, audit (with a retrain reference when
-``settings["audit"]["retrain_reference"]``). It never touches the database or the store's files
-(the pipeline purges after publishing).
+subset-ID output for good, update the RoundState; then the acceptance check of the published model
+(``acceptance.py``; on failure the exact path, ``retrain``, replaces the method's update) and the audit.
+It never touches the database or the store's files (the pipeline purges after publishing).
+
+No oracle: nothing ``run_round`` runs trains, loads or reads a retrain of the request it serves as a
+target or a reference (UNLEARNING.md). Early stopping and the acceptance check use the version's
+retain anchor, the forget set and unseen-population data (the held-out split) only; UIS against a
+real retrain is certification's job, off the request path. A ``retrain`` that *replaces* a failed
+update is not a reference: it is the exact unlearning, and it is what the round publishes.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +26,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 
+from worker.unlearning import acceptance
 from worker.unlearning.adapter_io import load_adapter, save_adapter
 from worker.unlearning.audit import AuditConfig, ModelMetrics, audit, evaluate_model, merge_rows, unl_split
 from worker.unlearning.datastore import DataStore, ResolvedSpec
@@ -129,15 +137,17 @@ def prepare(
     _seed_all(seed)
     model = train_v1(base, train, tasks, cfg, seed=seed)
     t_train = time.perf_counter()
+    heldout = store.heldout().to_batch(store.client_index())
+    val = _task_metrics(model, heldout, tasks)
     save_adapter(model, Path(adapter_dir))
     state.importance_cache_key = weights_digest(model)
+    state.original_val = {t: v for t, v in val.items() if v == v}  # NaN (no held-out labels): unknown
     state.save(Path(adapter_dir))
     t_importance = 0.0
     for ssd_settings in importance_settings_of_methods(merged):  # the method is chosen per round
         t_importance += precompute_full_importance(
             model, train, tasks, ssd_settings, seed=seed, cache_dir=cache_dir
         )[1]
-    heldout = store.heldout().to_batch(store.client_index())
     evidence: dict[str, Any] = {
         "kind": "prepare",
         "workload": workload.name,
@@ -147,7 +157,7 @@ def prepare(
         "clients": len(store.active_clients),
         "metrics": {
             "train": _task_metrics(model, train, tasks),
-            "val": _task_metrics(model, heldout, tasks),
+            "val": val,
             "subset_id_train_accuracy": _subset_accuracy(model, train),
         },
         "timings_s": {"base": t_base - t0, "train": t_train - t_base, "importance": t_importance},
@@ -261,9 +271,13 @@ class EngineInputs:
     def task_names(self) -> list[str]:
         return [t.name for t in self.tasks]
 
-    @property
-    def wants_reference(self) -> bool:
-        return bool(dict(self.settings.get("audit", {}) or {}).get("retrain_reference", True))
+    def __post_init__(self) -> None:
+        if dict(self.settings.get("audit", {}) or {}).get("retrain_reference"):
+            raise ValueError(
+                "settings.audit.retrain_reference is no longer supported: a round never trains a retrain "
+                "of the request it serves (no oracle); certification compares a published version with a "
+                "retrain off the request path"
+            )
 
     def full_train_set(self) -> Batch:
         """The v1 training data: every client sample with all its labels."""
@@ -442,7 +456,6 @@ def apply_method(
     model: PeftModel,
     ctx: RequestContext,
     *,
-    mia_target: Mapping[str, float] | None = None,
     on_progress: Callable[[str], None] | None = None,
 ) -> tuple[PeftModel, dict[str, Any], list[int], float]:
     """Run ``method`` (from the methods registry) for one request, then re-apply the persistent
@@ -462,7 +475,6 @@ def apply_method(
         device=ctx.device,
         prune_outputs=ctx.prune_outputs,
         pruned_outputs=list(ctx.state.pruned_subset_outputs),
-        mia_target=dict(mia_target) if mia_target else None,
         cache_dir=ctx.cache_dir,
         cache_key=ctx.cache_key,
         retain=ctx.retain,
@@ -510,8 +522,8 @@ def request_evidence(
         evidence["uis"]["reason"] = "nothing left to forget: the request's data is already forgotten"
     elif reference is None and evidence["uis"].get("reason") is not None:
         evidence["uis"]["reason"] = (
-            "no retrain reference (settings.audit.retrain_reference is false): UIS is only reported "
-            "against a real retrain on the same retain set"
+            "UIS is only reported against a real retrain on the same retain set: certification computes "
+            "it off the request path"
         )
     evidence.update(
         {
@@ -546,6 +558,106 @@ def request_evidence(
     return evidence
 
 
+# ----------------------------------------------------------------------------------------------
+# acceptance: the published model keeps every request's promise, or the exact path replaces it
+# ----------------------------------------------------------------------------------------------
+
+
+def acceptance_groups(ctx: RequestContext) -> acceptance.Groups:
+    """The rows the acceptance check of ``ctx``'s request measures: its forget set (D_f), its kept
+    tasks on X_f (D_r^task), the retained instances (every retained client) and the held-out split."""
+    return acceptance.Groups(
+        forget=ctx.partitions.forget,
+        kept=ctx.partitions.retain_task,
+        retained=ctx.ret,
+        heldout=ctx.heldout,
+    )
+
+
+def check_request(
+    before: torch.nn.Module, after: torch.nn.Module, ctx: RequestContext, cfg: acceptance.AcceptanceConfig
+) -> list[acceptance.Check]:
+    """The acceptance checks of one request: ``after`` (the model to publish) against ``before`` (the
+    version the round started from), with the original version's held-out level from the state."""
+    names = {i: c for c, i in ctx.client_index.items()}
+    return acceptance.check(
+        before,
+        after,
+        acceptance_groups(ctx),
+        ctx.tasks,
+        ctx.partitions.forget_tasks,
+        cfg,
+        original_val=ctx.state.original_val,
+        client_names=names,
+    )
+
+
+@dataclass
+class _Staged:
+    """One processed request of a round, waiting for the round's acceptance check and audit."""
+
+    ctx: RequestContext
+    original: ModelMetrics
+    info: dict[str, Any]
+    pruned: list[int]
+    timings: dict[str, float]
+    nothing_left: bool
+
+
+def _accept_round(
+    round_input: torch.nn.Module,
+    model: PeftModel,
+    staged: list[_Staged],
+    cfg: acceptance.AcceptanceConfig,
+    method: str,
+    progress: Callable[[str], None],
+) -> tuple[PeftModel, dict[str, dict[str, Any]], float]:
+    """The acceptance check of every request of the round on the model the round publishes; on a
+    failure, the exact path (``retrain`` on the round's final retain set, which excludes every
+    request of the round and every earlier one) replaces the update, and is checked in turn.
+    Returns the model to publish, the ``acceptance`` evidence per request id and the fallback's
+    seconds (0 when none ran)."""
+    work = [s for s in staged if not s.nothing_left]
+    if not cfg.enabled or not work:
+        reason = "disabled (settings.acceptance.enabled is false)" if not cfg.enabled else "nothing to forget"
+        return model, {s.ctx.spec.request_id: {"checked": False, "reason": reason} for s in staged}, 0.0
+    progress("acceptance check")
+    first = {s.ctx.spec.request_id: check_request(round_input, model, s.ctx, cfg) for s in work}
+    passed = all(c.ok for checks in first.values() for c in checks)
+    path, final, fallback_s = method, first, 0.0
+    if not passed and cfg.fallback == "retrain" and method != "retrain":
+        progress("acceptance check failed: falling back to retrain (the exact path)")
+        last = work[-1].ctx
+        model, _, _, fallback_s = apply_method("retrain", model, last)
+        path = "retrain"
+        final = {s.ctx.spec.request_id: check_request(round_input, model, s.ctx, cfg) for s in work}
+    out: dict[str, dict[str, Any]] = {}
+    for s in staged:
+        rid = s.ctx.spec.request_id
+        if rid not in final:
+            out[rid] = {"checked": False, "reason": "nothing to forget"}
+            continue
+        ok = all(c.ok for c in final[rid])
+        entry: dict[str, Any] = {
+            "checked": True,
+            "passed": ok,
+            "path": path,
+            "config": cfg.to_json(),
+            "checks": [c.to_json() for c in final[rid]],
+        }
+        if path != method:
+            entry["method_checks"] = [c.to_json() for c in first[rid]]
+            entry["reason"] = f"{method}'s update failed the acceptance check; the round published a retrain"
+        if not ok:
+            entry["warning"] = (
+                "the published model fails this check"
+                + (" even after the exact path (retrain)" if path == "retrain" else "")
+                + ": see the failed checks"
+            )
+        out[rid] = entry
+    return model, out, fallback_s
+
+
 def run_round(
     workload: Workload,
     *,
@@ -561,7 +673,9 @@ def run_round(
     cache_dir: Path | None = None,
     on_progress: ProgressCallback | None = None,
 ) -> RoundOutcome:
-    """One unlearning round: the requests in order (one stage each); writes ``adapter_out``."""
+    """One unlearning round: the requests in order (one stage each), the acceptance check of the
+    model to publish (with the exact path as fallback), the audit of every request on it; writes
+    ``adapter_out``."""
     from worker.unlearning.methods import get_method
 
     get_method(method)  # unknown method: fail before any work
@@ -574,15 +688,21 @@ def run_round(
         device=device,
         cache_dir=cache_dir,
     )
+    accept_cfg = acceptance.AcceptanceConfig.from_settings(inputs.settings.get("acceptance"))
     state = RoundState.load(Path(adapter_in))
     model = load_adapter(inputs.base, Path(adapter_in), trainable=True, device=device)
     reapply_pruning(model, state.pruned_subset_outputs)
+    round_input = copy.deepcopy(model).eval()  # the published version this round replaces
     # the cached full-data importance belongs to adapter_in's weights (the state records the key;
     # the digest is recomputed so that a mismatch can never reuse a stale cache)
     cache_key: str | None = weights_digest(model)
-    evidence: dict[str, dict[str, Any]] = {}
     timings: dict[str, float] = {}
     n = len(requests)
+    staged: list[_Staged] = []
+
+    def round_progress(message: str) -> None:
+        if on_progress is not None:
+            on_progress(n, n, message)
 
     for stage, spec in enumerate(requests, start=1):
 
@@ -593,12 +713,8 @@ def run_round(
         t0 = time.perf_counter()
         ctx = request_context(inputs, spec, state, stage=stage, cache_key=cache_key, method=method)
         t_ctx = time.perf_counter() - t0
-        reference: Reference | None = None
         info: dict[str, Any]
         nothing_left = len(ctx.partitions.forget) == 0
-        if inputs.wants_reference and not nothing_left:
-            progress("retrain reference")
-            reference = compute_reference(ctx)
         original = evaluate(model, ctx)
         progress(method)
         if nothing_left:
@@ -607,45 +723,54 @@ def run_round(
             pruned = ctx.prune_outputs
             reapply_pruning(model, sorted(set(state.pruned_subset_outputs) | set(pruned)))
             info, wall = {"method": method, "skipped": "nothing left to forget"}, 0.0
-        elif method == "retrain" and reference is not None:
-            # the reference *is* the retrain (same retain set, recipe and seed): do not train twice
-            model, info, pruned, wall = (
-                reference.model,
-                {"method": "retrain", "reused_reference": True},
-                ctx.prune_outputs,
-                reference.wall_s,
-            )
         else:
-            model, info, pruned, wall = apply_method(
-                method,
-                model,
-                ctx,
-                mia_target=None if reference is None else reference.mia_target(ctx),
-                on_progress=progress,
-            )
+            model, info, pruned, wall = apply_method(method, model, ctx, on_progress=progress)
         advance_state(state, ctx, pruned)
-        # the adapter changed: the next request (or round) needs the new weights' I_D; computing it
-        # now is reported as its own timing, not hidden in the next request's method time
-        cache_key, t_next = (None, 0.0) if nothing_left else precompute_next_importance(model, ctx, method)
-        progress("audit")
-        evidence[spec.request_id] = request_evidence(
-            model,
-            ctx,
-            method=method,
-            method_info=info,
-            reference=reference,
-            original=original,
-            pruned=pruned,
-            timings={
-                "partitions_s": t_ctx,
-                "method_s": wall,
-                "reference_s": 0.0 if reference is None else reference.wall_s,
-                "importance_precompute_s": t_next,
-            },
+        # the adapter changed: the next request needs the new weights' I_D; computing it now is
+        # reported as its own timing, not hidden in the next request's method time (the last
+        # request's is computed after the acceptance check, on the model the round publishes)
+        t_next = 0.0
+        if stage < n:
+            cache_key, t_next = (
+                (None, 0.0) if nothing_left else precompute_next_importance(model, ctx, method)
+            )
+        staged.append(
+            _Staged(
+                ctx=ctx,
+                original=original,
+                info=info,
+                pruned=list(pruned),
+                timings={"partitions_s": t_ctx, "method_s": wall, "importance_precompute_s": t_next},
+                nothing_left=nothing_left,
+            )
         )
         timings[spec.request_id] = wall
         if on_progress is not None:
-            on_progress(stage, n, f"request {spec.request_id}: done")
+            on_progress(stage, n, f"request {spec.request_id}: updated")
+
+    model, accepted, fallback_s = _accept_round(
+        round_input, model, staged, accept_cfg, method, round_progress
+    )
+    if staged and not staged[-1].nothing_left:
+        _, staged[-1].timings["importance_precompute_s"] = precompute_next_importance(
+            model, staged[-1].ctx, method
+        )
+    round_progress("audit")
+    evidence: dict[str, dict[str, Any]] = {}
+    for s in staged:
+        s.timings["acceptance_fallback_s"] = fallback_s
+        ev = request_evidence(
+            model,
+            s.ctx,
+            method=method,
+            method_info=s.info,
+            reference=None,
+            original=s.original,
+            pruned=s.pruned,
+            timings=s.timings,
+        )
+        ev["acceptance"] = accepted[s.ctx.spec.request_id]
+        evidence[s.ctx.spec.request_id] = ev
     state.version += 1
     save_adapter(model, Path(adapter_out))
     # the key the next round's full-data importance is cached under: this version's weights digest

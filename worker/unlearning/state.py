@@ -24,7 +24,9 @@ class RoundState:
     - ``importance_cache_key``: key of the cached full-data importance of this version (the digest
       of its trainable weights, ``ssd.weights_digest``), or None;
     - ``version``: adapter version this state belongs to (1 = original), ``requests``: request ids
-      processed so far, in order.
+      processed so far, in order;
+    - ``original_val``: the original version's (v1) held-out metric per task: the level the
+      acceptance check keeps every later version within a tolerance of (empty: unknown).
     """
 
     forgotten_clients: list[str] = field(default_factory=list)
@@ -34,6 +36,7 @@ class RoundState:
     importance_cache_key: str | None = None
     version: int = 1
     requests: list[str] = field(default_factory=list)
+    original_val: dict[str, float] = field(default_factory=dict)
 
     # -- queries -------------------------------------------------------------------------------
     def forgotten_pair_set(self) -> set[tuple[str, str]]:
@@ -72,6 +75,7 @@ class RoundState:
             "pruned_subset_outputs": list(self.pruned_subset_outputs),
             "importance_cache_key": self.importance_cache_key,
             "requests": list(self.requests),
+            "original_val": dict(sorted(self.original_val.items())),
         }
 
     @classmethod
@@ -88,6 +92,7 @@ class RoundState:
             importance_cache_key=None if key is None else str(key),
             version=int(data.get("version", 1)),
             requests=[str(r) for r in data.get("requests", [])],
+            original_val={str(k): float(v) for k, v in (data.get("original_val") or {}).items()},
         )
 
     def save(self, adapter_dir: Path) -> Path:

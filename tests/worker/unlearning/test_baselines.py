@@ -16,6 +16,7 @@ from peft import PeftModel
 from torch import nn
 from torch.func import functional_call, grad
 
+from tests.worker.unlearning.distributions import assert_distribution
 from worker.unlearning.datastore import DataStore
 from worker.unlearning.engine import EngineInputs, apply_method, ensure_base, evaluate, request_context
 from worker.unlearning.grads import per_sample_grads
@@ -349,8 +350,12 @@ def _unl(value: float | None) -> float:
     return value
 
 
+SEEDS = tuple(range(10))
+
+
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[EngineInputs, PeftModel]:
+def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[EngineInputs, dict[int, PeftModel]]:
+    """One frozen base; a v1 per seed (the distribution the quality assertions judge)."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("digits-baselines")
     workload = load_workload("digits-clients")
@@ -358,37 +363,67 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[EngineInputs, Peft
     ensure_base(workload, root / "base", workload.settings(), seed=0)
     inputs = EngineInputs.load(workload, data_dir=root / "data", base_dir=root / "base", settings={}, seed=0)
     cfg = TrainConfig.from_settings(inputs.settings)
-    return inputs, train_v1(inputs.base, inputs.full_train_set(), inputs.tasks, cfg, seed=0)
+    train = inputs.full_train_set()
+    return inputs, {seed: train_v1(inputs.base, train, inputs.tasks, cfg, seed=seed) for seed in SEEDS}
 
 
+# Measured over seeds 0–9 on two kernel paths (ATEN_CPU_CAPABILITY=default and avx2; 2026-12-01): see
+# docs/benchmarks.md, "Quality tests over seeds". A seed passes when the forget-set accuracy of a
+# forgotten task fell by ≥ 0.05 and none rose; the bound is the worst path's pass fraction less about
+# one seed, so that a kernel path cannot flip the verdict while a rule that stopped forgetting fails.
+BASELINE_PASS_FRACTION = {"FU": 0.7, "PU-digit": 0.7}
+MIN_DROP = 0.05
+
+
+def baseline_drops(
+    inputs: EngineInputs, v1s: dict[int, PeftModel], method: str, forget_tasks: list[str]
+) -> list[tuple[float, float]]:
+    """(largest, smallest) forget-set accuracy drop over the forgotten tasks, per seed."""
+    kind = "client" if not forget_tasks else "task"
+    spec = ForgetSpec(f"{method}-{kind}", kind, CLIENT, None, forget_tasks)  # type: ignore[arg-type]
+    settings = {**inputs.settings, method: {"early_stopping": False}} if forget_tasks else inputs.settings
+    out = []
+    for seed in SEEDS:
+        seeded = dataclasses.replace(inputs, seed=seed)
+        ctx = dataclasses.replace(
+            request_context(seeded, spec, RoundState(), stage=1, cache_key=None), settings=settings
+        )
+        model = copy.deepcopy(v1s[seed])
+        before_params = {n: p.detach().clone() for n, p in model.named_parameters()}
+        before = evaluate(model, ctx)
+        model, info, _, _ = apply_method(method, model, ctx)
+        after = evaluate(model, ctx)
+        drop = [_unl(before.tasks[t].unl) - _unl(after.tasks[t].unl) for t in ctx.partitions.forget_tasks]
+        out.append((max(drop), min(drop)))
+        params = dict(model.named_parameters())
+        assert all(bool(torch.isfinite(p).all()) for p in params.values())
+        changed = {n for n, v in before_params.items() if not torch.equal(params[n], v)}
+        assert changed, "nothing moved"
+        assert all(("lora_" in n or "modules_to_save" in n) and SUBSET_HEAD not in n for n in changed), (
+            changed
+        )
+        assert info["best_epoch"] >= 1
+    return out
+
+
+@pytest.mark.quality
 @pytest.mark.parametrize("method", BASELINES)
 @pytest.mark.parametrize("forget_tasks", [[], ["digit"]], ids=["FU", "PU-digit"])
 def test_digits_request_lowers_forget_accuracy(
-    digits: tuple[EngineInputs, PeftModel], method: str, forget_tasks: list[str]
+    digits: tuple[EngineInputs, dict[int, PeftModel]], method: str, forget_tasks: list[str]
 ) -> None:
     """A client request (FU) with the method's defaults (paper defaults, MIA model selection towards
     0.5); a partial-task request (PU: the client's ``digit`` labels) with the last epoch kept — on PU
     ``uno``'s forget-set MIA first rises above the original's, so its model selection keeps epoch 0
-    (docs/methods.md, "Baselines"); the test checks the update rule itself there."""
-    inputs, v1 = digits
-    kind = "client" if not forget_tasks else "task"
-    spec = ForgetSpec(f"{method}-{kind}", kind, CLIENT, None, forget_tasks)  # type: ignore[arg-type]
-    settings = {**inputs.settings, method: {"early_stopping": False}} if forget_tasks else inputs.settings
-    ctx = dataclasses.replace(
-        request_context(inputs, spec, RoundState(), stage=1, cache_key=None), settings=settings
+    (docs/methods.md, "Baselines"); the test checks the update rule itself there. Judged over
+    seeds: the median drop and the fraction of seeds that forget (see BASELINE_PASS_FRACTION)."""
+    inputs, v1s = digits
+    drops = baseline_drops(inputs, v1s, method, forget_tasks)
+    setting = "PU-digit" if forget_tasks else "FU"
+    assert_distribution(
+        f"{method} {setting}: forget-set accuracy drop",
+        [hi for hi, _ in drops],
+        median_at_least=MIN_DROP,
+        passes=[hi >= MIN_DROP and lo >= 0.0 for hi, lo in drops],
+        fraction_at_least=BASELINE_PASS_FRACTION[setting],
     )
-    model = copy.deepcopy(v1)
-    before_params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    before = evaluate(model, ctx)
-    model, info, _, _ = apply_method(method, model, ctx)
-    after = evaluate(model, ctx)
-    forgotten = ctx.partitions.forget_tasks
-    drop = [_unl(before.tasks[t].unl) - _unl(after.tasks[t].unl) for t in forgotten]
-    assert max(drop) >= 0.05, (method, drop, info.get("history"))
-    assert min(drop) >= 0.0, (method, drop)
-    params = dict(model.named_parameters())
-    assert all(bool(torch.isfinite(p).all()) for p in params.values())
-    changed = {n for n, v in before_params.items() if not torch.equal(params[n], v)}
-    assert changed, "nothing moved"
-    assert all(("lora_" in n or "modules_to_save" in n) and SUBSET_HEAD not in n for n in changed), changed
-    assert info["best_epoch"] >= 1

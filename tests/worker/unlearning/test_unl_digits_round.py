@@ -1,41 +1,51 @@
-"""One round of the default method on ``digits-clients`` (client c3, seeds 0–2, the workload's
-default settings): a client request moves the forget set towards the retrain reference while Val and
-Ret stay within stated tolerances; a partial-task request keeps the retained task.
+"""One round of the default method on ``digits-clients`` (client c3), judged over 10 seeds (v1 and the
+engine's randomness per seed; one frozen base): a client request moves the forget set towards an exact
+retrain while Val and Ret stay within stated tolerances; a partial-task request keeps the retained
+task; and whatever the method does, the published model passes its acceptance check.
 
-Margins, measured on seeds 0–4 (2026-11-23, after the retain-preserving defaults of
-docs/methods.md):
-
-- client request: the method closed 0.78–1.0 of the original→retrain gap in ``digit`` Unl
-  accuracy (``orientation``: 0.15–1.0, weakest on seeds 0 and 1 — not asserted); Ret fell at most
-  0.08 below min(original, retrain) (seed 3, ``digit``; before those defaults the demo showed
-  −0.115), Val at most 0.02;
-- partial-task request on ``orientation``: the kept ``digit`` task on c3's samples stayed at or above
-  min(original, retrain) on every seed; Ret at most 0.05 below; Val at most 0.02 below on seeds
-  0–3, but 0.13 below on seed 4 (``orientation``) — a finding, reported, outside the tested seeds.
-  Forgetting ``orientation`` for c3 is weak on seeds 0–2 (Unl 0.89–0.91 against the retrain's
-  0.27–0.41; docs/benchmarks.md), so it is not asserted here.
-
+The method is measured on its own (``acceptance.fallback: none``: no retrain replaces a failed
+update); the retrain it is scored against is trained here by the test, never by the round (no oracle).
+Thresholds: see MEASURED below — the spread over seeds 0–9 on two CPU kernel paths
+(``ATEN_CPU_CAPABILITY=default`` and ``avx2``), with the bound set below the worst path's median and
+pass fraction by about one seed's worth, so that a path that differs in the last bits cannot flip the
+verdict, while a method that stopped forgetting (or started breaking retained data) fails.
 Tolerances are one-sided (a rise is no harm).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from tests.worker.unlearning.distributions import assert_distribution
 from worker.unlearning.datastore import DataStore
 from worker.unlearning.engine import ForgetSpec, ensure_base, prepare, run_round
 from worker.unlearning.workload import Workload, load_workload
 
+pytestmark = pytest.mark.quality
+
 METHOD = "default"
 CLIENT = "c3"
-MIN_CLOSED = 0.5  # fraction of the original→retrain Unl-accuracy gap the method must close
+SEEDS = tuple(range(10))
 VAL_TOLERANCE = 0.08  # Val(method) ≥ min(Val(original), Val(retrain)) − VAL_TOLERANCE, every task
 RET_TOLERANCE = 0.10  # Ret(method) ≥ min(Ret(original), Ret(retrain)) − RET_TOLERANCE, every task
 KEPT_TOLERANCE = 0.05  # a retained task's accuracy on the client's samples, same form
+MIN_CLOSED = 0.5  # a seed "closes the gap" when the method closes half the original→retrain gap
+
+CLIENT_SPEC = ForgetSpec("r1", "client", CLIENT, None, [])
+TASK_SPEC = ForgetSpec("r2", "task", CLIENT, None, ["orientation"])
+NO_FALLBACK = {"acceptance": {"fallback": "none"}}
+
+
+@dataclass(frozen=True)
+class SeedRun:
+    method: dict[str, Any]  # the method's own evidence (no fallback)
+    retrain: dict[str, Any]  # the exact retrain's evidence (the test's scoring reference)
+    published: dict[str, Any]  # what the engine publishes with its defaults (fallback on)
 
 
 @pytest.fixture(scope="module")
@@ -48,56 +58,135 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workload, Path]:
     return workload, root
 
 
-def _round(digits: tuple[Workload, Path], seed: int, spec: ForgetSpec) -> dict[str, Any]:
+def _round(
+    digits: tuple[Workload, Path], seed: int, spec: ForgetSpec, method: str, settings: dict[str, Any]
+) -> dict[str, Any]:
     workload, root = digits
     v1 = root / f"v1-{seed}"
     if not v1.exists():
-        prepare(
-            workload, data_dir=root / "data", base_dir=root / "base", adapter_dir=v1, settings={}, seed=seed,
-            cache_dir=root / "cache",
-        )  # fmt: skip
-    outcome = run_round(
-        workload,
-        data_dir=root / "data",
-        base_dir=root / "base",
-        adapter_in=v1,
-        adapter_out=root / f"v2-{seed}-{spec.request_id}",
-        requests=[spec],
-        method=METHOD,
-        settings={},
-        seed=seed,
-        cache_dir=root / "cache",
-    )
+        prepare(workload, data_dir=root / "data", base_dir=root / "base", adapter_dir=v1, settings={},
+                seed=seed, cache_dir=root / "cache")  # fmt: skip
+    out = root / f"v2-{seed}-{spec.request_id}-{method}-{len(settings)}"
+    outcome = run_round(workload, data_dir=root / "data", base_dir=root / "base", adapter_in=v1,
+                        adapter_out=out, requests=[spec], method=method, settings=settings, seed=seed,
+                        cache_dir=root / "cache")  # fmt: skip
     evidence: dict[str, Any] = outcome.evidence[spec.request_id]
-    assert evidence["reference"] == "retrain"
-    assert evidence["uis"]["value"] is not None
     return evidence
 
 
-def _assert_within(ev: dict[str, Any], split: str, tolerance: float, tasks: tuple[str, ...]) -> None:
-    method, original, reference = ev["tasks"], ev["original_metrics"], ev["reference_metrics"]
-    for task in tasks:
-        floor = min(original[task][split], reference[task][split]) - tolerance
-        assert method[task][split] >= floor, (split, task, method[task], original[task], reference[task])
+def run_seeds(digits: tuple[Workload, Path], spec: ForgetSpec) -> list[SeedRun]:
+    runs = []
+    for seed in SEEDS:
+        own = _round(digits, seed, spec, METHOD, NO_FALLBACK)
+        # the engine's default publishes the method's update when it passes its check: the same run
+        published = own if own["acceptance"]["passed"] else _round(digits, seed, spec, METHOD, {})
+        runs.append(SeedRun(own, _round(digits, seed, spec, "retrain", NO_FALLBACK), published))
+    return runs
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_client_round_moves_forget_set_towards_retrain(digits: tuple[Workload, Path], seed: int) -> None:
-    ev = _round(digits, seed, ForgetSpec("r1", "client", CLIENT, None, []))
-    method, original, reference = ev["tasks"], ev["original_metrics"], ev["reference_metrics"]
-    gap_before = abs(original["digit"]["unl"] - reference["digit"]["unl"])
-    gap_after = abs(method["digit"]["unl"] - reference["digit"]["unl"])
-    assert gap_before >= 0.10  # the workload is measurable on this client
-    assert gap_after <= (1 - MIN_CLOSED) * gap_before, (gap_before, gap_after)
-    _assert_within(ev, "val", VAL_TOLERANCE, ("digit", "orientation"))
-    _assert_within(ev, "ret", RET_TOLERANCE, ("digit", "orientation"))
-    assert ev["pruned_subset_outputs"] == [3]
+@pytest.fixture(scope="module")
+def client_runs(digits: tuple[Workload, Path]) -> list[SeedRun]:
+    return run_seeds(digits, CLIENT_SPEC)
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_partial_task_round_keeps_the_retained_task(digits: tuple[Workload, Path], seed: int) -> None:
-    ev = _round(digits, seed, ForgetSpec("r2", "task", CLIENT, None, ["orientation"]))
-    assert ev["forget_tasks"] == ["orientation"]
-    _assert_within(ev, "unl", KEPT_TOLERANCE, ("digit",))  # digit on c3's samples: kept, not forgotten
-    _assert_within(ev, "val", VAL_TOLERANCE, ("digit", "orientation"))
-    _assert_within(ev, "ret", RET_TOLERANCE, ("digit", "orientation"))
+@pytest.fixture(scope="module")
+def task_runs(digits: tuple[Workload, Path]) -> list[SeedRun]:
+    return run_seeds(digits, TASK_SPEC)
+
+
+def gap_closed(run: SeedRun, task: str) -> float:
+    """Fraction of the original→retrain gap in Unl accuracy the method closed (1 = at the retrain)."""
+    original = run.method["original_metrics"][task]["unl"]
+    retrain = run.retrain["tasks"][task]["unl"]
+    method = run.method["tasks"][task]["unl"]
+    before = abs(original - retrain)
+    return 1.0 - abs(method - retrain) / before if before > 0 else 1.0
+
+
+def margin_within(run: SeedRun, split: str, tasks: tuple[str, ...]) -> float:
+    """The smallest margin over ``tasks`` of the method's ``split`` metric above
+    min(original, retrain) (negative: below)."""
+    return min(
+        float(run.method["tasks"][t][split])
+        - min(float(run.method["original_metrics"][t][split]), float(run.retrain["tasks"][t][split]))
+        for t in tasks
+    )
+
+
+def summary(runs: list[SeedRun]) -> dict[str, list[float]]:
+    """Every per-seed number the tests judge (also printed by ``scripts/quality_spread.py``)."""
+    return {
+        "closed_digit": [gap_closed(r, "digit") for r in runs],
+        "closed_orientation": [gap_closed(r, "orientation") for r in runs],
+        "val_margin": [margin_within(r, "val", ("digit", "orientation")) for r in runs],
+        "ret_margin": [margin_within(r, "ret", ("digit", "orientation")) for r in runs],
+        "kept_digit_margin": [margin_within(r, "unl", ("digit",)) for r in runs],
+        "method_passed_check": [float(bool(r.method["acceptance"]["passed"])) for r in runs],
+        "published_passed_check": [float(bool(r.published["acceptance"]["passed"])) for r in runs],
+    }
+
+
+# MEASURED (2026-12-01, torch 2.13.0 CPU, 1 thread; per-seed values in docs/benchmarks.md,
+# "Quality tests over seeds"): see the constants below for the bounds.
+CLIENT_CLOSED_MEDIAN = 0.5
+CLIENT_CLOSED_FRACTION = 0.6
+CLIENT_VAL_FRACTION = 0.8
+CLIENT_RET_FRACTION = 0.8
+TASK_KEPT_FRACTION = 0.8
+TASK_VAL_FRACTION = 0.8
+
+
+def test_client_round_moves_forget_set_towards_retrain(client_runs: list[SeedRun]) -> None:
+    s = summary(client_runs)
+    assert_distribution(
+        "client request: original→retrain gap closed (digit)",
+        s["closed_digit"],
+        median_at_least=CLIENT_CLOSED_MEDIAN,
+        passes=[v >= MIN_CLOSED for v in s["closed_digit"]],
+        fraction_at_least=CLIENT_CLOSED_FRACTION,
+    )
+    assert_distribution(
+        "client request: Val margin over min(original, retrain) + tolerance",
+        s["val_margin"],
+        passes=[v >= -VAL_TOLERANCE for v in s["val_margin"]],
+        fraction_at_least=CLIENT_VAL_FRACTION,
+    )
+    assert_distribution(
+        "client request: Ret margin over min(original, retrain) + tolerance",
+        s["ret_margin"],
+        passes=[v >= -RET_TOLERANCE for v in s["ret_margin"]],
+        fraction_at_least=CLIENT_RET_FRACTION,
+    )
+    assert all(r.method["pruned_subset_outputs"] == [3] for r in client_runs)
+
+
+def test_partial_task_round_keeps_the_retained_task(task_runs: list[SeedRun]) -> None:
+    s = summary(task_runs)
+    assert all(r.method["forget_tasks"] == ["orientation"] for r in task_runs)
+    assert_distribution(
+        "partial-task request: digit kept on c3's samples",
+        s["kept_digit_margin"],
+        passes=[v >= -KEPT_TOLERANCE for v in s["kept_digit_margin"]],
+        fraction_at_least=TASK_KEPT_FRACTION,
+    )
+    assert_distribution(
+        "partial-task request: Val margin",
+        s["val_margin"],
+        passes=[v >= -VAL_TOLERANCE for v in s["val_margin"]],
+        fraction_at_least=TASK_VAL_FRACTION,
+    )
+
+
+@pytest.mark.parametrize("kind", ["client", "task"])
+def test_published_model_passes_its_acceptance_check(
+    kind: str, client_runs: list[SeedRun], task_runs: list[SeedRun]
+) -> None:
+    """Whatever the method does on a seed, what the round publishes keeps the request's promise (the
+    method's update, or the exact retrain that replaced it): on every seed, not a fraction."""
+    runs = client_runs if kind == "client" else task_runs
+    failed = [
+        (seed, [c["what"] for c in r.published["acceptance"]["checks"] if not c["ok"]])
+        for seed, r in zip(SEEDS, runs, strict=True)
+        if not r.published["acceptance"]["passed"]
+    ]
+    assert not failed, failed

@@ -8,7 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
+from worker.unlearning.acceptance import Check
 from worker.unlearning.engine import ForgetSpec, RoundOutcome, anchor_fraction, prepare, run_round
 from worker.unlearning.workloads.toy import ToyWorkload
 
@@ -75,7 +77,7 @@ def test_run_round_writes_adapter_and_json_evidence(prepared: Path) -> None:
         prepared,
         requests,
         "original",
-        {"audit": {"retrain_reference": False}},
+        {},
         seed=1,
         on_progress=lambda done, total, msg: progress.append((done, total, msg)),
     )
@@ -106,24 +108,86 @@ def test_repeated_request_is_a_no_op(prepared: Path) -> None:
     assert outcome.state.requests == ["r1", "r1-again"]
 
 
-@pytest.mark.parametrize("reference", [True, False])
-def test_retrain_method_trains_on_the_retain_set(prepared: Path, reference: bool) -> None:
-    outcome = _round(
-        prepared,
-        [ForgetSpec("r1", "client", "u2", None, [])],
-        "retrain",
-        {"audit": {"retrain_reference": reference}},
-    )
+def test_retrain_method_trains_on_the_retain_set(prepared: Path) -> None:
+    outcome = _round(prepared, [ForgetSpec("r1", "client", "u2", None, [])], "retrain", {})
     ev = outcome.evidence["r1"]
     assert ev["method"] == "retrain"
     assert ev["pruned_subset_outputs"] == [2]
     assert ev["partition_sizes"]["retain_set"] == 24  # 3 clients × 12 samples, minus u2's
-    if reference:  # the reference is the retrain itself: reused, UIS 0
-        assert ev["method_info"]["reused_reference"] is True
-        assert ev["uis"]["value"] == pytest.approx(0.0)
-    else:
-        assert ev["method_info"]["retain_samples"] == 24
-        assert ev["uis"]["value"] is None
+    assert ev["method_info"]["retain_samples"] == 24
+    assert ev["uis"]["value"] is None  # UIS needs a reference retrain: certification's job
+
+
+def test_no_retrain_reference_on_the_request_path(prepared: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No oracle (issue 8): a round never trains a reference retrain of the request it serves. With
+    every way to train one made to fail, a round of the default method (no fallback) completes
+    exactly as before; the old switch that trained one is refused with a clear error."""
+    import worker.unlearning.engine as engine
+
+    spec = [ForgetSpec("r1", "client", "u1", None, [])]
+    settings = {"acceptance": {"fallback": "none"}}
+    plain = _round(prepared, spec, "default", settings)
+
+    def no_retrain(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a retrain was trained on the request path")
+
+    monkeypatch.setattr(engine, "compute_reference", no_retrain)
+    monkeypatch.setattr(engine, "reference_retrain", no_retrain)
+    monkeypatch.setattr(engine, "retrain", no_retrain)
+    guarded = _round(prepared, spec, "default", settings)
+    ev, ev_plain = guarded.evidence["r1"], plain.evidence["r1"]
+    assert ev["tasks"] == ev_plain["tasks"]
+    assert ev["uis"]["value"] is None
+    assert ev["reference_metrics"] is None
+    assert "certification" in ev["uis"]["reason"]
+    with pytest.raises(ValueError, match="retrain_reference"):
+        _round(prepared, spec, "default", {"audit": {"retrain_reference": True}})
+
+
+def _failing_check(*args: object, **kwargs: object) -> list[Check]:
+    return [Check("forgotten: forget set, kind", False, "forced failure", margin=-0.1)]
+
+
+def test_a_failed_acceptance_check_publishes_the_exact_retrain(
+    prepared: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """UNLEARNING.md step 3: an update that fails its acceptance check is replaced by the exact path
+    (a retrain on the retain set), and the evidence says which path was published and why."""
+    import worker.unlearning.engine as engine
+
+    calls: list[str] = []
+
+    def method_fails(before: object, after: torch.nn.Module, ctx: object, cfg: object) -> list[Check]:
+        calls.append(type(after).__name__)
+        return _failing_check() if len(calls) == 1 else [Check("kept", True, "ok", margin=0.1)]
+
+    monkeypatch.setattr(engine, "check_request", method_fails)
+    outcome = _round(prepared, [ForgetSpec("r1", "client", "u1", None, [])], "default", {})
+    accepted = outcome.evidence["r1"]["acceptance"]
+    assert accepted["path"] == "retrain"
+    assert accepted["passed"] is True
+    assert [c["ok"] for c in accepted["method_checks"]] == [False]
+    assert "retrain" in accepted["reason"]
+    assert outcome.evidence["r1"]["timings_s"]["acceptance_fallback_s"] > 0
+    assert len(calls) == 2
+
+
+def test_a_failed_check_without_fallback_is_never_silent(
+    prepared: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import worker.unlearning.engine as engine
+
+    monkeypatch.setattr(engine, "check_request", _failing_check)
+    outcome = _round(
+        prepared,
+        [ForgetSpec("r1", "client", "u1", None, [])],
+        "default",
+        {"acceptance": {"fallback": "none"}},
+    )
+    accepted = outcome.evidence["r1"]["acceptance"]
+    assert accepted["passed"] is False
+    assert accepted["path"] == "default"
+    assert "fails this check" in accepted["warning"]
 
 
 def test_next_requests_importance_is_computed_ahead_and_read_from_the_cache(tmp_path: Path) -> None:
@@ -132,7 +196,7 @@ def test_next_requests_importance_is_computed_ahead_and_read_from_the_cache(tmp_
     on the spot: SSD's selection is identical without the cache)."""
     _prepare(tmp_path, cache_dir=tmp_path / "cache")
     requests = [ForgetSpec("r1", "client", "u1", None, []), ForgetSpec("r2", "task", "u2", None, ["kind"])]
-    settings = {"audit": {"retrain_reference": False}}
+    settings: dict[str, object] = {}
     cached = _round(tmp_path, requests, "default", settings, cache_dir=tmp_path / "cache")
     on_the_spot = _round(tmp_path, requests, "default", settings)
     for rid in ("r1", "r2"):
@@ -150,7 +214,7 @@ def test_anchor_fraction_per_method(prepared: Path) -> None:
     assert anchor_fraction(settings, "ssd") == 0.25
     assert anchor_fraction({}, "ia") == 0.1
     spec = [ForgetSpec("r1", "client", "u1", None, [])]
-    full = _round(prepared, spec, "ia", {**settings, "audit": {"retrain_reference": False}})
+    full = _round(prepared, spec, "ia", settings)
     ev = full.evidence["r1"]
     assert ev["anchor"]["fraction"] == 1.0
     assert ev["anchor"]["size"] == ev["partition_sizes"]["retain_set"]  # every retained instance

@@ -272,7 +272,6 @@ class DigitsClients(Workload):
             # digits-clients workload"): half the retain instances as anchor make the retain term of
             # Eq. 11 repair what the forget term and SSD break (0.1: Ret 0.71–0.75, 0.5: 0.87)
             "anchor_fractions": {"default": 0.5, "ia": 0.5},
-            "audit": {"retrain_reference": True},
             # interference-aware updates sized for this small adapter (the paper's lr 1e-4 barely
             # moves it); at most 20 epochs (paper), stopped 2 epochs after the kept checkpoint last
             # changed; checkpoints that lose more than 0.05 retain accuracy are not kept (deviation)

@@ -90,5 +90,4 @@ class ToyWorkload(Workload):
             "pretrain": {"epochs": 5, "batch_size": 32},
             "train": {"epochs": 4, "main_only_epochs": 2, "batch_size": 16, "lr": 1e-2},
             "anchor_fraction": 0.25,
-            "audit": {"retrain_reference": True},
         }

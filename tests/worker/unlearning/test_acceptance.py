@@ -1,0 +1,131 @@
+"""The acceptance check (worker/unlearning/acceptance.py) on models whose predictions are set by hand:
+each check passes exactly when its promise holds, and fails when it is broken."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from worker.unlearning.acceptance import AcceptanceConfig, Check, Groups, check
+from worker.unlearning.types import IGNORE, Batch, ClassificationTask
+
+TASKS = [ClassificationTask("a", 4), ClassificationTask("b", 4)]
+
+
+class Predicts(nn.Module):
+    """Predicts, for task ``t``, the class written in input column ``column[t]``."""
+
+    def __init__(self, columns: dict[str, int]) -> None:
+        super().__init__()
+        self.columns = columns
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return {t: 10.0 * nn.functional.one_hot(x[:, c].long(), 4).float() for t, c in self.columns.items()}
+
+
+def rows(n: int, client: int, a: int | None, b: int | None, correct: float, wrong_col: float = 1.0) -> Batch:
+    """``n`` rows whose labels are 0; column 0 is the label for a model that is right on them, column
+    1 holds a wrong class (or the label, for a fraction ``correct`` of them)."""
+    x = torch.zeros(n, 2)
+    right = round(correct * n)
+    x[right:, 1] = wrong_col  # rows after `right` are wrong when read from column 1
+    labels = {
+        "a": torch.full((n,), IGNORE if a is None else a, dtype=torch.long),
+        "b": torch.full((n,), IGNORE if b is None else b, dtype=torch.long),
+    }
+    return Batch(x=x, labels=labels, subset=torch.full((n,), client, dtype=torch.long))
+
+
+RIGHT = Predicts({"a": 0, "b": 0})  # right on every row
+
+
+def heldout_at(accuracy: float) -> Batch:
+    return rows(200, IGNORE, 0, 0, accuracy)
+
+
+def by_name(checks: list[Check]) -> dict[str, Check]:
+    return {c.what: c for c in checks}
+
+
+def run(after: nn.Module, groups: Groups, forget_tasks: list[str], **kw: float) -> dict[str, Check]:
+    return by_name(check(RIGHT, after, groups, TASKS, forget_tasks, AcceptanceConfig(**kw)))  # type: ignore[arg-type]
+
+
+def test_a_forget_set_at_the_unseen_level_passes_and_a_recognisable_one_fails() -> None:
+    # after: reads column 1 for every task, right on 60 % of each group
+    after = Predicts({"a": 1, "b": 1})
+    empty = rows(0, 0, None, None, 1.0)
+    forget = rows(50, 1, 0, 0, 0.6)
+    groups = Groups(forget=forget, kept=empty, retained=empty, heldout=heldout_at(0.6))
+    result = run(after, groups, ["a", "b"], retained_clients=False, heldout_tolerance=1.0)
+    assert result["forgotten: forget set, a"].ok
+    # the same forget set, now 90 % right after the update: still recognisable
+    groups = Groups(forget=rows(50, 1, 0, 0, 0.9), kept=empty, retained=empty, heldout=heldout_at(0.6))
+    result = run(after, groups, ["a", "b"], retained_clients=False, heldout_tolerance=1.0)
+    assert not result["forgotten: forget set, a"].ok
+    p_tilde = (0.6 * 50 + 2) / 54  # Agresti–Coull with z = 2
+    bound = 0.6 + 2 * math.sqrt(p_tilde * (1 - p_tilde) / 54)
+    assert result["forgotten: forget set, a"].margin == pytest.approx(bound - 0.9)
+
+
+def test_kept_tasks_retained_clients_and_heldout_are_checked_against_the_old_version() -> None:
+    after = Predicts({"a": 1, "b": 0})  # a: right on the rows' fraction; b: always right
+    kept = rows(40, 1, None, 0, 1.0)  # task b kept on X_f: stays right
+    client2 = rows(100, 2, 0, 0, 0.5)  # task a falls from 1.0 to 0.5 on client 2
+    client3 = rows(100, 3, 0, 0, 1.0)
+    both = Batch(
+        x=torch.cat([client2.x, client3.x]),
+        labels={t: torch.cat([client2.labels[t], client3.labels[t]]) for t in ("a", "b")},
+        subset=torch.cat([client2.subset, client3.subset]),
+    )
+    groups = Groups(forget=rows(10, 1, 0, None, 0.0), kept=kept, retained=both, heldout=heldout_at(1.0))
+    result = run(after, groups, ["a"])
+    assert result["kept: request's samples, b"].ok
+    assert not result["kept: retained client #2, a"].ok
+    assert result["kept: retained client #3, a"].ok
+    assert result["kept: retained client #2, b"].ok
+    assert result["held-out accuracy kept: a"].ok  # held-out rows are right from column 1 too
+    groups = Groups(forget=rows(10, 1, 0, None, 0.0), kept=kept, retained=both, heldout=heldout_at(0.9))
+    result = run(after, groups, ["a"])
+    assert not result["held-out accuracy kept: a"].ok  # 1.0 → 0.9: a drop of 10 points > 5
+
+
+def test_heldout_is_kept_against_the_original_version_too() -> None:
+    """A sequence of requests cannot drift: the floor is the better of the old and the original."""
+    after = Predicts({"a": 1, "b": 1})
+    empty = rows(0, 0, None, None, 1.0)
+    groups = Groups(forget=rows(10, 1, 0, 0, 0.0), kept=empty, retained=empty, heldout=heldout_at(0.8))
+    before_is_the_floor = by_name(
+        check(Predicts({"a": 1, "b": 1}), after, groups, TASKS, ["a", "b"], AcceptanceConfig())
+    )
+    assert before_is_the_floor["held-out accuracy kept: a"].ok  # no change against the old version
+    with_original = by_name(
+        check(
+            Predicts({"a": 1, "b": 1}), after, groups, TASKS, ["a", "b"], AcceptanceConfig(),
+            original_val={"a": 0.9, "b": 0.8},
+        )
+    )  # fmt: skip
+    assert not with_original["held-out accuracy kept: a"].ok  # 10 points under the original
+    assert with_original["held-out accuracy kept: b"].ok
+
+
+def test_nothing_memorised_is_nothing_to_forget() -> None:
+    """A forget set the old version was no better on than on unseen data has nothing to show: it
+    passes (the demo, which wants to show a fall, says so instead)."""
+    same = Predicts({"a": 1, "b": 1})
+    empty = rows(0, 0, None, None, 1.0)
+    groups = Groups(forget=rows(50, 1, 0, None, 0.5), kept=empty, retained=empty, heldout=heldout_at(0.9))
+    result = by_name(check(same, same, groups, TASKS, ["a"], AcceptanceConfig(retained_clients=False)))
+    assert result["forgotten: forget set, a"].ok
+    assert "not memorised" in result["forgotten: forget set, a"].detail
+
+
+def test_config_rejects_unknown_fallback_and_keys() -> None:
+    with pytest.raises(ValueError, match="fallback"):
+        AcceptanceConfig.from_settings({"fallback": "hope"})
+    with pytest.raises(ValueError, match="unknown acceptance setting"):
+        AcceptanceConfig.from_settings({"z": 1})
+    assert AcceptanceConfig.from_settings(None) == AcceptanceConfig()

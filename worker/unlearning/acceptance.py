@@ -1,0 +1,249 @@
+"""The acceptance check of a request (UNLEARNING.md, default method step 3): after the update, test
+the request's promise on data the update did not train on, with no retrain anywhere.
+
+What a correct unlearning must show, against the version the round started from (``before``) and
+the held-out split (data of no client: the unseen population):
+
+- forgotten: for every forgotten task, the new model does no better on the forget set than on data
+  it never saw — accuracy ≤ held-out accuracy + ``forget_z`` standard errors of a proportion over
+  the forget set's n samples. The held-out level is the lower of the original version's (v1) and the
+  new model's own, so that neither a drift of the model nor a lucky draw of the held-out split
+  passes a forget set that is still recognisable. A forget set the old version had not memorised
+  (already at or below the bound) has nothing to show and passes.
+- kept: the tasks a per-task request keeps, on its samples (D_r^task), and every retained client's
+  training data, task by task, stay within ``kept_tolerance`` + ``forget_z`` standard errors of the
+  old version's accuracy (a retained client must not lose what it contributed).
+- held-out: every task's held-out accuracy stays within ``heldout_tolerance`` of the best of the
+  old version's and the original's (so that a sequence of requests cannot drift the model away by
+  a tolerance each).
+
+The same functions judge the served model in ``lethe demo`` (``worker/demo_checks.py``): a request
+that completes has passed what the demo checks, or says in its evidence why not.
+
+Accuracy bounds use the standard error of a proportion (Agresti–Coull, so that a group fitted
+perfectly still has a non-zero error): they are stated for accuracy-like metrics in [0, 1]
+(classification).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from worker.unlearning.config import typed_kwargs
+from worker.unlearning.types import IGNORE, Batch, TaskSpec
+
+FORGET_NOISE_Z = 2.0
+HELDOUT_TOLERANCE = 0.05
+
+
+@dataclass(frozen=True)
+class Check:
+    what: str
+    ok: bool
+    detail: str
+    # how far inside (> 0) or outside (< 0) its bound the measured value is, in metric points
+    margin: float = float("nan")
+
+    def to_json(self) -> dict[str, Any]:
+        margin = None if math.isnan(self.margin) else round(self.margin, 6)
+        return {"what": self.what, "ok": self.ok, "detail": self.detail, "margin": margin}
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.3f}"
+    return str(value)
+
+
+def _se(p: float, n: int, z: float) -> float:
+    """Standard error of a proportion ``p`` measured on ``n`` samples, Agresti–Coull style (add z²/2
+    successes and failures): the plain Wald error is 0 at p = 1, which would make one changed
+    prediction on a perfectly fitted group a failure (a retrain fails such a bound too)."""
+    p = min(max(p, 0.0), 1.0)
+    n_tilde = n + z * z
+    p_tilde = (p * n + z * z / 2) / n_tilde
+    return math.sqrt(p_tilde * (1 - p_tilde) / n_tilde)
+
+
+def forget_check(
+    what: str, before: float, after: float, n: int, unseen: float, z: float = FORGET_NOISE_Z
+) -> Check:
+    """The forgotten group's accuracy fell to the level of unseen data (``unseen`` + z SE over n)."""
+    if n == 0 or math.isnan(before) or math.isnan(unseen):
+        return Check(what, False, "no labelled samples to measure")
+    bound = unseen + z * _se(unseen, n, z)
+    detail = (
+        f"{fmt(before)} → {fmt(after)}; unseen-data level {fmt(unseen)} + {z:g} SE (n={n}) = {fmt(bound)}"
+    )
+    if before <= bound:
+        return Check(what, False, detail + ": the old version had not memorised it (nothing to show)")
+    return Check(what, after <= bound, detail, margin=bound - after)
+
+
+def heldout_check(task: str, before: float, after: float, tolerance: float = HELDOUT_TOLERANCE) -> Check:
+    """Held-out accuracy stayed within ``tolerance`` of ``before``."""
+    detail = (
+        f"{fmt(before)} → {fmt(after)} (drop {100 * (before - after):+.1f} points; "
+        f"allowed {100 * tolerance:.0f})"
+    )
+    margin = after - (before - tolerance)
+    return Check(f"held-out accuracy kept: {task}", margin >= 0, detail, margin=margin)
+
+
+def kept_check(
+    what: str,
+    before: float,
+    after: float,
+    n: int,
+    tolerance: float = HELDOUT_TOLERANCE,
+    z: float = FORGET_NOISE_Z,
+) -> Check:
+    """Retained training data kept its accuracy (``tolerance`` + z SE of n samples)."""
+    if n == 0 or math.isnan(before):
+        return Check(what, False, "no labelled samples to measure")
+    allowed = tolerance + z * _se(before, n, z)
+    detail = (
+        f"{fmt(before)} → {fmt(after)} (drop {100 * (before - after):+.1f} points; allowed "
+        f"{100 * allowed:.1f} = {100 * tolerance:.0f} + {z:g} SE, n={n})"
+    )
+    margin = after - (before - allowed)
+    return Check(what, margin >= 0, detail, margin=margin)
+
+
+@dataclass(frozen=True)
+class AcceptanceConfig:
+    """``settings["acceptance"]``."""
+
+    enabled: bool = True
+    forget_z: float = FORGET_NOISE_Z
+    heldout_tolerance: float = HELDOUT_TOLERANCE
+    kept_tolerance: float = HELDOUT_TOLERANCE
+    # check every retained client's training data (not only the request's own samples)
+    retained_clients: bool = True
+    # what a request whose update failed the check falls back to: "retrain" (the exact path) or
+    # "none" (the request completes with the failed check in its evidence)
+    fallback: str = "retrain"
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any] | None) -> AcceptanceConfig:
+        cfg = cls(**typed_kwargs(cls, settings, "acceptance"))
+        if cfg.fallback not in ("retrain", "none"):
+            raise ValueError("acceptance.fallback must be 'retrain' or 'none'")
+        if min(cfg.forget_z, cfg.heldout_tolerance, cfg.kept_tolerance) < 0:
+            raise ValueError("acceptance bounds must be >= 0")
+        return cfg
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Groups:
+    """The rows one request's check measures (labels ``IGNORE`` outside what a row is judged on)."""
+
+    forget: Batch  # D_f: X_f with the forgotten tasks' labels
+    kept: Batch  # D_r^task: X_f with the kept tasks' labels (empty for a full-task request)
+    retained: Batch  # retained instances with every label (grouped by client via ``subset``)
+    heldout: Batch  # unseen population
+
+
+def _outputs(model: nn.Module, batch: Batch, batch_size: int = 1024) -> dict[str, torch.Tensor]:
+    outs: list[dict[str, torch.Tensor]] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for part in batch.split(batch_size):
+                outs.append({k: v.detach() for k, v in model(part.x).items()})
+    finally:
+        model.train(was_training)
+    if not outs:
+        return {}
+    return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+
+
+@dataclass(frozen=True)
+class _Scores:
+    """Per-task metric and supervised count of one model on one batch (optionally a row subset)."""
+
+    out: dict[str, torch.Tensor]
+    batch: Batch
+
+    def metric(self, task: TaskSpec, rows: torch.Tensor | None = None) -> tuple[float, int]:
+        y = self.batch.labels.get(task.name)
+        if y is None or len(self.batch) == 0:
+            return float("nan"), 0
+        out = self.out[task.name]
+        if rows is not None:
+            y, out = y[rows], out[rows]
+        n = int((y != IGNORE).sum())
+        return (task.metric(out, y) if n else float("nan")), n
+
+
+def _scores(model: nn.Module, batch: Batch) -> _Scores:
+    return _Scores(_outputs(model, batch), batch)
+
+
+def check(
+    before: nn.Module,
+    after: nn.Module,
+    groups: Groups,
+    tasks: Sequence[TaskSpec],
+    forget_tasks: Sequence[str],
+    cfg: AcceptanceConfig,
+    *,
+    original_val: Mapping[str, float] | None = None,
+    client_names: Mapping[int, str] | None = None,
+) -> list[Check]:
+    """Every check of one request (see the module doc). ``original_val``: the original version's
+    held-out metric per task (``RoundState.original_val``); ``client_names``: subset index → client
+    id, for the checks' labels."""
+    names = dict(client_names or {})
+    sb, sa = {}, {}
+    for key, batch in (("forget", groups.forget), ("kept", groups.kept), ("heldout", groups.heldout)):
+        sb[key], sa[key] = _scores(before, batch), _scores(after, batch)
+    out: list[Check] = []
+    original = dict(original_val or {})
+    for task in tasks:
+        if task.name not in forget_tasks:
+            continue
+        (acc_b, n), (acc_a, _) = sb["forget"].metric(task), sa["forget"].metric(task)
+        val_a, _ = sa["heldout"].metric(task)
+        known = [v for v in (original.get(task.name, math.nan), val_a) if not math.isnan(v)]
+        unseen = min(known, default=math.nan)
+        c = forget_check(f"forgotten: forget set, {task.name}", acc_b, acc_a, n, unseen, cfg.forget_z)
+        if not c.ok and c.detail.endswith("(nothing to show)"):
+            c = Check(c.what, True, c.detail, margin=c.margin)  # nothing memorised: nothing to forget
+        out.append(c)
+    for task in tasks:
+        if task.name in forget_tasks:
+            continue
+        (acc_b, n), (acc_a, _) = sb["kept"].metric(task), sa["kept"].metric(task)
+        if n:
+            what = f"kept: request's samples, {task.name}"
+            out.append(kept_check(what, acc_b, acc_a, n, cfg.kept_tolerance, cfg.forget_z))
+    if cfg.retained_clients and len(groups.retained):
+        rb, ra = _scores(before, groups.retained), _scores(after, groups.retained)
+        for index in sorted({int(i) for i in groups.retained.subset.tolist()}):
+            rows = groups.retained.subset == index
+            label = names.get(index, f"client #{index}") if index != IGNORE else "no client"
+            for task in tasks:
+                (acc_b, n), (acc_a, _) = rb.metric(task, rows), ra.metric(task, rows)
+                if n:
+                    what = f"kept: retained {label}, {task.name}"
+                    out.append(kept_check(what, acc_b, acc_a, n, cfg.kept_tolerance, cfg.forget_z))
+    for task in tasks:
+        (val_b, n), (val_a, _) = sb["heldout"].metric(task), sa["heldout"].metric(task)
+        if not n:
+            continue
+        floor = max(v for v in (val_b, original.get(task.name, -math.inf)) if not math.isnan(v))
+        out.append(heldout_check(task.name, floor, val_a, cfg.heldout_tolerance))
+    return out
