@@ -7,15 +7,22 @@ when listed or invoked, and one that fails to import breaks nothing else: invoki
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
+from datetime import datetime
 from importlib.metadata import EntryPoint, entry_points
+from typing import TYPE_CHECKING
 
 import click
 from sqlalchemy.engine import make_url
 
 from service.db.models import SCOPES
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 ENTRY_POINT_GROUP = "lethe.cli"
 
@@ -133,6 +140,71 @@ def keys_create(scopes: tuple[str, ...], name: str | None) -> None:
     click.echo(
         f"scopes: {', '.join(sorted(set(scopes)))} (store the key now; only its hash is kept)", err=True
     )
+
+
+@contextlib.contextmanager
+def _key_session() -> Iterator[Session]:
+    from service.db.session import create_db_engine, make_session_factory, transaction
+
+    engine = create_db_engine(Settings().resolved_database_url)
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            yield session
+    finally:
+        engine.dispose()
+
+
+def _when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else "-"
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """List API keys: id, prefix, scopes, name, created, last used, rotated, revoked (no secrets)."""
+    from service.repositories import keys as keys_repo
+
+    rows = []
+    with _key_session() as session:
+        for k in keys_repo.list_keys(session):
+            state = "revoked" if k.revoked_at is not None else "active"
+            rows.append(
+                f"{k.id}\t{k.prefix}\t{state}\t{','.join(k.scopes)}\t{k.name or '-'}\t{_when(k.created_at)}"
+                f"\t{_when(k.last_used_at)}\t{_when(k.rotated_at)}\t{_when(k.revoked_at)}"
+            )
+    click.echo("id\tprefix\tstate\tscopes\tname\tcreated\tlast_used\trotated\trevoked")
+    for row in rows:
+        click.echo(row)
+
+
+@keys.command("revoke")
+@click.argument("key_id", type=click.IntRange(1, 2**31 - 1))
+def keys_revoke(key_id: int) -> None:
+    """Revoke the key KEY_ID (see `lethe keys list`) at once."""
+    from service.repositories import keys as keys_repo
+
+    with _key_session() as session:
+        row = keys_repo.get_key(session, key_id, lock=True)
+        if row is None:
+            raise click.ClickException(f"API key {key_id} does not exist")
+        keys_repo.revoke_key(session, row)
+    click.echo(f"key {key_id} revoked", err=True)
+
+
+@keys.command("rotate")
+@click.argument("key_id", type=click.IntRange(1, 2**31 - 1))
+def keys_rotate(key_id: int) -> None:
+    """Give the key KEY_ID a new secret and print it; the old secret stops working at once."""
+    from service.repositories import keys as keys_repo
+
+    with _key_session() as session:
+        row = keys_repo.get_key(session, key_id, lock=True)
+        if row is None:
+            raise click.ClickException(f"API key {key_id} does not exist")
+        if row.revoked_at is not None:
+            raise click.ClickException(f"API key {key_id} is revoked; create a new one")
+        _, secret = keys_repo.rotate_key(session, row)
+    click.echo(secret)
+    click.echo(f"key {key_id} rotated (store the new key now; only its hash is kept)", err=True)
 
 
 @main.command()

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any, Literal
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from service import deadlines
 from service.db.models import ForgetRequest, Model
 from service.db.types import utcnow
 from service.errors import ConflictError, NotFoundError, UnprocessableError
@@ -61,7 +61,6 @@ def submit(
     idempotency_key: str,
     api_key_id: int | None,
     actor: str,
-    due_days: int,
 ) -> SubmitResult:
     """Record a forget request (status ``queued``), or return the one this submission repeats.
 
@@ -103,7 +102,7 @@ def submit(
         api_key_id=api_key_id,
         external_id=submission.external_id,
         received_at=now,
-        due_at=now + timedelta(days=due_days),
+        due_at=deadlines.due_at(now),
         updated_at=now,
         attempts=0,
     )
@@ -233,6 +232,46 @@ def retry(session: Session, request_id: str, *, actor: str) -> ForgetRequest:
         actor=actor,
         status="queued",
         detail={"previous_error": previous_error},
+    )
+    return request
+
+
+def extend_deadline(
+    session: Session, request_id: str, *, months: int, reason: str, actor: str
+) -> ForgetRequest:
+    """Extend an open request's deadline by ``months`` (at most two months in total, Art. 12(3));
+    the reason is recorded as a ``deadline_extended`` event."""
+    request = _locked(session, request_id)
+    if request.status not in deadlines.OPEN_STATUSES:
+        raise ConflictError(
+            f"request is {request.status}; only an open request's deadline can be extended",
+            status_now=request.status,
+        )
+    total = request.extended_months + months
+    if total > deadlines.MAX_EXTENSION_MONTHS:
+        raise ConflictError(
+            f"the deadline was already extended by {request.extended_months} month(s); at most "
+            f"{deadlines.MAX_EXTENSION_MONTHS} in total",
+            field="months",
+            extended_months=request.extended_months,
+        )
+    previous = request.due_at
+    request.extended_months = total
+    request.due_at = deadlines.due_at(request.received_at, total)
+    request.updated_at = utcnow()
+    events_repo.append_event(
+        session,
+        request.id,
+        "deadline_extended",
+        actor=actor,
+        status=request.status,
+        detail={
+            "months": months,
+            "extended_months": total,
+            "reason": reason,
+            "previous_due_at": previous.isoformat(),
+            "due_at": request.due_at.isoformat(),
+        },
     )
     return request
 

@@ -30,7 +30,15 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, description="Attempts per request before it fails.")
     max_requests_per_round: int = Field(default=4, description="Queued requests coalesced per round.")
     sweep_interval_seconds: float = Field(default=15.0, description="Sweeper period.")
-    due_days: int = Field(default=30, description="Deadline of a forget request after receipt.")
+    auth_failure_limit: int = Field(
+        default=20, ge=1, description="Bad API keys per client address within the window before 429."
+    )
+    auth_failure_window_seconds: float = Field(
+        default=60.0, gt=0, description="Window of the bad-key count (sliding)."
+    )
+    key_last_used_resolution_seconds: float = Field(
+        default=60.0, ge=0, description="A key's last-used time is written at most this often."
+    )
     dispatch_timeout_seconds: float = Field(
         default=2.0, description="Broker connect/send timeout of the API's wake-up messages."
     )

@@ -21,12 +21,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,6 +35,8 @@ from typing import Any
 
 from service import fileio
 from service.fileio import fsync_dir, fsync_file
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -114,6 +117,11 @@ def digest_directory(directory: Path, *, exclude: Iterable[str] = (MANIFEST,)) -
         if rel not in skip:
             result[rel] = sha256_file(path)
     return result
+
+
+def is_version_dir(name: str) -> bool:
+    """Whether ``name`` is a sealed version directory's name (``<round>-<token>``)."""
+    return _VERSION_DIR.match(name) is not None
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
@@ -274,12 +282,19 @@ class ModelArtifacts:
         return tomb
 
     # -- garbage collection --------------------------------------------------------------------
-    def gc_orphans(self, keep: Iterable[str], *, min_age_seconds: float = 0.0) -> list[Path]:
+    def gc_orphans(
+        self,
+        keep: Iterable[str],
+        *,
+        min_age_seconds: float = 0.0,
+        spare: Callable[[Path], bool] | None = None,
+    ) -> list[Path]:
         """Remove version and staging directories that ``keep`` (database locations) does not name.
 
         Call it while holding the model's round lease: no other live worker can publish then, so a
         directory no row points at belongs to a crashed or fenced-off attempt. ``min_age_seconds``
-        spares very recent directories (a belt on top of the lease).
+        spares very recent directories (a belt on top of the lease); ``spare`` spares the version
+        directories it returns True for (see ``worker.consistency.is_foreign``).
         """
         if not self.adapters_dir.is_dir():
             return []
@@ -296,6 +311,9 @@ class ModelArtifacts:
             except FileNotFoundError:
                 continue
             if age < min_age_seconds:
+                continue
+            if spare is not None and _VERSION_DIR.match(entry.name) and spare(entry):
+                log.error("not deleting %s: a sealed version the database does not know", entry)
                 continue
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)

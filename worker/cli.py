@@ -258,6 +258,45 @@ def models_create(
         click.echo(f"model {name}: lethe.prepare_model sent")
 
 
+@models_command.command("reapply-erasures")
+@click.argument("names", nargs=-1)
+@click.option(
+    "--quarantine-unknown",
+    is_flag=True,
+    help="Move sealed version directories the database does not know to <model>/quarantine/.",
+)
+def models_reapply_erasures(names: tuple[str, ...], quarantine_unknown: bool) -> None:
+    """After a restore (workers stopped): re-apply every recorded erasure to the artifacts and the
+    data store of the models NAMES (default: all), then check the database against the artifacts.
+    Exits 1 if they still disagree (the problems are printed)."""
+    from service.settings import Settings
+    from worker import restore
+    from worker.config import WorkerSettings
+    from worker.pipeline import WorkerContext, ready_models
+
+    ctx = WorkerContext.create(Settings(), WorkerSettings(device="cpu"), worker_id="reapply-erasures")
+    disagree = False
+    try:
+        for name in names or tuple(ready_models(ctx)):
+            try:
+                report = restore.reapply_erasures(ctx, name, quarantine_unknown=quarantine_unknown)
+            except LookupError as exc:
+                raise click.ClickException(str(exc)) from exc
+            click.echo(
+                f"{name}: withdrew {report.withdrawn or 'none'}, "
+                f"deleted files of {report.deleted or 'none'}, "
+                f"purged the data of {report.purged_requests} completed request(s), "
+                f"quarantined {report.quarantined or 'none'}"
+            )
+            for problem in report.problems:
+                disagree = True
+                click.echo(f"{name}: DISAGREES: {problem}", err=True)
+    finally:
+        ctx.close()
+    if disagree:
+        sys.exit(1)
+
+
 @models_command.command("list")
 @click.option("--json", "as_json", is_flag=True)
 def models_list(as_json: bool) -> None:

@@ -43,9 +43,11 @@ from sqlalchemy.orm import Session, sessionmaker
 from service import rounds
 from service.db.models import ForgetRequest, Model, Sample, Subject
 from service.db.session import create_db_engine, make_session_factory, transaction
+from service.repositories import halts as halts_repo
 from service.repositories import models as models_repo
 from service.repositories import versions as versions_repo
 from service.settings import Settings
+from worker import consistency
 from worker.artifacts import CommittedVersion, FileDigest, ModelArtifacts, digest_directory, version_dir_name
 from worker.config import WorkerSettings
 from worker.watchdog import RoundWatchdog
@@ -218,8 +220,13 @@ class RoundResult:
 
 
 def wake_model(ctx: WorkerContext, model_name: str, *, max_rounds: int = 1000) -> list[RoundResult]:
-    """Reconcile, then run the model's rounds until nothing is left to claim."""
+    """Check that the database and the artifacts agree, reconcile, then run the model's rounds
+    until nothing is left to claim. A model whose database and artifacts disagree is halted: its
+    recorded erasures are still carried out (reconcile), but no round runs."""
+    halted = check_consistency(ctx, model_name)
     reconcile(ctx, model_name)
+    if halted:
+        return []
     results: list[RoundResult] = []
     for _ in range(max_rounds):
         result = run_one_round(ctx, model_name)
@@ -229,6 +236,41 @@ def wake_model(ctx: WorkerContext, model_name: str, *, max_rounds: int = 1000) -
         if result.status == "lease_lost":
             break  # someone else holds the model now
     return results
+
+
+def check_consistency(ctx: WorkerContext, model_name: str) -> list[str]:
+    """Compare the database with the model's artifacts; halt the model (``models.halted_reason``, an
+    ERROR log line) while they disagree, resume it once they agree. Returns the disagreements.
+
+    Outside a lease another worker may publish meanwhile (new row, withdrawn files deleted), so a
+    disagreement counts only if the database did not change while the disk was looked at."""
+    store = ctx.artifacts(model_name)
+    found: list[str] = []
+    for _ in range(3):
+        with transaction(ctx.session_factory) as session:
+            model = models_repo.get_model(session, model_name)
+            if model is None or model.status != "ready":
+                return []
+            view = consistency.DatabaseView.load(session, model)
+        found = consistency.problems(store, view)
+        if not found:
+            break
+        with transaction(ctx.session_factory) as session:
+            model = models_repo.get_model(session, model_name)
+            if model is not None and consistency.DatabaseView.load(session, model) == view:
+                break
+    reason = "; ".join(found)[:4000] if found else None
+    with transaction(ctx.session_factory) as session:
+        model = models_repo.get_model(session, model_name)
+        changed = model is not None and halts_repo.set_halted(session, model, reason)
+    if found:
+        log.error(
+            "model %s HALTED: its database and artifacts disagree; no round runs and no adapter directory "
+            "is deleted until they agree (docs/operations.md, restore): %s", model_name, reason,
+        )  # fmt: skip
+    elif changed:
+        log.warning("model %s resumed: its database and artifacts agree again", model_name)
+    return found
 
 
 def claim(ctx: WorkerContext, model_name: str) -> rounds.ClaimedRound | None:
@@ -313,10 +355,14 @@ def _run_and_publish(
         model = models_repo.get_model(session, model_name)
         if model is None:
             raise PermanentRoundError(f"model {model_name} disappeared")
-        locations = [v.location for v in versions_repo.list_versions(session, model.id)]
+        view = consistency.DatabaseView.load(session, model)
         workload_settings = dict(model.settings)
         model_row = model
-    removed = store.gc_orphans(locations, min_age_seconds=ctx.worker_settings.gc_min_age_seconds)
+    removed = store.gc_orphans(
+        view.locations,
+        min_age_seconds=ctx.worker_settings.gc_min_age_seconds,
+        spare=lambda directory: consistency.is_foreign(directory, view),
+    )
     if removed:
         log.info("removed %d orphan directories of %s", len(removed), model_name)
     if claimed.parent_location is None:
@@ -465,6 +511,15 @@ def delete_withdrawn_files(ctx: WorkerContext, model_name: str) -> list[int]:
     return done
 
 
+def _completed(session: Session, model: Model) -> list[ForgetRequest]:
+    stmt = (
+        select(ForgetRequest)
+        .where(ForgetRequest.model_id == model.id, ForgetRequest.status == "completed")
+        .order_by(ForgetRequest.seq)
+    )
+    return list(session.scalars(stmt))
+
+
 def _pending_purges(session: Session, model: Model) -> list[ForgetRequest]:
     """Completed requests whose raw data is not yet recorded as purged."""
     completed = list(
@@ -500,14 +555,17 @@ def _pending_purges(session: Session, model: Model) -> list[ForgetRequest]:
     return pending
 
 
-def purge_completed(ctx: WorkerContext, model_name: str) -> list[str]:
-    """Purge the raw data of completed requests not yet purged; record it (mark_purged)."""
+def purge_completed(ctx: WorkerContext, model_name: str, *, everything: bool = False) -> list[str]:
+    """Purge the raw data of completed requests not yet purged; record it (mark_purged).
+    ``everything``: of every completed request, whatever the database records as purged (after a
+    data store was restored from a backup, it holds data that was purged since)."""
     data_dir = ctx.data_dir(model_name)
     with transaction(ctx.session_factory) as session:
         model = models_repo.get_model(session, model_name)
         if model is None or model.status != "ready":
             return []
-        pending = [_spec(r) for r in _pending_purges(session, model)]
+        todo = _completed(session, model) if everything else _pending_purges(session, model)
+        pending = [_spec(r) for r in todo]
     if not pending:
         return []
     from worker.unlearning.datastore import DataStore

@@ -20,6 +20,7 @@ from service.api.auth import document_scopes
 from service.api.limits import BodySizeLimit
 from service.api.routers import admin, forget_requests, health, serving
 from service.api.state import AppState
+from service.api.throttle import AuthFailures
 from service.db.session import create_db_engine, make_session_factory
 from service.dispatch import Dispatcher
 from service.settings import Settings
@@ -43,7 +44,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = create_db_engine(settings.resolved_database_url)
         dispatcher = Dispatcher(settings.broker_url, timeout_seconds=settings.dispatch_timeout_seconds)
         state = AppState(
-            settings=settings, engine=engine, sessions=make_session_factory(engine), dispatcher=dispatcher
+            settings=settings,
+            engine=engine,
+            sessions=make_session_factory(engine),
+            dispatcher=dispatcher,
+            auth_failures=AuthFailures(
+                limit=settings.auth_failure_limit, window_seconds=settings.auth_failure_window_seconds
+            ),
         )
         app.state.lethe = state
         sweeper = None

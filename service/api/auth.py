@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import HTTPException, Security
+from fastapi import HTTPException, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from service.api.state import State
@@ -53,14 +53,29 @@ def require(scope: str) -> Callable[..., Principal]:
 
     # A default, not an ``Annotated`` type: annotations are strings here and cannot see ``scope``.
     def dependency(
-        state: State, credentials: HTTPAuthorizationCredentials | None = _CREDENTIALS[scope]
+        request: Request, state: State, credentials: HTTPAuthorizationCredentials | None = _CREDENTIALS[scope]
     ) -> Principal:
+        address = request.client.host if request.client is not None else "unknown"
+        retry_after = state.auth_failures.retry_after(address)
+        if retry_after is not None:
+            raise HTTPException(
+                429,
+                f"too many unknown or revoked API keys from this address; retry in {retry_after} s",
+                headers={"Retry-After": str(retry_after)},
+            )
         if credentials is None or not credentials.credentials:
             raise _unauthorized("an API key is required (Authorization: Bearer <key>)")
         with state.transaction() as session:
             row = keys_repo.find_active(session, credentials.credentials)
             principal = None if row is None else Principal(row.id, row.prefix, frozenset(row.scopes))
+            if principal is not None:
+                keys_repo.touch(
+                    session,
+                    principal.key_id,
+                    resolution_seconds=state.settings.key_last_used_resolution_seconds,
+                )
         if principal is None:
+            state.auth_failures.record(address)
             raise _unauthorized("unknown or revoked API key")
         if scope not in principal.scopes and not principal.is_admin:
             raise HTTPException(403, f"this API key lacks the {scope!r} scope")
@@ -69,8 +84,17 @@ def require(scope: str) -> Callable[..., Principal]:
     return dependency
 
 
+#: Every authenticated operation may answer 429 (too many bad keys from the caller's address).
+TOO_MANY_BAD_KEYS = {
+    "description": "Too many unknown or revoked API keys from this client address; retry later",
+    "headers": {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}}},
+    "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+}
+
+
 def document_scopes(schema: dict[str, Any]) -> dict[str, Any]:
-    """Operations that need a scope accept an ``admin`` key too (as :func:`require` does)."""
+    """Operations that need a scope accept an ``admin`` key too (as :func:`require` does), and may
+    answer 429 after repeated bad keys."""
     for operations in schema.get("paths", {}).values():
         for operation in operations.values():
             needed = [
@@ -78,4 +102,6 @@ def document_scopes(schema: dict[str, Any]) -> dict[str, Any]:
             ]
             if needed and "admin" not in needed:
                 operation["security"].append({bearer.scheme_name: ["admin"]})
+            if needed:
+                operation["responses"].setdefault("429", TOO_MANY_BAD_KEYS)
     return schema

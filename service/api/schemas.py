@@ -121,6 +121,14 @@ class ForgetRequestOut(_Out):
     attempts: int
     error: str | None
     version: int | None = Field(description="The adapter version that no longer contains the subject.")
+    extended_months: int = Field(description="Months the deadline was extended by (at most 2).")
+
+
+class DeadlineExtensionIn(_In):
+    months: int = Field(ge=1, le=2, description="Further months (at most two in total).")
+    reason: Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f-\x9f]{1,1000}$")] = Field(
+        description="Why (GDPR Art. 12(3): complexity and number of requests); recorded as an event."
+    )
 
 
 class ForgetRequestPage(BaseModel):
@@ -157,6 +165,28 @@ class ModelIn(_In):
     settings: JsonObject = Field(default_factory=dict)
 
 
+class ApiKeyIn(_In):
+    scopes: list[Literal["submit", "admin", "serve"]] = Field(min_length=1, max_length=3)
+    name: Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f-\x9f]{1,200}$")] | None = Field(
+        default=None, description="A label for the key."
+    )
+
+
+class ApiKeyOut(_Out):
+    id: int
+    prefix: str = Field(description="The secret's first characters, to recognise it; not a credential.")
+    name: str | None
+    scopes: list[str]
+    created_at: datetime
+    last_used_at: datetime | None = Field(description="Last authenticated call (to within a minute).")
+    rotated_at: datetime | None
+    revoked_at: datetime | None
+
+
+class ApiKeyWithSecret(ApiKeyOut):
+    key: str = Field(description="The secret: shown this once, only its SHA-256 is stored.")
+
+
 class VersionSummary(_Out):
     version: int
     parent: int | None
@@ -178,6 +208,11 @@ class ModelOut(_Out):
     created_at: datetime
     prepared_at: datetime | None
     latest_version: int | None
+    halted_reason: str | None = Field(
+        description="Set when a worker found the database and the artifacts disagree; no round runs "
+        "and no adapter directory is deleted until they agree (docs/operations.md, restore)."
+    )
+    halted_at: datetime | None
 
 
 class ModelDetail(ModelOut):
@@ -203,6 +238,9 @@ class QueueEntry(BaseModel):
     oldest_pending_at: datetime | None
     oldest_pending_age_seconds: float | None
     running_round: LeaseOut | None
+    overdue: int = Field(description="Open requests (also failed ones) past their deadline.")
+    next_due_at: datetime | None = Field(description="The earliest deadline of the open requests.")
+    halted_reason: str | None = Field(description="Why workers run no round of this model (null: they do).")
 
 
 class WorkerOut(_Out):

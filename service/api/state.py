@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.api.throttle import AuthFailures
 from service.db.session import transaction
 from service.dispatch import Dispatcher
 from service.settings import Settings
@@ -22,6 +23,7 @@ class AppState:
     engine: Engine
     sessions: sessionmaker[Session]
     dispatcher: Dispatcher
+    auth_failures: AuthFailures
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

@@ -104,6 +104,10 @@ class Model(Base):
     last_fencing_token: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     prepared_at: Mapped[datetime | None]
+    #: Set by a worker that found the database and the artifacts disagree (e.g. after a mismatched
+    #: restore): no round runs and no adapter directory is deleted until they agree again.
+    halted_reason: Mapped[str | None] = mapped_column(Text)
+    halted_at: Mapped[datetime | None]
 
 
 class Subject(Base):
@@ -156,6 +160,10 @@ class ApiKey(Base):
     scopes: Mapped[list[str]] = mapped_column(default=list)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
+    #: Last successful authentication (updated at most once a minute).
+    last_used_at: Mapped[datetime | None]
+    #: Last time the secret was replaced (``lethe keys rotate``); the key keeps its id and requests.
+    rotated_at: Mapped[datetime | None]
 
 
 class ForgetRequest(Base):
@@ -188,7 +196,10 @@ class ForgetRequest(Base):
     api_key_id: Mapped[int | None] = mapped_column(ForeignKey("api_keys.id"))
     external_id: Mapped[str | None] = mapped_column(String(200))
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
-    due_at: Mapped[datetime]
+    #: One calendar month after receipt plus ``extended_months`` (GDPR Art. 12(3)).
+    due_at: Mapped[datetime] = mapped_column(index=True)
+    #: Months the deadline was extended by (at most two; each extension is an event with its reason).
+    extended_months: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     completed_at: Mapped[datetime | None]
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Sequence
+from datetime import timedelta
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from service.db.models import ApiKey
+from service.db.types import utcnow
 
 KEY_PREFIX = "lethe_"
 
@@ -32,3 +34,44 @@ def find_active(session: Session, key: str) -> ApiKey | None:
     if row is None or row.revoked_at is not None:
         return None
     return row
+
+
+def list_keys(session: Session) -> list[ApiKey]:
+    return list(session.scalars(select(ApiKey).order_by(ApiKey.id)))
+
+
+def get_key(session: Session, key_id: int, *, lock: bool = False) -> ApiKey | None:
+    stmt = select(ApiKey).where(ApiKey.id == key_id)
+    if lock:
+        stmt = stmt.with_for_update().execution_options(populate_existing=True)
+    return session.scalar(stmt)
+
+
+def revoke_key(session: Session, row: ApiKey) -> ApiKey:
+    """Revoke ``row`` (idempotent: a revoked key keeps its first revocation time)."""
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+        session.flush()
+    return row
+
+
+def rotate_key(session: Session, row: ApiKey) -> tuple[ApiKey, str]:
+    """A new secret for ``row``; the old one stops working at once. The key keeps its id, scopes,
+    requests and idempotency keys (a ``submit`` key still sees what it submitted)."""
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    row.key_hash = hash_key(secret)
+    row.prefix = secret[:12]
+    row.rotated_at = utcnow()
+    session.flush()
+    return row, secret
+
+
+def touch(session: Session, key_id: int, *, resolution_seconds: float) -> None:
+    """Record a use of the key, writing at most once per ``resolution_seconds`` (not a write per call)."""
+    now = utcnow()
+    stale = now - timedelta(seconds=resolution_seconds)
+    session.execute(
+        update(ApiKey)
+        .where(ApiKey.id == key_id, or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at <= stale))
+        .values(last_used_at=now)
+    )

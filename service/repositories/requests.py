@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from service.db.models import ACTIVE_REQUEST_STATUSES, ForgetRequest, Model
@@ -104,3 +104,44 @@ def queue_stats(session: Session, model_id: int) -> tuple[int, datetime | None]:
     ).one()
     count, oldest = row
     return int(count), oldest
+
+
+def by_deadline(
+    session: Session,
+    *,
+    statuses: Sequence[str],
+    model_id: int | None = None,
+    due_before: datetime | None = None,
+    after: tuple[datetime, int] | None = None,
+    limit: int,
+) -> list[ForgetRequest]:
+    """Requests in ``statuses`` by deadline (then arrival); ``after`` is the last (due_at, seq) seen."""
+    stmt = (
+        select(ForgetRequest)
+        .where(ForgetRequest.status.in_(statuses))
+        .order_by(ForgetRequest.due_at, ForgetRequest.seq)
+        .limit(limit)
+    )
+    if model_id is not None:
+        stmt = stmt.where(ForgetRequest.model_id == model_id)
+    if due_before is not None:
+        stmt = stmt.where(ForgetRequest.due_at < due_before)
+    if after is not None:
+        due, seq = after
+        stmt = stmt.where(
+            or_(ForgetRequest.due_at > due, and_(ForgetRequest.due_at == due, ForgetRequest.seq > seq))
+        )
+    return list(session.scalars(stmt))
+
+
+def deadline_stats(
+    session: Session, model_id: int, statuses: Sequence[str], now: datetime
+) -> tuple[int, datetime | None]:
+    """(open requests past their deadline, earliest deadline of the open requests) of a model."""
+    row = session.execute(
+        select(func.count().filter(ForgetRequest.due_at < now), func.min(ForgetRequest.due_at)).where(
+            ForgetRequest.model_id == model_id, ForgetRequest.status.in_(statuses)
+        )
+    ).one()
+    overdue, earliest = row
+    return int(overdue), earliest

@@ -61,24 +61,30 @@ def test_routing_errors_are_problems(client: TestClient, keys: Keys) -> None:
 
 
 STATUSES = {
-    ("post", "/v1/forget-requests"): "200 201 400 401 403 404 409 413 422 503",
-    ("get", "/v1/forget-requests"): "200 400 401 403 404 422 503",
-    ("get", "/v1/forget-requests/{request_id}"): "200 401 403 404 503",
-    ("get", "/v1/forget-requests/{request_id}/events"): "200 401 403 404 503",
-    ("get", "/v1/forget-requests/{request_id}/evidence"): "200 401 403 404 503",
-    ("get", "/v1/admin/queue"): "200 401 403 503",
-    ("get", "/v1/admin/workers"): "200 401 403 503",
-    ("post", "/v1/admin/forget-requests/{request_id}/cancel"): "200 401 403 404 409 503",
-    ("post", "/v1/admin/forget-requests/{request_id}/retry"): "200 401 403 404 409 503",
-    ("get", "/v1/admin/models"): "200 401 403 503",
-    ("post", "/v1/admin/models"): "201 401 403 409 413 422 503",
-    ("get", "/v1/admin/models/{name}"): "200 401 403 404 503",
-    ("get", "/v1/admin/audit/verify"): "200 401 403 503",
-    ("get", "/v1/models/{model}/adapters/latest"): "200 304 401 403 404 503",
-    ("get", "/v1/models/{model}/adapters/{version}"): "200 304 401 403 404 410 503",
-    ("get", "/v1/models/{model}/adapters/{version}/files/{name}"): "200 304 401 403 404 410 503",
-    ("get", "/v1/models/{model}/base"): "200 304 401 403 404 503",
-    ("get", "/v1/models/{model}/base/files/{name}"): "200 304 401 403 404 503",
+    ("post", "/v1/forget-requests"): "200 201 400 401 403 404 409 413 422 429 503",
+    ("get", "/v1/forget-requests"): "200 400 401 403 404 422 429 503",
+    ("get", "/v1/forget-requests/{request_id}"): "200 401 403 404 429 503",
+    ("get", "/v1/forget-requests/{request_id}/events"): "200 401 403 404 429 503",
+    ("get", "/v1/forget-requests/{request_id}/evidence"): "200 401 403 404 429 503",
+    ("get", "/v1/admin/queue"): "200 401 403 429 503",
+    ("get", "/v1/admin/workers"): "200 401 403 429 503",
+    ("post", "/v1/admin/forget-requests/{request_id}/cancel"): "200 401 403 404 409 429 503",
+    ("post", "/v1/admin/forget-requests/{request_id}/retry"): "200 401 403 404 409 429 503",
+    ("get", "/v1/admin/models"): "200 401 403 429 503",
+    ("post", "/v1/admin/models"): "201 401 403 409 413 422 429 503",
+    ("get", "/v1/admin/models/{name}"): "200 401 403 404 429 503",
+    ("get", "/v1/admin/audit/verify"): "200 401 403 429 503",
+    ("get", "/v1/admin/queue/requests"): "200 400 401 403 404 422 429 503",
+    ("post", "/v1/admin/forget-requests/{request_id}/extend"): "200 401 403 404 409 422 429 503",
+    ("get", "/v1/admin/keys"): "200 401 403 429 503",
+    ("post", "/v1/admin/keys"): "201 401 403 422 429 503",
+    ("post", "/v1/admin/keys/{key_id}/revoke"): "200 401 403 404 429 503",
+    ("post", "/v1/admin/keys/{key_id}/rotate"): "200 401 403 404 409 429 503",
+    ("get", "/v1/models/{model}/adapters/latest"): "200 304 401 403 404 429 503",
+    ("get", "/v1/models/{model}/adapters/{version}"): "200 304 401 403 404 410 429 503",
+    ("get", "/v1/models/{model}/adapters/{version}/files/{name}"): "200 304 401 403 404 410 429 503",
+    ("get", "/v1/models/{model}/base"): "200 304 401 403 404 429 503",
+    ("get", "/v1/models/{model}/base/files/{name}"): "200 304 401 403 404 429 503",
     ("get", "/healthz"): "200",
     ("get", "/readyz"): "200 503",
 }
@@ -164,7 +170,12 @@ def test_openapi_security_names_the_scope_of_each_operation(openapi: dict[str, A
 
 
 def test_openapi_parameters_and_bodies(openapi: dict[str, Any]) -> None:
-    bodies = {("post", "/v1/forget-requests"): "ForgetRequestIn", ("post", "/v1/admin/models"): "ModelIn"}
+    bodies = {
+        ("post", "/v1/forget-requests"): "ForgetRequestIn",
+        ("post", "/v1/admin/models"): "ModelIn",
+        ("post", "/v1/admin/forget-requests/{request_id}/extend"): "DeadlineExtensionIn",
+        ("post", "/v1/admin/keys"): "ApiKeyIn",
+    }
     for (method, path), operation in _operations(openapi).items():
         parameters = operation.get("parameters", [])
         in_path = {p["name"] for p in parameters if p["in"] == "path"}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import rounds
+from service import deadlines, rounds
 from service.db.session import transaction
 from tests.service.conftest import Keys
 from tests.service.helpers import assert_problem, client_body, task_body
@@ -34,7 +34,7 @@ def test_create_replay_and_conflicting_replay(client: TestClient, keys: Keys) ->
     assert created["external_id"] == "DSR-7"
     assert first.headers["location"] == f"/v1/forget-requests/{created['id']}"
     received, due = (datetime.fromisoformat(created[k]) for k in ("received_at", "due_at"))
-    assert due - received == timedelta(days=30)
+    assert due == deadlines.due_at(received)
 
     again = post(client, keys, client_body("c1", external_id="DSR-7"))
     assert again.status_code == 200

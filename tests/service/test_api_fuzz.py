@@ -180,6 +180,8 @@ class World:
     models: list[str] = field(default_factory=lambda: ["digits", "nope"])
     versions: list[str] = field(default_factory=lambda: ["1", "2", "latest"])
     files: list[str] = field(default_factory=lambda: ["adapter_model.safetensors", "model.safetensors"])
+    #: a spare key's id (revoking or rotating it leaves the world's keys working) and an unknown one
+    key_ids: list[str] = field(default_factory=lambda: ["999"])
 
 
 @dataclass
@@ -195,6 +197,10 @@ class Case:
 
 
 def valid_body(rng: random.Random, path: str) -> dict[str, Any]:
+    if path.endswith("/extend"):
+        return {"months": rng.choice([1, 2]), "reason": "many linked datasets"}
+    if path == "/v1/admin/keys":
+        return {"scopes": rng.sample(["submit", "serve", "admin"], rng.randint(1, 3)), "name": "fuzz"}
     if path == "/v1/admin/models":
         return {
             "name": f"m-{rng.randint(0, 10**6)}",
@@ -241,6 +247,7 @@ def path_value(rng: random.Random, name: str, world: World, hostile: float = 0.5
             "model": world.models,
             "name": world.files + world.models,
             "version": world.versions,
+            "key_id": world.key_ids,
         }[name]
         return quote(rng.choice(pool), safe="")
     if roll < hostile * 0.4:
@@ -350,8 +357,10 @@ def check(response: Any, case: Case) -> None:
 
 @pytest.fixture
 def lenient_client(settings: Settings) -> Iterator[TestClient]:
-    """A client that answers a server error as the 500 response a caller would get."""
-    with TestClient(create_app(settings), raise_server_exceptions=False) as test_client:
+    """A client that answers a server error as the 500 response a caller would get (the bad-key
+    throttle is off: the fuzzer sends many bad keys and must reach deeper code)."""
+    lenient = settings.model_copy(update={"auth_failure_limit": 1_000_000})
+    with TestClient(create_app(lenient), raise_server_exceptions=False) as test_client:
         yield test_client
 
 
@@ -366,6 +375,7 @@ def world(settings: Settings, sessions: sessionmaker[Session], ready_model: str,
     with transaction(sessions) as session:
         for scope in ("submit", "serve", "admin"):
             keys[scope] = keys_repo.create_key(session, [scope])[1]
+        spare = keys_repo.create_key(session, ["serve"], name="spare")[0].id
     submit = {"Authorization": f"Bearer {keys['submit']}"}
     ids = []
     for client_id in ("c0", "c1"):
@@ -379,7 +389,9 @@ def world(settings: Settings, sessions: sessionmaker[Session], ready_model: str,
         claimed = rounds.claim_round(session, "digits", "w", lease_seconds=60, max_requests=1, max_attempts=3)
         assert claimed is not None
         rounds.fail_round(session, claimed, error="boom", retryable=False)
-    return World(keys=keys, request_ids=[*ids, "0" * 8 + "-0000-0000-0000-" + "0" * 12])
+    return World(
+        keys=keys, request_ids=[*ids, "0" * 8 + "-0000-0000-0000-" + "0" * 12], key_ids=[str(spare), "999"]
+    )
 
 
 def assert_reads_still_work(client: TestClient, world: World) -> None:

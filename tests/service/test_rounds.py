@@ -30,7 +30,6 @@ def submit_client(factory: sessionmaker[Session], client: str, key: str | None =
             idempotency_key=key or f"k-{client}",
             api_key_id=None,
             actor="test",
-            due_days=30,
         )
         return result.request.id
 

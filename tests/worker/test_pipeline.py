@@ -68,7 +68,6 @@ def _submit(ctx: pipeline.WorkerContext, client: str) -> str:
             idempotency_key=f"k-{client}",
             api_key_id=None,
             actor="test",
-            due_days=30,
         )
         return result.request.id
 

@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import re
+from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, BackgroundTasks, Depends, Response
+from fastapi import APIRouter, BackgroundTasks, Depends, Query, Response
+from sqlalchemy.orm import Session
 
-from service import lifecycle, registry
+from service import deadlines, lifecycle, registry
 from service.api import presenters, schemas
 from service.api.auth import Principal, require
 from service.api.problems import problem_responses
+from service.api.routers.forget_requests import MAX_SEQ
 from service.api.state import State
+from service.db.models import ApiKey
 from service.db.types import utcnow
-from service.errors import NotFoundError
+from service.errors import BadRequestError, ConflictError, NotFoundError
 from service.repositories import events as events_repo
+from service.repositories import keys as keys_repo
 from service.repositories import models as models_repo
 from service.repositories import requests as requests_repo
 from service.repositories import rounds as rounds_repo
@@ -30,6 +38,7 @@ def queue(state: State, _: Admin) -> list[schemas.QueueEntry]:
     with state.transaction() as session:
         for model in models_repo.list_models(session):
             pending, oldest = requests_repo.queue_stats(session, model.id)
+            overdue, next_due = requests_repo.deadline_stats(session, model.id, deadlines.OPEN_STATUSES, now)
             live = rounds_repo.live_round(session, model.id)
             entries.append(
                 schemas.QueueEntry(
@@ -39,9 +48,131 @@ def queue(state: State, _: Admin) -> list[schemas.QueueEntry]:
                     oldest_pending_at=oldest,
                     oldest_pending_age_seconds=(now - oldest).total_seconds() if oldest else None,
                     running_round=presenters.lease(session, live) if live is not None else None,
+                    overdue=overdue,
+                    next_due_at=next_due,
+                    halted_reason=model.halted_reason,
                 )
             )
     return entries
+
+
+def _decode_deadline_cursor(cursor: str) -> tuple[datetime, int]:
+    try:
+        value = base64.urlsafe_b64decode(cursor.encode("ascii") + b"==").decode("ascii")
+        kind, due, seq = value.split("|")
+        if kind != "due" or not seq.isascii() or not seq.isdigit() or int(seq) > MAX_SEQ:
+            raise ValueError(value)
+        moment = datetime.fromisoformat(due)
+        if moment.tzinfo is None:
+            raise ValueError(value)
+        return moment, int(seq)
+    except (ValueError, UnicodeError, binascii.Error):
+        raise BadRequestError("invalid cursor", field="cursor") from None
+
+
+def _encode_deadline_cursor(due: datetime, seq: int) -> str:
+    return base64.urlsafe_b64encode(f"due|{due.isoformat()}|{seq}".encode()).decode("ascii").rstrip("=")
+
+
+@router.get(
+    "/queue/requests",
+    summary="Open requests (failed ones too) by deadline, earliest first; `overdue=true`: past it",
+    responses=problem_responses(400, 404),
+)
+def queue_by_deadline(
+    state: State,
+    _: Admin,
+    overdue: Annotated[bool, Query(description="Only requests past their deadline.")] = False,
+    model: Annotated[schemas.ModelName | None, Query(description="Only this model.")] = None,
+    cursor: Annotated[str | None, Query(max_length=200, description="From `next_cursor`.")] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> schemas.ForgetRequestPage:
+    after = _decode_deadline_cursor(cursor) if cursor is not None else None
+    with state.transaction() as session:
+        model_id = None
+        if model is not None:
+            found = models_repo.get_model(session, model)
+            if found is None:
+                raise NotFoundError(f"model {model!r} is not registered", field="model")
+            model_id = found.id
+        rows = requests_repo.by_deadline(
+            session,
+            statuses=deadlines.OPEN_STATUSES,
+            model_id=model_id,
+            due_before=utcnow() if overdue else None,
+            after=after,
+            limit=limit + 1,
+        )
+        items = presenters.forget_requests(session, rows[:limit])
+    last = rows[limit - 1] if len(rows) > limit else None
+    return schemas.ForgetRequestPage(
+        items=items, next_cursor=_encode_deadline_cursor(last.due_at, last.seq) if last else None
+    )
+
+
+@router.post(
+    "/forget-requests/{request_id}/extend",
+    summary="Extend an open request's deadline (GDPR Art. 12(3): at most two further months), with a reason",
+    responses=problem_responses(404, 409),
+)
+def extend_deadline(
+    request_id: str, body: schemas.DeadlineExtensionIn, state: State, principal: Admin
+) -> schemas.ForgetRequestOut:
+    with state.transaction() as session:
+        request = lifecycle.extend_deadline(
+            session, request_id, months=body.months, reason=body.reason, actor=principal.actor
+        )
+        return presenters.forget_request(session, request)
+
+
+_KEY_ID = re.compile(r"[1-9][0-9]{0,9}")
+
+
+def _key(session: Session, key_id: str, *, lock: bool = False) -> ApiKey:
+    """The key with this id; 404 for anything that is not one (no query for ``abc`` or ``99999999999``)."""
+    row = None
+    if _KEY_ID.fullmatch(key_id) and int(key_id) <= MAX_SEQ:
+        row = keys_repo.get_key(session, int(key_id), lock=lock)
+    if row is None:
+        raise NotFoundError(f"API key {key_id!r} does not exist")
+    return row
+
+
+@router.get("/keys", summary="API keys: scopes, last use, rotation and revocation (never the secrets)")
+def list_keys(state: State, _: Admin) -> list[schemas.ApiKeyOut]:
+    with state.transaction() as session:
+        return [schemas.ApiKeyOut.from_row(k) for k in keys_repo.list_keys(session)]
+
+
+@router.post("/keys", status_code=201, summary="Create an API key; the secret is in this answer only")
+def create_key(body: schemas.ApiKeyIn, state: State, _: Admin) -> schemas.ApiKeyWithSecret:
+    with state.transaction() as session:
+        row, secret = keys_repo.create_key(session, body.scopes, name=body.name)
+        return schemas.ApiKeyWithSecret.from_row(row, key=secret)
+
+
+@router.post(
+    "/keys/{key_id}/revoke",
+    summary="Revoke an API key at once (idempotent)",
+    responses=problem_responses(404),
+)
+def revoke_key(key_id: str, state: State, _: Admin) -> schemas.ApiKeyOut:
+    with state.transaction() as session:
+        return schemas.ApiKeyOut.from_row(keys_repo.revoke_key(session, _key(session, key_id, lock=True)))
+
+
+@router.post(
+    "/keys/{key_id}/rotate",
+    summary="Give an API key a new secret (the old one stops working); same id, scopes and requests",
+    responses=problem_responses(404, 409),
+)
+def rotate_key(key_id: str, state: State, _: Admin) -> schemas.ApiKeyWithSecret:
+    with state.transaction() as session:
+        row = _key(session, key_id, lock=True)
+        if row.revoked_at is not None:
+            raise ConflictError("a revoked API key cannot be rotated; create a new one", key_id=row.id)
+        row, secret = keys_repo.rotate_key(session, row)
+        return schemas.ApiKeyWithSecret.from_row(row, key=secret)
 
 
 @router.get("/workers", summary="Workers and their last heartbeat")

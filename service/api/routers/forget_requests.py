@@ -80,7 +80,6 @@ def create_forget_request(
             idempotency_key=idempotency_key,
             api_key_id=principal.key_id,
             actor=principal.actor,
-            due_days=state.settings.due_days,
         )
         if not _sees(principal, result.request):
             # Another key's pending request for the subject: its content is not this caller's to read.
