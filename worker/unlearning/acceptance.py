@@ -10,9 +10,9 @@ the held-out split (data of no client: the unseen population):
   new model's own, so that neither a drift of the model nor a lucky draw of the held-out split
   passes a forget set that is still recognisable. A forget set the old version had not memorised
   (already at or below the bound) has nothing to show and passes.
-- kept: the tasks a per-task request keeps, on its samples (D_r^task), and every retained client's
-  training data, task by task, stay within ``kept_tolerance`` + ``forget_z`` standard errors of the
-  old version's accuracy (a retained client must not lose what it contributed).
+- kept: the tasks a per-task request keeps, on its samples (D_r^task), stay within
+  ``kept_tolerance`` + ``forget_z`` standard errors of the old version's accuracy; with
+  ``retained_clients``, every retained client's training data too, task by task.
 - held-out: every task's held-out accuracy stays within ``heldout_tolerance`` of the best of the
   old version's and the original's (so that a sequence of requests cannot drift the model away by
   a tolerance each).
@@ -126,8 +126,10 @@ class AcceptanceConfig:
     forget_z: float = FORGET_NOISE_Z
     heldout_tolerance: float = HELDOUT_TOLERANCE
     kept_tolerance: float = HELDOUT_TOLERANCE
-    # check every retained client's training data (not only the request's own samples)
-    retained_clients: bool = True
+    # also check every retained client's training data, task by task (off by default: an exact
+    # retrain fails it on 2 of 10 seeds of digits-clients — how well a training run fits a client's
+    # noisy labels varies by 10–20 points between runs — so it is no promise a retrain keeps)
+    retained_clients: bool = False
     # what a request whose update failed the check falls back to: "retrain" (the exact path) or
     # "none" (the request completes with the failed check in its evidence)
     fallback: str = "retrain"
