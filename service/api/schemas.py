@@ -50,6 +50,7 @@ def _plain_json(value: dict[str, Any]) -> dict[str, Any]:
 
 
 JsonObject = Annotated[dict[str, Any], AfterValidator(_plain_json)]
+MethodName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,99}$")]
 
 
 class _In(BaseModel):
@@ -153,11 +154,39 @@ class EvidenceOut(_Out):
 class ModelIn(_In):
     name: ModelName
     workload: Identifier
-    method: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,99}$")] | None = Field(
-        default=None, description="Unlearning method; default: the worker's default method."
+    method: MethodName | None = Field(
+        default=None, description="Unlearning method (`GET /v1/admin/methods`); default: `default`."
     )
     method_config: JsonObject = Field(default_factory=dict)
     settings: JsonObject = Field(default_factory=dict)
+
+
+class ModelUpdateIn(_In):
+    """What to replace; a field left out keeps its value. Applies from the next round."""
+
+    method: MethodName | None = Field(default=None, description="A method of `GET /v1/admin/methods`.")
+    method_config: JsonObject | None = Field(default=None, description="The method's own settings block.")
+    settings: JsonObject | None = Field(
+        default=None, description="All per-model settings (`pretrain`, `lora`, `train` cannot change)."
+    )
+
+
+class ModelEventOut(_Out):
+    id: int
+    type: Literal["registered", "reconfigured"]
+    actor: str
+    at: datetime
+    detail: dict[str, Any] = Field(
+        description="`registered`: workload, method, method_config, settings; `reconfigured`: "
+        "`changes` as {field: {from, to}}."
+    )
+
+
+class MethodCatalogue(BaseModel):
+    methods: dict[str, dict[str, Any]] = Field(
+        description="Per method, the JSON Schema of its `method_config` (its own settings block)."
+    )
+    settings: dict[str, Any] = Field(description="The JSON Schema of a model's `settings`.")
 
 
 class VersionSummary(_Out):

@@ -73,6 +73,9 @@ STATUSES = {
     ("get", "/v1/admin/models"): "200 401 403 503",
     ("post", "/v1/admin/models"): "201 400 401 403 409 413 422 503",
     ("get", "/v1/admin/models/{name}"): "200 401 403 404 503",
+    ("patch", "/v1/admin/models/{name}"): "200 400 401 403 404 409 413 422 503",
+    ("get", "/v1/admin/models/{name}/events"): "200 401 403 404 503",
+    ("get", "/v1/admin/methods"): "200 401 403 503",
     ("get", "/v1/admin/audit/verify"): "200 401 403 503",
     ("get", "/v1/models/{model}/adapters/latest"): "200 304 401 403 404 503",
     ("get", "/v1/models/{model}/adapters/{version}"): "200 304 401 403 404 410 503",
@@ -166,7 +169,11 @@ def test_openapi_security_names_the_scope_of_each_operation(openapi: dict[str, A
 
 
 def test_openapi_parameters_and_bodies(openapi: dict[str, Any]) -> None:
-    bodies = {("post", "/v1/forget-requests"): "ForgetRequestIn", ("post", "/v1/admin/models"): "ModelIn"}
+    bodies = {
+        ("post", "/v1/forget-requests"): "ForgetRequestIn",
+        ("post", "/v1/admin/models"): "ModelIn",
+        ("patch", "/v1/admin/models/{name}"): "ModelUpdateIn",
+    }
     for (method, path), operation in _operations(openapi).items():
         parameters = operation.get("parameters", [])
         in_path = {p["name"] for p in parameters if p["in"] == "path"}

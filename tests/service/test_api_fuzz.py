@@ -38,6 +38,8 @@ CASES = 40
 NEAR_VALID = 0.3
 #: Routes that take a body get more cases: the body is where most of the hostility goes.
 BODY_CASES = 120
+#: Methods whose requests carry a body.
+BODIES = ("POST", "PATCH")
 ROUTES = sorted(
     (method, route.path)
     for router in (forget_requests.router, admin.router, serving.router, health.router)
@@ -195,6 +197,8 @@ class Case:
 
 
 def valid_body(rng: random.Random, path: str) -> dict[str, Any]:
+    if path == "/v1/admin/models/{name}":
+        return {"method": rng.choice(["ssd", "default"]), "method_config": {}, "settings": {}}
     if path == "/v1/admin/models":
         return {
             "name": f"m-{rng.randint(0, 10**6)}",
@@ -300,7 +304,7 @@ def near_valid_case(rng: random.Random, method: str, path: str, world: World) ->
     if rng.random() < 0.8:
         name = rng.choice(sorted(body))
         body[name] = mutated_value(rng, body[name], same_type=0.8)
-    content = json.dumps(body, ensure_ascii=True, allow_nan=True).encode() if method == "POST" else None
+    content = json.dumps(body, ensure_ascii=True, allow_nan=True).encode() if method in BODIES else None
     return Case(method, url, headers, content)
 
 
@@ -321,7 +325,7 @@ def make_case(rng: random.Random, method: str, path: str, world: World) -> Case:
         headers["Idempotency-Key"] = header_value(key)
     if rng.random() < 0.3:
         headers["If-None-Match"] = header_value(rng.choice(["*", '"x"', 'W/"x"', ",,,", hostile_string(rng)]))
-    content = body_bytes(rng, path) if method == "POST" or rng.random() < 0.1 else None
+    content = body_bytes(rng, path) if method in BODIES or rng.random() < 0.1 else None
     content_type = "application/json" if rng.random() < 0.6 else rng.choice(CONTENT_TYPES)
     if content is not None and content_type:
         headers["Content-Type"] = content_type.encode()
@@ -417,7 +421,7 @@ def test_no_input_makes_it_answer_500(
     rng = random.Random(f"{method} {path}")
     statuses: dict[int, int] = {}
     for _ in range(
-        BODY_CASES if path in ("/v1/forget-requests", "/v1/admin/models") and method == "POST" else CASES
+        BODY_CASES if path in ("/v1/forget-requests", "/v1/admin/models") and method in BODIES else CASES
     ):
         case = make_case(rng, method, path, world)
         headers = {name.encode(): value for name, value in case.headers.items()}
