@@ -38,7 +38,8 @@ def _where(error: ValidationError, field: str) -> str:
     object around it."""
     path = [field, *(str(part) for part in error.absolute_path)]
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
-        path.append(sorted(set(error.instance) - set(error.schema.get("properties", {})))[0])
+        schema = error.schema if isinstance(error.schema, dict) else {}
+        path.append(sorted(set(error.instance) - set(schema.get("properties", {})))[0])
     elif "propertyNames" in error.relative_schema_path:
         path.append(str(error.instance))
     return ".".join(path)

@@ -3,6 +3,7 @@ declares (issue 9, item 13): the API validates a model's method and settings wit
 
 from __future__ import annotations
 
+from importlib.resources import files
 from typing import Any
 
 import pytest
@@ -20,7 +21,7 @@ from worker.unlearning.workload import available_workloads, load_workload
 def test_the_shipped_schemas_are_what_the_worker_declares() -> None:
     """If this fails, regenerate: ``python -m worker.unlearning.methods.schemas > service/methods.json``."""
     assert methods.catalogue() == method_schemas.catalogue()
-    shipped = (methods.files("service") / "methods.json").read_text("utf-8")
+    shipped = (files("service") / "methods.json").read_text("utf-8")
     assert shipped == method_schemas.render()
 
 

@@ -419,13 +419,15 @@ def test_a_round_runs_with_the_method_and_settings_it_was_claimed_with(
 
     monkeypatch.setattr(engine, "run_round", run_round)
     monkeypatch.setattr(pipeline, "_load_workload", lambda model: object())
-    first = {
-        "method": "ssd",
-        "method_config": {"alpha": 2.0},
-        "settings": {"ssd": {"alpha": 9.0, "lambda": 0.5}},
-    }
     with transaction(ctx.session_factory) as session:
-        registry.reconfigure(session, MODEL, **first, actor="test")
+        registry.reconfigure(
+            session,
+            MODEL,
+            method="ssd",
+            method_config={"alpha": 2.0},
+            settings={"ssd": {"alpha": 9.0, "lambda": 0.5}},
+            actor="test",
+        )
     _submit(ctx, "c0")
     with transaction(ctx.session_factory) as session:  # a worker that dies holding the round
         assert rounds.claim_round(session, MODEL, "w0", lease_seconds=60, max_requests=4, max_attempts=3)
