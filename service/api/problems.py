@@ -177,6 +177,8 @@ async def _bad_json(request: Request) -> JSONResponse:
         await authenticate_request(request)
     except StarletteHTTPException as exc:
         return await _http_error(request, exc)
+    except DBAPIError as exc:  # an exception handler's own errors reach no other handler
+        return await _database_error(request, exc)
     return problem_response(
         400, detail="the body is not valid JSON", instance=request.url.path, type_=TYPE_BASE + "bad-json"
     )

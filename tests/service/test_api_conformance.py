@@ -82,6 +82,18 @@ def test_a_body_that_is_not_json_is_answered_after_authentication(
     assert_problem(client.post("/v1/forget-requests", content=content, headers=JSON), 401)
 
 
+def test_a_body_that_is_not_json_without_a_database_is_503(tmp_path: Path) -> None:
+    """Authenticating first must not turn a database outage into a 500."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"postgresql+psycopg://lethe@127.0.0.1:{port}/lethe?connect_timeout=2"
+    with TestClient(create_app(Settings(home=tmp_path, database_url=url))) as client:
+        headers = {**JSON, "Authorization": "Bearer lethe_x"}
+        response = client.post("/v1/admin/models", content=b"{", headers=headers)
+    assert_problem(response, 503)
+
+
 def test_the_forget_request_body_is_a_discriminated_union(client: TestClient) -> None:
     """Defect: one schema with every field optional: the kind-dependent fields were invisible in
     OpenAPI. Now a union discriminated by ``kind`` whose members require their fields."""

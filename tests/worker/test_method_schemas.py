@@ -4,13 +4,16 @@ declares (issue 9, item 13): the API validates a model's method and settings wit
 from __future__ import annotations
 
 from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 from service import methods
 from service.errors import UnprocessableError
+from worker.cli import models_command
 from worker.unlearning.methods import available_methods
 from worker.unlearning.methods import schemas as method_schemas
 from worker.unlearning.methods.gradient_loop import parse_config
@@ -73,3 +76,20 @@ def test_the_built_in_workloads_settings_are_valid(workload: str) -> None:
         methods.validate(method, {}, defaults)
     with pytest.raises(UnprocessableError):
         methods.validate("default", {}, {**defaults, "sdd": {}})
+
+
+def test_lethe_models_create_refuses_an_unknown_method(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CLI registers through the same validation: a clear error, nothing registered."""
+    monkeypatch.setenv("LETHE_HOME", str(tmp_path))
+    runner = CliRunner()
+    result = runner.invoke(models_command, ["create", "m", "--method", "defualt", "--prepare", "none"])
+    assert result.exit_code == 1, result.output
+    assert "unknown method 'defualt'" in result.output
+    result = runner.invoke(
+        models_command, ["create", "m", "--settings", '{"ssd": {"fisher": 1}}', "--prepare", "none"]
+    )
+    assert result.exit_code == 1, result.output
+    assert "settings.ssd.fisher" in result.output
+    assert runner.invoke(models_command, ["create", "m", "--prepare", "none"]).exit_code == 0
