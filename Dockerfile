@@ -32,7 +32,8 @@ USER lethe
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --retries=5 \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2)"
-CMD ["uvicorn", "service.api.app:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000"]
+# Plain HTTP: put a TLS-terminating proxy in front (docker-compose.yml's `proxy`).
+CMD ["lethe", "serve", "--host", "0.0.0.0", "--port", "8000", "--no-migrate"]
 
 # ---- worker: torch (CUDA build) + the ml extra ------------------------------------------------
 FROM runtime AS worker

@@ -102,12 +102,20 @@ def serve(host: str, port: int, run_migrations: bool | None) -> None:
     import uvicorn
 
     from service.api.app import create_app
+    from service.api.wire import ProblemHttpToolsProtocol
     from service.db import migrate as migrations
 
     settings = Settings()
     if run_migrations or (run_migrations is None and _is_sqlite(settings.resolved_database_url)):
         migrations.upgrade(settings.resolved_database_url)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", proxy_headers=True)
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level="info",
+        proxy_headers=True,
+        http=ProblemHttpToolsProtocol,  # the server's own 400s as problem+json, too
+    )
 
 
 @main.group()

@@ -81,6 +81,9 @@ class ClaimedRound:
     method_config: dict[str, Any]
     parent_version: int | None
     parent_location: str | None  # latest active version
+    #: The model's settings when the round was claimed (``None``: a round claimed before rounds
+    #: recorded them; use the model's). A reconfiguration applies from the next round.
+    settings: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -228,6 +231,7 @@ def _start(
         status="running",
         method=model.method,
         method_config=dict(model.method_config),
+        settings=dict(model.settings),
         lease_owner=worker_id,
         lease_expires_at=now + timedelta(seconds=lease_seconds),
         fencing_token=token,
@@ -287,6 +291,7 @@ def _claimed(
         method_config=dict(round_.method_config),
         parent_version=round_.parent_version,
         parent_location=parent_location,
+        settings=dict(round_.settings) if round_.settings is not None else None,
     )
 
 

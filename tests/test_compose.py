@@ -116,3 +116,59 @@ def test_dockerfile_api_stage_has_no_torch() -> None:
 def test_dockerignore_keeps_state_out() -> None:
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".lethe", ".git"} <= set(ignored)
+
+
+def test_no_secret_has_a_default() -> None:
+    """Defect (issue 9, item 14): Postgres defaulted to the password ``lethe``. Every reference to a
+    password must be required (``${VAR:?message}``): compose refuses to start without it."""
+    text = (ROOT / "docker-compose.yml").read_text()
+    references = re.findall(r"\$\{([A-Z0-9_]*(?:PASSWORD|SECRET|TOKEN|KEY)[A-Z0-9_]*)(:?[-?+]?)", text)
+    assert references, "the database password must come from the environment"
+    for name, operator in references:
+        assert operator == ":?", f"${{{name}}} must be required (:?), not defaulted ({operator!r})"
+    assert "POSTGRES_PASSWORD: lethe" not in text
+
+
+def test_secrets_reach_postgres_and_lethe_from_the_environment(services: dict[str, dict[str, Any]]) -> None:
+    password = services["postgres"]["environment"]["POSTGRES_PASSWORD"]
+    assert password.startswith("${POSTGRES_PASSWORD:?")
+    for name in ("api", "worker", "migrate"):
+        assert ":${POSTGRES_PASSWORD:?" in services[name]["environment"]["LETHE_DATABASE_URL"]
+
+
+def _published(svc: dict[str, Any]) -> list[str]:
+    return [str(port) for port in svc.get("ports", [])]
+
+
+def test_only_the_tls_proxy_is_published(services: dict[str, dict[str, Any]]) -> None:
+    """Defect (issue 9, item 14): the API was published as plain HTTP on 0.0.0.0:8000. Now nothing
+    but the proxy publishes a port (443, and 80 for the redirect to https and ACME)."""
+    for name, svc in services.items():
+        if name != "proxy":
+            assert _published(svc) == [], f"{name} publishes {svc['ports']}"
+    assert sorted(_published(services["proxy"])) == ["443:443", "80:80"]
+    assert services["api"]["expose"] == ["8000"]
+
+
+def test_the_proxy_terminates_tls_for_the_api(services: dict[str, dict[str, Any]]) -> None:
+    proxy = services["proxy"]
+    assert str(proxy["image"]).startswith("caddy:")
+    mounts = {str(v).split(":")[1]: str(v).split(":")[0] for v in proxy["volumes"]}
+    assert mounts["/etc/caddy/Caddyfile"] == "./deploy/Caddyfile"
+    assert proxy["depends_on"]["api"]["condition"] == "service_healthy"
+    assert proxy["environment"]["LETHE_PUBLIC_HOST"].startswith("${LETHE_PUBLIC_HOST:?")
+    caddyfile = (ROOT / "deploy" / "Caddyfile").read_text()
+    lines = [line.strip() for line in caddyfile.splitlines()]
+    code = [line for line in lines if line and not line.startswith("#")]
+    assert code[0] == "{$LETHE_PUBLIC_HOST} {", "the site is the public host name (Caddy serves https)"
+    assert "tls {$LETHE_TLS}" in code
+    assert "reverse_proxy api:8000" in code
+    assert not any(line.startswith("encode") for line in code), "compression would change the bytes' digests"
+    assert any(line.startswith("header Strict-Transport-Security") for line in code)
+
+
+def test_the_api_runs_lethe_serve(services: dict[str, dict[str, Any]]) -> None:
+    """`lethe serve` runs uvicorn with the protocol that answers its own 400s as problem+json."""
+    assert _command(services["api"]).startswith("lethe serve --host 0.0.0.0 --port 8000")
+    api = _stages((ROOT / "Dockerfile").read_text())["api"]
+    assert 'CMD ["lethe", "serve", "--host", "0.0.0.0", "--port", "8000", "--no-migrate"]' in api

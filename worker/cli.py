@@ -19,6 +19,7 @@ from typing import Any
 
 import click
 
+from service.errors import ServiceError
 from worker.config import WorkerSettings
 
 DEFAULT_MODEL = "digits"
@@ -245,7 +246,7 @@ def models_create(
             method_config=_json_option(method_config),
             settings=_json_option(settings_json),
         )
-    except ValueError as exc:
+    except (ValueError, ServiceError) as exc:  # ServiceError: e.g. a method or setting the schemas refuse
         raise click.ClickException(str(exc)) from exc
     click.echo(f"model {name} {'registered' if created else 'exists'} (workload {workload})")
     if prepare == "here":

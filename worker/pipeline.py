@@ -356,7 +356,8 @@ def _run_and_publish(
         if model is None:
             raise PermanentRoundError(f"model {model_name} disappeared")
         view = consistency.DatabaseView.load(session, model)
-        workload_settings = dict(model.settings)
+        # the settings the round was claimed with: a reconfiguration applies from the next round
+        workload_settings = dict(model.settings if claimed.settings is None else claimed.settings)
         model_row = model
     removed = store.gc_orphans(
         view.locations,
@@ -437,12 +438,13 @@ def _run_engine(
     watchdog: RoundWatchdog,
 ) -> dict[str, dict[str, Any]]:
     from worker.unlearning.engine import run_round
+    from worker.unlearning.workload import deep_merge
 
     workload = _load_workload(model)
     store = ctx.artifacts(claimed.model_name)
     settings = dict(workload_settings)
-    if claimed.method_config:
-        settings = {**settings, "method": dict(claimed.method_config)}
+    if claimed.method_config:  # the method's own settings block, merged over settings[method]
+        settings = deep_merge(settings, {claimed.method: claimed.method_config})
 
     def on_progress(done: int, total: int, message: str) -> None:
         watchdog.check()

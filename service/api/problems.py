@@ -12,7 +12,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
+from service.api.auth import authenticate_request
+from service.api.schemas import FORGET_REQUEST_KINDS
 from service.errors import ServiceError
 
 log = logging.getLogger(__name__)
@@ -106,6 +109,8 @@ def document_problems(schema: dict[str, Any]) -> dict[str, Any]:
             responses = operation.get("responses", {})
             if not _can_fail_validation(operation):
                 responses.pop("422", None)
+            if "requestBody" in operation:
+                responses.setdefault("400", {"description": "The body is not JSON"})
             for status, response in responses.items():
                 if status.isdigit() and int(status) >= 400:
                     response["content"] = {PROBLEM_JSON: {"schema": ref}}
@@ -127,22 +132,69 @@ async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+#: FastAPI's 400 for a body it could not decode (invalid UTF-8, nesting too deep for the parser).
+_BODY_PARSE_ERROR = "There was an error parsing the body"
+
+
+#: The methods a 405's ``Allow`` may list.
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route answers at this path (Starlette's 405 lists one route's only)."""
+    routes = request.app.router.routes
+    allowed = [
+        method
+        for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    ]
+    return ", ".join(allowed)
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and exc.detail == _BODY_PARSE_ERROR:
+        return await _bad_json(request)
     detail: str | None = exc.detail if isinstance(exc.detail, str) else None
     if detail == _phrase(exc.status_code):
         detail = None
+    headers = dict(exc.headers) if exc.headers else {}
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed_methods(request) or headers.get("Allow", "")
     return problem_response(
         exc.status_code,
         detail=detail,
         instance=request.url.path,
-        headers=dict(exc.headers) if exc.headers else None,
+        headers=headers or None,
     )
 
 
-def _field_name(loc: tuple[Any, ...] | list[Any]) -> str:
-    parts = [str(p) for p in loc]
+async def _bad_json(request: Request) -> JSONResponse:
+    """400 for a body that is not JSON, after the caller was authenticated: FastAPI decodes the
+    body before it runs the route's dependencies, and an anonymous caller must learn nothing more
+    than 401 (or 403 without the scope)."""
+    try:
+        await authenticate_request(request)
+    except StarletteHTTPException as exc:
+        return await _http_error(request, exc)
+    except DBAPIError as exc:  # an exception handler's own errors reach no other handler
+        return await _database_error(request, exc)
+    return problem_response(
+        400, detail="the body is not valid JSON", instance=request.url.path, type_=TYPE_BASE + "bad-json"
+    )
+
+
+#: Errors of a discriminated union's tag: the input they are about is the tag, ``kind``.
+_TAG_ERRORS = ("union_tag_invalid", "union_tag_not_found")
+
+
+def _field_name(error: Any) -> str:
+    if error.get("type") in _TAG_ERRORS:
+        return "kind"
+    parts = [str(p) for p in error.get("loc", ())]
     if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
+        if parts[0] == "body" and len(parts) > 2 and parts[1] in FORGET_REQUEST_KINDS:
+            parts = parts[1:]  # the union member's tag (the forget request's kind), not a field
         parts = parts[1:]
     return ".".join(parts)
 
@@ -151,7 +203,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = [
         {
-            "field": _field_name(e.get("loc", ())),
+            "field": _field_name(e),
             "message": str(e.get("msg", "")),
             "type": str(e.get("type", "")),
         }
@@ -159,9 +211,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     ]
     raw = list(exc.errors())
     if any(e.get("type") == "json_invalid" for e in raw):
-        return problem_response(
-            400, detail="the body is not valid JSON", instance=request.url.path, type_=TYPE_BASE + "bad-json"
-        )
+        return await _bad_json(request)
     key_errors = [e for e in raw if tuple(e.get("loc", ()))[:2] == ("header", "Idempotency-Key")]
     if key_errors:
         missing = any(e.get("type") == "missing" for e in key_errors)

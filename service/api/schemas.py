@@ -6,7 +6,7 @@ import json
 from datetime import datetime
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel, StringConstraints
 
 from service.db.models import MODEL_NAME_PATTERN
 
@@ -50,46 +50,50 @@ def _plain_json(value: dict[str, Any]) -> dict[str, Any]:
 
 
 JsonObject = Annotated[dict[str, Any], AfterValidator(_plain_json)]
+MethodName = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,99}$")]
 
 
 class _In(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ForgetRequestIn(_In):
-    """Forget a client (all its samples), or some tasks' supervision of some samples."""
+ExternalId = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f-\x9f]{1,200}$")]
+SampleIds = Annotated[list[Identifier], Field(min_length=1, max_length=10_000)]
+Tasks = Annotated[list[Identifier], Field(min_length=1, max_length=100)]
+
+
+class ClientForgetRequestIn(_In):
+    """Forget a client: all its samples, or (with ``tasks``) those tasks' supervision of them."""
 
     model: ModelName
-    kind: Literal["client", "task"]
-    client_id: Identifier | None = Field(default=None, description="Required for kind `client`.")
-    sample_ids: list[Identifier] | None = Field(
-        default=None, min_length=1, max_length=10_000, description="Required for kind `task`."
-    )
-    tasks: list[Identifier] | None = Field(
-        default=None,
-        min_length=1,
-        max_length=100,
-        description="Required for kind `task`; for `client` it defaults to all the model's tasks.",
-    )
-    external_id: Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f-\x9f]{1,200}$")] | None = Field(
+    kind: Literal["client"]
+    client_id: Identifier
+    tasks: Tasks | None = Field(default=None, description="Default: all the model's tasks.")
+    external_id: ExternalId | None = Field(
         default=None, description="The caller's own reference (e.g. a DSR ticket)."
     )
 
-    @model_validator(mode="after")
-    def _kind_fields(self) -> ForgetRequestIn:
-        if self.kind == "client":
-            if self.client_id is None:
-                raise ValueError("client_id is required when kind is 'client'")
-            if self.sample_ids is not None:
-                raise ValueError("sample_ids is only allowed when kind is 'task'")
-        else:
-            if self.sample_ids is None:
-                raise ValueError("sample_ids is required when kind is 'task'")
-            if self.tasks is None:
-                raise ValueError("tasks is required when kind is 'task'")
-            if self.client_id is not None:
-                raise ValueError("client_id is only allowed when kind is 'client'")
-        return self
+
+class TaskForgetRequestIn(_In):
+    """Forget some tasks' supervision of some samples."""
+
+    model: ModelName
+    kind: Literal["task"]
+    sample_ids: SampleIds
+    tasks: Tasks
+    external_id: ExternalId | None = Field(
+        default=None, description="The caller's own reference (e.g. a DSR ticket)."
+    )
+
+
+#: The values of ``kind``; a validation error's location names the kind first (see problems.py).
+FORGET_REQUEST_KINDS = ("client", "task")
+
+
+class ForgetRequestIn(
+    RootModel[Annotated[ClientForgetRequestIn | TaskForgetRequestIn, Field(discriminator="kind")]]
+):
+    """Forget a client, or some tasks' supervision of some samples: the fields depend on ``kind``."""
 
 
 class _Out(BaseModel):
@@ -158,8 +162,8 @@ class EvidenceOut(_Out):
 class ModelIn(_In):
     name: ModelName
     workload: Identifier
-    method: Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,99}$")] | None = Field(
-        default=None, description="Unlearning method; default: the worker's default method."
+    method: MethodName | None = Field(
+        default=None, description="Unlearning method (`GET /v1/admin/methods`); default: `default`."
     )
     method_config: JsonObject = Field(default_factory=dict)
     settings: JsonObject = Field(default_factory=dict)
@@ -185,6 +189,34 @@ class ApiKeyOut(_Out):
 
 class ApiKeyWithSecret(ApiKeyOut):
     key: str = Field(description="The secret: shown this once, only its SHA-256 is stored.")
+
+
+class ModelUpdateIn(_In):
+    """What to replace; a field left out keeps its value. Applies from the next round."""
+
+    method: MethodName | None = Field(default=None, description="A method of `GET /v1/admin/methods`.")
+    method_config: JsonObject | None = Field(default=None, description="The method's own settings block.")
+    settings: JsonObject | None = Field(
+        default=None, description="All per-model settings (`pretrain`, `lora`, `train` cannot change)."
+    )
+
+
+class ModelEventOut(_Out):
+    id: int
+    type: Literal["registered", "reconfigured"]
+    actor: str
+    at: datetime
+    detail: dict[str, Any] = Field(
+        description="`registered`: workload, method, method_config, settings; `reconfigured`: "
+        "`changes` as {field: {from, to}}."
+    )
+
+
+class MethodCatalogue(BaseModel):
+    methods: dict[str, dict[str, Any]] = Field(
+        description="Per method, the JSON Schema of its `method_config` (its own settings block)."
+    )
+    settings: dict[str, Any] = Field(description="The JSON Schema of a model's `settings`.")
 
 
 class VersionSummary(_Out):

@@ -250,6 +250,9 @@ class Round(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None]
+    #: The model's settings when the round was claimed (a resumed round keeps them); NULL: a round
+    #: claimed before they were recorded, which reads the model's.
+    settings: Mapped[JSONDict | None] = mapped_column(JSON)
 
 
 class RoundRequest(Base):
@@ -311,3 +314,16 @@ class Worker(Base):
     state: Mapped[str] = mapped_column(String(32))
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ModelEvent(Base):
+    """Append-only history of a model's configuration: registered, reconfigured (who, when, what)."""
+
+    __tablename__ = "model_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    type: Mapped[str] = mapped_column(String(32))
+    actor: Mapped[str] = mapped_column(String(200))
+    detail: Mapped[JSONDict] = mapped_column(default=dict)
+    at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -207,7 +207,7 @@ def test_model_settings_must_be_plain_json(client: TestClient, keys: Keys, field
 
 
 def test_model_settings_may_nest_a_little(client: TestClient, keys: Keys) -> None:
-    nested = {"a": {"b": {"c": [1, 2, {"d": None}]}}}
+    nested = {"default": {"ssd": {"alpha": 3.0, "fisher": "per_sample"}}, "anchor_fractions": {"ia": 0.5}}
     body = {"name": "fraud", "workload": "digits-clients", "settings": nested}
     assert client.post("/v1/admin/models", json=body, headers=keys.admin).status_code == 201
     assert client.get("/v1/admin/models/fraud", headers=keys.admin).json()["settings"] == nested

@@ -395,3 +395,52 @@ def test_preparation_runs_under_the_soft_time_limit(
         assert model is not None
         assert model.status == "failed"
         assert "SoftTimeLimitExceeded" in (model.error or "")
+
+
+def test_a_round_runs_with_the_method_and_settings_it_was_claimed_with(
+    ctx: pipeline.WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 9, item 13. ``method_config`` is the method's own settings block, merged over
+    ``settings[method]`` (it was put under ``settings["method"]``, which no method reads); a model
+    reconfigured while a round is held applies from the next round, also when the held round is
+    resumed after its worker died (the model's settings were read afresh)."""
+    from worker.unlearning import engine
+
+    seen: list[tuple[str, dict[str, Any]]] = []
+
+    def run_round(
+        _workload: object, *, adapter_out: Path, requests: list[Any], method: str, settings: Any, **_: object
+    ) -> Any:
+        seen.append((method, settings))
+        (adapter_out / "adapter_model.safetensors").write_bytes(f"v{len(seen)}".encode())
+        (adapter_out / "adapter_config.json").write_text("{}")
+        return dataclasses.make_dataclass("Outcome", ["evidence"])({r.request_id: {} for r in requests})
+
+    monkeypatch.setattr(engine, "run_round", run_round)
+    monkeypatch.setattr(pipeline, "_load_workload", lambda model: object())
+    with transaction(ctx.session_factory) as session:
+        registry.reconfigure(
+            session,
+            MODEL,
+            method="ssd",
+            method_config={"alpha": 2.0},
+            settings={"ssd": {"alpha": 9.0, "lambda": 0.5}},
+            actor="test",
+        )
+    _submit(ctx, "c0")
+    with transaction(ctx.session_factory) as session:  # a worker that dies holding the round
+        assert rounds.claim_round(session, MODEL, "w0", lease_seconds=60, max_requests=4, max_attempts=3)
+    with transaction(ctx.session_factory) as session:
+        registry.reconfigure(
+            session, MODEL, method="default", method_config={}, settings={"ia": {"lr": 0.1}}, actor="test"
+        )
+    _expire_leases(ctx)
+    resumed = pipeline.run_one_round(ctx, MODEL)
+    assert resumed is not None
+    assert resumed.status == "published"
+    assert seen == [("ssd", {"ssd": {"alpha": 2.0, "lambda": 0.5}})]
+    _submit(ctx, "c1")
+    following = pipeline.run_one_round(ctx, MODEL)
+    assert following is not None
+    assert following.status == "published"
+    assert seen[1] == ("default", {"ia": {"lr": 0.1}})

@@ -11,7 +11,7 @@ from typing import Annotated
 from fastapi import APIRouter, BackgroundTasks, Depends, Query, Response
 from sqlalchemy.orm import Session
 
-from service import deadlines, lifecycle, registry
+from service import deadlines, lifecycle, methods, registry
 from service.api import presenters, schemas
 from service.api.auth import Principal, require
 from service.api.problems import problem_responses
@@ -22,6 +22,7 @@ from service.db.types import utcnow
 from service.errors import BadRequestError, ConflictError, NotFoundError
 from service.repositories import events as events_repo
 from service.repositories import keys as keys_repo
+from service.repositories import model_events as model_events_repo
 from service.repositories import models as models_repo
 from service.repositories import requests as requests_repo
 from service.repositories import rounds as rounds_repo
@@ -237,7 +238,7 @@ def show_model(name: str, state: State, _: Admin) -> schemas.ModelDetail:
     responses=problem_responses(409, 413),
 )
 def register_model(
-    body: schemas.ModelIn, state: State, _: Admin, response: Response, background: BackgroundTasks
+    body: schemas.ModelIn, state: State, principal: Admin, response: Response, background: BackgroundTasks
 ) -> schemas.ModelOut:
     with state.transaction() as session:
         model = registry.register(
@@ -247,11 +248,50 @@ def register_model(
             method=body.method,
             method_config=body.method_config,
             settings=body.settings,
+            actor=principal.actor,
         )
         out = presenters.model(session, model)
     background.add_task(state.dispatcher.prepare, out.name)
     response.headers["Location"] = f"/v1/admin/models/{out.name}"
     return out
+
+
+@router.patch(
+    "/models/{name}",
+    summary="Change a ready model's method or settings, from its next round on (recorded as an event)",
+    responses=problem_responses(404, 409, 413),
+)
+def reconfigure_model(
+    name: str, body: schemas.ModelUpdateIn, state: State, principal: Admin
+) -> schemas.ModelOut:
+    with state.transaction() as session:
+        model = registry.reconfigure(
+            session,
+            name,
+            method=body.method,
+            method_config=body.method_config,
+            settings=body.settings,
+            actor=principal.actor,
+        )
+        return presenters.model(session, model)
+
+
+@router.get(
+    "/models/{name}/events",
+    summary="A model's configuration history (registered, reconfigured)",
+    responses=problem_responses(404),
+)
+def model_events(name: str, state: State, _: Admin) -> list[schemas.ModelEventOut]:
+    with state.transaction() as session:
+        model = models_repo.get_model(session, name)
+        if model is None:
+            raise NotFoundError(f"model {name!r} is not registered")
+        return [schemas.ModelEventOut.from_row(e) for e in model_events_repo.for_model(session, model.id)]
+
+
+@router.get("/methods", summary="The unlearning methods and the JSON Schemas of their settings")
+def list_methods(_: Admin) -> schemas.MethodCatalogue:
+    return schemas.MethodCatalogue.model_validate(methods.catalogue())
 
 
 @router.get("/audit/verify", summary="Recompute the event hash chain; names the first broken event")

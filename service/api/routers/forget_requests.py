@@ -65,13 +65,14 @@ def create_forget_request(
         ),
     ],
 ) -> schemas.ForgetRequestOut:
+    fields = body.root
     submission = lifecycle.Submission(
-        model=body.model,
-        kind=body.kind,
-        client_id=body.client_id,
-        sample_ids=body.sample_ids,
-        tasks=body.tasks,
-        external_id=body.external_id,
+        model=fields.model,
+        kind=fields.kind,
+        client_id=fields.client_id if isinstance(fields, schemas.ClientForgetRequestIn) else None,
+        sample_ids=fields.sample_ids if isinstance(fields, schemas.TaskForgetRequestIn) else None,
+        tasks=fields.tasks,
+        external_id=fields.external_id,
     )
     with state.transaction() as session:
         result = lifecycle.submit(

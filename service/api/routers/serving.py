@@ -156,6 +156,18 @@ def download_adapter_file(
     return _file_response(state.settings.resolved_artifacts_dir, row.location, name, row.files, if_none_match)
 
 
+@router.head(
+    "/{model}/adapters/{version}/files/{name}",
+    summary="The headers of one file of an adapter version (as GET, without the body)",
+    response_class=FileResponse,
+    responses={**A_FILE, **problem_responses(410)},
+)
+def head_adapter_file(
+    model: str, version: str, name: str, state: State, principal: Server, if_none_match: IfNoneMatch = None
+) -> Response:
+    return download_adapter_file(model, version, name, state, principal, if_none_match)
+
+
 @router.get(
     "/{model}/base",
     summary="The frozen base model's files (ETag; 304 on If-None-Match)",
@@ -189,3 +201,15 @@ def download_base_file(
     return _file_response(
         state.settings.resolved_artifacts_dir, location, name, found.base_files, if_none_match
     )
+
+
+@router.head(
+    "/{model}/base/files/{name}",
+    summary="The headers of one file of the base model (as GET, without the body)",
+    response_class=FileResponse,
+    responses=A_FILE,
+)
+def head_base_file(
+    model: str, name: str, state: State, principal: Server, if_none_match: IfNoneMatch = None
+) -> Response:
+    return download_base_file(model, name, state, principal, if_none_match)
