@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import digests
 from service.db.session import transaction
 from service.dispatch import Dispatcher
 from service.settings import Settings
@@ -22,6 +23,13 @@ class AppState:
     engine: Engine
     sessions: sessionmaker[Session]
     dispatcher: Dispatcher
+    _digest_key: bytes | None = None
+
+    def digest_key(self) -> bytes:
+        """The HMAC key of external ids in the event chain (read or created once)."""
+        if self._digest_key is None:
+            self._digest_key = digests.load_key(self.settings)
+        return self._digest_key
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
