@@ -173,7 +173,9 @@ def _register(
     store.keep_state(staging, "0-1")
     v1 = store.commit(staging, "0-1", parent_version=None, requests=[], evidence={})
     with transaction(ctx.session_factory) as session:
-        registry.register(session, name, workload="digits-clients", method="default", method_config={}, settings={})
+        registry.register(
+            session, name, workload="digits-clients", method="default", method_config={}, settings={}
+        )
         rounds.register_prepared_model(
             session,
             name,
