@@ -205,6 +205,28 @@ def test_model_not_ready_is_409(client: TestClient, keys: Keys) -> None:
     assert_problem(post(client, keys, client_body(model="later")), 409, field="model")
 
 
+def test_admin_cancels_a_merged_request_alone_and_retries_only_the_followed_one(
+    client: TestClient, keys: Keys, sessions: sessionmaker[Session]
+) -> None:
+    """Issue 9 item 4: a merged request is a request of its own: cancelling it detaches it (the
+    followed request goes on); it is retried through the request it follows (409 names it)."""
+    first = post(client, keys, client_body("c0"), key="a").json()
+    second = post(client, keys, client_body("c0"), key="b").json()
+    third = post(client, keys, client_body("c0"), key="c").json()
+    cancelled = client.post(f"/v1/admin/forget-requests/{second['id']}/cancel", headers=keys.admin)
+    assert (cancelled.status_code, cancelled.json()["status"]) == (200, "cancelled")
+    assert client.get(f"/v1/forget-requests/{first['id']}", headers=keys.submit).json()["status"] == "queued"
+    complete_queued(sessions)
+    shown = {
+        r["id"]: r["status"] for r in client.get("/v1/forget-requests", headers=keys.submit).json()["items"]
+    }
+    assert shown == {first["id"]: "completed", second["id"]: "cancelled", third["id"]: "completed"}
+    problem = assert_problem(
+        client.post(f"/v1/admin/forget-requests/{third['id']}/retry", headers=keys.admin), 409
+    )
+    assert problem["merged_into"] == first["id"]
+
+
 def test_partial_client_erasure_forgets_the_client_only_for_those_tasks(
     client: TestClient, keys: Keys, sessions: sessionmaker[Session]
 ) -> None:

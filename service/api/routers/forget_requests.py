@@ -85,7 +85,7 @@ def create_forget_request(
             api_key_id=principal.key_id,
             actor=principal.actor,
             due_days=state.settings.due_days,
-            digest_key=state.digest_key(),
+            digest_key=state.digest_key() if body.external_id is not None else None,
         )
         out = presenters.forget_request(session, result.request)
     if result.created:
