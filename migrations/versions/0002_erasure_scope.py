@@ -49,6 +49,7 @@ def upgrade() -> None:
     _status_check(_NEW_STATUSES)
     # A batch rebuild on SQLite may drop the partial unique index: make sure it is there as it was.
     _ensure_active_subject_index()
+    _backfill_forgotten_scope()
 
 
 def downgrade() -> None:
@@ -77,3 +78,82 @@ def _ensure_active_subject_index() -> None:
         sqlite_where=_ACTIVE,
         postgresql_where=_ACTIVE,
     )
+
+
+def _backfill_forgotten_scope() -> None:
+    """Re-derive what was forgotten from the completed requests: a client is forgotten in full only
+    by a client request for every task (before, any client request marked it so), its other client
+    requests forget it for their tasks; task requests forget their samples for their tasks."""
+    bind = op.get_bind()
+    meta = sa.MetaData()
+    models = sa.Table("models", meta, sa.Column("id", sa.Integer), sa.Column("tasks", sa.JSON))
+    subjects = sa.Table(
+        "subjects",
+        meta,
+        sa.Column("id", sa.Integer),
+        sa.Column("model_id", sa.Integer),
+        sa.Column("client_id", sa.String),
+        sa.Column("status", sa.String),
+        sa.Column("forgotten_by_request_id", sa.String),
+        sa.Column("forgotten_at", sa.DateTime(timezone=True)),
+        sa.Column("forgotten_tasks", sa.JSON),
+    )
+    samples = sa.Table(
+        "samples",
+        meta,
+        sa.Column("id", sa.Integer),
+        sa.Column("model_id", sa.Integer),
+        sa.Column("sample_id", sa.String),
+        sa.Column("forgotten_tasks", sa.JSON),
+    )
+    requests = sa.Table(
+        "forget_requests",
+        meta,
+        sa.Column("seq", sa.Integer),
+        sa.Column("id", sa.String),
+        sa.Column("model_id", sa.Integer),
+        sa.Column("kind", sa.String),
+        sa.Column("client_id", sa.String),
+        sa.Column("sample_ids", sa.JSON),
+        sa.Column("tasks", sa.JSON),
+        sa.Column("status", sa.String),
+        sa.Column("completed_at", sa.DateTime(timezone=True)),
+    )
+    model_tasks = {
+        row.id: set(row.tasks or []) for row in bind.execute(sa.select(models.c.id, models.c.tasks))
+    }
+    client_tasks: dict[tuple[int, str], set[str]] = {}
+    client_full: dict[tuple[int, str], tuple[str, object]] = {}
+    sample_tasks: dict[tuple[int, str], set[str]] = {}
+    done = bind.execute(sa.select(requests).where(requests.c.status == "completed").order_by(requests.c.seq))
+    for req in done:
+        tasks = set(req.tasks or [])
+        if req.kind == "client" and req.client_id is not None:
+            key = (req.model_id, req.client_id)
+            client_tasks.setdefault(key, set()).update(tasks)
+            if tasks >= model_tasks.get(req.model_id, set()):
+                client_full.setdefault(key, (req.id, req.completed_at))
+        else:
+            for sample_id in req.sample_ids or []:
+                sample_tasks.setdefault((req.model_id, sample_id), set()).update(tasks)
+    for subject in bind.execute(sa.select(subjects)).all():
+        key = (subject.model_id, subject.client_id)
+        if key not in client_tasks:
+            continue
+        full = client_full.get(key)
+        bind.execute(
+            sa.update(subjects)
+            .where(subjects.c.id == subject.id)
+            .values(
+                forgotten_tasks=sorted(client_tasks[key]),
+                status="active" if full is None else "forgotten",
+                forgotten_by_request_id=None if full is None else full[0],
+                forgotten_at=None if full is None else full[1],
+            )
+        )
+    for (model_id, sample_id), tasks in sample_tasks.items():
+        bind.execute(
+            sa.update(samples)
+            .where(samples.c.model_id == model_id, samples.c.sample_id == sample_id)
+            .values(forgotten_tasks=sorted(tasks))
+        )
