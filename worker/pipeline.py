@@ -498,9 +498,19 @@ def _pending_purges(session: Session, model: Model) -> list[ForgetRequest]:
         elif req.client_id is not None:
             stmt = stmt.where(Sample.client_id == req.client_id)
         samples = list(session.scalars(stmt))
-        if any(not s.purged and not set(tasks) <= set(s.purged_tasks) for s in samples):
+        if any(_purge_due(s, tasks, model.tasks) for s in samples):
             pending.append(req)
     return pending
+
+
+def _purge_due(sample: Sample, tasks: list[str], all_tasks: list[str]) -> bool:
+    """Whether a request's purge is still due for ``sample``: labels of its tasks left, or every
+    label purged but not the inputs (nothing of it is kept, so they go too; a store purged before
+    inputs were deleted so is caught up here)."""
+    if sample.purged:
+        return False
+    purged = set(sample.purged_tasks)
+    return not set(tasks) <= purged or (bool(all_tasks) and purged >= set(all_tasks))
 
 
 def purge_completed(ctx: WorkerContext, model_name: str) -> list[str]:

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from service import lifecycle, registry, rounds
 from service.db.migrate import upgrade
-from service.db.models import Round
+from service.db.models import Round, Sample
 from service.db.session import transaction
 from service.db.types import utcnow
 from service.repositories import models as models_repo
@@ -187,15 +187,43 @@ def _register(
         )
 
 
-def test_partial_client_erasure_purges_exactly_its_scope(
-    ctx: pipeline.WorkerContext, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_reconcile_deletes_inputs_left_by_a_purge_of_every_label(
+    ctx: pipeline.WorkerContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 9 item 1, end to end through the pipeline and the real data store: a client request for
-    one task leaves the client active, purges that task's labels only; a per-task request for the
-    other task on some of its samples deletes those samples' inputs (nothing of them is kept); a
-    later whole-client request proceeds and deletes the rest. Logs name requests, not subjects."""
+    """Issue 9 item 1: a store purged before inputs were deleted once every label is (rows with no
+    label left, recorded as labels only) is caught up: reconciliation deletes those inputs."""
     from worker.unlearning.datastore import DataStore
-    from worker.unlearning.types import IGNORE
+
+    subjects = _toy_model(ctx)
+    monkeypatch.setattr(pipeline, "_run_engine", _fake_engine())
+    u1 = subjects["u1"]
+    with monkeypatch.context() as old:
+        old.setattr(DataStore, "_purge_samples", lambda *_: None)  # the purge before this change
+        with transaction(ctx.session_factory) as session:
+            lifecycle.submit(
+                session,
+                lifecycle.Submission(model="toy", kind="task", sample_ids=u1[:2], tasks=["kind", "side"]),
+                idempotency_key="k1", api_key_id=None, actor="t", due_days=30,
+            )  # fmt: skip
+        result = pipeline.run_one_round(ctx, "toy")
+        assert result is not None
+        assert result.status == "published"
+    with transaction(ctx.session_factory) as session:
+        session.execute(update(Sample).values(purged=False))  # recorded as before: labels only
+    assert DataStore(ctx.data_dir("toy")).sample_ids_of("u1")[:2] == u1[:2]
+    pipeline.reconcile(ctx, "toy")
+    assert DataStore(ctx.data_dir("toy")).sample_ids_of("u1") == u1[2:]
+    with transaction(ctx.session_factory) as session:
+        purged = {
+            s.sample_id: s.purged for s in session.scalars(select(Sample).where(Sample.client_id == "u1"))
+        }
+    assert [purged[s] for s in u1[:3]] == [True, True, False]
+    assert pipeline.purge_completed(ctx, "toy") == []  # nothing due any more
+
+
+def _toy_model(ctx: pipeline.WorkerContext) -> dict[str, list[str]]:
+    """Model "toy": the toy workload's clients, samples and tasks, its real data store, a fake v1."""
+    from worker.unlearning.datastore import DataStore
     from worker.unlearning.workloads.toy import ToyWorkload
 
     workload = ToyWorkload()
@@ -206,6 +234,20 @@ def test_partial_client_erasure_purges_exactly_its_scope(
         subjects.setdefault(client, []).append(sample_id)
     DataStore.materialise(ctx.data_dir("toy"), workload)
     _register(ctx, "toy", subjects, [t.name for t in workload.tasks()])
+    return subjects
+
+
+def test_partial_client_erasure_purges_exactly_its_scope(
+    ctx: pipeline.WorkerContext, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 9 item 1, end to end through the pipeline and the real data store: a client request for
+    one task leaves the client active, purges that task's labels only; a per-task request for the
+    other task on some of its samples deletes those samples' inputs (nothing of them is kept); a
+    later whole-client request proceeds and deletes the rest. Logs name requests, not subjects."""
+    from worker.unlearning.datastore import DataStore
+    from worker.unlearning.types import IGNORE
+
+    subjects = _toy_model(ctx)
     monkeypatch.setattr(pipeline, "_run_engine", _fake_engine())
     u1 = subjects["u1"]
 
