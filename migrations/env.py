@@ -18,14 +18,32 @@ def _database_url() -> str:
 
 
 def _run(connection: Connection) -> None:
+    sqlite = connection.dialect.name == "sqlite"
+    if sqlite:
+        # Batch migrations rebuild a table (copy, drop, rename): with foreign keys on, dropping a
+        # referenced table with rows fails, or cascade-deletes its children (the events!). SQLite
+        # ignores this pragma inside a transaction, so it is set before the migrations' one begins.
+        _sqlite_pragma(connection, "PRAGMA foreign_keys = OFF")
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
         compare_type=True,
-        render_as_batch=connection.dialect.name == "sqlite",
+        render_as_batch=sqlite,
     )
     with context.begin_transaction():
         context.run_migrations()
+    if sqlite:
+        broken = _sqlite_pragma(connection, "PRAGMA foreign_key_check")
+        _sqlite_pragma(connection, "PRAGMA foreign_keys = ON")
+        if broken:
+            raise RuntimeError(f"the migration left rows that break foreign keys: {broken[:5]}")
+
+
+def _sqlite_pragma(connection: Connection, pragma: str) -> list[object]:
+    """Run ``pragma`` on the driver connection itself, outside any SQLAlchemy transaction."""
+    driver = connection.connection.driver_connection
+    assert driver is not None
+    return list(driver.execute(pragma).fetchall())
 
 
 def run_migrations_offline() -> None:

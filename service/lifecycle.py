@@ -9,8 +9,8 @@ from typing import Any, Literal
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service import deadlines
-from service.db.models import ForgetRequest, Model
+from service import deadlines, digests
+from service.db.models import ForgetRequest, Model, Subject
 from service.db.types import utcnow
 from service.errors import ConflictError, NotFoundError, UnprocessableError
 from service.repositories import events as events_repo
@@ -61,11 +61,15 @@ def submit(
     idempotency_key: str,
     api_key_id: int | None,
     actor: str,
+    digest_key: bytes | None = None,
 ) -> SubmitResult:
     """Record a forget request (status ``queued``), or return the one this submission repeats.
 
-    Same idempotency key and body: that request. Same key, other body: 422. A pending request
-    for the same subject: that request.
+    Same idempotency key and body: that request. Same key, other body: 422. Every other submission
+    is a request of its own (its id, key and ``external_id``): when a request for the same subject is
+    pending, the new one is ``merged`` into it (it follows that request and is not run again). A
+    subject already forgotten for everything the submission names: 409. ``digest_key``: the HMAC
+    key of the ``external_id`` digest chained in the events (needed when there is an external_id).
     """
     payload_hash = submission.payload_hash()
     replay = _replay(session, api_key_id, idempotency_key, payload_hash)
@@ -81,31 +85,39 @@ def submit(
             field="model",
             model_status=model.status,
         )
-    tasks = _validate(session, model, submission)
+    tasks = _validate(session, model, submission, api_key_id=api_key_id)
     key = subject_key(submission.kind, submission.client_id, submission.sample_ids, tasks)
-    pending = requests_repo.active_for_subject(session, model.id, key)
-    if pending is not None:
-        return SubmitResult(pending, created=False)
+    external_digest = None
+    if submission.external_id is not None:
+        if digest_key is None:
+            raise ValueError("a digest key is needed to record an external_id")
+        external_digest = digests.keyed_digest(digest_key, submission.external_id)
 
     now = utcnow()
-    request = ForgetRequest(
-        id=requests_repo.new_request_id(),
-        model_id=model.id,
-        kind=submission.kind,
-        client_id=submission.client_id if submission.kind == "client" else None,
-        sample_ids=sorted(set(submission.sample_ids or [])) if submission.kind == "task" else None,
-        tasks=tasks,
-        subject_key=key,
-        status="queued",
-        idempotency_key=idempotency_key,
-        payload_hash=payload_hash,
-        api_key_id=api_key_id,
-        external_id=submission.external_id,
-        received_at=now,
-        due_at=deadlines.due_at(now),
-        updated_at=now,
-        attempts=0,
-    )
+
+    def new_request(merged_into: ForgetRequest | None) -> ForgetRequest:
+        return ForgetRequest(
+            id=requests_repo.new_request_id(),
+            model_id=model.id,
+            kind=submission.kind,
+            client_id=submission.client_id if submission.kind == "client" else None,
+            sample_ids=sorted(set(submission.sample_ids or [])) if submission.kind == "task" else None,
+            tasks=tasks,
+            subject_key=key,
+            status="queued" if merged_into is None else "merged",
+            merged_into=None if merged_into is None else merged_into.id,
+            idempotency_key=idempotency_key,
+            payload_hash=payload_hash,
+            api_key_id=api_key_id,
+            external_id=submission.external_id,
+            received_at=now,
+            due_at=deadlines.due_at(now),
+            updated_at=now,
+            attempts=0,
+        )
+
+    pending = requests_repo.active_for_subject(session, model.id, key)
+    request = new_request(pending)
     try:
         with session.begin_nested():
             session.add(request)
@@ -116,11 +128,17 @@ def submit(
         if replay is not None:
             return SubmitResult(replay, created=False)
         pending = requests_repo.active_for_subject(session, model.id, key)
-        if pending is not None:
-            return SubmitResult(pending, created=False)
-        raise
-    detail = {"kind": request.kind, "model": model.name, "external_id": request.external_id}
+        if pending is None:
+            raise
+        request = new_request(pending)
+        session.add(request)
+        session.flush()
+    detail = {"kind": request.kind, "model": model.name, "external_id_hmac": external_digest}
     events_repo.append_event(session, request.id, "received", actor=actor, status="received", detail=detail)
+    if pending is not None:
+        # The pending request's id is not in the (submitter-visible) event: it may be another key's.
+        events_repo.append_event(session, request.id, "merged", actor=actor, status="merged")
+        return SubmitResult(request, created=False)
     events_repo.append_event(session, request.id, "queued", actor=actor, status="queued")
     return SubmitResult(request, created=True)
 
@@ -138,8 +156,18 @@ def _replay(session: Session, api_key_id: int | None, key: str, payload_hash: st
     return existing
 
 
-def _validate(session: Session, model: Model, submission: Submission) -> list[str]:
-    """Check the subject against the model; returns the tasks the request covers."""
+def _already_forgotten(detail: str, field: str, by: str | None) -> ConflictError:
+    """409 "already forgotten"; ``forgotten_by`` names the request only when it is the caller's."""
+    return ConflictError(detail, field=field, **({} if by is None else {"forgotten_by": by}))
+
+
+def _validate(session: Session, model: Model, submission: Submission, *, api_key_id: int | None) -> list[str]:
+    """Check the subject against the model; returns the tasks the request covers.
+
+    A subject is forgotten exactly for what was erased: a client for the tasks of its completed client
+    requests (all of them once forgotten in full), a sample also for those of its task requests. A
+    submission is refused (409) only when everything it names is forgotten already.
+    """
     if submission.tasks is not None:
         unknown = sorted(set(submission.tasks) - set(model.tasks))
         if unknown:
@@ -156,13 +184,18 @@ def _validate(session: Session, model: Model, submission: Submission) -> list[st
                 f"client {submission.client_id!r} is not a subject of model {model.name!r}",
                 field="client_id",
             )
-        if subject.status == "forgotten":
-            raise ConflictError(
-                f"client {submission.client_id!r} was already forgotten",
-                field="client_id",
-                forgotten_by=subject.forgotten_by_request_id,
+        tasks = sorted(set(submission.tasks)) if submission.tasks else list(model.tasks)
+        whole = set(tasks) >= set(model.tasks)
+        # A client forgotten task by task is not forgotten in full (its membership is still known):
+        # a request for the whole client proceeds until one completed.
+        if subject.status == "forgotten" or (not whole and set(tasks) <= set(subject.forgotten_tasks)):
+            raise _already_forgotten(
+                f"client {submission.client_id!r} was already forgotten"
+                + ("" if subject.status == "forgotten" else f" for tasks {tasks}"),
+                "client_id",
+                _own(session, subject.forgotten_by_request_id, api_key_id),
             )
-        return sorted(set(submission.tasks)) if submission.tasks else list(model.tasks)
+        return tasks
 
     sample_ids = submission.sample_ids or []
     found = models_repo.find_samples(session, model.id, sample_ids)
@@ -174,29 +207,39 @@ def _validate(session: Session, model: Model, submission: Submission) -> list[st
             field="sample_ids",
             unknown=shown,
         )
-    gone = sorted(s.sample_id for s in found.values() if s.purged)
-    if gone:
-        raise ConflictError(
-            f"sample(s) {gone[:20]} belong to a forgotten client and were purged", field="sample_ids"
-        )
+    tasks = sorted(set(submission.tasks or []))
     subjects = models_repo.get_subjects(session, model.id, (s.client_id for s in found.values()))
-    for sample in sorted(found.values(), key=lambda s: s.sample_id):
+    full: Subject | None = None
+    for sample in found.values():
         subject = subjects.get(sample.client_id)
         if subject is not None and subject.status == "forgotten":
-            raise ConflictError(
-                f"sample {sample.sample_id!r} belongs to client {sample.client_id!r}, already forgotten",
-                field="sample_ids",
-                forgotten_by=subject.forgotten_by_request_id,
-            )
-    return sorted(set(submission.tasks or []))
+            full = full or subject
+            continue
+        covered = set(sample.forgotten_tasks) | set(subject.forgotten_tasks if subject is not None else ())
+        if not set(tasks) <= covered:
+            return tasks  # something the request names is still there
+    by = _own(session, full.forgotten_by_request_id, api_key_id) if full is not None else None
+    raise _already_forgotten(f"every sample named was already forgotten for tasks {tasks}", "sample_ids", by)
+
+
+def _own(session: Session, request_id: str | None, api_key_id: int | None) -> str | None:
+    """``request_id`` when the caller's key submitted it (a submitter never learns others' ids)."""
+    if request_id is None:
+        return None
+    row = requests_repo.get_request(session, request_id)
+    return request_id if row is not None and row.api_key_id == api_key_id else None
 
 
 def cancel(session: Session, request_id: str, *, actor: str) -> ForgetRequest:
+    """Cancel a request that has not started. A merged request is detached from the one it follows
+    (which goes on); cancelling a followed request cancels its merged ones with it (they show its
+    status)."""
     request = _locked(session, request_id)
-    if request.status not in ("received", "queued"):
+    followed = _followed(session, request)
+    if (followed or request).status not in ("received", "queued"):
+        status = (followed or request).status
         raise ConflictError(
-            f"request is {request.status}; only a request that has not started can be cancelled",
-            status_now=request.status,
+            f"request is {status}; only a request that has not started can be cancelled", status_now=status
         )
     request.status = "cancelled"
     request.updated_at = utcnow()
@@ -206,6 +249,12 @@ def cancel(session: Session, request_id: str, *, actor: str) -> ForgetRequest:
 
 def retry(session: Session, request_id: str, *, actor: str) -> ForgetRequest:
     request = _locked(session, request_id)
+    followed = _followed(session, request)
+    if followed is not None:
+        raise ConflictError(
+            f"request follows request {followed.id} (merged into it); retry that one",
+            merged_into=followed.id,
+        )
     if request.status != "failed":
         raise ConflictError(
             f"request is {request.status}; only a failed request can be retried", status_now=request.status
@@ -274,6 +323,13 @@ def extend_deadline(
         },
     )
     return request
+
+
+def _followed(session: Session, request: ForgetRequest) -> ForgetRequest | None:
+    """The request a ``merged`` request follows (None for any other)."""
+    if request.status != "merged" or request.merged_into is None:
+        return None
+    return requests_repo.get_request(session, request.merged_into)
 
 
 def _locked(session: Session, request_id: str) -> ForgetRequest:

@@ -360,10 +360,7 @@ def publish_round(
             version_id=version.id,
             payload=evidence.get(request.id, {}),
         )
-        if request.kind == "client" and request.client_id is not None:
-            models_repo.mark_subjects_forgotten(
-                session, model_id, [request.client_id], request_id=request.id, at=now
-            )
+        _mark_forgotten(session, model_id, request, at=now)
         request.version_id = version.id
         request.completed_at = now
     for request in requests:
@@ -390,6 +387,23 @@ def publish_round(
         round_id=round_.id,
         created_at=version.created_at,
     )
+
+
+def _mark_forgotten(session: Session, model_id: int, request: ForgetRequest, *, at: datetime) -> None:
+    """Record what a completed request erased, exactly: a client in full only when the request
+    covered every task of the model; otherwise the tasks, per client or per sample."""
+    tasks = list(request.tasks)
+    if request.kind == "client" and request.client_id is not None:
+        model = session.get(Model, model_id)
+        assert model is not None
+        if set(tasks) >= set(model.tasks):
+            models_repo.mark_subjects_forgotten(
+                session, model_id, [request.client_id], request_id=request.id, at=at, tasks=model.tasks
+            )
+        else:
+            models_repo.mark_client_tasks_forgotten(session, model_id, request.client_id, tasks)
+    elif request.sample_ids:
+        models_repo.mark_sample_tasks_forgotten(session, model_id, request.sample_ids, tasks)
 
 
 def fail_round(session: Session, claimed: ClaimedRound, *, error: str, retryable: bool) -> None:
@@ -554,5 +568,5 @@ def mark_purged(
     if model is None:
         raise UnknownModelError(model_name)
     models_repo.mark_clients_purged(session, model.id, client_ids, at=utcnow())
-    models_repo.mark_sample_tasks_purged(session, model.id, sample_tasks)
+    models_repo.mark_sample_tasks_purged(session, model.id, sample_tasks, all_tasks=model.tasks)
     session.flush()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     )
     dispatch_timeout_seconds: float = Field(
         default=2.0, description="Broker connect/send timeout of the API's wake-up messages."
+    )
+    event_digest_key: SecretStr | None = Field(
+        default=None,
+        description="Secret of the HMAC that stands for a request's external_id in the hash-chained "
+        "events; default: a random key kept in $LETHE_HOME/event-digest.key.",
     )
 
     @property

@@ -6,12 +6,18 @@ Layout (docs/architecture.md)::
     <artifacts>/<model>/adapters/<round>-<token>/    one adapter version, immutable once published
     <artifacts>/<model>/adapters/.staging-*          work directories of running (or crashed) rounds
     <artifacts>/<model>/tombstones/<version>.json    what a withdrawn version was (hashes)
+    <artifacts>/<model>/state/<round>-<token>.json   the version's RoundState (worker-side only)
 
 A version is written into a staging directory, every file is fsynced, ``manifest.json`` (per-file
 sha256, base model, parent version, covered requests, evidence digests) is written last, the
 directory is fsynced and renamed to its final name, and the parent directory is fsynced. A crash
 leaves either no final directory or a complete one; a complete directory that no database row
 points at is an orphan and :meth:`ModelArtifacts.gc_orphans` removes it.
+
+The unlearning state of a version (``unlearning_state.json``: the forgotten clients' and samples'
+ids) is not part of the version directory, which serving hosts download: :meth:`ModelArtifacts.
+keep_state` moves it out of the staging directory before sealing, into ``state/<name>.json``, where
+the next round reads it. It lives and dies with its version (orphan GC, withdrawal).
 
 This module is pure (no database, no torch): the pipeline passes what the database knows.
 """
@@ -41,6 +47,8 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 STAGING_PREFIX = ".staging-"
+#: The engine's RoundState file in a version it writes (``worker.unlearning.state.STATE_FILE``).
+STATE_FILE = "unlearning_state.json"
 _VERSION_DIR = re.compile(r"^(\d+)-(\d+)$")
 
 
@@ -170,6 +178,7 @@ class ModelArtifacts:
         self.base_dir = self.model_dir / "base"
         self.adapters_dir = self.model_dir / "adapters"
         self.tombstones_dir = self.model_dir / "tombstones"
+        self.state_dir = self.model_dir / "state"
 
     # -- locations -----------------------------------------------------------------------------
     def location_of(self, name: str) -> str:
@@ -185,6 +194,28 @@ class ModelArtifacts:
         if not self.base_dir.is_dir():
             return {}
         return {k: v.to_json() for k, v in digest_directory(self.base_dir, exclude=()).items()}
+
+    # -- the worker-side unlearning state --------------------------------------------------------
+    def state_path(self, location: str) -> Path:
+        """Where the RoundState of the version at ``location`` is kept (not in its served directory)."""
+        return self.state_dir / f"{Path(location).name}.json"
+
+    def state_file(self, location: str) -> Path:
+        """The RoundState file of the version at ``location`` for the engine to read: the worker-side
+        one, or ``unlearning_state.json`` in the version directory for a version written before the
+        state moved out of it."""
+        kept = self.state_path(location)
+        return kept if kept.is_file() else self.resolve(location) / STATE_FILE
+
+    def keep_state(self, staging: Path, name: str) -> Path:
+        """Move ``staging/unlearning_state.json`` to the worker-side ``state/<name>.json`` (durably,
+        before the version is sealed); a missing file is an error, never an empty state."""
+        source = staging / STATE_FILE
+        target = self.state_dir / f"{name}.json"
+        atomic_write_bytes(target, source.read_bytes())
+        source.unlink()
+        fsync_dir(staging)
+        return target
 
     # -- writing a version ---------------------------------------------------------------------
     def staging_dir(self, name: str) -> Path:
@@ -279,6 +310,7 @@ class ModelArtifacts:
             with contextlib.suppress(FileNotFoundError):  # another worker deleted it meanwhile
                 shutil.rmtree(directory)
             fsync_dir(directory.parent)
+        self.state_path(location).unlink(missing_ok=True)
         return tomb
 
     # -- garbage collection --------------------------------------------------------------------
@@ -296,11 +328,12 @@ class ModelArtifacts:
         spares very recent directories (a belt on top of the lease); ``spare`` spares the version
         directories it returns True for (see ``worker.consistency.is_foreign``).
         """
+        keep = list(keep)
+        removed = self._gc_states(keep, min_age_seconds)
         if not self.adapters_dir.is_dir():
-            return []
+            return removed
         kept = {self.resolve(loc).resolve() for loc in keep}
         now = time.time()
-        removed: list[Path] = []
         for entry in sorted(self.adapters_dir.iterdir()):
             if not entry.is_dir() or entry.resolve() in kept:
                 continue
@@ -316,5 +349,24 @@ class ModelArtifacts:
                 log.error("not deleting %s: a sealed version the database does not know", entry)
                 continue
             shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+        return removed
+
+    def _gc_states(self, keep: list[str], min_age_seconds: float) -> list[Path]:
+        """State files of versions no database row names."""
+        if not self.state_dir.is_dir():
+            return []
+        kept = {self.state_path(loc).name for loc in keep}
+        now = time.time()
+        removed: list[Path] = []
+        for entry in sorted(self.state_dir.iterdir()):
+            if entry.name in kept or not entry.name.endswith(".json") or not entry.is_file():
+                continue
+            try:
+                if now - entry.stat().st_mtime < min_age_seconds:
+                    continue
+            except FileNotFoundError:
+                continue
+            entry.unlink(missing_ok=True)
             removed.append(entry)
         return removed

@@ -380,6 +380,8 @@ def _run_and_publish(
         ctx.emit("engine_done", round_id=claimed.round_id)
         with transaction(ctx.session_factory) as session:
             rounds.mark_verifying(session, claimed)
+        # the forgotten ids stay worker-side: not in the directory serving hosts download
+        store.keep_state(staging, name)
         attempt.committed = store.commit(
             staging, name, parent_version=claimed.parent_version, requests=[r.id for r in claimed.requests],
             evidence=outcome, extra=_manifest_extra(ctx, claimed),
@@ -464,6 +466,7 @@ def _run_engine(
         device=ctx.device,
         cache_dir=ctx.cache_dir(claimed.model_name),
         on_progress=on_progress,
+        state_in=store.state_file(claimed.parent_location),
     )
     return {rid: dict(doc) for rid, doc in outcome.evidence.items()}
 
@@ -552,9 +555,19 @@ def _pending_purges(session: Session, model: Model) -> list[ForgetRequest]:
         elif req.client_id is not None:
             stmt = stmt.where(Sample.client_id == req.client_id)
         samples = list(session.scalars(stmt))
-        if any(not s.purged and not set(tasks) <= set(s.purged_tasks) for s in samples):
+        if any(_purge_due(s, tasks, model.tasks) for s in samples):
             pending.append(req)
     return pending
+
+
+def _purge_due(sample: Sample, tasks: list[str], all_tasks: list[str]) -> bool:
+    """Whether a request's purge is still due for ``sample``: labels of its tasks left, or every
+    label purged but not the inputs (nothing of it is kept, so they go too; a store purged before
+    inputs were deleted so is caught up here)."""
+    if sample.purged:
+        return False
+    purged = set(sample.purged_tasks)
+    return not set(tasks) <= purged or (bool(all_tasks) and purged >= set(all_tasks))
 
 
 def purge_completed(ctx: WorkerContext, model_name: str, *, everything: bool = False) -> list[str]:
@@ -588,7 +601,12 @@ def purge_completed(ctx: WorkerContext, model_name: str, *, everything: bool = F
         rounds.mark_purged(
             session, model_name, client_ids=sorted(set(clients)), sample_tasks=sorted(set(pairs))
         )
-    log.info("purged %s: %s", model_name, report.to_json() if report else {})
+    # request ids only: the subjects' ids are personal data and stay out of the logs
+    log.info(
+        "purged %s for requests %s (%d clients, %d samples, %d labels deleted)", model_name,
+        [s.request_id for s in pending], len(report.deleted_clients), len(report.deleted_samples),
+        len(report.purged_pairs),
+    )  # fmt: skip
     return [s.request_id for s in pending]
 
 
@@ -627,7 +645,7 @@ def prepare_model(
             workload = _load_workload(model_row)
             import shutil
 
-            for stale in (data_dir, store.base_dir, store.adapters_dir):
+            for stale in (data_dir, store.base_dir, store.adapters_dir, store.state_dir):
                 if stale.exists():
                     shutil.rmtree(stale)
             name = version_dir_name(0, int(time.time() * 1000))
@@ -644,6 +662,7 @@ def prepare_model(
                     # v1's SSD importance is computed now, so the first request does not wait on it
                     cache_dir=ctx.cache_dir(model_name),
                 )
+            store.keep_state(staging, name)
             committed = store.commit(
                 staging,
                 name,

@@ -15,18 +15,32 @@ from service.repositories import versions as versions_repo
 
 
 def forget_requests(session: Session, rows: Sequence[ForgetRequest]) -> list[schemas.ForgetRequestOut]:
+    """A ``merged`` request shows the progress of the request it follows (its status, times,
+    attempts, error and version), with its own id, key, external id, receipt and deadline."""
+    followed = requests_repo.get_requests(
+        session, [r.merged_into for r in rows if r.status == "merged" and r.merged_into is not None]
+    )
+    shown = {r.id: followed.get(r.merged_into or "", r) if r.status == "merged" else r for r in rows}
     names = requests_repo.model_names(session, [r.model_id for r in rows])
     versions = versions_repo.version_numbers(
-        session, [r.version_id for r in rows if r.version_id is not None]
+        session, [s.version_id for s in shown.values() if s.version_id is not None]
     )
-    return [
-        schemas.ForgetRequestOut.from_row(
-            r,
-            model=names[r.model_id],
-            version=versions.get(r.version_id) if r.version_id is not None else None,
+    out = []
+    for r in rows:
+        s = shown[r.id]
+        out.append(
+            schemas.ForgetRequestOut.from_row(
+                r,
+                model=names[r.model_id],
+                version=versions.get(s.version_id) if s.version_id is not None else None,
+                status=s.status,
+                updated_at=max(r.updated_at, s.updated_at),
+                completed_at=s.completed_at,
+                attempts=s.attempts,
+                error=s.error,
+            )
         )
-        for r in rows
-    ]
+    return out
 
 
 def forget_request(session: Session, row: ForgetRequest) -> schemas.ForgetRequestOut:

@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import digests
 from service.api.throttle import AuthFailures
 from service.db.session import transaction
 from service.dispatch import Dispatcher
@@ -24,6 +25,13 @@ class AppState:
     sessions: sessionmaker[Session]
     dispatcher: Dispatcher
     auth_failures: AuthFailures
+    _digest_key: bytes | None = None
+
+    def digest_key(self) -> bytes:
+        """The HMAC key of external ids in the event chain (read or created once)."""
+        if self._digest_key is None:
+            self._digest_key = digests.load_key(self.settings)
+        return self._digest_key
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

@@ -48,6 +48,9 @@ REQUEST_STATUSES: Final = (
     "failed",
     "cancelled",
     "rejected",
+    # A submission for a subject with a pending request: its own request (own id, key, external id)
+    # that follows the pending one (``merged_into``); the API presents that request's progress.
+    "merged",
 )
 #: Requests in these statuses are "pending": a second request for the same subject is not created.
 ACTIVE_REQUEST_STATUSES: Final = ("received", "queued", "running", "verifying")
@@ -127,6 +130,8 @@ class Subject(Base):
     forgotten_by_request_id: Mapped[str | None] = mapped_column(ForeignKey("forget_requests.id"))
     forgotten_at: Mapped[datetime | None]
     purged_at: Mapped[datetime | None]
+    #: Tasks the client was forgotten for by client requests (all of them once ``forgotten``).
+    forgotten_tasks: Mapped[list[str]] = mapped_column(default=list)
 
 
 class Sample(Base):
@@ -142,10 +147,13 @@ class Sample(Base):
     model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"))
     sample_id: Mapped[str] = mapped_column(String(200))
     client_id: Mapped[str] = mapped_column(String(200))
-    #: The whole sample was deleted from the dataset store (its client was forgotten).
+    #: The whole sample was deleted from the dataset store (its client was forgotten, or every
+    #: task's label of it was).
     purged: Mapped[bool] = mapped_column(Boolean, default=False)
     #: Tasks whose label of this sample was deleted (per-task forgetting).
     purged_tasks: Mapped[list[str]] = mapped_column(default=list)
+    #: Tasks this sample was forgotten for by task requests (published versions no longer hold them).
+    forgotten_tasks: Mapped[list[str]] = mapped_column(default=list)
 
 
 class ApiKey(Base):
@@ -208,6 +216,8 @@ class ForgetRequest(Base):
     round_id: Mapped[int | None] = mapped_column(ForeignKey("rounds.id"))
     #: The adapter version that no longer contains the subject (when completed).
     version_id: Mapped[int | None] = mapped_column(ForeignKey("adapter_versions.id"))
+    #: Status ``merged``: the pending request of the same subject this one follows.
+    merged_into: Mapped[str | None] = mapped_column(ForeignKey("forget_requests.id"), index=True)
 
 
 class RequestEvent(Base):

@@ -80,8 +80,12 @@ def append_event(
     return event
 
 
-def events_for_request(session: Session, request_id: str) -> list[RequestEvent]:
-    stmt = select(RequestEvent).where(RequestEvent.request_id == request_id).order_by(RequestEvent.id)
+def events_for_request(session: Session, request_id: str, *, after_id: int = 0) -> list[RequestEvent]:
+    stmt = (
+        select(RequestEvent)
+        .where(RequestEvent.request_id == request_id, RequestEvent.id > after_id)
+        .order_by(RequestEvent.id)
+    )
     return list(session.scalars(stmt))
 
 

@@ -124,15 +124,48 @@ def count_subjects(session: Session, model_id: int) -> tuple[int, int]:
 
 
 def mark_subjects_forgotten(
-    session: Session, model_id: int, client_ids: Sequence[str], *, request_id: str, at: datetime
+    session: Session,
+    model_id: int,
+    client_ids: Sequence[str],
+    *,
+    request_id: str,
+    at: datetime,
+    tasks: Sequence[str] = (),
 ) -> None:
+    """The clients are forgotten in full (``tasks``: every task of the model)."""
     if not client_ids:
         return
     session.execute(
         update(Subject)
         .where(Subject.model_id == model_id, Subject.client_id.in_(client_ids))
-        .values(status="forgotten", forgotten_by_request_id=request_id, forgotten_at=at)
+        .values(
+            status="forgotten",
+            forgotten_by_request_id=request_id,
+            forgotten_at=at,
+            forgotten_tasks=sorted(tasks),
+        )
     )
+
+
+def mark_client_tasks_forgotten(
+    session: Session, model_id: int, client_id: str, tasks: Sequence[str]
+) -> None:
+    """A client request for some of the tasks completed: the client is forgotten for those."""
+    subject = get_subject(session, model_id, client_id)
+    if subject is not None:
+        subject.forgotten_tasks = sorted(set(subject.forgotten_tasks) | set(tasks))
+        session.flush()
+
+
+def mark_sample_tasks_forgotten(
+    session: Session, model_id: int, sample_ids: Sequence[str], tasks: Sequence[str]
+) -> None:
+    """A task request completed: its samples are forgotten for its tasks."""
+    for sample in find_samples(session, model_id, sample_ids).values():
+        merged = sorted(set(sample.forgotten_tasks) | set(tasks))
+        if merged != sample.forgotten_tasks:
+            sample.forgotten_tasks = merged
+    session.flush()
 
 
 def find_samples(session: Session, model_id: int, sample_ids: Iterable[str]) -> dict[str, Sample]:
@@ -159,8 +192,10 @@ def mark_clients_purged(session: Session, model_id: int, client_ids: Sequence[st
 
 
 def mark_sample_tasks_purged(
-    session: Session, model_id: int, sample_tasks: Sequence[tuple[str, str]]
+    session: Session, model_id: int, sample_tasks: Sequence[tuple[str, str]], *, all_tasks: Sequence[str] = ()
 ) -> None:
+    """Record purged labels; a sample none of whose ``all_tasks`` labels is left is purged whole (the
+    data store deletes its inputs then: nothing of it is kept)."""
     by_sample: dict[str, set[str]] = {}
     for sample_id, task in sample_tasks:
         by_sample.setdefault(sample_id, set()).add(task)
@@ -169,4 +204,6 @@ def mark_sample_tasks_purged(
         sample = samples.get(sample_id)
         if sample is not None:
             sample.purged_tasks = sorted(set(sample.purged_tasks) | tasks)
+            if all_tasks and set(sample.purged_tasks) >= set(all_tasks):
+                sample.purged = True
     session.flush()

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import and_, func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from service.db.models import ACTIVE_REQUEST_STATUSES, ForgetRequest, Model
 
@@ -36,6 +36,13 @@ def by_idempotency_key(session: Session, api_key_id: int | None, key: str) -> Fo
         ForgetRequest.api_key_id.is_(None) if api_key_id is None else ForgetRequest.api_key_id == api_key_id,
     )
     return session.scalar(stmt)
+
+
+def get_requests(session: Session, request_ids: Sequence[str]) -> dict[str, ForgetRequest]:
+    if not request_ids:
+        return {}
+    rows = session.scalars(select(ForgetRequest).where(ForgetRequest.id.in_(set(request_ids))))
+    return {r.id: r for r in rows}
 
 
 def active_for_subject(session: Session, model_id: int, subject_key: str) -> ForgetRequest | None:
@@ -80,7 +87,17 @@ def list_requests(
     if api_key_id is not None:
         stmt = stmt.where(ForgetRequest.api_key_id == api_key_id)
     if statuses:
-        stmt = stmt.where(ForgetRequest.status.in_(statuses))
+        # A merged request has the status of the request it follows.
+        followed = aliased(ForgetRequest)
+        stmt = stmt.where(
+            or_(
+                ForgetRequest.status.in_(statuses),
+                and_(
+                    ForgetRequest.status == "merged",
+                    ForgetRequest.merged_into.in_(select(followed.id).where(followed.status.in_(statuses))),
+                ),
+            )
+        )
     if model_id is not None:
         stmt = stmt.where(ForgetRequest.model_id == model_id)
     if before_seq is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 from alembic import command
-from sqlalchemy import create_engine, inspect
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, inspect, text
 
 from service.db import migrate
 from service.db.models import Base
@@ -81,3 +83,91 @@ def test_installed_layout_finds_migrations_in_the_working_directory(
     url = f"sqlite:///{tmp_path / 'lethe.db'}"
     migrate.upgrade(url)
     assert _tables(url) == set(Base.metadata.tables)
+
+
+def _backfill(url: str) -> None:
+    config = migrate.alembic_config(url)
+    revision = ScriptDirectory.from_config(config).get_revision("0002")
+    assert revision is not None
+    before = revision.down_revision
+    assert isinstance(before, str)
+    command.upgrade(config, before)
+    engine = create_engine(url)
+    now = "2026-01-01 00:00:00+00:00"
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO models (id, name, workload, tasks, method, method_config, settings, status,"
+                    " base_files, last_fencing_token, created_at)"
+                    " VALUES (1, 'm', 'w', '[\"a\", \"b\"]', 'ssd', '{}', '{}', 'ready', '{}', 0, :now)"
+                ),
+                {"now": now},
+            )
+            requests = [
+                ("r1", "client", "c0", None, '["a"]'),  # partial: marked c0 forgotten before 0002
+                ("r2", "client", "c1", None, '["a", "b"]'),
+                ("r3", "task", None, '["s4"]', '["b"]'),
+            ]
+            insert_request = text(
+                "INSERT INTO forget_requests (seq, id, model_id, kind, client_id, sample_ids, tasks,"
+                " subject_key, status, idempotency_key, payload_hash, received_at, due_at,"
+                " updated_at, completed_at, attempts) VALUES (:seq, :id, 1, :kind, :client, :samples,"
+                " :tasks, :id, 'completed', :id, 'h', :now, :now, :now, :now, 1)"
+            )
+            for seq, (rid, kind, client, samples, tasks) in enumerate(requests, start=1):
+                values = {"seq": seq, "id": rid, "kind": kind, "client": client, "samples": samples}
+                conn.execute(insert_request, {**values, "tasks": tasks, "now": now})
+            insert_subject = text(
+                "INSERT INTO subjects (id, model_id, client_id, sample_count, status,"
+                " forgotten_by_request_id, forgotten_at) VALUES (:id, 1, :client, 2, :status, :by, :at)"
+            )
+            for sid, client, by in (1, "c0", "r1"), (2, "c1", "r2"), (3, "c2", None):
+                status = "forgotten" if by else "active"
+                conn.execute(
+                    insert_subject,
+                    {"id": sid, "client": client, "status": status, "by": by, "at": now if by else None},
+                )
+            # an event of r1: a table rebuild with foreign keys on would cascade-delete it
+            conn.execute(
+                text(
+                    "INSERT INTO request_events (id, request_id, type, actor, detail, at, prev_hash, hash)"
+                    " VALUES (1, 'r1', 'received', 't', '{}', :now, 'p', 'h')"
+                ),
+                {"now": now},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO samples (id, model_id, sample_id, client_id, purged, purged_tasks)"
+                    " VALUES (1, 1, 's4', 'c2', false, '[]')"
+                )
+            )
+        command.upgrade(config, "0002")
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT client_id, status, forgotten_by_request_id FROM subjects ORDER BY id")
+            ).all()
+            assert [tuple(r) for r in rows] == [
+                ("c0", "active", None),
+                ("c1", "forgotten", "r2"),
+                ("c2", "active", None),
+            ]
+            forgotten = conn.execute(text("SELECT forgotten_tasks FROM subjects ORDER BY id")).scalars().all()
+            assert [json.loads(t) if isinstance(t, str) else t for t in forgotten] == [["a"], ["a", "b"], []]
+            assert conn.execute(text("SELECT count(*) FROM request_events")).scalar_one() == 1
+            sample = conn.execute(text("SELECT forgotten_tasks FROM samples")).scalar_one()
+            assert (json.loads(sample) if isinstance(sample, str) else sample) == ["b"]
+    finally:
+        engine.dispose()
+
+
+def test_0002_backfills_what_was_forgotten_sqlite(tmp_path: Path) -> None:
+    """Issue 9 item 1: a client marked forgotten by a request for some of its tasks (the defect) is
+    active again after the upgrade, forgotten for those tasks; full erasures and task requests are
+    carried over."""
+    _backfill(f"sqlite:///{tmp_path / 'lethe.db'}")
+
+
+@pytest.mark.postgres
+def test_0002_backfills_what_was_forgotten_postgres(make_postgres_database: Callable[[], str]) -> None:
+    _backfill(make_postgres_database())

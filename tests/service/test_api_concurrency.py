@@ -51,14 +51,21 @@ def test_concurrent_posts_with_one_key_create_one_request(
         assert events_repo.verify_chain(session).ok
 
 
-def test_concurrent_posts_for_one_subject_create_one_request(
+def test_concurrent_posts_for_one_subject_queue_one_request(
     live_server: str, keys: Keys, sessions: sessionmaker[Session]
 ) -> None:
+    """One request is queued; every other submission is its own request (own id, key), merged into
+    it (issue 9 item 4: before, they were answered with the first request and their keys dropped)."""
     items = [({**keys.submit, "Idempotency-Key": f"k{i}"}, client_body("c2")) for i in range(N)]
     responses = hammer(live_server, items)
     assert sorted(r.status_code for r in responses) == [200] * (N - 1) + [201]
-    assert len({r.json()["id"] for r in responses}) == 1
-    assert count_requests(sessions) == 1
+    assert len({r.json()["id"] for r in responses}) == N
+    with sessions() as session:
+        rows = list(session.scalars(select(ForgetRequest)))
+        queued = [r.id for r in rows if r.status == "queued"]
+        assert len(queued) == 1
+        assert [r.merged_into for r in rows if r.status == "merged"] == queued * (N - 1)
+        assert events_repo.verify_chain(session).ok
 
 
 def test_concurrent_posts_with_one_key_and_different_bodies(

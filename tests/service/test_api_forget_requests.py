@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from datetime import datetime
 from typing import Any
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import deadlines, rounds
+from service import deadlines, digests, rounds
+from service.db.models import ForgetRequest, Sample, Subject
 from service.db.session import transaction
+from service.settings import Settings
 from tests.service.conftest import Keys
 from tests.service.helpers import assert_problem, client_body, task_body
 
@@ -55,13 +60,35 @@ def test_task_request(client: TestClient, keys: Keys) -> None:
     assert (body["kind"], body["sample_ids"], body["tasks"]) == ("task", ["s00000", "s00001"], ["parity"])
 
 
-def test_same_subject_pending_returns_the_existing_request(client: TestClient, keys: Keys) -> None:
-    first = post(client, keys, client_body("c0"), key="a")
-    second = post(client, keys, client_body("c0"), key="b")
+def test_a_submission_for_a_pending_subject_is_its_own_request_following_it(
+    client: TestClient, keys: Keys, sessions: sessionmaker[Session]
+) -> None:
+    """Issue 9 item 4: a merged submission keeps its own id, key and external_id; it is not run again,
+    shows the pending request's progress, and its key replays to it even after completion."""
+    first = post(client, keys, client_body("c0", external_id="DSR-1"), key="a")
+    second = post(client, keys, client_body("c0", external_id="DSR-2"), key="b")
     assert (first.status_code, second.status_code) == (201, 200)
-    assert second.json()["id"] == first.json()["id"]
+    mine = second.json()
+    assert mine["id"] != first.json()["id"]
+    assert (mine["external_id"], mine["status"]) == ("DSR-2", "queued")
+    assert second.headers["location"] == f"/v1/forget-requests/{mine['id']}"
     listed = client.get("/v1/forget-requests", headers=keys.submit).json()
-    assert len(listed["items"]) == 1
+    assert len(listed["items"]) == 2
+    complete_queued(sessions)
+    shown = client.get(f"/v1/forget-requests/{mine['id']}", headers=keys.submit).json()
+    assert (shown["status"], shown["version"], shown["external_id"]) == ("completed", 2, "DSR-2")
+    # the replay answers what it answered first: no new request, no 409
+    again = post(client, keys, client_body("c0", external_id="DSR-2"), key="b")
+    assert (again.status_code, again.json()) == (200, shown)
+    assert claim_any(sessions) is None  # nothing left to unlearn: the subject ran once
+    types = [
+        e["type"] for e in client.get(f"/v1/forget-requests/{mine['id']}/events", headers=keys.submit).json()
+    ]
+    assert types == ["received", "merged", "claimed", "completed"]
+    evidence = client.get(f"/v1/forget-requests/{mine['id']}/evidence", headers=keys.submit).json()
+    assert [(e["request_id"], e["version"]) for e in evidence] == [(mine["id"], 2)]
+    completed = client.get("/v1/forget-requests?status=completed", headers=keys.submit).json()["items"]
+    assert {r["id"] for r in completed} == {mine["id"], first.json()["id"]}
 
 
 def test_missing_idempotency_key_is_400(client: TestClient, keys: Keys) -> None:
@@ -178,6 +205,91 @@ def test_model_not_ready_is_409(client: TestClient, keys: Keys) -> None:
     assert_problem(post(client, keys, client_body(model="later")), 409, field="model")
 
 
+def test_admin_cancels_a_merged_request_alone_and_retries_only_the_followed_one(
+    client: TestClient, keys: Keys, sessions: sessionmaker[Session]
+) -> None:
+    """Issue 9 item 4: a merged request is a request of its own: cancelling it detaches it (the
+    followed request goes on); it is retried through the request it follows (409 names it)."""
+    first = post(client, keys, client_body("c0"), key="a").json()
+    second = post(client, keys, client_body("c0"), key="b").json()
+    third = post(client, keys, client_body("c0"), key="c").json()
+    cancelled = client.post(f"/v1/admin/forget-requests/{second['id']}/cancel", headers=keys.admin)
+    assert (cancelled.status_code, cancelled.json()["status"]) == (200, "cancelled")
+    assert client.get(f"/v1/forget-requests/{first['id']}", headers=keys.submit).json()["status"] == "queued"
+    complete_queued(sessions)
+    shown = {
+        r["id"]: r["status"] for r in client.get("/v1/forget-requests", headers=keys.submit).json()["items"]
+    }
+    assert shown == {first["id"]: "completed", second["id"]: "cancelled", third["id"]: "completed"}
+    problem = assert_problem(
+        client.post(f"/v1/admin/forget-requests/{third['id']}/retry", headers=keys.admin), 409
+    )
+    assert problem["merged_into"] == first["id"]
+
+
+def test_partial_client_erasure_forgets_the_client_only_for_those_tasks(
+    client: TestClient, keys: Keys, sessions: sessionmaker[Session]
+) -> None:
+    """Issue 9 item 1: a client request for some tasks no longer marks the client forgotten; a later,
+    wider request proceeds, a covered one answers 409."""
+    assert post(client, keys, client_body("c2", tasks=["digit"]), key="k1").status_code == 201
+    complete_queued(sessions)
+    with sessions() as session:
+        subject = session.scalars(select(Subject).where(Subject.client_id == "c2")).one()
+        assert (subject.status, subject.forgotten_tasks) == ("active", ["digit"])
+    assert_problem(post(client, keys, client_body("c2", tasks=["digit"]), key="k2"), 409, field="client_id")
+    assert_problem(post(client, keys, task_body(["s00008"], ["digit"]), key="k3"), 409, field="sample_ids")
+    assert post(client, keys, task_body(["s00008"], ["parity"]), key="k4").status_code == 201
+    assert post(client, keys, client_body("c2"), key="k5").status_code == 201  # the whole client
+    complete_queued(sessions)
+    with sessions() as session:
+        subject = session.scalars(select(Subject).where(Subject.client_id == "c2")).one()
+        assert (subject.status, subject.forgotten_tasks) == ("forgotten", ["digit", "parity"])
+        sample = session.scalars(select(Sample).where(Sample.sample_id == "s00008")).one()
+        assert sample.forgotten_tasks == ["parity"]
+    assert_problem(post(client, keys, client_body("c2"), key="k6"), 409, field="client_id")
+
+
+def test_task_subject_already_forgotten_is_409_and_wider_requests_proceed(
+    client: TestClient, keys: Keys, sessions: sessionmaker[Session]
+) -> None:
+    """Issue 9 item 4: a completed (samples, task) request is not unlearned again under a new key
+    (before: a new request, and a new version, each time); a replay answers the same request."""
+    first = post(client, keys, task_body(["s00001", "s00002"], ["parity"]), key="k1").json()
+    complete_queued(sessions)
+    again = post(client, keys, task_body(["s00002", "s00001"], ["parity"]), key="k2")
+    assert "forgotten_by" not in assert_problem(again, 409, field="sample_ids")
+    replay = post(client, keys, task_body(["s00001", "s00002"], ["parity"]), key="k1")
+    assert (replay.status_code, replay.json()["id"], replay.json()["status"]) == (
+        200,
+        first["id"],
+        "completed",
+    )
+    assert post(client, keys, task_body(["s00001", "s00003"], ["parity"]), key="k3").status_code == 201
+    assert post(client, keys, task_body(["s00001"], ["digit", "parity"]), key="k4").status_code == 201
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(ForgetRequest)) == 3
+
+
+def test_external_id_is_chained_as_a_keyed_digest(
+    client: TestClient, keys: Keys, sessions: sessionmaker[Session], settings: Settings
+) -> None:
+    """Issue 9 item 12: the caller's external_id never enters the hash chain (only its HMAC under the
+    server secret), so it can be erased and the chain still verifies."""
+    created = post(client, keys, client_body("c1", external_id="DSR-Jane-Doe")).json()
+    events = client.get(f"/v1/forget-requests/{created['id']}/events", headers=keys.submit)
+    assert "DSR-Jane-Doe" not in events.text
+    key = digests.load_key(settings)
+    assert (
+        events.json()[0]["detail"]["external_id_hmac"]
+        == hmac.new(key, b"DSR-Jane-Doe", hashlib.sha256).hexdigest()
+    )
+    with transaction(sessions) as session:
+        session.execute(update(ForgetRequest).values(external_id=None))
+    audit = client.get("/v1/admin/audit/verify", headers=keys.admin).json()
+    assert audit["ok"] is True
+
+
 def test_client_already_forgotten_is_409_pointing_at_the_request(
     client: TestClient, keys: Keys, sessions: sessionmaker[Session]
 ) -> None:
@@ -200,6 +312,24 @@ def test_client_already_forgotten_is_409_pointing_at_the_request(
     assert post(client, keys, client_body("c2")).json()["status"] == "completed"
 
 
+def complete_queued(sessions: sessionmaker[Session]) -> None:
+    """A worker's round over every queued request, published (no files: the API does not read them)."""
+    with transaction(sessions) as session:
+        claimed = rounds.claim_round(
+            session, "digits", "w", lease_seconds=60, max_requests=10, max_attempts=3
+        )
+        assert claimed is not None
+        rounds.publish_round(
+            session, claimed, location=f"digits/adapters/{claimed.round_id}", files={},
+            evidence={r.id: {"request_id": r.id} for r in claimed.requests}, withdraw_versions=[],
+        )  # fmt: skip
+
+
+def claim_any(sessions: sessionmaker[Session]) -> rounds.ClaimedRound | None:
+    with transaction(sessions) as session:
+        return rounds.claim_round(session, "digits", "w", lease_seconds=60, max_requests=10, max_attempts=3)
+
+
 def test_auth(client: TestClient, keys: Keys) -> None:
     url = "/v1/forget-requests"
     assert_problem(client.post(url, json=client_body(), headers={"Idempotency-Key": "k"}), 401)
@@ -212,18 +342,33 @@ def test_auth(client: TestClient, keys: Keys) -> None:
     assert_problem(client.get(url, headers=keys.serve), 403)
 
 
-def test_a_subject_pending_for_another_key_is_409_without_its_content(client: TestClient, keys: Keys) -> None:
+def test_a_subject_pending_for_another_key_answers_the_callers_own_request(
+    client: TestClient, keys: Keys, sessions: sessionmaker[Session]
+) -> None:
+    """Issue 9 item 12: the second submitter gets its own linked request, never the other's id or
+    content (before: 409 with `pending_request` = the other submitter's request id)."""
     mine = post(client, keys, client_body("c0", external_id="DSR-secret")).json()
     theirs = client.post(
         "/v1/forget-requests", json=client_body("c0"), headers={**keys.other_submit, "Idempotency-Key": "x"}
     )
-    problem = assert_problem(theirs, 409)
-    assert problem["pending_request"] == mine["id"]
+    assert theirs.status_code == 200, theirs.text
+    assert theirs.json()["id"] != mine["id"]
+    assert mine["id"] not in theirs.text
     assert "DSR-secret" not in theirs.text
+    complete_queued(sessions)
+    for suffix in ("", "/events", "/evidence"):
+        seen = client.get(f"/v1/forget-requests/{theirs.json()['id']}{suffix}", headers=keys.other_submit)
+        assert seen.status_code == 200
+        assert mine["id"] not in seen.text
+        assert "DSR-secret" not in seen.text
+    assert (
+        client.get(f"/v1/forget-requests/{theirs.json()['id']}", headers=keys.other_submit).json()["status"]
+        == "completed"
+    )
     as_admin = client.post(
         "/v1/forget-requests", json=client_body("c0"), headers={**keys.admin, "Idempotency-Key": "x"}
     )
-    assert (as_admin.status_code, as_admin.json()["id"]) == (200, mine["id"])
+    assert_problem(as_admin, 409, field="client_id")  # forgotten by now
 
 
 def test_a_submitter_sees_only_its_own_requests(client: TestClient, keys: Keys) -> None:

@@ -308,13 +308,19 @@ def test_register_prepared_model_is_idempotent_and_records_subjects(sessions: se
 
 @pytest.mark.usefixtures("ready_model")
 def test_mark_purged(sessions: sessionmaker[Session]) -> None:
+    """A sample whose every task's label was purged is recorded as purged whole: the data store
+    deletes its inputs then (issue 9 item 1: the inputs go once nothing of them is kept)."""
     with transaction(sessions) as session:
         rounds.mark_purged(session, "digits", client_ids=["c0"], sample_tasks=[("s00004", "parity")])
-        rounds.mark_purged(session, "digits", client_ids=[], sample_tasks=[("s00004", "digit")])
     with sessions() as session:
         samples = {s.sample_id: s for s in session.scalars(select(Sample))}
         assert samples["s00000"].purged
         assert not samples["s00004"].purged
+    with transaction(sessions) as session:
+        rounds.mark_purged(session, "digits", client_ids=[], sample_tasks=[("s00004", "digit")])
+    with sessions() as session:
+        samples = {s.sample_id: s for s in session.scalars(select(Sample))}
+        assert samples["s00004"].purged
         assert samples["s00004"].purged_tasks == ["digit", "parity"]
         subject = session.scalars(select(Subject).where(Subject.client_id == "c0")).one()
         assert subject.purged_at is not None

@@ -7,6 +7,8 @@ these tests exercise claim → seal → publish → withdraw and the lease-takeo
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -15,11 +17,11 @@ from typing import Any
 
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from service import lifecycle, registry, rounds
 from service.db.migrate import upgrade
-from service.db.models import Round
+from service.db.models import Round, Sample
 from service.db.session import transaction
 from service.db.types import utcnow
 from service.repositories import models as models_repo
@@ -27,7 +29,7 @@ from service.repositories import requests as requests_repo
 from service.repositories import versions as versions_repo
 from service.settings import Settings
 from worker import pipeline
-from worker.artifacts import ModelArtifacts, verify_directory
+from worker.artifacts import STATE_FILE, ModelArtifacts, verify_directory
 from worker.config import WorkerSettings
 from worker.watchdog import RoundWatchdog
 
@@ -42,6 +44,8 @@ def ctx(tmp_path: Path) -> Iterator[pipeline.WorkerContext]:
     store = ModelArtifacts(settings.resolved_artifacts_dir, MODEL)
     staging = store.staging_dir("0-1")
     (staging / "adapter_model.safetensors").write_bytes(b"v1")
+    (staging / STATE_FILE).write_text("{}")
+    store.keep_state(staging, "0-1")
     v1 = store.commit(staging, "0-1", parent_version=None, requests=[], evidence={})
     with transaction(context.session_factory) as session:
         registry.register(
@@ -83,6 +87,9 @@ def _fake_engine(before_return: EngineHook | None = None) -> Callable[..., dict[
     ) -> dict[str, dict[str, Any]]:
         (staging / "adapter_model.safetensors").write_bytes(f"round {claimed.round_id}".encode())
         (staging / "adapter_config.json").write_text("{}")
+        (staging / STATE_FILE).write_text(
+            json.dumps({"forgotten_clients": [r.client_id for r in claimed.requests]})
+        )
         if before_return is not None:
             before_return(claimed, watchdog)
         return {r.id: {"fake": True} for r in claimed.requests}
@@ -125,6 +132,174 @@ def test_round_publishes_and_withdraws(ctx: pipeline.WorkerContext, monkeypatch:
     assert pipeline.run_one_round(ctx, MODEL) is None  # nothing left to claim
     assert _request_status(ctx, request_id) == "completed"
     assert _versions(ctx) == [(1, "withdrawn"), (2, "active")]
+
+
+def test_unlearning_state_is_kept_worker_side_not_served(
+    ctx: pipeline.WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 9 item 12: ``unlearning_state.json`` (the forgotten ids) is neither in the published
+    version's directory nor in its served file list; the worker keeps it in ``state/`` for the next
+    round, deletes it with its withdrawn version, and collects orphans' states."""
+    monkeypatch.setattr(pipeline, "_run_engine", _fake_engine())
+    store = ctx.artifacts(MODEL)
+    (store.state_dir / "9-9.json").write_text("{}")  # the state of a crashed attempt's version
+    _submit(ctx, "c0")
+    result = pipeline.run_one_round(ctx, MODEL)
+    assert result is not None
+    assert result.status == "published"
+    with transaction(ctx.session_factory) as session:
+        model = models_repo.get_model(session, MODEL)
+        assert model is not None
+        latest = versions_repo.latest_active(session, model.id)
+        assert latest is not None
+        files, location = dict(latest.files), latest.location
+    assert STATE_FILE not in files
+    assert not (store.resolve(location) / STATE_FILE).exists()
+    verify_directory(store.resolve(location))
+    kept = store.state_file(location)
+    assert kept == store.state_path(location)
+    assert json.loads(kept.read_text()) == {"forgotten_clients": ["c0"]}
+    assert sorted(p.name for p in store.state_dir.iterdir()) == [kept.name]  # v1's and the orphan's gone
+
+
+def _register(
+    ctx: pipeline.WorkerContext, name: str, subjects: dict[str, list[str]], tasks: list[str]
+) -> None:
+    store = ctx.artifacts(name)
+    staging = store.staging_dir("0-1")
+    (staging / "adapter_model.safetensors").write_bytes(b"v1")
+    (staging / STATE_FILE).write_text("{}")
+    store.keep_state(staging, "0-1")
+    v1 = store.commit(staging, "0-1", parent_version=None, requests=[], evidence={})
+    with transaction(ctx.session_factory) as session:
+        registry.register(
+            session, name, workload="digits-clients", method="default", method_config={}, settings={}
+        )
+        rounds.register_prepared_model(
+            session,
+            name,
+            subjects=subjects,
+            location=v1.location,
+            files={k: rounds.FileDigest(v.sha256, v.size) for k, v in v1.files.items()},
+            evidence={},
+            tasks=tasks,
+        )
+
+
+def test_reconcile_deletes_inputs_left_by_a_purge_of_every_label(
+    ctx: pipeline.WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 9 item 1: a store purged before inputs were deleted once every label is (rows with no
+    label left, recorded as labels only) is caught up: reconciliation deletes those inputs."""
+    from worker.unlearning.datastore import DataStore
+
+    subjects = _toy_model(ctx)
+    monkeypatch.setattr(pipeline, "_run_engine", _fake_engine())
+    u1 = subjects["u1"]
+    with monkeypatch.context() as old:
+        old.setattr(DataStore, "_purge_samples", lambda *_: None)  # the purge before this change
+        with transaction(ctx.session_factory) as session:
+            lifecycle.submit(
+                session,
+                lifecycle.Submission(model="toy", kind="task", sample_ids=u1[:2], tasks=["kind", "side"]),
+                idempotency_key="k1", api_key_id=None, actor="t", due_days=30,
+            )  # fmt: skip
+        result = pipeline.run_one_round(ctx, "toy")
+        assert result is not None
+        assert result.status == "published"
+    with transaction(ctx.session_factory) as session:
+        session.execute(update(Sample).values(purged=False))  # recorded as before: labels only
+    assert DataStore(ctx.data_dir("toy")).sample_ids_of("u1")[:2] == u1[:2]
+    pipeline.reconcile(ctx, "toy")
+    assert DataStore(ctx.data_dir("toy")).sample_ids_of("u1") == u1[2:]
+    with transaction(ctx.session_factory) as session:
+        purged = {
+            s.sample_id: s.purged for s in session.scalars(select(Sample).where(Sample.client_id == "u1"))
+        }
+    assert [purged[s] for s in u1[:3]] == [True, True, False]
+    assert pipeline.purge_completed(ctx, "toy") == []  # nothing due any more
+
+
+def _toy_model(ctx: pipeline.WorkerContext) -> dict[str, list[str]]:
+    """Model "toy": the toy workload's clients, samples and tasks, its real data store, a fake v1."""
+    from worker.unlearning.datastore import DataStore
+    from worker.unlearning.workloads.toy import ToyWorkload
+
+    workload = ToyWorkload()
+    data = workload.client_data()
+    subjects: dict[str, list[str]] = {}
+    for sample_id, client in zip(data.sample_ids, data.client_ids, strict=True):
+        assert client is not None
+        subjects.setdefault(client, []).append(sample_id)
+    DataStore.materialise(ctx.data_dir("toy"), workload)
+    _register(ctx, "toy", subjects, [t.name for t in workload.tasks()])
+    return subjects
+
+
+def test_partial_client_erasure_purges_exactly_its_scope(
+    ctx: pipeline.WorkerContext, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 9 item 1, end to end through the pipeline and the real data store: a client request for
+    one task leaves the client active, purges that task's labels only; a per-task request for the
+    other task on some of its samples deletes those samples' inputs (nothing of them is kept); a
+    later whole-client request proceeds and deletes the rest. Logs name requests, not subjects."""
+    from worker.unlearning.datastore import DataStore
+    from worker.unlearning.types import IGNORE
+
+    subjects = _toy_model(ctx)
+    monkeypatch.setattr(pipeline, "_run_engine", _fake_engine())
+    u1 = subjects["u1"]
+
+    def submit(key: str, submission: lifecycle.Submission) -> str:
+        with transaction(ctx.session_factory) as session:
+            result = lifecycle.submit(
+                session, submission, idempotency_key=key, api_key_id=None, actor="t", due_days=30
+            )
+            return result.request.id
+
+    def run() -> None:
+        result = pipeline.run_one_round(ctx, "toy")
+        assert result is not None
+        assert result.status == "published"
+
+    caplog.set_level(logging.INFO, logger="worker.pipeline")
+    first = submit("k1", lifecycle.Submission(model="toy", kind="client", client_id="u1", tasks=["kind"]))
+    run()
+    shard = DataStore(ctx.data_dir("toy")).client_samples("u1")
+    assert shard is not None
+    assert shard.sample_ids == u1  # the inputs stay: their "side" labels are kept
+    assert bool((shard.labels["kind"] == IGNORE).all())
+    assert not bool((shard.labels["side"] == IGNORE).any())
+    assert first in caplog.text
+    assert "u1" not in caplog.text
+    assert not any(s in caplog.text for s in u1)
+
+    submit("k2", lifecycle.Submission(model="toy", kind="task", sample_ids=u1[:2], tasks=["side"]))
+    run()
+    shard = DataStore(ctx.data_dir("toy")).client_samples("u1")
+    assert shard is not None
+    assert shard.sample_ids == u1[2:]  # nothing of the first two is kept: their rows are gone
+    with transaction(ctx.session_factory) as session:
+        model = models_repo.get_model(session, "toy")
+        assert model is not None
+        samples = models_repo.find_samples(session, model.id, u1[:3])
+        assert [samples[s].purged for s in u1[:3]] == [True, True, False]
+        subject = models_repo.get_subject(session, model.id, "u1")
+        assert subject is not None
+        assert (subject.status, subject.forgotten_tasks) == ("active", ["kind"])
+
+    submit("k3", lifecycle.Submission(model="toy", kind="client", client_id="u1"))  # wider: proceeds
+    run()
+    store = DataStore(ctx.data_dir("toy"))
+    assert store.client_samples("u1") is None
+    assert not (ctx.data_dir("toy") / "clients" / "u1.npz").exists()
+    with transaction(ctx.session_factory) as session:
+        model = models_repo.get_model(session, "toy")
+        assert model is not None
+        subject = models_repo.get_subject(session, model.id, "u1")
+        assert subject is not None
+        assert (subject.status, subject.purged_at is not None) == ("forgotten", True)
+    assert "u1" not in caplog.text
 
 
 def test_taken_over_worker_cannot_publish(

@@ -8,8 +8,9 @@ Layout of ``data_dir``::
 
 Purging a client deletes its shard file (its raw samples are gone). Purging samples for every
 task removes their rows from the shard. Purging (sample, task) pairs overwrites those labels with
-``IGNORE``. The purge log in ``store.json`` records what was purged, so purged data never re-enters
-a retain set; purges are idempotent. Every file is replaced atomically (write, fsync, rename).
+``IGNORE``; once every task's label of a sample is purged so, its row is removed too. The purge
+log in ``store.json`` records what was purged, so purged data never re-enters a retain set;
+purges are idempotent. Every file is replaced atomically (write, fsync, rename).
 Shards are ``.npz`` without pickled objects (``allow_pickle=False``).
 """
 
@@ -318,6 +319,11 @@ class DataStore:
                 client,
                 SampleSet(x=shard.x, sample_ids=shard.sample_ids, client_ids=shard.client_ids, labels=labels),
             )
+        # A sample whose every task's label was erased keeps nothing: its inputs go too.
+        erased = {(str(s), str(t)) for s, t in self._meta["purged_pairs"]}
+        empty = [s for s in dict.fromkeys(sample_ids) if all((s, t) in erased for t in self.tasks)]
+        if empty:
+            self._purge_samples(empty, report)
 
 
 def concat_sample_sets(parts: Sequence[SampleSet], tasks: Sequence[str]) -> SampleSet:

@@ -218,7 +218,10 @@ def advance_state(state: RoundState, ctx: RequestContext, pruned: Sequence[int])
     elif resolved.full_task:
         state.add_samples(ctx.selection.sample_ids)
     else:
-        state.add_pairs((s, t) for s in ctx.selection.sample_ids for t in ctx.selection.forget_tasks)
+        state.add_pairs(
+            ((s, t) for s in ctx.selection.sample_ids for t in ctx.selection.forget_tasks),
+            all_tasks=[t.name for t in ctx.tasks],
+        )
     state.add_pruned(pruned)
     state.requests.append(ctx.spec.request_id)
 
@@ -672,10 +675,14 @@ def run_round(
     device: str = "cpu",
     cache_dir: Path | None = None,
     on_progress: ProgressCallback | None = None,
+    state_in: Path | None = None,
 ) -> RoundOutcome:
     """One unlearning round: the requests in order (one stage each), the acceptance check of the
     model to publish (with the exact path as fallback), the audit of every request on it; writes
-    ``adapter_out``."""
+    ``adapter_out``.
+
+    ``state_in``: the RoundState file of ``adapter_in`` when it is kept elsewhere (the worker keeps
+    it out of served directories); default ``adapter_in/unlearning_state.json``."""
     from worker.unlearning.methods import get_method
 
     get_method(method)  # unknown method: fail before any work
@@ -689,7 +696,7 @@ def run_round(
         cache_dir=cache_dir,
     )
     accept_cfg = acceptance.AcceptanceConfig.from_settings(inputs.settings.get("acceptance"))
-    state = RoundState.load(Path(adapter_in))
+    state = RoundState.load(Path(adapter_in)) if state_in is None else RoundState.load_file(Path(state_in))
     model = load_adapter(inputs.base, Path(adapter_in), trainable=True, device=device)
     reapply_pruning(model, state.pruned_subset_outputs)
     round_input = copy.deepcopy(model).eval()  # the published version this round replaces

@@ -55,8 +55,19 @@ class RoundState:
     def add_samples(self, samples: Iterable[str]) -> None:
         self.forgotten_samples = sorted(set(self.forgotten_samples) | set(samples))
 
-    def add_pairs(self, pairs: Iterable[tuple[str, str]]) -> None:
-        self.forgotten_pairs = sorted(self.forgotten_pair_set() | {(s, t) for s, t in pairs})
+    def add_pairs(self, pairs: Iterable[tuple[str, str]], *, all_tasks: Iterable[str] = ()) -> None:
+        """Add (sample, task) pairs; a sample forgotten so for every one of ``all_tasks`` becomes a
+        forgotten sample (nothing of it is kept: the data store deletes its inputs too)."""
+        merged = self.forgotten_pair_set() | {(s, t) for s, t in pairs}
+        tasks = set(all_tasks)
+        if tasks:
+            by_sample: dict[str, set[str]] = {}
+            for s, t in merged:
+                by_sample.setdefault(s, set()).add(t)
+            complete = {s for s, ts in by_sample.items() if ts >= tasks}
+            if complete:
+                self.add_samples(complete)
+        self.forgotten_pairs = sorted(merged)
 
     def add_pruned(self, outputs: Iterable[int]) -> None:
         self.pruned_subset_outputs = sorted(set(self.pruned_subset_outputs) | {int(o) for o in outputs})
@@ -111,5 +122,9 @@ class RoundState:
         A missing file is an error (FileNotFoundError), never an empty state: an empty state would
         let forgotten data back into the retain sets.
         """
-        path = adapter_dir / STATE_FILE
+        return cls.load_file(adapter_dir / STATE_FILE)
+
+    @classmethod
+    def load_file(cls, path: Path) -> RoundState:
+        """Read a state file (kept outside the served adapter directory by the worker)."""
         return cls.from_json(json.loads(path.read_text()))

@@ -15,7 +15,7 @@ from service.api.auth import Principal, require
 from service.api.problems import problem_responses
 from service.api.state import State
 from service.db.models import ForgetRequest
-from service.errors import BadRequestError, ConflictError, NotFoundError
+from service.errors import BadRequestError, NotFoundError
 from service.repositories import events as events_repo
 from service.repositories import models as models_repo
 from service.repositories import requests as requests_repo
@@ -45,7 +45,11 @@ def _visible(session: Session, request_id: str, principal: Principal) -> ForgetR
     status_code=201,
     summary="Submit a forget request",
     responses={
-        200: {"model": schemas.ForgetRequestOut, "description": "The request this submission repeats"},
+        200: {
+            "model": schemas.ForgetRequestOut,
+            "description": "The request this submission repeats (same Idempotency-Key), or the caller's "
+            "own new request merged into a pending one for the same subject (it shows that one's progress)",
+        },
         **problem_responses(400, 404, 409, 413),
     },
 )
@@ -81,13 +85,8 @@ def create_forget_request(
             idempotency_key=idempotency_key,
             api_key_id=principal.key_id,
             actor=principal.actor,
+            digest_key=state.digest_key() if body.external_id is not None else None,
         )
-        if not _sees(principal, result.request):
-            # Another key's pending request for the subject: its content is not this caller's to read.
-            raise ConflictError(
-                "a request for this subject, submitted with another API key, is already pending",
-                pending_request=result.request.id,
-            )
         out = presenters.forget_request(session, result.request)
     if result.created:
         background.add_task(state.dispatcher.wake, out.model)
@@ -153,7 +152,11 @@ def get_forget_request(request_id: str, state: State, principal: Submitter) -> s
 def get_forget_request_events(request_id: str, state: State, principal: Submitter) -> list[schemas.EventOut]:
     with state.transaction() as session:
         row = _visible(session, request_id, principal)
-        return [schemas.EventOut.from_row(e) for e in events_repo.events_for_request(session, row.id)]
+        events = events_repo.events_for_request(session, row.id)
+        if row.status == "merged" and row.merged_into is not None and events:
+            # what happened to the followed request since this one was merged into it
+            events += events_repo.events_for_request(session, row.merged_into, after_id=events[-1].id)
+        return [schemas.EventOut.from_row(e) for e in events]
 
 
 @router.get(
@@ -166,6 +169,16 @@ def get_forget_request_evidence(
 ) -> list[schemas.EvidenceOut]:
     with state.transaction() as session:
         row = _visible(session, request_id, principal)
-        evidence = versions_repo.evidence_for_request(session, row.id)
+        source = row.merged_into if row.status == "merged" and row.merged_into is not None else row.id
+        evidence = versions_repo.evidence_for_request(session, source)
         numbers = versions_repo.version_numbers(session, [e.version_id for e in evidence])
-        return [schemas.EvidenceOut.from_row(e, version=numbers[e.version_id]) for e in evidence]
+        # a merged request's evidence is that of the request it follows, under its own id
+        return [
+            schemas.EvidenceOut.from_row(
+                e,
+                version=numbers[e.version_id],
+                request_id=row.id,
+                payload={**e.payload, "request_id": row.id} if "request_id" in e.payload else e.payload,
+            )
+            for e in evidence
+        ]

@@ -98,3 +98,47 @@ def test_resolve_rejects_bad_requests(store: DataStore) -> None:
         store.resolve(ForgetSpec("x", "task", "u0", None, []))
     with pytest.raises(ValueError, match="not u0's"):
         store.resolve(ForgetSpec("x", "task", "u0", ["t01000"], ["kind"]))
+
+
+def test_partial_client_purge_keeps_the_client_and_deletes_inputs_once_nothing_is_kept(
+    store: DataStore,
+) -> None:
+    """Issue 9 item 1: a client request for some tasks purges those labels only (the client and its
+    inputs stay); once every task's label of a sample is purged, its inputs go too; a later
+    whole-client request deletes the shard."""
+    u0 = store.sample_ids_of("u0")
+    report = store.purge([ForgetSpec("p1", "client", "u0", None, ["kind"])])
+    assert report.deleted_clients == []
+    assert report.deleted_samples == []
+    assert sorted(report.purged_pairs) == sorted((s, "kind") for s in u0)
+    reloaded = DataStore(store.data_dir)
+    assert reloaded.purged_clients == []
+    shard = reloaded.client_samples("u0")
+    assert shard is not None
+    assert shard.sample_ids == u0
+    assert bool((shard.labels["kind"] == IGNORE).all())
+    assert not bool((shard.labels["side"] == IGNORE).any())
+
+    report = reloaded.purge([ForgetSpec("p2", "task", None, u0[:3], ["side"])])
+    assert report.deleted_samples == sorted(u0[:3])
+    assert reloaded.sample_ids_of("u0") == u0[3:]
+    assert (
+        DataStore(store.data_dir).purge([ForgetSpec("p2", "task", None, u0[:3], ["side"])]).deleted_samples
+        == []
+    )
+
+    report = DataStore(store.data_dir).purge([ForgetSpec("p3", "client", "u0", None, [])])
+    assert report.deleted_clients == ["u0"]
+    assert not (store.data_dir / "clients" / "u0.npz").exists()
+
+
+def test_round_state_pairs_covering_every_task_forget_the_sample() -> None:
+    """Issue 9 item 1: the state agrees with the store: a sample forgotten task by task for every
+    task is a forgotten sample (it never re-enters a retain set, not even the subset-ID head's)."""
+    state = RoundState()
+    state.add_pairs([("s1", "kind"), ("s2", "kind")], all_tasks=["kind", "side"])
+    assert state.forgotten_samples == []
+    state.add_pairs([("s1", "side")], all_tasks=["kind", "side"])
+    assert state.forgotten_samples == ["s1"]
+    assert state.is_excluded("s1", "u0")
+    assert not state.is_excluded("s2", "u0")
