@@ -202,7 +202,7 @@ def test_reconcile_deletes_inputs_left_by_a_purge_of_every_label(
             lifecycle.submit(
                 session,
                 lifecycle.Submission(model="toy", kind="task", sample_ids=u1[:2], tasks=["kind", "side"]),
-                idempotency_key="k1", api_key_id=None, actor="t", due_days=30,
+                idempotency_key="k1", api_key_id=None, actor="t",
             )  # fmt: skip
         result = pipeline.run_one_round(ctx, "toy")
         assert result is not None
@@ -253,7 +253,7 @@ def test_partial_client_erasure_purges_exactly_its_scope(
     def submit(key: str, submission: lifecycle.Submission) -> str:
         with transaction(ctx.session_factory) as session:
             result = lifecycle.submit(
-                session, submission, idempotency_key=key, api_key_id=None, actor="t", due_days=30
+                session, submission, idempotency_key=key, api_key_id=None, actor="t"
             )
             return result.request.id
 

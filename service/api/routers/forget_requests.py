@@ -85,7 +85,7 @@ def create_forget_request(
             idempotency_key=idempotency_key,
             api_key_id=principal.key_id,
             actor=principal.actor,
-            digest_key=state.digest_key() if body.external_id is not None else None,
+            digest_key=state.digest_key() if fields.external_id is not None else None,
         )
         out = presenters.forget_request(session, result.request)
     if result.created:
