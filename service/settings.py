@@ -26,14 +26,35 @@ class Settings(BaseSettings):
     artifacts_dir: Path | None = Field(default=None, description="Default: $LETHE_HOME/artifacts.")
     data_dir: Path | None = Field(default=None, description="Default: $LETHE_HOME/data.")
     max_body_bytes: int = Field(default=1_048_576, description="Largest accepted request body.")
-    lease_seconds: int = Field(default=600, description="Round lease; renewed by the worker.")
-    max_attempts: int = Field(default=3, description="Attempts per request before it fails.")
+    lease_seconds: int = Field(
+        default=60,
+        description="Round lease: a round whose worker died is taken over this long after its last "
+        "renewal. The worker renews it every lease_renew_seconds.",
+    )
+    lease_renew_seconds: float = Field(
+        default=15.0, description="How often a running round renews its lease (at most lease_seconds / 4)."
+    )
+    max_attempts: int = Field(
+        default=5, description="Rounds ending in a (retryable) method error before a request fails."
+    )
+    max_crashes: int = Field(
+        default=3, description="Times a round's worker may be lost (lease expired) before its requests fail."
+    )
+    retry_base_seconds: float = Field(
+        default=15.0, description="Backoff before the first retry; doubles per attempt (equal jitter)."
+    )
+    retry_max_seconds: float = Field(default=300.0, description="Longest backoff between two attempts.")
     max_requests_per_round: int = Field(default=4, description="Queued requests coalesced per round.")
     sweep_interval_seconds: float = Field(default=15.0, description="Sweeper period.")
     due_days: int = Field(default=30, description="Deadline of a forget request after receipt.")
     dispatch_timeout_seconds: float = Field(
         default=2.0, description="Broker connect/send timeout of the API's wake-up messages."
     )
+
+    @property
+    def lease_renew_interval(self) -> float:
+        """Seconds between lease renewals: lease_renew_seconds, and at least four per lease."""
+        return max(0.1, min(self.lease_renew_seconds, self.lease_seconds / 4))
 
     @property
     def resolved_home(self) -> Path:

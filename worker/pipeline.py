@@ -241,7 +241,16 @@ def claim(ctx: WorkerContext, model_name: str) -> rounds.ClaimedRound | None:
             lease_seconds=s.lease_seconds,
             max_requests=s.max_requests_per_round,
             max_attempts=s.max_attempts,
+            max_crashes=s.max_crashes,
         )
+
+
+def retry_policy(settings: Settings) -> rounds.RetryPolicy:
+    return rounds.RetryPolicy(
+        max_attempts=settings.max_attempts,
+        base_seconds=settings.retry_base_seconds,
+        max_seconds=settings.retry_max_seconds,
+    )
 
 
 @dataclass
@@ -290,7 +299,8 @@ def run_one_round(ctx: WorkerContext, model_name: str) -> RoundResult | None:
         attempt.discard(store)
         try:
             with transaction(ctx.session_factory) as session:
-                rounds.fail_round(session, claimed, error=error[:2000], retryable=retryable)
+                policy = retry_policy(ctx.settings)
+                rounds.fail_round(session, claimed, error=error[:2000], retryable=retryable, retry=policy)
         except rounds.LeaseLost:
             pass
         return RoundResult(claimed.round_id, claimed.fencing_token, request_ids, None, "failed",
@@ -372,9 +382,10 @@ def _watchdog(ctx: WorkerContext, claimed: rounds.ClaimedRound) -> RoundWatchdog
         with transaction(ctx.session_factory) as session:
             rounds.renew_lease(session, claimed, lease_seconds=lease)
 
+    # A short lease renewed often: a dead worker's round is taken over within one lease.
     return RoundWatchdog(
         renew=renew,
-        interval=max(1.0, lease / 3),
+        interval=ctx.settings.lease_renew_interval,
         soft_limit=ctx.worker_settings.soft_time_limit,
         hard_limit=ctx.worker_settings.hard_time_limit,
         lease_lost_types=(rounds.LeaseLost,),

@@ -36,7 +36,8 @@ MODEL = "m1"
 
 @pytest.fixture
 def ctx(tmp_path: Path) -> Iterator[pipeline.WorkerContext]:
-    settings = Settings(home=tmp_path / "home", database_url=None)
+    # retries without backoff: these tests are about what is retried (backoff: tests/service/test_rounds.py)
+    settings = Settings(home=tmp_path / "home", database_url=None, retry_base_seconds=0)
     upgrade(settings.resolved_database_url)
     context = pipeline.WorkerContext.create(settings, WorkerSettings(device="cpu"), worker_id="w1")
     store = ModelArtifacts(settings.resolved_artifacts_dir, MODEL)
