@@ -621,12 +621,20 @@ def mark_model_failed(session: Session, model_name: str, *, error: str) -> None:
 
 
 def mark_purged(
-    session: Session, model_name: str, *, client_ids: list[str], sample_tasks: list[tuple[str, str]]
+    session: Session,
+    model_name: str,
+    *,
+    client_ids: list[str],
+    sample_tasks: list[tuple[str, str]],
+    request_ids: list[str] | None = None,
 ) -> None:
-    """Record that the raw data was deleted: clients' samples, and (sample id, task) labels."""
+    """Record that the raw data was deleted: clients' samples, and (sample id, task) labels, and
+    that the purge of ``request_ids`` is done (they are not checked again)."""
     model = models_repo.get_model(session, model_name)
     if model is None:
         raise UnknownModelError(model_name)
-    models_repo.mark_clients_purged(session, model.id, client_ids, at=utcnow())
+    now = utcnow()
+    models_repo.mark_clients_purged(session, model.id, client_ids, at=now)
     models_repo.mark_sample_tasks_purged(session, model.id, sample_tasks)
+    requests_repo.mark_purged(session, request_ids or [], at=now)
     session.flush()

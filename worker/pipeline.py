@@ -37,13 +37,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import rounds
 from service.db.models import ForgetRequest, Model, Sample, Subject
 from service.db.session import create_db_engine, make_session_factory, transaction
+from service.db.types import utcnow
 from service.repositories import models as models_repo
+from service.repositories import requests as requests_repo
 from service.repositories import versions as versions_repo
 from service.settings import Settings
 from worker.artifacts import CommittedVersion, FileDigest, ModelArtifacts, digest_directory, version_dir_name
@@ -477,37 +479,56 @@ def delete_withdrawn_files(ctx: WorkerContext, model_name: str) -> list[int]:
 
 
 def _pending_purges(session: Session, model: Model) -> list[ForgetRequest]:
-    """Completed requests whose raw data is not yet recorded as purged."""
-    completed = list(
-        session.scalars(
-            select(ForgetRequest)
-            .where(ForgetRequest.model_id == model.id, ForgetRequest.status == "completed")
-            .order_by(ForgetRequest.seq)
-        )
-    )
+    """Completed requests whose raw data is not yet recorded as purged.
+
+    A fixed number of statements however long the history: only completed requests without a
+    recorded purge are read (a partial index), their samples in one query; those found purged
+    already (e.g. by a wider request) are recorded now, so the next wake does not read them again.
+    """
+    completed = requests_repo.unpurged_completed(session, model.id)
     if not completed:
         return []
+    clients = {r.client_id for r in completed if r.client_id is not None}
     purged_clients = set(
         session.scalars(
-            select(Subject.client_id).where(Subject.model_id == model.id, Subject.purged_at.is_not(None))
+            select(Subject.client_id).where(
+                Subject.model_id == model.id, Subject.purged_at.is_not(None), Subject.client_id.in_(clients)
+            )
         )
     )
+    wanted_samples = {s for r in completed if r.sample_ids is not None for s in r.sample_ids}
+    wanted_clients = {r.client_id for r in completed if r.sample_ids is None and r.client_id is not None}
+    samples = list(
+        session.scalars(
+            select(Sample).where(
+                Sample.model_id == model.id,
+                or_(Sample.sample_id.in_(wanted_samples), Sample.client_id.in_(wanted_clients)),
+            )
+        )
+    )
+    by_id = {s.sample_id: s for s in samples}
+    by_client: dict[str, list[Sample]] = {}
+    for sample in samples:
+        by_client.setdefault(sample.client_id, []).append(sample)
     pending: list[ForgetRequest] = []
+    done: list[str] = []
     for req in completed:
         tasks = list(req.tasks) or list(model.tasks)
         if req.client_id is not None and req.client_id in purged_clients:
-            continue  # the whole client is gone
+            done.append(req.id)  # the whole client is gone
+            continue
         if req.kind == "client" and req.sample_ids is None and set(tasks) >= set(model.tasks):
             pending.append(req)  # whole client, not yet purged
             continue
-        stmt = select(Sample).where(Sample.model_id == model.id)
         if req.sample_ids is not None:
-            stmt = stmt.where(Sample.sample_id.in_(list(req.sample_ids)))
-        elif req.client_id is not None:
-            stmt = stmt.where(Sample.client_id == req.client_id)
-        samples = list(session.scalars(stmt))
-        if any(not s.purged and not set(tasks) <= set(s.purged_tasks) for s in samples):
+            covered = [by_id[s] for s in req.sample_ids if s in by_id]
+        else:
+            covered = by_client.get(req.client_id or "", [])
+        if any(not s.purged and not set(tasks) <= set(s.purged_tasks) for s in covered):
             pending.append(req)
+        else:
+            done.append(req.id)
+    requests_repo.mark_purged(session, done, at=utcnow())
     return pending
 
 
@@ -537,7 +558,11 @@ def purge_completed(ctx: WorkerContext, model_name: str) -> list[str]:
     ctx.emit("store_purged", requests=[s.request_id for s in pending])
     with transaction(ctx.session_factory) as session:
         rounds.mark_purged(
-            session, model_name, client_ids=sorted(set(clients)), sample_tasks=sorted(set(pairs))
+            session,
+            model_name,
+            client_ids=sorted(set(clients)),
+            sample_tasks=sorted(set(pairs)),
+            request_ids=[s.request_id for s in pending],
         )
     log.info("purged %s: %s", model_name, report.to_json() if report else {})
     return [s.request_id for s in pending]
@@ -659,8 +684,6 @@ def models_to_prepare(ctx: WorkerContext, *, min_age_seconds: float = 60.0) -> l
     host holds the model's prepare lock (a shared artifacts volume extends this across hosts).
     """
     from datetime import timedelta
-
-    from service.db.types import utcnow
 
     cutoff = utcnow() - timedelta(seconds=min_age_seconds)
     with transaction(ctx.session_factory) as session:

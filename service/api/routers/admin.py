@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, BackgroundTasks, Depends, Response
+from fastapi import APIRouter, Depends, Response
 
 from service import lifecycle, registry
 from service.api import presenters, schemas
@@ -73,12 +73,10 @@ def cancel(request_id: str, state: State, principal: Admin) -> schemas.ForgetReq
     summary="Queue a failed request again",
     responses=problem_responses(404, 409),
 )
-def retry(
-    request_id: str, state: State, principal: Admin, background: BackgroundTasks
-) -> schemas.ForgetRequestOut:
+def retry(request_id: str, state: State, principal: Admin) -> schemas.ForgetRequestOut:
     with state.transaction() as session:
         out = presenters.forget_request(session, lifecycle.retry(session, request_id, actor=principal.actor))
-    background.add_task(state.dispatcher.wake, out.model)
+    state.dispatcher.wake_soon(out.model)
     return out
 
 
@@ -105,9 +103,7 @@ def show_model(name: str, state: State, _: Admin) -> schemas.ModelDetail:
     summary="Register a model for a workload; a worker prepares it (dataset, base, v1)",
     responses=problem_responses(409, 413),
 )
-def register_model(
-    body: schemas.ModelIn, state: State, _: Admin, response: Response, background: BackgroundTasks
-) -> schemas.ModelOut:
+def register_model(body: schemas.ModelIn, state: State, _: Admin, response: Response) -> schemas.ModelOut:
     with state.transaction() as session:
         model = registry.register(
             session,
@@ -118,7 +114,7 @@ def register_model(
             settings=body.settings,
         )
         out = presenters.model(session, model)
-    background.add_task(state.dispatcher.prepare, out.name)
+    state.dispatcher.prepare_soon(out.name)
     response.headers["Location"] = f"/v1/admin/models/{out.name}"
     return out
 
