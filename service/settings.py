@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import Engine
 
 
 class Settings(BaseSettings):
@@ -50,6 +51,30 @@ class Settings(BaseSettings):
     dispatch_timeout_seconds: float = Field(
         default=2.0, description="Broker connect/send timeout of the API's wake-up messages."
     )
+
+    db_pool_size: int = Field(default=5, description="PostgreSQL connections kept per process.")
+    db_max_overflow: int = Field(default=10, description="PostgreSQL connections opened beyond the pool.")
+    db_pool_timeout_seconds: float = Field(
+        default=5.0, description="Longest wait for a pooled connection; then 503 with Retry-After."
+    )
+    db_statement_timeout_ms: int = Field(
+        default=30_000, description="PostgreSQL statement_timeout of every connection (0: none); then 503."
+    )
+    health_timeout_seconds: float = Field(
+        default=2.0, description="/readyz gives up on the database and the broker after this long."
+    )
+
+    def create_engine(self) -> Engine:
+        """The process's database engine with the pool and statement limits above."""
+        from service.db.session import create_db_engine
+
+        return create_db_engine(
+            self.resolved_database_url,
+            pool_size=self.db_pool_size,
+            max_overflow=self.db_max_overflow,
+            pool_timeout=self.db_pool_timeout_seconds,
+            statement_timeout_ms=self.db_statement_timeout_ms or None,
+        )
 
     @property
     def lease_renew_interval(self) -> float:

@@ -42,7 +42,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service import rounds
 from service.db.models import ForgetRequest, Model, Sample, Subject
-from service.db.session import create_db_engine, make_session_factory, transaction
+from service.db.session import make_session_factory, transaction
 from service.db.types import utcnow
 from service.repositories import models as models_repo
 from service.repositories import requests as requests_repo
@@ -83,7 +83,7 @@ class WorkerContext:
     def create(
         cls, settings: Settings, worker_settings: WorkerSettings, *, worker_id: str | None = None
     ) -> WorkerContext:
-        engine = create_db_engine(settings.resolved_database_url)
+        engine = settings.create_engine()
         hostname = socket.gethostname()
         if worker_settings.torch_threads:
             import torch

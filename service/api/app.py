@@ -20,7 +20,7 @@ from service.api.auth import document_scopes
 from service.api.limits import BodySizeLimit
 from service.api.routers import admin, forget_requests, health, serving
 from service.api.state import AppState
-from service.db.session import create_db_engine, make_session_factory
+from service.db.session import create_probe_engine, make_session_factory
 from service.dispatch import Dispatcher
 from service.settings import Settings
 from service.sweeper import run_sweeper
@@ -40,10 +40,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = create_db_engine(settings.resolved_database_url)
+        engine = settings.create_engine()
+        probe = create_probe_engine(
+            settings.resolved_database_url, timeout_seconds=settings.health_timeout_seconds
+        )
         dispatcher = Dispatcher(settings.broker_url, timeout_seconds=settings.dispatch_timeout_seconds)
         state = AppState(
-            settings=settings, engine=engine, sessions=make_session_factory(engine), dispatcher=dispatcher
+            settings=settings,
+            engine=engine,
+            sessions=make_session_factory(engine),
+            dispatcher=dispatcher,
+            probe_engine=probe,
         )
         app.state.lethe = state
         sweeper = None
@@ -61,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await sweeper
             dispatcher.close()
             engine.dispose()
+            probe.dispose()
 
     app = FastAPI(
         title="Lethe",

@@ -22,6 +22,8 @@ class AppState:
     engine: Engine
     sessions: sessionmaker[Session]
     dispatcher: Dispatcher
+    #: health checks' own connections: they never queue behind request work for the pool
+    probe_engine: Engine | None = None
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
