@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from fastapi import APIRouter
 from sqlalchemy import Engine, text
@@ -50,7 +51,8 @@ async def readyz(state: State) -> schemas.Readiness:
     timeout = state.settings.health_timeout_seconds
     broker_check = loop.run_in_executor(_PROBES, state.dispatcher.broker_state)
     database_check = loop.run_in_executor(_PROBES, _select_one, state.probe_engine or state.engine)
-    done, _ = await asyncio.wait({broker_check, database_check}, timeout=timeout)
+    checks: list[asyncio.Future[Any]] = [broker_check, database_check]
+    done, _ = await asyncio.wait(checks, timeout=timeout)
     broker: BrokerState = broker_check.result() if broker_check in done else "unreachable"
     error = (
         database_check.exception() if database_check in done else TimeoutError(f"no answer in {timeout} s")
