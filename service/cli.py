@@ -100,7 +100,16 @@ def serve(host: str, port: int, run_migrations: bool | None) -> None:
     settings = Settings()
     if run_migrations or (run_migrations is None and _is_sqlite(settings.resolved_database_url)):
         migrations.upgrade(settings.resolved_database_url)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", proxy_headers=True)
+    # Forwarded headers only from the configured proxies (LETHE_TRUSTED_PROXIES); none by default.
+    trusted = settings.trusted_proxies
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level="info",
+        proxy_headers=bool(trusted),
+        forwarded_allow_ips=trusted or None,
+    )
 
 
 @main.group()

@@ -52,6 +52,17 @@ class Settings(BaseSettings):
         default=2.0, description="Broker connect/send timeout of the API's wake-up messages."
     )
 
+    public_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$",
+        description="Base URL serving hosts reach the API at (https://lethe.example.com); file URLs "
+        "are built from it. Unset: file URLs are relative (never built from the request's Host).",
+    )
+    trusted_proxies: str | None = Field(
+        default=None,
+        description="`lethe serve`: comma-separated IPs (or *) whose X-Forwarded-For/-Proto headers "
+        "are trusted; unset: proxy headers are ignored.",
+    )
     db_pool_size: int = Field(default=5, description="PostgreSQL connections kept per process.")
     db_max_overflow: int = Field(default=10, description="PostgreSQL connections opened beyond the pool.")
     db_pool_timeout_seconds: float = Field(
