@@ -477,6 +477,7 @@ def _fail_for_good(
     and a log line. (The failure metric and the submitter's webhook of issue 10 hook in here, in
     the same transaction, e.g. as an outbox row.)"""
     body = {**(detail or {}), "cause": cause, "attempts": request.attempts, "crashes": request.crashes}
+    request.not_before = None  # an admin retry starts at once
     _set_status(session, request, "failed", actor=actor, event="failed", error=error, now=now, detail=body)
     log.warning(
         "forget request %s failed for good (%s, %d attempts, %d crashes): %s",

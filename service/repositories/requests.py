@@ -127,4 +127,5 @@ def mark_purged(session: Session, request_ids: Sequence[str], *, at: datetime) -
             update(ForgetRequest)
             .where(ForgetRequest.id.in_(list(request_ids)), ForgetRequest.purged_at.is_(None))
             .values(purged_at=at)
+            .execution_options(synchronize_session=False)
         )
