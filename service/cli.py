@@ -108,12 +108,15 @@ def serve(host: str, port: int, run_migrations: bool | None) -> None:
     settings = Settings()
     if run_migrations or (run_migrations is None and _is_sqlite(settings.resolved_database_url)):
         migrations.upgrade(settings.resolved_database_url)
+    # Forwarded headers only from the configured proxies (LETHE_TRUSTED_PROXIES); none by default.
+    trusted = settings.trusted_proxies
     uvicorn.run(
         create_app(settings),
         host=host,
         port=port,
         log_level="info",
-        proxy_headers=True,
+        proxy_headers=bool(trusted),
+        forwarded_allow_ips=trusted or None,
         http=ProblemHttpToolsProtocol,  # the server's own 400s as problem+json, too
     )
 

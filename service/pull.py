@@ -14,6 +14,10 @@ Layout of ``DEST``::
     DEST/versions/v<n>/               peft files + manifest.json, verified
     DEST/state.json                   model, version, ETag of the last successful pull
     DEST/base/                        the frozen base model (``--with-base``), verified
+
+The serve key goes to the ``--url`` origin only: file URLs of another origin (scheme, host, port)
+are refused, every request (redirects included) to another origin is refused before it is sent, and
+the ``Authorization`` header is attached for that origin only.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -61,6 +65,20 @@ class PullResult:
     version: int | None
     path: Path | None
     etag: str | None
+
+
+Origin = tuple[str, str, int | None]
+
+
+def origin_of(url: str) -> Origin:
+    """(scheme, host, port) of an absolute URL, the default port made explicit."""
+    parsed = httpx.URL(url)
+    port = parsed.port or {"http": 80, "https": 443}.get(parsed.scheme)
+    return parsed.scheme, parsed.host.lower(), port
+
+
+def _same_origin(url: str, base_url: str) -> bool:
+    return origin_of(url) == origin_of(base_url)
 
 
 def _safe_name(name: str) -> str:
@@ -101,6 +119,8 @@ def parse_listing(data: Mapping[str, Any], base_url: str, model: str) -> tuple[i
         url = str(url)
         if not url.startswith(("http://", "https://")):
             url = base_url.rstrip("/") + "/" + url.lstrip("/")
+        if not _same_origin(url, base_url):
+            raise PullError(f"refusing the URL {url!r} of {name}: not the origin of {base_url}")
         files.append(RemoteFile(name, sha, None if size is None else int(size), url))
     return version, files
 
@@ -251,9 +271,37 @@ def pull_base(client: httpx.Client, base_url: str, model: str, dest: Path) -> Pa
     return dest
 
 
-def make_client(api_key: str | None, *, timeout: float = 30.0) -> httpx.Client:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    return httpx.Client(headers=headers, timeout=timeout, follow_redirects=True)
+class _BearerForOrigin(httpx.Auth):
+    """``Authorization: Bearer`` on requests to one origin, never on any other."""
+
+    def __init__(self, api_key: str, origin: Origin) -> None:
+        self._header = f"Bearer {api_key}"
+        self._origin = origin
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if origin_of(str(request.url)) == self._origin:
+            request.headers["Authorization"] = self._header
+        yield request
+
+
+def make_client(
+    api_key: str | None, *, base_url: str, timeout: float = 30.0, transport: httpx.BaseTransport | None = None
+) -> httpx.Client:
+    """A client that talks to ``base_url``'s origin only (redirects included) and sends the key
+    there only. (``transport``: tests.)"""
+    origin = origin_of(base_url)
+
+    def same_origin_only(request: httpx.Request) -> None:
+        if origin_of(str(request.url)) != origin:
+            raise PullError(f"refusing to follow {request.url} away from {base_url} (another origin)")
+
+    return httpx.Client(
+        auth=_BearerForOrigin(api_key, origin) if api_key else None,
+        timeout=timeout,
+        follow_redirects=True,
+        event_hooks={"request": [same_origin_only]},
+        transport=transport,
+    )
 
 
 def watch(
@@ -267,7 +315,7 @@ def watch(
     on_change: Callable[[PullResult], None],
     stop: Callable[[], bool] = lambda: False,
 ) -> None:
-    with make_client(api_key) as client:
+    with make_client(api_key, base_url=base_url) as client:
         while not stop():
             try:
                 result = pull_once(client, base_url, model, dest, keep=keep)
@@ -311,12 +359,12 @@ def pull_command(
 
     if watch_mode:
         if with_base:
-            with make_client(api_key) as client:
+            with make_client(api_key, base_url=base_url) as client:
                 pull_base(client, base_url, model, dest / "base")
         watch(base_url, model, dest, api_key=api_key, interval=interval, keep=keep, on_change=announce)
         return
     try:
-        with make_client(api_key) as client:
+        with make_client(api_key, base_url=base_url) as client:
             if with_base:
                 pull_base(client, base_url, model, dest / "base")
             result = pull_once(client, base_url, model, dest, keep=keep)

@@ -16,6 +16,9 @@ the transaction and commits it. The database enforces the invariants:
 
 from __future__ import annotations
 
+import logging
+import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal, cast
@@ -32,12 +35,15 @@ from service.repositories import rounds as rounds_repo
 from service.repositories import versions as versions_repo
 from service.repositories import workers as workers_repo
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "ClaimedRequest",
     "ClaimedRound",
     "FileDigest",
     "LeaseLost",
     "PublishedVersion",
+    "RetryPolicy",
     "UnknownModelError",
     "claim_round",
     "fail_round",
@@ -68,6 +74,7 @@ class ClaimedRequest:
     sample_ids: list[str] | None
     tasks: list[str]
     attempts: int
+    crashes: int = 0
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,26 @@ class PublishedVersion:
     created_at: datetime
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When a retryable round failure (a method error) is retried.
+
+    Attempt ``n`` that failed is retried after ``min(max, base * 2**(n-1))`` seconds, less up to
+    half of it at random ("equal jitter"): retries of requests that failed together spread out, and
+    a transient fault (a rename, a full disk, a restarting database) gets minutes, not milliseconds.
+    ``max_attempts`` counts method errors only; infrastructure crashes (lease expired, worker lost)
+    are capped by ``claim_round(max_crashes=...)``.
+    """
+
+    max_attempts: int = 5
+    base_seconds: float = 15.0
+    max_seconds: float = 300.0
+
+    def delay(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
+        full = min(self.max_seconds, self.base_seconds * 2.0 ** max(0, attempt - 1))
+        return float(full / 2 + rand() * full / 2)
+
+
 class LeaseLost(Exception):  # noqa: N818 (the contract's name)
     """The round is no longer held under this fencing token; the caller must stop and roll back."""
 
@@ -124,12 +151,16 @@ def claim_round(
     lease_seconds: int,
     max_requests: int,
     max_attempts: int,
+    max_crashes: int | None = None,
 ) -> ClaimedRound | None:
     """Claim the model's next round, or ``None`` when there is nothing to do or someone else holds it.
 
-    Resumes the model's live round whose lease expired (same requests, attempts + 1, new fencing
-    token) or starts a round with the oldest queued requests. Requests whose attempts reached
-    ``max_attempts`` fail instead of being claimed again.
+    Resumes the model's live round whose lease expired (same requests, crashes + 1, new fencing
+    token; a round that crashed more than ``max_crashes`` times, default ``max_attempts - 1``, fails
+    its requests) or starts a
+    round with the oldest queued requests. Requests whose attempts (method errors) reached
+    ``max_attempts`` fail instead of being claimed again. A request waiting for its retry time
+    (``not_before``) holds back the requests behind it: the order is strict.
     """
     if max_requests < 1:
         raise ValueError("max_requests must be at least 1")
@@ -141,7 +172,8 @@ def claim_round(
     if live is not None:
         if live.lease_expires_at is not None and live.lease_expires_at > now:
             return None
-        resumed = _resume(session, model, live, worker_id, now, lease_seconds, max_attempts)
+        crashes = max_attempts - 1 if max_crashes is None else max_crashes
+        resumed = _resume(session, model, live, worker_id, now, lease_seconds, crashes)
         if resumed is not None:
             return resumed
     return _start(session, model, worker_id, now, lease_seconds, max_requests, max_attempts)
@@ -159,15 +191,17 @@ def _resume(
     worker_id: str,
     now: datetime,
     lease_seconds: int,
-    max_attempts: int,
+    max_crashes: int,
 ) -> ClaimedRound | None:
     requests = rounds_repo.covered_requests(session, live.id, lock=True)
     previous_owner = live.lease_owner
-    if live.attempts >= max_attempts:
-        error = f"round {live.id} lost its lease {live.attempts} times; giving up"
+    # A round's attempts beyond the first are infrastructure crashes (its lease expired: the
+    # worker died or hung), counted apart from the method errors of fail_round.
+    if live.attempts > max_crashes:
+        error = f"round {live.id} lost its worker {live.attempts - 1} times (lease expired); giving up"
         _end_round(session, live, status="failed", error=error, now=now)
         for request in requests:
-            _set_status(session, request, "failed", actor="system", error=error, now=now)
+            _fail_for_good(session, request, actor="system", error=error, now=now, cause="crashes")
         return None
     live.attempts += 1
     live.fencing_token = _next_token(model)
@@ -176,7 +210,7 @@ def _resume(
     live.status = "running"
     live.updated_at = now
     for request in requests:
-        request.attempts += 1
+        request.crashes += 1
         _set_status(
             session,
             request,
@@ -188,6 +222,7 @@ def _resume(
                 "round_id": live.id,
                 "fencing_token": live.fencing_token,
                 "attempt": request.attempts,
+                "crashes": request.crashes,
                 "previous_owner": previous_owner,
             },
         )
@@ -209,7 +244,8 @@ def _start(
     chosen: list[ForgetRequest] = []
     exhausted: list[ForgetRequest] = []
     after_seq = 0
-    while len(chosen) < max_requests:
+    waiting = False
+    while len(chosen) < max_requests and not waiting:
         batch = requests_repo.oldest_queued(
             session, model.id, limit=max_requests - len(chosen), after_seq=after_seq, lock=True
         )
@@ -217,10 +253,16 @@ def _start(
             break
         for request in batch:
             after_seq = request.seq
-            (exhausted if request.attempts >= max_attempts else chosen).append(request)
+            if request.attempts >= max_attempts:
+                exhausted.append(request)
+            elif request.not_before is not None and request.not_before > now:
+                waiting = True  # its retry time has not come: it and everything behind it wait
+                break
+            else:
+                chosen.append(request)
     for request in exhausted:
         error = f"gave up after {request.attempts} attempts: {request.error or 'unknown error'}"
-        _set_status(session, request, "failed", actor="system", error=error, now=now)
+        _fail_for_good(session, request, actor="system", error=error, now=now, cause="attempts")
     if not chosen:
         session.flush()
         return None
@@ -250,6 +292,7 @@ def _start(
     rounds_repo.attach_requests(session, round_.id, chosen)
     for request in chosen:
         request.attempts += 1
+        request.not_before = None
         request.round_id = round_.id
         _set_status(
             session,
@@ -284,6 +327,7 @@ def _claimed(
                 sample_ids=list(r.sample_ids) if r.sample_ids is not None else None,
                 tasks=list(r.tasks),
                 attempts=r.attempts,
+                crashes=r.crashes,
             )
             for r in requests
         ],
@@ -406,22 +450,58 @@ def _mark_forgotten(session: Session, model_id: int, request: ForgetRequest, *, 
         models_repo.mark_sample_tasks_forgotten(session, model_id, request.sample_ids, tasks)
 
 
-def fail_round(session: Session, claimed: ClaimedRound, *, error: str, retryable: bool) -> None:
-    """End the round as failed; its requests go back to the queue (retryable) or fail."""
+def fail_round(
+    session: Session,
+    claimed: ClaimedRound,
+    *,
+    error: str,
+    retryable: bool,
+    retry: RetryPolicy | None = None,
+) -> None:
+    """End the round as failed. A retryable error queues its requests again after a backoff
+    (``retry``; default :class:`RetryPolicy`), unless they used their attempts: then, like a
+    permanent error, they fail for good."""
+    policy = retry or RetryPolicy()
     round_ = _held(session, claimed)
     now = utcnow()
     for request in rounds_repo.covered_requests(session, round_.id, lock=True):
-        _set_status(
-            session,
-            request,
-            "queued" if retryable else "failed",
-            actor=claimed.worker_id,
-            event="requeued" if retryable else "failed",
-            error=error,
-            now=now,
-            detail={"round_id": round_.id, "retryable": retryable},
-        )
+        detail: dict[str, Any] = {"round_id": round_.id, "retryable": retryable}
+        if not retryable:
+            _fail_for_good(session, request, actor=claimed.worker_id, error=error, now=now,
+                           cause="permanent", detail=detail)  # fmt: skip
+        elif request.attempts >= policy.max_attempts:
+            _fail_for_good(session, request, actor=claimed.worker_id,
+                           error=f"gave up after {request.attempts} attempts: {error}", now=now,
+                           cause="attempts", detail=detail)  # fmt: skip
+        else:
+            delay = policy.delay(request.attempts)
+            request.not_before = now + timedelta(seconds=delay)
+            detail.update(retry_in_seconds=round(delay, 3), not_before=request.not_before.isoformat())
+            _set_status(session, request, "queued", actor=claimed.worker_id, event="requeued",
+                        error=error, now=now, detail=detail)  # fmt: skip
     _end_round(session, round_, status="failed", error=error, now=now)
+
+
+def _fail_for_good(
+    session: Session,
+    request: ForgetRequest,
+    *,
+    actor: str,
+    error: str,
+    now: datetime,
+    cause: Literal["permanent", "attempts", "crashes"],
+    detail: dict[str, Any] | None = None,
+) -> None:
+    """The one place a request fails for good: a ``failed`` event with the reason and its cause,
+    and a log line. (The failure metric and the submitter's webhook of issue 10 hook in here, in
+    the same transaction, e.g. as an outbox row.)"""
+    body = {**(detail or {}), "cause": cause, "attempts": request.attempts, "crashes": request.crashes}
+    request.not_before = None  # an admin retry starts at once
+    _set_status(session, request, "failed", actor=actor, event="failed", error=error, now=now, detail=body)
+    log.warning(
+        "forget request %s failed for good (%s, %d attempts, %d crashes): %s",
+        request.id, cause, request.attempts, request.crashes, _clean(error),
+    )  # fmt: skip
 
 
 def _clean(error: str | None) -> str | None:
@@ -561,12 +641,20 @@ def mark_model_failed(session: Session, model_name: str, *, error: str) -> None:
 
 
 def mark_purged(
-    session: Session, model_name: str, *, client_ids: list[str], sample_tasks: list[tuple[str, str]]
+    session: Session,
+    model_name: str,
+    *,
+    client_ids: list[str],
+    sample_tasks: list[tuple[str, str]],
+    request_ids: list[str] | None = None,
 ) -> None:
-    """Record that the raw data was deleted: clients' samples, and (sample id, task) labels."""
+    """Record that the raw data was deleted: clients' samples, and (sample id, task) labels, and
+    that the purge of ``request_ids`` is done (they are not checked again)."""
     model = models_repo.get_model(session, model_name)
     if model is None:
         raise UnknownModelError(model_name)
-    models_repo.mark_clients_purged(session, model.id, client_ids, at=utcnow())
+    now = utcnow()
+    models_repo.mark_clients_purged(session, model.id, client_ids, at=now)
     models_repo.mark_sample_tasks_purged(session, model.id, sample_tasks, all_tasks=model.tasks)
+    requests_repo.mark_purged(session, request_ids or [], at=now)
     session.flush()

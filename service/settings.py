@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy import Engine
 
 
 class Settings(BaseSettings):
@@ -26,8 +27,24 @@ class Settings(BaseSettings):
     artifacts_dir: Path | None = Field(default=None, description="Default: $LETHE_HOME/artifacts.")
     data_dir: Path | None = Field(default=None, description="Default: $LETHE_HOME/data.")
     max_body_bytes: int = Field(default=1_048_576, description="Largest accepted request body.")
-    lease_seconds: int = Field(default=600, description="Round lease; renewed by the worker.")
-    max_attempts: int = Field(default=3, description="Attempts per request before it fails.")
+    lease_seconds: int = Field(
+        default=60,
+        description="Round lease: a round whose worker died is taken over this long after its last "
+        "renewal. The worker renews it every lease_renew_seconds.",
+    )
+    lease_renew_seconds: float = Field(
+        default=15.0, description="How often a running round renews its lease (at most lease_seconds / 4)."
+    )
+    max_attempts: int = Field(
+        default=5, description="Rounds ending in a (retryable) method error before a request fails."
+    )
+    max_crashes: int = Field(
+        default=3, description="Times a round's worker may be lost (lease expired) before its requests fail."
+    )
+    retry_base_seconds: float = Field(
+        default=15.0, description="Backoff before the first retry; doubles per attempt (equal jitter)."
+    )
+    retry_max_seconds: float = Field(default=300.0, description="Longest backoff between two attempts.")
     max_requests_per_round: int = Field(default=4, description="Queued requests coalesced per round.")
     sweep_interval_seconds: float = Field(default=15.0, description="Sweeper period.")
     auth_failure_limit: int = Field(
@@ -47,6 +64,46 @@ class Settings(BaseSettings):
         description="Secret of the HMAC that stands for a request's external_id in the hash-chained "
         "events; default: a random key kept in $LETHE_HOME/event-digest.key.",
     )
+
+    public_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$",
+        description="Base URL serving hosts reach the API at (https://lethe.example.com); file URLs "
+        "are built from it. Unset: file URLs are relative (never built from the request's Host).",
+    )
+    trusted_proxies: str | None = Field(
+        default=None,
+        description="`lethe serve`: comma-separated IPs (or *) whose X-Forwarded-For/-Proto headers "
+        "are trusted; unset: proxy headers are ignored.",
+    )
+    db_pool_size: int = Field(default=5, description="PostgreSQL connections kept per process.")
+    db_max_overflow: int = Field(default=10, description="PostgreSQL connections opened beyond the pool.")
+    db_pool_timeout_seconds: float = Field(
+        default=5.0, description="Longest wait for a pooled connection; then 503 with Retry-After."
+    )
+    db_statement_timeout_ms: int = Field(
+        default=30_000, description="PostgreSQL statement_timeout of every connection (0: none); then 503."
+    )
+    health_timeout_seconds: float = Field(
+        default=2.0, description="/readyz gives up on the database and the broker after this long."
+    )
+
+    def create_engine(self) -> Engine:
+        """The process's database engine with the pool and statement limits above."""
+        from service.db.session import create_db_engine
+
+        return create_db_engine(
+            self.resolved_database_url,
+            pool_size=self.db_pool_size,
+            max_overflow=self.db_max_overflow,
+            pool_timeout=self.db_pool_timeout_seconds,
+            statement_timeout_ms=self.db_statement_timeout_ms or None,
+        )
+
+    @property
+    def lease_renew_interval(self) -> float:
+        """Seconds between lease renewals: lease_renew_seconds, and at least four per lease."""
+        return max(0.1, min(self.lease_renew_seconds, self.lease_seconds / 4))
 
     @property
     def resolved_home(self) -> Path:

@@ -37,14 +37,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import rounds
 from service.db.models import ForgetRequest, Model, Sample, Subject
-from service.db.session import create_db_engine, make_session_factory, transaction
+from service.db.session import make_session_factory, transaction
+from service.db.types import utcnow
 from service.repositories import halts as halts_repo
 from service.repositories import models as models_repo
+from service.repositories import requests as requests_repo
 from service.repositories import versions as versions_repo
 from service.settings import Settings
 from worker import consistency
@@ -83,7 +85,7 @@ class WorkerContext:
     def create(
         cls, settings: Settings, worker_settings: WorkerSettings, *, worker_id: str | None = None
     ) -> WorkerContext:
-        engine = create_db_engine(settings.resolved_database_url)
+        engine = settings.create_engine()
         hostname = socket.gethostname()
         if worker_settings.torch_threads:
             import torch
@@ -283,7 +285,16 @@ def claim(ctx: WorkerContext, model_name: str) -> rounds.ClaimedRound | None:
             lease_seconds=s.lease_seconds,
             max_requests=s.max_requests_per_round,
             max_attempts=s.max_attempts,
+            max_crashes=s.max_crashes,
         )
+
+
+def retry_policy(settings: Settings) -> rounds.RetryPolicy:
+    return rounds.RetryPolicy(
+        max_attempts=settings.max_attempts,
+        base_seconds=settings.retry_base_seconds,
+        max_seconds=settings.retry_max_seconds,
+    )
 
 
 @dataclass
@@ -332,7 +343,8 @@ def run_one_round(ctx: WorkerContext, model_name: str) -> RoundResult | None:
         attempt.discard(store)
         try:
             with transaction(ctx.session_factory) as session:
-                rounds.fail_round(session, claimed, error=error[:2000], retryable=retryable)
+                policy = retry_policy(ctx.settings)
+                rounds.fail_round(session, claimed, error=error[:2000], retryable=retryable, retry=policy)
         except rounds.LeaseLost:
             pass
         return RoundResult(claimed.round_id, claimed.fencing_token, request_ids, None, "failed",
@@ -421,9 +433,10 @@ def _watchdog(ctx: WorkerContext, claimed: rounds.ClaimedRound) -> RoundWatchdog
         with transaction(ctx.session_factory) as session:
             rounds.renew_lease(session, claimed, lease_seconds=lease)
 
+    # A short lease renewed often: a dead worker's round is taken over within one lease.
     return RoundWatchdog(
         renew=renew,
-        interval=max(1.0, lease / 3),
+        interval=ctx.settings.lease_renew_interval,
         soft_limit=ctx.worker_settings.soft_time_limit,
         hard_limit=ctx.worker_settings.hard_time_limit,
         lease_lost_types=(rounds.LeaseLost,),
@@ -526,37 +539,56 @@ def _completed(session: Session, model: Model) -> list[ForgetRequest]:
 
 
 def _pending_purges(session: Session, model: Model) -> list[ForgetRequest]:
-    """Completed requests whose raw data is not yet recorded as purged."""
-    completed = list(
-        session.scalars(
-            select(ForgetRequest)
-            .where(ForgetRequest.model_id == model.id, ForgetRequest.status == "completed")
-            .order_by(ForgetRequest.seq)
-        )
-    )
+    """Completed requests whose raw data is not yet recorded as purged.
+
+    A fixed number of statements however long the history: only completed requests without a
+    recorded purge are read (a partial index), their samples in one query; those found purged
+    already (e.g. by a wider request) are recorded now, so the next wake does not read them again.
+    """
+    completed = requests_repo.unpurged_completed(session, model.id)
     if not completed:
         return []
+    clients = {r.client_id for r in completed if r.client_id is not None}
     purged_clients = set(
         session.scalars(
-            select(Subject.client_id).where(Subject.model_id == model.id, Subject.purged_at.is_not(None))
+            select(Subject.client_id).where(
+                Subject.model_id == model.id, Subject.purged_at.is_not(None), Subject.client_id.in_(clients)
+            )
         )
     )
+    wanted_samples = {s for r in completed if r.sample_ids is not None for s in r.sample_ids}
+    wanted_clients = {r.client_id for r in completed if r.sample_ids is None and r.client_id is not None}
+    samples = list(
+        session.scalars(
+            select(Sample).where(
+                Sample.model_id == model.id,
+                or_(Sample.sample_id.in_(wanted_samples), Sample.client_id.in_(wanted_clients)),
+            )
+        )
+    )
+    by_id = {s.sample_id: s for s in samples}
+    by_client: dict[str, list[Sample]] = {}
+    for sample in samples:
+        by_client.setdefault(sample.client_id, []).append(sample)
     pending: list[ForgetRequest] = []
+    done: list[str] = []
     for req in completed:
         tasks = list(req.tasks) or list(model.tasks)
         if req.client_id is not None and req.client_id in purged_clients:
-            continue  # the whole client is gone
+            done.append(req.id)  # the whole client is gone
+            continue
         if req.kind == "client" and req.sample_ids is None and set(tasks) >= set(model.tasks):
             pending.append(req)  # whole client, not yet purged
             continue
-        stmt = select(Sample).where(Sample.model_id == model.id)
         if req.sample_ids is not None:
-            stmt = stmt.where(Sample.sample_id.in_(list(req.sample_ids)))
-        elif req.client_id is not None:
-            stmt = stmt.where(Sample.client_id == req.client_id)
-        samples = list(session.scalars(stmt))
-        if any(_purge_due(s, tasks, model.tasks) for s in samples):
+            covered = [by_id[s] for s in req.sample_ids if s in by_id]
+        else:
+            covered = by_client.get(req.client_id or "", [])
+        if any(_purge_due(s, tasks, model.tasks) for s in covered):
             pending.append(req)
+        else:
+            done.append(req.id)
+    requests_repo.mark_purged(session, done, at=utcnow())
     return pending
 
 
@@ -599,7 +631,11 @@ def purge_completed(ctx: WorkerContext, model_name: str, *, everything: bool = F
     ctx.emit("store_purged", requests=[s.request_id for s in pending])
     with transaction(ctx.session_factory) as session:
         rounds.mark_purged(
-            session, model_name, client_ids=sorted(set(clients)), sample_tasks=sorted(set(pairs))
+            session,
+            model_name,
+            client_ids=sorted(set(clients)),
+            sample_tasks=sorted(set(pairs)),
+            request_ids=[s.request_id for s in pending],
         )
     # request ids only: the subjects' ids are personal data and stay out of the logs
     log.info(
@@ -727,8 +763,6 @@ def models_to_prepare(ctx: WorkerContext, *, min_age_seconds: float = 60.0) -> l
     host holds the model's prepare lock (a shared artifacts volume extends this across hosts).
     """
     from datetime import timedelta
-
-    from service.db.types import utcnow
 
     cutoff = utcnow() - timedelta(seconds=min_age_seconds)
     with transaction(ctx.session_factory) as session:

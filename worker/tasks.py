@@ -9,8 +9,8 @@
 Every worker process also runs a background thread (:class:`Heartbeat`) that records a heartbeat
 (state ``idle`` / ``busy``) and runs the sweep every ``LETHE_WORKER_HEARTBEAT_SECONDS``, so that
 requests accepted while the broker was down are processed once it is back, and a round whose worker
-died is resumed when its lease expires. Wakes are de-duplicated for a short while through a Redis
-key, so that a busy fleet does not fill the queue with wakes.
+died is resumed when its lease expires. At most one wake per model is outstanding: a Redis marker
+(shared with the API's dispatcher) is set when a wake is sent and deleted when a worker starts it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 import redis
 from celery import Celery, signals
 
+from service.dispatch import WAKE_MARKER, WAKE_MARKER_SECONDS
 from service.settings import Settings
 from worker import pipeline
 from worker.celery_app import TASK_HEARTBEAT, TASK_PREPARE, TASK_SWEEP, TASK_WAKE
@@ -31,7 +32,7 @@ from worker.config import WorkerSettings
 
 log = logging.getLogger(__name__)
 
-WAKE_KEY = "lethe:wake:{model}"
+WAKE_KEY = WAKE_MARKER  # shared with the API: at most one outstanding wake per model
 PREPARE_KEY = "lethe:prepare:{model}"
 ALIVE_FILE = Path("/tmp/lethe-worker.alive")
 
@@ -61,16 +62,30 @@ class _Busy:
 
 
 def send_wake(
-    app: Celery, broker: redis.Redis[bytes] | None, model_name: str, *, dedupe_seconds: int
+    app: Celery,
+    broker: redis.Redis[bytes] | None,
+    model_name: str,
+    *,
+    dedupe_seconds: int = WAKE_MARKER_SECONDS,
 ) -> bool:
-    """Send ``lethe.wake_model`` unless one was sent for the model within ``dedupe_seconds``."""
+    """Send ``lethe.wake_model`` unless a wake of the model is outstanding (queued, not started)."""
     if dedupe_seconds > 0 and not _once(broker, WAKE_KEY.format(model=model_name), dedupe_seconds):
         return False
     app.send_task(TASK_WAKE, args=[model_name])
     return True
 
 
-def wake_again(app: Celery, model_name: str) -> None:
+def wake_started(broker: redis.Redis[bytes] | None, model_name: str) -> None:
+    """A worker took the model's wake: it is no longer outstanding, the next one may be sent."""
+    if broker is None:
+        return
+    try:
+        broker.delete(WAKE_KEY.format(model=model_name))
+    except redis.RedisError:
+        log.debug("could not clear the wake marker of %s", model_name, exc_info=True)
+
+
+def wake_again(app: Celery, model_name: str, broker: redis.Redis[bytes] | None = None) -> None:
     """Continue with the model's next round in a new message.
 
     A task runs at most one round (or one preparation), each bounded by the hard time limit, so no
@@ -79,17 +94,16 @@ def wake_again(app: Celery, model_name: str) -> None:
     broker is down the sweeper sends the wake later.
     """
     try:
-        app.send_task(TASK_WAKE, args=[model_name])
-    except Exception:
-        log.warning("could not send the next wake of %s; the sweeper will", model_name, exc_info=True)
+        send_wake(app, broker, model_name)
+    except Exception as exc:
+        log.warning("could not send the next wake of %s (%s); the sweeper will", model_name, exc)
 
 
 def sweep(app: Celery, ctx: pipeline.WorkerContext, broker: redis.Redis[bytes] | None) -> list[str]:
     """Wake models with queued requests (or an expired round); re-send lost preparations."""
     sent: list[str] = []
-    dedupe = int(max(15.0, 3 * ctx.worker_settings.heartbeat_seconds))
     for model_name in pipeline.models_to_wake(ctx):
-        if send_wake(app, broker, model_name, dedupe_seconds=dedupe):
+        if send_wake(app, broker, model_name):
             sent.append(model_name)
     if sent:
         log.info("sweeper woke %s", sent)
@@ -165,10 +179,12 @@ def register(app: Celery, settings: Settings, worker_settings: WorkerSettings) -
 
     @app.task(name=TASK_WAKE, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
     def wake_model(model_name: str) -> dict[str, Any]:
+        broker = _State.heartbeat.broker if _State.heartbeat else None
+        wake_started(broker, model_name)
         with _Busy():
             results = pipeline.wake_model(ctx(), model_name, max_rounds=1)
         if results and results[-1].status != "lease_lost":
-            wake_again(app, model_name)
+            wake_again(app, model_name, broker)
         return {"rounds": [r.round_id for r in results], "versions": [r.version for r in results]}
 
     @app.task(name=TASK_PREPARE, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -176,7 +192,9 @@ def register(app: Celery, settings: Settings, worker_settings: WorkerSettings) -
         with _Busy():
             published = pipeline.prepare_model(ctx(), model_name)
         if published is not None:
-            wake_again(app, model_name)  # requests accepted while the model was preparing
+            wake_again(
+                app, model_name, _State.heartbeat.broker if _State.heartbeat else None
+            )  # requests accepted while the model was preparing
         return {"version": published.version if published else None}
 
     @app.task(name=TASK_SWEEP, ignore_result=True)

@@ -147,5 +147,6 @@ class RoundWatchdog:
                 except self._lease_lost_types as exc:
                     log.warning("round lease lost: %s", exc)
                     self.lease_lost = exc
-                except Exception:  # a database blip: try again at the next tick
+                except Exception:  # a database blip: try again at the next tick, not a period later
                     log.exception("lease renewal failed; retrying")
+                    next_renewal = now + min(1.0, self._interval)

@@ -21,7 +21,7 @@ from service.api.limits import BodySizeLimit
 from service.api.routers import admin, forget_requests, health, serving
 from service.api.state import AppState
 from service.api.throttle import AuthFailures
-from service.db.session import create_db_engine, make_session_factory
+from service.db.session import create_probe_engine, make_session_factory
 from service.dispatch import Dispatcher
 from service.settings import Settings
 from service.sweeper import run_sweeper
@@ -41,7 +41,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine = create_db_engine(settings.resolved_database_url)
+        engine = settings.create_engine()
+        probe = create_probe_engine(
+            settings.resolved_database_url, timeout_seconds=settings.health_timeout_seconds
+        )
         dispatcher = Dispatcher(settings.broker_url, timeout_seconds=settings.dispatch_timeout_seconds)
         state = AppState(
             settings=settings,
@@ -51,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             auth_failures=AuthFailures(
                 limit=settings.auth_failure_limit, window_seconds=settings.auth_failure_window_seconds
             ),
+            probe_engine=probe,
         )
         app.state.lethe = state
         sweeper = None
@@ -68,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                     await sweeper
             dispatcher.close()
             engine.dispose()
+            probe.dispose()
 
     app = FastAPI(
         title="Lethe",

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import DataError, DBAPIError, IntegrityError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -256,6 +257,17 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _pool_timeout(request: Request, exc: Exception) -> JSONResponse:
+    """Every pooled connection is busy (SQLAlchemy's pool ``TimeoutError``): overloaded, not broken."""
+    log.warning("database pool exhausted on %s %s: %s", request.method, request.url.path, exc)
+    return problem_response(
+        503,
+        detail="the service is overloaded (no database connection free); try again",
+        instance=request.url.path,
+        headers={"Retry-After": "5"},
+    )
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return problem_response(500, detail="internal error", instance=request.url.path)
@@ -266,4 +278,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(DBAPIError, _database_error)
+    app.add_exception_handler(PoolTimeoutError, _pool_timeout)
     app.add_exception_handler(Exception, _unexpected)

@@ -122,7 +122,9 @@ class ForgetRequestOut(_Out):
     due_at: datetime
     updated_at: datetime
     completed_at: datetime | None
-    attempts: int
+    attempts: int = Field(description="Rounds of this request that ran (claimed), not counting resumptions.")
+    crashes: int = Field(description="Times its round's worker was lost (lease expired) and it was resumed.")
+    not_before: datetime | None = Field(description="A requeued request is not retried before this time.")
     error: str | None
     version: int | None = Field(description="The adapter version that no longer contains the subject.")
     extended_months: int = Field(description="Months the deadline was extended by (at most 2).")

@@ -25,6 +25,8 @@ class AppState:
     sessions: sessionmaker[Session]
     dispatcher: Dispatcher
     auth_failures: AuthFailures
+    #: health checks' own connections: they never queue behind request work for the pool
+    probe_engine: Engine | None = None
     _digest_key: bytes | None = None
 
     def digest_key(self) -> bytes:

@@ -59,6 +59,8 @@ ROUND_STATUSES: Final = ("running", "verifying", "completed", "failed")
 LIVE_ROUND_STATUSES: Final = ("running", "verifying")
 VERSION_STATUSES: Final = ("active", "withdrawn")
 SCOPES: Final = ("submit", "admin", "serve")
+#: Completed requests whose raw data is not recorded as purged (a partial index).
+UNPURGED: Final = "status = 'completed' AND purged_at IS NULL"
 #: A model's name; it appears in URLs and directory names.
 MODEL_NAME_PATTERN: Final = r"^[a-z0-9][a-z0-9-]{0,62}$"
 
@@ -183,6 +185,14 @@ class ForgetRequest(Base):
         CheckConstraint(_in("kind", REQUEST_KINDS), name="kind"),
         _status_check(REQUEST_STATUSES),
         Index("ix_forget_requests_model_id_status_seq", "model_id", "status", "seq"),
+        # Completed requests whose purge is not recorded yet: what every wake's reconcile reads.
+        Index(
+            "ix_forget_requests_unpurged",
+            "model_id",
+            "seq",
+            sqlite_where=text(UNPURGED),
+            postgresql_where=text(UNPURGED),
+        ),
         # One pending request per subject and model: a second submission returns the first.
         _unique_while(
             "uq_forget_requests_active_subject", "model_id", "subject_key", statuses=ACTIVE_REQUEST_STATUSES
@@ -210,7 +220,14 @@ class ForgetRequest(Base):
     extended_months: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
     completed_at: Mapped[datetime | None]
+    #: Rounds of this request that ended in a method error (capped by ``LETHE_MAX_ATTEMPTS``).
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: Rounds of this request whose worker was lost (lease expired), counted apart from attempts.
+    crashes: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    #: A requeued request is not claimed before this time (retry backoff).
+    not_before: Mapped[datetime | None]
+    #: When its raw data was recorded as purged (completed requests; None: not yet, or not checked).
+    purged_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
     #: The round that currently holds (or last held) this request.
     round_id: Mapped[int | None] = mapped_column(ForeignKey("rounds.id"))

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from service.db.models import ACTIVE_REQUEST_STATUSES, ForgetRequest, Model
@@ -162,3 +162,28 @@ def deadline_stats(
     ).one()
     overdue, earliest = row
     return int(overdue), earliest
+
+
+def unpurged_completed(session: Session, model_id: int) -> list[ForgetRequest]:
+    """Completed requests of a model whose purge is not recorded, in arrival order (partial index)."""
+    stmt = (
+        select(ForgetRequest)
+        .where(
+            ForgetRequest.model_id == model_id,
+            ForgetRequest.status == "completed",
+            ForgetRequest.purged_at.is_(None),
+        )
+        .order_by(ForgetRequest.seq)
+    )
+    return list(session.scalars(stmt))
+
+
+def mark_purged(session: Session, request_ids: Sequence[str], *, at: datetime) -> None:
+    """Record that the raw data of these (completed) requests is purged."""
+    if request_ids:
+        session.execute(
+            update(ForgetRequest)
+            .where(ForgetRequest.id.in_(list(request_ids)), ForgetRequest.purged_at.is_(None))
+            .values(purged_at=at)
+            .execution_options(synchronize_session=False)
+        )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import or_, select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from service.db.models import LIVE_ROUND_STATUSES, ForgetRequest, Model, Round, RoundRequest
@@ -46,18 +46,25 @@ def attach_requests(session: Session, round_id: int, requests: list[ForgetReques
 
 
 def models_to_wake(session: Session, *, now: datetime) -> list[str]:
-    """Ready models with queued requests or an expired live round, and no live lease."""
+    """Ready models with queued requests or an expired live round, and no live lease.
+
+    A model whose queue holds a request waiting for its retry time (``not_before``) is not woken
+    for the requests behind it (the order is strict); it is woken once that time has come.
+    """
     leased = select(Round.model_id).where(Round.status.in_(LIVE_ROUND_STATUSES), Round.lease_expires_at > now)
     expired = select(Round.model_id).where(
         Round.status.in_(LIVE_ROUND_STATUSES),
         or_(Round.lease_expires_at.is_(None), Round.lease_expires_at <= now),
     )
     queued = select(ForgetRequest.model_id).where(ForgetRequest.status == "queued")
+    waiting = select(ForgetRequest.model_id).where(
+        ForgetRequest.status == "queued", ForgetRequest.not_before > now
+    )
     stmt = (
         select(Model.name)
         .where(
             Model.status == "ready",
-            or_(Model.id.in_(queued), Model.id.in_(expired)),
+            or_(and_(Model.id.in_(queued), Model.id.not_in(waiting)), Model.id.in_(expired)),
             Model.id.not_in(leased),
         )
         .order_by(Model.name)

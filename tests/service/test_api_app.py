@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import re
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import Engine, text
 from sqlalchemy.exc import IntegrityError
 
 from service import lifecycle
@@ -216,3 +219,52 @@ def test_an_unforeseen_integrity_error_is_409(
         headers={**keys.submit, "Idempotency-Key": "k"},
     )
     assert "try again" in assert_problem(response, 409)["detail"]
+
+
+def test_pool_exhaustion_is_503_and_health_still_answers(settings: Settings, keys: Keys) -> None:
+    """Issue 9 item 5 (failed on 5a93ed6: the pool's TimeoutError became a 500 and /readyz waited
+    for a pooled connection): 503 with Retry-After; /healthz and /readyz answer on their own."""
+    small = settings.model_copy(
+        update={"db_pool_size": 1, "db_max_overflow": 0, "db_pool_timeout_seconds": 0.3}
+    )
+    with TestClient(create_app(small)) as client:
+        held = client.app.state.lethe.engine.connect()  # type: ignore[attr-defined]
+        try:
+            busy = client.get("/v1/forget-requests", headers=keys.submit)
+            started = time.monotonic()
+            assert client.get("/healthz").status_code == 200
+            ready = client.get("/readyz")
+            took = time.monotonic() - started
+        finally:
+            held.close()
+        assert client.get("/v1/forget-requests", headers=keys.submit).status_code == 200
+    assert_problem(busy, 503)
+    assert busy.headers["Retry-After"] == "5"
+    assert ready.status_code == 200, ready.text
+    assert took < 2
+
+
+def test_a_statement_stuck_behind_a_lock_is_503(settings: Settings, keys: Keys, engine: Engine) -> None:
+    """Issue 9 item 5 (failed on 5a93ed6: no statement timeout; a request waited as long as a 45 s
+    table lock): the connection's statement_timeout ends it with 503 + Retry-After; /readyz answers."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("statement_timeout is PostgreSQL's")
+    limited = settings.model_copy(update={"db_statement_timeout_ms": 300})
+    locker = engine.connect()
+    locker.execute(text("LOCK TABLE forget_requests IN ACCESS EXCLUSIVE MODE"))
+    release = threading.Timer(10, locker.rollback)  # old code: the request waits for this
+    release.start()
+    try:
+        with TestClient(create_app(limited)) as client:
+            started = time.monotonic()
+            stuck = client.get("/v1/forget-requests", headers=keys.submit)
+            took = time.monotonic() - started
+            ready = client.get("/readyz")
+    finally:
+        release.cancel()
+        locker.rollback()
+        locker.close()
+    assert_problem(stuck, 503)
+    assert stuck.headers["Retry-After"] == "5"
+    assert took < 5
+    assert ready.status_code == 200, ready.text

@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import rounds
+from service.api.app import create_app
 from service.db.session import transaction
 from service.repositories import models as models_repo
 from service.settings import Settings
@@ -212,3 +213,29 @@ def test_model_without_versions_is_404(client: TestClient, keys: Keys) -> None:
     assert created.status_code == 201
     assert_problem(client.get("/v1/models/fresh/adapters/latest", headers=keys.serve), 404)
     assert_problem(client.get("/v1/models/fresh/base", headers=keys.serve), 404)
+
+
+@pytest.mark.usefixtures("served")
+def test_file_urls_never_follow_the_host_header(settings: Settings, keys: Keys) -> None:
+    """Issue 9 item 3 (failed on 5a93ed6: file URLs were built from the request's Host header, so a
+    Host-rewriting proxy pointed `lethe pull` and its serve key at itself): relative URLs by
+    default, LETHE_PUBLIC_URL's origin when it is set, whatever Host and X-Forwarded-* say."""
+    spoofed = {
+        **keys.serve,
+        "Host": "evil.test",
+        "X-Forwarded-Host": "evil.test",
+        "X-Forwarded-Proto": "https",
+    }
+    path = "/v1/models/digits/adapters/1/files/adapter_model.safetensors"
+    with TestClient(create_app(settings)) as client:
+        adapter = client.get("/v1/models/digits/adapters/latest", headers=spoofed)
+        base = client.get("/v1/models/digits/base", headers=spoofed)
+    assert adapter.status_code == 200, adapter.text
+    urls = {f["name"]: f["url"] for f in adapter.json()["files"]}
+    assert urls["adapter_model.safetensors"] == path
+    assert all(f["url"].startswith("/v1/models/digits/base/files/") for f in base.json()["files"])
+    public = settings.model_copy(update={"public_url": "https://lethe.example.com/"})
+    with TestClient(create_app(public)) as client:
+        adapter = client.get("/v1/models/digits/adapters/latest", headers=spoofed)
+    urls = {f["name"]: f["url"] for f in adapter.json()["files"]}
+    assert urls["adapter_model.safetensors"] == "https://lethe.example.com" + path

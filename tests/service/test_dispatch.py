@@ -17,19 +17,20 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service import cli
 from service.api.app import create_app
-from service.dispatch import QUEUE, TASK_PREPARE, TASK_WAKE, Dispatcher
+from service.dispatch import QUEUE, TASK_PREPARE, TASK_WAKE, WAKE_MARKER, Dispatcher
 from service.settings import Settings
 from service.sweeper import ResendThrottle, sweep_once
 from tests.service.conftest import Keys
-from tests.service.helpers import client_body
+from tests.service.helpers import client_body, task_body
 
 
 @pytest.fixture
 def broker(redis_server_url: str) -> Iterator[tuple[str, redis.Redis[bytes]]]:
     r = redis.Redis.from_url(redis_server_url)
-    r.delete(QUEUE)
+    clean = [QUEUE, *(WAKE_MARKER.format(model=m) for m in ("digits", "fraud"))]
+    r.delete(*clean)
     yield redis_server_url, r
-    r.delete(QUEUE)
+    r.delete(*clean)
     r.close()
 
 
@@ -108,8 +109,9 @@ def test_post_wakes_the_model_and_the_sweeper_resends(
         )
         assert registered.status_code == 201
     assert messages(r) == [(TASK_WAKE, ["digits"]), (TASK_PREPARE, ["fraud"])]
-    r.delete(QUEUE)
-    # The message was lost: the sweeper finds the queued request and sends the wake-up again.
+    r.delete(QUEUE, WAKE_MARKER.format(model="digits"))
+    # The message was lost (with its marker: a Redis restart): the sweeper finds the queued
+    # request and sends the wake-up again.
     dispatcher = Dispatcher(url)
     try:
         assert sweep_once(sessions, dispatcher) == ["digits"]
@@ -159,3 +161,75 @@ def test_lethe_sweep_one_shot(
     assert result.exit_code == 0, result.output
     assert "woke: digits" in result.output
     assert messages(r) == [(TASK_WAKE, ["digits"])]
+
+
+def _post(client: TestClient, keys: Keys, body: dict[str, Any], key: str) -> float:
+    """Seconds one submission took (it must be accepted)."""
+    started = time.monotonic()
+    response = client.post("/v1/forget-requests", json=body, headers={**keys.submit, "Idempotency-Key": key})
+    assert response.status_code == 201, response.text
+    return time.monotonic() - started
+
+
+def _bodies() -> list[dict[str, Any]]:
+    return [client_body(c) for c in ("c0", "c1", "c2")] + [
+        task_body([f"s{i:05d}"], ["digit"]) for i in range(3)
+    ]
+
+
+@pytest.mark.usefixtures("ready_model")
+def test_submissions_never_wait_on_a_hung_broker(settings: Settings, keys: Keys) -> None:
+    """Issue 9 item 6 (failed on 5a93ed6: each POST waited up to the 2 s dispatch timeout while Redis
+    was SIGSTOPped): a broker that accepts connections and never answers does not slow submissions."""
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(64)  # connections complete in the backlog; nothing ever answers
+        port = hung.getsockname()[1]
+        stalled = settings.model_copy(
+            update={"broker_url": f"redis://127.0.0.1:{port}/0", "dispatch_timeout_seconds": 3.0}
+        )
+        with TestClient(create_app(stalled)) as client:
+            took = [_post(client, keys, body, f"k{i}") for i, body in enumerate(_bodies())]
+    assert max(took) < 1.5, took  # each waited >= 3 s on 5a93ed6
+
+
+@pytest.mark.usefixtures("ready_model")
+def test_a_down_broker_logs_one_line_per_outage(
+    settings: Settings, keys: Keys, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 9 item 6 (failed on 5a93ed6: a ~107-line traceback per POST while Redis was down): one
+    warning, without a traceback, for the whole outage."""
+    down = settings.model_copy(
+        update={"broker_url": f"redis://127.0.0.1:{closed_port()}/0", "dispatch_timeout_seconds": 0.5}
+    )
+    with caplog.at_level("DEBUG", logger="service.dispatch"), TestClient(create_app(down)) as client:
+        for i, body in enumerate(_bodies()):
+            _post(client, keys, body, f"k{i}")
+        assert client.app.state.lethe.dispatcher.drain(10)  # type: ignore[attr-defined]
+    warnings = [r for r in caplog.records if r.name == "service.dispatch" and r.levelname == "WARNING"]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert warnings[0].exc_info is None
+    assert "broker unreachable" in warnings[0].getMessage()
+
+
+@pytest.mark.redis
+@pytest.mark.usefixtures("ready_model")
+def test_at_most_one_outstanding_wake_per_model(
+    settings: Settings, keys: Keys, broker: tuple[str, redis.Redis[bytes]]
+) -> None:
+    """Issue 9 item 7 (failed on 5a93ed6: every POST enqueued a wake, 13,324 after a load test):
+    submissions while a wake is queued add none; once a worker started it (and deleted the marker,
+    as ``worker.tasks.wake_started`` does) the next submission sends one."""
+    url, r = broker
+    live = settings.model_copy(update={"broker_url": url, "sweep_interval_seconds": 0})
+    bodies = _bodies()
+    with TestClient(create_app(live)) as client:
+        dispatcher = client.app.state.lethe.dispatcher  # type: ignore[attr-defined]
+        for i, body in enumerate(bodies[:-1]):
+            _post(client, keys, body, f"k{i}")
+            assert dispatcher.drain(10)
+        assert messages(r) == [(TASK_WAKE, ["digits"])]
+        r.delete(WAKE_MARKER.format(model="digits"))  # a worker started the wake
+        _post(client, keys, bodies[-1], "last")
+        assert dispatcher.drain(10)
+    assert messages(r) == [(TASK_WAKE, ["digits"])] * 2

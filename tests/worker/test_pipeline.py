@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import select, update
+from sqlalchemy import event, select, update
 
 from service import lifecycle, registry, rounds
 from service.db.migrate import upgrade
-from service.db.models import Round, Sample
+from service.db.models import ForgetRequest, Round, Sample
 from service.db.session import transaction
 from service.db.types import utcnow
 from service.repositories import models as models_repo
@@ -38,7 +38,8 @@ MODEL = "m1"
 
 @pytest.fixture
 def ctx(tmp_path: Path) -> Iterator[pipeline.WorkerContext]:
-    settings = Settings(home=tmp_path / "home", database_url=None)
+    # retries without backoff: these tests are about what is retried (backoff: tests/service/test_rounds.py)
+    settings = Settings(home=tmp_path / "home", database_url=None, retry_base_seconds=0)
     upgrade(settings.resolved_database_url)
     context = pipeline.WorkerContext.create(settings, WorkerSettings(device="cpu"), worker_id="w1")
     store = ModelArtifacts(settings.resolved_artifacts_dir, MODEL)
@@ -619,3 +620,58 @@ def test_a_round_runs_with_the_method_and_settings_it_was_claimed_with(
     assert following is not None
     assert following.status == "published"
     assert seen[1] == ("default", {"ia": {"lr": 0.1}})
+
+
+def _completed_task_requests(ctx: pipeline.WorkerContext, count: int) -> None:
+    """``count`` completed per-task requests on sample s0, whose label of task t is purged."""
+    with transaction(ctx.session_factory) as session:
+        model = models_repo.get_model(session, MODEL)
+        assert model is not None
+        now = utcnow()
+        for i in range(count):
+            session.add(
+                ForgetRequest(
+                    id=requests_repo.new_request_id(), model_id=model.id, kind="task", sample_ids=["s0"],
+                    tasks=["t"], subject_key=f"subject-{i}", status="completed", idempotency_key=f"k{i}",
+                    payload_hash="0" * 64, received_at=now, due_at=now, updated_at=now, attempts=1,
+                )
+            )  # fmt: skip
+        models_repo.mark_sample_tasks_purged(session, model.id, [("s0", "t")])
+
+
+def _statements_of_pending_purges(ctx: pipeline.WorkerContext) -> tuple[int, int]:
+    """(statements, pending requests) of one reconcile's look for pending purges."""
+    assert ctx.engine is not None
+    statements: list[str] = []
+
+    def count(*args: Any) -> None:
+        statements.append(str(args[2]))
+
+    event.listen(ctx.engine, "before_cursor_execute", count)
+    try:
+        with transaction(ctx.session_factory) as session:
+            model = models_repo.get_model(session, MODEL)
+            assert model is not None
+            statements.clear()
+            pending = pipeline._pending_purges(session, model)
+    finally:
+        event.remove(ctx.engine, "before_cursor_execute", count)
+    return len(statements), len(pending)
+
+
+def test_looking_for_pending_purges_costs_the_same_however_long_the_history(
+    ctx: pipeline.WorkerContext,
+) -> None:
+    """Issue 9 item 7 (failed on 5a93ed6: one statement per completed per-task request on every
+    wake, 10,003 statements for 10,000 requests): a fixed number of statements, and requests whose
+    purge is recorded are not read again."""
+    _completed_task_requests(ctx, 5)
+    few = _statements_of_pending_purges(ctx)
+    _completed_task_requests(ctx, 200)
+    many = _statements_of_pending_purges(ctx)
+    assert few[1] == many[1] == 0
+    assert many[0] == few[0] <= 5
+    with transaction(ctx.session_factory) as session:
+        assert requests_repo.unpurged_completed(session, 1) == []
+    statements, _ = _statements_of_pending_purges(ctx)
+    assert statements <= 2  # nothing left to check: the partial index answers

@@ -161,7 +161,7 @@ def test_listing_forms() -> None:
 
 
 def test_cli_prints_version(server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pull, "make_client", lambda api_key, timeout=30.0: _client(server))
+    monkeypatch.setattr(pull, "make_client", lambda api_key, base_url, timeout=30.0: _client(server))
     result = CliRunner().invoke(pull.pull_command, ["--model", "m", "--dest", str(tmp_path), "--url", BASE])
     assert result.exit_code == 0, result.output
     assert "m v1 installed" in result.output
@@ -176,3 +176,72 @@ def test_pull_base_downloads_and_verifies(server: FakeServer, tmp_path: Path) ->
         mtime = (dest / "config.json").stat().st_mtime_ns
         pull.pull_base(client, BASE, "m", dest)  # unchanged files are kept
         assert (dest / "config.json").stat().st_mtime_ns == mtime
+
+
+class _Spy:
+    """Answers for the serving origin (a ``FakeServer``) and records what reaches any other host."""
+
+    def __init__(self, server: FakeServer, rewrite: Any) -> None:
+        self.server = server
+        self.rewrite = rewrite
+        self.elsewhere: list[httpx.Request] = []
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        if request.url.host != "lethe.test":
+            self.elsewhere.append(request)
+            return httpx.Response(200, content=b"w1")
+        response = self.server.handler(request)
+        rewritten: httpx.Response = self.rewrite(request, response)
+        return rewritten
+
+
+def _pull_with(spy: _Spy, tmp_path: Path) -> None:
+    transport = httpx.MockTransport(spy.handler)
+    with pull.make_client("lethe_serve_secret", base_url=BASE, transport=transport) as client:
+        pull.pull_once(client, BASE, "m", tmp_path)
+
+
+def test_a_listing_naming_another_origin_is_refused_and_the_key_stays_home(
+    server: FakeServer, tmp_path: Path
+) -> None:
+    """Issue 9 item 3 (failed on 5a93ed6: file URLs of another host were fetched with the serve key,
+    a Host-rewriting proxy captured it): the pull fails and nothing reaches the other host."""
+
+    def absolute_elsewhere(request: httpx.Request, response: httpx.Response) -> httpx.Response:
+        if request.url.path.endswith("/latest") and response.status_code == 200:
+            listing = response.json()
+            for name, meta in listing["files"].items():
+                meta["url"] = f"http://evil.test/v1/models/m/adapters/1/files/{name}"
+            return httpx.Response(200, json=listing, headers={"ETag": '"v1"'})
+        return response
+
+    spy = _Spy(server, absolute_elsewhere)
+    with pytest.raises(pull.PullError, match="not the origin"):
+        _pull_with(spy, tmp_path)
+    assert spy.elsewhere == []
+    assert pull.current_version(tmp_path) is None
+
+
+def test_a_redirect_to_another_origin_is_refused(server: FakeServer, tmp_path: Path) -> None:
+    """Issue 9 item 3 (failed on 5a93ed6: redirects were followed to any host): a download
+    redirected elsewhere fails before anything is sent there."""
+
+    def redirect_elsewhere(request: httpx.Request, response: httpx.Response) -> httpx.Response:
+        if "/files/" in request.url.path:
+            return httpx.Response(302, headers={"Location": "https://evil.test/steal"})
+        return response
+
+    spy = _Spy(server, redirect_elsewhere)
+    with pytest.raises(pull.PullError, match="another origin"):
+        _pull_with(spy, tmp_path)
+    assert spy.elsewhere == []
+
+
+def test_the_key_goes_to_the_serving_origin(server: FakeServer, tmp_path: Path) -> None:
+    spy = _Spy(server, lambda request, response: response)
+    _pull_with(spy, tmp_path)
+    assert pull.current_version(tmp_path) == 1
+    assert server.requests
+    assert all(r.headers["Authorization"] == "Bearer lethe_serve_secret" for r in server.requests)
+    assert pull.origin_of("https://a.test/x") == pull.origin_of("https://A.test:443/y")
+    assert pull.origin_of("http://a.test") != pull.origin_of("https://a.test")

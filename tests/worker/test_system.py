@@ -139,7 +139,7 @@ def test_sigkill_at_every_step_completes_once(template: Path, tmp_path: Path, re
     In the end: exactly one new version, one completion, one evidence row; the killed attempts'
     directories collected, the withdrawn version's files deleted (tombstone kept), the purge done
     and recorded."""
-    env = {"LETHE_WORKER_FAULT_PAUSE": "progress:600", "LETHE_MAX_ATTEMPTS": "5"}
+    env = {"LETHE_WORKER_FAULT_PAUSE": "progress:600", "LETHE_MAX_CRASHES": "5"}
     with running_system(template, tmp_path / "home", redis_server_url, env=env) as system:
         request_id = system.submit({"kind": "client", "client_id": "c4"})
         assert _v1_dir(system).is_dir()
@@ -154,7 +154,7 @@ def test_sigkill_at_every_step_completes_once(template: Path, tmp_path: Path, re
             else:
                 system.stack.env["LETHE_WORKER_FAULT_PAUSE"] = f"{after}:600"
             system.stack.start_worker(0)
-        location = _completed_once_as_v2(system, request_id, attempts=3)
+        location = _completed_once_as_v2(system, request_id, runs=3)
         assert Path(location).name == "1-3"  # written by the third attempt (fencing token 3)
         # the last worker reconciles: withdrawn files, the purge recorded
         tombstone = system.adapters_dir.parent / "tombstones" / "1.json"
@@ -167,18 +167,18 @@ def test_sigkill_at_every_step_completes_once(template: Path, tmp_path: Path, re
         assert DataStore(system.data_dir).client_samples("c4") is None
 
 
-def _completed_once_as_v2(system: System, request_id: str, *, attempts: int) -> str:
-    """The request completed once, after ``attempts`` attempts, as the only new version (v2), with
-    one evidence row; the location of v2."""
+def _completed_once_as_v2(system: System, request_id: str, *, runs: int) -> str:
+    """The request completed once, after ``runs`` runs (one claim, ``runs - 1`` crashes resumed),
+    as the only new version (v2), with one evidence row; the location of v2."""
     body = system.wait(request_id, {"completed", "failed"})
     assert body["status"] == "completed", system.logs()
-    assert (body["version"], body["attempts"]) == (2, attempts)
+    assert (body["version"], body["attempts"], body["crashes"]) == (2, 1, runs - 1)
     versions = system.sql("select version, status, location from adapter_versions order by version")
     assert [(v, s) for v, s, _ in versions] == [(1, "withdrawn"), (2, "active")]
     assert system.sql("select count(*) from evidence where request_id = ?", request_id) == [(1,)]
     events = [e for (e,) in system.sql("select type from request_events where request_id = ?", request_id)]
     assert events.count("completed") == 1
-    assert events.count("resumed") == attempts - 1
+    assert events.count("resumed") == runs - 1
     return str(versions[1][2])
 
 
@@ -242,7 +242,7 @@ def test_hard_time_limit_ends_the_worker_and_the_round_is_retried_once(
         ):
             del system.stack.env[name]
         system.stack.start_worker(0)
-        _completed_once_as_v2(system, request_id, attempts=2)
+        _completed_once_as_v2(system, request_id, runs=2)
 
 
 def test_three_requests_complete_in_arrival_order(
@@ -316,7 +316,7 @@ def test_postgres_sigkill_mid_round(
         body = system.wait(request_id, {"completed", "failed"})
         assert body["status"] == "completed", system.logs()
         assert body["version"] == 2
-        assert body["attempts"] == 2
+        assert (body["attempts"], body["crashes"]) == (1, 1)  # a lost worker is a crash, not an attempt
         engine = create_engine(database_url)
         try:
             with engine.connect() as conn:

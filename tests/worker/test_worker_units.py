@@ -14,12 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import redis
 from celery.exceptions import SoftTimeLimitExceeded
 from click.testing import CliRunner
 
 from service.settings import Settings
-from worker import cli
-from worker.celery_app import TASK_NAMES, celery_config
+from worker import cli, tasks
+from worker.celery_app import TASK_NAMES, TASK_WAKE, celery_config
 from worker.config import GPU_QUEUE, WorkerSettings
 from worker.pipeline import fault_pause_hook, resolve_device
 from worker.watchdog import RoundWatchdog
@@ -290,3 +291,31 @@ def test_supervisor_runs_one_process_per_gpu_and_never_imports_torch(tmp_path: P
             os.waitpid(pid, os.WNOHANG)
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+class _RecordingApp:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, list[str]]] = []
+
+    def send_task(self, name: str, args: list[str]) -> None:
+        self.sent.append((name, args))
+
+
+@pytest.mark.redis
+def test_one_outstanding_wake_per_model_until_a_worker_starts_it(redis_server_url: str) -> None:
+    """Issue 9 item 7: the worker's wakes (sweeper, next round) share the API's marker: none is sent
+    while one is queued; starting the wake clears the marker."""
+    broker = redis.Redis.from_url(redis_server_url)
+    app = _RecordingApp()
+    try:
+        broker.delete(tasks.WAKE_KEY.format(model="m-wake"))
+        assert tasks.send_wake(app, broker, "m-wake")  # type: ignore[arg-type]
+        assert not tasks.send_wake(app, broker, "m-wake")  # type: ignore[arg-type]
+        tasks.wake_again(app, "m-wake", broker)  # type: ignore[arg-type]
+        assert app.sent == [(TASK_WAKE, ["m-wake"])]
+        tasks.wake_started(broker, "m-wake")
+        tasks.wake_again(app, "m-wake", broker)  # type: ignore[arg-type]
+        assert app.sent == [(TASK_WAKE, ["m-wake"])] * 2
+    finally:
+        broker.delete(tasks.WAKE_KEY.format(model="m-wake"))
+        broker.close()

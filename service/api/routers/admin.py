@@ -8,7 +8,7 @@ import re
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, BackgroundTasks, Depends, Query, Response
+from fastapi import APIRouter, Depends, Query, Response
 from sqlalchemy.orm import Session
 
 from service import deadlines, lifecycle, methods, registry
@@ -205,12 +205,10 @@ def cancel(request_id: str, state: State, principal: Admin) -> schemas.ForgetReq
     summary="Queue a failed request again",
     responses=problem_responses(404, 409),
 )
-def retry(
-    request_id: str, state: State, principal: Admin, background: BackgroundTasks
-) -> schemas.ForgetRequestOut:
+def retry(request_id: str, state: State, principal: Admin) -> schemas.ForgetRequestOut:
     with state.transaction() as session:
         out = presenters.forget_request(session, lifecycle.retry(session, request_id, actor=principal.actor))
-    background.add_task(state.dispatcher.wake, out.model)
+    state.dispatcher.wake_soon(out.model)
     return out
 
 
@@ -238,7 +236,7 @@ def show_model(name: str, state: State, _: Admin) -> schemas.ModelDetail:
     responses=problem_responses(409, 413),
 )
 def register_model(
-    body: schemas.ModelIn, state: State, principal: Admin, response: Response, background: BackgroundTasks
+    body: schemas.ModelIn, state: State, principal: Admin, response: Response
 ) -> schemas.ModelOut:
     with state.transaction() as session:
         model = registry.register(
@@ -251,7 +249,7 @@ def register_model(
             actor=principal.actor,
         )
         out = presenters.model(session, model)
-    background.add_task(state.dispatcher.prepare, out.name)
+    state.dispatcher.prepare_soon(out.name)
     response.headers["Location"] = f"/v1/admin/models/{out.name}"
     return out
 

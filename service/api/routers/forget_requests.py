@@ -6,7 +6,7 @@ import base64
 import binascii
 from typing import Annotated
 
-from fastapi import APIRouter, BackgroundTasks, Depends, Header, Query, Response
+from fastapi import APIRouter, Depends, Header, Query, Response
 from sqlalchemy.orm import Session
 
 from service import lifecycle
@@ -56,7 +56,6 @@ def _visible(session: Session, request_id: str, principal: Principal) -> ForgetR
 def create_forget_request(
     body: schemas.ForgetRequestIn,
     response: Response,
-    background: BackgroundTasks,
     state: State,
     principal: Submitter,
     idempotency_key: Annotated[
@@ -89,7 +88,7 @@ def create_forget_request(
         )
         out = presenters.forget_request(session, result.request)
     if result.created:
-        background.add_task(state.dispatcher.wake, out.model)
+        state.dispatcher.wake_soon(out.model)  # after the commit; never waits on the broker
     response.status_code = 201 if result.created else 200
     response.headers["Location"] = f"/v1/forget-requests/{out.id}"
     return out

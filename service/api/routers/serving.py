@@ -60,9 +60,19 @@ def _files(files: dict[str, Any], url_for: Any) -> list[schemas.FileOut]:
     ]
 
 
+def _url_of(request: Request, route: str, **params: str) -> str:
+    """A file's URL: ``LETHE_PUBLIC_URL`` + its path, or the path alone. Never from the request's
+    Host or forwarded headers, which a client or a proxy can set (and so direct the serve key)."""
+    path = str(request.app.url_path_for(route, **params))
+    public: str | None = request.app.state.lethe.settings.public_url
+    return public.rstrip("/") + path if public else path
+
+
 def _adapter(request: Request, model: Model, row: AdapterVersion) -> schemas.AdapterOut:
     def url(name: str) -> Any:
-        return request.url_for("download_adapter_file", model=model.name, version=str(row.version), name=name)
+        return _url_of(
+            request, "download_adapter_file", model=model.name, version=str(row.version), name=name
+        )
 
     return schemas.AdapterOut(
         model=model.name,
@@ -181,7 +191,7 @@ def base_model(
         found, _location = _with_base(session, model)
 
     def url(name: str) -> Any:
-        return request.url_for("download_base_file", model=found.name, name=name)
+        return _url_of(request, "download_base_file", model=found.name, name=name)
 
     payload = schemas.BaseModelOut(model=found.name, files=_files(found.base_files, url))
     return _metadata_response(payload, etag_of(found.name, "base", found.base_files), if_none_match)
