@@ -19,6 +19,9 @@ log = logging.getLogger(__name__)
 QUEUE = "lethe-gpu"
 TASK_WAKE = "lethe.wake_model"
 TASK_PREPARE = "lethe.prepare_model"
+#: Certification runs on its own queue (low priority, spare GPUs): ``lethe.certify_version(id)``.
+CERTIFY_QUEUE = "lethe.certify"
+TASK_CERTIFY = "lethe.certify_version"
 
 BrokerState = Literal["ok", "unreachable", "not configured"]
 
@@ -68,6 +71,21 @@ class Dispatcher:
             self._celery().send_task(task, args=[model_name], queue=QUEUE, retry=False)
         except Exception:
             log.warning("could not send %s(%s); the sweeper will retry", task, model_name, exc_info=True)
+            return False
+        return True
+
+    def certify(self, certification_id: int) -> bool:
+        """Send ``lethe.certify_version(certification_id)`` to queue ``lethe.certify``; False (logged)
+        when it could not be sent — the worker's sweeper re-sends requested certifications."""
+        if not self.broker_url:
+            log.debug("no broker configured: certification %d not sent", certification_id)
+            return False
+        try:
+            self._celery().send_task(TASK_CERTIFY, args=[certification_id], queue=CERTIFY_QUEUE, retry=False)
+        except Exception:
+            log.warning(
+                "could not send certification %d; the sweeper will retry", certification_id, exc_info=True
+            )
             return False
         return True
 
