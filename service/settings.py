@@ -31,6 +31,13 @@ class Settings(BaseSettings):
     max_requests_per_round: int = Field(default=4, description="Queued requests coalesced per round.")
     sweep_interval_seconds: float = Field(default=15.0, description="Sweeper period.")
     due_days: int = Field(default=30, description="Deadline of a forget request after receipt.")
+    certify_share: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of rounds certified automatically (retrain reference, off the request path); "
+        "the worker keeps a snapshot of those rounds' forget sets until their certification is done.",
+    )
     dispatch_timeout_seconds: float = Field(
         default=2.0, description="Broker connect/send timeout of the API's wake-up messages."
     )

@@ -87,3 +87,18 @@ def finish(
     row.result = result
     row.error = error
     session.flush()
+
+
+def requeue_running(session: Session, *, started_before: datetime) -> list[int]:
+    """``running`` certifications started before ``started_before`` (their worker died) →
+    ``requested``, so that the sweeper sends them again."""
+    ids = list(
+        session.scalars(
+            select(Certification.id).where(
+                Certification.status == "running", Certification.started_at < started_before
+            )
+        )
+    )
+    if ids:
+        session.execute(update(Certification).where(Certification.id.in_(ids)).values(status="requested"))
+    return ids
