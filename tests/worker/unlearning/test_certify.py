@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,7 +39,7 @@ def _version(root: Path, method: str, spec: ForgetSpec) -> RoundOutcome:
     return outcome
 
 
-def _inputs(root: Path, settings: dict[str, object]) -> EngineInputs:
+def _inputs(root: Path, settings: Mapping[str, Any]) -> EngineInputs:
     return EngineInputs.load(
         ToyWorkload(), data_dir=root / "data", base_dir=root / "base", settings=settings, seed=0
     )
