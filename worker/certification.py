@@ -161,6 +161,8 @@ def run_certification(ctx: pipeline.WorkerContext, certification_id: int) -> str
                 "overall": doc["verdict"],
             }
             payload.pop("requests", None)
+            verdict = per_request["verdict"]  # this request's; ``overall`` is the version's
+            payload["within_bounds"] = None if verdict == "incomplete" else verdict == "within_bounds"
             versions_repo.add_evidence(
                 session,
                 request_id=request_id,

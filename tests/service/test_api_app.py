@@ -73,6 +73,7 @@ STATUSES = {
     ("get", "/v1/admin/models"): "200 401 403 503",
     ("post", "/v1/admin/models"): "201 401 403 409 413 422 503",
     ("get", "/v1/admin/models/{name}"): "200 401 403 404 503",
+    ("post", "/v1/admin/models/{name}/versions/{version}/certify"): "202 401 403 404 409 503",
     ("get", "/v1/admin/audit/verify"): "200 401 403 503",
     ("get", "/v1/models/{model}/adapters/latest"): "200 304 401 403 404 503",
     ("get", "/v1/models/{model}/adapters/{version}"): "200 304 401 403 404 410 503",

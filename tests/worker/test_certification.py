@@ -6,6 +6,7 @@ deletes the snapshot; on demand after the purge the forget-set terms are reporte
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ from service import lifecycle
 from service.db.migrate import upgrade
 from service.db.models import Certification, Evidence
 from service.db.session import transaction
+from service.db.types import utcnow
+from service.repositories import certifications as certifications_repo
 from service.repositories import events as events_repo
 from service.repositories import models as models_repo
 from service.settings import Settings
@@ -93,6 +96,8 @@ def test_sampled_round_is_certified_from_its_snapshot_then_on_demand_without_one
     assert [p["kind"] for p in payloads] == ["client", "certification"]  # appended to its evidence
     cert = payloads[1]
     assert cert["verdict"] == "within_bounds"
+    assert cert["within_bounds"] is True
+    assert cert["overall"] == "within_bounds"
     assert cert["forget_set"] == "snapshot"
     assert cert["uis"]["value"] is not None
     assert cert["retain_set"]["exact"] is True
@@ -110,6 +115,7 @@ def test_sampled_round_is_certified_from_its_snapshot_then_on_demand_without_one
         ).first()
         assert last is not None
         assert last.payload["forget_set"] == "unavailable"
+        assert last.payload["within_bounds"] is None
         assert "unavailable" in last.payload["uis"]["reason"]
     assert _events(ctx, request_id)[-1] == "certification_incomplete"
 
@@ -133,6 +139,16 @@ def test_a_failed_certification_is_recorded_and_its_snapshot_kept(
         assert row.status == "failed"
         assert row.error == "RuntimeError: no GPU left"
     assert (certification.snapshot_dir(ctx, MODEL, result.round_id) / "snapshot.json").exists()
+    # asked again; its worker dies while running: after the hard limit it is requested again
+    with transaction(ctx.session_factory) as session:
+        row, created = certification_service.request_certification(session, MODEL, 2, actor="admin")
+        again = row.id
+        assert created
+        hours_ago = utcnow() - timedelta(seconds=ctx.worker_settings.hard_time_limit + 60)
+        assert certifications_repo.start(session, again, at=hours_ago)
+    assert certification.requested(ctx) == []
+    assert certification.requeue_stale(ctx) == [again]
+    assert certification.requested(ctx) == [again]
 
 
 def test_rounds_are_sampled_deterministically() -> None:
