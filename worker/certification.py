@@ -43,6 +43,7 @@ from worker import pipeline
 log = logging.getLogger(__name__)
 
 #: verdict of ``worker.unlearning.certify`` → certification status and request event type
+ADAPTER_COPY = "adapter"  # the version's files inside its snapshot
 STATUS = {"within_bounds": "certified", "out_of_bounds": "flagged", "incomplete": "incomplete"}
 EVENT = {"certified": "certified", "flagged": "flagged", "incomplete": "certification_incomplete"}
 
@@ -61,13 +62,18 @@ def sampled(model_name: str, round_id: int, share: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2.0**64 < share
 
 
-def after_publish(ctx: pipeline.WorkerContext, claimed: rounds.ClaimedRound, version: int) -> int | None:
+def after_publish(
+    ctx: pipeline.WorkerContext, claimed: rounds.ClaimedRound, published: rounds.PublishedVersion
+) -> int | None:
     """Snapshot the forget sets of a sampled round and request its certification; the id or None.
 
+    The snapshot also keeps a copy of the version's adapter files: the next round withdraws the
+    version and deletes its files, possibly before the certification runs.
     Never raises: the version is published whatever happens here (a crash before this point loses
     the snapshot; certifying that version later reports the forget-set terms unavailable)."""
     if not sampled(claimed.model_name, claimed.round_id, ctx.settings.certify_share):
         return None
+    version = published.version
     try:
         from worker.unlearning.certify import forget_sets, save_snapshot
         from worker.unlearning.datastore import DataStore
@@ -76,7 +82,10 @@ def after_publish(ctx: pipeline.WorkerContext, claimed: rounds.ClaimedRound, ver
         with pipeline.model_lock(data_dir):  # the purge takes the same lock
             store = DataStore(data_dir)
             specs = [pipeline._spec(r) for r in claimed.requests]
-            save_snapshot(snapshot_dir(ctx, claimed.model_name, claimed.round_id), forget_sets(store, specs))
+            snap = save_snapshot(
+                snapshot_dir(ctx, claimed.model_name, claimed.round_id), forget_sets(store, specs)
+            )
+        shutil.copytree(ctx.artifacts(claimed.model_name).resolve(published.location), snap / ADAPTER_COPY)
         with transaction(ctx.session_factory) as session:
             row, _ = certification_service.request_certification(
                 session, claimed.model_name, version, actor=ctx.worker_id, trigger="sampled"
@@ -213,7 +222,14 @@ def _certify(ctx: pipeline.WorkerContext, job: _Job, snap: Path) -> dict[str, An
         )
         for rid, tasks, doc in job.requests
     ]
-    result = certify_version(inputs, adapter_dir=store.resolve(job.location), requests=requests)
+    adapter_dir = store.resolve(job.location)
+    if not (adapter_dir / "adapter_model.safetensors").exists():  # withdrawn since: its files are deleted
+        adapter_dir = snap / ADAPTER_COPY
+        if not (adapter_dir / "adapter_model.safetensors").exists():
+            raise FileNotFoundError(
+                f"the files of {job.model_name} v{job.version} are deleted and no snapshot kept them"
+            )
+    result = certify_version(inputs, adapter_dir=adapter_dir, requests=requests)
     return result.to_json()
 
 

@@ -21,6 +21,7 @@ from service.db.types import utcnow
 from service.repositories import certifications as certifications_repo
 from service.repositories import events as events_repo
 from service.repositories import models as models_repo
+from service.repositories import versions as versions_repo
 from service.settings import Settings
 from worker import certification, pipeline
 from worker.config import WorkerSettings
@@ -149,6 +150,38 @@ def test_a_failed_certification_is_recorded_and_its_snapshot_kept(
     assert certification.requested(ctx) == []
     assert certification.requeue_stale(ctx) == [again]
     assert certification.requested(ctx) == [again]
+
+
+def test_sampled_certification_survives_the_next_round_withdrawing_its_version(
+    ctx: pipeline.WorkerContext,
+) -> None:
+    """The next round withdraws v2 and deletes its files before v2's certification runs (one worker
+    takes both queues in any order): the snapshot's copy of the adapter is certified, and the
+    result says the retrain learned from less than v2's retain set (u2 was purged since)."""
+    _forget(ctx, "u1")
+    first = pipeline.run_one_round(ctx, MODEL)
+    assert first is not None
+    (cid,) = certification.requested(ctx, model_name=MODEL)
+    _forget(ctx, "u2")
+    second = pipeline.run_one_round(ctx, MODEL)
+    assert second is not None
+    assert second.withdrawn == [2]
+    with transaction(ctx.session_factory) as session:
+        found = models_repo.get_model(session, MODEL)
+        assert found is not None
+        v2 = versions_repo.get_version(session, found.id, 2)
+        assert v2 is not None
+        location = v2.location
+    assert not (ctx.artifacts(MODEL).resolve(location) / "adapter_model.safetensors").exists()
+    assert certification.run_certification(ctx, cid) == "certified"
+    with transaction(ctx.session_factory) as session:
+        row = session.get(Certification, cid)
+        assert row is not None
+        assert row.result is not None
+        assert row.result["version"] == 2
+        assert row.result["retain_set"]["exact"] is False
+        assert row.result["retain_set"]["purged_beyond_version"]["clients"] == 1
+    assert not certification.snapshot_dir(ctx, MODEL, first.round_id).exists()
 
 
 def test_rounds_are_sampled_deterministically() -> None:
