@@ -93,6 +93,8 @@ def after_publish(
             return row.id
     except Exception:
         log.exception("round %d: could not prepare its certification", claimed.round_id)
+        # raw data of forgotten subjects is kept only for a certification that will run
+        shutil.rmtree(snapshot_dir(ctx, claimed.model_name, claimed.round_id), ignore_errors=True)
         return None
 
 
