@@ -34,6 +34,9 @@ TASK_PREPARE = "lethe.prepare_model"
 WAKE_MARKER = "lethe:wake:{model}"
 #: A marker outlives a lost message by at most this long; then the sweeper sends a new wake.
 WAKE_MARKER_SECONDS = 300
+#: Certification runs on its own queue (low priority, spare GPUs): ``lethe.certify_version(id)``.
+CERTIFY_QUEUE = "lethe.certify"
+TASK_CERTIFY = "lethe.certify_version"
 
 BrokerState = Literal["ok", "unreachable", "not configured"]
 
@@ -111,6 +114,21 @@ class Dispatcher:
             self._failed(exc)
             return False
         self._succeeded()
+        return True
+
+    def certify(self, certification_id: int) -> bool:
+        """Send ``lethe.certify_version(certification_id)`` to queue ``lethe.certify``; False (logged)
+        when it could not be sent — the worker's sweeper re-sends requested certifications."""
+        if not self.broker_url:
+            log.debug("no broker configured: certification %d not sent", certification_id)
+            return False
+        try:
+            self._celery().send_task(TASK_CERTIFY, args=[certification_id], queue=CERTIFY_QUEUE, retry=False)
+        except Exception:
+            log.warning(
+                "could not send certification %d; the sweeper will retry", certification_id, exc_info=True
+            )
+            return False
         return True
 
     def wake(self, model_name: str) -> bool:

@@ -56,6 +56,13 @@ class Settings(BaseSettings):
     key_last_used_resolution_seconds: float = Field(
         default=60.0, ge=0, description="A key's last-used time is written at most this often."
     )
+    certify_share: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of rounds certified automatically (retrain reference, off the request path); "
+        "the worker keeps a snapshot of those rounds' forget sets until their certification is done.",
+    )
     dispatch_timeout_seconds: float = Field(
         default=2.0, description="Broker connect/send timeout of the API's wake-up messages."
     )

@@ -33,13 +33,15 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from service.settings import Settings
-from worker.config import GPU_QUEUE, WorkerSettings
+from worker.config import CERTIFY_QUEUE, GPU_QUEUE, WorkerSettings
 
 TASK_WAKE = "lethe.wake_model"
 TASK_PREPARE = "lethe.prepare_model"
 TASK_SWEEP = "lethe.sweep"
 TASK_HEARTBEAT = "lethe.heartbeat"
 TASK_NAMES = (TASK_WAKE, TASK_PREPARE, TASK_SWEEP, TASK_HEARTBEAT)
+#: certification: its own queue (off the request path; a worker may consume both, or only one)
+TASK_CERTIFY = "lethe.certify_version"
 
 app = Celery("lethe", set_as_current=False)
 
@@ -68,8 +70,14 @@ def celery_config(settings: Settings, worker_settings: WorkerSettings) -> dict[s
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": None,
         "task_default_queue": GPU_QUEUE,
-        "task_queues": [Queue(GPU_QUEUE, gpu_exchange, routing_key=GPU_QUEUE)],
-        "task_routes": {name: {"queue": GPU_QUEUE, "routing_key": GPU_QUEUE} for name in TASK_NAMES},
+        "task_queues": [
+            Queue(GPU_QUEUE, gpu_exchange, routing_key=GPU_QUEUE),
+            Queue(CERTIFY_QUEUE, Exchange(CERTIFY_QUEUE, type="direct"), routing_key=CERTIFY_QUEUE),
+        ],
+        "task_routes": {
+            **{name: {"queue": GPU_QUEUE, "routing_key": GPU_QUEUE} for name in TASK_NAMES},
+            TASK_CERTIFY: {"queue": CERTIFY_QUEUE, "routing_key": CERTIFY_QUEUE},
+        },
         "worker_hijack_root_logger": False,
         "worker_send_task_events": False,
         "worker_enable_remote_control": False,

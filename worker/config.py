@@ -8,6 +8,8 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GPU_QUEUE = "lethe-gpu"
+#: certification (``lethe.certify_version``): same name as ``service.dispatch.CERTIFY_QUEUE``
+CERTIFY_QUEUE = "lethe.certify"
 
 
 class WorkerSettings(BaseSettings):
@@ -16,7 +18,12 @@ class WorkerSettings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="auto: cuda when this process sees a GPU, else cpu."
     )
-    queues: list[str] = Field(default_factory=lambda: [GPU_QUEUE])
+    queues: list[str] = Field(
+        default_factory=lambda: [GPU_QUEUE, CERTIFY_QUEUE],
+        description="Queues this worker consumes; by default rounds and certification (one process "
+        "takes one message at a time, so a certification waits for the round before it and the other "
+        "way round). Dedicated certification workers: lethe.certify only.",
+    )
     soft_time_limit: int = Field(
         default=3600, description="A round (or prepare) running longer is interrupted and retried."
     )

@@ -352,6 +352,9 @@ def run_one_round(ctx: WorkerContext, model_name: str) -> RoundResult | None:
     ctx.emit("published", round_id=claimed.round_id, version=published.version)
     log.info("round %d published %s v%d; withdrew %s", claimed.round_id, model_name,
              published.version, withdrawn)  # fmt: skip
+    from worker import certification  # a sampled round keeps a snapshot of its forget sets: before the purge
+
+    certification.after_publish(ctx, claimed, published)
     after_publish(ctx, model_name, withdrawn=withdrawn)
     return RoundResult(
         claimed.round_id, claimed.fencing_token, request_ids, published.version, "published", withdrawn

@@ -3,7 +3,10 @@
 - ``lethe.wake_model(model_name)``: reconcile, run the model's next round, and send another wake
   when a round ran (one round per message: see :func:`wake_again`);
 - ``lethe.prepare_model(model_name)``: dataset, base, v1, register (status ``ready``);
-- ``lethe.sweep()``: send ``lethe.wake_model`` for every model with queued requests and no live lease;
+- ``lethe.certify_version(certification_id)`` (queue ``lethe.certify``): certify a published version
+  off the request path (``worker/certification.py``);
+- ``lethe.sweep()``: send ``lethe.wake_model`` for every model with queued requests and no live lease
+  (and re-send certifications still requested a minute later);
 - ``lethe.heartbeat()``: record this worker's heartbeat now.
 
 Every worker process also runs a background thread (:class:`Heartbeat`) that records a heartbeat
@@ -26,14 +29,15 @@ from celery import Celery, signals
 
 from service.dispatch import WAKE_MARKER, WAKE_MARKER_SECONDS
 from service.settings import Settings
-from worker import pipeline
-from worker.celery_app import TASK_HEARTBEAT, TASK_PREPARE, TASK_SWEEP, TASK_WAKE
+from worker import certification, pipeline
+from worker.celery_app import TASK_CERTIFY, TASK_HEARTBEAT, TASK_PREPARE, TASK_SWEEP, TASK_WAKE
 from worker.config import WorkerSettings
 
 log = logging.getLogger(__name__)
 
 WAKE_KEY = WAKE_MARKER  # shared with the API: at most one outstanding wake per model
 PREPARE_KEY = "lethe:prepare:{model}"
+CERTIFY_KEY = "lethe:certify:{id}"
 ALIVE_FILE = Path("/tmp/lethe-worker.alive")
 
 
@@ -107,11 +111,23 @@ def sweep(app: Celery, ctx: pipeline.WorkerContext, broker: redis.Redis[bytes] |
             sent.append(model_name)
     if sent:
         log.info("sweeper woke %s", sent)
+    certification.requeue_stale(ctx)
+    for certification_id in certification.requested(ctx, min_age_seconds=60.0):  # a lost message
+        if _once(broker, CERTIFY_KEY.format(id=certification_id), 600):
+            send_certify(app, certification_id)
     for model_name in pipeline.models_to_prepare(ctx):
         if _once(broker, PREPARE_KEY.format(model=model_name), 600):
             app.send_task(TASK_PREPARE, args=[model_name])
             log.info("sweeper re-sent the preparation of %s", model_name)
     return sent
+
+
+def send_certify(app: Celery, certification_id: int) -> None:
+    """Send ``lethe.certify_version(certification_id)`` (routed to queue ``lethe.certify``)."""
+    try:
+        app.send_task(TASK_CERTIFY, args=[certification_id])
+    except Exception:
+        log.warning("could not send certification %d; the sweeper will", certification_id, exc_info=True)
 
 
 def _once(broker: redis.Redis[bytes] | None, key: str, seconds: int) -> bool:
@@ -185,6 +201,8 @@ def register(app: Celery, settings: Settings, worker_settings: WorkerSettings) -
             results = pipeline.wake_model(ctx(), model_name, max_rounds=1)
         if results and results[-1].status != "lease_lost":
             wake_again(app, model_name, broker)
+        for certification_id in certification.requested(ctx(), model_name=model_name):  # sampled rounds
+            send_certify(app, certification_id)
         return {"rounds": [r.round_id for r in results], "versions": [r.version for r in results]}
 
     @app.task(name=TASK_PREPARE, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
@@ -196,6 +214,12 @@ def register(app: Celery, settings: Settings, worker_settings: WorkerSettings) -
                 app, model_name, _State.heartbeat.broker if _State.heartbeat else None
             )  # requests accepted while the model was preparing
         return {"version": published.version if published else None}
+
+    @app.task(name=TASK_CERTIFY, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+    def certify_version(certification_id: int) -> dict[str, Any]:
+        with _Busy():
+            status = certification.run_certification(ctx(), certification_id)
+        return {"certification": certification_id, "status": status}
 
     @app.task(name=TASK_SWEEP, ignore_result=True)
     def sweep_task() -> list[str]:

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 from sqlalchemy.orm import Session
 
 from service.api import schemas
-from service.db.models import ForgetRequest, Model, Round
+from service.db.models import Certification, ForgetRequest, Model, Round
+from service.repositories import certifications as certifications_repo
 from service.repositories import models as models_repo
 from service.repositories import requests as requests_repo
 from service.repositories import rounds as rounds_repo
@@ -54,12 +55,33 @@ def model(session: Session, row: Model) -> schemas.ModelOut:
 
 def model_detail(session: Session, row: Model) -> schemas.ModelDetail:
     total, forgotten = models_repo.count_subjects(session, row.id)
-    versions = [
-        schemas.VersionSummary.from_row(v, parent=v.parent_version)
-        for v in versions_repo.list_versions(session, row.id)
-    ]
+    rows = versions_repo.list_versions(session, row.id)
+    certified = certifications_repo.latest_by_version(session, [v.id for v in rows])
+    versions = []
+    for v in rows:
+        cert = certified.get(v.id)
+        out = certification(cert, model=row.name, version=v.version) if cert is not None else None
+        versions.append(
+            schemas.VersionSummary.from_row(
+                v,
+                parent=v.parent_version,
+                certification=out,
+                flagged=out is not None and out.status == "flagged",
+            )
+        )
     return schemas.ModelDetail(
         **model(session, row).model_dump(), subjects=total, forgotten_subjects=forgotten, versions=versions
+    )
+
+
+def certification(row: Certification, *, model: str, version: int) -> schemas.CertificationOut:
+    result = row.result or {}
+    return schemas.CertificationOut.from_row(
+        row,
+        model=model,
+        version=version,
+        verdict=result.get("verdict"),
+        within_bounds=result.get("within_bounds"),
     )
 
 

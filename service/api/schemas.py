@@ -221,6 +221,25 @@ class MethodCatalogue(BaseModel):
     settings: dict[str, Any] = Field(description="The JSON Schema of a model's `settings`.")
 
 
+class CertificationOut(_Out):
+    """A retrain-based check of a published version (docs/api.md, "Certification")."""
+
+    id: int
+    model: str
+    version: int
+    status: Literal["requested", "running", "certified", "flagged", "incomplete", "failed"]
+    trigger: Literal["on_demand", "sampled"]
+    requested_by: str
+    requested_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    #: ``within_bounds`` / ``out_of_bounds`` / ``incomplete`` once done; the full comparison is in
+    #: the evidence of the version's requests
+    verdict: str | None
+    within_bounds: bool | None
+    error: str | None
+
+
 class VersionSummary(_Out):
     version: int
     parent: int | None
@@ -228,6 +247,10 @@ class VersionSummary(_Out):
     created_at: datetime
     withdrawn_at: datetime | None
     round_id: int | None
+    #: the version's latest certification (null: never certified)
+    certification: CertificationOut | None = None
+    #: its latest certification found it out of bounds: admins should look at it
+    flagged: bool = False
 
 
 class ModelOut(_Out):

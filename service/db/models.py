@@ -58,6 +58,12 @@ ROUND_STATUSES: Final = ("running", "verifying", "completed", "failed")
 #: At most one round per model is in one of these statuses (partial unique index).
 LIVE_ROUND_STATUSES: Final = ("running", "verifying")
 VERSION_STATUSES: Final = ("active", "withdrawn")
+#: ``requested`` → ``running`` → a verdict (``certified``, ``flagged``: out of bounds, ``incomplete``:
+#: forget-set terms unavailable) or ``failed``.
+CERTIFICATION_STATUSES: Final = ("requested", "running", "certified", "flagged", "incomplete", "failed")
+#: At most one certification per version is in one of these statuses (partial unique index).
+LIVE_CERTIFICATION_STATUSES: Final = ("requested", "running")
+CERTIFICATION_TRIGGERS: Final = ("on_demand", "sampled")
 SCOPES: Final = ("submit", "admin", "serve")
 #: Completed requests whose raw data is not recorded as purged (a partial index).
 UNPURGED: Final = "status = 'completed' AND purged_at IS NULL"
@@ -354,3 +360,30 @@ class ModelEvent(Base):
     actor: Mapped[str] = mapped_column(String(200))
     detail: Mapped[JSONDict] = mapped_column(default=dict)
     at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Certification(Base):
+    """A retrain-based check of a published adapter version, run off the request path."""
+
+    __tablename__ = "certifications"
+    __table_args__ = (
+        _status_check(CERTIFICATION_STATUSES),
+        CheckConstraint(_in("trigger", CERTIFICATION_TRIGGERS), name="trigger"),
+        _unique_while(
+            "uq_certifications_live_per_version", "version_id", statuses=LIVE_CERTIFICATION_STATUSES
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("adapter_versions.id", ondelete="CASCADE"), index=True)
+    status: Mapped[str] = mapped_column(String(16), default="requested")
+    trigger: Mapped[str] = mapped_column(String(16))
+    requested_by: Mapped[str] = mapped_column(String(200))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    #: The verdict and the comparison with the retrain (``worker.unlearning.certify``), when done.
+    result: Mapped[JSONDict | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    requested_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]

@@ -78,6 +78,7 @@ STATUSES = {
     ("get", "/v1/admin/models/{name}"): "200 401 403 404 429 503",
     ("patch", "/v1/admin/models/{name}"): "200 400 401 403 404 409 413 422 429 503",
     ("get", "/v1/admin/models/{name}/events"): "200 401 403 404 429 503",
+    ("post", "/v1/admin/models/{name}/versions/{version}/certify"): "202 401 403 404 409 429 503",
     ("get", "/v1/admin/methods"): "200 401 403 429 503",
     ("get", "/v1/admin/audit/verify"): "200 401 403 429 503",
     ("get", "/v1/admin/queue/requests"): "200 400 401 403 404 422 429 503",

@@ -132,6 +132,27 @@ def test_celery_config_reliability_settings() -> None:
     assert {conf["task_routes"][name]["queue"] for name in TASK_NAMES} == {GPU_QUEUE}
 
 
+def test_certification_has_its_own_queue_named_alike_on_both_sides() -> None:
+    """Issue 8 part 5: ``lethe.certify_version`` is routed to ``lethe.certify`` (the API sends it
+    there by name, torch-free), and a default worker consumes both queues."""
+    from service import dispatch
+    from worker.celery_app import TASK_CERTIFY
+    from worker.config import CERTIFY_QUEUE
+
+    conf = celery_config(Settings(broker_url="redis://127.0.0.1:1/0"), WorkerSettings())
+    assert (
+        (TASK_CERTIFY, CERTIFY_QUEUE)
+        == (dispatch.TASK_CERTIFY, dispatch.CERTIFY_QUEUE)
+        == (
+            "lethe.certify_version",
+            "lethe.certify",
+        )
+    )
+    assert conf["task_routes"][TASK_CERTIFY]["queue"] == CERTIFY_QUEUE
+    assert {q.name for q in conf["task_queues"]} == {GPU_QUEUE, CERTIFY_QUEUE}
+    assert WorkerSettings().queues == [GPU_QUEUE, CERTIFY_QUEUE]
+
+
 def test_celery_config_needs_a_broker() -> None:
     with pytest.raises(ValueError, match="BROKER"):
         celery_config(Settings(broker_url=None), WorkerSettings())

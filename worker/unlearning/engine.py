@@ -423,9 +423,10 @@ def full_importance_settings(method: str, settings: Mapping[str, Any]) -> dict[s
     """The SSD settings with which ``method`` reads the full-data importance, or ``None`` if it
     does not (then computing it ahead is pointless)."""
     from worker.unlearning.methods.default import ssd_stage_settings
+    from worker.unlearning.methods.ssd import ssd_method_settings
 
     if method == "ssd":
-        return dict(settings.get("ssd") or {})
+        return ssd_method_settings(settings)
     return ssd_stage_settings(settings) if method == "default" else None
 
 

@@ -1,18 +1,30 @@
 """Selective Synaptic Dampening (subset-wise paper §4.2, Eqs. 8–9/20) on the adapter and heads.
 
-Default = the public SSD reference's semantics (``../shared/papers/README.md``):
+The ``ssd`` method's defaults (:data:`REFERENCE_DEFAULTS` over :class:`SSDConfig`) are the public
+SSD reference's semantics (Foster et al., ``ParameterPerturber``; ``../shared/papers/README.md``):
 
 - importance ``I_S`` = the squared gradient of each mini-batch's *mean* main-task loss, averaged
   over the mini-batches (not a per-sample Fisher), model in eval mode;
-- ``D`` (for ``I_D``) is the whole training data *including* the forget set;
+- ``D`` (for ``I_D``) is the whole training data *including* the forget set, laid out as the
+  reference's loader ``DataLoader(ConcatDataset((retain, forget)), batch_size)`` does: the retain
+  rows, then the forget set's rows, one unshuffled sequence cut into mini-batches
+  (``layout="reference"``); ``I_f`` over the forget set's own unshuffled mini-batches;
 - every parameter that gets a gradient takes part: with LoRA the A and B factors and the
   trainable heads (a head the main-task loss does not reach, e.g. the subset-ID head, has
   ``I = 0`` on both sides and is never selected);
 - selection ``I_f > α·I_D``, factor ``β = min(λ·I_D / I_f, 1)``, ``θ ← β·θ`` on the selection;
   where ``I_D = 0 < I_f`` the weight becomes exactly 0; defaults α = 10, λ = 1.
 
-Option ``fisher="per_sample"``: the diagonal empirical Fisher ``mean_i (∇ℓ_i)²`` over the samples
-with supervision, per-sample gradients by ``torch.func`` (``vmap(grad)``).
+Named options: ``fisher="per_sample"``: the diagonal empirical Fisher ``mean_i (∇ℓ_i)²`` over the
+samples with supervision, per-sample gradients by ``torch.func`` (``vmap(grad)``);
+``shuffle=True``: seeded mini-batch order; ``layout="merged"``: D = the engine's training data, one
+row per sample with every label it still has, in sample-id order (computable ahead: the next
+request's D is this request's retain set); ``normalise="pair"``: the batch loss is the mean over
+supervised (sample, task) pairs (``types.main_task_loss``) instead of the mean over samples of the
+summed task losses — with several tasks this scales a per-task forget set's ``I_f`` by
+``(#tasks)²`` against ``I_D`` (α/4 with two tasks). With one task both are the same numbers.
+The class defaults of :class:`SSDConfig` are the settings ``default``'s SSD stage has always run
+with (shuffled, merged, pair-normalised); the ``ssd`` method reads ``REFERENCE_DEFAULTS`` first.
 
 The full-data importance can be cached per adapter version: a safetensors file in ``cache_dir``
 named by the adapter digest and a fingerprint of the settings and the data.
@@ -38,23 +50,43 @@ from torch import Tensor, nn
 from worker.unlearning.config import typed_kwargs
 from worker.unlearning.grads import eval_mode, minibatches, per_sample_grads
 from worker.unlearning.lora import LoraMLPView, fast_forward
-from worker.unlearning.types import IGNORE, Batch, TaskSpec, main_task_loss, main_task_losses
+from worker.unlearning.types import (
+    IGNORE,
+    Batch,
+    TaskSpec,
+    concat_batches,
+    main_task_loss,
+    main_task_losses,
+)
 
 FisherMode = Literal["batch", "per_sample"]
 Importance = dict[str, Tensor]
+LAYOUTS = ("reference", "merged")
+NORMALISATIONS = ("sample", "pair")
+
+#: The ``ssd`` method's defaults under ``settings["ssd"]``: with them (and one task) its dampening is
+#: bitwise the reference's (tests/worker/unlearning/test_ssd.py).
+REFERENCE_DEFAULTS: dict[str, Any] = {"shuffle": False, "layout": "reference", "normalise": "sample"}
 
 
 @dataclass(frozen=True)
 class SSDConfig:
     """``settings["ssd"]``: ``alpha``, ``lambda`` (or ``lam``), ``batch_size``, ``fisher``
     (``"batch"`` = reference, ``"per_sample"``), ``shuffle`` (mini-batch order, seeded),
-    ``cache`` (cache the full-data importance), ``chunk_size`` (per-sample vmap chunks)."""
+    ``layout`` (D: ``"reference"`` = retain rows then forget rows, ``"merged"`` = one row per
+    sample in sample-id order), ``normalise`` (batch loss: ``"sample"`` or ``"pair"``), ``cache``
+    (cache the full-data importance), ``chunk_size`` (per-sample vmap chunks).
+
+    The class defaults are ``default``'s SSD stage's (unchanged); the ``ssd`` method overlays
+    :data:`REFERENCE_DEFAULTS`."""
 
     alpha: float = 10.0
     lam: float = 1.0
     batch_size: int = 64
     fisher: str = "batch"
     shuffle: bool = True
+    layout: str = "merged"
+    normalise: str = "pair"
     cache: bool = True
     chunk_size: int = 256
 
@@ -66,6 +98,10 @@ class SSDConfig:
         cfg = cls(**typed_kwargs(cls, raw, "SSD"))
         if cfg.fisher not in ("batch", "per_sample"):
             raise ValueError(f"SSD fisher must be 'batch' or 'per_sample', not {cfg.fisher!r}")
+        if cfg.layout not in LAYOUTS:
+            raise ValueError(f"SSD layout must be one of {list(LAYOUTS)}, not {cfg.layout!r}")
+        if cfg.normalise not in NORMALISATIONS:
+            raise ValueError(f"SSD normalise must be one of {list(NORMALISATIONS)}, not {cfg.normalise!r}")
         if cfg.alpha < 0 or cfg.lam < 0 or cfg.batch_size < 1:
             raise ValueError("SSD needs alpha >= 0, lambda >= 0, batch_size >= 1")
         return cfg
@@ -92,8 +128,10 @@ def batch_importance(
     names: Sequence[str] | None = None,
     shuffle: bool = False,
     seed: int = 0,
+    normalise: str = "pair",
 ) -> Importance:
-    """Reference semantics: mean over mini-batches of the squared gradient of the batch mean loss.
+    """Reference semantics: mean over mini-batches of the squared gradient of the batch mean loss
+    (:func:`batch_loss` with ``normalise``).
 
     A parameter that gets no gradient (``.grad is None``) keeps importance 0.
     """
@@ -109,7 +147,7 @@ def batch_importance(
         for batch in batches:
             for n in names:
                 params[n].grad = None
-            loss = main_task_loss(forward(batch.x), batch.labels, tasks)
+            loss = batch_loss(forward(batch.x), batch.labels, tasks, normalise)
             loss.backward()  # type: ignore[no-untyped-call]
             torch._foreach_add_(
                 [imp[n] for n in names if params[n].grad is not None],
@@ -119,6 +157,32 @@ def batch_importance(
         params[n].grad = saved[n]
     torch._foreach_div_(list(imp.values()), float(len(batches)))
     return imp
+
+
+def batch_loss(
+    outputs: dict[str, Tensor], labels: dict[str, Tensor], tasks: Sequence[TaskSpec], normalise: str
+) -> Tensor:
+    """The mini-batch loss whose gradient SSD squares.
+
+    ``"pair"``: the mean over supervised (sample, task) pairs (``types.main_task_loss``).
+    ``"sample"``: the summed weighted task losses of each sample (Eq. 2), averaged over the samples
+    with any supervision — the reference's ``CrossEntropyLoss()`` mean for one task, and the
+    normalisation of the per-sample Fisher. A forget set that names fewer tasks per sample than D
+    (a per-task request) is then compared per sample, not per pair: with ``"pair"`` each of its
+    pairs weighs ``#tasks`` times more than one of D's, so ``I_f`` grows by ``#tasks²`` (α/4 with
+    two tasks)."""
+    if normalise == "pair":
+        return main_task_loss(outputs, labels, tasks)
+    per_sample = main_task_losses(outputs, labels, tasks)
+    supervised = torch.stack([labels[t.name] != IGNORE for t in tasks]).any(0)
+    return per_sample.sum() / torch.clamp(supervised.sum().to(per_sample.dtype), min=1.0)
+
+
+def reference_data(retain: Batch, forget: Batch) -> Batch:
+    """D as the reference's ``DataLoader(ConcatDataset((retain, forget)))`` sees it: the retain rows
+    in their order, then the forget set's rows (a mini-batch may hold both)."""
+    parts = [b for b in (retain, forget) if len(b)]
+    return concat_batches(parts) if parts else retain
 
 
 def _losses(outputs: dict[str, Tensor], *, labels: dict[str, Tensor], tasks: Sequence[TaskSpec]) -> Tensor:
@@ -169,7 +233,14 @@ def importance(
     if cfg.fisher == "per_sample":
         return per_sample_importance(model, data, tasks, names=names, chunk_size=cfg.chunk_size)
     return batch_importance(
-        model, data, tasks, batch_size=cfg.batch_size, names=names, shuffle=cfg.shuffle, seed=seed
+        model,
+        data,
+        tasks,
+        batch_size=cfg.batch_size,
+        names=names,
+        shuffle=cfg.shuffle,
+        seed=seed,
+        normalise=cfg.normalise,
     )
 
 
@@ -188,6 +259,8 @@ def importance_fingerprint(data: Batch, cfg: SSDConfig, names: Sequence[str], se
                 "batch_size": cfg.batch_size,
                 "shuffle": cfg.shuffle,
                 "seed": seed if cfg.shuffle else None,
+                "layout": cfg.layout,
+                "normalise": cfg.normalise,
                 "names": list(names),
                 "rows": len(data),
             },
@@ -227,9 +300,12 @@ def precompute_full_importance(
 ) -> tuple[str | None, float]:
     """Compute ``I_D`` of ``model`` over ``data`` (the training data of the *next* request) into the
     cache ahead of time. Returns the cache key (``None``: caching is off) and the seconds it took —
-    work moved, not removed: callers report it next to the method's own time."""
+    work moved, not removed: callers report it next to the method's own time.
+
+    Nothing is computed for ``layout="reference"``: its D ends with the next request's forget set,
+    which is not known yet."""
     cfg = SSDConfig.from_settings(settings)
-    if not cfg.cache or cache_dir is None:
+    if not cfg.cache or cache_dir is None or cfg.layout == "reference":
         return None, 0.0
     t0 = time.perf_counter()
     key = weights_digest(model)
@@ -287,11 +363,14 @@ def full_importance(
     """``I_D`` over ``data``, read from / written to the cache when ``cache_dir`` and
     ``adapter_digest`` are given (and ``cfg.cache``). Returns the importance and whether it was a hit.
 
-    The rows are put in sample-id order first, so that the same training data gives the same
-    mini-batches (and cache entry) whichever order it was assembled in: the engine computes the
-    next request's ``I_D`` ahead of time from the retain set (``engine.precompute_importance``)."""
+    With ``layout="merged"`` the rows are put in sample-id order first, so that the same training
+    data gives the same mini-batches (and cache entry) whichever order it was assembled in: the
+    engine computes the next request's ``I_D`` ahead of time from the retain set
+    (``engine.precompute_importance``). ``layout="reference"`` keeps the rows as given (retain,
+    then forget: :func:`reference_data`)."""
     names = list(names) if names is not None else trainable_names(model)
-    data = canonical_order(data)
+    if cfg.layout == "merged":
+        data = canonical_order(data)
     path: Path | None = None
     if cfg.cache and cache_dir is not None and adapter_digest:
         path = cache_path(cache_dir, adapter_digest, importance_fingerprint(data, cfg, names, seed))

@@ -8,10 +8,10 @@ import re
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, BackgroundTasks, Depends, Query, Response
 from sqlalchemy.orm import Session
 
-from service import deadlines, lifecycle, methods, registry
+from service import certification, deadlines, lifecycle, methods, registry
 from service.api import presenters, schemas
 from service.api.auth import Principal, require
 from service.api.problems import problem_responses
@@ -27,6 +27,9 @@ from service.repositories import models as models_repo
 from service.repositories import requests as requests_repo
 from service.repositories import rounds as rounds_repo
 from service.repositories import workers as workers_repo
+
+#: a version number as the serving routes accept it (fits the 32-bit column)
+VERSION_NUMBER = re.compile(r"[1-9][0-9]{0,8}")
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=problem_responses(401, 403, 503))
 Admin = Annotated[Principal, Depends(require("admin"))]
@@ -227,6 +230,26 @@ def show_model(name: str, state: State, _: Admin) -> schemas.ModelDetail:
         if model is None:
             raise NotFoundError(f"model {name!r} is not registered")
         return presenters.model_detail(session, model)
+
+
+@router.post(
+    "/models/{name}/versions/{version}/certify",
+    status_code=202,
+    summary="Certify a published version: retrain the reference off the request path and compare",
+    responses=problem_responses(404, 409),
+)
+def certify_version(
+    name: str, version: str, state: State, principal: Admin, background: BackgroundTasks
+) -> schemas.CertificationOut:
+    # a version is a positive integer that fits the column; anything else names no version (404)
+    number = int(version) if VERSION_NUMBER.fullmatch(version) else None
+    if number is None:
+        raise NotFoundError(f"model {name!r} has no version {version!r}")
+    with state.transaction() as session:
+        row, _ = certification.request_certification(session, name, number, actor=principal.actor)
+        out = presenters.certification(row, model=name, version=number)
+    background.add_task(state.dispatcher.certify, out.id)  # after the commit, ids only
+    return out
 
 
 @router.post(

@@ -12,12 +12,15 @@ from torch import nn
 
 from tests.worker.unlearning.toy_nets import toy_batch, toy_model
 from worker.unlearning.audit import (
+    AuditConfig,
     ModelMetrics,
     TaskMetrics,
     audit,
+    bootstrap_auc_ci,
     evaluate_model,
     logistic_attack,
     loss_mia_auc,
+    sample_exposure,
     unl_split,
     unlearning_impact_score,
 )
@@ -148,3 +151,88 @@ def test_audit_evidence_is_json_and_names_its_reference() -> None:
     assert ev2.uis.value == pytest.approx(0.0)  # the model is its own reference
     assert ev2.to_json()["reference"] == "retrain"
     assert ModelMetrics.from_json(ref.to_json()).to_json() == ref.to_json()
+
+
+def test_sample_exposure_by_hand_and_its_mean_is_the_auc() -> None:
+    """Issue 8 part 5: each forgotten sample's score is kept — its exposure is the share of unseen
+    samples with a higher loss (ties one half), and the AUC is their mean."""
+    t = torch.tensor
+    exp = sample_exposure(t([0.05, 0.3, 0.9]), t([0.1, 0.3, 0.5, 0.8]))
+    assert exp.tolist() == [1.0, (2 + 0.5) / 4, 0.0]
+    gen = torch.Generator().manual_seed(1)
+    members, others = torch.rand(17, generator=gen), torch.rand(23, generator=gen)
+    members[3] = others[5]  # a tie
+    assert float(sample_exposure(members, others).mean()) == pytest.approx(loss_mia_auc(members, others))
+
+
+def test_bootstrap_ci_is_seeded_and_brackets_the_auc() -> None:
+    gen = torch.Generator().manual_seed(2)
+    members, others = torch.rand(40, generator=gen) * 0.8, torch.rand(60, generator=gen)
+    auc = loss_mia_auc(members, others)
+    assert auc is not None
+    low, high = bootstrap_auc_ci(members, others, resamples=300, level=0.95, seed=7)
+    assert low is not None
+    assert high is not None
+    assert low < auc < high
+    assert 0.0 < high - low < 0.4
+    assert bootstrap_auc_ci(members, others, resamples=300, level=0.95, seed=7) == (low, high)
+    assert bootstrap_auc_ci(members, others, resamples=300, level=0.95, seed=8) != (low, high)
+    narrower = bootstrap_auc_ci(members, others, resamples=300, level=0.5, seed=7)
+    assert narrower[0] is not None
+    assert narrower[1] is not None
+    assert narrower[1] - narrower[0] < high - low
+    assert bootstrap_auc_ci(members, others[:0], resamples=300, level=0.95, seed=7) == (None, None)
+
+
+def test_audit_reports_forget_vs_unseen_with_ci_and_the_most_exposed_samples() -> None:
+    """Issue 8 part 5: per forgotten task the forget-vs-unseen AUC with a seeded bootstrap CI and
+    the most exposed forgotten samples (bounded), beside the existing keys and the LR attacker."""
+    tasks = [ClassificationTask("a", 3), ClassificationTask("b", 2)]
+    model = _model()
+    parts = Partitions(
+        forget=_batch(30, 1, ["a"]),
+        retain_task=_batch(30, 1, ["b"]),
+        retain_inst=_batch(4, 2, ["a"]),
+        retain_clean=_batch(4, 2, ["b"]),
+        forget_tasks=["a"],
+        retain_tasks=["b"],
+        anchor_sample_ids=[],
+    )
+    ret, val = _batch(30, 2, ["a", "b"]), _batch(25, 3, ["a", "b"])
+    settings = {"audit": {"exposed_top": 5, "bootstrap": 50}}
+    ev = audit(model, tasks, ret=ret, unl=unl_split(parts), val=val, forget_tasks=["a"], settings=settings)
+    data = ev.to_json()
+    json.dumps(data, allow_nan=False)
+    fvu = data["mia"]["forget_vs_unseen"]
+    assert list(fvu) == ["a"]  # forgotten tasks only
+    a = fvu["a"]
+    assert a["auc"] == pytest.approx(data["tasks"]["a"]["mia_auc"])  # the same attack as the headline
+    assert a["ci_low"] <= a["auc"] <= a["ci_high"]
+    assert (a["n_forget"], a["n_unseen"], a["resamples"], a["level"]) == (30, 25, 50, 0.95)
+    top = a["most_exposed"]
+    assert len(top) == 5  # bounded: not every score of every sample
+    assert [e["exposure"] for e in top] == sorted((e["exposure"] for e in top), reverse=True)
+    assert {e["sample_id"] for e in top} <= set(parts.forget.sample_ids)
+    assert data["mia"]["unl_vs_val"]["a"] == data["tasks"]["a"]["mia_auc"]  # existing keys kept
+    assert data["attacker"]["accuracy"] is not None
+    # the unseen population can be other data than val; no bootstrap when asked for none
+    other = audit(
+        model, tasks, ret=ret, unl=unl_split(parts), val=val, forget_tasks=["a"],
+        settings={"audit": {"bootstrap": 0}}, unseen=_batch(9, 5, ["a", "b"]),
+    )  # fmt: skip
+    assert other.forget_vs_unseen["a"].n_unseen == 9
+    assert other.forget_vs_unseen["a"].ci_low is None
+    assert AuditConfig().exposed_top == 20
+
+
+def test_bootstrap_resample_auc_equals_the_auc_of_that_resample() -> None:
+    """The vectorised bootstrap computes each resample's AUC from counts: with one resample and a
+    0-width interval it is exactly ``loss_mia_auc`` of the rows drawn (ties included)."""
+    m = torch.tensor([0.0, 1.0, 1.0, 2.0, 3.0, 4.0, 2.0], dtype=torch.float64)
+    n = torch.tensor([1.0, 2.0, 2.0, 0.0, 4.0, 3.0, 3.0, 1.0, 5.0], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    mi = torch.randint(0, len(m), (1, len(m)), generator=gen)[0]
+    ni = torch.randint(0, len(n), (1, len(n)), generator=gen)[0]
+    low, high = bootstrap_auc_ci(m, n, resamples=1, level=0.0, seed=3)
+    assert low == high
+    assert low == pytest.approx(loss_mia_auc(m[mi], n[ni]), abs=1e-12)

@@ -53,6 +53,7 @@ def _ctx(model: nn.Module, settings: Mapping[str, Any], tmp: Path | None = None)
         pruned_outputs=[0],
         cache_dir=tmp,
         cache_key="v1digest" if tmp is not None else None,
+        retain=retain,
     )
 
 
@@ -89,10 +90,12 @@ def test_default_runs_ssd_then_ia_then_prunes(tmp_path: Path) -> None:
     assert is_pruned(model, 0)  # earlier rounds' outputs re-applied
     assert not is_pruned(model, 2)
     assert list(tmp_path.glob("importance-v1digest-*.safetensors"))  # I_D cached for the adapter
-    # SSD alone through the stage switches equals the ssd method (same seed, same data)
+    # SSD alone through the stage switches equals the ssd method given the stage's D layout, order
+    # and normalisation (the ssd method's defaults are the reference's: test_ssd.py)
     m1, m2 = _model(), _model()
+    same = {**settings, "ssd": {"alpha": 1.0, "layout": "merged", "shuffle": True, "normalise": "pair"}}
     get_method("default")(_ctx(m1, {**settings, "default": {"ia": False, "prune": False}}))
-    get_method("ssd")(_ctx(m2, settings))
+    get_method("ssd")(_ctx(m2, same))
     assert all(torch.equal(p, q) for p, q in zip(m1.parameters(), m2.parameters(), strict=True))
     assert not is_pruned(m1, 1)
 

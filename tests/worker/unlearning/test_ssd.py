@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -11,8 +13,10 @@ from torch import Tensor, nn
 
 from worker.unlearning.grads import per_sample_grads
 from worker.unlearning.lora import lora_pairs
+from worker.unlearning.methods import MethodContext, get_method
 from worker.unlearning.model import MultiHeadNet, NetConfig, wrap_lora
 from worker.unlearning.ssd import (
+    REFERENCE_DEFAULTS,
     SSDConfig,
     batch_importance,
     cache_path,
@@ -25,7 +29,7 @@ from worker.unlearning.ssd import (
     ssd,
     weights_digest,
 )
-from worker.unlearning.types import IGNORE, SUBSET_HEAD, Batch, ClassificationTask
+from worker.unlearning.types import IGNORE, SUBSET_HEAD, Batch, ClassificationTask, Partitions, concat_batches
 
 
 @dataclass(frozen=True)
@@ -281,3 +285,178 @@ def test_per_sample_fisher_from_one_backward_equals_vmapped_sample_gradients() -
         want = grads[n].pow(2).sum(0) / len(data)
         assert torch.allclose(got[n], want, rtol=1e-5, atol=1e-9), n
     assert any(float(got[n].sum()) > 0 for n in names if SUBSET_HEAD not in n)
+
+
+# ----------------------------------------------------------------------------------------------
+# the ssd method's defaults against the public reference (issue 8 part 4)
+# ----------------------------------------------------------------------------------------------
+
+
+class _Rows(torch.utils.data.Dataset[tuple[Tensor, Tensor]]):
+    def __init__(self, batch: Batch, task: str) -> None:
+        self.x, self.y = batch.x, batch.labels[task]
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.x[i], self.y[i]
+
+
+def _reference_perturber(
+    model: nn.Module, retain: Batch, forget: Batch, *, task: str, alpha: float, lam: float, batch_size: int
+) -> None:
+    """The public SSD reference (Foster et al., ``ParameterPerturber``: ``calc_importance`` and
+    ``modify_weight`` with exponent 1, lower bound 1), re-implemented from its description: the
+    model in eval mode, ``CrossEntropyLoss()`` per mini-batch, ``imp += grad²`` for every parameter
+    with a gradient, divided by the number of batches; D =
+    ``DataLoader(ConcatDataset((retain, forget)), batch_size)`` and the forget set's own
+    ``DataLoader(forget, batch_size)``, both unshuffled."""
+    from torch.utils.data import ConcatDataset, DataLoader
+
+    def calc_importance(loader: DataLoader[tuple[Tensor, Tensor]]) -> dict[str, Tensor]:
+        criterion = nn.CrossEntropyLoss()
+        imp = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+        for x, y in loader:
+            for p in model.parameters():
+                p.grad = None
+            loss = criterion(model(x)[task], y)
+            loss.backward()
+            for n, p in model.named_parameters():
+                if p.grad is not None:
+                    imp[n].data += p.grad.data.clone().pow(2)
+        for v in imp.values():
+            v.data /= float(len(loader))
+        return imp
+
+    model.eval()
+    forget_ds, retain_ds = _Rows(forget, task), _Rows(retain, task)
+    forget_imp = calc_importance(DataLoader(forget_ds, batch_size=batch_size))
+    full_imp = calc_importance(DataLoader(ConcatDataset((retain_ds, forget_ds)), batch_size=batch_size))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            oimp, fimp = full_imp[n], forget_imp[n]
+            locations = torch.where(fimp > oimp.mul(alpha))
+            update = oimp.mul(lam).div(fimp)[locations]
+            update[update > 1.0] = 1.0
+            p[locations] = p[locations].mul(update)
+    model.train()
+
+
+def _exposed_split(model: nn.Module, n_retain: int, n_forget: int) -> tuple[Batch, Batch]:
+    """Retain rows labelled as the model predicts (small gradients), forget rows labelled with its
+    least likely class (large gradients): SSD at the reference's α = 10 selects weights."""
+    data = _cls_batch(n_retain + n_forget, 7)
+    with torch.no_grad():
+        logits = model(data.x)["a"]
+    labels = torch.cat([logits[:n_retain].argmax(-1), logits[n_retain:].argmin(-1)])
+    data.labels["a"] = labels
+    idx = torch.arange(n_retain + n_forget)
+    return data.select(idx[:n_retain]), data.select(idx[n_retain:])
+
+
+def _ssd_ctx(model: nn.Module, retain: Batch, forget: Batch, settings: dict[str, Any]) -> MethodContext:
+    empty = forget.select(torch.zeros(0, dtype=torch.long))
+    parts = Partitions(
+        forget=forget,
+        retain_task=empty,
+        retain_inst=empty,
+        retain_clean=empty,
+        forget_tasks=["a"],
+        retain_tasks=[],
+        anchor_sample_ids=[],
+    )
+    return MethodContext(
+        model=model,
+        tasks=[ClassificationTask("a", 3)],
+        partitions=parts,
+        full=concat_batches([retain, forget]),
+        heldout=empty,
+        settings=settings,
+        retain=retain,
+    )
+
+
+def test_ssd_method_defaults_are_bitwise_the_reference() -> None:
+    """Issue 8 part 4: the ``ssd`` method's *defaults* (no settings) give bitwise the reference's
+    adapter — α = 10, λ = 1, eval mode, D = retain then forget, unshuffled (150 retain rows: a
+    mini-batch holds retain and forget rows, as the reference's ConcatDataset loader makes it).
+    Failed before: the defaults shuffled D and sorted it by sample id."""
+    reference = _peft_model(tasks=("a",))
+    retain, forget = _exposed_split(reference, 150, 40)
+    ours, shuffled = copy.deepcopy(reference), copy.deepcopy(reference)
+    before = {n: p.detach().clone() for n, p in ours.named_parameters()}
+    _reference_perturber(reference, retain, forget, task="a", alpha=10.0, lam=1.0, batch_size=64)
+    result = get_method("ssd")(_ssd_ctx(ours, retain, forget, {}))
+    info = result.info["ssd"]
+    assert info["config"]["shuffle"] is False
+    assert info["config"]["layout"] == "reference"
+    assert (info["config"]["alpha"], info["config"]["lam"]) == (10.0, 1.0)
+    assert info["selected"] > 0  # the comparison is not vacuous
+    changed = [n for n, p in ours.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert changed
+    ref_params = dict(reference.named_parameters())
+    for n, p in ours.named_parameters():
+        assert torch.equal(p.detach(), ref_params[n].detach()), n
+    # shuffling is a named option, and it is not the reference
+    get_method("ssd")(_ssd_ctx(shuffled, retain, forget, {"ssd": {"shuffle": True}}))
+    assert any(
+        not torch.equal(p, q) for p, q in zip(shuffled.parameters(), reference.parameters(), strict=True)
+    )
+
+
+def test_ssd_method_reference_layout_needs_the_retain_set() -> None:
+    model = _peft_model(tasks=("a",))
+    retain, forget = _exposed_split(model, 20, 5)
+    ctx = _ssd_ctx(model, retain, forget, {})
+    ctx.retain = None
+    with pytest.raises(ValueError, match="needs the retain set"):
+        get_method("ssd")(ctx)
+    with pytest.raises(ValueError, match="layout"):
+        SSDConfig.from_settings({"layout": "shuffled"})
+    with pytest.raises(ValueError, match="normalise"):
+        SSDConfig.from_settings({"normalise": "task"})
+
+
+def test_per_task_forget_set_is_compared_per_sample_not_per_pair() -> None:
+    """Issue 8 part 4, the α/4 quirk: with two tasks, a per-task forget set (X_f × {a}) has half the
+    supervised pairs per row of D. Normalised per pair its ``I_f`` grew 4× against ``I_D`` (α
+    effectively 4× smaller); normalised per sample (the ``ssd`` method's default) the same rows
+    give the same importance on task a's head. Failed before: batch importance was per pair only."""
+    model = _peft_model(tasks=("a", "b"))
+    tasks = [ClassificationTask("a", 3), ClassificationTask("b", 2)]
+    data = _cls_batch(16, 9)
+    data.labels["b"] = torch.randint(0, 2, (16,), generator=torch.Generator().manual_seed(3))
+    forget = Batch(
+        x=data.x,
+        labels={"a": data.labels["a"], "b": torch.full((16,), IGNORE, dtype=torch.long)},
+        subset=data.subset,
+        sample_ids=data.sample_ids,
+    )
+    head = next(n for n in trainable_names_of(model) if ".heads.a." in n and n.endswith("weight"))
+    by_sample = [
+        batch_importance(model, b, tasks, batch_size=16, normalise="sample")[head] for b in (data, forget)
+    ]
+    by_pair = [
+        batch_importance(model, b, tasks, batch_size=16, normalise="pair")[head] for b in (data, forget)
+    ]
+    assert torch.allclose(by_sample[1], by_sample[0])
+    assert torch.allclose(by_pair[1], 4 * by_pair[0])
+    assert SSDConfig.from_settings(REFERENCE_DEFAULTS).normalise == "sample"
+
+
+def trainable_names_of(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def test_default_stage_keeps_its_settings_and_reference_layout_is_not_precomputed(tmp_path: Path) -> None:
+    """``default``'s SSD stage still runs shuffled, merged and per pair (its owner's settings); the
+    ``ssd`` method's reference layout cannot be computed ahead (its D ends with the next forget set)."""
+    cfg = SSDConfig.from_settings({})
+    assert (cfg.shuffle, cfg.layout, cfg.normalise) == (True, "merged", "pair")
+    model = _peft_model()
+    data, tasks = _cls_batch(8, 0), [ClassificationTask("a", 3)]
+    assert precompute_full_importance(model, data, tasks, REFERENCE_DEFAULTS, seed=0, cache_dir=tmp_path) == (
+        None,
+        0.0,
+    )
