@@ -39,6 +39,7 @@ from service.repositories import events as events_repo
 from service.repositories import rounds as rounds_repo
 from service.repositories import versions as versions_repo
 from worker import pipeline
+from worker.unlearning.state import STATE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,10 @@ def after_publish(
             snap = save_snapshot(
                 snapshot_dir(ctx, claimed.model_name, claimed.round_id), forget_sets(store, specs)
             )
-        shutil.copytree(ctx.artifacts(claimed.model_name).resolve(published.location), snap / ADAPTER_COPY)
+        artifacts = ctx.artifacts(claimed.model_name)
+        shutil.copytree(artifacts.resolve(published.location), snap / ADAPTER_COPY)
+        # the version's unlearning state is kept worker-side, outside its (served) directory
+        shutil.copy2(artifacts.state_file(published.location), snap / ADAPTER_COPY / STATE_FILE)
         with transaction(ctx.session_factory) as session:
             row, _ = certification_service.request_certification(
                 session, claimed.model_name, version, actor=ctx.worker_id, trigger="sampled"
@@ -224,14 +228,15 @@ def _certify(ctx: pipeline.WorkerContext, job: _Job, snap: Path) -> dict[str, An
         )
         for rid, tasks, doc in job.requests
     ]
-    adapter_dir = store.resolve(job.location)
+    adapter_dir, state_file = store.resolve(job.location), store.state_file(job.location)
     if not (adapter_dir / "adapter_model.safetensors").exists():  # withdrawn since: its files are deleted
         adapter_dir = snap / ADAPTER_COPY
+        state_file = adapter_dir / STATE_FILE
         if not (adapter_dir / "adapter_model.safetensors").exists():
             raise FileNotFoundError(
                 f"the files of {job.model_name} v{job.version} are deleted and no snapshot kept them"
             )
-    result = certify_version(inputs, adapter_dir=adapter_dir, requests=requests)
+    result = certify_version(inputs, adapter_dir=adapter_dir, requests=requests, state_file=state_file)
     return result.to_json()
 
 

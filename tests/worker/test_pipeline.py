@@ -210,6 +210,8 @@ def test_reconcile_deletes_inputs_left_by_a_purge_of_every_label(
         assert result.status == "published"
     with transaction(ctx.session_factory) as session:
         session.execute(update(Sample).values(purged=False))  # recorded as before: labels only
+        # and, as before migration 0003, no request's purge recorded as done
+        session.execute(update(ForgetRequest).values(purged_at=None))
     assert DataStore(ctx.data_dir("toy")).sample_ids_of("u1")[:2] == u1[:2]
     pipeline.reconcile(ctx, "toy")
     assert DataStore(ctx.data_dir("toy")).sample_ids_of("u1") == u1[2:]
@@ -590,6 +592,7 @@ def test_a_round_runs_with_the_method_and_settings_it_was_claimed_with(
         seen.append((method, settings))
         (adapter_out / "adapter_model.safetensors").write_bytes(f"v{len(seen)}".encode())
         (adapter_out / "adapter_config.json").write_text("{}")
+        (adapter_out / STATE_FILE).write_text("{}")
         return dataclasses.make_dataclass("Outcome", ["evidence"])({r.request_id: {} for r in requests})
 
     monkeypatch.setattr(engine, "run_round", run_round)
@@ -636,7 +639,7 @@ def _completed_task_requests(ctx: pipeline.WorkerContext, count: int) -> None:
                     payload_hash="0" * 64, received_at=now, due_at=now, updated_at=now, attempts=1,
                 )
             )  # fmt: skip
-        models_repo.mark_sample_tasks_purged(session, model.id, [("s0", "t")])
+        models_repo.mark_sample_tasks_purged(session, model.id, [("s0", "t")], all_tasks=model.tasks)
 
 
 def _statements_of_pending_purges(ctx: pipeline.WorkerContext) -> tuple[int, int]:

@@ -31,6 +31,7 @@ from worker import consistency, pipeline
 from worker.artifacts import verify_directory
 from worker.cli import models_command
 from worker.config import WorkerSettings
+from worker.unlearning.state import STATE_FILE
 
 MODEL = "m1"
 
@@ -78,6 +79,7 @@ def ctx(settings: Settings) -> Iterator[pipeline.WorkerContext]:
 
 def _fake_engine(_ctx: object, claimed: rounds.ClaimedRound, *, staging: Path, **_: object) -> dict[str, Any]:
     (staging / "adapter_model.safetensors").write_bytes(f"round {claimed.round_id}".encode())
+    (staging / STATE_FILE).write_text("{}")  # sealing keeps the state worker-side; it must exist
     return {r.id: {"fake": True} for r in claimed.requests}
 
 

@@ -257,15 +257,20 @@ def _compare_request(
 
 
 def certify_version(
-    inputs: EngineInputs, *, adapter_dir: Path, requests: Sequence[CertifyRequest]
+    inputs: EngineInputs,
+    *,
+    adapter_dir: Path,
+    requests: Sequence[CertifyRequest],
+    state_file: Path | None = None,
 ) -> Certification:
     """Retrain the reference for the version in ``adapter_dir`` and compare (see the module doc).
 
     ``inputs``: the model's engine inputs (store, base, settings with ``certify``/``train``/``audit``,
-    seed, device) — the same that rounds use."""
+    seed, device) — the same that rounds use. ``state_file``: the version's RoundState when the
+    worker keeps it outside the version directory (default ``adapter_dir/unlearning_state.json``)."""
     cfg = CertifyConfig.from_settings(inputs.settings)
     audit_cfg = AuditConfig.from_settings(inputs.settings)
-    state = RoundState.load(Path(adapter_dir))
+    state = RoundState.load(Path(adapter_dir)) if state_file is None else RoundState.load_file(state_file)
     model = load_adapter(inputs.base, Path(adapter_dir), device=inputs.device)
     retain = retain_set(
         inputs.data, None, tasks=inputs.task_names, client_index=inputs.client_index, state=state

@@ -82,14 +82,14 @@ def test_kept_tasks_retained_clients_and_heldout_are_checked_against_the_old_ver
         subset=torch.cat([client2.subset, client3.subset]),
     )
     groups = Groups(forget=rows(10, 1, 0, None, 0.0), kept=kept, retained=both, heldout=heldout_at(1.0))
-    result = run(after, groups, ["a"])
+    result = run(after, groups, ["a"], retained_clients=True)
     assert result["kept: request's samples, b"].ok
     assert not result["kept: retained client #2, a"].ok
     assert result["kept: retained client #3, a"].ok
     assert result["kept: retained client #2, b"].ok
     assert result["held-out accuracy kept: a"].ok  # held-out rows are right from column 1 too
     groups = Groups(forget=rows(10, 1, 0, None, 0.0), kept=kept, retained=both, heldout=heldout_at(0.9))
-    result = run(after, groups, ["a"])
+    result = run(after, groups, ["a"], retained_clients=True)
     assert not result["held-out accuracy kept: a"].ok  # 1.0 → 0.9: a drop of 10 points > 5
 
 

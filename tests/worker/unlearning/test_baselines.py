@@ -368,17 +368,30 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[EngineInputs, dict
 
 
 # Measured over seeds 0–9 on two kernel paths (ATEN_CPU_CAPABILITY=default and avx2; 2026-12-01): see
-# docs/benchmarks.md, "Quality tests over seeds". A seed passes when the forget-set accuracy of a
-# forgotten task fell by ≥ 0.05 and none rose; the bound is the worst path's pass fraction less about
-# one seed, so that a kernel path cannot flip the verdict while a rule that stopped forgetting fails.
+# docs/benchmarks.md, "Quality tests over seeds". A seed passes when the method kept an updated
+# model (epoch ≥ 1), the forget-set accuracy of a forgotten task fell by ≥ 0.05 and none rose; the
+# bound is the worst path's pass fraction less about one seed, so that a kernel path cannot flip the
+# verdict while a rule that stopped forgetting fails.
 BASELINE_PASS_FRACTION = {"FU": 0.7, "PU-digit": 0.7}
 MIN_DROP = 0.05
 
 
+@dataclasses.dataclass(frozen=True)
+class SeedDrop:
+    largest: float  # the largest forget-set accuracy drop over the forgotten tasks
+    smallest: float
+    best_epoch: int  # the epoch the method's model selection kept (0: none after the original)
+
+    @property
+    def forgets(self) -> bool:
+        return self.best_epoch >= 1 and self.largest >= MIN_DROP and self.smallest >= 0.0
+
+
 def baseline_drops(
     inputs: EngineInputs, v1s: dict[int, PeftModel], method: str, forget_tasks: list[str]
-) -> list[tuple[float, float]]:
-    """(largest, smallest) forget-set accuracy drop over the forgotten tasks, per seed."""
+) -> list[SeedDrop]:
+    """Per seed, the forget-set accuracy drops and the kept epoch; on every seed, the invariants: finite
+    weights, and only the adapter and the task heads moved (never the base or the subset-ID head)."""
     kind = "client" if not forget_tasks else "task"
     spec = ForgetSpec(f"{method}-{kind}", kind, CLIENT, None, forget_tasks)  # type: ignore[arg-type]
     settings = {**inputs.settings, method: {"early_stopping": False}} if forget_tasks else inputs.settings
@@ -394,15 +407,13 @@ def baseline_drops(
         model, info, _, _ = apply_method(method, model, ctx)
         after = evaluate(model, ctx)
         drop = [_unl(before.tasks[t].unl) - _unl(after.tasks[t].unl) for t in ctx.partitions.forget_tasks]
-        out.append((max(drop), min(drop)))
+        out.append(SeedDrop(max(drop), min(drop), int(info["best_epoch"])))
         params = dict(model.named_parameters())
         assert all(bool(torch.isfinite(p).all()) for p in params.values())
         changed = {n for n, v in before_params.items() if not torch.equal(params[n], v)}
-        assert changed, "nothing moved"
         assert all(("lora_" in n or "modules_to_save" in n) and SUBSET_HEAD not in n for n in changed), (
             changed
         )
-        assert info["best_epoch"] >= 1
     return out
 
 
@@ -422,8 +433,8 @@ def test_digits_request_lowers_forget_accuracy(
     setting = "PU-digit" if forget_tasks else "FU"
     assert_distribution(
         f"{method} {setting}: forget-set accuracy drop",
-        [hi for hi, _ in drops],
+        [d.largest for d in drops],
         median_at_least=MIN_DROP,
-        passes=[hi >= MIN_DROP and lo >= 0.0 for hi, lo in drops],
+        passes=[d.forgets for d in drops],
         fraction_at_least=BASELINE_PASS_FRACTION[setting],
     )

@@ -47,7 +47,9 @@ def test_sequential_rounds_hand_state_over(tmp_path: Path) -> None:
     v1_state = RoundState.load(dirs["v1"])
     # the importance cache key is the digest of the version's trainable weights, as loaded back
     v1_key = weights_digest(load_adapter(dirs["base"], dirs["v1"], trainable=True))
-    assert v1_state == RoundState(version=1, importance_cache_key=v1_key)
+    # v1's held-out level per task: what the acceptance check keeps later versions near
+    assert set(v1_state.original_val) == {t.name for t in workload.tasks()}
+    assert v1_state == RoundState(version=1, importance_cache_key=v1_key, original_val=v1_state.original_val)
     common = {"data_dir": dirs["data"], "base_dir": dirs["base"], "settings": {}, "seed": 0}
     first = run_round(
         workload,
