@@ -348,6 +348,11 @@ def _run(
                 items = data if isinstance(data, list) else [data]
                 for ev in items:
                     _evidence_table(console, f"{label} → v{ev.get('version')}", ev.get("payload", {}))
+            console.print(
+                "  UIS against an exact retrain is certification's job, off the request path: "
+                f"POST /v1/admin/models/{model_name}/versions/<version>/certify (queue lethe.certify; "
+                "LETHE_CERTIFY_SHARE certifies a share of rounds automatically; docs/operations.md)"
+            )
             detail = client.get(f"{api}/v1/admin/models/{model_name}")
             if detail.status_code != 200:
                 raise DemoFailure(f"GET model: HTTP {detail.status_code}")

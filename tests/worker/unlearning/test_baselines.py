@@ -367,12 +367,14 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> tuple[EngineInputs, dict
     return inputs, {seed: train_v1(inputs.base, train, inputs.tasks, cfg, seed=seed) for seed in SEEDS}
 
 
-# Measured over seeds 0–9 on two kernel paths (ATEN_CPU_CAPABILITY=default and avx2; 2026-12-01): see
-# docs/benchmarks.md, "Quality tests over seeds". A seed passes when the method kept an updated
-# model (epoch ≥ 1), the forget-set accuracy of a forgotten task fell by ≥ 0.05 and none rose; the
-# bound is the worst path's pass fraction less about one seed, so that a kernel path cannot flip the
-# verdict while a rule that stopped forgetting fails.
-BASELINE_PASS_FRACTION = {"FU": 0.7, "PU-digit": 0.7}
+# Measured over seeds 0–9 on two kernel paths (ATEN_CPU_CAPABILITY=default / avx2; 2026-12-01; per
+# method and setting in docs/benchmarks.md, "Quality tests over seeds"). A seed passes when the method
+# kept an updated model (epoch ≥ 1), the forget-set accuracy of a forgotten task fell by ≥ 0.05 and
+# none rose. Passing seeds, default / avx2: neggrad_plus FU 9 / 9, PU 10 / 10; orthograd FU 10 / 9,
+# PU 10 / 10; gdr_gma FU 8 / 9, PU 7 / 9 (median drop 0.068 / 0.083); uno FU 10 / 10, PU 10 / 9. The
+# bound is the worst (7/10) less one seed, so that a kernel path cannot flip the verdict while a rule
+# that stopped forgetting (median drop < 0.05, or most seeds keeping epoch 0) fails.
+BASELINE_PASS_FRACTION = {"FU": 0.6, "PU-digit": 0.6}
 MIN_DROP = 0.05
 
 
