@@ -188,6 +188,11 @@ def _evidence_table(console: Console, label: str, payload: dict[str, Any]) -> No
             f"  acceptance check (forget set vs unseen data, kept tasks, held-out): "
             f"{'passed' if accepted.get('passed') else '[red]FAILED[/red]'}; published: {path}"
             + (f" (the method's update failed: {'; '.join(failed)})" if failed else "")
+            + (
+                " (another request of the same round failed its check: one retrain serves the round)"
+                if path == "retrain" and not failed and accepted.get("method_checks") is not None
+                else ""
+            )
         )
     attacker = payload.get("attacker") or {}
     if attacker.get("accuracy") is not None:
