@@ -150,14 +150,6 @@ class ModelMetrics:
     def from_json(cls, data: Mapping[str, Any]) -> ModelMetrics:
         return cls(tasks={str(k): TaskMetrics.from_json(v) for k, v in data.items()})
 
-    def mia_target(self, tasks: Sequence[str]) -> dict[str, float]:
-        """The unl-vs-val AUCs of ``tasks`` (an early-stopping target taken from a reference)."""
-        out: dict[str, float] = {}
-        for t in tasks:
-            v = self.tasks[t].mia_auc if t in self.tasks else None
-            if v is not None:
-                out[t] = float(v)
-        return out
 
 
 @dataclass

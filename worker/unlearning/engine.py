@@ -375,14 +375,12 @@ def evaluate(model: torch.nn.Module, ctx: RequestContext) -> ModelMetrics:
 
 @dataclass
 class Reference:
-    """The exact reference of one request: a retrain on its retain set, and its metrics."""
+    """The exact reference of one request: a retrain on its retain set, and its metrics (the
+    benchmark's scoring; never trained on the request path)."""
 
     model: PeftModel
     metrics: ModelMetrics
     wall_s: float
-
-    def mia_target(self, ctx: RequestContext) -> dict[str, float]:
-        return self.metrics.mia_target(ctx.partitions.forget_tasks)
 
 
 def reference_retrain(

@@ -35,8 +35,9 @@ class MethodContext:
     - ``seed``, ``device``;
     - ``prune_outputs``: subset-ID outputs this request suppresses (the forgotten client's index for a
       client request; empty otherwise); ``pruned_outputs``: those suppressed by earlier requests;
-    - ``mia_target``: the retrain reference's unl-vs-val loss-MIA AUC (a float, or per forgotten task)
-      when one is known before the method runs; ``None`` = the configured default (0.5);
+    - ``mia_target``: an explicit early-stopping target for the unl-vs-val loss-MIA AUC (a float,
+      or per forgotten task); ``None`` = the configured default (0.5). The engine and the benchmark
+      never set it: no retrain of the request may steer its method (no oracle);
     - ``cache_dir`` / ``cache_key``: where the full-data importance is cached and the digest of the
       adapter version ``model`` was loaded from (``None``: do not cache — the model already changed);
     - ``retain`` / ``base``: the full retain set and the frozen base network (``retrain`` needs them);
