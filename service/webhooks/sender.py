@@ -168,6 +168,8 @@ class Sender:
 class SenderThread:
     """A daemon thread that runs :meth:`Sender.run_once` every ``LETHE_WEBHOOK_POLL_SECONDS``."""
 
+    batch = 20
+
     def __init__(self, sender: Sender, *, interval: float) -> None:
         self.sender = sender
         self.interval = interval
@@ -184,8 +186,8 @@ class SenderThread:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            try:
-                busy = len(self.sender.run_once()) > 0
+            try:  # a full batch: more may be due, go on at once; else wait (no busy loop on failures)
+                busy = len(self.sender.run_once(limit=self.batch)) >= self.batch
             except Exception:
                 log.warning("webhook delivery failed; retrying", exc_info=True)
                 busy = False

@@ -28,7 +28,7 @@ from service.db.session import transaction
 from service.db.types import utcnow
 from service.settings import Settings
 from service.webhooks.addresses import is_public
-from service.webhooks.sender import Sender
+from service.webhooks.sender import Sender, SenderThread
 from service.webhooks.signing import SecretBox, new_secret, signature
 from tests.service.conftest import Keys
 from tests.service.helpers import assert_problem, client_body
@@ -58,6 +58,7 @@ class Receiver:
     url: str
     codes: queue.Queue[int] = field(default_factory=queue.Queue)
     received: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
+    got: threading.Event = field(default_factory=threading.Event)
 
 
 @pytest.fixture
@@ -75,6 +76,7 @@ def receiver() -> Iterator[Receiver]:
             self.send_response(code)
             self.send_header("Content-Length", "0")
             self.end_headers()
+            box[0].got.set()
 
         def log_message(self, format: str, *args: Any) -> None:  # quiet
             pass
@@ -364,6 +366,9 @@ def test_a_failure_for_good_is_queued_in_the_same_transaction(
     }
     assert '"c0"' not in json.dumps(row.payload)
     assert "boom" not in json.dumps(row.payload)
+    hook_id = row.webhook_id
+    assert hook_client.delete(f"/v1/webhooks/{hook_id}", headers=keys.submit).status_code == 204
+    assert deliveries(sessions) == []  # deleted with their webhook
 
 
 def test_only_subscribed_events_of_the_submitting_key_are_queued(
@@ -472,3 +477,25 @@ def test_address_classification() -> None:
     private += ["fe80::1%eth0", "fc00::1", "::ffff:127.0.0.1", "100.64.0.1", "224.0.0.1", "0.0.0.0"]
     for address in private:
         assert not is_public(address), address
+
+
+def test_the_worker_thread_sends_due_deliveries(
+    hook_client: TestClient,
+    keys: Keys,
+    ready_model: str,
+    sessions: sessionmaker[Session],
+    receiver: Receiver,
+    sender: Sender,
+) -> None:
+    """What a worker runs beside its rounds (``worker/tasks.py`` starts it)."""
+    hook = register(hook_client, keys.submit, receiver.url)
+    submit(hook_client, keys.submit)
+    publish(sessions, claim(sessions))
+    thread = SenderThread(sender, interval=0.05)
+    thread.start()
+    try:
+        assert receiver.got.wait(10), "the thread sent nothing"
+    finally:
+        thread.stop()
+    headers, body = receiver.received[0]
+    assert verify(hook["secret"], headers, body)["type"] == "forget_request.completed"
