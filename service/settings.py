@@ -97,6 +97,7 @@ class Settings(BaseSettings):
 
     webhook_secret_key: SecretStr | None = Field(
         default=None,
+        min_length=16,
         description="Key that encrypts the webhook signing secrets stored in the database (API and "
         "workers must share it); default: a random key kept in $LETHE_HOME/webhook-secret.key.",
     )

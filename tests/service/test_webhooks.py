@@ -13,11 +13,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
 from cryptography.exceptions import InvalidTag
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -187,6 +189,20 @@ def test_secrets_are_stored_encrypted_and_bound_to_their_webhook() -> None:
         box.open(sealed, webhook_id="b")  # copied to another row
     with pytest.raises(InvalidTag):
         SecretBox(b"another key").open(sealed, webhook_id="a")
+
+
+def test_the_webhook_key_comes_from_the_setting_or_a_private_file(tmp_path: Path) -> None:
+    """An empty or short LETHE_WEBHOOK_SECRET_KEY is refused (it would encrypt with a guessable key);
+    unset, a random key file (0600) is created once and reused by every process sharing the home."""
+    with pytest.raises(ValidationError):
+        Settings(home=tmp_path, webhook_secret_key="")
+    sealed = SecretBox.from_settings(Settings(home=tmp_path)).seal("whsec_x", webhook_id="w")
+    key_file = tmp_path / "webhook-secret.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert SecretBox.from_settings(Settings(home=tmp_path)).open(sealed, webhook_id="w") == "whsec_x"
+    configured = Settings(home=tmp_path, webhook_secret_key="k" * 16)
+    with pytest.raises(InvalidTag):
+        SecretBox.from_settings(configured).open(sealed, webhook_id="w")
 
 
 def test_register_shows_the_secret_once_and_scopes_webhooks_to_their_key(
