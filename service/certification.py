@@ -6,6 +6,9 @@ Only flushes; the caller commits and then sends ``lethe.certify_version`` (ids o
 
 from __future__ import annotations
 
+from datetime import datetime
+from typing import Any
+
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -14,6 +17,7 @@ from service.errors import ConflictError, NotFoundError
 from service.repositories import certifications as certifications_repo
 from service.repositories import models as models_repo
 from service.repositories import versions as versions_repo
+from service.webhooks import events as webhook_events
 
 
 def request_certification(
@@ -48,3 +52,20 @@ def request_certification(
             raise
         return live, False
     return created, True
+
+
+def finish(
+    session: Session,
+    row: Certification,
+    *,
+    status: str,
+    version: int,
+    at: datetime,
+    result: dict[str, Any] | None = None,
+    error: str | None = None,
+    verdicts: dict[str, str] | None = None,
+) -> None:
+    """Record the certification's end and queue the submitters' ``certification.finished`` webhook
+    deliveries in the same transaction (``verdicts``: each request's own verdict)."""
+    certifications_repo.finish(session, row, status=status, at=at, result=result, error=error)
+    webhook_events.certification_finished(session, row, version=version, verdicts=verdicts)

@@ -29,7 +29,11 @@ def load_key(settings: Settings) -> bytes:
     """``LETHE_EVENT_DIGEST_KEY``, else ``$LETHE_HOME/event-digest.key`` (created, mode 0600)."""
     if settings.event_digest_key is not None:
         return settings.event_digest_key.get_secret_value().encode("utf-8")
-    path = settings.resolved_home / KEY_FILE
+    return load_file_key(settings.resolved_home / KEY_FILE)
+
+
+def load_file_key(path: Path) -> bytes:
+    """The key kept in ``path``; a new random one (mode 0600) when the file does not exist."""
     try:
         return _read(path)
     except FileNotFoundError:
@@ -37,7 +41,7 @@ def load_key(settings: Settings) -> bytes:
     # Write a complete key under a temporary name, then link it into place: a concurrent reader
     # never sees a partial file, and the first process to link wins.
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{KEY_FILE}.{secrets.token_hex(8)}")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "w") as fh:
@@ -54,5 +58,5 @@ def load_key(settings: Settings) -> bytes:
 def _read(path: Path) -> bytes:
     key = path.read_text().strip()
     if not key:
-        raise ValueError(f"{path} is empty; delete it or set LETHE_EVENT_DIGEST_KEY")
+        raise ValueError(f"{path} is empty; delete it or set the key's LETHE_* setting")
     return key.encode("utf-8")

@@ -34,6 +34,7 @@ from service.repositories import requests as requests_repo
 from service.repositories import rounds as rounds_repo
 from service.repositories import versions as versions_repo
 from service.repositories import workers as workers_repo
+from service.webhooks import events as webhook_events
 
 log = logging.getLogger(__name__)
 
@@ -421,6 +422,13 @@ def publish_round(
                 "withdrawn_versions": sorted(withdraw_versions),
             },
         )
+    webhook_events.request_results(  # the outbox row commits with the completion it reports
+        session,
+        requests,
+        webhook_events.REQUEST_COMPLETED,
+        status="completed",
+        data={"version": version.version, "round_id": round_.id},
+    )
     _end_round(session, round_, status="completed", error=None, now=now)
     return PublishedVersion(
         model_name=claimed.model_name,
@@ -493,11 +501,17 @@ def _fail_for_good(
     detail: dict[str, Any] | None = None,
 ) -> None:
     """The one place a request fails for good: a ``failed`` event with the reason and its cause,
-    and a log line. (The failure metric and the submitter's webhook of issue 10 hook in here, in
-    the same transaction, e.g. as an outbox row.)"""
+    the submitter's webhook delivery (an outbox row in the same transaction), and a log line."""
     body = {**(detail or {}), "cause": cause, "attempts": request.attempts, "crashes": request.crashes}
     request.not_before = None  # an admin retry starts at once
     _set_status(session, request, "failed", actor=actor, event="failed", error=error, now=now, detail=body)
+    webhook_events.request_results(  # no error text: it may quote subject or sample ids
+        session,
+        [request],
+        webhook_events.REQUEST_FAILED,
+        status="failed",
+        data={"cause": cause, "attempts": request.attempts, "crashes": request.crashes},
+    )
     log.warning(
         "forget request %s failed for good (%s, %d attempts, %d crashes): %s",
         request.id, cause, request.attempts, request.crashes, _clean(error),

@@ -95,6 +95,30 @@ class Settings(BaseSettings):
         default=2.0, description="/readyz gives up on the database and the broker after this long."
     )
 
+    webhook_secret_key: SecretStr | None = Field(
+        default=None,
+        min_length=16,
+        description="Key that encrypts the webhook signing secrets stored in the database (API and "
+        "workers must share it); default: a random key kept in $LETHE_HOME/webhook-secret.key.",
+    )
+    webhook_allow_private_addresses: bool = Field(
+        default=False,
+        description="Allow webhook URLs whose host is (or resolves to) a loopback, private, "
+        "link-local or otherwise non-public address. Off: refused (SSRF). Tests turn it on.",
+    )
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, description="Timeout of one delivery.")
+    webhook_max_attempts: int = Field(
+        default=8, ge=1, description="Attempts of one delivery before it is marked failed."
+    )
+    webhook_retry_base_seconds: float = Field(
+        default=30.0, ge=0, description="Backoff after the first failed delivery; doubles per attempt."
+    )
+    webhook_retry_max_seconds: float = Field(default=3600.0, ge=0, description="Longest backoff.")
+    webhook_poll_seconds: float = Field(
+        default=2.0, gt=0, description="How often a worker's webhook thread looks for due deliveries."
+    )
+    webhook_max_per_key: int = Field(default=10, ge=1, description="Webhooks one API key may register.")
+
     def create_engine(self) -> Engine:
         """The process's database engine with the pool and statement limits above."""
         from service.db.session import create_db_engine

@@ -157,8 +157,13 @@ def run_certification(ctx: pipeline.WorkerContext, certification_id: int) -> str
         with transaction(ctx.session_factory) as session:
             row = certifications_repo.get(session, certification_id)
             assert row is not None
-            certifications_repo.finish(
-                session, row, status="failed", at=utcnow(), error=f"{type(exc).__name__}: {exc}"[:2000]
+            certification_service.finish(
+                session,
+                row,
+                status="failed",
+                version=job.version,
+                at=utcnow(),
+                error=f"{type(exc).__name__}: {exc}"[:2000],
             )
         return "failed"
     status = STATUS[doc["verdict"]]
@@ -167,7 +172,10 @@ def run_certification(ctx: pipeline.WorkerContext, certification_id: int) -> str
     with transaction(ctx.session_factory) as session:
         row = certifications_repo.get(session, certification_id)
         assert row is not None
-        certifications_repo.finish(session, row, status=status, at=utcnow(), result=summary)
+        certification_service.finish(
+            session, row, status=status, version=job.version, at=utcnow(), result=summary,
+            verdicts=summary["requests"],
+        )  # fmt: skip
         for request_id, per_request in doc["requests"].items():
             payload = {
                 **summary,

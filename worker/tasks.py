@@ -9,6 +9,9 @@
   (and re-send certifications still requested a minute later);
 - ``lethe.heartbeat()``: record this worker's heartbeat now.
 
+Every worker process also sends the due webhook deliveries in a thread of its own
+(``service.webhooks.sender.SenderThread``): never in a round's thread, never on the API's request path.
+
 Every worker process also runs a background thread (:class:`Heartbeat`) that records a heartbeat
 (state ``idle`` / ``busy``) and runs the sweep every ``LETHE_WORKER_HEARTBEAT_SECONDS``, so that
 requests accepted while the broker was down are processed once it is back, and a round whose worker
@@ -29,6 +32,7 @@ from celery import Celery, signals
 
 from service.dispatch import WAKE_MARKER, WAKE_MARKER_SECONDS
 from service.settings import Settings
+from service.webhooks.sender import Sender, SenderThread
 from worker import certification, pipeline
 from worker.celery_app import TASK_CERTIFY, TASK_HEARTBEAT, TASK_PREPARE, TASK_SWEEP, TASK_WAKE
 from worker.config import WorkerSettings
@@ -47,6 +51,7 @@ class _State:
     busy = 0
     lock = threading.Lock()
     heartbeat: Heartbeat | None = None
+    webhooks: SenderThread | None = None
 
 
 def context() -> pipeline.WorkerContext:
@@ -244,8 +249,15 @@ def register(app: Celery, settings: Settings, worker_settings: WorkerSettings) -
         hb = Heartbeat(app, c, interval=worker_settings.heartbeat_seconds, do_sweep=worker_settings.sweep)
         _State.heartbeat = hb
         hb.start()
+        # webhook deliveries: their own thread, so a slow receiver delays neither rounds nor heartbeats
+        _State.webhooks = SenderThread(
+            Sender(c.session_factory, c.settings), interval=c.settings.webhook_poll_seconds
+        )
+        _State.webhooks.start()
 
     @signals.worker_shutdown.connect(weak=False)
     def _on_shutdown(**_: Any) -> None:
         if _State.heartbeat is not None:
             _State.heartbeat.stop()
+        if _State.webhooks is not None:
+            _State.webhooks.stop()

@@ -387,3 +387,63 @@ class Certification(Base):
     requested_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+
+
+#: Events a webhook may subscribe to (``POST /v1/webhooks`` ``events``; default: all).
+WEBHOOK_EVENTS: Final = ("forget_request.completed", "forget_request.failed", "certification.finished")
+#: ``pending`` (due at ``next_attempt_at``) → ``delivered`` (a 2xx) or ``failed`` (attempts used up).
+DELIVERY_STATUSES: Final = ("pending", "delivered", "failed")
+
+
+class Webhook(Base):
+    """An endpoint an API key registered for the results of its requests.
+
+    The signing secret is stored encrypted (AES-GCM under the server's webhook key, the row id as
+    associated data): the server must sign with it, so it cannot be hashed like an API key."""
+
+    __tablename__ = "webhooks"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    api_key_id: Mapped[int] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"), index=True)
+    url: Mapped[str] = mapped_column(String(2000))
+    events: Mapped[list[str]] = mapped_column(default=list)
+    secret_ciphertext: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One event for one webhook (the outbox): written in the transaction of the state change it
+    reports, sent by a worker's webhook thread, retried with backoff. Its id is the ``webhook-id``."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        _status_check(DELIVERY_STATUSES),
+        Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    webhook_id: Mapped[str] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"), index=True)
+    event: Mapped[str] = mapped_column(String(64))
+    #: The JSON body (``{"type", "timestamp", "data"}``): request ids and statuses, never subject ids.
+    payload: Mapped[JSONDict] = mapped_column(default=dict)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    #: Failed attempts since it was (re)queued; the retry budget (``LETHE_WEBHOOK_MAX_ATTEMPTS``).
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None]
+
+
+class WebhookAttempt(Base):
+    """The delivery log: one row per HTTP attempt (status code or error, duration)."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    delivery_id: Mapped[str] = mapped_column(
+        ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True
+    )
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[int] = mapped_column(Integer, default=0)

@@ -27,9 +27,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service import rounds
 from service.api.app import create_app
-from service.api.routers import admin, forget_requests, health, serving
+from service.api.routers import admin, forget_requests, health, serving, webhooks
 from service.db.session import transaction
+from service.db.types import utcnow
 from service.repositories import keys as keys_repo
+from service.repositories import webhooks as webhooks_repo
 from service.settings import Settings
 from tests.service.helpers import assert_is_problem, client_body, task_body
 
@@ -42,7 +44,7 @@ BODY_CASES = 120
 BODIES = ("POST", "PATCH")
 ROUTES = sorted(
     (method, route.path)
-    for router in (forget_requests.router, admin.router, serving.router, health.router)
+    for router in (forget_requests.router, webhooks.router, admin.router, serving.router, health.router)
     for route in router.routes
     if isinstance(route, APIRoute)
     for method in route.methods or ()
@@ -184,6 +186,9 @@ class World:
     files: list[str] = field(default_factory=lambda: ["adapter_model.safetensors", "model.safetensors"])
     #: a spare key's id (revoking or rotating it leaves the world's keys working) and an unknown one
     key_ids: list[str] = field(default_factory=lambda: ["999"])
+    #: a webhook of the submit key with one delivery, and unknown ids
+    webhook_ids: list[str] = field(default_factory=lambda: ["nope"])
+    delivery_ids: list[str] = field(default_factory=lambda: ["msg_nope"])
 
 
 @dataclass
@@ -199,6 +204,9 @@ class Case:
 
 
 def valid_body(rng: random.Random, path: str) -> dict[str, Any]:
+    if path == "/v1/webhooks":
+        events = ["forget_request.completed", "forget_request.failed", "certification.finished"]
+        return {"url": rng.choice(["https://example.com/hook", "http://127.0.0.1/x"]), "events": events}
     if path.endswith("/extend"):
         return {"months": rng.choice([1, 2]), "reason": "many linked datasets"}
     if path == "/v1/admin/keys":
@@ -252,6 +260,8 @@ def path_value(rng: random.Random, name: str, world: World, hostile: float = 0.5
             "name": world.files + world.models,
             "version": world.versions,
             "key_id": world.key_ids,
+            "webhook_id": world.webhook_ids,
+            "delivery_id": world.delivery_ids,
         }[name]
         return quote(rng.choice(pool), safe="")
     if roll < hostile * 0.4:
@@ -300,7 +310,7 @@ def near_valid_case(rng: random.Random, method: str, path: str, world: World) ->
     """A valid admin request with one hostile field at most, mostly of the right type, so that
     the code behind authentication and validation runs (subjects, the registry, serving, the queue)."""
     url = path
-    for name in ("request_id", "model", "version", "name"):
+    for name in ("request_id", "model", "version", "name", "webhook_id", "delivery_id"):
         url = url.replace("{" + name + "}", path_value(rng, name, world, hostile=0.1))
     headers = {
         "Authorization": header_value(f"Bearer {world.keys['admin']}"),
@@ -319,7 +329,7 @@ def make_case(rng: random.Random, method: str, path: str, world: World) -> Case:
     if rng.random() < NEAR_VALID:
         return near_valid_case(rng, method, path, world)
     url = path
-    for name in ("request_id", "model", "version", "name"):
+    for name in ("request_id", "model", "version", "name", "webhook_id", "delivery_id"):
         if "{" + name + "}" in url:
             url = url.replace("{" + name + "}", path_value(rng, name, world))
     if rng.random() < 0.5:
@@ -398,8 +408,25 @@ def world(settings: Settings, sessions: sessionmaker[Session], ready_model: str,
         claimed = rounds.claim_round(session, "digits", "w", lease_seconds=60, max_requests=1, max_attempts=3)
         assert claimed is not None
         rounds.fail_round(session, claimed, error="boom", retryable=False)
+    hook = client.post("/v1/webhooks", json={"url": "https://example.com/hook"}, headers=submit)
+    assert hook.status_code == 201, hook.text
+    with transaction(sessions) as session:
+        delivery = webhooks_repo.add_delivery(
+            session,
+            delivery_id="msg_world",
+            webhook_id=hook.json()["id"],
+            event="forget_request.failed",
+            payload={"type": "forget_request.failed", "data": {"request_id": ids[0]}},
+            at=utcnow(),
+        )
+        session.flush()
+        assert delivery.id == "msg_world"
     return World(
-        keys=keys, request_ids=[*ids, "0" * 8 + "-0000-0000-0000-" + "0" * 12], key_ids=[str(spare), "999"]
+        keys=keys,
+        request_ids=[*ids, "0" * 8 + "-0000-0000-0000-" + "0" * 12],
+        key_ids=[str(spare), "999"],
+        webhook_ids=[hook.json()["id"], "nope"],
+        delivery_ids=["msg_world", "msg_nope"],
     )
 
 
