@@ -138,13 +138,13 @@ def test_uno_runs_its_paper_step_count_and_quick_uses_the_committed_tuning() -> 
 
 
 def test_close_needs_both_accuracy_and_mia_within_the_tolerance() -> None:
-    ref = {
+    ref: dict[str, dict[str, float | None]] = {
         "a": {"unl": 0.5, "mia_auc": 0.6},
         "b": {"unl": 0.5, "mia_auc": 0.6},
         "c": {"unl": None, "mia_auc": 0.5},
     }
     near = CLOSE_TOLERANCE / 2
-    mine = {
+    mine: dict[str, dict[str, float | None]] = {
         "a": {"unl": 0.5 + near, "mia_auc": 0.6 - near},  # both within
         "b": {"unl": 0.5, "mia_auc": 0.6 + 2 * CLOSE_TOLERANCE},  # MIA too far
         "c": {"unl": 0.5, "mia_auc": 0.5},  # the reference has no forget-set accuracy: not counted
