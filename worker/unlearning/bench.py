@@ -467,6 +467,7 @@ def _run_setting(
     pruned: dict[str, list[int]] = {v.label: [] for v in approx}
     keys: dict[str, str | None] = {v.label: None for v in approx}
     ahead: dict[str, float] = {v.label: 0.0 for v in approx}
+    before_second: PeftModel = v1  # retrain_2's model before the request (its UIS on kept tasks)
     for stage, spec in enumerate(specs, start=1):
         ctx = request_context(inputs, spec, state, stage=stage, cache_key=None)
         request_tasks = list(ctx.partitions.forget_tasks)
@@ -511,9 +512,10 @@ def _run_setting(
                 method=SECOND_RETRAIN,
                 method_info={"seed": seed + SECOND_RETRAIN_SEED_OFFSET},
                 reference=reference,
-                original=None,
+                original=evaluate(before_second, ctx),
                 timings={"method_s": wall},
             )
+            before_second = other
             rows.append(
                 _row(
                     setting,

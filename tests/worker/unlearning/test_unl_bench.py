@@ -4,6 +4,7 @@ paper step count, a second retrain as the noise floor, the close-to-retrain shar
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -109,6 +110,19 @@ def test_tuning_runs_the_grid_on_the_tuning_seeds_only(tmp_path: Path) -> None:
     # evaluation rows are the evaluation seed's only, under the method's plain name
     assert {r["seed"] for r in result["runs"]} == {3}
     assert {r["method"] for r in result["runs"]} == {"retrain", SECOND_RETRAIN, "ssd"}
+
+
+def test_second_retrain_is_scored_on_partial_task_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The noise floor has a UIS and a close share on PU requests too (its kept tasks are scored
+    against its own model before the request, as a method's are)."""
+    pu = dataclasses.replace(PRESETS["smoke"], settings=("PU:kind",))
+    monkeypatch.setitem(PRESETS, "pu", pu)
+    result = run_bench("pu", None, seeds=[3], workload=ToyWorkload(), methods=["retrain"], echo=None)
+    rows = [r for r in result["runs"] if r["method"] == SECOND_RETRAIN]
+    assert [r["stage"] for r in rows] == [1, 2]
+    for r in rows:
+        assert isinstance(r["uis"], float)
+        assert set(r["close"]) == {"kind"}  # only the forgotten task is a request-task
 
 
 def test_tuning_seeds_must_differ_from_evaluation_seeds() -> None:
