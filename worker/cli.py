@@ -326,13 +326,18 @@ def models_list(as_json: bool) -> None:
 @click.option("--preset", default="quick", show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--seeds", type=int, default=None, help="Override the preset's number of seeds.")
-def bench_command(preset: str, json_path: Path | None, seeds: int | None) -> None:
+@click.option(
+    "--tune",
+    is_flag=True,
+    help="Choose each method's main knob on the tuning seeds first (else the preset's committed choice).",
+)
+def bench_command(preset: str, json_path: Path | None, seeds: int | None, tune: bool) -> None:
     """Quality / speed benchmark of the unlearning methods (worker.unlearning.bench)."""
     try:
         from worker.unlearning import bench
     except ImportError as exc:
         raise click.ClickException(f"the benchmark is not available: {exc}") from exc
-    kwargs: dict[str, Any] = {"preset": preset, "json_path": json_path}
+    kwargs: dict[str, Any] = {"preset": preset, "json_path": json_path, "tune_grid": tune}
     if seeds is not None:
         kwargs["seeds"] = seeds
     bench.run_bench(**kwargs)  # prints its table; writes the JSON when asked

@@ -1,14 +1,32 @@
-"""The benchmark core writes the JSON format of issue #3 (smoke preset on the toy workload)."""
+"""The benchmark core writes the JSON format of issue #3 (smoke preset on the toy workload), and
+runs fair (issue 8, part 6): tuning seeds apart from evaluation seeds, one anchor fraction, UNO's
+paper step count, a second retrain as the noise floor, the close-to-retrain share beside UIS."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
-from worker.unlearning.bench import PRESETS, format_table, registered_methods, run_bench
+from worker.unlearning.bench import (
+    CLOSE_TOLERANCE,
+    PRESETS,
+    SECOND_RETRAIN,
+    TUNED_QUICK,
+    TUNING_GRIDS,
+    _close,
+    _close_fraction,
+    check_goals,
+    fair_settings,
+    format_table,
+    registered_methods,
+    run_bench,
+)
+from worker.unlearning.engine import anchor_fraction
 from worker.unlearning.methods import available_methods
+from worker.unlearning.workloads.digits import DigitsClients
 from worker.unlearning.workloads.toy import ToyWorkload
 
 
@@ -20,9 +38,8 @@ def test_bench_smoke_writes_the_json_format(tmp_path: Path, capsys: pytest.Captu
     data = json.loads(out.read_text())
     assert data["runs"] == result["runs"]
     runs = data["runs"]
-    assert {(r["stage"], r["method"]) for r in runs} == {
-        (s, m) for s in (1, 2) for m in ("original", "retrain", "ssd")
-    }
+    methods = ("original", "retrain", SECOND_RETRAIN, "ssd")
+    assert {(r["stage"], r["method"]) for r in runs} == {(s, m) for s in (1, 2) for m in methods}
     for r in runs:
         assert set(r) == {
             "setting",
@@ -33,6 +50,7 @@ def test_bench_smoke_writes_the_json_format(tmp_path: Path, capsys: pytest.Captu
             "wall_s",
             "importance_precompute_s",
             "tasks",
+            "close",
         }
         # nothing here computes I_D ahead: the ssd method's reference layout ends D with the
         # request's own forget set (default's stage, which does, is in test_unl_engine.py)
@@ -45,10 +63,138 @@ def test_bench_smoke_writes_the_json_format(tmp_path: Path, capsys: pytest.Captu
             assert set(metrics) == {"ret", "unl", "val", "mia_auc"}
         if r["method"] == "retrain":
             assert r["uis"] is None
+            assert r["close"] is None  # the reference itself
         else:
             assert isinstance(r["uis"], float)
-    assert "lethe bench" in capsys.readouterr().out
+            assert set(r["close"]) <= {"kind", "side"}  # FU: every task is a request-task
+    for row in data["summary"]:
+        if row["method"] == "retrain":
+            assert row["close_fraction"] is None
+        else:
+            assert row["close_n"] >= 1
+            assert 0.0 <= row["close_fraction"] <= 1.0
+    meta = data["meta"]
+    assert meta["tuning"]["ran"] is False
+    assert meta["tuning"]["seeds"] == [100]
+    assert meta["evaluation_seeds"] == [3]
+    assert {"torch", "cpu_capability", "threads"} <= set(meta["environment"])
+    out_text = capsys.readouterr().out
+    assert "lethe bench" in out_text
+    assert "close" in out_text
+    assert SECOND_RETRAIN in out_text
     assert "total wall" in format_table(result)
+
+
+def test_tuning_runs_the_grid_on_the_tuning_seeds_only(tmp_path: Path) -> None:
+    """Issue 8 part 6 (defect: settings tuned on the seeds the benchmark reports): ``tune_grid``
+    scores every grid value on the tuning seeds and reports the chosen one on the evaluation seeds."""
+    result = run_bench(
+        "smoke",
+        tmp_path / "b.json",
+        seeds=[3],
+        workload=ToyWorkload(),
+        methods=["retrain", "ssd"],
+        tune_grid=True,
+        tuning_seeds=[101],
+        echo=None,
+    )
+    tuning = result["meta"]["tuning"]
+    assert tuning["ran"] is True
+    assert tuning["seeds"] == [101]
+    values = list(TUNING_GRIDS["ssd"][1])
+    assert [row["value"] for row in tuning["scores"]["ssd"]] == values
+    assert all(row["n"] == 2 for row in tuning["scores"]["ssd"])  # 1 seed × 2 stages each
+    best = min(tuning["scores"]["ssd"], key=lambda row: row["median_uis"])
+    assert tuning["chosen"] == {"ssd": best["value"]}
+    assert result["meta"]["method_settings"]["ssd"] == {"ssd": {"alpha": best["value"]}}
+    # evaluation rows are the evaluation seed's only, under the method's plain name
+    assert {r["seed"] for r in result["runs"]} == {3}
+    assert {r["method"] for r in result["runs"]} == {"retrain", SECOND_RETRAIN, "ssd"}
+
+
+def test_second_retrain_is_scored_on_partial_task_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The noise floor has a UIS and a close share on PU requests too (its kept tasks are scored
+    against its own model before the request, as a method's are)."""
+    pu = dataclasses.replace(PRESETS["smoke"], settings=("PU:kind",))
+    monkeypatch.setitem(PRESETS, "pu", pu)
+    result = run_bench("pu", None, seeds=[3], workload=ToyWorkload(), methods=["retrain"], echo=None)
+    rows = [r for r in result["runs"] if r["method"] == SECOND_RETRAIN]
+    assert [r["stage"] for r in rows] == [1, 2]
+    for r in rows:
+        assert isinstance(r["uis"], float)
+        assert set(r["close"]) == {"kind"}  # only the forgotten task is a request-task
+
+
+def test_tuning_seeds_must_differ_from_evaluation_seeds() -> None:
+    with pytest.raises(ValueError, match="tuning seeds"):
+        run_bench("smoke", None, seeds=[100], workload=ToyWorkload(), tune_grid=True, echo=None)
+
+
+def test_one_anchor_fraction_for_every_method() -> None:
+    """Issue 8 part 6 (defect: default and ia ran with anchor 0.5, the baselines with 0.1)."""
+    raw = DigitsClients().default_settings()
+    assert anchor_fraction(raw, "default") != anchor_fraction(raw, "ssd")  # the old, unfair settings
+    fair = fair_settings(raw, PRESETS["quick"].anchor_fraction)
+    assert "anchor_fractions" not in fair
+    assert {anchor_fraction(fair, m) for m in available_methods()} == {PRESETS["quick"].anchor_fraction}
+    # None keeps the workload's single value
+    assert {anchor_fraction(fair_settings(raw, None), m) for m in available_methods()} == {0.1}
+
+
+def test_uno_runs_its_paper_step_count_and_quick_uses_the_committed_tuning() -> None:
+    """Issue 8 part 6 (defect: UNO ran 30 steps instead of the paper's K = 530)."""
+    for name in ("quick", "full"):
+        assert PRESETS[name].overrides["uno"]["epochs"] == 530
+        assert not set(PRESETS[name].seeds) & set(PRESETS[name].tuning_seeds)
+    assert dict(PRESETS["quick"].tuned) == TUNED_QUICK
+    assert set(TUNED_QUICK) <= set(TUNING_GRIDS)
+    assert all(v in TUNING_GRIDS[m][1] for m, v in TUNED_QUICK.items())
+
+
+def test_close_needs_both_accuracy_and_mia_within_the_tolerance() -> None:
+    ref: dict[str, dict[str, float | None]] = {
+        "a": {"unl": 0.5, "mia_auc": 0.6},
+        "b": {"unl": 0.5, "mia_auc": 0.6},
+        "c": {"unl": None, "mia_auc": 0.5},
+    }
+    near = CLOSE_TOLERANCE / 2
+    mine: dict[str, dict[str, float | None]] = {
+        "a": {"unl": 0.5 + near, "mia_auc": 0.6 - near},  # both within
+        "b": {"unl": 0.5, "mia_auc": 0.6 + 2 * CLOSE_TOLERANCE},  # MIA too far
+        "c": {"unl": 0.5, "mia_auc": 0.5},  # the reference has no forget-set accuracy: not counted
+    }
+    assert _close(mine, ref, ["a", "b", "c"]) == {"a": True, "b": False}
+    assert _close(mine, ref, ["a"]) == {"a": True}  # only request-tasks count
+    rows = [{"close": {"a": True, "b": False}}, {"close": {"a": True}}]
+    assert _close_fraction(rows) == {"close_fraction": 2 / 3, "close_n": 3}
+    assert _close_fraction([{"close": None}]) == {"close_fraction": None, "close_n": 0}
+
+
+def test_goals_compare_default_with_the_second_retrain() -> None:
+    summary = [
+        {
+            "setting": "FU",
+            "stage": 1,
+            "method": SECOND_RETRAIN,
+            "uis": 0.2,
+            "close_fraction": 0.8,
+            "wall_s": 1.0,
+        },
+        {"setting": "FU", "stage": 1, "method": "default", "uis": 0.5, "close_fraction": 0.7, "wall_s": 0.1},
+        {
+            "setting": "FU",
+            "stage": 2,
+            "method": SECOND_RETRAIN,
+            "uis": 0.2,
+            "close_fraction": 0.8,
+            "wall_s": 1.0,
+        },
+        {"setting": "FU", "stage": 2, "method": "default", "uis": 0.5, "close_fraction": 0.75, "wall_s": 0.1},
+    ]
+    goals = check_goals(summary)
+    assert [c["close_goal_met"] for c in goals["per_stage"]] == [False, True]  # 0.7 < 0.72 ≤ 0.75
+    assert goals["close_goal_met_count"] == "1/2"
+    assert all(c["lowest_uis_all_methods"] == "default" for c in goals["per_stage"])  # retrain_2 is no method
 
 
 def test_full_preset_runs_every_registered_method_and_quick_the_core_five() -> None:
