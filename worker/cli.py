@@ -19,6 +19,7 @@ from typing import Any
 
 import click
 
+from service import logs
 from service.errors import ServiceError
 from worker.config import WorkerSettings
 
@@ -54,7 +55,11 @@ def run_celery_worker(loglevel: str, slot: str) -> None:
     settings = Settings()
     worker_settings = WorkerSettings()
     app = configure(settings, worker_settings)
-    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(settings.log_format or "json", loglevel)
+    if worker_settings.metrics_port:
+        from worker.exporter import start_exporter
+
+        start_exporter(settings, host=worker_settings.metrics_host, port=worker_settings.metrics_port)
     app.worker_main(
         [
             "worker",
