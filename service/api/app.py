@@ -18,6 +18,7 @@ from fastapi.openapi.utils import get_openapi
 from service.api import problems
 from service.api.auth import document_scopes
 from service.api.limits import BodySizeLimit
+from service.api.request_id import RequestId
 from service.api.routers import admin, forget_requests, health, metrics, serving
 from service.api.state import AppState
 from service.api.throttle import AuthFailures
@@ -92,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.openapi = openapi  # type: ignore[method-assign]
     problems.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestId)  # outermost: even a 413's log lines carry the id
     for router in (forget_requests.router, admin.router, serving.router, health.router, metrics.router):
         app.include_router(router)
     return app

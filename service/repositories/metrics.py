@@ -37,6 +37,7 @@ def request_groups(session: Session) -> list[RequestGroup]:
             func.coalesce(func.sum(ForgetRequest.attempts), 0),
             func.coalesce(func.sum(ForgetRequest.crashes), 0),
         )
+        .select_from(ForgetRequest)
         .join(Model, Model.id == ForgetRequest.model_id)
         .group_by(Model.name, ForgetRequest.status)
     )
@@ -49,6 +50,7 @@ def overdue_counts(session: Session, *, now: datetime) -> dict[str, int]:
     """Open requests (not completed, cancelled or rejected) past their deadline, per model."""
     stmt = (
         select(Model.name, func.count())
+        .select_from(ForgetRequest)
         .join(Model, Model.id == ForgetRequest.model_id)
         .where(ForgetRequest.due_at < now, ForgetRequest.status.in_(OPEN_STATUSES))
         .group_by(Model.name)
@@ -60,6 +62,7 @@ def round_counts(session: Session) -> list[tuple[str, str, int, int]]:
     """(model, status, rounds, extra attempts): a round's attempts beyond the first are crashes."""
     stmt = (
         select(Model.name, Round.status, func.count(), func.coalesce(func.sum(Round.attempts - 1), 0))
+        .select_from(Round)
         .join(Model, Model.id == Round.model_id)
         .group_by(Model.name, Round.status)
     )
@@ -69,6 +72,7 @@ def round_counts(session: Session) -> list[tuple[str, str, int, int]]:
 def version_counts(session: Session) -> list[tuple[str, str, int]]:
     stmt = (
         select(Model.name, AdapterVersion.status, func.count())
+        .select_from(AdapterVersion)
         .join(Model, Model.id == AdapterVersion.model_id)
         .group_by(Model.name, AdapterVersion.status)
     )
@@ -78,6 +82,7 @@ def version_counts(session: Session) -> list[tuple[str, str, int]]:
 def certification_counts(session: Session) -> list[tuple[str, str, int]]:
     stmt = (
         select(Model.name, Certification.status, func.count())
+        .select_from(Certification)
         .join(Model, Model.id == Certification.model_id)
         .group_by(Model.name, Certification.status)
     )
