@@ -10,8 +10,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -95,6 +97,11 @@ def test_metrics_after_a_round(ctx: pipeline.WorkerContext, monkeypatch: pytest.
     assert _value(samples, "lethe_adapter_versions_withdrawn_total", model=MODEL) == withdrawn_before + 1
     count = _value(samples, "lethe_round_duration_seconds_count", model=MODEL, outcome="published")
     assert count == rounds_before + 1
+
+    # the example alert rules name only series that exist
+    rules = (Path(__file__).parents[2] / "deploy" / "prometheus" / "lethe-alerts.yml").read_text()
+    names = {name for name, _ in samples}
+    assert set(re.findall(r"\blethe_[a-z_]+", rules)) <= names
 
     # the worker's exporter serves the same registry (the collector called directly)
     worker_side = _parse(generate_latest(metrics.build_registry(ctx.session_factory)).decode())
