@@ -110,15 +110,21 @@ class TextFormatter(logging.Formatter):
         return f"{head} [{ids}]{sep}{tail}"
 
 
+class _LetheHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """The handler :func:`configure` installs (so that a second call replaces it)."""
+
+
 def configure(fmt: LogFormat, level: str | int = "INFO") -> None:
-    """Replace the root logger's handlers with one stderr handler in ``fmt``. uvicorn's and
-    Celery's loggers propagate to it (uvicorn is started with ``log_config=None``)."""
-    handler = logging.StreamHandler(sys.stderr)
+    """Give the root logger one stderr handler in ``fmt`` (replacing the one a previous call
+    added; other handlers, e.g. a test runner's, stay). uvicorn's and Celery's loggers propagate to
+    it (uvicorn runs with ``log_config=None``; the worker stops Celery's own set-up)."""
+    handler = _LetheHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(ContextFilter())
     root = logging.getLogger()
-    for old in list(root.handlers):
+    for old in [h for h in root.handlers if isinstance(h, _LetheHandler)]:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+    logging.captureWarnings(True)  # a library's warnings become lines in the same format
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)

@@ -47,6 +47,10 @@ def visible_gpus() -> list[str]:
     return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
 
 
+def _keep_our_logging(**_: object) -> None:
+    """Logging is configured by :func:`service.logs.configure`; Celery leaves it alone."""
+
+
 def run_celery_worker(loglevel: str, slot: str) -> None:
     """Run one Celery worker in this process: solo pool, one task at a time."""
     from service.settings import Settings
@@ -55,13 +59,19 @@ def run_celery_worker(loglevel: str, slot: str) -> None:
     settings = Settings()
     worker_settings = WorkerSettings()
     app = configure(settings, worker_settings)
-    logs.configure(settings.log_format or "json", loglevel)
+    log_format = settings.log_format or "json"
+    logs.configure(log_format, loglevel)
+    from celery import signals
+
+    # a receiver of setup_logging stops Celery from adding its own handlers: one format for all lines
+    signals.setup_logging.connect(_keep_our_logging, weak=False)
     if worker_settings.metrics_port:
         from worker.exporter import start_exporter
 
         start_exporter(settings, host=worker_settings.metrics_host, port=worker_settings.metrics_port)
     app.worker_main(
         [
+            *(["--quiet"] if log_format == "json" else []),  # no banner on stdout between the JSON lines
             "worker",
             "--pool=solo",
             "--concurrency=1",

@@ -53,7 +53,7 @@ def _scrape(context: pipeline.WorkerContext) -> Samples:
     with TestClient(create_app(context.settings)) as client:
         response = client.get("/metrics")
         assert response.status_code == 200
-        assert response.headers["content-type"].startswith("text/plain; version=")
+        assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
         assert "/metrics" not in client.get("/openapi.json").json()["paths"]
         return _parse(response.text)
 
@@ -233,3 +233,28 @@ def test_http_responses_carry_a_request_id(ctx: pipeline.WorkerContext) -> None:
         made = client.get("/healthz", headers={"X-Request-ID": "bad id with spaces"})
     assert given.headers["x-request-id"] == "proxy-42"
     assert len(made.headers["x-request-id"]) == 32
+
+
+def test_configure_writes_json_lines_and_replaces_only_its_own_handler(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`lethe serve` / `lethe worker` logging: one JSON object a line with the bound ids; a second
+    configure replaces the first handler and leaves other handlers (a test runner's) alone."""
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    try:
+        logs.configure("text")
+        logs.configure("json", "INFO")
+        ours = [h for h in root.handlers if h not in before]
+        assert len(ours) == 1
+        assert all(h in root.handlers for h in before)
+        with logs.bound(model="m9", round_id=7):
+            logging.getLogger("lethe.test").info("round %d done", 7)
+        lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+        [doc] = [d for d in lines if d["logger"] == "lethe.test"]
+        assert doc == {**doc, "level": "info", "message": "round 7 done", "model": "m9", "round_id": 7}
+    finally:
+        for handler in [h for h in root.handlers if h not in before]:
+            root.removeHandler(handler)
+        root.setLevel(level)
+        logging.captureWarnings(False)

@@ -8,7 +8,8 @@ not part of the client API. A plain ``def``: the queue-state queries run in the 
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from service import metrics
 from service.api.state import State
@@ -22,4 +23,4 @@ def get_metrics(state: State) -> Response:
     if not state.settings.metrics_enabled:
         raise NotFoundError("metrics are disabled (LETHE_METRICS_ENABLED=false)")
     body = generate_latest(metrics.build_registry(state.sessions))
-    return Response(body, media_type=CONTENT_TYPE_LATEST)
+    return Response(body, media_type=CONTENT_TYPE_PLAIN_0_0_4)  # every Prometheus version reads it
