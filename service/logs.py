@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator
 from contextvars import ContextVar, Token
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 LogFormat = Literal["json", "text"]
 
@@ -111,14 +111,23 @@ class TextFormatter(logging.Formatter):
 
 
 class _LetheHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """The handler :func:`configure` installs (so that a second call replaces it)."""
+    """The handler :func:`configure` installs (so that a second call replaces it). It writes to
+    whatever ``sys.stderr`` is at the time of the line, never to a stream replaced since."""
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _: object) -> None:
+        pass
 
 
 def configure(fmt: LogFormat, level: str | int = "INFO") -> None:
     """Give the root logger one stderr handler in ``fmt`` (replacing the one a previous call
     added; other handlers, e.g. a test runner's, stay). uvicorn's and Celery's loggers propagate to
     it (uvicorn runs with ``log_config=None``; the worker stops Celery's own set-up)."""
-    handler = _LetheHandler(sys.stderr)
+    handler = _LetheHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(ContextFilter())
     root = logging.getLogger()
