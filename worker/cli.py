@@ -94,6 +94,12 @@ def child_command(gpu: str, loglevel: str) -> tuple[list[str], dict[str, str]]:
     return [sys.executable, "-c", code, "worker", "--gpus", "inherit", "--loglevel", loglevel], env
 
 
+def metrics_port_of_slot(env: dict[str, str], slot: int) -> dict[str, str]:
+    """One exporter per GPU process: the ports LETHE_WORKER_METRICS_PORT, + 1, … (0 stays off)."""
+    base = int(env.get("LETHE_WORKER_METRICS_PORT") or 0)
+    return {**env, "LETHE_WORKER_METRICS_PORT": str(base + slot)} if base else env
+
+
 def supervise(gpus: list[str], loglevel: str) -> int:
     """One child process per GPU (CUDA_VISIBLE_DEVICES=<gpu>), restarted when it dies."""
     children: dict[str, subprocess.Popen[bytes]] = {}
@@ -101,7 +107,7 @@ def supervise(gpus: list[str], loglevel: str) -> int:
 
     def spawn(gpu: str) -> subprocess.Popen[bytes]:
         args, env = child_command(gpu, loglevel)
-        return subprocess.Popen(args, env=env)
+        return subprocess.Popen(args, env=metrics_port_of_slot(env, gpus.index(gpu)))
 
     def stop(signum: int, _frame: object) -> None:
         nonlocal stopping

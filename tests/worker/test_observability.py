@@ -259,3 +259,13 @@ def test_configure_writes_json_lines_and_replaces_only_its_own_handler(
             root.removeHandler(handler)
         root.setLevel(level)
         logging.captureWarnings(False)
+
+
+def test_each_gpu_process_gets_its_own_exporter_port() -> None:
+    """`lethe worker` with several GPUs: the children's exporters must not fight over one port."""
+    from worker.cli import metrics_port_of_slot
+
+    port = "LETHE_WORKER_METRICS_PORT"
+    assert metrics_port_of_slot({port: "9100"}, 2)[port] == "9102"
+    assert metrics_port_of_slot({port: "0"}, 2)[port] == "0"
+    assert "LETHE_WORKER_METRICS_PORT" not in metrics_port_of_slot({}, 1)
