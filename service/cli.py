@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import click
 from sqlalchemy.engine import make_url
 
+from service import logs
 from service.db.models import SCOPES
 from service.settings import Settings
 
@@ -70,8 +71,8 @@ class LetheGroup(click.Group):
 @click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
 def main(log_level: str) -> None:
     """Lethe: right-to-be-forgotten requests turned into versioned model updates."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    # text unless LETHE_LOG_FORMAT says otherwise; `serve` and `worker` switch to json by default
+    logs.configure(Settings().log_format or "text", log_level)
 
 
 def _is_sqlite(url: str) -> bool:
@@ -106,6 +107,7 @@ def serve(host: str, port: int, run_migrations: bool | None) -> None:
     from service.db import migrate as migrations
 
     settings = Settings()
+    logs.configure(settings.log_format or "json", logging.getLogger().level)
     if run_migrations or (run_migrations is None and _is_sqlite(settings.resolved_database_url)):
         migrations.upgrade(settings.resolved_database_url)
     # Forwarded headers only from the configured proxies (LETHE_TRUSTED_PROXIES); none by default.
@@ -115,6 +117,8 @@ def serve(host: str, port: int, run_migrations: bool | None) -> None:
         host=host,
         port=port,
         log_level="info",
+        log_config=None,  # uvicorn's loggers (access log included) propagate to ours: one format
+        access_log=True,
         proxy_headers=bool(trusted),
         forwarded_allow_ips=trusted or None,
         http=ProblemHttpToolsProtocol,  # the server's own 400s as problem+json, too

@@ -26,6 +26,7 @@ from typing import Any, Literal, cast
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from service import metrics
 from service.db.models import LIVE_ROUND_STATUSES, ForgetRequest, Model, Round
 from service.db.types import utcnow
 from service.repositories import events as events_repo
@@ -512,6 +513,10 @@ def _fail_for_good(
         status="failed",
         data={"cause": cause, "attempts": request.attempts, "crashes": request.crashes},
     )
+    model = session.get(Model, request.model_id)
+    # counted when decided: if this transaction rolls back the counter is one ahead (the
+    # lethe_requests{status="failed"} gauge, read from the database, is exact)
+    metrics.REQUEST_FAILURES.labels(model.name if model else "?", cause).inc()
     log.warning(
         "forget request %s failed for good (%s, %d attempts, %d crashes): %s",
         request.id, cause, request.attempts, request.crashes, _clean(error),

@@ -6,6 +6,7 @@ Built once at start-up (API lifespan, worker start, CLI command), never at impor
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -93,6 +94,14 @@ class Settings(BaseSettings):
     )
     health_timeout_seconds: float = Field(
         default=2.0, description="/readyz gives up on the database and the broker after this long."
+    )
+    metrics_enabled: bool = Field(
+        default=True, description="Serve GET /metrics (Prometheus, unauthenticated); false: 404."
+    )
+    log_format: Literal["json", "text"] | None = Field(
+        default=None,
+        description="json: one JSON object per line; text: readable lines. Unset: json for `lethe serve` "
+        "and `lethe worker`, text for the other commands (the demo's console stays readable).",
     )
 
     webhook_secret_key: SecretStr | None = Field(

@@ -163,6 +163,7 @@ def test_the_proxy_terminates_tls_for_the_api(services: dict[str, dict[str, Any]
     assert code[0] == "{$LETHE_PUBLIC_HOST} {", "the site is the public host name (Caddy serves https)"
     assert "tls {$LETHE_TLS}" in code
     assert "reverse_proxy api:8000" in code
+    assert "respond /metrics 404" in code, "the metrics stay on the compose network"
     assert not any(line.startswith("encode") for line in code), "compression would change the bytes' digests"
     assert any(line.startswith("header Strict-Transport-Security") for line in code)
 

@@ -30,7 +30,7 @@ from typing import Any
 from sqlalchemy import select
 
 from service import certification as certification_service
-from service import rounds
+from service import metrics, rounds
 from service.db.models import AdapterVersion, Evidence, Model
 from service.db.session import transaction
 from service.db.types import utcnow
@@ -165,8 +165,10 @@ def run_certification(ctx: pipeline.WorkerContext, certification_id: int) -> str
                 at=utcnow(),
                 error=f"{type(exc).__name__}: {exc}"[:2000],
             )
+        metrics.CERTIFICATION_RESULTS.labels(job.model_name, "failed").inc()
         return "failed"
     status = STATUS[doc["verdict"]]
+    metrics.CERTIFICATION_RESULTS.labels(job.model_name, status).inc()
     summary = {k: v for k, v in doc.items() if k != "requests"}
     summary["requests"] = {rid: r["verdict"] for rid, r in doc["requests"].items()}
     with transaction(ctx.session_factory) as session:

@@ -19,6 +19,7 @@ from typing import Any
 
 import click
 
+from service import logs
 from service.errors import ServiceError
 from worker.config import WorkerSettings
 
@@ -46,6 +47,10 @@ def visible_gpus() -> list[str]:
     return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
 
 
+def _keep_our_logging(**_: object) -> None:
+    """Logging is configured by :func:`service.logs.configure`; Celery leaves it alone."""
+
+
 def run_celery_worker(loglevel: str, slot: str) -> None:
     """Run one Celery worker in this process: solo pool, one task at a time."""
     from service.settings import Settings
@@ -54,9 +59,19 @@ def run_celery_worker(loglevel: str, slot: str) -> None:
     settings = Settings()
     worker_settings = WorkerSettings()
     app = configure(settings, worker_settings)
-    logging.basicConfig(level=loglevel.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_format = settings.log_format or "json"
+    logs.configure(log_format, loglevel)
+    from celery import signals
+
+    # a receiver of setup_logging stops Celery from adding its own handlers: one format for all lines
+    signals.setup_logging.connect(_keep_our_logging, weak=False)
+    if worker_settings.metrics_port:
+        from worker.exporter import start_exporter
+
+        start_exporter(settings, host=worker_settings.metrics_host, port=worker_settings.metrics_port)
     app.worker_main(
         [
+            *(["--quiet"] if log_format == "json" else []),  # no banner on stdout between the JSON lines
             "worker",
             "--pool=solo",
             "--concurrency=1",
@@ -79,6 +94,12 @@ def child_command(gpu: str, loglevel: str) -> tuple[list[str], dict[str, str]]:
     return [sys.executable, "-c", code, "worker", "--gpus", "inherit", "--loglevel", loglevel], env
 
 
+def metrics_port_of_slot(env: dict[str, str], slot: int) -> dict[str, str]:
+    """One exporter per GPU process: the ports LETHE_WORKER_METRICS_PORT, + 1, … (0 stays off)."""
+    base = int(env.get("LETHE_WORKER_METRICS_PORT") or 0)
+    return {**env, "LETHE_WORKER_METRICS_PORT": str(base + slot)} if base else env
+
+
 def supervise(gpus: list[str], loglevel: str) -> int:
     """One child process per GPU (CUDA_VISIBLE_DEVICES=<gpu>), restarted when it dies."""
     children: dict[str, subprocess.Popen[bytes]] = {}
@@ -86,7 +107,7 @@ def supervise(gpus: list[str], loglevel: str) -> int:
 
     def spawn(gpu: str) -> subprocess.Popen[bytes]:
         args, env = child_command(gpu, loglevel)
-        return subprocess.Popen(args, env=env)
+        return subprocess.Popen(args, env=metrics_port_of_slot(env, gpus.index(gpu)))
 
     def stop(signum: int, _frame: object) -> None:
         nonlocal stopping

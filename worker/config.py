@@ -40,6 +40,10 @@ class WorkerSettings(BaseSettings):
         "built-in workloads' networks are small, and extra threads spin on a shared CPU (measured: "
         "2 threads on a busy 2-core machine made rounds 10-20x slower). Raise it for large CPU models.",
     )
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535, description="Port of this worker's Prometheus exporter (/metrics); 0: off."
+    )
+    metrics_host: str = Field(default="0.0.0.0", description="Address the worker's exporter listens on.")
     fault_pause: str | None = Field(
         default=None, description="Tests only: '<step>:<seconds>' pauses a round at that step (crash tests)."
     )

@@ -34,8 +34,6 @@ import redis
 
 log = logging.getLogger(__name__)
 
-API_APP = "service.api.app:create_app"
-
 
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -234,10 +232,8 @@ class EmbeddedStack:
         subprocess.run(lethe_command("migrate"), env=self.child_env(), check=True, stdout=subprocess.DEVNULL)
 
     def start_api(self, *, wait: bool = True) -> None:
-        args = [
-            sys.executable, "-m", "uvicorn", API_APP, "--factory",
-            "--host", "127.0.0.1", "--port", str(self.api_port), "--log-level", "warning",
-        ]  # fmt: skip
+        # `lethe serve`: the access log on, in LETHE_LOG_FORMAT (json by default); migrated by migrate()
+        args = lethe_command("serve", "--host", "127.0.0.1", "--port", str(self.api_port), "--no-migrate")
         self.api = spawn(args, env=self.child_env(), log_path=self._logs / "api.log")
         if wait:
             self.wait_api()

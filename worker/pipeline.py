@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Engine, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service import rounds
+from service import logs, metrics, rounds
 from service.db.models import ForgetRequest, Model, Sample, Subject
 from service.db.session import make_session_factory, transaction
 from service.db.types import utcnow
@@ -319,6 +319,18 @@ def run_one_round(ctx: WorkerContext, model_name: str) -> RoundResult | None:
     claimed = claim(ctx, model_name)
     if claimed is None:
         return None
+    started = time.monotonic()
+    with logs.bound(round_id=claimed.round_id, model=model_name):
+        result = _run_claimed(ctx, claimed)
+    metrics.ROUND_DURATION.labels(model_name, result.status).observe(time.monotonic() - started)
+    if result.status == "published":
+        metrics.VERSIONS_PUBLISHED.labels(model_name).inc()
+        metrics.VERSIONS_WITHDRAWN.labels(model_name).inc(len(result.withdrawn))
+    return result
+
+
+def _run_claimed(ctx: WorkerContext, claimed: rounds.ClaimedRound) -> RoundResult:
+    model_name = claimed.model_name
     log.info(
         "round %d of %s claimed (token %d): %s",
         claimed.round_id, model_name, claimed.fencing_token, [r.id for r in claimed.requests],
@@ -419,6 +431,8 @@ def _run_and_publish(
                 evidence=outcome,
                 withdraw_versions=withdraw,
             )
+    if any(doc.get("acceptance", {}).get("path") == "retrain" for doc in outcome.values()):
+        metrics.ACCEPTANCE_FALLBACKS.labels(model_name).inc()
     return published, withdraw
 
 

@@ -24,12 +24,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from contextvars import Token
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import redis
 from celery import Celery, signals
 
+from service import logs
 from service.dispatch import WAKE_MARKER, WAKE_MARKER_SECONDS
 from service.settings import Settings
 from service.webhooks.sender import Sender, SenderThread
@@ -52,6 +54,7 @@ class _State:
     lock = threading.Lock()
     heartbeat: Heartbeat | None = None
     webhooks: SenderThread | None = None
+    log_tokens: ClassVar[dict[str, Token[dict[str, Any]]]] = {}
 
 
 def context() -> pipeline.WorkerContext:
@@ -202,7 +205,7 @@ def register(app: Celery, settings: Settings, worker_settings: WorkerSettings) -
     def wake_model(model_name: str) -> dict[str, Any]:
         broker = _State.heartbeat.broker if _State.heartbeat else None
         wake_started(broker, model_name)
-        with _Busy():
+        with logs.bound(model=model_name), _Busy():
             results = pipeline.wake_model(ctx(), model_name, max_rounds=1)
         if results and results[-1].status != "lease_lost":
             wake_again(app, model_name, broker)
@@ -212,7 +215,7 @@ def register(app: Celery, settings: Settings, worker_settings: WorkerSettings) -
 
     @app.task(name=TASK_PREPARE, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
     def prepare_model(model_name: str) -> dict[str, Any]:
-        with _Busy():
+        with logs.bound(model=model_name), _Busy():
             published = pipeline.prepare_model(ctx(), model_name)
         if published is not None:
             wake_again(
@@ -222,7 +225,7 @@ def register(app: Celery, settings: Settings, worker_settings: WorkerSettings) -
 
     @app.task(name=TASK_CERTIFY, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
     def certify_version(certification_id: int) -> dict[str, Any]:
-        with _Busy():
+        with logs.bound(certification_id=certification_id), _Busy():
             status = certification.run_certification(ctx(), certification_id)
         return {"certification": certification_id, "status": status}
 
@@ -234,6 +237,17 @@ def register(app: Celery, settings: Settings, worker_settings: WorkerSettings) -
     @app.task(name=TASK_HEARTBEAT, ignore_result=True)
     def heartbeat_task() -> None:
         pipeline.heartbeat(ctx(), queues=worker_settings.queues, state="busy" if _State.busy else "idle")
+
+    # every log line of a task carries its Celery task id (solo pool: one task at a time, one thread)
+    @signals.task_prerun.connect(weak=False)
+    def _bind_task(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+        _State.log_tokens[task_id or ""] = logs.bind(task_id=task_id, task=getattr(task, "name", None))
+
+    @signals.task_postrun.connect(weak=False)
+    def _unbind_task(task_id: str | None = None, **_: Any) -> None:
+        token = _State.log_tokens.pop(task_id or "", None)
+        if token is not None:
+            logs.unbind(token)
 
     @signals.worker_ready.connect(weak=False)
     def _on_ready(**_: Any) -> None:

@@ -18,7 +18,8 @@ from fastapi.openapi.utils import get_openapi
 from service.api import problems
 from service.api.auth import document_scopes
 from service.api.limits import BodySizeLimit
-from service.api.routers import admin, forget_requests, health, serving, webhooks
+from service.api.request_id import RequestId
+from service.api.routers import admin, forget_requests, health, metrics, serving, webhooks
 from service.api.state import AppState
 from service.api.throttle import AuthFailures
 from service.db.session import create_probe_engine, make_session_factory
@@ -92,6 +93,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.openapi = openapi  # type: ignore[method-assign]
     problems.install(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    for router in (forget_requests.router, webhooks.router, admin.router, serving.router, health.router):
+    app.add_middleware(RequestId)  # outermost: even a 413's log lines carry the id
+    for router in (
+        forget_requests.router,
+        webhooks.router,
+        admin.router,
+        serving.router,
+        health.router,
+        metrics.router,
+    ):
         app.include_router(router)
     return app
