@@ -173,3 +173,16 @@ def test_the_api_runs_lethe_serve(services: dict[str, dict[str, Any]]) -> None:
     assert _command(services["api"]).startswith("lethe serve --host 0.0.0.0 --port 8000")
     api = _stages((ROOT / "Dockerfile").read_text())["api"]
     assert 'CMD ["lethe", "serve", "--host", "0.0.0.0", "--port", "8000", "--no-migrate"]' in api
+
+
+def test_the_api_trusts_only_its_proxy_and_builds_urls_from_the_public_host(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    """Issue 9 item 3 behind the proxy: forwarded headers are trusted through LETHE_TRUSTED_PROXIES
+    (the api publishes no port: only the proxy reaches it), and file URLs come from LETHE_PUBLIC_URL,
+    never from a request's Host header."""
+    env = services["api"]["environment"]
+    assert env["LETHE_TRUSTED_PROXIES"] == "*"
+    assert env["LETHE_PUBLIC_URL"].startswith("https://${LETHE_PUBLIC_HOST:?")
+    assert "FORWARDED_ALLOW_IPS" not in env
+    assert "ports" not in services["api"]
