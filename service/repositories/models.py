@@ -11,6 +11,7 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from service.db.models import MODEL_NAME_PATTERN, Model, Sample, Subject
+from service.errors import NotFoundError
 
 _MODEL_NAME = re.compile(MODEL_NAME_PATTERN)
 #: Values per ``IN (...)`` list, well under SQLite's and PostgreSQL's bound-parameter limits.
@@ -27,6 +28,17 @@ def get_model(session: Session, name: str) -> Model | None:
     if not is_model_name(name):
         return None
     return session.scalar(select(Model).where(Model.name == name))
+
+
+def model_id_filter(session: Session, name: str | None) -> int | None:
+    """The id of the model ``name`` for a list filter (``None``: no filter); an unknown name is a
+    ``NotFoundError`` naming the ``model`` field."""
+    if name is None:
+        return None
+    model = get_model(session, name)
+    if model is None:
+        raise NotFoundError(f"model {name!r} is not registered", field="model")
+    return model.id
 
 
 def lock_model(session: Session, name: str, *, skip_locked: bool = False) -> Model | None:

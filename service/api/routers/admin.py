@@ -93,12 +93,7 @@ def queue_by_deadline(
 ) -> schemas.ForgetRequestPage:
     after = _decode_deadline_cursor(cursor) if cursor is not None else None
     with state.transaction() as session:
-        model_id = None
-        if model is not None:
-            found = models_repo.get_model(session, model)
-            if found is None:
-                raise NotFoundError(f"model {model!r} is not registered", field="model")
-            model_id = found.id
+        model_id = models_repo.model_id_filter(session, model)
         rows = requests_repo.by_deadline(
             session,
             statuses=deadlines.OPEN_STATUSES,

@@ -120,12 +120,7 @@ def list_forget_requests(
 ) -> schemas.ForgetRequestPage:
     before = _decode_cursor(cursor) if cursor is not None else None
     with state.transaction() as session:
-        model_id = None
-        if model is not None:
-            found = models_repo.get_model(session, model)
-            if found is None:
-                raise NotFoundError(f"model {model!r} is not registered", field="model")
-            model_id = found.id
+        model_id = models_repo.model_id_filter(session, model)
         rows = requests_repo.list_requests(
             session,
             api_key_id=None if principal.is_admin else principal.key_id,
