@@ -13,7 +13,6 @@ import pytest
 from sqlalchemy import select
 
 from service import certification as certification_service
-from service import lifecycle
 from service.db.migrate import upgrade
 from service.db.models import Certification, Evidence
 from service.db.session import transaction
@@ -23,6 +22,7 @@ from service.repositories import events as events_repo
 from service.repositories import models as models_repo
 from service.repositories import versions as versions_repo
 from service.settings import Settings
+from tests.worker.requests import submit_client
 from worker import certification, pipeline
 from worker.config import WorkerSettings
 from worker.unlearning.workload import Workload
@@ -43,7 +43,7 @@ def ctx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[pipeline.Wo
     with transaction(context.session_factory) as session:
         models_repo.create_model(
             session, MODEL, workload="toy", method="original", method_config={},
-            settings={"audit": {"retrain_reference": False}, "certify": {"tolerance": 1.0}},
+            settings={"certify": {"tolerance": 1.0}},
         )  # fmt: skip
     assert pipeline.prepare_model(context, MODEL, time_limits=False) is not None
     yield context
@@ -51,15 +51,7 @@ def ctx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[pipeline.Wo
 
 
 def _forget(ctx: pipeline.WorkerContext, client: str) -> str:
-    with transaction(ctx.session_factory) as session:
-        result = lifecycle.submit(
-            session,
-            lifecycle.Submission(model=MODEL, kind="client", client_id=client),
-            idempotency_key=f"k-{client}",
-            api_key_id=None,
-            actor="test",
-        )
-        return result.request.id
+    return submit_client(ctx, MODEL, client)
 
 
 def _events(ctx: pipeline.WorkerContext, request_id: str) -> list[str]:

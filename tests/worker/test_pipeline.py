@@ -28,6 +28,7 @@ from service.repositories import models as models_repo
 from service.repositories import requests as requests_repo
 from service.repositories import versions as versions_repo
 from service.settings import Settings
+from tests.worker.requests import submit_client
 from worker import pipeline
 from worker.artifacts import STATE_FILE, ModelArtifacts, verify_directory
 from worker.config import WorkerSettings
@@ -66,15 +67,7 @@ def ctx(tmp_path: Path) -> Iterator[pipeline.WorkerContext]:
 
 
 def _submit(ctx: pipeline.WorkerContext, client: str) -> str:
-    with transaction(ctx.session_factory) as session:
-        result = lifecycle.submit(
-            session,
-            lifecycle.Submission(model=MODEL, kind="client", client_id=client),
-            idempotency_key=f"k-{client}",
-            api_key_id=None,
-            actor="test",
-        )
-        return result.request.id
+    return submit_client(ctx, MODEL, client)
 
 
 EngineHook = Callable[[rounds.ClaimedRound, RoundWatchdog], None]

@@ -19,7 +19,7 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy import update
 
-from service import lifecycle, registry, rounds
+from service import registry, rounds
 from service.db.migrate import upgrade
 from service.db.models import AdapterVersion
 from service.db.session import transaction
@@ -27,6 +27,7 @@ from service.repositories import models as models_repo
 from service.repositories import requests as requests_repo
 from service.repositories import versions as versions_repo
 from service.settings import Settings
+from tests.worker.requests import submit_client
 from worker import consistency, pipeline
 from worker.artifacts import verify_directory
 from worker.cli import models_command
@@ -84,15 +85,7 @@ def _fake_engine(_ctx: object, claimed: rounds.ClaimedRound, *, staging: Path, *
 
 
 def _submit(ctx: pipeline.WorkerContext, client: str) -> str:
-    with transaction(ctx.session_factory) as session:
-        result = lifecycle.submit(
-            session,
-            lifecycle.Submission(model=MODEL, kind="client", client_id=client),
-            idempotency_key=f"k-{client}",
-            api_key_id=None,
-            actor="test",
-        )
-        return result.request.id
+    return submit_client(ctx, MODEL, client)
 
 
 def _copy_database(source: Path, target: Path) -> None:

@@ -22,7 +22,7 @@ from worker.unlearning.datastore import DataStore
 from worker.unlearning.engine import EngineInputs, ForgetSpec, RoundOutcome, prepare, run_round
 from worker.unlearning.workloads.toy import ToyWorkload
 
-SETTINGS = {"audit": {"retrain_reference": False}}
+SETTINGS: dict[str, object] = {}
 
 
 def _version(root: Path, method: str, spec: ForgetSpec) -> RoundOutcome:
