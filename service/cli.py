@@ -241,6 +241,7 @@ def requests_follow(request_id: str, url: str, api_key: str, interval: float, ti
 
     from service.follow import FollowError, follow
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll would bury the bar
     # on a terminal, redraw one line in place; otherwise one line per change (logs)
     tty = sys.stdout.isatty()
 

@@ -42,7 +42,7 @@ def bar(body: Mapping[str, Any], width: int = BAR_WIDTH) -> str:
     progress = body.get("progress")
     if not progress:
         return "" if status in FINAL_STATUSES else f"[{'.' * width}] waiting"
-    filled = round(fraction(progress) * width)
+    filled = int(fraction(progress) * width)
     steps = f" {progress['step']}/{progress['of']}" if progress.get("of") else ""
     where = "stopped at " if status in FINAL_STATUSES else ""
     return f"[{'#' * filled}{'.' * (width - filled)}] {where}{progress['stage']}{steps}"
