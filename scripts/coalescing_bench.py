@@ -61,7 +61,10 @@ def _queue_requests(home: Path, count: int) -> list[str]:
             model_id = session.scalars(select(Model.id).where(Model.name == MODEL)).one()
             samples = list(
                 session.scalars(
-                    select(Sample.sample_id).where(Sample.model_id == model_id).order_by(Sample.id).limit(count)
+                    select(Sample.sample_id)
+                    .where(Sample.model_id == model_id)
+                    .order_by(Sample.id)
+                    .limit(count)
                 )
             )
             if len(samples) < count:
@@ -93,7 +96,9 @@ def _state(home: Path) -> dict[str, Any]:
     try:
         with make_session_factory(engine)() as session:
             statuses = dict(
-                session.execute(select(ForgetRequest.status, func.count()).group_by(ForgetRequest.status)).all()
+                session.execute(
+                    select(ForgetRequest.status, func.count()).group_by(ForgetRequest.status)
+                ).all()
             )
             rounds = session.execute(select(Round.status, Round.created_at, Round.finished_at)).all()
             last_done = session.scalar(select(func.max(ForgetRequest.completed_at)))
@@ -114,7 +119,9 @@ def _state(home: Path) -> dict[str, Any]:
     }
 
 
-def run_size(template: Path, work: Path, size: int, requests: int, gpus: str, timeout: float) -> dict[str, Any]:
+def run_size(
+    template: Path, work: Path, size: int, requests: int, gpus: str, timeout: float
+) -> dict[str, Any]:
     from worker.embedded import EmbeddedStack
 
     home = work / f"k{size}"
@@ -147,12 +154,16 @@ def run_size(template: Path, work: Path, size: int, requests: int, gpus: str, ti
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--sizes", default="1,4,16", help="max_requests_per_round values, comma-separated")
     parser.add_argument("--gpus", default="none", help="the worker's --gpus (none: CPU)")
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per size")
-    parser.add_argument("--work", type=Path, default=None, help="directory for the homes (default: a temp dir)")
+    parser.add_argument(
+        "--work", type=Path, default=None, help="directory for the homes (default: a temp dir)"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     os.environ.setdefault("LETHE_WORKER_TORCH_THREADS", "1")
@@ -172,7 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     report = {
         "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-        "environment": {"python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count()},
+        "environment": {
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+        },
         "settings": SMALL_SETTINGS,
         "prepare_s": prepare_s,
         "results": results,

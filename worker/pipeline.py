@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, or_, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import logs, metrics, rounds
@@ -487,7 +488,7 @@ def _run_engine(
         with transaction(ctx.session_factory) as session:
             rounds.record_progress(session, claimed, stage=stage, step=step, of=of)
 
-    stages = ThrottledProgress(write_stage)
+    stages = ThrottledProgress(write_stage, tolerate=(SQLAlchemyError,))
 
     def on_stage(stage: str, step: int, of: int) -> None:
         watchdog.check()

@@ -38,8 +38,10 @@ def _thread_timer(delay: float, fn: Callable[[], None]) -> Timer:
 
 class ThrottledProgress:
     """A :data:`worker.unlearning.progress.StageCallback` that writes through ``write`` at most once
-    per ``interval`` seconds. ``write`` errors are logged, not raised: progress is advisory and must
-    not fail a round (the lease renewal and the fenced publish report a lost database)."""
+    per ``interval`` seconds. ``write`` errors of the types in ``tolerate`` (the pipeline: database
+    errors) are logged, not raised: progress is advisory and must not fail a round (the lease renewal
+    and the fenced publish report a lost database). Anything else propagates, above all the soft
+    time limit the watchdog raises in the engine's thread."""
 
     def __init__(
         self,
@@ -48,8 +50,10 @@ class ThrottledProgress:
         interval: float = PROGRESS_INTERVAL_S,
         clock: Callable[[], float] = time.monotonic,
         timer: TimerFactory = _thread_timer,
+        tolerate: tuple[type[Exception], ...] = (),
     ) -> None:
         self._write = write
+        self._tolerate = tolerate
         self._interval = interval
         self._clock = clock
         self._timer_factory = timer
@@ -94,5 +98,5 @@ class ThrottledProgress:
         self._last_write = self._clock()
         try:
             self._write(*report)
-        except Exception:
+        except self._tolerate:
             log.warning("recording round progress %s failed", report, exc_info=True)
