@@ -494,7 +494,6 @@ def _run_engine(
         watchdog.check()
         stages(stage, step, of)
 
-    assert claimed.parent_location is not None
     with contextlib.closing(stages):
         outcome = _engine_round(ctx, claimed, workload, settings, staging, on_progress, on_stage)
     return {rid: dict(doc) for rid, doc in outcome.evidence.items()}
