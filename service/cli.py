@@ -222,6 +222,47 @@ def keys_rotate(key_id: int) -> None:
     click.echo(f"key {key_id} rotated (store the new key now; only its hash is kept)", err=True)
 
 
+@main.group("requests")
+def requests_group() -> None:
+    """Forget requests, through the API."""
+
+
+@requests_group.command("follow")
+@click.argument("request_id")
+@click.option("--url", "url", envvar="LETHE_API_URL", default="http://127.0.0.1:8000", show_default=True)
+@click.option(
+    "--api-key", "api_key", envvar="LETHE_API_KEY", required=True, help="Key with the submit scope."
+)
+@click.option("--interval", default=1.0, show_default=True, help="Seconds between polls.")
+@click.option("--timeout", default=None, type=float, help="Give up after this many seconds (default: never).")
+def requests_follow(request_id: str, url: str, api_key: str, interval: float, timeout: float | None) -> None:
+    """Follow a request until it is final, with its round's progress bar; exit 1 unless completed."""
+    import httpx
+
+    from service.follow import FollowError, follow
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll would bury the bar
+    # on a terminal, redraw one line in place; otherwise one line per change (logs)
+    tty = sys.stdout.isatty()
+
+    def echo(line: str) -> None:
+        click.echo(f"\r\x1b[2K{line}" if tty else line, nl=not tty)
+
+    headers = {"Authorization": f"Bearer {api_key}"}
+    try:
+        with httpx.Client(base_url=url, headers=headers, timeout=30.0) as client:
+            body = follow(client, request_id, echo=echo, interval=interval, timeout=timeout)
+    except FollowError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        if tty:
+            click.echo("")
+    if body.get("status") != "completed":
+        raise click.ClickException(
+            f"request {request_id} {body.get('status')}: {body.get('error') or ''}".rstrip(": ")
+        )
+
+
 @main.command()
 def sweep() -> None:
     """Send wake-ups once for every model with queued requests and no live lease."""

@@ -27,7 +27,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service import metrics
-from service.db.models import LIVE_ROUND_STATUSES, ForgetRequest, Model, Round
+from service.db.models import LIVE_ROUND_STATUSES, ROUND_STAGES, ForgetRequest, Model, Round
 from service.db.types import utcnow
 from service.repositories import events as events_repo
 from service.repositories import models as models_repo
@@ -57,6 +57,7 @@ __all__ = [
     "mark_verifying",
     "models_to_wake",
     "publish_round",
+    "record_progress",
     "register_prepared_model",
     "renew_lease",
 ]
@@ -211,6 +212,8 @@ def _resume(
     live.lease_expires_at = now + timedelta(seconds=lease_seconds)
     live.status = "running"
     live.updated_at = now
+    # the new attempt starts over: the old attempt's stage is not where this one is
+    live.progress_stage = live.progress_step = live.progress_of = live.progress_at = None
     for request in requests:
         request.crashes += 1
         _set_status(
@@ -362,6 +365,19 @@ def renew_lease(session: Session, claimed: ClaimedRound, *, lease_seconds: int) 
     round_.lease_expires_at = now + timedelta(seconds=lease_seconds)
     round_.updated_at = now
     session.flush()
+
+
+def record_progress(session: Session, claimed: ClaimedRound, *, stage: str, step: int, of: int) -> bool:
+    """Record the stage of the held round (docs/api.md, "Progress"). Returns False, and writes nothing,
+    when the round is no longer ours (ended, or resumed under another token): progress is advisory,
+    the next fenced write (lease renewal, publish) raises :class:`LeaseLost`."""
+    if stage not in ROUND_STAGES:
+        raise ValueError(f"unknown round stage {stage!r} (one of {list(ROUND_STAGES)})")
+    if step < 0 or of < 0 or (of and step > of):
+        raise ValueError(f"progress step {step} of {of} is out of range")
+    return rounds_repo.set_progress(
+        session, claimed.round_id, claimed.fencing_token, stage=stage, step=step, of=of, at=utcnow()
+    )
 
 
 def mark_verifying(session: Session, claimed: ClaimedRound) -> None:

@@ -118,10 +118,11 @@ def test_dockerignore_keeps_state_out() -> None:
     assert {".venv", ".lethe", ".git"} <= set(ignored)
 
 
-def test_no_secret_has_a_default() -> None:
+@pytest.mark.parametrize("path", ["docker-compose.yml", "deploy/compose.gpus.yml"])
+def test_no_secret_has_a_default(path: str) -> None:
     """Defect (issue 9, item 14): Postgres defaulted to the password ``lethe``. Every reference to a
     password must be required (``${VAR:?message}``): compose refuses to start without it."""
-    text = (ROOT / "docker-compose.yml").read_text()
+    text = (ROOT / path).read_text()
     references = re.findall(r"\$\{([A-Z0-9_]*(?:PASSWORD|SECRET|TOKEN|KEY)[A-Z0-9_]*)(:?[-?+]?)", text)
     assert references, "the database password must come from the environment"
     for name, operator in references:
@@ -186,3 +187,74 @@ def test_the_api_trusts_only_its_proxy_and_builds_urls_from_the_public_host(
     assert env["LETHE_PUBLIC_URL"].startswith("https://${LETHE_PUBLIC_HOST:?")
     assert "FORWARDED_ALLOW_IPS" not in env
     assert "ports" not in services["api"]
+
+
+# --- several GPUs and machines (issue 10 part 7) ---------------------------------------------------
+
+
+def _gpu_devices(svc: dict[str, Any]) -> list[dict[str, Any]]:
+    devices = svc["deploy"]["resources"]["reservations"]["devices"]
+    assert isinstance(devices, list)
+    return [d for d in devices if d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", [])]
+
+
+def _load(path: str) -> dict[str, dict[str, Any]]:
+    data = yaml.safe_load((ROOT / path).read_text())
+    assert isinstance(data, dict)
+    svcs = data["services"]
+    assert isinstance(svcs, dict)
+    return svcs
+
+
+def test_one_worker_per_machine_runs_one_process_per_gpu(services: dict[str, dict[str, Any]]) -> None:
+    """Defect (issue 10 part 7): the file advised `--scale worker=N`, and every replica reserved every
+    GPU (N processes on each GPU). Now one `worker` per machine reserves its GPUs and `lethe worker`
+    runs one process per GPU in it (its supervisor: CUDA_VISIBLE_DEVICES per child); no replicas."""
+    worker = services["worker"]
+    assert [d.get("count") for d in _gpu_devices(worker)] == ["all"]
+    assert _command(worker) == "lethe worker"  # --gpus auto: one solo-pool process per visible GPU
+    assert "replicas" not in worker.get("deploy", {})
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert "do not `--scale worker=N`" in text
+    assert not re.search(r"(?m)^# Scale workers .*--scale worker=N", text)
+
+
+def test_the_two_gpu_override_pins_one_gpu_per_worker_service(services: dict[str, dict[str, Any]]) -> None:
+    """deploy/compose.gpus.yml: `worker` moves to a profile (does not start), `worker-gpu0` and
+    `worker-gpu1` each reserve exactly one, distinct GPU (device_ids, no count) and otherwise run
+    like `worker`: same image, command, database, broker, volume and start-up gates."""
+    override = _load("deploy/compose.gpus.yml")
+    assert override["worker"] == {"profiles": ["all-gpus"]}
+    pinned = {name: svc for name, svc in override.items() if name.startswith("worker-gpu")}
+    assert sorted(pinned) == ["worker-gpu0", "worker-gpu1"]
+    base = services["worker"]
+    for index, name in enumerate(sorted(pinned)):
+        svc = pinned[name]
+        (device,) = _gpu_devices(svc)
+        assert device["device_ids"] == [str(index)]
+        assert "count" not in device  # count and device_ids are exclusive
+        assert svc["image"] == base["image"]
+        assert _command(svc) == _command(base)
+        assert svc["volumes"] == base["volumes"]
+        assert svc["depends_on"] == base["depends_on"]
+        assert svc["healthcheck"] == base["healthcheck"]
+        for key in ("LETHE_HOME", "LETHE_DATABASE_URL", "LETHE_BROKER_URL"):
+            assert svc["environment"][key] == base["environment"][key]
+        assert svc["environment"]["LETHE_WORKER_DEVICE"] == "cuda"  # a GPU it cannot see is an error
+    assert not any(_published(svc) for svc in override.values())
+
+
+def test_the_worker_host_file_runs_workers_only_against_the_main_hosts_services() -> None:
+    """deploy/compose.worker-host.yml (machines 2..M): only `worker`, every GPU of the machine,
+    database, broker and the shared artifacts required from the environment, nothing published."""
+    svcs = _load("deploy/compose.worker-host.yml")
+    assert list(svcs) == ["worker"]
+    worker = svcs["worker"]
+    assert [d.get("count") for d in _gpu_devices(worker)] == ["all"]
+    assert _command(worker) == "lethe worker"
+    env = worker["environment"]
+    assert env["LETHE_DATABASE_URL"].startswith("${LETHE_DATABASE_URL:?")
+    assert env["LETHE_BROKER_URL"].startswith("${LETHE_BROKER_URL:?")
+    assert worker["volumes"] == ["${LETHE_SHARED_HOME:?set LETHE_SHARED_HOME, the shared artifacts and "
+                                 "data store mounted here}:/var/lib/lethe"]  # fmt: skip
+    assert _published(worker) == []

@@ -30,8 +30,10 @@ from typing import Any
 import httpx
 from rich.console import Console
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
+from service.follow import bar as progress_bar
 from service.settings import Settings
 from worker import demo_checks
 from worker.demo_checks import fmt as _fmt
@@ -109,7 +111,7 @@ def _follow(
 
     def table() -> Table:
         t = Table(title="forget requests", expand=False)
-        for col in ("request", "subject", "status", "attempts", "version", "elapsed"):
+        for col in ("request", "subject", "status", "progress", "attempts", "version", "elapsed"):
             t.add_column(col)
         for rid, label in ids.items():
             body = last.get(rid, {})
@@ -121,6 +123,7 @@ def _follow(
                 rid[:8],
                 label,
                 f"[{style}]{status}[/{style}]" if style else status,
+                escape(progress_bar(body, width=20)),
                 str(body.get("attempts", "")),
                 _fmt(body.get("version")),
                 f"{time.monotonic() - started:5.1f} s",

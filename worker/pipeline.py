@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, or_, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import logs, metrics, rounds
@@ -52,9 +53,11 @@ from service.settings import Settings
 from worker import consistency
 from worker.artifacts import CommittedVersion, FileDigest, ModelArtifacts, digest_directory, version_dir_name
 from worker.config import WorkerSettings
+from worker.progress import ThrottledProgress
 from worker.watchdog import RoundWatchdog
 
 if TYPE_CHECKING:
+    from worker.unlearning.engine import RoundOutcome
     from worker.unlearning.types import ForgetSpec
     from worker.unlearning.workload import Workload
 
@@ -407,6 +410,7 @@ def _run_and_publish(
         ctx.emit("engine_done", round_id=claimed.round_id)
         with transaction(ctx.session_factory) as session:
             rounds.mark_verifying(session, claimed)
+            rounds.record_progress(session, claimed, stage="publish", step=0, of=0)
         # the forgotten ids stay worker-side: not in the directory serving hosts download
         store.keep_state(staging, name)
         attempt.committed = store.commit(
@@ -469,11 +473,9 @@ def _run_engine(
     staging: Path,
     watchdog: RoundWatchdog,
 ) -> dict[str, dict[str, Any]]:
-    from worker.unlearning.engine import run_round
     from worker.unlearning.workload import deep_merge
 
     workload = _load_workload(model)
-    store = ctx.artifacts(claimed.model_name)
     settings = dict(workload_settings)
     if claimed.method_config:  # the method's own settings block, merged over settings[method]
         settings = deep_merge(settings, {claimed.method: claimed.method_config})
@@ -482,8 +484,35 @@ def _run_engine(
         watchdog.check()
         ctx.emit("progress", round_id=claimed.round_id, done=done, total=total, message=message)
 
+    def write_stage(stage: str, step: int, of: int) -> None:
+        with transaction(ctx.session_factory) as session:
+            rounds.record_progress(session, claimed, stage=stage, step=step, of=of)
+
+    stages = ThrottledProgress(write_stage, tolerate=(SQLAlchemyError,))
+
+    def on_stage(stage: str, step: int, of: int) -> None:
+        watchdog.check()
+        stages(stage, step, of)
+
+    with contextlib.closing(stages):
+        outcome = _engine_round(ctx, claimed, workload, settings, staging, on_progress, on_stage)
+    return {rid: dict(doc) for rid, doc in outcome.evidence.items()}
+
+
+def _engine_round(
+    ctx: WorkerContext,
+    claimed: rounds.ClaimedRound,
+    workload: Workload,
+    settings: dict[str, Any],
+    staging: Path,
+    on_progress: Callable[[int, int, str], None],
+    on_stage: Callable[[str, int, int], None],
+) -> RoundOutcome:
+    from worker.unlearning.engine import run_round
+
+    store = ctx.artifacts(claimed.model_name)
     assert claimed.parent_location is not None
-    outcome = run_round(
+    return run_round(
         workload,
         data_dir=ctx.data_dir(claimed.model_name),
         base_dir=store.base_dir,
@@ -497,8 +526,8 @@ def _run_engine(
         cache_dir=ctx.cache_dir(claimed.model_name),
         on_progress=on_progress,
         state_in=store.state_file(claimed.parent_location),
+        on_stage=on_stage,
     )
-    return {rid: dict(doc) for rid, doc in outcome.evidence.items()}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,6 +26,9 @@ def forget_requests(session: Session, rows: Sequence[ForgetRequest]) -> list[sch
     versions = versions_repo.version_numbers(
         session, [s.version_id for s in shown.values() if s.version_id is not None]
     )
+    rounds = rounds_repo.rounds_by_id(
+        session, [s.round_id for s in shown.values() if s.round_id is not None and s.status in PROGRESS_SHOWN]
+    )
     out = []
     for r in rows:
         s = shown[r.id]
@@ -39,9 +42,28 @@ def forget_requests(session: Session, rows: Sequence[ForgetRequest]) -> list[sch
                 completed_at=s.completed_at,
                 attempts=s.attempts,
                 error=s.error,
+                progress=_progress(
+                    rounds.get(s.round_id) if s.status in PROGRESS_SHOWN and s.round_id else None
+                ),
             )
         )
     return out
+
+
+#: Statuses whose round progress is shown: running rounds, and where a failed request's round stopped.
+PROGRESS_SHOWN = ("running", "verifying", "failed")
+
+
+def _progress(round_: Round | None) -> schemas.RoundProgressOut | None:
+    if round_ is None or round_.progress_stage is None or round_.progress_at is None:
+        return None
+    return schemas.RoundProgressOut(
+        round_id=round_.id,
+        stage=round_.progress_stage,  # the worker writes ROUND_STAGES only
+        step=round_.progress_step or 0,
+        of=round_.progress_of or 0,
+        updated_at=round_.progress_at,
+    )
 
 
 def forget_request(session: Session, row: ForgetRequest) -> schemas.ForgetRequestOut:

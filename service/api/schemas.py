@@ -109,6 +109,26 @@ class _Out(BaseModel):
         )
 
 
+RoundStage = Literal["partitions", "ssd", "update", "acceptance", "audit", "publish"]
+
+
+class RoundProgressOut(BaseModel):
+    """Where the request's round is (written by the worker at most every 0.5 s)."""
+
+    round_id: int
+    stage: RoundStage = Field(
+        description="partitions → ssd → update → acceptance → audit → publish (ssd: methods that run it)."
+    )
+    step: int = Field(
+        description="Step within the stage: request k of the round (partitions, audit), epoch k (update); 0 "
+        "when the stage has no steps."
+    )
+    of: int = Field(
+        description="Steps in the stage (0: not counted; update: at most, early stopping may end it)."
+    )
+    updated_at: datetime
+
+
 class ForgetRequestOut(_Out):
     id: str
     model: str
@@ -128,6 +148,11 @@ class ForgetRequestOut(_Out):
     error: str | None
     version: int | None = Field(description="The adapter version that no longer contains the subject.")
     extended_months: int = Field(description="Months the deadline was extended by (at most 2).")
+    progress: RoundProgressOut | None = Field(
+        default=None,
+        description="The stage of its round while running or verifying; for a failed request the stage its "
+        "last round reached; null otherwise.",
+    )
 
 
 class DeadlineExtensionIn(_In):

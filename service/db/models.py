@@ -57,6 +57,8 @@ ACTIVE_REQUEST_STATUSES: Final = ("received", "queued", "running", "verifying")
 ROUND_STATUSES: Final = ("running", "verifying", "completed", "failed")
 #: At most one round per model is in one of these statuses (partial unique index).
 LIVE_ROUND_STATUSES: Final = ("running", "verifying")
+#: The stages a round reports while it runs, in order (``rounds.progress_stage``; docs/api.md).
+ROUND_STAGES: Final = ("partitions", "ssd", "update", "acceptance", "audit", "publish")
 VERSION_STATUSES: Final = ("active", "withdrawn")
 #: ``requested`` → ``running`` → a verdict (``certified``, ``flagged``: out of bounds, ``incomplete``:
 #: forget-set terms unavailable) or ``failed``.
@@ -286,6 +288,12 @@ class Round(Base):
     #: The model's settings when the round was claimed (a resumed round keeps them); NULL: a round
     #: claimed before they were recorded, which reads the model's.
     settings: Mapped[JSONDict | None] = mapped_column(JSON)
+    #: Where the round is (docs/api.md, "Progress"): written by the worker, throttled; NULL until the
+    #: engine reports. ``progress_step`` of ``progress_of`` (0 of 0: the stage has no steps).
+    progress_stage: Mapped[str | None] = mapped_column(String(32))
+    progress_step: Mapped[int | None] = mapped_column(Integer)
+    progress_of: Mapped[int | None] = mapped_column(Integer)
+    progress_at: Mapped[datetime | None]
 
 
 class RoundRequest(Base):

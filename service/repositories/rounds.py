@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.db.models import LIVE_ROUND_STATUSES, ForgetRequest, Model, Round, RoundRequest
@@ -22,6 +22,31 @@ def get_round(session: Session, round_id: int, *, lock: bool = False) -> Round |
     if lock:
         stmt = stmt.with_for_update().execution_options(populate_existing=True)
     return session.scalar(stmt)
+
+
+def set_progress(
+    session: Session, round_id: int, fencing_token: int, *, stage: str, step: int, of: int, at: datetime
+) -> bool:
+    """Record where the live round is; False when the round ended or was taken over (another token).
+
+    One conditional UPDATE without a row lock: progress must not queue behind the lease renewal."""
+    result = session.execute(
+        update(Round)
+        .where(
+            Round.id == round_id,
+            Round.fencing_token == fencing_token,
+            Round.status.in_(LIVE_ROUND_STATUSES),
+        )
+        .values(progress_stage=stage, progress_step=step, progress_of=of, progress_at=at)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(getattr(result, "rowcount", 0))
+
+
+def rounds_by_id(session: Session, round_ids: list[int]) -> dict[int, Round]:
+    if not round_ids:
+        return {}
+    return {r.id: r for r in session.scalars(select(Round).where(Round.id.in_(set(round_ids))))}
 
 
 def covered_requests(session: Session, round_id: int, *, lock: bool = False) -> list[ForgetRequest]:

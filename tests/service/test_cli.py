@@ -117,3 +117,64 @@ def test_serve_runs_the_api_on_the_embedded_default(home: Path) -> None:
         proc.wait(10)
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def _bodies_transport(bodies: list[dict[str, object]]) -> httpx.MockTransport:
+    """Answers GET /v1/forget-requests/<id> with ``bodies`` in turn (the last one repeated)."""
+    served: list[dict[str, object]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/v1/forget-requests/r1"
+        assert request.headers["authorization"] == "Bearer k"
+        served.append(bodies[min(len(served), len(bodies) - 1)])
+        return httpx.Response(200, json=served[-1])
+
+    return httpx.MockTransport(handler)
+
+
+def test_requests_follow_draws_the_rounds_progress_until_the_request_is_final(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 10 part 3: `lethe requests follow ID` polls the request and draws a plain-text bar of its
+    round's stage (one line per change when not on a terminal); exit 0 once completed."""
+    bodies: list[dict[str, object]] = [
+        {"id": "r1", "status": "queued", "progress": None},
+        {"id": "r1", "status": "running", "progress": {"stage": "partitions", "step": 1, "of": 2}},
+        {"id": "r1", "status": "running", "progress": {"stage": "update", "step": 5, "of": 10}},
+        {"id": "r1", "status": "verifying", "progress": {"stage": "publish", "step": 0, "of": 0}},
+        {"id": "r1", "status": "completed", "version": 3, "progress": None},
+    ]
+    real_client = httpx.Client
+    transport = _bodies_transport(bodies)
+    monkeypatch.setattr(httpx, "Client", lambda **kw: real_client(transport=transport, **kw))
+    result = CliRunner().invoke(
+        cli.main, ["requests", "follow", "r1", "--api-key", "k", "--interval", "0"], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [
+        "r1 queued    [..............................] waiting",
+        "r1 running   [##............................] partitions 1/2",
+        "r1 running   [############..................] update 5/10",
+        "r1 verifying [#########################.....] publish",
+        "r1 completed [##############################] v3",
+    ]
+
+
+def test_requests_follow_exits_1_with_the_stage_a_failed_request_stopped_at(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bodies: list[dict[str, object]] = [
+        {
+            "id": "r1",
+            "status": "failed",
+            "error": "CUDA out of memory",
+            "progress": {"stage": "acceptance", "step": 0, "of": 0},
+        }
+    ]
+    real_client = httpx.Client
+    transport = _bodies_transport(bodies)
+    monkeypatch.setattr(httpx, "Client", lambda **kw: real_client(transport=transport, **kw))
+    result = CliRunner().invoke(cli.main, ["requests", "follow", "r1", "--api-key", "k"])
+    assert result.exit_code == 1
+    assert "[###############...............] stopped at acceptance" in result.output
+    assert "request r1 failed: CUDA out of memory" in result.output

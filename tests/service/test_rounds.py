@@ -488,3 +488,102 @@ def test_a_killed_workers_round_is_taken_over_after_the_short_default_lease(
     assert taken is not None
     assert (taken.round_id, taken.worker_id) == (killed.round_id, "w2")
     assert taken.fencing_token > killed.fencing_token
+
+
+# --- progress (issue 10 part 3) and several workers (part 7) --------------------------------------
+
+
+def _progress(factory: sessionmaker[Session], round_id: int) -> tuple[str | None, int | None, int | None]:
+    with factory() as session:
+        row = session.get(Round, round_id)
+        assert row is not None
+        return row.progress_stage, row.progress_step, row.progress_of
+
+
+@pytest.mark.usefixtures("ready_model")
+def test_progress_is_recorded_by_the_holder_only_and_starts_over_on_resume(
+    sessions: sessionmaker[Session],
+) -> None:
+    """Issue 10 part 3: the round's stage is recorded under its fencing token (a taken-over worker
+    writes nothing), bad stages or steps are refused, and a resumed round starts without the old
+    attempt's stage."""
+    submit_client(sessions, "c0")
+    old = claim(sessions, "w1")
+    assert old is not None
+    assert _progress(sessions, old.round_id) == (None, None, None)
+    with transaction(sessions) as session:
+        assert rounds.record_progress(session, old, stage="update", step=3, of=10)
+    assert _progress(sessions, old.round_id) == ("update", 3, 10)
+    for stage, step, of in (("training", 0, 0), ("update", 11, 10), ("update", -1, 0)):
+        with pytest.raises(ValueError, match=r"stage|step"), transaction(sessions) as session:
+            rounds.record_progress(session, old, stage=stage, step=step, of=of)
+    expire_lease(sessions, old.round_id)
+    new = claim(sessions, "w2")
+    assert new is not None
+    assert _progress(sessions, new.round_id) == (None, None, None)
+    with transaction(sessions) as session:
+        assert not rounds.record_progress(session, old, stage="audit", step=1, of=1)
+        assert rounds.record_progress(session, new, stage="partitions", step=1, of=1)
+    assert _progress(sessions, new.round_id) == ("partitions", 1, 1)
+
+
+def _submit_to(factory: sessionmaker[Session], model: str, client: str) -> str:
+    with transaction(factory) as session:
+        result = lifecycle.submit(
+            session,
+            lifecycle.Submission(model=model, kind="client", client_id=client),
+            idempotency_key=f"{model}-{client}",
+            api_key_id=None,
+            actor="test",
+        )
+        return result.request.id
+
+
+def _claim_model(factory: sessionmaker[Session], model: str, worker: str) -> rounds.ClaimedRound | None:
+    with transaction(factory) as session:
+        return rounds.claim_round(session, model, worker, lease_seconds=LEASE, max_requests=4, max_attempts=3)
+
+
+def test_models_run_in_parallel_while_one_models_rounds_stay_serial(sessions: sessionmaker[Session]) -> None:
+    """Issue 10 part 7 (several GPU workers): each model has at most one live round, but a model's
+    round never holds back another model's. Workers w1..w4 claim concurrently (real threads, one
+    session each): exactly one round per model, both live at once; the losers get nothing until
+    the holder publishes."""
+    from tests.service.conftest import seed_ready_model
+
+    seed_ready_model(sessions, "alpha")
+    seed_ready_model(sessions, "beta")
+    for model in ("alpha", "beta"):
+        for c in ("c0", "c1"):
+            _submit_to(sessions, model, c)
+    barrier = threading.Barrier(4)
+
+    def race(job: tuple[str, str]) -> rounds.ClaimedRound | None:
+        model, worker = job
+        barrier.wait()
+        return _claim_model(sessions, model, worker)
+
+    jobs = [("alpha", "w1"), ("alpha", "w2"), ("beta", "w3"), ("beta", "w4")]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(race, jobs))
+    winners = {r.model_name: r for r in results if r is not None}
+    assert sorted(winners) == ["alpha", "beta"]
+    assert sum(r is not None for r in results) == 2
+    with sessions() as session:
+        live = session.scalars(select(Round.model_id).where(Round.status == "running")).all()
+        assert len(live) == 2  # both models' rounds run at the same time
+    assert _claim_model(sessions, "alpha", "w5") is None  # alpha's next round waits for its first
+    _submit_to(sessions, "alpha", "c2")
+    assert _claim_model(sessions, "alpha", "w5") is None
+    with transaction(sessions) as session:
+        rounds.publish_round(
+            session,
+            winners["alpha"],
+            location="alpha/adapters/x",
+            files={"adapter_model.safetensors": DIGEST},
+            evidence={r.id: {} for r in winners["alpha"].requests},
+            withdraw_versions=[1],
+        )
+    following = _claim_model(sessions, "alpha", "w5")
+    assert following is not None
+    assert following.parent_version == 2  # on top of the version the first round published

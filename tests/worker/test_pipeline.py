@@ -671,3 +671,67 @@ def test_looking_for_pending_purges_costs_the_same_however_long_the_history(
         assert requests_repo.unpurged_completed(session, 1) == []
     statements, _ = _statements_of_pending_purges(ctx)
     assert statements <= 2  # nothing left to check: the partial index answers
+
+
+# --- progress (issue 10 part 3) -------------------------------------------------------------------
+
+
+def test_the_api_shows_the_stage_of_a_running_round(
+    ctx: pipeline.WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 10 part 3 (defect: progress inside a round reached neither the database nor the API).
+    The engine's stage reports reach ``GET /v1/forget-requests/{id}`` while the round runs: the first
+    at once, the last one held back by the throttle when the engine returns; ``publish`` while it
+    verifies; nothing once it completed."""
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+    from service.repositories import keys as keys_repo
+    from worker.unlearning import engine
+
+    with transaction(ctx.session_factory) as session:
+        _, secret = keys_repo.create_key(session, ["admin"], name="progress")
+    first, second = _submit(ctx, "c0"), _submit(ctx, "c1")
+    seen: dict[str, Any] = {}
+
+    with TestClient(create_app(ctx.settings), headers={"Authorization": f"Bearer {secret}"}) as api:
+
+        def progress_of(request_id: str) -> tuple[str, Any]:
+            body = api.get(f"/v1/forget-requests/{request_id}").json()
+            return body["status"], body["progress"]
+
+        def run_round(
+            _workload: object,
+            *,
+            adapter_out: Path,
+            requests: list[Any],
+            on_stage: Callable[[str, int, int], None],
+            **_: object,
+        ) -> Any:
+            on_stage("partitions", 1, 2)
+            seen["partitions"] = progress_of(second)
+            for epoch in range(1, 11):  # faster than the throttle: the last must still be written
+                on_stage("update", epoch, 10)
+            (adapter_out / "adapter_model.safetensors").write_bytes(b"v2")
+            (adapter_out / "adapter_config.json").write_text("{}")
+            (adapter_out / STATE_FILE).write_text("{}")
+            return dataclasses.make_dataclass("Outcome", ["evidence"])({r.request_id: {} for r in requests})
+
+        def hook(event_name: str, _details: dict[str, Any]) -> None:
+            if event_name in ("engine_done", "committed"):
+                seen[event_name] = progress_of(first)
+
+        monkeypatch.setattr(engine, "run_round", run_round)
+        monkeypatch.setattr(pipeline, "_load_workload", lambda model: object())
+        result = pipeline.run_one_round(_variant(ctx, hook=hook), MODEL)
+        assert result is not None
+        assert result.status == "published"
+        status, progress = seen["partitions"]
+        assert status == "running"
+        assert progress["round_id"] == result.round_id
+        assert (progress["stage"], progress["step"], progress["of"]) == ("partitions", 1, 2)
+        status, progress = seen["engine_done"]
+        assert (status, progress["stage"], progress["step"], progress["of"]) == ("running", "update", 10, 10)
+        status, progress = seen["committed"]
+        assert (status, progress["stage"]) == ("verifying", "publish")
+        assert progress_of(first) == ("completed", None)

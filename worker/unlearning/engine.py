@@ -40,6 +40,7 @@ from worker.unlearning.partitions import (
     id_mask,
     retain_set,
 )
+from worker.unlearning.progress import ACCEPTANCE, AUDIT, PARTITIONS, StageCallback
 from worker.unlearning.pruning import reapply_pruning
 from worker.unlearning.ssd import precompute_full_importance, weights_digest
 from worker.unlearning.state import RoundState
@@ -459,6 +460,7 @@ def apply_method(
     ctx: RequestContext,
     *,
     on_progress: Callable[[str], None] | None = None,
+    on_stage: StageCallback | None = None,
 ) -> tuple[PeftModel, dict[str, Any], list[int], float]:
     """Run ``method`` (from the methods registry) for one request, then re-apply the persistent
     pruning. Returns the model, the method's info, the outputs the method pruned, and the wall time."""
@@ -482,6 +484,7 @@ def apply_method(
         retain=ctx.retain,
         base=ctx.base,
         on_progress=on_progress,
+        on_stage=on_stage,
     )
     result = fn(mctx)
     out = result.model
@@ -675,13 +678,15 @@ def run_round(
     cache_dir: Path | None = None,
     on_progress: ProgressCallback | None = None,
     state_in: Path | None = None,
+    on_stage: StageCallback | None = None,
 ) -> RoundOutcome:
     """One unlearning round: the requests in order (one stage each), the acceptance check of the
     model to publish (with the exact path as fallback), the audit of every request on it; writes
     ``adapter_out``.
 
     ``state_in``: the RoundState file of ``adapter_in`` when it is kept elsewhere (the worker keeps
-    it out of served directories); default ``adapter_in/unlearning_state.json``."""
+    it out of served directories); default ``adapter_in/unlearning_state.json``.
+    ``on_stage``: where the round is (``worker.unlearning.progress``), for the worker to record."""
     from worker.unlearning.methods import get_method
 
     get_method(method)  # unknown method: fail before any work
@@ -710,12 +715,17 @@ def run_round(
         if on_progress is not None:
             on_progress(n, n, message)
 
+    def stage_progress(stage: str, step: int = 0, of: int = 0) -> None:
+        if on_stage is not None:
+            on_stage(stage, step, of)
+
     for stage, spec in enumerate(requests, start=1):
 
         def progress(message: str, _stage: int = stage, _id: str = spec.request_id) -> None:
             if on_progress is not None:
                 on_progress(_stage - 1, n, f"request {_id}: {message}")
 
+        stage_progress(PARTITIONS, stage, n)
         t0 = time.perf_counter()
         ctx = request_context(inputs, spec, state, stage=stage, cache_key=cache_key, method=method)
         t_ctx = time.perf_counter() - t0
@@ -730,7 +740,9 @@ def run_round(
             reapply_pruning(model, sorted(set(state.pruned_subset_outputs) | set(pruned)))
             info, wall = {"method": method, "skipped": "nothing left to forget"}, 0.0
         else:
-            model, info, pruned, wall = apply_method(method, model, ctx, on_progress=progress)
+            model, info, pruned, wall = apply_method(
+                method, model, ctx, on_progress=progress, on_stage=on_stage
+            )
         advance_state(state, ctx, pruned)
         # the adapter changed: the next request needs the new weights' I_D; computing it now is
         # reported as its own timing, not hidden in the next request's method time (the last
@@ -754,6 +766,7 @@ def run_round(
         if on_progress is not None:
             on_progress(stage, n, f"request {spec.request_id}: updated")
 
+    stage_progress(ACCEPTANCE)
     model, accepted, fallback_s = _accept_round(
         round_input, model, staged, accept_cfg, method, round_progress
     )
@@ -763,7 +776,8 @@ def run_round(
         )
     round_progress("audit")
     evidence: dict[str, dict[str, Any]] = {}
-    for s in staged:
+    for position, s in enumerate(staged, start=1):
+        stage_progress(AUDIT, position, n)
         s.timings["acceptance_fallback_s"] = fallback_s
         ev = request_evidence(
             model,

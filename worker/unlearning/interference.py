@@ -570,11 +570,13 @@ def interference_aware_unlearn(
     progress: Callable[[str], None] | None = None,
     retain_baseline: Mapping[str, float] | None = None,
     retain: Batch | None = None,
+    on_epoch: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Algorithm 1 on ``model`` in place (LoRA factors + forgotten-task heads). Returns JSON info.
 
     ``retain_baseline``: the pre-request model's accuracy on the :func:`retain_check` rows (the
     ``default`` method measures it before SSD); ``None``: the model as given is the baseline.
+    ``on_epoch(k, n)``: called after epoch k of at most n (progress).
     """
     cfg = cfg or IAConfig()
     info: dict[str, Any] = {"config": cfg.to_json()}
@@ -588,7 +590,7 @@ def interference_aware_unlearn(
         size = cfg.check_size if cfg.checks_retain else 0
         check = retain_check(partitions, size=size, seed=seed, retain=retain, rows=cfg.check_rows)
         info.update(_run(model, tasks, partitions, forget, heldout.to(device), cfg, seed, mia_target,
-                         device, progress, retain_baseline, check.to(device)))  # fmt: skip
+                         device, progress, retain_baseline, check.to(device), on_epoch))  # fmt: skip
     return info
 
 
@@ -605,6 +607,7 @@ def _run(
     progress: Callable[[str], None] | None,
     retain_baseline: Mapping[str, float] | None,
     check: Batch,
+    on_epoch: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
     inv = involved_tasks(partitions, tasks)
     inv_names = [t.name for t in inv]
@@ -693,6 +696,8 @@ def _run(
         checkpoint(epoch)
         if progress is not None:
             progress(f"ia: epoch {epoch}/{cfg.epochs} mia={history[-1]['mia_auc']}")
+        if on_epoch is not None:
+            on_epoch(epoch, cfg.epochs)
         chosen = select_checkpoint(history, cfg.retain_tolerance)
         since_best = 0 if chosen != best else since_best + 1
         best = chosen

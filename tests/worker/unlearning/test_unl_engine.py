@@ -218,3 +218,29 @@ def test_anchor_fraction_per_method(prepared: Path) -> None:
     ev = full.evidence["r1"]
     assert ev["anchor"]["fraction"] == 1.0
     assert ev["anchor"]["size"] == ev["partition_sizes"]["retain_set"]  # every retained instance
+
+
+def test_run_round_reports_its_stages_in_order(prepared: Path) -> None:
+    """Issue 10 part 3: ``on_stage`` sees each request's partitions, SSD and update epochs (k of n),
+    then the round's acceptance check and the audit of each request (the worker records them)."""
+    reports: list[tuple[str, int, int]] = []
+    requests = [
+        ForgetSpec("r1", "client", "u1", None, []),
+        ForgetSpec("r2", "task", "u2", ["t02000", "t02001"], ["kind"]),
+    ]
+    _round(
+        prepared,
+        requests,
+        "default",
+        {"ia": {"epochs": 2, "early_stopping": False}},
+        on_stage=lambda stage, step, of: reports.append((stage, step, of)),
+    )
+    stages = [s for i, (s, _, _) in enumerate(reports) if i == 0 or reports[i - 1][0] != s]
+    assert stages == ["partitions", "ssd", "update", "partitions", "ssd", "update", "acceptance", "audit"]
+    assert [r for r in reports if r[0] in ("partitions", "audit")] == [
+        ("partitions", 1, 2),
+        ("partitions", 2, 2),
+        ("audit", 1, 2),
+        ("audit", 2, 2),
+    ]
+    assert [r for r in reports if r[0] == "update"] == [("update", 1, 2), ("update", 2, 2)] * 2

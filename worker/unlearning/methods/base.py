@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import nn
 
+from worker.unlearning.progress import StageCallback
 from worker.unlearning.types import Batch, Partitions, TaskSpec
 
 MiaTarget = float | Mapping[str, float]
@@ -41,7 +42,8 @@ class MethodContext:
     - ``cache_dir`` / ``cache_key``: where the full-data importance is cached and the digest of the
       adapter version ``model`` was loaded from (``None``: do not cache — the model already changed);
     - ``retain`` / ``base``: the full retain set and the frozen base network (``retrain`` needs them);
-    - ``on_progress``: an optional callback taking a short message.
+    - ``on_progress``: an optional callback taking a short message;
+    - ``on_stage``: an optional :data:`~worker.unlearning.progress.StageCallback` (stage, step, of).
     """
 
     model: nn.Module
@@ -60,6 +62,7 @@ class MethodContext:
     retain: Batch | None = None
     base: nn.Module | None = None
     on_progress: Callable[[str], None] | None = None
+    on_stage: StageCallback | None = None
 
     def method_settings(self, key: str) -> dict[str, Any]:
         """``settings[key]`` as a dict (empty when absent)."""
@@ -78,6 +81,11 @@ class MethodContext:
     def progress(self, message: str) -> None:
         if self.on_progress is not None:
             self.on_progress(message)
+
+    def stage(self, name: str, step: int = 0, of: int = 0) -> None:
+        """Report the stage (``worker.unlearning.progress.STAGES``) and step k of n within it."""
+        if self.on_stage is not None:
+            self.on_stage(name, step, of)
 
 
 @dataclass

@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from worker.unlearning import progress
 from worker.unlearning.audit import forget_mia
 from worker.unlearning.grads import Cycler, eval_mode, per_sample_grads
 from worker.unlearning.lora import param_groups, restore
@@ -275,6 +276,7 @@ def run_updates(
         aucs, dist = measure()
         history.append({"epoch": epoch, "mia_auc": aucs, "distance": dist})
         ctx.progress(f"{method}: epoch {epoch}/{cfg.epochs} mia={aucs}")
+        ctx.stage(progress.UPDATE, epoch, cfg.epochs)
         if dist is not None and (best_dist is None or dist < best_dist):
             best_epoch, best_dist = epoch, dist
             best_state = {n: live[n].detach().clone() for n in names}

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from worker.unlearning import progress
 from worker.unlearning.interference import IAConfig, interference_aware_unlearn
 from worker.unlearning.methods import register
 from worker.unlearning.methods.base import MethodContext, MethodResult
@@ -25,6 +26,7 @@ def run_ia(ctx: MethodContext, retain_baseline: Mapping[str, float] | None = Non
         retain_baseline=retain_baseline,
         retain=ctx.retain,
         device=ctx.device,
+        on_epoch=lambda epoch, epochs: ctx.stage(progress.UPDATE, epoch, epochs),
         **ctx.common_kwargs(),
     )
 

@@ -7,6 +7,7 @@ The gold reference of audits and benchmarks (it never saw the forgotten data). N
 
 from __future__ import annotations
 
+from worker.unlearning import progress
 from worker.unlearning.methods import register
 from worker.unlearning.methods.base import MethodContext, MethodResult
 from worker.unlearning.model import MultiHeadNet
@@ -19,6 +20,7 @@ def retrain_method(ctx: MethodContext) -> MethodResult:
     if ctx.retain is None or not isinstance(ctx.base, MultiHeadNet):
         raise ValueError("retrain needs the retain set and the frozen base network in its context")
     cfg = TrainConfig.from_settings(ctx.settings)
+    ctx.stage(progress.UPDATE)  # one training run: no steps reported
     model = retrain(ctx.base, ctx.retain, ctx.tasks, cfg, seed=ctx.seed, device=ctx.device)
     prune_outputs(model, [*ctx.pruned_outputs, *ctx.prune_outputs])
     return MethodResult(

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from worker.unlearning import progress
 from worker.unlearning.methods import register
 from worker.unlearning.methods.base import MethodContext, MethodResult
 from worker.unlearning.ssd import REFERENCE_DEFAULTS, SSDConfig, reference_data, ssd
@@ -29,6 +30,7 @@ def run_ssd(ctx: MethodContext, *, defaults: Mapping[str, Any] | None = None) ->
     reference's). D is ``ctx.full`` for ``layout="merged"`` and :func:`reference_data` of
     ``ctx.retain`` and D_f for ``layout="reference"``."""
     cfg = SSDConfig.from_settings({**dict(defaults or {}), **ctx.method_settings("ssd")})
+    ctx.stage(progress.SSD)
     forget = ctx.partitions.forget.to(ctx.device)
     if cfg.layout == "reference":
         if ctx.retain is None:
