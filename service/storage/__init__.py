@@ -31,11 +31,11 @@ class StoreError(Exception):
     """The store refused or failed an operation (a key, a checksum, the backend)."""
 
 
-class ChecksumMismatch(StoreError):
+class ChecksumMismatchError(StoreError):
     """What was stored is not what was sent (sha256 differs): nothing was promoted."""
 
 
-class NotInStore(StoreError, KeyError):
+class NotInStoreError(StoreError, KeyError):
     """No object under this key."""
 
 
@@ -69,11 +69,11 @@ class ArtifactStore(Protocol):
     def exists(self, key: str) -> bool: ...
 
     def size(self, key: str) -> int:
-        """The object's size in bytes; NotInStore if absent."""
+        """The object's size in bytes; NotInStoreError if absent."""
         ...
 
     def stream(self, key: str) -> Iterator[bytes]:
-        """The object's bytes in chunks; NotInStore (raised on the call) if absent."""
+        """The object's bytes in chunks; NotInStoreError (raised on the call) if absent."""
         ...
 
     def read_bytes(self, key: str) -> bytes: ...
@@ -104,4 +104,3 @@ def make_store(settings: Settings) -> ArtifactStore:
     from service.storage.local import LocalStore
 
     return LocalStore(settings.resolved_artifacts_dir)
-

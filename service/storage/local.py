@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from service.fileio import fsync_dir, fsync_file, sha256_file
-from service.storage import CHUNK, ChecksumMismatch, NotInStore, StoreError, check_key
+from service.storage import CHUNK, ChecksumMismatchError, NotInStoreError, StoreError, check_key
 
 
 class LocalStore:
@@ -35,7 +35,7 @@ class LocalStore:
             fsync_file(tmp)
             actual, _ = sha256_file(tmp)
             if actual != sha256:
-                raise ChecksumMismatch(f"{final.name}: stored sha256 {actual} is not {sha256}")
+                raise ChecksumMismatchError(f"{final.name}: stored sha256 {actual} is not {sha256}")
             os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
@@ -50,7 +50,7 @@ class LocalStore:
         if final.exists() and Path(path).exists() and os.path.samefile(final, path):
             # the worker wrote it in place (its artifacts dir is this store): verify only
             if sha256_file(final)[0] != sha256:
-                raise ChecksumMismatch(f"{key}: the file does not match sha256 {sha256}")
+                raise ChecksumMismatchError(f"{key}: the file does not match sha256 {sha256}")
             return
         tmp = self._staging(final)
         shutil.copyfile(path, tmp)
@@ -72,31 +72,31 @@ class LocalStore:
         try:
             return self.path(key).stat().st_size
         except FileNotFoundError as exc:
-            raise NotInStore(key) from exc
+            raise NotInStoreError(key) from exc
 
     def stream(self, key: str) -> Iterator[bytes]:
         try:
             fh = open(self.path(key), "rb")  # noqa: SIM115 (closed by the generator)
         except (FileNotFoundError, IsADirectoryError) as exc:
-            raise NotInStore(key) from exc
+            raise NotInStoreError(key) from exc
         return _chunks(fh)
 
     def read_bytes(self, key: str) -> bytes:
         try:
             return self.path(key).read_bytes()
         except (FileNotFoundError, IsADirectoryError) as exc:
-            raise NotInStore(key) from exc
+            raise NotInStoreError(key) from exc
 
     def download(self, key: str, dest: Path, sha256: str | None = None) -> None:
         source = self.path(key)
         if not source.is_file():
-            raise NotInStore(key)
+            raise NotInStoreError(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
         try:
             shutil.copyfile(source, tmp)
             if sha256 is not None and sha256_file(tmp)[0] != sha256:
-                raise ChecksumMismatch(f"{key}: the stored file does not match sha256 {sha256}")
+                raise ChecksumMismatchError(f"{key}: the stored file does not match sha256 {sha256}")
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.storage import CHUNK, ChecksumMismatch, NotInStore, StoreError, check_key
+from service.storage import CHUNK, ChecksumMismatchError, NotInStoreError, StoreError, check_key
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -77,14 +77,14 @@ class S3Store:
         stored = head.get("ChecksumSHA256")
         if stored is not None and "-" not in str(stored):
             if stored != _b64(sha256):
-                raise ChecksumMismatch(f"{object_key}: stored ChecksumSHA256 {stored} is not {sha256}")
+                raise ChecksumMismatchError(f"{object_key}: stored ChecksumSHA256 {stored} is not {sha256}")
             return
         h = hashlib.sha256()  # no full-object checksum kept (multipart, or the server has none)
         body = self.client.get_object(Bucket=self.bucket, Key=object_key)["Body"]
         for chunk in body.iter_chunks(CHUNK):
             h.update(chunk)
         if h.hexdigest() != sha256:
-            raise ChecksumMismatch(f"{object_key}: stored sha256 {h.hexdigest()} is not {sha256}")
+            raise ChecksumMismatchError(f"{object_key}: stored sha256 {h.hexdigest()} is not {sha256}")
 
     def _publish(self, key: str, sha256: str, upload: Any) -> None:
         final = self._key(key)
@@ -130,14 +130,14 @@ class S3Store:
             head: dict[str, Any] = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
         except Exception as exc:
             if _missing(exc):
-                raise NotInStore(key) from exc
+                raise NotInStoreError(key) from exc
             raise
         return head
 
     def exists(self, key: str) -> bool:
         try:
             self._head(key)
-        except NotInStore:
+        except NotInStoreError:
             return False
         return True
 
@@ -149,7 +149,7 @@ class S3Store:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
         except Exception as exc:
             if _missing(exc):
-                raise NotInStore(key) from exc
+                raise NotInStoreError(key) from exc
             raise
 
     def stream(self, key: str) -> Iterator[bytes]:
@@ -183,7 +183,7 @@ class S3Store:
                 fh.flush()
                 os.fsync(fh.fileno())
             if sha256 is not None and h.hexdigest() != sha256:
-                raise ChecksumMismatch(f"{key}: downloaded sha256 {h.hexdigest()} is not {sha256}")
+                raise ChecksumMismatchError(f"{key}: downloaded sha256 {h.hexdigest()} is not {sha256}")
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from service.settings import Settings
-from service.storage import ArtifactStore, ChecksumMismatch, NotInStore, StoreError, make_store
+from service.storage import ArtifactStore, ChecksumMismatchError, NotInStoreError, StoreError, make_store
 from service.storage.local import LocalStore
 from service.storage.s3 import STAGING, S3Store
 
@@ -70,11 +70,11 @@ def test_put_get_list_delete(store: ArtifactStore, tmp_path: Path) -> None:
 def test_absent_keys(store: ArtifactStore, tmp_path: Path) -> None:
     assert not store.exists("m/none")
     assert store.list("m/none") == []
-    with pytest.raises(NotInStore):
+    with pytest.raises(NotInStoreError):
         store.size("m/none")
-    with pytest.raises(NotInStore):
+    with pytest.raises(NotInStoreError):
         store.stream("m/none")
-    with pytest.raises(NotInStore):
+    with pytest.raises(NotInStoreError):
         store.download("m/none", tmp_path / "x")
     assert not (tmp_path / "x").exists()
 
@@ -94,7 +94,7 @@ def test_a_wrong_sha256_promotes_nothing_and_cleans_the_staging_key(
 def test_a_download_that_does_not_match_is_not_kept(store: ArtifactStore, tmp_path: Path) -> None:
     store.put_bytes("m/base/model.safetensors", b"base")
     dest = tmp_path / "cache" / "model.safetensors"
-    with pytest.raises(ChecksumMismatch):
+    with pytest.raises(ChecksumMismatchError):
         store.download("m/base/model.safetensors", dest, _sha(b"other"))
     assert not dest.exists()
     assert list(dest.parent.iterdir()) == []
