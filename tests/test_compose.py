@@ -186,3 +186,29 @@ def test_the_api_trusts_only_its_proxy_and_builds_urls_from_the_public_host(
     assert env["LETHE_PUBLIC_URL"].startswith("https://${LETHE_PUBLIC_HOST:?")
     assert "FORWARDED_ALLOW_IPS" not in env
     assert "ports" not in services["api"]
+
+
+def test_artifacts_live_in_minio_not_in_a_shared_volume(services: dict[str, dict[str, Any]]) -> None:
+    """Issue 10 part 6: compose runs MinIO; the API and the worker use it as their artifact store
+    (settings that exist), after ``minio-init`` created the bucket; MinIO publishes no port."""
+    from service.settings import Settings
+
+    minio = services["minio"]
+    assert "server" in _command(minio)
+    assert minio["healthcheck"]["test"][0] == "CMD"
+    assert any(str(v).endswith(":/data") for v in minio["volumes"])
+    assert not _published(minio)
+    assert minio["environment"]["MINIO_ROOT_PASSWORD"].startswith("${MINIO_ROOT_PASSWORD:?")
+    init = services["minio-init"]
+    assert init.get("restart") == "no"
+    assert init["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert "mc mb --ignore-existing" in _command(init)
+    fields = set(Settings.model_fields)
+    for name in ("api", "worker"):
+        env = services[name]["environment"]
+        assert env["LETHE_ARTIFACT_STORE"] == "s3"
+        assert env["LETHE_S3_ENDPOINT_URL"] == "http://minio:9000"
+        assert env["LETHE_S3_SECRET_ACCESS_KEY"] == minio["environment"]["MINIO_ROOT_PASSWORD"]
+        assert services[name]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+        unknown = {k for k in env if k.startswith("LETHE_S3_") and k[len("LETHE_") :].lower() not in fields}
+        assert not unknown, unknown
