@@ -61,8 +61,9 @@ def cluster(tmp_path: Path, s3_server_url: str) -> Iterator[Cluster]:
     name = f"lethe-{uuid.uuid4().hex[:12]}"
     homes = [tmp_path / "worker-a", tmp_path / "worker-b"]
     workers = [
-        pipeline.WorkerContext.create(_settings(home, db, s3_server_url, name), WorkerSettings(device="cpu"),
-                                      worker_id=home.name)  # fmt: skip
+        pipeline.WorkerContext.create(
+            _settings(home, db, s3_server_url, name), WorkerSettings(device="cpu"), worker_id=home.name
+        )
         for home in homes
     ]
     bucket = make_store(workers[0].settings)
@@ -119,6 +120,12 @@ def engine_stub(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     return seen
 
 
+def _published(result: pipeline.RoundResult | None, version: int) -> pipeline.RoundResult:
+    assert result is not None
+    assert (result.status, result.version) == ("published", version), result
+    return result
+
+
 def _keys(bucket: S3Store) -> list[str]:
     listed = bucket.client.list_objects_v2(Bucket=bucket.bucket).get("Contents", [])
     return sorted(str(o["Key"]) for o in listed)
@@ -130,13 +137,11 @@ def test_rounds_publish_into_the_bucket_and_the_api_serves_them(
     a, b = cluster.workers
     # worker b has nothing on its disk: base, v1 and v1's state come from the bucket
     submit_client(b, MODEL, "c0")
-    first = pipeline.run_one_round(b, MODEL)
-    assert first is not None and first.status == "published" and first.version == 2, first
+    _published(pipeline.run_one_round(b, MODEL), 2)
     assert engine_stub[0] == {"base": BASE, "parent": b"v1", "state": {"forgotten_clients": []}}
     # worker a wrote v1 but never saw v2: it fetches v2 (and its worker-side state) from the bucket
     submit_client(a, MODEL, "c1")
-    second = pipeline.run_one_round(a, MODEL)
-    assert second is not None and second.status == "published" and second.version == 3, second
+    second = _published(pipeline.run_one_round(a, MODEL), 3)
     assert engine_stub[1]["parent"] == b"v2"
     assert engine_stub[1]["state"] == {"forgotten_clients": ["c0"]}
 
@@ -154,14 +159,17 @@ def test_rounds_publish_into_the_bucket_and_the_api_serves_them(
         assert latest.status_code == 200, latest.text
         assert latest.json()["version"] == 3
         files = latest.json()["files"]
-        assert {f["name"] for f in files} == {"adapter_model.safetensors", "adapter_config.json", "manifest.json"}
+        names = {f["name"] for f in files}
+        assert names == {"adapter_model.safetensors", "adapter_config.json", "manifest.json"}
         for file in files:
             got = client.get(file["url"], headers=auth)
             assert got.status_code == 200, got.text
-            assert hashlib.sha256(got.content).hexdigest() == file["sha256"] == got.headers["X-Checksum-SHA256"]
+            assert hashlib.sha256(got.content).hexdigest() == file["sha256"]
+            assert got.headers["X-Checksum-SHA256"] == file["sha256"]
             assert int(got.headers["Content-Length"]) == file["size"]
             head = client.head(file["url"], headers=auth)
-            assert head.status_code == 200 and head.content == b""
+            assert head.status_code == 200
+            assert head.content == b""
             assert int(head.headers["Content-Length"]) == file["size"]
             cached = client.get(file["url"], headers={**auth, "If-None-Match": got.headers["ETag"]})
             assert cached.status_code == 304
@@ -197,7 +205,6 @@ def test_a_worker_that_lost_its_disk_refetches_and_verifies(
     shutil.rmtree(store.base_dir)
     shutil.rmtree(a.settings.resolved_home / "blob-cache", ignore_errors=True)
     submit_client(a, MODEL, "c2")
-    result = pipeline.run_one_round(a, MODEL)
-    assert result is not None and result.status == "published", result
+    _published(pipeline.run_one_round(a, MODEL), 2)
     assert engine_stub[0]["parent"] == b"v1"
     assert engine_stub[0]["base"] == BASE
