@@ -534,6 +534,11 @@ class ModelArtifacts:
                 continue
             self._delete_remote(location, name)
             removed.append(location)
+        states = {Path(location).name for location in keep} | names
+        for key in self.remote.list(f"{self.model}/state"):
+            if key.endswith(".json") and key.rsplit("/", 1)[-1][: -len(".json")] not in states:
+                self.remote.delete(key)  # a round that failed between keep_state and its upload
+                removed.append(key)
         return removed
 
     def _gc_states(self, keep: list[str], min_age_seconds: float) -> list[Path]:

@@ -208,3 +208,48 @@ def test_a_worker_that_lost_its_disk_refetches_and_verifies(
     _published(pipeline.run_one_round(a, MODEL), 2)
     assert engine_stub[0]["parent"] == b"v1"
     assert engine_stub[0]["base"] == BASE
+
+
+def test_a_failed_upload_leaves_nothing_behind_and_the_round_is_retried(
+    cluster: Cluster, engine_stub: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manifest's upload fails: the round fails (retryable), its files leave the bucket and the
+    disk, no staging key is left, and the database still names v1; the next attempt publishes."""
+    a = cluster.workers[0]
+    store = a.artifacts(MODEL)
+    assert store.remote is not None
+    real_put = type(store.remote).put_file
+
+    def flaky(self: S3Store, key: str, path: Path, sha256: str) -> None:
+        if key.endswith("/manifest.json") and "/adapters/0-" not in key:
+            raise OSError("connection reset")
+        real_put(self, key, path, sha256)
+
+    monkeypatch.setattr(S3Store, "put_file", flaky)
+    submit_client(a, MODEL, "c0")
+    failed = pipeline.run_one_round(a, MODEL)
+    assert failed is not None
+    assert failed.status == "failed", failed
+    name = f"{failed.round_id}-{failed.fencing_token}"
+    assert not [k for k in _keys(cluster.bucket) if f"/adapters/{name}/" in k or "/.staging/" in k]
+    assert not (store.adapters_dir / name).exists()
+    monkeypatch.setattr(S3Store, "put_file", real_put)
+    _published(pipeline.run_one_round(a, MODEL), 2)
+
+
+def test_orphans_in_the_bucket_are_collected_and_foreign_versions_spared(
+    cluster: Cluster, engine_stub: list[dict[str, Any]]
+) -> None:
+    """What a crashed attempt left in the bucket (no manifest: never sealed; or a state file of no
+    version) is deleted under the next round's lease; a sealed version of a round this database
+    does not know (a restore mix-up) is not."""
+    bucket = cluster.bucket
+    bucket.put_bytes(f"{MODEL}/adapters/7-3/adapter_model.safetensors", b"half")
+    bucket.put_bytes(f"{MODEL}/state/7-3.json", b"{}")
+    foreign = {"format": 1, "files": {}, "round_id": 999, "fencing_token": 999}
+    bucket.put_bytes(f"{MODEL}/adapters/999-999/manifest.json", json.dumps(foreign).encode())
+    submit_client(cluster.workers[1], MODEL, "c0")
+    _published(pipeline.run_one_round(cluster.workers[1], MODEL), 2)
+    keys = _keys(bucket)
+    assert not [k for k in keys if "7-3" in k], keys
+    assert "lethe/m1/adapters/999-999/manifest.json" in keys
