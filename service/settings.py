@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import Engine
 
@@ -143,6 +143,12 @@ class Settings(BaseSettings):
         default=2.0, gt=0, description="How often a worker's webhook thread looks for due deliveries."
     )
     webhook_max_per_key: int = Field(default=10, ge=1, description="Webhooks one API key may register.")
+
+    @model_validator(mode="after")
+    def _s3_needs_a_bucket(self) -> Settings:
+        if self.artifact_store == "s3" and not self.s3_bucket:
+            raise ValueError("LETHE_ARTIFACT_STORE=s3 needs LETHE_S3_BUCKET")
+        return self
 
     def create_engine(self) -> Engine:
         """The process's database engine with the pool and statement limits above."""

@@ -37,6 +37,13 @@ def _missing(exc: Exception) -> bool:
     return code in ("404", "NoSuchKey", "NotFound")
 
 
+def _translated(exc: Exception, key: str) -> StoreError:
+    """NotInStoreError for a missing key; StoreError for the rest (unreachable, denied, ...)."""
+    if _missing(exc):
+        return NotInStoreError(key)
+    return StoreError(f"the object store failed on {key}: {type(exc).__name__}: {exc}")
+
+
 class S3Store:
     kind = "s3"
 
@@ -62,7 +69,9 @@ class S3Store:
             aws_secret_access_key=secret.get_secret_value() if secret is not None else None,
             config=Config(
                 s3={"addressing_style": "path"},
-                retries={"max_attempts": 5, "mode": "standard"},
+                retries={"max_attempts": 3, "mode": "standard"},
+                connect_timeout=5,
+                read_timeout=60,
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
             ),
@@ -129,9 +138,7 @@ class S3Store:
         try:
             head: dict[str, Any] = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
         except Exception as exc:
-            if _missing(exc):
-                raise NotInStoreError(key) from exc
-            raise
+            raise _translated(exc, key) from exc
         return head
 
     def exists(self, key: str) -> bool:
@@ -148,9 +155,7 @@ class S3Store:
         try:
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
         except Exception as exc:
-            if _missing(exc):
-                raise NotInStoreError(key) from exc
-            raise
+            raise _translated(exc, key) from exc
 
     def stream(self, key: str) -> Iterator[bytes]:
         body = self._get(key)

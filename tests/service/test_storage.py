@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from service.settings import Settings
 from service.storage import ArtifactStore, ChecksumMismatchError, NotInStoreError, StoreError, make_store
@@ -119,8 +120,9 @@ def test_local_store_refuses_a_symlink_out_of_its_root(tmp_path: Path) -> None:
 
 
 def test_s3_settings_need_a_bucket(tmp_path: Path) -> None:
-    with pytest.raises(StoreError, match="LETHE_S3_BUCKET"):
-        make_store(Settings(home=tmp_path, artifact_store="s3"))
+    """A misconfiguration stops the process at start-up (settings), not at the first download."""
+    with pytest.raises(ValidationError, match="LETHE_S3_BUCKET"):
+        Settings(home=tmp_path, artifact_store="s3")
 
 
 def test_local_is_the_default(tmp_path: Path) -> None:

@@ -195,6 +195,21 @@ def test_a_version_missing_from_the_bucket_is_a_404_not_a_500(
         assert got.headers["content-type"] == "application/problem+json"
 
 
+def test_an_unreachable_object_store_is_a_503_not_a_500(
+    cluster: Cluster, engine_stub: list[dict[str, Any]]
+) -> None:
+    """The API cannot reach the bucket (endpoint down): 503 problem with Retry-After, never a 500."""
+    with transaction(cluster.workers[0].session_factory) as session:
+        _, secret = keys_repo.create_key(session, ["serve"])
+    down = cluster.api.model_copy(update={"s3_endpoint_url": "http://127.0.0.1:9"})
+    with TestClient(create_app(down)) as client:
+        url = f"/v1/models/{MODEL}/adapters/1/files/adapter_model.safetensors"
+        got = client.get(url, headers={"Authorization": f"Bearer {secret}"})
+        assert got.status_code == 503, got.text
+        assert got.headers["content-type"] == "application/problem+json"
+        assert got.headers["Retry-After"] == "5"
+
+
 def test_a_worker_that_lost_its_disk_refetches_and_verifies(
     cluster: Cluster, engine_stub: list[dict[str, Any]]
 ) -> None:
