@@ -373,11 +373,12 @@ class ModelArtifacts:
                 atomic_write_bytes(kept, data)
         return self.state_file(location)
 
-    def has_files(self, location: str) -> bool:
-        """Whether anything of the version at ``location`` is left here or in the store."""
-        if self.resolve(location).exists():
-            return True
-        return self.remote is not None and bool(self.remote.list(location))
+    def stored_versions(self) -> set[str]:
+        """Names of the version directories with any key in the store (one listing; empty: local)."""
+        if self.remote is None:
+            return set()
+        prefix = f"{self.model}/adapters/"
+        return {key[len(prefix) :].split("/", 1)[0] for key in self.remote.list(f"{self.model}/adapters")}
 
     def has_version(self, location: str) -> bool:
         """Whether the version's manifest is here or in the store."""
@@ -388,12 +389,12 @@ class ModelArtifacts:
     def read_tombstone(self, version: int) -> dict[str, Any] | None:
         """The tombstone of ``version`` (here, or in the store), or None."""
         path = self.tombstone_path(version)
-        if path.is_file():
-            data: Any = json.loads(path.read_text())
-        elif self.remote is not None and self.remote.exists(self._tombstone_key(version)):
-            data = json.loads(self.remote.read_bytes(self._tombstone_key(version)))
-        else:
+        if not path.is_file() and self.remote is not None:
+            with contextlib.suppress(NotInStoreError):  # kept here too: a tombstone never changes
+                atomic_write_bytes(path, self.remote.read_bytes(self._tombstone_key(version)))
+        if not path.is_file():
             return None
+        data: Any = json.loads(path.read_text())
         return data if isinstance(data, dict) else {}
 
     def _tombstone_key(self, version: int) -> str:
@@ -521,8 +522,7 @@ class ModelArtifacts:
         if self.remote is None:
             return []
         kept = {Path(location).name for location in keep}
-        prefix = f"{self.model}/adapters/"
-        names = {key[len(prefix) :].split("/", 1)[0] for key in self.remote.list(f"{self.model}/adapters")}
+        names = self.stored_versions()
         removed: list[str] = []
         for name in sorted(names - kept):
             if not is_version_dir(name):

@@ -551,8 +551,10 @@ def delete_withdrawn_files(ctx: WorkerContext, model_name: str) -> list[int]:
             if v.status == "withdrawn"
         ]
     done: list[int] = []
+    stored = store.stored_versions() if todo else set()  # one listing of the object store, if any
     for version, location in todo:
-        if store.has_files(location) or store.read_tombstone(version) is None:
+        left = store.resolve(location).exists() or Path(location).name in stored
+        if left or store.read_tombstone(version) is None:
             store.delete_version(version, location, reason="withdrawn: contains a forgotten subject")
             done.append(version)
     return done
