@@ -449,6 +449,12 @@ class ModelArtifacts:
         if self.remote is not None:  # the tombstone first, then the files
             self.remote.put_file(self._tombstone_key(version), tomb, sha256_file(tomb).sha256)
             self._delete_remote(location, Path(location).name)
+            # cached copies too: a withdrawn version still carries forgotten data (a blob another
+            # version shares is only uncached: that version's directory keeps its own link)
+            for digest in json.loads(tomb.read_text()).get("files", {}).values():
+                sha256 = str(digest.get("sha256", ""))
+                if re.fullmatch(r"[0-9a-f]{64}", sha256):
+                    (self.blobs / sha256[:2] / sha256).unlink(missing_ok=True)
         if directory.exists():
             with contextlib.suppress(FileNotFoundError):  # another worker deleted it meanwhile
                 shutil.rmtree(directory)

@@ -139,6 +139,8 @@ def test_rounds_publish_into_the_bucket_and_the_api_serves_them(
     submit_client(b, MODEL, "c0")
     _published(pipeline.run_one_round(b, MODEL), 2)
     assert engine_stub[0] == {"base": BASE, "parent": b"v1", "state": {"forgotten_clients": []}}
+    v1_blob = hashlib.sha256(b"v1").hexdigest()
+    assert not (b.settings.resolved_home / "blob-cache" / v1_blob[:2] / v1_blob).exists()  # withdrawn
     # worker a wrote v1 but never saw v2: it fetches v2 (and its worker-side state) from the bucket
     submit_client(a, MODEL, "c1")
     second = _published(pipeline.run_one_round(a, MODEL), 3)
