@@ -146,6 +146,9 @@ def test_rounds_publish_into_the_bucket_and_the_api_serves_them(
     second = _published(pipeline.run_one_round(a, MODEL), 3)
     assert engine_stub[1]["parent"] == b"v2"
     assert engine_stub[1]["state"] == {"forgotten_clients": ["c0"]}
+    # v1, withdrawn by worker b, left worker a's disk too (reconciliation reads b's tombstone)
+    assert not (a.artifacts(MODEL).adapters_dir / "0-1").exists()
+    assert a.artifacts(MODEL).tombstone_path(1).is_file()
 
     keys = _keys(cluster.bucket)
     assert not [k for k in keys if "/.staging/" in k or k.startswith("lethe/.staging")], keys
