@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start or stop the throwaway PostgreSQL and Redis servers the test suite needs.
+# Start or stop the throwaway PostgreSQL, Redis and S3 (moto's standalone server) the test suite needs.
 #
 #   eval "$(scripts/test-services.sh start)"   # prints the export lines for LETHE_TEST_*_URL
 #   scripts/test-services.sh stop
@@ -12,6 +12,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 state="$root/.test-services"
 pg_port="${LETHE_TEST_PG_PORT:-55432}"
 redis_port="${LETHE_TEST_REDIS_PORT:-56379}"
+s3_port="${LETHE_TEST_S3_PORT:-55580}"
 
 log() { echo "test-services: $*" >&2; }
 
@@ -89,6 +90,35 @@ start_redis() {
     fi
 }
 
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+find_moto_server() {
+    local python="${PYTHON:-$root/.venv/bin/python}"
+    if command -v moto_server >/dev/null 2>&1; then command -v moto_server; return; fi
+    if [ -x "$(dirname "$python")/moto_server" ]; then echo "$(dirname "$python")/moto_server"; return; fi
+    log "moto_server not found: install the dev extra (moto[server])"
+    return 1
+}
+
+start_s3() {
+    local server
+    server="$(find_moto_server)"
+    mkdir -p "$state/s3"
+    if ! port_open "$s3_port"; then
+        # An in-memory S3-compatible server; its buckets live as long as the process.
+        nohup "$server" -H 127.0.0.1 -p "$s3_port" >"$state/s3/moto.log" 2>&1 &
+        echo $! >"$state/s3/moto.pid"
+        for _ in $(seq 100); do
+            port_open "$s3_port" && break
+            sleep 0.1
+        done
+        if ! port_open "$s3_port"; then
+            log "moto_server did not start on port $s3_port (see $state/s3/moto.log)"
+            exit 1
+        fi
+    fi
+}
+
 stop_all() {
     local bin
     if bin="$(find_pg_bin 2>/dev/null)" && [ -f "$state/pg/PG_VERSION" ]; then
@@ -98,12 +128,18 @@ stop_all() {
         kill "$(cat "$state/redis/redis.pid")" 2>/dev/null || true
         rm -f "$state/redis/redis.pid"
     fi
+    if [ -f "$state/s3/moto.pid" ]; then
+        kill "$(cat "$state/s3/moto.pid")" 2>/dev/null || true
+        rm -f "$state/s3/moto.pid"
+    fi
 }
 
 case "${1:-}" in
     start)
         start_postgres
         start_redis
+        start_s3
+        echo "export LETHE_TEST_S3_URL=http://127.0.0.1:$s3_port"
         echo "export LETHE_TEST_POSTGRES_URL=postgresql+psycopg://postgres@127.0.0.1:$pg_port/postgres"
         echo "export LETHE_TEST_REDIS_URL=redis://127.0.0.1:$redis_port/0"
         ;;

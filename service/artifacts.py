@@ -10,14 +10,19 @@ from typing import Any
 from service.errors import NotFoundError
 
 
+def check_name(name: str, recorded: dict[str, Any]) -> None:
+    """NotFoundError unless ``name`` is a file name the database recorded (no path in it)."""
+    if name not in recorded or "/" in name or "\\" in name or name in ("", ".", ".."):
+        raise NotFoundError(f"no file {name!r} here")
+
+
 def resolve_file(artifacts_dir: Path, location: str, name: str, recorded: dict[str, Any]) -> Path:
     """The path of a recorded file, or NotFoundError (unrecorded name, escape, missing file).
 
     Only names the database recorded for the version are served, and the resolved path (symlinks
     followed) must stay inside the artifacts directory.
     """
-    if name not in recorded or "/" in name or "\\" in name or name in ("", ".", ".."):
-        raise NotFoundError(f"no file {name!r} here")
+    check_name(name, recorded)
     root = artifacts_dir.resolve()
     try:
         path = (root / location / name).resolve()

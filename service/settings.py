@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy import Engine
 
@@ -26,6 +26,22 @@ class Settings(BaseSettings):
         "until a broker is configured and the sweeper wakes a worker.",
     )
     artifacts_dir: Path | None = Field(default=None, description="Default: $LETHE_HOME/artifacts.")
+    artifact_store: Literal["local", "s3"] = Field(
+        default="local",
+        description="Where artifacts (base, adapter versions, tombstones, worker state) live: local: "
+        "the artifacts directory (shared by API and workers); s3: an S3-compatible bucket (the "
+        "workers keep a local copy under the artifacts directory, the API keeps none).",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="S3 endpoint (http://minio:9000); unset: AWS S3."
+    )
+    s3_bucket: str | None = Field(default=None, description="Bucket of the s3 store (it must exist).")
+    s3_prefix: str = Field(default="", description="Key prefix inside the bucket (e.g. lethe/).")
+    s3_region: str | None = Field(default=None, description="Region; unset: boto3's default.")
+    s3_access_key_id: str | None = Field(
+        default=None, description="Unset: boto3's chain (AWS_ACCESS_KEY_ID, profile, instance role)."
+    )
+    s3_secret_access_key: SecretStr | None = Field(default=None, description="See s3_access_key_id.")
     data_dir: Path | None = Field(default=None, description="Default: $LETHE_HOME/data.")
     max_body_bytes: int = Field(default=1_048_576, description="Largest accepted request body.")
     lease_seconds: int = Field(
@@ -127,6 +143,12 @@ class Settings(BaseSettings):
         default=2.0, gt=0, description="How often a worker's webhook thread looks for due deliveries."
     )
     webhook_max_per_key: int = Field(default=10, ge=1, description="Webhooks one API key may register.")
+
+    @model_validator(mode="after")
+    def _s3_needs_a_bucket(self) -> Settings:
+        if self.artifact_store == "s3" and not self.s3_bucket:
+            raise ValueError("LETHE_ARTIFACT_STORE=s3 needs LETHE_S3_BUCKET")
+        return self
 
     def create_engine(self) -> Engine:
         """The process's database engine with the pool and statement limits above."""

@@ -6,6 +6,7 @@ where a missing server is a failure.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -34,6 +35,26 @@ def postgres_server_url() -> str:
 @pytest.fixture(scope="session")
 def redis_server_url() -> str:
     return _service_url("LETHE_TEST_REDIS_URL")
+
+
+@pytest.fixture(scope="session")
+def s3_server_url() -> Iterator[str]:
+    """An S3-compatible server over HTTP: ``LETHE_TEST_S3_URL`` (scripts/test-services.sh starts moto's
+    standalone server), else moto's server in a thread of this process (the ``dev`` extra)."""
+    if os.environ.get("LETHE_TEST_S3_URL") or os.environ.get("LETHE_REQUIRE_SERVICES") == "1":
+        yield _service_url("LETHE_TEST_S3_URL")
+        return
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        yield _service_url("LETHE_TEST_S3_URL")  # skips
+        return
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per S3 request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -238,7 +238,8 @@ def test_the_two_gpu_override_pins_one_gpu_per_worker_service(services: dict[str
         assert svc["volumes"] == base["volumes"]
         assert svc["depends_on"] == base["depends_on"]
         assert svc["healthcheck"] == base["healthcheck"]
-        for key in ("LETHE_HOME", "LETHE_DATABASE_URL", "LETHE_BROKER_URL"):
+        for key in ("LETHE_HOME", "LETHE_DATABASE_URL", "LETHE_BROKER_URL", "LETHE_ARTIFACT_STORE",
+                    "LETHE_S3_ENDPOINT_URL", "LETHE_S3_SECRET_ACCESS_KEY"):  # fmt: skip
             assert svc["environment"][key] == base["environment"][key]
         assert svc["environment"]["LETHE_WORKER_DEVICE"] == "cuda"  # a GPU it cannot see is an error
     assert not any(_published(svc) for svc in override.values())
@@ -246,7 +247,8 @@ def test_the_two_gpu_override_pins_one_gpu_per_worker_service(services: dict[str
 
 def test_the_worker_host_file_runs_workers_only_against_the_main_hosts_services() -> None:
     """deploy/compose.worker-host.yml (machines 2..M): only `worker`, every GPU of the machine,
-    database, broker and the shared artifacts required from the environment, nothing published."""
+    database, broker, the S3 artifact store and the shared dataset store required from the
+    environment, nothing published."""
     svcs = _load("deploy/compose.worker-host.yml")
     assert list(svcs) == ["worker"]
     worker = svcs["worker"]
@@ -255,6 +257,34 @@ def test_the_worker_host_file_runs_workers_only_against_the_main_hosts_services(
     env = worker["environment"]
     assert env["LETHE_DATABASE_URL"].startswith("${LETHE_DATABASE_URL:?")
     assert env["LETHE_BROKER_URL"].startswith("${LETHE_BROKER_URL:?")
-    assert worker["volumes"] == ["${LETHE_SHARED_HOME:?set LETHE_SHARED_HOME, the shared artifacts and "
-                                 "data store mounted here}:/var/lib/lethe"]  # fmt: skip
+    assert worker["volumes"] == ["${LETHE_SHARED_HOME:?set LETHE_SHARED_HOME, the shared dataset store "
+                                 "mounted here}:/var/lib/lethe"]  # fmt: skip
+    assert env["LETHE_ARTIFACT_STORE"] == "s3"
+    assert env["LETHE_S3_ENDPOINT_URL"].startswith("${LETHE_S3_ENDPOINT_URL:?")
     assert _published(worker) == []
+
+
+def test_artifacts_live_in_minio_not_in_a_shared_volume(services: dict[str, dict[str, Any]]) -> None:
+    """Issue 10 part 6: compose runs MinIO; the API and the worker use it as their artifact store
+    (settings that exist), after ``minio-init`` created the bucket; MinIO publishes no port."""
+    from service.settings import Settings
+
+    minio = services["minio"]
+    assert "server" in _command(minio)
+    assert minio["healthcheck"]["test"][0] == "CMD"
+    assert any(str(v).endswith(":/data") for v in minio["volumes"])
+    assert not _published(minio)
+    assert minio["environment"]["MINIO_ROOT_PASSWORD"].startswith("${MINIO_ROOT_PASSWORD:?")
+    init = services["minio-init"]
+    assert init.get("restart") == "no"
+    assert init["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert "mc mb --ignore-existing" in _command(init)
+    fields = set(Settings.model_fields)
+    for name in ("api", "worker"):
+        env = services[name]["environment"]
+        assert env["LETHE_ARTIFACT_STORE"] == "s3"
+        assert env["LETHE_S3_ENDPOINT_URL"] == "http://minio:9000"
+        assert env["LETHE_S3_SECRET_ACCESS_KEY"] == minio["environment"]["MINIO_ROOT_PASSWORD"]
+        assert services[name]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
+        unknown = {k for k in env if k.startswith("LETHE_S3_") and k[len("LETHE_") :].lower() not in fields}
+        assert not unknown, unknown

@@ -19,6 +19,14 @@ ids) is not part of the version directory, which serving hosts download: :meth:`
 keep_state` moves it out of the staging directory before sealing, into ``state/<name>.json``, where
 the next round reads it. It lives and dies with its version (orphan GC, withdrawal).
 
+With an object store (``LETHE_ARTIFACT_STORE=s3``) this directory is the worker's local copy and
+the store is the shared truth: a sealed version, the base, the state files and the tombstones are
+uploaded (``service.storage``: staging key, sha256 verified, promoted) before the database
+transaction that publishes them, deleted there when withdrawn, and fetched from there
+(:meth:`ModelArtifacts.fetch_version`, through a cache of blobs keyed by sha256) when a version
+another machine wrote is needed here. With the local store (the default) this directory is the
+store itself and ``remote`` is None.
+
 This module is pure (no database, no torch): the pipeline passes what the database knows.
 """
 
@@ -41,6 +49,7 @@ from typing import Any
 
 from service import fileio
 from service.fileio import fsync_dir, fsync_file
+from service.storage import ArtifactStore, NotInStoreError, join
 
 log = logging.getLogger(__name__)
 
@@ -171,9 +180,15 @@ class CommittedVersion:
 class ModelArtifacts:
     """The artifact directories of one model under an artifacts root."""
 
-    def __init__(self, root: Path, model: str) -> None:
+    def __init__(
+        self, root: Path, model: str, *, remote: ArtifactStore | None = None, blobs: Path | None = None
+    ) -> None:
         self.root = Path(root)
         self.model = model
+        #: the shared object store, None when this directory is the store (local backend)
+        self.remote = remote
+        #: downloaded files keyed by sha256 (``<blobs>/<sha[:2]>/<sha>``), linked into place
+        self.blobs = blobs or self.root / ".blobs"
         self.model_dir = self.root / model
         self.base_dir = self.model_dir / "base"
         self.adapters_dir = self.model_dir / "adapters"
@@ -213,9 +228,14 @@ class ModelArtifacts:
         source = staging / STATE_FILE
         target = self.state_dir / f"{name}.json"
         atomic_write_bytes(target, source.read_bytes())
+        if self.remote is not None:
+            self.remote.put_file(self._state_key(name), target, sha256_file(target).sha256)
         source.unlink()
         fsync_dir(staging)
         return target
+
+    def _state_key(self, name: str) -> str:
+        return join(self.model, "state", f"{name}.json")
 
     # -- writing a version ---------------------------------------------------------------------
     def staging_dir(self, name: str) -> Path:
@@ -269,12 +289,134 @@ class ModelArtifacts:
         fsync_dir(self.adapters_dir)
         all_files = dict(files)
         all_files[MANIFEST] = sha256_file(final / MANIFEST)
+        if self.remote is not None:
+            try:
+                self.upload_directory(final, self.location_of(name), all_files)
+            except BaseException:
+                self.discard(final)  # the local copy and whatever reached the store
+                raise
         return CommittedVersion(name, final, self.location_of(name), all_files, manifest)
+
+    def upload_directory(self, directory: Path, location: str, files: Mapping[str, FileDigest]) -> None:
+        """Put every file of ``directory`` into the store under ``location`` (each verified by its
+        sha256), ``manifest.json`` last: a version in the store without a manifest is incomplete."""
+        assert self.remote is not None
+        for rel in sorted(files, key=lambda k: (k == MANIFEST, k)):
+            self.remote.put_file(join(location, rel), directory / rel, files[rel].sha256)
+
+    def upload_base(self) -> dict[str, FileDigest]:
+        """Put the frozen base into the store (a preparation, before v1 is registered); its digests."""
+        files = digest_directory(self.base_dir, exclude=())
+        if self.remote is not None:
+            for rel, digest in sorted(files.items()):
+                self.remote.put_file(join(self.model, "base", rel), self.base_dir / rel, digest.sha256)
+        return files
+
+    # -- reading what another machine wrote (object store) ---------------------------------------
+    def _fetch(self, key: str, dest: Path, sha256: str) -> None:
+        """``dest`` ← the store's ``key`` through the blob cache (verified sha256), linked in place."""
+        assert self.remote is not None
+        blob = self.blobs / sha256[:2] / sha256
+        if not blob.is_file() or sha256_file(blob).sha256 != sha256:
+            self.remote.download(key, blob, sha256)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            try:
+                os.link(blob, tmp)  # the blob and the version file are both immutable
+            except OSError:
+                shutil.copyfile(blob, tmp)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def fetch_base(self, files: Mapping[str, Any]) -> Path:
+        """The base directory, with every recorded file (``{name: {sha256, size}}``) present here."""
+        if self.remote is None:
+            return self.base_dir
+        for rel, digest in sorted(files.items()):
+            path = self.base_dir / rel
+            # the size only, not a hash of gigabytes per round: files here come from verified blobs
+            if not path.is_file() or path.stat().st_size != int(digest["size"]):
+                self._fetch(join(self.model, "base", rel), path, str(digest["sha256"]))
+        return self.base_dir
+
+    def fetch_version(self, location: str) -> Path:
+        """The local directory of the version at ``location``, fetched from the store when it is not
+        here complete (its manifest checked file by file). NotInStoreError if the store lacks it."""
+        directory = self.resolve(location)
+        if self.remote is None:
+            return directory
+        with contextlib.suppress(ArtifactError, OSError, ValueError):
+            verify_directory(directory)
+            return directory
+        manifest_bytes = self.remote.read_bytes(join(location, MANIFEST))
+        manifest = json.loads(manifest_bytes)
+        work = directory.with_name(f"{STAGING_PREFIX}fetch-{directory.name}-{uuid.uuid4().hex[:12]}")
+        try:
+            for rel, digest in sorted(manifest["files"].items()):
+                self._fetch(join(location, rel), work / rel, str(digest["sha256"]))
+            atomic_write_bytes(work / MANIFEST, manifest_bytes)
+            verify_directory(work)
+            if directory.exists():  # an incomplete or altered local copy
+                shutil.rmtree(directory)
+            os.rename(work, directory)
+        finally:
+            if work.exists():
+                shutil.rmtree(work, ignore_errors=True)
+        return directory
+
+    def fetch_state(self, location: str) -> Path:
+        """:meth:`state_file`, fetched from the store first when it is not here."""
+        kept = self.state_path(location)
+        if self.remote is not None and not kept.is_file():
+            with contextlib.suppress(NotInStoreError):  # written before the state moved out
+                data = self.remote.read_bytes(self._state_key(Path(location).name))
+                atomic_write_bytes(kept, data)
+        return self.state_file(location)
+
+    def stored_versions(self) -> set[str]:
+        """Names of the version directories with any key in the store (one listing; empty: local)."""
+        if self.remote is None:
+            return set()
+        prefix = f"{self.model}/adapters/"
+        return {key[len(prefix) :].split("/", 1)[0] for key in self.remote.list(f"{self.model}/adapters")}
+
+    def has_version(self, location: str) -> bool:
+        """Whether the version's manifest is here or in the store."""
+        if (self.resolve(location) / MANIFEST).is_file():
+            return True
+        return self.remote is not None and self.remote.exists(join(location, MANIFEST))
+
+    def read_tombstone(self, version: int) -> dict[str, Any] | None:
+        """The tombstone of ``version`` (here, or in the store), or None."""
+        path = self.tombstone_path(version)
+        if not path.is_file() and self.remote is not None:
+            with contextlib.suppress(NotInStoreError):  # kept here too: a tombstone never changes
+                atomic_write_bytes(path, self.remote.read_bytes(self._tombstone_key(version)))
+        if not path.is_file():
+            return None
+        data: Any = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+
+    def _tombstone_key(self, version: int) -> str:
+        return join(self.model, "tombstones", f"{version}.json")
 
     def discard(self, path: Path) -> None:
         """Remove a staging or unpublished version directory (lease lost, failed round)."""
         if path.exists():
             shutil.rmtree(path, ignore_errors=True)
+        if self.remote is not None and path.parent == self.adapters_dir and is_version_dir(path.name):
+            self._delete_remote(self.location_of(path.name), path.name)
+
+    def _delete_remote(self, location: str, name: str) -> None:
+        """The store's copy of a version: its files (manifest first: never a complete-looking
+        version with files missing) and its state file."""
+        assert self.remote is not None
+        keys = self.remote.list(location)
+        for key in sorted(keys, key=lambda k: not k.endswith(f"/{MANIFEST}")):
+            self.remote.delete(key)
+        self.remote.delete(self._state_key(name))
 
     # -- withdrawing ---------------------------------------------------------------------------
     def tombstone_path(self, version: int) -> Path:
@@ -284,11 +426,11 @@ class ModelArtifacts:
         """Write the version's tombstone (its manifest's hashes), then delete its files. Idempotent."""
         directory = self.resolve(location)
         tomb = self.tombstone_path(version)
+        if self.remote is not None and not tomb.exists():
+            with contextlib.suppress(NotInStoreError):  # written by another machine
+                atomic_write_bytes(tomb, self.remote.read_bytes(self._tombstone_key(version)))
         if not tomb.exists():
-            try:
-                manifest: dict[str, Any] | None = read_manifest(directory)
-            except (ArtifactError, FileNotFoundError, json.JSONDecodeError):
-                manifest = None
+            manifest, manifest_sha256 = self._manifest_anywhere(directory, location)
             atomic_write_json(
                 tomb,
                 {
@@ -299,19 +441,46 @@ class ModelArtifacts:
                     "deleted_at": datetime.now(UTC).isoformat(),
                     "reason": reason,
                     "files": (manifest or {}).get("files", {}),
-                    "manifest_sha256": (
-                        sha256_file(directory / MANIFEST).sha256 if manifest is not None else None
-                    ),
+                    "manifest_sha256": manifest_sha256,
                     "parent_version": (manifest or {}).get("parent_version"),
                     "requests": (manifest or {}).get("requests", []),
                 },
             )
+        if self.remote is not None:  # the tombstone first, then the files
+            self.remote.put_file(self._tombstone_key(version), tomb, sha256_file(tomb).sha256)
+            self._delete_remote(location, Path(location).name)
+            # cached copies too: a withdrawn version still carries forgotten data (a blob another
+            # version shares is only uncached: that version's directory keeps its own link)
+            for digest in json.loads(tomb.read_text()).get("files", {}).values():
+                sha256 = str(digest.get("sha256", ""))
+                if re.fullmatch(r"[0-9a-f]{64}", sha256):
+                    (self.blobs / sha256[:2] / sha256).unlink(missing_ok=True)
         if directory.exists():
             with contextlib.suppress(FileNotFoundError):  # another worker deleted it meanwhile
                 shutil.rmtree(directory)
             fsync_dir(directory.parent)
         self.state_path(location).unlink(missing_ok=True)
         return tomb
+
+    def _manifest_anywhere(
+        self, directory: Path | None, location: str
+    ) -> tuple[dict[str, Any] | None, str | None]:
+        """A version's manifest and its sha256, read in ``directory`` or else from the store."""
+        raw: bytes | None = None
+        if directory is not None and (directory / MANIFEST).is_file():
+            raw = (directory / MANIFEST).read_bytes()
+        elif self.remote is not None:
+            with contextlib.suppress(NotInStoreError):
+                raw = self.remote.read_bytes(join(location, MANIFEST))
+        if raw is None:
+            return None, None
+        try:
+            data = json.loads(raw)
+        except ValueError:
+            return None, None
+        if not isinstance(data, dict) or int(data.get("format", 0)) != MANIFEST_FORMAT:
+            return None, None
+        return data, hashlib.sha256(raw).hexdigest()
 
     # -- garbage collection --------------------------------------------------------------------
     def gc_orphans(
@@ -350,6 +519,34 @@ class ModelArtifacts:
                 continue
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
+        return removed
+
+    def gc_remote_orphans(
+        self, keep: Iterable[str], *, spare: Callable[[dict[str, Any] | None], bool] | None = None
+    ) -> list[str]:
+        """The store's side of :meth:`gc_orphans` (under the lease too): versions no database row
+        names. ``spare`` gets the version's manifest (None: never sealed) and spares it on True.
+        Staging keys a crashed upload left are the bucket's lifecycle rule's (docs/operations.md)."""
+        if self.remote is None:
+            return []
+        kept = {Path(location).name for location in keep}
+        names = self.stored_versions()
+        removed: list[str] = []
+        for name in sorted(names - kept):
+            if not is_version_dir(name):
+                continue
+            location = self.location_of(name)
+            manifest, _ = self._manifest_anywhere(None, location)
+            if spare is not None and spare(manifest):
+                log.error("not deleting %s from the store: a sealed version the database does not know", name)
+                continue
+            self._delete_remote(location, name)
+            removed.append(location)
+        states = {Path(location).name for location in keep} | names
+        for key in self.remote.list(f"{self.model}/state"):
+            if key.endswith(".json") and key.rsplit("/", 1)[-1][: -len(".json")] not in states:
+                self.remote.delete(key)  # a round that failed between keep_state and its upload
+                removed.append(key)
         return removed
 
     def _gc_states(self, keep: list[str], min_age_seconds: float) -> list[Path]:

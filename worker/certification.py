@@ -19,6 +19,7 @@ Torch and the ML core are imported lazily.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import shutil
@@ -38,6 +39,7 @@ from service.repositories import certifications as certifications_repo
 from service.repositories import events as events_repo
 from service.repositories import rounds as rounds_repo
 from service.repositories import versions as versions_repo
+from service.storage import NotInStoreError
 from worker import pipeline
 from worker.unlearning.state import STATE_FILE
 
@@ -222,7 +224,7 @@ def _certify(ctx: pipeline.WorkerContext, job: _Job, snap: Path) -> dict[str, An
     inputs = EngineInputs.load(
         workload,
         data_dir=ctx.data_dir(job.model_name),
-        base_dir=store.base_dir,
+        base_dir=store.fetch_base(job.model.base_files),
         settings=dict(job.model.settings),
         seed=ctx.worker_settings.seed,
         device=ctx.device,
@@ -238,7 +240,10 @@ def _certify(ctx: pipeline.WorkerContext, job: _Job, snap: Path) -> dict[str, An
         )
         for rid, tasks, doc in job.requests
     ]
-    adapter_dir, state_file = store.resolve(job.location), store.state_file(job.location)
+    adapter_dir = store.resolve(job.location)
+    with contextlib.suppress(NotInStoreError):  # withdrawn since: the snapshot below
+        adapter_dir = store.fetch_version(job.location)
+    state_file = store.fetch_state(job.location)
     if not (adapter_dir / "adapter_model.safetensors").exists():  # withdrawn since: its files are deleted
         adapter_dir = snap / ADAPTER_COPY
         state_file = adapter_dir / STATE_FILE

@@ -9,9 +9,9 @@ knows its round and handed out its fencing token; anything else is foreign and i
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -53,6 +53,11 @@ def is_foreign(directory: Path, view: DatabaseView) -> bool:
         manifest = read_manifest(directory)
     except (ArtifactError, OSError, ValueError):
         return True  # a manifest we cannot read: not ours to judge, keep it
+    return is_foreign_manifest(manifest, view)
+
+
+def is_foreign_manifest(manifest: dict[str, Any], view: DatabaseView) -> bool:
+    """Whether a sealed version's manifest names an attempt this database does not know."""
     round_id = manifest.get("round_id")
     if round_id is None:  # written by a preparation: a duplicate v1 while the database has one
         return 1 not in view.versions
@@ -83,16 +88,14 @@ def problems(store: ModelArtifacts, view: DatabaseView) -> list[str]:
     for version, (location, status) in sorted(view.versions.items()):
         if status != "active":
             continue
-        directory = store.resolve(location)
-        if not (directory / MANIFEST).is_file():
-            tomb = store.tombstone_path(version)
+        if not store.has_version(location):  # here, or in the object store
             why = ""
-            if tomb.is_file():
-                try:
-                    deleted_at = json.loads(tomb.read_text()).get("deleted_at")
-                    why = f"; its tombstone says it was deleted at {deleted_at}"
-                except (OSError, ValueError):
-                    why = "; it has a tombstone"
+            try:
+                tomb = store.read_tombstone(version)
+                if tomb is not None:
+                    why = f"; its tombstone says it was deleted at {tomb.get('deleted_at')}"
+            except (OSError, ValueError):
+                why = "; it has a tombstone"
             found.append(
                 f"active version {version} has no files at {location}{why} "
                 "(is the database older than the artifacts?)"

@@ -50,8 +50,9 @@ from service.repositories import models as models_repo
 from service.repositories import requests as requests_repo
 from service.repositories import versions as versions_repo
 from service.settings import Settings
+from service.storage import ArtifactStore, make_store
 from worker import consistency
-from worker.artifacts import CommittedVersion, FileDigest, ModelArtifacts, digest_directory, version_dir_name
+from worker.artifacts import CommittedVersion, FileDigest, ModelArtifacts, version_dir_name
 from worker.config import WorkerSettings
 from worker.progress import ThrottledProgress
 from worker.watchdog import RoundWatchdog
@@ -83,6 +84,8 @@ class WorkerContext:
     #: called with (event, details) at each step; tests use it to crash at a chosen point
     hook: ProgressHook | None = None
     engine: Engine | None = None
+    #: the object store when ``artifact_store`` is not the local directory (built on first use)
+    _remote: ArtifactStore | None = field(default=None, repr=False)
 
     @classmethod
     def create(
@@ -115,7 +118,11 @@ class WorkerContext:
         return self.settings.resolved_artifacts_dir
 
     def artifacts(self, model: str) -> ModelArtifacts:
-        return ModelArtifacts(self.artifacts_root, model)
+        """The model's artifacts: this directory, and the object store if one is configured."""
+        if self._remote is None and self.settings.artifact_store != "local":
+            self._remote = make_store(self.settings)
+        blobs = self.settings.resolved_home / "blob-cache"
+        return ModelArtifacts(self.artifacts_root, model, remote=self._remote, blobs=blobs)
 
     def data_dir(self, model: str) -> Path:
         return self.settings.resolved_data_dir / model
@@ -394,8 +401,12 @@ def _run_and_publish(
         min_age_seconds=ctx.worker_settings.gc_min_age_seconds,
         spare=lambda directory: consistency.is_foreign(directory, view),
     )
-    if removed:
-        log.info("removed %d orphan directories of %s", len(removed), model_name)
+    removed_remote = store.gc_remote_orphans(
+        view.locations,
+        spare=lambda manifest: manifest is not None and consistency.is_foreign_manifest(manifest, view),
+    )
+    if removed or removed_remote:
+        log.info("removed %d orphan directories of %s", len(removed) + len(removed_remote), model_name)
     if claimed.parent_location is None:
         raise PermanentRoundError(f"model {model_name} has no active version to unlearn from")
     name = version_dir_name(claimed.round_id, claimed.fencing_token)
@@ -495,13 +506,14 @@ def _run_engine(
         stages(stage, step, of)
 
     with contextlib.closing(stages):
-        outcome = _engine_round(ctx, claimed, workload, settings, staging, on_progress, on_stage)
+        outcome = _engine_round(ctx, claimed, model, workload, settings, staging, on_progress, on_stage)
     return {rid: dict(doc) for rid, doc in outcome.evidence.items()}
 
 
 def _engine_round(
     ctx: WorkerContext,
     claimed: rounds.ClaimedRound,
+    model: Model,
     workload: Workload,
     settings: dict[str, Any],
     staging: Path,
@@ -515,8 +527,9 @@ def _engine_round(
     return run_round(
         workload,
         data_dir=ctx.data_dir(claimed.model_name),
-        base_dir=store.base_dir,
-        adapter_in=store.resolve(claimed.parent_location),
+        # from the object store when another machine wrote them (a no-op with the local store)
+        base_dir=store.fetch_base(model.base_files),
+        adapter_in=store.fetch_version(claimed.parent_location),
         adapter_out=staging,
         requests=[_spec(r) for r in claimed.requests],
         method=claimed.method,
@@ -525,7 +538,7 @@ def _engine_round(
         device=ctx.device,
         cache_dir=ctx.cache_dir(claimed.model_name),
         on_progress=on_progress,
-        state_in=store.state_file(claimed.parent_location),
+        state_in=store.fetch_state(claimed.parent_location),
         on_stage=on_stage,
     )
 
@@ -568,8 +581,10 @@ def delete_withdrawn_files(ctx: WorkerContext, model_name: str) -> list[int]:
             if v.status == "withdrawn"
         ]
     done: list[int] = []
+    stored = store.stored_versions() if todo else set()  # one listing of the object store, if any
     for version, location in todo:
-        if store.resolve(location).exists() or not store.tombstone_path(version).exists():
+        left = store.resolve(location).exists() or Path(location).name in stored
+        if left or store.read_tombstone(version) is None:
             store.delete_version(version, location, reason="withdrawn: contains a forgotten subject")
             done.append(version)
     return done
@@ -744,6 +759,7 @@ def prepare_model(
                     # v1's SSD importance is computed now, so the first request does not wait on it
                     cache_dir=ctx.cache_dir(model_name),
                 )
+            base_files = store.upload_base()  # to the object store, if any, before v1 names it
             store.keep_state(staging, name)
             committed = store.commit(
                 staging,
@@ -753,7 +769,6 @@ def prepare_model(
                 evidence={"prepare": prepared.evidence},
                 extra={"workload": workload_name, "version": 1},
             )
-            base_files = digest_directory(store.base_dir, exclude=())
             with transaction(ctx.session_factory) as session:
                 return rounds.register_prepared_model(
                     session,

@@ -18,6 +18,7 @@ from starlette.routing import Match
 from service.api.auth import authenticate_request
 from service.api.schemas import FORGET_REQUEST_KINDS
 from service.errors import ServiceError
+from service.storage import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +269,17 @@ async def _pool_timeout(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _store_error(request: Request, exc: Exception) -> JSONResponse:
+    """The artifact store (S3-compatible service) is unreachable or refused: not the caller's fault."""
+    log.warning("artifact store error on %s %s: %s", request.method, request.url.path, exc)
+    return problem_response(
+        503,
+        detail="the artifact store is unavailable; try again",
+        instance=request.url.path,
+        headers={"Retry-After": "5"},
+    )
+
+
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return problem_response(500, detail="internal error", instance=request.url.path)
@@ -279,4 +291,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(DBAPIError, _database_error)
     app.add_exception_handler(PoolTimeoutError, _pool_timeout)
+    app.add_exception_handler(StoreError, _store_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -16,6 +16,7 @@ from service.api.throttle import AuthFailures
 from service.db.session import transaction
 from service.dispatch import Dispatcher
 from service.settings import Settings
+from service.storage import ArtifactStore, make_store
 
 
 @dataclass
@@ -28,6 +29,13 @@ class AppState:
     #: health checks' own connections: they never queue behind request work for the pool
     probe_engine: Engine | None = None
     _digest_key: bytes | None = None
+    _store: ArtifactStore | None = None
+
+    def store(self) -> ArtifactStore:
+        """The artifact store the serving routes read (built once, on first use)."""
+        if self._store is None:
+            self._store = make_store(self.settings)
+        return self._store
 
     def digest_key(self) -> bytes:
         """The HMAC key of external ids in the event chain (read or created once)."""

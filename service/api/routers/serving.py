@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, StreamingResponse
 from sqlalchemy.orm import Session
 
+from service import storage
 from service.api import schemas
 from service.api.auth import Principal, require
 from service.api.problems import problem_responses
-from service.api.state import State
-from service.artifacts import etag_matches, etag_of, resolve_file, sha256_header
+from service.api.state import AppState, State
+from service.artifacts import check_name, etag_matches, etag_of, resolve_file, sha256_header
 from service.db.models import AdapterVersion, Model
 from service.errors import GoneError, NotFoundError
 from service.repositories import models as models_repo
@@ -101,15 +101,35 @@ def _adapter_response(
 
 
 def _file_response(
-    artifacts_dir: Path, location: str, name: str, files: dict[str, Any], if_none_match: str | None
+    state: AppState, location: str, name: str, files: dict[str, Any], if_none_match: str | None, *, head: bool
 ) -> Response:
-    path = resolve_file(artifacts_dir, location, name, files)
-    sha256 = str(files[name]["sha256"])
+    """One recorded file: from the artifacts directory (local store), or streamed from the object
+    store through the API (s3 store; the serve key, the sha256 headers and the 410 of a withdrawn
+    version stay in force, and serving hosts need no credentials for, or route to, the bucket)."""
+    sha256 = str(files.get(name, {}).get("sha256", ""))
     etag = f'"{sha256}"'
-    headers = {"ETag": etag, "Repr-Digest": sha256_header(sha256), "X-Checksum-SHA256": sha256}
-    if etag_matches(if_none_match, etag):
-        return Response(status_code=304, headers=headers)
-    return FileResponse(path, media_type="application/octet-stream", headers=headers)
+    headers = {"ETag": etag, "Repr-Digest": "", "X-Checksum-SHA256": sha256}
+    store = state.store()
+    if store.kind == "local":
+        path = resolve_file(state.settings.resolved_artifacts_dir, location, name, files)
+        headers["Repr-Digest"] = sha256_header(sha256)
+        if etag_matches(if_none_match, etag):
+            return Response(status_code=304, headers=headers)
+        return FileResponse(path, media_type="application/octet-stream", headers=headers)
+    check_name(name, files)
+    headers["Repr-Digest"] = sha256_header(sha256)
+    key = storage.join(location, name)
+    try:
+        size = store.size(key)
+        if etag_matches(if_none_match, etag):
+            return Response(status_code=304, headers=headers)
+        headers["Content-Length"] = str(size)
+        if head:
+            return Response(status_code=200, media_type="application/octet-stream", headers=headers)
+        chunks = store.stream(key)
+    except storage.NotInStoreError as exc:
+        raise NotFoundError(f"file {name!r} is not available") from exc
+    return StreamingResponse(chunks, media_type="application/octet-stream", headers=headers)
 
 
 NOT_MODIFIED: dict[int | str, dict[str, Any]] = {
@@ -161,9 +181,15 @@ def adapter_version(
 def download_adapter_file(
     model: str, version: str, name: str, state: State, _: Server, if_none_match: IfNoneMatch = None
 ) -> Response:
+    return _adapter_file(model, version, name, state, if_none_match, head=False)
+
+
+def _adapter_file(
+    model: str, version: str, name: str, state: AppState, if_none_match: str | None, *, head: bool
+) -> Response:
     with state.transaction() as session:
         row = _version(session, _model(session, model), version)
-    return _file_response(state.settings.resolved_artifacts_dir, row.location, name, row.files, if_none_match)
+    return _file_response(state, row.location, name, row.files, if_none_match, head=head)
 
 
 @router.head(
@@ -175,7 +201,7 @@ def download_adapter_file(
 def head_adapter_file(
     model: str, version: str, name: str, state: State, principal: Server, if_none_match: IfNoneMatch = None
 ) -> Response:
-    return download_adapter_file(model, version, name, state, principal, if_none_match)
+    return _adapter_file(model, version, name, state, if_none_match, head=True)
 
 
 @router.get(
@@ -206,11 +232,13 @@ def base_model(
 def download_base_file(
     model: str, name: str, state: State, _: Server, if_none_match: IfNoneMatch = None
 ) -> Response:
+    return _base_file(model, name, state, if_none_match, head=False)
+
+
+def _base_file(model: str, name: str, state: AppState, if_none_match: str | None, *, head: bool) -> Response:
     with state.transaction() as session:
         found, location = _with_base(session, model)
-    return _file_response(
-        state.settings.resolved_artifacts_dir, location, name, found.base_files, if_none_match
-    )
+    return _file_response(state, location, name, found.base_files, if_none_match, head=head)
 
 
 @router.head(
@@ -222,4 +250,4 @@ def download_base_file(
 def head_base_file(
     model: str, name: str, state: State, principal: Server, if_none_match: IfNoneMatch = None
 ) -> Response:
-    return download_base_file(model, name, state, principal, if_none_match)
+    return _base_file(model, name, state, if_none_match, head=True)
