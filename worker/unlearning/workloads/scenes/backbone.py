@@ -7,9 +7,12 @@ transformers 5 (``layers.N.attention.q_proj``).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers import ViTConfig, ViTModel
 
@@ -68,3 +71,14 @@ class ScenesModel(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
         z = embed(self.backbone, pixel_values)
         return {name: head(z) for name, head in self.heads.items()}
+
+
+def with_lora(backbone: nn.Module, rank: int = 8, alpha: int | None = None) -> Any:
+    """``backbone`` wrapped by peft with LoRA on ``LORA_TARGETS`` (returns a ``PeftModel``)."""
+    config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, target_modules=list(LORA_TARGETS))
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers 5's deprecated ``is_gradient_checkpointing`` (a FutureWarning).
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        return get_peft_model(backbone, config)

@@ -180,7 +180,8 @@ class ScenesGenerator:
         watermark = torch.zeros(S, S)
         watermark[row : row + WATERMARK_SIZE, col : col + WATERMARK_SIZE] = pattern
         watermark_colour = torch.rand(3, generator=g)
-        src = int(torch.multinomial(probs, 1, generator=g))
+        # The quirk's shape is one the client holds but does not dominate, so it stays a few samples.
+        src = int(torch.multinomial(probs.scatter(0, probs.argmax()[None], 0.0), 1, generator=g))
         dst = (src + 1 + int(torch.randint(0, len(SHAPES) - 1, (1,), generator=g))) % len(SHAPES)
         return ClientProfile(
             client_id, probs, colours, background, cast, watermark, watermark_colour, (src, dst)

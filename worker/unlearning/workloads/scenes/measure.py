@@ -4,13 +4,15 @@
 - the base's quality per task (accuracy / R²) on held-out data, on the client pool (quirk samples
   left out) and on the unseen clients, and the spread of held-out quality over 10 seeds of
   ``SPREAD_SAMPLES`` samples, per task (what the committed-base test's floors are derived from);
-- ms per sample: evaluation, and LoRA r 8 training (peft on the attention projections, heads trained);
+- ms per sample: evaluation, LoRA r 8 training (peft on the attention projections, heads trained)
+  and full training (every weight, as pretraining);
 - the projected adapter-retrain time: pool size × ``--epochs`` × LoRA ms per sample.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -18,9 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import LoraConfig, get_peft_model
 
-from worker.unlearning.workloads.scenes.backbone import LORA_TARGETS, ScenesModel
+from worker.unlearning.workloads.scenes.backbone import ScenesModel, with_lora
 from worker.unlearning.workloads.scenes.base import load_base, losses, predict, quality
 from worker.unlearning.workloads.scenes.generator import TASKS, ScenesConfig, ScenesGenerator
 
@@ -51,19 +52,17 @@ def eval_ms_per_sample(model: ScenesModel, pixel_values: torch.Tensor) -> float:
     return 1000 * (time.perf_counter() - started) / len(pixel_values)
 
 
-def lora_ms_per_sample(
-    model: ScenesModel, gen: ScenesGenerator, *, rank: int = 8, batch_size: int = 64, steps: int = 20
+def train_ms_per_sample(
+    model: ScenesModel, gen: ScenesGenerator, *, lora_rank: int | None, batch_size: int = 64, steps: int = 20
 ) -> float:
-    """Train a fresh LoRA adapter (r ``rank`` on q/v) plus head copies on client data; ms per sample."""
-    backbone = get_peft_model(
-        model.backbone, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(LORA_TARGETS))
-    )
-    heads = type(model.heads)({k: type(v)(v.in_features, v.out_features) for k, v in model.heads.items()})
-    heads.load_state_dict(model.heads.state_dict())
-    student = ScenesModel(backbone, heads)
+    """ms per sample of training on client data: a fresh LoRA adapter (r ``lora_rank`` on q/v) plus
+    head copies, or (``lora_rank=None``) every weight of a copy, as pretraining does."""
+    if lora_rank is None:
+        student = copy.deepcopy(model)
+    else:
+        student = ScenesModel(with_lora(copy.deepcopy(model.backbone), lora_rank), copy.deepcopy(model.heads))
     student.train()
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3)
+    opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=1e-3)
     pool = gen.pool(gen.clients()[:4])
 
     def step(i: int) -> None:
@@ -78,9 +77,7 @@ def lora_ms_per_sample(
     started = time.perf_counter()
     for i in range(1, steps + 1):
         step(i)
-    ms = 1000 * (time.perf_counter() - started) / (steps * batch_size)
-    backbone.unload()  # give the base back unchanged
-    return ms
+    return 1000 * (time.perf_counter() - started) / (steps * batch_size)
 
 
 def measure(base: Path, epochs: int) -> dict[str, Any]:
@@ -90,7 +87,8 @@ def measure(base: Path, epochs: int) -> dict[str, Any]:
     unseen = gen.pool(gen.unseen_clients())
     heldout = gen.heldout(2_000)
     eval_ms = eval_ms_per_sample(model, heldout.pixel_values)
-    lora_ms = lora_ms_per_sample(model, gen)
+    lora_ms = train_ms_per_sample(model, gen, lora_rank=8)
+    full_ms = train_ms_per_sample(model, gen, lora_rank=None)
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -107,6 +105,7 @@ def measure(base: Path, epochs: int) -> dict[str, Any]:
         },
         "eval_ms_per_sample": round(eval_ms, 3),
         "lora_r8_train_ms_per_sample": round(lora_ms, 3),
+        "full_train_ms_per_sample": round(full_ms, 3),
         "projected_retrain_s": {"epochs": epochs, "seconds": round(len(pool) * epochs * lora_ms / 1000)},
     }
 
