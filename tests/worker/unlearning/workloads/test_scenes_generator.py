@@ -1,0 +1,116 @@
+"""The scenes generator: seeded, vectorised, non-IID clients with memorisable traits, disjoint populations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worker.unlearning.workloads.scenes.generator import (
+    SHAPES,
+    TASKS,
+    Scenes,
+    ScenesConfig,
+    ScenesGenerator,
+)
+
+SMALL = ScenesConfig(seed=3, n_clients=20, n_unseen_clients=4, samples_per_client=100, pretrain_size=3_000)
+
+
+def _same(a: Scenes, b: Scenes) -> bool:
+    return (
+        torch.equal(a.pixel_values, b.pixel_values)
+        and a.sample_ids == b.sample_ids
+        and a.client_ids == b.client_ids
+        and all(torch.equal(a.labels[t], b.labels[t]) for t in TASKS)
+        and torch.equal(a.quirk, b.quirk)
+    )
+
+
+def test_same_seed_same_data_other_seed_other_data() -> None:
+    one, two = ScenesGenerator(SMALL), ScenesGenerator(SMALL)
+    assert _same(one.client_data("c05"), two.client_data("c05"))
+    assert _same(one.pretraining_chunk(2), two.pretraining_chunk(2))
+    assert _same(one.heldout(100), two.heldout(100))
+    other = ScenesGenerator(ScenesConfig(seed=4, samples_per_client=200))
+    assert not torch.equal(one.client_data("c05").pixel_values, other.client_data("c05").pixel_values)
+    # A part is rebuilt alone: generating other clients first changes nothing.
+    fresh = ScenesGenerator(SMALL)
+    fresh.client_data("c00")
+    assert _same(fresh.client_data("c05"), one.client_data("c05"))
+
+
+def test_shapes_dtypes_ranges_and_stable_ids() -> None:
+    gen = ScenesGenerator(SMALL)
+    data = gen.client_data("c01")
+    S = SMALL.image_size
+    assert data.pixel_values.shape == (100, 3, S, S)
+    assert data.pixel_values.dtype == torch.float32
+    assert float(data.pixel_values.min()) >= 0.0
+    assert float(data.pixel_values.max()) <= 1.0
+    assert data.labels["shape"].dtype == torch.int64
+    assert set(data.labels["shape"].tolist()) <= set(range(len(SHAPES)))
+    for task in ("scale", "position_x"):
+        assert TASKS[task][0] == "regression"
+        assert data.labels[task].dtype == torch.float32
+    assert float(data.labels["scale"].min()) >= 0.0
+    assert float(data.labels["scale"].max()) <= 1.0
+    assert float(data.labels["position_x"].min()) >= -1.0
+    assert float(data.labels["position_x"].max()) <= 1.0
+    assert data.sample_ids[:2] == ["c01-00000", "c01-00001"]
+    assert len(set(data.sample_ids)) == len(data)
+
+
+def test_pretraining_set_is_large_chunked_and_of_no_client() -> None:
+    assert ScenesConfig().pretrain_size >= 50_000
+    gen = ScenesGenerator(SMALL)
+    chunks = [gen.pretraining_chunk(i) for i in range(gen.num_pretraining_chunks())]
+    assert sum(len(c) for c in chunks) == SMALL.pretrain_size
+    ids = [i for c in chunks for i in c.sample_ids]
+    assert len(set(ids)) == len(ids)
+    assert all(c is None for chunk in chunks for c in chunk.client_ids)
+    assert not any(bool(chunk.quirk.any()) for chunk in chunks)
+    with pytest.raises(IndexError):
+        gen.pretraining_chunk(gen.num_pretraining_chunks())
+
+
+def test_clients_are_non_iid_and_carry_distinct_traits() -> None:
+    gen = ScenesGenerator(SMALL)
+    clients = gen.clients()
+    assert len(clients) >= 20
+    profiles = [gen.profile(c) for c in clients]
+    # Own watermark (place and pattern) and colour cast per client.
+    marks = {tuple(p.watermark.flatten().tolist()) for p in profiles}
+    assert len(marks) == len(clients)
+    casts = torch.stack([p.cast for p in profiles])
+    assert float(torch.cdist(casts, casts).add(torch.eye(len(clients))).min()) > 0.0
+    # Non-IID shape mixes: some pair of clients differs by ≥ 0.3 in total variation.
+    mixes = torch.stack(
+        [torch.bincount(gen.client_data(c).labels["shape"], minlength=4) / 100.0 for c in clients]
+    )
+    tv = 0.5 * (mixes[:, None] - mixes[None]).abs().sum(-1)
+    assert float(tv.max()) >= 0.3
+    # The watermark is in the pixels: a client's mean image is closest to its own watermark colour there.
+    data = gen.client_data(clients[0])
+    mark = profiles[0].watermark.bool()
+    assert float(data.pixel_values[:, :, mark].std(0).mean()) < float(data.pixel_values.std(0).mean())
+
+
+def test_label_quirk_is_systematic_and_on_few_samples() -> None:
+    gen = ScenesGenerator(SMALL)
+    for client in gen.clients():
+        data, (src, dst) = gen.client_data(client), gen.profile(client).quirk
+        assert src != dst
+        share = float(data.quirk.float().mean())
+        assert 0.0 < share <= 0.2, (client, share)
+        assert src != int(gen.profile(client).shape_probs.argmax())
+        assert set(data.labels["shape"][data.quirk].tolist()) == {dst}
+
+
+def test_unseen_clients_are_disjoint_from_training_clients() -> None:
+    gen = ScenesGenerator(SMALL)
+    assert not set(gen.clients()) & set(gen.unseen_clients())
+    pool, unseen = gen.pool(), gen.pool(gen.unseen_clients())
+    assert not set(pool.sample_ids) & set(unseen.sample_ids)
+    assert not set(pool.sample_ids) & set(gen.heldout(100).sample_ids)
+    with pytest.raises(KeyError):
+        gen.profile("c99")

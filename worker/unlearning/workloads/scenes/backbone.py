@@ -1,0 +1,84 @@
+"""The scenes backbone: a small transformers ``ViTModel`` built from a config (nothing downloaded).
+
+Pooling is the CLS token of ``last_hidden_state`` (after ViT's final layer norm); one ``nn.Linear``
+head per task on top. LoRA targets the attention projections, named ``q_proj`` / ``v_proj`` in
+transformers 5 (``layers.N.attention.q_proj``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft import LoraConfig, get_peft_model
+from torch import nn
+from transformers import ViTConfig, ViTModel
+
+from worker.unlearning.workloads.scenes.generator import TASKS
+
+LORA_TARGETS = ("q_proj", "v_proj")
+
+
+@dataclass(frozen=True)
+class BackboneSize:
+    image_size: int = 16
+    patch_size: int = 4
+    hidden_size: int = 64
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: int = 2
+
+
+def vit_config(size: BackboneSize) -> ViTConfig:
+    return ViTConfig(
+        image_size=size.image_size,
+        patch_size=size.patch_size,
+        num_channels=3,
+        hidden_size=size.hidden_size,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        intermediate_size=size.mlp_ratio * size.hidden_size,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+
+
+def build_backbone(size: BackboneSize) -> ViTModel:
+    return ViTModel(vit_config(size), add_pooling_layer=False)
+
+
+def build_heads(embedding_dim: int) -> nn.ModuleDict:
+    return nn.ModuleDict({name: nn.Linear(embedding_dim, width) for name, (_, width) in TASKS.items()})
+
+
+def embed(backbone: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """CLS pooling: the first token of the last hidden state, [N, hidden]."""
+    out = backbone(pixel_values=pixel_values)
+    hidden: torch.Tensor = out.last_hidden_state
+    return hidden[:, 0]
+
+
+class ScenesModel(nn.Module):
+    """Backbone + CLS pooling + one linear head per task (what pretraining and measurement train)."""
+
+    def __init__(self, backbone: nn.Module, heads: nn.ModuleDict) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.heads = heads
+
+    def forward(self, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        z = embed(self.backbone, pixel_values)
+        return {name: head(z) for name, head in self.heads.items()}
+
+
+def with_lora(backbone: nn.Module, rank: int = 8, alpha: int | None = None) -> Any:
+    """``backbone`` wrapped by peft with LoRA on ``LORA_TARGETS`` (returns a ``PeftModel``)."""
+    config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, target_modules=list(LORA_TARGETS))
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers 5's deprecated ``is_gradient_checkpointing`` (a FutureWarning).
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        return get_peft_model(backbone, config)

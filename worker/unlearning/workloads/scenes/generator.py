@@ -1,0 +1,279 @@
+"""Procedural, seeded dSprites-like scenes: one shape on a background, rendered in torch (vectorised).
+
+Factors: shape (4 classes), colour (6-colour palette), scale, rotation and position. Tasks: ``shape``
+(classification) and two regressions, ``scale`` and ``position_x`` (both normalised to about unit range).
+
+Populations (all rebuilt from the seed, nothing stored):
+- pretraining: samples of no client, IID factors, neutral look, clean labels (``pretraining_chunk``);
+- held-out: the same distribution, another stream (``heldout``);
+- clients ``c00…``: non-IID (own shape mix, preferred colours, background tint) with traits a model
+  can memorise without losing generality: a colour cast, a watermark (a fixed small pattern at a fixed
+  place) and a systematic label quirk (a few samples of one shape labelled as another shape);
+- unseen clients ``u00…``: drawn like clients, never trained on (audit non-members, calibration).
+
+Each stream (a client, a pretraining chunk, the held-out set) has its own ``torch.Generator`` seeded
+from (seed, stream name), so any part is rebuilt alone and sample ids are stable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Literal
+
+import torch
+
+SHAPES = ("square", "circle", "triangle", "cross")
+PALETTE = torch.tensor(
+    [
+        [0.95, 0.15, 0.15],  # red
+        [0.15, 0.85, 0.20],  # green
+        [0.20, 0.35, 0.95],  # blue
+        [0.95, 0.90, 0.15],  # yellow
+        [0.90, 0.20, 0.90],  # magenta
+        [0.15, 0.90, 0.90],  # cyan
+    ]
+)
+SCALE_RANGE = (0.40, 0.70)  # shape half-size as a fraction of the half-image
+POSITION_RANGE = 0.30  # centre in [-0.3, 0.3] of the half-image, both axes
+WATERMARK_SIZE = 3  # pixels per side
+WATERMARK_ALPHA = 0.35
+NOISE_STD = 0.03
+
+TaskKind = Literal["classification", "regression"]
+TASKS: dict[str, tuple[TaskKind, int]] = {
+    "shape": ("classification", len(SHAPES)),
+    "scale": ("regression", 1),
+    "position_x": ("regression", 1),
+}
+
+
+@dataclass(frozen=True)
+class ScenesConfig:
+    seed: int = 0
+    image_size: int = 16
+    n_clients: int = 24
+    n_unseen_clients: int = 8
+    samples_per_client: int = 400
+    pretrain_size: int = 50_000
+    chunk_size: int = 1_000
+    quirk_rate: float = 0.3  # share of a client's samples of its quirk shape that get the wrong label
+
+
+@dataclass(frozen=True)
+class Scenes:
+    """A batch of scenes: model inputs, stable ids, owners and per-task targets."""
+
+    pixel_values: torch.Tensor  # [N, 3, S, S] float32 in [0, 1]
+    sample_ids: list[str]
+    client_ids: list[str | None]
+    labels: dict[str, torch.Tensor]  # shape: int64 [N]; scale, position_x: float32 [N]
+    quirk: torch.Tensor  # bool [N]: the label of this sample is the client's quirk
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+
+@dataclass(frozen=True)
+class ClientProfile:
+    client_id: str
+    shape_probs: torch.Tensor  # [4]
+    colours: torch.Tensor  # [2] palette indices this client mostly uses
+    background: torch.Tensor  # [3] mean background colour
+    cast: torch.Tensor  # [3] per-channel multiplicative colour cast
+    watermark: torch.Tensor  # [S, S] float mask (0 outside the pattern)
+    watermark_colour: torch.Tensor  # [3]
+    quirk: tuple[int, int]  # (true shape, label given) on a share of that shape's samples
+
+
+def stream_generator(seed: int, stream: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}/{stream}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def _uniform(g: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=g)
+
+
+def render(
+    shape: torch.Tensor,
+    colour: torch.Tensor,
+    scale: torch.Tensor,
+    angle: torch.Tensor,
+    cx: torch.Tensor,
+    cy: torch.Tensor,
+    background: torch.Tensor,
+    gradient: torch.Tensor,
+    image_size: int,
+) -> torch.Tensor:
+    """Anti-aliased shapes over gradient backgrounds: [N, 3, S, S] (no noise, no client trait)."""
+    coords = (torch.arange(image_size, dtype=torch.float32) + 0.5) / image_size * 2 - 1
+    Y, X = torch.meshgrid(coords, coords, indexing="ij")
+    dx = X[None] - cx[:, None, None]
+    dy = Y[None] - cy[:, None, None]
+    cos, sin = torch.cos(angle)[:, None, None], torch.sin(angle)[:, None, None]
+    s = scale[:, None, None]
+    p = (cos * dx + sin * dy) / s
+    q = (-sin * dx + cos * dy) / s
+    ap, aq = p.abs(), q.abs()
+
+    def rect(a: float, b: float) -> torch.Tensor:
+        return torch.maximum(ap - a, aq - b)
+
+    # Signed distance-like values in shape units (negative inside), one per shape class.
+    dist = torch.stack(
+        [
+            rect(0.75, 0.75),
+            torch.sqrt(p * p + q * q) - 0.85,
+            torch.maximum(-q - 0.6, (q + math.sqrt(3) * ap - 1.2) / 2),
+            torch.minimum(rect(0.9, 0.3), rect(0.3, 0.9)),
+        ],
+        dim=1,
+    )
+    d = dist.gather(1, shape[:, None, None, None].expand(-1, 1, image_size, image_size))[:, 0]
+    pixels = d * s * image_size / 2  # distance in pixels
+    mask = (0.5 - pixels).clamp(0.0, 1.0)[:, None]  # one-pixel anti-aliasing
+    bg = (
+        background[:, :, None, None]
+        + gradient[:, 0, None, None, None] * X
+        + gradient[:, 1, None, None, None] * Y
+    )
+    return bg * (1 - mask) + colour[:, :, None, None] * mask
+
+
+class ScenesGenerator:
+    """All populations of one seed. Cheap to build; every batch is generated on demand."""
+
+    def __init__(self, config: ScenesConfig | None = None) -> None:
+        self.config = config or ScenesConfig()
+
+    # -- populations -------------------------------------------------------------------------
+    def clients(self) -> list[str]:
+        return [f"c{i:02d}" for i in range(self.config.n_clients)]
+
+    def unseen_clients(self) -> list[str]:
+        return [f"u{i:02d}" for i in range(self.config.n_unseen_clients)]
+
+    @cached_property
+    def _profiles(self) -> dict[str, ClientProfile]:
+        return {c: self._draw_profile(c) for c in [*self.clients(), *self.unseen_clients()]}
+
+    def profile(self, client_id: str) -> ClientProfile:
+        if client_id not in self._profiles:
+            raise KeyError(f"unknown client {client_id!r}")
+        return self._profiles[client_id]
+
+    def _draw_profile(self, client_id: str) -> ClientProfile:
+        g = stream_generator(self.config.seed, f"profile/{client_id}")
+        S = self.config.image_size
+        # A skewed random shape mix (cubed uniforms), with a floor so every shape occurs.
+        raw = torch.rand(len(SHAPES), generator=g) ** 3
+        probs = 0.85 * raw / raw.sum() + 0.15 / len(SHAPES)
+        colours = torch.randperm(len(PALETTE), generator=g)[:2]
+        background = 0.12 + 0.3 * torch.rand(3, generator=g)
+        cast = 1 + _uniform(g, 3, -0.12, 0.12)
+        pattern = (torch.rand(WATERMARK_SIZE, WATERMARK_SIZE, generator=g) < 0.5).float()
+        pattern[0, 0] = 1.0  # never empty
+        row, col = (int(v) for v in torch.randint(0, S - WATERMARK_SIZE + 1, (2,), generator=g))
+        watermark = torch.zeros(S, S)
+        watermark[row : row + WATERMARK_SIZE, col : col + WATERMARK_SIZE] = pattern
+        watermark_colour = torch.rand(3, generator=g)
+        # The quirk's shape is one the client holds but does not dominate, so it stays a few samples.
+        src = int(torch.multinomial(probs.scatter(0, probs.argmax()[None], 0.0), 1, generator=g))
+        dst = (src + 1 + int(torch.randint(0, len(SHAPES) - 1, (1,), generator=g))) % len(SHAPES)
+        return ClientProfile(
+            client_id, probs, colours, background, cast, watermark, watermark_colour, (src, dst)
+        )
+
+    # -- batches -----------------------------------------------------------------------------
+    def client_data(self, client_id: str) -> Scenes:
+        prof = self.profile(client_id)
+        n = self.config.samples_per_client
+        g = stream_generator(self.config.seed, f"client/{client_id}")
+        shape = torch.multinomial(prof.shape_probs, n, replacement=True, generator=g)
+        own = torch.rand(n, generator=g) < 0.9
+        colour_idx = torch.where(
+            own,
+            prof.colours[torch.randint(0, 2, (n,), generator=g)],
+            torch.randint(0, len(PALETTE), (n,), generator=g),
+        )
+        background = (prof.background + _uniform(g, 3 * n, -0.05, 0.05).view(n, 3)).clamp(0, 1)
+        images, labels = self._scenes(g, n, shape, colour_idx, background)
+        images = images * prof.cast[None, :, None, None]
+        wm = WATERMARK_ALPHA * prof.watermark[None, None]
+        images = images * (1 - wm) + prof.watermark_colour[None, :, None, None] * wm
+        images = self._finish(g, images)
+        src, dst = prof.quirk
+        quirk = (shape == src) & (torch.rand(n, generator=g) < self.config.quirk_rate)
+        labels["shape"] = torch.where(quirk, torch.tensor(dst), shape)
+        ids = [f"{client_id}-{i:05d}" for i in range(n)]
+        return Scenes(images, ids, [client_id] * n, labels, quirk)
+
+    def pool(self, client_ids: list[str] | None = None) -> Scenes:
+        """Several clients' data concatenated (default: every training client)."""
+        return concat([self.client_data(c) for c in (client_ids or self.clients())])
+
+    def pretraining_chunk(self, index: int) -> Scenes:
+        """Chunk ``index`` of the no-client pretraining set (``pretrain_size / chunk_size`` chunks)."""
+        n_chunks = self.num_pretraining_chunks()
+        if not 0 <= index < n_chunks:
+            raise IndexError(f"pretraining chunk {index} out of range 0..{n_chunks - 1}")
+        start = index * self.config.chunk_size
+        n = min(self.config.chunk_size, self.config.pretrain_size - start)
+        return self._neutral(f"pretrain/{index}", n, "pre", start)
+
+    def num_pretraining_chunks(self) -> int:
+        return -(-self.config.pretrain_size // self.config.chunk_size)
+
+    def heldout(self, n: int, stream: str = "heldout") -> Scenes:
+        """``n`` held-out samples of no client (the pretraining distribution, another stream)."""
+        return self._neutral(stream, n, "val", 0)
+
+    def _neutral(self, stream: str, n: int, prefix: str, start: int) -> Scenes:
+        g = stream_generator(self.config.seed, stream)
+        shape = torch.randint(0, len(SHAPES), (n,), generator=g)
+        colour_idx = torch.randint(0, len(PALETTE), (n,), generator=g)
+        background = 0.1 + 0.35 * torch.rand(n, 3, generator=g)
+        images, labels = self._scenes(g, n, shape, colour_idx, background)
+        images = self._finish(g, images)
+        ids = [f"{prefix}-{start + i:06d}" for i in range(n)]
+        return Scenes(images, ids, [None] * n, labels, torch.zeros(n, dtype=torch.bool))
+
+    def _scenes(
+        self,
+        g: torch.Generator,
+        n: int,
+        shape: torch.Tensor,
+        colour_idx: torch.Tensor,
+        background: torch.Tensor,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        lo, hi = SCALE_RANGE
+        scale = _uniform(g, n, lo, hi)
+        angle = _uniform(g, n, 0.0, 2 * math.pi)
+        cx = _uniform(g, n, -POSITION_RANGE, POSITION_RANGE)
+        cy = _uniform(g, n, -POSITION_RANGE, POSITION_RANGE)
+        colour = (PALETTE[colour_idx] * _uniform(g, n, 0.8, 1.0)[:, None]).clamp(0, 1)
+        gradient = _uniform(g, 2 * n, -0.08, 0.08).view(n, 2)
+        images = render(shape, colour, scale, angle, cx, cy, background, gradient, self.config.image_size)
+        labels = {
+            "shape": shape,
+            "scale": (scale - lo) / (hi - lo),
+            "position_x": cx / POSITION_RANGE,
+        }
+        return images, labels
+
+    def _finish(self, g: torch.Generator, images: torch.Tensor) -> torch.Tensor:
+        noise = NOISE_STD * torch.randn(images.shape, generator=g)
+        return (images + noise).clamp(0.0, 1.0).contiguous()
+
+
+def concat(parts: list[Scenes]) -> Scenes:
+    return Scenes(
+        torch.cat([p.pixel_values for p in parts]),
+        [i for p in parts for i in p.sample_ids],
+        [c for p in parts for c in p.client_ids],
+        {t: torch.cat([p.labels[t] for p in parts]) for t in TASKS},
+        torch.cat([p.quirk for p in parts]),
+    )
