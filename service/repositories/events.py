@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -78,6 +79,41 @@ def append_event(
     session.add(event)
     session.flush()
     return event
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    request_id: str
+    type: str
+    status: str | None = None
+    detail: dict[str, Any] | None = None
+
+
+def append_events(session: Session, events: Sequence[NewEvent], *, actor: str) -> list[RequestEvent]:
+    """Append ``events`` in order at the head of the chain: one lock, one read of the head, one
+    batched INSERT (the lock is held until the transaction ends, so the fewer round trips the better)."""
+    if not events:
+        return []
+    _lock_chain(session)
+    session.flush()
+    prev = session.scalar(select(RequestEvent.hash).order_by(RequestEvent.id.desc()).limit(1)) or GENESIS_HASH
+    at = utcnow()
+    rows = []
+    for new in events:
+        event = RequestEvent(
+            request_id=new.request_id,
+            type=new.type,
+            status=new.status,
+            actor=actor,
+            detail=dict(new.detail or {}),
+            at=at,
+            prev_hash=prev,
+        )
+        event.hash = prev = event_hash(event)
+        rows.append(event)
+    session.add_all(rows)
+    session.flush()
+    return rows
 
 
 def events_for_request(session: Session, request_id: str, *, after_id: int = 0) -> list[RequestEvent]:
