@@ -159,8 +159,7 @@ def _batched(
             new_events += lifecycle.submission_events(request, model.name, digest)
             created.append(request)
             outcomes[i] = lifecycle.SubmitResult(request, created=request.status == "queued")
-    session.add_all(created)
-    session.flush()  # one batched INSERT … RETURNING (SQLAlchemy's insertmanyvalues)
+    requests_repo.insert_many(session, created)  # one COPY on PostgreSQL
     events_repo.append_events(session, new_events, actor=actor)
     for i, earlier in repeats:
         first = outcomes[earlier]

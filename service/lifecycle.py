@@ -146,6 +146,8 @@ def build_request(
         due_at=deadlines.due_at(now),
         updated_at=now,
         attempts=0,
+        crashes=0,
+        extended_months=0,
     )
 
 

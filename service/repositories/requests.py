@@ -10,6 +10,7 @@ from datetime import datetime
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
+from service.db import copy
 from service.db.models import ACTIVE_REQUEST_STATUSES, ForgetRequest, Model
 from service.repositories.models import chunks
 
@@ -59,6 +60,16 @@ def by_idempotency_keys(
         )
         found.update({r.idempotency_key: r for r in session.scalars(stmt)})
     return found
+
+
+def insert_many(session: Session, rows: Sequence[ForgetRequest]) -> None:
+    """Insert new request objects in one round trip (``COPY`` on PostgreSQL). They stay transient
+    (not in the session): only what their constructor set is written, the server's defaults fill
+    the rest."""
+    columns = {c.key for c in ForgetRequest.__table__.columns}
+    copy.insert_rows(
+        session, ForgetRequest, [{k: v for k, v in vars(r).items() if k in columns} for r in rows]
+    )
 
 
 def get_requests(session: Session, request_ids: Sequence[str]) -> dict[str, ForgetRequest]:

@@ -24,6 +24,8 @@ from tests.service.helpers import assert_problem, client_body, task_body
 
 pytestmark = pytest.mark.usefixtures("ready_model")
 URL = "/v1/forget-requests/bulk"
+#: 60 distinct subjects of the seeded model (12 samples): enough for the COPY path (service/db/copy.py)
+PAIRS = [[f"s{a:05d}", f"s{b:05d}"] for a in range(12) for b in range(a + 1, 12)][:60]
 
 
 def item(key: str, request: Any) -> dict[str, Any]:
@@ -86,11 +88,11 @@ def test_each_item_gets_its_own_result(
 def test_a_replayed_bulk_call_stores_nothing_twice(
     client: TestClient, keys: Keys, sessions: sessionmaker[Session]
 ) -> None:
-    items = [item(f"k{i}", task_body([f"s{i:05d}"], ["digit"])) for i in range(12)]
+    items = [item(f"k{i}", task_body(pair, ["digit"])) for i, pair in enumerate(PAIRS)]
     first = client.post(URL, json={"items": items}, headers=keys.submit).json()
-    assert first["created"] == 12
+    assert first["created"] == 60
     again = client.post(URL, json={"items": items}, headers=keys.submit).json()
-    assert (again["created"], again["unchanged"], again["failed"]) == (0, 12, 0)
+    assert (again["created"], again["unchanged"], again["failed"]) == (0, 60, 0)
     assert [r["request"]["id"] for r in again["items"]] == [r["request"]["id"] for r in first["items"]]
     single = client.post(
         "/v1/forget-requests", json=items[3]["request"], headers={**keys.submit, "Idempotency-Key": "k3"}
@@ -99,7 +101,9 @@ def test_a_replayed_bulk_call_stores_nothing_twice(
     assert single.json()["id"] == first["items"][3]["request"]["id"]
     other_key = client.post(URL, json={"items": items[:2]}, headers=keys.other_submit).json()
     assert other_key["unchanged"] == 2  # merged: another key's requests for the same subjects
-    assert rows(sessions) == 14
+    assert rows(sessions) == 62
+    with transaction(sessions) as session:
+        assert events_repo.verify_chain(session).ok
 
 
 def test_too_many_or_no_items_is_a_problem(
@@ -144,14 +148,14 @@ def test_a_batch_takes_a_fixed_number_of_queries(client: TestClient, keys: Keys)
     if engine.dialect.name != "postgresql":
         pytest.skip("SQLite runs in-process: SQLAlchemy inserts row by row there, with no round trips")
     items = [
-        item(f"k{i}", task_body([f"s{i % 12:05d}"], ["digit", "parity"][: 1 + i // 12])) for i in range(24)
+        item(f"k{i}", task_body(pair, ["digit", "parity"])) for i, pair in enumerate(PAIRS)
     ]
     recorder = _statements(engine)
     seen = next(recorder)
     response = client.post(URL, json={"items": items}, headers=keys.submit)
     next(recorder, None)
-    assert response.json()["created"] == 24, response.text
-    # no per-item queries: the same count for 24 items as for 1000 (the inserts are batched)
+    assert response.json()["created"] == 60, response.text
+    # no per-item queries: the same count for 60 items as for 1000 (the inserts are one COPY each)
     counted = [s for s in seen if not s.lstrip().upper().startswith(("SAVEPOINT", "RELEASE"))]
     assert len(counted) < 20, "\n".join(s[:150].replace("\n", " ") for s in counted)
 
@@ -165,8 +169,12 @@ def test_a_concurrent_insert_falls_back_to_one_by_one(
         "/v1/forget-requests", json=client_body("c0"), headers={**keys.submit, "Idempotency-Key": "a"}
     ).json()
     monkeypatch.setattr(requests_repo, "by_idempotency_keys", lambda *args: {})
-    items = [item("a", client_body("c0")), item("b", client_body("c1")), item("c", client_body("c9"))]
+    # 61 items: over the COPY threshold, so PostgreSQL's COPY meets the unique violation
+    others = [item(f"p{i}", task_body(pair, ["digit"])) for i, pair in enumerate(PAIRS[:59])]
+    items = [item("a", client_body("c0")), *others, item("c", client_body("c9"))]
     body = client.post(URL, json={"items": items}, headers=keys.submit).json()
-    assert [r["status"] for r in body["items"]] == [200, 201, 404]
+    assert [r["status"] for r in body["items"]] == [200] + [201] * 59 + [404]
     assert body["items"][0]["request"]["id"] == first["id"]
-    assert rows(sessions) == 2
+    assert rows(sessions) == 60
+    with transaction(sessions) as session:
+        assert events_repo.verify_chain(session).ok
