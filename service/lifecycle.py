@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ def submit(
     api_key_id: int | None,
     actor: str,
     digest_key: bytes | None = None,
+    savepoint: bool = True,
 ) -> SubmitResult:
     """Record a forget request (status ``queued``), or return the one this submission repeats.
 
@@ -72,6 +74,11 @@ def submit(
     pending, the new one is ``merged`` into it (it follows that request and is not run again). A
     subject already forgotten for everything the submission names: 409. ``digest_key``: the HMAC
     key of the ``external_id`` digest chained in the events (needed when there is an external_id).
+
+    A concurrent submission can win the race to the unique constraints (same key, or same pending
+    subject). With ``savepoint`` the insert runs in one and that race is resolved here; without it
+    (two statements fewer) the :class:`IntegrityError` propagates, the caller's transaction is
+    lost, and the caller submits again in a new one, which then finds the winner.
     """
     payload_hash = submission.payload_hash()
     replay = _replay(session, api_key_id, idempotency_key, payload_hash)
@@ -97,10 +104,12 @@ def submit(
     pending = requests_repo.active_for_subject(session, model.id, key)
     request = new_request(pending)
     try:
-        with session.begin_nested():
+        with session.begin_nested() if savepoint else contextlib.nullcontext():
             session.add(request)
             session.flush()
     except IntegrityError:
+        if not savepoint:
+            raise  # the transaction is lost: the caller submits again
         # A concurrent submission won the race (same idempotency key, or same pending subject).
         replay = _replay(session, api_key_id, idempotency_key, payload_hash)
         if replay is not None:

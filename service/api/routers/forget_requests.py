@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service import bulk, lifecycle
@@ -71,16 +72,24 @@ def create_forget_request(
 ) -> schemas.ForgetRequestOut:
     fields = body.root
     submission = _submission(body)
-    with state.transaction() as session:
-        result = lifecycle.submit(
-            session,
-            submission,
-            idempotency_key=idempotency_key,
-            api_key_id=principal.key_id,
-            actor=principal.actor,
-            digest_key=state.digest_key() if fields.external_id is not None else None,
-        )
-        out = presenters.forget_request(session, result.request, model_name=fields.model)
+
+    def attempt(savepoint: bool) -> tuple[lifecycle.SubmitResult, schemas.ForgetRequestOut]:
+        with state.transaction() as session:
+            result = lifecycle.submit(
+                session,
+                submission,
+                idempotency_key=idempotency_key,
+                api_key_id=principal.key_id,
+                actor=principal.actor,
+                digest_key=state.digest_key() if fields.external_id is not None else None,
+                savepoint=savepoint,
+            )
+            return result, presenters.forget_request(session, result.request, model_name=fields.model)
+
+    try:
+        result, out = attempt(savepoint=False)  # the common case: no race, no savepoint
+    except IntegrityError:
+        result, out = attempt(savepoint=True)  # lost a race: again, resolving it (lifecycle.submit)
     if result.created:
         state.dispatcher.wake_soon(out.model)  # after the commit; never waits on the broker
     response.status_code = 201 if result.created else 200
