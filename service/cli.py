@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Iterator
 from datetime import datetime
@@ -23,6 +24,7 @@ from service.db.models import SCOPES
 from service.settings import Settings
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
     from sqlalchemy.orm import Session
 
 ENTRY_POINT_GROUP = "lethe.cli"
@@ -98,7 +100,14 @@ def migrate() -> None:
     default=None,
     help="Upgrade the database first (default: only for SQLite, the embedded default).",
 )
-def serve(host: str, port: int, run_migrations: bool | None) -> None:
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="API processes sharing the port (PostgreSQL only; SQLite allows one writer: keep 1).",
+)
+def serve(host: str, port: int, run_migrations: bool | None, workers: int) -> None:
     """Run the HTTP API (no torch in this process)."""
     import uvicorn
 
@@ -108,12 +117,20 @@ def serve(host: str, port: int, run_migrations: bool | None) -> None:
 
     settings = Settings()
     logs.configure(settings.log_format or "json", logging.getLogger().level)
-    if run_migrations or (run_migrations is None and _is_sqlite(settings.resolved_database_url)):
+    sqlite = _is_sqlite(settings.resolved_database_url)
+    if workers > 1 and sqlite:
+        raise click.UsageError("--workers > 1 needs PostgreSQL (LETHE_DATABASE_URL); SQLite has one writer")
+    if run_migrations or (run_migrations is None and sqlite):
         migrations.upgrade(settings.resolved_database_url)
     # Forwarded headers only from the configured proxies (LETHE_TRUSTED_PROXIES); none by default.
     trusted = settings.trusted_proxies
+    os.environ[_LOG_LEVEL_ENV] = logging.getLevelName(logging.getLogger().level)
+    # Several processes: uvicorn imports the factory in each (settings from the same environment);
+    # each process has its own pool, dispatcher and sweeper (sweeps are idempotent).
     uvicorn.run(
-        create_app(settings),
+        "service.cli:served_app" if workers > 1 else create_app(settings),
+        factory=workers > 1,
+        workers=workers,
         host=host,
         port=port,
         log_level="info",
@@ -123,6 +140,19 @@ def serve(host: str, port: int, run_migrations: bool | None) -> None:
         forwarded_allow_ips=trusted or None,
         http=ProblemHttpToolsProtocol,  # the server's own 400s as problem+json, too
     )
+
+
+#: The parent's log level, handed to the processes of ``serve --workers N`` (they start afresh).
+_LOG_LEVEL_ENV = "LETHE_SERVE_LOG_LEVEL"
+
+
+def served_app() -> FastAPI:
+    """The app of one ``serve --workers N`` process: its own logging, settings from the environment."""
+    from service.api.app import create_app
+
+    settings = Settings()
+    logs.configure(settings.log_format or "json", os.environ.get(_LOG_LEVEL_ENV, "INFO"))
+    return create_app(settings)
 
 
 @main.group()

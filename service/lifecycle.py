@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service import deadlines, digests
-from service.db.models import ForgetRequest, Model, Subject
+from service.db.models import ForgetRequest, Model, Sample, Subject
 from service.db.types import utcnow
 from service.errors import ConflictError, NotFoundError, UnprocessableError
 from service.repositories import events as events_repo
@@ -62,6 +65,7 @@ def submit(
     api_key_id: int | None,
     actor: str,
     digest_key: bytes | None = None,
+    savepoint: bool = True,
 ) -> SubmitResult:
     """Record a forget request (status ``queued``), or return the one this submission repeats.
 
@@ -70,22 +74,18 @@ def submit(
     pending, the new one is ``merged`` into it (it follows that request and is not run again). A
     subject already forgotten for everything the submission names: 409. ``digest_key``: the HMAC
     key of the ``external_id`` digest chained in the events (needed when there is an external_id).
+
+    A concurrent submission can win the race to the unique constraints (same key, or same pending
+    subject). With ``savepoint`` the insert runs in one and that race is resolved here; without it
+    (two statements fewer) the :class:`IntegrityError` propagates, the caller's transaction is
+    lost, and the caller submits again in a new one, which then finds the winner.
     """
     payload_hash = submission.payload_hash()
     replay = _replay(session, api_key_id, idempotency_key, payload_hash)
     if replay is not None:
         return SubmitResult(replay, created=False)
-    model = models_repo.get_model(session, submission.model)
-    if model is None:
-        raise NotFoundError(f"model {submission.model!r} is not registered", field="model")
-    if model.status != "ready":
-        raise ConflictError(
-            f"model {model.name!r} is {model.status}, not ready; forget requests are accepted once "
-            "it is prepared",
-            field="model",
-            model_status=model.status,
-        )
-    tasks = _validate(session, model, submission, api_key_id=api_key_id)
+    model = ready_model(models_repo.get_model(session, submission.model), submission.model)
+    tasks = validate(session, model, submission, api_key_id=api_key_id)
     key = subject_key(submission.kind, submission.client_id, submission.sample_ids, tasks)
     external_digest = None
     if submission.external_id is not None:
@@ -96,33 +96,20 @@ def submit(
     now = utcnow()
 
     def new_request(merged_into: ForgetRequest | None) -> ForgetRequest:
-        return ForgetRequest(
-            id=requests_repo.new_request_id(),
-            model_id=model.id,
-            kind=submission.kind,
-            client_id=submission.client_id if submission.kind == "client" else None,
-            sample_ids=sorted(set(submission.sample_ids or [])) if submission.kind == "task" else None,
-            tasks=tasks,
-            subject_key=key,
-            status="queued" if merged_into is None else "merged",
-            merged_into=None if merged_into is None else merged_into.id,
-            idempotency_key=idempotency_key,
-            payload_hash=payload_hash,
-            api_key_id=api_key_id,
-            external_id=submission.external_id,
-            received_at=now,
-            due_at=deadlines.due_at(now),
-            updated_at=now,
-            attempts=0,
-        )
+        return build_request(
+            model, submission, tasks, key, merged_into,
+            idempotency_key=idempotency_key, payload_hash=payload_hash, api_key_id=api_key_id, now=now,
+        )  # fmt: skip
 
     pending = requests_repo.active_for_subject(session, model.id, key)
     request = new_request(pending)
     try:
-        with session.begin_nested():
+        with session.begin_nested() if savepoint else contextlib.nullcontext():
             session.add(request)
             session.flush()
     except IntegrityError:
+        if not savepoint:
+            raise  # the transaction is lost: the caller submits again
         # A concurrent submission won the race (same idempotency key, or same pending subject).
         replay = _replay(session, api_key_id, idempotency_key, payload_hash)
         if replay is not None:
@@ -133,14 +120,70 @@ def submit(
         request = new_request(pending)
         session.add(request)
         session.flush()
-    detail = {"kind": request.kind, "model": model.name, "external_id_hmac": external_digest}
-    events_repo.append_event(session, request.id, "received", actor=actor, status="received", detail=detail)
-    if pending is not None:
-        # The pending request's id is not in the (submitter-visible) event: it may be another key's.
-        events_repo.append_event(session, request.id, "merged", actor=actor, status="merged")
-        return SubmitResult(request, created=False)
-    events_repo.append_event(session, request.id, "queued", actor=actor, status="queued")
-    return SubmitResult(request, created=True)
+    events_repo.append_events(session, submission_events(request, model.name, external_digest), actor=actor)
+    return SubmitResult(request, created=pending is None)
+
+
+def build_request(
+    model: Model,
+    submission: Submission,
+    tasks: list[str],
+    key: str,
+    merged_into: ForgetRequest | None,
+    *,
+    idempotency_key: str,
+    payload_hash: str,
+    api_key_id: int | None,
+    now: datetime,
+) -> ForgetRequest:
+    """A new request row: ``queued``, or ``merged`` into the pending request for its subject."""
+    return ForgetRequest(
+        id=requests_repo.new_request_id(),
+        model_id=model.id,
+        kind=submission.kind,
+        client_id=submission.client_id if submission.kind == "client" else None,
+        sample_ids=sorted(set(submission.sample_ids or [])) if submission.kind == "task" else None,
+        tasks=tasks,
+        subject_key=key,
+        status="queued" if merged_into is None else "merged",
+        merged_into=None if merged_into is None else merged_into.id,
+        idempotency_key=idempotency_key,
+        payload_hash=payload_hash,
+        api_key_id=api_key_id,
+        external_id=submission.external_id,
+        received_at=now,
+        due_at=deadlines.due_at(now),
+        updated_at=now,
+        attempts=0,
+        crashes=0,
+        extended_months=0,
+    )
+
+
+def submission_events(
+    request: ForgetRequest, model_name: str, external_digest: str | None
+) -> list[events_repo.NewEvent]:
+    """A new request's events: ``received``, then ``queued`` or ``merged``. The pending request's id
+    is not in the (submitter-visible) ``merged`` event: it may be another key's."""
+    detail = {"kind": request.kind, "model": model_name, "external_id_hmac": external_digest}
+    return [
+        events_repo.NewEvent(request.id, "received", status="received", detail=detail),
+        events_repo.NewEvent(request.id, request.status, status=request.status),
+    ]
+
+
+def ready_model(model: Model | None, name: str) -> Model:
+    """``model`` if it accepts requests: 404 when it is not registered, 409 until it is ready."""
+    if model is None:
+        raise NotFoundError(f"model {name!r} is not registered", field="model")
+    if model.status != "ready":
+        raise ConflictError(
+            f"model {model.name!r} is {model.status}, not ready; forget requests are accepted once "
+            "it is prepared",
+            field="model",
+            model_status=model.status,
+        )
+    return model
 
 
 def _replay(session: Session, api_key_id: int | None, key: str, payload_hash: str) -> ForgetRequest | None:
@@ -161,13 +204,36 @@ def _already_forgotten(detail: str, field: str, by: str | None) -> ConflictError
     return ConflictError(detail, field=field, **({} if by is None else {"forgotten_by": by}))
 
 
-def _validate(session: Session, model: Model, submission: Submission, *, api_key_id: int | None) -> list[str]:
+class SubjectLookup:
+    """The subjects and samples a validation reads: from the database, one query per call.
+    Bulk submission (``service.bulk``) answers from rows it fetched for every item at once."""
+
+    def __init__(self, session: Session, model: Model) -> None:
+        self.session = session
+        self.model = model
+
+    def subjects(self, client_ids: Iterable[str]) -> dict[str, Subject]:
+        return models_repo.get_subjects(self.session, self.model.id, client_ids)
+
+    def samples(self, sample_ids: Iterable[str]) -> dict[str, Sample]:
+        return models_repo.find_samples(self.session, self.model.id, sample_ids)
+
+
+def validate(
+    session: Session,
+    model: Model,
+    submission: Submission,
+    *,
+    api_key_id: int | None,
+    lookup: SubjectLookup | None = None,
+) -> list[str]:
     """Check the subject against the model; returns the tasks the request covers.
 
     A subject is forgotten exactly for what was erased: a client for the tasks of its completed client
     requests (all of them once forgotten in full), a sample also for those of its task requests. A
     submission is refused (409) only when everything it names is forgotten already.
     """
+    lookup = lookup or SubjectLookup(session, model)
     if submission.tasks is not None:
         unknown = sorted(set(submission.tasks) - set(model.tasks))
         if unknown:
@@ -178,7 +244,7 @@ def _validate(session: Session, model: Model, submission: Submission, *, api_key
             )
     if submission.kind == "client":
         assert submission.client_id is not None  # the schema guarantees it
-        subject = models_repo.get_subject(session, model.id, submission.client_id)
+        subject = lookup.subjects([submission.client_id]).get(submission.client_id)
         if subject is None:
             raise NotFoundError(
                 f"client {submission.client_id!r} is not a subject of model {model.name!r}",
@@ -198,7 +264,7 @@ def _validate(session: Session, model: Model, submission: Submission, *, api_key
         return tasks
 
     sample_ids = submission.sample_ids or []
-    found = models_repo.find_samples(session, model.id, sample_ids)
+    found = lookup.samples(sample_ids)
     unknown = sorted(set(sample_ids) - set(found))
     if unknown:
         shown = unknown[:20]
@@ -208,7 +274,7 @@ def _validate(session: Session, model: Model, submission: Submission, *, api_key
             unknown=shown,
         )
     tasks = sorted(set(submission.tasks or []))
-    subjects = models_repo.get_subjects(session, model.id, (s.client_id for s in found.values()))
+    subjects = lookup.subjects(s.client_id for s in found.values())
     full: Subject | None = None
     for sample in found.values():
         subject = subjects.get(sample.client_id)

@@ -65,15 +65,14 @@ def authenticate(
         )
     if credentials is None or not credentials.credentials:
         raise _unauthorized("an API key is required (Authorization: Bearer <key>)")
-    with state.transaction() as session:
+    resolution = state.settings.key_last_used_resolution_seconds
+    with state.reads() as session:  # one round trip: no transaction for a single look-up
         row = keys_repo.find_active(session, credentials.credentials)
         principal = None if row is None else Principal(row.id, row.prefix, frozenset(row.scopes))
-        if principal is not None:
-            keys_repo.touch(
-                session,
-                principal.key_id,
-                resolution_seconds=state.settings.key_last_used_resolution_seconds,
-            )
+        stale = keys_repo.needs_touch(row, resolution_seconds=resolution)
+    if principal is not None and stale:  # at most once per resolution period and key
+        with state.transaction() as session:
+            keys_repo.touch(session, principal.key_id, resolution_seconds=resolution)
     if principal is None:
         state.auth_failures.record(address)
         raise _unauthorized("unknown or revoked API key")

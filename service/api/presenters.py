@@ -15,14 +15,21 @@ from service.repositories import rounds as rounds_repo
 from service.repositories import versions as versions_repo
 
 
-def forget_requests(session: Session, rows: Sequence[ForgetRequest]) -> list[schemas.ForgetRequestOut]:
+def forget_requests(
+    session: Session, rows: Sequence[ForgetRequest], *, model_names: dict[int, str] | None = None
+) -> list[schemas.ForgetRequestOut]:
     """A ``merged`` request shows the progress of the request it follows (its status, times,
-    attempts, error and version), with its own id, key, external id, receipt and deadline."""
+    attempts, error and version), with its own id, key, external id, receipt and deadline.
+    ``model_names``: the names the caller knows already (by model id), not looked up again."""
     followed = requests_repo.get_requests(
         session, [r.merged_into for r in rows if r.status == "merged" and r.merged_into is not None]
     )
     shown = {r.id: followed.get(r.merged_into or "", r) if r.status == "merged" else r for r in rows}
-    names = requests_repo.model_names(session, [r.model_id for r in rows])
+    known = model_names or {}
+    names = {
+        **known,
+        **requests_repo.model_names(session, [r.model_id for r in rows if r.model_id not in known]),
+    }
     versions = versions_repo.version_numbers(
         session, [s.version_id for s in shown.values() if s.version_id is not None]
     )
@@ -66,8 +73,11 @@ def _progress(round_: Round | None) -> schemas.RoundProgressOut | None:
     )
 
 
-def forget_request(session: Session, row: ForgetRequest) -> schemas.ForgetRequestOut:
-    return forget_requests(session, [row])[0]
+def forget_request(
+    session: Session, row: ForgetRequest, *, model_name: str | None = None
+) -> schemas.ForgetRequestOut:
+    names = {row.model_id: model_name} if model_name is not None else None
+    return forget_requests(session, [row], model_names=names)[0]
 
 
 def model(session: Session, row: Model) -> schemas.ModelOut:

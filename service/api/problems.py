@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -56,6 +57,20 @@ def problem_response(
     headers: dict[str, str] | None = None,
     **extra: Any,
 ) -> JSONResponse:
+    body = problem_body(status, detail=detail, title=title, type_=type_, instance=instance, **extra)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def problem_body(
+    status: int,
+    *,
+    detail: str | None = None,
+    title: str | None = None,
+    type_: str | None = None,
+    instance: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A problem object (also one item's result in a bulk answer)."""
     body: dict[str, Any] = {
         "type": type_ or "about:blank",
         "title": title or _phrase(status),
@@ -66,7 +81,42 @@ def problem_response(
     if instance is not None:
         body["instance"] = instance
     body.update({k: v for k, v in extra.items() if v is not None})
-    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+    return body
+
+
+def service_problem(exc: ServiceError, instance: str | None) -> dict[str, Any]:
+    """The problem object of a domain error."""
+    return problem_body(
+        exc.status,
+        title=exc.title,
+        detail=exc.detail,
+        type_=TYPE_BASE + exc.slug,
+        instance=instance,
+        field=exc.field,
+        **exc.extra,
+    )
+
+
+def validation_problem(raw: Sequence[Any], instance: str | None, *, prefix: str = "") -> dict[str, Any]:
+    """The 422 problem object of pydantic errors (``prefix``: the location they are under)."""
+    errors = [
+        {
+            "field": prefix + _field_name({**e, "loc": ("body", *e.get("loc", ()))}),
+            "message": str(e.get("msg", "")),
+            "type": str(e.get("type", "")),
+        }
+        for e in raw
+    ]
+    first = errors[0] if errors else {"field": "", "message": "invalid request"}
+    return problem_body(
+        422,
+        title="Unprocessable content",
+        detail=f"{first['field'] or 'request'}: {first['message']}",
+        type_=TYPE_BASE + "validation",
+        instance=instance,
+        field=first["field"] or None,
+        errors=errors,
+    )
 
 
 def _phrase(status: int) -> str:
@@ -123,14 +173,8 @@ def document_problems(schema: dict[str, Any]) -> dict[str, Any]:
 
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    return problem_response(
-        exc.status,
-        title=exc.title,
-        detail=exc.detail,
-        type_=TYPE_BASE + exc.slug,
-        instance=request.url.path,
-        field=exc.field,
-        **exc.extra,
+    return JSONResponse(
+        service_problem(exc, request.url.path), status_code=exc.status, media_type=PROBLEM_JSON
     )
 
 

@@ -167,6 +167,45 @@ class ForgetRequestPage(BaseModel):
     next_cursor: str | None = Field(description="Pass as `cursor` to get the next page; null at the end.")
 
 
+#: Most items in one ``POST /v1/forget-requests/bulk``.
+MAX_BULK_ITEMS = 1000
+
+
+class BulkItemIn(_In):
+    """One item of a bulk submission: what ``POST /v1/forget-requests`` takes, header and body."""
+
+    idempotency_key: Annotated[str, StringConstraints(pattern=IDEMPOTENCY_KEY_PATTERN)] = Field(
+        description="As the `Idempotency-Key` header of a single submission (scoped to the API key)."
+    )
+    request: dict[str, Any] = Field(description="A forget request, as the body of a single submission.")
+
+
+class BulkForgetRequestsIn(_In):
+    items: list[Any] = Field(
+        min_length=1,
+        max_length=MAX_BULK_ITEMS,
+        description="1 to 1,000 objects `{idempotency_key, request}` (BulkItemIn). Each is validated "
+        "on its own: a malformed item gets a 422 problem as its result, the others go on.",
+    )
+
+
+class BulkItemOut(BaseModel):
+    index: int = Field(description="The item's position in the submitted list.")
+    status: int = Field(
+        description="What the single submission would have answered: 201 created, 200 a replay of the "
+        "item's idempotency key or merged into a pending request, 4xx: see `problem`."
+    )
+    request: ForgetRequestOut | None = None
+    problem: dict[str, Any] | None = Field(default=None, description="An RFC 9457 problem object.")
+
+
+class BulkForgetRequestsOut(BaseModel):
+    items: list[BulkItemOut]
+    created: int
+    unchanged: int = Field(description="Items answered 200 (replayed or merged).")
+    failed: int
+
+
 class EventOut(_Out):
     id: int
     type: str

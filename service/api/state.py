@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import digests
+from service.api.etag_cache import LatestEtags
 from service.api.throttle import AuthFailures
 from service.db.session import transaction
 from service.dispatch import Dispatcher
@@ -28,6 +29,8 @@ class AppState:
     auth_failures: AuthFailures
     #: health checks' own connections: they never queue behind request work for the pool
     probe_engine: Engine | None = None
+    #: ETags of the latest adapter per model, for cheap 304s (checked against the database)
+    latest_etags: LatestEtags = field(default_factory=LatestEtags)
     _digest_key: bytes | None = None
     _store: ArtifactStore | None = None
 
@@ -48,6 +51,20 @@ class AppState:
         """The request boundary's unit of work: commit on success, roll back on error."""
         with transaction(self.sessions) as session:
             yield session
+
+    @contextmanager
+    def reads(self) -> Iterator[Session]:
+        """Look-ups outside a transaction, for reads that need no snapshot across statements (the
+        API key, a conditional GET's check): on PostgreSQL an autocommit connection saves the BEGIN
+        and COMMIT round trips. SQLite (in-process, no round trips) uses a normal transaction."""
+        if self.engine.dialect.name != "postgresql":
+            with self.transaction() as session:
+                yield session
+            return
+        with self.engine.connect() as conn:
+            autocommit = conn.execution_options(isolation_level="AUTOCOMMIT")
+            with self.sessions(bind=autocommit) as session:
+                yield session
 
 
 def get_state(request: Request) -> AppState:

@@ -11,7 +11,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from service.db.models import ApiKey
-from service.db.types import utcnow
+from service.db.types import as_utc, utcnow
 
 KEY_PREFIX = "lethe_"
 
@@ -64,6 +64,14 @@ def rotate_key(session: Session, row: ApiKey) -> tuple[ApiKey, str]:
     row.rotated_at = utcnow()
     session.flush()
     return row, secret
+
+
+def needs_touch(row: ApiKey | None, *, resolution_seconds: float) -> bool:
+    """Whether :func:`touch` may write: saves its UPDATE round trip on most authenticated calls."""
+    if row is None:
+        return False
+    last = row.last_used_at
+    return last is None or as_utc(last) <= utcnow() - timedelta(seconds=resolution_seconds)
 
 
 def touch(session: Session, key_id: int, *, resolution_seconds: float) -> None:

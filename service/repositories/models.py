@@ -109,7 +109,7 @@ def get_subject(session: Session, model_id: int, client_id: str) -> Subject | No
     return session.scalar(select(Subject).where(Subject.model_id == model_id, Subject.client_id == client_id))
 
 
-def _chunks(values: Iterable[str]) -> Iterator[list[str]]:
+def chunks(values: Iterable[str]) -> Iterator[list[str]]:
     """The distinct ``values`` in lists of at most :data:`IN_CHUNK`."""
     distinct = list(dict.fromkeys(values))
     for start in range(0, len(distinct), IN_CHUNK):
@@ -118,7 +118,7 @@ def _chunks(values: Iterable[str]) -> Iterator[list[str]]:
 
 def get_subjects(session: Session, model_id: int, client_ids: Iterable[str]) -> dict[str, Subject]:
     found: dict[str, Subject] = {}
-    for chunk in _chunks(client_ids):
+    for chunk in chunks(client_ids):
         stmt = select(Subject).where(Subject.model_id == model_id, Subject.client_id.in_(chunk))
         found.update({s.client_id: s for s in session.scalars(stmt)})
     return found
@@ -182,7 +182,7 @@ def mark_sample_tasks_forgotten(
 
 def find_samples(session: Session, model_id: int, sample_ids: Iterable[str]) -> dict[str, Sample]:
     found: dict[str, Sample] = {}
-    for chunk in _chunks(sample_ids):
+    for chunk in chunks(sample_ids):
         stmt = select(Sample).where(Sample.model_id == model_id, Sample.sample_id.in_(chunk))
         found.update({s.sample_id: s for s in session.scalars(stmt)})
     return found

@@ -7,10 +7,12 @@ import uuid
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
+from service.db import copy
 from service.db.models import ACTIVE_REQUEST_STATUSES, ForgetRequest, Model
+from service.repositories.models import chunks
 
 _REQUEST_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -30,12 +32,44 @@ def get_request(session: Session, request_id: str, *, lock: bool = False) -> For
     return session.scalar(stmt)
 
 
+def _of_key(api_key_id: int | None) -> ColumnElement[bool]:
+    return (
+        ForgetRequest.api_key_id.is_(None) if api_key_id is None else ForgetRequest.api_key_id == api_key_id
+    )
+
+
 def by_idempotency_key(session: Session, api_key_id: int | None, key: str) -> ForgetRequest | None:
     stmt = select(ForgetRequest).where(
         ForgetRequest.idempotency_key == key,
         ForgetRequest.api_key_id.is_(None) if api_key_id is None else ForgetRequest.api_key_id == api_key_id,
     )
     return session.scalar(stmt)
+
+
+def by_idempotency_keys(
+    session: Session, api_key_id: int | None, keys: Sequence[str]
+) -> dict[str, ForgetRequest]:
+    """The caller's requests with these idempotency keys, by key."""
+    found: dict[str, ForgetRequest] = {}
+    for chunk in chunks(keys):
+        stmt = select(ForgetRequest).where(
+            ForgetRequest.idempotency_key.in_(chunk),
+            ForgetRequest.api_key_id.is_(None)
+            if api_key_id is None
+            else ForgetRequest.api_key_id == api_key_id,
+        )
+        found.update({r.idempotency_key: r for r in session.scalars(stmt)})
+    return found
+
+
+def insert_many(session: Session, rows: Sequence[ForgetRequest]) -> None:
+    """Insert new request objects in one round trip (``COPY`` on PostgreSQL). They stay transient
+    (not in the session): only what their constructor set is written, the server's defaults fill
+    the rest."""
+    columns = {c.key for c in ForgetRequest.__table__.columns}
+    copy.insert_rows(
+        session, ForgetRequest, [{k: v for k, v in vars(r).items() if k in columns} for r in rows]
+    )
 
 
 def get_requests(session: Session, request_ids: Sequence[str]) -> dict[str, ForgetRequest]:
@@ -52,6 +86,21 @@ def active_for_subject(session: Session, model_id: int, subject_key: str) -> For
         ForgetRequest.status.in_(ACTIVE_REQUEST_STATUSES),
     )
     return session.scalar(stmt)
+
+
+def active_for_subjects(
+    session: Session, model_id: int, subject_keys: Sequence[str]
+) -> dict[str, ForgetRequest]:
+    """The model's pending request per subject key (at most one each: a unique index)."""
+    found: dict[str, ForgetRequest] = {}
+    for chunk in chunks(subject_keys):
+        stmt = select(ForgetRequest).where(
+            ForgetRequest.model_id == model_id,
+            ForgetRequest.subject_key.in_(chunk),
+            ForgetRequest.status.in_(ACTIVE_REQUEST_STATUSES),
+        )
+        found.update({r.subject_key: r for r in session.scalars(stmt)})
+    return found
 
 
 def oldest_queued(

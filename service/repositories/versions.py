@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from service.db.models import AdapterVersion, Evidence
+from service.db.models import AdapterVersion, Evidence, Model
 
 
 def latest_active(session: Session, model_id: int) -> AdapterVersion | None:
@@ -20,6 +20,20 @@ def latest_active(session: Session, model_id: int) -> AdapterVersion | None:
         .limit(1)
     )
     return session.scalar(stmt)
+
+
+def latest_active_id(session: Session, model_name: str) -> tuple[int, int | None] | None:
+    """``(model id, id of its latest active version or None)`` in one indexed query; None when the
+    model is not registered. Conditional GETs check their cached ETag against this."""
+    latest = (
+        select(AdapterVersion.id)
+        .where(AdapterVersion.model_id == Model.id, AdapterVersion.status == "active")
+        .order_by(AdapterVersion.version.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    row = session.execute(select(Model.id, latest).where(Model.name == model_name)).one_or_none()
+    return None if row is None else (row[0], row[1])
 
 
 def get_version(session: Session, model_id: int, version: int) -> AdapterVersion | None:

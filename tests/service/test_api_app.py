@@ -66,6 +66,7 @@ def test_routing_errors_are_problems(client: TestClient, keys: Keys) -> None:
 STATUSES = {
     ("post", "/v1/forget-requests"): "200 201 400 401 403 404 409 413 422 429 503",
     ("get", "/v1/forget-requests"): "200 400 401 403 404 422 429 503",
+    ("post", "/v1/forget-requests/bulk"): "200 400 401 403 413 422 429 503",
     ("get", "/v1/forget-requests/{request_id}"): "200 401 403 404 429 503",
     ("get", "/v1/forget-requests/{request_id}/events"): "200 401 403 404 429 503",
     ("get", "/v1/forget-requests/{request_id}/evidence"): "200 401 403 404 429 503",
@@ -197,6 +198,7 @@ def test_openapi_parameters_and_bodies(openapi: dict[str, Any]) -> None:
         ("post", "/v1/admin/keys"): "ApiKeyIn",
         ("patch", "/v1/admin/models/{name}"): "ModelUpdateIn",
         ("post", "/v1/webhooks"): "WebhookIn",
+        ("post", "/v1/forget-requests/bulk"): "BulkForgetRequestsIn",
     }
     for (method, path), operation in _operations(openapi).items():
         parameters = operation.get("parameters", [])

@@ -221,6 +221,15 @@ def valid_body(rng: random.Random, path: str) -> dict[str, Any]:
             "method_config": {"alpha": 1.0},
             "settings": {},
         }
+    if path == "/v1/forget-requests/bulk":  # items valid or hostile one by one
+        items = [
+            {
+                "idempotency_key": f"bulk-{rng.getrandbits(32)}",
+                "request": valid_body(rng, "/v1/forget-requests"),
+            }
+            for _ in range(rng.randint(1, 4))
+        ]
+        return {"items": [mutated(rng, item) if rng.random() < 0.3 else item for item in items]}
     client = f"c{rng.randint(0, 3)}"
     return client_body(client) if rng.random() < 0.5 else task_body([f"s0000{rng.randint(0, 9)}"], ["digit"])
 

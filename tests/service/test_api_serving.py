@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import Engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from service import rounds
 from service.api.app import create_app
 from service.db.session import transaction
+from service.db.types import utcnow
 from service.repositories import models as models_repo
+from service.repositories import versions as versions_repo
 from service.settings import Settings
 from tests.service.conftest import Keys
 from tests.service.helpers import assert_problem, client_body
@@ -239,3 +244,59 @@ def test_file_urls_never_follow_the_host_header(settings: Settings, keys: Keys) 
         adapter = client.get("/v1/models/digits/adapters/latest", headers=spoofed)
     urls = {f["name"]: f["url"] for f in adapter.json()["files"]}
     assert urls["adapter_model.safetensors"] == "https://lethe.example.com" + path
+
+
+@contextlib.contextmanager
+def _statements(engine: Engine) -> Iterator[list[str]]:
+    seen: list[str] = []
+
+    def record(conn: object, cursor: object, statement: str, *args: object) -> None:
+        seen.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+@pytest.mark.usefixtures("served")
+def test_conditional_get_is_answered_from_the_cached_etag(client: TestClient, keys: Keys) -> None:
+    """Issue 10 part 5: a 304 cost as much as a 200 (the model, the version with its files, and the
+    key's last-use UPDATE on every call). Now: the key look-up and one small query."""
+    url = "/v1/models/digits/adapters/latest"
+    etag = client.get(url, headers=keys.serve).headers["etag"]
+    engine = client.app.state.lethe.engine  # type: ignore[attr-defined]
+    with _statements(engine) as seen:
+        response = client.get(url, headers={**keys.serve, "If-None-Match": etag})
+    assert response.status_code == 304
+    assert response.headers["etag"] == etag
+    queries = [s for s in seen if s.lstrip().upper().startswith(("SELECT", "UPDATE", "INSERT"))]
+    assert len(queries) == 2, queries
+    assert not any("adapter_versions.files" in s for s in queries), queries
+
+
+def test_cached_etag_follows_publish_and_withdraw_in_every_process(
+    settings: Settings, keys: Keys, served: Path, sessions: sessionmaker[Session]
+) -> None:
+    """Issue 10 part 5: the per-process ETag cache must not answer 304 for a version that is no
+    longer the latest, whichever process (or worker) published or withdrew: two app instances."""
+    url = "/v1/models/digits/adapters/latest"
+    with TestClient(create_app(settings)) as one, TestClient(create_app(settings)) as two:
+        v1 = one.get(url, headers=keys.serve).headers["etag"]
+        for app in (one, two):  # both cache v1's ETag
+            assert app.get(url, headers={**keys.serve, "If-None-Match": v1}).status_code == 304
+        publish_v2(served, sessions, keys, one)
+        for app in (two, one):
+            fresh = app.get(url, headers={**keys.serve, "If-None-Match": v1})
+            assert fresh.status_code == 200, fresh.text
+            assert fresh.json()["version"] == 2
+            v2 = fresh.headers["etag"]
+            assert v2 != v1
+            assert app.get(url, headers={**keys.serve, "If-None-Match": v2}).status_code == 304
+        with transaction(sessions) as session:  # v2 withdrawn (a bad version): v1 is not back, 404
+            model = models_repo.get_model(session, "digits")
+            assert model is not None
+            versions_repo.withdraw(session, model.id, [2], at=utcnow())
+        for app in (one, two):
+            assert_problem(app.get(url, headers={**keys.serve, "If-None-Match": v2}), 404)

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from importlib.metadata import EntryPoint
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from sqlalchemy import create_engine, inspect
 from sqlalchemy.orm import Session
 
 from service import cli
+from service.db import migrate
 from service.repositories import keys as keys_repo
 
 plugin = click.Command("hello", callback=lambda: click.echo("hello from a plugin"))
@@ -178,3 +180,67 @@ def test_requests_follow_exits_1_with_the_stage_a_failed_request_stopped_at(
     assert result.exit_code == 1
     assert "[###############...............] stopped at acceptance" in result.output
     assert "request r1 failed: CUDA out of memory" in result.output
+
+
+def test_serve_with_several_workers_needs_postgresql(home: Path) -> None:
+    result = CliRunner().invoke(cli.main, ["serve", "--workers", "2"])
+    assert result.exit_code == 2
+    assert "--workers > 1 needs PostgreSQL" in result.output
+
+
+def _children(pid: int) -> list[str]:
+    """The command lines of ``pid``'s child processes (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append((stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended meanwhile
+    return found
+
+
+@pytest.mark.slow  # two fresh interpreters import the app: ~10-30 s on 2 busy cores
+@pytest.mark.postgres
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="counts processes in /proc")
+def test_serve_with_workers_runs_several_api_processes(
+    home: Path, make_postgres_database: Callable[[], str]
+) -> None:
+    """Issue 10 part 5: ``lethe serve`` ran one process. ``--workers 2``: two uvicorn processes
+    share the port, each with its own app (settings from the same environment)."""
+    url = make_postgres_database()
+    migrate.upgrade(url)
+    engine = create_engine(url)
+    with Session(engine) as session, session.begin():
+        _, key = keys_repo.create_key(session, ["admin"])
+    engine.dispose()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    lethe = [sys.executable, "-c", "import sys; from service.cli import main; sys.argv[0] = 'lethe'; main()"]
+    env = {**os.environ, "LETHE_HOME": str(home), "LETHE_DATABASE_URL": url}
+    args = [*lethe, "serve", "--port", str(port), "--workers", "2"]
+    proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            try:
+                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "lethe serve --workers 2 did not become ready"
+            time.sleep(0.1)
+        workers = [c for c in _children(proc.pid) if "spawn_main" in c]
+        assert len(workers) == 2, _children(proc.pid)
+        for _ in range(4):
+            response = httpx.get(f"{base}/v1/admin/models", headers={"Authorization": f"Bearer {key}"})
+            assert (response.status_code, response.json()) == (200, [])
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        if proc.stderr is not None:
+            proc.stderr.close()

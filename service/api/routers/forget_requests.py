@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service import lifecycle
-from service.api import presenters, schemas
+from service import bulk, lifecycle
+from service.api import presenters, problems, schemas
 from service.api.auth import Principal, require
 from service.api.problems import problem_responses
 from service.api.state import State
 from service.db.models import ForgetRequest
-from service.errors import BadRequestError, NotFoundError
+from service.errors import BadRequestError, NotFoundError, ServiceError
 from service.repositories import events as events_repo
 from service.repositories import models as models_repo
 from service.repositories import requests as requests_repo
@@ -69,7 +71,35 @@ def create_forget_request(
     ],
 ) -> schemas.ForgetRequestOut:
     fields = body.root
-    submission = lifecycle.Submission(
+    submission = _submission(body)
+
+    def attempt(savepoint: bool) -> tuple[lifecycle.SubmitResult, schemas.ForgetRequestOut]:
+        with state.transaction() as session:
+            result = lifecycle.submit(
+                session,
+                submission,
+                idempotency_key=idempotency_key,
+                api_key_id=principal.key_id,
+                actor=principal.actor,
+                digest_key=state.digest_key() if fields.external_id is not None else None,
+                savepoint=savepoint,
+            )
+            return result, presenters.forget_request(session, result.request, model_name=fields.model)
+
+    try:
+        result, out = attempt(savepoint=False)  # the common case: no race, no savepoint
+    except IntegrityError:
+        result, out = attempt(savepoint=True)  # lost a race: again, resolving it (lifecycle.submit)
+    if result.created:
+        state.dispatcher.wake_soon(out.model)  # after the commit; never waits on the broker
+    response.status_code = 201 if result.created else 200
+    response.headers["Location"] = f"/v1/forget-requests/{out.id}"
+    return out
+
+
+def _submission(body: schemas.ForgetRequestIn) -> lifecycle.Submission:
+    fields = body.root
+    return lifecycle.Submission(
         model=fields.model,
         kind=fields.kind,
         client_id=fields.client_id if isinstance(fields, schemas.ClientForgetRequestIn) else None,
@@ -77,21 +107,66 @@ def create_forget_request(
         tasks=fields.tasks,
         external_id=fields.external_id,
     )
+
+
+def _bulk_item(raw: Any, instance: str) -> bulk.Item | dict[str, Any]:
+    """The item, or the 422 problem object of what is wrong with it."""
+    try:
+        envelope = schemas.BulkItemIn.model_validate(raw)
+    except ValidationError as error:
+        return problems.validation_problem(error.errors(), instance)
+    try:
+        body = schemas.ForgetRequestIn.model_validate(envelope.request)
+    except ValidationError as error:
+        return problems.validation_problem(error.errors(), instance, prefix="request.")
+    return bulk.Item(_submission(body), envelope.idempotency_key)
+
+
+@router.post(
+    "/bulk",
+    summary="Submit up to 1,000 forget requests, each with its own idempotency key and result",
+    responses=problem_responses(400, 413),
+)
+def create_forget_requests_bulk(
+    body: schemas.BulkForgetRequestsIn, request: Request, state: State, principal: Submitter
+) -> schemas.BulkForgetRequestsOut:
+    instance = request.url.path
+    parsed = [_bulk_item(raw, instance) for raw in body.items]
+    items = [p for p in parsed if isinstance(p, bulk.Item)]
     with state.transaction() as session:
-        result = lifecycle.submit(
-            session,
-            submission,
-            idempotency_key=idempotency_key,
-            api_key_id=principal.key_id,
-            actor=principal.actor,
-            digest_key=state.digest_key() if fields.external_id is not None else None,
+        outcomes = iter(
+            bulk.submit_many(
+                session,
+                items,
+                api_key_id=principal.key_id,
+                actor=principal.actor,
+                digest_key=state.digest_key() if any(i.submission.external_id for i in items) else None,
+            )
         )
-        out = presenters.forget_request(session, result.request)
-    if result.created:
-        state.dispatcher.wake_soon(out.model)  # after the commit; never waits on the broker
-    response.status_code = 201 if result.created else 200
-    response.headers["Location"] = f"/v1/forget-requests/{out.id}"
-    return out
+        results: list[schemas.BulkItemOut] = []
+        shown: list[tuple[int, ForgetRequest, bool]] = []
+        for index, item in enumerate(parsed):
+            outcome = next(outcomes) if isinstance(item, bulk.Item) else None
+            if isinstance(item, dict):
+                results.append(schemas.BulkItemOut(index=index, status=422, problem=item))
+            elif isinstance(outcome, ServiceError):
+                problem = problems.service_problem(outcome, instance)
+                results.append(schemas.BulkItemOut(index=index, status=outcome.status, problem=problem))
+            else:
+                assert outcome is not None
+                shown.append((index, outcome.request, outcome.created))
+                results.append(schemas.BulkItemOut(index=index, status=201 if outcome.created else 200))
+        outs = presenters.forget_requests(session, [row for _, row, _ in shown])
+    for (index, _, _), out in zip(shown, outs, strict=True):
+        results[index].request = out
+    for model in sorted({out.model for (_, _, created), out in zip(shown, outs, strict=True) if created}):
+        state.dispatcher.wake_soon(model)  # after the commit: one wake per model, never waits
+    return schemas.BulkForgetRequestsOut(
+        items=results,
+        created=sum(r.status == 201 for r in results),
+        unchanged=sum(r.status == 200 for r in results),
+        failed=sum(r.status >= 400 for r in results),
+    )
 
 
 def _decode_cursor(cursor: str) -> int:

@@ -150,12 +150,22 @@ A_FILE: dict[int | str, dict[str, Any]] = {
 def latest_adapter(
     model: str, request: Request, state: State, _: Server, if_none_match: IfNoneMatch = None
 ) -> Response:
+    if if_none_match:
+        # the cheap path: one small query, then the cached ETag of that version (etag_cache.py)
+        with state.reads() as session:
+            latest = versions_repo.latest_active_id(session, model)
+        if latest is not None and latest[1] is not None:
+            etag = state.latest_etags.get(model, latest[1])
+            if etag is not None and etag_matches(if_none_match, etag):
+                return Response(status_code=304, headers={"ETag": etag, "Cache-Control": "no-cache"})
     with state.transaction() as session:
         found = _model(session, model)
         row = versions_repo.latest_active(session, found.id)
         if row is None:
             raise NotFoundError(f"model {model!r} has no adapter version yet ({found.status})")
-        return _adapter_response(request, found, row, if_none_match)
+        response = _adapter_response(request, found, row, if_none_match)
+        state.latest_etags.put(model, row.id, response.headers["ETag"])
+        return response
 
 
 @router.get(
