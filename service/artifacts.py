@@ -14,9 +14,11 @@ def resolve_file(artifacts_dir: Path, location: str, name: str, recorded: dict[s
     """The path of a recorded file, or NotFoundError (unrecorded name, escape, missing file).
 
     Only names the database recorded for the version are served, and the resolved path (symlinks
-    followed) must stay inside the artifacts directory.
+    followed) must stay inside the artifacts directory. A name may have folders (``backbone/
+    config.json`` of a base stored in its library's own layout); no part may be empty, ``.`` or ``..``.
     """
-    if name not in recorded or "/" in name or "\\" in name or name in ("", ".", ".."):
+    parts = name.split("/")
+    if name not in recorded or "\\" in name or any(p in ("", ".", "..") for p in parts):
         raise NotFoundError(f"no file {name!r} here")
     root = artifacts_dir.resolve()
     try:

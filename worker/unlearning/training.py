@@ -24,7 +24,7 @@ from peft import PeftModel
 from torch import Tensor
 
 from worker.unlearning.config import typed_kwargs
-from worker.unlearning.model import DEFAULT_RANK, MultiHeadNet, forward_with_embedding, wrap_lora
+from worker.unlearning.model import MultiTaskModel, forward_with_embedding, wrap_lora
 from worker.unlearning.types import IGNORE, SUBSET_HEAD, Batch, TaskSpec, main_task_loss
 
 
@@ -41,8 +41,9 @@ class TrainConfig:
     lambda_pull: float = 1.0
     lambda_push: float = 1.0
     margin: float = 1.0
-    rank: int = DEFAULT_RANK
-    lora_alpha: int = DEFAULT_RANK
+    # None: the workload's LoraConfig (``settings["lora"]`` ``rank`` / ``alpha`` override it)
+    rank: int | None = None
+    lora_alpha: int | None = None
     # Cosine decay of the learning rate from ``lr`` to ``final_lr_fraction·lr`` over the run
     # (1.0 = constant learning rate).
     final_lr_fraction: float = 1.0
@@ -103,7 +104,7 @@ def v1_loss(
     model: torch.nn.Module, batch: Batch, tasks: Sequence[TaskSpec], cfg: TrainConfig, *, phase_two: bool
 ) -> Tensor:
     """The training loss of one mini-batch (Eq. 4); ``phase_two`` switches L_aux and L_dis on."""
-    outputs, z = forward_with_embedding(model, batch.x)
+    outputs, z = forward_with_embedding(model, batch.inputs)
     loss = cfg.lambda_main * main_task_loss(outputs, batch.labels, tasks)
     if phase_two:
         loss = loss + cfg.lambda_aux * subset_loss(outputs[SUBSET_HEAD], batch.subset)
@@ -114,7 +115,7 @@ def v1_loss(
 
 
 def train_v1(
-    base: MultiHeadNet,
+    base: MultiTaskModel,
     data: Batch,
     tasks: Sequence[TaskSpec],
     cfg: TrainConfig,

@@ -198,7 +198,7 @@ def base_model(
 
 
 @router.get(
-    "/{model}/base/files/{name}",
+    "/{model}/base/files/{name:path}",
     summary="Download one file of the base model (with its SHA-256)",
     response_class=FileResponse,
     responses=A_FILE,
@@ -214,7 +214,7 @@ def download_base_file(
 
 
 @router.head(
-    "/{model}/base/files/{name}",
+    "/{model}/base/files/{name:path}",
     summary="The headers of one file of the base model (as GET, without the body)",
     response_class=FileResponse,
     responses=A_FILE,
