@@ -193,7 +193,9 @@ class DataStore:
     def _shard_path(self, client: str) -> Path:
         return self.data_dir / CLIENTS_DIR / f"{client}.npz"
 
-    def _read(self, path: Path, client: str | None) -> SampleSet:
+    def _read(self, path: Path, client: str | None, *, raw: bool = False) -> SampleSet:
+        """A shard as a sample set; ``raw``: the stored arrays, without the workload's collate (what
+        a purge rewrites)."""
         with np.load(path, allow_pickle=False) as npz:
             # "x": the single input of stores written before inputs were a dict
             keys = [k for k in npz.files if k.startswith(INPUT_PREFIX)] or ["x"]
@@ -201,17 +203,20 @@ class DataStore:
             ids = [str(s) for s in npz["sample_ids"].tolist()]
             labels = {t: torch.from_numpy(np.array(npz[f"label__{t}"])) for t in self.tasks}
         return SampleSet(
-            inputs=self.collate(inputs), sample_ids=ids, client_ids=[client] * len(ids), labels=labels
+            inputs=inputs if raw else self.collate(inputs),
+            sample_ids=ids,
+            client_ids=[client] * len(ids),
+            labels=labels,
         )
 
-    def client_samples(self, client: str) -> SampleSet | None:
-        """The client's remaining samples (None once the client is purged)."""
+    def client_samples(self, client: str, *, raw: bool = False) -> SampleSet | None:
+        """The client's remaining samples (None once the client is purged); ``raw``: see ``_read``."""
         if client not in self.clients:
             raise KeyError(f"unknown client {client!r}")
         path = self._shard_path(client)
         if client in self.purged_clients or not path.exists():
             return None
-        return self._read(path, client)
+        return self._read(path, client, raw=raw)
 
     def client_data(self) -> SampleSet:
         """All remaining client samples, clients in head order (purged data is not there)."""
@@ -307,7 +312,7 @@ class DataStore:
             self._save_meta()
             report.deleted_samples.extend(new)
         for client, ids in self._locate(sample_ids).items():
-            shard = self.client_samples(client)
+            shard = self.client_samples(client, raw=True)
             assert shard is not None
             drop = set(ids)
             keep = torch.tensor([s not in drop for s in shard.sample_ids], dtype=torch.bool)
@@ -331,7 +336,7 @@ class DataStore:
             self._save_meta()
             report.purged_pairs.extend(new)
         for client, ids in self._locate(sample_ids).items():
-            shard = self.client_samples(client)
+            shard = self.client_samples(client, raw=True)
             assert shard is not None
             hit = set(ids)
             mask = torch.tensor([s in hit for s in shard.sample_ids], dtype=torch.bool)

@@ -254,7 +254,7 @@ class EngineInputs:
         device: str = "cpu",
         cache_dir: Path | None = None,
     ) -> EngineInputs:
-        store = DataStore(Path(data_dir))
+        store = DataStore(Path(data_dir), workload.collate)
         client_index = store.client_index()
         return cls(
             workload=workload,

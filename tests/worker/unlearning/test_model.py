@@ -30,6 +30,7 @@ from worker.unlearning.types import (
     main_task_loss,
 )
 from worker.unlearning.workloads.mlp import NetConfig, mlp_model
+from worker.unlearning.workloads.toy import ToyWorkload
 
 NO_FALLBACK = {"acceptance": {"fallback": "none"}}
 
@@ -186,3 +187,22 @@ def test_ensure_base_pretrains_once(prepared: tuple[TinyViTWorkload, Path]) -> N
     ensure_base(workload, root / "base", workload.settings(), seed=5)
     assert (root / "base" / "heads.safetensors").read_bytes() == before
     assert DataStore(root / "data").tasks == ["bright", "level"]
+
+
+class _DoubledToy(ToyWorkload):
+    def collate(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"x": inputs["x"] * 2.0}
+
+
+def test_collate_maps_stored_arrays_to_inputs_and_a_purge_keeps_the_stored_arrays(tmp_path: Path) -> None:
+    """The store keeps what the workload gave; reads through the workload apply its collate; a purge
+    rewrites the stored arrays, never the collated ones."""
+    workload = _DoubledToy()
+    raw = workload.client_data()
+    store = DataStore.materialise(tmp_path / "data", workload)
+    assert torch.equal(store.client_data().inputs["x"], raw.inputs["x"] * 2.0)
+    first = raw.sample_ids[0]
+    store.purge([ForgetSpec("r", "client", None, [first], [])])
+    again = DataStore(tmp_path / "data", workload.collate)
+    assert torch.equal(again.client_data().inputs["x"], raw.inputs["x"][1:] * 2.0)
+    assert torch.equal(DataStore(tmp_path / "data").client_data().inputs["x"], raw.inputs["x"][1:])
