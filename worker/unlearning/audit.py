@@ -614,10 +614,14 @@ def mia_from_outputs(
 def softmax_features(
     model: nn.Module, tasks: Sequence[TaskSpec], inputs: Mapping[str, Tensor], *, batch_size: int = 1024
 ) -> tuple[np.ndarray, list[str]]:
-    """Concatenated head softmaxes (main tasks in order, then the subset-ID head if present)."""
+    """Concatenated head softmaxes (main tasks in order, then the subset-ID head if present); a
+    one-output head (a regression) gives its raw output (its softmax would be the constant 1)."""
     out = model_outputs(model, inputs, batch_size=batch_size)
     keys = [t.name for t in tasks] + ([SUBSET_HEAD] if SUBSET_HEAD in out else [])
-    probs = [torch.softmax(out[k].double(), dim=-1) for k in keys]
+    probs = [
+        out[k].double() if int(out[k].shape[-1]) == 1 else torch.softmax(out[k].double(), dim=-1)
+        for k in keys
+    ]
     names = [f"{k}[{i}]" for k, p in zip(keys, probs, strict=True) for i in range(int(p.shape[-1]))]
     return torch.cat(probs, dim=-1).cpu().numpy(), names
 

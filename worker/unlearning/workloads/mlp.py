@@ -14,6 +14,7 @@ from peft import LoraConfig
 from torch import Tensor, nn
 
 from worker.unlearning.model import DEFAULT_RANK, MultiTaskModel, default_lora_config, make_heads
+from worker.unlearning.types import SUBSET_HEAD
 from worker.unlearning.workload import Workload
 
 
@@ -84,4 +85,4 @@ class MLPWorkload(Workload):
     def lora_config(self) -> LoraConfig:
         cfg = self.net_config()
         targets = [f"backbone.fc{i}" for i in range(len(cfg.hidden_dims) + 1)]
-        return default_lora_config(targets, [*cfg.task_outputs, "subset_id"])
+        return default_lora_config(targets, [*cfg.task_outputs, SUBSET_HEAD])
