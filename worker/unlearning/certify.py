@@ -39,7 +39,7 @@ from worker.unlearning.audit import (
     evaluate_model,
     unlearning_impact_score,
 )
-from worker.unlearning.datastore import DataStore
+from worker.unlearning.datastore import Collate, DataStore
 from worker.unlearning.engine import EngineInputs, reference_retrain
 from worker.unlearning.partitions import id_mask, retain_set
 from worker.unlearning.state import RoundState
@@ -159,8 +159,9 @@ def forget_sets(store: DataStore, specs: Sequence[ForgetSpec]) -> dict[str, Batc
     return out
 
 
-def load_snapshot(directory: Path) -> dict[str, Batch] | None:
-    """The snapshot under ``directory`` (``None`` when there is none)."""
+def load_snapshot(directory: Path, collate: Collate | None = None) -> dict[str, Batch] | None:
+    """The snapshot under ``directory`` (``None`` when there is none). It keeps the store's arrays;
+    ``collate`` (the workload's) maps them to the model's inputs."""
     index_path = Path(directory) / SNAPSHOT_INDEX
     if not index_path.exists():
         return None
@@ -176,7 +177,9 @@ def load_snapshot(directory: Path) -> dict[str, Batch] | None:
             # "x": the single input of snapshots written before inputs were a dict
             keys = [k for k in npz.files if k.startswith("input__")] or ["x"]
             out[str(request_id)] = Batch(
-                inputs={k.removeprefix("input__"): torch.from_numpy(np.array(npz[k])) for k in keys},
+                inputs=(collate or dict)(
+                    {k.removeprefix("input__"): torch.from_numpy(np.array(npz[k])) for k in keys}
+                ),
                 labels=labels,
                 subset=torch.from_numpy(np.array(npz["subset"])),
                 sample_ids=[str(s) for s in npz["sample_ids"].tolist()],
