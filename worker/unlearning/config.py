@@ -12,7 +12,7 @@ def typed_kwargs(cls: type, settings: Mapping[str, Any] | None, what: str) -> di
     type (``bool``, ``int``, ``float``, else ``str``); an unknown key is a ``ValueError`` naming
     ``what`` (e.g. ``"SSD"``)."""
     known = {f.name: f.type for f in fields(cls)}
-    casts = {"bool": bool, "int": int, "float": float, "int | None": int}
+    casts = {"bool": bool, "int": int, "float": float}
     kwargs: dict[str, Any] = {}
     for key, value in dict(settings or {}).items():
         if key not in known:

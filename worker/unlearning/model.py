@@ -196,7 +196,8 @@ def forward_with_embedding(
 
 
 def lora_config(net: MultiTaskModel, rank: int | None = None, alpha: int | None = None) -> LoraConfig:
-    """The model's LoRA template, with ``rank`` / ``alpha`` (the per-model settings) when given."""
+    """The model's LoRA template, with ``rank`` / ``alpha`` where given (``alpha`` defaults to
+    ``rank`` when only the rank is given)."""
     cfg = copy.deepcopy(net.lora_template)
     if rank is not None:
         cfg.r = int(rank)

@@ -41,9 +41,9 @@ class TrainConfig:
     lambda_pull: float = 1.0
     lambda_push: float = 1.0
     margin: float = 1.0
-    # None: the workload's LoraConfig (``settings["lora"]`` ``rank`` / ``alpha`` override it)
-    rank: int | None = None
-    lora_alpha: int | None = None
+    # 0: the workload's LoraConfig (``settings["lora"]`` ``rank`` / ``alpha`` override it)
+    rank: int = 0
+    lora_alpha: int = 0
     # Cosine decay of the learning rate from ``lr`` to ``final_lr_fraction·lr`` over the run
     # (1.0 = constant learning rate).
     final_lr_fraction: float = 1.0
@@ -125,7 +125,9 @@ def train_v1(
 ) -> PeftModel:
     """The original adapter: fresh LoRA (seeded) on a copy of ``base``, trained on ``data`` with the
     v1 schedule (on ``device``)."""
-    model = wrap_lora(base, rank=cfg.rank, alpha=cfg.lora_alpha, seed=seed)
+    # a rank from the settings without an alpha keeps the workload's alpha
+    alpha = cfg.lora_alpha or (base.lora_template.lora_alpha if cfg.rank else None)
+    model = wrap_lora(base, rank=cfg.rank or None, alpha=alpha, seed=seed)
     model.to(device)
     data = data.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
