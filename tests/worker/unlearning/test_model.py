@@ -1,7 +1,7 @@
 """The model protocol (issue 7 part 2): a non-MLP model — a tiny transformers ``ViTModel`` with a
 classification and a regression head (:mod:`tests.worker.unlearning.tiny_vit`) — goes through the
 whole core: the base stored in its library's format, v1 training, the default method's round (SSD
-first), a baseline, retrain, and an adapter that plain transformers + peft load to the same outputs.
+first), every baseline, retrain, and an adapter that plain transformers + peft load to the same outputs.
 Before the protocol the core accepted only its MLP (``MultiHeadNet``) and one input tensor ``x``."""
 
 from __future__ import annotations
@@ -104,7 +104,9 @@ def test_saved_adapter_loads_with_plain_peft_to_the_same_outputs(
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("method", ["default", "neggrad_plus", "retrain", "ssd"])
+@pytest.mark.parametrize(
+    "method", ["default", "neggrad_plus", "retrain", "ssd", "uno", "orthograd", "gdr_gma", "ia"]
+)
 def test_a_round_runs_on_the_transformer_model(prepared: tuple[TinyViTWorkload, Path], method: str) -> None:
     """A client request (both tasks) and a per-task request (the regression task kept) publish an
     adapter with evidence for every task, the regression task included."""
