@@ -75,7 +75,7 @@ def run(trials: int, *, seed: int, rounds: str, settings: dict[str, Any], method
         groups = demo_groups(
             subjects,
             client_set,
-            task_rows.x[pick],
+            {k: v[pick] for k, v in task_rows.inputs.items()},
             {t: y[pick] for t, y in task_rows.labels.items()},
             heldout,
         )

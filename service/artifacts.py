@@ -11,8 +11,11 @@ from service.errors import NotFoundError
 
 
 def check_name(name: str, recorded: dict[str, Any]) -> None:
-    """NotFoundError unless ``name`` is a file name the database recorded (no path in it)."""
-    if name not in recorded or "/" in name or "\\" in name or name in ("", ".", ".."):
+    """NotFoundError unless ``name`` is a file name the database recorded. A name may have folders
+    (``backbone/config.json`` of a base stored in its library's own layout); no part may be empty,
+    ``.`` or ``..``, and no backslash."""
+    parts = name.split("/")
+    if name not in recorded or "\\" in name or any(p in ("", ".", "..") for p in parts):
         raise NotFoundError(f"no file {name!r} here")
 
 
@@ -20,7 +23,8 @@ def resolve_file(artifacts_dir: Path, location: str, name: str, recorded: dict[s
     """The path of a recorded file, or NotFoundError (unrecorded name, escape, missing file).
 
     Only names the database recorded for the version are served, and the resolved path (symlinks
-    followed) must stay inside the artifacts directory.
+    followed) must stay inside the artifacts directory. A name may have folders (``backbone/
+    config.json`` of a base stored in its library's own layout); no part may be empty, ``.`` or ``..``.
     """
     check_name(name, recorded)
     root = artifacts_dir.resolve()

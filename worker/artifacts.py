@@ -2,7 +2,7 @@
 
 Layout (docs/architecture.md)::
 
-    <artifacts>/<model>/base/                        frozen base (config.json + model.safetensors)
+    <artifacts>/<model>/base/                        frozen base (backbone/, heads, lethe-model.json)
     <artifacts>/<model>/adapters/<round>-<token>/    one adapter version, immutable once published
     <artifacts>/<model>/adapters/.staging-*          work directories of running (or crashed) rounds
     <artifacts>/<model>/tombstones/<version>.json    what a withdrawn version was (hashes)

@@ -230,7 +230,7 @@ def _certify(ctx: pipeline.WorkerContext, job: _Job, snap: Path) -> dict[str, An
         device=ctx.device,
         cache_dir=None,
     )
-    snapshot = load_snapshot(snap) or {}
+    snapshot = load_snapshot(snap, workload.collate) or {}
     requests = [
         CertifyRequest(
             request_id=rid,

@@ -293,7 +293,7 @@ def _run(
     if client_set is None or task_rows is None:
         raise DemoFailure("the chosen clients have no data left")
     pick = [i for i, s in enumerate(task_rows.sample_ids) if s in set(subjects.task_samples)]
-    task_x = task_rows.x[pick]
+    task_x = {k: v[pick] for k, v in task_rows.inputs.items()}
     task_labels = {t: y[pick] for t, y in task_rows.labels.items()}
 
     env = {
@@ -452,10 +452,12 @@ def demo_groups(
     Group = demo_checks.Group
     kept = [t for t in subjects.tasks if t != subjects.task]
     return [
-        Group(f"forgotten client {subjects.client}", client_set.x, client_set.labels, subjects.tasks, True),
+        Group(
+            f"forgotten client {subjects.client}", client_set.inputs, client_set.labels, subjects.tasks, True
+        ),
         Group(
             f"{subjects.task_client}'s samples, task forgotten", task_x, task_labels, [subjects.task], True
         ),
         Group(f"{subjects.task_client}'s samples, other tasks kept", task_x, task_labels, kept, False),
-        Group("held-out (never trained on)", heldout.x, heldout.labels, subjects.tasks, False),
+        Group("held-out (never trained on)", heldout.inputs, heldout.labels, subjects.tasks, False),
     ]

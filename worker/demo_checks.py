@@ -54,7 +54,7 @@ class Group:
     """Rows the serving host measures: ``x`` with ``labels[task]`` for each of ``tasks``."""
 
     label: str
-    x: Any  # a tensor of inputs
+    x: Any  # the model's inputs (a dict of tensors)
     labels: Mapping[str, Any]
     tasks: Sequence[str]
     forgotten: bool

@@ -14,8 +14,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service import rounds
 from service.api.app import create_app
+from service.artifacts import resolve_file
 from service.db.session import transaction
 from service.db.types import utcnow
+from service.errors import NotFoundError
 from service.repositories import models as models_repo
 from service.repositories import versions as versions_repo
 from service.settings import Settings
@@ -27,6 +29,7 @@ def write_files(directory: Path, files: dict[str, bytes]) -> dict[str, rounds.Fi
     directory.mkdir(parents=True, exist_ok=True)
     digests = {}
     for name, content in files.items():
+        (directory / name).parent.mkdir(parents=True, exist_ok=True)
         (directory / name).write_bytes(content)
         digests[name] = rounds.FileDigest(sha256=hashlib.sha256(content).hexdigest(), size=len(content))
     return digests
@@ -300,3 +303,52 @@ def test_cached_etag_follows_publish_and_withdraw_in_every_process(
             versions_repo.withdraw(session, model.id, [2], at=utcnow())
         for app in (one, two):
             assert_problem(app.get(url, headers={**keys.serve, "If-None-Match": v2}), 404)
+
+
+def test_base_files_in_folders_are_served(
+    settings: Settings, sessions: sessionmaker[Session], client: TestClient, keys: Keys
+) -> None:
+    """Issue 7 part 2 (failed before: a name with a folder was a 404, so a base stored in its
+    library's layout, ``backbone/config.json``, could not be pulled): a recorded name with folders
+    is served; a segment ``..``, ``.`` or empty never is, even when recorded."""
+    root = settings.resolved_artifacts_dir
+    v1 = write_files(
+        root / "vit/adapters/0-1", {"adapter_model.safetensors": b"w", "adapter_config.json": b"{}"}
+    )
+    base = write_files(
+        root / "vit/base", {"backbone/config.json": b'{"model_type": "vit"}', "heads.safetensors": b"h"}
+    )
+    (root / "vit/secret.txt").write_bytes(b"not the base's")
+    sneaky = rounds.FileDigest(sha256="0" * 64, size=1)
+    recorded = {
+        **base,
+        "backbone/../../secret.txt": sneaky,
+        "backbone//config.json": sneaky,
+        "./heads.safetensors": sneaky,
+    }
+    with transaction(sessions) as session:
+        models_repo.create_model(session, "vit", workload="tiny", method="ssd", method_config={}, settings={})
+        rounds.register_prepared_model(
+            session,
+            "vit",
+            subjects={},
+            location="vit/adapters/0-1",
+            files=v1,
+            evidence={},
+            base_location="vit/base",
+            base_files=recorded,
+        )
+    listing = client.get("/v1/models/vit/base", headers=keys.serve)
+    assert listing.status_code == 200, listing.text
+    urls = {f["name"]: f["url"] for f in listing.json()["files"]}
+    got = client.get(urls["backbone/config.json"], headers=keys.serve)
+    assert got.status_code == 200, got.text
+    assert got.content == b'{"model_type": "vit"}'
+    assert (
+        client.head("/v1/models/vit/base/files/backbone/config.json", headers=keys.serve).status_code == 200
+    )
+    assert_problem(client.get("/v1/models/vit/base/files/backbone", headers=keys.serve), 404)  # a folder
+    # HTTP clients normalise dot segments away, so ask the resolver itself
+    for name in ("backbone/../../secret.txt", "backbone//config.json", "./heads.safetensors"):
+        with pytest.raises(NotFoundError):
+            resolve_file(root, "vit/base", name, recorded)

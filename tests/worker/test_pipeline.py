@@ -248,9 +248,7 @@ def test_partial_client_erasure_purges_exactly_its_scope(
 
     def submit(key: str, submission: lifecycle.Submission) -> str:
         with transaction(ctx.session_factory) as session:
-            result = lifecycle.submit(
-                session, submission, idempotency_key=key, api_key_id=None, actor="t"
-            )
+            result = lifecycle.submit(session, submission, idempotency_key=key, api_key_id=None, actor="t")
             return result.request.id
 
     def run() -> None:

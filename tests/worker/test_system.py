@@ -73,7 +73,7 @@ def test_post_to_served_adapter(completed: tuple[System, str, dict[str, object]]
     worker_model = load_adapter(base_dir, worker_dir)
     before = PeftModel.from_pretrained(load_base(base_dir), str(system.home.parent / "before" / "current"))
     before.eval()
-    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    x = {"x": torch.randn(64, 64, generator=torch.Generator().manual_seed(0))}
     with torch.no_grad():
         out_served, out_worker, out_before = served(x), worker_model(x), before(x)
     for name in out_worker:

@@ -164,7 +164,7 @@ def _outputs(model: nn.Module, batch: Batch, batch_size: int = 1024) -> dict[str
     try:
         with torch.no_grad():
             for part in batch.split(batch_size):
-                outs.append({k: v.detach() for k, v in model(part.x).items()})
+                outs.append({k: v.detach() for k, v in model(part.inputs).items()})
     finally:
         model.train(was_training)
     if not outs:
@@ -186,7 +186,7 @@ class _Scores:
         out = self.out[task.name]
         if rows is not None:
             y, out = y[rows], out[rows]
-        n = int((y != IGNORE).sum())
+        n = int(task.supervised(y).sum())
         return (task.metric(out, y) if n else float("nan")), n
 
 

@@ -1,18 +1,22 @@
 """Adapter versions on disk, through peft: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 The heads are part of the adapter (``modules_to_save``); the frozen base is rebuilt from
-``base_dir`` (``config.json`` + ``model.safetensors``, see :mod:`worker.unlearning.model`).
+``base_dir`` (``backbone/``, ``heads.safetensors``, ``lethe-model.json``, see
+:mod:`worker.unlearning.model`). ``adapter_config.json`` names the base in
+``base_model_name_or_path`` (the base's ``base_name``: the workload's name unless the workload
+sets another, e.g. a hub id), so that a serving stack knows which base the adapter belongs to.
 ``unlearning_state.json`` (:class:`~worker.unlearning.state.RoundState`) sits next to them.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 from peft import PeftModel
 
-from worker.unlearning.model import MultiHeadNet, load_base
+from worker.unlearning.model import MultiTaskModel, load_base, unwrap
 from worker.unlearning.state import RoundState
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -26,8 +30,16 @@ def save_adapter(model: PeftModel, adapter_dir: Path, state: RoundState | None =
     peft's model card (README.md) is not kept: a version directory holds only what it needs.
     """
     adapter_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(adapter_dir), safe_serialization=True)
+    # save_embedding_layers=False: "auto" would look the base's name up on the Hugging Face hub
+    # (the adapters here never target embedding layers)
+    model.save_pretrained(str(adapter_dir), safe_serialization=True, save_embedding_layers=False)
     (adapter_dir / "README.md").unlink(missing_ok=True)
+    config_path = adapter_dir / ADAPTER_CONFIG
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = unwrap(model).base_name or "base"
+    tmp = config_path.with_name(config_path.name + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True))
+    tmp.replace(config_path)
     files = [adapter_dir / name for name in ADAPTER_FILES]
     if state is not None:
         files.append(state.save(adapter_dir))
@@ -35,7 +47,7 @@ def save_adapter(model: PeftModel, adapter_dir: Path, state: RoundState | None =
 
 
 def load_adapter(
-    base: MultiHeadNet | Path, adapter_dir: Path, *, trainable: bool = False, device: str = "cpu"
+    base: MultiTaskModel | Path, adapter_dir: Path, *, trainable: bool = False, device: str = "cpu"
 ) -> PeftModel:
     """The base (a network, or ``base_dir`` to rebuild it from) with the adapter of ``adapter_dir``.
 

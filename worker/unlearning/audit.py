@@ -40,7 +40,18 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from torch import Tensor, nn
 
 from worker.unlearning.grads import eval_mode
-from worker.unlearning.types import IGNORE, SUBSET_HEAD, Batch, Partitions, TaskSpec, concat_batches
+from worker.unlearning.types import (
+    SUBSET_HEAD,
+    Batch,
+    Partitions,
+    TaskSpec,
+    cat_inputs,
+    concat_batches,
+    input_rows,
+    inputs_to,
+    is_supervised,
+    num_rows,
+)
 
 UIS_TERMS = ("ret", "unl", "val", "mia")
 
@@ -149,7 +160,6 @@ class ModelMetrics:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ModelMetrics:
         return cls(tasks={str(k): TaskMetrics.from_json(v) for k, v in data.items()})
-
 
 
 @dataclass
@@ -357,15 +367,15 @@ def forget_vs_unseen(
     never trained on)."""
     if len(forget) == 0 or len(unseen) == 0:
         return {}
-    out_f = model_outputs(model, forget.x.to(device), batch_size=cfg.batch_size)
-    out_u = model_outputs(model, unseen.x.to(device), batch_size=cfg.batch_size)
+    out_f = model_outputs(model, inputs_to(forget.inputs, device), batch_size=cfg.batch_size)
+    out_u = model_outputs(model, inputs_to(unseen.inputs, device), batch_size=cfg.batch_size)
     ids = forget.sample_ids if len(forget.sample_ids) == len(forget) else [str(i) for i in range(len(forget))]
     result: dict[str, ForgetVsUnseen] = {}
     for i, task in enumerate(tasks):
         if task.name not in forget_tasks or task.name not in forget.labels or task.name not in unseen.labels:
             continue
         y_f = forget.labels[task.name].to(device)
-        supervised = (y_f != IGNORE).cpu()
+        supervised = is_supervised(y_f).cpu()
         if not bool(supervised.any()):
             continue
         member = _task_losses(task, out_f[task.name], y_f).cpu()
@@ -491,19 +501,19 @@ def unlearning_impact_score(
 
 def model_outputs(
     model: nn.Module,
-    x: Tensor,
+    inputs: Mapping[str, Tensor],
     *,
     batch_size: int = 1024,
-    forward: Callable[[Tensor], Mapping[str, Tensor]] | None = None,
+    forward: Callable[[dict[str, Tensor]], Mapping[str, Tensor]] | None = None,
 ) -> dict[str, Tensor]:
-    """``model(x)`` in eval mode without gradients, in chunks (training mode restored after).
+    """``model(inputs)`` in eval mode without gradients, in chunks (training mode restored after).
     ``forward``: a function computing the same outputs (``lora.fast_forward(model)``)."""
     fn = forward if forward is not None else model
     chunks: list[dict[str, Tensor]] = []
     with eval_mode(model), torch.no_grad():
-        for start in range(0, max(int(x.shape[0]), 1), batch_size):
-            part = x[start : start + batch_size]
-            if int(part.shape[0]) == 0 and chunks:
+        for start in range(0, max(num_rows(inputs), 1), batch_size):
+            part = input_rows(inputs, start, start + batch_size)
+            if num_rows(part) == 0 and chunks:
                 break
             chunks.append({k: v.detach() for k, v in fn(part).items()})
     if len(chunks) == 1:
@@ -512,12 +522,12 @@ def model_outputs(
 
 
 def _task_losses(task: TaskSpec, out: Tensor, target: Tensor) -> Tensor:
-    supervised = target != IGNORE
+    supervised = is_supervised(target)
     return task.per_sample_loss(out, target)[supervised]
 
 
 def _metric(task: TaskSpec, out: Tensor, target: Tensor) -> float | None:
-    if not bool((target != IGNORE).any()):
+    if not bool(is_supervised(target).any()):
         return None
     return _num(task.metric(out, target))
 
@@ -534,7 +544,7 @@ def evaluate_model(
 ) -> ModelMetrics:
     """Task metric per split and the loss-based MIA AUCs of every task."""
     outs = {
-        split: model_outputs(model, b.x.to(device), batch_size=batch_size) if len(b) else None
+        split: model_outputs(model, inputs_to(b.inputs, device), batch_size=batch_size) if len(b) else None
         for split, b in (("ret", ret), ("unl", unl), ("val", val))
     }
     batches = {"ret": ret, "unl": unl, "val": val}
@@ -572,7 +582,7 @@ def forget_mia(
     """Unl-vs-val loss-MIA AUC per task supervised in ``forget`` (early stopping uses it)."""
     if len(forget) == 0 or len(heldout) == 0:
         return {}
-    out = model_outputs(model, torch.cat([forget.x, heldout.x]).to(device))  # one forward pass
+    out = model_outputs(model, inputs_to(cat_inputs([forget.inputs, heldout.inputs]), device))  # one pass
     n_f = len(forget)
     return mia_from_outputs(
         tasks, {k: v[:n_f] for k, v in out.items()}, forget, {k: v[n_f:] for k, v in out.items()}, heldout
@@ -602,12 +612,16 @@ def mia_from_outputs(
 
 
 def softmax_features(
-    model: nn.Module, tasks: Sequence[TaskSpec], x: Tensor, *, batch_size: int = 1024
+    model: nn.Module, tasks: Sequence[TaskSpec], inputs: Mapping[str, Tensor], *, batch_size: int = 1024
 ) -> tuple[np.ndarray, list[str]]:
-    """Concatenated head softmaxes (main tasks in order, then the subset-ID head if present)."""
-    out = model_outputs(model, x, batch_size=batch_size)
+    """Concatenated head softmaxes (main tasks in order, then the subset-ID head if present); a
+    one-output head (a regression) gives its raw output (its softmax would be the constant 1)."""
+    out = model_outputs(model, inputs, batch_size=batch_size)
     keys = [t.name for t in tasks] + ([SUBSET_HEAD] if SUBSET_HEAD in out else [])
-    probs = [torch.softmax(out[k].double(), dim=-1) for k in keys]
+    probs = [
+        out[k].double() if int(out[k].shape[-1]) == 1 else torch.softmax(out[k].double(), dim=-1)
+        for k in keys
+    ]
     names = [f"{k}[{i}]" for k, p in zip(keys, probs, strict=True) for i in range(int(p.shape[-1]))]
     return torch.cat(probs, dim=-1).cpu().numpy(), names
 
@@ -625,6 +639,17 @@ def unique_rows(batch: Batch) -> Batch:
     return batch.select(torch.tensor(keep, dtype=torch.long))
 
 
+def _merge_labels(y: Tensor, inverse: Tensor, n: int) -> Tensor:
+    """Per merged row, the one real label among its rows: the max, as "no label" (IGNORE = -1 /
+    NaN as -inf) is below every class index and every real target."""
+    if not y.is_floating_point():
+        return torch.full((n,), -1, dtype=y.dtype).scatter_reduce(0, inverse, y, reduce="amax")
+    low = torch.finfo(y.dtype).min
+    filled = torch.nan_to_num(y, nan=low)
+    merged = torch.full((n,), low, dtype=y.dtype).scatter_reduce(0, inverse, filled, reduce="amax")
+    return torch.where(merged == low, torch.full_like(merged, float("nan")), merged)
+
+
 def merge_rows(batch: Batch) -> Batch:
     """One row per sample id with every label it has in ``batch`` (rows without ids stay apart)."""
     if len(batch.sample_ids) != len(batch):
@@ -634,12 +659,9 @@ def merge_rows(batch: Batch) -> Batch:
     keep = torch.zeros(len(first), dtype=torch.long).scatter_(
         0, inverse.flip(0), torch.arange(len(batch) - 1, -1, -1, dtype=torch.long)
     )  # the first row of each sample
-    labels = {
-        t: torch.full((len(first),), IGNORE, dtype=y.dtype).scatter_reduce(0, inverse, y, reduce="amax")
-        for t, y in batch.labels.items()
-    }  # IGNORE is below every class index, so the max keeps the one real label
+    labels = {t: _merge_labels(y, inverse, len(first)) for t, y in batch.labels.items()}
     rows = batch.select(keep)
-    return Batch(x=rows.x, labels=labels, subset=rows.subset, sample_ids=rows.sample_ids)
+    return Batch(inputs=rows.inputs, labels=labels, subset=rows.subset, sample_ids=rows.sample_ids)
 
 
 def unl_split(partitions: Partitions) -> Batch:
@@ -732,8 +754,10 @@ def _attack(
         retain = retain.select(idx)
     if len(forget) == 0 or len(retain) == 0:
         return AttackerResult(None, 0, len(forget), len(retain), [], reason="empty forget or retain set")
-    f_feat, names = softmax_features(model, tasks, forget.x.to(device), batch_size=cfg.batch_size)
-    r_feat, _ = softmax_features(model, tasks, retain.x.to(device), batch_size=cfg.batch_size)
+    f_feat, names = softmax_features(
+        model, tasks, inputs_to(forget.inputs, device), batch_size=cfg.batch_size
+    )
+    r_feat, _ = softmax_features(model, tasks, inputs_to(retain.inputs, device), batch_size=cfg.batch_size)
     return logistic_attack(
         f_feat,
         r_feat,

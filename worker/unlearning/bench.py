@@ -799,7 +799,7 @@ def _auc(members: torch.Tensor, nonmembers: torch.Tensor) -> float:
 
 def _eval(model: torch.nn.Module, batch: Batch, task: TaskSpec) -> tuple[float, torch.Tensor]:
     with torch.no_grad():
-        out = model(batch.x)[task.name]
+        out = model(batch.inputs)[task.name]
     target = batch.labels[task.name]
     supervised = target >= 0
     return task.metric(out, target), task.per_sample_loss(out, target)[supervised]

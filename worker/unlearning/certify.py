@@ -39,7 +39,7 @@ from worker.unlearning.audit import (
     evaluate_model,
     unlearning_impact_score,
 )
-from worker.unlearning.datastore import DataStore
+from worker.unlearning.datastore import Collate, DataStore
 from worker.unlearning.engine import EngineInputs, reference_retrain
 from worker.unlearning.partitions import id_mask, retain_set
 from worker.unlearning.state import RoundState
@@ -129,12 +129,13 @@ def save_snapshot(directory: Path, forget_sets: Mapping[str, Batch]) -> Path:
     for i, (request_id, batch) in enumerate(forget_sets.items()):
         name = f"request-{i}.npz"
         arrays: dict[str, np.ndarray] = {
-            "x": batch.x.detach().cpu().numpy(),
             "subset": batch.subset.detach().cpu().numpy(),
             "sample_ids": np.asarray(batch.sample_ids, dtype=np.str_),
         }
         for task, y in batch.labels.items():
             arrays[f"label__{task}"] = y.detach().cpu().numpy()
+        for key, leaf in batch.inputs.items():
+            arrays[f"input__{key}"] = leaf.detach().cpu().numpy()
         with open(tmp / name, "wb") as fh:
             np.savez(fh, **arrays)  # type: ignore[arg-type]
         index[request_id] = name
@@ -158,8 +159,9 @@ def forget_sets(store: DataStore, specs: Sequence[ForgetSpec]) -> dict[str, Batc
     return out
 
 
-def load_snapshot(directory: Path) -> dict[str, Batch] | None:
-    """The snapshot under ``directory`` (``None`` when there is none)."""
+def load_snapshot(directory: Path, collate: Collate | None = None) -> dict[str, Batch] | None:
+    """The snapshot under ``directory`` (``None`` when there is none). It keeps the store's arrays;
+    ``collate`` (the workload's) maps them to the model's inputs."""
     index_path = Path(directory) / SNAPSHOT_INDEX
     if not index_path.exists():
         return None
@@ -172,8 +174,12 @@ def load_snapshot(directory: Path) -> dict[str, Batch] | None:
                 for key in npz.files
                 if key.startswith("label__")
             }
+            # "x": the single input of snapshots written before inputs were a dict
+            keys = [k for k in npz.files if k.startswith("input__")] or ["x"]
             out[str(request_id)] = Batch(
-                x=torch.from_numpy(np.array(npz["x"])),
+                inputs=(collate or dict)(
+                    {k.removeprefix("input__"): torch.from_numpy(np.array(npz[k])) for k in keys}
+                ),
                 labels=labels,
                 subset=torch.from_numpy(np.array(npz["subset"])),
                 sample_ids=[str(s) for s in npz["sample_ids"].tolist()],

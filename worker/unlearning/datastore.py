@@ -18,21 +18,29 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
-from worker.unlearning.types import IGNORE, ForgetSpec
+from worker.unlearning.types import ForgetSpec, unsupervised_value
 from worker.unlearning.workload import SampleSet, Workload
 
 STORE_FILE = "store.json"
 HELDOUT_FILE = "heldout.npz"
 CLIENTS_DIR = "clients"
 STORE_FORMAT = 1
+INPUT_PREFIX = "input__"
+
+Collate = Callable[[dict[str, Tensor]], dict[str, Tensor]]
+
+
+def _identity(inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    return inputs
 
 
 @dataclass
@@ -76,20 +84,31 @@ def _write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def _shard_arrays(data: SampleSet, tasks: Sequence[str]) -> dict[str, np.ndarray]:
-    arrays: dict[str, np.ndarray] = {
-        "x": data.x.detach().cpu().numpy().astype(np.float32),
-        "sample_ids": np.asarray(data.sample_ids, dtype=np.str_),
-    }
+    arrays: dict[str, np.ndarray] = {"sample_ids": np.asarray(data.sample_ids, dtype=np.str_)}
+    for key, leaf in data.inputs.items():
+        arrays[f"{INPUT_PREFIX}{key}"] = _stored(leaf)
     for t in tasks:
-        arrays[f"label__{t}"] = data.labels[t].detach().cpu().numpy().astype(np.int64)
+        arrays[f"label__{t}"] = _stored(data.labels[t])
     return arrays
+
+
+def _stored(t: Tensor) -> np.ndarray:
+    """float64 is stored as float32 and other integers as int64 (the dtypes the models take)."""
+    a = t.detach().cpu().numpy()
+    if a.dtype == np.float64:
+        return a.astype(np.float32)
+    if np.issubdtype(a.dtype, np.integer) and a.dtype != np.int64:
+        return a.astype(np.int64)
+    return a
 
 
 class DataStore:
     """The dataset store of one model (``$LETHE_HOME/data/<model>/``)."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, collate: Collate | None = None) -> None:
         self.data_dir = Path(data_dir)
+        # the workload's collate from stored arrays to the model's inputs (identity when not given)
+        self.collate: Collate = collate if collate is not None else _identity
         meta_path = self.data_dir / STORE_FILE
         if not meta_path.exists():
             raise FileNotFoundError(f"no dataset store at {self.data_dir} (run prepare first)")
@@ -108,7 +127,7 @@ class DataStore:
         with its purge log, is kept as it is)."""
         data_dir = Path(data_dir)
         if cls.exists(data_dir):
-            return cls(data_dir)
+            return cls(data_dir, workload.collate)
         (data_dir / CLIENTS_DIR).mkdir(parents=True, exist_ok=True)
         tasks = [t.name for t in workload.tasks()]
         clients = workload.clients()
@@ -120,7 +139,7 @@ class DataStore:
         for client in clients:
             rows = torch.from_numpy(np.nonzero(owners == client)[0])
             shard = SampleSet(
-                x=data.x[rows],
+                inputs={k: v[rows] for k, v in data.inputs.items()},
                 sample_ids=[data.sample_ids[i] for i in rows.tolist()],
                 client_ids=[client] * int(rows.numel()),
                 labels={t: data.labels[t][rows] for t in tasks},
@@ -138,7 +157,7 @@ class DataStore:
         }
         store_path = data_dir / STORE_FILE
         _atomic_write_bytes(store_path, lambda fh: fh.write(json.dumps(meta, indent=2).encode()))
-        return cls(data_dir)
+        return cls(data_dir, workload.collate)
 
     # -- metadata ------------------------------------------------------------------------------
     @property
@@ -174,21 +193,30 @@ class DataStore:
     def _shard_path(self, client: str) -> Path:
         return self.data_dir / CLIENTS_DIR / f"{client}.npz"
 
-    def _read(self, path: Path, client: str | None) -> SampleSet:
+    def _read(self, path: Path, client: str | None, *, raw: bool = False) -> SampleSet:
+        """A shard as a sample set; ``raw``: the stored arrays, without the workload's collate (what
+        a purge rewrites)."""
         with np.load(path, allow_pickle=False) as npz:
-            x = torch.from_numpy(np.array(npz["x"]))
+            # "x": the single input of stores written before inputs were a dict
+            keys = [k for k in npz.files if k.startswith(INPUT_PREFIX)] or ["x"]
+            inputs = {k.removeprefix(INPUT_PREFIX): torch.from_numpy(np.array(npz[k])) for k in keys}
             ids = [str(s) for s in npz["sample_ids"].tolist()]
             labels = {t: torch.from_numpy(np.array(npz[f"label__{t}"])) for t in self.tasks}
-        return SampleSet(x=x, sample_ids=ids, client_ids=[client] * len(ids), labels=labels)
+        return SampleSet(
+            inputs=inputs if raw else self.collate(inputs),
+            sample_ids=ids,
+            client_ids=[client] * len(ids),
+            labels=labels,
+        )
 
-    def client_samples(self, client: str) -> SampleSet | None:
-        """The client's remaining samples (None once the client is purged)."""
+    def client_samples(self, client: str, *, raw: bool = False) -> SampleSet | None:
+        """The client's remaining samples (None once the client is purged); ``raw``: see ``_read``."""
         if client not in self.clients:
             raise KeyError(f"unknown client {client!r}")
         path = self._shard_path(client)
         if client in self.purged_clients or not path.exists():
             return None
-        return self._read(path, client)
+        return self._read(path, client, raw=raw)
 
     def client_data(self) -> SampleSet:
         """All remaining client samples, clients in head order (purged data is not there)."""
@@ -196,7 +224,7 @@ class DataStore:
         if not parts:
             held = self.heldout()
             return SampleSet(
-                x=held.x[:0],
+                inputs={k: v[:0] for k, v in held.inputs.items()},
                 sample_ids=[],
                 client_ids=[],
                 labels={t: y[:0] for t, y in held.labels.items()},
@@ -284,7 +312,7 @@ class DataStore:
             self._save_meta()
             report.deleted_samples.extend(new)
         for client, ids in self._locate(sample_ids).items():
-            shard = self.client_samples(client)
+            shard = self.client_samples(client, raw=True)
             assert shard is not None
             drop = set(ids)
             keep = torch.tensor([s not in drop for s in shard.sample_ids], dtype=torch.bool)
@@ -292,7 +320,7 @@ class DataStore:
             self._rewrite_shard(
                 client,
                 SampleSet(
-                    x=shard.x[rows],
+                    inputs={k: v[rows] for k, v in shard.inputs.items()},
                     sample_ids=[shard.sample_ids[i] for i in rows.tolist()],
                     client_ids=[client] * int(rows.numel()),
                     labels={t: y[rows] for t, y in shard.labels.items()},
@@ -308,16 +336,23 @@ class DataStore:
             self._save_meta()
             report.purged_pairs.extend(new)
         for client, ids in self._locate(sample_ids).items():
-            shard = self.client_samples(client)
+            shard = self.client_samples(client, raw=True)
             assert shard is not None
             hit = set(ids)
             mask = torch.tensor([s in hit for s in shard.sample_ids], dtype=torch.bool)
             labels = dict(shard.labels)
             for t in tasks:
-                labels[t] = torch.where(mask, torch.full_like(labels[t], IGNORE), labels[t])
+                labels[t] = torch.where(
+                    mask, torch.full_like(labels[t], unsupervised_value(labels[t])), labels[t]
+                )
             self._rewrite_shard(
                 client,
-                SampleSet(x=shard.x, sample_ids=shard.sample_ids, client_ids=shard.client_ids, labels=labels),
+                SampleSet(
+                    inputs=shard.inputs,
+                    sample_ids=shard.sample_ids,
+                    client_ids=shard.client_ids,
+                    labels=labels,
+                ),
             )
         # A sample whose every task's label was erased keeps nothing: its inputs go too.
         erased = {(str(s), str(t)) for s, t in self._meta["purged_pairs"]}
@@ -330,7 +365,7 @@ def concat_sample_sets(parts: Sequence[SampleSet], tasks: Sequence[str]) -> Samp
     if not parts:
         raise ValueError("no samples left in the store")
     return SampleSet(
-        x=torch.cat([p.x for p in parts]),
+        inputs={k: torch.cat([p.inputs[k] for p in parts]) for k in parts[0].inputs},
         sample_ids=[s for p in parts for s in p.sample_ids],
         client_ids=[c for p in parts for c in p.client_ids],
         labels={t: torch.cat([p.labels[t] for p in parts]) for t in tasks},

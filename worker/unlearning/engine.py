@@ -30,7 +30,7 @@ from worker.unlearning import acceptance
 from worker.unlearning.adapter_io import load_adapter, save_adapter
 from worker.unlearning.audit import AuditConfig, ModelMetrics, audit, evaluate_model, merge_rows, unl_split
 from worker.unlearning.datastore import DataStore, ResolvedSpec
-from worker.unlearning.model import MultiHeadNet, load_base, save_base
+from worker.unlearning.model import MultiTaskModel, has_base, load_base
 from worker.unlearning.partitions import (
     DEFAULT_ANCHOR_FRACTION,
     ForgetSelection,
@@ -83,7 +83,7 @@ def _task_metrics(model: torch.nn.Module, batch: Batch, tasks: Sequence[TaskSpec
     if len(batch) == 0:
         return {t.name: float("nan") for t in tasks}
     with torch.no_grad():
-        out = model(batch.x)
+        out = model(batch.inputs)
     return {t.name: t.metric(out[t.name], batch.labels[t.name]) for t in tasks}
 
 
@@ -91,7 +91,7 @@ def _subset_accuracy(model: torch.nn.Module, batch: Batch) -> float:
     if len(batch) == 0:
         return float("nan")
     with torch.no_grad():
-        pred = model(batch.x)[SUBSET_HEAD].argmax(-1)
+        pred = model(batch.inputs)[SUBSET_HEAD].argmax(-1)
     valid = batch.subset >= 0
     return float((pred[valid] == batch.subset[valid]).float().mean()) if bool(valid.any()) else float("nan")
 
@@ -101,13 +101,13 @@ def _subset_accuracy(model: torch.nn.Module, batch: Batch) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def ensure_base(workload: Workload, base_dir: Path, settings: Mapping[str, Any], seed: int) -> MultiHeadNet:
+def ensure_base(workload: Workload, base_dir: Path, settings: Mapping[str, Any], seed: int) -> MultiTaskModel:
     """Load the frozen base from ``base_dir``, pretraining and saving it first if it is not there."""
-    if (base_dir / "config.json").exists() and (base_dir / "model.safetensors").exists():
-        return load_base(base_dir)
+    if has_base(base_dir):
+        return workload.load_base(base_dir)
     net = workload.pretrain(seed, settings)
-    save_base(net, base_dir)
-    return load_base(base_dir)
+    workload.save_base(net, base_dir)
+    return workload.load_base(base_dir)
 
 
 def prepare(
@@ -189,7 +189,7 @@ class RequestContext:
     settings: dict[str, Any]
     seed: int
     device: str
-    base: MultiHeadNet
+    base: MultiTaskModel
     state: RoundState  # the state *before* this request
     cache_dir: Path | None
     cache_key: str | None
@@ -233,7 +233,7 @@ class EngineInputs:
 
     workload: Workload
     store: DataStore
-    base: MultiHeadNet
+    base: MultiTaskModel
     tasks: list[TaskSpec]
     client_index: dict[str, int]
     data: SampleSet
@@ -255,7 +255,7 @@ class EngineInputs:
         device: str = "cpu",
         cache_dir: Path | None = None,
     ) -> EngineInputs:
-        store = DataStore(Path(data_dir))
+        store = DataStore(Path(data_dir), workload.collate)
         client_index = store.client_index()
         return cls(
             workload=workload,
@@ -385,7 +385,7 @@ class Reference:
 
 
 def reference_retrain(
-    base: MultiHeadNet,
+    base: MultiTaskModel,
     retain: Batch,
     tasks: Sequence[TaskSpec],
     settings: Mapping[str, Any],

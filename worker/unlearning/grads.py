@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
-from worker.unlearning.types import IGNORE, Batch, TaskSpec, concat_batches, main_task_loss, main_task_losses
+from worker.unlearning.types import Batch, TaskSpec, concat_batches, main_task_loss, main_task_losses
 
 
 @contextmanager
@@ -41,8 +41,10 @@ def _params(model: nn.Module, names: Sequence[str]) -> dict[str, Tensor]:
     return {n: all_params[n].detach() for n in names}
 
 
-def _forward(model: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> dict[str, Tensor]:
-    out = functional_call(model, dict(params), (x,))
+def _forward(
+    model: nn.Module, params: Mapping[str, Tensor], inputs: Mapping[str, Tensor]
+) -> dict[str, Tensor]:
+    out = functional_call(model, dict(params), (dict(inputs),))
     return cast(dict[str, Tensor], out)
 
 
@@ -52,7 +54,7 @@ def batch_grad(
     """Gradient of the batch's mean main-task loss (:func:`types.main_task_loss`)."""
 
     def loss(params: dict[str, Tensor]) -> Tensor:
-        return main_task_loss(_forward(model, params, batch.x), batch.labels, tasks)
+        return main_task_loss(_forward(model, params, batch.inputs), batch.labels, tasks)
 
     with eval_mode(model):
         out = grad(loss)(_params(model, names))
@@ -70,14 +72,14 @@ def per_sample_grads(
     """``{name: [N, *shape]}``: the gradient of each sample's weighted main-task loss
     (:func:`types.main_task_losses`; 0 for a sample without supervision), via ``vmap(grad)``."""
 
-    def one(params: dict[str, Tensor], x: Tensor, labels: dict[str, Tensor]) -> Tensor:
-        outputs = _forward(model, params, x.unsqueeze(0))
+    def one(params: dict[str, Tensor], inputs: dict[str, Tensor], labels: dict[str, Tensor]) -> Tensor:
+        outputs = _forward(model, params, {k: v.unsqueeze(0) for k, v in inputs.items()})
         return main_task_losses(outputs, {k: v.unsqueeze(0) for k, v in labels.items()}, tasks).sum()
 
     labels = {t.name: batch.labels[t.name] for t in tasks}
     with eval_mode(model):
         fn = vmap(grad(one), in_dims=(None, 0, 0), chunk_size=chunk_size)
-        out = fn(_params(model, names), batch.x, labels)
+        out = fn(_params(model, names), batch.inputs, labels)
     return cast(dict[str, Tensor], out)
 
 
@@ -94,7 +96,7 @@ def task_loss_matrix(
     per_task = torch.stack(
         [t.weight * t.per_sample_loss(outputs[t.name], labels[t.name]) for t in tasks], dim=-1
     )  # [N, T]
-    supervised = torch.stack([(labels[t.name] != IGNORE) for t in tasks], dim=-1).to(per_task.dtype)
+    supervised = torch.stack([t.supervised(labels[t.name]) for t in tasks], dim=-1).to(per_task.dtype)
     onehot = torch.nn.functional.one_hot(part, num_parts).to(per_task.dtype)  # [N, P]
     sums = onehot.T @ per_task  # [P, T]
     counts = (onehot.T @ supervised).sum(-1, keepdim=True)  # [P, 1]
@@ -108,7 +110,7 @@ def partition_task_grads(
     tasks: Sequence[TaskSpec],
     *,
     backend: str = "autograd",
-    forward: Callable[[Tensor], Mapping[str, Tensor]] | None = None,
+    forward: Callable[[dict[str, Tensor]], Mapping[str, Tensor]] | None = None,
     named: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """``{name: [P, T, *shape]}``: the gradient of each partition's loss restricted to each task
@@ -134,9 +136,9 @@ def partition_task_grads(
     if not present:
         return {n: v.reshape(P, T, *v.shape[1:]) for n, v in out.items()}
     joined = concat_batches([b for _, b in present])
-    part = torch.cat([torch.full((len(b),), p, dtype=torch.long, device=joined.x.device) for p, b in present])
+    part = torch.cat([torch.full((len(b),), p, dtype=torch.long, device=joined.device) for p, b in present])
     labels = {t.name: joined.labels[t.name] for t in tasks}
-    supervised = torch.stack([labels[t.name] != IGNORE for t in tasks], dim=-1).to(torch.float32)
+    supervised = torch.stack([t.supervised(labels[t.name]) for t in tasks], dim=-1).to(torch.float32)
     onehot = torch.nn.functional.one_hot(part, P).to(torch.float32)
     live = ((onehot.T @ supervised) > 0).reshape(-1)  # [P*T]
     index = live.nonzero(as_tuple=True)[0]
@@ -147,7 +149,7 @@ def partition_task_grads(
     if backend == "func":
 
         def losses(prm: dict[str, Tensor]) -> Tensor:
-            matrix = task_loss_matrix(_forward(model, prm, joined.x), labels, tasks, part, P)
+            matrix = task_loss_matrix(_forward(model, prm, joined.inputs), labels, tasks, part, P)
             return matrix.reshape(-1)[index]
 
         with eval_mode(model):
@@ -155,7 +157,7 @@ def partition_task_grads(
     elif backend == "autograd":
         tensors = [live_params[n] for n in names]
         with eval_mode(model), torch.enable_grad():
-            outputs = (forward if forward is not None else model)(joined.x)
+            outputs = (forward if forward is not None else model)(joined.inputs)
             matrix = task_loss_matrix(outputs, labels, tasks, part, P)
             selected = matrix.reshape(-1)[index]
             cotangents = torch.eye(k, dtype=selected.dtype, device=selected.device)

@@ -55,7 +55,7 @@ from worker.unlearning.config import typed_kwargs
 from worker.unlearning.grads import Cycler, eval_mode, partition_task_grads
 from worker.unlearning.lora import Forward, LoraPair, fast_forward, param_groups, restore
 from worker.unlearning.partitions import id_mask
-from worker.unlearning.types import IGNORE, Batch, Partitions, TaskSpec, concat_batches
+from worker.unlearning.types import Batch, Partitions, TaskSpec, cat_inputs, concat_batches, inputs_to
 
 RETAIN_ORDER = ("clean", "inst", "task")
 
@@ -383,7 +383,7 @@ def involved_tasks(partitions: Partitions, tasks: Sequence[TaskSpec]) -> list[Ta
     parts = (partitions.forget, partitions.retain_clean, partitions.retain_inst, partitions.retain_task)
     out: list[TaskSpec] = []
     for t in tasks:
-        if any(len(p) and t.name in p.labels and bool((p.labels[t.name] != IGNORE).any()) for p in parts):
+        if any(len(p) and t.name in p.labels and bool(t.supervised(p.labels[t.name]).any()) for p in parts):
             out.append(t)
     return out
 
@@ -451,7 +451,7 @@ def retain_accuracy(
     the anchor)"``) and X_f's rows (D_r^task, under ``"<task> (kept tasks of X_f)"``). A drop in
     any counts against the retain tolerance, so a per-task request cannot trade the kept tasks of
     the forgotten samples (a few dozen rows) for the anchor's hundreds."""
-    device = check.x.device
+    device = check.device
     on_xf = id_mask(check.sample_ids, forget_ids).to(device)
     groups = {"": ~on_xf, KEPT_OF_FORGOTTEN: on_xf}
     if anchor_ids is not None:
@@ -470,7 +470,7 @@ def task_accuracy(tasks: Sequence[TaskSpec], outputs: Mapping[str, Tensor], batc
     out: dict[str, float] = {}
     for task in tasks:
         y = batch.labels.get(task.name)
-        if y is None or not bool((y != IGNORE).any()):
+        if y is None or not bool(task.supervised(y).any()):
             continue
         out[task.name] = float(task.metric(outputs[task.name], y.to(outputs[task.name].device)))
     return out
@@ -494,7 +494,7 @@ def check_accuracy(
         return {}
     return retain_accuracy(
         tasks,
-        model_outputs(model, check.x),
+        model_outputs(model, check.inputs),
         check,
         partitions.forget.sample_ids,
         _anchor_ids(partitions, cfg),
@@ -524,11 +524,11 @@ class _Monitor:
         self.forget, self.heldout, self.check, self.forward = forget, heldout, check, forward
         self.anchor_ids = anchor_ids
         self.forget_tasks, self.tasks = list(forget_tasks), list(tasks)
-        self.x = torch.cat([forget.x, heldout.x, check.x]).to(device)
+        self.inputs = inputs_to(cat_inputs([forget.inputs, heldout.inputs, check.inputs]), device)
         self.sizes = [len(forget), len(heldout), len(check)]
 
     def __call__(self, model: nn.Module) -> tuple[dict[str, float], dict[str, float]]:
-        out = model_outputs(model, self.x, forward=self.forward)
+        out = model_outputs(model, self.inputs, forward=self.forward)
         parts = {k: torch.split(v, self.sizes) for k, v in out.items()}
         f_out, v_out, c_out = ({k: p[i] for k, p in parts.items()} for i in range(3))
         aucs = mia_from_outputs(self.forget_tasks, f_out, self.forget, v_out, self.heldout)

@@ -1,6 +1,7 @@
 """Helpers on a peft-wrapped model of the core: LoRA factor pairs, trainable heads, parameter groups.
 
-Model convention (``worker/unlearning/model.py``): LoRA on the base's linear layers (peft stores
+Model convention (``worker/unlearning/model.py``): LoRA on the backbone's target modules (any
+names, found through peft's ``lora_A`` / ``lora_B`` parameters) (peft stores
 ``lora_A.<adapter>.weight`` with shape ``r × in`` and ``lora_B.<adapter>.weight`` with shape
 ``out × r``: the rank space is A's first and B's second dimension), heads in ``model.heads`` saved
 through ``modules_to_save`` (after wrapping, ``heads[name]`` is a ``ModulesToSaveWrapper`` whose
@@ -12,6 +13,7 @@ Parameters are always addressed by their names in ``model.named_parameters()``, 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -173,16 +175,17 @@ def restore(model: nn.Module, state: Mapping[str, Tensor]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# a functional view of the core's model (the same outputs as ``model(x)``, fewer Python layers)
+# a functional view of an MLP model (the same outputs as ``model(inputs)``, fewer Python layers)
 # ----------------------------------------------------------------------------------------------
 
-Forward = Callable[[Tensor], dict[str, Tensor]]
+Forward = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 
 
 @dataclass(frozen=True)
 class LoraMLPView:
-    """``model(x)`` of a peft-wrapped :class:`~worker.unlearning.model.MultiHeadNet` written out:
-    per trunk layer ``h ← relu(h Wᵀ + b + s·(h Aᵀ) Bᵀ)``, then one linear map per head.
+    """``model({"x": x})`` of a peft-wrapped MLP :class:`~worker.unlearning.model.MultiTaskModel`
+    (backbone ``forward(x)`` = ``fc0 … fcK`` with ReLU, pooling ``identity``) written out: per
+    layer ``h ← relu(h Wᵀ + b + s·(h Aᵀ) Bᵀ)``, then one linear map per head.
 
     It reads the model's live tensors (a gradient taken through it reaches the same parameters),
     and skips peft's per-layer bookkeeping, which costs about as much as the arithmetic on the
@@ -193,8 +196,8 @@ class LoraMLPView:
     layers: tuple[tuple[Tensor, Tensor | None, Tensor, Tensor, float], ...]  # W, b, A, B, scaling
     heads: tuple[tuple[str, Tensor, Tensor | None], ...]
 
-    def __call__(self, x: Tensor) -> dict[str, Tensor]:
-        h = x
+    def __call__(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        h = inputs["x"]
         for W, b, A, B, s in self.layers:
             h = torch.relu(F.linear(h, W, b) + s * F.linear(F.linear(h, A), B))
         return {name: F.linear(h, w, b) for name, w, b in self.heads}
@@ -205,7 +208,7 @@ class LoraMLPView:
         return ids | {id(t) for _, w, b in self.heads for t in (w, b) if t is not None}
 
     def sample_grad_squares(
-        self, x: Tensor, per_sample_loss: Callable[[dict[str, Tensor]], Tensor]
+        self, inputs: Mapping[str, Tensor], per_sample_loss: Callable[[dict[str, Tensor]], Tensor]
     ) -> dict[int, Tensor]:
         """``Σ_i (∂ℓ_i/∂θ)²`` for every LoRA factor and head tensor θ (keyed by ``id(θ)``), ``ℓ`` the
         per-sample losses ``per_sample_loss(outputs)`` of the rows of ``x``: the diagonal empirical
@@ -213,13 +216,13 @@ class LoraMLPView:
         row's ``δ = ∂ℓ_i/∂pre`` at every layer, and a linear map's per-sample gradient is the outer
         product ``δ_i ⊗ a_i`` (its input ``a``): the sum of its squares is ``(δ²)ᵀ (a²)``. For
         ``h Aᵀ Bᵀ·s``: ``∂ℓ_i/∂B = s·δ_i ⊗ u_i`` (``u = h Aᵀ``), ``∂ℓ_i/∂A = s·(δ_i B) ⊗ h_i``."""
-        inputs, lowrank, pre_acts = [], [], []
-        h = x
+        layer_inputs, lowrank, pre_acts = [], [], []
+        h = inputs["x"]
         with torch.enable_grad():
             for W, b, A, B, s in self.layers:
                 u = F.linear(h, A)
                 pre = F.linear(h, W, b) + s * F.linear(u, B)
-                inputs.append(h.detach())
+                layer_inputs.append(h.detach())
                 lowrank.append(u.detach())
                 pre_acts.append(pre)
                 h = torch.relu(pre)
@@ -235,7 +238,7 @@ class LoraMLPView:
             if b is not None:
                 out[id(b)] = d2.sum(0)
         for (_, _, A, B, s), h_in, u, d in zip(
-            self.layers, inputs, lowrank, deltas[: len(pre_acts)], strict=True
+            self.layers, layer_inputs, lowrank, deltas[: len(pre_acts)], strict=True
         ):
             d = u.new_zeros((u.shape[0], B.shape[0])) if d is None else d.detach()
             out[id(B)] = (s * s) * (d.pow(2).T @ u.pow(2))
@@ -243,23 +246,45 @@ class LoraMLPView:
         return out
 
 
+def _mlp_layers(backbone: nn.Module) -> list[nn.Module] | None:
+    """The layers ``fc0 … fcK`` of an MLP backbone, found by structure: ``forward(x)``, children
+    exactly ``fc0 … fcK`` (linear, LoRA-wrapped or not) and one ReLU ``act``; else None."""
+    try:
+        if list(inspect.signature(backbone.forward).parameters) != ["x"]:
+            return None
+    except (TypeError, ValueError):
+        return None
+    children = dict(backbone.named_children())
+    if not isinstance(children.pop("act", None), nn.ReLU):
+        return None
+    names = [f"fc{i}" for i in range(len(children))]
+    if not names or sorted(children) != sorted(names):
+        return None
+    return [children[n] for n in names]
+
+
 def _lora_mlp_view(model: nn.Module) -> LoraMLPView | None:
     from worker.unlearning.model import unwrap
 
     adapter = active_adapter(model)
     try:
-        trunk = unwrap(model).base
+        net = unwrap(model)
     except TypeError:
         return None
+    if net.pooling != "identity":
+        return None
+    mlp = _mlp_layers(net.backbone)
+    if mlp is None:
+        return None
     layers = []
-    for name in trunk.linear_names():
-        layer = getattr(trunk, name)
+    for layer in mlp:
         base = getattr(layer, "base_layer", None)
+        scaling: dict[str, float] = getattr(layer, "scaling", {})
         lora_a, lora_b = getattr(layer, "lora_A", {}), getattr(layer, "lora_B", {})
         if not isinstance(base, nn.Linear) or adapter not in lora_a or adapter not in lora_b:
             return None
         layers.append((base.weight, base.bias, lora_a[adapter].weight, lora_b[adapter].weight,
-                       float(layer.scaling[adapter])))  # fmt: skip
+                       float(scaling[adapter])))  # fmt: skip
     heads = tuple(
         (n, trainable_head(model, n).weight, trainable_head(model, n).bias) for n in head_names(model)
     )
@@ -267,14 +292,15 @@ def _lora_mlp_view(model: nn.Module) -> LoraMLPView | None:
 
 
 def fast_forward(model: nn.Module) -> Forward:
-    """A :class:`LoraMLPView` of ``model`` when it reproduces ``model(x)`` on a random probe (eval
-    mode, to 1e-5), else ``model`` itself (another architecture, a merged or disabled adapter,
-    dropout, …). Build it once per loop: it is tied to the model's current structure."""
+    """A :class:`LoraMLPView` of ``model`` when the backbone is an MLP (by structure) and the view
+    reproduces ``model(inputs)`` on a random probe (eval mode, to 1e-5), else ``model`` itself (any
+    other backbone, a merged or disabled adapter, dropout, …). Build it once per loop: it is tied
+    to the model's current structure."""
     view = _lora_mlp_view(model)
     if view is None:
         return model
     in_dim = int(view.layers[0][0].shape[1])
-    probe = torch.randn(4, in_dim, generator=torch.Generator().manual_seed(0)).to(view.layers[0][0])
+    probe = {"x": torch.randn(4, in_dim, generator=torch.Generator().manual_seed(0)).to(view.layers[0][0])}
     was_training = model.training
     model.eval()
     try:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from worker.unlearning.state import RoundState
-from worker.unlearning.types import IGNORE, Batch, Partitions
+from worker.unlearning.types import Batch, Partitions, is_supervised, unsupervised_value, without_labels
 from worker.unlearning.workload import SampleSet
 
 DEFAULT_ANCHOR_FRACTION = 0.1
@@ -61,21 +61,25 @@ def active_samples(data: SampleSet, state: RoundState) -> SampleSet:
     if pairs:
         for t, y in labels.items():
             mask = id_mask(ids, (s for s, task in pairs if task == t))
-            y[mask] = IGNORE
+            y[mask] = unsupervised_value(y)
     return SampleSet(
-        x=data.x[rows], sample_ids=ids, client_ids=[data.client_ids[i] for i in keep], labels=labels
+        inputs={k: v[rows] for k, v in data.inputs.items()},
+        sample_ids=ids,
+        client_ids=[data.client_ids[i] for i in keep],
+        labels=labels,
     )
 
 
 def _mask_tasks(batch: Batch, keep_tasks: Sequence[str]) -> Batch:
     """Labels outside ``keep_tasks`` set to IGNORE; rows with no supervised label left dropped."""
     labels = {
-        t: (y.clone() if t in keep_tasks else torch.full_like(y, IGNORE)) for t, y in batch.labels.items()
+        t: (y.clone() if t in keep_tasks else torch.full_like(y, unsupervised_value(y)))
+        for t, y in batch.labels.items()
     }
-    masked = Batch(x=batch.x, labels=labels, subset=batch.subset, sample_ids=batch.sample_ids)
+    masked = Batch(inputs=batch.inputs, labels=labels, subset=batch.subset, sample_ids=batch.sample_ids)
     if not labels:
         return masked
-    supervised = torch.stack([y != IGNORE for y in labels.values()]).any(dim=0)
+    supervised = torch.stack([is_supervised(y) for y in labels.values()]).any(dim=0)
     return masked.select(supervised)
 
 
@@ -159,11 +163,9 @@ def retain_set(
     is_forget = id_mask(active.sample_ids, forget_ids)
     labels = {}
     for t, y in active.labels.items():
-        labels[t] = (
-            torch.where(is_forget, torch.full_like(y, IGNORE), y) if t in selection.forget_tasks else y
-        )
+        labels[t] = without_labels(y, is_forget) if t in selection.forget_tasks else y
     return _mask_tasks(
-        Batch(x=active.x, labels=labels, subset=active.subset, sample_ids=active.sample_ids), tasks
+        Batch(inputs=active.inputs, labels=labels, subset=active.subset, sample_ids=active.sample_ids), tasks
     )
 
 

@@ -51,7 +51,6 @@ from worker.unlearning.config import typed_kwargs
 from worker.unlearning.grads import eval_mode, minibatches, per_sample_grads
 from worker.unlearning.lora import LoraMLPView, fast_forward
 from worker.unlearning.types import (
-    IGNORE,
     Batch,
     TaskSpec,
     concat_batches,
@@ -147,7 +146,7 @@ def batch_importance(
         for batch in batches:
             for n in names:
                 params[n].grad = None
-            loss = batch_loss(forward(batch.x), batch.labels, tasks, normalise)
+            loss = batch_loss(forward(batch.inputs), batch.labels, tasks, normalise)
             loss.backward()  # type: ignore[no-untyped-call]
             torch._foreach_add_(
                 [imp[n] for n in names if params[n].grad is not None],
@@ -174,7 +173,7 @@ def batch_loss(
     if normalise == "pair":
         return main_task_loss(outputs, labels, tasks)
     per_sample = main_task_losses(outputs, labels, tasks)
-    supervised = torch.stack([labels[t.name] != IGNORE for t in tasks]).any(0)
+    supervised = torch.stack([t.supervised(labels[t.name]) for t in tasks]).any(0)
     return per_sample.sum() / torch.clamp(supervised.sum().to(per_sample.dtype), min=1.0)
 
 
@@ -201,7 +200,7 @@ def per_sample_importance(
     names = list(names) if names is not None else trainable_names(model)
     params = dict(model.named_parameters())
     imp = {n: torch.zeros_like(params[n], dtype=torch.float32) for n in names}
-    supervised = torch.stack([data.labels[t.name] != IGNORE for t in tasks]).any(0)
+    supervised = torch.stack([t.supervised(data.labels[t.name]) for t in tasks]).any(0)
     data = data.select(supervised)
     n_total = len(data)
     if n_total == 0:
@@ -211,7 +210,9 @@ def per_sample_importance(
     for part in data.split(chunk_size):
         if squares:  # the same sums from one backward pass (LoraMLPView.sample_grad_squares)
             assert isinstance(view, LoraMLPView)
-            sq = view.sample_grad_squares(part.x, functools.partial(_losses, labels=part.labels, tasks=tasks))
+            sq = view.sample_grad_squares(
+                part.inputs, functools.partial(_losses, labels=part.labels, tasks=tasks)
+            )
             torch._foreach_add_([imp[n] for n in names], [sq[id(params[n])].float() for n in names])
         else:
             g = per_sample_grads(model, names, part, tasks, chunk_size=chunk_size)
@@ -270,7 +271,8 @@ def importance_fingerprint(data: Batch, cfg: SSDConfig, names: Sequence[str], se
     if len(data.sample_ids) == len(data):
         h.update("\0".join(data.sample_ids).encode())
     else:
-        h.update(data.x.detach().cpu().contiguous().numpy().tobytes())
+        for key in sorted(data.inputs):
+            h.update(data.inputs[key].detach().cpu().contiguous().numpy().tobytes())
     for name in sorted(data.labels):
         h.update(name.encode())
         h.update(data.labels[name].detach().cpu().contiguous().numpy().tobytes())

@@ -24,7 +24,7 @@ from peft import PeftModel
 from torch import Tensor
 
 from worker.unlearning.config import typed_kwargs
-from worker.unlearning.model import DEFAULT_RANK, MultiHeadNet, forward_with_embedding, wrap_lora
+from worker.unlearning.model import MultiTaskModel, forward_with_embedding, wrap_lora
 from worker.unlearning.types import IGNORE, SUBSET_HEAD, Batch, TaskSpec, main_task_loss
 
 
@@ -41,8 +41,9 @@ class TrainConfig:
     lambda_pull: float = 1.0
     lambda_push: float = 1.0
     margin: float = 1.0
-    rank: int = DEFAULT_RANK
-    lora_alpha: int = DEFAULT_RANK
+    # 0: the workload's LoraConfig (``settings["lora"]`` ``rank`` / ``alpha`` override it)
+    rank: int = 0
+    lora_alpha: int = 0
     # Cosine decay of the learning rate from ``lr`` to ``final_lr_fraction·lr`` over the run
     # (1.0 = constant learning rate).
     final_lr_fraction: float = 1.0
@@ -103,7 +104,7 @@ def v1_loss(
     model: torch.nn.Module, batch: Batch, tasks: Sequence[TaskSpec], cfg: TrainConfig, *, phase_two: bool
 ) -> Tensor:
     """The training loss of one mini-batch (Eq. 4); ``phase_two`` switches L_aux and L_dis on."""
-    outputs, z = forward_with_embedding(model, batch.x)
+    outputs, z = forward_with_embedding(model, batch.inputs)
     loss = cfg.lambda_main * main_task_loss(outputs, batch.labels, tasks)
     if phase_two:
         loss = loss + cfg.lambda_aux * subset_loss(outputs[SUBSET_HEAD], batch.subset)
@@ -114,7 +115,7 @@ def v1_loss(
 
 
 def train_v1(
-    base: MultiHeadNet,
+    base: MultiTaskModel,
     data: Batch,
     tasks: Sequence[TaskSpec],
     cfg: TrainConfig,
@@ -124,7 +125,9 @@ def train_v1(
 ) -> PeftModel:
     """The original adapter: fresh LoRA (seeded) on a copy of ``base``, trained on ``data`` with the
     v1 schedule (on ``device``)."""
-    model = wrap_lora(base, rank=cfg.rank, alpha=cfg.lora_alpha, seed=seed)
+    # a rank from the settings without an alpha keeps the workload's alpha
+    alpha = cfg.lora_alpha or (base.lora_template.lora_alpha if cfg.rank else None)
+    model = wrap_lora(base, rank=cfg.rank or None, alpha=alpha, seed=seed)
     model.to(device)
     data = data.to(device)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -1,14 +1,17 @@
 """Shared vocabulary of the ML core: tasks, batches and the multi-task loss.
 
-A model of the core is an ``nn.Module`` whose ``forward(x)`` returns ``dict[str, Tensor]``: one
+A model of the core is an ``nn.Module`` whose ``forward(inputs)`` (``inputs`` a ``dict[str,
+Tensor]``, one row per sample in every leaf) returns ``dict[str, Tensor]``: one
 entry per main task (keyed by task name) and one for the subset-ID head (key ``SUBSET_HEAD``).
-Labels use ``IGNORE`` (-1) where a sample has no supervision for a task (it was never labelled,
-it was forgotten for that task, or its label was purged).
+Labels use ``IGNORE`` (-1) for classification (long labels) and NaN for regression (float
+targets) where a sample has no supervision for a task (it was never labelled, it was forgotten for
+that task, or its label was purged): :func:`is_supervised` / :func:`unsupervised_value` tell them
+by the label tensor's dtype, so the core never compares labels with ``IGNORE`` itself.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -18,6 +21,32 @@ from torch import Tensor
 
 SUBSET_HEAD = "subset_id"
 IGNORE = -1
+
+
+def is_supervised(target: Tensor) -> Tensor:
+    """Bool mask ``[N]`` of the samples with a label: no NaN in the row (float targets), not
+    ``IGNORE`` (others)."""
+    if target.is_floating_point():
+        return ~torch.isnan(target).reshape(target.shape[0], -1).any(dim=1)
+    return target != IGNORE
+
+
+def without_labels(target: Tensor, rows: Tensor) -> Tensor:
+    """A copy of ``target`` with the rows of the bool mask ``rows`` unlabelled (IGNORE / NaN)."""
+    mask = rows.reshape(-1, *([1] * (target.dim() - 1)))
+    return torch.where(mask, torch.full_like(target, unsupervised_value(target)), target)
+
+
+def unsupervised_value(target: Tensor) -> float:
+    """The "no label" value of ``target``'s dtype: NaN for float targets, ``IGNORE`` otherwise."""
+    return float("nan") if target.is_floating_point() else IGNORE
+
+
+def unsupervised_like(target: Tensor, n: int) -> Tensor:
+    """``n`` "no label" entries of ``target``'s dtype and device."""
+    return torch.full(
+        (n, *target.shape[1:]), unsupervised_value(target), dtype=target.dtype, device=target.device
+    )
 
 
 class TaskSpec(Protocol):
@@ -33,7 +62,11 @@ class TaskSpec(Protocol):
     def weight(self) -> float: ...
 
     def per_sample_loss(self, output: Tensor, target: Tensor) -> Tensor:
-        """Loss of each sample, shape ``[N]``; 0 where ``target == IGNORE``."""
+        """Loss of each sample, shape ``[N]``; 0 where the sample has no label."""
+        ...
+
+    def supervised(self, target: Tensor) -> Tensor:
+        """Bool mask ``[N]`` of the samples with a label for this task."""
         ...
 
     def metric(self, output: Tensor, target: Tensor) -> float:
@@ -49,6 +82,9 @@ class ClassificationTask:
     num_outputs: int
     weight: float = 1.0
 
+    def supervised(self, target: Tensor) -> Tensor:
+        return target != IGNORE
+
     def per_sample_loss(self, output: Tensor, target: Tensor) -> Tensor:
         supervised = target != IGNORE
         safe_target = torch.where(supervised, target, torch.zeros_like(target))
@@ -63,21 +99,78 @@ class ClassificationTask:
         return float(correct.float().mean())
 
 
+Inputs = dict[str, Tensor]
+
+
+def num_rows(inputs: Mapping[str, Tensor]) -> int:
+    """The number of samples of an input dict (its leaves' first dimension)."""
+    return int(next(iter(inputs.values())).shape[0])
+
+
+def cat_inputs(parts: Sequence[Mapping[str, Tensor]]) -> Inputs:
+    """The rows of the input dicts ``parts`` one after the other (leaf by leaf)."""
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def inputs_to(inputs: Mapping[str, Tensor], device: torch.device | str) -> Inputs:
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def input_rows(inputs: Mapping[str, Tensor], start: int, stop: int) -> Inputs:
+    return {k: v[start:stop] for k, v in inputs.items()}
+
+
+@dataclass(frozen=True)
+class RegressionTask:
+    """Regression on a float target (NaN = no label): per-sample squared error (summed over the
+    outputs when ``num_outputs > 1``, targets then ``[N, num_outputs]``; a row counts as labelled
+    when none of its entries is NaN). Metric: the negative mean absolute error over the labelled
+    samples (higher is better, 0 = perfect), so that every task's metric is maximised."""
+
+    name: str
+    num_outputs: int = 1
+    weight: float = 1.0
+
+    def supervised(self, target: Tensor) -> Tensor:
+        return is_supervised(target)
+
+    def _pred(self, output: Tensor, target: Tensor) -> Tensor:
+        return output.reshape(target.shape) if target.dim() == 1 else output
+
+    def per_sample_loss(self, output: Tensor, target: Tensor) -> Tensor:
+        supervised = self.supervised(target)
+        safe = torch.where(torch.isnan(target), torch.zeros_like(target), target)
+        err = (self._pred(output, target) - safe) ** 2
+        loss = err.reshape(err.shape[0], -1).sum(dim=1)
+        return loss * supervised.to(loss.dtype)
+
+    def metric(self, output: Tensor, target: Tensor) -> float:
+        supervised = self.supervised(target)
+        if not bool(supervised.any()):
+            return float("nan")
+        err = (self._pred(output, target)[supervised] - target[supervised]).abs()
+        return -float(err.mean())
+
+
 @dataclass
 class Batch:
-    """Inputs and targets of a set of samples."""
+    """Inputs (the model's input dict) and targets of a set of samples."""
 
-    x: Tensor
+    inputs: dict[str, Tensor]
     labels: dict[str, Tensor]
     subset: Tensor  # index of the sample's client in the subset-ID head; IGNORE if none
     sample_ids: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return int(self.x.shape[0])
+        return int(self.subset.shape[0])
+
+    @property
+    def device(self) -> torch.device:
+        return self.subset.device
 
     def to(self, device: torch.device | str) -> Batch:
         return Batch(
-            x=self.x.to(device),
+            inputs={k: v.to(device) for k, v in self.inputs.items()},
             labels={name: y.to(device) for name, y in self.labels.items()},
             subset=self.subset.to(device),
             sample_ids=self.sample_ids,
@@ -89,7 +182,7 @@ class Batch:
             index = index.nonzero(as_tuple=True)[0]
         ids = [self.sample_ids[i] for i in index.tolist()] if self.sample_ids else []
         return Batch(
-            x=self.x[index],
+            inputs={k: v[index] for k, v in self.inputs.items()},
             labels={name: y[index] for name, y in self.labels.items()},
             subset=self.subset[index],
             sample_ids=ids,
@@ -119,7 +212,7 @@ def main_task_loss(
 ) -> Tensor:
     """Mean over supervised (sample, task) pairs of the weighted task losses: a scalar."""
     per_sample = main_task_losses(outputs, labels, tasks)
-    supervised = sum((labels[t.name] != IGNORE).to(per_sample.dtype) for t in tasks)
+    supervised = sum(t.supervised(labels[t.name]).to(per_sample.dtype) for t in tasks)
     denominator = torch.clamp(torch.as_tensor(supervised).sum(), min=1.0)
     return per_sample.sum() / denominator
 
@@ -142,36 +235,39 @@ class ForgetSpec:
 
 
 def concat_batches(batches: Sequence[Batch]) -> Batch:
-    """The rows of ``batches`` one after the other (tasks missing from a batch are ``IGNORE``)."""
+    """The rows of ``batches`` one after the other (tasks missing from a batch are unlabelled, in
+    the dtype the task has in the other batches: ``IGNORE`` or NaN)."""
     if not batches:
         raise ValueError("concat_batches needs at least one batch")
     names: list[str] = []
     for b in batches:
         names.extend(n for n in b.labels if n not in names)
+    like = {n: next(b.labels[n] for b in batches if n in b.labels) for n in names}
     labels = {
         n: torch.cat(
             [
-                b.labels[n]
-                if n in b.labels
-                else torch.full((len(b),), IGNORE, dtype=torch.long, device=b.x.device)
+                b.labels[n] if n in b.labels else unsupervised_like(like[n], len(b)).to(b.device)
                 for b in batches
             ]
         )
         for n in names
     }
     with_ids = all(len(b.sample_ids) == len(b) for b in batches)
+    keys = list(batches[0].inputs)
+    if any(list(b.inputs) != keys for b in batches):
+        raise ValueError("concat_batches needs batches with the same input keys")
     return Batch(
-        x=torch.cat([b.x for b in batches]),
+        inputs={k: torch.cat([b.inputs[k] for b in batches]) for k in keys},
         labels=labels,
         subset=torch.cat([b.subset for b in batches]),
         sample_ids=[s for b in batches for s in b.sample_ids] if with_ids else [],
     )
 
 
-def empty_batch(input_shape: Sequence[int], task_names: Sequence[str]) -> Batch:
-    """A batch of zero rows with the given per-sample input shape."""
+def empty_batch(like: Batch, task_names: Sequence[str]) -> Batch:
+    """A batch of zero rows with the inputs (keys, per-sample shapes, dtypes) of ``like``."""
     return Batch(
-        x=torch.zeros((0, *input_shape)),
+        inputs={k: v[:0] for k, v in like.inputs.items()},
         labels={name: torch.zeros(0, dtype=torch.long) for name in task_names},
         subset=torch.zeros(0, dtype=torch.long),
         sample_ids=[],

@@ -5,9 +5,15 @@ give:
 
 - the task specs (head width, per-sample loss, metric) — :meth:`Workload.tasks`;
 - the clients (data subjects), in the order of the subset-ID head — :meth:`Workload.clients`;
-- the network config of a frozen base (:class:`~worker.unlearning.model.NetConfig`) and the
-  pretraining data that belongs to no client — :meth:`Workload.net_config`,
-  :meth:`Workload.pretraining_data` (pretraining itself has a default, :meth:`Workload.pretrain`);
+- the model: an untrained :class:`~worker.unlearning.model.MultiTaskModel` (any frozen
+  ``nn.Module`` backbone, a pooling, linear heads) — :meth:`Workload.build_model`; its peft
+  ``LoraConfig`` (target modules, rank, alpha) — :meth:`Workload.lora_config`; the pretraining data
+  that belongs to no client — :meth:`Workload.pretraining_data` (pretraining itself has a default,
+  :meth:`Workload.pretrain`; a real model overrides it, e.g. to load published weights);
+- a collate from stored samples to the model's inputs — :meth:`Workload.collate` (identity by
+  default: the stored arrays are the inputs);
+- how the base is stored — :meth:`Workload.save_base` / :meth:`Workload.load_base` (default: the
+  backbone in its library's own format, see :mod:`worker.unlearning.model`);
 - the client dataset with stable sample ids, client ids and per-task labels —
   :meth:`Workload.client_data`;
 - a held-out split (no client) — :meth:`Workload.heldout_data`;
@@ -24,12 +30,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 import torch
+from peft import LoraConfig
 from torch import Tensor
 
-from worker.unlearning.model import MultiHeadNet, NetConfig
+from worker.unlearning import model as model_io
+from worker.unlearning.model import MultiTaskModel
 from worker.unlearning.types import IGNORE, Batch, TaskSpec, main_task_loss
 
 ENTRY_POINT_GROUP = "lethe.workloads"
@@ -37,28 +46,34 @@ ENTRY_POINT_GROUP = "lethe.workloads"
 
 @dataclass
 class SampleSet:
-    """Samples with stable ids: inputs, per-task labels (``IGNORE`` = unlabelled) and client ids.
+    """Samples with stable ids: inputs (the model's input dict, one row per sample in every leaf),
+    per-task labels (``IGNORE`` / NaN = unlabelled) and client ids.
 
     ``client_ids[i]`` is ``None`` for samples that belong to no client (held-out, pretraining).
     """
 
-    x: Tensor
+    inputs: dict[str, Tensor]
     sample_ids: list[str]
     client_ids: list[str | None]
     labels: dict[str, Tensor]
 
     def __post_init__(self) -> None:
-        n = int(self.x.shape[0])
-        if len(self.sample_ids) != n or len(self.client_ids) != n:
-            raise ValueError("sample_ids and client_ids must have one entry per row of x")
+        n = len(self.sample_ids)
+        if not self.inputs:
+            raise ValueError("a sample set needs at least one input tensor")
+        for key, leaf in self.inputs.items():
+            if int(leaf.shape[0]) != n:
+                raise ValueError(f"input {key!r} must have one row per sample id")
+        if len(self.client_ids) != n:
+            raise ValueError("sample_ids and client_ids must have one entry per sample")
         if len(set(self.sample_ids)) != n:
             raise ValueError("sample ids must be unique")
         for name, y in self.labels.items():
             if int(y.shape[0]) != n:
-                raise ValueError(f"labels of task {name!r} must have one entry per row of x")
+                raise ValueError(f"labels of task {name!r} must have one entry per sample")
 
     def __len__(self) -> int:
-        return int(self.x.shape[0])
+        return len(self.sample_ids)
 
     def to_batch(self, client_index: Mapping[str, int]) -> Batch:
         """As a :class:`Batch`: ``subset`` is the client's index in the subset-ID head."""
@@ -66,7 +81,7 @@ class SampleSet:
             [client_index[c] if c is not None else IGNORE for c in self.client_ids], dtype=torch.long
         )
         return Batch(
-            x=self.x,
+            inputs=dict(self.inputs),
             labels={k: v.clone() for k, v in self.labels.items()},
             subset=subset,
             sample_ids=list(self.sample_ids),
@@ -99,8 +114,27 @@ class Workload(ABC):
         """Client ids, in the order of the subset-ID head's outputs."""
 
     @abstractmethod
-    def net_config(self) -> NetConfig:
-        """Architecture of the base network and heads."""
+    def build_model(self, seed: int) -> MultiTaskModel:
+        """An untrained model (seeded init): backbone, pooling, one head per task + the subset-ID
+        head (:func:`worker.unlearning.model.make_heads`)."""
+
+    @abstractmethod
+    def lora_config(self) -> LoraConfig:
+        """The adapter: peft ``LoraConfig`` with the backbone's target modules (names as peft
+        matches them: ``q_proj``/``v_proj``, ``query``/``value``, ``backbone.fc0``, …), rank and
+        alpha (``settings["lora"]`` ``rank`` / ``alpha`` override them), ``modules_to_save`` the
+        heads (``heads.<name>``; filled in when empty)."""
+
+    def collate(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The model's inputs from stored sample arrays (rows = samples); identity by default."""
+        return inputs
+
+    def save_base(self, model: MultiTaskModel, base_dir: Path) -> None:
+        """Store the frozen base (default layout: :func:`worker.unlearning.model.save_base`)."""
+        model_io.save_base(model, base_dir)
+
+    def load_base(self, base_dir: Path) -> MultiTaskModel:
+        return model_io.load_base(base_dir)
 
     @abstractmethod
     def pretraining_data(self) -> Batch:
@@ -124,14 +158,15 @@ class Workload(ABC):
     def client_index(self) -> dict[str, int]:
         return {c: i for i, c in enumerate(self.clients())}
 
-    def build_network(self, seed: int) -> MultiHeadNet:
-        """An untrained network (seeded init)."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return MultiHeadNet(self.net_config())
+    def untrained_model(self, seed: int) -> MultiTaskModel:
+        """:meth:`build_model` with the workload's LoRA template and name attached."""
+        net = self.build_model(seed)
+        net.lora_template = self.lora_config()
+        net.base_name = net.base_name or self.name
+        return net
 
-    def pretrain(self, seed: int, settings: Mapping[str, Any] | None = None) -> MultiHeadNet:
-        """The frozen base: trunk + task heads trained on :meth:`pretraining_data` (no client data).
+    def pretrain(self, seed: int, settings: Mapping[str, Any] | None = None) -> MultiTaskModel:
+        """The frozen base: backbone + task heads trained on :meth:`pretraining_data` (no client data).
 
         The default trains everything with AdamW on the main-task loss; override for a real model
         (e.g. load published weights). The subset-ID head keeps its seeded random init.
@@ -140,7 +175,7 @@ class Workload(ABC):
         epochs = int(cfg.get("epochs", 20))
         batch_size = int(cfg.get("batch_size", 128))
         lr = float(cfg.get("lr", 2e-3))
-        net = self.build_network(seed)
+        net = self.untrained_model(seed)
         data = self.pretraining_data()
         tasks = self.tasks()
         gen = torch.Generator().manual_seed(seed)
@@ -154,7 +189,7 @@ class Workload(ABC):
             order = torch.randperm(len(data), generator=gen)
             for start in range(0, len(data), batch_size):
                 batch = data.select(order[start : start + batch_size])
-                loss = main_task_loss(net(batch.x), batch.labels, tasks)
+                loss = main_task_loss(net(batch.inputs), batch.labels, tasks)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()  # type: ignore[no-untyped-call]
                 opt.step()

@@ -234,7 +234,7 @@ def base_model(
 
 
 @router.get(
-    "/{model}/base/files/{name}",
+    "/{model}/base/files/{name:path}",
     summary="Download one file of the base model (with its SHA-256)",
     response_class=FileResponse,
     responses=A_FILE,
@@ -252,7 +252,7 @@ def _base_file(model: str, name: str, state: AppState, if_none_match: str | None
 
 
 @router.head(
-    "/{model}/base/files/{name}",
+    "/{model}/base/files/{name:path}",
     summary="The headers of one file of the base model (as GET, without the body)",
     response_class=FileResponse,
     responses=A_FILE,

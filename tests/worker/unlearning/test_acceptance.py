@@ -22,7 +22,8 @@ class Predicts(nn.Module):
         super().__init__()
         self.columns = columns
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
+    def forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        x = inputs["x"]
         return {t: 10.0 * nn.functional.one_hot(x[:, c].long(), 4).float() for t, c in self.columns.items()}
 
 
@@ -36,7 +37,7 @@ def rows(n: int, client: int, a: int | None, b: int | None, correct: float, wron
         "a": torch.full((n,), IGNORE if a is None else a, dtype=torch.long),
         "b": torch.full((n,), IGNORE if b is None else b, dtype=torch.long),
     }
-    return Batch(x=x, labels=labels, subset=torch.full((n,), client, dtype=torch.long))
+    return Batch(inputs={"x": x}, labels=labels, subset=torch.full((n,), client, dtype=torch.long))
 
 
 RIGHT = Predicts({"a": 0, "b": 0})  # right on every row
@@ -77,7 +78,7 @@ def test_kept_tasks_retained_clients_and_heldout_are_checked_against_the_old_ver
     client2 = rows(100, 2, 0, 0, 0.5)  # task a falls from 1.0 to 0.5 on client 2
     client3 = rows(100, 3, 0, 0, 1.0)
     both = Batch(
-        x=torch.cat([client2.x, client3.x]),
+        inputs={"x": torch.cat([client2.inputs["x"], client3.inputs["x"]])},
         labels={t: torch.cat([client2.labels[t], client3.labels[t]]) for t in ("a", "b")},
         subset=torch.cat([client2.subset, client3.subset]),
     )

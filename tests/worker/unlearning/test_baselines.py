@@ -38,7 +38,7 @@ from worker.unlearning.methods.gradient_loop import (
 from worker.unlearning.methods.neggrad_plus import neggrad_plus_direction
 from worker.unlearning.methods.orthograd import orthograd_direction, project_out
 from worker.unlearning.methods.uno import surgery_direction, uno_loss_grad
-from worker.unlearning.model import MultiHeadNet, NetConfig, wrap_lora
+from worker.unlearning.model import wrap_lora
 from worker.unlearning.state import RoundState
 from worker.unlearning.training import TrainConfig, train_v1
 from worker.unlearning.types import (
@@ -52,6 +52,7 @@ from worker.unlearning.types import (
     main_task_loss,
 )
 from worker.unlearning.workload import load_workload
+from worker.unlearning.workloads.mlp import NetConfig, mlp_model
 
 BASELINES = ["neggrad_plus", "orthograd", "gdr_gma", "uno"]
 TASKS = [ClassificationTask("a", 3), ClassificationTask("b", 2)]
@@ -64,7 +65,7 @@ TASKS = [ClassificationTask("a", 3), ClassificationTask("b", 2)]
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    net = MultiHeadNet(
+    net = mlp_model(
         NetConfig(input_dim=4, hidden_dims=(6,), embed_dim=6, task_outputs={"a": 3, "b": 2}, num_subsets=3)
     )
     model = wrap_lora(net, rank=4, seed=0)
@@ -80,7 +81,7 @@ def _batch(n: int, seed: int, tasks: list[str], subset: int = 0) -> Batch:
     a = torch.randint(0, 3, (n,), generator=gen)
     b = torch.randint(0, 2, (n,), generator=gen)
     return Batch(
-        x=torch.randn(n, 4, generator=gen),
+        inputs={"x": torch.randn(n, 4, generator=gen)},
         labels={
             "a": a if "a" in tasks else torch.full((n,), IGNORE, dtype=torch.long),
             "b": b if "b" in tasks else torch.full((n,), IGNORE, dtype=torch.long),
@@ -140,7 +141,9 @@ def test_per_sample_rows_sum_to_the_batch_gradient() -> None:
     assert supervised_pairs(batch, TASKS) == 16
     torch.testing.assert_close(rows.sum(0) / 16, g, rtol=1e-5, atol=1e-7)
     with torch.no_grad():
-        assert loss == pytest.approx(float(main_task_loss(model(batch.x), batch.labels, TASKS)), rel=1e-6)
+        assert loss == pytest.approx(
+            float(main_task_loss(model(batch.inputs), batch.labels, TASKS)), rel=1e-6
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,7 +271,7 @@ def test_uno_gradient_is_the_gradient_of_eq3() -> None:
     g, l_r, cos = uno_loss_grad(model, space, retain, forget, TASKS, beta_o)
 
     def loss(params: dict[str, torch.Tensor], batch: Batch) -> torch.Tensor:
-        out = cast(dict[str, torch.Tensor], functional_call(model, params, (batch.x,)))
+        out = cast(dict[str, torch.Tensor], functional_call(model, params, (batch.inputs,)))
         return main_task_loss(out, batch.labels, TASKS)
 
     def uno(params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -282,7 +285,9 @@ def test_uno_gradient_is_the_gradient_of_eq3() -> None:
     reference = space.pack(grad(uno)(params))
     torch.testing.assert_close(g, reference, rtol=1e-4, atol=1e-6)
     with torch.no_grad():
-        assert l_r == pytest.approx(float(main_task_loss(model(retain.x), retain.labels, TASKS)), rel=1e-6)
+        assert l_r == pytest.approx(
+            float(main_task_loss(model(retain.inputs), retain.labels, TASKS)), rel=1e-6
+        )
     _, g_r = loss_and_grad(model, space, retain, TASKS)
     _, g_f = loss_and_grad(model, space, forget, TASKS)
     assert cos == pytest.approx(float((g_r @ g_f) / (g_r.norm() * g_f.norm())), rel=1e-4)

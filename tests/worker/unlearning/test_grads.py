@@ -47,7 +47,7 @@ def test_per_sample_grads_match_autograd_sample_by_sample() -> None:
     got = per_sample_grads(model, names, batch, TASKS)
     for i in range(len(batch)):
         one = batch.select(torch.tensor([i]))
-        ref = _autograd(model, main_task_losses(model(one.x), one.labels, TASKS).sum(), names)
+        ref = _autograd(model, main_task_losses(model(one.inputs), one.labels, TASKS).sum(), names)
         for n in names:
             assert torch.allclose(got[n][i], ref[n], atol=1e-6), n
 
@@ -57,7 +57,7 @@ def test_batch_grad_matches_autograd() -> None:
     batch = _batch(7, 1)
     names = _names(model)
     got = batch_grad(model, names, batch, TASKS)
-    ref = _autograd(model, main_task_loss(model(batch.x), batch.labels, TASKS), names)
+    ref = _autograd(model, main_task_loss(model(batch.inputs), batch.labels, TASKS), names)
     assert all(torch.allclose(got[n], ref[n], atol=1e-6) for n in names)
 
 
@@ -76,7 +76,7 @@ def test_partition_task_grads_split_each_partition_loss_by_task(backend: str) ->
         for n in names:
             assert torch.allclose(got[n][p].sum(0), whole[n], atol=1e-6)
         # task b alone: the same normalisation (all supervised pairs of the partition)
-        out = model(batch.x)
+        out = model(batch.inputs)
         sup = sum((batch.labels[t.name] != IGNORE).sum() for t in TASKS)
         loss_b = TASKS[1].weight * TASKS[1].per_sample_loss(out["b"], batch.labels["b"]).sum() / sup
         ref_b = _autograd(model, loss_b, names)
@@ -89,11 +89,11 @@ def test_task_loss_matrix_rows_sum_to_partition_loss() -> None:
     batch = _batch(6, 5)
     part = torch.tensor([0, 0, 1, 1, 1, 0])
     with torch.no_grad():
-        out = model(batch.x)
+        out = model(batch.inputs)
         L = task_loss_matrix(out, batch.labels, TASKS, part, 3)
         for p in range(2):
             rows = batch.select(part == p)
-            expected = main_task_loss(model(rows.x), rows.labels, TASKS)
+            expected = main_task_loss(model(rows.inputs), rows.labels, TASKS)
             assert torch.allclose(L[p].sum(), expected, atol=1e-6)
         assert float(L[2].abs().sum()) == 0.0
 
@@ -103,7 +103,7 @@ def test_fast_forward_view_reproduces_peft_outputs_and_gradients() -> None:
     view = fast_forward(model)
     assert isinstance(view, LoraMLPView)
     batch = _batch(9, 6)
-    want, got = model(batch.x), view(batch.x)
+    want, got = model(batch.inputs), view(batch.inputs)
     assert set(want) == set(got)
     assert all(torch.allclose(want[k], got[k], atol=1e-6) for k in want)
     names = _names(model)

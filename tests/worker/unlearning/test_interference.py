@@ -30,14 +30,15 @@ from worker.unlearning.interference import (
     subspace_step,
 )
 from worker.unlearning.lora import lora_pairs, param_groups
-from worker.unlearning.model import MultiHeadNet, NetConfig, wrap_lora
+from worker.unlearning.model import wrap_lora
 from worker.unlearning.types import IGNORE, SUBSET_HEAD, Batch, ClassificationTask, Partitions, concat_batches
+from worker.unlearning.workloads.mlp import NetConfig, mlp_model
 
 TASKS = [ClassificationTask("a", 3), ClassificationTask("b", 2)]
 
 
 def _model(seed: int = 0, *, trained: bool = True) -> nn.Module:
-    net = MultiHeadNet(
+    net = mlp_model(
         NetConfig(input_dim=5, hidden_dims=(6,), embed_dim=6, task_outputs={"a": 3, "b": 2}, num_subsets=3)
     )
     model = wrap_lora(net, rank=4, seed=seed)
@@ -59,7 +60,7 @@ def _batch(n: int, seed: int, tasks: list[str]) -> Batch:
         "b": b if "b" in tasks else torch.full((n,), IGNORE, dtype=torch.long),
     }
     return Batch(
-        x=torch.randn(n, 5, generator=gen),
+        inputs={"x": torch.randn(n, 5, generator=gen)},
         labels=labels,
         subset=torch.zeros(n, dtype=torch.long),
         sample_ids=[f"{seed}-{i}" for i in range(n)],

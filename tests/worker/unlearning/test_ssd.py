@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from worker.unlearning.grads import per_sample_grads
 from worker.unlearning.lora import lora_pairs
 from worker.unlearning.methods import MethodContext, get_method
-from worker.unlearning.model import MultiHeadNet, NetConfig, wrap_lora
+from worker.unlearning.model import wrap_lora
 from worker.unlearning.ssd import (
     REFERENCE_DEFAULTS,
     SSDConfig,
@@ -30,6 +30,7 @@ from worker.unlearning.ssd import (
     weights_digest,
 )
 from worker.unlearning.types import IGNORE, SUBSET_HEAD, Batch, ClassificationTask, Partitions, concat_batches
+from worker.unlearning.workloads.mlp import NetConfig, mlp_model
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class HalfSquare:
     name: str = "reg"
     num_outputs: int = 1
     weight: float = 1.0
+
+    def supervised(self, target: Tensor) -> Tensor:
+        return torch.ones(target.shape[0], dtype=torch.bool, device=target.device)
 
     def per_sample_loss(self, output: Tensor, target: Tensor) -> Tensor:
         return 0.5 * (output[:, 0] - target.to(output.dtype)) ** 2
@@ -64,14 +68,14 @@ class Linear2(nn.Module):
         with torch.no_grad():
             _w(self).copy_(torch.tensor([[1.0, 1.0]]))
 
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        return {name: head(x) for name, head in self.heads.items()}
+    def forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {name: head(inputs["x"]) for name, head in self.heads.items()}
 
 
 def _batch(x: list[list[float]], y: list[float]) -> Batch:
     n = len(x)
     return Batch(
-        x=torch.tensor(x, dtype=torch.float32),
+        inputs={"x": torch.tensor(x, dtype=torch.float32)},
         labels={"reg": torch.tensor(y, dtype=torch.float32)},
         subset=torch.zeros(n, dtype=torch.long),
         sample_ids=[f"s{i}" for i in range(n)],
@@ -150,7 +154,7 @@ def _peft_model(
     hidden_dims: tuple[int, ...] = (6,), embed_dim: int = 6, tasks: tuple[str, ...] = ("a",), rank: int = 4
 ) -> nn.Module:
     outputs = {"a": 3, "b": 2}
-    net = MultiHeadNet(
+    net = mlp_model(
         NetConfig(
             input_dim=5,
             hidden_dims=hidden_dims,
@@ -171,7 +175,7 @@ def _peft_model(
 def _cls_batch(n: int, seed: int) -> Batch:
     gen = torch.Generator().manual_seed(seed)
     return Batch(
-        x=torch.randn(n, 5, generator=gen),
+        inputs={"x": torch.randn(n, 5, generator=gen)},
         labels={"a": torch.randint(0, 3, (n,), generator=gen)},
         subset=torch.full((n,), IGNORE, dtype=torch.long),
         sample_ids=[f"x{seed}-{i}" for i in range(n)],
@@ -294,7 +298,7 @@ def test_per_sample_fisher_from_one_backward_equals_vmapped_sample_gradients() -
 
 class _Rows(torch.utils.data.Dataset[tuple[Tensor, Tensor]]):
     def __init__(self, batch: Batch, task: str) -> None:
-        self.x, self.y = batch.x, batch.labels[task]
+        self.x, self.y = batch.inputs["x"], batch.labels[task]
 
     def __len__(self) -> int:
         return int(self.x.shape[0])
@@ -320,7 +324,7 @@ def _reference_perturber(
         for x, y in loader:
             for p in model.parameters():
                 p.grad = None
-            loss = criterion(model(x)[task], y)
+            loss = criterion(model({"x": x})[task], y)
             loss.backward()
             for n, p in model.named_parameters():
                 if p.grad is not None:
@@ -349,9 +353,9 @@ def _exposed_split(model: nn.Module, n_retain: int, n_forget: int) -> tuple[Batc
     selects weights on every CPU kernel path (at 1× it selected none on AVX2, some on the portable
     path: the comparison was vacuous on one of them)."""
     data = _cls_batch(n_retain + n_forget, 7)
-    data.x[n_retain:] *= 3.0
+    data.inputs["x"][n_retain:] *= 3.0
     with torch.no_grad():
-        logits = model(data.x)["a"]
+        logits = model(data.inputs)["a"]
     labels = torch.cat([logits[:n_retain].argmax(-1), logits[n_retain:].argmin(-1)])
     data.labels["a"] = labels
     idx = torch.arange(n_retain + n_forget)
@@ -433,7 +437,7 @@ def test_per_task_forget_set_is_compared_per_sample_not_per_pair() -> None:
     data = _cls_batch(16, 9)
     data.labels["b"] = torch.randint(0, 2, (16,), generator=torch.Generator().manual_seed(3))
     forget = Batch(
-        x=data.x,
+        inputs=data.inputs,
         labels={"a": data.labels["a"], "b": torch.full((16,), IGNORE, dtype=torch.long)},
         subset=data.subset,
         sample_ids=data.sample_ids,

@@ -9,13 +9,13 @@ import torch
 from peft.utils.other import ModulesToSaveWrapper
 
 from worker.unlearning.adapter_io import load_adapter, save_adapter
-from worker.unlearning.model import MultiHeadNet, load_base, save_base, wrap_lora
+from worker.unlearning.model import MultiTaskModel, load_base, save_base, wrap_lora
 from worker.unlearning.state import RoundState
 from worker.unlearning.types import SUBSET_HEAD
 from worker.unlearning.workloads.toy import ToyWorkload
 
 
-def _perturbed(base: MultiHeadNet) -> torch.nn.Module:
+def _perturbed(base: MultiTaskModel) -> torch.nn.Module:
     model = wrap_lora(base, rank=4, alpha=4, seed=1)
     gen = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -28,11 +28,15 @@ def _perturbed(base: MultiHeadNet) -> torch.nn.Module:
 
 def test_base_round_trip(tmp_path: Path) -> None:
     workload = ToyWorkload()
-    net = workload.build_network(seed=3)
+    net = workload.untrained_model(seed=3)
     save_base(net, tmp_path / "base")
-    assert json.loads((tmp_path / "base" / "config.json").read_text())["architecture"] == "MultiHeadNet"
+    described = json.loads((tmp_path / "base" / "lethe-model.json").read_text())
+    assert described["pooling"] == "identity"
+    assert described["tasks"] == {"kind": 4, "side": 2}
+    config = json.loads((tmp_path / "base" / "backbone" / "config.json").read_text())
+    assert config["class"] == "worker.unlearning.workloads.mlp:Trunk"
     rebuilt = load_base(tmp_path / "base")
-    x = workload.client_data().x
+    x = workload.client_data().inputs
     out_a, out_b = net.eval()(x), rebuilt(x)
     assert all(torch.equal(out_a[k], out_b[k]) for k in out_a)
     assert not any(p.requires_grad for p in rebuilt.parameters())
@@ -40,7 +44,7 @@ def test_base_round_trip(tmp_path: Path) -> None:
 
 def test_reloaded_adapter_reproduces_outputs_exactly(tmp_path: Path) -> None:
     workload = ToyWorkload()
-    base = workload.build_network(seed=0)
+    base = workload.untrained_model(seed=0)
     save_base(base, tmp_path / "base")
     model = _perturbed(base)
     assert isinstance(model.heads["kind"], ModulesToSaveWrapper)  # type: ignore[index]
@@ -51,7 +55,10 @@ def test_reloaded_adapter_reproduces_outputs_exactly(tmp_path: Path) -> None:
         "unlearning_state.json",
     ]
     assert sorted(p.name for p in (tmp_path / "v1").iterdir()) == sorted(f.name for f in files)
-    x = workload.heldout_data().x
+    assert (
+        json.loads((tmp_path / "v1" / "adapter_config.json").read_text())["base_model_name_or_path"] == "toy"
+    )
+    x = workload.heldout_data().inputs
     for trainable in (False, True):
         reloaded = load_adapter(tmp_path / "base", tmp_path / "v1", trainable=trainable)
         with torch.no_grad():
@@ -63,7 +70,7 @@ def test_reloaded_adapter_reproduces_outputs_exactly(tmp_path: Path) -> None:
 
 def test_load_adapter_leaves_given_base_untouched(tmp_path: Path) -> None:
     workload = ToyWorkload()
-    base = workload.build_network(seed=0)
+    base = workload.untrained_model(seed=0)
     model = _perturbed(base)
     save_adapter(model, tmp_path / "v1")  # type: ignore[arg-type]
     before = {k: v.clone() for k, v in base.state_dict().items()}

@@ -27,7 +27,7 @@ def test_materialise_writes_client_shards(store: DataStore) -> None:
     assert data.client_ids[:12] == ["u0"] * 12
     expected = ToyWorkload().client_data()
     assert data.sample_ids == expected.sample_ids
-    assert bool((data.x == expected.x).all())
+    assert bool((data.inputs["x"] == expected.inputs["x"]).all())
     assert len(store.heldout()) == 16
     # materialising again keeps the existing store (and its purge log)
     store.purge([ForgetSpec("r0", "client", "u0", None, [])])

@@ -58,7 +58,15 @@ def _round(
 
 
 def test_prepare_writes_base_store_and_v1(prepared: Path) -> None:
-    assert sorted(p.name for p in (prepared / "base").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (prepared / "base").iterdir()) == [
+        "backbone",
+        "heads.safetensors",
+        "lethe-model.json",
+    ]
+    assert sorted(p.name for p in (prepared / "base" / "backbone").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
     assert sorted(p.name for p in (prepared / "v1").iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",

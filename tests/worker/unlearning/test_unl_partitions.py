@@ -29,7 +29,10 @@ def _data() -> SampleSet:
     owners: list[str | None] = [f"k{i // 4}" for i in range(n)]
     labels = {t: torch.arange(n) * 10 + j for j, t in enumerate(TASKS)}
     return SampleSet(
-        x=torch.arange(n, dtype=torch.float32)[:, None], sample_ids=ids, client_ids=owners, labels=labels
+        inputs={"x": torch.arange(n, dtype=torch.float32)[:, None]},
+        sample_ids=ids,
+        client_ids=owners,
+        labels=labels,
     )
 
 

@@ -89,5 +89,5 @@ def test_sequential_rounds_hand_state_over(tmp_path: Path) -> None:
     # pruning persists: the forgotten client's subset-ID output stays suppressed
     model = load_adapter(dirs["base"], dirs["v3"])
     with torch.no_grad():
-        logits = model(workload.client_data().x)[SUBSET_HEAD]
+        logits = model(workload.client_data().inputs)[SUBSET_HEAD]
     assert bool((logits.argmax(-1) != 0).all())

@@ -9,18 +9,19 @@ import torch
 from torch import nn
 
 from worker.unlearning.lora import lora_pairs
-from worker.unlearning.model import MultiHeadNet, NetConfig, wrap_lora
+from worker.unlearning.model import wrap_lora
 from worker.unlearning.types import IGNORE, Batch
+from worker.unlearning.workloads.mlp import NetConfig, mlp_model
 
 
 def toy_model(
     *, hidden: int, rank: int, num_subsets: int, b_scale: float = 0.3, input_dim: int = 4
 ) -> nn.Module:
-    """A seeded :class:`MultiHeadNet` (one hidden layer, embedding of the same width) with a LoRA
+    """A seeded MLP model (one hidden layer, embedding of the same width) with a LoRA
     adapter whose B factors are drawn from N(0, ``b_scale``²) — a trained adapter has B ≠ 0, so
     the A factors get gradients; ``b_scale = 0`` keeps the fresh adapter (B = 0)."""
     torch.manual_seed(0)
-    net = MultiHeadNet(
+    net = mlp_model(
         NetConfig(
             input_dim=input_dim,
             hidden_dims=(hidden,),
@@ -47,7 +48,7 @@ def toy_batch(
     a = torch.randint(0, 3, (n,), generator=gen)
     b = torch.randint(0, 2, (n,), generator=gen)
     return Batch(
-        x=torch.randn(n, input_dim, generator=gen),
+        inputs={"x": torch.randn(n, input_dim, generator=gen)},
         labels={
             "a": a if "a" in tasks else torch.full((n,), IGNORE, dtype=torch.long),
             "b": b if "b" in tasks else torch.full((n,), IGNORE, dtype=torch.long),

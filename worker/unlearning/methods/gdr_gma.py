@@ -165,13 +165,13 @@ def gdr_gma_method(ctx: MethodContext) -> MethodResult:
         with torch.no_grad(), eval_mode(state.model):
             # L_r(ω_0; D_r): the retain union's main-task loss under the model as given
             l0 = (
-                main_task_loss(state.model(state.retain.x), state.retain.labels, state.tasks)
+                main_task_loss(state.model(state.retain.inputs), state.retain.labels, state.tasks)
                 if len(state.retain)
                 else torch.zeros(())
             )
         initial["retain_loss"] = float(l0)
         n, d = len(state.forget), state.space.size
-        zeros = torch.zeros((n if cfg.bank else 0, d), device=state.forget.x.device)
+        zeros = torch.zeros((n if cfg.bank else 0, d), device=state.forget.device)
         valid = torch.zeros(zeros.shape[0], dtype=torch.bool, device=zeros.device)
         bank = _Bank(zeros, valid, zeros.clone(), valid.clone())
 

@@ -40,7 +40,7 @@ from worker.unlearning.audit import forget_mia
 from worker.unlearning.grads import Cycler, eval_mode, per_sample_grads
 from worker.unlearning.lora import param_groups, restore
 from worker.unlearning.methods.base import MethodContext
-from worker.unlearning.types import IGNORE, Batch, Partitions, TaskSpec, concat_batches, main_task_loss
+from worker.unlearning.types import Batch, Partitions, TaskSpec, concat_batches, main_task_loss
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class FlatSpace:
 
 def supervised_pairs(batch: Batch, tasks: Sequence[TaskSpec]) -> int:
     """Number of supervised (sample, task) pairs: the denominator of ``types.main_task_loss``."""
-    return int(sum(int((batch.labels[t.name] != IGNORE).sum()) for t in tasks if t.name in batch.labels))
+    return int(sum(int(t.supervised(batch.labels[t.name]).sum()) for t in tasks if t.name in batch.labels))
 
 
 def loss_and_grad(
@@ -135,7 +135,7 @@ def loss_and_grad(
     if len(batch) == 0:
         return 0.0, torch.zeros(space.size, dtype=tensors[0].dtype, device=tensors[0].device)
     with eval_mode(model), torch.enable_grad():
-        loss = main_task_loss(model(batch.x), batch.labels, tasks)
+        loss = main_task_loss(model(batch.inputs), batch.labels, tasks)
         grads = torch.autograd.grad(loss, tensors, allow_unused=True)
     flat = [
         torch.zeros_like(t).reshape(-1) if g is None else g.reshape(-1)
@@ -151,7 +151,7 @@ def per_sample_flat(
 
     ``rows.sum(0) / supervised_pairs(batch)`` is the gradient of the batch's main-task loss."""
     if len(batch) == 0:
-        return torch.zeros((0, space.size), device=batch.x.device)
+        return torch.zeros((0, space.size), device=batch.device)
     g = per_sample_grads(model, space.names, batch, tasks, chunk_size=chunk_size)
     return space.pack(g, lead=1).detach()
 

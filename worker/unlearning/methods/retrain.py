@@ -10,14 +10,14 @@ from __future__ import annotations
 from worker.unlearning import progress
 from worker.unlearning.methods import register
 from worker.unlearning.methods.base import MethodContext, MethodResult
-from worker.unlearning.model import MultiHeadNet
+from worker.unlearning.model import MultiTaskModel
 from worker.unlearning.pruning import prune_outputs
 from worker.unlearning.training import TrainConfig, retrain
 
 
 @register("retrain")
 def retrain_method(ctx: MethodContext) -> MethodResult:
-    if ctx.retain is None or not isinstance(ctx.base, MultiHeadNet):
+    if ctx.retain is None or not isinstance(ctx.base, MultiTaskModel):
         raise ValueError("retrain needs the retain set and the frozen base network in its context")
     cfg = TrainConfig.from_settings(ctx.settings)
     ctx.stage(progress.UPDATE)  # one training run: no steps reported

@@ -93,8 +93,8 @@ def uno_loss_grad(
         )
 
     with eval_mode(model), torch.enable_grad():
-        l_r = main_task_loss(model(retain.x), retain.labels, tasks)
-        l_f = main_task_loss(model(forget.x), forget.labels, tasks)
+        l_r = main_task_loss(model(retain.inputs), retain.labels, tasks)
+        l_f = main_task_loss(model(forget.inputs), forget.labels, tasks)
         cos = cosine(flat_grad(l_r), flat_grad(l_f))
         grads = torch.autograd.grad(l_r + beta_o * cos**2, tensors, allow_unused=True)
     flat = [

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from sklearn.datasets import load_digits
 
-from worker.unlearning.model import NetConfig
 from worker.unlearning.types import Batch, ClassificationTask, TaskSpec
-from worker.unlearning.workload import SampleSet, Workload
+from worker.unlearning.workload import SampleSet
+from worker.unlearning.workloads.mlp import MLPWorkload, NetConfig
 
 NUM_CLIENTS = 10
 DIRICHLET_ALPHA = 0.6
@@ -165,7 +165,7 @@ class _Pools:
         return self._style(img, pattern, float(rng.uniform(0.7, 1.3)))
 
 
-class DigitsClients(Workload):
+class DigitsClients(MLPWorkload):
     """The built-in workload (entry point ``digits-clients``)."""
 
     name = "digits-clients"
@@ -218,7 +218,7 @@ class DigitsClients(Workload):
         p = self._pools
         n = len(p.pre_digit)
         return Batch(
-            x=torch.from_numpy(p.pre_x),
+            inputs={"x": torch.from_numpy(p.pre_x)},
             labels={
                 TASK_DIGIT: torch.from_numpy(p.pre_digit),
                 TASK_ORIENTATION: torch.from_numpy(p.pre_orient),
@@ -229,7 +229,7 @@ class DigitsClients(Workload):
     def client_data(self) -> SampleSet:
         p = self._pools
         return SampleSet(
-            x=torch.from_numpy(p.client_x),
+            inputs={"x": torch.from_numpy(p.client_x)},
             sample_ids=list(p.client_sample_ids),
             client_ids=list[str | None](p.client_owner),
             labels={
@@ -241,7 +241,7 @@ class DigitsClients(Workload):
     def heldout_data(self) -> SampleSet:
         p = self._pools
         return SampleSet(
-            x=torch.from_numpy(p.val_x),
+            inputs={"x": torch.from_numpy(p.val_x)},
             sample_ids=list(p.val_sample_ids),
             client_ids=[None] * len(p.val_sample_ids),
             labels={

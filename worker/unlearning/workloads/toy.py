@@ -9,12 +9,12 @@ from typing import Any
 
 import torch
 
-from worker.unlearning.model import NetConfig
 from worker.unlearning.types import Batch, ClassificationTask, TaskSpec
-from worker.unlearning.workload import SampleSet, Workload
+from worker.unlearning.workload import SampleSet
+from worker.unlearning.workloads.mlp import MLPWorkload, NetConfig
 
 
-class ToyWorkload(Workload):
+class ToyWorkload(MLPWorkload):
     name = "toy"
 
     def __init__(
@@ -55,7 +55,9 @@ class ToyWorkload(Workload):
     def pretraining_data(self) -> Batch:
         gen = torch.Generator().manual_seed(self.seed + 1)
         x, a, b = self._draw(64, gen, None)
-        return Batch(x=x, labels={"kind": a, "side": b}, subset=torch.full((64,), -1, dtype=torch.long))
+        return Batch(
+            inputs={"x": x}, labels={"kind": a, "side": b}, subset=torch.full((64,), -1, dtype=torch.long)
+        )
 
     def client_data(self) -> SampleSet:
         gen = torch.Generator().manual_seed(self.seed + 2)
@@ -68,7 +70,7 @@ class ToyWorkload(Workload):
             ids += [f"t{c:02d}{i:03d}" for i in range(self.per_client)]
             owners += [f"u{c}"] * self.per_client
         return SampleSet(
-            x=torch.cat(xs),
+            inputs={"x": torch.cat(xs)},
             sample_ids=ids,
             client_ids=list[str | None](owners),
             labels={"kind": torch.cat(As), "side": torch.cat(Bs)},
@@ -78,7 +80,7 @@ class ToyWorkload(Workload):
         gen = torch.Generator().manual_seed(self.seed + 3)
         x, a, b = self._draw(self.n_heldout, gen, None)
         return SampleSet(
-            x=x,
+            inputs={"x": x},
             sample_ids=[f"h{i:03d}" for i in range(self.n_heldout)],
             client_ids=[None] * self.n_heldout,
             labels={"kind": a, "side": b},
