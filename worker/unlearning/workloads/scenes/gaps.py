@@ -50,7 +50,9 @@ def _auc(members: torch.Tensor, others: torch.Tensor) -> float:
     return float(greater + 0.5 * ties)
 
 
-def measure(clients: list[str], seed: int, workload: ScenesWorkload) -> dict[str, Any]:
+def measure(
+    clients: list[str], seed: int, workload: ScenesWorkload, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
     tasks = workload.tasks()
     index = workload.client_index()
     base = workload.pretrain(seed)
@@ -58,7 +60,7 @@ def measure(clients: list[str], seed: int, workload: ScenesWorkload) -> dict[str
     held = workload.heldout_data().to_batch(index)
     neutral = held.select(torch.tensor([not s.startswith("u") for s in held.sample_ids]))
     unseen = held.select(torch.tensor([s.startswith("u") for s in held.sample_ids]))
-    cfg = TrainConfig.from_settings(workload.settings())
+    cfg = TrainConfig.from_settings(workload.settings(overrides))
     started = time.perf_counter()
     v1 = train_v1(base, data, tasks, cfg, seed=seed)
     v1_s = time.perf_counter() - started
@@ -105,9 +107,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--settings", default="{}", help="settings overrides (JSON), e.g. the v1 recipe")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    result = measure([c for c in args.clients.split(",") if c], args.seed, ScenesWorkload(seed=args.seed))
+    clients = [c for c in args.clients.split(",") if c]
+    result = measure(clients, args.seed, ScenesWorkload(seed=args.seed), json.loads(args.settings))
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))
 
