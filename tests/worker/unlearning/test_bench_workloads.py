@@ -29,6 +29,7 @@ def test_the_data_seed_follows_the_benchmark_seed() -> None:
     toy = SeededWorkloads("toy", {"num_clients": 4})
     three, four = toy.of(3), toy.of(4)
     assert isinstance(three, ToyWorkload)
+    assert isinstance(four, ToyWorkload)
     assert (three.seed, four.seed, three.num_clients) == (3, 4, 4)
     assert not torch.equal(three.client_data().inputs["x"], four.client_data().inputs["x"])
     assert toy.of(3) is three  # one build per data seed
@@ -36,7 +37,9 @@ def test_the_data_seed_follows_the_benchmark_seed() -> None:
     assert isinstance(digits, DigitsClients)
     assert digits.seed == 2
     pinned = SeededWorkloads("toy", {"seed": 9})  # an explicit seed option pins the data
-    assert (pinned.of(3).seed, pinned.follows_seed) == (9, False)  # type: ignore[attr-defined]
+    nine = pinned.of(3)
+    assert isinstance(nine, ToyWorkload)
+    assert (nine.seed, pinned.follows_seed) == (9, False)
     assert pinned.root(Path("r"), 3) == pinned.root(Path("r"), 4)
 
 
