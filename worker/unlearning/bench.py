@@ -274,27 +274,24 @@ class SeededWorkloads:
             from worker.unlearning.workload import workload_factory
 
             self.follows_seed = "seed" not in self.options and takes_seed(workload_factory(workload))
-        self._built: dict[int | None, Workload] = {}
+        # the last one built only: a workload may hold its whole dataset in memory
+        self._built: tuple[int | None, Workload] | None = None
 
     def data_seed(self, seed: int) -> int | None:
         return seed if self.follows_seed else None
 
     def of(self, seed: int) -> Workload:
+        if isinstance(self.source, Workload):
+            return self.source
         key = self.data_seed(seed)
-        if key not in self._built:
-            src = self.source
-            self._built[key] = (
-                src if isinstance(src, Workload) else build_workload(src, self.options, seed=key)
-            )
-        return self._built[key]
+        if self._built is None or self._built[0] != key:
+            self._built = (key, build_workload(self.source, self.options, seed=key))
+        return self._built[1]
 
     def root(self, root: Path, seed: int) -> Path:
         """The directory of ``seed``'s data, base and cache (shared by seeds with the same data)."""
         key = self.data_seed(seed)
         return root / ("data-fixed" if key is None else f"data-seed-{key}")
-
-    def meta(self) -> dict[str, Any]:
-        return {"options": self.options, "data_seed_follows_seeds": self.follows_seed}
 
 
 def _prepared_seeds(
@@ -435,7 +432,7 @@ def run_bench(
         "meta": {
             "preset": preset,
             "workload": wl.name,
-            "workload_options": workloads.meta()["options"],
+            "workload_options": workloads.options,
             "data_seed_follows_seeds": workloads.follows_seed,
             "seeds": seed_list,
             "evaluation_seeds": seed_list,
