@@ -12,7 +12,10 @@ while rounds run.
     python scripts/latency_bench.py --runs 5 --json bench-results/latency.json [--write-docs]
 
 The model is prepared first (default workload ``digits-clients``, its default settings unless
-``--settings`` is given) in a fresh ``--home`` (default: a temporary directory).
+``--settings`` is given; ``--workload NAME --workload-option KEY=VALUE …`` registers it with another
+workload and its options, as ``lethe models create`` does) in a fresh ``--home`` (default: a
+temporary directory). ``--seed N`` seeds the workload's data (``seed=N`` of its constructor when it
+takes one and no option sets it) and the worker's training (``LETHE_WORKER_SEED``).
 """
 
 from __future__ import annotations
@@ -97,6 +100,15 @@ def _wait_worker_ready(client: httpx.Client, api: str, timeout: float = 120) -> 
     raise TimeoutError("no worker heartbeat")
 
 
+def seeded_options(workload: str, options: dict[str, Any], seed: int) -> dict[str, Any]:
+    """``options`` with ``seed`` added when the workload's constructor takes one (and none is set)."""
+    from worker.unlearning.workload import takes_seed, workload_factory
+
+    if "seed" in options or not takes_seed(workload_factory(workload)):
+        return options
+    return {**options, "seed": seed}
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     home = Path(args.home or tempfile.mkdtemp(prefix="lethe-latency-")).resolve()
     os.environ["LETHE_HOME"] = str(home)
@@ -107,13 +119,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from service.db.session import create_db_engine, make_session_factory, transaction
     from service.repositories import keys as keys_repo
     from service.settings import Settings
+    from service.workload_options import parse_pairs
     from worker import models as ops
     from worker.embedded import EmbeddedStack
 
     settings = Settings()
     settings_override = json.loads(args.settings) if args.settings else {}
+    options = parse_pairs(args.workload_option)
+    if args.seed is not None:
+        os.environ["LETHE_WORKER_SEED"] = str(args.seed)
+        options = seeded_options(args.workload, options, args.seed)
     t0 = time.monotonic()
-    ops.create_model(args.model, workload=args.workload, settings=settings_override, app_settings=settings)
+    ops.create_model(
+        args.model,
+        workload=args.workload,
+        workload_options=options,
+        settings=settings_override,
+        app_settings=settings,
+    )
     ops.prepare_here(args.model, app_settings=settings)
     prepare_s = time.monotonic() - t0
     factory = make_session_factory(create_db_engine(settings.resolved_database_url))
@@ -198,6 +221,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "model": args.model,
         "workload": args.workload,
+        "workload_options": options,
+        "seed": args.seed,
         "settings": settings_override or "workload defaults",
         "prepare_s": round(prepare_s, 1),
         "runs": runs,
@@ -279,7 +304,17 @@ def main() -> int:
     )
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--model", default="digits")
-    parser.add_argument("--workload", default="digits-clients")
+    parser.add_argument(
+        "--workload", default="digits-clients", help="A registered lethe.workloads entry point."
+    )
+    parser.add_argument(
+        "--workload-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="Passed to the workload's constructor (repeatable; VALUE parsed as JSON, else a string).",
+    )
+    parser.add_argument("--seed", type=int, default=None, help="Data seed of the workload and training seed.")
     parser.add_argument("--settings", default=None, help="Per-model settings (JSON) instead of the defaults.")
     parser.add_argument("--home", default=None, help="LETHE_HOME to use (default: a fresh temporary one).")
     parser.add_argument("--pause", type=float, default=1.0, help="Seconds between runs.")

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from service import methods
+from service import methods, workload_options
 from service.db.models import Model
 from service.errors import ConflictError, NotFoundError, UnprocessableError
 from service.repositories import model_events
@@ -37,22 +37,37 @@ def register(
     method: str | None,
     method_config: dict[str, Any],
     settings: dict[str, Any],
+    options: dict[str, Any] | None = None,
     actor: str = "system",
 ) -> Model:
-    """A new model in status ``preparing``; a ``failed`` model may be registered again."""
+    """A new model in status ``preparing``; a ``failed`` model may be registered again.
+
+    ``options``: the workload's constructor arguments (``service.workload_options``); whether the
+    constructor takes them is checked by the worker's preparation (it needs the workload's code)."""
     workloads = known_workloads()
     if workloads and workload not in workloads:
         raise UnprocessableError(
             f"unknown workload {workload!r}; available: {', '.join(workloads)}", field="workload"
         )
+    try:
+        options = workload_options.check(options or {})
+    except ValueError as exc:
+        raise UnprocessableError(f"workload_options: {exc}", field="workload_options") from None
     method = method or DEFAULT_METHOD
     methods.validate(method, method_config, settings)
-    config = {"workload": workload, "method": method, "method_config": method_config, "settings": settings}
+    config = {
+        "workload": workload,
+        "workload_options": options,
+        "method": method,
+        "method_config": method_config,
+        "settings": settings,
+    }
     existing = models_repo.lock_model(session, name)
     if existing is not None:
         if existing.status != "failed":
             raise ConflictError(f"model {name!r} is already registered ({existing.status})", field="name")
         existing.workload = workload
+        existing.workload_options = dict(options)
         existing.method = method
         existing.method_config = dict(method_config)
         existing.settings = dict(settings)
@@ -67,6 +82,7 @@ def register(
                 session,
                 name,
                 workload=workload,
+                workload_options=options,
                 method=method,
                 method_config=dict(method_config),
                 settings=dict(settings),

@@ -235,9 +235,26 @@ def _json_option(value: str | None) -> dict[str, Any]:
     return data
 
 
+def _workload_options(pairs: tuple[str, ...]) -> dict[str, Any]:
+    from service.workload_options import parse_pairs
+
+    try:
+        return parse_pairs(pairs)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--workload-option") from exc
+
+
+WORKLOAD_OPTION_HELP = (
+    "KEY=VALUE passed to the workload's constructor (repeatable; VALUE parsed as JSON, else a string)."
+)
+
+
 @models_command.command("create")
 @click.argument("name", default=DEFAULT_MODEL)
 @click.option("--workload", default=DEFAULT_WORKLOAD, show_default=True)
+@click.option(
+    "--workload-option", "workload_option", multiple=True, metavar="KEY=VALUE", help=WORKLOAD_OPTION_HELP
+)
 @click.option("--method", default=None, help="Unlearning method (default: the engine's default).")
 @click.option("--method-config", default=None, help="JSON object (or @file).")
 @click.option("--settings", "settings_json", default=None, help="Per-model settings, JSON (or @file).")
@@ -251,25 +268,29 @@ def _json_option(value: str | None) -> dict[str, Any]:
 def models_create(
     name: str,
     workload: str,
+    workload_option: tuple[str, ...],
     method: str | None,
     method_config: str | None,
     settings_json: str | None,
     prepare: str,
 ) -> None:
-    """Register model NAME (workload, method, settings) and train its v1."""
+    """Register model NAME (workload and its options, method, settings) and train its v1."""
     from worker import models as models_ops
 
+    options = _workload_options(workload_option)
     try:
         created = models_ops.create_model(
             name,
             workload=workload,
+            workload_options=options,
             method=method,
             method_config=_json_option(method_config),
             settings=_json_option(settings_json),
         )
     except (ValueError, ServiceError) as exc:  # ServiceError: e.g. a method or setting the schemas refuse
         raise click.ClickException(str(exc)) from exc
-    click.echo(f"model {name} {'registered' if created else 'exists'} (workload {workload})")
+    shown = f" {json.dumps(options)}" if options else ""
+    click.echo(f"model {name} {'registered' if created else 'exists'} (workload {workload}{shown})")
     if prepare == "here":
         started = time.monotonic()
         version = models_ops.prepare_here(name)
@@ -332,9 +353,10 @@ def models_list(as_json: bool) -> None:
     if not rows:
         click.echo("no models")
     for row in rows:
+        options = json.dumps(row["workload_options"]) if row["workload_options"] else ""
         click.echo(
-            f"{row['name']:<20} {row['status']:<10} workload={row['workload']} method={row['method']} "
-            f"latest=v{row['latest_version']} versions={row['versions']}"
+            f"{row['name']:<20} {row['status']:<10} workload={row['workload']}{options} "
+            f"method={row['method']} latest=v{row['latest_version']} versions={row['versions']}"
         )
 
 
@@ -345,6 +367,15 @@ def models_list(as_json: bool) -> None:
 
 @click.command("bench")
 @click.option("--preset", default="quick", show_default=True)
+@click.option(
+    "--workload",
+    default=DEFAULT_WORKLOAD,
+    show_default=True,
+    help="A registered lethe.workloads entry point.",
+)
+@click.option(
+    "--workload-option", "workload_option", multiple=True, metavar="KEY=VALUE", help=WORKLOAD_OPTION_HELP
+)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--seeds", type=int, default=None, help="Override the preset's number of seeds.")
 @click.option(
@@ -352,16 +383,41 @@ def models_list(as_json: bool) -> None:
     is_flag=True,
     help="Choose each method's main knob on the tuning seeds first (else the preset's committed choice).",
 )
-def bench_command(preset: str, json_path: Path | None, seeds: int | None, tune: bool) -> None:
-    """Quality / speed benchmark of the unlearning methods (worker.unlearning.bench)."""
+def bench_command(
+    preset: str,
+    workload: str,
+    workload_option: tuple[str, ...],
+    json_path: Path | None,
+    seeds: int | None,
+    tune: bool,
+) -> None:
+    """Quality / speed benchmark of the unlearning methods (worker.unlearning.bench).
+
+    Each seed also seeds the workload's data (``seed=`` of its constructor, unless an option sets it)."""
+    options = _workload_options(workload_option)
     try:
         from worker.unlearning import bench
+        from worker.unlearning.workload import WorkloadOptionsError, available_workloads
     except ImportError as exc:
         raise click.ClickException(f"the benchmark is not available: {exc}") from exc
-    kwargs: dict[str, Any] = {"preset": preset, "json_path": json_path, "tune_grid": tune}
+    if workload not in available_workloads():
+        raise click.BadParameter(
+            f"unknown workload {workload!r}; available: {', '.join(available_workloads())}",
+            param_hint="--workload",
+        )
+    kwargs: dict[str, Any] = {
+        "preset": preset,
+        "json_path": json_path,
+        "tune_grid": tune,
+        "workload": workload,
+        "workload_options": options,
+    }
     if seeds is not None:
         kwargs["seeds"] = seeds
-    bench.run_bench(**kwargs)  # prints its table; writes the JSON when asked
+    try:
+        bench.run_bench(**kwargs)  # prints its table; writes the JSON when asked
+    except WorkloadOptionsError as exc:
+        raise click.ClickException(str(exc)) from exc
 
 
 # ----------------------------------------------------------------------------------------------

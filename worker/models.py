@@ -40,6 +40,7 @@ def create_model(
     name: str,
     *,
     workload: str,
+    workload_options: dict[str, Any] | None = None,
     method: str | None = None,
     method_config: dict[str, Any] | None = None,
     settings: dict[str, Any] | None = None,
@@ -48,6 +49,8 @@ def create_model(
     """Register a model (status ``preparing``); False if it exists (and has not failed).
 
     Runs the migrations first. ``method`` None: the API's default (``service.registry``).
+    ``workload_options``: the workload's constructor arguments (checked as the API checks them;
+    the preparation builds the workload with them).
     """
     if not MODEL_NAME.match(name):
         raise ValueError(f"invalid model name {name!r} (want {MODEL_NAME.pattern})")
@@ -66,6 +69,7 @@ def create_model(
             session,
             name,
             workload=workload,
+            options=dict(workload_options or {}),
             method=method,
             method_config=dict(method_config or {}),
             settings=dict(settings or {}),
@@ -106,6 +110,7 @@ def list_models(app_settings: Settings | None = None) -> list[dict[str, Any]]:
                 {
                     "name": model.name,
                     "workload": model.workload,
+                    "workload_options": dict(model.workload_options),
                     "method": model.method,
                     "status": model.status,
                     "latest_version": latest.version if latest else None,

@@ -210,9 +210,10 @@ def _spec(request: rounds.ClaimedRequest | ForgetRequest) -> ForgetSpec:
 
 
 def _load_workload(model: Model) -> Workload:
-    from worker.unlearning.workload import load_workload
+    """The model's workload built with its ``workload_options``; ``ValueError`` if refused."""
+    from worker.unlearning.workload import build_workload
 
-    return load_workload(model.workload)
+    return build_workload(model.workload, model.workload_options)
 
 
 @dataclass(frozen=True)

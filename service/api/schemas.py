@@ -228,6 +228,12 @@ class EvidenceOut(_Out):
 class ModelIn(_In):
     name: ModelName
     workload: Identifier
+    workload_options: JsonObject = Field(
+        default_factory=dict,
+        description="Keyword arguments of the workload's constructor (e.g. a data path, a seed, sizes); "
+        "keys are identifiers, at most 16 KiB as JSON. A value the workload rejects fails the model's "
+        "preparation (status `failed`, the reason in `error`).",
+    )
     method: MethodName | None = Field(
         default=None, description="Unlearning method (`GET /v1/admin/methods`); default: `default`."
     )
@@ -273,8 +279,8 @@ class ModelEventOut(_Out):
     actor: str
     at: datetime
     detail: dict[str, Any] = Field(
-        description="`registered`: workload, method, method_config, settings; `reconfigured`: "
-        "`changes` as {field: {from, to}}."
+        description="`registered`: workload, workload_options, method, method_config, settings; "
+        "`reconfigured`: `changes` as {field: {from, to}}."
     )
 
 
@@ -320,6 +326,7 @@ class VersionSummary(_Out):
 class ModelOut(_Out):
     name: str
     workload: str
+    workload_options: dict[str, Any]
     tasks: list[str]
     method: str
     method_config: dict[str, Any]

@@ -107,6 +107,8 @@ class Model(Base):
     method: Mapped[str] = mapped_column(String(100))
     method_config: Mapped[JSONDict] = mapped_column(default=dict)
     settings: Mapped[JSONDict] = mapped_column(default=dict)
+    #: Keyword arguments of the workload's constructor (data path, seed, sizes; docs/workloads.md).
+    workload_options: Mapped[JSONDict] = mapped_column(default=dict)
     status: Mapped[str] = mapped_column(String(16), default="preparing")
     error: Mapped[str | None] = mapped_column(Text)
     #: Directory of the frozen base model, relative to the artifacts directory.

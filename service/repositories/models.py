@@ -68,10 +68,12 @@ def create_model(
     method: str,
     method_config: dict[str, Any],
     settings: dict[str, Any],
+    workload_options: dict[str, Any] | None = None,
 ) -> Model:
     model = Model(
         name=name,
         workload=workload,
+        workload_options=dict(workload_options or {}),
         method=method,
         method_config=method_config,
         settings=settings,

@@ -43,7 +43,7 @@ BODY_CASES = 120
 #: Methods whose requests carry a body.
 BODIES = ("POST", "PATCH")
 ROUTES = sorted(
-    (method, route.path)
+    (method, route.path_format)  # path_format: "{name}", not "{name:path}" (as OpenAPI)
     for router in (forget_requests.router, webhooks.router, admin.router, serving.router, health.router)
     for route in router.routes
     if isinstance(route, APIRoute)

@@ -213,6 +213,7 @@ def test_models_create_and_list_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         {
             "name": "m-one",
             "workload": "digits-clients",
+            "workload_options": {},
             "method": "default",
             "status": "preparing",
             "latest_version": None,

@@ -63,7 +63,7 @@ from worker.unlearning.ssd import precompute_full_importance
 from worker.unlearning.state import RoundState
 from worker.unlearning.training import TrainConfig, retrain, train_v1
 from worker.unlearning.types import Batch, ForgetSpec, TaskSpec
-from worker.unlearning.workload import Workload, deep_merge, load_workload
+from worker.unlearning.workload import Workload, build_workload, deep_merge, takes_seed
 
 APPROXIMATE_METHODS = ["ssd", "ia", "default"]  # goal 1 of the issue compares these three
 METHODS = ["original", "retrain", *APPROXIMATE_METHODS]
@@ -258,18 +258,58 @@ def fair_settings(settings: Mapping[str, Any], fraction: float | None) -> dict[s
     return out
 
 
+class SeededWorkloads:
+    """The workload of each benchmark seed. A registered name is built with ``options`` and, when
+    its constructor takes ``seed`` and the options do not set it, ``seed=<the benchmark's seed>``:
+    the data follows the seeds. A :class:`Workload` instance is used as it is for every seed."""
+
+    def __init__(self, workload: str | Workload, options: Mapping[str, Any] | None = None) -> None:
+        self.source = workload
+        self.options = dict(options or {})
+        if isinstance(workload, Workload):
+            if self.options:
+                raise ValueError("workload options need a workload name, not an instance")
+            self.follows_seed = False
+        else:
+            from worker.unlearning.workload import workload_factory
+
+            self.follows_seed = "seed" not in self.options and takes_seed(workload_factory(workload))
+        # the last one built only: a workload may hold its whole dataset in memory
+        self._built: tuple[int | None, Workload] | None = None
+
+    def data_seed(self, seed: int) -> int | None:
+        return seed if self.follows_seed else None
+
+    def of(self, seed: int) -> Workload:
+        if isinstance(self.source, Workload):
+            return self.source
+        key = self.data_seed(seed)
+        if self._built is None or self._built[0] != key:
+            self._built = (key, build_workload(self.source, self.options, seed=key))
+        return self._built[1]
+
+    def root(self, root: Path, seed: int) -> Path:
+        """The directory of ``seed``'s data, base and cache (shared by seeds with the same data)."""
+        key = self.data_seed(seed)
+        return root / ("data-fixed" if key is None else f"data-seed-{key}")
+
+
 def _prepared_seeds(
-    wl: Workload, root: Path, settings: Mapping[str, Any], seeds: Sequence[int]
+    workloads: SeededWorkloads, root: Path, settings: Mapping[str, Any], seeds: Sequence[int]
 ) -> Iterator[tuple[int, EngineInputs, PeftModel]]:
-    """Per seed: the engine inputs (with ``settings`` as they are, fair anchors kept) and v1."""
+    """Per seed: the engine inputs (with ``settings`` as they are, fair anchors kept) and v1. The
+    seed's data and frozen base are made on first use (the base's init seed is 0 for every seed)."""
     for seed in seeds:
+        wl, home = workloads.of(seed), workloads.root(root, seed)
+        DataStore.materialise(home / "data", wl)
+        ensure_base(wl, home / "base", settings, seed=0)
         inputs = EngineInputs.load(
             wl,
-            data_dir=root / "data",
-            base_dir=root / "base",
+            data_dir=home / "data",
+            base_dir=home / "base",
             settings=settings,
             seed=seed,
-            cache_dir=root / "cache",
+            cache_dir=home / "cache",
         )
         # load() merges the workload's defaults again (its anchor_fractions among them)
         inputs = dataclasses.replace(inputs, settings=dict(settings))
@@ -281,7 +321,7 @@ def _prepared_seeds(
 
 
 def tune(
-    wl: Workload,
+    workloads: SeededWorkloads,
     root: Path,
     settings: Mapping[str, Any],
     preset: Preset,
@@ -296,8 +336,8 @@ def tune(
     ]
     runs: list[dict[str, Any]] = []
     importance: dict[str, float] = {}
-    for seed, inputs, v1 in _prepared_seeds(wl, root, settings, seeds):
-        for setting in _settings_list(wl, preset):
+    for seed, inputs, v1 in _prepared_seeds(workloads, root, settings, seeds):
+        for setting in _settings_list(workloads.of(seed), preset):
             runs.extend(_run_setting(inputs, v1, setting, seed, preset.stages, variants, importance))
         _log(f"[bench] tuning seed {seed} done")
     scores: dict[str, list[dict[str, Any]]] = {}
@@ -325,6 +365,7 @@ def run_bench(
     seeds: int | Sequence[int] | None = None,
     *,
     workload: str | Workload = "digits-clients",
+    workload_options: Mapping[str, Any] | None = None,
     methods: Sequence[str] | None = None,
     settings_overrides: Mapping[str, Any] | None = None,
     tune_grid: bool = False,
@@ -338,7 +379,9 @@ def run_bench(
     how many (0 … n−1); default the preset's. ``tune_grid``: choose each method's main knob on the
     tuning seeds (``tuning_seeds``, default the preset's; they must not overlap the evaluation
     seeds) first; otherwise the preset's committed choice. ``settings_overrides``: workload
-    setting overrides merged over the preset's, e.g. ``{"ia": {"eta2": 0.2}}``.
+    setting overrides merged over the preset's, e.g. ``{"ia": {"eta2": 0.2}}``. ``workload``: a
+    registered name, built per seed with ``workload_options`` (:class:`SeededWorkloads`: the data
+    seed follows the evaluation / tuning seed), or an instance used for every seed.
     """
     # One intra-op thread: the networks are small, and extra threads only spin (measured: 2 threads
     # on a loaded 2-core machine made training ~10× slower).
@@ -356,7 +399,8 @@ def run_bench(
         method_list = list(methods)
     else:
         method_list = list(chosen.methods) if chosen.methods is not None else registered_methods()
-    wl = load_workload(workload) if isinstance(workload, str) else workload
+    workloads = SeededWorkloads(workload, workload_options)
+    wl = workloads.of(seed_list[0])  # its default settings and name (the same for every seed)
     settings = fair_settings(
         wl.settings(deep_merge(chosen.overrides, settings_overrides or {})), chosen.anchor_fraction
     )
@@ -364,10 +408,8 @@ def run_bench(
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="lethe-bench-") as tmp:
         root = Path(tmp)
-        DataStore.materialise(root / "data", wl)
-        ensure_base(wl, root / "base", settings, seed=0)  # the frozen base is the same for every seed
         if tune_grid:
-            tuning = tune(wl, root, settings, chosen, method_list, tuning_list)
+            tuning = tune(workloads, root, settings, chosen, method_list, tuning_list)
             _log(
                 f"[bench] tuned on seeds {tuning_list}: {tuning['chosen']} "
                 f"({time.perf_counter() - t_start:.0f}s)"
@@ -377,8 +419,8 @@ def run_bench(
         picked = {m: v for m, v in tuning["chosen"].items() if m in method_list}
         variants = [_variant(m, picked.get(m)) for m in method_list]
         v1_importance: dict[str, float] = {}  # SSD settings → seconds v1's I_D took (cached after)
-        for seed, inputs, v1 in _prepared_seeds(wl, root, settings, seed_list):
-            for setting in _settings_list(wl, chosen):
+        for seed, inputs, v1 in _prepared_seeds(workloads, root, settings, seed_list):
+            for setting in _settings_list(workloads.of(seed), chosen):
                 runs.extend(
                     _run_setting(
                         inputs, v1, setting, seed, chosen.stages, variants, v1_importance, second_retrain=True
@@ -390,6 +432,8 @@ def run_bench(
         "meta": {
             "preset": preset,
             "workload": wl.name,
+            "workload_options": workloads.options,
+            "data_seed_follows_seeds": workloads.follows_seed,
             "seeds": seed_list,
             "evaluation_seeds": seed_list,
             "tuning": {
@@ -805,26 +849,39 @@ def _eval(model: torch.nn.Module, batch: Batch, task: TaskSpec) -> tuple[float, 
     return task.metric(out, target), task.per_sample_loss(out, target)[supervised]
 
 
-def measure_workload(
-    workload: str = "digits-clients", seeds: Sequence[int] = (0, 1, 2), clients: Sequence[str] | None = None
-) -> dict[str, Any]:
-    """Original vs retrain on each forgotten client: accuracy and loss-MIA gaps; retrain Val spread."""
-    torch.set_num_threads(1)
-    wl = load_workload(workload)
+def _seed_inputs(workloads: SeededWorkloads, root: Path, seed: int) -> EngineInputs:
+    """The engine inputs of ``seed``'s workload (its data and base made under ``root``)."""
+    wl, home = workloads.of(seed), workloads.root(root, seed)
     settings = wl.settings()
+    DataStore.materialise(home / "data", wl)
+    ensure_base(wl, home / "base", settings, seed=0)
+    return EngineInputs.load(wl, data_dir=home / "data", base_dir=home / "base", settings=settings, seed=0)
+
+
+def measure_workload(
+    workload: str | Workload = "digits-clients",
+    seeds: Sequence[int] = (0, 1, 2),
+    clients: Sequence[str] | None = None,
+    *,
+    workload_options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Original vs retrain on each forgotten client: accuracy and loss-MIA gaps; retrain Val spread.
+
+    The data follows the seeds (:class:`SeededWorkloads`), so the Val spread covers data draws and
+    training seeds together."""
+    torch.set_num_threads(1)
+    workloads = SeededWorkloads(workload, workload_options)
+    wl = workloads.of(seeds[0])
     with tempfile.TemporaryDirectory(prefix="lethe-measure-") as tmp:
-        root = Path(tmp)
-        DataStore.materialise(root / "data", wl)
-        ensure_base(wl, root / "base", settings, seed=0)
-        inputs = EngineInputs.load(
-            wl, data_dir=root / "data", base_dir=root / "base", settings=settings, seed=0
-        )
-    cfg = TrainConfig.from_settings(inputs.settings)
-    data = inputs.full_train_set()
-    owners = inputs.data.client_ids
+        per_seed = {seed: _seed_inputs(workloads, Path(tmp), seed) for seed in seeds}
+    inputs = per_seed[seeds[0]]
     picked = list(clients) if clients else wl.clients()
     rows: list[dict[str, Any]] = []
     for seed in seeds:
+        inputs = per_seed[seed]
+        cfg = TrainConfig.from_settings(inputs.settings)
+        data = inputs.full_train_set()
+        owners = inputs.data.client_ids
         v1 = train_v1(inputs.base, data, inputs.tasks, cfg, seed=seed)
         for client in picked:
             idx = torch.tensor([o == client for o in owners], dtype=torch.bool)
@@ -883,26 +940,50 @@ def measure_workload(
             "median_val_spread_over_seeds": statistics.median(spreads),
             "max_val_spread_over_seeds": max(spreads),
         }
-    return {"workload": workload, "seeds": list(seeds), "clients": picked, "rows": rows, "summary": summary}
+    return {
+        "workload": wl.name,
+        "workload_options": workloads.options,
+        "data_seed_follows_seeds": workloads.follows_seed,
+        "seeds": list(seeds),
+        "clients": picked,
+        "rows": rows,
+        "summary": summary,
+    }
 
 
 def measure_latency(
-    workload: str = "digits-clients", method: str = "default", seed: int = 0
+    workload: str | Workload = "digits-clients",
+    method: str = "default",
+    seed: int = 0,
+    *,
+    workload_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Wall time of ``prepare`` and of three ``run_round`` calls (client, partial-task, both)."""
+    """Wall time of ``prepare`` and of three ``run_round`` calls (client, partial-task, both).
+    ``seed`` seeds the training and the workload's data (:class:`SeededWorkloads`)."""
     torch.set_num_threads(1)
-    wl = load_workload(workload)
+    workloads = SeededWorkloads(workload, workload_options)
+    wl = workloads.of(seed)
     clients = wl.clients()
     task = wl.tasks()[0].name
+
+    def client(i: int) -> str:  # fixed picks, wrapped for workloads with few clients
+        return clients[i % len(clients)]
+
     rounds = {
-        "client request": [ForgetSpec("a", "client", clients[3], None, [])],
-        "partial-task request": [ForgetSpec("b", "task", clients[5], None, [task])],
+        "client request": [ForgetSpec("a", "client", client(3), None, [])],
+        "partial-task request": [ForgetSpec("b", "task", client(5), None, [task])],
         "client + partial-task": [
-            ForgetSpec("c", "client", clients[1], None, []),
-            ForgetSpec("d", "task", clients[7], None, [task]),
+            ForgetSpec("c", "client", client(1), None, []),
+            ForgetSpec("d", "task", client(7), None, [task]),
         ],
     }
-    out: dict[str, Any] = {"workload": workload, "method": method, "seed": seed, "rounds": {}}
+    out: dict[str, Any] = {
+        "workload": wl.name,
+        "workload_options": workloads.options,
+        "method": method,
+        "seed": seed,
+        "rounds": {},
+    }
     with tempfile.TemporaryDirectory(prefix="lethe-latency-") as tmp:
         root = Path(tmp)
         t0 = time.perf_counter()
@@ -948,24 +1029,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--measure-workload", action="store_true", help="measure the workload's gaps instead")
     parser.add_argument("--latency", action="store_true", help="time prepare and three rounds instead")
+    parser.add_argument(
+        "--workload", default="digits-clients", help="a registered lethe.workloads entry point"
+    )
+    parser.add_argument(
+        "--workload-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="passed to the workload's constructor (repeatable; VALUE parsed as JSON, else a string)",
+    )
     args = parser.parse_args(argv)
+    from service.workload_options import parse_pairs
+
+    try:
+        options = parse_pairs(args.workload_option)
+    except ValueError as exc:
+        parser.error(str(exc))
     seeds: int | list[int] | None = None
     if args.seeds:
         seeds = [int(s) for s in args.seeds.split(",") if s] if "," in args.seeds else int(args.seeds)
-    if args.latency:
-        print(json.dumps(measure_latency(), indent=2))
+    listed = list(range(seeds)) if isinstance(seeds, int) else seeds
+    if args.latency:  # one seed: the first given, else 0
+        latency = measure_latency(args.workload, seed=(listed or [0])[0], workload_options=options)
+        print(json.dumps(latency, indent=2))
         return 0
     if args.measure_workload:
-        listed = list(range(seeds)) if isinstance(seeds, int) else seeds
-        result = measure_workload(seeds=listed or (0, 1, 2))
+        result = measure_workload(args.workload, seeds=listed or (0, 1, 2), workload_options=options)
         print(json.dumps(result["summary"], indent=2))
         if args.json_path:
             Path(args.json_path).write_text(json.dumps(result, indent=2) + "\n")
         return 0
     methods = [m for m in args.methods.split(",") if m] if args.methods else None
     tuning = [int(s) for s in args.tuning_seeds.split(",") if s] if args.tuning_seeds else None
-    run_bench(args.preset, args.json_path, seeds, methods=methods,
-              settings_overrides=json.loads(args.settings) if args.settings else None,
+    run_bench(args.preset, args.json_path, seeds, workload=args.workload, workload_options=options,
+              methods=methods, settings_overrides=json.loads(args.settings) if args.settings else None,
               tune_grid=args.tune, tuning_seeds=tuning)  # fmt: skip
     return 0
 

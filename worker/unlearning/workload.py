@@ -26,6 +26,8 @@ See ``docs/workloads.md`` for a worked example.
 from __future__ import annotations
 
 import copy
+import inspect
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -203,13 +205,57 @@ def available_workloads() -> list[str]:
     return sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
 
 
-def load_workload(name: str, **kwargs: Any) -> Workload:
-    """Instantiate the workload registered as ``name`` in the ``lethe.workloads`` entry points."""
+class WorkloadOptionsError(ValueError):
+    """A workload's constructor refused the options it was given."""
+
+
+def workload_factory(name: str) -> Any:
     matches = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
     if not matches:
         raise KeyError(f"unknown workload {name!r}; available: {', '.join(available_workloads()) or 'none'}")
-    factory = matches[0].load()
-    workload = factory(**kwargs)
+    return matches[0].load()
+
+
+def takes_seed(factory: Any) -> bool:
+    """Whether ``factory`` (a workload class) accepts a ``seed`` keyword (or any keyword)."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(
+        (p.name == "seed" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)) or p.kind is p.VAR_KEYWORD
+        for p in params
+    )
+
+
+def load_workload(name: str, **kwargs: Any) -> Workload:
+    """Instantiate the workload registered as ``name`` in the ``lethe.workloads`` entry points."""
+    workload = workload_factory(name)(**kwargs)
+    if not isinstance(workload, Workload):
+        raise TypeError(f"entry point {name!r} did not produce a Workload")
+    return workload
+
+
+def build_workload(
+    name: str, options: Mapping[str, Any] | None = None, *, seed: int | None = None
+) -> Workload:
+    """The workload ``name`` built with ``options`` as keyword arguments (a registered model's
+    ``workload_options``, a bench's ``--workload-option``).
+
+    ``seed``: the data seed of a benchmark; passed as ``seed=`` when the constructor takes one and
+    ``options`` do not set it (an explicit ``seed`` option pins the data). A constructor that
+    refuses the options raises :class:`WorkloadOptionsError` naming the workload and the options.
+    """
+    kwargs = dict(options or {})
+    factory = workload_factory(name)
+    if seed is not None and "seed" not in kwargs and takes_seed(factory):
+        kwargs["seed"] = seed
+    try:
+        workload = factory(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise WorkloadOptionsError(
+            f"workload {name!r} refused the options {json.dumps(kwargs)}: {exc}"
+        ) from exc
     if not isinstance(workload, Workload):
         raise TypeError(f"entry point {name!r} did not produce a Workload")
     return workload

@@ -261,6 +261,7 @@ def register_model(
             session,
             body.name,
             workload=body.workload,
+            options=body.workload_options,
             method=body.method,
             method_config=body.method_config,
             settings=body.settings,

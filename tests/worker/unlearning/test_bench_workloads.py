@@ -1,0 +1,107 @@
+"""``lethe bench``, the workload measurement and the latency bench take any registered workload
+with options, and the workload's data follows the benchmark's seeds (issue 7 part 5)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tests.worker.unlearning.toy_entry_point import register_toy
+from worker import cli
+from worker.unlearning import bench
+from worker.unlearning.bench import SeededWorkloads, measure_latency, measure_workload, run_bench
+from worker.unlearning.workloads.digits import DigitsClients
+from worker.unlearning.workloads.toy import ToyWorkload
+
+
+@pytest.fixture(autouse=True)
+def _toy(monkeypatch: pytest.MonkeyPatch) -> None:
+    register_toy(monkeypatch)
+
+
+def test_the_data_seed_follows_the_benchmark_seed() -> None:
+    """Defect: ``--seeds`` never changed the data (the workload was built once, with seed 0)."""
+    toy = SeededWorkloads("toy", {"num_clients": 4})
+    three, four = toy.of(3), toy.of(4)
+    assert isinstance(three, ToyWorkload)
+    assert isinstance(four, ToyWorkload)
+    assert (three.seed, four.seed, three.num_clients) == (3, 4, 4)
+    assert not torch.equal(three.client_data().inputs["x"], four.client_data().inputs["x"])
+    assert toy.of(4) is four  # built again only when the data seed changes
+    digits = SeededWorkloads("digits-clients").of(2)
+    assert isinstance(digits, DigitsClients)
+    assert digits.seed == 2
+    pinned = SeededWorkloads("toy", {"seed": 9})  # an explicit seed option pins the data
+    nine = pinned.of(3)
+    assert isinstance(nine, ToyWorkload)
+    assert (nine.seed, pinned.follows_seed) == (9, False)
+    assert pinned.root(Path("r"), 3) == pinned.root(Path("r"), 4)
+
+
+def test_bench_runs_a_named_workload_with_its_options(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = run_bench(
+        "smoke", out, seeds=[3, 4], workload="toy", workload_options={"num_clients": 4},
+        methods=["original", "retrain"], echo=None,
+    )  # fmt: skip
+    meta = json.loads(out.read_text())["meta"]
+    assert (meta["workload"], meta["workload_options"], meta["data_seed_follows_seeds"]) == (
+        "toy", {"num_clients": 4}, True,
+    )  # fmt: skip
+    assert {r["seed"] for r in result["runs"]} == {3, 4}
+    with pytest.raises(ValueError, match="refused the options"):
+        run_bench("smoke", None, seeds=[0], workload="toy", workload_options={"nope": 1}, echo=None)
+
+
+def test_measure_workload_and_latency_take_a_workload_with_options() -> None:
+    measured = measure_workload("toy", seeds=[1, 2], clients=["u0"], workload_options={"per_client": 10})
+    assert (measured["workload"], measured["workload_options"]) == ("toy", {"per_client": 10})
+    assert [(r["seed"], r["n"]) for r in measured["rows"]] == [(1, 10), (2, 10)]
+    timed = measure_latency("toy", method="ssd", seed=2, workload_options={"num_clients": 4})
+    assert (timed["workload"], timed["workload_options"], timed["seed"]) == ("toy", {"num_clients": 4}, 2)
+    assert set(timed["rounds"]) == {"client request", "partial-task request", "client + partial-task"}
+
+
+def test_bench_commands_pass_the_workload_and_its_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+
+    def fake_bench(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        seen.update(kwargs, args=args)
+        return {}
+
+    monkeypatch.setattr(bench, "run_bench", fake_bench)
+    runner = CliRunner()
+    done = runner.invoke(
+        cli.bench_command,
+        [
+            "--workload",
+            "toy",
+            "--workload-option",
+            "num_clients=4",
+            "--workload-option",
+            "dim=6",
+            "--seeds",
+            "2",
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    assert (seen["workload"], seen["workload_options"], seen["seeds"]) == (
+        "toy",
+        {"num_clients": 4, "dim": 6},
+        2,
+    )
+    unknown = runner.invoke(cli.bench_command, ["--workload", "no-such-workload"])
+    assert unknown.exit_code == 2
+    assert "unknown workload" in unknown.output
+    assert runner.invoke(cli.bench_command, ["--workload-option", "x"]).exit_code == 2
+    seen.clear()
+    assert (
+        bench.main(["--preset", "smoke", "--workload", "toy", "--workload-option", "dim=6", "--seeds", "1"])
+        == 0
+    )
+    assert (seen["workload"], seen["workload_options"], seen["args"][2]) == ("toy", {"dim": 6}, 1)
