@@ -54,11 +54,13 @@ def _keep_our_logging(**_: object) -> None:
 def run_celery_worker(loglevel: str, slot: str) -> None:
     """Run one Celery worker in this process: solo pool, one task at a time."""
     from service.settings import Settings
+    from worker import tasks
     from worker.celery_app import configure
 
     settings = Settings()
     worker_settings = WorkerSettings()
     app = configure(settings, worker_settings)
+    tasks.register(settings, worker_settings)
     log_format = settings.log_format or "json"
     logs.configure(log_format, loglevel)
     from celery import signals
@@ -294,7 +296,8 @@ def models_reapply_erasures(names: tuple[str, ...], quarantine_unknown: bool) ->
     from service.settings import Settings
     from worker import restore
     from worker.config import WorkerSettings
-    from worker.pipeline import WorkerContext, ready_models
+    from worker.context import WorkerContext
+    from worker.pipeline import ready_models
 
     ctx = WorkerContext.create(Settings(), WorkerSettings(device="cpu"), worker_id="reapply-erasures")
     disagree = False

@@ -27,6 +27,7 @@ from service.db.session import transaction
 from service.repositories import halts as halts_repo
 from service.repositories import models as models_repo
 from worker import consistency, pipeline
+from worker.context import WorkerContext
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class ReapplyReport:
 
 
 def reapply_erasures(
-    ctx: pipeline.WorkerContext, model_name: str, *, quarantine_unknown: bool = False
+    ctx: WorkerContext, model_name: str, *, quarantine_unknown: bool = False
 ) -> ReapplyReport:
     report = ReapplyReport(model_name)
     with transaction(ctx.session_factory) as session:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.storage import CHUNK, ChecksumMismatchError, NotInStoreError, StoreError, check_key
+from service.storage.base import CHUNK, ChecksumMismatchError, NotInStoreError, StoreError, check_key
 
 if TYPE_CHECKING:
     from service.settings import Settings

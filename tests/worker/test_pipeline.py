@@ -29,6 +29,7 @@ from service.repositories import requests as requests_repo
 from service.repositories import versions as versions_repo
 from service.settings import Settings
 from tests.worker.requests import submit_client
+from worker import context as worker_context
 from worker import pipeline
 from worker.artifacts import STATE_FILE, ModelArtifacts, verify_directory
 from worker.config import WorkerSettings
@@ -587,7 +588,7 @@ def test_a_round_runs_with_the_method_and_settings_it_was_claimed_with(
         return dataclasses.make_dataclass("Outcome", ["evidence"])({r.request_id: {} for r in requests})
 
     monkeypatch.setattr(engine, "run_round", run_round)
-    monkeypatch.setattr(pipeline, "_load_workload", lambda model: object())
+    monkeypatch.setattr(worker_context, "_load_workload", lambda model: object())
     with transaction(ctx.session_factory) as session:
         registry.reconfigure(
             session,
@@ -720,7 +721,7 @@ def test_the_api_shows_the_stage_of_a_running_round(
                 seen[event_name] = progress_of(first)
 
         monkeypatch.setattr(engine, "run_round", run_round)
-        monkeypatch.setattr(pipeline, "_load_workload", lambda model: object())
+        monkeypatch.setattr(worker_context, "_load_workload", lambda model: object())
         result = pipeline.run_one_round(_variant(ctx, hook=hook), MODEL)
         assert result is not None
         assert result.status == "published"

@@ -22,7 +22,7 @@ from service.settings import Settings
 from worker import cli, tasks
 from worker.celery_app import TASK_NAMES, TASK_WAKE, celery_config
 from worker.config import GPU_QUEUE, WorkerSettings
-from worker.pipeline import fault_pause_hook, resolve_device
+from worker.context import fault_pause_hook, resolve_device
 from worker.watchdog import RoundWatchdog
 
 
