@@ -26,7 +26,7 @@ from service.db.models import ForgetRequest, Model
 from service.db.session import make_session_factory
 from service.settings import Settings
 from service.storage import ArtifactStore, make_store
-from worker.artifacts import FileDigest, ModelArtifacts
+from worker.artifacts import ModelArtifacts
 from worker.config import WorkerSettings
 
 if TYPE_CHECKING:
@@ -159,10 +159,6 @@ def model_lock(directory: Path, name: str = ".lethe.lock") -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
-def _to_rounds_files(files: dict[str, FileDigest]) -> dict[str, rounds.FileDigest]:
-    return {k: rounds.FileDigest(sha256=v.sha256, size=v.size) for k, v in files.items()}
 
 
 def _spec(request: rounds.ClaimedRequest | ForgetRequest) -> ForgetSpec:

@@ -52,7 +52,6 @@ from worker.artifacts import CommittedVersion, ModelArtifacts, version_dir_name
 from worker.context import (
     PermanentRoundError,
     _spec,
-    _to_rounds_files,
     model_lock,
 )
 from worker.context import (
@@ -295,7 +294,7 @@ def _run_and_publish(
                 session,
                 claimed,
                 location=attempt.committed.location,
-                files=_to_rounds_files(attempt.committed.files),
+                files=dict(attempt.committed.files),
                 evidence=outcome,
                 withdraw_versions=withdraw,
             )
@@ -628,11 +627,11 @@ def prepare_model(
                     model_name,
                     subjects=prepared.subjects,
                     location=committed.location,
-                    files=_to_rounds_files(committed.files),
+                    files=dict(committed.files),
                     evidence=prepared.evidence,
                     tasks=prepared.tasks,
                     base_location=f"{model_name}/base",
-                    base_files=_to_rounds_files(base_files),
+                    base_files=dict(base_files),
                 )
         except Exception as exc:
             log.exception("preparing %s failed", model_name)
