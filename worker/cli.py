@@ -297,7 +297,7 @@ def models_reapply_erasures(names: tuple[str, ...], quarantine_unknown: bool) ->
     from worker import restore
     from worker.config import WorkerSettings
     from worker.context import WorkerContext
-    from worker.pipeline import ready_models
+    from worker.liveness import ready_models
 
     ctx = WorkerContext.create(Settings(), WorkerSettings(device="cpu"), worker_id="reapply-erasures")
     disagree = False

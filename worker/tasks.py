@@ -37,8 +37,9 @@ from service import logs
 from service.dispatch import WAKE_MARKER, WAKE_MARKER_SECONDS
 from service.settings import Settings
 from service.webhooks.sender import Sender, SenderThread
-from worker import certification, pipeline
+from worker import certification, liveness, preparation, round_job
 from worker.celery_app import TASK_CERTIFY, TASK_HEARTBEAT, TASK_PREPARE, TASK_SWEEP, TASK_WAKE, app
+from worker.cleanup import reconcile
 from worker.config import WorkerSettings
 from worker.context import WorkerContext
 
@@ -112,7 +113,7 @@ def wake_again(app: Celery, model_name: str, broker: redis.Redis[bytes] | None =
 def sweep(app: Celery, ctx: WorkerContext, broker: redis.Redis[bytes] | None) -> list[str]:
     """Wake models with queued requests (or an expired round); re-send lost preparations."""
     sent: list[str] = []
-    for model_name in pipeline.models_to_wake(ctx):
+    for model_name in liveness.models_to_wake(ctx):
         if send_wake(app, broker, model_name):
             sent.append(model_name)
     if sent:
@@ -121,7 +122,7 @@ def sweep(app: Celery, ctx: WorkerContext, broker: redis.Redis[bytes] | None) ->
     for certification_id in certification.requested(ctx, min_age_seconds=60.0):  # a lost message
         if _once(broker, CERTIFY_KEY.format(id=certification_id), 600):
             send_certify(app, certification_id)
-    for model_name in pipeline.models_to_prepare(ctx):
+    for model_name in liveness.models_to_prepare(ctx):
         if _once(broker, PREPARE_KEY.format(model=model_name), 600):
             app.send_task(TASK_PREPARE, args=[model_name])
             log.info("sweeper re-sent the preparation of %s", model_name)
@@ -168,13 +169,13 @@ class Heartbeat:
         self._stop.set()
         self._thread.join(timeout=5)
         try:
-            pipeline.heartbeat(self.ctx, queues=self.ctx.worker_settings.queues, state=state)
+            liveness.heartbeat(self.ctx, queues=self.ctx.worker_settings.queues, state=state)
         except Exception:
             log.debug("final heartbeat failed", exc_info=True)
 
     def beat(self) -> None:
         state = "busy" if _State.busy else "idle"
-        pipeline.heartbeat(self.ctx, queues=self.ctx.worker_settings.queues, state=state)
+        liveness.heartbeat(self.ctx, queues=self.ctx.worker_settings.queues, state=state)
         with contextlib.suppress(OSError):
             ALIVE_FILE.touch()
         if self.do_sweep:
@@ -208,7 +209,7 @@ def wake_model(model_name: str) -> dict[str, Any]:
     broker = _broker()
     wake_started(broker, model_name)
     with logs.bound(model=model_name), _Busy():
-        results = pipeline.wake_model(_ctx(), model_name, max_rounds=1)
+        results = round_job.wake_model(_ctx(), model_name, max_rounds=1)
     if results and results[-1].status != "lease_lost":
         wake_again(app, model_name, broker)
     for certification_id in certification.requested(_ctx(), model_name=model_name):  # sampled rounds
@@ -219,7 +220,7 @@ def wake_model(model_name: str) -> dict[str, Any]:
 @app.task(name=TASK_PREPARE, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def prepare_model(model_name: str) -> dict[str, Any]:
     with logs.bound(model=model_name), _Busy():
-        published = pipeline.prepare_model(_ctx(), model_name)
+        published = preparation.prepare_model(_ctx(), model_name)
     if published is not None:
         wake_again(app, model_name, _broker())  # requests accepted while the model was preparing
     return {"version": published.version if published else None}
@@ -240,7 +241,7 @@ def sweep_task() -> list[str]:
 @app.task(name=TASK_HEARTBEAT, ignore_result=True)
 def heartbeat_task() -> None:
     ctx = _ctx()
-    pipeline.heartbeat(ctx, queues=ctx.worker_settings.queues, state="busy" if _State.busy else "idle")
+    liveness.heartbeat(ctx, queues=ctx.worker_settings.queues, state="busy" if _State.busy else "idle")
 
 
 # every log line of a task carries its Celery task id (solo pool: one task at a time, one thread)
@@ -258,8 +259,8 @@ def _on_ready(**_: Any) -> None:
     c = _ctx()
     worker_settings = c.worker_settings
     log.info("worker %s ready on %s (device %s)", c.worker_id, worker_settings.queues, c.device)
-    for model_name in pipeline.ready_models(c):
-        pipeline.reconcile(c, model_name)
+    for model_name in liveness.ready_models(c):
+        reconcile(c, model_name)
     # warm up: import torch, peft and the ML core now rather than in the first round (no CUDA
     # initialisation happens on import)
     import worker.unlearning.engine
