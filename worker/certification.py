@@ -28,11 +28,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
 from service import certification as certification_service
 from service import metrics, rounds
-from service.db.models import AdapterVersion, Evidence, Model
+from service.db.models import AdapterVersion, Model
 from service.db.session import transaction
 from service.db.types import utcnow
 from service.repositories import certifications as certifications_repo
@@ -129,9 +127,7 @@ def _load_job(ctx: context.WorkerContext, certification_id: int) -> _Job | None:
         assert version.round_id is not None
         evidence = {
             e.request_id: e.payload
-            for e in session.scalars(
-                select(Evidence).where(Evidence.version_id == version.id).order_by(Evidence.id)
-            )
+            for e in versions_repo.evidence_of_version(session, version.id)
             if e.payload.get("kind") != "certification"
         }
         requests = []

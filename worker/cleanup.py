@@ -9,11 +9,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from service import rounds
-from service.db.models import ForgetRequest, Model, Sample, Subject
+from service.db.models import ForgetRequest, Model, Sample
 from service.db.session import transaction
 from service.db.types import utcnow
 from service.repositories import models as models_repo
@@ -66,15 +65,6 @@ def delete_withdrawn_files(ctx: WorkerContext, model_name: str) -> list[int]:
     return done
 
 
-def _completed(session: Session, model: Model) -> list[ForgetRequest]:
-    stmt = (
-        select(ForgetRequest)
-        .where(ForgetRequest.model_id == model.id, ForgetRequest.status == "completed")
-        .order_by(ForgetRequest.seq)
-    )
-    return list(session.scalars(stmt))
-
-
 def _pending_purges(session: Session, model: Model) -> list[ForgetRequest]:
     """Completed requests whose raw data is not yet recorded as purged.
 
@@ -86,23 +76,10 @@ def _pending_purges(session: Session, model: Model) -> list[ForgetRequest]:
     if not completed:
         return []
     clients = {r.client_id for r in completed if r.client_id is not None}
-    purged_clients = set(
-        session.scalars(
-            select(Subject.client_id).where(
-                Subject.model_id == model.id, Subject.purged_at.is_not(None), Subject.client_id.in_(clients)
-            )
-        )
-    )
+    purged_clients = models_repo.purged_client_ids(session, model.id, clients)
     wanted_samples = {s for r in completed if r.sample_ids is not None for s in r.sample_ids}
     wanted_clients = {r.client_id for r in completed if r.sample_ids is None and r.client_id is not None}
-    samples = list(
-        session.scalars(
-            select(Sample).where(
-                Sample.model_id == model.id,
-                or_(Sample.sample_id.in_(wanted_samples), Sample.client_id.in_(wanted_clients)),
-            )
-        )
-    )
+    samples = models_repo.samples_of(session, model.id, sample_ids=wanted_samples, client_ids=wanted_clients)
     by_id = {s.sample_id: s for s in samples}
     by_client: dict[str, list[Sample]] = {}
     for sample in samples:
@@ -148,7 +125,7 @@ def purge_completed(ctx: WorkerContext, model_name: str, *, everything: bool = F
         model = models_repo.get_model(session, model_name)
         if model is None or model.status != "ready":
             return []
-        todo = _completed(session, model) if everything else _pending_purges(session, model)
+        todo = requests_repo.completed(session, model.id) if everything else _pending_purges(session, model)
         pending = [_spec(r) for r in todo]
     if not pending:
         return []

@@ -50,3 +50,12 @@ def test_one_object_under_every_name() -> None:
     assert (celery_app.TASK_WAKE, celery_app.TASK_CERTIFY) == (dispatch.TASK_WAKE, dispatch.TASK_CERTIFY)
     assert (config.GPU_QUEUE, config.CERTIFY_QUEUE) == (dispatch.QUEUE, dispatch.CERTIFY_QUEUE)
     assert artifacts.canonical_json({"b": 1, "a": "é"}) == '{"a":"é","b":1}'.encode()
+
+
+def test_the_worker_runs_no_sql_of_its_own() -> None:
+    """Defect: ``worker/pipeline.py``, ``worker/certification.py`` and ``worker/demo.py`` built
+    their own queries; the worker's SQL lives in ``service/repositories``."""
+    worker = [p for p in SOURCES if p.parent.name == "worker"]
+    assert len(worker) > 10
+    sql = re.compile(r"\bselect\(|\bsession\.(execute|scalars?)\(|from sqlalchemy import .*\bselect\b")
+    assert [str(p.relative_to(ROOT)) for p in worker if sql.search(p.read_text())] == []
