@@ -147,7 +147,7 @@ def supervise(gpus: list[str], loglevel: str) -> int:
 def worker_command(gpus: str, loglevel: str, check: bool) -> None:
     """Run Celery workers: one process per GPU (solo pool), or one CPU worker."""
     if check:
-        from worker.tasks import ALIVE_FILE
+        from worker.liveness import ALIVE_FILE
 
         age = time.time() - ALIVE_FILE.stat().st_mtime if ALIVE_FILE.exists() else float("inf")
         limit = 3 * WorkerSettings().heartbeat_seconds + 10
