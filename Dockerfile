@@ -4,12 +4,13 @@
 #   worker  Celery worker with the ML core (CUDA build of torch), one process per GPU
 # docker compose builds both (see docker-compose.yml).
 #
-# The source tree is installed in place (`pip install -e`): `lethe migrate` finds alembic.ini and
-# migrations/ next to the package (service/db/migrate.py), which a wheel would not carry.
+# Dependencies first, source last: each image installs what pyproject.toml declares (a layer rebuilt
+# only when pyproject.toml changes), then copies the source and installs it as a wheel, without
+# dependencies. The migrations travel in the wheel as package data (`lethe migrate` runs anywhere).
 
 ARG PYTHON_VERSION=3.11
 
-# ---- common base: the source, a non-root user, no dependencies yet ----------------------------
+# ---- common base: a non-root user and the project's metadata; no source, no dependencies -------
 FROM python:${PYTHON_VERSION}-slim AS runtime
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -19,14 +20,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 RUN useradd --system --create-home --home-dir /home/lethe --uid 10001 lethe \
     && mkdir -p /var/lib/lethe && chown lethe /var/lib/lethe
 WORKDIR /app
-COPY pyproject.toml README.md alembic.ini ./
-COPY migrations ./migrations
-COPY service ./service
-COPY worker ./worker
+COPY pyproject.toml README.md scripts/pyproject-deps.py ./
 
 # ---- api: core dependencies only; the build fails if torch is importable ----------------------
 FROM runtime AS api
-RUN pip install -e . \
+RUN python pyproject-deps.py > requirements.txt && pip install -r requirements.txt
+COPY migrations ./migrations
+COPY service ./service
+COPY worker ./worker
+RUN pip install --no-deps . && rm -rf build migrations service worker \
     && python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)"
 USER lethe
 EXPOSE 8000
@@ -40,8 +42,12 @@ FROM runtime AS worker
 # The CUDA build of torch comes from PyTorch's index; the package itself only asks for torch>=2.2,<3.
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126
-RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" \
-    && pip install -e ".[ml]"
+RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+RUN python pyproject-deps.py ml > requirements.txt && pip install -r requirements.txt
+COPY migrations ./migrations
+COPY service ./service
+COPY worker ./worker
+RUN pip install --no-deps . && rm -rf build migrations service worker
 USER lethe
 # One Celery process per visible GPU (CUDA_VISIBLE_DEVICES per child); CPU when none is visible.
 CMD ["lethe", "worker"]

@@ -15,6 +15,7 @@ import os
 import secrets
 from pathlib import Path
 
+from service.fileio import sync_open_file
 from service.settings import Settings
 
 #: Where the key is kept when ``LETHE_EVENT_DIGEST_KEY`` is not set (created on first use).
@@ -46,8 +47,7 @@ def load_file_key(path: Path) -> bytes:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(secrets.token_hex(32) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+            sync_open_file(fh)
         with contextlib.suppress(FileExistsError):
             os.link(tmp, path)
     finally:

@@ -27,9 +27,13 @@ from celery import Celery
 
 log = logging.getLogger(__name__)
 
+# Task and queue names: defined here only (the worker imports them; the API never imports the worker).
 QUEUE = "lethe-gpu"
 TASK_WAKE = "lethe.wake_model"
 TASK_PREPARE = "lethe.prepare_model"
+#: sent by the worker only (its sweeper and heartbeat)
+TASK_SWEEP = "lethe.sweep"
+TASK_HEARTBEAT = "lethe.heartbeat"
 #: Set while a wake of the model is queued and not yet started by a worker.
 WAKE_MARKER = "lethe:wake:{model}"
 #: A marker outlives a lost message by at most this long; then the sweeper sends a new wake.

@@ -16,6 +16,7 @@ from service import deadlines, digests
 from service.db.models import ForgetRequest, Model, Sample, Subject
 from service.db.types import utcnow
 from service.errors import ConflictError, NotFoundError, UnprocessableError
+from service.fileio import canonical_json
 from service.repositories import events as events_repo
 from service.repositories import models as models_repo
 from service.repositories import requests as requests_repo
@@ -39,7 +40,7 @@ class Submission:
             "tasks": self.tasks,
             "external_id": self.external_id,
         }
-        return hashlib.sha256(events_repo.canonical_json(body).encode()).hexdigest()
+        return hashlib.sha256(canonical_json(body).encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ def subject_key(kind: str, client_id: str | None, sample_ids: list[str] | None, 
         body["client_id"] = client_id
     else:
         body["sample_ids"] = sorted(set(sample_ids or []))
-    return hashlib.sha256(events_repo.canonical_json(body).encode()).hexdigest()
+    return hashlib.sha256(canonical_json(body).encode()).hexdigest()
 
 
 def submit(

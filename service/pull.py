@@ -39,7 +39,7 @@ from urllib.parse import quote
 import click
 import httpx
 
-from service.fileio import fsync_dir, sha256_file
+from service.fileio import fsync_dir, sha256_file, sync_open_file
 
 STATE_FILE = "state.json"
 CURRENT_LINK = "current"
@@ -137,8 +137,7 @@ def _download(client: httpx.Client, remote: RemoteFile, target: Path) -> None:
                 h.update(chunk)
                 size += len(chunk)
                 fh.write(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
+            sync_open_file(fh)
     if h.hexdigest() != remote.sha256:
         raise PullError(f"{remote.name}: sha256 {h.hexdigest()} != {remote.sha256} (listed)")
     if remote.size is not None and size != remote.size:

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 from service import metrics
 from service.db.models import LIVE_ROUND_STATUSES, ROUND_STAGES, ForgetRequest, Model, Round
 from service.db.types import utcnow
+from service.fileio import FileDigest
 from service.repositories import events as events_repo
 from service.repositories import models as models_repo
 from service.repositories import requests as requests_repo
@@ -61,12 +62,6 @@ __all__ = [
     "register_prepared_model",
     "renew_lease",
 ]
-
-
-@dataclass(frozen=True)
-class FileDigest:
-    sha256: str
-    size: int
 
 
 @dataclass(frozen=True)

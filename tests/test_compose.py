@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from pathlib import Path
 from typing import Any
@@ -105,12 +106,39 @@ def test_dockerfile_api_stage_has_no_torch() -> None:
     assert re.search(r"FROM\s+runtime\s+AS\s+api", api)
     # Nothing the api stage builds on installs torch either.
     assert "torch" not in stages["runtime"]
-    # `lethe migrate` needs alembic.ini and migrations/ in the image
-    assert "alembic.ini" in stages["runtime"]
-    assert "migrations" in stages["runtime"]
     worker = stages["worker"]
     assert "torch==" in worker
-    assert "[ml]" in worker
+    assert "pyproject-deps.py ml" in worker  # the ml extra's dependencies
+
+
+@pytest.mark.parametrize("stage", ["api", "worker"])
+def test_dockerfile_installs_dependencies_before_the_source(stage: str) -> None:
+    """Issue 10 part 8. Defect: the source was copied before any dependency was installed (and
+    installed in place with ``pip install -e``), so every code change rebuilt the dependency layers.
+    Now: dependencies from pyproject.toml, then the source (migrations included), then the package
+    as a wheel without dependencies; the base stage holds no source."""
+    stages = _stages((ROOT / "Dockerfile").read_text())
+    assert not re.search(r"COPY\s+(service|worker|migrations)\b", stages["runtime"])
+    text = stages[stage]
+    deps = text.index("pip install -r requirements.txt")
+    sources = [m.start() for m in re.finditer(r"(?m)^COPY\s+(service|worker|migrations)\b", text)]
+    assert len(sources) == 3
+    assert deps < min(sources) < max(sources) < text.index("pip install --no-deps .")
+    assert "pip install -e" not in text
+
+
+def test_pyproject_deps_lists_the_core_and_the_extras() -> None:
+    spec = importlib.util.spec_from_file_location("pyproject_deps", ROOT / "scripts" / "pyproject-deps.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    core = module.dependencies(ROOT / "pyproject.toml", [])
+    with_ml = module.dependencies(ROOT / "pyproject.toml", ["ml"])
+    assert any(d.startswith("fastapi") for d in core)
+    assert not any(d.startswith("torch") for d in core)
+    assert set(core) < set(with_ml)
+    assert any(d.startswith("torch") for d in with_ml)
 
 
 def test_dockerignore_keeps_state_out() -> None:

@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from service import fileio
-from service.fileio import fsync_dir, fsync_file
+from service.fileio import FileDigest, atomic_write_bytes, fsync_dir, fsync_file
 from service.storage import ArtifactStore, NotInStoreError, join
 
 log = logging.getLogger(__name__)
@@ -65,43 +65,17 @@ class ArtifactError(Exception):
     """A version directory is missing, incomplete or does not match its manifest."""
 
 
-@dataclass(frozen=True)
-class FileDigest:
-    """sha256 (hex) and size in bytes of one file of a version."""
-
-    sha256: str
-    size: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {"sha256": self.sha256, "size": self.size}
-
-
 def sha256_file(path: Path) -> FileDigest:
     return FileDigest(*fileio.sha256_file(path))
 
 
 def canonical_json(data: Any) -> bytes:
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return fileio.canonical_json(data, allow_nan=True).encode()
 
 
 def json_digest(data: Any) -> str:
     """sha256 of the canonical JSON of ``data`` (an evidence document's id in the manifest)."""
     return hashlib.sha256(canonical_json(data)).hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``path`` through a temporary file, fsync it, rename, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

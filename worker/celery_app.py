@@ -22,7 +22,8 @@ Reliability settings (see docs/operations.md):
   while the engine runs; hard: exit the process, the round is resumed under a new fencing token);
   the Celery limits are set as well for anyone running the prefork pool.
 
-Configuration happens in :func:`configure` at worker start-up (``lethe worker``), never at import.
+Configuration happens in :func:`configure` at worker start-up (``lethe worker``), never at import;
+this module never imports ``worker.tasks`` (the tasks import the app).
 """
 
 from __future__ import annotations
@@ -32,17 +33,16 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
+from service.dispatch import TASK_CERTIFY, TASK_HEARTBEAT, TASK_PREPARE, TASK_SWEEP, TASK_WAKE
 from service.settings import Settings
 from worker.config import CERTIFY_QUEUE, GPU_QUEUE, WorkerSettings
 
-TASK_WAKE = "lethe.wake_model"
-TASK_PREPARE = "lethe.prepare_model"
-TASK_SWEEP = "lethe.sweep"
-TASK_HEARTBEAT = "lethe.heartbeat"
+#: the tasks of queue ``lethe-gpu``; certification (``TASK_CERTIFY``) has its own queue
 TASK_NAMES = (TASK_WAKE, TASK_PREPARE, TASK_SWEEP, TASK_HEARTBEAT)
-#: certification: its own queue (off the request path; a worker may consume both, or only one)
-TASK_CERTIFY = "lethe.certify_version"
 
+__all__ = ["TASK_CERTIFY", "TASK_HEARTBEAT", "TASK_NAMES", "TASK_PREPARE", "TASK_SWEEP", "TASK_WAKE", "app"]
+
+#: the worker's app; its tasks are defined on it at module level in ``worker/tasks.py``
 app = Celery("lethe", set_as_current=False)
 
 
@@ -86,9 +86,7 @@ def celery_config(settings: Settings, worker_settings: WorkerSettings) -> dict[s
 
 
 def configure(settings: Settings, worker_settings: WorkerSettings, *, celery: Celery = app) -> Celery:
-    """Configure ``celery`` (default: the module's app) and register the tasks."""
+    """Configure ``celery`` (default: the module's app); the caller starts the tasks' process
+    (:func:`worker.tasks.register`)."""
     celery.conf.update(celery_config(settings, worker_settings))
-    from worker.tasks import register
-
-    register(celery, settings, worker_settings)
     return celery

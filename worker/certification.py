@@ -28,11 +28,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
 from service import certification as certification_service
 from service import metrics, rounds
-from service.db.models import AdapterVersion, Evidence, Model
+from service.db.models import AdapterVersion, Model
 from service.db.session import transaction
 from service.db.types import utcnow
 from service.repositories import certifications as certifications_repo
@@ -40,7 +38,7 @@ from service.repositories import events as events_repo
 from service.repositories import rounds as rounds_repo
 from service.repositories import versions as versions_repo
 from service.storage import NotInStoreError
-from worker import pipeline
+from worker import context
 from worker.unlearning.state import STATE_FILE
 
 log = logging.getLogger(__name__)
@@ -51,7 +49,7 @@ STATUS = {"within_bounds": "certified", "out_of_bounds": "flagged", "incomplete"
 EVENT = {"certified": "certified", "flagged": "flagged", "incomplete": "certification_incomplete"}
 
 
-def snapshot_dir(ctx: pipeline.WorkerContext, model_name: str, round_id: int) -> Path:
+def snapshot_dir(ctx: context.WorkerContext, model_name: str, round_id: int) -> Path:
     return ctx.data_dir(model_name) / "certification" / f"round-{round_id}"
 
 
@@ -66,7 +64,7 @@ def sampled(model_name: str, round_id: int, share: float) -> bool:
 
 
 def after_publish(
-    ctx: pipeline.WorkerContext, claimed: rounds.ClaimedRound, published: rounds.PublishedVersion
+    ctx: context.WorkerContext, claimed: rounds.ClaimedRound, published: rounds.PublishedVersion
 ) -> int | None:
     """Snapshot the forget sets of a sampled round and request its certification; the id or None.
 
@@ -82,9 +80,9 @@ def after_publish(
         from worker.unlearning.datastore import DataStore
 
         data_dir = ctx.data_dir(claimed.model_name)
-        with pipeline.model_lock(data_dir):  # the purge takes the same lock
+        with context.model_lock(data_dir):  # the purge takes the same lock
             store = DataStore(data_dir)
-            specs = [pipeline._spec(r) for r in claimed.requests]
+            specs = [context._spec(r) for r in claimed.requests]
             snap = save_snapshot(
                 snapshot_dir(ctx, claimed.model_name, claimed.round_id), forget_sets(store, specs)
             )
@@ -116,7 +114,7 @@ class _Job:
     requests: list[tuple[str, list[str], dict[str, Any]]]  # id, forgotten tasks, request evidence
 
 
-def _load_job(ctx: pipeline.WorkerContext, certification_id: int) -> _Job | None:
+def _load_job(ctx: context.WorkerContext, certification_id: int) -> _Job | None:
     with transaction(ctx.session_factory) as session:
         if not certifications_repo.start(session, certification_id, at=utcnow()):
             return None  # not requested: a duplicate message, or another worker has it
@@ -129,9 +127,7 @@ def _load_job(ctx: pipeline.WorkerContext, certification_id: int) -> _Job | None
         assert version.round_id is not None
         evidence = {
             e.request_id: e.payload
-            for e in session.scalars(
-                select(Evidence).where(Evidence.version_id == version.id).order_by(Evidence.id)
-            )
+            for e in versions_repo.evidence_of_version(session, version.id)
             if e.payload.get("kind") != "certification"
         }
         requests = []
@@ -146,7 +142,7 @@ def _load_job(ctx: pipeline.WorkerContext, certification_id: int) -> _Job | None
         )  # fmt: skip
 
 
-def run_certification(ctx: pipeline.WorkerContext, certification_id: int) -> str | None:
+def run_certification(ctx: context.WorkerContext, certification_id: int) -> str | None:
     """The body of ``lethe.certify_version``: the final status, or None when there was nothing to do."""
     job = _load_job(ctx, certification_id)
     if job is None:
@@ -214,12 +210,12 @@ def run_certification(ctx: pipeline.WorkerContext, certification_id: int) -> str
     return status
 
 
-def _certify(ctx: pipeline.WorkerContext, job: _Job, snap: Path) -> dict[str, Any]:
+def _certify(ctx: context.WorkerContext, job: _Job, snap: Path) -> dict[str, Any]:
     from worker.unlearning.audit import ModelMetrics
     from worker.unlearning.certify import CertifyRequest, certify_version, load_snapshot
     from worker.unlearning.engine import EngineInputs
 
-    workload = pipeline._load_workload(job.model)
+    workload = context._load_workload(job.model)
     store = ctx.artifacts(job.model_name)
     inputs = EngineInputs.load(
         workload,
@@ -255,7 +251,7 @@ def _certify(ctx: pipeline.WorkerContext, job: _Job, snap: Path) -> dict[str, An
     return result.to_json()
 
 
-def requeue_stale(ctx: pipeline.WorkerContext) -> list[int]:
+def requeue_stale(ctx: context.WorkerContext) -> list[int]:
     """Certifications ``running`` longer than the hard time limit (their worker died) → ``requested``."""
     cutoff = utcnow() - timedelta(seconds=ctx.worker_settings.hard_time_limit)
     with transaction(ctx.session_factory) as session:
@@ -263,7 +259,7 @@ def requeue_stale(ctx: pipeline.WorkerContext) -> list[int]:
 
 
 def requested(
-    ctx: pipeline.WorkerContext, *, model_name: str | None = None, min_age_seconds: float = 0.0
+    ctx: context.WorkerContext, *, model_name: str | None = None, min_age_seconds: float = 0.0
 ) -> list[int]:
     """Ids of certifications waiting for a worker (of ``model_name``; requested a while ago)."""
     with transaction(ctx.session_factory) as session:

@@ -54,11 +54,13 @@ def _keep_our_logging(**_: object) -> None:
 def run_celery_worker(loglevel: str, slot: str) -> None:
     """Run one Celery worker in this process: solo pool, one task at a time."""
     from service.settings import Settings
+    from worker import tasks
     from worker.celery_app import configure
 
     settings = Settings()
     worker_settings = WorkerSettings()
     app = configure(settings, worker_settings)
+    tasks.register(settings, worker_settings)
     log_format = settings.log_format or "json"
     logs.configure(log_format, loglevel)
     from celery import signals
@@ -145,7 +147,7 @@ def supervise(gpus: list[str], loglevel: str) -> int:
 def worker_command(gpus: str, loglevel: str, check: bool) -> None:
     """Run Celery workers: one process per GPU (solo pool), or one CPU worker."""
     if check:
-        from worker.tasks import ALIVE_FILE
+        from worker.liveness import ALIVE_FILE
 
         age = time.time() - ALIVE_FILE.stat().st_mtime if ALIVE_FILE.exists() else float("inf")
         limit = 3 * WorkerSettings().heartbeat_seconds + 10
@@ -315,7 +317,8 @@ def models_reapply_erasures(names: tuple[str, ...], quarantine_unknown: bool) ->
     from service.settings import Settings
     from worker import restore
     from worker.config import WorkerSettings
-    from worker.pipeline import WorkerContext, ready_models
+    from worker.context import WorkerContext
+    from worker.liveness import ready_models
 
     ctx = WorkerContext.create(Settings(), WorkerSettings(device="cpu"), worker_id="reapply-erasures")
     disagree = False

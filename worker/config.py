@@ -7,9 +7,10 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-GPU_QUEUE = "lethe-gpu"
-#: certification (``lethe.certify_version``): same name as ``service.dispatch.CERTIFY_QUEUE``
-CERTIFY_QUEUE = "lethe.certify"
+from service.dispatch import CERTIFY_QUEUE
+from service.dispatch import QUEUE as GPU_QUEUE
+
+__all__ = ["CERTIFY_QUEUE", "GPU_QUEUE", "WorkerSettings"]
 
 
 class WorkerSettings(BaseSettings):

@@ -55,27 +55,14 @@ class DemoFailure(Exception):  # noqa: N818 (a failed demo, not an error of the 
 
 
 def _choose_subjects(session_factory: Any, model_name: str) -> Subjects:
-    from sqlalchemy import select
-
-    from service.db.models import ForgetRequest, Model, Sample, Subject
+    from service.repositories import models as models_repo
+    from service.repositories import requests as requests_repo
 
     with session_factory() as session:
-        model = session.scalar(select(Model).where(Model.name == model_name))
+        model = models_repo.get_model(session, model_name)
         assert model is not None
-        busy = {
-            r.client_id
-            for r in session.scalars(select(ForgetRequest).where(ForgetRequest.model_id == model.id))
-            if r.client_id
-        }
-        active = [
-            s.client_id
-            for s in session.scalars(
-                select(Subject)
-                .where(Subject.model_id == model.id, Subject.status == "active")
-                .order_by(Subject.id)
-            )
-            if s.client_id not in busy
-        ]
+        busy = requests_repo.client_ids_with_requests(session, model.id)
+        active = [c for c in models_repo.active_client_ids(session, model.id) if c not in busy]
         tasks = list(model.tasks)
         if len(active) < 2 or len(tasks) < 2:
             raise DemoFailure(f"model {model_name} has too few active clients left; run `lethe demo --reset`")
@@ -83,11 +70,7 @@ def _choose_subjects(session_factory: Any, model_name: str) -> Subjects:
         task_client = active[1]
         samples = [
             s.sample_id
-            for s in session.scalars(
-                select(Sample)
-                .where(Sample.model_id == model.id, Sample.client_id == task_client, Sample.purged.is_(False))
-                .order_by(Sample.sample_id)
-            )
+            for s in models_repo.unpurged_samples(session, model.id, task_client)
             if task not in s.purged_tasks
         ][:40]
     return Subjects(client=active[0], task_client=task_client, task_samples=samples, task=task, tasks=tasks)

@@ -79,7 +79,8 @@ def create_model(
 
 def prepare_here(name: str, *, app_settings: Settings | None = None) -> int | None:
     """Train v1 in this process (the pipeline's ``prepare_model``); the version, None if ready."""
-    from worker.pipeline import WorkerContext, prepare_model
+    from worker.context import WorkerContext
+    from worker.preparation import prepare_model
 
     app_settings = app_settings or Settings()
     ctx = WorkerContext.create(app_settings, WorkerSettings(), worker_id="cli")

@@ -11,7 +11,7 @@ holds raw data purged since, artifacts restored from one hold withdrawn versions
    as purged (purges are idempotent) and records it,
 4. optionally moves sealed version directories the database does not know to
    ``<model>/quarantine/`` (never deletes them: they may be the newest intact adapters),
-5. checks the database against the artifacts again (``pipeline.check_consistency``), which halts
+5. checks the database against the artifacts again (``round_job.check_consistency``), which halts
    or resumes the model.
 
 Run it with the workers stopped (docs/operations.md, "Backup and restore").
@@ -26,7 +26,10 @@ from dataclasses import dataclass, field
 from service.db.session import transaction
 from service.repositories import halts as halts_repo
 from service.repositories import models as models_repo
-from worker import consistency, pipeline
+from worker import consistency
+from worker.cleanup import delete_withdrawn_files, purge_completed
+from worker.context import WorkerContext
+from worker.round_job import check_consistency
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,7 @@ class ReapplyReport:
 
 
 def reapply_erasures(
-    ctx: pipeline.WorkerContext, model_name: str, *, quarantine_unknown: bool = False
+    ctx: WorkerContext, model_name: str, *, quarantine_unknown: bool = False
 ) -> ReapplyReport:
     report = ReapplyReport(model_name)
     with transaction(ctx.session_factory) as session:
@@ -52,8 +55,8 @@ def reapply_erasures(
         if model.status != "ready":
             return report  # nothing was published or erased yet
         report.withdrawn = halts_repo.withdraw_superseded(session, model.id)
-    report.deleted = pipeline.delete_withdrawn_files(ctx, model_name)
-    report.purged_requests = len(pipeline.purge_completed(ctx, model_name, everything=True))
+    report.deleted = delete_withdrawn_files(ctx, model_name)
+    report.purged_requests = len(purge_completed(ctx, model_name, everything=True))
     if quarantine_unknown:
         store = ctx.artifacts(model_name)
         with transaction(ctx.session_factory) as session:
@@ -66,5 +69,5 @@ def reapply_erasures(
             os.rename(directory, quarantine / directory.name)
             report.quarantined.append(directory.name)
             log.warning("moved %s to %s: the database does not know it", directory, quarantine)
-    report.problems = pipeline.check_consistency(ctx, model_name)
+    report.problems = check_consistency(ctx, model_name)
     return report

@@ -1,4 +1,6 @@
-"""Celery tasks, registered by name on the worker's app at start-up (:func:`register`).
+"""Celery tasks, defined at module level on the worker's app (``worker.celery_app.app``), by name.
+
+:func:`register` (at worker start-up) gives them their settings and connects the process's hooks.
 
 - ``lethe.wake_model(model_name)``: reconcile, run the model's next round, and send another wake
   when a round ran (one round per message: see :func:`wake_again`);
@@ -12,55 +14,42 @@
 Every worker process also sends the due webhook deliveries in a thread of its own
 (``service.webhooks.sender.SenderThread``): never in a round's thread, never on the API's request path.
 
-Every worker process also runs a background thread (:class:`Heartbeat`) that records a heartbeat
-(state ``idle`` / ``busy``) and runs the sweep every ``LETHE_WORKER_HEARTBEAT_SECONDS``, so that
-requests accepted while the broker was down are processed once it is back, and a round whose worker
-died is resumed when its lease expires. At most one wake per model is outstanding: a Redis marker
-(shared with the API's dispatcher) is set when a wake is sent and deleted when a worker starts it.
+Every worker process also runs the heartbeat thread (``worker.liveness.Heartbeat``, started when
+the worker is ready): heartbeat and sweep every ``LETHE_WORKER_HEARTBEAT_SECONDS``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from contextvars import Token
-from pathlib import Path
 from typing import Any, ClassVar
 
 import redis
-from celery import Celery, signals
+from celery import signals
 
 from service import logs
-from service.dispatch import WAKE_MARKER, WAKE_MARKER_SECONDS
 from service.settings import Settings
 from service.webhooks.sender import Sender, SenderThread
-from worker import certification, pipeline
-from worker.celery_app import TASK_CERTIFY, TASK_HEARTBEAT, TASK_PREPARE, TASK_SWEEP, TASK_WAKE
+from worker import certification, liveness, preparation, round_job
+from worker.celery_app import TASK_CERTIFY, TASK_HEARTBEAT, TASK_PREPARE, TASK_SWEEP, TASK_WAKE, app
+from worker.cleanup import reconcile
 from worker.config import WorkerSettings
+from worker.context import WorkerContext
+from worker.liveness import Heartbeat, send_certify, sweep, wake_again, wake_started
 
 log = logging.getLogger(__name__)
 
-WAKE_KEY = WAKE_MARKER  # shared with the API: at most one outstanding wake per model
-PREPARE_KEY = "lethe:prepare:{model}"
-CERTIFY_KEY = "lethe:certify:{id}"
-ALIVE_FILE = Path("/tmp/lethe-worker.alive")
-
 
 class _State:
-    ctx: pipeline.WorkerContext | None = None
-    app: Celery | None = None
+    settings: Settings | None = None
+    worker_settings: WorkerSettings | None = None
+    ctx: WorkerContext | None = None
     busy = 0
     lock = threading.Lock()
     heartbeat: Heartbeat | None = None
     webhooks: SenderThread | None = None
     log_tokens: ClassVar[dict[str, Token[dict[str, Any]]]] = {}
-
-
-def context() -> pipeline.WorkerContext:
-    if _State.ctx is None:
-        raise RuntimeError("worker tasks are not registered (call worker.tasks.register)")
-    return _State.ctx
 
 
 class _Busy:
@@ -73,205 +62,112 @@ class _Busy:
             _State.busy -= 1
 
 
-def send_wake(
-    app: Celery,
-    broker: redis.Redis[bytes] | None,
-    model_name: str,
-    *,
-    dedupe_seconds: int = WAKE_MARKER_SECONDS,
-) -> bool:
-    """Send ``lethe.wake_model`` unless a wake of the model is outstanding (queued, not started)."""
-    if dedupe_seconds > 0 and not _once(broker, WAKE_KEY.format(model=model_name), dedupe_seconds):
-        return False
-    app.send_task(TASK_WAKE, args=[model_name])
-    return True
+def _ctx() -> WorkerContext:
+    """The process's worker context, created on first use from the settings given to :func:`register`."""
+    if _State.ctx is None:
+        if _State.settings is None or _State.worker_settings is None:
+            raise RuntimeError("worker tasks are not registered (call worker.tasks.register)")
+        _State.ctx = WorkerContext.create(_State.settings, _State.worker_settings)
+    return _State.ctx
 
 
-def wake_started(broker: redis.Redis[bytes] | None, model_name: str) -> None:
-    """A worker took the model's wake: it is no longer outstanding, the next one may be sent."""
-    if broker is None:
-        return
-    try:
-        broker.delete(WAKE_KEY.format(model=model_name))
-    except redis.RedisError:
-        log.debug("could not clear the wake marker of %s", model_name, exc_info=True)
+def _broker() -> redis.Redis[bytes] | None:
+    return _State.heartbeat.broker if _State.heartbeat else None
 
 
-def wake_again(app: Celery, model_name: str, broker: redis.Redis[bytes] | None = None) -> None:
-    """Continue with the model's next round in a new message.
+@app.task(name=TASK_WAKE, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def wake_model(model_name: str) -> dict[str, Any]:
+    broker = _broker()
+    wake_started(broker, model_name)
+    with logs.bound(model=model_name), _Busy():
+        results = round_job.wake_model(_ctx(), model_name, max_rounds=1)
+    if results and results[-1].status != "lease_lost":
+        wake_again(app, model_name, broker)
+    for certification_id in certification.requested(_ctx(), model_name=model_name):  # sampled rounds
+        send_certify(app, certification_id)
+    return {"rounds": [r.round_id for r in results], "versions": [r.version for r in results]}
 
-    A task runs at most one round (or one preparation), each bounded by the hard time limit, so no
-    message stays unacknowledged longer than the broker's visibility timeout (hard limit + 600 s)
-    and Redis never hands a message that is still being worked on to a second worker. When the
-    broker is down the sweeper sends the wake later.
+
+@app.task(name=TASK_PREPARE, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def prepare_model(model_name: str) -> dict[str, Any]:
+    with logs.bound(model=model_name), _Busy():
+        published = preparation.prepare_model(_ctx(), model_name)
+    if published is not None:
+        wake_again(app, model_name, _broker())  # requests accepted while the model was preparing
+    return {"version": published.version if published else None}
+
+
+@app.task(name=TASK_CERTIFY, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def certify_version(certification_id: int) -> dict[str, Any]:
+    with logs.bound(certification_id=certification_id), _Busy():
+        status = certification.run_certification(_ctx(), certification_id)
+    return {"certification": certification_id, "status": status}
+
+
+@app.task(name=TASK_SWEEP, ignore_result=True)
+def sweep_task() -> list[str]:
+    return sweep(app, _ctx(), _broker())
+
+
+@app.task(name=TASK_HEARTBEAT, ignore_result=True)
+def heartbeat_task() -> None:
+    ctx = _ctx()
+    liveness.heartbeat(ctx, queues=ctx.worker_settings.queues, state="busy" if _State.busy else "idle")
+
+
+# every log line of a task carries its Celery task id (solo pool: one task at a time, one thread)
+def _bind_task(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    _State.log_tokens[task_id or ""] = logs.bind(task_id=task_id, task=getattr(task, "name", None))
+
+
+def _unbind_task(task_id: str | None = None, **_: Any) -> None:
+    token = _State.log_tokens.pop(task_id or "", None)
+    if token is not None:
+        logs.unbind(token)
+
+
+def _on_ready(**_: Any) -> None:
+    c = _ctx()
+    worker_settings = c.worker_settings
+    log.info("worker %s ready on %s (device %s)", c.worker_id, worker_settings.queues, c.device)
+    for model_name in liveness.ready_models(c):
+        reconcile(c, model_name)
+    # warm up: import torch, peft and the ML core now rather than in the first round (no CUDA
+    # initialisation happens on import)
+    import worker.unlearning.engine
+    import worker.unlearning.methods  # noqa: F401
+
+    hb = Heartbeat(
+        app,
+        c,
+        interval=worker_settings.heartbeat_seconds,
+        do_sweep=worker_settings.sweep,
+        busy=lambda: _State.busy > 0,
+    )
+    _State.heartbeat = hb
+    hb.start()
+    # webhook deliveries: their own thread, so a slow receiver delays neither rounds nor heartbeats
+    _State.webhooks = SenderThread(
+        Sender(c.session_factory, c.settings), interval=c.settings.webhook_poll_seconds
+    )
+    _State.webhooks.start()
+
+
+def _on_shutdown(**_: Any) -> None:
+    if _State.heartbeat is not None:
+        _State.heartbeat.stop()
+    if _State.webhooks is not None:
+        _State.webhooks.stop()
+
+
+def register(settings: Settings, worker_settings: WorkerSettings) -> None:
+    """Start-up of a worker process: the settings of its context and the hooks of its lifecycle.
+
+    The tasks themselves are defined on :data:`worker.celery_app.app` when this module is imported.
     """
-    try:
-        send_wake(app, broker, model_name)
-    except Exception as exc:
-        log.warning("could not send the next wake of %s (%s); the sweeper will", model_name, exc)
-
-
-def sweep(app: Celery, ctx: pipeline.WorkerContext, broker: redis.Redis[bytes] | None) -> list[str]:
-    """Wake models with queued requests (or an expired round); re-send lost preparations."""
-    sent: list[str] = []
-    for model_name in pipeline.models_to_wake(ctx):
-        if send_wake(app, broker, model_name):
-            sent.append(model_name)
-    if sent:
-        log.info("sweeper woke %s", sent)
-    certification.requeue_stale(ctx)
-    for certification_id in certification.requested(ctx, min_age_seconds=60.0):  # a lost message
-        if _once(broker, CERTIFY_KEY.format(id=certification_id), 600):
-            send_certify(app, certification_id)
-    for model_name in pipeline.models_to_prepare(ctx):
-        if _once(broker, PREPARE_KEY.format(model=model_name), 600):
-            app.send_task(TASK_PREPARE, args=[model_name])
-            log.info("sweeper re-sent the preparation of %s", model_name)
-    return sent
-
-
-def send_certify(app: Celery, certification_id: int) -> None:
-    """Send ``lethe.certify_version(certification_id)`` (routed to queue ``lethe.certify``)."""
-    try:
-        app.send_task(TASK_CERTIFY, args=[certification_id])
-    except Exception:
-        log.warning("could not send certification %d; the sweeper will", certification_id, exc_info=True)
-
-
-def _once(broker: redis.Redis[bytes] | None, key: str, seconds: int) -> bool:
-    """True at most once per ``seconds`` per key (always True without a Redis client)."""
-    if broker is None:
-        return True
-    try:
-        return bool(broker.set(key, "1", nx=True, ex=seconds))
-    except redis.RedisError:
-        return True
-
-
-class Heartbeat:
-    """Background thread: heartbeat + sweep every ``interval`` seconds."""
-
-    def __init__(self, app: Celery, ctx: pipeline.WorkerContext, *, interval: float, do_sweep: bool) -> None:
-        self.app = app
-        self.ctx = ctx
-        self.interval = interval
-        self.do_sweep = do_sweep
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="lethe-heartbeat", daemon=True)
-        url = ctx.settings.broker_url
-        self.broker: redis.Redis[bytes] | None = None
-        if url and url.startswith("redis"):
-            self.broker = redis.Redis.from_url(url)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, state: str = "stopped") -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-        try:
-            pipeline.heartbeat(self.ctx, queues=self.ctx.worker_settings.queues, state=state)
-        except Exception:
-            log.debug("final heartbeat failed", exc_info=True)
-
-    def beat(self) -> None:
-        state = "busy" if _State.busy else "idle"
-        pipeline.heartbeat(self.ctx, queues=self.ctx.worker_settings.queues, state=state)
-        with contextlib.suppress(OSError):
-            ALIVE_FILE.touch()
-        if self.do_sweep:
-            sweep(self.app, self.ctx, self.broker)
-
-    def _run(self) -> None:
-        while True:
-            try:
-                self.beat()
-            except Exception:
-                log.warning("heartbeat / sweep failed; retrying", exc_info=True)
-            if self._stop.wait(self.interval):
-                return
-
-
-def register(app: Celery, settings: Settings, worker_settings: WorkerSettings) -> None:
-    """Register the tasks on ``app`` and the start/stop hooks of the worker process."""
-    _State.app = app
-
-    def ctx() -> pipeline.WorkerContext:
-        if _State.ctx is None:
-            _State.ctx = pipeline.WorkerContext.create(settings, worker_settings)
-        return _State.ctx
-
-    @app.task(name=TASK_WAKE, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-    def wake_model(model_name: str) -> dict[str, Any]:
-        broker = _State.heartbeat.broker if _State.heartbeat else None
-        wake_started(broker, model_name)
-        with logs.bound(model=model_name), _Busy():
-            results = pipeline.wake_model(ctx(), model_name, max_rounds=1)
-        if results and results[-1].status != "lease_lost":
-            wake_again(app, model_name, broker)
-        for certification_id in certification.requested(ctx(), model_name=model_name):  # sampled rounds
-            send_certify(app, certification_id)
-        return {"rounds": [r.round_id for r in results], "versions": [r.version for r in results]}
-
-    @app.task(name=TASK_PREPARE, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-    def prepare_model(model_name: str) -> dict[str, Any]:
-        with logs.bound(model=model_name), _Busy():
-            published = pipeline.prepare_model(ctx(), model_name)
-        if published is not None:
-            wake_again(
-                app, model_name, _State.heartbeat.broker if _State.heartbeat else None
-            )  # requests accepted while the model was preparing
-        return {"version": published.version if published else None}
-
-    @app.task(name=TASK_CERTIFY, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
-    def certify_version(certification_id: int) -> dict[str, Any]:
-        with logs.bound(certification_id=certification_id), _Busy():
-            status = certification.run_certification(ctx(), certification_id)
-        return {"certification": certification_id, "status": status}
-
-    @app.task(name=TASK_SWEEP, ignore_result=True)
-    def sweep_task() -> list[str]:
-        hb = _State.heartbeat
-        return sweep(app, ctx(), hb.broker if hb else None)
-
-    @app.task(name=TASK_HEARTBEAT, ignore_result=True)
-    def heartbeat_task() -> None:
-        pipeline.heartbeat(ctx(), queues=worker_settings.queues, state="busy" if _State.busy else "idle")
-
-    # every log line of a task carries its Celery task id (solo pool: one task at a time, one thread)
-    @signals.task_prerun.connect(weak=False)
-    def _bind_task(task_id: str | None = None, task: Any = None, **_: Any) -> None:
-        _State.log_tokens[task_id or ""] = logs.bind(task_id=task_id, task=getattr(task, "name", None))
-
-    @signals.task_postrun.connect(weak=False)
-    def _unbind_task(task_id: str | None = None, **_: Any) -> None:
-        token = _State.log_tokens.pop(task_id or "", None)
-        if token is not None:
-            logs.unbind(token)
-
-    @signals.worker_ready.connect(weak=False)
-    def _on_ready(**_: Any) -> None:
-        c = ctx()
-        log.info("worker %s ready on %s (device %s)", c.worker_id, worker_settings.queues, c.device)
-        for model_name in pipeline.ready_models(c):
-            pipeline.reconcile(c, model_name)
-        # warm up: import torch, peft and the ML core now rather than in the first round (no CUDA
-        # initialisation happens on import)
-        import worker.unlearning.engine
-        import worker.unlearning.methods  # noqa: F401
-
-        hb = Heartbeat(app, c, interval=worker_settings.heartbeat_seconds, do_sweep=worker_settings.sweep)
-        _State.heartbeat = hb
-        hb.start()
-        # webhook deliveries: their own thread, so a slow receiver delays neither rounds nor heartbeats
-        _State.webhooks = SenderThread(
-            Sender(c.session_factory, c.settings), interval=c.settings.webhook_poll_seconds
-        )
-        _State.webhooks.start()
-
-    @signals.worker_shutdown.connect(weak=False)
-    def _on_shutdown(**_: Any) -> None:
-        if _State.heartbeat is not None:
-            _State.heartbeat.stop()
-        if _State.webhooks is not None:
-            _State.webhooks.stop()
+    _State.settings = settings
+    _State.worker_settings = worker_settings
+    signals.task_prerun.connect(_bind_task, weak=False)
+    signals.task_postrun.connect(_unbind_task, weak=False)
+    signals.worker_ready.connect(_on_ready, weak=False)
+    signals.worker_shutdown.connect(_on_shutdown, weak=False)

@@ -1,39 +1,53 @@
 """Run the Alembic migrations programmatically (``lethe migrate``, tests).
 
-The migration scripts live in ``migrations/`` next to ``alembic.ini`` at the repository root (or
-the image's working directory, see the Dockerfile); ``LETHE_MIGRATIONS_DIR`` overrides the search.
+The migration scripts are the ``migrations`` package, shipped in the wheel as package data
+(pyproject.toml): Alembic's ``script_location`` is the package location ``migrations:.``, which
+Alembic resolves through importlib.resources, so ``lethe migrate`` works from an installed wheel in
+any working directory. ``LETHE_MIGRATIONS_DIR`` overrides it (a directory holding ``env.py``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.util.pyfiles import coerce_resource_to_filename
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+#: the ``pkg:dir`` location of the migration scripts: the root of the ``migrations`` package
+SCRIPT_LOCATION = "migrations:."
+
+
+def script_location() -> str:
+    """``$LETHE_MIGRATIONS_DIR`` if set, else the package location (:data:`SCRIPT_LOCATION`)."""
+    override = os.environ.get("LETHE_MIGRATIONS_DIR")
+    if override:
+        return str(Path(override).resolve())
+    if importlib.util.find_spec("migrations") is None:
+        raise FileNotFoundError(
+            "no Alembic migrations found: the package `migrations` is not installed; set LETHE_MIGRATIONS_DIR"
+        )
+    return SCRIPT_LOCATION
 
 
 def migrations_dir() -> Path:
-    """The first of $LETHE_MIGRATIONS_DIR, <repository>/migrations, ./migrations that has env.py."""
-    candidates = [REPO_ROOT / "migrations", Path.cwd() / "migrations"]
-    override = os.environ.get("LETHE_MIGRATIONS_DIR")
-    if override:
-        candidates.insert(0, Path(override))
-    for candidate in candidates:
-        if (candidate / "env.py").is_file():
-            return candidate.resolve()
-    searched = ", ".join(str(c) for c in candidates)
-    raise FileNotFoundError(f"no Alembic migrations found (searched {searched}); set LETHE_MIGRATIONS_DIR")
+    """The directory :func:`script_location` names; FileNotFoundError when it has no ``env.py``."""
+    location = script_location()
+    path = coerce_resource_to_filename(location)
+    if not (path / "env.py").is_file():
+        raise FileNotFoundError(f"no Alembic migrations in {path} ({location}); set LETHE_MIGRATIONS_DIR")
+    return path.resolve()
 
 
 def alembic_config(database_url: str) -> Config:
-    """The repository's Alembic configuration, pointed at ``database_url``."""
-    scripts = migrations_dir()
-    ini = scripts.parent / "alembic.ini"
-    config = Config(str(ini)) if ini.is_file() else Config()
-    config.set_main_option("script_location", str(scripts))
+    """The Alembic configuration of the migrations, pointed at ``database_url`` (no alembic.ini:
+    ``alembic.ini`` at the repository root is for the ``alembic`` command in a checkout)."""
+    migrations_dir()  # a clear error now, not Alembic's later
+    config = Config()
+    config.set_main_option("script_location", script_location())
+    config.set_main_option("path_separator", "os")
     # ConfigParser interpolation: a literal % in a URL (an escaped password) must be doubled.
     config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     return config

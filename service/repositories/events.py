@@ -8,7 +8,6 @@ that row, and :func:`verify_chain` names it.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,14 +19,11 @@ from sqlalchemy.orm import Session
 from service.db import copy
 from service.db.models import RequestEvent
 from service.db.types import as_utc, utcnow
+from service.fileio import canonical_json
 
 GENESIS_HASH = "0" * 64
 #: Key of the PostgreSQL advisory lock that serialises appends to the chain.
 CHAIN_LOCK_KEY = 0x4C45_5448_4501
-
-
-def canonical_json(value: Any) -> str:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def _timestamp(value: datetime) -> str:

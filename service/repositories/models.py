@@ -7,7 +7,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.db.models import MODEL_NAME_PATTERN, Model, Sample, Subject
@@ -221,3 +221,42 @@ def mark_sample_tasks_purged(
             if all_tasks and set(sample.purged_tasks) >= set(all_tasks):
                 sample.purged = True
     session.flush()
+
+
+def purged_client_ids(session: Session, model_id: int, client_ids: Iterable[str]) -> set[str]:
+    """Those of ``client_ids`` whose data is recorded as purged (one statement)."""
+    stmt = select(Subject.client_id).where(
+        Subject.model_id == model_id, Subject.purged_at.is_not(None), Subject.client_id.in_(list(client_ids))
+    )
+    return set(session.scalars(stmt))
+
+
+def samples_of(
+    session: Session, model_id: int, *, sample_ids: Iterable[str], client_ids: Iterable[str]
+) -> list[Sample]:
+    """The samples named in ``sample_ids`` and every sample of ``client_ids`` (one statement)."""
+    stmt = select(Sample).where(
+        Sample.model_id == model_id,
+        or_(Sample.sample_id.in_(list(sample_ids)), Sample.client_id.in_(list(client_ids))),
+    )
+    return list(session.scalars(stmt))
+
+
+def active_client_ids(session: Session, model_id: int) -> list[str]:
+    """The clients not forgotten, in registration order."""
+    stmt = (
+        select(Subject.client_id)
+        .where(Subject.model_id == model_id, Subject.status == "active")
+        .order_by(Subject.id)
+    )
+    return list(session.scalars(stmt))
+
+
+def unpurged_samples(session: Session, model_id: int, client_id: str) -> list[Sample]:
+    """The client's samples whose inputs are kept, by sample id."""
+    stmt = (
+        select(Sample)
+        .where(Sample.model_id == model_id, Sample.client_id == client_id, Sample.purged.is_(False))
+        .order_by(Sample.sample_id)
+    )
+    return list(session.scalars(stmt))

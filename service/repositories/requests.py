@@ -236,3 +236,21 @@ def mark_purged(session: Session, request_ids: Sequence[str], *, at: datetime) -
             .values(purged_at=at)
             .execution_options(synchronize_session=False)
         )
+
+
+def completed(session: Session, model_id: int) -> list[ForgetRequest]:
+    """The model's completed requests, in arrival order."""
+    stmt = (
+        select(ForgetRequest)
+        .where(ForgetRequest.model_id == model_id, ForgetRequest.status == "completed")
+        .order_by(ForgetRequest.seq)
+    )
+    return list(session.scalars(stmt))
+
+
+def client_ids_with_requests(session: Session, model_id: int) -> set[str]:
+    """The clients named by any request of the model, whatever its status."""
+    stmt = select(ForgetRequest.client_id).where(
+        ForgetRequest.model_id == model_id, ForgetRequest.client_id.is_not(None)
+    )
+    return {c for c in session.scalars(stmt) if c}

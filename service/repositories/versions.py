@@ -107,6 +107,11 @@ def evidence_for_request(session: Session, request_id: str) -> list[Evidence]:
     return list(session.scalars(stmt))
 
 
+def evidence_of_version(session: Session, version_id: int) -> list[Evidence]:
+    stmt = select(Evidence).where(Evidence.version_id == version_id).order_by(Evidence.id)
+    return list(session.scalars(stmt))
+
+
 def version_numbers(session: Session, version_ids: Sequence[int]) -> dict[int, int]:
     """``{adapter_versions.id: version number}``."""
     if not version_ids:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from service.fileio import fsync_dir, fsync_file, sha256_file
-from service.storage import CHUNK, ChecksumMismatchError, NotInStoreError, StoreError, check_key
+from service.storage.base import CHUNK, ChecksumMismatchError, NotInStoreError, StoreError, check_key
 
 
 class LocalStore:

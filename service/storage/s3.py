@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from service.storage import CHUNK, ChecksumMismatchError, NotInStoreError, StoreError, check_key
+from service.fileio import sync_open_file
+from service.storage.base import CHUNK, ChecksumMismatchError, NotInStoreError, StoreError, check_key
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -185,8 +186,7 @@ class S3Store:
                 for chunk in self.stream(key):
                     h.update(chunk)
                     fh.write(chunk)
-                fh.flush()
-                os.fsync(fh.fileno())
+                sync_open_file(fh)
             if sha256 is not None and h.hexdigest() != sha256:
                 raise ChecksumMismatchError(f"{key}: downloaded sha256 {h.hexdigest()} is not {sha256}")
             os.replace(tmp, dest)

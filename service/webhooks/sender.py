@@ -12,7 +12,6 @@ died becomes due again. A receiver that does not answer 2xx is retried with expo
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -25,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.session import transaction
 from service.db.types import utcnow
+from service.fileio import canonical_json
 from service.repositories import webhooks as webhooks_repo
 from service.rounds import RetryPolicy
 from service.settings import Settings
@@ -55,7 +55,7 @@ class Outcome:
 
 
 def body_bytes(payload: object) -> bytes:
-    return json.dumps(payload, separators=(",", ":"), sort_keys=True, ensure_ascii=False).encode("utf-8")
+    return canonical_json(payload, allow_nan=True).encode("utf-8")
 
 
 class Sender:

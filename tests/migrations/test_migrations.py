@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import fnmatch
+import importlib.resources
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tomllib
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,19 +74,94 @@ def test_alembic_cli_from_repo_root_uses_lethe_settings(tmp_path: Path) -> None:
     assert _tables(url) == set(Base.metadata.tables)
 
 
-def test_installed_layout_finds_migrations_in_the_working_directory(
+def test_migrations_resolve_as_a_package_from_any_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """As in the API image: the package is installed, migrations/ sits in the working directory."""
-    monkeypatch.setattr(migrate, "REPO_ROOT", tmp_path / "site-packages")
-    monkeypatch.chdir(REPO)
-    assert migrate.migrations_dir() == REPO / "migrations"
+    """Issue 10 part 8: ``script_location`` is the package location ``migrations:.`` (resolved through
+    importlib.resources), not a path next to a checkout, so an installed wheel migrates from any
+    working directory. Defect: the scripts were found only in <repository>/migrations or
+    ./migrations (the image had to install the source tree in place)."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LETHE_MIGRATIONS_DIR", raising=False)
+    url = f"sqlite:///{tmp_path / 'lethe.db'}"
+    assert migrate.alembic_config(url).get_main_option("script_location") == "migrations:."
+    package = Path(str(importlib.resources.files("migrations")))
+    assert migrate.migrations_dir() == package.resolve() == REPO / "migrations"
+    migrate.upgrade(url)
+    assert _tables(url) == set(Base.metadata.tables)
+    # an override names a directory; one without env.py is a clear error
+    monkeypatch.setenv("LETHE_MIGRATIONS_DIR", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="LETHE_MIGRATIONS_DIR"):
         migrate.migrations_dir()
     monkeypatch.setenv("LETHE_MIGRATIONS_DIR", str(REPO / "migrations"))
+    assert migrate.migrations_dir() == REPO / "migrations"
+
+
+def _package_data_patterns() -> tuple[list[str], list[str]]:
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    return config["packages"]["find"]["include"], config["package-data"]["migrations"]
+
+
+def test_the_wheel_declares_every_migration_file() -> None:
+    """The ``migrations`` package and every file Alembic reads from it (the template, each
+    revision: ``versions/`` is no package, so its files travel as package data) are in the wheel."""
+    include, data = _package_data_patterns()
+    assert any(fnmatch.fnmatch("migrations", pattern) for pattern in include)
+    root = REPO / "migrations"
+    files = [p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts]
+    # the package's own modules travel as modules; everything else must match a package-data pattern
+    needed = [p.relative_to(root).as_posix() for p in files if p.parent != root or p.suffix != ".py"]
+    assert "script.py.mako" in needed
+    assert any(n.startswith("versions/0001") for n in needed)
+    missing = [n for n in needed if not any(fnmatch.fnmatch(n, pattern) for pattern in data)]
+    assert missing == []
+
+
+def test_a_built_wheel_migrates(tmp_path: Path) -> None:
+    """The wheel (built offline, ~6 s) holds the migrations, and the installed packages alone, with
+    no checkout on ``sys.path`` and another working directory, migrate a database."""
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for package in ("service", "worker", "migrations"):
+        shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            ".",
+        ],
+        cwd=source,
+        check=True,
+    )
+    (wheel,) = tmp_path.glob("lethe-*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        assert "migrations/env.py" in names
+        assert "migrations/script.py.mako" in names
+        assert any(n.startswith("migrations/versions/0001") for n in names)
+        archive.extractall(site)
     url = f"sqlite:///{tmp_path / 'lethe.db'}"
-    migrate.upgrade(url)
+    code = f"from service.db import migrate; migrate.upgrade({url!r}); print(migrate.migrations_dir())"
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LETHE_MIGRATIONS_DIR")}
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(site)!r}); {code}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert result.stdout.strip() == str(site / "migrations")
     assert _tables(url) == set(Base.metadata.tables)
 
 

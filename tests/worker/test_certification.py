@@ -24,6 +24,7 @@ from service.repositories import versions as versions_repo
 from service.settings import Settings
 from tests.worker.requests import submit_client
 from worker import certification, pipeline
+from worker import context as worker_context
 from worker.config import WorkerSettings
 from worker.unlearning.workload import Workload
 from worker.unlearning.workloads.toy import ToyWorkload
@@ -36,7 +37,7 @@ def ctx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[pipeline.Wo
     def toy(_: object) -> Workload:
         return ToyWorkload()
 
-    monkeypatch.setattr(pipeline, "_load_workload", toy)  # the toy workload is no entry point
+    monkeypatch.setattr(worker_context, "_load_workload", toy)  # the toy workload is no entry point
     settings = Settings(home=tmp_path / "home", database_url=None, certify_share=1.0)
     upgrade(settings.resolved_database_url)
     context = pipeline.WorkerContext.create(settings, WorkerSettings(device="cpu"), worker_id="w1")

@@ -29,6 +29,7 @@ from service.repositories import models as models_repo
 from service.settings import Settings
 from tests.worker import independent_client
 from tests.worker.unlearning.workloads.test_scenes_workload import SETTINGS, SMALL
+from worker import context as worker_context
 from worker import pipeline
 from worker.artifacts import version_dir_name
 from worker.config import WorkerSettings
@@ -46,7 +47,7 @@ def ctx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[pipeline.Wo
         return ScenesWorkload(**SMALL)
 
     # a small scenes model (the registered workload has the real size; per-model options come later)
-    monkeypatch.setattr(pipeline, "_load_workload", small)
+    monkeypatch.setattr(worker_context, "_load_workload", small)
     torch.set_num_threads(1)
     settings = Settings(home=tmp_path / "home", database_url=None)
     upgrade(settings.resolved_database_url)

@@ -31,6 +31,7 @@ from service.settings import Settings
 from service.storage import make_store
 from service.storage.s3 import S3Store
 from tests.worker.requests import submit_client
+from worker import context as worker_context
 from worker import pipeline
 from worker.artifacts import STATE_FILE, ModelArtifacts
 from worker.config import WorkerSettings
@@ -116,7 +117,7 @@ def engine_stub(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
     engine = types.ModuleType("worker.unlearning.engine")
     engine.run_round = run_round  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "worker.unlearning.engine", engine)
-    monkeypatch.setattr(pipeline, "_load_workload", lambda model: None)
+    monkeypatch.setattr(worker_context, "_load_workload", lambda model: None)
     return seen
 
 

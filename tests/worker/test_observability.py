@@ -28,7 +28,7 @@ from service.db.models import ForgetRequest
 from service.db.session import transaction
 from service.db.types import utcnow
 from tests.worker.test_pipeline import MODEL, _fake_engine, _register, _submit, ctx  # noqa: F401
-from worker import pipeline
+from worker import pipeline, round_job
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -60,7 +60,7 @@ def _scrape(context: pipeline.WorkerContext) -> Samples:
 
 def test_metrics_after_a_round(ctx: pipeline.WorkerContext, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     """/metrics after one published round: queue state from the database, the round's own series."""
-    monkeypatch.setattr(pipeline, "_run_engine", _fake_engine())
+    monkeypatch.setattr(round_job, "_run_engine", _fake_engine())
     published_before = _counter("lethe_adapter_versions_published_total", model=MODEL)
     withdrawn_before = _counter("lethe_adapter_versions_withdrawn_total", model=MODEL)
     rounds_before = _counter("lethe_round_duration_seconds_count", model=MODEL, outcome="published")
@@ -120,7 +120,7 @@ def test_metrics_count_final_failures_and_fallbacks(
         raise ValueError("bad input")
 
     failures_before = _counter("lethe_request_failures_total", model=MODEL, cause="permanent")
-    monkeypatch.setattr(pipeline, "_run_engine", broken)
+    monkeypatch.setattr(round_job, "_run_engine", broken)
     _submit(ctx, "c0")
     result = pipeline.run_one_round(ctx, MODEL)
     assert result is not None
@@ -133,7 +133,7 @@ def test_metrics_count_final_failures_and_fallbacks(
         return {rid: {"acceptance": {"checked": True, "path": "retrain"}} for rid in fake(*args, **kwargs)}
 
     fallbacks_before = _counter("lethe_acceptance_fallbacks_total", model=MODEL)
-    monkeypatch.setattr(pipeline, "_run_engine", fell_back)
+    monkeypatch.setattr(round_job, "_run_engine", fell_back)
     _submit(ctx, "c1")
     result = pipeline.run_one_round(ctx, MODEL)
     assert result is not None
@@ -183,7 +183,7 @@ def test_round_logs_are_json_with_round_and_model_and_no_subject_id(
     being forgotten appears in none."""
     client = "subject-alice-7f3e"
     _register(ctx, "m2", {client: ["sample-alice-1", "sample-alice-2"], "other": ["o1"]}, ["t"])
-    monkeypatch.setattr(pipeline, "_run_engine", _fake_engine())
+    monkeypatch.setattr(round_job, "_run_engine", _fake_engine())
     with transaction(ctx.session_factory) as session:
         from service import lifecycle
 
@@ -200,7 +200,7 @@ def test_round_logs_are_json_with_round_and_model_and_no_subject_id(
     assert result.status == "published"
     text = json_lines.getvalue()
     lines = [json.loads(line) for line in text.splitlines()]
-    round_lines = [line for line in lines if line["logger"] == "worker.pipeline"]
+    round_lines = [line for line in lines if line["logger"] in ("worker.round_job", "worker.cleanup")]
     assert any("published" in line["message"] for line in round_lines)
     assert round_lines
     for line in round_lines:

@@ -29,7 +29,8 @@ from service.repositories import requests as requests_repo
 from service.repositories import versions as versions_repo
 from service.settings import Settings
 from tests.worker.requests import submit_client
-from worker import pipeline
+from worker import cleanup, pipeline, round_job
+from worker import context as worker_context
 from worker.artifacts import STATE_FILE, ModelArtifacts, verify_directory
 from worker.config import WorkerSettings
 from worker.watchdog import RoundWatchdog
@@ -111,7 +112,7 @@ def _expire_leases(ctx: pipeline.WorkerContext) -> None:
 
 
 def test_round_publishes_and_withdraws(ctx: pipeline.WorkerContext, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pipeline, "_run_engine", _fake_engine())
+    monkeypatch.setattr(round_job, "_run_engine", _fake_engine())
     request_id = _submit(ctx, "c0")
     result = pipeline.run_one_round(ctx, MODEL)
     assert result is not None
@@ -134,7 +135,7 @@ def test_unlearning_state_is_kept_worker_side_not_served(
     """Issue 9 item 12: ``unlearning_state.json`` (the forgotten ids) is neither in the published
     version's directory nor in its served file list; the worker keeps it in ``state/`` for the next
     round, deletes it with its withdrawn version, and collects orphans' states."""
-    monkeypatch.setattr(pipeline, "_run_engine", _fake_engine())
+    monkeypatch.setattr(round_job, "_run_engine", _fake_engine())
     store = ctx.artifacts(MODEL)
     (store.state_dir / "9-9.json").write_text("{}")  # the state of a crashed attempt's version
     _submit(ctx, "c0")
@@ -188,7 +189,7 @@ def test_reconcile_deletes_inputs_left_by_a_purge_of_every_label(
     from worker.unlearning.datastore import DataStore
 
     subjects = _toy_model(ctx)
-    monkeypatch.setattr(pipeline, "_run_engine", _fake_engine())
+    monkeypatch.setattr(round_job, "_run_engine", _fake_engine())
     u1 = subjects["u1"]
     with monkeypatch.context() as old:
         old.setattr(DataStore, "_purge_samples", lambda *_: None)  # the purge before this change
@@ -243,7 +244,7 @@ def test_partial_client_erasure_purges_exactly_its_scope(
     from worker.unlearning.types import IGNORE
 
     subjects = _toy_model(ctx)
-    monkeypatch.setattr(pipeline, "_run_engine", _fake_engine())
+    monkeypatch.setattr(round_job, "_run_engine", _fake_engine())
     u1 = subjects["u1"]
 
     def submit(key: str, submission: lifecycle.Submission) -> str:
@@ -256,7 +257,7 @@ def test_partial_client_erasure_purges_exactly_its_scope(
         assert result is not None
         assert result.status == "published"
 
-    caplog.set_level(logging.INFO, logger="worker.pipeline")
+    caplog.set_level(logging.INFO, logger="worker.cleanup")
     first = submit("k1", lifecycle.Submission(model="toy", kind="client", client_id="u1", tasks=["kind"]))
     run()
     shard = DataStore(ctx.data_dir("toy")).client_samples("u1")
@@ -317,7 +318,7 @@ def test_taken_over_worker_cannot_publish(
         assert resumed.fencing_token > claimed.fencing_token
         taken.append(resumed)
 
-    monkeypatch.setattr(pipeline, "_run_engine", _fake_engine(take_over))
+    monkeypatch.setattr(round_job, "_run_engine", _fake_engine(take_over))
     _submit(ctx, "c1")
     result = pipeline.run_one_round(ctx, MODEL)
     assert result is not None
@@ -327,7 +328,7 @@ def test_taken_over_worker_cannot_publish(
     leftovers = [p.name for p in store.adapters_dir.iterdir() if p.name != "0-1"]
     assert leftovers == []  # the fenced-off attempt discarded its directories
     # worker 2's claim is live; let it lapse, and a fresh run by worker 2 resumes and publishes
-    monkeypatch.setattr(pipeline, "_run_engine", _fake_engine())
+    monkeypatch.setattr(round_job, "_run_engine", _fake_engine())
     _expire_leases(ctx)
     result2 = pipeline.run_one_round(ctx2, MODEL)
     assert result2 is not None
@@ -345,7 +346,7 @@ def test_gc_collects_orphans_of_crashed_attempts(
     orphan.mkdir(parents=True)
     (orphan / "adapter_model.safetensors").write_bytes(b"crashed")
     staging = store.staging_dir("9-10")
-    monkeypatch.setattr(pipeline, "_run_engine", _fake_engine())
+    monkeypatch.setattr(round_job, "_run_engine", _fake_engine())
     _submit(ctx, "c0")
     result = pipeline.run_one_round(ctx, MODEL)
     assert result is not None
@@ -360,7 +361,7 @@ def test_engine_error_requeues_then_fails_at_the_attempt_cap(
     def boom(*args: Any, **kwargs: Any) -> dict[str, dict[str, Any]]:
         raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(pipeline, "_run_engine", boom)
+    monkeypatch.setattr(round_job, "_run_engine", boom)
     request_id = _submit(ctx, "c0")
     statuses = []
     for _ in range(ctx.settings.max_attempts + 1):
@@ -406,7 +407,7 @@ def test_taken_over_after_sealing_cannot_publish(
             assert pipeline.claim(ctx2, MODEL) is not None
 
     ctx1 = _variant(ctx, hook=take_over_after_sealing)
-    monkeypatch.setattr(pipeline, "_run_engine", _fake_engine())
+    monkeypatch.setattr(round_job, "_run_engine", _fake_engine())
     request_id = _submit(ctx, "c1")
     result = pipeline.run_one_round(ctx1, MODEL)
     assert result is not None
@@ -445,7 +446,7 @@ def test_lease_loss_seen_by_the_watchdog_stops_the_engine(
         seen.append(watchdog.lease_lost)
         watchdog.check()  # what the engine's progress callback does
 
-    monkeypatch.setattr(pipeline, "_run_engine", _fake_engine(taken_over_mid_engine))
+    monkeypatch.setattr(round_job, "_run_engine", _fake_engine(taken_over_mid_engine))
     _submit(ctx, "c0")
     result = pipeline.run_one_round(short_lease, MODEL)
     assert result is not None
@@ -474,7 +475,7 @@ def test_soft_time_limit_interrupts_the_engine_and_requeues(
         finally:
             interrupted_after.append(time.monotonic() - started)
 
-    monkeypatch.setattr(pipeline, "_run_engine", _fake_engine(python_loop))
+    monkeypatch.setattr(round_job, "_run_engine", _fake_engine(python_loop))
     request_id = _submit(ctx, "c0")
     result = pipeline.run_one_round(limited, MODEL)
     assert result is not None
@@ -484,7 +485,7 @@ def test_soft_time_limit_interrupts_the_engine_and_requeues(
     assert _request_status(ctx, request_id) == "queued"
     assert _adapter_dirs(ctx) == ["0-1"]
     assert _versions(ctx) == [(1, "active")]
-    monkeypatch.setattr(pipeline, "_run_engine", _fake_engine())
+    monkeypatch.setattr(round_job, "_run_engine", _fake_engine())
     retried = pipeline.run_one_round(ctx, MODEL)
     assert retried is not None
     assert retried.status == "published"
@@ -512,7 +513,7 @@ def test_soft_limit_outside_the_engine_never_interrupts_asynchronously(
         worker_settings=WorkerSettings(device="cpu", soft_time_limit=1, hard_time_limit=600),
         hook=slow_sealing,
     )
-    monkeypatch.setattr(pipeline, "_run_engine", _fake_engine())
+    monkeypatch.setattr(round_job, "_run_engine", _fake_engine())
     request_id = _submit(ctx, "c0")
     result = pipeline.run_one_round(limited, MODEL)
     assert result is not None
@@ -527,7 +528,7 @@ def test_soft_limit_outside_the_engine_never_interrupts_asynchronously(
 def test_wake_runs_at_most_max_rounds(ctx: pipeline.WorkerContext, monkeypatch: pytest.MonkeyPatch) -> None:
     """The wake task runs one round per message (its duration stays under the visibility timeout)."""
     one_per_round = _variant(ctx, settings=ctx.settings.model_copy(update={"max_requests_per_round": 1}))
-    monkeypatch.setattr(pipeline, "_run_engine", _fake_engine())
+    monkeypatch.setattr(round_job, "_run_engine", _fake_engine())
     first, second = _submit(ctx, "c0"), _submit(ctx, "c1")
     results = pipeline.wake_model(one_per_round, MODEL, max_rounds=1)
     assert [r.status for r in results] == ["published"]
@@ -587,7 +588,7 @@ def test_a_round_runs_with_the_method_and_settings_it_was_claimed_with(
         return dataclasses.make_dataclass("Outcome", ["evidence"])({r.request_id: {} for r in requests})
 
     monkeypatch.setattr(engine, "run_round", run_round)
-    monkeypatch.setattr(pipeline, "_load_workload", lambda model: object())
+    monkeypatch.setattr(worker_context, "_load_workload", lambda model: object())
     with transaction(ctx.session_factory) as session:
         registry.reconfigure(
             session,
@@ -647,7 +648,7 @@ def _statements_of_pending_purges(ctx: pipeline.WorkerContext) -> tuple[int, int
             model = models_repo.get_model(session, MODEL)
             assert model is not None
             statements.clear()
-            pending = pipeline._pending_purges(session, model)
+            pending = cleanup._pending_purges(session, model)
     finally:
         event.remove(ctx.engine, "before_cursor_execute", count)
     return len(statements), len(pending)
@@ -720,7 +721,7 @@ def test_the_api_shows_the_stage_of_a_running_round(
                 seen[event_name] = progress_of(first)
 
         monkeypatch.setattr(engine, "run_round", run_round)
-        monkeypatch.setattr(pipeline, "_load_workload", lambda model: object())
+        monkeypatch.setattr(worker_context, "_load_workload", lambda model: object())
         result = pipeline.run_one_round(_variant(ctx, hook=hook), MODEL)
         assert result is not None
         assert result.status == "published"

@@ -28,7 +28,7 @@ from service.repositories import requests as requests_repo
 from service.repositories import versions as versions_repo
 from service.settings import Settings
 from tests.worker.requests import submit_client
-from worker import consistency, pipeline
+from worker import consistency, pipeline, round_job
 from worker.artifacts import verify_directory
 from worker.cli import models_command
 from worker.config import WorkerSettings
@@ -117,7 +117,7 @@ def test_an_older_database_halts_the_model_and_the_newest_adapter_survives(
 ) -> None:
     """Before: the restored database still had v1 as latest and c0 queued; the worker collected
     v2's directory as an orphan (the only intact adapter) and ran the round again."""
-    monkeypatch.setattr(pipeline, "_run_engine", _fake_engine)
+    monkeypatch.setattr(round_job, "_run_engine", _fake_engine)
     request_id = _submit(ctx, "c0")
     db = settings.resolved_home / "lethe.db"
     old, new = tmp_path / "old.db", tmp_path / "new.db"
@@ -213,7 +213,7 @@ def test_reapply_erasures_after_restoring_an_older_data_store_and_artifacts(
     store = ctx.artifacts(MODEL)
     shutil.copytree(data_dir, tmp_path / "data-backup")
     shutil.copytree(store.adapters_dir / "0-1", tmp_path / "v1-backup")
-    monkeypatch.setattr(pipeline, "_run_engine", _fake_engine)
+    monkeypatch.setattr(round_job, "_run_engine", _fake_engine)
     _submit(ctx, "c0")
     result = pipeline.run_one_round(ctx, MODEL)
     assert result is not None

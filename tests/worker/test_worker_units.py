@@ -19,10 +19,10 @@ from celery.exceptions import SoftTimeLimitExceeded
 from click.testing import CliRunner
 
 from service.settings import Settings
-from worker import cli, tasks
+from worker import cli, liveness
 from worker.celery_app import TASK_NAMES, TASK_WAKE, celery_config
 from worker.config import GPU_QUEUE, WorkerSettings
-from worker.pipeline import fault_pause_hook, resolve_device
+from worker.context import fault_pause_hook, resolve_device
 from worker.watchdog import RoundWatchdog
 
 
@@ -330,14 +330,14 @@ def test_one_outstanding_wake_per_model_until_a_worker_starts_it(redis_server_ur
     broker = redis.Redis.from_url(redis_server_url)
     app = _RecordingApp()
     try:
-        broker.delete(tasks.WAKE_KEY.format(model="m-wake"))
-        assert tasks.send_wake(app, broker, "m-wake")  # type: ignore[arg-type]
-        assert not tasks.send_wake(app, broker, "m-wake")  # type: ignore[arg-type]
-        tasks.wake_again(app, "m-wake", broker)  # type: ignore[arg-type]
+        broker.delete(liveness.WAKE_KEY.format(model="m-wake"))
+        assert liveness.send_wake(app, broker, "m-wake")  # type: ignore[arg-type]
+        assert not liveness.send_wake(app, broker, "m-wake")  # type: ignore[arg-type]
+        liveness.wake_again(app, "m-wake", broker)  # type: ignore[arg-type]
         assert app.sent == [(TASK_WAKE, ["m-wake"])]
-        tasks.wake_started(broker, "m-wake")
-        tasks.wake_again(app, "m-wake", broker)  # type: ignore[arg-type]
+        liveness.wake_started(broker, "m-wake")
+        liveness.wake_again(app, "m-wake", broker)  # type: ignore[arg-type]
         assert app.sent == [(TASK_WAKE, ["m-wake"])] * 2
     finally:
-        broker.delete(tasks.WAKE_KEY.format(model="m-wake"))
+        broker.delete(liveness.WAKE_KEY.format(model="m-wake"))
         broker.close()

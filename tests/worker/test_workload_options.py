@@ -18,6 +18,7 @@ from service.repositories import versions as versions_repo
 from service.settings import Settings
 from tests.worker.unlearning.toy_entry_point import register_toy
 from worker import cli, pipeline
+from worker import context as worker_context
 from worker import models as models_ops
 from worker.config import WorkerSettings
 from worker.unlearning.workload import WorkloadOptionsError
@@ -73,7 +74,7 @@ def test_preparation_builds_the_workload_from_the_models_options(ctx: pipeline.W
         assert model is not None
         assert (model.status, model.workload_options) == ("ready", {"num_clients": 4, "seed": 5})
         assert models_repo.count_subjects(session, model.id) == (4, 0)
-        workload = pipeline._load_workload(model)
+        workload = worker_context._load_workload(model)
     assert (workload.clients(), getattr(workload, "seed", None)) == (["u0", "u1", "u2", "u3"], 5)
 
 

@@ -1,0 +1,160 @@
+"""After a round publishes: delete the withdrawn versions' files, purge the forgotten raw data.
+
+Idempotent; :func:`reconcile` redoes both at every wake and at worker start, so a worker that died
+between ``publish_round`` and the purge loses nothing (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from service import rounds
+from service.db.models import ForgetRequest, Model, Sample
+from service.db.session import transaction
+from service.db.types import utcnow
+from service.repositories import models as models_repo
+from service.repositories import requests as requests_repo
+from service.repositories import versions as versions_repo
+from worker.context import WorkerContext, _spec, model_lock
+
+log = logging.getLogger(__name__)
+
+
+def after_publish(ctx: WorkerContext, model_name: str, *, withdrawn: list[int]) -> None:
+    """Delete the withdrawn versions' files, then purge. A failure here is logged, not raised: the
+    version is published and the requests are completed; :func:`reconcile` finishes the job."""
+    try:
+        delete_withdrawn_files(ctx, model_name)
+        ctx.emit("withdrawn_deleted", versions=withdrawn)
+        purge_completed(ctx, model_name)
+        ctx.emit("purged")
+    except Exception:
+        log.exception("after publishing %s: cleanup failed; the next wake reconciles it", model_name)
+
+
+def reconcile(ctx: WorkerContext, model_name: str) -> None:
+    """Finish what a crash after a publish left undone (files of withdrawn versions, purges)."""
+    try:
+        delete_withdrawn_files(ctx, model_name)
+        purge_completed(ctx, model_name)
+    except Exception:
+        log.exception("reconciling %s failed; will retry at the next wake", model_name)
+
+
+def delete_withdrawn_files(ctx: WorkerContext, model_name: str) -> list[int]:
+    store = ctx.artifacts(model_name)
+    with transaction(ctx.session_factory) as session:
+        model = models_repo.get_model(session, model_name)
+        if model is None:
+            return []
+        todo = [
+            (v.version, v.location)
+            for v in versions_repo.list_versions(session, model.id)
+            if v.status == "withdrawn"
+        ]
+    done: list[int] = []
+    stored = store.stored_versions() if todo else set()  # one listing of the object store, if any
+    for version, location in todo:
+        left = store.resolve(location).exists() or Path(location).name in stored
+        if left or store.read_tombstone(version) is None:
+            store.delete_version(version, location, reason="withdrawn: contains a forgotten subject")
+            done.append(version)
+    return done
+
+
+def _pending_purges(session: Session, model: Model) -> list[ForgetRequest]:
+    """Completed requests whose raw data is not yet recorded as purged.
+
+    A fixed number of statements however long the history: only completed requests without a
+    recorded purge are read (a partial index), their samples in one query; those found purged
+    already (e.g. by a wider request) are recorded now, so the next wake does not read them again.
+    """
+    completed = requests_repo.unpurged_completed(session, model.id)
+    if not completed:
+        return []
+    clients = {r.client_id for r in completed if r.client_id is not None}
+    purged_clients = models_repo.purged_client_ids(session, model.id, clients)
+    wanted_samples = {s for r in completed if r.sample_ids is not None for s in r.sample_ids}
+    wanted_clients = {r.client_id for r in completed if r.sample_ids is None and r.client_id is not None}
+    samples = models_repo.samples_of(session, model.id, sample_ids=wanted_samples, client_ids=wanted_clients)
+    by_id = {s.sample_id: s for s in samples}
+    by_client: dict[str, list[Sample]] = {}
+    for sample in samples:
+        by_client.setdefault(sample.client_id, []).append(sample)
+    pending: list[ForgetRequest] = []
+    done: list[str] = []
+    for req in completed:
+        tasks = list(req.tasks) or list(model.tasks)
+        if req.client_id is not None and req.client_id in purged_clients:
+            done.append(req.id)  # the whole client is gone
+            continue
+        if req.kind == "client" and req.sample_ids is None and set(tasks) >= set(model.tasks):
+            pending.append(req)  # whole client, not yet purged
+            continue
+        if req.sample_ids is not None:
+            covered = [by_id[s] for s in req.sample_ids if s in by_id]
+        else:
+            covered = by_client.get(req.client_id or "", [])
+        if any(_purge_due(s, tasks, model.tasks) for s in covered):
+            pending.append(req)
+        else:
+            done.append(req.id)
+    requests_repo.mark_purged(session, done, at=utcnow())
+    return pending
+
+
+def _purge_due(sample: Sample, tasks: list[str], all_tasks: list[str]) -> bool:
+    """Whether a request's purge is still due for ``sample``: labels of its tasks left, or every
+    label purged but not the inputs (nothing of it is kept, so they go too; a store purged before
+    inputs were deleted so is caught up here)."""
+    if sample.purged:
+        return False
+    purged = set(sample.purged_tasks)
+    return not set(tasks) <= purged or (bool(all_tasks) and purged >= set(all_tasks))
+
+
+def purge_completed(ctx: WorkerContext, model_name: str, *, everything: bool = False) -> list[str]:
+    """Purge the raw data of completed requests not yet purged; record it (mark_purged).
+    ``everything``: of every completed request, whatever the database records as purged (after a
+    data store was restored from a backup, it holds data that was purged since)."""
+    data_dir = ctx.data_dir(model_name)
+    with transaction(ctx.session_factory) as session:
+        model = models_repo.get_model(session, model_name)
+        if model is None or model.status != "ready":
+            return []
+        todo = requests_repo.completed(session, model.id) if everything else _pending_purges(session, model)
+        pending = [_spec(r) for r in todo]
+    if not pending:
+        return []
+    from worker.unlearning.datastore import DataStore
+
+    with model_lock(data_dir):
+        store = DataStore(data_dir)
+        clients: list[str] = []
+        pairs: list[tuple[str, str]] = []
+        for spec in pending:
+            resolved = store.resolve(spec)
+            if resolved.whole_client and resolved.client_id is not None:
+                clients.append(resolved.client_id)
+            else:
+                pairs.extend((s, t) for s in resolved.sample_ids for t in resolved.forget_tasks)
+        report = store.purge(pending)
+    ctx.emit("store_purged", requests=[s.request_id for s in pending])
+    with transaction(ctx.session_factory) as session:
+        rounds.mark_purged(
+            session,
+            model_name,
+            client_ids=sorted(set(clients)),
+            sample_tasks=sorted(set(pairs)),
+            request_ids=[s.request_id for s in pending],
+        )
+    # request ids only: the subjects' ids are personal data and stay out of the logs
+    log.info(
+        "purged %s for requests %s (%d clients, %d samples, %d labels deleted)", model_name,
+        [s.request_id for s in pending], len(report.deleted_clients), len(report.deleted_samples),
+        len(report.purged_pairs),
+    )  # fmt: skip
+    return [s.request_id for s in pending]
