@@ -94,16 +94,7 @@ def test_serve_runs_the_api_on_the_embedded_default(home: Path) -> None:
     proc = subprocess.Popen([*lethe, "serve", "--port", str(port)], env=env, stderr=subprocess.PIPE)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "lethe serve did not become ready"
-            time.sleep(0.1)
+        _wait_until_ready(proc, base, seconds=30)
         key = subprocess.run(
             [*lethe, "keys", "create", "--scope", "admin"],
             env=env,
@@ -224,16 +215,7 @@ def test_serve_with_workers_runs_several_api_processes(
     proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "lethe serve --workers 2 did not become ready"
-            time.sleep(0.1)
+        _wait_until_ready(proc, base, seconds=60)
         workers = [c for c in _children(proc.pid) if "spawn_main" in c]
         assert len(workers) == 2, _children(proc.pid)
         for _ in range(4):
@@ -244,3 +226,17 @@ def test_serve_with_workers_runs_several_api_processes(
         proc.wait(20)
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+def _wait_until_ready(proc: subprocess.Popen[bytes], base: str, *, seconds: float) -> None:
+    """Poll ``/readyz`` of a started ``lethe serve`` until 200; fail if it exits or times out."""
+    deadline = time.monotonic() + seconds
+    while True:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        try:
+            if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"lethe serve did not become ready within {seconds} s"
+        time.sleep(0.1)
