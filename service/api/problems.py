@@ -294,34 +294,24 @@ async def _database_error(request: Request, exc: Exception) -> JSONResponse:
             409, detail="the request conflicts with a concurrent change; try again", instance=request.url.path
         )
     log.warning("database error on %s %s", request.method, request.url.path, exc_info=True)
-    return problem_response(
-        503,
-        detail="the database is unavailable; try again",
-        instance=request.url.path,
-        headers={"Retry-After": "5"},
-    )
+    return _unavailable(request, "the database is unavailable; try again")
 
 
 async def _pool_timeout(request: Request, exc: Exception) -> JSONResponse:
     """Every pooled connection is busy (SQLAlchemy's pool ``TimeoutError``): overloaded, not broken."""
     log.warning("database pool exhausted on %s %s: %s", request.method, request.url.path, exc)
-    return problem_response(
-        503,
-        detail="the service is overloaded (no database connection free); try again",
-        instance=request.url.path,
-        headers={"Retry-After": "5"},
-    )
+    return _unavailable(request, "the service is overloaded (no database connection free); try again")
 
 
 async def _store_error(request: Request, exc: Exception) -> JSONResponse:
     """The artifact store (S3-compatible service) is unreachable or refused: not the caller's fault."""
     log.warning("artifact store error on %s %s: %s", request.method, request.url.path, exc)
-    return problem_response(
-        503,
-        detail="the artifact store is unavailable; try again",
-        instance=request.url.path,
-        headers={"Retry-After": "5"},
-    )
+    return _unavailable(request, "the artifact store is unavailable; try again")
+
+
+def _unavailable(request: Request, detail: str) -> JSONResponse:
+    """503 with ``Retry-After``: a dependency is down or saturated, not the caller's fault."""
+    return problem_response(503, detail=detail, instance=request.url.path, headers={"Retry-After": "5"})
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
