@@ -1,0 +1,131 @@
+"""The retain check of early stopping: which rows, and each task's accuracy on them.
+
+Deviation (docs/methods.md): early stopping keeps only checkpoints whose accuracy on these rows
+dropped by at most ``IAConfig.retain_tolerance`` from the pre-request model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from worker.unlearning.audit import merge_rows, model_outputs
+from worker.unlearning.interference.config import IAConfig
+from worker.unlearning.partitions import id_mask
+from worker.unlearning.types import Batch, Partitions, TaskSpec, concat_batches
+
+
+def retain_check(
+    partitions: Partitions, *, size: int, seed: int, retain: Batch | None = None, rows: str = "anchor"
+) -> Batch:
+    """The rows the retain tolerance is checked on, one row per sample with all its retained
+    labels: retained instances (a seeded subset of at most ``size`` per source; ``size = 0``: no
+    rows at all), then every row of D_r^task (X_f's kept tasks: what a per-task request promises
+    to keep). :func:`retain_accuracy` measures each source on its own.
+
+    ``rows``: where the retained instances come from — ``"anchor"``: the retain partitions over the
+    anchor (D_r^clean, D_r^inst), which the update trains on; ``"outside_anchor"``: the rows of
+    ``retain`` (the full retain set) outside the anchor and X_f, which it does not train on (damage
+    there is what the retain term did not repair, e.g. a task's generalisation); ``"both"``: both
+    (docs/methods.md has all three measured)."""
+    empty = partitions.forget.select(torch.zeros(0, dtype=torch.long))
+    if size == 0:
+        return empty
+    gen = torch.Generator().manual_seed(seed)
+
+    def subset(batch: Batch) -> Batch:
+        if len(batch) <= size:
+            return batch
+        return batch.select(torch.randperm(len(batch), generator=gen)[:size].sort().values)
+
+    sources: list[Batch] = []
+    if rows in ("anchor", "both"):
+        parts = [b for b in (partitions.retain_clean, partitions.retain_inst) if len(b)]
+        sources.append(subset(merge_rows(concat_batches(parts))) if parts else empty)
+    if rows in ("outside_anchor", "both"):
+        if retain is None:
+            raise ValueError(f"retain_check(rows={rows!r}) needs the retain set")
+        seen = {*partitions.anchor_sample_ids, *partitions.forget.sample_ids}
+        sources.append(subset(retain.select(~id_mask(retain.sample_ids, seen))))
+    if len(partitions.retain_task):
+        sources.append(merge_rows(partitions.retain_task))
+    return concat_batches(sources)
+
+
+KEPT_OF_FORGOTTEN = " (kept tasks of X_f)"
+OUTSIDE_ANCHOR = " (outside the anchor)"
+
+
+def retain_accuracy(
+    tasks: Sequence[TaskSpec],
+    outputs: Mapping[str, Tensor],
+    check: Batch,
+    forget_ids: Sequence[str],
+    anchor_ids: Sequence[str] | None = None,
+) -> dict[str, float]:
+    """Each task's accuracy on each source of the :func:`retain_check` rows: the retained instances
+    (under ``"<task>"``; with ``anchor_ids``, the rows outside the anchor under ``"<task> (outside
+    the anchor)"``) and X_f's rows (D_r^task, under ``"<task> (kept tasks of X_f)"``). A drop in
+    any counts against the retain tolerance, so a per-task request cannot trade the kept tasks of
+    the forgotten samples (a few dozen rows) for the anchor's hundreds."""
+    device = check.device
+    on_xf = id_mask(check.sample_ids, forget_ids).to(device)
+    groups = {"": ~on_xf, KEPT_OF_FORGOTTEN: on_xf}
+    if anchor_ids is not None:
+        in_anchor = id_mask(check.sample_ids, anchor_ids).to(device)
+        groups = {"": in_anchor, OUTSIDE_ANCHOR: ~in_anchor & ~on_xf, KEPT_OF_FORGOTTEN: on_xf}
+    out: dict[str, float] = {}
+    for suffix, mask in groups.items():
+        if bool(mask.any()):
+            acc = task_accuracy(tasks, {k: v[mask] for k, v in outputs.items()}, check.select(mask))
+            out.update({f"{t}{suffix}": a for t, a in acc.items()})
+    return out
+
+
+def task_accuracy(tasks: Sequence[TaskSpec], outputs: Mapping[str, Tensor], batch: Batch) -> dict[str, float]:
+    """Each task's metric on the rows of ``batch`` that have its label (tasks without any: left out)."""
+    out: dict[str, float] = {}
+    for task in tasks:
+        y = batch.labels.get(task.name)
+        if y is None or not bool(task.supervised(y).any()):
+            continue
+        out[task.name] = float(task.metric(outputs[task.name], y.to(outputs[task.name].device)))
+    return out
+
+
+def check_accuracy(
+    model: nn.Module,
+    tasks: Sequence[TaskSpec],
+    partitions: Partitions,
+    cfg: IAConfig,
+    *,
+    seed: int,
+    device: str = "cpu",
+    retain: Batch | None = None,
+) -> dict[str, float]:
+    """``model``'s accuracy on the :func:`retain_check` rows (the ``retain_baseline`` of
+    :func:`interference_aware_unlearn`, measured before any stage of a request changes the model)."""
+    check = retain_check(partitions, size=cfg.check_size, seed=seed, retain=retain, rows=cfg.check_rows)
+    check = check.to(device)
+    if len(check) == 0:
+        return {}
+    return retain_accuracy(
+        tasks,
+        model_outputs(model, check.inputs),
+        check,
+        partitions.forget.sample_ids,
+        anchor_ids_of(partitions, cfg),
+    )
+
+
+def anchor_ids_of(partitions: Partitions, cfg: IAConfig) -> list[str] | None:
+    """The anchor's sample ids when the check rows mix anchor and outside rows (``"both"``)."""
+    return list(partitions.anchor_sample_ids) if cfg.check_rows == "both" else None
+
+
+def retain_drop(accuracy: Mapping[str, float], baseline: Mapping[str, float]) -> float:
+    """The largest accuracy drop of any task from ``baseline`` (0 when nothing is comparable)."""
+    drops = [baseline[t] - a for t, a in accuracy.items() if t in baseline]
+    return max(drops, default=0.0)
