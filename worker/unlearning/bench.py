@@ -45,17 +45,16 @@ from worker.unlearning.datastore import DataStore
 from worker.unlearning.engine import (
     EngineInputs,
     advance_state,
-    apply_method,
     compute_reference,
     ensure_base,
     evaluate,
     full_importance_settings,
-    precompute_next_importance,
     prepare,
     reference_retrain,
     request_context,
     request_evidence,
     run_round,
+    run_stage,
     training_data,
 )
 from worker.unlearning.runtime import runtime_environment
@@ -508,7 +507,8 @@ def _run_setting(
         for v in approx
     }
     models: dict[str, PeftModel] = {v.label: copy.deepcopy(v1) for v in approx}
-    pruned: dict[str, list[int]] = {v.label: [] for v in approx}
+    # each variant's own state: the same forgotten data as everybody's, its own pruned outputs
+    states: dict[str, RoundState] = {v.label: RoundState() for v in approx}
     keys: dict[str, str | None] = {v.label: None for v in approx}
     ahead: dict[str, float] = {v.label: 0.0 for v in approx}
     before_second: PeftModel = v1  # retrain_2's model before the request (its UIS on kept tasks)
@@ -573,29 +573,32 @@ def _run_setting(
                 )
             )
         for v in approx:
-            model = models[v.label]
-            # the variant's own settings; the same anchor fraction and retain set for every method
-            ctx_m = request_context(
-                own[v.label], spec, state, stage=stage, cache_key=keys[v.label], method=v.method
-            )
-            ctx_m.state.pruned_subset_outputs = list(pruned[v.label])
-            original = evaluate(model, ctx_m)
-            # no oracle: the method never sees the retrain (it only scores the method, below)
-            model, info, newly, wall = apply_method(v.method, model, ctx_m)
-            models[v.label] = model
-            pruned[v.label] = sorted(set(pruned[v.label]) | set(newly))
+            # the variant's own settings; the same anchor fraction and retain set for every method.
+            # No oracle: the method never sees the retrain (it only scores the method, below)
             precompute = ahead[v.label]
-            if stage < len(specs):
-                keys[v.label], ahead[v.label] = precompute_next_importance(model, ctx_m, v.method)
-            ev = request_evidence(
-                model,
-                ctx_m,
+            done = run_stage(
+                own[v.label],
+                models[v.label],
+                spec,
+                states[v.label],
                 method=v.method,
-                method_info=info,
+                stage=stage,
+                cache_key=keys[v.label],
+                precompute_next=stage < len(specs),
+            )
+            models[v.label] = done.model
+            if stage < len(specs):
+                keys[v.label], ahead[v.label] = done.next_cache_key, done.timings["importance_precompute_s"]
+            wall = done.timings["method_s"]
+            ev = request_evidence(
+                done.model,
+                done.ctx,
+                method=v.method,
+                method_info=done.info,
                 reference=reference,
-                original=original,
+                original=done.original,
                 timings={"method_s": wall},
-                pruned=newly,
+                pruned=done.pruned,
             )
             rows.append(
                 _row(

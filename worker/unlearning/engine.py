@@ -495,6 +495,78 @@ def apply_method(
     return out, dict(result.info), pruned, time.perf_counter() - t0
 
 
+@dataclass
+class StageResult:
+    """One request (one stage of the sequential setting) run on one model by :func:`run_stage`."""
+
+    model: PeftModel  # the model after the request (the method's update, pruning re-applied)
+    info: dict[str, Any]  # the method's info
+    pruned: list[int]  # the subset-ID outputs this request suppressed
+    # partitions_s, method_s, importance_precompute_s (the next request's I_D, computed ahead)
+    timings: dict[str, float]
+    ctx: RequestContext
+    original: ModelMetrics  # the model before the request, on this request's splits
+    next_cache_key: str | None  # the key of the next request's I_D (None: nothing computed ahead)
+
+    @property
+    def nothing_left(self) -> bool:
+        return len(self.ctx.partitions.forget) == 0
+
+
+def run_stage(
+    inputs: EngineInputs,
+    model: PeftModel,
+    spec: ForgetSpec,
+    state: RoundState,
+    *,
+    method: str,
+    stage: int,
+    cache_key: str | None,
+    precompute_next: bool,
+    on_progress: Callable[[str], None] | None = None,
+    on_stage: StageCallback | None = None,
+) -> StageResult:
+    """One request on one model, as a round and the benchmark both run it: resolve it and build
+    its partitions (:func:`request_context`), measure ``model`` on its splits, apply ``method``,
+    record the request in ``state`` (in place) and, with ``precompute_next``, compute the next
+    request's full-data importance ahead. No oracle: nothing here trains or reads a retrain.
+
+    ``cache_key``: the key under which ``model``'s ``I_D`` was computed ahead (``None``: none)."""
+    t0 = time.perf_counter()
+    ctx = request_context(inputs, spec, state, stage=stage, cache_key=cache_key, method=method)
+    t_ctx = time.perf_counter() - t0
+    original = evaluate(model, ctx)
+    if on_progress is not None:
+        on_progress(method)
+    info: dict[str, Any]
+    nothing_left = len(ctx.partitions.forget) == 0
+    if nothing_left:
+        # everything the request names is already forgotten (a repeated request, or a retry after
+        # a purge): nothing to unlearn; pruning of a whole client is still (re)applied
+        pruned = ctx.prune_outputs
+        reapply_pruning(model, sorted(set(state.pruned_subset_outputs) | set(pruned)))
+        info, wall = {"method": method, "skipped": "nothing left to forget"}, 0.0
+    else:
+        model, info, pruned, wall = apply_method(
+            method, model, ctx, on_progress=on_progress, on_stage=on_stage
+        )
+    advance_state(state, ctx, pruned)
+    # the adapter changed: the next request needs the new weights' I_D; computing it now is
+    # reported as its own timing, not hidden in the next request's method time
+    next_key, t_next = None, 0.0
+    if precompute_next and not nothing_left:
+        next_key, t_next = precompute_next_importance(model, ctx, method)
+    return StageResult(
+        model=model,
+        info=info,
+        pruned=list(pruned),
+        timings={"partitions_s": t_ctx, "method_s": wall, "importance_precompute_s": t_next},
+        ctx=ctx,
+        original=original,
+        next_cache_key=next_key,
+    )
+
+
 def request_evidence(
     model: torch.nn.Module,
     ctx: RequestContext,
@@ -726,43 +798,32 @@ def run_round(
                 on_progress(_stage - 1, n, f"request {_id}: {message}")
 
         stage_progress(PARTITIONS, stage, n)
-        t0 = time.perf_counter()
-        ctx = request_context(inputs, spec, state, stage=stage, cache_key=cache_key, method=method)
-        t_ctx = time.perf_counter() - t0
-        info: dict[str, Any]
-        nothing_left = len(ctx.partitions.forget) == 0
-        original = evaluate(model, ctx)
-        progress(method)
-        if nothing_left:
-            # everything the request names is already forgotten (a repeated request, or a retry
-            # after a purge): nothing to unlearn; pruning of a whole client is still (re)applied
-            pruned = ctx.prune_outputs
-            reapply_pruning(model, sorted(set(state.pruned_subset_outputs) | set(pruned)))
-            info, wall = {"method": method, "skipped": "nothing left to forget"}, 0.0
-        else:
-            model, info, pruned, wall = apply_method(
-                method, model, ctx, on_progress=progress, on_stage=on_stage
-            )
-        advance_state(state, ctx, pruned)
-        # the adapter changed: the next request needs the new weights' I_D; computing it now is
-        # reported as its own timing, not hidden in the next request's method time (the last
-        # request's is computed after the acceptance check, on the model the round publishes)
-        t_next = 0.0
-        if stage < n:
-            cache_key, t_next = (
-                (None, 0.0) if nothing_left else precompute_next_importance(model, ctx, method)
-            )
+        # the last request's next I_D is computed after the acceptance check, on the model the
+        # round publishes
+        done = run_stage(
+            inputs,
+            model,
+            spec,
+            state,
+            method=method,
+            stage=stage,
+            cache_key=cache_key,
+            precompute_next=stage < n,
+            on_progress=progress,
+            on_stage=on_stage,
+        )
+        model, cache_key = done.model, done.next_cache_key
         staged.append(
             _Staged(
-                ctx=ctx,
-                original=original,
-                info=info,
-                pruned=list(pruned),
-                timings={"partitions_s": t_ctx, "method_s": wall, "importance_precompute_s": t_next},
-                nothing_left=nothing_left,
+                ctx=done.ctx,
+                original=done.original,
+                info=done.info,
+                pruned=done.pruned,
+                timings=done.timings,
+                nothing_left=done.nothing_left,
             )
         )
-        timings[spec.request_id] = wall
+        timings[spec.request_id] = done.timings["method_s"]
         if on_progress is not None:
             on_progress(stage, n, f"request {spec.request_id}: updated")
 

@@ -10,8 +10,20 @@ from typing import Any
 import pytest
 import torch
 
+from worker.unlearning import engine
 from worker.unlearning.acceptance import Check
-from worker.unlearning.engine import ForgetSpec, RoundOutcome, anchor_fraction, prepare, run_round
+from worker.unlearning.adapter_io import load_adapter
+from worker.unlearning.engine import (
+    EngineInputs,
+    ForgetSpec,
+    RoundOutcome,
+    StageResult,
+    anchor_fraction,
+    prepare,
+    run_round,
+    run_stage,
+)
+from worker.unlearning.state import RoundState
 from worker.unlearning.workloads.toy import ToyWorkload
 
 
@@ -252,3 +264,56 @@ def test_run_round_reports_its_stages_in_order(prepared: Path) -> None:
         ("audit", 2, 2),
     ]
     assert [r for r in reports if r[0] == "update"] == [("update", 1, 2), ("update", 2, 2)] * 2
+
+
+def test_run_stage_runs_one_request_and_advances_the_state(prepared: Path) -> None:
+    """``run_stage``, the one stage of a round and of the benchmark: the request's context and the
+    model's metrics before it, the method's update, the state advanced in place; a repeated
+    request is skipped (nothing left to forget) and computes nothing ahead."""
+    inputs = EngineInputs.load(
+        ToyWorkload(), data_dir=prepared / "data", base_dir=prepared / "base", settings={}, seed=0
+    )
+    model = load_adapter(inputs.base, prepared / "v1", trainable=True)
+    state = RoundState.load(prepared / "v1")
+    spec = ForgetSpec("r1", "client", "u1", None, [])
+    first = run_stage(
+        inputs, model, spec, state, method="ssd", stage=1, cache_key=None, precompute_next=False
+    )
+    assert first.ctx.state.forgotten_clients == []  # the context holds the state before the request
+    assert (state.forgotten_clients, state.requests) == (["u1"], ["r1"])
+    assert state.pruned_subset_outputs == first.pruned
+    assert not first.nothing_left
+    assert set(first.timings) == {"partitions_s", "method_s", "importance_precompute_s"}
+    assert set(first.original.tasks) == {"kind", "side"}
+    again = run_stage(
+        inputs, first.model, spec, state, method="ssd", stage=2, cache_key=None, precompute_next=True
+    )
+    assert again.nothing_left
+    assert again.info["skipped"] == "nothing left to forget"
+    assert (again.next_cache_key, again.timings["importance_precompute_s"]) == (None, 0.0)
+    assert state.requests == ["r1", "r1"]
+
+
+def test_the_round_and_the_benchmark_share_run_stage(prepared: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 7 part 6: one stage loop. ``run_round`` and the benchmark's settings run each request
+    of each method through ``engine.run_stage`` (the benchmark had a copy of the round's loop)."""
+    from worker.unlearning import bench
+
+    calls: list[tuple[str, str]] = []
+
+    def spy(*args: Any, **kwargs: Any) -> StageResult:
+        calls.append((args[2].request_id, kwargs["method"]))
+        return run_stage(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "run_stage", spy)
+    monkeypatch.setattr(bench, "run_stage", spy)
+    _round(
+        prepared,
+        [ForgetSpec("r1", "client", "u1", None, []), ForgetSpec("r2", "client", "u2", None, [])],
+        "ssd",
+        {},
+    )
+    assert calls == [("r1", "ssd"), ("r2", "ssd")]
+    calls.clear()
+    bench.run_bench("smoke", None, seeds=[3], workload=ToyWorkload(), methods=["retrain", "ssd"], echo=None)
+    assert [m for _, m in calls] == ["ssd", "ssd"]  # 2 stages of the smoke preset; retrain only scores
