@@ -26,7 +26,8 @@ def imported_modules(source: str) -> set[str]:
 
 
 def test_imported_modules_sees_function_level_imports() -> None:
-    found = imported_modules("def f():\n    from service import repositories\n    import service.db.session\n")
+    source = "def f():\n    from service import repositories\n    import service.db.session\n"
+    found = imported_modules(source)
     assert {"service.repositories", "service.db.session"} <= found
 
 
