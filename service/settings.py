@@ -63,7 +63,6 @@ class Settings(BaseSettings):
     )
     retry_max_seconds: float = Field(default=300.0, description="Longest backoff between two attempts.")
     max_requests_per_round: int = Field(default=4, description="Queued requests coalesced per round.")
-    sweep_interval_seconds: float = Field(default=15.0, description="Sweeper period.")
     auth_failure_limit: int = Field(
         default=20, ge=1, description="Bad API keys per client address within the window before 429."
     )

@@ -1,4 +1,4 @@
-"""Liveness: the worker's heartbeat and the sweeper (the worker's only one).
+"""Liveness: the worker's heartbeat and the sweeper (the system's only one: the API runs none).
 
 Every worker process runs a background thread (:class:`Heartbeat`) that records a heartbeat (state
 ``idle`` / ``busy``) and runs the sweep every ``LETHE_WORKER_HEARTBEAT_SECONDS``: wakes for models

@@ -6,7 +6,6 @@ Nothing is built at import time: settings, the engine and the dispatcher are cre
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -25,7 +24,6 @@ from service.api.throttle import AuthFailures
 from service.db.session import create_probe_engine, make_session_factory
 from service.dispatch import Dispatcher
 from service.settings import Settings
-from service.sweeper import run_sweeper
 
 log = logging.getLogger(__name__)
 
@@ -58,19 +56,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             probe_engine=probe,
         )
         app.state.lethe = state
-        sweeper = None
-        if dispatcher.enabled and settings.sweep_interval_seconds > 0:
-            sweeper = asyncio.create_task(
-                run_sweeper(state.sessions, dispatcher, interval=settings.sweep_interval_seconds),
-                name="lethe-sweeper",
-            )
+        # No sweeper here: the workers' heartbeat (worker/liveness.py) is the only one; it re-sends
+        # what the dispatcher could not send (broker down at submission).
         try:
             yield
         finally:
-            if sweeper is not None:
-                sweeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sweeper
             dispatcher.close()
             engine.dispose()
             probe.dispose()
