@@ -420,21 +420,22 @@ def training_data(ctx: RequestContext) -> Batch:
 
 def full_importance_settings(method: str, settings: Mapping[str, Any]) -> dict[str, Any] | None:
     """The SSD settings with which ``method`` reads the full-data importance, or ``None`` if it
-    does not (then computing it ahead is pointless)."""
-    from worker.unlearning.methods.default import ssd_stage_settings
-    from worker.unlearning.methods.ssd import ssd_method_settings
+    does not (then computing it ahead is pointless): what its spec declares
+    (:class:`worker.unlearning.methods.Needs`)."""
+    from worker.unlearning.methods import get_spec
 
-    if method == "ssd":
-        return ssd_method_settings(settings)
-    return ssd_stage_settings(settings) if method == "default" else None
+    reads = get_spec(method).needs.full_importance
+    return None if reads is None else reads(settings)
 
 
 def importance_settings_of_methods(settings: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The distinct SSD settings with which the built-in methods (``ssd``, ``default``) read the
-    full-data importance (what ``prepare`` computes ahead for v1)."""
+    """The distinct SSD settings with which the registered methods read the full-data importance
+    (what ``prepare`` computes ahead for v1), in registration order."""
+    from worker.unlearning.methods import specs
+
     out: list[dict[str, Any]] = []
-    for method in ("ssd", "default"):
-        chosen = full_importance_settings(method, settings)
+    for spec in specs():
+        chosen = full_importance_settings(spec.name, settings)
         if chosen is not None and chosen not in out:
             out.append(chosen)
     return out
@@ -464,9 +465,8 @@ def apply_method(
 ) -> tuple[PeftModel, dict[str, Any], list[int], float]:
     """Run ``method`` (from the methods registry) for one request, then re-apply the persistent
     pruning. Returns the model, the method's info, the outputs the method pruned, and the wall time."""
-    from worker.unlearning.methods import MethodContext, get_method
+    from worker.unlearning.methods import MethodContext, run_method
 
-    fn = get_method(method)
     t0 = time.perf_counter()
     mctx = MethodContext(
         model=model,
@@ -486,7 +486,7 @@ def apply_method(
         on_progress=on_progress,
         on_stage=on_stage,
     )
-    result = fn(mctx)
+    result = run_method(method, mctx)
     out = result.model
     if not isinstance(out, PeftModel):
         raise TypeError(f"method {method!r} returned a {type(out).__name__}, not a peft model")

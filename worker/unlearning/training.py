@@ -15,21 +15,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
+from pydantic import dataclasses as pydantic_dataclasses
 from torch import Tensor
 
-from worker.unlearning.config import typed_kwargs
+from worker.unlearning.config import SETTINGS, parse_settings
 from worker.unlearning.model import MultiTaskModel, forward_with_embedding, wrap_lora
 from worker.unlearning.types import IGNORE, SUBSET_HEAD, Batch, TaskSpec, main_task_loss
 
 
-@dataclass(frozen=True)
+@pydantic_dataclasses.dataclass(frozen=True, config=SETTINGS)
 class TrainConfig:
+    """``settings["train"]`` (and ``settings["lora"]``'s ``rank`` / ``alpha``): the recipe of v1 and of
+    every retrain."""
+
     epochs: int = 60
     main_only_epochs: int = 15
     batch_size: int = 64
@@ -57,7 +61,7 @@ class TrainConfig:
             train.setdefault("rank", lora["rank"])
         if "alpha" in lora:
             train.setdefault("lora_alpha", lora["alpha"])
-        return cls(**typed_kwargs(cls, train, "training"))
+        return parse_settings(cls, train, "training")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -19,10 +19,14 @@ from worker.unlearning.engine import (
     RoundOutcome,
     StageResult,
     anchor_fraction,
+    full_importance_settings,
+    importance_settings_of_methods,
     prepare,
     run_round,
     run_stage,
 )
+from worker.unlearning.methods import MethodContext, MethodResult, Needs, register, unregister
+from worker.unlearning.ssd import precompute_full_importance
 from worker.unlearning.state import RoundState
 from worker.unlearning.workloads.toy import ToyWorkload
 
@@ -226,6 +230,43 @@ def test_next_requests_importance_is_computed_ahead_and_read_from_the_cache(tmp_
         assert ev["method_info"]["ssd"]["selected"] == plain["method_info"]["ssd"]["selected"]
         assert ev["timings_s"]["importance_precompute_s"] > 0.0  # for the next request / version
         assert plain["timings_s"]["importance_precompute_s"] == 0.0  # no cache: nothing ahead
+
+
+def test_the_engine_computes_ahead_the_importance_a_methods_spec_declares(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 7 part 6: what a method needs is declared in its spec, not named in the engine. A
+    throwaway method declaring that it reads the full-data importance with its own SSD settings
+    gets it computed ahead: for v1 by ``prepare``, and after its request for the next one."""
+    import worker.unlearning.engine as engine
+
+    own = {"batch_size": 5, "layout": "merged"}
+    seen: list[dict[str, Any]] = []
+    real = precompute_full_importance
+
+    def spy(model: torch.nn.Module, data: Any, tasks: Any, settings: Any, **kwargs: Any) -> Any:
+        seen.append(dict(settings))
+        return real(model, data, tasks, settings, **kwargs)
+
+    monkeypatch.setattr(engine, "precompute_full_importance", spy)
+
+    @register("throwaway_importance", needs=Needs(full_importance=lambda settings: own))
+    def throwaway(ctx: MethodContext) -> MethodResult:
+        return MethodResult(model=ctx.model)
+
+    try:
+        assert full_importance_settings("throwaway_importance", {}) == own
+        assert own in importance_settings_of_methods({})
+        _prepare(tmp_path, cache_dir=tmp_path / "cache")
+        assert own in seen  # v1's, by prepare
+        seen.clear()
+        spec = [ForgetSpec("r1", "client", "u1", None, [])]
+        outcome = _round(tmp_path, spec, "throwaway_importance", {}, cache_dir=tmp_path / "cache")
+        assert seen == [own]  # the next request's, after this one
+        assert outcome.evidence["r1"]["timings_s"]["importance_precompute_s"] > 0.0
+    finally:
+        unregister("throwaway_importance")
+    assert full_importance_settings("original", {}) is None
 
 
 def test_anchor_fraction_per_method(prepared: Path) -> None:

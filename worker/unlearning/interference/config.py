@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict
+from typing import Any, Literal
 
-from worker.unlearning.config import typed_kwargs
+from pydantic import dataclasses as pydantic_dataclasses
+
+from worker.unlearning.config import SETTINGS, parse_settings
 
 
-@dataclass(frozen=True)
+@pydantic_dataclasses.dataclass(frozen=True, config=SETTINGS)
 class IAConfig:
     """``settings["ia"]``. Stage switches: ``projection``, ``orth_clean``, ``orth_inst``,
     ``orth_task`` (the paper's Table 3 ablations), ``update_heads``, ``early_stopping``."""
@@ -27,7 +29,8 @@ class IAConfig:
     rank_tol: float = 1e-8
     # task subspaces (Eqs. 7–8)
     subspace_dim: int = 0  # 0: rank // number of involved tasks (at least 1)
-    subspace_init: str = "random"  # "random" (overlapping, the regulariser separates) | "orthogonal"
+    # "random" (overlapping, the regulariser separates) | "orthogonal"
+    subspace_init: Literal["random", "orthogonal"] = "random"
     subspace_lr: float = 0.1
     # the stages (the paper's Table 3 ablations) and the Eq. 10 variant
     projection: bool = True
@@ -49,19 +52,13 @@ class IAConfig:
     # "outside_anchor" (retained instances outside the anchor and X_f: training data of the model
     # that the update does not see, so a drop there is damage the retain term did not repair) or
     # "both" (each checked on its own)
-    check_rows: str = "anchor"
+    check_rows: Literal["anchor", "outside_anchor", "both"] = "anchor"
     # per-(partition, task) gradients: "autograd" (batched VJPs) | "func" (torch.func.jacrev)
-    grad_backend: str = "autograd"
+    grad_backend: Literal["autograd", "func"] = "autograd"
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | None) -> IAConfig:
-        cfg = cls(**typed_kwargs(cls, settings, "interference-aware"))
-        if cfg.grad_backend not in ("autograd", "func"):
-            raise ValueError("grad_backend must be 'autograd' or 'func'")
-        if cfg.check_rows not in ("anchor", "outside_anchor", "both"):
-            raise ValueError("check_rows must be 'anchor', 'outside_anchor' or 'both'")
-        if cfg.subspace_init not in ("random", "orthogonal"):
-            raise ValueError("subspace_init must be 'random' or 'orthogonal'")
+        cfg = parse_settings(cls, settings, "interference-aware")
         if cfg.epochs < 0 or cfg.batch_size < 1 or cfg.epsilon < 0:
             raise ValueError("interference-aware update needs epochs >= 0, batch_size >= 1, epsilon >= 0")
         if cfg.retain_tolerance < 0 or cfg.check_size < 0:
