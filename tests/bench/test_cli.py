@@ -16,6 +16,7 @@ from pathlib import Path
 
 import click
 import pytest
+from click.testing import CliRunner
 
 from bench import cli
 
@@ -64,6 +65,13 @@ def test_lethe_bench_is_the_packages_command() -> None:
     assert isinstance(command, click.Command)
     assert "bench*" in project["tool"]["setuptools"]["packages"]["find"]["include"]
     assert "matplotlib>=3.8" in project["project"]["optional-dependencies"]["bench"]
+    runner = CliRunner()
+    listed = runner.invoke(command, ["--help"])
+    assert listed.exit_code == 0
+    assert all(name in listed.output for name in cli.COMMANDS)
+    plot_help = runner.invoke(command, ["plot", "--help"])
+    assert plot_help.exit_code == 0
+    assert "usage: lethe bench plot" in plot_help.output
 
 
 def test_python_dash_m_bench_runs() -> None:
