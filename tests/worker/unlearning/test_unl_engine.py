@@ -335,11 +335,11 @@ def test_run_stage_runs_one_request_and_advances_the_state(prepared: Path) -> No
     assert state.requests == ["r1", "r1"]
 
 
-def test_the_round_and_the_benchmark_share_run_stage(prepared: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Issue 7 part 6: one stage loop. ``run_round`` and the benchmark's settings run each request
-    of each method through ``engine.run_stage`` (the benchmark had a copy of the round's loop)."""
-    from worker.unlearning import bench
-
+def test_the_round_runs_each_request_through_run_stage(
+    prepared: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 7 part 6: one stage loop. ``run_round`` runs each request through ``engine.run_stage``,
+    as the benchmark does (tests/bench/test_quality.py; it had a copy of the round's loop)."""
     calls: list[tuple[str, str]] = []
 
     def spy(*args: Any, **kwargs: Any) -> StageResult:
@@ -347,14 +347,6 @@ def test_the_round_and_the_benchmark_share_run_stage(prepared: Path, monkeypatch
         return run_stage(*args, **kwargs)
 
     monkeypatch.setattr(engine, "run_stage", spy)
-    monkeypatch.setattr(bench, "run_stage", spy)
-    _round(
-        prepared,
-        [ForgetSpec("r1", "client", "u1", None, []), ForgetSpec("r2", "client", "u2", None, [])],
-        "ssd",
-        {},
-    )
+    requests = [ForgetSpec("r1", "client", "u1", None, []), ForgetSpec("r2", "client", "u2", None, [])]
+    _round(prepared, requests, "ssd", {})
     assert calls == [("r1", "ssd"), ("r2", "ssd")]
-    calls.clear()
-    bench.run_bench("smoke", None, seeds=[3], workload=ToyWorkload(), methods=["retrain", "ssd"], echo=None)
-    assert [m for _, m in calls] == ["ssd", "ssd"]  # 2 stages of the smoke preset; retrain only scores
