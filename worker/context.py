@@ -101,6 +101,12 @@ class WorkerContext:
     def data_dir(self, model: str) -> Path:
         return self.settings.resolved_data_dir / model
 
+    def prepare_lock(self, model: str) -> Path:
+        """The file whose ``flock`` serialises a model's preparation, on every worker machine: beside
+        the dataset store, which they share (the artifacts directory is each machine's own with an
+        object store), and outside ``<model>/``, which a preparation deletes and rebuilds."""
+        return self.settings.resolved_data_dir / f".{model}.prepare.lock"
+
     def cache_dir(self, model: str) -> Path:
         return self.settings.resolved_home / "cache" / model
 
