@@ -18,12 +18,14 @@ from fastapi.openapi.utils import get_openapi
 from service.api import problems
 from service.api.auth import document_scopes
 from service.api.limits import BodySizeLimit
+from service.api.not_modified import NotModifiedShortcut
 from service.api.request_id import RequestId
 from service.api.routers import admin, forget_requests, health, metrics, serving, webhooks
 from service.api.state import AppState
 from service.api.throttle import AuthFailures
 from service.db.session import create_probe_engine, make_session_factory
 from service.dispatch import Dispatcher
+from service.sequencer import ChainSequencer
 from service.settings import Settings
 from service.sweeper import run_sweeper
 
@@ -57,6 +59,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ),
             probe_engine=probe,
         )
+        state.sequencer = ChainSequencer(
+            state.sessions, interval_seconds=settings.chain_sequence_interval_seconds
+        )
+        state.sequencer.start()
         app.state.lethe = state
         sweeper = None
         if dispatcher.enabled and settings.sweep_interval_seconds > 0:
@@ -71,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 sweeper.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await sweeper
+            state.sequencer.close()
             dispatcher.close()
             engine.dispose()
             probe.dispose()
@@ -92,6 +99,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     problems.install(app)
+    app.add_middleware(NotModifiedShortcut)  # innermost of ours: 304s keep their X-Request-ID
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestId)  # outermost: even a 413's log lines carry the id
     for router in (
