@@ -17,12 +17,14 @@ from fastapi.openapi.utils import get_openapi
 from service.api import problems
 from service.api.auth import document_scopes
 from service.api.limits import BodySizeLimit
+from service.api.not_modified import NotModifiedShortcut
 from service.api.request_id import RequestId
 from service.api.routers import admin, forget_requests, health, metrics, serving, webhooks
 from service.api.state import AppState
 from service.api.throttle import AuthFailures
 from service.db.session import create_probe_engine, make_session_factory
 from service.dispatch import Dispatcher
+from service.sequencer import ChainSequencer
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -55,12 +57,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ),
             probe_engine=probe,
         )
+        state.sequencer = ChainSequencer(
+            state.sessions, interval_seconds=settings.chain_sequence_interval_seconds
+        )
+        state.sequencer.start()
         app.state.lethe = state
         # No sweeper here: the workers' heartbeat (worker/liveness.py) is the only one; it re-sends
         # what the dispatcher could not send (broker down at submission).
         try:
             yield
         finally:
+            state.sequencer.close()
             dispatcher.close()
             engine.dispose()
             probe.dispose()
@@ -82,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     problems.install(app)
+    app.add_middleware(NotModifiedShortcut)  # innermost of ours: 304s keep their X-Request-ID
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestId)  # outermost: even a 413's log lines carry the id
     for router in (

@@ -213,8 +213,11 @@ class EventOut(_Out):
     actor: str
     at: datetime
     detail: dict[str, Any]
-    prev_hash: str
-    hash: str
+    seq: int | None = Field(
+        description="Position in the hash chain; null while the event is pending (not chained yet)"
+    )
+    prev_hash: str | None = Field(description="Hash of the chain's event before this one; null while pending")
+    hash: str | None = Field(description="SHA-256 of this event's canonical JSON; null while pending")
 
 
 class EvidenceOut(_Out):
@@ -420,6 +423,10 @@ class AuditReport(BaseModel):
     checked_events: int
     head_hash: str
     first_broken: BrokenEvent | None
+    pending_events: int = Field(
+        default=0,
+        description="Events committed after the check chained the pending ones: not yet in the chain",
+    )
 
 
 class FileOut(BaseModel):

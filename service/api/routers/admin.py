@@ -432,5 +432,9 @@ def verify_audit_chain(state: State, _: Admin) -> schemas.AuditReport:
             reason=report.reason or "",
         )
     return schemas.AuditReport(
-        ok=report.ok, checked_events=report.checked, head_hash=report.head_hash, first_broken=broken
+        ok=report.ok,
+        checked_events=report.checked,
+        head_hash=report.head_hash,
+        first_broken=broken,
+        pending_events=report.pending,
     )
