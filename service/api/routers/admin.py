@@ -31,7 +31,7 @@ from service.repositories import workers as workers_repo
 #: a version number as the serving routes accept it (fits the 32-bit column)
 VERSION_NUMBER = re.compile(r"[1-9][0-9]{0,8}")
 #: what a client or sample id can be (no control characters): others name none
-_CLIENT_ID = re.compile(r"[^\x00-\x1f\x7f]{1,200}")
+_STORED_ID = re.compile(r"[^\x00-\x1f\x7f]{1,200}")
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=problem_responses(401, 403, 503))
 Admin = Annotated[Principal, Depends(require("admin"))]
@@ -218,15 +218,19 @@ def list_models(state: State, _: Admin) -> list[schemas.ModelOut]:
         return [presenters.model(session, m) for m in models_repo.list_models(session)]
 
 
+def _model(session: Session, name: str) -> Model:
+    model = models_repo.get_model(session, name)
+    if model is None:
+        raise NotFoundError(f"model {name!r} is not registered")
+    return model
+
+
 @router.get(
     "/models/{name}", summary="One model, its subjects and versions", responses=problem_responses(404)
 )
 def show_model(name: str, state: State, _: Admin) -> schemas.ModelDetail:
     with state.transaction() as session:
-        model = models_repo.get_model(session, name)
-        if model is None:
-            raise NotFoundError(f"model {name!r} is not registered")
-        return presenters.model_detail(session, model)
+        return presenters.model_detail(session, _model(session, name))
 
 
 def _decode_page_cursor(cursor: str, kind: str) -> str:
@@ -243,13 +247,6 @@ def _decode_page_cursor(cursor: str, kind: str) -> str:
 
 def _encode_page_cursor(kind: str, position: str) -> str:
     return base64.urlsafe_b64encode(f"{kind}:{position}".encode()).decode("ascii").rstrip("=")
-
-
-def _model(session: Session, name: str) -> Model:
-    model = models_repo.get_model(session, name)
-    if model is None:
-        raise NotFoundError(f"model {name!r} is not registered")
-    return model
 
 
 @router.get(
@@ -307,13 +304,13 @@ def list_client_samples(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> schemas.SamplePage:
     after = _decode_page_cursor(cursor, "sample") if cursor is not None else None
-    if after is not None and not _CLIENT_ID.fullmatch(after):
+    if after is not None and not _STORED_ID.fullmatch(after):
         raise BadRequestError("invalid cursor", field="cursor")
     with state.transaction() as session:
         model = _model(session, name)
         # a name no client can have (a NUL byte, say) names none: 404 without a query
         subject = (
-            models_repo.get_subject(session, model.id, client_id) if _CLIENT_ID.fullmatch(client_id) else None
+            models_repo.get_subject(session, model.id, client_id) if _STORED_ID.fullmatch(client_id) else None
         )
         if subject is None:
             raise NotFoundError(f"model {name!r} has no client {client_id!r}")
@@ -409,9 +406,7 @@ def reconfigure_model(
 )
 def model_events(name: str, state: State, _: Admin) -> list[schemas.ModelEventOut]:
     with state.transaction() as session:
-        model = models_repo.get_model(session, name)
-        if model is None:
-            raise NotFoundError(f"model {name!r} is not registered")
+        model = _model(session, name)
         return [schemas.ModelEventOut.from_row(e) for e in model_events_repo.for_model(session, model.id)]
 
 
