@@ -170,8 +170,6 @@ class ModelArtifacts:
         self.adapters_dir = self.model_dir / "adapters"
         self.tombstones_dir = self.model_dir / "tombstones"
         self.state_dir = self.model_dir / "state"
-        #: the likelihood-ratio audit's reference adapters (this machine's; trained by preparation)
-        self.references_dir = self.model_dir / "references"
 
     # -- locations -----------------------------------------------------------------------------
     def location_of(self, name: str) -> str:

@@ -149,7 +149,7 @@ def purge_completed(ctx: WorkerContext, model_name: str, *, everything: bool = F
         # a reference adapter of the likelihood-ratio audit trained on forgotten data keeps it:
         # drop those before the data goes (every forgotten client's OUT references stay)
         touched = set(clients) | _owners(store, {s for s, _ in pairs})
-        drop_references_with(ctx.artifacts(model_name).references_dir, touched)
+        drop_references_with(ctx.references_dir(model_name), touched)
         report = store.purge(pending)
     ctx.emit("store_purged", requests=[s.request_id for s in pending])
     with transaction(ctx.session_factory) as session:

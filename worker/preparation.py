@@ -49,8 +49,7 @@ def prepare_model(
             workload = context._load_workload(model_row)
             import shutil
 
-            stale_dirs = (data_dir, store.base_dir, store.adapters_dir, store.state_dir, store.references_dir)
-            for stale in stale_dirs:
+            for stale in (data_dir, store.base_dir, store.adapters_dir, store.state_dir):
                 if stale.exists():
                     shutil.rmtree(stale)
             name = version_dir_name(0, int(time.time() * 1000))
@@ -67,7 +66,7 @@ def prepare_model(
                     # v1's SSD importance is computed now, so the first request does not wait on it
                     cache_dir=ctx.cache_dir(model_name),
                     # the likelihood-ratio audit's references (settings.audit.reference_adapters)
-                    references_dir=store.references_dir,
+                    references_dir=ctx.references_dir(model_name),
                 )
             base_files = store.upload_base()  # to the object store, if any, before v1 names it
             store.keep_state(staging, name)
