@@ -31,6 +31,7 @@ references.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -74,6 +75,22 @@ def lira_scores(target_phi: Tensor, ref_phi: Tensor, out: Tensor) -> tuple[Tenso
     return torch.where(n_out > 0, z, torch.full_like(z, float("nan"))), sigma
 
 
+def out_reference_auc(ref_losses: Tensor, out: Tensor, is_forget: Tensor) -> float | None:
+    """The loss-MIA AUC (forgotten vs unseen rows) that models which never saw the forgotten clients
+    score: per reference, over the forgotten rows it is OUT for, against every unseen row; the
+    median over references with any such row (``None`` if none). ``ref_losses``, ``out``: ``[K, N]``;
+    ``is_forget``: ``[N]``. A per-client target for early stopping without a retrain (issue 8
+    part 1): the level a model that never saw the client reaches."""
+    aucs = []
+    for r in range(int(ref_losses.shape[0])):  # K references, a handful; samples stay vectorised
+        rows = out[r] & is_forget
+        if bool(rows.any()):
+            auc = loss_mia_auc(ref_losses[r][rows], ref_losses[r][~is_forget])
+            if auc is not None:
+                aucs.append(auc)
+    return statistics.median(aucs) if aucs else None
+
+
 def tpr_at_fpr(positive: Tensor, negative: Tensor, fpr: float = FPR) -> float | None:
     """Share of positives scored above the threshold that at most ``fpr`` of negatives exceed."""
     if positive.numel() == 0 or negative.numel() == 0:
@@ -94,6 +111,7 @@ class TaskLR:
     sigma_out: float
     min_out_references: int  # fewest OUT references any forgotten sample had
     no_out_reference: int  # forgotten samples left out: no reference excluded their client
+    out_reference_mia_auc: float | None  # loss-MIA AUC of the OUT references (:func:`out_reference_auc`)
 
 
 def likelihood_ratio_audit(
@@ -135,6 +153,7 @@ def likelihood_ratio_audit(
         missing = int(torch.isnan(pos).sum())
         pos = pos[~torch.isnan(pos)]
         n_out_forget = mask[:, is_forget].sum(0)
+        ref_losses = torch.stack([task.per_sample_loss(o[name][rows], ys) for o in ref_outs]).cpu()
         per_task[name] = asdict(
             TaskLR(
                 tpr_at_1pct_fpr=tpr_at_fpr(pos, neg),
@@ -144,6 +163,7 @@ def likelihood_ratio_audit(
                 sigma_out=sigma,
                 min_out_references=int(n_out_forget.min()) if n_out_forget.numel() else 0,
                 no_out_reference=missing,
+                out_reference_mia_auc=out_reference_auc(ref_losses, mask, is_forget),
             )
         )
     return {
