@@ -621,10 +621,12 @@ def request_evidence(
         device=ctx.device,
     ).to_json()
     if references is not None and len(ctx.unl):
+        t_lr = time.perf_counter()
         evidence["likelihood_ratio"] = likelihood_ratio_audit(
             model, references, ctx.tasks, forget=ctx.unl, unseen=ctx.heldout,
             forget_tasks=ctx.partitions.forget_tasks, client_index=ctx.client_index, device=ctx.device,
         )  # fmt: skip
+        evidence["likelihood_ratio"]["wall_s"] = time.perf_counter() - t_lr
     if len(ctx.partitions.forget) == 0:
         evidence["uis"]["reason"] = "nothing left to forget: the request's data is already forgotten"
     elif reference is None and evidence["uis"].get("reason") is not None:

@@ -273,6 +273,7 @@ def test_prepare_trains_references_and_the_round_reads_them_but_never_trains_one
         assert 0.0 <= task["tpr_at_1pct_fpr"] <= 1.0
         assert 0.0 <= task["auc"] <= 1.0
         assert 0.0 <= task["out_reference_mia_auc"] <= 1.0
+    assert lr["wall_s"] > 0
     assert "likelihood_ratio" not in round_(None, "v2b")
     assert "likelihood_ratio" not in round_(tmp_path / "none", "v2c")
 
