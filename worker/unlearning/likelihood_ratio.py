@@ -1,23 +1,24 @@
 """The likelihood-ratio membership attack of the audit: offline LiRA with reference adapters.
 
-Why offline LiRA (Carlini et al. 2022, "Membership Inference Attacks From First Principles", §VI-A
-and Alg. 1 without the IN models) rather than RMIA (Zarifzadeh et al. 2024): the references are
+Why offline LiRA (Carlini et al. 2022, "Membership Inference Attacks From First Principles",
+Alg. 1 without the IN models) rather than RMIA (Zarifzadeh et al. 2024): the references are
 trained once per model on halves of the clients, so a forgotten client's samples have only OUT
 references that are valid for the model *after* the request (its IN references saw the client),
 and the question the audit asks is exactly offline LiRA's — does the model under audit sit above
-the distribution of models that never saw the sample? RMIA's pairwise test against population
-samples needs the IN/OUT mixture per sample as well; with 2–4 OUT references per sample its gain
-over offline LiRA is small, and its γ threshold is one more setting to calibrate.
+the distribution of models that never saw the sample? RMIA's offline variant approximates the IN
+side from OUT models with a factor ``a`` and compares against population samples with a threshold
+``γ``: two more settings to calibrate, on a handful of references. (With one global σ, the ranking
+— hence TPR and AUC — is that of ``φ_target − μ_out``.)
 
 Per sample ``x`` with label ``y`` and task ``t``:
 
 - scaled confidence ``φ(f(x)_y) = log p_y − log Σ_{y'≠y} p_y'`` (the logit of the true-label
-  probability, Carlini et al. Eq. 4, computed stably from the logits); for a regression task
+  probability — the paper's logit scaling — computed stably from the logits); for a regression task
   ``φ = −loss``;
 - ``μ_out(x)``: the mean of ``φ`` over the references whose half excluded ``x``'s client (every
   reference for unseen-population samples); ``σ_out``: one global standard deviation over all
-  (sample, OUT reference) pairs — the paper's choice with few shadow models (§VI-A "fixed
-  variance"), since 2–4 OUT values per sample give no usable per-sample variance;
+  (sample, OUT reference) pairs — the paper's fixed-variance choice for few shadow
+  models, since 2–4 OUT values per sample give no usable per-sample variance;
 - score ``Λ(x) = Φ((φ_target(x) − μ_out(x)) / σ_out)`` (offline LiRA: ``1 − Pr[Z > φ_target]``,
   ``Z ~ N(μ_out, σ_out²)``); its ranking is that of the z-value, which is what is kept.
 

@@ -2,10 +2,10 @@
 
 ``K`` adapters (``settings["audit"]["reference_adapters"]``, even; 0 = off) trained once per model,
 off the request path, with v1's recipe (:func:`worker.unlearning.training.train_v1`), each on a
-seeded random half of the model's clients. The halves are balanced per client, as in LiRA's
-offline setting (Carlini et al. 2022, §VI-A: every example is IN exactly half of the shadow
-models): client ``c`` is IN the ``K/2`` references of a seeded random permutation of ``0..K-1``,
-so each client has exactly ``K/2`` OUT references — the ones the attack
+seeded random half of the model's clients. The halves are balanced per client, as in LiRA
+(Carlini et al. 2022: every example is IN exactly half of the shadow models): client ``c`` is IN
+the first ``K/2`` references of a seeded random permutation of ``0..K-1``, so each client has
+exactly ``K/2`` OUT references — the ones the attack
 (:mod:`worker.unlearning.likelihood_ratio`) reads for that client's samples.
 
 On disk (one directory): ``ref-<i>/`` (peft ``save_pretrained``, :func:`save_adapter`) and
