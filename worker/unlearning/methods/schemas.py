@@ -46,7 +46,10 @@ CHOICES: dict[tuple[type, str], tuple[str, ...]] = {
     (SSDConfig, "fisher"): ("batch", "per_sample"),
     (IAConfig, "grad_backend"): ("autograd", "func"),
     (IAConfig, "check_rows"): ("anchor", "outside_anchor", "both"),
-    (IAConfig, "subspace_init"): ("random", "orthogonal"),
+    (IAConfig, "subspace_init"): ("random", "orthogonal", "gradient"),
+    (IAConfig, "forget_balance"): ("none", "total", "per_task"),
+    (IAConfig, "task_distance"): ("mean", "max"),
+    (IAConfig, "forget_accuracy_pick"): ("closest", "earliest"),
     (OrthoGradConfig, "solver"): ("gram", "qr"),
     (AcceptanceConfig, "fallback"): ("retrain", "none"),
 }
