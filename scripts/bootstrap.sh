@@ -20,5 +20,5 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 "$venv/bin/python" -m pip install -q --upgrade pip
 "$venv/bin/python" -m pip install -q "torch==${LETHE_TORCH_VERSION:-2.13.0}"
-"$venv/bin/python" -m pip install -q -e ".[ml,dev]"
+"$venv/bin/python" -m pip install -q -e ".[ml,dev,bench]"
 echo "$want" >"$stamp"

@@ -126,7 +126,7 @@ def serve(host: str, port: int, run_migrations: bool | None, workers: int) -> No
     trusted = settings.trusted_proxies
     os.environ[_LOG_LEVEL_ENV] = logging.getLevelName(logging.getLogger().level)
     # Several processes: uvicorn imports the factory in each (settings from the same environment);
-    # each process has its own pool, dispatcher and sweeper (sweeps are idempotent).
+    # each process has its own pool and dispatcher. No sweeper: the workers' heartbeat sweeps.
     uvicorn.run(
         "service.cli:served_app" if workers > 1 else create_app(settings),
         factory=workers > 1,
@@ -295,10 +295,13 @@ def requests_follow(request_id: str, url: str, api_key: str, interval: float, ti
 
 @main.command()
 def sweep() -> None:
-    """Send wake-ups once for every model with queued requests and no live lease."""
-    from service.db.session import create_db_engine, make_session_factory
+    """Send wake-ups once, now, for every model with queued requests and no live lease.
+
+    A manual nudge, e.g. while no worker sweeps (``LETHE_WORKER_SWEEP=false`` on all of them): the
+    workers' heartbeat is the system's only periodic sweeper (worker/liveness.py)."""
+    from service import rounds
+    from service.db.session import create_db_engine, make_session_factory, transaction
     from service.dispatch import Dispatcher
-    from service.sweeper import sweep_once
 
     settings = Settings()
     if not settings.broker_url:
@@ -306,7 +309,9 @@ def sweep() -> None:
     engine = create_db_engine(settings.resolved_database_url)
     dispatcher = Dispatcher(settings.broker_url, timeout_seconds=settings.dispatch_timeout_seconds)
     try:
-        woken = sweep_once(make_session_factory(engine), dispatcher)
+        with transaction(make_session_factory(engine)) as session:
+            names = rounds.models_to_wake(session)
+        woken = [name for name in names if dispatcher.wake(name)]
     finally:
         dispatcher.close()
         engine.dispose()

@@ -121,7 +121,8 @@ def submit(
         request = new_request(pending)
         session.add(request)
         session.flush()
-    events_repo.append_events(session, submission_events(request, model.name, external_digest), actor=actor)
+    # pending: no chain lock on the submission path (the sequencer chains them after the commit)
+    events_repo.add_pending(session, submission_events(request, model.name, external_digest), actor=actor)
     return SubmitResult(request, created=pending is None)
 
 

@@ -4,8 +4,12 @@
         --json bench-results/api-throughput.json --markdown -
 
 Creates a scratch database on that PostgreSQL server (dropped at the end), seeds a ready model
-with enough clients that no submission merges, then measures with ``--concurrency`` async httpx
-clients for ``--duration`` seconds each:
+with enough clients that no submission merges, then measures with ``--concurrency`` clients (one
+kept-alive HTTP/1.1 connection each) for ``--duration`` seconds each, split over
+``--client-processes`` load-generator processes (one uvloop each, started together, results merged).
+The client is a minimal HTTP/1.1 exchange on asyncio streams, not httpx: on a machine it shares
+with the servers, every CPU millisecond the load generator spends per call is taken from them, and
+one process of httpx clients capped the bare endpoint at ~145 req/s:
 
 - ``bare POST`` (1 and 2 processes): :func:`bare_app`, FastAPI validating the same body and
   header and inserting one row with SQLAlchemy;
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
 import signal
@@ -33,7 +38,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -160,49 +165,168 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+@dataclass(frozen=True)
+class Call:
+    """One scenario's request, picklable for the client processes: ``{n}`` in ``idempotency`` and
+    ``client_id`` becomes the call's number (unique across every process of the run)."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any] | None = None
+    idempotency: str | None = None
+
+    def request(self, host: str, n: int) -> bytes:
+        """The HTTP/1.1 request of call number ``n``, as bytes."""
+        headers = {"Host": host, **self.headers}
+        if self.idempotency is not None:
+            headers["Idempotency-Key"] = self.idempotency.format(n=n)
+        body = b""
+        if self.body is not None:
+            body = json.dumps({**self.body, "client_id": f"c{n}"}).encode()
+            headers.update({"Content-Type": "application/json", "Content-Length": str(len(body))})
+        head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        return f"{self.method} {self.path} HTTP/1.1\r\n{head}\r\n".encode("latin-1") + body
+
+
+async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> int:
+    """Send one request on a kept-alive connection and read its whole answer; its status code.
+
+    A minimal HTTP/1.1 client (status line, ``Content-Length`` bodies): it costs the load generator
+    a fraction of httpx's CPU per call, which on a shared machine is CPU the servers keep."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"transfer-encoding":
+            raise ConnectionError("a chunked answer: the load client reads Content-Length bodies only")
+    if length:
+        await reader.readexactly(length)
+    return int(head[9:12])
+
+
+@dataclass
+class Measured:
+    latencies: list[float] = field(default_factory=list)
+    statuses: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def merge(self, other: Measured) -> None:
+        self.latencies += other.latencies
+        for status, count in other.statuses.items():
+            self.statuses[status] = self.statuses.get(status, 0) + count
+        self.seconds = max(self.seconds, other.seconds)
+
+
 async def _load(
+    base: str, call: Call, *, concurrency: int, duration: float, first: int = 0, stride: int = 1
+) -> Measured:
+    """``concurrency`` clients sending ``call`` back to back for ``duration`` seconds; the calls are
+    numbered ``first``, ``first + stride``, … (so that processes never share a number)."""
+    measured = Measured()
+    counter = iter(range(first, 10**12, stride))
+    url = httpx.URL(base)
+    host, port = url.host, url.port or 80
+    start = time.perf_counter()
+    stop = start + duration
+
+    async def one_client() -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            while time.perf_counter() < stop:
+                request = call.request(f"{host}:{port}", next(counter))
+                sent = time.perf_counter()
+                try:
+                    status = str(await asyncio.wait_for(_exchange(reader, writer, request), 30))
+                except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+                    status = "error"  # counted, and the connection is opened again
+                    writer.close()
+                    reader, writer = await asyncio.open_connection(host, port)
+                measured.latencies.append(time.perf_counter() - sent)
+                measured.statuses[status] = measured.statuses.get(status, 0) + 1
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(one_client() for _ in range(concurrency)))
+    measured.seconds = time.perf_counter() - start
+    return measured
+
+
+def _run(coroutine: Coroutine[Any, Any, Measured]) -> Measured:
+    """Run on uvloop when it is installed (uvicorn's ``standard`` extra): a cheaper event loop."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvicorn[standard] brings it
+        return asyncio.run(coroutine)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coroutine)
+
+
+def _client_process(
     base: str,
-    make: Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]],
-    *,
+    call: Call,
     concurrency: int,
     duration: float,
-) -> tuple[list[float], dict[str, int], float, list[httpx.Response]]:
-    """``concurrency`` clients calling ``make(client, n)`` back to back for ``duration`` seconds."""
-    latencies: list[float] = []
-    statuses: dict[str, int] = {}
-    responses: list[httpx.Response] = []
-    counter = iter(range(10**9))
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as client:
-        start = time.perf_counter()
-        stop = start + duration
-
-        async def one_client() -> None:
-            while time.perf_counter() < stop:
-                sent = time.perf_counter()
-                response = await make(client, next(counter))
-                latencies.append(time.perf_counter() - sent)
-                statuses[str(response.status_code)] = statuses.get(str(response.status_code), 0) + 1
-                responses.append(response)
-
-        await asyncio.gather(*(one_client() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    return latencies, statuses, elapsed, responses
+    index: int,
+    processes: int,
+    start: Any,
+    results: Any,
+) -> None:
+    """One load-generator process: waits for the others (``start``, a barrier), then measures."""
+    start.wait()
+    measured = _run(
+        _load(base, call, concurrency=concurrency, duration=duration, first=index, stride=processes)
+    )
+    results.put(asdict(measured))
 
 
-def _result(
-    scenario: str, processes: int, measured: tuple[list[float], dict[str, int], float, Any], **extra: Any
-) -> Result:
-    latencies, statuses, elapsed, _ = measured
+def measure(base: str, call: Call, *, concurrency: int, duration: float, processes: int = 1) -> Measured:
+    """``concurrency`` clients split over ``processes`` load-generator processes (one asyncio loop
+    each, started together), so that one Python process's CPU does not cap the rate; results merged."""
+    if processes <= 1:
+        return _run(_load(base, call, concurrency=concurrency, duration=duration))
+    ctx = multiprocessing.get_context("spawn")  # no inherited threads or sockets
+    start = ctx.Barrier(processes)
+    results = ctx.Queue()
+    shares = [concurrency // processes + (i < concurrency % processes) for i in range(processes)]
+    workers = [
+        ctx.Process(
+            target=_client_process,
+            args=(base, call, share, duration, i, processes, start, results),
+            name=f"lethe-load-{i}",
+        )
+        for i, share in enumerate(shares)
+    ]
+    for worker in workers:
+        worker.start()
+    merged = Measured()
+    try:
+        for _ in workers:
+            merged.merge(Measured(**results.get(timeout=duration + 120)))
+    finally:
+        for worker in workers:
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.kill()
+                worker.join()
+    return merged
+
+
+def _result(scenario: str, processes: int, measured: Measured, **extra: Any) -> Result:
+    latencies = measured.latencies
     return Result(
         scenario=scenario,
         processes=processes,
         requests=len(latencies),
-        seconds=round(elapsed, 2),
-        rps=round(len(latencies) / elapsed, 1),
+        seconds=round(measured.seconds, 2),
+        rps=round(len(latencies) / measured.seconds, 1),
         p50_ms=round(_percentile(latencies, 0.50) * 1000, 1),
         p99_ms=round(_percentile(latencies, 0.99) * 1000, 1),
-        statuses=statuses,
+        statuses=measured.statuses,
         **extra,
     )
 
@@ -281,6 +405,7 @@ def run(
     workers: int,
     bulk_total: int,
     log_dir: Path,
+    client_processes: int = 1,
 ) -> Report:
     python = sys.executable
     report = Report(
@@ -289,6 +414,8 @@ def run(
             "cpus": os.cpu_count(),
             "machine": platform.machine(),
             "at": datetime.now(UTC).isoformat(timespec="seconds"),
+            # other work on the machine moves req/s (not the ratios within one run as much): say it
+            "load_average_before": [round(x, 2) for x in os.getloadavg()],
         },
         settings={
             "duration_s": duration,
@@ -296,6 +423,7 @@ def run(
             "lethe_workers": workers,
             "bulk_total": bulk_total,
             "broker": bool(broker_url),
+            "client_processes": client_processes,
         },
     )
     post_budget = int(duration * 3000)  # distinct clients: no submission merges
@@ -305,17 +433,12 @@ def run(
         env = {k: v for k, v in os.environ.items() if not k.startswith("LETHE_")}
         env.update(PYTHONPATH=os.pathsep.join(sys.path), LETHE_HOME=str(log_dir / "home"))
 
-        def post(prefix: str, key: str) -> Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]]:
+        def post(prefix: str, key: str) -> Call:
             headers = {"Authorization": f"Bearer {key}"}
+            return Call("POST", "/v1/forget-requests", headers, body=body, idempotency=prefix + "-{n}")
 
-            def call(client: httpx.AsyncClient, n: int) -> Awaitable[httpx.Response]:
-                return client.post(
-                    "/v1/forget-requests",
-                    json={**body, "client_id": f"c{n}"},
-                    headers={**headers, "Idempotency-Key": f"{prefix}-{n}"},
-                )
-
-            return call
+        def load(call: Call) -> Measured:
+            return measure(base, call, concurrency=concurrency, duration=duration, processes=client_processes)
 
         # the bare endpoint, 1 and 2 processes
         for processes in (1, 2):
@@ -324,9 +447,7 @@ def run(
             args += ["--workers", str(processes), "--no-access-log", "--log-level", "warning"]
             _truncate_bare(url)
             with _server(args, {**env, BARE_DB_ENV: url}, port, "/docs", log_dir / "bare.log") as base:
-                measured = asyncio.run(
-                    _load(base, post("bare", "x"), concurrency=concurrency, duration=duration)
-                )
+                measured = load(post("bare", "x"))
             stored = _count(url, "SELECT count(*) FROM bare_requests")
             report.results.append(_result("bare POST", processes, measured, stored=stored))
 
@@ -338,25 +459,19 @@ def run(
         args = [python, "-c", "from service.cli import main; main()", "--log-level", "WARNING", "serve"]
         args += ["--port", str(port), "--workers", str(workers), "--no-migrate"]
         with _server(args, lethe_env, port, "/readyz", log_dir / "lethe.log") as base:
-            measured = asyncio.run(
-                _load(base, post("post", submit), concurrency=concurrency, duration=duration)
-            )
+            measured = load(post("post", submit))
             stored = _count(url, "SELECT count(*) FROM forget_requests WHERE idempotency_key LIKE 'post-%'")
             report.results.append(_result("Lethe POST", workers, measured, stored=stored))
 
             latest = httpx.get(
                 f"{base}/v1/models/{MODEL}/adapters/latest", headers={"Authorization": f"Bearer {serve}"}
             )
-            etag = latest.headers["etag"]
-            conditional = {"Authorization": f"Bearer {serve}", "If-None-Match": etag}
-
-            def get(client: httpx.AsyncClient, n: int) -> Awaitable[httpx.Response]:
-                return client.get(f"/v1/models/{MODEL}/adapters/latest", headers=conditional)
-
-            measured = asyncio.run(_load(base, get, concurrency=concurrency, duration=duration))
+            conditional = {"Authorization": f"Bearer {serve}", "If-None-Match": latest.headers["etag"]}
+            measured = load(Call("GET", f"/v1/models/{MODEL}/adapters/latest", conditional))
             report.results.append(_result("Lethe 304", workers, measured))
 
             report.results.append(_bulk(base, submit, url, total=bulk_total, first_client=post_budget))
+    report.environment["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     _check(report)
     return report
 
@@ -440,8 +555,12 @@ def markdown(report: Report) -> str:
             f"| {statuses} | {stored} |"
         )
     c = report.checks
+    env, settings = report.environment, report.settings
     lines += [
         "",
+        f"- {settings['concurrency']} clients in {settings.get('client_processes', 1)} load-generator "
+        f"process(es); load average (1, 5, 15 min) before {env.get('load_average_before')}, after "
+        f"{env.get('load_average_after')}",
         f"- Lethe POST / best bare POST throughput: **{c['post_vs_best_bare_rps']}×** (goal ≥ 0.8×)",
         f"- Lethe POST p99 / best bare p99: **{c['post_p99_vs_best_bare_p99']}×** (goal ≤ 1.5×)",
         f"- Lethe 304 / Lethe POST rate: **{c['304_vs_post_rps']}×** (goal ≥ 3×)",
@@ -463,6 +582,12 @@ def markdown(report: Report) -> str:
 @click.option("--duration", default=15.0, show_default=True, help="Seconds per scenario.")
 @click.option("--concurrency", default=32, show_default=True)
 @click.option("--workers", default=2, show_default=True, help="Lethe's processes (lethe serve --workers).")
+@click.option(
+    "--client-processes",
+    default=2,
+    show_default=True,
+    help="Load-generator processes (the --concurrency clients are split over them).",
+)
 @click.option("--bulk", "bulk_total", default=10_000, show_default=True, help="Requests submitted in bulk.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--markdown", "markdown_out", type=click.Path(dir_okay=False, allow_dash=True), default="-")
@@ -475,6 +600,7 @@ def main(
     duration: float,
     concurrency: int,
     workers: int,
+    client_processes: int,
     bulk_total: int,
     json_out: Path | None,
     markdown_out: str,
@@ -494,6 +620,7 @@ def main(
         workers=workers,
         bulk_total=bulk_total,
         log_dir=log_dir.resolve(),
+        client_processes=client_processes,
     )
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)

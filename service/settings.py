@@ -63,7 +63,12 @@ class Settings(BaseSettings):
     )
     retry_max_seconds: float = Field(default=300.0, description="Longest backoff between two attempts.")
     max_requests_per_round: int = Field(default=4, description="Queued requests coalesced per round.")
-    sweep_interval_seconds: float = Field(default=15.0, description="Sweeper period.")
+    chain_sequence_interval_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description="Longest time a submission's events stay pending (not yet in the hash chain) while "
+        "an API process runs; 0: no background sequencer (the next append or chain reader chains them).",
+    )
     auth_failure_limit: int = Field(
         default=20, ge=1, description="Bad API keys per client address within the window before 429."
     )

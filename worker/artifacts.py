@@ -23,7 +23,8 @@ With an object store (``LETHE_ARTIFACT_STORE=s3``) this directory is the worker'
 the store is the shared truth: a sealed version, the base, the state files and the tombstones are
 uploaded (``service.storage``: staging key, sha256 verified, promoted) before the database
 transaction that publishes them, deleted there when withdrawn, and fetched from there
-(:meth:`ModelArtifacts.fetch_version`, through a cache of blobs keyed by sha256) when a version
+(:meth:`ModelArtifacts.fetch_version`, through a bounded cache of blobs keyed by sha256,
+``worker/blob_cache.py``) when a version
 another machine wrote is needed here. With the local store (the default) this directory is the
 store itself and ``remote`` is None.
 
@@ -50,6 +51,7 @@ from typing import Any
 from service import fileio
 from service.fileio import FileDigest, atomic_write_bytes, fsync_dir, fsync_file
 from service.storage import ArtifactStore, NotInStoreError, join
+from worker.blob_cache import BlobCache
 
 log = logging.getLogger(__name__)
 
@@ -155,14 +157,14 @@ class ModelArtifacts:
     """The artifact directories of one model under an artifacts root."""
 
     def __init__(
-        self, root: Path, model: str, *, remote: ArtifactStore | None = None, blobs: Path | None = None
+        self, root: Path, model: str, *, remote: ArtifactStore | None = None, blobs: BlobCache | None = None
     ) -> None:
         self.root = Path(root)
         self.model = model
         #: the shared object store, None when this directory is the store (local backend)
         self.remote = remote
-        #: downloaded files keyed by sha256 (``<blobs>/<sha[:2]>/<sha>``), linked into place
-        self.blobs = blobs or self.root / ".blobs"
+        #: downloaded files keyed by sha256, linked into place; bounded (LRU)
+        self.blobs = blobs or BlobCache(self.root / ".blobs")
         self.model_dir = self.root / model
         self.base_dir = self.model_dir / "base"
         self.adapters_dir = self.model_dir / "adapters"
@@ -288,11 +290,11 @@ class ModelArtifacts:
 
     # -- reading what another machine wrote (object store) ---------------------------------------
     def _fetch(self, key: str, dest: Path, sha256: str) -> None:
-        """``dest`` ← the store's ``key`` through the blob cache (verified sha256), linked in place."""
-        assert self.remote is not None
-        blob = self.blobs / sha256[:2] / sha256
-        if not blob.is_file() or sha256_file(blob).sha256 != sha256:
-            self.remote.download(key, blob, sha256)
+        """``dest`` ← the store's ``key`` through the blob cache (verified sha256), linked in place.
+        The caller holds the cache pinned (no blob is evicted before it is linked)."""
+        remote = self.remote
+        assert remote is not None
+        blob = self.blobs.fetch(sha256, lambda path: remote.download(key, path, sha256))
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex}.tmp")
         try:
@@ -308,11 +310,16 @@ class ModelArtifacts:
         """The base directory, with every recorded file (``{name: {sha256, size}}``) present here."""
         if self.remote is None:
             return self.base_dir
-        for rel, digest in sorted(files.items()):
-            path = self.base_dir / rel
-            # the size only, not a hash of gigabytes per round: files here come from verified blobs
-            if not path.is_file() or path.stat().st_size != int(digest["size"]):
-                self._fetch(join(self.model, "base", rel), path, str(digest["sha256"]))
+        fetched = False
+        with self.blobs.pinned():
+            for rel, digest in sorted(files.items()):
+                path = self.base_dir / rel
+                # the size only, not a hash of gigabytes per round: files here come from verified blobs
+                if not path.is_file() or path.stat().st_size != int(digest["size"]):
+                    self._fetch(join(self.model, "base", rel), path, str(digest["sha256"]))
+                    fetched = True
+        if fetched:
+            self.blobs.evict()  # after use: the base directory holds its own links
         return self.base_dir
 
     def fetch_version(self, location: str) -> Path:
@@ -328,8 +335,9 @@ class ModelArtifacts:
         manifest = json.loads(manifest_bytes)
         work = directory.with_name(f"{STAGING_PREFIX}fetch-{directory.name}-{uuid.uuid4().hex[:12]}")
         try:
-            for rel, digest in sorted(manifest["files"].items()):
-                self._fetch(join(location, rel), work / rel, str(digest["sha256"]))
+            with self.blobs.pinned():
+                for rel, digest in sorted(manifest["files"].items()):
+                    self._fetch(join(location, rel), work / rel, str(digest["sha256"]))
             atomic_write_bytes(work / MANIFEST, manifest_bytes)
             verify_directory(work)
             if directory.exists():  # an incomplete or altered local copy
@@ -338,6 +346,7 @@ class ModelArtifacts:
         finally:
             if work.exists():
                 shutil.rmtree(work, ignore_errors=True)
+        self.blobs.evict()  # after use: the version directory holds its own links
         return directory
 
     def fetch_state(self, location: str) -> Path:
@@ -425,10 +434,8 @@ class ModelArtifacts:
             self._delete_remote(location, Path(location).name)
             # cached copies too: a withdrawn version still carries forgotten data (a blob another
             # version shares is only uncached: that version's directory keeps its own link)
-            for digest in json.loads(tomb.read_text()).get("files", {}).values():
-                sha256 = str(digest.get("sha256", ""))
-                if re.fullmatch(r"[0-9a-f]{64}", sha256):
-                    (self.blobs / sha256[:2] / sha256).unlink(missing_ok=True)
+            files = json.loads(tomb.read_text()).get("files", {}).values()
+            self.blobs.discard(str(digest.get("sha256", "")) for digest in files)
         if directory.exists():
             with contextlib.suppress(FileNotFoundError):  # another worker deleted it meanwhile
                 shutil.rmtree(directory)

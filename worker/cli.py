@@ -1,4 +1,5 @@
-"""Worker-side ``lethe`` commands (entry-point group ``lethe.cli``): worker, up, demo, bench, models.
+"""Worker-side ``lethe`` commands (entry-point group ``lethe.cli``): worker, up, demo, models
+(``lethe bench`` is the bench package's, :mod:`bench.cli`).
 
 Importing this module loads neither torch nor the ML core: commands import them when they run, and
 ``lethe worker`` initialises CUDA only inside the per-GPU child processes.
@@ -361,66 +362,6 @@ def models_list(as_json: bool) -> None:
             f"{row['name']:<20} {row['status']:<10} workload={row['workload']}{options} "
             f"method={row['method']} latest=v{row['latest_version']} versions={row['versions']}"
         )
-
-
-# ----------------------------------------------------------------------------------------------
-# lethe bench
-# ----------------------------------------------------------------------------------------------
-
-
-@click.command("bench")
-@click.option("--preset", default="quick", show_default=True)
-@click.option(
-    "--workload",
-    default=DEFAULT_WORKLOAD,
-    show_default=True,
-    help="A registered lethe.workloads entry point.",
-)
-@click.option(
-    "--workload-option", "workload_option", multiple=True, metavar="KEY=VALUE", help=WORKLOAD_OPTION_HELP
-)
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@click.option("--seeds", type=int, default=None, help="Override the preset's number of seeds.")
-@click.option(
-    "--tune",
-    is_flag=True,
-    help="Choose each method's main knob on the tuning seeds first (else the preset's committed choice).",
-)
-def bench_command(
-    preset: str,
-    workload: str,
-    workload_option: tuple[str, ...],
-    json_path: Path | None,
-    seeds: int | None,
-    tune: bool,
-) -> None:
-    """Quality / speed benchmark of the unlearning methods (worker.unlearning.bench).
-
-    Each seed also seeds the workload's data (``seed=`` of its constructor, unless an option sets it)."""
-    options = _workload_options(workload_option)
-    try:
-        from worker.unlearning import bench
-        from worker.unlearning.workload import WorkloadOptionsError, available_workloads
-    except ImportError as exc:
-        raise click.ClickException(f"the benchmark is not available: {exc}") from exc
-    if workload not in available_workloads():
-        raise click.BadParameter(
-            f"unknown workload {workload!r}; available: {', '.join(available_workloads())}",
-            param_hint="--workload",
-        )
-    kwargs: dict[str, Any] = {
-        "preset": preset,
-        "json_path": json_path,
-        "tune_grid": tune,
-        "workload": workload,
-        "workload_options": options,
-    }
-    if seeds is not None:
-        kwargs["seeds"] = seeds
-    try:
-        bench.run_bench(**kwargs)  # prints its table; writes the JSON when asked
-    except WorkloadOptionsError as exc:
-        raise click.ClickException(str(exc)) from exc
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.dispatch import CERTIFY_QUEUE
 from service.dispatch import QUEUE as GPU_QUEUE
+from worker.blob_cache import DEFAULT_MAX_BYTES as DEFAULT_BLOB_CACHE_MAX_BYTES
 
 __all__ = ["CERTIFY_QUEUE", "GPU_QUEUE", "WorkerSettings"]
 
@@ -33,6 +34,12 @@ class WorkerSettings(BaseSettings):
     )
     heartbeat_seconds: float = Field(default=10.0, description="Worker heartbeat and sweep period.")
     sweep: bool = Field(default=True, description="This worker also runs the sweeper (wakes models).")
+    blob_cache_max_bytes: int = Field(
+        default=DEFAULT_BLOB_CACHE_MAX_BYTES,
+        ge=0,
+        description="Bytes of downloaded object-store files kept ($LETHE_HOME/blob-cache); the least "
+        "recently used are evicted beyond it after each fetch.",
+    )
     gc_min_age_seconds: float = Field(default=0.0, description="Orphan directories younger are kept.")
     seed: int = Field(default=0, description="Seed of the engine's randomness (recorded in evidence).")
     torch_threads: int | None = Field(

@@ -27,6 +27,7 @@ from service.db.session import make_session_factory
 from service.settings import Settings
 from service.storage import ArtifactStore, make_store
 from worker.artifacts import ModelArtifacts
+from worker.blob_cache import BlobCache
 from worker.config import WorkerSettings
 
 if TYPE_CHECKING:
@@ -92,11 +93,19 @@ class WorkerContext:
         """The model's artifacts: this directory, and the object store if one is configured."""
         if self._remote is None and self.settings.artifact_store != "local":
             self._remote = make_store(self.settings)
-        blobs = self.settings.resolved_home / "blob-cache"
+        blobs = BlobCache(
+            self.settings.resolved_home / "blob-cache", max_bytes=self.worker_settings.blob_cache_max_bytes
+        )
         return ModelArtifacts(self.artifacts_root, model, remote=self._remote, blobs=blobs)
 
     def data_dir(self, model: str) -> Path:
         return self.settings.resolved_data_dir / model
+
+    def prepare_lock(self, model: str) -> Path:
+        """The file whose ``flock`` serialises a model's preparation, on every worker machine: beside
+        the dataset store, which they share (the artifacts directory is each machine's own with an
+        object store), and outside ``<model>/``, which a preparation deletes and rebuilds."""
+        return self.settings.resolved_data_dir / f".{model}.prepare.lock"
 
     def cache_dir(self, model: str) -> Path:
         return self.settings.resolved_home / "cache" / model

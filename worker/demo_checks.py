@@ -1,5 +1,5 @@
 """What ``lethe demo`` checks on the serving host, as pure functions (shared with
-``scripts/demo_reliability.py``, which measures how often the checks pass).
+``python -m bench reliability``, which measures how often the checks pass).
 
 What a correct unlearning must show (checked on the pulled versions):
 

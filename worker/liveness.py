@@ -1,4 +1,4 @@
-"""Liveness: the worker's heartbeat and the sweeper (the worker's only one).
+"""Liveness: the worker's heartbeat and the sweeper (the system's only one: the API runs none).
 
 Every worker process runs a background thread (:class:`Heartbeat`) that records a heartbeat (state
 ``idle`` / ``busy``) and runs the sweep every ``LETHE_WORKER_HEARTBEAT_SECONDS``: wakes for models
@@ -48,8 +48,10 @@ def models_to_prepare(ctx: WorkerContext, *, min_age_seconds: float = 60.0) -> l
     """Models still ``preparing`` a while after registration whose preparation no one runs here.
 
     The API sends ``lethe.prepare_model`` after registering a model; when that message was lost
-    (broker down) or its worker died, the sweeper sends it again. A preparation in progress on this
-    host holds the model's prepare lock (a shared artifacts volume extends this across hosts).
+    (broker down) or its worker died, the sweeper sends it again. A preparation in progress holds
+    the model's prepare lock, beside the dataset store that every worker machine shares: a
+    preparation running on another machine is not sent again (a second one would delete and rebuild
+    the dataset store under the first).
     """
     from datetime import timedelta
 
@@ -62,9 +64,9 @@ def models_to_prepare(ctx: WorkerContext, *, min_age_seconds: float = 60.0) -> l
         ]
     idle: list[str] = []
     for name in names:
-        lock_dir = ctx.artifacts(name).model_dir
-        lock_dir.mkdir(parents=True, exist_ok=True)
-        with open(lock_dir / ".prepare.lock", "a+b") as fh:
+        lock = ctx.prepare_lock(name)
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock, "a+b") as fh:
             try:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -33,7 +33,8 @@ def prepare_model(
     store = ctx.artifacts(model_name)
     data_dir = ctx.data_dir(model_name)
     store.model_dir.mkdir(parents=True, exist_ok=True)
-    with model_lock(store.model_dir, ".prepare.lock"):
+    lock = ctx.prepare_lock(model_name)
+    with model_lock(lock.parent, lock.name):
         with transaction(ctx.session_factory) as session:
             model = models_repo.get_model(session, model_name)
             if model is None:

@@ -6,7 +6,6 @@ Nothing is built at import time: settings, the engine and the dispatcher are cre
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -18,14 +17,15 @@ from fastapi.openapi.utils import get_openapi
 from service.api import problems
 from service.api.auth import document_scopes
 from service.api.limits import BodySizeLimit
+from service.api.not_modified import NotModifiedShortcut
 from service.api.request_id import RequestId
 from service.api.routers import admin, forget_requests, health, metrics, serving, webhooks
 from service.api.state import AppState
 from service.api.throttle import AuthFailures
 from service.db.session import create_probe_engine, make_session_factory
 from service.dispatch import Dispatcher
+from service.sequencer import ChainSequencer
 from service.settings import Settings
-from service.sweeper import run_sweeper
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +57,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             ),
             probe_engine=probe,
         )
+        state.sequencer = ChainSequencer(
+            state.sessions, interval_seconds=settings.chain_sequence_interval_seconds
+        )
+        state.sequencer.start()
         app.state.lethe = state
-        sweeper = None
-        if dispatcher.enabled and settings.sweep_interval_seconds > 0:
-            sweeper = asyncio.create_task(
-                run_sweeper(state.sessions, dispatcher, interval=settings.sweep_interval_seconds),
-                name="lethe-sweeper",
-            )
+        # No sweeper here: the workers' heartbeat (worker/liveness.py) is the only one; it re-sends
+        # what the dispatcher could not send (broker down at submission).
         try:
             yield
         finally:
-            if sweeper is not None:
-                sweeper.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sweeper
+            state.sequencer.close()
             dispatcher.close()
             engine.dispose()
             probe.dispose()
@@ -92,6 +89,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     problems.install(app)
+    app.add_middleware(NotModifiedShortcut)  # innermost of ours: 304s keep their X-Request-ID
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestId)  # outermost: even a 413's log lines carry the id
     for router in (

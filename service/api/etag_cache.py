@@ -28,6 +28,11 @@ class LatestEtags:
             entry = self._entries.get(model)
         return entry[1] if entry is not None and entry[0] == version_id else None
 
+    def entry(self, model: str) -> tuple[int, str] | None:
+        """``(version id, ETag)`` cached for ``model``, if any."""
+        with self._lock:
+            return self._entries.get(model)
+
     def put(self, model: str, version_id: int, etag: str) -> None:
         with self._lock:
             if model not in self._entries and len(self._entries) >= self.max_models:

@@ -213,8 +213,11 @@ class EventOut(_Out):
     actor: str
     at: datetime
     detail: dict[str, Any]
-    prev_hash: str
-    hash: str
+    seq: int | None = Field(
+        description="Position in the hash chain; null while the event is pending (not chained yet)"
+    )
+    prev_hash: str | None = Field(description="Hash of the chain's event before this one; null while pending")
+    hash: str | None = Field(description="SHA-256 of this event's canonical JSON; null while pending")
 
 
 class EvidenceOut(_Out):
@@ -349,6 +352,34 @@ class ModelDetail(ModelOut):
     versions: list[VersionSummary]
 
 
+class ClientOut(BaseModel):
+    """A client (subject) of a model: whose data it was trained on."""
+
+    client_id: str
+    status: Literal["active", "forgotten"]
+    samples: int = Field(description="Samples registered for the client (purged ones too).")
+    forgotten_tasks: list[str] = Field(description="Tasks client requests made the model forget.")
+    requested: bool = Field(description="Whether any forget request (whatever its status) names the client.")
+
+
+class ClientPage(BaseModel):
+    items: list[ClientOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` to get the next page; null at the end.")
+
+
+class SampleOut(BaseModel):
+    """A sample whose inputs are kept (not purged)."""
+
+    sample_id: str
+    purged_tasks: list[str] = Field(description="Tasks whose label of the sample was deleted.")
+    forgotten_tasks: list[str] = Field(description="Tasks task requests made the model forget for it.")
+
+
+class SamplePage(BaseModel):
+    items: list[SampleOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` to get the next page; null at the end.")
+
+
 class LeaseOut(_Out):
     round_id: int
     status: str
@@ -392,6 +423,10 @@ class AuditReport(BaseModel):
     checked_events: int
     head_hash: str
     first_broken: BrokenEvent | None
+    pending_events: int = Field(
+        default=0,
+        description="Events committed after the check chained the pending ones: not yet in the chain",
+    )
 
 
 class FileOut(BaseModel):

@@ -16,6 +16,7 @@ from service.api.etag_cache import LatestEtags
 from service.api.throttle import AuthFailures
 from service.db.session import transaction
 from service.dispatch import Dispatcher
+from service.sequencer import ChainSequencer
 from service.settings import Settings
 from service.storage import ArtifactStore, make_store
 
@@ -29,6 +30,8 @@ class AppState:
     auth_failures: AuthFailures
     #: health checks' own connections: they never queue behind request work for the pool
     probe_engine: Engine | None = None
+    #: chains submissions' pending events after their commit (None: the next append or reader does)
+    sequencer: ChainSequencer | None = None
     #: ETags of the latest adapter per model, for cheap 304s (checked against the database)
     latest_etags: LatestEtags = field(default_factory=LatestEtags)
     _digest_key: bytes | None = None

@@ -248,19 +248,34 @@ class ForgetRequest(Base):
 
 
 class RequestEvent(Base):
-    """Append-only lifecycle event; all events form one SHA-256 hash chain (ordered by ``id``)."""
+    """Append-only lifecycle event; all events form one SHA-256 hash chain, ordered by ``seq``.
+
+    A submission writes its events *pending* (``seq``, ``prev_hash`` and ``hash`` NULL: no chain
+    lock on the POST path); the sequencer links pending events into the chain in ``id`` order
+    shortly after (``service.repositories.events``)."""
 
     __tablename__ = "request_events"
+    __table_args__ = (
+        # what the sequencer reads: the few events not chained yet
+        Index(
+            "ix_request_events_pending",
+            "id",
+            sqlite_where=text("seq IS NULL"),
+            postgresql_where=text("seq IS NULL"),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    #: Position in the chain (1, 2, …); NULL while the event is pending.
+    seq: Mapped[int | None] = mapped_column(BigInteger, unique=True)
     request_id: Mapped[str] = mapped_column(ForeignKey("forget_requests.id", ondelete="CASCADE"), index=True)
     type: Mapped[str] = mapped_column(String(32))
     status: Mapped[str | None] = mapped_column(String(16))
     actor: Mapped[str] = mapped_column(String(200))
     detail: Mapped[JSONDict] = mapped_column(default=dict)
     at: Mapped[datetime] = mapped_column(default=utcnow)
-    prev_hash: Mapped[str] = mapped_column(String(64))
-    hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prev_hash: Mapped[str | None] = mapped_column(String(64))
+    hash: Mapped[str | None] = mapped_column(String(64), unique=True)
 
 
 class Round(Base):

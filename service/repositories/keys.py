@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
@@ -68,10 +68,12 @@ def rotate_key(session: Session, row: ApiKey) -> tuple[ApiKey, str]:
 
 def needs_touch(row: ApiKey | None, *, resolution_seconds: float) -> bool:
     """Whether :func:`touch` may write: saves its UPDATE round trip on most authenticated calls."""
-    if row is None:
-        return False
-    last = row.last_used_at
-    return last is None or as_utc(last) <= utcnow() - timedelta(seconds=resolution_seconds)
+    return row is not None and last_use_due(row.last_used_at, resolution_seconds=resolution_seconds)
+
+
+def last_use_due(last_used_at: datetime | None, *, resolution_seconds: float) -> bool:
+    """Whether a key last used at ``last_used_at`` is due for its next ``last_used_at`` write."""
+    return last_used_at is None or as_utc(last_used_at) <= utcnow() - timedelta(seconds=resolution_seconds)
 
 
 def touch(session: Session, key_id: int, *, resolution_seconds: float) -> None:

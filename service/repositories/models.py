@@ -242,21 +242,37 @@ def samples_of(
     return list(session.scalars(stmt))
 
 
-def active_client_ids(session: Session, model_id: int) -> list[str]:
-    """The clients not forgotten, in registration order."""
-    stmt = (
-        select(Subject.client_id)
-        .where(Subject.model_id == model_id, Subject.status == "active")
-        .order_by(Subject.id)
-    )
-    return list(session.scalars(stmt))
+def clients_page(
+    session: Session, model_id: int, *, status: str | None, after_id: int | None, limit: int
+) -> list[Subject]:
+    """Up to ``limit`` of the model's clients (``status``: only those) after the subject ``after_id``,
+    in registration order."""
+    stmt = select(Subject).where(Subject.model_id == model_id)
+    if status is not None:
+        stmt = stmt.where(Subject.status == status)
+    if after_id is not None:
+        stmt = stmt.where(Subject.id > after_id)
+    return list(session.scalars(stmt.order_by(Subject.id).limit(limit)))
 
 
-def unpurged_samples(session: Session, model_id: int, client_id: str) -> list[Sample]:
-    """The client's samples whose inputs are kept, by sample id."""
-    stmt = (
-        select(Sample)
-        .where(Sample.model_id == model_id, Sample.client_id == client_id, Sample.purged.is_(False))
-        .order_by(Sample.sample_id)
-    )
-    return list(session.scalars(stmt))
+def kept_samples_page(
+    session: Session, model_id: int, client_id: str, *, task: str | None, after: str | None, limit: int
+) -> list[Sample]:
+    """Up to ``limit`` of the client's samples whose inputs are kept (with ``task``: whose label of
+    ``task`` is kept too), by sample id, after the sample id ``after``.
+
+    The task test reads the JSON list in Python (portable across SQLite and PostgreSQL), a batch at
+    a time, so a page costs a few statements however many labels were purged before it."""
+    out: list[Sample] = []
+    while len(out) < limit:
+        stmt = select(Sample).where(
+            Sample.model_id == model_id, Sample.client_id == client_id, Sample.purged.is_(False)
+        )
+        if after is not None:
+            stmt = stmt.where(Sample.sample_id > after)
+        batch = list(session.scalars(stmt.order_by(Sample.sample_id).limit(max(limit, 100))))
+        out.extend(s for s in batch if task is None or task not in s.purged_tasks)
+        if len(batch) < max(limit, 100):
+            break
+        after = batch[-1].sample_id
+    return out[:limit]

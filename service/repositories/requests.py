@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 
 from sqlalchemy import ColumnElement, and_, func, or_, select, update
@@ -248,9 +248,9 @@ def completed(session: Session, model_id: int) -> list[ForgetRequest]:
     return list(session.scalars(stmt))
 
 
-def client_ids_with_requests(session: Session, model_id: int) -> set[str]:
-    """The clients named by any request of the model, whatever its status."""
+def clients_with_requests(session: Session, model_id: int, client_ids: Iterable[str]) -> set[str]:
+    """Those of ``client_ids`` that any request of the model names, whatever its status."""
     stmt = select(ForgetRequest.client_id).where(
-        ForgetRequest.model_id == model_id, ForgetRequest.client_id.is_not(None)
+        ForgetRequest.model_id == model_id, ForgetRequest.client_id.in_(list(client_ids))
     )
-    return {c for c in session.scalars(stmt) if c}
+    return {c for c in session.scalars(stmt.distinct()) if c}

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from service.db.models import AdapterVersion, Evidence, Model
+from service.db.models import AdapterVersion, ApiKey, Evidence, Model
 
 
 def latest_active(session: Session, model_id: int) -> AdapterVersion | None:
@@ -34,6 +35,37 @@ def latest_active_id(session: Session, model_name: str) -> tuple[int, int | None
     )
     row = session.execute(select(Model.id, latest).where(Model.name == model_name)).one_or_none()
     return None if row is None else (row[0], row[1])
+
+
+@dataclass(frozen=True)
+class KeyAndLatest:
+    """An API key's row fields and a model's latest active version id, read together."""
+
+    key_id: int
+    scopes: list[str]
+    revoked: bool
+    last_used_at: datetime | None
+    latest_version_id: int | None
+
+
+def key_and_latest(session: Session, key_hash: str, model_name: str) -> KeyAndLatest | None:
+    """The key with ``key_hash`` and the id of ``model_name``'s latest active version, in one round
+    trip (a conditional GET's whole check); None when no key has that hash."""
+    latest = (
+        select(AdapterVersion.id)
+        .join(Model, AdapterVersion.model_id == Model.id)
+        .where(Model.name == model_name, AdapterVersion.status == "active")
+        .order_by(AdapterVersion.version.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    stmt = select(ApiKey.id, ApiKey.scopes, ApiKey.revoked_at, ApiKey.last_used_at, latest).where(
+        ApiKey.key_hash == key_hash
+    )
+    row = session.execute(stmt).one_or_none()
+    if row is None:
+        return None
+    return KeyAndLatest(row[0], list(row[1]), row[2] is not None, row[3], row[4])
 
 
 def get_version(session: Session, model_id: int, version: int) -> AdapterVersion | None:

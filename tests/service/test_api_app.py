@@ -36,9 +36,7 @@ def _closed_port() -> int:
 
 
 def test_readyz_reports_an_unreachable_broker(settings: Settings) -> None:
-    down = settings.model_copy(
-        update={"broker_url": f"redis://127.0.0.1:{_closed_port()}/0", "sweep_interval_seconds": 0}
-    )
+    down = settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{_closed_port()}/0"})
     with TestClient(create_app(down)) as client:
         ready = client.get("/readyz")
     assert ready.status_code == 200
@@ -85,6 +83,8 @@ STATUSES = {
     ("get", "/v1/admin/models/{name}"): "200 401 403 404 429 503",
     ("patch", "/v1/admin/models/{name}"): "200 400 401 403 404 409 413 422 429 503",
     ("get", "/v1/admin/models/{name}/events"): "200 401 403 404 429 503",
+    ("get", "/v1/admin/models/{name}/clients"): "200 400 401 403 404 422 429 503",
+    ("get", "/v1/admin/models/{name}/clients/{client_id}/samples"): "200 400 401 403 404 422 429 503",
     ("post", "/v1/admin/models/{name}/versions/{version}/certify"): "202 401 403 404 409 429 503",
     ("get", "/v1/admin/methods"): "200 401 403 429 503",
     ("get", "/v1/admin/audit/verify"): "200 401 403 429 503",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,8 +19,10 @@ from service.artifacts import resolve_file
 from service.db.session import transaction
 from service.db.types import utcnow
 from service.errors import NotFoundError
+from service.repositories import keys as keys_repo
 from service.repositories import models as models_repo
 from service.repositories import versions as versions_repo
+from service.sequencer import THREAD_NAME
 from service.settings import Settings
 from tests.service.conftest import Keys
 from tests.service.helpers import assert_problem, client_body
@@ -254,7 +257,8 @@ def _statements(engine: Engine) -> Iterator[list[str]]:
     seen: list[str] = []
 
     def record(conn: object, cursor: object, statement: str, *args: object) -> None:
-        seen.append(statement)
+        if threading.current_thread().name != THREAD_NAME:  # not the background chain sequencer's
+            seen.append(statement)
 
     event.listen(engine, "before_cursor_execute", record)
     try:
@@ -266,17 +270,37 @@ def _statements(engine: Engine) -> Iterator[list[str]]:
 @pytest.mark.usefixtures("served")
 def test_conditional_get_is_answered_from_the_cached_etag(client: TestClient, keys: Keys) -> None:
     """Issue 10 part 5: a 304 cost as much as a 200 (the model, the version with its files, and the
-    key's last-use UPDATE on every call). Now: the key look-up and one small query."""
+    key's last-use UPDATE on every call), then two reads (the key; the latest version). Now one read
+    of both, answered before routing (``service/api/not_modified.py``)."""
     url = "/v1/models/digits/adapters/latest"
     etag = client.get(url, headers=keys.serve).headers["etag"]
     engine = client.app.state.lethe.engine  # type: ignore[attr-defined]
     with _statements(engine) as seen:
-        response = client.get(url, headers={**keys.serve, "If-None-Match": etag})
+        response = client.get(url, headers={**keys.serve, "If-None-Match": etag, "X-Request-ID": "poll-1"})
     assert response.status_code == 304
-    assert response.headers["etag"] == etag
+    assert (response.headers["etag"], response.headers["x-request-id"]) == (etag, "poll-1")
     queries = [s for s in seen if s.lstrip().upper().startswith(("SELECT", "UPDATE", "INSERT"))]
-    assert len(queries) == 2, queries
+    assert len(queries) == 1, queries
     assert not any("adapter_versions.files" in s for s in queries), queries
+
+
+@pytest.mark.usefixtures("served")
+def test_the_304_shortcut_leaves_every_other_answer_to_the_route(
+    client: TestClient, keys: Keys, sessions: sessionmaker[Session]
+) -> None:
+    """The shortcut answers only a current key with the scope and the current ETag: a key without
+    ``serve`` is still 403, and a key revoked after many 304s gets 401 on its next poll (keys are
+    read on every request, never cached)."""
+    url = "/v1/models/digits/adapters/latest"
+    etag = client.get(url, headers=keys.serve).headers["etag"]
+    assert client.get(url, headers={**keys.serve, "If-None-Match": etag}).status_code == 304
+    assert_problem(client.get(url, headers={**keys.submit, "If-None-Match": etag}), 403)
+    assert client.get(url, headers={**keys.serve, "If-None-Match": '"other"'}).status_code == 200
+    with transaction(sessions) as session:
+        found = keys_repo.find_active(session, keys.serve["Authorization"].removeprefix("Bearer "))
+        assert found is not None
+        keys_repo.revoke_key(session, found)
+    assert_problem(client.get(url, headers={**keys.serve, "If-None-Match": etag}), 401)
 
 
 def test_cached_etag_follows_publish_and_withdraw_in_every_process(

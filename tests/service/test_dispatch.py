@@ -1,10 +1,13 @@
-"""Wake-ups over a real Redis broker; a broker that is down never fails a request."""
+"""Wake-ups over a real Redis broker; a broker that is down never fails a request; the API runs no
+sweeper (the workers' heartbeat is the only one)."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -13,13 +16,12 @@ import pytest
 import redis
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from service import cli
+from service import cli, rounds
 from service.api.app import create_app
 from service.dispatch import QUEUE, TASK_PREPARE, TASK_WAKE, WAKE_MARKER, Dispatcher
 from service.settings import Settings
-from service.sweeper import ResendThrottle, sweep_once
 from tests.service.conftest import Keys
 from tests.service.helpers import client_body, task_body
 
@@ -96,11 +98,11 @@ def test_post_succeeds_when_the_broker_is_down(settings: Settings, keys: Keys) -
 
 @pytest.mark.redis
 @pytest.mark.usefixtures("ready_model")
-def test_post_wakes_the_model_and_the_sweeper_resends(
-    settings: Settings, keys: Keys, broker: tuple[str, redis.Redis[bytes]], sessions: sessionmaker[Session]
+def test_post_wakes_the_model_and_registration_prepares_it(
+    settings: Settings, keys: Keys, broker: tuple[str, redis.Redis[bytes]]
 ) -> None:
     url, r = broker
-    live = settings.model_copy(update={"broker_url": url, "sweep_interval_seconds": 0})
+    live = settings.model_copy(update={"broker_url": url})
     with TestClient(create_app(live)) as client:
         assert client.get("/readyz").json()["broker"] == "ok"
         assert submit_c0(client, keys) == 201
@@ -109,42 +111,42 @@ def test_post_wakes_the_model_and_the_sweeper_resends(
         )
         assert registered.status_code == 201
     assert messages(r) == [(TASK_WAKE, ["digits"]), (TASK_PREPARE, ["fraud"])]
-    r.delete(QUEUE, WAKE_MARKER.format(model="digits"))
-    # The message was lost (with its marker: a Redis restart): the sweeper finds the queued
-    # request and sends the wake-up again.
-    dispatcher = Dispatcher(url)
-    try:
-        assert sweep_once(sessions, dispatcher) == ["digits"]
-    finally:
-        dispatcher.close()
-    assert messages(r) == [(TASK_WAKE, ["digits"])]
 
 
 @pytest.mark.redis
 @pytest.mark.usefixtures("ready_model")
-def test_lifespan_runs_the_sweeper(
-    settings: Settings, keys: Keys, broker: tuple[str, redis.Redis[bytes]]
+def test_the_api_runs_no_sweeper(
+    settings: Settings,
+    keys: Keys,
+    broker: tuple[str, redis.Redis[bytes]],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Issue 10 part 8, one sweeper: the app ``lethe serve`` runs (``create_app``) sweeps nothing;
+    the workers' heartbeat is the only sweeper (failed before: the lifespan started a sweeper that
+    looked for models to wake at once and sent this queued request's wake)."""
     url, r = broker
-    with TestClient(create_app(settings)) as client:  # no broker: nothing is sent
+    with TestClient(create_app(settings)) as client:  # no broker: the request stays queued, unsent
         assert submit_c0(client, keys) == 201
+    looked = threading.Event()
+    models_to_wake = rounds.models_to_wake
+
+    def spy(session: Session) -> list[str]:
+        looked.set()
+        return models_to_wake(session)
+
+    monkeypatch.setattr(rounds, "models_to_wake", spy)
+    live = settings.model_copy(update={"broker_url": url})
+    with TestClient(create_app(live)) as client:
+        assert client.get("/readyz").json()["broker"] == "ok"
+        # the old sweeper's first sweep ran as the app started: 2 s is ample for it to show
+        assert not looked.wait(2.0), "the API process looked for models to wake"
+        running = client.portal.call(_task_names)  # type: ignore[union-attr]
+    assert not [name for name in running if "sweep" in name], running
     assert messages(r) == []
-    live = settings.model_copy(update={"broker_url": url, "sweep_interval_seconds": 0.05})
-    with TestClient(create_app(live)):
-        deadline = time.monotonic() + 10
-        while not messages(r) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    assert (TASK_WAKE, ["digits"]) in messages(r)
 
 
-def test_resend_throttle() -> None:
-    now = [0.0]
-    throttle = ResendThrottle(60, clock=lambda: now[0])
-    assert throttle("a") is False
-    assert throttle("a") is True
-    assert throttle("b") is False
-    now[0] = 61
-    assert throttle("a") is False
+async def _task_names() -> list[str]:
+    return [task.get_name() for task in asyncio.all_tasks()]
 
 
 @pytest.mark.redis
@@ -221,7 +223,7 @@ def test_at_most_one_outstanding_wake_per_model(
     submissions while a wake is queued add none; once a worker started it (and deleted the marker,
     as ``worker.tasks.wake_started`` does) the next submission sends one."""
     url, r = broker
-    live = settings.model_copy(update={"broker_url": url, "sweep_interval_seconds": 0})
+    live = settings.model_copy(update={"broker_url": url})
     bodies = _bodies()
     with TestClient(create_app(live)) as client:
         dispatcher = client.app.state.lethe.dispatcher  # type: ignore[attr-defined]

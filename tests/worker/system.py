@@ -174,7 +174,6 @@ def running_system(
         client.close()
     stack_env = {
         "LETHE_LEASE_SECONDS": "4",
-        "LETHE_SWEEP_INTERVAL_SECONDS": "1",
         "LETHE_WORKER_HEARTBEAT_SECONDS": "0.5",
         "LETHE_WORKER_TORCH_THREADS": "1",
         "LETHE_DATABASE_URL": database_url or "",

@@ -10,14 +10,18 @@ from typing import Any
 import pytest
 import torch
 from click.testing import CliRunner
+from pydantic.dataclasses import is_pydantic_dataclass
 
 from service import methods
 from service.errors import UnprocessableError
 from worker.cli import models_command
-from worker.unlearning.methods import available_methods
+from worker.unlearning.acceptance import AcceptanceConfig
+from worker.unlearning.audit import AuditConfig
+from worker.unlearning.config import parse_settings, setting_keys
+from worker.unlearning.methods import available_methods, get_spec, specs
 from worker.unlearning.methods import schemas as method_schemas
-from worker.unlearning.methods.gradient_loop import parse_config
 from worker.unlearning.methods.orthograd import OrthoGradConfig, project_out
+from worker.unlearning.training import TrainConfig
 from worker.unlearning.workload import available_workloads, load_workload
 
 
@@ -28,45 +32,82 @@ def test_the_shipped_schemas_are_what_the_worker_declares() -> None:
     assert shipped == method_schemas.render()
 
 
-def test_every_registered_method_is_declared() -> None:
-    """A new method must say which settings block it reads (``METHOD_CONFIGS``)."""
-    assert set(method_schemas.METHOD_CONFIGS) == set(available_methods())
+def test_every_registered_method_declares_a_pydantic_settings_class() -> None:
+    """A method's spec names the pydantic class of its settings block (or none), and the service
+    knows every registered method."""
     assert methods.method_names() == available_methods()
+    for name in available_methods():
+        config = get_spec(name).config
+        assert config is None or is_pydantic_dataclass(config), name
+        assert methods.catalogue()["methods"][name]["additionalProperties"] is False
+
+
+def _configs() -> list[type]:
+    """Every settings class with a schema: the methods' and the engine's."""
+    declared = {spec.config for spec in specs() if spec.config is not None}
+    return sorted(declared | {AcceptanceConfig, AuditConfig, TrainConfig}, key=str)
+
+
+def _choices() -> list[tuple[type, str, list[str]]]:
+    """Every string setting with a fixed set of values (``enum``), from the schemas."""
+    return [
+        (cls, name, prop["enum"])
+        for cls in _configs()
+        for name, prop in method_schemas.config_schema(cls)["properties"].items()
+        if "enum" in prop
+    ]
+
+
+#: the configs whose ``from_settings`` reads the whole settings, and the key of their block
+WHOLE_SETTINGS: dict[type, str] = {AuditConfig: "audit", TrainConfig: "train"}
 
 
 def _build(cls: type, settings: dict[str, Any]) -> object:
+    """``cls`` from a settings block, the way the worker reads it."""
     from_settings = getattr(cls, "from_settings", None)
     if from_settings is not None:
-        return from_settings(settings)
-    return parse_config(cls, settings, cls.__name__)
+        return from_settings({WHOLE_SETTINGS[cls]: settings} if cls in WHOLE_SETTINGS else settings)
+    return parse_settings(cls, settings, cls.__name__)
 
 
 def _run_with(cls: type, name: str, value: str) -> None:
-    """What refuses a bad choice: the config, or (``orthograd``'s solver) the step that uses it."""
+    """What refuses a bad choice: the config."""
     config = _build(cls, {name: value})
     assert getattr(config, name) == value
     if cls is OrthoGradConfig:
         project_out(torch.ones(3), torch.eye(3)[:1], solver=value)
 
 
-@pytest.mark.parametrize(("cls", "name"), sorted(method_schemas.CHOICES, key=str))
-def test_the_choices_are_the_methods_own(cls: type, name: str) -> None:
-    """Every value a schema allows, the method accepts; another string it refuses."""
-    for value in method_schemas.CHOICES[cls, name]:
+def test_the_schemas_list_the_choices() -> None:
+    """The string settings with a fixed set of values carry it as an ``enum`` (the API refuses any
+    other value when a model is registered)."""
+    listed = {(cls.__name__, name): values for cls, name, values in _choices()}
+    assert listed[("SSDConfig", "layout")] == ["reference", "merged"]
+    assert listed[("IAConfig", "check_rows")] == ["anchor", "outside_anchor", "both"]
+    assert listed[("OrthoGradConfig", "solver")] == ["gram", "qr"]
+    assert listed[("AcceptanceConfig", "fallback")] == ["retrain", "none"]
+
+
+@pytest.mark.parametrize(("cls", "name", "values"), _choices(), ids=lambda v: getattr(v, "__name__", str(v)))
+def test_the_choices_are_the_methods_own(cls: type, name: str, values: list[str]) -> None:
+    """Every value a schema allows, the config accepts; another string it refuses."""
+    for value in values:
         _run_with(cls, name, value)
     with pytest.raises(ValueError, match=name):
         _run_with(cls, name, "nonsense")
 
 
-@pytest.mark.parametrize("cls", sorted({c for c in method_schemas.METHOD_CONFIGS.values() if c}, key=str))
+@pytest.mark.parametrize("cls", _configs(), ids=lambda c: c.__name__)
 def test_every_schema_key_is_a_config_key(cls: type) -> None:
-    """The configs refuse unknown keys; the schema lists exactly what they accept."""
+    """The configs refuse unknown keys; the schema lists exactly what they accept (an alias and
+    its field name both)."""
     schema = method_schemas.config_schema(cls)
-    settings = {name: prop["default"] for name, prop in schema["properties"].items()}
-    settings.pop("lambda", None)  # an alias of ``lam``
-    _build(cls, settings)
-    with pytest.raises(ValueError, match="unknown"):
-        _build(cls, {"surely_not_a_setting": 1})
+    for name, prop in schema["properties"].items():
+        _build(cls, {name: prop["default"]})
+    assert set(schema["properties"]) == set(setting_keys(cls))
+    if cls is not AuditConfig:  # the audit ignores keys it does not own (the API refuses them)
+        with pytest.raises(ValueError, match="unknown"):
+            _build(cls, {"surely_not_a_setting": 1})
 
 
 @pytest.mark.parametrize("workload", available_workloads())

@@ -30,12 +30,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import dataclasses as pydantic_dataclasses
 from torch import nn
 
-from worker.unlearning.config import typed_kwargs
+from worker.unlearning.config import SETTINGS, parse_settings
 from worker.unlearning.types import IGNORE, Batch, TaskSpec
 
 FORGET_NOISE_Z = 2.0
@@ -124,7 +125,7 @@ def kept_check(
     return Check(what, margin >= 0, detail, margin=margin)
 
 
-@dataclass(frozen=True)
+@pydantic_dataclasses.dataclass(frozen=True, config=SETTINGS)
 class AcceptanceConfig:
     """``settings["acceptance"]``."""
 
@@ -138,13 +139,11 @@ class AcceptanceConfig:
     retained_clients: bool = False
     # what a request whose update failed the check falls back to: "retrain" (the exact path) or
     # "none" (the request completes with the failed check in its evidence)
-    fallback: str = "retrain"
+    fallback: Literal["retrain", "none"] = "retrain"
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | None) -> AcceptanceConfig:
-        cfg = cls(**typed_kwargs(cls, settings, "acceptance"))
-        if cfg.fallback not in ("retrain", "none"):
-            raise ValueError("acceptance.fallback must be 'retrain' or 'none'")
+        cfg = parse_settings(cls, settings, "acceptance")
         if min(cfg.forget_z, cfg.heldout_tolerance, cfg.kept_tolerance) < 0:
             raise ValueError("acceptance bounds must be >= 0")
         return cfg

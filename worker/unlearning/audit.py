@@ -28,17 +28,19 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from pydantic import dataclasses as pydantic_dataclasses
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, average_precision_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from torch import Tensor, nn
 
+from worker.unlearning.config import SETTINGS, parse_settings, setting_keys
 from worker.unlearning.grads import eval_mode
 from worker.unlearning.types import (
     SUBSET_HEAD,
@@ -61,7 +63,7 @@ UIS_TERMS = ("ret", "unl", "val", "mia")
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@pydantic_dataclasses.dataclass(frozen=True, config=SETTINGS)
 class AuditConfig:
     """Audit settings (``settings["audit"]``; keys the audit does not own are ignored)."""
 
@@ -77,12 +79,8 @@ class AuditConfig:
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | None) -> AuditConfig:
         audit = dict((settings or {}).get("audit", {}) or {})
-        names = {f.name: f.type for f in fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in audit.items():
-            if key in names:
-                kwargs[key] = int(value) if names[key] == "int" else float(value)
-        return cls(**kwargs)
+        keys = setting_keys(cls)
+        return parse_settings(cls, {k: v for k, v in audit.items() if k in keys}, "audit")
 
 
 # ----------------------------------------------------------------------------------------------

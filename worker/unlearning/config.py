@@ -1,21 +1,47 @@
-"""Typed settings blocks: a frozen dataclass filled from one key of the per-model settings."""
+"""Typed settings blocks: a frozen pydantic dataclass filled from one key of the per-model settings.
+
+Every block is declared with :data:`SETTINGS` (unknown keys refused, a field's alias and its name
+both accepted), so that its JSON Schema (``pydantic.TypeAdapter(cls).json_schema()``) is what the
+API validates with (``worker.unlearning.methods.schemas``) and what the worker accepts.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import fields
-from typing import Any
+from typing import Any, TypeVar, cast
+
+from pydantic import AliasChoices, ConfigDict, ValidationError
+from pydantic.fields import FieldInfo
+
+#: The pydantic config of every settings block (an alternative key of a field is declared on it:
+#: ``Field(validation_alias=AliasChoices("lambda", "lam"))``, so that code keeps the field name).
+SETTINGS = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True)
+
+T = TypeVar("T")
 
 
-def typed_kwargs(cls: type, settings: Mapping[str, Any] | None, what: str) -> dict[str, Any]:
-    """``settings`` as keyword arguments of the dataclass ``cls``, each value cast to its field's
-    type (``bool``, ``int``, ``float``, else ``str``); an unknown key is a ``ValueError`` naming
-    ``what`` (e.g. ``"SSD"``)."""
-    known = {f.name: f.type for f in fields(cls)}
-    casts = {"bool": bool, "int": int, "float": float}
-    kwargs: dict[str, Any] = {}
-    for key, value in dict(settings or {}).items():
-        if key not in known:
-            raise ValueError(f"unknown {what} setting {key!r}")
-        kwargs[key] = casts.get(str(known[key]), str)(value)
-    return kwargs
+def setting_keys(cls: type) -> dict[str, str]:
+    """Every key a settings block of ``cls`` may use (field names and aliases) → its field name."""
+    fields: dict[str, FieldInfo] = cast(Any, cls).__pydantic_fields__
+    keys = {name: name for name in fields}
+    for name, info in fields.items():
+        aliases = info.validation_alias
+        choices = aliases.choices if isinstance(aliases, AliasChoices) else [aliases or info.alias]
+        keys.update({alias: name for alias in choices if isinstance(alias, str)})
+    return keys
+
+
+def parse_settings(cls: type[T], settings: Mapping[str, Any] | None, what: str) -> T:
+    """``cls`` from a settings block; an unknown key or a value of the wrong type or choice is a
+    ``ValueError`` naming ``what`` (e.g. ``"SSD"``) and the key."""
+    raw = dict(settings or {})
+    keys = setting_keys(cls)
+    unknown = sorted(set(raw) - set(keys))
+    if unknown:
+        raise ValueError(f"unknown {what} setting {unknown[0]!r} (known: {', '.join(sorted(keys))})")
+    try:
+        return cls(**raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(str(part) for part in error["loc"])
+        raise ValueError(f"{what} setting {key!r}: {error['msg']} (got {error['input']!r})") from None

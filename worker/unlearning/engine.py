@@ -420,21 +420,22 @@ def training_data(ctx: RequestContext) -> Batch:
 
 def full_importance_settings(method: str, settings: Mapping[str, Any]) -> dict[str, Any] | None:
     """The SSD settings with which ``method`` reads the full-data importance, or ``None`` if it
-    does not (then computing it ahead is pointless)."""
-    from worker.unlearning.methods.default import ssd_stage_settings
-    from worker.unlearning.methods.ssd import ssd_method_settings
+    does not (then computing it ahead is pointless): what its spec declares
+    (:class:`worker.unlearning.methods.Needs`)."""
+    from worker.unlearning.methods import get_spec
 
-    if method == "ssd":
-        return ssd_method_settings(settings)
-    return ssd_stage_settings(settings) if method == "default" else None
+    reads = get_spec(method).needs.full_importance
+    return None if reads is None else reads(settings)
 
 
 def importance_settings_of_methods(settings: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The distinct SSD settings with which the built-in methods (``ssd``, ``default``) read the
-    full-data importance (what ``prepare`` computes ahead for v1)."""
+    """The distinct SSD settings with which the registered methods read the full-data importance
+    (what ``prepare`` computes ahead for v1), in registration order."""
+    from worker.unlearning.methods import specs
+
     out: list[dict[str, Any]] = []
-    for method in ("ssd", "default"):
-        chosen = full_importance_settings(method, settings)
+    for spec in specs():
+        chosen = full_importance_settings(spec.name, settings)
         if chosen is not None and chosen not in out:
             out.append(chosen)
     return out
@@ -464,9 +465,8 @@ def apply_method(
 ) -> tuple[PeftModel, dict[str, Any], list[int], float]:
     """Run ``method`` (from the methods registry) for one request, then re-apply the persistent
     pruning. Returns the model, the method's info, the outputs the method pruned, and the wall time."""
-    from worker.unlearning.methods import MethodContext, get_method
+    from worker.unlearning.methods import MethodContext, run_method
 
-    fn = get_method(method)
     t0 = time.perf_counter()
     mctx = MethodContext(
         model=model,
@@ -486,13 +486,85 @@ def apply_method(
         on_progress=on_progress,
         on_stage=on_stage,
     )
-    result = fn(mctx)
+    result = run_method(method, mctx)
     out = result.model
     if not isinstance(out, PeftModel):
         raise TypeError(f"method {method!r} returned a {type(out).__name__}, not a peft model")
     pruned = sorted({int(o) for o in result.pruned_outputs})
     reapply_pruning(out, sorted(set(ctx.state.pruned_subset_outputs) | set(pruned)))
     return out, dict(result.info), pruned, time.perf_counter() - t0
+
+
+@dataclass
+class StageResult:
+    """One request (one stage of the sequential setting) run on one model by :func:`run_stage`."""
+
+    model: PeftModel  # the model after the request (the method's update, pruning re-applied)
+    info: dict[str, Any]  # the method's info
+    pruned: list[int]  # the subset-ID outputs this request suppressed
+    # partitions_s, method_s, importance_precompute_s (the next request's I_D, computed ahead)
+    timings: dict[str, float]
+    ctx: RequestContext
+    original: ModelMetrics  # the model before the request, on this request's splits
+    next_cache_key: str | None  # the key of the next request's I_D (None: nothing computed ahead)
+
+    @property
+    def nothing_left(self) -> bool:
+        return len(self.ctx.partitions.forget) == 0
+
+
+def run_stage(
+    inputs: EngineInputs,
+    model: PeftModel,
+    spec: ForgetSpec,
+    state: RoundState,
+    *,
+    method: str,
+    stage: int,
+    cache_key: str | None,
+    precompute_next: bool,
+    on_progress: Callable[[str], None] | None = None,
+    on_stage: StageCallback | None = None,
+) -> StageResult:
+    """One request on one model, as a round and the benchmark both run it: resolve it and build
+    its partitions (:func:`request_context`), measure ``model`` on its splits, apply ``method``,
+    record the request in ``state`` (in place) and, with ``precompute_next``, compute the next
+    request's full-data importance ahead. No oracle: nothing here trains or reads a retrain.
+
+    ``cache_key``: the key under which ``model``'s ``I_D`` was computed ahead (``None``: none)."""
+    t0 = time.perf_counter()
+    ctx = request_context(inputs, spec, state, stage=stage, cache_key=cache_key, method=method)
+    t_ctx = time.perf_counter() - t0
+    original = evaluate(model, ctx)
+    if on_progress is not None:
+        on_progress(method)
+    info: dict[str, Any]
+    nothing_left = len(ctx.partitions.forget) == 0
+    if nothing_left:
+        # everything the request names is already forgotten (a repeated request, or a retry after
+        # a purge): nothing to unlearn; pruning of a whole client is still (re)applied
+        pruned = ctx.prune_outputs
+        reapply_pruning(model, sorted(set(state.pruned_subset_outputs) | set(pruned)))
+        info, wall = {"method": method, "skipped": "nothing left to forget"}, 0.0
+    else:
+        model, info, pruned, wall = apply_method(
+            method, model, ctx, on_progress=on_progress, on_stage=on_stage
+        )
+    advance_state(state, ctx, pruned)
+    # the adapter changed: the next request needs the new weights' I_D; computing it now is
+    # reported as its own timing, not hidden in the next request's method time
+    next_key, t_next = None, 0.0
+    if precompute_next and not nothing_left:
+        next_key, t_next = precompute_next_importance(model, ctx, method)
+    return StageResult(
+        model=model,
+        info=info,
+        pruned=list(pruned),
+        timings={"partitions_s": t_ctx, "method_s": wall, "importance_precompute_s": t_next},
+        ctx=ctx,
+        original=original,
+        next_cache_key=next_key,
+    )
 
 
 def request_evidence(
@@ -726,43 +798,32 @@ def run_round(
                 on_progress(_stage - 1, n, f"request {_id}: {message}")
 
         stage_progress(PARTITIONS, stage, n)
-        t0 = time.perf_counter()
-        ctx = request_context(inputs, spec, state, stage=stage, cache_key=cache_key, method=method)
-        t_ctx = time.perf_counter() - t0
-        info: dict[str, Any]
-        nothing_left = len(ctx.partitions.forget) == 0
-        original = evaluate(model, ctx)
-        progress(method)
-        if nothing_left:
-            # everything the request names is already forgotten (a repeated request, or a retry
-            # after a purge): nothing to unlearn; pruning of a whole client is still (re)applied
-            pruned = ctx.prune_outputs
-            reapply_pruning(model, sorted(set(state.pruned_subset_outputs) | set(pruned)))
-            info, wall = {"method": method, "skipped": "nothing left to forget"}, 0.0
-        else:
-            model, info, pruned, wall = apply_method(
-                method, model, ctx, on_progress=progress, on_stage=on_stage
-            )
-        advance_state(state, ctx, pruned)
-        # the adapter changed: the next request needs the new weights' I_D; computing it now is
-        # reported as its own timing, not hidden in the next request's method time (the last
-        # request's is computed after the acceptance check, on the model the round publishes)
-        t_next = 0.0
-        if stage < n:
-            cache_key, t_next = (
-                (None, 0.0) if nothing_left else precompute_next_importance(model, ctx, method)
-            )
+        # the last request's next I_D is computed after the acceptance check, on the model the
+        # round publishes
+        done = run_stage(
+            inputs,
+            model,
+            spec,
+            state,
+            method=method,
+            stage=stage,
+            cache_key=cache_key,
+            precompute_next=stage < n,
+            on_progress=progress,
+            on_stage=on_stage,
+        )
+        model, cache_key = done.model, done.next_cache_key
         staged.append(
             _Staged(
-                ctx=ctx,
-                original=original,
-                info=info,
-                pruned=list(pruned),
-                timings={"partitions_s": t_ctx, "method_s": wall, "importance_precompute_s": t_next},
-                nothing_left=nothing_left,
+                ctx=done.ctx,
+                original=done.original,
+                info=done.info,
+                pruned=done.pruned,
+                timings=done.timings,
+                nothing_left=done.nothing_left,
             )
         )
-        timings[spec.request_id] = wall
+        timings[spec.request_id] = done.timings["method_s"]
         if on_progress is not None:
             on_progress(stage, n, f"request {spec.request_id}: updated")
 

@@ -89,7 +89,7 @@ def anchor_key(
     """What a request's anchor subset is drawn from: the request's content (not its id, which is a
     random uuid), so that the same request on the same adapter version gives the same adapter — a
     reproducible result and evidence — and ``draw`` (``settings["anchor_draw"]``, default 0) to
-    re-draw it on purpose (``scripts/demo_reliability.py`` measures over draws)."""
+    re-draw it on purpose (``python -m bench reliability`` measures over draws)."""
     samples = ",".join(sorted(sample_ids)) if sample_ids is not None else "*"
     return f"{kind}|{client_id or ''}|{samples}|{','.join(sorted(tasks))}|{draw}"
 

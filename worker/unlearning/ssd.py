@@ -38,16 +38,18 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from pydantic import AliasChoices, Field
+from pydantic import dataclasses as pydantic_dataclasses
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from worker.unlearning.config import typed_kwargs
+from worker.unlearning.config import SETTINGS, parse_settings
 from worker.unlearning.grads import eval_mode, minibatches, per_sample_grads
 from worker.unlearning.lora import LoraMLPView, fast_forward
 from worker.unlearning.types import (
@@ -60,15 +62,15 @@ from worker.unlearning.types import (
 
 FisherMode = Literal["batch", "per_sample"]
 Importance = dict[str, Tensor]
-LAYOUTS = ("reference", "merged")
-NORMALISATIONS = ("sample", "pair")
+Layout = Literal["reference", "merged"]
+Normalisation = Literal["sample", "pair"]
 
 #: The ``ssd`` method's defaults under ``settings["ssd"]``: with them (and one task) its dampening is
 #: bitwise the reference's (tests/worker/unlearning/test_ssd.py).
 REFERENCE_DEFAULTS: dict[str, Any] = {"shuffle": False, "layout": "reference", "normalise": "sample"}
 
 
-@dataclass(frozen=True)
+@pydantic_dataclasses.dataclass(frozen=True, config=SETTINGS)
 class SSDConfig:
     """``settings["ssd"]``: ``alpha``, ``lambda`` (or ``lam``), ``batch_size``, ``fisher``
     (``"batch"`` = reference, ``"per_sample"``), ``shuffle`` (mini-batch order, seeded),
@@ -80,27 +82,18 @@ class SSDConfig:
     :data:`REFERENCE_DEFAULTS`."""
 
     alpha: float = 10.0
-    lam: float = 1.0
+    lam: float = Field(default=1.0, validation_alias=AliasChoices("lambda", "lam"))
     batch_size: int = 64
-    fisher: str = "batch"
+    fisher: FisherMode = "batch"
     shuffle: bool = True
-    layout: str = "merged"
-    normalise: str = "pair"
+    layout: Layout = "merged"
+    normalise: Normalisation = "pair"
     cache: bool = True
     chunk_size: int = 256
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | None) -> SSDConfig:
-        raw = dict(settings or {})
-        if "lambda" in raw:
-            raw["lam"] = raw.pop("lambda")
-        cfg = cls(**typed_kwargs(cls, raw, "SSD"))
-        if cfg.fisher not in ("batch", "per_sample"):
-            raise ValueError(f"SSD fisher must be 'batch' or 'per_sample', not {cfg.fisher!r}")
-        if cfg.layout not in LAYOUTS:
-            raise ValueError(f"SSD layout must be one of {list(LAYOUTS)}, not {cfg.layout!r}")
-        if cfg.normalise not in NORMALISATIONS:
-            raise ValueError(f"SSD normalise must be one of {list(NORMALISATIONS)}, not {cfg.normalise!r}")
+        cfg = parse_settings(cls, settings, "SSD")
         if cfg.alpha < 0 or cfg.lam < 0 or cfg.batch_size < 1:
             raise ValueError("SSD needs alpha >= 0, lambda >= 0, batch_size >= 1")
         return cfg

@@ -15,21 +15,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
+from pydantic import dataclasses as pydantic_dataclasses
 from torch import Tensor
 
-from worker.unlearning.config import typed_kwargs
-from worker.unlearning.model import MultiTaskModel, forward_with_embedding, wrap_lora
+from worker.unlearning.config import SETTINGS, parse_settings
+from worker.unlearning.model import MultiTaskModel, forward_with_embedding, unwrap, wrap_lora
 from worker.unlearning.types import IGNORE, SUBSET_HEAD, Batch, TaskSpec, main_task_loss
 
 
-@dataclass(frozen=True)
+@pydantic_dataclasses.dataclass(frozen=True, config=SETTINGS)
 class TrainConfig:
+    """``settings["train"]`` (and ``settings["lora"]``'s ``rank`` / ``alpha``): the recipe of v1 and of
+    every retrain."""
+
     epochs: int = 60
     main_only_epochs: int = 15
     batch_size: int = 64
@@ -47,6 +51,10 @@ class TrainConfig:
     # Cosine decay of the learning rate from ``lr`` to ``final_lr_fraction·lr`` over the run
     # (1.0 = constant learning rate).
     final_lr_fraction: float = 1.0
+    # True: the subset-ID head reads a detached embedding, so L_aux trains that head only and the
+    # adapter keeps its capacity for the tasks (L_dis still shapes the embedding). For a small
+    # backbone whose one pooled embedding cannot serve client ID and the tasks at once.
+    detach_subset_head: bool = False
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> TrainConfig:
@@ -57,7 +65,7 @@ class TrainConfig:
             train.setdefault("rank", lora["rank"])
         if "alpha" in lora:
             train.setdefault("lora_alpha", lora["alpha"])
-        return cls(**typed_kwargs(cls, train, "training"))
+        return parse_settings(cls, train, "training")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,7 +115,10 @@ def v1_loss(
     outputs, z = forward_with_embedding(model, batch.inputs)
     loss = cfg.lambda_main * main_task_loss(outputs, batch.labels, tasks)
     if phase_two:
-        loss = loss + cfg.lambda_aux * subset_loss(outputs[SUBSET_HEAD], batch.subset)
+        subset_out = (
+            unwrap(model).heads[SUBSET_HEAD](z.detach()) if cfg.detach_subset_head else outputs[SUBSET_HEAD]
+        )
+        loss = loss + cfg.lambda_aux * subset_loss(subset_out, batch.subset)
         # On the unit sphere: the raw embedding's scale would let L_dis swamp the task losses.
         pull, push = disentanglement_losses(F.normalize(z, dim=-1), batch.subset, cfg.margin)
         loss = loss + cfg.lambda_dis * (cfg.lambda_pull * pull + cfg.lambda_push * push)

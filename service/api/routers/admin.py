@@ -6,7 +6,7 @@ import base64
 import binascii
 import re
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Query, Response
 from sqlalchemy.orm import Session
@@ -17,9 +17,9 @@ from service.api.auth import Principal, require
 from service.api.problems import problem_responses
 from service.api.routers.forget_requests import MAX_SEQ
 from service.api.state import State
-from service.db.models import ApiKey
+from service.db.models import ApiKey, Model
 from service.db.types import utcnow
-from service.errors import BadRequestError, ConflictError, NotFoundError
+from service.errors import BadRequestError, ConflictError, NotFoundError, UnprocessableError
 from service.repositories import events as events_repo
 from service.repositories import keys as keys_repo
 from service.repositories import model_events as model_events_repo
@@ -30,6 +30,8 @@ from service.repositories import workers as workers_repo
 
 #: a version number as the serving routes accept it (fits the 32-bit column)
 VERSION_NUMBER = re.compile(r"[1-9][0-9]{0,8}")
+#: what a client or sample id can be (no control characters): others name none
+_STORED_ID = re.compile(r"[^\x00-\x1f\x7f]{1,200}")
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], responses=problem_responses(401, 403, 503))
 Admin = Annotated[Principal, Depends(require("admin"))]
@@ -216,15 +218,119 @@ def list_models(state: State, _: Admin) -> list[schemas.ModelOut]:
         return [presenters.model(session, m) for m in models_repo.list_models(session)]
 
 
+def _model(session: Session, name: str) -> Model:
+    model = models_repo.get_model(session, name)
+    if model is None:
+        raise NotFoundError(f"model {name!r} is not registered")
+    return model
+
+
 @router.get(
     "/models/{name}", summary="One model, its subjects and versions", responses=problem_responses(404)
 )
 def show_model(name: str, state: State, _: Admin) -> schemas.ModelDetail:
     with state.transaction() as session:
-        model = models_repo.get_model(session, name)
-        if model is None:
-            raise NotFoundError(f"model {name!r} is not registered")
-        return presenters.model_detail(session, model)
+        return presenters.model_detail(session, _model(session, name))
+
+
+def _decode_page_cursor(cursor: str, kind: str) -> str:
+    """The position a ``next_cursor`` of this ``kind`` names; 400 for anything else."""
+    try:
+        value = base64.urlsafe_b64decode(cursor.encode("ascii") + b"==").decode("utf-8")
+        prefix, sep, position = value.partition(":")
+        if prefix != kind or not sep or not position:
+            raise ValueError(value)
+        return position
+    except (ValueError, UnicodeError, binascii.Error):
+        raise BadRequestError("invalid cursor", field="cursor") from None
+
+
+def _encode_page_cursor(kind: str, position: str) -> str:
+    return base64.urlsafe_b64encode(f"{kind}:{position}".encode()).decode("ascii").rstrip("=")
+
+
+@router.get(
+    "/models/{name}/clients",
+    summary="A model's clients: active or forgotten, whether a request names them (paginated)",
+    responses=problem_responses(400, 404),
+)
+def list_clients(
+    name: str,
+    state: State,
+    _: Admin,
+    status: Annotated[Literal["active", "forgotten"] | None, Query(description="Only this status.")] = None,
+    cursor: Annotated[str | None, Query(max_length=200, description="From `next_cursor`.")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> schemas.ClientPage:
+    after = None
+    if cursor is not None:
+        position = _decode_page_cursor(cursor, "subject")
+        if not position.isascii() or not position.isdigit() or int(position) > MAX_SEQ:
+            raise BadRequestError("invalid cursor", field="cursor")
+        after = int(position)
+    with state.transaction() as session:
+        model = _model(session, name)
+        rows = models_repo.clients_page(session, model.id, status=status, after_id=after, limit=limit + 1)
+        page = rows[:limit]
+        requested = requests_repo.clients_with_requests(session, model.id, [r.client_id for r in page])
+        items = [
+            schemas.ClientOut(
+                client_id=r.client_id,
+                status=r.status,
+                samples=r.sample_count,
+                forgotten_tasks=list(r.forgotten_tasks),
+                requested=r.client_id in requested,
+            )
+            for r in page
+        ]
+    next_cursor = _encode_page_cursor("subject", str(page[-1].id)) if len(rows) > limit else None
+    return schemas.ClientPage(items=items, next_cursor=next_cursor)
+
+
+@router.get(
+    "/models/{name}/clients/{client_id}/samples",
+    summary="A client's samples whose inputs are kept; with `task`: whose label of it is kept too",
+    responses=problem_responses(400, 404, 422),
+)
+def list_client_samples(
+    name: str,
+    client_id: str,
+    state: State,
+    _: Admin,
+    task: Annotated[
+        schemas.Identifier | None, Query(description="Only samples whose label of this task is kept.")
+    ] = None,
+    cursor: Annotated[str | None, Query(max_length=400, description="From `next_cursor`.")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> schemas.SamplePage:
+    after = _decode_page_cursor(cursor, "sample") if cursor is not None else None
+    if after is not None and not _STORED_ID.fullmatch(after):
+        raise BadRequestError("invalid cursor", field="cursor")
+    with state.transaction() as session:
+        model = _model(session, name)
+        # a name no client can have (a NUL byte, say) names none: 404 without a query
+        subject = (
+            models_repo.get_subject(session, model.id, client_id) if _STORED_ID.fullmatch(client_id) else None
+        )
+        if subject is None:
+            raise NotFoundError(f"model {name!r} has no client {client_id!r}")
+        if task is not None and task not in model.tasks:
+            raise UnprocessableError(
+                f"unknown task {task!r} for model {name!r} (tasks: {model.tasks})", field="task"
+            )
+        rows = models_repo.kept_samples_page(
+            session, model.id, client_id, task=task, after=after, limit=limit + 1
+        )
+        items = [
+            schemas.SampleOut(
+                sample_id=r.sample_id,
+                purged_tasks=list(r.purged_tasks),
+                forgotten_tasks=list(r.forgotten_tasks),
+            )
+            for r in rows[:limit]
+        ]
+    next_cursor = _encode_page_cursor("sample", rows[limit - 1].sample_id) if len(rows) > limit else None
+    return schemas.SamplePage(items=items, next_cursor=next_cursor)
 
 
 @router.post(
@@ -300,9 +406,7 @@ def reconfigure_model(
 )
 def model_events(name: str, state: State, _: Admin) -> list[schemas.ModelEventOut]:
     with state.transaction() as session:
-        model = models_repo.get_model(session, name)
-        if model is None:
-            raise NotFoundError(f"model {name!r} is not registered")
+        model = _model(session, name)
         return [schemas.ModelEventOut.from_row(e) for e in model_events_repo.for_model(session, model.id)]
 
 
@@ -323,5 +427,9 @@ def verify_audit_chain(state: State, _: Admin) -> schemas.AuditReport:
             reason=report.reason or "",
         )
     return schemas.AuditReport(
-        ok=report.ok, checked_events=report.checked, head_hash=report.head_hash, first_broken=broken
+        ok=report.ok,
+        checked_events=report.checked,
+        head_hash=report.head_hash,
+        first_broken=broken,
+        pending_events=report.pending,
     )

@@ -90,6 +90,8 @@ def create_forget_request(
         result, out = attempt(savepoint=False)  # the common case: no race, no savepoint
     except IntegrityError:
         result, out = attempt(savepoint=True)  # lost a race: again, resolving it (lifecycle.submit)
+    if state.sequencer is not None:
+        state.sequencer.note()  # chain the committed pending events soon (not on this request's path)
     if result.created:
         state.dispatcher.wake_soon(out.model)  # after the commit; never waits on the broker
     response.status_code = 201 if result.created else 200
@@ -221,6 +223,7 @@ def get_forget_request(request_id: str, state: State, principal: Submitter) -> s
 def get_forget_request_events(request_id: str, state: State, principal: Submitter) -> list[schemas.EventOut]:
     with state.transaction() as session:
         row = _visible(session, request_id, principal)
+        events_repo.chain_pending(session)  # the submission's events, if the sequencer has not yet
         events = events_repo.events_for_request(session, row.id)
         if row.status == "merged" and row.merged_into is not None and events:
             # what happened to the followed request since this one was merged into it

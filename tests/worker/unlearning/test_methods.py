@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,17 @@ from torch import nn
 from tests.worker.unlearning.toy_nets import toy_batch, toy_model
 from worker.unlearning.interference import IAConfig, check_accuracy
 from worker.unlearning.lora import trainable_head
-from worker.unlearning.methods import MethodContext, MethodResult, available_methods, get_method, register
+from worker.unlearning.methods import (
+    MethodContext,
+    MethodResult,
+    Needs,
+    available_methods,
+    get_method,
+    get_spec,
+    register,
+    run_method,
+    unregister,
+)
 from worker.unlearning.methods.default import ssd_stage_settings
 from worker.unlearning.pruning import is_pruned
 from worker.unlearning.types import SUBSET_HEAD, Batch, ClassificationTask, Partitions, concat_batches
@@ -69,6 +80,32 @@ def test_registry_lookup_and_duplicates() -> None:
         register("ssd")(other)
 
 
+def test_a_methods_declared_needs_are_checked_before_it_runs() -> None:
+    """Issue 7 part 6: a method's spec declares what it needs (here the retain set and the frozen
+    base); ``run_method`` refuses a context without them before the method runs."""
+    ran: list[str] = []
+
+    @register("throwaway_needs", needs=Needs(retain=True, base=True))
+    def throwaway(ctx: MethodContext) -> MethodResult:
+        ran.append("ran")
+        return MethodResult(model=ctx.model)
+
+    try:
+        assert get_spec("throwaway_needs").needs == Needs(retain=True, base=True)
+        ctx = _ctx(_model(), {})
+        with pytest.raises(ValueError, match="throwaway_needs needs the frozen base network"):
+            run_method("throwaway_needs", ctx)
+        with pytest.raises(ValueError, match="needs the retain set and the frozen base network"):
+            run_method("throwaway_needs", dataclasses.replace(ctx, retain=None))
+        assert ran == []
+        run_method("throwaway_needs", dataclasses.replace(ctx, base=_model()))
+        assert ran == ["ran"]
+    finally:
+        unregister("throwaway_needs")
+    assert "throwaway_needs" not in available_methods()
+    assert get_spec("retrain").needs == Needs(retain=True, base=True)
+
+
 def test_original_is_a_no_op() -> None:
     model = _model()
     before = copy.deepcopy(model.state_dict())
@@ -105,7 +142,7 @@ def test_ia_method_leaves_subset_head_alone_and_rejects_unknown_settings() -> No
     head = trainable_head(model, SUBSET_HEAD).weight.detach().clone()
     get_method("ia")(_ctx(model, {"ia": {"epochs": 1, "lr": 1e-2}}))
     assert torch.equal(trainable_head(model, SUBSET_HEAD).weight.detach(), head)
-    with pytest.raises(ValueError, match="unknown default-method settings"):
+    with pytest.raises(ValueError, match="unknown default-method setting 'finetune'"):
         get_method("default")(_ctx(_model(), {"default": {"finetune": True}}))
 
 
@@ -118,7 +155,7 @@ def test_default_stage_settings_merge_over_the_methods_own() -> None:
     assert alone.info["ssd"]["config"]["lam"] == 1.0  # the ssd method keeps the library default
     assert ssd_stage_settings(settings) == {"alpha": 2.0, "lambda": 5}
     assert ssd_stage_settings({"default": {"ssd": False}}) is None
-    with pytest.raises(ValueError, match="is a switch"):
+    with pytest.raises(ValueError, match="default-method setting 'prune'"):
         get_method("default")(_ctx(_model(), {"default": {"prune": {"on": True}}}))
 
 

@@ -10,8 +10,24 @@ from typing import Any
 import pytest
 import torch
 
+from worker.unlearning import engine
 from worker.unlearning.acceptance import Check
-from worker.unlearning.engine import ForgetSpec, RoundOutcome, anchor_fraction, prepare, run_round
+from worker.unlearning.adapter_io import load_adapter
+from worker.unlearning.engine import (
+    EngineInputs,
+    ForgetSpec,
+    RoundOutcome,
+    StageResult,
+    anchor_fraction,
+    full_importance_settings,
+    importance_settings_of_methods,
+    prepare,
+    run_round,
+    run_stage,
+)
+from worker.unlearning.methods import MethodContext, MethodResult, Needs, register, unregister
+from worker.unlearning.ssd import precompute_full_importance
+from worker.unlearning.state import RoundState
 from worker.unlearning.workloads.toy import ToyWorkload
 
 
@@ -216,6 +232,43 @@ def test_next_requests_importance_is_computed_ahead_and_read_from_the_cache(tmp_
         assert plain["timings_s"]["importance_precompute_s"] == 0.0  # no cache: nothing ahead
 
 
+def test_the_engine_computes_ahead_the_importance_a_methods_spec_declares(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 7 part 6: what a method needs is declared in its spec, not named in the engine. A
+    throwaway method declaring that it reads the full-data importance with its own SSD settings
+    gets it computed ahead: for v1 by ``prepare``, and after its request for the next one."""
+    import worker.unlearning.engine as engine
+
+    own = {"batch_size": 5, "layout": "merged"}
+    seen: list[dict[str, Any]] = []
+    real = precompute_full_importance
+
+    def spy(model: torch.nn.Module, data: Any, tasks: Any, settings: Any, **kwargs: Any) -> Any:
+        seen.append(dict(settings))
+        return real(model, data, tasks, settings, **kwargs)
+
+    monkeypatch.setattr(engine, "precompute_full_importance", spy)
+
+    @register("throwaway_importance", needs=Needs(full_importance=lambda settings: own))
+    def throwaway(ctx: MethodContext) -> MethodResult:
+        return MethodResult(model=ctx.model)
+
+    try:
+        assert full_importance_settings("throwaway_importance", {}) == own
+        assert own in importance_settings_of_methods({})
+        _prepare(tmp_path, cache_dir=tmp_path / "cache")
+        assert own in seen  # v1's, by prepare
+        seen.clear()
+        spec = [ForgetSpec("r1", "client", "u1", None, [])]
+        outcome = _round(tmp_path, spec, "throwaway_importance", {}, cache_dir=tmp_path / "cache")
+        assert seen == [own]  # the next request's, after this one
+        assert outcome.evidence["r1"]["timings_s"]["importance_precompute_s"] > 0.0
+    finally:
+        unregister("throwaway_importance")
+    assert full_importance_settings("original", {}) is None
+
+
 def test_anchor_fraction_per_method(prepared: Path) -> None:
     settings = {"anchor_fraction": 0.25, "anchor_fractions": {"ia": 1.0}}
     assert anchor_fraction(settings, "ia") == 1.0
@@ -252,3 +305,48 @@ def test_run_round_reports_its_stages_in_order(prepared: Path) -> None:
         ("audit", 2, 2),
     ]
     assert [r for r in reports if r[0] == "update"] == [("update", 1, 2), ("update", 2, 2)] * 2
+
+
+def test_run_stage_runs_one_request_and_advances_the_state(prepared: Path) -> None:
+    """``run_stage``, the one stage of a round and of the benchmark: the request's context and the
+    model's metrics before it, the method's update, the state advanced in place; a repeated
+    request is skipped (nothing left to forget) and computes nothing ahead."""
+    inputs = EngineInputs.load(
+        ToyWorkload(), data_dir=prepared / "data", base_dir=prepared / "base", settings={}, seed=0
+    )
+    model = load_adapter(inputs.base, prepared / "v1", trainable=True)
+    state = RoundState.load(prepared / "v1")
+    spec = ForgetSpec("r1", "client", "u1", None, [])
+    first = run_stage(
+        inputs, model, spec, state, method="ssd", stage=1, cache_key=None, precompute_next=False
+    )
+    assert first.ctx.state.forgotten_clients == []  # the context holds the state before the request
+    assert (state.forgotten_clients, state.requests) == (["u1"], ["r1"])
+    assert state.pruned_subset_outputs == first.pruned
+    assert not first.nothing_left
+    assert set(first.timings) == {"partitions_s", "method_s", "importance_precompute_s"}
+    assert set(first.original.tasks) == {"kind", "side"}
+    again = run_stage(
+        inputs, first.model, spec, state, method="ssd", stage=2, cache_key=None, precompute_next=True
+    )
+    assert again.nothing_left
+    assert again.info["skipped"] == "nothing left to forget"
+    assert (again.next_cache_key, again.timings["importance_precompute_s"]) == (None, 0.0)
+    assert state.requests == ["r1", "r1"]
+
+
+def test_the_round_runs_each_request_through_run_stage(
+    prepared: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 7 part 6: one stage loop. ``run_round`` runs each request through ``engine.run_stage``,
+    as the benchmark does (tests/bench/test_quality.py; it had a copy of the round's loop)."""
+    calls: list[tuple[str, str]] = []
+
+    def spy(*args: Any, **kwargs: Any) -> StageResult:
+        calls.append((args[2].request_id, kwargs["method"]))
+        return run_stage(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "run_stage", spy)
+    requests = [ForgetSpec("r1", "client", "u1", None, []), ForgetSpec("r2", "client", "u2", None, [])]
+    _round(prepared, requests, "ssd", {})
+    assert calls == [("r1", "ssd"), ("r2", "ssd")]

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict
+from typing import Any, Literal
 
-from worker.unlearning.config import typed_kwargs
+from pydantic import dataclasses as pydantic_dataclasses
+
+from worker.unlearning.config import SETTINGS, parse_settings
 
 
-@dataclass(frozen=True)
+@pydantic_dataclasses.dataclass(frozen=True, config=SETTINGS)
 class IAConfig:
     """``settings["ia"]``. Stage switches: ``projection``, ``orth_clean``, ``orth_inst``,
     ``orth_task`` (the paper's Table 3 ablations), ``update_heads``, ``early_stopping``."""
@@ -26,7 +28,7 @@ class IAConfig:
     # "none" (paper: η2·∇_f^⊥), "total" (‖forget term‖ = η2·‖retain term‖) or "per_task" (each
     # forgotten task's ∇_f^⊥ to η2·‖retain term‖ / #forgotten tasks, so neither term vanishes and
     # an easy task cannot drown a hard one)
-    forget_balance: str = "none"
+    forget_balance: Literal["none", "total", "per_task"] = "none"
     # Eqs. 9–10: ε, and the residual below which a retain gradient is dropped from the basis
     epsilon: float = 1e-12
     rank_tol: float = 1e-8
@@ -34,7 +36,7 @@ class IAConfig:
     subspace_dim: int = 0  # 0: rank // number of involved tasks (at least 1)
     # "random" (overlapping, the regulariser separates) | "orthogonal" (disjoint random) |
     # "gradient" (disjoint, each task's from its own gradient's leading rank-space directions)
-    subspace_init: str = "random"
+    subspace_init: Literal["random", "orthogonal", "gradient"] = "random"
     subspace_lr: float = 0.1
     # the stages (the paper's Table 3 ablations) and the Eq. 10 variant
     projection: bool = True
@@ -54,13 +56,13 @@ class IAConfig:
     min_steps: int = 0
     max_steps: int = 0
     # how the forgotten tasks' MIA distances to the target combine: "mean" | "max" (the worst task)
-    task_distance: str = "mean"
+    task_distance: Literal["mean", "max"] = "mean"
     # early stopping prefers checkpoints whose every forgotten task's forget-set accuracy is at the
     # unseen-data level: held-out accuracy + z standard errors over the forget set's n (the
     # acceptance check's bound); 0 = off (the MIA distance alone, paper)
     forget_accuracy_z: float = 0.0
     # which of those: "closest" (MIA-closest to the target) | "earliest" (the least update)
-    forget_accuracy_pick: str = "closest"
+    forget_accuracy_pick: Literal["closest", "earliest"] = "closest"
     # deviation (docs/methods.md): early stopping only among the checkpoints whose accuracy on the
     # retain check rows dropped by at most this much from the pre-request model; 1 = off (paper)
     retain_tolerance: float = 1.0
@@ -69,28 +71,16 @@ class IAConfig:
     # "outside_anchor" (retained instances outside the anchor and X_f: training data of the model
     # that the update does not see, so a drop there is damage the retain term did not repair) or
     # "both" (each checked on its own)
-    check_rows: str = "anchor"
+    check_rows: Literal["anchor", "outside_anchor", "both"] = "anchor"
     # X_f's kept tasks (a per-task request) must stay at their pre-request level: a *rise* beyond
     # the tolerance counts like a drop (rising memorisation of the forgotten samples is a leak too)
     kept_two_sided: bool = False
     # per-(partition, task) gradients: "autograd" (batched VJPs) | "func" (torch.func.jacrev)
-    grad_backend: str = "autograd"
+    grad_backend: Literal["autograd", "func"] = "autograd"
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | None) -> IAConfig:
-        cfg = cls(**typed_kwargs(cls, settings, "interference-aware"))
-        if cfg.grad_backend not in ("autograd", "func"):
-            raise ValueError("grad_backend must be 'autograd' or 'func'")
-        if cfg.check_rows not in ("anchor", "outside_anchor", "both"):
-            raise ValueError("check_rows must be 'anchor', 'outside_anchor' or 'both'")
-        if cfg.subspace_init not in ("random", "orthogonal", "gradient"):
-            raise ValueError("subspace_init must be 'random', 'orthogonal' or 'gradient'")
-        if cfg.forget_balance not in ("none", "total", "per_task"):
-            raise ValueError("forget_balance must be 'none', 'total' or 'per_task'")
-        if cfg.forget_accuracy_pick not in ("closest", "earliest"):
-            raise ValueError("forget_accuracy_pick must be 'closest' or 'earliest'")
-        if cfg.task_distance not in ("mean", "max"):
-            raise ValueError("task_distance must be 'mean' or 'max'")
+        cfg = parse_settings(cls, settings, "interference-aware")
         if min(cfg.patience, cfg.min_steps, cfg.max_steps) < 0 or cfg.forget_accuracy_z < 0:
             raise ValueError(
                 "interference-aware update needs patience, min_steps, max_steps, forget_accuracy_z >= 0"

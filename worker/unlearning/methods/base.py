@@ -1,10 +1,10 @@
 """What an unlearning method receives (:class:`MethodContext`) and returns (:class:`MethodResult`).
 
-A method is a function ``(MethodContext) -> MethodResult`` registered by name
-(:func:`worker.unlearning.methods.register`). It may update ``ctx.model`` in place (adapter and
-heads only: the base stays frozen) or return another model (``retrain``). Settings are read from
-``ctx.settings`` under the method's own key (``"ssd"``, ``"ia"``, ``"default"``, ``"pruning"``, …);
-unknown keys are errors. ``info`` is JSON (the evidence records it).
+A method is a function ``(MethodContext) -> MethodResult`` registered by name with its settings
+class and what it needs (:class:`MethodSpec`, :func:`worker.unlearning.methods.register`). It may
+update ``ctx.model`` in place (adapter and heads only: the base stays frozen) or return another
+model (``retrain``). Settings are read from ``ctx.settings`` under the method's own key (``"ssd"``,
+``"ia"``, ``"default"``, …); unknown keys are errors. ``info`` is JSON (the evidence records it).
 """
 
 from __future__ import annotations
@@ -98,3 +98,45 @@ class MethodResult:
 
 
 Method = Callable[[MethodContext], MethodResult]
+
+
+#: ``settings`` (the per-model settings) → the SSD settings with which a method reads the
+#: full-data importance ``I_D``, or ``None`` when these settings do not read it.
+ImportanceSettings = Callable[[Mapping[str, Any]], dict[str, Any] | None]
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a method needs beyond the request's partitions, declared in its spec so that the engine
+    and the benchmark never name a method.
+
+    - ``full_importance``: the SSD settings with which it reads the full-data importance (the engine
+      computes ``I_D`` ahead with them: for v1 when a model is prepared, and for the next request
+      after each one);
+    - ``retain`` / ``base``: the full retain set / the frozen base network in its context
+      (``retrain`` trains a fresh adapter on them); refused before it runs when missing."""
+
+    full_importance: ImportanceSettings | None = None
+    retain: bool = False
+    base: bool = False
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One registered method: its name, its run function, the pydantic class of its own settings
+    block ``settings[name]`` (and ``method_config``; ``None``: it has none) and its :class:`Needs`."""
+
+    name: str
+    run: Method
+    config: type | None = None
+    needs: Needs = field(default_factory=Needs)
+
+    def check(self, ctx: MethodContext) -> None:
+        """``ValueError`` naming what ``ctx`` lacks of what the method needs."""
+        missing = []
+        if self.needs.retain and ctx.retain is None:
+            missing.append("the retain set")
+        if self.needs.base and ctx.base is None:
+            missing.append("the frozen base network")
+        if missing:
+            raise ValueError(f"{self.name} needs {' and '.join(missing)} in its context")

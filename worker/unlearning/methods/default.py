@@ -18,14 +18,31 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from pydantic import dataclasses as pydantic_dataclasses
+
+from worker.unlearning.config import SETTINGS, parse_settings
 from worker.unlearning.interference import IAConfig, check_accuracy
-from worker.unlearning.methods import register
+from worker.unlearning.methods import Needs, register
 from worker.unlearning.methods.base import MethodContext, MethodResult
 from worker.unlearning.methods.ia import run_ia
 from worker.unlearning.methods.ssd import run_ssd
 from worker.unlearning.pruning import prune_outputs
+from worker.unlearning.ssd import SSDConfig
 
 STAGES = ("ssd", "ia", "prune")
+#: the stages whose value may be a block of settings merged over the stage's own
+BLOCKS = {"ssd": (SSDConfig, "SSD"), "ia": (IAConfig, "interference-aware")}
+
+
+@pydantic_dataclasses.dataclass(frozen=True, config=SETTINGS)
+class DefaultConfig:
+    """``settings["default"]``: the stages SSD → interference-aware update → pruning (each on by
+    default). ``ssd`` and ``ia`` are a switch or a block of settings merged over ``settings["ssd"]``
+    / ``settings["ia"]`` (the stage on); ``prune`` is a switch."""
+
+    ssd: bool | SSDConfig = True
+    ia: bool | IAConfig = True
+    prune: bool = True
 
 
 def stage_settings(settings: Mapping[str, Any]) -> tuple[dict[str, bool], dict[str, dict[str, Any]]]:
@@ -33,20 +50,17 @@ def stage_settings(settings: Mapping[str, Any]) -> tuple[dict[str, bool], dict[s
     raw = settings.get("default") or {}
     if not isinstance(raw, Mapping):
         raise ValueError(f"settings['default'] must be a mapping, not {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(STAGES))
-    if unknown:
-        raise ValueError(f"unknown default-method settings {unknown} (stages: {list(STAGES)})")
-    switches: dict[str, bool] = {}
     overrides: dict[str, dict[str, Any]] = {}
-    for stage in STAGES:
-        value = raw.get(stage, True)
-        if isinstance(value, Mapping):
-            if stage == "prune":
-                raise ValueError("settings['default']['prune'] is a switch (true or false)")
-            switches[stage], overrides[stage] = True, dict(value)
+    switches: dict[str, Any] = {}
+    for stage, value in raw.items():
+        if stage in BLOCKS and isinstance(value, Mapping):  # checked on its own: a message naming its key
+            cls, what = BLOCKS[stage]
+            parse_settings(cls, value, what)
+            overrides[stage] = dict(value)
         else:
-            switches[stage] = bool(value)
-    return switches, overrides
+            switches[stage] = value
+    cfg = parse_settings(DefaultConfig, switches, "default-method")
+    return {stage: stage in overrides or bool(getattr(cfg, stage)) for stage in STAGES}, overrides
 
 
 def stage_context(ctx: MethodContext, overrides: Mapping[str, Mapping[str, Any]]) -> MethodContext:
@@ -67,7 +81,7 @@ def ssd_stage_settings(settings: Mapping[str, Any]) -> dict[str, Any] | None:
     return {**dict(settings.get("ssd") or {}), **overrides.get("ssd", {})}
 
 
-@register("default")
+@register("default", config=DefaultConfig, needs=Needs(full_importance=ssd_stage_settings))
 def default_method(ctx: MethodContext) -> MethodResult:
     switches, overrides = stage_settings(ctx.settings)
     ctx = stage_context(ctx, overrides)

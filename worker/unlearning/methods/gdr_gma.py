@@ -42,8 +42,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from pydantic import dataclasses as pydantic_dataclasses
 from torch import Tensor
 
+from worker.unlearning.config import SETTINGS
 from worker.unlearning.grads import eval_mode
 from worker.unlearning.methods import register
 from worker.unlearning.methods.base import MethodContext, MethodResult
@@ -63,7 +65,7 @@ from worker.unlearning.types import main_task_loss
 NAME = "gdr_gma"
 
 
-@dataclass(frozen=True)
+@pydantic_dataclasses.dataclass(frozen=True, config=SETTINGS)
 class GdrGmaConfig(LoopConfig):
     """``settings["gdr_gma"]``: ``gamma`` (steepness γ), ``epsilon`` (ε), ``loss_deviation`` (Eq. 6's
     ``|L_r − L_r(ω_0)|``; false = the public code's raw ``L_r``), ``bank`` (Eqs. 3/5 on) + loop keys."""
@@ -155,7 +157,7 @@ class _Stats:
         }
 
 
-@register(NAME)
+@register(NAME, config=GdrGmaConfig)
 def gdr_gma_method(ctx: MethodContext) -> MethodResult:
     cfg = parse_config(GdrGmaConfig, ctx.method_settings(NAME), NAME)
     stats = _Stats()

@@ -29,21 +29,23 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
 import torch
+from pydantic import dataclasses as pydantic_dataclasses
 from torch import Tensor, nn
 
 from worker.unlearning import progress
 from worker.unlearning.audit import forget_mia
+from worker.unlearning.config import SETTINGS, parse_settings
 from worker.unlearning.grads import Cycler, eval_mode, per_sample_grads
 from worker.unlearning.lora import param_groups, restore
 from worker.unlearning.methods.base import MethodContext
 from worker.unlearning.types import Batch, Partitions, TaskSpec, concat_batches, main_task_loss
 
 
-@dataclass(frozen=True)
+@pydantic_dataclasses.dataclass(frozen=True, config=SETTINGS)
 class LoopConfig:
     """Keys every baseline accepts (each method's config adds its own and may change defaults)."""
 
@@ -66,22 +68,9 @@ C = TypeVar("C", bound=LoopConfig)
 
 
 def parse_config(cls: type[C], settings: Mapping[str, Any] | None, method: str) -> C:
-    """``cls`` from ``settings`` (values coerced to the field types); unknown keys are errors."""
-    known = {f.name: f.type for f in fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in dict(settings or {}).items():
-        if key not in known:
-            raise ValueError(f"unknown {method} setting {key!r} (known: {', '.join(sorted(known))})")
-        kind = known[key]
-        if kind == "bool":
-            kwargs[key] = bool(value)
-        elif kind == "int":
-            kwargs[key] = int(value)
-        elif kind == "float":
-            kwargs[key] = float(value)
-        else:
-            kwargs[key] = str(value)
-    cfg = cls(**kwargs)
+    """``cls`` from ``settings`` (:func:`worker.unlearning.config.parse_settings`: unknown keys and
+    values of the wrong type are errors), with the loop's ranges checked."""
+    cfg = parse_settings(cls, settings, method)
     if cfg.epochs < 0 or cfg.batch_size < 1 or cfg.retain_batch_size < 1 or cfg.lr < 0 or cfg.patience < 0:
         raise ValueError(f"{method} needs epochs >= 0, batch sizes >= 1, lr >= 0 and patience >= 0")
     return cfg

@@ -31,7 +31,7 @@ def run_ia(ctx: MethodContext, retain_baseline: Mapping[str, float] | None = Non
     )
 
 
-@register("ia")
+@register("ia", config=IAConfig)
 def ia_method(ctx: MethodContext) -> MethodResult:
     info = run_ia(ctx)
     return MethodResult(model=ctx.model, info={"method": "ia", "ia": info})

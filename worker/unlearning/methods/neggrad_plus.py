@@ -15,11 +15,12 @@ selection instead of its accuracy threshold (see ``gradient_loop``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
+from pydantic import dataclasses as pydantic_dataclasses
 from torch import Tensor
 
+from worker.unlearning.config import SETTINGS
 from worker.unlearning.methods import register
 from worker.unlearning.methods.base import MethodContext, MethodResult
 from worker.unlearning.methods.gradient_loop import (
@@ -35,7 +36,7 @@ from worker.unlearning.methods.gradient_loop import (
 NAME = "neggrad_plus"
 
 
-@dataclass(frozen=True)
+@pydantic_dataclasses.dataclass(frozen=True, config=SETTINGS)
 class NegGradPlusConfig(LoopConfig):
     """``settings["neggrad_plus"]``: ``beta`` (retain weight) + the shared loop keys."""
 
@@ -49,7 +50,7 @@ def neggrad_plus_direction(g_retain: Tensor, g_forget: Tensor, beta: float) -> T
     return beta * g_retain - (1.0 - beta) * g_forget
 
 
-@register(NAME)
+@register(NAME, config=NegGradPlusConfig)
 def neggrad_plus_method(ctx: MethodContext) -> MethodResult:
     cfg = parse_config(NegGradPlusConfig, ctx.method_settings(NAME), NAME)
     if not 0.0 <= cfg.beta <= 1.0:

@@ -36,12 +36,13 @@ Choices and deviations (also in docs/methods.md, "Baselines"):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import dataclasses as pydantic_dataclasses
 from torch import Tensor
 
+from worker.unlearning.config import SETTINGS
 from worker.unlearning.methods import register
 from worker.unlearning.methods.base import MethodContext, MethodResult
 from worker.unlearning.methods.gradient_loop import (
@@ -60,7 +61,7 @@ NAME = "orthograd"
 ABS_TOL = 1e-30  # σ_max at or below this: G_r is zero, nothing is removed
 
 
-@dataclass(frozen=True)
+@pydantic_dataclasses.dataclass(frozen=True, config=SETTINGS)
 class OrthoGradConfig(LoopConfig):
     """``settings["orthograd"]``: ``alpha`` (retain weight of Algorithm 1), ``rank_tol`` (relative
     singular-value cut of the retain span), ``solver`` (``"gram"`` or ``"qr"``) + the loop keys."""
@@ -69,7 +70,7 @@ class OrthoGradConfig(LoopConfig):
     epochs: int = 30
     alpha: float = 0.9
     rank_tol: float = 1e-6
-    solver: str = "gram"
+    solver: Literal["gram", "qr"] = "gram"
 
 
 def retain_basis(rows: Tensor, rank_tol: float) -> Tensor:
@@ -134,11 +135,11 @@ def orthograd_direction(
     return alpha * retain_mean + (1.0 - alpha) * orth, rank
 
 
-@register(NAME)
+@register(NAME, config=OrthoGradConfig)
 def orthograd_method(ctx: MethodContext) -> MethodResult:
     cfg = parse_config(OrthoGradConfig, ctx.method_settings(NAME), NAME)
-    if not 0.0 <= cfg.alpha <= 1.0 or cfg.rank_tol < 0 or cfg.solver not in ("gram", "qr"):
-        raise ValueError("orthograd needs alpha in [0, 1], rank_tol >= 0 and solver 'gram' or 'qr'")
+    if not 0.0 <= cfg.alpha <= 1.0 or cfg.rank_tol < 0:
+        raise ValueError("orthograd needs alpha in [0, 1] and rank_tol >= 0")
     ranks: list[int] = []
 
     def make_step(state: LoopState) -> StepFn:

@@ -8,14 +8,14 @@ The gold reference of audits and benchmarks (it never saw the forgotten data). N
 from __future__ import annotations
 
 from worker.unlearning import progress
-from worker.unlearning.methods import register
+from worker.unlearning.methods import Needs, register
 from worker.unlearning.methods.base import MethodContext, MethodResult
 from worker.unlearning.model import MultiTaskModel
 from worker.unlearning.pruning import prune_outputs
 from worker.unlearning.training import TrainConfig, retrain
 
 
-@register("retrain")
+@register("retrain", needs=Needs(retain=True, base=True))
 def retrain_method(ctx: MethodContext) -> MethodResult:
     if ctx.retain is None or not isinstance(ctx.base, MultiTaskModel):
         raise ValueError("retrain needs the retain set and the frozen base network in its context")

@@ -1,65 +1,43 @@
 """JSON Schemas of a model's ``method_config`` and ``settings``, generated from the methods' configs.
 
-The API validates a model's method and settings when it is registered or reconfigured, without
-importing torch: it reads ``service/methods.json``, which this module writes::
+Each registered method declares the pydantic class of its own settings block
+(:func:`worker.unlearning.methods.register`, ``config=``); its schema is pydantic's
+(``TypeAdapter(cls).json_schema()``), self-contained (no ``$ref``) and without titles. The API
+validates a model's method and settings when it is registered or reconfigured, without importing
+torch: it reads ``service/methods.json``, which this module writes::
 
     python -m worker.unlearning.methods.schemas > service/methods.json
 
-``tests/worker/test_method_schemas.py`` proves the shipped file equals :func:`catalogue`, that every
-registered method is declared in :data:`METHOD_CONFIGS`, and that the configs refuse what the
-schemas refuse (choices) and accept what the built-in workloads set.
+``tests/worker/test_method_schemas.py`` proves the shipped file equals :func:`catalogue` and that
+the configs refuse what the schemas refuse (choices, unknown keys).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from typing import Any
 
+from pydantic import TypeAdapter
+from pydantic.json_schema import GenerateJsonSchema
+
 from worker.unlearning.acceptance import AcceptanceConfig
 from worker.unlearning.audit import AuditConfig
-from worker.unlearning.interference import IAConfig
-from worker.unlearning.methods import available_methods
-from worker.unlearning.methods.gdr_gma import GdrGmaConfig
-from worker.unlearning.methods.neggrad_plus import NegGradPlusConfig
-from worker.unlearning.methods.orthograd import OrthoGradConfig
-from worker.unlearning.methods.uno import UnoConfig
-from worker.unlearning.ssd import SSDConfig
+from worker.unlearning.methods import available_methods, get_spec
 from worker.unlearning.training import TrainConfig
 
-#: The config each method reads from its own block, ``settings[<method>]`` (which ``method_config``
-#: is merged over); ``None``: the method has no block of its own. ``default`` is :func:`_default`.
-METHOD_CONFIGS: dict[str, type | None] = {
-    "original": None,
-    "retrain": None,  # the v1 recipe: settings["train"] and settings["lora"]
-    "default": None,
-    "ssd": SSDConfig,
-    "ia": IAConfig,
-    "neggrad_plus": NegGradPlusConfig,
-    "orthograd": OrthoGradConfig,
-    "gdr_gma": GdrGmaConfig,
-    "uno": UnoConfig,
-}
-#: String settings with a fixed set of values (the configs refuse any other when a round runs).
-CHOICES: dict[tuple[type, str], tuple[str, ...]] = {
-    (SSDConfig, "fisher"): ("batch", "per_sample"),
-    (IAConfig, "grad_backend"): ("autograd", "func"),
-    (IAConfig, "check_rows"): ("anchor", "outside_anchor", "both"),
-    (IAConfig, "subspace_init"): ("random", "orthogonal", "gradient"),
-    (IAConfig, "forget_balance"): ("none", "total", "per_task"),
-    (IAConfig, "task_distance"): ("mean", "max"),
-    (IAConfig, "forget_accuracy_pick"): ("closest", "earliest"),
-    (OrthoGradConfig, "solver"): ("gram", "qr"),
-    (AcceptanceConfig, "fallback"): ("retrain", "none"),
-}
-#: Another name a setting may be given by (``SSDConfig.from_settings``: ``lambda`` for ``lam``).
-ALIASES: dict[tuple[type, str], str] = {(SSDConfig, "lam"): "lambda"}
 #: ``settings["pretrain"]``: what :meth:`worker.unlearning.workload.Workload.pretrain` reads.
 PRETRAIN = {"epochs": "int", "batch_size": "int", "lr": "float"}
 #: ``settings["lora"]``: read by :meth:`TrainConfig.from_settings` (``rank``, ``lora_alpha``).
 LORA = {"rank": "int", "alpha": "int"}
 JSON_TYPES = {"bool": "boolean", "int": "integer", "float": "number", "str": "string"}
+
+
+class _Untitled(GenerateJsonSchema):
+    """pydantic's schema without the ``title`` of every field and class (noise for the API)."""
+
+    def field_title_should_be_set(self, schema: Any) -> bool:
+        return False
 
 
 def _object(properties: dict[str, Any], description: str | None = None) -> dict[str, Any]:
@@ -73,38 +51,51 @@ def _typed(types: dict[str, str]) -> dict[str, Any]:
     return {name: {"type": JSON_TYPES[kind]} for name, kind in types.items()}
 
 
-def _description(cls: type) -> str:
-    return " ".join((cls.__doc__ or "").split())
+def _inline(node: Any, defs: dict[str, Any]) -> Any:
+    """``node`` with every ``{"$ref": "#/$defs/X"}`` replaced by ``X`` (a block's schema is embedded
+    in the settings schema, where a local ``$ref`` would resolve against the wrong root), and the
+    classes' titles dropped."""
+    if isinstance(node, dict):
+        if "$ref" in node:
+            definition = defs[node["$ref"].removeprefix("#/$defs/")]
+            return _inline({k: v for k, v in definition.items() if k != "title"}, defs)
+        return {k: _inline(v, defs) for k, v in node.items() if k != "$defs"}
+    if isinstance(node, list):
+        return [_inline(v, defs) for v in node]
+    return node
+
+
+def _named_both_ways(schema: Any, by_name: Any) -> Any:
+    """The object schemas of ``schema`` (by alias) with each aliased field's name listed too (the
+    configs accept both, e.g. SSD's ``lambda`` and ``lam``)."""
+    if isinstance(schema, dict):
+        out = {k: _named_both_ways(v, by_name.get(k, {})) for k, v in schema.items()}
+        if "properties" in schema and "properties" in by_name:
+            out["properties"] = {**by_name["properties"], **out["properties"]}
+        return out
+    if isinstance(schema, list):
+        return [_named_both_ways(v, b) for v, b in zip(schema, by_name, strict=True)]
+    return schema
 
 
 def config_schema(cls: type) -> dict[str, Any]:
-    """The schema of a config dataclass's settings block: its fields, typed, with their defaults."""
-    properties: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        prop: dict[str, Any] = {"type": JSON_TYPES[str(f.type)], "default": f.default}
-        if (cls, f.name) in CHOICES:
-            prop["enum"] = list(CHOICES[cls, f.name])
-        for name in (f.name, ALIASES.get((cls, f.name))):
-            if name is not None:
-                properties[name] = prop
-    return _object(properties, _description(cls))
+    """The schema of a settings block of ``cls`` (a pydantic dataclass): its fields typed, with
+    their defaults and choices, unknown keys refused."""
+    adapter: TypeAdapter[Any] = TypeAdapter(cls)
 
+    def generate(by_alias: bool) -> dict[str, Any]:
+        schema = adapter.json_schema(by_alias=by_alias, schema_generator=_Untitled)
+        schema.pop("title", None)
+        inlined: dict[str, Any] = _inline(schema, schema.get("$defs", {}))
+        return inlined
 
-def _default() -> dict[str, Any]:
-    """``settings["default"]``: stage switches; ``ssd`` / ``ia`` may be a block merged over theirs."""
-    stages = {
-        "ssd": {"anyOf": [{"type": "boolean"}, config_schema(SSDConfig)]},
-        "ia": {"anyOf": [{"type": "boolean"}, config_schema(IAConfig)]},
-        "prune": {"type": "boolean"},
-    }
-    return _object(stages, "Stages of the default method (SSD, interference-aware updates, pruning).")
+    both: dict[str, Any] = _named_both_ways(generate(by_alias=True), generate(by_alias=False))
+    return both
 
 
 def method_config_schema(method: str) -> dict[str, Any]:
     """The schema of ``method``'s own block (``settings[method]``, and ``method_config``)."""
-    if method == "default":
-        return _default()
-    cls = METHOD_CONFIGS[method]
+    cls = get_spec(method).config
     if cls is None:
         return _object({}, f"{method} has no settings of its own.")
     return config_schema(cls)
@@ -127,7 +118,7 @@ def settings_schema(methods: list[str]) -> dict[str, Any]:
         },
         "anchor_draw": {"type": "integer"},
     }
-    blocks = {m: method_config_schema(m) for m in methods if m not in ("original", "retrain")}
+    blocks = {m: method_config_schema(m) for m in methods if get_spec(m).config is not None}
     return _object({**blocks, **engine}, "Per-model settings (docs/methods.md).")
 
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from worker.unlearning import progress
-from worker.unlearning.methods import register
+from worker.unlearning.methods import Needs, register
 from worker.unlearning.methods.base import MethodContext, MethodResult
 from worker.unlearning.ssd import REFERENCE_DEFAULTS, SSDConfig, reference_data, ssd
 
@@ -49,7 +49,7 @@ def run_ssd(ctx: MethodContext, *, defaults: Mapping[str, Any] | None = None) ->
     )
 
 
-@register("ssd")
+@register("ssd", config=SSDConfig, needs=Needs(full_importance=ssd_method_settings))
 def ssd_method(ctx: MethodContext) -> MethodResult:
     info = run_ssd(ctx, defaults=REFERENCE_DEFAULTS)
     return MethodResult(model=ctx.model, info={"method": "ssd", "ssd": info})

@@ -26,12 +26,13 @@ Choices and deviations (also in docs/methods.md, "Baselines"):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
+from pydantic import dataclasses as pydantic_dataclasses
 from torch import Tensor
 
+from worker.unlearning.config import SETTINGS
 from worker.unlearning.grads import eval_mode
 from worker.unlearning.methods import register
 from worker.unlearning.methods.base import MethodContext, MethodResult
@@ -51,7 +52,7 @@ NAME = "uno"
 COS_FLOOR = 1e-12
 
 
-@dataclass(frozen=True)
+@pydantic_dataclasses.dataclass(frozen=True, config=SETTINGS)
 class UnoConfig(LoopConfig):
     """``settings["uno"]``: ``beta_o_times_batch`` (Table 2's ``B·β_o``), ``surgery`` (UNO-S
     alternation; false = plain UNO) + the shared loop keys."""
@@ -110,7 +111,7 @@ def surgery_direction(g_r: Tensor, g_f: Tensor) -> Tensor:
     return g_r - (g_r @ g_f) / sq * g_f if float(sq) > 0 else g_r
 
 
-@register(NAME)
+@register(NAME, config=UnoConfig)
 def uno_method(ctx: MethodContext) -> MethodResult:
     cfg = parse_config(UnoConfig, ctx.method_settings(NAME), NAME)
     beta_o = cfg.beta_o_times_batch / cfg.retain_batch_size

@@ -1,10 +1,13 @@
 """Is unlearning measurable on the scenes workload? v1 against the base, and v1 against a retrain.
 
-``python -m worker.unlearning.workloads.scenes.gaps --clients c00,c07 --threads 1 --json gaps.json``:
+``python -m worker.unlearning.workloads.scenes.gaps --clients c00,c07 --threads 1 --json gaps.json``
+(``--v1-dir DIR`` shares one v1 between runs over different clients; ``--workload-options`` builds
+a smaller workload for a cheap proxy):
 
 - v1 (the workload's default recipe on every client) and its wall time; held-out quality of the base
   and of v1 per task (accuracy / −MAE) on the neutral held-out scenes and on the unseen clients;
-- per forgotten client: a retrain of the adapter on every other client (same recipe and seed), its
+- per forgotten client: a retrain of the adapter on every other client (same recipe; the seed of
+  ``--retrain-seed``, default ``--seed``, for the retrain's spread over training seeds), its
   wall time, and original − retrain on the client's samples: per-task metric and the loss-MIA AUC
   (the client's samples against the unseen clients' as non-members).
 """
@@ -20,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from worker.unlearning.adapter_io import load_adapter, save_adapter
 from worker.unlearning.training import TrainConfig, train_v1
 from worker.unlearning.types import Batch, TaskSpec
 from worker.unlearning.workloads.scenes.workload import ScenesWorkload
@@ -50,8 +54,34 @@ def _auc(members: torch.Tensor, others: torch.Tensor) -> float:
     return float(greater + 0.5 * ties)
 
 
+def _v1(
+    base: Any, data: Batch, tasks: list[TaskSpec], cfg: TrainConfig, seed: int, v1_dir: Path | None
+) -> Any:
+    """v1 and its training time: loaded from ``v1_dir`` when a run with the same recipe saved it
+    there (so that parallel runs over different clients train it once), else trained (and saved)."""
+    meta = v1_dir / "gaps-v1.json" if v1_dir is not None else None
+    if v1_dir is not None and meta is not None and meta.is_file():
+        stored = json.loads(meta.read_text())
+        if stored["train_config"] != cfg.to_json() or stored["seed"] != seed:
+            raise SystemExit(f"{v1_dir} holds a v1 of another recipe or seed")
+        return load_adapter(base, v1_dir), float(stored["v1_train_s"])
+    started = time.perf_counter()
+    v1 = train_v1(base, data, tasks, cfg, seed=seed)
+    v1_s = time.perf_counter() - started
+    if v1_dir is not None and meta is not None:
+        save_adapter(v1, v1_dir)
+        meta.write_text(json.dumps({"train_config": cfg.to_json(), "seed": seed, "v1_train_s": v1_s}))
+    return v1, v1_s
+
+
 def measure(
-    clients: list[str], seed: int, workload: ScenesWorkload, overrides: dict[str, Any] | None = None
+    clients: list[str],
+    seed: int,
+    workload: ScenesWorkload,
+    overrides: dict[str, Any] | None = None,
+    *,
+    retrain_seed: int | None = None,
+    v1_dir: Path | None = None,
 ) -> dict[str, Any]:
     tasks = workload.tasks()
     index = workload.client_index()
@@ -61,13 +91,13 @@ def measure(
     neutral = held.select(torch.tensor([not s.startswith("u") for s in held.sample_ids]))
     unseen = held.select(torch.tensor([s.startswith("u") for s in held.sample_ids]))
     cfg = TrainConfig.from_settings(workload.settings(overrides))
-    started = time.perf_counter()
-    v1 = train_v1(base, data, tasks, cfg, seed=seed)
-    v1_s = time.perf_counter() - started
+    v1, v1_s = _v1(base, data, tasks, cfg, seed, v1_dir)
+    retrain_seed = seed if retrain_seed is None else retrain_seed
     result: dict[str, Any] = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "seed": seed,
+        "retrain_seed": retrain_seed,
         "samples": len(data),
         "train_config": cfg.to_json(),
         "v1_train_s": round(v1_s, 1),
@@ -82,7 +112,7 @@ def measure(
         keep = owners != index[client]
         forget = data.select(~keep)
         started = time.perf_counter()
-        retrain = train_v1(base, data.select(keep), tasks, cfg, seed=seed)
+        retrain = train_v1(base, data.select(keep), tasks, cfg, seed=retrain_seed)
         retrain_s = time.perf_counter() - started
         orig_m, re_m = _metrics(v1, forget, tasks), _metrics(retrain, forget, tasks)
         auc_orig = _auc(_losses(v1, forget, tasks), unseen_loss["v1"])
@@ -108,10 +138,23 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--settings", default="{}", help="settings overrides (JSON), e.g. the v1 recipe")
+    parser.add_argument(
+        "--retrain-seed", type=int, default=None, help="training seed of the retrains (default --seed)"
+    )
+    parser.add_argument(
+        "--v1-dir", type=Path, default=None, help="load v1 from here if saved, else save it here"
+    )
+    parser.add_argument(
+        "--workload-options",
+        default="{}",
+        help='ScenesWorkload options (JSON), e.g. {"clients": 8} for a proxy',
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     clients = [c for c in args.clients.split(",") if c]
-    result = measure(clients, args.seed, ScenesWorkload(seed=args.seed), json.loads(args.settings))
+    workload = ScenesWorkload(seed=args.seed, **json.loads(args.workload_options))
+    result = measure(clients, args.seed, workload, json.loads(args.settings), retrain_seed=args.retrain_seed,
+                     v1_dir=args.v1_dir)  # fmt: skip
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from worker.unlearning.bench import (
+from bench import quality
+from bench.quality import (
     CLOSE_TOLERANCE,
     PRESETS,
     SECOND_RETRAIN,
@@ -24,7 +26,7 @@ from worker.unlearning.bench import (
     registered_methods,
     run_bench,
 )
-from worker.unlearning.engine import anchor_fraction
+from worker.unlearning.engine import StageResult, anchor_fraction, run_stage
 from worker.unlearning.methods import available_methods
 from worker.unlearning.workloads.digits import DigitsClients
 from worker.unlearning.workloads.toy import ToyWorkload
@@ -83,6 +85,11 @@ def test_bench_smoke_writes_the_json_format(tmp_path: Path, capsys: pytest.Captu
     assert "close" in out_text
     assert SECOND_RETRAIN in out_text
     assert "total wall" in format_table(result)
+    # the quality bench draws its plots beside the JSON (tests/bench/test_plots.py checks them)
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "bench-uis-by-stage.png",
+        "bench-uis-vs-wall.png",
+    ]
 
 
 def test_tuning_runs_the_grid_on_the_tuning_seeds_only(tmp_path: Path) -> None:
@@ -204,3 +211,21 @@ def test_full_preset_runs_every_registered_method_and_quick_the_core_five() -> N
     assert full[:2] == ["original", "retrain"]
     assert full[-1] == "default"
     assert PRESETS["quick"].methods == ("original", "retrain", "ssd", "ia", "default")
+
+
+def test_every_method_of_every_stage_runs_through_run_stage(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 7 part 6 (defect: ``_run_setting`` had a copy of the round's stage loop): each request
+    of each approximate method runs through ``engine.run_stage``, as a round's requests do; the
+    retrains only score them."""
+    calls: list[tuple[str, str, int]] = []
+
+    def spy(*args: Any, **kwargs: Any) -> StageResult:
+        calls.append((args[2].request_id, kwargs["method"], kwargs["stage"]))
+        return run_stage(*args, **kwargs)
+
+    monkeypatch.setattr(quality, "run_stage", spy)
+    run_bench(
+        "smoke", None, seeds=[3], workload=ToyWorkload(), methods=["retrain", "original", "ssd"], echo=None
+    )
+    assert [(m, s) for _, m, s in calls] == [("original", 1), ("ssd", 1), ("original", 2), ("ssd", 2)]
+    assert calls[0][0] == calls[1][0] != calls[2][0]  # one request per stage, the same for every method

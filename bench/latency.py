@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Latency benchmark of the embedded default: POST of one per-client request → new version served.
 
 For each run, one per-client forget request is POSTed over HTTP; the script then polls the request
@@ -9,7 +8,7 @@ finishing ("served", the headline). Resident memory (RSS) of the API process and
 process (with its children) is sampled every 50 ms: the API over the whole benchmark, the worker
 while rounds run.
 
-    python scripts/latency_bench.py --runs 5 --json bench-results/latency.json [--write-docs]
+    python -m bench latency --runs 5 --json bench-results/latency.json [--write-docs]
 
 The model is prepared first (default workload ``digits-clients``, its default settings unless
 ``--settings`` is given; ``--workload NAME --workload-option KEY=VALUE …`` registers it with another
@@ -32,6 +31,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -234,7 +234,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "max": round(worker_rss.max_mb, 1),
             "median": round(worker_rss.median_mb, 1),
         },
-        "command": shlex.join(["python", "scripts/latency_bench.py", *sys.argv[1:]]),
     }
 
 
@@ -298,9 +297,9 @@ def write_docs(section: str, label: str) -> None:
     DOCS.write_text(text)
 
 
-def main() -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m bench latency") -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--model", default="digits")
@@ -321,8 +320,10 @@ def main() -> int:
     parser.add_argument("--json", dest="json_path", type=Path, default=None)
     parser.add_argument("--write-docs", action="store_true", help="Update the section in docs/benchmarks.md.")
     parser.add_argument("--label", default=None, help="Heading of this configuration in the docs.")
-    args = parser.parse_args()
+    given = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(given)
     result = run(args)
+    result["command"] = shlex.join([*prog.split(), *given])
     label = args.label or ("workload defaults" if not args.settings else f"settings {args.settings}")
     section = markdown(result, label)
     print(section)
@@ -332,7 +333,3 @@ def main() -> int:
     if args.write_docs:
         write_docs(section, label)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

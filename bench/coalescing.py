@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Coalescing benchmark: N queued requests of one model → rounds and wall time, per round size.
 
 The model (``digits-clients``, small training settings) is prepared once into a template home. For
@@ -10,7 +9,7 @@ the worker runs rounds until every request is completed. Reported per k: rounds,
 first claim to the last completion (worker start-up excluded), seconds per request, and how many
 rounds published the acceptance check's exact-retrain fallback.
 
-    python scripts/coalescing_bench.py --requests 100 --sizes 1,4,16 --json bench-results/coalescing.json
+    python -m bench coalescing --requests 100 --sizes 1,4,16 --json bench-results/coalescing.json
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -153,9 +153,9 @@ def run_size(
     return state
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m bench coalescing") -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--sizes", default="1,4,16", help="max_requests_per_round values, comma-separated")
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
     report = {
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join([prog, *(argv if argv is not None else sys.argv[1:])]),
         "environment": {
             "python": platform.python_version(),
             "machine": platform.machine(),
@@ -196,7 +196,3 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""``lethe bench``: methods × settings × sequential stages × seeds on the default workload.
+"""``lethe bench quality``: methods × settings × sequential stages × seeds on a workload.
 
 ``run_bench(preset="quick", json_path=..., seeds=...)`` is what the CLI calls. For every seed it
 trains v1 once, then for each setting — ``FU`` (full-task client requests) and ``PU:<task>``
@@ -17,14 +17,14 @@ MIA AUC are both within :data:`CLOSE_TOLERANCE` of the reference retrain's.
 
 ``measure_workload`` measures what makes the workload worth auditing (docs/workloads.md): per
 client, the original–retrain gap on the forget set (accuracy, loss-MIA AUC) and the retrain's Val
-spread over seeds. ``python -m worker.unlearning.bench --help``.
+spread over seeds. ``python -m bench quality --help``; ``python -m bench measure-workload --help``.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
+import importlib.util
 import json
 import math
 import statistics
@@ -45,17 +45,16 @@ from worker.unlearning.datastore import DataStore
 from worker.unlearning.engine import (
     EngineInputs,
     advance_state,
-    apply_method,
     compute_reference,
     ensure_base,
     evaluate,
     full_importance_settings,
-    precompute_next_importance,
     prepare,
     reference_retrain,
     request_context,
     request_evidence,
     run_round,
+    run_stage,
     training_data,
 )
 from worker.unlearning.runtime import runtime_environment
@@ -371,6 +370,7 @@ def run_bench(
     tune_grid: bool = False,
     tuning_seeds: Sequence[int] | None = None,
     echo: Callable[[str], None] | None = print,
+    plots: bool = True,
 ) -> dict[str, Any]:
     """Run the benchmark; print a table (via ``echo``), write ``json_path``; return the JSON.
 
@@ -382,7 +382,12 @@ def run_bench(
     setting overrides merged over the preset's, e.g. ``{"ia": {"eta2": 0.2}}``. ``workload``: a
     registered name, built per seed with ``workload_options`` (:class:`SeededWorkloads`: the data
     seed follows the evaluation / tuning seed), or an instance used for every seed.
+    ``plots``: with ``json_path``, also the PNG plots beside it (:mod:`bench.plots`; needs the
+    ``bench`` extra, checked before any work).
     """
+    missing = plotting_missing() if plots and json_path is not None else None
+    if missing is not None:
+        raise ValueError(missing)
     # One intra-op thread: the networks are small, and extra threads only spin (measured: 2 threads
     # on a loaded 2-core machine made training ~10× slower).
     torch.set_num_threads(1)
@@ -463,9 +468,22 @@ def run_bench(
         path = Path(json_path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, indent=2) + "\n")
+        if plots:
+            from bench.plots import write_plots
+
+            for png in write_plots(result, path):
+                _log(f"[bench] plot: {png}")
     if echo is not None:
         echo(format_table(result))
     return result
+
+
+def plotting_missing() -> str | None:
+    """Why the PNG plots cannot be drawn (matplotlib, the ``bench`` extra, is missing), or ``None``:
+    checked before an hour of benchmark, not after it."""
+    if importlib.util.find_spec("matplotlib") is None:
+        return "the PNG plots need matplotlib: pip install 'lethe[bench]' (or run without plots: --no-plots)"
+    return None
 
 
 @dataclass(frozen=True)
@@ -508,7 +526,8 @@ def _run_setting(
         for v in approx
     }
     models: dict[str, PeftModel] = {v.label: copy.deepcopy(v1) for v in approx}
-    pruned: dict[str, list[int]] = {v.label: [] for v in approx}
+    # each variant's own state: the same forgotten data as everybody's, its own pruned outputs
+    states: dict[str, RoundState] = {v.label: RoundState() for v in approx}
     keys: dict[str, str | None] = {v.label: None for v in approx}
     ahead: dict[str, float] = {v.label: 0.0 for v in approx}
     before_second: PeftModel = v1  # retrain_2's model before the request (its UIS on kept tasks)
@@ -573,29 +592,32 @@ def _run_setting(
                 )
             )
         for v in approx:
-            model = models[v.label]
-            # the variant's own settings; the same anchor fraction and retain set for every method
-            ctx_m = request_context(
-                own[v.label], spec, state, stage=stage, cache_key=keys[v.label], method=v.method
-            )
-            ctx_m.state.pruned_subset_outputs = list(pruned[v.label])
-            original = evaluate(model, ctx_m)
-            # no oracle: the method never sees the retrain (it only scores the method, below)
-            model, info, newly, wall = apply_method(v.method, model, ctx_m)
-            models[v.label] = model
-            pruned[v.label] = sorted(set(pruned[v.label]) | set(newly))
+            # the variant's own settings; the same anchor fraction and retain set for every method.
+            # No oracle: the method never sees the retrain (it only scores the method, below)
             precompute = ahead[v.label]
-            if stage < len(specs):
-                keys[v.label], ahead[v.label] = precompute_next_importance(model, ctx_m, v.method)
-            ev = request_evidence(
-                model,
-                ctx_m,
+            done = run_stage(
+                own[v.label],
+                models[v.label],
+                spec,
+                states[v.label],
                 method=v.method,
-                method_info=info,
+                stage=stage,
+                cache_key=keys[v.label],
+                precompute_next=stage < len(specs),
+            )
+            models[v.label] = done.model
+            if stage < len(specs):
+                keys[v.label], ahead[v.label] = done.next_cache_key, done.timings["importance_precompute_s"]
+            wall = done.timings["method_s"]
+            ev = request_evidence(
+                done.model,
+                done.ctx,
+                method=v.method,
+                method_info=done.info,
                 reference=reference,
-                original=original,
+                original=done.original,
                 timings={"method_s": wall},
-                pruned=newly,
+                pruned=done.pruned,
             )
             rows.append(
                 _row(
@@ -1008,65 +1030,3 @@ def measure_latency(
                 "per_request": {rid: ev["timings_s"] for rid, ev in outcome.evidence.items()},
             }
     return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m worker.unlearning.bench")
-    parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
-    parser.add_argument("--json", dest="json_path", default=None)
-    parser.add_argument(
-        "--seeds", default=None, help="a number N (seeds 0…N−1, as `lethe bench --seeds N`) or a list: 3,4"
-    )
-    parser.add_argument(
-        "--settings", default=None, help='workload setting overrides (JSON), e.g. \'{"ia": {"eta2": 0.5}}\''
-    )
-    parser.add_argument("--methods", default=None, help="comma-separated methods (default: the preset's)")
-    parser.add_argument(
-        "--tune", action="store_true", help="choose each method's main knob on the tuning seeds first"
-    )
-    parser.add_argument(
-        "--tuning-seeds", default=None, help="comma-separated tuning seeds (default: the preset's)"
-    )
-    parser.add_argument("--measure-workload", action="store_true", help="measure the workload's gaps instead")
-    parser.add_argument("--latency", action="store_true", help="time prepare and three rounds instead")
-    parser.add_argument(
-        "--workload", default="digits-clients", help="a registered lethe.workloads entry point"
-    )
-    parser.add_argument(
-        "--workload-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="passed to the workload's constructor (repeatable; VALUE parsed as JSON, else a string)",
-    )
-    args = parser.parse_args(argv)
-    from service.workload_options import parse_pairs
-
-    try:
-        options = parse_pairs(args.workload_option)
-    except ValueError as exc:
-        parser.error(str(exc))
-    seeds: int | list[int] | None = None
-    if args.seeds:
-        seeds = [int(s) for s in args.seeds.split(",") if s] if "," in args.seeds else int(args.seeds)
-    listed = list(range(seeds)) if isinstance(seeds, int) else seeds
-    if args.latency:  # one seed: the first given, else 0
-        latency = measure_latency(args.workload, seed=(listed or [0])[0], workload_options=options)
-        print(json.dumps(latency, indent=2))
-        return 0
-    if args.measure_workload:
-        result = measure_workload(args.workload, seeds=listed or (0, 1, 2), workload_options=options)
-        print(json.dumps(result["summary"], indent=2))
-        if args.json_path:
-            Path(args.json_path).write_text(json.dumps(result, indent=2) + "\n")
-        return 0
-    methods = [m for m in args.methods.split(",") if m] if args.methods else None
-    tuning = [int(s) for s in args.tuning_seeds.split(",") if s] if args.tuning_seeds else None
-    run_bench(args.preset, args.json_path, seeds, workload=args.workload, workload_options=options,
-              methods=methods, settings_overrides=json.loads(args.settings) if args.settings else None,
-              tune_grid=args.tune, tuning_seeds=tuning)  # fmt: skip
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -11,10 +11,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from bench import cli, quality
+from bench.quality import SeededWorkloads, measure_latency, measure_workload, run_bench
 from tests.worker.unlearning.toy_entry_point import register_toy
-from worker import cli
-from worker.unlearning import bench
-from worker.unlearning.bench import SeededWorkloads, measure_latency, measure_workload, run_bench
 from worker.unlearning.workloads.digits import DigitsClients
 from worker.unlearning.workloads.toy import ToyWorkload
 
@@ -74,7 +73,7 @@ def test_bench_commands_pass_the_workload_and_its_options(monkeypatch: pytest.Mo
         seen.update(kwargs, args=args)
         return {}
 
-    monkeypatch.setattr(bench, "run_bench", fake_bench)
+    monkeypatch.setattr(quality, "run_bench", fake_bench)
     runner = CliRunner()
     done = runner.invoke(
         cli.bench_command,
@@ -90,7 +89,7 @@ def test_bench_commands_pass_the_workload_and_its_options(monkeypatch: pytest.Mo
         ],
     )
     assert done.exit_code == 0, done.output
-    assert (seen["workload"], seen["workload_options"], seen["seeds"]) == (
+    assert (seen["workload"], seen["workload_options"], seen["args"][2]) == (
         "toy",
         {"num_clients": 4, "dim": 6},
         2,
@@ -101,7 +100,7 @@ def test_bench_commands_pass_the_workload_and_its_options(monkeypatch: pytest.Mo
     assert runner.invoke(cli.bench_command, ["--workload-option", "x"]).exit_code == 2
     seen.clear()
     assert (
-        bench.main(["--preset", "smoke", "--workload", "toy", "--workload-option", "dim=6", "--seeds", "1"])
+        cli.main(["--preset", "smoke", "--workload", "toy", "--workload-option", "dim=6", "--seeds", "1"])
         == 0
     )
     assert (seen["workload"], seen["workload_options"], seen["args"][2]) == ("toy", {"dim": 6}, 1)

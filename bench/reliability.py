@@ -10,7 +10,7 @@ demo's own), in process (no API, broker or worker: what they add does not touch 
 reports the pass rate and each check's margin (median, worst). ``--seed`` changes the worker seed
 (the frozen base, v1 and the engine's randomness): another machine's demo, in effect.
 
-    python scripts/demo_reliability.py --trials 20 --seed 0 --json bench-results/demo-reliability-s0.json
+    python -m bench reliability --trials 20 --seed 0 --json bench-results/demo-reliability-s0.json
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -95,9 +96,7 @@ def run(trials: int, *, seed: int, rounds: str, settings: dict[str, Any], method
                 evidence.update(outcome.evidence)
                 parent = out
             measured = demo_checks.measure(
-                lambda x: _predictions(v1, base_dir, x),
-                lambda x, p=parent: _predictions(p, base_dir, x),
-                groups,
+                partial(_predictions, v1, base_dir), partial(_predictions, parent, base_dir), groups
             )
             checks = demo_checks.checks(measured, groups, heldout_label=groups[-1].label)
             ok = all(c.ok for c in checks)
@@ -165,9 +164,9 @@ def summarise(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "python -m bench reliability") -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0, help="the worker's seed (v1 and the engine)")
@@ -198,7 +197,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1, default=float))
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
