@@ -8,6 +8,8 @@ not exist, patience counted epochs, the forget term was ``η2·∇_f^⊥`` only)
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -26,22 +28,19 @@ def test_patience_counts_optimiser_steps_and_never_stops_before_the_minimum() ->
     parts = partial_partitions()  # D_f: 6 rows; batch 2 → 3 steps an epoch
     heldout = ia_batch(10, 7, ["a", "b"])
     target = 1.0  # unreachable: the kept checkpoint stops changing once the AUC stops rising
-    base = {"lr": 5e-2, "epochs": 20, "batch_size": 2, "patience": 1}
-    short = interference_aware_unlearn(
-        ia_model(), tasks=TASKS, partitions=parts, heldout=heldout, cfg=IAConfig(**base), seed=0,
-        mia_target=target,
-    )  # fmt: skip
-    long = interference_aware_unlearn(
-        ia_model(), tasks=TASKS, partitions=parts, heldout=heldout, cfg=IAConfig(**base, min_steps=30),
-        seed=0, mia_target=target,
-    )  # fmt: skip
+    base: dict[str, object] = {"lr": 5e-2, "epochs": 20, "batch_size": 2, "patience": 1}
+
+    def run(settings: dict[str, object]) -> dict[str, Any]:
+        cfg = IAConfig.from_settings({**base, **settings})
+        return interference_aware_unlearn(
+            ia_model(), tasks=TASKS, partitions=parts, heldout=heldout, cfg=cfg, seed=0, mia_target=target
+        )
+
+    short, long = run({}), run({"min_steps": 30})
     assert short["steps"] < 30 <= long["steps"]
     assert long["steps"] % 3 == 0  # checkpoints after whole passes over D_f
     assert [h["steps"] for h in long["history"]] == [3 * e for e in range(len(long["history"]))]
-    capped = interference_aware_unlearn(
-        ia_model(), tasks=TASKS, partitions=parts, heldout=heldout,
-        cfg=IAConfig(**{**base, "patience": 0}, max_steps=7), seed=0,
-    )  # fmt: skip
+    capped = run({"patience": 0, "max_steps": 7})
     assert capped["steps"] == 7
 
 
