@@ -88,8 +88,11 @@ TUNING_GRIDS: dict[str, tuple[str, tuple[float, ...]]] = {
 PAPER_STEPS = {"uno": {"epochs": 530}}
 #: the grid values a committed ``--preset quick --tune`` run chose (docs/benchmarks.md, "A fair
 #: benchmark"); the quick preset uses them without tuning again. Chosen 1 Dec 2026 on seeds
-#: 100–102 (default's η2 = 1 is the grid's edge)
-TUNED_QUICK: dict[str, float] = {"ssd": 3.0, "ia": 3e-3, "default": 1.0}
+#: 100–102. ``default``'s choice then (η2 = 1) was dropped on 2 Dec 2026: η2 became the ratio of the
+#: balanced forget term's norm to the retain term's (docs/methods.md, "A stronger default"), so a
+#: value tuned as a plain weight no longer means the same; ``default`` runs its workload's settings
+#: until a new ``--tune`` run on the tuning seeds chooses again.
+TUNED_QUICK: dict[str, float] = {"ssd": 3.0, "ia": 3e-3}
 
 
 def registered_methods() -> list[str]:

@@ -133,7 +133,9 @@ def serve(host: str, port: int, run_migrations: bool | None, workers: int) -> No
         workers=workers,
         host=host,
         port=port,
-        log_level="info",
+        # uvicorn sets its own loggers' level (the access log's too) from this: follow --log-level,
+        # so that --log-level WARNING really has no access-log line per request
+        log_level=logging.getLogger().level,
         log_config=None,  # uvicorn's loggers (access log included) propagate to ours: one format
         access_log=True,
         proxy_headers=bool(trusted),

@@ -1,4 +1,4 @@
-"""Migration 0010e: events chained before it get their chain position ``seq = id`` and still verify."""
+"""Migration 0010: events chained before it get their chain position ``seq = id`` and still verify."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from tests.service.conftest import seed_ready_model
 BEFORE = "0009_workload_options"
 
 
-def _events_chained_before_0010e_keep_their_chain(url: str) -> None:
+def _events_chained_before_0010_keep_their_chain(url: str) -> None:
     config = migrate.alembic_config(url)
     command.upgrade(config, "head")
     engine = create_db_engine(url)
@@ -31,7 +31,7 @@ def _events_chained_before_0010e_keep_their_chain(url: str) -> None:
                 submission = lifecycle.Submission(model="digits", kind="client", client_id=client)
                 lifecycle.submit(session, submission, idempotency_key=client, api_key_id=None, actor="t")
         with transaction(sessions) as session:
-            assert events_repo.verify_chain(session).checked == 4  # chained, as before 0010e
+            assert events_repo.verify_chain(session).checked == 4  # chained, as before 0010
         command.downgrade(config, BEFORE)
         command.upgrade(config, "head")
         with sessions() as session:
@@ -43,12 +43,12 @@ def _events_chained_before_0010e_keep_their_chain(url: str) -> None:
         engine.dispose()
 
 
-def test_events_chained_before_0010e_keep_their_chain_sqlite(tmp_path: Path) -> None:
-    _events_chained_before_0010e_keep_their_chain(f"sqlite:///{tmp_path / 'lethe.db'}")
+def test_events_chained_before_0010_keep_their_chain_sqlite(tmp_path: Path) -> None:
+    _events_chained_before_0010_keep_their_chain(f"sqlite:///{tmp_path / 'lethe.db'}")
 
 
 @pytest.mark.postgres
-def test_events_chained_before_0010e_keep_their_chain_postgres(
+def test_events_chained_before_0010_keep_their_chain_postgres(
     make_postgres_database: Callable[[], str],
 ) -> None:
-    _events_chained_before_0010e_keep_their_chain(make_postgres_database())
+    _events_chained_before_0010_keep_their_chain(make_postgres_database())

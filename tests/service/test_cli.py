@@ -112,6 +112,31 @@ def test_serve_runs_the_api_on_the_embedded_default(home: Path) -> None:
             proc.stderr.close()
 
 
+def test_serve_log_level_warning_writes_no_access_log(home: Path) -> None:
+    """Issue 10 part 5 (failed before: ``lethe serve`` gave uvicorn ``log_level="info"``, which sets
+    the access logger to INFO whatever ``--log-level`` says, so the load test's Lethe wrote a log
+    line per request while the bare endpoint wrote none): ``--log-level WARNING`` means no
+    access-log lines."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    lethe = [sys.executable, "-c", "import sys; from service.cli import main; sys.argv[0] = 'lethe'; main()"]
+    env = {**os.environ, "LETHE_HOME": str(home)}
+    args = [*lethe, "--log-level", "WARNING", "serve", "--port", str(port)]
+    proc = subprocess.Popen(args, env=env, stderr=subprocess.PIPE)
+    try:
+        _wait_until_ready(proc, f"http://127.0.0.1:{port}", seconds=30)
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/admin/models").status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert proc.stderr is not None
+    logged = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert "/readyz" not in logged, logged
+    assert "/v1/admin/models" not in logged, logged
+
+
 def _bodies_transport(bodies: list[dict[str, object]]) -> httpx.MockTransport:
     """Answers GET /v1/forget-requests/<id> with ``bodies`` in turn (the last one repeated)."""
     served: list[dict[str, object]] = []

@@ -74,13 +74,19 @@ def _se(p: float, n: int, z: float) -> float:
     return math.sqrt(p_tilde * (1 - p_tilde) / n_tilde)
 
 
+def unseen_bound(unseen: float, n: int, z: float = FORGET_NOISE_Z) -> float:
+    """The forget check's bound: the unseen-data level plus ``z`` standard errors over ``n`` samples
+    (also the target of the interference-aware stage's early stopping, ``ia.forget_accuracy_z``)."""
+    return unseen + z * _se(unseen, n, z)
+
+
 def forget_check(
     what: str, before: float, after: float, n: int, unseen: float, z: float = FORGET_NOISE_Z
 ) -> Check:
     """The forgotten group's accuracy fell to the level of unseen data (``unseen`` + z SE over n)."""
     if n == 0 or math.isnan(before) or math.isnan(unseen):
         return Check(what, False, "no labelled samples to measure")
-    bound = unseen + z * _se(unseen, n, z)
+    bound = unseen_bound(unseen, n, z)
     detail = (
         f"{fmt(before)} → {fmt(after)}; unseen-data level {fmt(unseen)} + {z:g} SE (n={n}) = {fmt(bound)}"
     )

@@ -43,5 +43,5 @@ def parse_settings(cls: type[T], settings: Mapping[str, Any] | None, what: str) 
         return cls(**raw)
     except ValidationError as exc:
         error = exc.errors()[0]
-        key = ".".join(str(part) for part in error["loc"])
+        key = str(error["loc"][0]) if error["loc"] else "?"  # a block's key (not a union member's tag)
         raise ValueError(f"{what} setting {key!r}: {error['msg']} (got {error['input']!r})") from None

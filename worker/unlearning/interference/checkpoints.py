@@ -3,34 +3,61 @@
 After every epoch (a pass over D_f) the forget-vs-held-out loss-MIA AUC and the accuracy on the
 retain check rows are measured; the checkpoint whose AUC is closest to the target (the retrain
 reference's when given, else ``mia_target``, default 0.5) among those within the retain tolerance
-is kept — epoch 0, the model as given, included.
+is kept — epoch 0, the model as given, included. With ``ia.forget_accuracy_z`` the checkpoints
+whose forget-set accuracy is at the unseen-data level (the acceptance check's bound) come first.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from worker.unlearning.acceptance import unseen_bound
 from worker.unlearning.audit import mia_from_outputs, model_outputs
-from worker.unlearning.interference.retain import retain_accuracy, retain_drop
+from worker.unlearning.interference.retain import retain_accuracy, retain_drop, task_accuracy
 from worker.unlearning.lora import Forward
 from worker.unlearning.types import Batch, TaskSpec, cat_inputs, inputs_to
 
 
 def mia_distance(
-    aucs: Mapping[str, float], target: float | Mapping[str, float], default: float
+    aucs: Mapping[str, float], target: float | Mapping[str, float], default: float, how: str = "mean"
 ) -> float | None:
+    """The forgotten tasks' ``|AUC − target|`` combined by ``how``: ``"mean"`` or ``"max"``."""
     if not aucs:
         return None
     gaps = []
     for t, auc in aucs.items():
         goal = target.get(t, default) if isinstance(target, Mapping) else float(target)
         gaps.append(abs(auc - goal))
-    return float(sum(gaps) / len(gaps))
+    return float(max(gaps)) if how == "max" else float(sum(gaps) / len(gaps))
+
+
+def forget_excess(
+    forget_acc: Mapping[str, float], heldout_acc: Mapping[str, float], counts: Mapping[str, int], z: float
+) -> float | None:
+    """How far the worst forgotten task's forget-set accuracy is above the unseen-data level
+    (held-out accuracy + ``z`` standard errors over the forget set's n); ≤ 0: at the level."""
+    gaps = [
+        acc - unseen_bound(heldout_acc[t], counts[t], z)
+        for t, acc in forget_acc.items()
+        if t in heldout_acc and counts.get(t, 0) > 0
+    ]
+    return max(gaps, default=None)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One checkpoint's measurements (:class:`Monitor`)."""
+
+    aucs: dict[str, float]  # forgotten task → forget-vs-held-out loss-MIA AUC
+    accuracy: dict[str, float]  # retain check rows (:func:`retain_accuracy`)
+    forget_accuracy: dict[str, float]  # forgotten task → accuracy on D_f
+    heldout_accuracy: dict[str, float]  # forgotten task → accuracy on the held-out rows
 
 
 class Monitor:
@@ -53,29 +80,52 @@ class Monitor:
         self.forget_tasks, self.tasks = list(forget_tasks), list(tasks)
         self.inputs = inputs_to(cat_inputs([forget.inputs, heldout.inputs, check.inputs]), device)
         self.sizes = [len(forget), len(heldout), len(check)]
+        self.forget_counts = {
+            t.name: int(t.supervised(forget.labels[t.name]).sum())
+            for t in self.forget_tasks
+            if t.name in forget.labels
+        }
 
-    def __call__(self, model: nn.Module) -> tuple[dict[str, float], dict[str, float]]:
+    def __call__(self, model: nn.Module) -> Measured:
         out = model_outputs(model, self.inputs, forward=self.forward)
         parts = {k: torch.split(v, self.sizes) for k, v in out.items()}
         f_out, v_out, c_out = ({k: p[i] for k, p in parts.items()} for i in range(3))
-        aucs = mia_from_outputs(self.forget_tasks, f_out, self.forget, v_out, self.heldout)
-        return aucs, retain_accuracy(self.tasks, c_out, self.check, self.forget.sample_ids, self.anchor_ids)
+        return Measured(
+            aucs=mia_from_outputs(self.forget_tasks, f_out, self.forget, v_out, self.heldout),
+            accuracy=retain_accuracy(self.tasks, c_out, self.check, self.forget.sample_ids, self.anchor_ids),
+            forget_accuracy=task_accuracy(self.forget_tasks, f_out, self.forget),
+            heldout_accuracy=task_accuracy(self.forget_tasks, v_out, self.heldout),
+        )
 
 
-def select_checkpoint(history: Sequence[Mapping[str, Any]], tolerance: float) -> int:
+def select_checkpoint(history: Sequence[Mapping[str, Any]], tolerance: float, pick: str = "closest") -> int:
     """The index in ``history`` early stopping keeps: among the checkpoints whose ``retain_drop``
     is within ``tolerance``, the one whose MIA ``distance`` to the target is smallest (earliest on
-    ties); when none is within it, the one with the smallest drop. A checkpoint without a distance
-    ranks after those with one."""
+    ties) — among those whose ``forget_excess`` is ≤ 0 (forget-set accuracy at the unseen-data
+    level) when there are any, and with ``pick="earliest"`` the first of those; when none is
+    within the tolerance, the one with the smallest drop. A checkpoint without a distance ranks
+    after those with one."""
 
     def closeness(i: int) -> tuple[float, int]:
         d = history[i]["distance"]
         return (math.inf if d is None else float(d), i)
 
     within = [i for i, h in enumerate(history) if h["retain_drop"] <= tolerance + 1e-12]
+    forgotten = [
+        i
+        for i in within
+        if (history[i].get("forget_excess") is not None and history[i]["forget_excess"] <= 0)
+    ]
+    if forgotten:
+        return forgotten[0] if pick == "earliest" else min(forgotten, key=closeness)
     if within:
         return min(within, key=closeness)
     return min(range(len(history)), key=lambda i: (history[i]["retain_drop"], *closeness(i)))
+
+
+def _at_unseen_level(checkpoint: Mapping[str, Any]) -> bool:
+    excess = checkpoint.get("forget_excess")
+    return excess is not None and float(excess) <= 0
 
 
 class Checkpoints:
@@ -92,25 +142,39 @@ class Checkpoints:
         target: float | Mapping[str, float],
         default_target: float,
         retain_baseline: Mapping[str, float] | None,
+        task_distance: str = "mean",
+        forget_accuracy_z: float = 0.0,
+        kept_two_sided: bool = False,
     ) -> None:
         self.monitor, self.params = monitor, dict(params)
         self.target, self.default_target = target, default_target
+        self.task_distance, self.forget_accuracy_z = task_distance, forget_accuracy_z
+        self.kept_two_sided = kept_two_sided
         self.measure_baseline = retain_baseline is None
         self.baseline: dict[str, float] = dict(retain_baseline or {})
         self.history: list[dict[str, Any]] = []
         self.states: list[dict[str, Tensor]] = []
 
-    def record(self, model: nn.Module, epoch: int) -> None:
-        aucs, accuracy = self.monitor(model)
+    def record(self, model: nn.Module, epoch: int, steps: int = 0) -> None:
+        m = self.monitor(model)
         if not self.history and self.measure_baseline:
-            self.baseline.update(accuracy)
+            self.baseline.update(m.accuracy)
+        excess = None
+        if self.forget_accuracy_z > 0:
+            excess = forget_excess(
+                m.forget_accuracy, m.heldout_accuracy, self.monitor.forget_counts, self.forget_accuracy_z
+            )
         self.history.append(
             {
                 "epoch": epoch,
-                "mia_auc": aucs,
-                "distance": mia_distance(aucs, self.target, self.default_target),
-                "retain_accuracy": accuracy,
-                "retain_drop": retain_drop(accuracy, self.baseline),
+                "steps": steps,
+                "mia_auc": m.aucs,
+                "distance": mia_distance(m.aucs, self.target, self.default_target, self.task_distance),
+                "forget_accuracy": m.forget_accuracy,
+                "heldout_accuracy": m.heldout_accuracy,
+                "forget_excess": excess,
+                "retain_accuracy": m.accuracy,
+                "retain_drop": retain_drop(m.accuracy, self.baseline, kept_two_sided=self.kept_two_sided),
             }
         )
         self.states.append({n: p.detach().clone() for n, p in self.params.items()})

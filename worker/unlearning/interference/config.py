@@ -24,13 +24,19 @@ class IAConfig:
     # the mini-batch of each partition per iteration; AdamW's decoupled weight decay
     batch_size: int = 32
     weight_decay: float = 0.0
+    # deviation (docs/methods.md): Eq. 11's orthogonalised forget term rescaled every step —
+    # "none" (paper: η2·∇_f^⊥), "total" (‖forget term‖ = η2·‖retain term‖) or "per_task" (each
+    # forgotten task's ∇_f^⊥ to η2·‖retain term‖ / #forgotten tasks, so neither term vanishes and
+    # an easy task cannot drown a hard one)
+    forget_balance: Literal["none", "total", "per_task"] = "none"
     # Eqs. 9–10: ε, and the residual below which a retain gradient is dropped from the basis
     epsilon: float = 1e-12
     rank_tol: float = 1e-8
     # task subspaces (Eqs. 7–8)
     subspace_dim: int = 0  # 0: rank // number of involved tasks (at least 1)
-    # "random" (overlapping, the regulariser separates) | "orthogonal"
-    subspace_init: Literal["random", "orthogonal"] = "random"
+    # "random" (overlapping, the regulariser separates) | "orthogonal" (disjoint random) |
+    # "gradient" (disjoint, each task's from its own gradient's leading rank-space directions)
+    subspace_init: Literal["random", "orthogonal", "gradient"] = "random"
     subspace_lr: float = 0.1
     # the stages (the paper's Table 3 ablations) and the Eq. 10 variant
     projection: bool = True
@@ -43,7 +49,20 @@ class IAConfig:
     # early stopping: the checkpoint whose forget-vs-held-out MIA AUC is closest to the target
     early_stopping: bool = True
     mia_target: float = 0.5
-    patience: int = 0  # epochs without a change of the kept checkpoint before stopping; 0 = run all
+    # budgets in optimiser steps (checkpoints are still measured after every pass over D_f):
+    # patience = steps without a change of the kept checkpoint before stopping (0: run the budget);
+    # patience never stops a run before ``min_steps``; ``max_steps`` caps the run (0: ``epochs``)
+    patience: int = 0
+    min_steps: int = 0
+    max_steps: int = 0
+    # how the forgotten tasks' MIA distances to the target combine: "mean" | "max" (the worst task)
+    task_distance: Literal["mean", "max"] = "mean"
+    # early stopping prefers checkpoints whose every forgotten task's forget-set accuracy is at the
+    # unseen-data level: held-out accuracy + z standard errors over the forget set's n (the
+    # acceptance check's bound); 0 = off (the MIA distance alone, paper)
+    forget_accuracy_z: float = 0.0
+    # which of those: "closest" (MIA-closest to the target) | "earliest" (the least update)
+    forget_accuracy_pick: Literal["closest", "earliest"] = "closest"
     # deviation (docs/methods.md): early stopping only among the checkpoints whose accuracy on the
     # retain check rows dropped by at most this much from the pre-request model; 1 = off (paper)
     retain_tolerance: float = 1.0
@@ -53,12 +72,19 @@ class IAConfig:
     # that the update does not see, so a drop there is damage the retain term did not repair) or
     # "both" (each checked on its own)
     check_rows: Literal["anchor", "outside_anchor", "both"] = "anchor"
+    # X_f's kept tasks (a per-task request) must stay at their pre-request level: a *rise* beyond
+    # the tolerance counts like a drop (rising memorisation of the forgotten samples is a leak too)
+    kept_two_sided: bool = False
     # per-(partition, task) gradients: "autograd" (batched VJPs) | "func" (torch.func.jacrev)
     grad_backend: Literal["autograd", "func"] = "autograd"
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | None) -> IAConfig:
         cfg = parse_settings(cls, settings, "interference-aware")
+        if min(cfg.patience, cfg.min_steps, cfg.max_steps) < 0 or cfg.forget_accuracy_z < 0:
+            raise ValueError(
+                "interference-aware update needs patience, min_steps, max_steps, forget_accuracy_z >= 0"
+            )
         if cfg.epochs < 0 or cfg.batch_size < 1 or cfg.epsilon < 0:
             raise ValueError("interference-aware update needs epochs >= 0, batch_size >= 1, epsilon >= 0")
         if cfg.retain_tolerance < 0 or cfg.check_size < 0:

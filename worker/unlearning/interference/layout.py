@@ -92,6 +92,15 @@ class FlatLayout:
             out[n] = piece.reshape(shape)
         return out
 
+    def rank_space(self, flat: Tensor) -> Tensor:
+        """``[..., D]`` → ``[..., r, ΣK + ΣD]``: every A and B gradient as columns of the rank space
+        (A's rows and Bᵀ's rows), the side the task projectors act on; heads left out."""
+        lead = flat.shape[:-1]
+        a, b, _ = torch.split(flat, [self.n_a, self.n_b, self.n_h], dim=-1)
+        a = a.reshape(*lead, self.rank, -1)
+        b = b.reshape(*lead, -1, self.rank).transpose(-1, -2)
+        return torch.cat([a, b], dim=-1)
+
     def project(self, flat: Tensor, P: Tensor) -> Tensor:
         """Apply ``P_t`` to task ``t``'s row: ``flat`` is ``[..., T, D]``, ``P`` is ``[T, r, r]``.
 

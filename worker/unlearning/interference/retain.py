@@ -125,7 +125,14 @@ def anchor_ids_of(partitions: Partitions, cfg: IAConfig) -> list[str] | None:
     return list(partitions.anchor_sample_ids) if cfg.check_rows == "both" else None
 
 
-def retain_drop(accuracy: Mapping[str, float], baseline: Mapping[str, float]) -> float:
-    """The largest accuracy drop of any task from ``baseline`` (0 when nothing is comparable)."""
-    drops = [baseline[t] - a for t, a in accuracy.items() if t in baseline]
+def retain_drop(
+    accuracy: Mapping[str, float], baseline: Mapping[str, float], *, kept_two_sided: bool = False
+) -> float:
+    """The largest accuracy drop of any task from ``baseline`` (0 when nothing is comparable).
+    ``kept_two_sided``: on X_f's kept tasks (``"<task> (kept tasks of X_f)"``) a rise counts too."""
+    drops = [
+        abs(baseline[t] - a) if kept_two_sided and t.endswith(KEPT_OF_FORGOTTEN) else baseline[t] - a
+        for t, a in accuracy.items()
+        if t in baseline
+    ]
     return max(drops, default=0.0)

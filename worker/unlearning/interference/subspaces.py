@@ -34,6 +34,39 @@ def init_subspaces(num_tasks: int, rank: int, dim: int, *, seed: int, mode: str 
     return orthonormalize(torch.randn(num_tasks, rank, dim, generator=gen, dtype=torch.float64))
 
 
+def gradient_subspaces(rank_grads: Tensor, dim: int) -> Tensor:
+    """``[T, r, s]`` disjoint orthonormal bases, each task's spanning the leading directions of its
+    own gradient in the rank space (``rank_grads``: ``[T, r, m]``, :meth:`FlatLayout.rank_space`).
+
+    Round robin over the tasks, one direction at a time: task t takes the leading eigenvector of
+    its trace-normalised second moment ``M_t M_tᵀ`` restricted to the directions not yet taken, so
+    every task gets its most used directions and no two bases overlap (needs ``T·s ≤ r``). A task
+    whose gradient has no energy left takes the first remaining coordinate direction."""
+    T, r = int(rank_grads.shape[0]), int(rank_grads.shape[1])
+    if dim < 1 or T * dim > r:
+        raise ValueError("gradient subspaces need 1 <= dim and num_tasks * dim <= rank")
+    M = rank_grads.detach().to(torch.float64)
+    C = M @ M.transpose(-1, -2)  # [T, r, r]
+    C = C / torch.diagonal(C, dim1=-2, dim2=-1).sum(-1).clamp_min(1e-300)[:, None, None]
+    eye = torch.eye(r, dtype=torch.float64)
+    taken = torch.zeros(r, 0, dtype=torch.float64)
+    bases: list[list[Tensor]] = [[] for _ in range(T)]
+    for _ in range(dim):
+        for t in range(T):
+            rest = eye - taken @ taken.T  # projector on the directions not yet taken
+            _, vecs = torch.linalg.eigh(rest @ C[t] @ rest)
+            v = rest @ vecs[:, -1]
+            if float(v.norm()) < 1e-6:  # nothing left in this task's gradient: any free direction
+                free = torch.linalg.norm(rest, dim=0).argmax()
+                v = rest[:, free]
+            v = v / v.norm()
+            v = v - taken @ (taken.T @ v)  # exact orthogonality against rounding
+            v = v / v.norm()
+            bases[t].append(v)
+            taken = torch.cat([taken, v[:, None]], dim=1)
+    return torch.stack([torch.stack(b, dim=1) for b in bases])
+
+
 def projectors(U: Tensor) -> Tensor:
     """``P_t = U_t U_tᵀ`` for every task: ``[T, r, r]``."""
     return U @ U.transpose(-1, -2)

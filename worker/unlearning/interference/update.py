@@ -9,6 +9,7 @@ call (:func:`worker.unlearning.grads.partition_task_grads`), the task projection
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from worker.unlearning.interference.layout import FlatLayout
 from worker.unlearning.interference.orthogonalisation import orthogonalize
 from worker.unlearning.interference.retain import anchor_ids_of, retain_check
 from worker.unlearning.interference.subspaces import (
+    gradient_subspaces,
     init_subspaces,
     projectors,
     subspace_penalty,
@@ -110,7 +112,16 @@ def _run(
     T = len(inv)
     dim = cfg.subspace_dim or max(1, rank // max(T, 1))
     use_projection = cfg.projection and rank > 0
-    U = init_subspaces(T, rank, min(dim, rank), seed=seed, mode=cfg.subspace_init) if use_projection else None
+    forward = fast_forward(model)
+    U: Tensor | None = None
+    if use_projection and cfg.subspace_init == "gradient":
+        grads = partition_task_grads(
+            model, names, _subspace_batches(partitions, device, seed), inv,
+            backend=cfg.grad_backend, forward=forward, named=all_params,
+        )  # fmt: skip
+        U = gradient_subspaces(layout.rank_space(layout.pack(grads, lead=2).detach().sum(0)), min(dim, rank))
+    elif use_projection:
+        U = init_subspaces(T, rank, min(dim, rank), seed=seed, mode=cfg.subspace_init)
     info: dict[str, Any] = {
         "tasks": inv_names,
         "forget_tasks": forget_names,
@@ -128,21 +139,26 @@ def _run(
     switches = cfg.retain_switches
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     target: float | Mapping[str, float] = cfg.mia_target if mia_target is None else mia_target
-    forward = fast_forward(model)
     checkpoints = Checkpoints(
         Monitor(forget, heldout, check, forget_specs, inv, device, forward, anchor_ids_of(partitions, cfg)),
         {n: all_params[n] for n in names},
         target=target,
         default_target=cfg.mia_target,
         retain_baseline=retain_baseline,
+        task_distance=cfg.task_distance,
+        forget_accuracy_z=cfg.forget_accuracy_z,
+        kept_two_sided=cfg.kept_two_sided,
     )
     history = checkpoints.history
     checkpoints.record(model, 0)
-    steps, since_best, best = 0, 0, 0
+    steps, since_change, best = 0, 0, 0  # since_change: steps since the kept checkpoint changed
     epochs_run = 0
+    norms: list[tuple[float, float, float]] = []
     for epoch in range(1, cfg.epochs + 1):
         order = torch.randperm(len(forget), generator=gen)
         for start in range(0, len(forget), cfg.batch_size):
+            if cfg.max_steps and steps >= cfg.max_steps:
+                break
             f_batch = forget.select(order[start : start + cfg.batch_size])
             retain_batches = [cyclers[k].next() for k in ("clean", "inst", "task")]
             G = partition_task_grads(
@@ -155,7 +171,8 @@ def _run(
                 named=all_params,
             )
             flat = layout.pack(G, lead=2).detach()  # [4, T, D]
-            direction = _direction(flat, layout, U, cfg, switches)
+            direction, step_norms = _direction(flat, layout, U, cfg, switches)
+            norms.append(step_norms)
             for p, g in zip(params, layout.unpack(direction).values(), strict=True):
                 p.grad = g.to(p.dtype).clone()
             opt.step()
@@ -163,16 +180,20 @@ def _run(
             if U is not None:
                 U = subspace_step(U, cfg.subspace_lr)
             steps += 1
+            since_change += 1
         epochs_run = epoch
-        checkpoints.record(model, epoch)
+        checkpoints.record(model, epoch, steps)
         if progress is not None:
             progress(f"ia: epoch {epoch}/{cfg.epochs} mia={history[-1]['mia_auc']}")
         if on_epoch is not None:
             on_epoch(epoch, cfg.epochs)
-        chosen = select_checkpoint(history, cfg.retain_tolerance)
-        since_best = 0 if chosen != best else since_best + 1
+        chosen = select_checkpoint(history, cfg.retain_tolerance, cfg.forget_accuracy_pick)
+        if chosen != best:
+            since_change = 0
         best = chosen
-        if cfg.early_stopping and cfg.patience > 0 and since_best >= cfg.patience:
+        if cfg.max_steps and steps >= cfg.max_steps:
+            break
+        if cfg.early_stopping and 0 < cfg.patience <= since_change and steps >= cfg.min_steps:
             break
     if not cfg.early_stopping:  # the last epoch is kept
         best = epochs_run
@@ -186,15 +207,45 @@ def _run(
         mia_target=dict(target) if isinstance(target, Mapping) else float(target),
         history=history,
         subspace_penalty=None if U is None else float(subspace_penalty(U)),
+        term_norms=term_norms(norms),
     )
     return info
 
 
+def _subspace_batches(partitions: Partitions, device: str, seed: int, size: int = 256) -> list[Batch]:
+    """The four partitions (at most ``size`` seeded rows each) whose per-task gradients place the
+    ``"gradient"`` task subspaces."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for b in (partitions.forget, partitions.retain_clean, partitions.retain_inst, partitions.retain_task):
+        if len(b) > size:
+            b = b.select(torch.randperm(len(b), generator=gen)[:size].sort().values)
+        out.append(b.to(device))
+    return out
+
+
+def term_norms(norms: Sequence[tuple[float, float, float]]) -> dict[str, float | None]:
+    """The evidence of Eq. 11's balance: medians over the steps of ‖retain term‖ (``η1·∇_r``),
+    ‖forget term‖ as applied, the forget term before any ``forget_balance`` rescaling
+    (``η2·∇_f^⊥``), and the applied forget / retain ratio."""
+    if not norms:
+        return {"steps": 0, "retain": None, "forget": None, "forget_unbalanced": None, "ratio": None}
+    ratios = [f / r for r, f, _ in norms if r > 0]
+    return {
+        "steps": len(norms),
+        "retain": statistics.median(n[0] for n in norms),
+        "forget": statistics.median(n[1] for n in norms),
+        "forget_unbalanced": statistics.median(n[2] for n in norms),
+        "ratio": statistics.median(ratios) if ratios else None,
+    }
+
+
 def _direction(
     flat: Tensor, layout: FlatLayout, U: Tensor | None, cfg: IAConfig, switches: Mapping[str, bool]
-) -> Tensor:
+) -> tuple[Tensor, tuple[float, float, float]]:
     """The Eq. 11 gradient ``Σ_t η1·∇_r^{(t)} − η2·∇_f^{⊥(t)}`` from ``[4, T, D]`` partition-task grads
-    (partitions in the order forget, clean, inst, task)."""
+    (partitions in the order forget, clean, inst, task), with the forget term rescaled by
+    ``cfg.forget_balance``; and (‖retain term‖, ‖forget term‖, ‖unbalanced forget term‖)."""
     T = int(flat.shape[1])
     forget_t = flat[0]  # [T, D]: D_f's loss on task t
     retain_t = flat[1:]  # [3, T, D]
@@ -218,4 +269,31 @@ def _direction(
         rank_tol=cfg.rank_tol,
         segment_matrix=layout.segment_matrix(forget_t),
     )
-    return (cfg.eta1 * descent - cfg.eta2 * orth).sum(0)
+    retain_term = cfg.eta1 * descent.sum(0)
+    plain = cfg.eta2 * orth.sum(0)
+    forget_term = balance_forget(orth, float(retain_term.norm()), cfg.eta2, cfg.forget_balance)
+    return retain_term - forget_term, (
+        float(retain_term.norm()),
+        float(forget_term.norm()),
+        float(plain.norm()),
+    )
+
+
+def balance_forget(orth: Tensor, retain_norm: float, eta2: float, mode: str) -> Tensor:
+    """Eq. 11's forget term from the per-task orthogonalised forget gradients ``orth`` ([T, D];
+    zero rows for retained tasks): ``"none"`` = ``η2·Σ_t f_t`` (paper); ``"total"`` = the same
+    direction with norm ``η2·retain_norm``; ``"per_task"`` = ``η2·retain_norm/n · Σ_t f_t/‖f_t‖``
+    over the n non-zero rows. A zero forget gradient stays zero."""
+    if mode == "none":
+        return eta2 * orth.sum(0)
+    if mode == "total":
+        total = orth.sum(0)
+        norm = float(total.norm())
+        return total * (eta2 * retain_norm / norm) if norm > 0 else total
+    row_norms = orth.norm(dim=-1, keepdim=True)
+    live = row_norms > 0
+    n = int(live.sum())
+    if n == 0:
+        return orth.sum(0)
+    unit = torch.where(live, orth / row_norms.clamp_min(torch.finfo(orth.dtype).tiny), torch.zeros_like(orth))
+    return unit.sum(0) * (eta2 * retain_norm / n)

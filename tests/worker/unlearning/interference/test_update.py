@@ -27,13 +27,13 @@ def test_direction_with_all_stages_off_is_plain_eq11() -> None:
     layout = head_a_layout(model)
     flat = torch.randn(4, 2, layout.size, dtype=torch.float64)
     cfg = IAConfig(projection=False, orth_clean=False, orth_inst=False, orth_task=False, eta1=1.0, eta2=0.1)
-    d = _direction(flat, layout, None, cfg, cfg.retain_switches)
+    d, _ = _direction(flat, layout, None, cfg, cfg.retain_switches)
     expected = (flat[1:].sum(0) - 0.1 * flat[0]).sum(0)
     assert torch.allclose(d, expected)
     # with orthogonalisation on and eta1 = 0, the update is orthogonal to each retain partition's
     # gradient (per factor), since every task's forget part is
     cfg2 = IAConfig(projection=False, eta1=0.0, eta2=1.0, epsilon=0.0)
-    d2 = _direction(flat, layout, None, cfg2, cfg2.retain_switches)
+    d2, _ = _direction(flat, layout, None, cfg2, cfg2.retain_switches)
     for k in range(1, 4):
         dots = segment_dot(d2, flat[k].sum(0), layout.segments, layout.n_segments)
         assert torch.allclose(dots, torch.zeros_like(dots), atol=1e-8)
@@ -45,7 +45,7 @@ def test_direction_with_projection_stays_in_task_subspaces() -> None:
     U = init_subspaces(2, 4, 1, seed=0, mode="orthogonal")
     flat = torch.randn(4, 2, layout.size, dtype=torch.float64)
     cfg = IAConfig()
-    d = _direction(flat, layout, U, cfg, cfg.retain_switches)
+    d, _ = _direction(flat, layout, U, cfg, cfg.retain_switches)
     span = projectors(U).sum(0)  # P_0 + P_1: the rank-space span the update may use
     g = layout.unpack(d)
     for a, b in layout_pairs(model):
@@ -64,10 +64,10 @@ def test_each_ablation_switch_changes_the_update_in_a_partial_task_request() -> 
     flat = layout.pack(G, lead=2).double()
     U = init_subspaces(2, 4, 2, seed=0)
     full = IAConfig(epsilon=0.0)
-    base = _direction(flat, layout, U, full, full.retain_switches)
+    base, _ = _direction(flat, layout, U, full, full.retain_switches)
     for switch in ("projection", "orth_clean", "orth_inst", "orth_task"):
         cfg = IAConfig.from_settings({"epsilon": 0.0, switch: False})
-        d = _direction(flat, layout, None if switch == "projection" else U, cfg, cfg.retain_switches)
+        d, _ = _direction(flat, layout, None if switch == "projection" else U, cfg, cfg.retain_switches)
         assert not torch.allclose(d, base, atol=1e-9), switch
 
 

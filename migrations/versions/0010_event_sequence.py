@@ -3,7 +3,7 @@
 Submissions write their events pending (no chain lock on the POST path); the sequencer links them
 into the chain shortly after. Every existing event is chained, and in id order.
 
-Revision ID: 0010e_event_sequence
+Revision ID: 0010_event_sequence
 Revises: 0009_workload_options
 Create Date: 2026-12-02
 """
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0010e_event_sequence"
+revision: str = "0010_event_sequence"
 down_revision: str | None = "0009_workload_options"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
