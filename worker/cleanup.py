@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session
 
@@ -19,6 +20,9 @@ from service.repositories import models as models_repo
 from service.repositories import requests as requests_repo
 from service.repositories import versions as versions_repo
 from worker.context import WorkerContext, _spec, model_lock
+
+if TYPE_CHECKING:
+    from worker.unlearning.datastore import DataStore
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +134,7 @@ def purge_completed(ctx: WorkerContext, model_name: str, *, everything: bool = F
     if not pending:
         return []
     from worker.unlearning.datastore import DataStore
+    from worker.unlearning.reference_adapters import drop_references_with
 
     with model_lock(data_dir):
         store = DataStore(data_dir)
@@ -141,6 +146,10 @@ def purge_completed(ctx: WorkerContext, model_name: str, *, everything: bool = F
                 clients.append(resolved.client_id)
             else:
                 pairs.extend((s, t) for s in resolved.sample_ids for t in resolved.forget_tasks)
+        # a reference adapter of the likelihood-ratio audit trained on forgotten data keeps it:
+        # drop those before the data goes (every forgotten client's OUT references stay)
+        touched = set(clients) | _owners(store, {s for s, _ in pairs})
+        drop_references_with(ctx.references_dir(model_name), touched)
         report = store.purge(pending)
     ctx.emit("store_purged", requests=[s.request_id for s in pending])
     with transaction(ctx.session_factory) as session:
@@ -158,3 +167,10 @@ def purge_completed(ctx: WorkerContext, model_name: str, *, everything: bool = F
         len(report.purged_pairs),
     )  # fmt: skip
     return [s.request_id for s in pending]
+
+
+def _owners(store: DataStore, sample_ids: set[str]) -> set[str]:
+    """The active clients holding any of ``sample_ids``."""
+    if not sample_ids:
+        return set()
+    return {c for c in store.active_clients if sample_ids & set(store.sample_ids_of(c))}

@@ -110,6 +110,12 @@ class WorkerContext:
     def cache_dir(self, model: str) -> Path:
         return self.settings.resolved_home / "cache" / model
 
+    def references_dir(self, model: str) -> Path:
+        """The likelihood-ratio audit's reference adapters: in the dataset store, which every worker
+        machine shares, so that every round can read them and one purge deletes those that hold
+        erased data everywhere."""
+        return self.data_dir(model) / "references"
+
     def emit(self, event: str, **details: Any) -> None:
         if self.hook is not None:
             self.hook(event, details)

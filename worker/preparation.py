@@ -65,6 +65,8 @@ def prepare_model(
                     seed=ctx.worker_settings.seed,
                     # v1's SSD importance is computed now, so the first request does not wait on it
                     cache_dir=ctx.cache_dir(model_name),
+                    # the likelihood-ratio audit's references (settings.audit.reference_adapters)
+                    references_dir=ctx.references_dir(model_name),
                 )
             base_files = store.upload_base()  # to the object store, if any, before v1 names it
             store.keep_state(staging, name)

@@ -376,4 +376,5 @@ def _engine_round(
         on_progress=on_progress,
         state_in=store.fetch_state(claimed.parent_location),
         on_stage=on_stage,
+        references_dir=ctx.references_dir(claimed.model_name),
     )

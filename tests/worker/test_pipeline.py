@@ -734,3 +734,37 @@ def test_the_api_shows_the_stage_of_a_running_round(
         status, progress = seen["committed"]
         assert (status, progress["stage"]) == ("verifying", "publish")
         assert progress_of(first) == ("completed", None)
+
+
+def test_a_purge_drops_the_reference_adapters_trained_on_the_erased_data(
+    ctx: pipeline.WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 8 part 5: a likelihood-ratio reference adapter trained on a client keeps its data, so
+    the purge of a request deletes every reference whose half held a client it touched (here a
+    per-task request on two of u1's samples: found through the samples' owner) and keeps the others;
+    ``references.json`` lists only what is left."""
+    from worker.unlearning.reference_adapters import REFERENCES_FILE, ReferenceSet, read_references
+
+    subjects = _toy_model(ctx)
+    monkeypatch.setattr(round_job, "_run_engine", _fake_engine())
+    refs_dir = ctx.references_dir("toy")
+    halves = {0: ["u0", "u1"], 1: ["u2"], 2: ["u1"], 3: ["u0"]}
+    refs = ReferenceSet(clients=["u0", "u1", "u2"], members=halves, k=4, seed=0, workload="toy", recipe={},
+                        recipe_digest="d", train_s=0.0)  # fmt: skip
+    for i in refs.members:
+        (refs_dir / f"ref-{i}").mkdir(parents=True)
+        (refs_dir / f"ref-{i}" / "adapter_model.safetensors").write_bytes(b"weights")
+    (refs_dir / REFERENCES_FILE).write_text(json.dumps(refs.to_json()))
+    with transaction(ctx.session_factory) as session:
+        lifecycle.submit(
+            session,
+            lifecycle.Submission(model="toy", kind="task", sample_ids=subjects["u1"][:2], tasks=["side"]),
+            idempotency_key="k1", api_key_id=None, actor="t",
+        )  # fmt: skip
+    result = pipeline.run_one_round(ctx, "toy")
+    assert result is not None
+    assert result.status == "published"
+    left = read_references(refs_dir)
+    assert left is not None
+    assert sorted(left.members) == [1, 3]
+    assert sorted(p.name for p in refs_dir.iterdir() if p.is_dir()) == ["ref-1", "ref-3"]

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field
 from pydantic import dataclasses as pydantic_dataclasses
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
@@ -75,6 +76,9 @@ class AuditConfig:
     bootstrap: int = 200  # resamples of the forget-vs-unseen AUC's confidence interval (0: none)
     ci_level: float = 0.95
     exposed_top: int = 20  # most exposed forgotten samples kept per task in the evidence
+    # likelihood-ratio audit: reference adapters trained at preparation on halves of the clients
+    # (even; 0 = off, then the evidence has no ``likelihood_ratio``); see reference_adapters.py
+    reference_adapters: int = Field(default=0, ge=0, multiple_of=2)
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | None) -> AuditConfig:

@@ -30,6 +30,7 @@ from worker.unlearning import acceptance
 from worker.unlearning.adapter_io import load_adapter, save_adapter
 from worker.unlearning.audit import AuditConfig, ModelMetrics, audit, evaluate_model, merge_rows, unl_split
 from worker.unlearning.datastore import DataStore, ResolvedSpec
+from worker.unlearning.likelihood_ratio import likelihood_ratio_audit
 from worker.unlearning.model import MultiTaskModel, has_base, load_base
 from worker.unlearning.partitions import (
     DEFAULT_ANCHOR_FRACTION,
@@ -42,6 +43,7 @@ from worker.unlearning.partitions import (
 )
 from worker.unlearning.progress import ACCEPTANCE, AUDIT, PARTITIONS, StageCallback
 from worker.unlearning.pruning import reapply_pruning
+from worker.unlearning.reference_adapters import LoadedReferences, load_references, train_references
 from worker.unlearning.ssd import precompute_full_importance, weights_digest
 from worker.unlearning.state import RoundState
 from worker.unlearning.training import TrainConfig, retrain, train_v1
@@ -119,11 +121,14 @@ def prepare(
     settings: Mapping[str, Any],
     seed: int,
     cache_dir: Path | None = None,
+    references_dir: Path | None = None,
 ) -> PreparedModel:
     """Materialise the store, pretrain the frozen base (if absent), train v1 into ``adapter_dir``.
 
     With ``cache_dir``, v1's full-data importance (SSD's ``I_D``) is computed into the cache too,
-    so the first request on v1 does not wait for it (``timings_s.importance``)."""
+    so the first request on v1 does not wait for it (``timings_s.importance``). With
+    ``references_dir`` and ``settings.audit.reference_adapters`` > 0, the likelihood-ratio audit's
+    reference adapters are trained there too (``timings_s.references``), off the request path."""
     t0 = time.perf_counter()
     merged = workload.settings(settings)
     store = DataStore.materialise(Path(data_dir), workload)
@@ -149,6 +154,15 @@ def prepare(
         t_importance += precompute_full_importance(
             model, train, tasks, ssd_settings, seed=seed, cache_dir=cache_dir
         )[1]
+    k = AuditConfig.from_settings(merged).reference_adapters
+    references: dict[str, Any] | None = None
+    if k and references_dir is not None:
+        refs = train_references(
+            base, train, tasks, cfg, client_index=store.client_index(), k=k, seed=seed,
+            directory=Path(references_dir), workload=workload.name,
+        )  # fmt: skip
+        references = {"k": refs.k, "recipe_digest": refs.recipe_digest, "train_s": refs.train_s,
+                      "clients": {str(i): m for i, m in refs.members.items()}}  # fmt: skip
     evidence: dict[str, Any] = {
         "kind": "prepare",
         "workload": workload.name,
@@ -163,6 +177,9 @@ def prepare(
         },
         "timings_s": {"base": t_base - t0, "train": t_train - t_base, "importance": t_importance},
     }
+    if references is not None:
+        evidence["references"] = references
+        evidence["timings_s"]["references"] = references["train_s"]
     subjects = {c: store.sample_ids_of(c) for c in store.active_clients}
     return PreparedModel(subjects=subjects, tasks=task_names, state=state, evidence=evidence)
 
@@ -242,6 +259,8 @@ class EngineInputs:
     seed: int
     device: str = "cpu"
     cache_dir: Path | None = None
+    # the likelihood-ratio audit's reference adapters (None: none trained, the audit is omitted)
+    references: LoadedReferences | None = None
 
     @classmethod
     def load(
@@ -254,13 +273,15 @@ class EngineInputs:
         seed: int,
         device: str = "cpu",
         cache_dir: Path | None = None,
+        references_dir: Path | None = None,
     ) -> EngineInputs:
         store = DataStore(Path(data_dir), workload.collate)
         client_index = store.client_index()
+        base = load_base(Path(base_dir))
         return cls(
             workload=workload,
             store=store,
-            base=load_base(Path(base_dir)),
+            base=base,
             tasks=workload.tasks(),
             client_index=client_index,
             data=store.client_data(),
@@ -269,6 +290,7 @@ class EngineInputs:
             seed=seed,
             device=device,
             cache_dir=cache_dir,
+            references=load_references(base, references_dir, device=device),
         )
 
     @property
@@ -577,10 +599,13 @@ def request_evidence(
     original: ModelMetrics | None,
     timings: Mapping[str, float],
     pruned: Sequence[int] = (),
+    references: LoadedReferences | None = None,
 ) -> dict[str, Any]:
     """The evidence of one request (JSON): the audit plus what was run on which data.
 
-    ``pruned``: the subset-ID outputs this request's method suppressed."""
+    ``pruned``: the subset-ID outputs this request's method suppressed. ``references``: the
+    likelihood-ratio audit's reference adapters; with them the evidence has ``likelihood_ratio``
+    (:mod:`worker.unlearning.likelihood_ratio`), without them (none trained) it has none."""
     evidence = audit(
         model,
         ctx.tasks,
@@ -595,6 +620,13 @@ def request_evidence(
         seed=ctx.seed,
         device=ctx.device,
     ).to_json()
+    if references is not None and len(ctx.unl):
+        t_lr = time.perf_counter()
+        evidence["likelihood_ratio"] = likelihood_ratio_audit(
+            model, references, ctx.tasks, forget=ctx.unl, unseen=ctx.heldout,
+            forget_tasks=ctx.partitions.forget_tasks, client_index=ctx.client_index, device=ctx.device,
+        )  # fmt: skip
+        evidence["likelihood_ratio"]["wall_s"] = time.perf_counter() - t_lr
     if len(ctx.partitions.forget) == 0:
         evidence["uis"]["reason"] = "nothing left to forget: the request's data is already forgotten"
     elif reference is None and evidence["uis"].get("reason") is not None:
@@ -751,6 +783,7 @@ def run_round(
     on_progress: ProgressCallback | None = None,
     state_in: Path | None = None,
     on_stage: StageCallback | None = None,
+    references_dir: Path | None = None,
 ) -> RoundOutcome:
     """One unlearning round: the requests in order (one stage each), the acceptance check of the
     model to publish (with the exact path as fallback), the audit of every request on it; writes
@@ -758,7 +791,9 @@ def run_round(
 
     ``state_in``: the RoundState file of ``adapter_in`` when it is kept elsewhere (the worker keeps
     it out of served directories); default ``adapter_in/unlearning_state.json``.
-    ``on_stage``: where the round is (``worker.unlearning.progress``), for the worker to record."""
+    ``on_stage``: where the round is (``worker.unlearning.progress``), for the worker to record.
+    ``references_dir``: the likelihood-ratio audit's reference adapters, if trained (read only: a
+    round never trains one)."""
     from worker.unlearning.methods import get_method
 
     get_method(method)  # unknown method: fail before any work
@@ -770,6 +805,7 @@ def run_round(
         seed=seed,
         device=device,
         cache_dir=cache_dir,
+        references_dir=references_dir,
     )
     accept_cfg = acceptance.AcceptanceConfig.from_settings(inputs.settings.get("acceptance"))
     state = RoundState.load(Path(adapter_in)) if state_in is None else RoundState.load_file(Path(state_in))
@@ -849,6 +885,7 @@ def run_round(
             original=s.original,
             pruned=s.pruned,
             timings=s.timings,
+            references=inputs.references,
         )
         ev["acceptance"] = accepted[s.ctx.spec.request_id]
         evidence[s.ctx.spec.request_id] = ev

@@ -25,8 +25,10 @@ from torch import nn
 
 from worker.unlearning.adapter_io import load_adapter, save_adapter
 from worker.unlearning.training import TrainConfig, train_v1
-from worker.unlearning.types import Batch, TaskSpec
+from worker.unlearning.types import SUBSET_HEAD, Batch, RegressionTask, TaskSpec
 from worker.unlearning.workloads.scenes.workload import ScenesWorkload
+
+V1_META = "gaps-v1.json"
 
 
 @torch.no_grad()
@@ -39,6 +41,23 @@ def _outputs(model: nn.Module, batch: Batch, size: int = 512) -> dict[str, torch
 def _metrics(model: nn.Module, batch: Batch, tasks: list[TaskSpec]) -> dict[str, float]:
     out = _outputs(model, batch)
     return {t.name: round(t.metric(out[t.name], batch.labels[t.name]), 4) for t in tasks}
+
+
+def _r2(model: nn.Module, batch: Batch, tasks: list[TaskSpec]) -> dict[str, float]:
+    """R² of each regression task on ``batch`` (its targets carry no NaN here)."""
+    out = _outputs(model, batch)
+    r2 = {}
+    for t in tasks:
+        if isinstance(t, RegressionTask):
+            y, pred = batch.labels[t.name].float(), out[t.name].reshape(-1).float()
+            r2[t.name] = round(float(1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum()), 4)
+    return r2
+
+
+def subset_accuracy(model: nn.Module, batch: Batch) -> float:
+    """Accuracy of the subset-ID head (which client a sample is from) on ``batch``."""
+    out = _outputs(model, batch)[SUBSET_HEAD]
+    return round(float((out.argmax(-1) == batch.subset).float().mean()), 4)
 
 
 def _losses(model: nn.Module, batch: Batch, tasks: list[TaskSpec]) -> torch.Tensor:
@@ -59,7 +78,7 @@ def _v1(
 ) -> Any:
     """v1 and its training time: loaded from ``v1_dir`` when a run with the same recipe saved it
     there (so that parallel runs over different clients train it once), else trained (and saved)."""
-    meta = v1_dir / "gaps-v1.json" if v1_dir is not None else None
+    meta = v1_dir / V1_META if v1_dir is not None else None
     if v1_dir is not None and meta is not None and meta.is_file():
         stored = json.loads(meta.read_text())
         if stored["train_config"] != cfg.to_json() or stored["seed"] != seed:
@@ -82,6 +101,8 @@ def measure(
     *,
     retrain_seed: int | None = None,
     v1_dir: Path | None = None,
+    retrains_first: bool = False,
+    json_path: Path | None = None,
 ) -> dict[str, Any]:
     tasks = workload.tasks()
     index = workload.client_index()
@@ -91,8 +112,33 @@ def measure(
     neutral = held.select(torch.tensor([not s.startswith("u") for s in held.sample_ids]))
     unseen = held.select(torch.tensor([s.startswith("u") for s in held.sample_ids]))
     cfg = TrainConfig.from_settings(workload.settings(overrides))
-    v1, v1_s = _v1(base, data, tasks, cfg, seed, v1_dir)
     retrain_seed = seed if retrain_seed is None else retrain_seed
+    owners = torch.tensor([index[c] for c in workload.client_data().client_ids if c is not None])
+
+    def retrained(client: str) -> dict[str, Any]:
+        keep = owners != index[client]
+        forget = data.select(~keep)
+        started = time.perf_counter()
+        retrain = train_v1(base, data.select(keep), tasks, cfg, seed=retrain_seed)
+        return {
+            "forget": forget,
+            "retrain_s": round(time.perf_counter() - started, 1),
+            "metrics": _metrics(retrain, forget, tasks),
+            "auc": _auc(_losses(retrain, forget, tasks), _losses(retrain, unseen, tasks)),
+            "heldout": _metrics(retrain, neutral, tasks),
+        }
+
+    # retrains first: a parallel run trains v1 into ``v1_dir`` meanwhile; each row is emitted as soon
+    # as v1 is there, and the JSON rewritten, so that a run stopped early keeps what it measured
+    done: dict[str, dict[str, Any]] = {}
+    if retrains_first:
+        for client in clients:
+            done[client] = retrained(client)
+            if _saved_v1(v1_dir):
+                break
+        while v1_dir is not None and not _saved_v1(v1_dir):
+            time.sleep(10)  # the parallel run that trains v1 has not saved it yet
+    v1, v1_s = _v1(base, data, tasks, cfg, seed, v1_dir)
     result: dict[str, Any] = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -103,32 +149,34 @@ def measure(
         "v1_train_s": round(v1_s, 1),
         "heldout": {"base": _metrics(base, neutral, tasks), "v1": _metrics(v1, neutral, tasks)},
         "unseen_clients": {"base": _metrics(base, unseen, tasks), "v1": _metrics(v1, unseen, tasks)},
+        "heldout_r2": {"base": _r2(base, neutral, tasks), "v1": _r2(v1, neutral, tasks)},
+        "v1_subset_id_accuracy": subset_accuracy(v1, data),
         "clients": {},
     }
     print(json.dumps(result, indent=2), flush=True)
-    owners = torch.tensor([index[c] for c in workload.client_data().client_ids if c is not None])
-    unseen_loss = {"v1": _losses(v1, unseen, tasks)}
+    unseen_loss = _losses(v1, unseen, tasks)
     for client in clients:
-        keep = owners != index[client]
-        forget = data.select(~keep)
-        started = time.perf_counter()
-        retrain = train_v1(base, data.select(keep), tasks, cfg, seed=retrain_seed)
-        retrain_s = time.perf_counter() - started
-        orig_m, re_m = _metrics(v1, forget, tasks), _metrics(retrain, forget, tasks)
-        auc_orig = _auc(_losses(v1, forget, tasks), unseen_loss["v1"])
-        auc_re = _auc(_losses(retrain, forget, tasks), _losses(retrain, unseen, tasks))
+        r = done.pop(client, None) or retrained(client)
+        orig_m, re_m = _metrics(v1, r["forget"], tasks), r["metrics"]
+        auc_orig = _auc(_losses(v1, r["forget"], tasks), unseen_loss)
         row = {
-            "samples": len(forget),
-            "retrain_s": round(retrain_s, 1),
+            "samples": len(r["forget"]),
+            "retrain_s": r["retrain_s"],
             "forget_original": orig_m,
             "forget_retrain": re_m,
             "gap": {t: round(orig_m[t] - re_m[t], 4) for t in orig_m},
-            "mia_auc": {"original": round(auc_orig, 4), "retrain": round(auc_re, 4)},
-            "retrain_heldout": _metrics(retrain, neutral, tasks),
+            "mia_auc": {"original": round(auc_orig, 4), "retrain": round(r["auc"], 4)},
+            "retrain_heldout": r["heldout"],
         }
         result["clients"][client] = row
         print(json.dumps({client: row}), flush=True)
+        if json_path is not None:
+            json_path.write_text(json.dumps(result, indent=2))
     return result
+
+
+def _saved_v1(v1_dir: Path | None) -> bool:
+    return v1_dir is not None and (v1_dir / V1_META).is_file()
 
 
 def main() -> None:
@@ -145,6 +193,9 @@ def main() -> None:
         "--v1-dir", type=Path, default=None, help="load v1 from here if saved, else save it here"
     )
     parser.add_argument(
+        "--retrains-first", action="store_true", help="retrain first, then wait for v1 in --v1-dir"
+    )
+    parser.add_argument(
         "--workload-options",
         default="{}",
         help='ScenesWorkload options (JSON), e.g. {"clients": 8} for a proxy',
@@ -154,7 +205,7 @@ def main() -> None:
     clients = [c for c in args.clients.split(",") if c]
     workload = ScenesWorkload(seed=args.seed, **json.loads(args.workload_options))
     result = measure(clients, args.seed, workload, json.loads(args.settings), retrain_seed=args.retrain_seed,
-                     v1_dir=args.v1_dir)  # fmt: skip
+                     v1_dir=args.v1_dir, retrains_first=args.retrains_first, json_path=args.json)  # fmt: skip
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2))
 

@@ -1,0 +1,178 @@
+"""The likelihood-ratio membership attack of the audit: offline LiRA with reference adapters.
+
+Why offline LiRA (Carlini et al. 2022, "Membership Inference Attacks From First Principles",
+Alg. 1 without the IN models) rather than RMIA (Zarifzadeh et al. 2024): the references are
+trained once per model on halves of the clients, so a forgotten client's samples have only OUT
+references that are valid for the model *after* the request (its IN references saw the client),
+and the question the audit asks is exactly offline LiRA's — does the model under audit sit above
+the distribution of models that never saw the sample? RMIA's offline variant approximates the IN
+side from OUT models with a factor ``a`` and compares against population samples with a threshold
+``γ``: two more settings to calibrate, on a handful of references. (With one global σ, the ranking
+— hence TPR and AUC — is that of ``φ_target − μ_out``.)
+
+Per sample ``x`` with label ``y`` and task ``t``:
+
+- scaled confidence ``φ(f(x)_y) = log p_y − log Σ_{y'≠y} p_y'`` (the logit of the true-label
+  probability — the paper's logit scaling — computed stably from the logits); for a regression task
+  ``φ = −loss``;
+- ``μ_out(x)``: the mean of ``φ`` over the references whose half excluded ``x``'s client (every
+  reference for unseen-population samples); ``σ_out``: one global standard deviation over all
+  (sample, OUT reference) pairs — the paper's fixed-variance choice for few shadow
+  models, since 2–4 OUT values per sample give no usable per-sample variance;
+- score ``Λ(x) = Φ((φ_target(x) − μ_out(x)) / σ_out)`` (offline LiRA: ``1 − Pr[Z > φ_target]``,
+  ``Z ~ N(μ_out, σ_out²)``); its ranking is that of the z-value, which is what is kept.
+
+Positives: the forgotten samples of the task (the request's Unl split); negatives: the
+unseen-population samples (the held-out split). Reported per forgotten task: TPR at 1 % FPR (the
+threshold is the negatives' score that at most 1 % of them exceed; with fewer than 100 negatives
+that is the largest one, FPR 0) and the ROC-AUC. Everything is vectorised over samples and
+references.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from worker.unlearning.audit import loss_mia_auc, model_outputs
+from worker.unlearning.reference_adapters import LoadedReferences
+from worker.unlearning.types import Batch, ClassificationTask, TaskSpec, cat_inputs, inputs_to
+
+METHOD = "offline LiRA (Carlini et al. 2022, Alg. 1 OUT-only, global variance)"
+FPR = 0.01
+
+
+def scaled_confidence(task: TaskSpec, output: Tensor, target: Tensor) -> Tensor:
+    """``φ`` per row (rows must be supervised for ``task``): the logit of the true-label
+    probability for a classification, ``−loss`` otherwise. Works on ``[..., N, C]`` outputs."""
+    if isinstance(task, ClassificationTask):
+        logits = output.double()
+        y = target.expand(logits.shape[:-1]).unsqueeze(-1)
+        true = logits.gather(-1, y).squeeze(-1)
+        others = logits.scatter(-1, y, float("-inf")).logsumexp(-1)
+        return true - others
+    if output.dim() == 2:
+        return -task.per_sample_loss(output, target).double()
+    return -torch.stack([task.per_sample_loss(o, target) for o in output]).double()
+
+
+def lira_scores(target_phi: Tensor, ref_phi: Tensor, out: Tensor) -> tuple[Tensor, float]:
+    """z-values ``(φ_target − μ_out) / σ_out`` per sample (NaN where a sample has no OUT reference)
+    and ``σ_out``. ``target_phi``: ``[N]``; ``ref_phi``, ``out``: ``[K, N]``."""
+    w = out.to(torch.float64)
+    n_out = w.sum(0)
+    mu = (ref_phi * w).sum(0) / n_out.clamp(min=1.0)
+    resid = (ref_phi - mu) * w
+    dof = float(w.sum() - (n_out > 0).sum())
+    sigma = math.sqrt(float((resid**2).sum()) / dof) if dof > 0 else 0.0
+    sigma = max(sigma, 1e-6)  # identical references: any gap is then decisive
+    z = (target_phi - mu) / sigma
+    return torch.where(n_out > 0, z, torch.full_like(z, float("nan"))), sigma
+
+
+def out_reference_auc(ref_losses: Tensor, out: Tensor, is_forget: Tensor) -> float | None:
+    """The loss-MIA AUC (forgotten vs unseen rows) that models which never saw the forgotten clients
+    score: per reference, over the forgotten rows it is OUT for, against every unseen row; the
+    median over references with any such row (``None`` if none). ``ref_losses``, ``out``: ``[K, N]``;
+    ``is_forget``: ``[N]``. A per-client target for early stopping without a retrain (issue 8
+    part 1): the level a model that never saw the client reaches."""
+    aucs = []
+    for r in range(int(ref_losses.shape[0])):  # K references, a handful; samples stay vectorised
+        rows = out[r] & is_forget
+        if bool(rows.any()):
+            auc = loss_mia_auc(ref_losses[r][rows], ref_losses[r][~is_forget])
+            if auc is not None:
+                aucs.append(auc)
+    return statistics.median(aucs) if aucs else None
+
+
+def tpr_at_fpr(positive: Tensor, negative: Tensor, fpr: float = FPR) -> float | None:
+    """Share of positives scored above the threshold that at most ``fpr`` of negatives exceed."""
+    if positive.numel() == 0 or negative.numel() == 0:
+        return None
+    neg = torch.sort(negative.double(), descending=True).values
+    threshold = neg[min(math.floor(fpr * neg.numel()), neg.numel() - 1)]
+    return float((positive.double() > threshold).double().mean())
+
+
+@dataclass
+class TaskLR:
+    """The attack on one forgotten task."""
+
+    tpr_at_1pct_fpr: float | None
+    auc: float | None
+    n_forget: int
+    n_unseen: int
+    sigma_out: float
+    min_out_references: int  # fewest OUT references any forgotten sample had
+    no_out_reference: int  # forgotten samples left out: no reference excluded their client
+    out_reference_mia_auc: float | None  # loss-MIA AUC of the OUT references (:func:`out_reference_auc`)
+
+
+def likelihood_ratio_audit(
+    model: nn.Module,
+    loaded: LoadedReferences,
+    tasks: Sequence[TaskSpec],
+    *,
+    forget: Batch,
+    unseen: Batch,
+    forget_tasks: Sequence[str],
+    client_index: dict[str, int],
+    device: str = "cpu",
+    batch_size: int = 1024,
+) -> dict[str, Any]:
+    """The ``likelihood_ratio`` evidence: per forgotten task, TPR at 1 % FPR and AUC of ``forget``
+    (positives) against ``unseen`` (negatives) under offline LiRA with ``loaded``'s references."""
+    n_f = len(forget)
+    inputs = inputs_to(cat_inputs([forget.inputs, unseen.inputs]), device)
+    target_out = model_outputs(model, inputs, batch_size=batch_size)
+    ref_outs = [model_outputs(m, inputs, batch_size=batch_size) for m in loaded.models]
+    subset = torch.cat([forget.subset, torch.full((len(unseen),), -1, dtype=torch.long)])
+    out_mask = loaded.refs.out_mask(subset, client_index)  # [K, N]
+    per_task: dict[str, Any] = {}
+    for task in tasks:
+        name = task.name
+        if name not in forget_tasks or name not in forget.labels or name not in unseen.labels:
+            continue
+        y = torch.cat([forget.labels[name], unseen.labels[name]]).to(device)
+        rows = task.supervised(y)
+        if not bool(rows[:n_f].any()) or not bool(rows[n_f:].any()):
+            continue
+        ys = y[rows]
+        phi = scaled_confidence(task, target_out[name][rows], ys).cpu()
+        ref_phi = scaled_confidence(task, torch.stack([o[name][rows] for o in ref_outs]), ys).cpu()
+        mask = out_mask[:, rows.cpu()]
+        z, sigma = lira_scores(phi, ref_phi, mask)
+        is_forget = torch.arange(len(y))[rows.cpu()] < n_f
+        pos, neg = z[is_forget], z[~is_forget]
+        missing = int(torch.isnan(pos).sum())
+        pos = pos[~torch.isnan(pos)]
+        n_out_forget = mask[:, is_forget].sum(0)
+        ref_losses = torch.stack([task.per_sample_loss(o[name][rows], ys) for o in ref_outs]).cpu()
+        per_task[name] = asdict(
+            TaskLR(
+                tpr_at_1pct_fpr=tpr_at_fpr(pos, neg),
+                auc=loss_mia_auc(-pos, -neg),  # loss_mia_auc scores −loss: pass −z
+                n_forget=int(pos.numel()),
+                n_unseen=int(neg.numel()),
+                sigma_out=sigma,
+                min_out_references=int(n_out_forget.min()) if n_out_forget.numel() else 0,
+                no_out_reference=missing,
+                out_reference_mia_auc=out_reference_auc(ref_losses, mask, is_forget),
+            )
+        )
+    return {
+        "method": METHOD,
+        "references": len(loaded.models),
+        "recipe_digest": loaded.refs.recipe_digest,
+        "fpr": FPR,
+        "tasks": per_task,
+        "tpr_at_1pct_fpr": {t: v["tpr_at_1pct_fpr"] for t, v in per_task.items()},
+        "auc": {t: v["auc"] for t, v in per_task.items()},
+    }

@@ -1,0 +1,208 @@
+"""Reference adapters for the likelihood-ratio audit (issue 8 part 5; UNLEARNING.md "Audit evidence").
+
+``K`` adapters (``settings["audit"]["reference_adapters"]``, even; 0 = off) trained once per model,
+off the request path, with v1's recipe (:func:`worker.unlearning.training.train_v1`), each on a
+seeded random half of the model's clients. The halves are balanced per client, as in LiRA
+(Carlini et al. 2022: every example is IN exactly half of the shadow models): client ``c`` is IN
+the first ``K/2`` references of a seeded random permutation of ``0..K-1``, so each client has
+exactly ``K/2`` OUT references — the ones the attack
+(:mod:`worker.unlearning.likelihood_ratio`) reads for that client's samples.
+
+On disk (one directory): ``ref-<i>/`` (peft ``save_pretrained``, :func:`save_adapter`) and
+``references.json`` (the clients, which of them each reference was trained on, the seed, the
+recipe and its digest). Written into a temporary sibling and renamed, so that a crash leaves the
+old set or none, never half of one.
+
+A reference trained on a client keeps that client's data in its weights: when clients are
+forgotten, :func:`drop_references_with` deletes every reference whose half held one of them
+(the OUT references of everyone stay valid); retraining them is left to an operator (re-prepare).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import PeftModel
+
+from worker.unlearning.adapter_io import load_adapter, save_adapter
+from worker.unlearning.model import MultiTaskModel
+from worker.unlearning.training import TrainConfig, train_v1
+from worker.unlearning.types import Batch, TaskSpec
+
+REFERENCES_FILE = "references.json"
+
+
+def _ref_dir(index: int) -> str:
+    return f"ref-{index}"
+
+
+def recipe_digest(workload: str, cfg: TrainConfig, seed: int, k: int) -> str:
+    """sha256 of what the references depend on besides the data: workload, v1 recipe, seed, K."""
+    doc = {"workload": workload, "train": cfg.to_json(), "seed": seed, "references": k}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def assign_halves(clients: Sequence[str], k: int, seed: int) -> list[list[str]]:
+    """Per reference, the clients it trains on: each client IN exactly ``k/2`` references, drawn
+    (a random permutation of the references per client) from a generator seeded with ``seed``."""
+    if k < 2 or k % 2:
+        raise ValueError(f"the number of reference adapters must be even and at least 2, got {k}")
+    gen = torch.Generator().manual_seed(seed)
+    # rank of each reference in a random permutation per client; the first k/2 hold the client
+    ranks = torch.rand(len(clients), k, generator=gen).argsort(1).argsort(1)
+    inside = ranks < k // 2  # [clients, k]
+    return [[c for c, m in zip(clients, inside[:, r].tolist(), strict=True) if m] for r in range(k)]
+
+
+@dataclass
+class ReferenceSet:
+    """``references.json``: who each reference was trained on."""
+
+    clients: list[str]  # every client of the model when the references were trained
+    members: dict[int, list[str]]  # reference index -> the clients of its half (IN)
+    k: int  # how many were trained (``members`` may hold fewer after drop_references_with)
+    seed: int
+    workload: str
+    recipe: dict[str, Any]
+    recipe_digest: str
+    train_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "clients": list(self.clients),
+            "references": [{"index": i, "dir": _ref_dir(i), "clients": m} for i, m in self.members.items()],
+            "k": self.k,
+            "seed": self.seed,
+            "workload": self.workload,
+            "recipe": self.recipe,
+            "recipe_digest": self.recipe_digest,
+            "train_s": self.train_s,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ReferenceSet:
+        return cls(
+            clients=[str(c) for c in data["clients"]],
+            members={int(r["index"]): [str(c) for c in r["clients"]] for r in data["references"]},
+            k=int(data["k"]),
+            seed=int(data["seed"]),
+            workload=str(data["workload"]),
+            recipe=dict(data["recipe"]),
+            recipe_digest=str(data["recipe_digest"]),
+            train_s=float(data["train_s"]),
+        )
+
+    def out_mask(self, subset: torch.Tensor, client_index: dict[str, int]) -> torch.Tensor:
+        """``[references, N]`` bool: True where reference ``r`` never saw row ``i``'s client. A row
+        of no client (``subset`` < 0, held-out data) is OUT of every reference."""
+        by_index = {i: c for c, i in client_index.items()}
+        n_clients = max([*client_index.values(), -1]) + 1
+        # [references, clients + 1]: the last column is "no client" (OUT everywhere)
+        table = torch.ones(len(self.members), n_clients + 1, dtype=torch.bool)
+        for row, members in enumerate(self.members.values()):
+            held = set(members)
+            for i in range(n_clients):
+                table[row, i] = by_index.get(i) not in held
+        col = torch.where(subset < 0, torch.full_like(subset, n_clients), subset)
+        return table[:, col]
+
+
+def train_references(
+    base: MultiTaskModel,
+    data: Batch,
+    tasks: Sequence[TaskSpec],
+    cfg: TrainConfig,
+    *,
+    client_index: dict[str, int],
+    k: int,
+    seed: int,
+    directory: Path,
+    workload: str,
+    device: str = "cpu",
+) -> ReferenceSet:
+    """Train ``k`` references (v1's recipe, reference ``r`` seeded ``seed + 1 + r``) on halves of the
+    clients of ``data`` (rows with ``subset`` = the client's index) and write them to ``directory``
+    (replacing what was there)."""
+    t0 = time.perf_counter()
+    clients = sorted(client_index, key=client_index.__getitem__)
+    halves = assign_halves(clients, k, seed)
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for r, half in enumerate(halves):
+        keep = torch.tensor([client_index[c] for c in half], dtype=torch.long)
+        rows = torch.isin(data.subset, keep).nonzero().reshape(-1)
+        model = train_v1(base, data.select(rows), tasks, cfg, seed=seed + 1 + r, device=device)
+        save_adapter(model, tmp / _ref_dir(r))
+    refs = ReferenceSet(
+        clients=clients,
+        members=dict(enumerate(halves)),
+        k=k,
+        seed=seed,
+        workload=workload,
+        recipe=cfg.to_json(),
+        recipe_digest=recipe_digest(workload, cfg, seed, k),
+        train_s=time.perf_counter() - t0,
+    )
+    (tmp / REFERENCES_FILE).write_text(json.dumps(refs.to_json(), indent=2, sort_keys=True))
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.replace(directory)
+    return refs
+
+
+def read_references(directory: Path | None) -> ReferenceSet | None:
+    """The ``references.json`` of ``directory``; ``None`` when there is none."""
+    if directory is None or not (Path(directory) / REFERENCES_FILE).is_file():
+        return None
+    return ReferenceSet.from_json(json.loads((Path(directory) / REFERENCES_FILE).read_text()))
+
+
+@dataclass
+class LoadedReferences:
+    """The reference set and its adapters on the base (eval mode), in ``refs.members`` order."""
+
+    refs: ReferenceSet
+    models: list[PeftModel]
+
+
+def load_references(
+    base: MultiTaskModel, directory: Path | None, *, device: str = "cpu"
+) -> LoadedReferences | None:
+    """Load every reference of ``directory`` onto (copies of) ``base``; ``None`` when there are none."""
+    refs = read_references(directory)
+    if refs is None or directory is None or not refs.members:
+        return None
+    models = [load_adapter(base, Path(directory) / _ref_dir(i), device=device) for i in refs.members]
+    return LoadedReferences(refs=refs, models=models)
+
+
+def drop_references_with(directory: Path | None, clients: Iterable[str]) -> list[int]:
+    """Delete the references trained on any of ``clients`` (forgotten data must not survive in a
+    reference); returns the indices dropped. ``references.json`` is rewritten first, so a crash
+    leaves at most an unlisted directory, never a listed reference that holds a forgotten client."""
+    refs = read_references(directory)
+    if refs is None or directory is None:
+        return []
+    gone = set(clients)
+    dropped = [i for i, m in refs.members.items() if gone & set(m)]
+    if not dropped:
+        return []
+    refs.members = {i: m for i, m in refs.members.items() if i not in dropped}
+    path = Path(directory) / REFERENCES_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(refs.to_json(), indent=2, sort_keys=True))
+    tmp.replace(path)
+    for i in dropped:
+        shutil.rmtree(Path(directory) / _ref_dir(i), ignore_errors=True)
+    return dropped
