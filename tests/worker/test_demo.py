@@ -132,3 +132,38 @@ def test_retained_checks_allow_the_stated_tolerance_only() -> None:
     assert not kept_check("k", 0.9, 0.9 - allowed - 0.001, 40).ok
     # a group fitted perfectly still has sampling noise: one changed prediction of 37 is no failure
     assert kept_check("k", 1.0, 1.0 - HELDOUT_TOLERANCE - 1 / 37, 37).ok
+
+
+def test_demo_chooses_untouched_clients_only() -> None:
+    """Defect: a second ``lethe demo`` on the same home chose the client whose task the first run's
+    per-task request had forgotten (such a request names samples, so ``requested`` was false), and
+    its checks failed on that task. Clients with a forgotten task are skipped now, across pages."""
+    import httpx
+
+    from worker.demo import _choose_subjects
+
+    clients = [
+        {"client_id": "c0", "requested": True, "forgotten_tasks": []},
+        {"client_id": "c1", "requested": False, "forgotten_tasks": ["orientation"]},
+        {"client_id": "c2", "requested": False, "forgotten_tasks": []},
+        {"client_id": "c3", "requested": False, "forgotten_tasks": []},
+    ]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        path = request.url.path
+        if path == "/v1/admin/models/digits":
+            return httpx.Response(200, json={"status": "ready", "tasks": ["digit", "orientation"]})
+        if path == "/v1/admin/models/digits/clients":
+            page = 1 if request.url.params.get("cursor") == "p2" else 0
+            items = clients[2 * page : 2 * page + 2]
+            return httpx.Response(200, json={"items": items, "next_cursor": None if page else "p2"})
+        if path == "/v1/admin/models/digits/clients/c3/samples":
+            assert request.url.params["task"] == "orientation"
+            return httpx.Response(200, json={"items": [{"sample_id": "c3-0"}], "next_cursor": None})
+        return httpx.Response(404)
+
+    with httpx.Client(transport=httpx.MockTransport(handler)) as client:
+        subjects = _choose_subjects(client, "http://api", "digits")
+    assert (subjects.client, subjects.task_client) == ("c2", "c3")
+    assert subjects.task_samples == ["c3-0"]
+    assert subjects.task == "orientation"
