@@ -79,21 +79,24 @@ def _choose_subjects(client: httpx.Client, api: str, model_name: str) -> Subject
     """Two untouched clients — active, named by no request, no task of theirs forgotten — and 40
     samples of the second whose label of the model's last task is kept: read over the admin API.
 
-    A per-task request names samples, not their client, so ``requested`` alone would pick a client
-    an earlier demo run's per-task request already reached; its forgotten task then fails the
-    "forgotten" check (the version before had nothing left to forget on it)."""
+    A per-task request names samples, not their client, so neither ``requested`` nor the client's
+    ``forgotten_tasks`` (client requests only) shows that an earlier demo run's per-task request
+    reached it: its samples do. Such a client has a task with nothing left to forget, and the
+    "forgotten" check fails on it."""
     detail = client.get(f"{api}/v1/admin/models/{model_name}")
     if detail.status_code != 200 or detail.json().get("status") != "ready":
         raise DemoFailure(f"model {model_name} is not ready: HTTP {detail.status_code}: {detail.text[:300]}")
     tasks = list(detail.json()["tasks"])
     clients = f"{api}/v1/admin/models/{model_name}/clients"
+
+    def untouched(c: dict[str, Any]) -> bool:
+        if c["requested"] or c["forgotten_tasks"]:
+            return False
+        samples = _pages(client, f"{clients}/{quote(c['client_id'], safe='')}/samples", {"limit": 1000})
+        return not any(s["forgotten_tasks"] or s["purged_tasks"] for s in samples)
+
     active = itertools.islice(
-        (
-            c["client_id"]
-            for c in _pages(client, clients, {"status": "active"})
-            if not c["requested"] and not c["forgotten_tasks"]
-        ),
-        2,
+        (c["client_id"] for c in _pages(client, clients, {"status": "active"}) if untouched(c)), 2
     )
     chosen = list(active)
     if len(chosen) < 2 or len(tasks) < 2:

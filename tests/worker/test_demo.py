@@ -136,8 +136,9 @@ def test_retained_checks_allow_the_stated_tolerance_only() -> None:
 
 def test_demo_chooses_untouched_clients_only() -> None:
     """Defect: a second ``lethe demo`` on the same home chose the client whose task the first run's
-    per-task request had forgotten (such a request names samples, so ``requested`` was false), and
-    its checks failed on that task. Clients with a forgotten task are skipped now, across pages."""
+    per-task request had forgotten (such a request names samples: neither ``requested`` nor the
+    client's ``forgotten_tasks`` shows it), and its checks failed on that task. A client any request
+    reached is skipped now (its own flags or its samples'), across pages."""
     import httpx
 
     from worker.demo import _choose_subjects
@@ -145,9 +146,15 @@ def test_demo_chooses_untouched_clients_only() -> None:
     clients = [
         {"client_id": "c0", "requested": True, "forgotten_tasks": []},
         {"client_id": "c1", "requested": False, "forgotten_tasks": ["orientation"]},
-        {"client_id": "c2", "requested": False, "forgotten_tasks": []},
+        {"client_id": "c2", "requested": False, "forgotten_tasks": []},  # a task request reached it
         {"client_id": "c3", "requested": False, "forgotten_tasks": []},
+        {"client_id": "c4", "requested": False, "forgotten_tasks": []},
     ]
+    samples = {
+        "c2": [{"sample_id": "c2-0", "forgotten_tasks": ["orientation"], "purged_tasks": ["orientation"]}],
+        "c3": [{"sample_id": "c3-0", "forgotten_tasks": [], "purged_tasks": []}],
+        "c4": [{"sample_id": "c4-0", "forgotten_tasks": [], "purged_tasks": []}],
+    }
 
     def handler(request: httpx.Request) -> httpx.Response:
         path = request.url.path
@@ -155,15 +162,15 @@ def test_demo_chooses_untouched_clients_only() -> None:
             return httpx.Response(200, json={"status": "ready", "tasks": ["digit", "orientation"]})
         if path == "/v1/admin/models/digits/clients":
             page = 1 if request.url.params.get("cursor") == "p2" else 0
-            items = clients[2 * page : 2 * page + 2]
+            items = clients[3 * page : 3 * page + 3]
             return httpx.Response(200, json={"items": items, "next_cursor": None if page else "p2"})
-        if path == "/v1/admin/models/digits/clients/c3/samples":
-            assert request.url.params["task"] == "orientation"
-            return httpx.Response(200, json={"items": [{"sample_id": "c3-0"}], "next_cursor": None})
+        owner = path.removeprefix("/v1/admin/models/digits/clients/").removesuffix("/samples")
+        if owner in samples:
+            return httpx.Response(200, json={"items": samples[owner], "next_cursor": None})
         return httpx.Response(404)
 
     with httpx.Client(transport=httpx.MockTransport(handler)) as client:
         subjects = _choose_subjects(client, "http://api", "digits")
-    assert (subjects.client, subjects.task_client) == ("c2", "c3")
-    assert subjects.task_samples == ["c3-0"]
+    assert (subjects.client, subjects.task_client) == ("c3", "c4")
+    assert subjects.task_samples == ["c4-0"]
     assert subjects.task == "orientation"
