@@ -246,7 +246,7 @@ def markdown(result: dict[str, Any], label: str) -> str:
     begin, end = markers(label)
     lines = [
         begin,
-        f"### {label}",
+        f"#### {label}",
         "",
         f"Measured {result['date']} on {host['cpus']} CPU cores (Python {host['python']}; 1-minute load "
         f"average at the end {host['load_avg_1m_at_end']}: other jobs share these cores), "
