@@ -9,7 +9,9 @@ A round (``run_round``)::
     → publish_round (checks the fencing token; moves latest; withdraws every earlier active
       version: each of them was trained on the subjects this round forgets; completes requests)
     → delete withdrawn versions' files (tombstones keep their hashes)
-    → DataStore.purge + mark_purged.
+    → DataStore.purge + mark_purged
+    → the next request's full-data importance of the new version, into the worker's cache (after
+      publishing: no request waits for it; best effort).
 
 Crash safety: every step before ``publish_round`` commits is redone by the next attempt (the lease
 expires, the round is resumed under a new token, the old attempt's directory is an orphan and
@@ -186,7 +188,7 @@ def _run_claimed(ctx: WorkerContext, claimed: rounds.ClaimedRound) -> RoundResul
     attempt = _Attempt()
     request_ids = [r.id for r in claimed.requests]
     try:
-        published, withdrawn = _run_and_publish(ctx, claimed, store, attempt)
+        published, withdrawn, next_importance = _run_and_publish(ctx, claimed, store, attempt)
     except rounds.LeaseLost as exc:
         log.warning("round %d: lease lost (%s); discarding its directory", claimed.round_id, exc)
         attempt.publishing = False  # LeaseLost comes before publish_round writes: it rolled back
@@ -214,14 +216,33 @@ def _run_claimed(ctx: WorkerContext, claimed: rounds.ClaimedRound) -> RoundResul
 
     certification.after_publish(ctx, claimed, published)
     after_publish(ctx, model_name, withdrawn=withdrawn)
+    _compute_next_importance(claimed, next_importance)
     return RoundResult(
         claimed.round_id, claimed.fencing_token, request_ids, published.version, "published", withdrawn
     )
 
 
+def _compute_next_importance(
+    claimed: rounds.ClaimedRound, next_importance: Callable[[], float] | None
+) -> None:
+    """The next request's full-data importance of the version just published, into the worker's
+    cache: after publishing, so that no request waits for it. Best effort: when it fails (or another
+    worker's round comes first), the next request computes it itself (the cache key is the weights'
+    digest, so a stale or missing entry is never used)."""
+    if next_importance is None:
+        return
+    try:
+        seconds = next_importance()
+    except Exception:
+        log.warning("round %d: computing the next importance ahead failed; the next request will",
+                    claimed.round_id, exc_info=True)  # fmt: skip
+        return
+    log.info("round %d: next request's importance computed ahead in %.2f s", claimed.round_id, seconds)
+
+
 def _run_and_publish(
     ctx: WorkerContext, claimed: rounds.ClaimedRound, store: ModelArtifacts, attempt: _Attempt
-) -> tuple[rounds.PublishedVersion, list[int]]:
+) -> tuple[rounds.PublishedVersion, list[int], Callable[[], float] | None]:
     """GC → engine → seal → publish; raises on any failure (the caller cleans up and fails)."""
     model_name = claimed.model_name
     with transaction(ctx.session_factory) as session:
@@ -249,10 +270,11 @@ def _run_and_publish(
     staging = attempt.staging = store.staging_dir(name)
     with _watchdog(ctx, claimed) as watchdog:
         with watchdog.interruptible():
-            outcome = _run_engine(
+            engine = _run_engine(
                 ctx, claimed, model=model_row, workload_settings=workload_settings, staging=staging,
                 watchdog=watchdog,
             )  # fmt: skip
+        outcome = engine.evidence
         watchdog.check()
         ctx.emit("engine_done", round_id=claimed.round_id)
         with transaction(ctx.session_factory) as session:
@@ -284,7 +306,7 @@ def _run_and_publish(
             )
     if any(doc.get("acceptance", {}).get("path") == "retrain" for doc in outcome.values()):
         metrics.ACCEPTANCE_FALLBACKS.labels(model_name).inc()
-    return published, withdraw
+    return published, withdraw, engine.next_importance
 
 
 def _manifest_extra(ctx: WorkerContext, claimed: rounds.ClaimedRound) -> dict[str, Any]:
@@ -311,6 +333,12 @@ def _watchdog(ctx: WorkerContext, claimed: rounds.ClaimedRound) -> RoundWatchdog
     )
 
 
+@dataclass(frozen=True)
+class EngineResult:
+    evidence: dict[str, dict[str, Any]]  # per request id
+    next_importance: Callable[[], float] | None  # RoundOutcome.next_importance
+
+
 def _run_engine(
     ctx: WorkerContext,
     claimed: rounds.ClaimedRound,
@@ -319,7 +347,7 @@ def _run_engine(
     workload_settings: dict[str, Any],
     staging: Path,
     watchdog: RoundWatchdog,
-) -> dict[str, dict[str, Any]]:
+) -> EngineResult:
     from worker.unlearning.workload import deep_merge
 
     workload = context._load_workload(model)
@@ -343,7 +371,7 @@ def _run_engine(
 
     with contextlib.closing(stages):
         outcome = _engine_round(ctx, claimed, model, workload, settings, staging, on_progress, on_stage)
-    return {rid: dict(doc) for rid, doc in outcome.evidence.items()}
+    return EngineResult({rid: dict(doc) for rid, doc in outcome.evidence.items()}, outcome.next_importance)
 
 
 def _engine_round(
@@ -377,4 +405,5 @@ def _engine_round(
         state_in=store.fetch_state(claimed.parent_location),
         on_stage=on_stage,
         references_dir=ctx.references_dir(claimed.model_name),
+        defer_next_importance=True,  # run by _run_claimed once the version is published
     )

@@ -116,7 +116,7 @@ def test_metrics_count_final_failures_and_fallbacks(
     """A permanent error fails the request for good (cause ``permanent``); a round whose evidence
     says the acceptance check fell back to retrain counts a fallback."""
 
-    def broken(*_: object, **__: object) -> dict[str, dict[str, Any]]:
+    def broken(*_: object, **__: object) -> round_job.EngineResult:
         raise ValueError("bad input")
 
     failures_before = _counter("lethe_request_failures_total", model=MODEL, cause="permanent")
@@ -129,8 +129,11 @@ def test_metrics_count_final_failures_and_fallbacks(
 
     fake = _fake_engine()
 
-    def fell_back(*args: Any, **kwargs: Any) -> dict[str, dict[str, Any]]:
-        return {rid: {"acceptance": {"checked": True, "path": "retrain"}} for rid in fake(*args, **kwargs)}
+    def fell_back(*args: Any, **kwargs: Any) -> round_job.EngineResult:
+        evidence = fake(*args, **kwargs).evidence
+        return round_job.EngineResult(
+            {rid: {"acceptance": {"checked": True, "path": "retrain"}} for rid in evidence}, None
+        )
 
     fallbacks_before = _counter("lethe_acceptance_fallbacks_total", model=MODEL)
     monkeypatch.setattr(round_job, "_run_engine", fell_back)

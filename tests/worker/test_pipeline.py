@@ -74,12 +74,15 @@ def _submit(ctx: pipeline.WorkerContext, client: str) -> str:
 EngineHook = Callable[[rounds.ClaimedRound, RoundWatchdog], None]
 
 
-def _fake_engine(before_return: EngineHook | None = None) -> Callable[..., dict[str, dict[str, Any]]]:
-    """Stands in for ``pipeline._run_engine``: writes two adapter files, calls ``before_return``."""
+def _fake_engine(
+    before_return: EngineHook | None = None, next_importance: Callable[[], float] | None = None
+) -> Callable[..., round_job.EngineResult]:
+    """Stands in for ``pipeline._run_engine``: writes two adapter files, calls ``before_return``;
+    returns ``next_importance`` as the round's work to do after publishing."""
 
     def run(
         _ctx: object, claimed: rounds.ClaimedRound, *, staging: Path, watchdog: RoundWatchdog, **_: object
-    ) -> dict[str, dict[str, Any]]:
+    ) -> round_job.EngineResult:
         (staging / "adapter_model.safetensors").write_bytes(f"round {claimed.round_id}".encode())
         (staging / "adapter_config.json").write_text("{}")
         (staging / STATE_FILE).write_text(
@@ -87,7 +90,7 @@ def _fake_engine(before_return: EngineHook | None = None) -> Callable[..., dict[
         )
         if before_return is not None:
             before_return(claimed, watchdog)
-        return {r.id: {"fake": True} for r in claimed.requests}
+        return round_job.EngineResult({r.id: {"fake": True} for r in claimed.requests}, next_importance)
 
     return run
 
@@ -127,6 +130,38 @@ def test_round_publishes_and_withdraws(ctx: pipeline.WorkerContext, monkeypatch:
     assert pipeline.run_one_round(ctx, MODEL) is None  # nothing left to claim
     assert _request_status(ctx, request_id) == "completed"
     assert _versions(ctx) == [(1, "withdrawn"), (2, "active")]
+
+
+def test_next_importance_is_computed_after_publishing(
+    ctx: pipeline.WorkerContext, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Defect: the next request's full-data importance was computed inside the round, before the
+    version was published (16–21 s of a 70 s scenes round on the POST → served path). It runs
+    after publishing now, and its failure never fails the published round."""
+    seen: list[tuple[int, str]] = []
+    request_id = _submit(ctx, "c0")
+
+    def after() -> float:
+        seen.append((_versions(ctx)[-1][0], _request_status(ctx, request_id)))
+        return 0.5
+
+    monkeypatch.setattr(round_job, "_run_engine", _fake_engine(next_importance=after))
+    result = pipeline.run_one_round(ctx, MODEL)
+    assert result is not None
+    assert result.status == "published"
+    assert seen == [(2, "completed")]  # v2 published and the request completed before it ran
+
+    def broken() -> float:
+        raise RuntimeError("no memory left")
+
+    monkeypatch.setattr(round_job, "_run_engine", _fake_engine(next_importance=broken))
+    _submit(ctx, "c1")
+    with caplog.at_level(logging.WARNING, logger=round_job.log.name):
+        result = pipeline.run_one_round(ctx, MODEL)
+    assert result is not None
+    assert result.status == "published"
+    assert _versions(ctx)[-1] == (3, "active")
+    assert "computing the next importance ahead failed" in caplog.text
 
 
 def test_unlearning_state_is_kept_worker_side_not_served(
@@ -358,7 +393,7 @@ def test_gc_collects_orphans_of_crashed_attempts(
 def test_engine_error_requeues_then_fails_at_the_attempt_cap(
     ctx: pipeline.WorkerContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def boom(*args: Any, **kwargs: Any) -> dict[str, dict[str, Any]]:
+    def boom(*args: Any, **kwargs: Any) -> round_job.EngineResult:
         raise RuntimeError("CUDA out of memory")
 
     monkeypatch.setattr(round_job, "_run_engine", boom)
@@ -585,7 +620,9 @@ def test_a_round_runs_with_the_method_and_settings_it_was_claimed_with(
         (adapter_out / "adapter_model.safetensors").write_bytes(f"v{len(seen)}".encode())
         (adapter_out / "adapter_config.json").write_text("{}")
         (adapter_out / STATE_FILE).write_text("{}")
-        return dataclasses.make_dataclass("Outcome", ["evidence"])({r.request_id: {} for r in requests})
+        return dataclasses.make_dataclass("Outcome", ["evidence", "next_importance"])(
+            {r.request_id: {} for r in requests}, None
+        )
 
     monkeypatch.setattr(engine, "run_round", run_round)
     monkeypatch.setattr(worker_context, "_load_workload", lambda model: object())
@@ -714,7 +751,9 @@ def test_the_api_shows_the_stage_of_a_running_round(
             (adapter_out / "adapter_model.safetensors").write_bytes(b"v2")
             (adapter_out / "adapter_config.json").write_text("{}")
             (adapter_out / STATE_FILE).write_text("{}")
-            return dataclasses.make_dataclass("Outcome", ["evidence"])({r.request_id: {} for r in requests})
+            return dataclasses.make_dataclass("Outcome", ["evidence", "next_importance"])(
+            {r.request_id: {} for r in requests}, None
+        )
 
         def hook(event_name: str, _details: dict[str, Any]) -> None:
             if event_name in ("engine_done", "committed"):

@@ -13,7 +13,6 @@ import shutil
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -78,10 +77,12 @@ def ctx(settings: Settings) -> Iterator[pipeline.WorkerContext]:
     context.close()
 
 
-def _fake_engine(_ctx: object, claimed: rounds.ClaimedRound, *, staging: Path, **_: object) -> dict[str, Any]:
+def _fake_engine(
+    _ctx: object, claimed: rounds.ClaimedRound, *, staging: Path, **_: object
+) -> round_job.EngineResult:
     (staging / "adapter_model.safetensors").write_bytes(f"round {claimed.round_id}".encode())
     (staging / STATE_FILE).write_text("{}")  # sealing keeps the state worker-side; it must exist
-    return {r.id: {"fake": True} for r in claimed.requests}
+    return round_job.EngineResult({r.id: {"fake": True} for r in claimed.requests}, None)
 
 
 def _submit(ctx: pipeline.WorkerContext, client: str) -> str:

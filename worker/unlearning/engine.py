@@ -75,6 +75,10 @@ class RoundOutcome:
     evidence: dict[str, dict[str, Any]]
     state: RoundState
     timings: dict[str, float] = field(default_factory=dict)
+    #: with ``defer_next_importance``: computes the next request's I_D of the published model into
+    #: the cache (returns the seconds spent); the worker calls it once the version is published, so
+    #: no request waits for it. ``None``: nothing to compute (or it was computed in the round).
+    next_importance: Callable[[], float] | None = None
 
 
 def _seed_all(seed: int) -> None:
@@ -784,10 +788,15 @@ def run_round(
     state_in: Path | None = None,
     on_stage: StageCallback | None = None,
     references_dir: Path | None = None,
+    defer_next_importance: bool = False,
 ) -> RoundOutcome:
     """One unlearning round: the requests in order (one stage each), the acceptance check of the
     model to publish (with the exact path as fallback), the audit of every request on it; writes
     ``adapter_out``.
+
+    ``defer_next_importance``: the next request's full-data importance of the published model is
+    not computed in the round but returned as ``RoundOutcome.next_importance``, for the caller to
+    run after publishing (on scenes it is 16–21 s of a 70 s round, docs/benchmarks.md).
 
     ``state_in``: the RoundState file of ``adapter_in`` when it is kept elsewhere (the worker keeps
     it out of served directories); default ``adapter_in/unlearning_state.json``.
@@ -867,10 +876,18 @@ def run_round(
     model, accepted, fallback_s = _accept_round(
         round_input, model, staged, accept_cfg, method, round_progress
     )
+    next_importance: Callable[[], float] | None = None
     if staged and not staged[-1].nothing_left:
-        _, staged[-1].timings["importance_precompute_s"] = precompute_next_importance(
-            model, staged[-1].ctx, method
-        )
+        if defer_next_importance:
+            last_ctx, published = staged[-1].ctx, model
+
+            def next_importance() -> float:
+                return precompute_next_importance(published, last_ctx, method)[1]
+
+        else:
+            _, staged[-1].timings["importance_precompute_s"] = precompute_next_importance(
+                model, staged[-1].ctx, method
+            )
     round_progress("audit")
     evidence: dict[str, dict[str, Any]] = {}
     for position, s in enumerate(staged, start=1):
@@ -889,9 +906,11 @@ def run_round(
         )
         ev["acceptance"] = accepted[s.ctx.spec.request_id]
         evidence[s.ctx.spec.request_id] = ev
+    if next_importance is not None:
+        evidence[staged[-1].ctx.spec.request_id]["next_importance"] = "computed after publishing"
     state.version += 1
     save_adapter(model, Path(adapter_out))
     # the key the next round's full-data importance is cached under: this version's weights digest
     state.importance_cache_key = weights_digest(model)
     state.save(Path(adapter_out))
-    return RoundOutcome(evidence=evidence, state=state, timings=timings)
+    return RoundOutcome(evidence=evidence, state=state, timings=timings, next_importance=next_importance)

@@ -264,6 +264,22 @@ def test_the_engine_computes_ahead_the_importance_a_methods_spec_declares(
         outcome = _round(tmp_path, spec, "throwaway_importance", {}, cache_dir=tmp_path / "cache")
         assert seen == [own]  # the next request's, after this one
         assert outcome.evidence["r1"]["timings_s"]["importance_precompute_s"] > 0.0
+        assert outcome.next_importance is None
+        # the worker's way: not in the round, but returned to run once the version is published
+        seen.clear()
+        deferred = _round(
+            tmp_path,
+            spec,
+            "throwaway_importance",
+            {},
+            cache_dir=tmp_path / "cache",
+            defer_next_importance=True,
+        )
+        assert seen == []
+        assert deferred.evidence["r1"]["next_importance"] == "computed after publishing"
+        assert deferred.next_importance is not None
+        assert deferred.next_importance() > 0.0
+        assert seen == [own]
     finally:
         unregister("throwaway_importance")
     assert full_importance_settings("original", {}) is None
