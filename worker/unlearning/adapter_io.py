@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from peft import PeftModel
@@ -58,6 +59,25 @@ def load_adapter(
     # base stays pristine (a retrain on it must not see this adapter).
     net = load_base(base) if isinstance(base, Path) else copy.deepcopy(base)
     model = PeftModel.from_pretrained(net, str(adapter_dir), is_trainable=trainable)
+    model = model.to(device)
+    model.eval()
+    return model
+
+
+def load_adapters(
+    base: MultiTaskModel, adapter_dirs: Mapping[str, Path], *, device: str = "cpu"
+) -> PeftModel:
+    """ONE copy of ``base`` with every adapter of ``adapter_dirs`` (name -> directory) loaded under
+    its name (peft multi-adapter; the heads' ``modules_to_save`` copies are per adapter too), frozen,
+    in eval mode. Which adapter computes the outputs: ``model.set_adapter(name, inference_mode=True)``.
+    Memory: one base and the small adapters, where :func:`load_adapter` per directory copies the base
+    each time."""
+    if not adapter_dirs:
+        raise ValueError("load_adapters needs at least one adapter")
+    (first, first_dir), *rest = adapter_dirs.items()
+    model = PeftModel.from_pretrained(copy.deepcopy(base), str(first_dir), adapter_name=first)
+    for name, directory in rest:
+        model.load_adapter(str(directory), adapter_name=name)
     model = model.to(device)
     model.eval()
     return model
