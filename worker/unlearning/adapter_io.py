@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from peft import PeftModel
+from torch import Tensor, nn
 
 from worker.unlearning.model import MultiTaskModel, load_base, unwrap
 from worker.unlearning.state import RoundState
@@ -81,6 +82,23 @@ def load_adapters(
     model = model.to(device)
     model.eval()
     return model
+
+
+class AdapterView(nn.Module):
+    """One named adapter of a multi-adapter peft model (:func:`load_adapters`), as a model of its
+    own: every forward activates its adapter first, so that views of one shared model can be used
+    in any order and interleaved. ``train()`` / ``eval()`` reach the shared model."""
+
+    def __init__(self, model: PeftModel, adapter: str) -> None:
+        super().__init__()
+        self.model = model
+        self.adapter = adapter
+
+    def forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.model.active_adapter != self.adapter:
+            self.model.set_adapter(self.adapter, inference_mode=True)
+        out: dict[str, Tensor] = self.model(inputs)
+        return out
 
 
 def load_state(adapter_dir: Path) -> RoundState:

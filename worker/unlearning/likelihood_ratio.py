@@ -132,7 +132,7 @@ def likelihood_ratio_audit(
     n_f = len(forget)
     inputs = inputs_to(cat_inputs([forget.inputs, unseen.inputs]), device)
     target_out = model_outputs(model, inputs, batch_size=batch_size)
-    ref_outs = loaded.outputs(inputs, batch_size=batch_size)
+    ref_outs = [model_outputs(m, inputs, batch_size=batch_size) for m in loaded.models]
     subset = torch.cat([forget.subset, torch.full((len(unseen),), -1, dtype=torch.long)])
     out_mask = loaded.refs.out_mask(subset, client_index)  # [K, N]
     per_task: dict[str, Any] = {}
@@ -169,7 +169,7 @@ def likelihood_ratio_audit(
         )
     return {
         "method": METHOD,
-        "references": len(loaded),
+        "references": len(loaded.models),
         "recipe_digest": loaded.refs.recipe_digest,
         "fpr": FPR,
         "tasks": per_task,

@@ -24,16 +24,15 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
+from torch import nn
 
-from worker.unlearning.adapter_io import load_adapters, save_adapter
-from worker.unlearning.audit import model_outputs
+from worker.unlearning.adapter_io import AdapterView, load_adapters, save_adapter
 from worker.unlearning.model import MultiTaskModel
 from worker.unlearning.training import TrainConfig, train_v1
 from worker.unlearning.types import Batch, TaskSpec
@@ -171,42 +170,25 @@ def read_references(directory: Path | None) -> ReferenceSet | None:
 
 @dataclass
 class LoadedReferences:
-    """The reference set and its adapters, all on ONE copy of the base: a peft model with one named
-    adapter per reference (``ref-<i>``, in ``refs.members`` order), frozen, in eval mode. Memory:
-    one base and K small adapters (it held K copies of the base before)."""
+    r"""The reference set and a model per reference (eval mode), in ``refs.members`` order. As
+    :func:`load_references` loads them, the models are :class:`AdapterView`\ s of ONE copy of the
+    base holding the K adapters: memory is one base and K small adapters, not K bases."""
 
     refs: ReferenceSet
-    model: PeftModel
-    adapters: list[str]  # the adapter names, in ``refs.members`` order
-
-    def __len__(self) -> int:
-        return len(self.adapters)
-
-    def each(self) -> Iterator[PeftModel]:
-        """``model`` with each reference's adapter active in turn (``refs.members`` order). One
-        model serves every reference: use it before the next step, which switches the adapter."""
-        for name in self.adapters:
-            self.model.set_adapter(name, inference_mode=True)
-            yield self.model
-
-    def outputs(
-        self, inputs: Mapping[str, torch.Tensor], *, batch_size: int = 1024
-    ) -> list[dict[str, torch.Tensor]]:
-        """Each reference's outputs on ``inputs`` (:func:`worker.unlearning.audit.model_outputs`), in
-        ``refs.members`` order."""
-        return [model_outputs(m, inputs, batch_size=batch_size) for m in self.each()]
+    models: list[nn.Module]
 
 
 def load_references(
     base: MultiTaskModel, directory: Path | None, *, device: str = "cpu"
 ) -> LoadedReferences | None:
-    """Load every reference of ``directory`` onto one copy of ``base``; ``None`` when there are none."""
+    """Load every reference of ``directory`` onto one copy of ``base`` (one named peft adapter
+    each, ``ref-<i>``); ``None`` when there are none."""
     refs = read_references(directory)
     if refs is None or directory is None or not refs.members:
         return None
     names = [_ref_dir(i) for i in refs.members]
-    model = load_adapters(base, {name: Path(directory) / name for name in names}, device=device)
-    return LoadedReferences(refs=refs, model=model, adapters=names)
+    shared = load_adapters(base, {name: Path(directory) / name for name in names}, device=device)
+    return LoadedReferences(refs=refs, models=[AdapterView(shared, name) for name in names])
 
 
 def drop_references_with(directory: Path | None, clients: Iterable[str]) -> list[int]:
