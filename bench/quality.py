@@ -598,7 +598,7 @@ def _run_setting(
             # the variant's own settings; the same anchor fraction and retain set for every method.
             # No oracle: the method never sees the retrain (it only scores the method, below)
             precompute = ahead[v.label]
-            done = run_stage(
+            models[v.label], done = run_stage(
                 own[v.label],
                 models[v.label],
                 spec,
@@ -608,12 +608,11 @@ def _run_setting(
                 cache_key=keys[v.label],
                 precompute_next=stage < len(specs),
             )
-            models[v.label] = done.model
             if stage < len(specs):
                 keys[v.label], ahead[v.label] = done.next_cache_key, done.timings["importance_precompute_s"]
             wall = done.timings["method_s"]
             ev = request_evidence(
-                done.model,
+                models[v.label],
                 done.ctx,
                 method=v.method,
                 method_info=done.info,

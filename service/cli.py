@@ -20,7 +20,7 @@ import click
 from sqlalchemy.engine import make_url
 
 from service import logs
-from service.db.models import SCOPES
+from service.db.models import SCOPES, ApiKey
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -201,6 +201,16 @@ def _key_session() -> Iterator[Session]:
         engine.dispose()
 
 
+def _locked_key(session: Session, key_id: int) -> ApiKey:
+    """The key ``key_id``, locked for an update; a CLI error when there is none."""
+    from service.repositories import keys as keys_repo
+
+    row = keys_repo.get_key(session, key_id, lock=True)
+    if row is None:
+        raise click.ClickException(f"API key {key_id} does not exist")
+    return row
+
+
 def _when(value: datetime | None) -> str:
     return value.strftime("%Y-%m-%dT%H:%M:%SZ") if value is not None else "-"
 
@@ -230,9 +240,7 @@ def keys_revoke(key_id: int) -> None:
     from service.repositories import keys as keys_repo
 
     with _key_session() as session:
-        row = keys_repo.get_key(session, key_id, lock=True)
-        if row is None:
-            raise click.ClickException(f"API key {key_id} does not exist")
+        row = _locked_key(session, key_id)
         keys_repo.revoke_key(session, row)
     click.echo(f"key {key_id} revoked", err=True)
 
@@ -244,9 +252,7 @@ def keys_rotate(key_id: int) -> None:
     from service.repositories import keys as keys_repo
 
     with _key_session() as session:
-        row = keys_repo.get_key(session, key_id, lock=True)
-        if row is None:
-            raise click.ClickException(f"API key {key_id} does not exist")
+        row = _locked_key(session, key_id)
         if row.revoked_at is not None:
             raise click.ClickException(f"API key {key_id} is revoked; create a new one")
         _, secret = keys_repo.rotate_key(session, row)

@@ -25,6 +25,8 @@ from typing import Literal
 import redis
 from celery import Celery
 
+from service.background import BackgroundThread
+
 log = logging.getLogger(__name__)
 
 # Task and queue names: defined here only (the worker imports them; the API never imports the worker).
@@ -60,9 +62,13 @@ class Dispatcher:
     _quiet_until: float = field(default=0.0, init=False, repr=False)
     _pending: dict[tuple[str, str], None] = field(default_factory=dict, init=False, repr=False)
     _busy: int = field(default=0, init=False, repr=False)
-    _closing: bool = field(default=False, init=False, repr=False)
-    _wakeup: threading.Condition = field(default_factory=threading.Condition, init=False, repr=False)
-    _thread: threading.Thread | None = field(default=None, init=False, repr=False)
+    _background: BackgroundThread = field(
+        default_factory=lambda: BackgroundThread("lethe-dispatch"), init=False, repr=False
+    )
+
+    @property
+    def _wakeup(self) -> threading.Condition:
+        return self._background.wakeup
 
     @property
     def enabled(self) -> bool:
@@ -198,18 +204,16 @@ class Dispatcher:
         if not self.broker_url:
             return
         with self._wakeup:
-            if self._closing:
+            if self._background.closing:
                 return
             self._pending[(task, model_name)] = None
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._publish, name="lethe-dispatch", daemon=True)
-                self._thread.start()
+            self._background.start(self._publish)
             self._wakeup.notify_all()
 
     def _publish(self) -> None:
         while True:
             with self._wakeup:
-                while not self._pending and not self._closing:
+                while not self._pending and not self._background.closing:
                     self._wakeup.wait()
                 if not self._pending:
                     return
@@ -252,12 +256,7 @@ class Dispatcher:
 
     def close(self) -> None:
         """Send what is still noted (bounded by the timeouts), then release the connections."""
-        with self._wakeup:
-            self._closing = True
-            self._wakeup.notify_all()
-            thread = self._thread
-        if thread is not None:
-            thread.join(timeout=2 * self.timeout_seconds + 1)
+        self._background.close(timeout=2 * self.timeout_seconds + 1)
         with self._lock:
             if self._app is not None:
                 self._app.close()

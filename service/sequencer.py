@@ -11,11 +11,11 @@ shortly after instead of queueing behind it.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.background import BackgroundThread
 from service.db.session import transaction
 from service.repositories import events as events_repo
 
@@ -30,17 +30,14 @@ class ChainSequencer:
         self.sessions = sessions
         self.interval_seconds = interval_seconds
         self.gather_seconds = gather_seconds
-        self._wakeup = threading.Condition()
         self._noted = False
-        self._closing = False
-        self._thread: threading.Thread | None = None
+        self._background = BackgroundThread(THREAD_NAME)
+        self._wakeup = self._background.wakeup
 
     def start(self) -> None:
         """Start the thread (``interval_seconds`` 0: none; appends and readers still chain)."""
-        if self.interval_seconds <= 0 or self._thread is not None:
-            return
-        self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
-        self._thread.start()
+        if self.interval_seconds > 0:
+            self._background.start(self._run)
 
     def note(self) -> None:
         """A submission committed pending events: chain them soon. Never blocks on the database."""
@@ -65,9 +62,9 @@ class ChainSequencer:
     def _run(self) -> None:
         while True:
             with self._wakeup:
-                if not self._noted and not self._closing:
+                if not self._noted and not self._background.closing:
                     self._wakeup.wait(self.interval_seconds)
-                if self._closing:
+                if self._background.closing:
                     return
                 self._noted = False
             try:
@@ -79,9 +76,4 @@ class ChainSequencer:
             time.sleep(self.gather_seconds)  # let submissions gather: one transaction chains many
 
     def close(self) -> None:
-        with self._wakeup:
-            self._closing = True
-            self._wakeup.notify_all()
-            thread = self._thread
-        if thread is not None:
-            thread.join(timeout=10)
+        self._background.close(timeout=10)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from peft import PeftModel
 
 from bench import quality
 from bench.quality import (
@@ -219,7 +220,7 @@ def test_every_method_of_every_stage_runs_through_run_stage(monkeypatch: pytest.
     retrains only score them."""
     calls: list[tuple[str, str, int]] = []
 
-    def spy(*args: Any, **kwargs: Any) -> StageResult:
+    def spy(*args: Any, **kwargs: Any) -> tuple[PeftModel, StageResult]:
         calls.append((args[2].request_id, kwargs["method"], kwargs["stage"]))
         return run_stage(*args, **kwargs)
 

@@ -6,15 +6,11 @@ starts from empty tables.
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,6 +23,7 @@ from service.repositories import keys as keys_repo
 from service.repositories import models as models_repo
 from service.rounds import FileDigest, register_prepared_model
 from service.settings import Settings
+from tests.service.helpers import uvicorn_in_thread
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
@@ -155,22 +152,16 @@ def keys(sessions: sessionmaker[Session]) -> Keys:
 
 
 @pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``LETHE_HOME`` is ``tmp_path`` and no database or broker is configured (the CLI's defaults)."""
+    monkeypatch.setenv("LETHE_HOME", str(tmp_path))
+    for name in ("LETHE_DATABASE_URL", "LETHE_BROKER_URL"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path
+
+
+@pytest.fixture
 def live_server(settings: Settings) -> Iterator[str]:
     """The API on a real uvicorn server in a thread; yields its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(settings), log_level="warning", ws="none", lifespan="on")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
+    with uvicorn_in_thread(settings, ws="none") as port:
         yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()

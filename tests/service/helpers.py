@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import socket
+import threading
+import time
+from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
+
+import uvicorn
+
+from service.api.app import create_app
+from service.settings import Settings
 
 
 class ResponseLike(Protocol):
@@ -47,3 +56,26 @@ def client_body(client_id: str = "c0", model: str = "digits", **extra: Any) -> d
 
 def task_body(samples: list[str], tasks: list[str], model: str = "digits", **extra: Any) -> dict[str, Any]:
     return {"model": model, "kind": "task", "sample_ids": samples, "tasks": tasks, **extra}
+
+
+@contextlib.contextmanager
+def uvicorn_in_thread(settings: Settings, **config: Any) -> Iterator[int]:
+    """The API on a real uvicorn server in a thread (``config``: more ``uvicorn.Config`` options);
+    yields its port once the server has started, stops it after."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port: int = sock.getsockname()[1]
+    app = create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", **config))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()

@@ -7,8 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +24,7 @@ from service.db.session import transaction
 from service.repositories import models as models_repo
 from service.settings import Settings
 from tests.service.conftest import Keys
-from tests.service.helpers import assert_problem
+from tests.service.helpers import assert_problem, uvicorn_in_thread
 
 JSON = {"Content-Type": "application/json"}
 
@@ -135,25 +133,8 @@ def test_kind_dependent_fields_are_named(client: TestClient, keys: Keys, body: A
 @pytest.fixture
 def wire_server(settings: Settings) -> Iterator[int]:
     """The API on uvicorn with the protocol ``lethe serve`` uses; yields the port."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port: int = sock.getsockname()[1]
-    config = uvicorn.Config(
-        create_app(settings), log_level="warning", lifespan="on", http=ProblemHttpToolsProtocol
-    )
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
+    with uvicorn_in_thread(settings, http=ProblemHttpToolsProtocol) as port:
         yield port
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 def _raw(port: int, request: bytes) -> bytes:

@@ -25,14 +25,6 @@ from service.repositories import keys as keys_repo
 plugin = click.Command("hello", callback=lambda: click.echo("hello from a plugin"))
 
 
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("LETHE_HOME", str(tmp_path))
-    for name in ("LETHE_DATABASE_URL", "LETHE_BROKER_URL"):
-        monkeypatch.delenv(name, raising=False)
-    return tmp_path
-
-
 def test_migrate_then_keys_create_prints_a_key_once_and_stores_its_hash(home: Path) -> None:
     runner = CliRunner()
     migrated = runner.invoke(cli.main, ["migrate"])

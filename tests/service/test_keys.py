@@ -126,14 +126,6 @@ def test_addresses_tracked_are_bounded() -> None:
     assert failures.retry_after("c") is not None
 
 
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    monkeypatch.setenv("LETHE_HOME", str(tmp_path))
-    for name in ("LETHE_DATABASE_URL", "LETHE_BROKER_URL"):
-        monkeypatch.delenv(name, raising=False)
-    return tmp_path
-
-
 def test_cli_list_revoke_rotate(home: Path) -> None:
     runner = CliRunner()
     assert runner.invoke(cli.main, ["migrate"]).exit_code == 0

@@ -31,7 +31,7 @@ from service.settings import Settings
 from tests.worker.requests import submit_client
 from worker import cleanup, pipeline, round_job
 from worker import context as worker_context
-from worker.artifacts import STATE_FILE, ModelArtifacts, verify_directory
+from worker.artifacts import STATE_FILE, verify_directory
 from worker.config import WorkerSettings
 from worker.watchdog import RoundWatchdog
 
@@ -44,25 +44,7 @@ def ctx(tmp_path: Path) -> Iterator[pipeline.WorkerContext]:
     settings = Settings(home=tmp_path / "home", database_url=None, retry_base_seconds=0)
     upgrade(settings.resolved_database_url)
     context = pipeline.WorkerContext.create(settings, WorkerSettings(device="cpu"), worker_id="w1")
-    store = ModelArtifacts(settings.resolved_artifacts_dir, MODEL)
-    staging = store.staging_dir("0-1")
-    (staging / "adapter_model.safetensors").write_bytes(b"v1")
-    (staging / STATE_FILE).write_text("{}")
-    store.keep_state(staging, "0-1")
-    v1 = store.commit(staging, "0-1", parent_version=None, requests=[], evidence={})
-    with transaction(context.session_factory) as session:
-        registry.register(
-            session, MODEL, workload="digits-clients", method="default", method_config={}, settings={}
-        )
-        rounds.register_prepared_model(
-            session,
-            MODEL,
-            subjects={"c0": ["s0", "s1"], "c1": ["s2", "s3"]},
-            location=v1.location,
-            files={k: rounds.FileDigest(v.sha256, v.size) for k, v in v1.files.items()},
-            evidence={},
-            tasks=["t"],
-        )
+    _register(context, MODEL, {"c0": ["s0", "s1"], "c1": ["s2", "s3"]}, ["t"])
     yield context
     context.close()
 

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from peft import PeftModel
+from torch import Tensor, nn
 
 from worker.unlearning.model import MultiTaskModel, load_base, unwrap
 from worker.unlearning.state import RoundState
@@ -61,6 +63,42 @@ def load_adapter(
     model = model.to(device)
     model.eval()
     return model
+
+
+def load_adapters(
+    base: MultiTaskModel, adapter_dirs: Mapping[str, Path], *, device: str = "cpu"
+) -> PeftModel:
+    """ONE copy of ``base`` with every adapter of ``adapter_dirs`` (name -> directory) loaded under
+    its name (peft multi-adapter; the heads' ``modules_to_save`` copies are per adapter too), frozen,
+    in eval mode. Which adapter computes the outputs: ``model.set_adapter(name, inference_mode=True)``.
+    Memory: one base and the small adapters, where :func:`load_adapter` per directory copies the base
+    each time."""
+    if not adapter_dirs:
+        raise ValueError("load_adapters needs at least one adapter")
+    (first, first_dir), *rest = adapter_dirs.items()
+    model = PeftModel.from_pretrained(copy.deepcopy(base), str(first_dir), adapter_name=first)
+    for name, directory in rest:
+        model.load_adapter(str(directory), adapter_name=name)
+    model = model.to(device)
+    model.eval()
+    return model
+
+
+class AdapterView(nn.Module):
+    """One named adapter of a multi-adapter peft model (:func:`load_adapters`), as a model of its
+    own: every forward activates its adapter first, so that views of one shared model can be used
+    in any order and interleaved. ``train()`` / ``eval()`` reach the shared model."""
+
+    def __init__(self, model: PeftModel, adapter: str) -> None:
+        super().__init__()
+        self.model = model
+        self.adapter = adapter
+
+    def forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.model.active_adapter != self.adapter:
+            self.model.set_adapter(self.adapter, inference_mode=True)
+        out: dict[str, Tensor] = self.model(inputs)
+        return out
 
 
 def load_state(adapter_dir: Path) -> RoundState:

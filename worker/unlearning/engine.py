@@ -523,12 +523,14 @@ def apply_method(
 
 @dataclass
 class StageResult:
-    """One request (one stage of the sequential setting) run on one model by :func:`run_stage`."""
+    """One request (one stage of the sequential setting) run by :func:`run_stage`; a round keeps
+    one per request until its acceptance check and audit. The model after the stage is returned
+    next to it, not in it: a round must not keep every stage's model alive."""
 
-    model: PeftModel  # the model after the request (the method's update, pruning re-applied)
     info: dict[str, Any]  # the method's info
     pruned: list[int]  # the subset-ID outputs this request suppressed
-    # partitions_s, method_s, importance_precompute_s (the next request's I_D, computed ahead)
+    # partitions_s, method_s, importance_precompute_s (the next request's I_D, computed ahead);
+    # a round adds acceptance_fallback_s
     timings: dict[str, float]
     ctx: RequestContext
     original: ModelMetrics  # the model before the request, on this request's splits
@@ -551,13 +553,14 @@ def run_stage(
     precompute_next: bool,
     on_progress: Callable[[str], None] | None = None,
     on_stage: StageCallback | None = None,
-) -> StageResult:
+) -> tuple[PeftModel, StageResult]:
     """One request on one model, as a round and the benchmark both run it: resolve it and build
     its partitions (:func:`request_context`), measure ``model`` on its splits, apply ``method``,
     record the request in ``state`` (in place) and, with ``precompute_next``, compute the next
     request's full-data importance ahead. No oracle: nothing here trains or reads a retrain.
 
-    ``cache_key``: the key under which ``model``'s ``I_D`` was computed ahead (``None``: none)."""
+    ``cache_key``: the key under which ``model``'s ``I_D`` was computed ahead (``None``: none).
+    Returns the model after the request (the method's update, pruning re-applied) and the stage."""
     t0 = time.perf_counter()
     ctx = request_context(inputs, spec, state, stage=stage, cache_key=cache_key, method=method)
     t_ctx = time.perf_counter() - t0
@@ -582,8 +585,7 @@ def run_stage(
     next_key, t_next = None, 0.0
     if precompute_next and not nothing_left:
         next_key, t_next = precompute_next_importance(model, ctx, method)
-    return StageResult(
-        model=model,
+    return model, StageResult(
         info=info,
         pruned=list(pruned),
         timings={"partitions_s": t_ctx, "method_s": wall, "importance_precompute_s": t_next},
@@ -705,22 +707,10 @@ def check_request(
     )
 
 
-@dataclass
-class _Staged:
-    """One processed request of a round, waiting for the round's acceptance check and audit."""
-
-    ctx: RequestContext
-    original: ModelMetrics
-    info: dict[str, Any]
-    pruned: list[int]
-    timings: dict[str, float]
-    nothing_left: bool
-
-
 def _accept_round(
     round_input: torch.nn.Module,
     model: PeftModel,
-    staged: list[_Staged],
+    staged: list[StageResult],
     cfg: acceptance.AcceptanceConfig,
     method: str,
     progress: Callable[[str], None],
@@ -826,7 +816,7 @@ def run_round(
     cache_key: str | None = weights_digest(model)
     timings: dict[str, float] = {}
     n = len(requests)
-    staged: list[_Staged] = []
+    staged: list[StageResult] = []
 
     def round_progress(message: str) -> None:
         if on_progress is not None:
@@ -845,7 +835,7 @@ def run_round(
         stage_progress(PARTITIONS, stage, n)
         # the last request's next I_D is computed after the acceptance check, on the model the
         # round publishes
-        done = run_stage(
+        model, done = run_stage(
             inputs,
             model,
             spec,
@@ -857,17 +847,8 @@ def run_round(
             on_progress=progress,
             on_stage=on_stage,
         )
-        model, cache_key = done.model, done.next_cache_key
-        staged.append(
-            _Staged(
-                ctx=done.ctx,
-                original=done.original,
-                info=done.info,
-                pruned=done.pruned,
-                timings=done.timings,
-                nothing_left=done.nothing_left,
-            )
-        )
+        cache_key = done.next_cache_key
+        staged.append(done)
         timings[spec.request_id] = done.timings["method_s"]
         if on_progress is not None:
             on_progress(stage, n, f"request {spec.request_id}: updated")

@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
+from torch import nn
 
-from worker.unlearning.adapter_io import load_adapter, save_adapter
+from worker.unlearning.adapter_io import AdapterView, load_adapters, save_adapter
 from worker.unlearning.model import MultiTaskModel
 from worker.unlearning.training import TrainConfig, train_v1
 from worker.unlearning.types import Batch, TaskSpec
@@ -170,21 +170,25 @@ def read_references(directory: Path | None) -> ReferenceSet | None:
 
 @dataclass
 class LoadedReferences:
-    """The reference set and its adapters on the base (eval mode), in ``refs.members`` order."""
+    r"""The reference set and a model per reference (eval mode), in ``refs.members`` order. As
+    :func:`load_references` loads them, the models are :class:`AdapterView`\ s of ONE copy of the
+    base holding the K adapters: memory is one base and K small adapters, not K bases."""
 
     refs: ReferenceSet
-    models: list[PeftModel]
+    models: list[nn.Module]
 
 
 def load_references(
     base: MultiTaskModel, directory: Path | None, *, device: str = "cpu"
 ) -> LoadedReferences | None:
-    """Load every reference of ``directory`` onto (copies of) ``base``; ``None`` when there are none."""
+    """Load every reference of ``directory`` onto one copy of ``base`` (one named peft adapter
+    each, ``ref-<i>``); ``None`` when there are none."""
     refs = read_references(directory)
     if refs is None or directory is None or not refs.members:
         return None
-    models = [load_adapter(base, Path(directory) / _ref_dir(i), device=device) for i in refs.members]
-    return LoadedReferences(refs=refs, models=models)
+    names = [_ref_dir(i) for i in refs.members]
+    shared = load_adapters(base, {name: Path(directory) / name for name in names}, device=device)
+    return LoadedReferences(refs=refs, models=[AdapterView(shared, name) for name in names])
 
 
 def drop_references_with(directory: Path | None, clients: Iterable[str]) -> list[int]:

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import re
-from datetime import datetime
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, BackgroundTasks, Depends, Query, Response
 from sqlalchemy.orm import Session
 
 from service import certification, deadlines, lifecycle, methods, registry
-from service.api import presenters, schemas
+from service.api import cursors, presenters, schemas
 from service.api.auth import Principal, require
+from service.api.cursors import MAX_SEQ
 from service.api.problems import problem_responses
-from service.api.routers.forget_requests import MAX_SEQ
 from service.api.state import State
 from service.db.models import ApiKey, Model
 from service.db.types import utcnow
-from service.errors import BadRequestError, ConflictError, NotFoundError, UnprocessableError
+from service.errors import ConflictError, NotFoundError, UnprocessableError
 from service.repositories import events as events_repo
 from service.repositories import keys as keys_repo
 from service.repositories import model_events as model_events_repo
@@ -62,24 +59,6 @@ def queue(state: State, _: Admin) -> list[schemas.QueueEntry]:
     return entries
 
 
-def _decode_deadline_cursor(cursor: str) -> tuple[datetime, int]:
-    try:
-        value = base64.urlsafe_b64decode(cursor.encode("ascii") + b"==").decode("ascii")
-        kind, due, seq = value.split("|")
-        if kind != "due" or not seq.isascii() or not seq.isdigit() or int(seq) > MAX_SEQ:
-            raise ValueError(value)
-        moment = datetime.fromisoformat(due)
-        if moment.tzinfo is None:
-            raise ValueError(value)
-        return moment, int(seq)
-    except (ValueError, UnicodeError, binascii.Error):
-        raise BadRequestError("invalid cursor", field="cursor") from None
-
-
-def _encode_deadline_cursor(due: datetime, seq: int) -> str:
-    return base64.urlsafe_b64encode(f"due|{due.isoformat()}|{seq}".encode()).decode("ascii").rstrip("=")
-
-
 @router.get(
     "/queue/requests",
     summary="Open requests (failed ones too) by deadline, earliest first; `overdue=true`: past it",
@@ -93,7 +72,10 @@ def queue_by_deadline(
     cursor: Annotated[str | None, Query(max_length=200, description="From `next_cursor`.")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> schemas.ForgetRequestPage:
-    after = _decode_deadline_cursor(cursor) if cursor is not None else None
+    after = None
+    if cursor is not None:
+        due, seq = cursors.decode(cursor, "due", fields=2)
+        after = (cursors.moment(due), cursors.number(seq))
     with state.transaction() as session:
         model_id = models_repo.model_id_filter(session, model)
         rows = requests_repo.by_deadline(
@@ -107,7 +89,7 @@ def queue_by_deadline(
         items = presenters.forget_requests(session, rows[:limit])
     last = rows[limit - 1] if len(rows) > limit else None
     return schemas.ForgetRequestPage(
-        items=items, next_cursor=_encode_deadline_cursor(last.due_at, last.seq) if last else None
+        items=items, next_cursor=cursors.encode("due", last.due_at.isoformat(), last.seq) if last else None
     )
 
 
@@ -233,22 +215,6 @@ def show_model(name: str, state: State, _: Admin) -> schemas.ModelDetail:
         return presenters.model_detail(session, _model(session, name))
 
 
-def _decode_page_cursor(cursor: str, kind: str) -> str:
-    """The position a ``next_cursor`` of this ``kind`` names; 400 for anything else."""
-    try:
-        value = base64.urlsafe_b64decode(cursor.encode("ascii") + b"==").decode("utf-8")
-        prefix, sep, position = value.partition(":")
-        if prefix != kind or not sep or not position:
-            raise ValueError(value)
-        return position
-    except (ValueError, UnicodeError, binascii.Error):
-        raise BadRequestError("invalid cursor", field="cursor") from None
-
-
-def _encode_page_cursor(kind: str, position: str) -> str:
-    return base64.urlsafe_b64encode(f"{kind}:{position}".encode()).decode("ascii").rstrip("=")
-
-
 @router.get(
     "/models/{name}/clients",
     summary="A model's clients: active or forgotten, whether a request names them (paginated)",
@@ -262,12 +228,7 @@ def list_clients(
     cursor: Annotated[str | None, Query(max_length=200, description="From `next_cursor`.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> schemas.ClientPage:
-    after = None
-    if cursor is not None:
-        position = _decode_page_cursor(cursor, "subject")
-        if not position.isascii() or not position.isdigit() or int(position) > MAX_SEQ:
-            raise BadRequestError("invalid cursor", field="cursor")
-        after = int(position)
+    after = cursors.decode_number(cursor, "subject") if cursor is not None else None
     with state.transaction() as session:
         model = _model(session, name)
         rows = models_repo.clients_page(session, model.id, status=status, after_id=after, limit=limit + 1)
@@ -283,7 +244,7 @@ def list_clients(
             )
             for r in page
         ]
-    next_cursor = _encode_page_cursor("subject", str(page[-1].id)) if len(rows) > limit else None
+    next_cursor = cursors.encode("subject", page[-1].id) if len(rows) > limit else None
     return schemas.ClientPage(items=items, next_cursor=next_cursor)
 
 
@@ -303,9 +264,9 @@ def list_client_samples(
     cursor: Annotated[str | None, Query(max_length=400, description="From `next_cursor`.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> schemas.SamplePage:
-    after = _decode_page_cursor(cursor, "sample") if cursor is not None else None
+    after = cursors.decode(cursor, "sample")[0] if cursor is not None else None
     if after is not None and not _STORED_ID.fullmatch(after):
-        raise BadRequestError("invalid cursor", field="cursor")
+        raise cursors.invalid()
     with state.transaction() as session:
         model = _model(session, name)
         # a name no client can have (a NUL byte, say) names none: 404 without a query
@@ -329,7 +290,7 @@ def list_client_samples(
             )
             for r in rows[:limit]
         ]
-    next_cursor = _encode_page_cursor("sample", rows[limit - 1].sample_id) if len(rows) > limit else None
+    next_cursor = cursors.encode("sample", rows[limit - 1].sample_id) if len(rows) > limit else None
     return schemas.SamplePage(items=items, next_cursor=next_cursor)
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -12,12 +10,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from service import bulk, lifecycle
-from service.api import presenters, problems, schemas
+from service.api import cursors, presenters, problems, schemas
 from service.api.auth import Principal, require
 from service.api.problems import problem_responses
 from service.api.state import State
 from service.db.models import ForgetRequest
-from service.errors import BadRequestError, NotFoundError, ServiceError
+from service.errors import NotFoundError, ServiceError
 from service.repositories import events as events_repo
 from service.repositories import models as models_repo
 from service.repositories import requests as requests_repo
@@ -26,7 +24,6 @@ from service.repositories import versions as versions_repo
 router = APIRouter(
     prefix="/v1/forget-requests", tags=["forget requests"], responses=problem_responses(401, 403, 503)
 )
-MAX_SEQ = 2**31 - 1
 Submitter = Annotated[Principal, Depends(require("submit"))]
 
 
@@ -171,21 +168,6 @@ def create_forget_requests_bulk(
     )
 
 
-def _decode_cursor(cursor: str) -> int:
-    try:
-        value = base64.urlsafe_b64decode(cursor.encode("ascii") + b"==").decode("ascii")
-        kind, _, seq = value.partition(":")
-        if kind != "seq" or not seq.isascii() or not seq.isdigit() or int(seq) > MAX_SEQ:
-            raise ValueError(value)
-        return int(seq)
-    except (ValueError, UnicodeError, binascii.Error):
-        raise BadRequestError("invalid cursor", field="cursor") from None
-
-
-def _encode_cursor(seq: int) -> str:
-    return base64.urlsafe_b64encode(f"seq:{seq}".encode()).decode("ascii").rstrip("=")
-
-
 @router.get("", summary="List forget requests (newest first)", responses=problem_responses(400, 404))
 def list_forget_requests(
     state: State,
@@ -195,7 +177,7 @@ def list_forget_requests(
     cursor: Annotated[str | None, Query(max_length=200, description="From `next_cursor`.")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> schemas.ForgetRequestPage:
-    before = _decode_cursor(cursor) if cursor is not None else None
+    before = cursors.decode_number(cursor, "seq") if cursor is not None else None
     with state.transaction() as session:
         model_id = models_repo.model_id_filter(session, model)
         rows = requests_repo.list_requests(
@@ -207,7 +189,7 @@ def list_forget_requests(
             limit=limit + 1,
         )
         items = presenters.forget_requests(session, rows[:limit])
-    next_cursor = _encode_cursor(rows[limit - 1].seq) if len(rows) > limit else None
+    next_cursor = cursors.encode("seq", rows[limit - 1].seq) if len(rows) > limit else None
     return schemas.ForgetRequestPage(items=items, next_cursor=next_cursor)
 
 

@@ -17,10 +17,11 @@ from torch import nn
 from torch.func import functional_call, grad
 
 from tests.worker.unlearning.distributions import assert_distribution
+from tests.worker.unlearning.toy_nets import toy_batch, toy_model
 from worker.unlearning.datastore import DataStore
 from worker.unlearning.engine import EngineInputs, apply_method, ensure_base, evaluate, request_context
 from worker.unlearning.grads import per_sample_grads
-from worker.unlearning.lora import lora_pairs, trainable_head
+from worker.unlearning.lora import trainable_head
 from worker.unlearning.methods import MethodContext, available_methods, get_method
 from worker.unlearning.methods.gdr_gma import (
     joint_gradient,
@@ -38,11 +39,9 @@ from worker.unlearning.methods.gradient_loop import (
 from worker.unlearning.methods.neggrad_plus import neggrad_plus_direction
 from worker.unlearning.methods.orthograd import orthograd_direction, project_out
 from worker.unlearning.methods.uno import surgery_direction, uno_loss_grad
-from worker.unlearning.model import wrap_lora
 from worker.unlearning.state import RoundState
 from worker.unlearning.training import TrainConfig, train_v1
 from worker.unlearning.types import (
-    IGNORE,
     SUBSET_HEAD,
     Batch,
     ClassificationTask,
@@ -52,7 +51,6 @@ from worker.unlearning.types import (
     main_task_loss,
 )
 from worker.unlearning.workload import load_workload
-from worker.unlearning.workloads.mlp import NetConfig, mlp_model
 
 BASELINES = ["neggrad_plus", "orthograd", "gdr_gma", "uno"]
 TASKS = [ClassificationTask("a", 3), ClassificationTask("b", 2)]
@@ -64,31 +62,11 @@ TASKS = [ClassificationTask("a", 3), ClassificationTask("b", 2)]
 
 
 def _model() -> nn.Module:
-    torch.manual_seed(0)
-    net = mlp_model(
-        NetConfig(input_dim=4, hidden_dims=(6,), embed_dim=6, task_outputs={"a": 3, "b": 2}, num_subsets=3)
-    )
-    model = wrap_lora(net, rank=4, seed=0)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for pair in lora_pairs(model):
-            params[pair.b].normal_(0.0, 0.3)
-    return model
+    return toy_model(hidden=6, rank=4, num_subsets=3)
 
 
 def _batch(n: int, seed: int, tasks: list[str], subset: int = 0) -> Batch:
-    gen = torch.Generator().manual_seed(seed)
-    a = torch.randint(0, 3, (n,), generator=gen)
-    b = torch.randint(0, 2, (n,), generator=gen)
-    return Batch(
-        inputs={"x": torch.randn(n, 4, generator=gen)},
-        labels={
-            "a": a if "a" in tasks else torch.full((n,), IGNORE, dtype=torch.long),
-            "b": b if "b" in tasks else torch.full((n,), IGNORE, dtype=torch.long),
-        },
-        subset=torch.full((n,), subset, dtype=torch.long),
-        sample_ids=[f"{seed}-{i}" for i in range(n)],
-    )
+    return toy_batch(n, seed, tasks, subset=subset)
 
 
 def _ctx(model: nn.Module, settings: Mapping[str, Any]) -> MethodContext:

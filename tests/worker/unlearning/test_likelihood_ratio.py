@@ -17,7 +17,8 @@ import torch
 import worker.unlearning.engine as engine
 import worker.unlearning.reference_adapters as reference_adapters
 from tests.worker.unlearning.distributions import assert_distribution
-from worker.unlearning.audit import AuditConfig, forget_mia, loss_mia_auc
+from worker.unlearning.adapter_io import AdapterView, load_adapter
+from worker.unlearning.audit import AuditConfig, forget_mia, loss_mia_auc, model_outputs
 from worker.unlearning.engine import ForgetSpec, ensure_base, prepare, run_round
 from worker.unlearning.likelihood_ratio import (
     likelihood_ratio_audit,
@@ -28,6 +29,7 @@ from worker.unlearning.likelihood_ratio import (
 )
 from worker.unlearning.reference_adapters import (
     REFERENCES_FILE,
+    LoadedReferences,
     assign_halves,
     drop_references_with,
     load_references,
@@ -35,7 +37,7 @@ from worker.unlearning.reference_adapters import (
     train_references,
 )
 from worker.unlearning.training import TrainConfig, train_v1
-from worker.unlearning.types import ClassificationTask, RegressionTask
+from worker.unlearning.types import ClassificationTask, RegressionTask, cat_inputs
 from worker.unlearning.workload import SampleSet
 from worker.unlearning.workloads.toy import ToyWorkload
 
@@ -112,6 +114,51 @@ def test_references_are_saved_loaded_and_dropped_with_a_forgotten_client(tmp_pat
     assert after is not None
     assert list(after.members) == [1]
     assert load_references(base, None) is None
+
+
+def test_the_references_share_one_base_and_score_as_one_copy_each(tmp_path: Path) -> None:
+    """Code review (a worker held K copies of the base to score K references): the references are
+    K adapters on ONE copy of the base, and every reference's outputs, hence the likelihood-ratio
+    evidence, are bit for bit those of the reference loaded on a base of its own, in any order."""
+    wl = ToyWorkload(0, num_clients=4, per_client=6)
+    base = ensure_base(wl, tmp_path / "base", wl.settings({}), 0)
+    ci, tasks = wl.client_index(), wl.tasks()
+    data = wl.client_data().to_batch(ci)
+    cfg = TrainConfig(epochs=2, main_only_epochs=1, batch_size=8)
+    train_references(base, data, tasks, cfg, client_index=ci, k=4, seed=1, directory=tmp_path / "refs",
+                     workload="toy")  # fmt: skip
+    loaded = load_references(base, tmp_path / "refs")
+    assert loaded is not None
+    views = [m for m in loaded.models if isinstance(m, AdapterView)]
+    assert len(views) == 4
+    shared = views[0].model
+    assert all(v.model is shared for v in views)  # one peft model ...
+    assert sorted(shared.peft_config) == ["ref-0", "ref-1", "ref-2", "ref-3"]  # ... with K adapters
+    names = {v.adapter for v in views}
+    own = [p for n, p in shared.named_parameters() if not set(n.split(".")) & names]
+    assert sum(p.numel() for p in own) == sum(p.numel() for p in base.parameters())  # one base
+    assert not any(p.requires_grad for p in shared.parameters())
+
+    apart = LoadedReferences(
+        refs=loaded.refs, models=[load_adapter(base, tmp_path / "refs" / v.adapter) for v in views]
+    )  # the way they were loaded before: a base each
+    unseen = wl.heldout_data().to_batch(ci)
+    inputs = cat_inputs([data.inputs, unseen.inputs])
+    for r in (2, 0, 3, 1, 2):  # any order: each view activates its own adapter
+        one, alone = model_outputs(loaded.models[r], inputs), model_outputs(apart.models[r], inputs)
+        assert one.keys() == alone.keys()
+        assert all(torch.equal(one[k], alone[k]) for k in one)
+    assert len({float(model_outputs(m, inputs)["kind"].sum()) for m in apart.models}) == 4  # 4 differ
+    model = train_v1(base, data, tasks, cfg, seed=9)
+    forget = data.select((data.subset == 0).nonzero().reshape(-1))
+    evidence = [
+        likelihood_ratio_audit(
+            model, refs, tasks, forget=forget, unseen=unseen, forget_tasks=["kind", "side"], client_index=ci
+        )
+        for refs in (loaded, apart)
+    ]
+    assert evidence[0]["tasks"]  # something was scored
+    assert evidence[0] == evidence[1]
 
 
 def test_scores_are_offline_lira_vectorised() -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from peft import PeftModel
 
 from worker.unlearning import engine
 from worker.unlearning.acceptance import Check
@@ -333,7 +334,7 @@ def test_run_stage_runs_one_request_and_advances_the_state(prepared: Path) -> No
     model = load_adapter(inputs.base, prepared / "v1", trainable=True)
     state = RoundState.load(prepared / "v1")
     spec = ForgetSpec("r1", "client", "u1", None, [])
-    first = run_stage(
+    model, first = run_stage(
         inputs, model, spec, state, method="ssd", stage=1, cache_key=None, precompute_next=False
     )
     assert first.ctx.state.forgotten_clients == []  # the context holds the state before the request
@@ -342,8 +343,8 @@ def test_run_stage_runs_one_request_and_advances_the_state(prepared: Path) -> No
     assert not first.nothing_left
     assert set(first.timings) == {"partitions_s", "method_s", "importance_precompute_s"}
     assert set(first.original.tasks) == {"kind", "side"}
-    again = run_stage(
-        inputs, first.model, spec, state, method="ssd", stage=2, cache_key=None, precompute_next=True
+    _, again = run_stage(
+        inputs, model, spec, state, method="ssd", stage=2, cache_key=None, precompute_next=True
     )
     assert again.nothing_left
     assert again.info["skipped"] == "nothing left to forget"
@@ -358,7 +359,7 @@ def test_the_round_runs_each_request_through_run_stage(
     as the benchmark does (tests/bench/test_quality.py; it had a copy of the round's loop)."""
     calls: list[tuple[str, str]] = []
 
-    def spy(*args: Any, **kwargs: Any) -> StageResult:
+    def spy(*args: Any, **kwargs: Any) -> tuple[PeftModel, StageResult]:
         calls.append((args[2].request_id, kwargs["method"]))
         return run_stage(*args, **kwargs)
 
