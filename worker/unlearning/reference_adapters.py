@@ -27,7 +27,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from worker.unlearning.adapter_io import load_adapter, save_adapter
 from worker.unlearning.model import MultiTaskModel
 from worker.unlearning.training import TrainConfig, train_v1
 from worker.unlearning.types import Batch, TaskSpec
+from worker.unlearning.workload import Workload
 
 REFERENCES_FILE = "references.json"
 
@@ -260,3 +261,36 @@ def refresh_references(
         refs.members = dict(sorted(refs.members.items()))
         _write_json(Path(directory), refs)
     return missing
+
+
+def refresh_from_store(
+    workload: Workload,
+    *,
+    data_dir: Path,
+    base_dir: Path,
+    directory: Path,
+    settings: Mapping[str, Any],
+    device: str = "cpu",
+) -> list[int]:
+    """:func:`refresh_references` on a model's data store as it is now (after a purge: the forgotten
+    clients, samples and labels are gone from it), with v1's recipe from ``settings``. The
+    forgotten clients are those of the set the store no longer holds. Returns the indices retrained."""
+    from worker.unlearning.datastore import DataStore
+    from worker.unlearning.model import load_base
+    from worker.unlearning.partitions import retain_set
+    from worker.unlearning.state import RoundState
+
+    refs = read_references(directory)
+    if refs is None or len(refs.members) == refs.k:
+        return []
+    store = DataStore(Path(data_dir), workload.collate)
+    index = store.client_index()
+    tasks = workload.tasks()
+    data = retain_set(store.client_data(), None, tasks=[t.name for t in tasks], client_index=index,
+                      state=RoundState())  # fmt: skip
+    active = set(store.active_clients)
+    forgotten = [c for c in refs.clients if c not in active]
+    cfg = TrainConfig.from_settings(workload.settings(settings))
+    base = load_base(Path(base_dir))
+    return refresh_references(base, data, tasks, cfg, client_index=index, directory=directory,
+                              forgotten=forgotten, device=device)  # fmt: skip
