@@ -745,17 +745,15 @@ def test_a_purge_drops_the_reference_adapters_trained_on_the_erased_data(
     ``references.json`` lists only what is left. Then (issue 8 part 1) the dropped ones are retrained
     on their half (``assign_halves`` of the set's clients, K and seed) from the purged store, and the
     others are left as they were."""
+    import worker.unlearning.workload as workload_module
+    from worker.unlearning.engine import ensure_base
     from worker.unlearning.reference_adapters import (
         REFERENCES_FILE,
         ReferenceSet,
         assign_halves,
         read_references,
     )
-
-    from worker.unlearning.engine import ensure_base
     from worker.unlearning.workloads.toy import ToyWorkload
-
-    import worker.unlearning.workload as workload_module
 
     subjects = _toy_model(ctx)
     # the refresh trains real references: the toy workload (registered as digits here) and its base

@@ -100,7 +100,13 @@ def request_target(
         client_index=dict(client_index), device=device,
     )  # fmt: skip
     wall = time.perf_counter() - t0
-    wanted = [t for t in forget_tasks if t in forget.labels]
+    # the forgotten tasks measurable at all (a labelled forget row and a labelled held-out row)
+    wanted = [
+        t.name
+        for t in tasks
+        if t.name in forget_tasks
+        and all(t.name in b.labels and bool(t.supervised(b.labels[t.name]).any()) for b in (forget, heldout))
+    ]
     missing = [t for t in wanted if t not in per_task]
     if missing or not per_task:
         return None, {
