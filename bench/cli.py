@@ -64,6 +64,18 @@ def _seeds(parser: argparse.ArgumentParser, text: str | None) -> int | list[int]
         parser.error(f"--seeds takes a number N or a list like 3,4, not {text!r}")
 
 
+def _variant(text: str) -> tuple[str, tuple[str, dict[str, Any]]]:
+    """``LABEL=METHOD:JSON`` → (label, (method, overrides)); ValueError naming what is wrong."""
+    label, sep, rest = text.partition("=")
+    method, sep2, raw = rest.partition(":")
+    if not (sep and sep2 and label and method):
+        raise ValueError(f"{text!r} is not LABEL=METHOD:JSON")
+    overrides = json.loads(raw)
+    if not isinstance(overrides, dict):
+        raise ValueError(f"{text!r}: the settings overrides must be a JSON object")
+    return label, (method, overrides)
+
+
 def quality_main(argv: Sequence[str], prog: str) -> int:
     from bench import quality
     from worker.unlearning.workload import WorkloadOptionsError
@@ -86,6 +98,21 @@ def quality_main(argv: Sequence[str], prog: str) -> int:
         "--tuning-seeds", default=None, help="comma-separated tuning seeds (default: the preset's)"
     )
     parser.add_argument("--no-plots", action="store_true", help="do not write the PNG plots beside the JSON")
+    parser.add_argument(
+        "--references",
+        type=int,
+        default=0,
+        help="K reference adapters per seed (even; 0: none), refreshed between stages; read by "
+        'methods with ia.target "references"',
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="LABEL=METHOD:JSON",
+        help="an extra row: METHOD with these settings overrides, e.g. "
+        """'default@refs=default:{"default": {"ia": {"target": "references"}}}' (repeatable)""",
+    )
     # the flags of the former ``python -m worker.unlearning.bench``
     parser.add_argument("--measure-workload", action="store_true", help="as `measure-workload`")
     parser.add_argument(
@@ -102,8 +129,11 @@ def quality_main(argv: Sequence[str], prog: str) -> int:
     try:
         settings = json.loads(args.settings) if args.settings else None
         tuning = [int(s) for s in args.tuning_seeds.split(",") if s] if args.tuning_seeds else None
+        variants = dict(_variant(v) for v in args.variant)
     except ValueError as exc:
-        parser.error(f"--settings / --tuning-seeds: {exc}")
+        parser.error(f"--settings / --tuning-seeds / --variant: {exc}")
+    if args.references < 0 or args.references % 2:
+        parser.error(f"--references must be an even number >= 0, got {args.references}")
     try:
         if args.latency:  # one seed: the first given, else 0
             timed = quality.measure_latency(args.workload, seed=(listed or [0])[0], workload_options=options)
@@ -123,6 +153,8 @@ def quality_main(argv: Sequence[str], prog: str) -> int:
             tune_grid=args.tune,
             tuning_seeds=tuning,
             plots=not args.no_plots,
+            references=args.references,
+            extra_variants=variants,
         )
     except WorkloadOptionsError as exc:
         parser.error(str(exc))

@@ -27,6 +27,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import shutil
 import statistics
 import sys
 import tempfile
@@ -56,6 +57,14 @@ from worker.unlearning.engine import (
     run_round,
     run_stage,
     training_data,
+)
+from worker.unlearning.partitions import retain_set
+from worker.unlearning.reference_adapters import (
+    LoadedReferences,
+    drop_references_with,
+    load_references,
+    refresh_references,
+    train_references,
 )
 from worker.unlearning.runtime import runtime_environment
 from worker.unlearning.ssd import precompute_full_importance
@@ -198,6 +207,26 @@ def _row(
         "importance_precompute_s": float(precompute),
         "tasks": tasks,
         "close": None if reference is None else _close(tasks, reference, request_tasks),
+        "target": _target_of(evidence.get("method_info")),
+    }
+
+
+def _target_of(info: Any) -> dict[str, Any] | None:
+    """The early-stopping target a method aimed at (``ia.target``; its evidence under
+    ``info["ia"]["target"]``): source, per task the median MIA AUC / accuracy and spread over the
+    OUT references, and the seconds it took; ``None`` for methods without one."""
+    ia = info.get("ia") if isinstance(info, Mapping) else None
+    target = ia.get("target") if isinstance(ia, Mapping) else None
+    if not isinstance(target, Mapping):
+        return None
+    return {
+        "source": target.get("source"),
+        "reason": target.get("reason"),
+        "wall_s": target.get("wall_s"),
+        "tasks": {
+            t: {k: v[k] for k in ("mia_auc", "accuracy", "accuracy_gap", "spread", "references")}
+            for t, v in dict(target.get("tasks") or {}).items()
+        },
     }
 
 
@@ -297,10 +326,18 @@ class SeededWorkloads:
 
 
 def _prepared_seeds(
-    workloads: SeededWorkloads, root: Path, settings: Mapping[str, Any], seeds: Sequence[int]
+    workloads: SeededWorkloads,
+    root: Path,
+    settings: Mapping[str, Any],
+    seeds: Sequence[int],
+    references: int = 0,
+    reference_log: dict[str, Any] | None = None,
 ) -> Iterator[tuple[int, EngineInputs, PeftModel]]:
     """Per seed: the engine inputs (with ``settings`` as they are, fair anchors kept) and v1. The
-    seed's data and frozen base are made on first use (the base's init seed is 0 for every seed)."""
+    seed's data and frozen base are made on first use (the base's init seed is 0 for every seed).
+    ``references`` > 0: also that many reference adapters on halves of the clients (v1's recipe,
+    off the path, as preparation trains them), in ``inputs.references`` and on disk under
+    ``reference_log["dirs"][seed]``; their seconds in ``reference_log["train_s"][seed]``."""
     for seed in seeds:
         wl, home = workloads.of(seed), workloads.root(root, seed)
         DataStore.materialise(home / "data", wl)
@@ -319,6 +356,17 @@ def _prepared_seeds(
         t0 = time.perf_counter()
         v1 = train_v1(inputs.base, inputs.full_train_set(), inputs.tasks, cfg, seed=seed)
         _log(f"[bench] seed {seed}: v1 trained in {time.perf_counter() - t0:.1f}s")
+        if references:
+            log = reference_log if reference_log is not None else {}
+            directory = root / f"references-seed-{seed}"
+            refs = train_references(
+                inputs.base, inputs.full_train_set(), inputs.tasks, cfg, client_index=inputs.client_index,
+                k=references, seed=seed, directory=directory, workload=inputs.workload.name,
+            )  # fmt: skip
+            log.setdefault("dirs", {})[seed] = directory
+            log.setdefault("train_s", {})[str(seed)] = refs.train_s
+            inputs = dataclasses.replace(inputs, references=load_references(inputs.base, directory))
+            _log(f"[bench] seed {seed}: {references} references trained in {refs.train_s:.1f}s (off path)")
         yield seed, inputs, v1
 
 
@@ -329,6 +377,7 @@ def tune(
     preset: Preset,
     methods: Sequence[str],
     seeds: Sequence[int],
+    references: int = 0,
 ) -> dict[str, Any]:
     """Every grid value of every method in ``methods`` on the tuning ``seeds``; the chosen value is
     the one with the lowest median UIS over all its (setting, stage, seed) runs (ties: the earlier
@@ -338,9 +387,23 @@ def tune(
     ]
     runs: list[dict[str, Any]] = []
     importance: dict[str, float] = {}
-    for seed, inputs, v1 in _prepared_seeds(workloads, root, settings, seeds):
+    log: dict[str, Any] = {}
+    for seed, inputs, v1 in _prepared_seeds(workloads, root, settings, seeds, references, log):
         for setting in _settings_list(workloads.of(seed), preset):
-            runs.extend(_run_setting(inputs, v1, setting, seed, preset.stages, variants, importance))
+            refs_dir = log.get("dirs", {}).get(seed)
+            runs.extend(
+                _run_setting(
+                    inputs,
+                    v1,
+                    setting,
+                    seed,
+                    preset.stages,
+                    variants,
+                    importance,
+                    references_dir=refs_dir,
+                    reference_log=log,
+                )
+            )
         _log(f"[bench] tuning seed {seed} done")
     scores: dict[str, list[dict[str, Any]]] = {}
     chosen: dict[str, float] = {}
@@ -374,6 +437,8 @@ def run_bench(
     tuning_seeds: Sequence[int] | None = None,
     echo: Callable[[str], None] | None = print,
     plots: bool = True,
+    references: int = 0,
+    extra_variants: Mapping[str, tuple[str, Mapping[str, Any]]] | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark; print a table (via ``echo``), write ``json_path``; return the JSON.
 
@@ -387,6 +452,11 @@ def run_bench(
     seed follows the evaluation / tuning seed), or an instance used for every seed.
     ``plots``: with ``json_path``, also the PNG plots beside it (:mod:`bench.plots`; needs the
     ``bench`` extra, checked before any work).
+    ``references``: K reference adapters per seed (even; 0: none) trained after v1 off the timed
+    path, dropped and refreshed between stages as the worker does after a purge (the refresh is
+    timed apart, ``meta.references``); methods with ``ia.target: "references"`` read them.
+    ``extra_variants``: label → (method, settings overrides) rows run beside the methods, e.g.
+    ``{"default@refs": ("default", {"default": {"ia": {"target": "references"}}})}``.
     """
     missing = plotting_missing() if plots and json_path is not None else None
     if missing is not None:
@@ -417,7 +487,7 @@ def run_bench(
     with tempfile.TemporaryDirectory(prefix="lethe-bench-") as tmp:
         root = Path(tmp)
         if tune_grid:
-            tuning = tune(workloads, root, settings, chosen, method_list, tuning_list)
+            tuning = tune(workloads, root, settings, chosen, method_list, tuning_list, references)
             _log(
                 f"[bench] tuned on seeds {tuning_list}: {tuning['chosen']} "
                 f"({time.perf_counter() - t_start:.0f}s)"
@@ -426,12 +496,27 @@ def run_bench(
             tuning = {"seeds": tuning_list, "ran": False, "scores": {}, "chosen": dict(chosen.tuned)}
         picked = {m: v for m, v in tuning["chosen"].items() if m in method_list}
         variants = [_variant(m, picked.get(m)) for m in method_list]
+        for label, (method, extra) in dict(extra_variants or {}).items():
+            base_overrides = _variant(method, picked.get(method)).overrides
+            variants.append(Variant(label, method, deep_merge(base_overrides, extra)))
         v1_importance: dict[str, float] = {}  # SSD settings → seconds v1's I_D took (cached after)
-        for seed, inputs, v1 in _prepared_seeds(workloads, root, settings, seed_list):
+        reference_log: dict[str, Any] = {}
+        prepared = _prepared_seeds(workloads, root, settings, seed_list, references, reference_log)
+        for seed, inputs, v1 in prepared:
+            refs_dir = reference_log.get("dirs", {}).get(seed)
             for setting in _settings_list(workloads.of(seed), chosen):
                 runs.extend(
                     _run_setting(
-                        inputs, v1, setting, seed, chosen.stages, variants, v1_importance, second_retrain=True
+                        inputs,
+                        v1,
+                        setting,
+                        seed,
+                        chosen.stages,
+                        variants,
+                        v1_importance,
+                        second_retrain=True,
+                        references_dir=refs_dir,
+                        reference_log=reference_log,
                     )
                 )
                 _log(f"[bench] seed {seed} {setting} done ({time.perf_counter() - t_start:.0f}s elapsed)")
@@ -452,7 +537,12 @@ def run_bench(
                     if m in TUNING_GRIDS
                 },
             },
-            "method_settings": {v.method: v.overrides for v in variants},
+            "method_settings": {v.label: v.overrides for v in variants},
+            "references": {
+                "k": references,
+                "train_s": reference_log.get("train_s", {}),
+                "refresh_s": reference_log.get("refresh_s", []),
+            },
             "anchor_fraction": settings.get("anchor_fraction"),
             "paper_steps": {m: v for m, v in PAPER_STEPS.items() if m in method_list},
             "second_retrain_seed_offset": SECOND_RETRAIN_SEED_OFFSET,
@@ -509,6 +599,8 @@ def _run_setting(
     v1_importance: dict[str, float],
     *,
     second_retrain: bool = False,
+    references_dir: Path | None = None,
+    reference_log: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """One setting of one seed: ``stages`` sequential requests; every variant keeps its own model.
 
@@ -519,9 +611,22 @@ def _run_setting(
     (``prepare`` does it in production), each later model's right after the request that made it;
     the time is the row's ``importance_precompute_s`` (of the request that reads it). v1's is
     computed once per seed and SSD settings (``v1_importance`` keeps its time for every row that
-    reads it, in every setting)."""
+    reads it, in every setting).
+
+    ``references_dir``: the seed's reference adapters as trained on v1's clients; each setting
+    works on its own copy, and after every stage but the last the references trained on the
+    stage's client are dropped and retrained on their half minus the forgotten clients
+    (:func:`_refresh`: what the worker does after a purge, off the request path and the timed
+    method; its seconds in ``reference_log["refresh_s"]``)."""
     rows: list[dict[str, Any]] = []
     specs = _stage_specs(setting, inputs.store.active_clients, seed, stages)
+    work: Path | None = None
+    if references_dir is not None:
+        work = references_dir.with_name(f"{references_dir.name}-{setting.replace(':', '-')}")
+        if work.exists():
+            shutil.rmtree(work)
+        shutil.copytree(references_dir, work)
+        inputs = dataclasses.replace(inputs, references=load_references(inputs.base, work))
     state = RoundState()
     approx = [v for v in variants if v.method != "retrain"]
     own = {
@@ -635,7 +740,36 @@ def _run_setting(
                 )
             )
         advance_state(state, ctx, ctx.prune_outputs)
+        if work is not None and stage < len(specs):
+            loaded = _refresh(inputs, work, ctx.resolved.client_id, state, reference_log)
+            own = {label: dataclasses.replace(i, references=loaded) for label, i in own.items()}
     return rows
+
+
+def _refresh(
+    inputs: EngineInputs,
+    directory: Path,
+    client: str | None,
+    state: RoundState,
+    reference_log: dict[str, Any] | None,
+) -> LoadedReferences | None:
+    """After a stage: drop the references trained on the stage's client (the purge does) and
+    retrain them on their half minus every forgotten client, from the retain data (the forgotten
+    samples and labels of ``state`` gone); the reloaded set."""
+    t0 = time.perf_counter()
+    dropped = drop_references_with(directory, [client] if client is not None else [])
+    names, index = inputs.task_names, inputs.client_index
+    data = retain_set(inputs.data, None, tasks=names, client_index=index, state=state)
+    refreshed = refresh_references(
+        inputs.base, data, inputs.tasks, TrainConfig.from_settings(inputs.settings),
+        client_index=inputs.client_index, directory=directory, forgotten=state.forgotten_clients,
+        device=inputs.device,
+    )  # fmt: skip
+    if reference_log is not None:
+        reference_log.setdefault("refresh_s", []).append(
+            {"dropped": dropped, "refreshed": refreshed, "s": time.perf_counter() - t0}
+        )
+    return load_references(inputs.base, directory)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session
 
@@ -131,6 +131,12 @@ def purge_completed(ctx: WorkerContext, model_name: str, *, everything: bool = F
             return []
         todo = requests_repo.completed(session, model.id) if everything else _pending_purges(session, model)
         pending = [_spec(r) for r in todo]
+        refresh = (
+            model.workload,
+            dict(model.workload_options or {}),
+            dict(model.settings),
+            dict(model.base_files),
+        )
     if not pending:
         return []
     from worker.unlearning.datastore import DataStore
@@ -166,7 +172,46 @@ def purge_completed(ctx: WorkerContext, model_name: str, *, everything: bool = F
         [s.request_id for s in pending], len(report.deleted_clients), len(report.deleted_samples),
         len(report.purged_pairs),
     )  # fmt: skip
+    refresh_references(ctx, model_name, *refresh)
     return [s.request_id for s in pending]
+
+
+def refresh_references(
+    ctx: WorkerContext,
+    model_name: str,
+    workload_name: str,
+    workload_options: dict[str, Any],
+    settings: dict[str, Any],
+    base_files: dict[str, Any],
+) -> list[int]:
+    """Retrain the likelihood-ratio audit's reference adapters that the purge dropped, each on its
+    half of the clients minus the forgotten ones, from the store as purged (so no forgotten data can
+    enter one). Here because this is where references are dropped and the store has just lost the
+    forgotten data; off the request path (the requests are completed and published), under the
+    model's lock (a concurrent purge must not drop a reference while it is rewritten), which
+    rounds do not take. A failure is logged: the audit and targets use the references left, and
+    the next purge tries again."""
+    directory = ctx.references_dir(model_name)
+    from worker.unlearning.reference_adapters import read_references, refresh_from_store
+    from worker.unlearning.workload import build_workload
+
+    refs = read_references(directory)
+    if refs is None or len(refs.members) == refs.k:
+        return []
+    try:
+        workload = build_workload(workload_name, workload_options)
+        base_dir = ctx.artifacts(model_name).fetch_base(base_files)
+        with model_lock(ctx.data_dir(model_name)):
+            done = refresh_from_store(
+                workload, data_dir=ctx.data_dir(model_name), base_dir=base_dir, directory=directory,
+                settings=settings, device=ctx.device,
+            )  # fmt: skip
+    except Exception:
+        log.exception("refreshing the reference adapters of %s failed; the next purge retries", model_name)
+        return []
+    log.info("refreshed reference adapters %s of %s", done, model_name)
+    ctx.emit("references_refreshed", references=done)
+    return done
 
 
 def _owners(store: DataStore, sample_ids: set[str]) -> set[str]:

@@ -33,6 +33,31 @@ from worker.unlearning.workloads.digits import DigitsClients
 from worker.unlearning.workloads.toy import ToyWorkload
 
 
+def test_bench_with_references_refreshes_them_between_stages_and_records_the_target(tmp_path: Path) -> None:
+    """``references=K``: K reference adapters per seed (timed off the method's wall), dropped and
+    retrained between stages on their half minus the forgotten clients; an extra variant with
+    ``ia.target: "references"`` aims at them (its rows record the target), the plain one at 0.5."""
+    refs = {"default": {"ia": {"target": "references", "epochs": 2}}}
+    result = run_bench(
+        "smoke", None, seeds=[3], workload=ToyWorkload(num_clients=4, per_client=10), methods=["default"],
+        references=2, extra_variants={"default@refs": ("default", refs)}, echo=None,
+        settings_overrides={"ia": {"epochs": 2}},
+    )  # fmt: skip
+    meta = result["meta"]["references"]
+    assert meta["k"] == 2
+    assert meta["train_s"]["3"] > 0
+    # stage 1's client was IN one of the two references: dropped and retrained before stage 2
+    assert [(r["dropped"], r["refreshed"]) for r in meta["refresh_s"]] in ([([0], [0])], [([1], [1])])
+    rows = {(r["method"], r["stage"]): r for r in result["runs"]}
+    for stage in (1, 2):
+        assert rows[("default", stage)]["target"]["source"] == "constant"
+        target = rows[("default@refs", stage)]["target"]
+        assert target["source"] == "references"
+        assert set(target["tasks"]) == {"kind", "side"}
+        assert all(t["references"] == 1 for t in target["tasks"].values())
+    assert result["meta"]["method_settings"]["default@refs"] == refs
+
+
 def test_bench_smoke_writes_the_json_format(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench.json"
     result = run_bench(
@@ -54,7 +79,9 @@ def test_bench_smoke_writes_the_json_format(tmp_path: Path, capsys: pytest.Captu
             "importance_precompute_s",
             "tasks",
             "close",
+            "target",
         }
+        assert r["target"] is None  # no method here has an early-stopping target
         # nothing here computes I_D ahead: the ssd method's reference layout ends D with the
         # request's own forget set (default's stage, which does, is in test_unl_engine.py)
         assert r["importance_precompute_s"] == 0.0

@@ -763,10 +763,23 @@ def test_a_purge_drops_the_reference_adapters_trained_on_the_erased_data(
     """Issue 8 part 5: a likelihood-ratio reference adapter trained on a client keeps its data, so
     the purge of a request deletes every reference whose half held a client it touched (here a
     per-task request on two of u1's samples: found through the samples' owner) and keeps the others;
-    ``references.json`` lists only what is left."""
-    from worker.unlearning.reference_adapters import REFERENCES_FILE, ReferenceSet, read_references
+    ``references.json`` lists only what is left. Then (issue 8 part 1) the dropped ones are retrained
+    on their half (``assign_halves`` of the set's clients, K and seed) from the purged store, and the
+    others are left as they were."""
+    import worker.unlearning.workload as workload_module
+    from worker.unlearning.engine import ensure_base
+    from worker.unlearning.reference_adapters import (
+        REFERENCES_FILE,
+        ReferenceSet,
+        assign_halves,
+        read_references,
+    )
+    from worker.unlearning.workloads.toy import ToyWorkload
 
     subjects = _toy_model(ctx)
+    # the refresh trains real references: the toy workload (registered as digits here) and its base
+    monkeypatch.setattr(workload_module, "build_workload", lambda *args, **kwargs: ToyWorkload())
+    ensure_base(ToyWorkload(), ctx.artifacts("toy").base_dir, {}, 0)
     monkeypatch.setattr(round_job, "_run_engine", _fake_engine())
     refs_dir = ctx.references_dir("toy")
     halves = {0: ["u0", "u1"], 1: ["u2"], 2: ["u1"], 3: ["u0"]}
@@ -782,10 +795,25 @@ def test_a_purge_drops_the_reference_adapters_trained_on_the_erased_data(
             lifecycle.Submission(model="toy", kind="task", sample_ids=subjects["u1"][:2], tasks=["side"]),
             idempotency_key="k1", api_key_id=None, actor="t",
         )  # fmt: skip
+    after_drop: list[tuple[list[int], list[str]]] = []
+    real_refresh = cleanup.refresh_references
+
+    def spy(*args: Any, **kwargs: Any) -> list[int]:  # what the drop left, before the refresh
+        left = read_references(refs_dir)
+        assert left is not None
+        after_drop.append((sorted(left.members), sorted(p.name for p in refs_dir.iterdir() if p.is_dir())))
+        return real_refresh(*args, **kwargs)
+
+    monkeypatch.setattr(cleanup, "refresh_references", spy)
     result = pipeline.run_one_round(ctx, "toy")
     assert result is not None
     assert result.status == "published"
-    left = read_references(refs_dir)
-    assert left is not None
-    assert sorted(left.members) == [1, 3]
-    assert sorted(p.name for p in refs_dir.iterdir() if p.is_dir()) == ["ref-1", "ref-3"]
+    assert after_drop == [([1, 3], ["ref-1", "ref-3"])]
+    refreshed = read_references(refs_dir)
+    assert refreshed is not None
+    halves_now = assign_halves(refs.clients, 4, 0)
+    assert refreshed.members == {0: halves_now[0], 1: ["u2"], 2: halves_now[2], 3: ["u0"]}
+    for i in (1, 3):
+        assert (refs_dir / f"ref-{i}" / "adapter_model.safetensors").read_bytes() == b"weights"
+    for i in (0, 2):
+        assert (refs_dir / f"ref-{i}" / "adapter_config.json").is_file()

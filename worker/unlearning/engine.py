@@ -216,6 +216,7 @@ class RequestContext:
     cache_key: str | None
     stage: int
     anchor_fraction: float = DEFAULT_ANCHOR_FRACTION  # of the retain instances in the anchor
+    references: LoadedReferences | None = None  # the model's reference adapters (read only)
 
     @property
     def prune_outputs(self) -> list[int]:
@@ -383,6 +384,7 @@ def request_context(
         cache_key=cache_key,
         stage=stage,
         anchor_fraction=fraction,
+        references=inputs.references,
     )
 
 
@@ -511,6 +513,8 @@ def apply_method(
         base=ctx.base,
         on_progress=on_progress,
         on_stage=on_stage,
+        references=ctx.references,
+        client_index=ctx.client_index,
     )
     result = run_method(method, mctx)
     out = result.model

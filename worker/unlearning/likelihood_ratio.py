@@ -76,20 +76,94 @@ def lira_scores(target_phi: Tensor, ref_phi: Tensor, out: Tensor) -> tuple[Tenso
     return torch.where(n_out > 0, z, torch.full_like(z, float("nan"))), sigma
 
 
-def out_reference_auc(ref_losses: Tensor, out: Tensor, is_forget: Tensor) -> float | None:
-    """The loss-MIA AUC (forgotten vs unseen rows) that models which never saw the forgotten clients
-    score: per reference, over the forgotten rows it is OUT for, against every unseen row; the
-    median over references with any such row (``None`` if none). ``ref_losses``, ``out``: ``[K, N]``;
-    ``is_forget``: ``[N]``. A per-client target for early stopping without a retrain (issue 8
-    part 1): the level a model that never saw the client reaches."""
+def _per_reference_auc(ref_losses: Tensor, out: Tensor, is_forget: Tensor) -> list[tuple[int, float]]:
+    """(reference row, loss-MIA AUC over the forgotten rows it is OUT for against every unseen row)
+    for each reference with any such row. ``ref_losses``, ``out``: ``[K, N]``; ``is_forget``: ``[N]``."""
     aucs = []
     for r in range(int(ref_losses.shape[0])):  # K references, a handful; samples stay vectorised
         rows = out[r] & is_forget
         if bool(rows.any()):
             auc = loss_mia_auc(ref_losses[r][rows], ref_losses[r][~is_forget])
             if auc is not None:
-                aucs.append(auc)
+                aucs.append((r, auc))
+    return aucs
+
+
+def out_reference_auc(ref_losses: Tensor, out: Tensor, is_forget: Tensor) -> float | None:
+    """The loss-MIA AUC (forgotten vs unseen rows) that models which never saw the forgotten clients
+    score: per reference, over the forgotten rows it is OUT for, against every unseen row; the
+    median over references with any such row (``None`` if none). ``ref_losses``, ``out``: ``[K, N]``;
+    ``is_forget``: ``[N]``. The level a model that never saw the client reaches (issue 8 part 1;
+    early stopping's per-client target: :func:`out_reference_targets`)."""
+    aucs = [a for _, a in _per_reference_auc(ref_losses, out, is_forget)]
     return statistics.median(aucs) if aucs else None
+
+
+def out_reference_targets(
+    loaded: LoadedReferences,
+    tasks: Sequence[TaskSpec],
+    *,
+    forget: Batch,
+    unseen: Batch,
+    forget_tasks: Sequence[str],
+    client_index: dict[str, int],
+    device: str = "cpu",
+    batch_size: int = 1024,
+) -> dict[str, dict[str, Any]]:
+    """Per forgotten task, what the OUT references — models that never saw the forgotten rows'
+    clients — score on ``forget`` against ``unseen``: per reference (over the forgotten rows it is
+    OUT for) the task metric, the loss-MIA AUC (the statistics early stopping measures) and the
+    metric's gap to its own metric on ``unseen`` (``accuracy_gap``: how far below the unseen-data
+    level the client sits for a model that never saw it), their median over the references and
+    their spread (max − min). A reference IN for every forgotten row
+    contributes nothing. Tasks without a forgotten or unseen row, or without an OUT reference, are
+    left out. The per-client early-stopping target of issue 8 part 1 (no retrain anywhere)."""
+    n_f = len(forget)
+    inputs = inputs_to(cat_inputs([forget.inputs, unseen.inputs]), device)
+    ref_outs = [model_outputs(m, inputs, batch_size=batch_size) for m in loaded.models]
+    subset = torch.cat([forget.subset, torch.full((len(unseen),), -1, dtype=torch.long)])
+    out_mask = loaded.refs.out_mask(subset, client_index)  # [K, N]
+    indices = list(loaded.refs.members)
+    per_task: dict[str, dict[str, Any]] = {}
+    for task in tasks:
+        name = task.name
+        if name not in forget_tasks or name not in forget.labels or name not in unseen.labels:
+            continue
+        y = torch.cat([forget.labels[name], unseen.labels[name]]).to(device)
+        rows = task.supervised(y)
+        if not bool(rows[:n_f].any()) or not bool(rows[n_f:].any()):
+            continue
+        ys = y[rows]
+        mask = out_mask[:, rows.cpu()]
+        is_forget = torch.arange(len(y))[rows.cpu()] < n_f
+        outs = [o[name][rows] for o in ref_outs]
+        losses = torch.stack([task.per_sample_loss(o, ys) for o in outs]).cpu()
+        unseen_rows = (~is_forget).to(ys.device)
+        values = []
+        for r, auc in _per_reference_auc(losses, mask, is_forget):
+            sel = (mask[r] & is_forget).to(ys.device)
+            accuracy = float(task.metric(outs[r][sel], ys[sel]))
+            unseen_accuracy = float(task.metric(outs[r][unseen_rows], ys[unseen_rows]))
+            values.append(
+                {
+                    "reference": indices[r],
+                    "mia_auc": auc,
+                    "accuracy": accuracy,
+                    "unseen_accuracy": unseen_accuracy,
+                    "accuracy_gap": accuracy - unseen_accuracy,
+                    "n_forget": int(sel.sum()),
+                }
+            )
+        if not values:
+            continue
+        summary = {k: [float(v[k]) for v in values] for k in ("mia_auc", "accuracy", "accuracy_gap")}
+        per_task[name] = {
+            **{k: statistics.median(v) for k, v in summary.items()},
+            "spread": {k: max(v) - min(v) for k, v in summary.items()},
+            "references": len(values),
+            "per_reference": values,
+        }
+    return per_task
 
 
 def tpr_at_fpr(positive: Tensor, negative: Tensor, fpr: float = FPR) -> float | None:

@@ -15,7 +15,10 @@ old set or none, never half of one.
 
 A reference trained on a client keeps that client's data in its weights: when clients are
 forgotten, :func:`drop_references_with` deletes every reference whose half held one of them
-(the OUT references of everyone stay valid); retraining them is left to an operator (re-prepare).
+(the OUT references of everyone stay valid), and :func:`refresh_references` retrains the dropped
+ones on their half minus the forgotten clients (off the request path: the worker runs it right
+after the purge that dropped them, ``worker.cleanup``), so that K does not shrink to nothing as
+clients are forgotten.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +39,7 @@ from worker.unlearning.adapter_io import AdapterView, load_adapters, save_adapte
 from worker.unlearning.model import MultiTaskModel
 from worker.unlearning.training import TrainConfig, train_v1
 from worker.unlearning.types import Batch, TaskSpec
+from worker.unlearning.workload import Workload
 
 REFERENCES_FILE = "references.json"
 
@@ -203,10 +207,94 @@ def drop_references_with(directory: Path | None, clients: Iterable[str]) -> list
     if not dropped:
         return []
     refs.members = {i: m for i, m in refs.members.items() if i not in dropped}
+    _write_json(Path(directory), refs)
+    for i in dropped:
+        shutil.rmtree(Path(directory) / _ref_dir(i), ignore_errors=True)
+    return dropped
+
+
+def _write_json(directory: Path, refs: ReferenceSet) -> None:
     path = Path(directory) / REFERENCES_FILE
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(refs.to_json(), indent=2, sort_keys=True))
     tmp.replace(path)
-    for i in dropped:
-        shutil.rmtree(Path(directory) / _ref_dir(i), ignore_errors=True)
-    return dropped
+
+
+def refresh_references(
+    base: MultiTaskModel,
+    data: Batch,
+    tasks: Sequence[TaskSpec],
+    cfg: TrainConfig,
+    *,
+    client_index: dict[str, int],
+    directory: Path | None,
+    forgotten: Iterable[str],
+    device: str = "cpu",
+) -> list[int]:
+    """Retrain every reference of ``directory`` that was dropped (:func:`drop_references_with`) on
+    its original half (:func:`assign_halves` of the set's clients, K and seed: the draw is
+    reproducible) minus the ``forgotten`` clients and any client ``data`` no longer holds; with the
+    set's recipe seed (``seed + 1 + r``). ``data`` is the model's current training data (rows with
+    ``subset`` = the client's index), from which forgotten samples and labels are already gone.
+    Each adapter is written (into a temporary sibling, renamed) before ``references.json`` lists it,
+    so a crash leaves an unlisted directory, never a listed half-written one. Returns the indices
+    retrained. A refreshed reference never holds a forgotten client, and every client stays OUT of
+    the references its half excluded."""
+    refs = read_references(directory)
+    if refs is None or directory is None:
+        return []
+    missing = [r for r in range(refs.k) if r not in refs.members]
+    if not missing:
+        return []
+    gone = set(forgotten)
+    present = set(torch.unique(data.subset).tolist())
+    halves = assign_halves(refs.clients, refs.k, refs.seed)
+    for r in missing:
+        half = [c for c in halves[r] if c not in gone and c in client_index and client_index[c] in present]
+        keep = torch.tensor([client_index[c] for c in half], dtype=torch.long)
+        rows = torch.isin(data.subset, keep).nonzero().reshape(-1)
+        model = train_v1(base, data.select(rows), tasks, cfg, seed=refs.seed + 1 + r, device=device)
+        target = Path(directory) / _ref_dir(r)
+        tmp = target.with_name(target.name + ".tmp")
+        for stale in (tmp, target):  # an unlisted leftover of a crash
+            if stale.exists():
+                shutil.rmtree(stale)
+        save_adapter(model, tmp)
+        tmp.replace(target)
+        refs.members[r] = half
+        refs.members = dict(sorted(refs.members.items()))
+        _write_json(Path(directory), refs)
+    return missing
+
+
+def refresh_from_store(
+    workload: Workload,
+    *,
+    data_dir: Path,
+    base_dir: Path,
+    directory: Path,
+    settings: Mapping[str, Any],
+    device: str = "cpu",
+) -> list[int]:
+    """:func:`refresh_references` on a model's data store as it is now (after a purge: the forgotten
+    clients, samples and labels are gone from it), with v1's recipe from ``settings``. The
+    forgotten clients are those of the set the store no longer holds. Returns the indices retrained."""
+    from worker.unlearning.datastore import DataStore
+    from worker.unlearning.model import load_base
+    from worker.unlearning.partitions import retain_set
+    from worker.unlearning.state import RoundState
+
+    refs = read_references(directory)
+    if refs is None or len(refs.members) == refs.k:
+        return []
+    store = DataStore(Path(data_dir), workload.collate)
+    index = store.client_index()
+    tasks = workload.tasks()
+    data = retain_set(store.client_data(), None, tasks=[t.name for t in tasks], client_index=index,
+                      state=RoundState())  # fmt: skip
+    active = set(store.active_clients)
+    forgotten = [c for c in refs.clients if c not in active]
+    cfg = TrainConfig.from_settings(workload.settings(settings))
+    base = load_base(Path(base_dir))
+    return refresh_references(base, data, tasks, cfg, client_index=index, directory=directory,
+                              forgotten=forgotten, device=device)  # fmt: skip

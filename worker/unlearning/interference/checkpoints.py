@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from worker.unlearning.acceptance import unseen_bound
 from worker.unlearning.audit import mia_from_outputs, model_outputs
 from worker.unlearning.interference.retain import retain_accuracy, retain_drop, task_accuracy
+from worker.unlearning.interference.targets import ReferenceTarget, reference_distance
 from worker.unlearning.lora import Forward
 from worker.unlearning.types import Batch, TaskSpec, cat_inputs, inputs_to
 
@@ -145,8 +146,10 @@ class Checkpoints:
         task_distance: str = "mean",
         forget_accuracy_z: float = 0.0,
         kept_two_sided: bool = False,
+        reference: ReferenceTarget | None = None,
     ) -> None:
         self.monitor, self.params = monitor, dict(params)
+        self.reference = reference
         self.target, self.default_target = target, default_target
         self.task_distance, self.forget_accuracy_z = task_distance, forget_accuracy_z
         self.kept_two_sided = kept_two_sided
@@ -169,7 +172,7 @@ class Checkpoints:
                 "epoch": epoch,
                 "steps": steps,
                 "mia_auc": m.aucs,
-                "distance": mia_distance(m.aucs, self.target, self.default_target, self.task_distance),
+                "distance": self._distance(m),
                 "forget_accuracy": m.forget_accuracy,
                 "heldout_accuracy": m.heldout_accuracy,
                 "forget_excess": excess,
@@ -178,3 +181,10 @@ class Checkpoints:
             }
         )
         self.states.append({n: p.detach().clone() for n, p in self.params.items()})
+
+    def _distance(self, m: Measured) -> float | None:
+        if self.reference is not None:  # per client, from the OUT reference adapters
+            return reference_distance(
+                m.aucs, m.forget_accuracy, self.reference, self.task_distance, m.heldout_accuracy
+            )
+        return mia_distance(m.aucs, self.target, self.default_target, self.task_distance)

@@ -49,6 +49,13 @@ class IAConfig:
     # early stopping: the checkpoint whose forget-vs-held-out MIA AUC is closest to the target
     early_stopping: bool = True
     mia_target: float = 0.5
+    # what early stopping aims at: "constant" (``mia_target``, paper) or "references" (per client:
+    # the OUT reference adapters' median forget-set accuracy and MIA AUC, ``interference.targets``;
+    # without references the constant, recorded in the evidence)
+    target: Literal["constant", "references"] = "constant"
+    # the accuracy part of a reference target: the references' forget-set accuracy ("absolute") or
+    # the checkpoint's held-out accuracy + the references' forget − held-out gap ("relative")
+    target_accuracy: Literal["absolute", "relative"] = "absolute"
     # budgets in optimiser steps (checkpoints are still measured after every pass over D_f):
     # patience = steps without a change of the kept checkpoint before stopping (0: run the budget);
     # patience never stops a run before ``min_steps``; ``max_steps`` caps the run (0: ``epochs``)

@@ -29,6 +29,7 @@ from worker.unlearning.interference.subspaces import (
     subspace_penalty,
     subspace_step,
 )
+from worker.unlearning.interference.targets import ReferenceTarget
 from worker.unlearning.lora import fast_forward, param_groups, restore
 from worker.unlearning.types import Batch, Partitions, TaskSpec
 
@@ -59,12 +60,16 @@ def interference_aware_unlearn(
     retain_baseline: Mapping[str, float] | None = None,
     retain: Batch | None = None,
     on_epoch: Callable[[int, int], None] | None = None,
+    reference: ReferenceTarget | None = None,
 ) -> dict[str, Any]:
     """Algorithm 1 on ``model`` in place (LoRA factors + forgotten-task heads). Returns JSON info.
 
     ``retain_baseline``: the pre-request model's accuracy on the :func:`retain_check` rows (the
     ``default`` method measures it before SSD); ``None``: the model as given is the baseline.
     ``on_epoch(k, n)``: called after epoch k of at most n (progress).
+    ``reference``: the per-client target from the OUT reference adapters (``interference.targets``);
+    with it early stopping keeps the checkpoint closest to it (MIA AUC and forget-set accuracy),
+    the closest rather than the earliest of those at the unseen-data level.
     """
     cfg = cfg or IAConfig()
     info: dict[str, Any] = {"config": cfg.to_json()}
@@ -78,7 +83,8 @@ def interference_aware_unlearn(
         size = cfg.check_size if cfg.checks_retain else 0
         check = retain_check(partitions, size=size, seed=seed, retain=retain, rows=cfg.check_rows)
         info.update(_run(model, tasks, partitions, forget, heldout.to(device), cfg, seed, mia_target,
-                         device, progress, retain_baseline, check.to(device), on_epoch))  # fmt: skip
+                         device, progress, retain_baseline, check.to(device), on_epoch,
+                         reference))  # fmt: skip
     return info
 
 
@@ -96,6 +102,7 @@ def _run(
     retain_baseline: Mapping[str, float] | None,
     check: Batch,
     on_epoch: Callable[[int, int], None] | None = None,
+    reference: ReferenceTarget | None = None,
 ) -> dict[str, Any]:
     inv = involved_tasks(partitions, tasks)
     inv_names = [t.name for t in inv]
@@ -148,7 +155,11 @@ def _run(
         task_distance=cfg.task_distance,
         forget_accuracy_z=cfg.forget_accuracy_z,
         kept_two_sided=cfg.kept_two_sided,
+        reference=reference,
     )
+    # "earliest" keeps the least update at the unseen-data level: with a per-client target the
+    # point is to go on towards it, so the closest of those is kept
+    pick = "closest" if reference is not None else cfg.forget_accuracy_pick
     history = checkpoints.history
     checkpoints.record(model, 0)
     steps, since_change, best = 0, 0, 0  # since_change: steps since the kept checkpoint changed
@@ -187,7 +198,7 @@ def _run(
             progress(f"ia: epoch {epoch}/{cfg.epochs} mia={history[-1]['mia_auc']}")
         if on_epoch is not None:
             on_epoch(epoch, cfg.epochs)
-        chosen = select_checkpoint(history, cfg.retain_tolerance, cfg.forget_accuracy_pick)
+        chosen = select_checkpoint(history, cfg.retain_tolerance, pick)
         if chosen != best:
             since_change = 0
         best = chosen
@@ -205,6 +216,7 @@ def _run(
         best_distance=history[best]["distance"],
         retain_baseline=checkpoints.baseline,
         mia_target=dict(target) if isinstance(target, Mapping) else float(target),
+        pick=pick,
         history=history,
         subspace_penalty=None if U is None else float(subspace_penalty(U)),
         term_norms=term_norms(norms),

@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from worker.unlearning.progress import StageCallback
+from worker.unlearning.reference_adapters import LoadedReferences
 from worker.unlearning.types import Batch, Partitions, TaskSpec
 
 MiaTarget = float | Mapping[str, float]
@@ -43,7 +44,10 @@ class MethodContext:
       adapter version ``model`` was loaded from (``None``: do not cache — the model already changed);
     - ``retain`` / ``base``: the full retain set and the frozen base network (``retrain`` needs them);
     - ``on_progress``: an optional callback taking a short message;
-    - ``on_stage``: an optional :data:`~worker.unlearning.progress.StageCallback` (stage, step, of).
+    - ``on_stage``: an optional :data:`~worker.unlearning.progress.StageCallback` (stage, step, of);
+    - ``references`` / ``client_index``: the model's reference adapters (trained off the request
+      path on halves of the clients; ``None``: none) and the client → subset index map, from which
+      ``ia.target: "references"`` reads a per-client early-stopping target (never a retrain).
     """
 
     model: nn.Module
@@ -63,6 +67,8 @@ class MethodContext:
     base: nn.Module | None = None
     on_progress: Callable[[str], None] | None = None
     on_stage: StageCallback | None = None
+    references: LoadedReferences | None = None
+    client_index: Mapping[str, int] | None = None
 
     def method_settings(self, key: str) -> dict[str, Any]:
         """``settings[key]`` as a dict (empty when absent)."""

@@ -8,27 +8,38 @@ from typing import Any
 
 from worker.unlearning import progress
 from worker.unlearning.interference import IAConfig, interference_aware_unlearn
+from worker.unlearning.interference.targets import request_target
 from worker.unlearning.methods import register
 from worker.unlearning.methods.base import MethodContext, MethodResult
 
 
 def run_ia(ctx: MethodContext, retain_baseline: Mapping[str, float] | None = None) -> dict[str, Any]:
-    """Algorithm 1 on ``ctx.model`` in place; early stopping on ``ctx.mia_target`` (else settings).
+    """Algorithm 1 on ``ctx.model`` in place; early stopping on ``ctx.mia_target`` (else settings),
+    or with ``ia.target: "references"`` on the per-client target of the OUT reference adapters
+    (``info["target"]``: its values per reference, median, spread and seconds, or the fallback).
 
     ``retain_baseline``: the pre-request accuracy on the retain check rows (``None``: the model as
     given), see :func:`worker.unlearning.interference.check_accuracy`."""
-    return interference_aware_unlearn(
+    cfg = IAConfig.from_settings(ctx.method_settings("ia"))
+    reference, target_info = request_target(
+        cfg, ctx.references, ctx.tasks, forget=ctx.partitions.forget, heldout=ctx.heldout,
+        forget_tasks=ctx.partitions.forget_tasks, client_index=ctx.client_index, device=ctx.device,
+    )  # fmt: skip
+    info = interference_aware_unlearn(
         ctx.model,
         partitions=ctx.partitions,
         heldout=ctx.heldout,
-        cfg=IAConfig.from_settings(ctx.method_settings("ia")),
+        cfg=cfg,
         mia_target=ctx.mia_target,
+        reference=reference,
         retain_baseline=retain_baseline,
         retain=ctx.retain,
         device=ctx.device,
         on_epoch=lambda epoch, epochs: ctx.stage(progress.UPDATE, epoch, epochs),
         **ctx.common_kwargs(),
     )
+    info["target"] = target_info
+    return info
 
 
 @register("ia", config=IAConfig)

@@ -291,7 +291,10 @@ class DigitsClients(MLPWorkload):
             # default's interference-aware stage (issue 8 part 2, chosen on seeds 100–105, measured on
             # seeds 0–9: docs/methods.md, "A stronger default"): each forgotten task's forget term
             # at η2 = 0.5 of the retain term's norm, and early stopping keeps the first checkpoint
-            # whose forget set is at the unseen-data level (the acceptance check's bound)
+            # whose forget set is at the unseen-data level (the acceptance check's bound); with
+            # reference adapters (audit.reference_adapters > 0) it aims instead at the per-client
+            # target of those that never saw the client (issue 8 part 1, chosen on seeds 100–102:
+            # docs/benchmarks.md, "Per-client targets from reference adapters"); without, the above
             "default": {
                 "ssd": {"fisher": "per_sample", "alpha": 3.0},
                 "ia": {
@@ -299,6 +302,7 @@ class DigitsClients(MLPWorkload):
                     "eta2": 0.5,
                     "forget_accuracy_z": 2.0,
                     "forget_accuracy_pick": "earliest",
+                    "target": "references",
                 },
             },
         }
