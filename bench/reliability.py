@@ -61,9 +61,10 @@ def run(trials: int, *, seed: int, rounds: str, settings: dict[str, Any], method
     with tempfile.TemporaryDirectory(prefix="lethe-demo-reliability-") as tmp:
         root = Path(tmp)
         data_dir, base_dir, v1, cache = root / "data", root / "base", root / "v1", root / "cache"
+        refs = root / "references"  # trained when the settings ask for them, as the worker does
         t0 = time.perf_counter()
         prepared = prepare(workload, data_dir=data_dir, base_dir=base_dir, adapter_dir=v1,
-                           settings=settings, seed=seed, cache_dir=cache)  # fmt: skip
+                           settings=settings, seed=seed, cache_dir=cache, references_dir=refs)  # fmt: skip
         print(f"v1 prepared in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         store = DataStore(data_dir)
         subjects = _subjects(store, prepared.tasks)
@@ -92,7 +93,7 @@ def run(trials: int, *, seed: int, rounds: str, settings: dict[str, Any], method
                 out = root / f"t{trial}-r{i}"
                 outcome = run_round(workload, data_dir=data_dir, base_dir=base_dir, adapter_in=parent,
                                     adapter_out=out, requests=batch, method=method, settings=drawn,
-                                    seed=seed, cache_dir=cache)  # fmt: skip
+                                    seed=seed, cache_dir=cache, references_dir=refs)  # fmt: skip
                 evidence.update(outcome.evidence)
                 parent = out
             measured = demo_checks.measure(

@@ -268,6 +268,11 @@ class DigitsClients(MLPWorkload):
                 "margin": 1.0,
             },
             "anchor_fraction": 0.1,
+            # four reference adapters per version (trained at preparation, refreshed after purges,
+            # never on a request's path): default's per-client early-stopping target and the
+            # likelihood-ratio audit (docs/benchmarks.md, "Per-client targets from reference
+            # adapters": quick-bench median UIS 0.777 -> 0.460; K = 8 was not better)
+            "audit": {"reference_adapters": 4},
             # measured on `lethe bench` over seeds 0–4 (docs/methods.md, "Settings on the
             # digits-clients workload"): half the retain instances as anchor make the retain term of
             # Eq. 11 repair what the forget term and SSD break (0.1: Ret 0.71–0.75, 0.5: 0.87)
