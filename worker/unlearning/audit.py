@@ -363,14 +363,19 @@ def forget_vs_unseen(
     cfg: AuditConfig,
     seed: int = 0,
     device: str = "cpu",
+    outputs: tuple[Mapping[str, Tensor], Mapping[str, Tensor]] | None = None,
 ) -> dict[str, ForgetVsUnseen]:
     """Per forgotten task supervised in ``forget``: AUC, bootstrap CI and the most exposed samples
     (``forget`` = the Unl split with sample ids; ``unseen`` = data of the same population the model
-    never trained on)."""
+    never trained on). ``outputs``: ``model``'s outputs on ``forget`` and ``unseen`` if the caller
+    has them (the audit reuses its own forward passes)."""
     if len(forget) == 0 or len(unseen) == 0:
         return {}
-    out_f = model_outputs(model, inputs_to(forget.inputs, device), batch_size=cfg.batch_size)
-    out_u = model_outputs(model, inputs_to(unseen.inputs, device), batch_size=cfg.batch_size)
+    if outputs is not None:
+        out_f, out_u = outputs
+    else:
+        out_f = model_outputs(model, inputs_to(forget.inputs, device), batch_size=cfg.batch_size)
+        out_u = model_outputs(model, inputs_to(unseen.inputs, device), batch_size=cfg.batch_size)
     ids = forget.sample_ids if len(forget.sample_ids) == len(forget) else [str(i) for i in range(len(forget))]
     result: dict[str, ForgetVsUnseen] = {}
     for i, task in enumerate(tasks):
@@ -545,10 +550,28 @@ def evaluate_model(
     batch_size: int = 1024,
 ) -> ModelMetrics:
     """Task metric per split and the loss-based MIA AUCs of every task."""
-    outs = {
+    outs = split_outputs(model, ret=ret, unl=unl, val=val, device=device, batch_size=batch_size)
+    return metrics_from_outputs(outs, tasks, ret=ret, unl=unl, val=val, device=device)
+
+
+SplitOutputs = dict[str, dict[str, Tensor] | None]
+
+
+def split_outputs(
+    model: nn.Module, *, ret: Batch, unl: Batch, val: Batch, device: str = "cpu", batch_size: int = 1024
+) -> SplitOutputs:
+    """``model``'s outputs on the Ret / Unl / Val splits (``None`` for an empty split): one
+    forward pass per row, which the audit's metrics, attacker and forget-vs-unseen AUC share."""
+    return {
         split: model_outputs(model, inputs_to(b.inputs, device), batch_size=batch_size) if len(b) else None
         for split, b in (("ret", ret), ("unl", unl), ("val", val))
     }
+
+
+def metrics_from_outputs(
+    outs: SplitOutputs, tasks: Sequence[TaskSpec], *, ret: Batch, unl: Batch, val: Batch, device: str = "cpu"
+) -> ModelMetrics:
+    """:func:`evaluate_model` from outputs already computed (:func:`split_outputs`)."""
     batches = {"ret": ret, "unl": unl, "val": val}
     result: dict[str, TaskMetrics] = {}
     for task in tasks:
@@ -618,7 +641,13 @@ def softmax_features(
 ) -> tuple[np.ndarray, list[str]]:
     """Concatenated head softmaxes (main tasks in order, then the subset-ID head if present); a
     one-output head (a regression) gives its raw output (its softmax would be the constant 1)."""
-    out = model_outputs(model, inputs, batch_size=batch_size)
+    return softmax_from_outputs(model_outputs(model, inputs, batch_size=batch_size), tasks)
+
+
+def softmax_from_outputs(
+    out: Mapping[str, Tensor], tasks: Sequence[TaskSpec]
+) -> tuple[np.ndarray, list[str]]:
+    """:func:`softmax_features` from outputs already computed."""
     keys = [t.name for t in tasks] + ([SUBSET_HEAD] if SUBSET_HEAD in out else [])
     probs = [
         out[k].double() if int(out[k].shape[-1]) == 1 else torch.softmax(out[k].double(), dim=-1)
@@ -630,15 +659,21 @@ def softmax_features(
 
 def unique_rows(batch: Batch) -> Batch:
     """``batch`` with one row per sample id (first occurrence); unchanged without sample ids."""
+    keep = unique_index(batch)
+    return batch if keep is None else batch.select(keep)
+
+
+def unique_index(batch: Batch) -> Tensor | None:
+    """The rows of :func:`unique_rows` (``None``: every row, the batch has no sample ids)."""
     if len(batch.sample_ids) != len(batch):
-        return batch
+        return None
     seen: set[str] = set()
     keep: list[int] = []
     for i, s in enumerate(batch.sample_ids):
         if s not in seen:
             seen.add(s)
             keep.append(i)
-    return batch.select(torch.tensor(keep, dtype=torch.long))
+    return torch.tensor(keep, dtype=torch.long)
 
 
 def _merge_labels(y: Tensor, inverse: Tensor, n: int) -> Tensor:
@@ -703,10 +738,11 @@ def audit(
     request (needed for retained tasks in partial-task requests).
     """
     cfg = AuditConfig.from_settings(settings)
-    metrics = evaluate_model(
-        model, tasks, ret=ret, unl=unl, val=val, device=device, batch_size=cfg.batch_size
-    )
-    attacker = _attack(model, tasks, unl, ret, cfg, seed=seed, device=device)
+    # one forward pass per split, shared by the metrics, the attacker and forget-vs-unseen (each
+    # ran its own: ≈ 9 % of a default round on scenes, docs/benchmarks.md)
+    outs = split_outputs(model, ret=ret, unl=unl, val=val, device=device, batch_size=cfg.batch_size)
+    metrics = metrics_from_outputs(outs, tasks, ret=ret, unl=unl, val=val, device=device)
+    attacker = _attack(model, tasks, unl, ret, cfg, seed=seed, device=device, outputs=outs)
     uis = unlearning_impact_score(
         metrics,
         forget_tasks=forget_tasks,
@@ -724,6 +760,9 @@ def audit(
         cfg=cfg,
         seed=seed,
         device=device,
+        outputs=None
+        if unseen is not None or outs["unl"] is None or outs["val"] is None
+        else (outs["unl"], outs["val"]),
     )
     return AuditEvidence(
         forget_vs_unseen=exposure,
@@ -747,19 +786,32 @@ def _attack(
     *,
     seed: int,
     device: str,
+    outputs: SplitOutputs | None = None,
 ) -> AttackerResult:
-    forget = unique_rows(unl)
-    retain = unique_rows(ret)
-    if len(retain) > cfg.attacker_max_retain:
+    """``outputs``: ``model``'s outputs on ``unl`` and ``ret`` (:func:`split_outputs`); the
+    attacker's rows are selected from them instead of forwarded again."""
+    f_rows = _all_rows(unl, unique_index(unl))
+    r_rows = _all_rows(ret, unique_index(ret))
+    if int(r_rows.numel()) > cfg.attacker_max_retain:
         gen = torch.Generator().manual_seed(seed)
-        idx = torch.randperm(len(retain), generator=gen)[: cfg.attacker_max_retain].sort().values
-        retain = retain.select(idx)
-    if len(forget) == 0 or len(retain) == 0:
-        return AttackerResult(None, 0, len(forget), len(retain), [], reason="empty forget or retain set")
-    f_feat, names = softmax_features(
-        model, tasks, inputs_to(forget.inputs, device), batch_size=cfg.batch_size
-    )
-    r_feat, _ = softmax_features(model, tasks, inputs_to(retain.inputs, device), batch_size=cfg.batch_size)
+        idx = torch.randperm(int(r_rows.numel()), generator=gen)[: cfg.attacker_max_retain].sort().values
+        r_rows = r_rows[idx]
+    n_f, n_r = int(f_rows.numel()), int(r_rows.numel())
+    if n_f == 0 or n_r == 0:
+        return AttackerResult(None, 0, n_f, n_r, [], reason="empty forget or retain set")
+    out_f = None if outputs is None else outputs.get("unl")
+    out_r = None if outputs is None else outputs.get("ret")
+    if out_f is not None and out_r is not None:
+        f_feat, names = softmax_from_outputs({k: v[f_rows.to(v.device)] for k, v in out_f.items()}, tasks)
+        r_feat, _ = softmax_from_outputs({k: v[r_rows.to(v.device)] for k, v in out_r.items()}, tasks)
+    else:
+        forget, retain = unl.select(f_rows), ret.select(r_rows)
+        f_feat, names = softmax_features(
+            model, tasks, inputs_to(forget.inputs, device), batch_size=cfg.batch_size
+        )
+        r_feat, _ = softmax_features(
+            model, tasks, inputs_to(retain.inputs, device), batch_size=cfg.batch_size
+        )
     return logistic_attack(
         f_feat,
         r_feat,
@@ -768,3 +820,7 @@ def _attack(
         max_iter=cfg.attacker_max_iter,
         feature_names=names,
     )
+
+
+def _all_rows(batch: Batch, index: Tensor | None) -> Tensor:
+    return torch.arange(len(batch), dtype=torch.long) if index is None else index

@@ -114,14 +114,17 @@ def partition_task_grads(
     named: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """``{name: [P, T, *shape]}``: the gradient of each partition's loss restricted to each task
-    (:func:`task_loss_matrix`) in one forward pass and one vectorised backward.
+    (:func:`task_loss_matrix`), vectorised over the tasks.
 
     Summing over ``T`` gives the gradient of the partition's mean main-task loss. Only the
     (partition, task) pairs with supervision are differentiated (the others are 0). ``backend``:
-    ``"autograd"`` (default) = ``torch.autograd.grad(..., is_grads_batched=True)``, the backward
-    vmapped over the one-hot cotangents; ``"func"`` = ``torch.func.jacrev`` over
-    ``functional_call``. Both compute the same vector–Jacobian products; the first avoids
-    ``functional_call``'s per-call re-parametrisation (≈ 4× faster on the small models here).
+    ``"autograd"`` (default) = per partition, one forward on its rows and
+    ``torch.autograd.grad(..., is_grads_batched=True)``, the backward vmapped over the task
+    one-hot cotangents (:func:`_partitionwise_vjp`); with an MLP view as ``forward`` one joint
+    forward and backward (its per-call overhead dominates, not the backward work); ``"func"`` =
+    ``torch.func.jacrev`` over ``functional_call``. Both compute the same vector–Jacobian
+    products; the first avoids ``functional_call``'s per-call re-parametrisation (≈ 4× faster on
+    the small models here).
     ``forward`` (autograd backend): a function computing ``model(x)`` from the same parameter
     tensors (``lora.fast_forward(model)``); ``named``: ``dict(model.named_parameters())`` if the
     caller has it (walking a peft model's modules costs ≈ 1 ms a call).
@@ -154,10 +157,12 @@ def partition_task_grads(
 
         with eval_mode(model):
             jac = cast(dict[str, Tensor], jacrev(losses)(params))
-    elif backend == "autograd":
+    elif backend == "autograd" and forward is not None and forward is not model:
+        # the MLP view (``lora.fast_forward``): so cheap per row that the per-partition calls'
+        # overhead outweighs the backward work they save (digits: 0.40 → 0.54 s CPU a request)
         tensors = [live_params[n] for n in names]
         with eval_mode(model), torch.enable_grad():
-            outputs = (forward if forward is not None else model)(joined.inputs)
+            outputs = forward(joined.inputs)
             matrix = task_loss_matrix(outputs, labels, tasks, part, P)
             selected = matrix.reshape(-1)[index]
             cotangents = torch.eye(k, dtype=selected.dtype, device=selected.device)
@@ -168,11 +173,61 @@ def partition_task_grads(
             n: torch.zeros((k, *t.shape), dtype=t.dtype, device=t.device) if g is None else g.detach()
             for n, t, g in zip(names, tensors, grads, strict=True)
         }
+    elif backend == "autograd":
+        jac = _partitionwise_vjp(model, model, names, live_params, joined, part, P, tasks, index)
     else:
         raise ValueError(f"unknown gradient backend {backend!r}")
     for n, g in jac.items():
         out[n][index] = g
     return {n: v.reshape(P, T, *v.shape[1:]) for n, v in out.items()}
+
+
+def _partitionwise_vjp(
+    fn: Callable[[dict[str, Tensor]], Mapping[str, Tensor]],
+    model: nn.Module,
+    names: Sequence[str],
+    live_params: Mapping[str, Tensor],
+    joined: Batch,
+    part: Tensor,
+    P: int,
+    tasks: Sequence[TaskSpec],
+    index: Tensor,
+) -> dict[str, Tensor]:
+    """The rows of :func:`partition_task_grads` selected by ``index`` (flat ``p * T + t``), one
+    forward and one task-batched backward per partition.
+
+    A (partition, task) loss depends only on its partition's rows, and the models here couple no
+    rows (eval mode: no batch statistics), so differentiating each partition's forward on its own
+    rows gives the same vector–Jacobian products as one joint forward whose backward, vmapped over
+    all ``k`` cotangents, would run every partition's cotangent through every row: with four
+    partitions that is 4× the backward work (the dominant cost of a default round on ``scenes``,
+    docs/benchmarks.md "Default's wall on scenes")."""
+    T = len(tasks)
+    tensors = [live_params[n] for n in names]
+    rows = {int(i): g for i, g in zip(index.tolist(), range(int(index.numel())), strict=True)}
+    jac = {
+        n: torch.zeros((len(rows), *t.shape), dtype=t.dtype, device=t.device)
+        for n, t in zip(names, tensors, strict=True)
+    }
+    for p in range(P):
+        wanted = [(t, rows[p * T + t]) for t in range(T) if p * T + t in rows]
+        if not wanted:
+            continue
+        mine = joined.select((part == p).nonzero(as_tuple=True)[0])
+        with eval_mode(model), torch.enable_grad():
+            outputs = fn(mine.inputs)
+            zeros = torch.zeros(len(mine), dtype=torch.long, device=mine.device)
+            matrix = task_loss_matrix(outputs, mine.labels, tasks, zeros, 1).reshape(-1)  # [T]
+            selected = matrix[torch.tensor([t for t, _ in wanted], device=matrix.device)]
+            cotangents = torch.eye(len(wanted), dtype=selected.dtype, device=selected.device)
+            grads = torch.autograd.grad(
+                selected, tensors, grad_outputs=cotangents, is_grads_batched=True, allow_unused=True
+            )
+        at = torch.tensor([g for _, g in wanted], dtype=torch.long)
+        for n, g in zip(names, grads, strict=True):
+            if g is not None:
+                jac[n][at] = g.detach()
+    return jac
 
 
 def minibatches(batch: Batch, size: int, *, shuffle: bool, seed: int) -> list[Batch]:
