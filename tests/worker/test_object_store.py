@@ -112,7 +112,9 @@ def engine_stub(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
         (adapter_out / "adapter_model.safetensors").write_bytes(f"v{len(seen) + 1}".encode())
         (adapter_out / "adapter_config.json").write_text("{}")
         (adapter_out / STATE_FILE).write_text(json.dumps({"forgotten_clients": forgotten}))
-        return types.SimpleNamespace(evidence={r.request_id: {"fake": True} for r in requests})
+        return types.SimpleNamespace(
+            evidence={r.request_id: {"fake": True} for r in requests}, next_importance=None
+        )
 
     engine = types.ModuleType("worker.unlearning.engine")
     engine.run_round = run_round  # type: ignore[attr-defined]
