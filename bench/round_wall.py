@@ -24,12 +24,14 @@ import torch
 
 from worker.unlearning import engine
 from worker.unlearning.types import ForgetSpec
-from worker.unlearning.workload import build_workload
+from worker.unlearning.workload import Workload, build_workload
 
 
-def measure(root: Path, workload: str, clients: Sequence[str], methods: Sequence[str], profile: bool) -> None:
+def measure(
+    root: Path, wl: Workload, clients: Sequence[str], methods: Sequence[str], *, profile: bool = False
+) -> list[dict[str, Any]]:
+    """One row per (client, method) round, also printed as a JSON line as it finishes."""
     torch.set_num_threads(1)
-    wl = build_workload(workload, seed=0)
     if not (root / "v1").exists():
         engine.prepare(
             wl, data_dir=root / "data", base_dir=root / "base", adapter_dir=root / "v1", settings={}, seed=0,
@@ -45,44 +47,55 @@ def measure(root: Path, workload: str, clients: Sequence[str], methods: Sequence
         finally:
             method_cpu.append(time.process_time() - c0)
 
-    engine.apply_method = timed  # the method's CPU time (a fallback retrain is a second call)
-    prof: cProfile.Profile | None = cProfile.Profile() if profile else None
-    for client in clients:
-        for method in methods:
-            out = root / f"out-{method}-{client}"
-            shutil.rmtree(out, ignore_errors=True)
-            method_cpu.clear()
-            w0, c0 = time.perf_counter(), time.process_time()
-            if prof is not None:
-                prof.enable()
-            outcome = engine.run_round(
-                wl, data_dir=root / "data", base_dir=root / "base", adapter_in=root / "v1", adapter_out=out,
-                requests=[ForgetSpec("r", "client", client, None, [])], method=method, settings={}, seed=0,
-                cache_dir=root / "cache", defer_next_importance=True,
-            )  # fmt: skip
-            if prof is not None:
-                prof.disable()
-                pstats.Stats(prof).sort_stats("cumulative").print_stats(60)
-                prof = None
-            wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-            ev = outcome.evidence["r"]
-            n0, nc0 = time.perf_counter(), time.process_time()
-            if outcome.next_importance is not None:
-                outcome.next_importance()
-            row = {
-                "client": client,
-                "method": method,
-                "round_wall_s": wall,
-                "round_cpu_s": cpu,
-                "method_s": ev["timings_s"]["method_s"],
-                "method_cpu_s": sum(method_cpu[:1]),
-                "fallback_s": ev["timings_s"].get("acceptance_fallback_s"),
-                "path": ev["acceptance"].get("path"),
-                "next_importance_wall_s": time.perf_counter() - n0,
-                "next_importance_cpu_s": time.process_time() - nc0,
-                "forget_auc": {t: v.get("auc") for t, v in ev["mia"]["forget_vs_unseen"].items()},
-            }
-            print(json.dumps(row), flush=True)
+    # the method's CPU time (a fallback retrain is a second call); run_round looks it up at call time
+    engine.apply_method = timed
+    try:
+        return [
+            _round(root, wl, client, method, method_cpu, profile=profile and i == 0)
+            for i, (client, method) in enumerate((c, m) for c in clients for m in methods)
+        ]
+    finally:
+        engine.apply_method = apply
+
+
+def _round(
+    root: Path, wl: Workload, client: str, method: str, method_cpu: list[float], *, profile: bool
+) -> dict[str, Any]:
+    out = root / f"out-{method}-{client}"
+    shutil.rmtree(out, ignore_errors=True)
+    method_cpu.clear()
+    prof = cProfile.Profile() if profile else None
+    w0, c0 = time.perf_counter(), time.process_time()
+    if prof is not None:
+        prof.enable()
+    outcome = engine.run_round(
+        wl, data_dir=root / "data", base_dir=root / "base", adapter_in=root / "v1", adapter_out=out,
+        requests=[ForgetSpec("r", "client", client, None, [])], method=method, settings={}, seed=0,
+        cache_dir=root / "cache", defer_next_importance=True,
+    )  # fmt: skip
+    if prof is not None:
+        prof.disable()
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(60)
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    ev = outcome.evidence["r"]
+    n0, nc0 = time.perf_counter(), time.process_time()
+    if outcome.next_importance is not None:
+        outcome.next_importance()
+    row = {
+        "client": client,
+        "method": method,
+        "round_wall_s": wall,
+        "round_cpu_s": cpu,
+        "method_s": ev["timings_s"]["method_s"],
+        "method_cpu_s": sum(method_cpu[:1]),
+        "fallback_s": ev["timings_s"].get("acceptance_fallback_s"),
+        "path": ev["acceptance"].get("path"),
+        "next_importance_wall_s": time.perf_counter() - n0,
+        "next_importance_cpu_s": time.process_time() - nc0,
+        "forget_auc": {t: v.get("auc") for t, v in ev["mia"]["forget_vs_unseen"].items()},
+    }
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -93,7 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--methods", default="default,retrain")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args(argv)
-    measure(args.dir, args.workload, args.clients.split(","), args.methods.split(","), args.profile)
+    wl = build_workload(args.workload, seed=0)
+    measure(args.dir, wl, args.clients.split(","), args.methods.split(","), profile=args.profile)
     return 0
 
 

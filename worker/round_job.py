@@ -188,7 +188,7 @@ def _run_claimed(ctx: WorkerContext, claimed: rounds.ClaimedRound) -> RoundResul
     attempt = _Attempt()
     request_ids = [r.id for r in claimed.requests]
     try:
-        published, withdrawn, next_importance = _run_and_publish(ctx, claimed, store, attempt)
+        done = _run_and_publish(ctx, claimed, store, attempt)
     except rounds.LeaseLost as exc:
         log.warning("round %d: lease lost (%s); discarding its directory", claimed.round_id, exc)
         attempt.publishing = False  # LeaseLost comes before publish_round writes: it rolled back
@@ -209,16 +209,21 @@ def _run_claimed(ctx: WorkerContext, claimed: rounds.ClaimedRound) -> RoundResul
             pass
         return RoundResult(claimed.round_id, claimed.fencing_token, request_ids, None, "failed",
                            error=error)  # fmt: skip
-    ctx.emit("published", round_id=claimed.round_id, version=published.version)
+    ctx.emit("published", round_id=claimed.round_id, version=done.published.version)
     log.info("round %d published %s v%d; withdrew %s", claimed.round_id, model_name,
-             published.version, withdrawn)  # fmt: skip
+             done.published.version, done.withdrawn)  # fmt: skip
     from worker import certification  # a sampled round keeps a snapshot of its forget sets: before the purge
 
-    certification.after_publish(ctx, claimed, published)
-    after_publish(ctx, model_name, withdrawn=withdrawn)
-    _compute_next_importance(claimed, next_importance)
+    certification.after_publish(ctx, claimed, done.published)
+    after_publish(ctx, model_name, withdrawn=done.withdrawn)
+    _compute_next_importance(claimed, done.next_importance)
     return RoundResult(
-        claimed.round_id, claimed.fencing_token, request_ids, published.version, "published", withdrawn
+        claimed.round_id,
+        claimed.fencing_token,
+        request_ids,
+        done.published.version,
+        "published",
+        done.withdrawn,
     )
 
 
@@ -240,9 +245,18 @@ def _compute_next_importance(
     log.info("round %d: next request's importance computed ahead in %.2f s", claimed.round_id, seconds)
 
 
+@dataclass(frozen=True)
+class _Published:
+    """What a published round leaves for the work after publishing."""
+
+    published: rounds.PublishedVersion
+    withdrawn: list[int]  # the versions the publish withdrew
+    next_importance: Callable[[], float] | None  # the next request's importance, to compute ahead
+
+
 def _run_and_publish(
     ctx: WorkerContext, claimed: rounds.ClaimedRound, store: ModelArtifacts, attempt: _Attempt
-) -> tuple[rounds.PublishedVersion, list[int], Callable[[], float] | None]:
+) -> _Published:
     """GC → engine → seal → publish; raises on any failure (the caller cleans up and fails)."""
     model_name = claimed.model_name
     with transaction(ctx.session_factory) as session:
@@ -306,7 +320,7 @@ def _run_and_publish(
             )
     if any(doc.get("acceptance", {}).get("path") == "retrain" for doc in outcome.values()):
         metrics.ACCEPTANCE_FALLBACKS.labels(model_name).inc()
-    return published, withdraw, engine.next_importance
+    return _Published(published, withdraw, engine.next_importance)
 
 
 def _manifest_extra(ctx: WorkerContext, claimed: rounds.ClaimedRound) -> dict[str, Any]:

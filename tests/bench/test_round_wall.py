@@ -1,0 +1,30 @@
+"""``bench.round_wall`` (docs/benchmarks.md, "Default's wall on scenes") on the toy workload: one
+row per (client, method) with the method's CPU time measured, the directory prepared once and
+reused, and ``engine.apply_method`` restored afterwards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench import round_wall
+from worker.unlearning import engine
+from worker.unlearning.workloads.toy import ToyWorkload
+
+
+def test_rows_per_client_and_method_and_the_engine_restored(tmp_path: Path) -> None:
+    apply = engine.apply_method
+    wl = ToyWorkload(num_clients=3, per_client=12)
+    rows = round_wall.measure(tmp_path, wl, ["u0", "u1"], ["default", "retrain"])
+    assert [(r["client"], r["method"]) for r in rows] == [
+        ("u0", "default"), ("u0", "retrain"), ("u1", "default"), ("u1", "retrain"),
+    ]  # fmt: skip
+    assert engine.apply_method is apply
+    for row in rows:
+        assert 0 < row["method_cpu_s"] <= row["round_cpu_s"]
+        assert row["path"] in {"method", "retrain"}
+        assert set(row["forget_auc"]) == {"kind", "side"}
+        assert (tmp_path / f"out-{row['method']}-{row['client']}").is_dir()
+    v1 = (tmp_path / "v1").stat().st_mtime_ns
+    again = round_wall.measure(tmp_path, wl, ["u2"], ["default"])  # reuses the prepared directory
+    assert (tmp_path / "v1").stat().st_mtime_ns == v1
+    assert len(again) == 1
