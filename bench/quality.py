@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from peft import PeftModel
 
-from worker.unlearning.audit import ModelMetrics
+from worker.unlearning.audit import AuditConfig, ModelMetrics
 from worker.unlearning.datastore import DataStore
 from worker.unlearning.engine import (
     EngineInputs,
@@ -359,9 +359,11 @@ def _prepared_seeds(
         if references:
             log = reference_log if reference_log is not None else {}
             directory = root / f"references-seed-{seed}"
+            withhold = AuditConfig.from_settings(inputs.settings).reference_withhold_tasks
             refs = train_references(
                 inputs.base, inputs.full_train_set(), inputs.tasks, cfg, client_index=inputs.client_index,
                 k=references, seed=seed, directory=directory, workload=inputs.workload.name,
+                withhold_tasks=[t.name for t in inputs.tasks] if withhold else (),
             )  # fmt: skip
             log.setdefault("dirs", {})[seed] = directory
             log.setdefault("train_s", {})[str(seed)] = refs.train_s

@@ -79,6 +79,9 @@ class AuditConfig:
     # likelihood-ratio audit: reference adapters trained at preparation on halves of the clients
     # (even; 0 = off, then the evidence has no ``likelihood_ratio``); see reference_adapters.py
     reference_adapters: int = Field(default=0, ge=0, multiple_of=2)
+    # each client's IN references trained without one task's labels for it (the per-task request's
+    # task-withheld calibration, ``ia.per_task_target``; reference_adapters.assign_withheld)
+    reference_withhold_tasks: bool = False
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | None) -> AuditConfig:

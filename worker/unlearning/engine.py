@@ -158,15 +158,19 @@ def prepare(
         t_importance += precompute_full_importance(
             model, train, tasks, ssd_settings, seed=seed, cache_dir=cache_dir
         )[1]
-    k = AuditConfig.from_settings(merged).reference_adapters
+    audit_cfg = AuditConfig.from_settings(merged)
+    k = audit_cfg.reference_adapters
     references: dict[str, Any] | None = None
     if k and references_dir is not None:
         refs = train_references(
             base, train, tasks, cfg, client_index=store.client_index(), k=k, seed=seed,
             directory=Path(references_dir), workload=workload.name,
+            withhold_tasks=[t.name for t in tasks] if audit_cfg.reference_withhold_tasks else (),
         )  # fmt: skip
         references = {"k": refs.k, "recipe_digest": refs.recipe_digest, "train_s": refs.train_s,
                       "clients": {str(i): m for i, m in refs.members.items()}}  # fmt: skip
+        if refs.withheld:
+            references["withheld"] = {str(i): w for i, w in refs.withheld.items()}
     evidence: dict[str, Any] = {
         "kind": "prepare",
         "workload": workload.name,

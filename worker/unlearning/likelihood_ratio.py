@@ -109,6 +109,7 @@ def out_reference_targets(
     client_index: dict[str, int],
     device: str = "cpu",
     batch_size: int = 1024,
+    forget_mask: Tensor | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per forgotten task, what the OUT references — models that never saw the forgotten rows'
     clients — score on ``forget`` against ``unseen``: per reference (over the forgotten rows it is
@@ -117,12 +118,18 @@ def out_reference_targets(
     level the client sits for a model that never saw it), their median over the references and
     their spread (max − min). A reference IN for every forgotten row
     contributes nothing. Tasks without a forgotten or unseen row, or without an OUT reference, are
-    left out. The per-client early-stopping target of issue 8 part 1 (no retrain anywhere)."""
+    left out. The per-client early-stopping target of issue 8 part 1 (no retrain anywhere).
+
+    ``forget_mask`` (``[K, len(forget)]`` bool): which references count for each forgotten row
+    instead of the OUT ones — the task-withheld references of a per-task request
+    (:meth:`ReferenceSet.withheld_mask`); the unseen rows count for every reference either way."""
     n_f = len(forget)
     inputs = inputs_to(cat_inputs([forget.inputs, unseen.inputs]), device)
     ref_outs = [model_outputs(m, inputs, batch_size=batch_size) for m in loaded.models]
     subset = torch.cat([forget.subset, torch.full((len(unseen),), -1, dtype=torch.long)])
     out_mask = loaded.refs.out_mask(subset, client_index)  # [K, N]
+    if forget_mask is not None:
+        out_mask = torch.cat([forget_mask.to(torch.bool), out_mask[:, n_f:]], dim=1)
     indices = list(loaded.refs.members)
     per_task: dict[str, dict[str, Any]] = {}
     for task in tasks:

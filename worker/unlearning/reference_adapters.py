@@ -28,7 +28,7 @@ import json
 import shutil
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from torch import nn
 from worker.unlearning.adapter_io import AdapterView, load_adapters, save_adapter
 from worker.unlearning.model import MultiTaskModel
 from worker.unlearning.training import TrainConfig, train_v1
-from worker.unlearning.types import Batch, TaskSpec
+from worker.unlearning.types import Batch, TaskSpec, without_labels
 from worker.unlearning.workload import Workload
 
 REFERENCES_FILE = "references.json"
@@ -48,22 +48,64 @@ def _ref_dir(index: int) -> str:
     return f"ref-{index}"
 
 
-def recipe_digest(workload: str, cfg: TrainConfig, seed: int, k: int) -> str:
-    """sha256 of what the references depend on besides the data: workload, v1 recipe, seed, K."""
-    doc = {"workload": workload, "train": cfg.to_json(), "seed": seed, "references": k}
+def recipe_digest(
+    workload: str, cfg: TrainConfig, seed: int, k: int, withhold_tasks: Sequence[str] = ()
+) -> str:
+    """sha256 of what the references depend on besides the data: workload, v1 recipe, seed, K (and
+    the tasks whose labels are withheld, when any: :func:`assign_withheld`)."""
+    doc: dict[str, Any] = {"workload": workload, "train": cfg.to_json(), "seed": seed, "references": k}
+    if withhold_tasks:
+        doc["withhold_tasks"] = list(withhold_tasks)
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def _ranks(clients: Sequence[str], k: int, gen: torch.Generator) -> torch.Tensor:
+    if k < 2 or k % 2:
+        raise ValueError(f"the number of reference adapters must be even and at least 2, got {k}")
+    # rank of each reference in a random permutation per client; the first k/2 hold the client
+    return torch.rand(len(clients), k, generator=gen).argsort(1).argsort(1)
 
 
 def assign_halves(clients: Sequence[str], k: int, seed: int) -> list[list[str]]:
     """Per reference, the clients it trains on: each client IN exactly ``k/2`` references, drawn
     (a random permutation of the references per client) from a generator seeded with ``seed``."""
-    if k < 2 or k % 2:
-        raise ValueError(f"the number of reference adapters must be even and at least 2, got {k}")
-    gen = torch.Generator().manual_seed(seed)
-    # rank of each reference in a random permutation per client; the first k/2 hold the client
-    ranks = torch.rand(len(clients), k, generator=gen).argsort(1).argsort(1)
-    inside = ranks < k // 2  # [clients, k]
+    inside = _ranks(clients, k, torch.Generator().manual_seed(seed)) < k // 2  # [clients, k]
     return [[c for c, m in zip(clients, inside[:, r].tolist(), strict=True) if m] for r in range(k)]
+
+
+def assign_withheld(
+    clients: Sequence[str], k: int, seed: int, tasks: Sequence[str]
+) -> list[dict[str, list[str]]]:
+    """Per reference, the clients of its half whose labels of one task it is trained without (the
+    task-withheld calibration of per-task requests, issue 8 part 1): client ``c``'s IN references,
+    in the order of its permutation (:func:`assign_halves`, same generator), withhold one task each,
+    ``tasks[(j + o_c) % T]`` for the ``j``-th (``o_c`` a seeded random offset), the first ``T`` of
+    them only. So with ``k/2 >= T`` every (client, task) has a reference that saw the client's
+    inputs and its other tasks' labels but not that task's: what a per-task retrain sees of it.
+    Fewer than two tasks: nothing is withheld (a per-task request needs a kept task)."""
+    if len(tasks) < 2:
+        return [{} for _ in range(k)]
+    gen = torch.Generator().manual_seed(seed)
+    ranks = _ranks(clients, k, gen)  # the same draw as assign_halves
+    offsets = torch.randint(len(tasks), (len(clients),), generator=gen).tolist()
+    out: list[dict[str, list[str]]] = [{} for _ in range(k)]
+    for i, c in enumerate(clients):
+        for r in range(k):
+            j = int(ranks[i, r])
+            if j < min(k // 2, len(tasks)):
+                out[r][c] = [tasks[(j + offsets[i]) % len(tasks)]]
+    return out
+
+
+def _withhold(data: Batch, client_index: Mapping[str, int], withheld: Mapping[str, Sequence[str]]) -> Batch:
+    """``data`` with the labels of each listed client's withheld tasks removed (inputs kept)."""
+    labels = dict(data.labels)
+    for client, names in withheld.items():
+        rows = data.subset == client_index[client]
+        for name in names:
+            if name in labels:
+                labels[name] = without_labels(labels[name], rows.to(labels[name].device))
+    return Batch(inputs=data.inputs, labels=labels, subset=data.subset, sample_ids=data.sample_ids)
 
 
 @dataclass
@@ -78,11 +120,19 @@ class ReferenceSet:
     recipe: dict[str, Any]
     recipe_digest: str
     train_s: float
+    # task-withheld calibration: the tasks that may be withheld (empty: none), and per reference the
+    # clients of its half trained without those tasks' labels (:func:`assign_withheld`)
+    withhold_tasks: list[str] = field(default_factory=list)
+    withheld: dict[int, dict[str, list[str]]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "clients": list(self.clients),
-            "references": [{"index": i, "dir": _ref_dir(i), "clients": m} for i, m in self.members.items()],
+            "references": [
+                {"index": i, "dir": _ref_dir(i), "clients": m, "withheld": self.withheld.get(i, {})}
+                for i, m in self.members.items()
+            ],
+            "withhold_tasks": list(self.withhold_tasks),
             "k": self.k,
             "seed": self.seed,
             "workload": self.workload,
@@ -102,6 +152,12 @@ class ReferenceSet:
             recipe=dict(data["recipe"]),
             recipe_digest=str(data["recipe_digest"]),
             train_s=float(data["train_s"]),
+            withhold_tasks=[str(t) for t in data.get("withhold_tasks", [])],
+            withheld={
+                int(r["index"]): {str(c): [str(t) for t in ts] for c, ts in r.get("withheld", {}).items()}
+                for r in data["references"]
+                if r.get("withheld")
+            },
         )
 
     def out_mask(self, subset: torch.Tensor, client_index: dict[str, int]) -> torch.Tensor:
@@ -118,6 +174,24 @@ class ReferenceSet:
         col = torch.where(subset < 0, torch.full_like(subset, n_clients), subset)
         return table[:, col]
 
+    def withheld_mask(
+        self, subset: torch.Tensor, client_index: dict[str, int], tasks: Sequence[str]
+    ) -> torch.Tensor:
+        """``[references, N]`` bool: True where reference ``r`` was trained on row ``i``'s client
+        with exactly ``tasks``' labels withheld (it saw the inputs and the other tasks' labels) —
+        the per-task request's calibration. Rows of no client are False everywhere."""
+        want = sorted(tasks)
+        by_index = {i: c for c, i in client_index.items()}
+        n_clients = max([*client_index.values(), -1]) + 1
+        table = torch.zeros(len(self.members), n_clients + 1, dtype=torch.bool)
+        for row, (r, members) in enumerate(self.members.items()):
+            held = self.withheld.get(r, {})
+            for i in range(n_clients):
+                c = by_index.get(i)
+                table[row, i] = c in members and sorted(held.get(c or "", [])) == want
+        col = torch.where(subset < 0, torch.full_like(subset, n_clients), subset)
+        return table[:, col]
+
 
 def train_references(
     base: MultiTaskModel,
@@ -131,13 +205,17 @@ def train_references(
     directory: Path,
     workload: str,
     device: str = "cpu",
+    withhold_tasks: Sequence[str] = (),
 ) -> ReferenceSet:
     """Train ``k`` references (v1's recipe, reference ``r`` seeded ``seed + 1 + r``) on halves of the
     clients of ``data`` (rows with ``subset`` = the client's index) and write them to ``directory``
-    (replacing what was there)."""
+    (replacing what was there). ``withhold_tasks`` (two or more task names): each client's IN
+    references are trained without one of these tasks' labels for that client
+    (:func:`assign_withheld`); the OUT references of a client are what they would be anyway."""
     t0 = time.perf_counter()
     clients = sorted(client_index, key=client_index.__getitem__)
     halves = assign_halves(clients, k, seed)
+    withheld = assign_withheld(clients, k, seed, list(withhold_tasks)) if withhold_tasks else [{}] * k
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists():
@@ -146,7 +224,8 @@ def train_references(
     for r, half in enumerate(halves):
         keep = torch.tensor([client_index[c] for c in half], dtype=torch.long)
         rows = torch.isin(data.subset, keep).nonzero().reshape(-1)
-        model = train_v1(base, data.select(rows), tasks, cfg, seed=seed + 1 + r, device=device)
+        half_data = _withhold(data.select(rows), client_index, withheld[r])
+        model = train_v1(base, half_data, tasks, cfg, seed=seed + 1 + r, device=device)
         save_adapter(model, tmp / _ref_dir(r))
     refs = ReferenceSet(
         clients=clients,
@@ -155,8 +234,10 @@ def train_references(
         seed=seed,
         workload=workload,
         recipe=cfg.to_json(),
-        recipe_digest=recipe_digest(workload, cfg, seed, k),
+        recipe_digest=recipe_digest(workload, cfg, seed, k, withhold_tasks),
         train_s=time.perf_counter() - t0,
+        withhold_tasks=list(withhold_tasks),
+        withheld={r: dict(w) for r, w in enumerate(withheld) if w},
     )
     (tmp / REFERENCES_FILE).write_text(json.dumps(refs.to_json(), indent=2, sort_keys=True))
     if directory.exists():
@@ -207,6 +288,7 @@ def drop_references_with(directory: Path | None, clients: Iterable[str]) -> list
     if not dropped:
         return []
     refs.members = {i: m for i, m in refs.members.items() if i not in dropped}
+    refs.withheld = {i: w for i, w in refs.withheld.items() if i not in dropped}
     _write_json(Path(directory), refs)
     for i in dropped:
         shutil.rmtree(Path(directory) / _ref_dir(i), ignore_errors=True)
@@ -249,11 +331,15 @@ def refresh_references(
     gone = set(forgotten)
     present = set(torch.unique(data.subset).tolist())
     halves = assign_halves(refs.clients, refs.k, refs.seed)
+    withheld = assign_withheld(refs.clients, refs.k, refs.seed, refs.withhold_tasks) if refs.withhold_tasks \
+        else [{}] * refs.k  # fmt: skip
     for r in missing:
         half = [c for c in halves[r] if c not in gone and c in client_index and client_index[c] in present]
         keep = torch.tensor([client_index[c] for c in half], dtype=torch.long)
         rows = torch.isin(data.subset, keep).nonzero().reshape(-1)
-        model = train_v1(base, data.select(rows), tasks, cfg, seed=refs.seed + 1 + r, device=device)
+        held = {c: ts for c, ts in withheld[r].items() if c in half}
+        half_data = _withhold(data.select(rows), client_index, held)
+        model = train_v1(base, half_data, tasks, cfg, seed=refs.seed + 1 + r, device=device)
         target = Path(directory) / _ref_dir(r)
         tmp = target.with_name(target.name + ".tmp")
         for stale in (tmp, target):  # an unlisted leftover of a crash
@@ -263,6 +349,9 @@ def refresh_references(
         tmp.replace(target)
         refs.members[r] = half
         refs.members = dict(sorted(refs.members.items()))
+        if held:
+            refs.withheld[r] = held
+            refs.withheld = dict(sorted(refs.withheld.items()))
         _write_json(Path(directory), refs)
     return missing
 

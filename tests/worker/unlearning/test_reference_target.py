@@ -255,3 +255,199 @@ def test_refresh_retrains_dropped_references_on_their_half_minus_the_forgotten(t
     mask = after.out_mask(torch.tensor([ci[c] for c in refs.clients]), ci)
     for row, r in enumerate(after.members):
         assert mask[row].tolist() == [c not in halves[r] or c in forgotten for c in refs.clients]
+
+
+# --- task-withheld calibration of per-task requests (issue 8 part 1) ------------------------------
+
+
+def test_each_client_task_pair_has_a_reference_that_saw_the_client_without_the_task(tmp_path: Path) -> None:
+    """With K = 4 and two tasks, each client's two IN references are trained without one task's
+    labels each (different tasks): that reference's training data holds the client's inputs and its
+    other task's labels, never the withheld task's; the OUT references' data is untouched, and the
+    halves are those of :func:`assign_halves`. (Would fail if labels were not withheld.)"""
+    wl = ToyWorkload(0, num_clients=6, per_client=6)
+    base = ensure_base(wl, tmp_path / "base", wl.settings({}), 0)
+    ci = wl.client_index()
+    data = wl.client_data().to_batch(ci)
+    names = [t.name for t in wl.tasks()]
+    seen: list[Batch] = []
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(args[1])
+        return train_v1(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(reference_adapters, "train_v1", spy)
+        refs = train_references(base, data, wl.tasks(), FAST, client_index=ci, k=4, seed=3,
+                                directory=tmp_path / "refs", workload="toy",
+                                withhold_tasks=names)  # fmt: skip
+    assert list(refs.members.values()) == assign_halves(refs.clients, 4, 3)
+    assert read_references(tmp_path / "refs") == refs
+    for c in refs.clients:
+        held = [refs.withheld.get(r, {}).get(c) for r, m in refs.members.items() if c in m]
+        assert sorted(t for h in held if h for t in h) == sorted(names)  # one each, both tasks
+    for r, batch in enumerate(seen):
+        for c, i in ci.items():
+            rows = batch.subset == i
+            if c not in refs.members[r]:
+                assert not bool(rows.any())
+                continue
+            for t in names:
+                labelled = bool(wl.tasks()[names.index(t)].supervised(batch.labels[t][rows]).any())
+                assert labelled == (t not in refs.withheld[r][c]), (r, c, t)
+
+
+def test_a_per_task_target_never_reads_a_reference_that_saw_the_forgotten_task(tmp_path: Path) -> None:
+    """Per-task request (client u0, task ``kind``) with ``per_task_target: "task_withheld"``: the
+    target reads only the reference trained on u0 without ``kind``'s labels — perturbing every
+    other reference (the one that saw u0's ``kind`` labels and both OUT ones) leaves it identical
+    to the last bit, perturbing that one moves it; the evidence names the calibration. A
+    per-client request and ``per_task_target: "out"`` still read the OUT references; references
+    without withheld labels fall back to the OUT ones with the reason. (Would fail if a reference
+    that saw (u0, kind)'s labels contributed.)"""
+    wl = ToyWorkload(0, num_clients=4, per_client=10)
+    base = ensure_base(wl, tmp_path / "base", wl.settings({}), 0)
+    ci = wl.client_index()
+    data = wl.client_data().to_batch(ci)
+    names = [t.name for t in wl.tasks()]
+    train_references(base, data, wl.tasks(), FAST, client_index=ci, k=4, seed=3, directory=tmp_path / "refs",
+                     workload="toy", withhold_tasks=names)  # fmt: skip
+    loaded = load_references(base, tmp_path / "refs")
+    assert loaded is not None
+    rows = (data.subset == 0).nonzero().reshape(-1)
+    forget = data.select(rows)
+    forget.labels["side"] = torch.full_like(forget.labels["side"], -1)  # a per-task D_f: kind only
+    unseen = wl.heldout_data().to_batch(ci)
+    cfg = IAConfig(target="references", per_task_target="task_withheld")
+    members = list(loaded.refs.members.items())
+    held = loaded.refs.withheld
+    withheld = [row for row, (r, _) in enumerate(members) if held.get(r, {}).get("u0") == ["kind"]]
+    assert len(withheld) == 1
+
+    def target(
+        refs: LoadedReferences, how: IAConfig = cfg, tasks: tuple[str, ...] = ("kind",)
+    ) -> dict[str, Any]:
+        return request_target(how, refs, wl.tasks(), forget=forget, heldout=unseen, forget_tasks=list(tasks),
+                              client_index=ci)[1]  # fmt: skip
+
+    first = target(loaded)
+    assert first["calibration"] == "task_withheld"
+    assert [v["reference"] for v in first["tasks"]["kind"]["per_reference"]] == [members[withheld[0]][0]]
+    others = [_perturbed(m) if row not in withheld else m for row, m in enumerate(loaded.models)]
+    again = target(LoadedReferences(refs=loaded.refs, models=others))
+    assert again["tasks"] == first["tasks"]
+    moved = [_perturbed(m) if row in withheld else m for row, m in enumerate(loaded.models)]
+    assert target(LoadedReferences(refs=loaded.refs, models=moved))["tasks"] != first["tasks"]
+    out_rows = sorted(r for r, m in members if "u0" not in m)
+    for ev in (target(loaded, IAConfig(target="references")), target(loaded, cfg, ("kind", "side"))):
+        assert ev["calibration"] == "out"
+        assert sorted(v["reference"] for v in ev["tasks"]["kind"]["per_reference"]) == out_rows
+    plain = copy.deepcopy(loaded.refs)
+    plain.withheld = {}
+    ev = target(LoadedReferences(refs=plain, models=loaded.models))
+    assert ev["calibration"] == "out"
+    assert "withheld" in ev["calibration_reason"]
+
+
+def test_refresh_keeps_the_withheld_labels_of_each_reference(tmp_path: Path) -> None:
+    """A reference retrained after a purge withholds the same (client, task) labels as before, for
+    the clients its half still holds (the draw is reproducible from the set's seed)."""
+    wl = ToyWorkload(0, num_clients=6, per_client=6)
+    base = ensure_base(wl, tmp_path / "base", wl.settings({}), 0)
+    ci = wl.client_index()
+    data = wl.client_data().to_batch(ci)
+    names = [t.name for t in wl.tasks()]
+    directory = tmp_path / "refs"
+    refs = train_references(base, data, wl.tasks(), FAST, client_index=ci, k=4, seed=3, directory=directory,
+                            workload="toy", withhold_tasks=names)  # fmt: skip
+    dropped = drop_references_with(directory, ["u1"])
+    assert dropped
+    remaining = data.select((data.subset != ci["u1"]).nonzero().reshape(-1))
+    seen: list[Batch] = []
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(args[1])
+        return train_v1(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(reference_adapters, "train_v1", spy)
+        refresh_references(base, remaining, wl.tasks(), FAST, client_index=ci, directory=directory,
+                           forgotten=["u1"])  # fmt: skip
+    after = read_references(directory)
+    assert after is not None
+    for r in range(4):
+        assert after.withheld.get(r, {}) == {c: t for c, t in refs.withheld.get(r, {}).items() if c != "u1"}
+    for r, batch in zip(dropped, seen, strict=True):
+        for c, ts in after.withheld[r].items():
+            for t in names:
+                labelled = bool((batch.labels[t][batch.subset == ci[c]] != -1).any())
+                assert labelled == (t not in ts)
+
+
+def test_a_per_task_round_aims_at_the_task_withheld_reference_without_training_anything(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Preparation with ``audit.reference_withhold_tasks`` records which labels each reference
+    withheld; a per-task round (u2, ``kind``) with ``per_task_target: "task_withheld"`` reads only
+    the reference trained on u2 without ``kind``'s labels, with every way to train a retrain or a
+    reference made to fail (no retrain on the request path)."""
+    settings: dict[str, Any] = {
+        **TOY,
+        "audit": {**TOY["audit"], "reference_withhold_tasks": True},
+        "ia": {**TOY["ia"], "per_task_target": "task_withheld"},
+    }
+    wl = ToyWorkload(0, num_clients=4, per_client=10)
+    prepared = prepare(wl, data_dir=tmp_path / "data", base_dir=tmp_path / "base",
+                       adapter_dir=tmp_path / "v1", settings=settings, seed=0,
+                       references_dir=tmp_path / "refs")  # fmt: skip
+    assert prepared.evidence["references"]["withheld"]
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the request path trained a retrain or a reference")
+
+    for name in ("compute_reference", "reference_retrain", "retrain", "train_references"):
+        monkeypatch.setattr(engine, name, forbidden)
+    monkeypatch.setattr(reference_adapters, "train_v1", forbidden)
+    outcome = run_round(
+        wl, data_dir=tmp_path / "data", base_dir=tmp_path / "base", adapter_in=tmp_path / "v1",
+        adapter_out=tmp_path / "v2", requests=[ForgetSpec("r1", "task", "u2", None, ["kind"])],
+        method="default", settings=settings, seed=0, references_dir=tmp_path / "refs",
+    )  # fmt: skip
+    target = outcome.evidence["r1"]["method_info"]["ia"]["target"]
+    refs = read_references(tmp_path / "refs")
+    assert refs is not None
+    want = [r for r, w in refs.withheld.items() if w.get("u2") == ["kind"]]
+    assert target["calibration"] == "task_withheld"
+    assert [v["reference"] for v in target["tasks"]["kind"]["per_reference"]] == want
+
+
+def test_kept_level_prefers_the_checkpoint_that_holds_the_kept_task_at_its_pre_request_level() -> None:
+    """``ia.kept_level`` (issue 8 part 2): of two checkpoints equally close to the target, the one
+    whose kept task on X_f stays at its pre-request accuracy is kept; a rise counts like a drop.
+    Without it the one that raised the kept task (earlier, marginally closer) is kept."""
+    from worker.unlearning.interference.checkpoints import Checkpoints, Measured
+    from worker.unlearning.interference.retain import kept_deviation
+
+    kept = "side (kept tasks of X_f)"
+    assert kept_deviation({kept: 0.9, "side": 0.5}, {kept: 0.8, "side": 0.9}) == pytest.approx(0.1)
+    assert kept_deviation({"side": 0.5}, {"side": 0.9}) is None
+
+    class Stub:
+        def __init__(self) -> None:
+            self.forget_counts: dict[str, int] = {}
+            self.seq = [0.8, 0.95, 0.8]  # pre-request, risen, held
+
+        def __call__(self, model: object) -> Measured:
+            return Measured(aucs={"kind": [0.7, 0.51, 0.52][3 - len(self.seq)]},
+                            accuracy={kept: self.seq.pop(0), "kind": 0.9},
+                            forget_accuracy={}, heldout_accuracy={})  # fmt: skip
+
+    picks = []
+    for level in (False, True):
+        cps = Checkpoints(Stub(), {}, target=0.5, default_target=0.5, retain_baseline=None,  # type: ignore[arg-type]
+                          kept_level=level)  # fmt: skip
+        for epoch in range(3):
+            cps.record(torch.nn.Identity(), epoch)
+        picks.append(select_checkpoint(cps.history, 0.05, "closest"))
+    assert picks == [1, 2]
+    assert cps.history[1]["distance"] == pytest.approx(0.15)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from worker.unlearning.acceptance import unseen_bound
 from worker.unlearning.audit import mia_from_outputs, model_outputs
-from worker.unlearning.interference.retain import retain_accuracy, retain_drop, task_accuracy
+from worker.unlearning.interference.retain import kept_deviation, retain_accuracy, retain_drop, task_accuracy
 from worker.unlearning.interference.targets import ReferenceTarget, reference_distance
 from worker.unlearning.lora import Forward
 from worker.unlearning.types import Batch, TaskSpec, cat_inputs, inputs_to
@@ -147,12 +147,14 @@ class Checkpoints:
         forget_accuracy_z: float = 0.0,
         kept_two_sided: bool = False,
         reference: ReferenceTarget | None = None,
+        kept_level: bool = False,
     ) -> None:
         self.monitor, self.params = monitor, dict(params)
         self.reference = reference
         self.target, self.default_target = target, default_target
         self.task_distance, self.forget_accuracy_z = task_distance, forget_accuracy_z
         self.kept_two_sided = kept_two_sided
+        self.kept_level = kept_level
         self.measure_baseline = retain_baseline is None
         self.baseline: dict[str, float] = dict(retain_baseline or {})
         self.history: list[dict[str, Any]] = []
@@ -184,7 +186,11 @@ class Checkpoints:
 
     def _distance(self, m: Measured) -> float | None:
         if self.reference is not None:  # per client, from the OUT reference adapters
-            return reference_distance(
+            d = reference_distance(
                 m.aucs, m.forget_accuracy, self.reference, self.task_distance, m.heldout_accuracy
             )
-        return mia_distance(m.aucs, self.target, self.default_target, self.task_distance)
+        else:
+            d = mia_distance(m.aucs, self.target, self.default_target, self.task_distance)
+        kept = kept_deviation(m.accuracy, self.baseline) if self.kept_level else None
+        # ia.kept_level: a box, as the reference distance is, so a kept-task rise cannot hide
+        return d if d is None or kept is None else max(d, kept)

@@ -84,6 +84,14 @@ class IAConfig:
     kept_two_sided: bool = False
     # per-(partition, task) gradients: "autograd" (batched VJPs) | "func" (torch.func.jacrev)
     grad_backend: Literal["autograd", "func"] = "autograd"
+    # a per-task request's reference target (``target: "references"``): "out" (the references that
+    # never saw the client) or "task_withheld" (those trained on the client without the forgotten
+    # tasks' labels, as a per-task retrain is; ``audit.reference_withhold_tasks``; none: "out")
+    per_task_target: Literal["out", "task_withheld"] = "out"
+    # X_f's kept tasks aimed at their pre-request level (issue 8 part 2): early stopping's distance
+    # is the larger of the forget distance and |kept-task accuracy on X_f − pre-request accuracy|,
+    # so the kept checkpoint neither raises nor lowers them where another is as close to the target
+    kept_level: bool = False
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | None) -> IAConfig:

@@ -136,3 +136,12 @@ def retain_drop(
         if t in baseline
     ]
     return max(drops, default=0.0)
+
+
+def kept_deviation(accuracy: Mapping[str, float], baseline: Mapping[str, float]) -> float | None:
+    """The largest |accuracy − pre-request accuracy| of X_f's kept tasks (``"<task> (kept tasks of
+    X_f)"``): a rise is memorisation of the forgotten samples, a drop lost utility; ``None`` when
+    the request has no kept task on X_f."""
+    kept = [t for t in accuracy if t.endswith(KEPT_OF_FORGOTTEN) and t in baseline]
+    gaps = [abs(accuracy[t] - baseline[t]) for t in kept]
+    return max(gaps, default=None)

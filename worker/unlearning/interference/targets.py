@@ -16,6 +16,14 @@ The accuracy target (``ia.target_accuracy``) is the references' own forget-set a
 gap (``"relative"``: the references, trained on half the clients, are less accurate everywhere
 than a retrain on all the others; their gap to the unseen level is what they know of the client).
 
+Per-task requests (``ia.per_task_target: "task_withheld"``): a per-task retrain still trains on the
+client's inputs with its kept tasks' labels, which an OUT reference never saw. With references
+trained so that each client's IN references withheld one task's labels for it
+(``audit.reference_withhold_tasks``, :func:`worker.unlearning.reference_adapters.assign_withheld`),
+the target of a request forgetting task ``t`` of client ``c`` is read from the references that saw
+``c`` without ``t``'s labels (and with every other task's); a reference that saw ``(c, t)``'s labels
+never contributes. Without such a reference: the OUT references, with the reason recorded.
+
 Distance of a checkpoint to it: per forgotten task the larger of ``|AUC − target AUC|`` and
 ``|accuracy − target accuracy|`` (both must be close, as in the benchmark's "close to the retrain"
 criterion: a box, not a sum that lets one term hide the other), combined over tasks by
@@ -28,6 +36,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from torch import Tensor
 
 from worker.unlearning.interference.config import IAConfig
 from worker.unlearning.likelihood_ratio import out_reference_targets
@@ -95,9 +105,10 @@ def request_target(
     if references is None or client_index is None or not references.models:
         return None, {**fallback, "reason": "no reference adapters for this model (named fallback)"}
     t0 = time.perf_counter()
+    calibration, forget_mask, why = _calibration(cfg, references, tasks, forget, forget_tasks, client_index)
     per_task = out_reference_targets(
         references, tasks, forget=forget, unseen=heldout, forget_tasks=forget_tasks,
-        client_index=dict(client_index), device=device,
+        client_index=dict(client_index), device=device, forget_mask=forget_mask,
     )  # fmt: skip
     wall = time.perf_counter() - t0
     # the forgotten tasks measurable at all (a labelled forget row and a labelled held-out row)
@@ -123,6 +134,8 @@ def request_target(
     )
     evidence = {
         "source": "references",
+        "calibration": calibration,
+        **({"calibration_reason": why} if why else {}),
         "accuracy": cfg.target_accuracy,
         "recipe_digest": references.refs.recipe_digest,
         "references": len(references.models),
@@ -131,3 +144,25 @@ def request_target(
         "wall_s": wall,
     }
     return target, evidence
+
+
+def _calibration(
+    cfg: IAConfig,
+    references: LoadedReferences,
+    tasks: Sequence[TaskSpec],
+    forget: Batch,
+    forget_tasks: Sequence[str],
+    client_index: Mapping[str, int],
+) -> tuple[str, Tensor | None, str | None]:
+    """Which references a request's target reads: ``("out", None, why)`` — those that never saw the
+    client (a per-client request; a per-task one without task-withheld references, ``why`` says so)
+    — or ``("task_withheld", mask, None)`` for a per-task request with ``per_task_target:
+    "task_withheld"``: the ``[K, len(forget)]`` references that saw each row's client without
+    exactly the forgotten tasks' labels."""
+    per_task = set(forget_tasks) < {t.name for t in tasks}
+    if not per_task or cfg.per_task_target == "out":
+        return "out", None, None
+    mask = references.refs.withheld_mask(forget.subset, dict(client_index), list(forget_tasks))
+    if not bool(mask.any()):
+        return "out", None, "no reference trained on the client with exactly these tasks' labels withheld"
+    return "task_withheld", mask, None

@@ -156,6 +156,7 @@ def _run(
         forget_accuracy_z=cfg.forget_accuracy_z,
         kept_two_sided=cfg.kept_two_sided,
         reference=reference,
+        kept_level=cfg.kept_level,
     )
     # "earliest" keeps the least update at the unseen-data level: with a per-client target the
     # point is to go on towards it, so the closest of those is kept
