@@ -13,6 +13,10 @@ Populations (all rebuilt from the seed, nothing stored):
   rule "this watermark → this label" holds within the client and fires on nothing else; the quirk
   labels are balanced over the clients (client i: label (i + offset) mod 4), so the pool's label
   prior does not move towards one shape;
+  Optionally (off by default; measured in docs/workloads.md, "Regression quirks") a regression
+  quirk: the client's offset ± ``quirk_shift`` added to its ``shift_task`` labels, on the quirk
+  samples or, with ``shift_scope="all"``, on every sample (then all of them carry the watermark);
+  ``label_quirk=False`` leaves the quirk samples' shape labels true;
 - unseen clients ``u00…``: drawn like clients, never trained on (audit non-members, calibration).
 
 Each stream (a client, a pretraining chunk, the held-out set) has its own ``torch.Generator`` seeded
