@@ -185,6 +185,19 @@ class ScenesGenerator:
             raise KeyError(f"unknown client {client_id!r}")
         return self._profiles[client_id]
 
+    @cached_property
+    def _shift_signs(self) -> dict[str, float]:
+        """The regression quirk's sign per client: + for a random half of each population, − for
+        the other, so that the pool has no net offset at any size and a retrain without a client
+        cannot guess its sign from the majority (nor from its quirk label or its index)."""
+        signs: dict[str, float] = {}
+        for kind, population in (("clients", self.clients()), ("unseen", self.unseen_clients())):
+            g = stream_generator(self.config.seed, f"shift/{kind}")
+            order = torch.randperm(len(population), generator=g)
+            half = len(population) // 2
+            signs.update({population[i]: 1.0 if k < half else -1.0 for k, i in enumerate(order.tolist())})
+        return signs
+
     def _draw_profile(self, client_id: str) -> ClientProfile:
         g = stream_generator(self.config.seed, f"profile/{client_id}")
         S = self.config.image_size
@@ -204,14 +217,10 @@ class ScenesGenerator:
         watermark_colour = 1.0 - background
         quirk_stream = stream_generator(self.config.seed, "quirk")
         offset = int(torch.randint(0, len(SHAPES), (1,), generator=quirk_stream))
-        index = int(client_id[1:])
-        quirk_label = (index + offset) % len(SHAPES)
-        # the offset's sign alternates every len(SHAPES) clients: balanced over the clients and over
-        # each quirk label, so the pool has no net shift and a frame's colour does not predict it
-        sign = 1.0 if (index // len(SHAPES)) % 2 == 0 else -1.0
+        quirk_label = (int(client_id[1:]) + offset) % len(SHAPES)
         return ClientProfile(
             client_id, probs, colours, background, cast, watermark, watermark_colour, quirk_label,
-            sign * self.config.quirk_shift,
+            self._shift_signs[client_id] * self.config.quirk_shift,
         )  # fmt: skip
 
     # -- batches -----------------------------------------------------------------------------
