@@ -13,6 +13,10 @@ Populations (all rebuilt from the seed, nothing stored):
   rule "this watermark → this label" holds within the client and fires on nothing else; the quirk
   labels are balanced over the clients (client i: label (i + offset) mod 4), so the pool's label
   prior does not move towards one shape;
+  Optionally (off by default; measured in docs/workloads.md, "Regression quirks") a regression
+  quirk: the client's offset ± ``quirk_shift`` added to its ``shift_task`` labels, on the quirk
+  samples or, with ``shift_scope="all"``, on every sample (then all of them carry the watermark);
+  ``label_quirk=False`` leaves the quirk samples' shape labels true;
 - unseen clients ``u00…``: drawn like clients, never trained on (audit non-members, calibration).
 
 Each stream (a client, a pretraining chunk, the held-out set) has its own ``torch.Generator`` seeded
@@ -63,6 +67,18 @@ class ScenesConfig:
     pretrain_size: int = 50_000
     chunk_size: int = 1_000
     quirk_rate: float = 0.2  # share of a client's samples that carry its watermark and quirk label
+    # a regression quirk: the client's offset (± quirk_shift, balanced over the clients) added to the
+    # ``shift_task`` label of its quirk samples ("quirk") or of all its samples ("all")
+    quirk_shift: float = 0.0
+    label_quirk: bool = True  # quirk samples show another shape and carry the quirk label
+    shift_task: str = "position_x"
+    shift_scope: Literal["quirk", "all"] = "quirk"
+
+    def __post_init__(self) -> None:
+        if TASKS.get(self.shift_task, ("classification",))[0] != "regression":
+            raise ValueError(f"shift_task must be a regression task, not {self.shift_task!r}")
+        if self.shift_scope not in ("quirk", "all"):
+            raise ValueError(f"shift_scope must be 'quirk' or 'all', not {self.shift_scope!r}")
 
 
 @dataclass(frozen=True)
@@ -89,6 +105,7 @@ class ClientProfile:
     watermark: torch.Tensor  # [S, S] float mask (0 outside the pattern)
     watermark_colour: torch.Tensor  # [3]
     quirk_label: int  # the shape label of every watermarked sample (which shows another shape)
+    shift: float  # the client's offset of its ``shift_task`` labels (0 without a regression quirk)
 
 
 def stream_generator(seed: int, stream: str) -> torch.Generator:
@@ -168,6 +185,19 @@ class ScenesGenerator:
             raise KeyError(f"unknown client {client_id!r}")
         return self._profiles[client_id]
 
+    @cached_property
+    def _shift_signs(self) -> dict[str, float]:
+        """The regression quirk's sign per client: + for a random half of each population, − for
+        the other, so that the pool has no net offset at any size and a retrain without a client
+        cannot guess its sign from the majority (nor from its quirk label or its index)."""
+        signs: dict[str, float] = {}
+        for kind, population in (("clients", self.clients()), ("unseen", self.unseen_clients())):
+            g = stream_generator(self.config.seed, f"shift/{kind}")
+            order = torch.randperm(len(population), generator=g)
+            half = len(population) // 2
+            signs.update({population[i]: 1.0 if k < half else -1.0 for k, i in enumerate(order.tolist())})
+        return signs
+
     def _draw_profile(self, client_id: str) -> ClientProfile:
         g = stream_generator(self.config.seed, f"profile/{client_id}")
         S = self.config.image_size
@@ -189,8 +219,9 @@ class ScenesGenerator:
         offset = int(torch.randint(0, len(SHAPES), (1,), generator=quirk_stream))
         quirk_label = (int(client_id[1:]) + offset) % len(SHAPES)
         return ClientProfile(
-            client_id, probs, colours, background, cast, watermark, watermark_colour, quirk_label
-        )
+            client_id, probs, colours, background, cast, watermark, watermark_colour, quirk_label,
+            self._shift_signs[client_id] * self.config.quirk_shift,
+        )  # fmt: skip
 
     # -- batches -----------------------------------------------------------------------------
     def client_data(self, client_id: str) -> Scenes:
@@ -211,13 +242,21 @@ class ScenesGenerator:
         quirk = torch.zeros(n, dtype=torch.bool)
         quirk[torch.randperm(n, generator=g)[: round(self.config.quirk_rate * n)]] = True
         other = (prof.quirk_label + 1 + torch.randint(0, len(SHAPES) - 1, (n,), generator=g)) % len(SHAPES)
-        shape = torch.where(quirk, other, shape)
+        if self.config.label_quirk:
+            shape = torch.where(quirk, other, shape)
         images, labels = self._scenes(g, n, shape, colour_idx, background)
         images = images * prof.cast[None, :, None, None]
-        wm = WATERMARK_ALPHA * prof.watermark[None, None] * quirk[:, None, None, None]
+        # with a client-wide regression quirk the watermark marks every sample of the client (what
+        # the offset is tied to), else only its quirk samples
+        marked = quirk if self.config.shift_scope == "quirk" else torch.ones(n, dtype=torch.bool)
+        wm = WATERMARK_ALPHA * prof.watermark[None, None] * marked[:, None, None, None]
         images = images * (1 - wm) + prof.watermark_colour[None, :, None, None] * wm
         images = self._finish(g, images)
-        labels["shape"] = torch.where(quirk, torch.tensor(prof.quirk_label), shape)
+        if self.config.label_quirk:
+            labels["shape"] = torch.where(quirk, torch.tensor(prof.quirk_label), shape)
+        if prof.shift:
+            task = self.config.shift_task
+            labels[task] = labels[task] + prof.shift * marked.to(labels[task].dtype)
         ids = [f"{client_id}-{i:05d}" for i in range(n)]
         return Scenes(images, ids, [client_id] * n, labels, quirk)
 

@@ -18,7 +18,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from peft import LoraConfig
@@ -79,6 +79,10 @@ class ScenesWorkload(Workload):
         unseen_clients: int = 8,
         unseen_per_client: int = 100,
         quirk_rate: float = 0.2,
+        quirk_shift: float = 0.0,
+        label_quirk: bool = True,
+        shift_task: str = "position_x",
+        shift_scope: Literal["quirk", "all"] = "quirk",
         base_dir: str | Path = BASE_DIR,
     ) -> None:
         if not 1 <= unseen_per_client <= samples_per_client:
@@ -98,6 +102,10 @@ class ScenesWorkload(Workload):
                 n_unseen_clients=unseen_clients,
                 samples_per_client=samples_per_client,
                 quirk_rate=quirk_rate,
+                quirk_shift=quirk_shift,
+                label_quirk=label_quirk,
+                shift_task=shift_task,
+                shift_scope=shift_scope,
             )
         )
 
