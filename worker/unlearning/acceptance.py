@@ -209,14 +209,22 @@ def check(
     *,
     original_val: Mapping[str, float] | None = None,
     client_names: Mapping[int, str] | None = None,
+    before_outputs: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> list[Check]:
     """Every check of one request (see the module doc). ``original_val``: the original version's
     held-out metric per task (``RoundState.original_val``); ``client_names``: subset index → client
-    id, for the checks' labels."""
+    id, for the checks' labels. ``before_outputs``: ``before``'s outputs on some of the groups
+    (``"forget"``, ``"kept"``, ``"heldout"``; rows aligned with the group's), already computed by
+    the caller: those groups are not forwarded through ``before`` again."""
     names = dict(client_names or {})
+    reused = dict(before_outputs or {})
     sb, sa = {}, {}
     for key, batch in (("forget", groups.forget), ("kept", groups.kept), ("heldout", groups.heldout)):
-        sb[key], sa[key] = _scores(before, batch), _scores(after, batch)
+        given = reused.get(key)
+        if given is not None and any(int(v.shape[0]) != len(batch) for v in given.values()):
+            raise ValueError(f"before_outputs[{key!r}] has not one row per row of the group")
+        sb[key] = _scores(before, batch) if given is None else _Scores(dict(given), batch)
+        sa[key] = _scores(after, batch)
     out: list[Check] = []
     original = dict(original_val or {})
     for task in tasks:

@@ -17,6 +17,7 @@ update is not a reference: it is the exact unlearning, and it is what the round 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,17 @@ from peft import PeftModel
 
 from worker.unlearning import acceptance
 from worker.unlearning.adapter_io import load_adapter, save_adapter
-from worker.unlearning.audit import AuditConfig, ModelMetrics, audit, evaluate_model, merge_rows, unl_split
+from worker.unlearning.audit import (
+    AuditConfig,
+    ModelMetrics,
+    SplitOutputs,
+    audit,
+    merge_rows,
+    metrics_from_outputs,
+    ret_subset,
+    split_outputs,
+    unl_split,
+)
 from worker.unlearning.datastore import DataStore, ResolvedSpec
 from worker.unlearning.likelihood_ratio import likelihood_ratio_audit
 from worker.unlearning.model import MultiTaskModel, has_base, load_base
@@ -392,18 +403,55 @@ def request_context(
     )
 
 
+def audit_ret(ctx: RequestContext) -> Batch:
+    """The Ret rows the evidence measures: a seeded subset of at most ``audit.ret_rows``
+    (:func:`worker.unlearning.audit.ret_subset`), the same rows before and after the request."""
+    return ret_subset(ctx.ret, AuditConfig.from_settings(ctx.settings).ret_rows, ctx.seed)
+
+
+def ret_rows_evidence(ctx: RequestContext, ret: Batch, tasks: Mapping[str, Any]) -> dict[str, Any]:
+    """What the evidence's Ret metrics were measured on (``audit.ret_rows``) and, per task, the
+    standard error the subset adds: of the Ret accuracy (binomial, finite-population corrected;
+    ``None`` for a metric outside [0, 1]) and of ``mia_auc_ret`` (its value near 0.5,
+    √((1/n_ret + 1/n_val) / 12)). With every row measured both are 0 / the AUC's own."""
+    se: dict[str, dict[str, float | None]] = {}
+    for t in ctx.tasks:
+        m = tasks.get(t.name) or {}
+        n, n_val, p = int(m.get("n_ret") or 0), int(m.get("n_val") or 0), m.get("ret")
+        y = ctx.ret.labels.get(t.name)
+        total = int(t.supervised(y).sum()) if y is not None else 0
+        acc_se: float | None = None
+        if n and p is not None and 0.0 <= float(p) <= 1.0 and total > 1:
+            fpc = max(total - n, 0) / (total - 1)
+            acc_se = round(math.sqrt(float(p) * (1 - float(p)) / n * fpc), 6)
+        auc_se = round(math.sqrt((1 / n + 1 / n_val) / 12), 6) if n and n_val else None
+        se[t.name] = {"n_ret": n, "of": total, "ret_se": acc_se, "mia_auc_ret_se": auc_se}
+    return {
+        "setting": "audit.ret_rows",
+        "rows": AuditConfig.from_settings(ctx.settings).ret_rows,
+        "measured": len(ret),
+        "of": len(ctx.ret),
+        "seed": ctx.seed,
+        "tasks": se,
+    }
+
+
 def evaluate(model: torch.nn.Module, ctx: RequestContext) -> ModelMetrics:
-    """Task metrics and loss-MIA of ``model`` on this request's Ret / Unl / Val splits."""
+    """Task metrics and loss-MIA of ``model`` on this request's Ret (:func:`audit_ret`) / Unl / Val
+    splits."""
+    return evaluate_outputs(model, ctx)[0]
+
+
+def evaluate_outputs(model: torch.nn.Module, ctx: RequestContext) -> tuple[ModelMetrics, SplitOutputs]:
+    """:func:`evaluate`, and ``model``'s outputs on the splits (the acceptance check reuses the
+    pre-request model's Unl / Val outputs instead of forwarding them again)."""
     cfg = AuditConfig.from_settings(ctx.settings)
-    return evaluate_model(
-        model,
-        ctx.tasks,
-        ret=ctx.ret,
-        unl=ctx.unl,
-        val=ctx.heldout,
-        device=ctx.device,
-        batch_size=cfg.batch_size,
+    ret = audit_ret(ctx)
+    outs = split_outputs(
+        model, ret=ret, unl=ctx.unl, val=ctx.heldout, device=ctx.device, batch_size=cfg.batch_size
     )
+    metrics = metrics_from_outputs(outs, ctx.tasks, ret=ret, unl=ctx.unl, val=ctx.heldout, device=ctx.device)
+    return metrics, outs
 
 
 @dataclass
@@ -543,6 +591,8 @@ class StageResult:
     ctx: RequestContext
     original: ModelMetrics  # the model before the request, on this request's splits
     next_cache_key: str | None  # the key of the next request's I_D (None: nothing computed ahead)
+    # the model before the request's outputs on the splits (the acceptance check reuses them)
+    original_outputs: SplitOutputs | None = None
 
     @property
     def nothing_left(self) -> bool:
@@ -572,7 +622,8 @@ def run_stage(
     t0 = time.perf_counter()
     ctx = request_context(inputs, spec, state, stage=stage, cache_key=cache_key, method=method)
     t_ctx = time.perf_counter() - t0
-    original = evaluate(model, ctx)
+    original, outputs = evaluate_outputs(model, ctx)
+    original_outputs = {k: outputs[k] for k in ("unl", "val")}  # Ret's are not reused
     if on_progress is not None:
         on_progress(method)
     info: dict[str, Any]
@@ -600,6 +651,7 @@ def run_stage(
         ctx=ctx,
         original=original,
         next_cache_key=next_key,
+        original_outputs=original_outputs,
     )
 
 
@@ -620,10 +672,11 @@ def request_evidence(
     ``pruned``: the subset-ID outputs this request's method suppressed. ``references``: the
     likelihood-ratio audit's reference adapters; with them the evidence has ``likelihood_ratio``
     (:mod:`worker.unlearning.likelihood_ratio`), without them (none trained) it has none."""
+    ret = audit_ret(ctx)
     evidence = audit(
         model,
         ctx.tasks,
-        ret=ctx.ret,
+        ret=ret,
         unl=ctx.unl,
         val=ctx.heldout,
         forget_tasks=ctx.partitions.forget_tasks,
@@ -634,6 +687,7 @@ def request_evidence(
         seed=ctx.seed,
         device=ctx.device,
     ).to_json()
+    evidence["ret_rows"] = ret_rows_evidence(ctx, ret, evidence["tasks"])
     if references is not None and len(ctx.unl):
         t_lr = time.perf_counter()
         evidence["likelihood_ratio"] = likelihood_ratio_audit(
@@ -698,10 +752,16 @@ def acceptance_groups(ctx: RequestContext) -> acceptance.Groups:
 
 
 def check_request(
-    before: torch.nn.Module, after: torch.nn.Module, ctx: RequestContext, cfg: acceptance.AcceptanceConfig
+    before: torch.nn.Module,
+    after: torch.nn.Module,
+    ctx: RequestContext,
+    cfg: acceptance.AcceptanceConfig,
+    before_outputs: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> list[acceptance.Check]:
     """The acceptance checks of one request: ``after`` (the model to publish) against ``before`` (the
-    version the round started from), with the original version's held-out level from the state."""
+    version the round started from), with the original version's held-out level from the state.
+    ``before_outputs``: ``before``'s outputs on some of the groups, already computed
+    (:func:`before_outputs_of`)."""
     names = {i: c for c, i in ctx.client_index.items()}
     return acceptance.check(
         before,
@@ -712,7 +772,33 @@ def check_request(
         cfg,
         original_val=ctx.state.original_val,
         client_names=names,
+        before_outputs=before_outputs,
     )
+
+
+def before_outputs_of(staged: Sequence[StageResult]) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """Per request id, the round input's outputs on that request's acceptance groups that the
+    round already computed: the first request was measured on the round input itself before its
+    update (``StageResult.original_outputs``): its Unl split is D_f followed by D_r^task
+    (:func:`worker.unlearning.audit.unl_split`), its Val split the held-out rows, which every
+    request of the round shares. Later requests were measured on the model after the one before
+    them, so only the held-out outputs are the round input's."""
+    outs = staged[0].original_outputs if staged else None
+    if outs is None:
+        return {}
+    first = staged[0]
+    unl, val = outs.get("unl"), outs.get("val")
+    n_forget = len(first.ctx.partitions.forget)
+    reused: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for position, s in enumerate(staged):
+        mine: dict[str, dict[str, torch.Tensor]] = {}
+        if val is not None:
+            mine["heldout"] = val
+        if position == 0 and unl is not None:
+            mine["forget"] = {k: v[:n_forget] for k, v in unl.items()}
+            mine["kept"] = {k: v[n_forget:] for k, v in unl.items()}
+        reused[s.ctx.spec.request_id] = mine
+    return reused
 
 
 def _accept_round(
@@ -733,7 +819,12 @@ def _accept_round(
         reason = "disabled (settings.acceptance.enabled is false)" if not cfg.enabled else "nothing to forget"
         return model, {s.ctx.spec.request_id: {"checked": False, "reason": reason} for s in staged}, 0.0
     progress("acceptance check")
-    first = {s.ctx.spec.request_id: check_request(round_input, model, s.ctx, cfg) for s in work}
+    reused = before_outputs_of(staged)  # the round input's outputs, not forwarded again
+
+    def checked(after: torch.nn.Module, s: StageResult) -> list[acceptance.Check]:
+        return check_request(round_input, after, s.ctx, cfg, reused.get(s.ctx.spec.request_id))
+
+    first = {s.ctx.spec.request_id: checked(model, s) for s in work}
     passed = all(c.ok for checks in first.values() for c in checks)
     path, final, fallback_s = method, first, 0.0
     if not passed and cfg.fallback == "retrain" and method != "retrain":
@@ -741,7 +832,7 @@ def _accept_round(
         last = work[-1].ctx
         model, _, _, fallback_s = apply_method("retrain", model, last)
         path = "retrain"
-        final = {s.ctx.spec.request_id: check_request(round_input, model, s.ctx, cfg) for s in work}
+        final = {s.ctx.spec.request_id: checked(model, s) for s in work}
     out: dict[str, dict[str, Any]] = {}
     for s in staged:
         rid = s.ctx.spec.request_id

@@ -182,7 +182,9 @@ def test_a_failed_acceptance_check_publishes_the_exact_retrain(
 
     calls: list[str] = []
 
-    def method_fails(before: object, after: torch.nn.Module, ctx: object, cfg: object) -> list[Check]:
+    def method_fails(
+        before: object, after: torch.nn.Module, ctx: object, cfg: object, before_outputs: object = None
+    ) -> list[Check]:
         calls.append(type(after).__name__)
         return _failing_check() if len(calls) == 1 else [Check("kept", True, "ok", margin=0.1)]
 
@@ -195,6 +197,41 @@ def test_a_failed_acceptance_check_publishes_the_exact_retrain(
     assert "retrain" in accepted["reason"]
     assert outcome.evidence["r1"]["timings_s"]["acceptance_fallback_s"] > 0
     assert len(calls) == 2
+
+
+def test_the_acceptance_check_reuses_the_round_inputs_outputs(
+    prepared: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 8 (default's wall on scenes): the acceptance check does not forward the round input
+    again where the round already did (the first request's Unl split = its forget set and kept
+    rows, and the held-out split every request shares); its checks are equal to the last digit to
+    those computed by forwarding, for a per-task and a whole-client request, on the method's path
+    and on the fallback's."""
+    import worker.unlearning.acceptance as acceptance
+
+    requests = [
+        ForgetSpec("r1", "task", "u2", ["t02000", "t02001", "t02002"], ["kind"]),
+        ForgetSpec("r2", "client", "u1", None, []),
+    ]
+    forwarded: list[int] = []
+    real = acceptance._scores
+
+    def counting(model: torch.nn.Module, batch: object) -> object:
+        forwarded.append(1)
+        return real(model, batch)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(acceptance, "_scores", counting)
+    reused = _round(prepared, requests, "default", {"acceptance": {"fallback": "none"}})
+    n_reused = len(forwarded)
+    forwarded.clear()
+    monkeypatch.setattr(engine, "before_outputs_of", lambda staged: {})
+    plain = _round(prepared, requests, "default", {"acceptance": {"fallback": "none"}})
+    assert [reused.evidence[r]["acceptance"] for r in ("r1", "r2")] == [
+        plain.evidence[r]["acceptance"] for r in ("r1", "r2")
+    ]
+    assert reused.evidence["r1"]["acceptance"]["checks"]  # something was checked
+    # forwarding: 3 groups × (before, after) per request; reused: r1's 3 and r2's held-out
+    assert (len(forwarded), n_reused) == (12, 8)
 
 
 def test_a_failed_check_without_fallback_is_never_silent(
@@ -213,6 +250,32 @@ def test_a_failed_check_without_fallback_is_never_silent(
     assert accepted["passed"] is False
     assert accepted["path"] == "default"
     assert "fails this check" in accepted["warning"]
+
+
+def test_the_evidence_measures_a_seeded_ret_subset_before_and_after(prepared: Path) -> None:
+    """Issue 8 (default's wall on scenes): ``audit.ret_rows`` bounds the Ret rows of the evidence:
+    the metrics after the request and ``original_metrics`` before it are measured on the same
+    seeded rows (paired), and the evidence records how many of how many and the standard error."""
+    spec = [ForgetSpec("r1", "client", "u1", None, [])]
+    ev = _round(prepared, spec, "ssd", {"audit": {"ret_rows": 10}}).evidence["r1"]
+    full = _round(prepared, spec, "ssd", {"audit": {"ret_rows": 0}}).evidence["r1"]
+    rows = ev["ret_rows"]
+    assert (rows["measured"], rows["of"], rows["rows"]) == (10, 24, 10)
+    assert (full["ret_rows"]["measured"], full["ret_rows"]["of"]) == (24, 24)
+    for task in ("kind", "side"):
+        assert ev["tasks"][task]["n_ret"] == ev["original_metrics"][task]["n_ret"] == 10
+        assert full["tasks"][task]["n_ret"] == 24
+        assert rows["tasks"][task]["ret_se"] > 0 == full["ret_rows"]["tasks"][task]["ret_se"]
+    assert ev["tasks"]["kind"]["unl"] == full["tasks"]["kind"]["unl"]  # Unl / Val: every row
+    # the subset is drawn as the logistic attacker draws its retained rows: with as many rows as
+    # the attacker takes, it sees the rows it saw before
+    same = {"attacker_max_retain": 10}
+    sub = _round(prepared, spec, "ssd", {"audit": {"ret_rows": 10, **same}}).evidence["r1"]
+    everything = _round(prepared, spec, "ssd", {"audit": {"ret_rows": 0, **same}}).evidence["r1"]
+    assert sub["attacker"] == everything["attacker"]
+    assert sub["attacker"]["n_retain"] == 10
+    with pytest.raises(ValueError, match="ret_rows"):
+        _round(prepared, spec, "ssd", {"audit": {"ret_rows": -1}})
 
 
 def test_next_requests_importance_is_computed_ahead_and_read_from_the_cache(tmp_path: Path) -> None:

@@ -99,6 +99,18 @@ class Monitor:
         )
 
 
+def checkpoint_heldout(heldout: Batch, rows: int, seed: int) -> Batch:
+    """The held-out rows the checkpoints measure (``ia.checkpoint_heldout_rows``): a seeded subset
+    of ``rows`` of them in their original order, the same for every checkpoint of a request so that
+    checkpoints stay comparable; all of them when ``rows`` is 0 or not fewer. Idempotent: a subset
+    of ``rows`` rows is returned as it is."""
+    if rows <= 0 or len(heldout) <= rows:
+        return heldout
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.randperm(len(heldout), generator=gen)[:rows].sort().values
+    return heldout.select(keep)
+
+
 def select_checkpoint(history: Sequence[Mapping[str, Any]], tolerance: float, pick: str = "closest") -> int:
     """The index in ``history`` early stopping keeps: among the checkpoints whose ``retain_drop``
     is within ``tolerance``, the one whose MIA ``distance`` to the target is smallest (earliest on

@@ -17,7 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from worker.unlearning.grads import Cycler, eval_mode, partition_task_grads
-from worker.unlearning.interference.checkpoints import Checkpoints, Monitor, select_checkpoint
+from worker.unlearning.interference.checkpoints import (
+    Checkpoints,
+    Monitor,
+    checkpoint_heldout,
+    select_checkpoint,
+)
 from worker.unlearning.interference.config import IAConfig
 from worker.unlearning.interference.layout import FlatLayout
 from worker.unlearning.interference.orthogonalisation import orthogonalize
@@ -79,6 +84,9 @@ def interference_aware_unlearn(
             epochs_run=0, best_epoch=0, steps=0, reason="empty forget set" if len(forget) == 0 else None
         )
         return info
+    rows = checkpoint_heldout(heldout, cfg.checkpoint_heldout_rows, seed)
+    info["heldout_rows"] = {"measured": len(rows), "of": len(heldout)}
+    heldout = rows
     with eval_mode(model):  # no dropout or batch statistics anywhere in the loop (as the gradients)
         size = cfg.check_size if cfg.checks_retain else 0
         check = retain_check(partitions, size=size, seed=seed, retain=retain, rows=cfg.check_rows)

@@ -8,6 +8,7 @@ from typing import Any
 
 from worker.unlearning import progress
 from worker.unlearning.interference import IAConfig, interference_aware_unlearn
+from worker.unlearning.interference.checkpoints import checkpoint_heldout
 from worker.unlearning.interference.targets import request_target
 from worker.unlearning.methods import register
 from worker.unlearning.methods.base import MethodContext, MethodResult
@@ -21,14 +22,16 @@ def run_ia(ctx: MethodContext, retain_baseline: Mapping[str, float] | None = Non
     ``retain_baseline``: the pre-request accuracy on the retain check rows (``None``: the model as
     given), see :func:`worker.unlearning.interference.check_accuracy`."""
     cfg = IAConfig.from_settings(ctx.method_settings("ia"))
+    # the per-client target and the checkpoints measure the same held-out rows (paired AUCs)
+    heldout = checkpoint_heldout(ctx.heldout, cfg.checkpoint_heldout_rows, ctx.seed)
     reference, target_info = request_target(
-        cfg, ctx.references, ctx.tasks, forget=ctx.partitions.forget, heldout=ctx.heldout,
+        cfg, ctx.references, ctx.tasks, forget=ctx.partitions.forget, heldout=heldout,
         forget_tasks=ctx.partitions.forget_tasks, client_index=ctx.client_index, device=ctx.device,
     )  # fmt: skip
     info = interference_aware_unlearn(
         ctx.model,
         partitions=ctx.partitions,
-        heldout=ctx.heldout,
+        heldout=heldout,
         cfg=cfg,
         mia_target=ctx.mia_target,
         reference=reference,
@@ -39,6 +42,8 @@ def run_ia(ctx: MethodContext, retain_baseline: Mapping[str, float] | None = Non
         **ctx.common_kwargs(),
     )
     info["target"] = target_info
+    if "heldout_rows" in info:  # the split the subset was drawn from
+        info["heldout_rows"]["of"] = len(ctx.heldout)
     return info
 
 

@@ -5,10 +5,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+import pytest
 import torch
 
-from tests.worker.unlearning.interference.toy import TASKS, empty_batch, ia_batch, ia_model
-from worker.unlearning.interference.checkpoints import select_checkpoint
+from tests.worker.unlearning.interference.toy import (
+    TASKS,
+    empty_batch,
+    ia_batch,
+    ia_model,
+    partial_partitions,
+)
+from worker.unlearning.interference.checkpoints import Monitor, checkpoint_heldout, select_checkpoint
 from worker.unlearning.interference.config import IAConfig
 from worker.unlearning.interference.update import interference_aware_unlearn
 from worker.unlearning.types import Partitions
@@ -60,3 +67,44 @@ def test_retain_tolerance_keeps_no_checkpoint_that_lost_more_retain_accuracy() -
     assert kept[0.5]["retain_drop"] > 0.1  # the paper's choice lost retain accuracy
     assert kept[0.1]["retain_drop"] <= 0.1
     assert kept[0.1]["distance"] > kept[0.5]["distance"]  # at the price of less forgetting
+
+
+def test_checkpoint_heldout_is_a_seeded_subset_in_order_and_idempotent() -> None:
+    """Issue 8 (default's wall on scenes): ``ia.checkpoint_heldout_rows`` bounds the held-out rows
+    every checkpoint forwards; the subset is seeded, keeps the split's order and is drawn once."""
+    heldout = ia_batch(20, 7, ["a", "b"])
+    sub = checkpoint_heldout(heldout, 6, seed=3)
+    assert len(sub) == 6
+    assert sub.sample_ids == checkpoint_heldout(heldout, 6, seed=3).sample_ids  # seeded
+    assert sub.sample_ids != checkpoint_heldout(heldout, 6, seed=4).sample_ids
+    positions = [heldout.sample_ids.index(s) for s in sub.sample_ids]
+    assert positions == sorted(positions)
+    assert torch.equal(sub.inputs["x"], heldout.inputs["x"][positions])
+    assert checkpoint_heldout(sub, 6, seed=9).sample_ids == sub.sample_ids  # idempotent
+    assert checkpoint_heldout(heldout, 0, seed=3) is heldout  # 0: all
+    assert checkpoint_heldout(heldout, 20, seed=3) is heldout
+
+
+def test_every_checkpoint_measures_the_same_bounded_heldout_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoints' forget-vs-held-out statistics are measured on ``checkpoint_heldout_rows``
+    seeded held-out rows, the same at every checkpoint of the request, and the info says how many
+    of how many."""
+
+    seen: list[list[str]] = []
+    real = Monitor.__call__
+
+    def spy(self: Monitor, model: torch.nn.Module) -> object:
+        seen.append(list(self.heldout.sample_ids))
+        return real(self, model)
+
+    monkeypatch.setattr(Monitor, "__call__", spy)
+    heldout = ia_batch(30, 7, ["a", "b"])
+    cfg = IAConfig(lr=0.05, epochs=3, batch_size=6, checkpoint_heldout_rows=8)
+    info = interference_aware_unlearn(
+        ia_model(), tasks=TASKS, partitions=partial_partitions(), heldout=heldout, cfg=cfg, seed=5
+    )
+    assert info["heldout_rows"] == {"measured": 8, "of": 30}
+    assert len(seen) == info["epochs_run"] + 1 >= 2
+    assert all(ids == checkpoint_heldout(heldout, 8, seed=5).sample_ids for ids in seen)
+    with pytest.raises(ValueError, match="checkpoint_heldout_rows"):
+        IAConfig.from_settings({"checkpoint_heldout_rows": -1})
