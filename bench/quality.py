@@ -15,6 +15,12 @@ also trains a second retrain with another seed (``retrain_2``, the noise floor),
 reports, per (setting, stage, method), the fraction of request-tasks whose forget-set accuracy and
 MIA AUC are both within :data:`CLOSE_TOLERANCE` of the reference retrain's.
 
+**Workload protocols.** A workload may declare what a preset runs on it
+(``Workload.bench_protocols``, :class:`~worker.unlearning.workload.BenchProtocol`: seeds, stages,
+settings, methods, tuned values, bench-only workload options), e.g. a quick preset that fits two
+CPU cores for a ViT; the fairness rules above hold for it unchanged. ``jobs`` > 1 runs the seeds in
+that many spawned processes, one torch thread each (seeds are independent).
+
 ``measure_workload`` measures what makes the workload worth auditing (docs/workloads.md): per
 client, the original–retrain gap on the forget set (accuracy, loss-MIA AUC) and the retrain's Val
 spread over seeds. ``python -m bench quality --help``; ``python -m bench measure-workload --help``.
@@ -24,7 +30,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import importlib.util
 import json
 import math
@@ -37,7 +42,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -400,28 +405,32 @@ class SeedJob:
     second_retrain: bool = False
 
 
-def _evaluate_seed(job: SeedJob, seed: int) -> dict[str, Any]:
-    """One seed: its v1 (and references), then every setting's stages. Its rows and reference log."""
+def _evaluate_seed(job: SeedJob, seed: int, setting: str | None = None) -> dict[str, Any]:
+    """One seed: its v1 (and references), then every setting's stages (``setting``: that one
+    only, under a directory of its own, so that units of one seed can run at once). Its rows and
+    reference log."""
     torch.set_num_threads(1)  # also in a worker process: one intra-op thread per process
     log: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
     importance: dict[str, float] = {}  # this seed's v1 I_D seconds per SSD settings (computed once)
     t0 = time.perf_counter()
-    for _, inputs, v1 in _prepared_seeds(job.workloads, job.root, job.settings, [seed], job.references, log):
-        for setting in _settings_list(job.workloads.of(seed), job.setting_names):
+    root = job.root if setting is None else job.root / f"unit-{seed}-{setting.replace(':', '-')}"
+    for _, inputs, v1 in _prepared_seeds(job.workloads, root, job.settings, [seed], job.references, log):
+        names = _settings_list(job.workloads.of(seed), job.setting_names) if setting is None else [setting]
+        for name in names:
             rows.extend(
                 _run_setting(
-                    inputs, v1, setting, seed, job.stages, job.variants, importance,
+                    inputs, v1, name, seed, job.stages, job.variants, importance,
                     second_retrain=job.second_retrain, references_dir=log.get("dirs", {}).get(seed),
                     reference_log=log,
                 )
             )  # fmt: skip
-            _log(f"[bench] seed {seed} {setting} done ({time.perf_counter() - t0:.0f}s into the seed)")
+            _log(f"[bench] seed {seed} {name} done ({time.perf_counter() - t0:.0f}s into the unit)")
     return {
         "runs": rows,
         "train_s": log.get("train_s", {}),
         "refresh_s": log.get("refresh_s", []),
-        "process": {"seed": seed, "pid": os.getpid(), "wall_s": time.perf_counter() - t0},
+        "process": {"seed": seed, "setting": setting, "pid": os.getpid(), "wall_s": time.perf_counter() - t0},
     }
 
 
@@ -430,22 +439,39 @@ def _one_thread() -> None:
 
 
 def _evaluate_seeds(
-    job: SeedJob, seeds: Sequence[int], jobs: int
+    job: SeedJob, seeds: Sequence[int], jobs: int, progress: Path | None = None
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every seed of ``seeds``: in this process, or with ``jobs`` > 1 in that many worker processes
-    (spawned, one torch thread each; seeds are independent). Rows in seed order, and the reference
-    log (training and refresh seconds) of all seeds."""
-    if jobs > 1 and len(seeds) > 1:
+    (spawned, one torch thread each). With workers, a unit is one (seed, setting): the seeds and
+    settings are independent, each unit trains its seed's v1 again (the same v1: training is
+    seeded) and the workers stay busy to the end. Rows in seed and setting order, and the reference
+    log (training and refresh seconds) of all units. ``progress``: each finished unit's output is
+    appended there as a JSON line (a run stopped early keeps its finished units)."""
+
+    def done(out: dict[str, Any]) -> dict[str, Any]:
+        if progress is not None:
+            with progress.open("a") as fh:
+                fh.write(json.dumps(out) + "\n")
+        return out
+
+    names = job.setting_names
+    units: list[tuple[int, str | None]] = [(seed, None) for seed in seeds]
+    if jobs > 1 and names is not None and len(names) > 1:
+        units = [(seed, name) for seed in seeds for name in names]
+    if jobs > 1 and len(units) > 1:
         spawn = multiprocessing.get_context("spawn")  # not fork: the parent's torch threads
-        with ProcessPoolExecutor(min(jobs, len(seeds)), mp_context=spawn, initializer=_one_thread) as pool:
-            outs = list(pool.map(functools.partial(_evaluate_seed, job), seeds))
+        with ProcessPoolExecutor(min(jobs, len(units)), mp_context=spawn, initializer=_one_thread) as pool:
+            futures = [pool.submit(_evaluate_seed, job, seed, name) for seed, name in units]
+            for future in as_completed(futures):
+                done(future.result())
+            outs = [future.result() for future in futures]
     else:
-        outs = [_evaluate_seed(job, seed) for seed in seeds]
+        outs = [done(_evaluate_seed(job, seed, name)) for seed, name in units]
     runs = [row for out in outs for row in out["runs"]]
     log: dict[str, Any] = {
         "train_s": {k: v for out in outs for k, v in out["train_s"].items()},
         "refresh_s": [r for out in outs for r in out["refresh_s"]],
-        "seed_processes": [out["process"] for out in outs],  # which process ran each seed, how long
+        "seed_processes": [out["process"] for out in outs],  # which process ran each unit, how long
     }
     return runs, log
 
@@ -602,11 +628,17 @@ def run_bench(
         for label, (method, extra) in dict(extra_variants or {}).items():
             base_overrides = _variant(method, picked.get(method)).overrides
             variants.append(Variant(label, method, deep_merge(base_overrides, extra)))
+        names = tuple(_settings_list(wl, chosen.settings))  # the tasks are the same for every seed
         job = SeedJob(
-            workloads, root, settings, chosen.stages, chosen.settings, tuple(variants), references,
-            second_retrain=True,
+            workloads, root, settings, chosen.stages, names, tuple(variants), references, second_retrain=True,
         )  # fmt: skip
-        runs, reference_log = _evaluate_seeds(job, seed_list, jobs)
+        progress = None if json_path is None else Path(json_path).with_suffix(".partial.jsonl")
+        if progress is not None:
+            progress.parent.mkdir(parents=True, exist_ok=True)
+            progress.unlink(missing_ok=True)
+        runs, reference_log = _evaluate_seeds(job, seed_list, jobs, progress)
+        if progress is not None:
+            progress.unlink()  # every unit finished: the JSON below has them all
     # CPU seconds of this process and of its finished worker processes (the tuning's too)
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     untuned = sorted(m for m in method_list if m in TUNING_GRIDS and m not in picked)
