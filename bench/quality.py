@@ -413,7 +413,7 @@ def _evaluate_seed(job: SeedJob, seed: int, setting: str | None = None) -> dict[
     log: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
     importance: dict[str, float] = {}  # this seed's v1 I_D seconds per SSD settings (computed once)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     root = job.root if setting is None else job.root / f"unit-{seed}-{setting.replace(':', '-')}"
     for _, inputs, v1 in _prepared_seeds(job.workloads, root, job.settings, [seed], job.references, log):
         names = _settings_list(job.workloads.of(seed), job.setting_names) if setting is None else [setting]
@@ -430,7 +430,13 @@ def _evaluate_seed(job: SeedJob, seed: int, setting: str | None = None) -> dict[
         "runs": rows,
         "train_s": log.get("train_s", {}),
         "refresh_s": log.get("refresh_s", []),
-        "process": {"seed": seed, "setting": setting, "pid": os.getpid(), "wall_s": time.perf_counter() - t0},
+        "process": {
+            "seed": seed,
+            "setting": setting,
+            "pid": os.getpid(),
+            "wall_s": time.perf_counter() - t0,
+            "cpu_s": time.process_time() - cpu0,
+        },
     }
 
 
