@@ -4,15 +4,17 @@ the quick preset on scenes within 30 minutes on 2 cores)."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
 
 import worker.unlearning.workload
-from bench import cli
+from bench import cli, quality
 from bench.quality import run_bench, workload_protocol
 from worker.unlearning.workload import BenchProtocol
 from worker.unlearning.workloads.scenes.workload import ScenesWorkload
@@ -129,3 +131,30 @@ def test_cli_takes_jobs(monkeypatch: pytest.MonkeyPatch) -> None:
     assert seen["jobs"] == (os.cpu_count() or 1)  # default: one process per core
     with pytest.raises(SystemExit):
         cli.main(["quality", "--jobs", "-1"])
+
+
+def test_finished_units_are_kept_when_a_run_stops_early(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long run (scenes on a loaded machine) stopped before its last unit keeps the finished
+    units in ``<json>.partial.jsonl``; a finished run leaves only its JSON."""
+    real = quality._evaluate_seed
+
+    def stop_at_seed_4(job: quality.SeedJob, seed: int, setting: str | None = None) -> dict[str, Any]:
+        if seed == 4:
+            raise RuntimeError("stopped")
+        return real(job, seed, setting)
+
+    out = tmp_path / "b.json"
+    monkeypatch.setattr(quality, "_evaluate_seed", stop_at_seed_4)
+    with pytest.raises(RuntimeError, match="stopped"):
+        run_bench(
+            "smoke", out, seeds=[3, 4], workload="quick-toy", methods=["original"], echo=None, plots=False
+        )
+    lines = out.with_suffix(".partial.jsonl").read_text().splitlines()
+    assert [json.loads(line)["process"]["seed"] for line in lines] == [3]
+    assert {r["seed"] for r in json.loads(lines[0])["runs"]} == {3}
+    monkeypatch.setattr(quality, "_evaluate_seed", real)
+    run_bench("smoke", out, seeds=[3], workload="quick-toy", methods=["original"], echo=None, plots=False)
+    assert out.exists()
+    assert not out.with_suffix(".partial.jsonl").exists()
