@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -99,6 +100,12 @@ def quality_main(argv: Sequence[str], prog: str) -> int:
     )
     parser.add_argument("--no-plots", action="store_true", help="do not write the PNG plots beside the JSON")
     parser.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="seeds run in this many processes at once, one torch thread each (default 0: one per CPU core)",
+    )
+    parser.add_argument(
         "--references",
         type=int,
         default=0,
@@ -134,6 +141,9 @@ def quality_main(argv: Sequence[str], prog: str) -> int:
         parser.error(f"--settings / --tuning-seeds / --variant: {exc}")
     if args.references < 0 or args.references % 2:
         parser.error(f"--references must be an even number >= 0, got {args.references}")
+    if args.jobs < 0:
+        parser.error(f"--jobs must be >= 0 (0: one per CPU core), got {args.jobs}")
+    jobs = args.jobs or os.cpu_count() or 1
     try:
         if args.latency:  # one seed: the first given, else 0
             timed = quality.measure_latency(args.workload, seed=(listed or [0])[0], workload_options=options)
@@ -155,6 +165,7 @@ def quality_main(argv: Sequence[str], prog: str) -> int:
             plots=not args.no_plots,
             references=args.references,
             extra_variants=variants,
+            jobs=jobs,
         )
     except WorkloadOptionsError as exc:
         parser.error(str(exc))

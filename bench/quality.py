@@ -15,6 +15,12 @@ also trains a second retrain with another seed (``retrain_2``, the noise floor),
 reports, per (setting, stage, method), the fraction of request-tasks whose forget-set accuracy and
 MIA AUC are both within :data:`CLOSE_TOLERANCE` of the reference retrain's.
 
+**Workload protocols.** A workload may declare what a preset runs on it
+(``Workload.bench_protocols``, :class:`~worker.unlearning.workload.BenchProtocol`: seeds, stages,
+settings, methods, tuned values, bench-only workload options), e.g. a quick preset that fits two
+CPU cores for a ViT; the fairness rules above hold for it unchanged. ``jobs`` > 1 runs the seeds in
+that many spawned processes, one torch thread each (seeds are independent).
+
 ``measure_workload`` measures what makes the workload worth auditing (docs/workloads.md): per
 client, the original–retrain gap on the forget set (accuracy, loss-MIA AUC) and the retrain's Val
 spread over seeds. ``python -m bench quality --help``; ``python -m bench measure-workload --help``.
@@ -27,12 +33,16 @@ import dataclasses
 import importlib.util
 import json
 import math
+import multiprocessing
+import os
+import resource
 import shutil
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,7 +81,14 @@ from worker.unlearning.ssd import precompute_full_importance
 from worker.unlearning.state import RoundState
 from worker.unlearning.training import TrainConfig, retrain, train_v1
 from worker.unlearning.types import Batch, ForgetSpec, TaskSpec
-from worker.unlearning.workload import Workload, build_workload, deep_merge, takes_seed
+from worker.unlearning.workload import (
+    BenchProtocol,
+    Workload,
+    build_workload,
+    deep_merge,
+    takes_seed,
+    workload_factory,
+)
 
 APPROXIMATE_METHODS = ["ssd", "ia", "default"]  # goal 1 of the issue compares these three
 METHODS = ["original", "retrain", *APPROXIMATE_METHODS]
@@ -151,9 +168,9 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _settings_list(workload: Workload, preset: Preset) -> list[str]:
-    if preset.settings is not None:
-        return list(preset.settings)
+def _settings_list(workload: Workload, settings: Sequence[str] | None) -> list[str]:
+    if settings is not None:
+        return list(settings)
     return ["FU", *[f"PU:{t.name}" for t in workload.tasks()]]
 
 
@@ -297,16 +314,20 @@ class SeededWorkloads:
     def __init__(self, workload: str | Workload, options: Mapping[str, Any] | None = None) -> None:
         self.source = workload
         self.options = dict(options or {})
+        self.factory: Any = None  # the registered class, resolved once (worker processes reuse it)
         if isinstance(workload, Workload):
             if self.options:
                 raise ValueError("workload options need a workload name, not an instance")
             self.follows_seed = False
         else:
-            from worker.unlearning.workload import workload_factory
-
-            self.follows_seed = "seed" not in self.options and takes_seed(workload_factory(workload))
+            self.factory = workload_factory(workload)
+            self.follows_seed = "seed" not in self.options and takes_seed(self.factory)
         # the last one built only: a workload may hold its whole dataset in memory
         self._built: tuple[int | None, Workload] | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a worker process builds its own workload: the one built here (its data) is not sent
+        return {**self.__dict__, "_built": None}
 
     def data_seed(self, seed: int) -> int | None:
         return seed if self.follows_seed else None
@@ -316,7 +337,7 @@ class SeededWorkloads:
             return self.source
         key = self.data_seed(seed)
         if self._built is None or self._built[0] != key:
-            self._built = (key, build_workload(self.source, self.options, seed=key))
+            self._built = (key, build_workload(self.source, self.options, seed=key, factory=self.factory))
         return self._built[1]
 
     def root(self, root: Path, seed: int) -> Path:
@@ -372,6 +393,119 @@ def _prepared_seeds(
         yield seed, inputs, v1
 
 
+@dataclass(frozen=True)
+class SeedJob:
+    """What every seed of a run does (picklable: a worker process runs seeds from it)."""
+
+    workloads: SeededWorkloads
+    root: Path
+    settings: dict[str, Any]
+    stages: int
+    setting_names: tuple[str, ...] | None  # None: FU and PU:<task> for every task of the seed's workload
+    variants: tuple[Variant, ...]
+    references: int = 0
+    second_retrain: bool = False
+
+
+def _evaluate_seed(job: SeedJob, seed: int, setting: str | None = None) -> dict[str, Any]:
+    """One seed: its v1 (and references), then every setting's stages (``setting``: that one
+    only, under a directory of its own, so that units of one seed can run at once). Its rows and
+    reference log."""
+    torch.set_num_threads(1)  # also in a worker process: one intra-op thread per process
+    log: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    importance: dict[str, float] = {}  # this seed's v1 I_D seconds per SSD settings (computed once)
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    root = job.root if setting is None else job.root / f"unit-{seed}-{setting.replace(':', '-')}"
+    for _, inputs, v1 in _prepared_seeds(job.workloads, root, job.settings, [seed], job.references, log):
+        names = _settings_list(job.workloads.of(seed), job.setting_names) if setting is None else [setting]
+        for name in names:
+            rows.extend(
+                _run_setting(
+                    inputs, v1, name, seed, job.stages, job.variants, importance,
+                    second_retrain=job.second_retrain, references_dir=log.get("dirs", {}).get(seed),
+                    reference_log=log,
+                )
+            )  # fmt: skip
+            _log(f"[bench] seed {seed} {name} done ({time.perf_counter() - t0:.0f}s into the unit)")
+    return {
+        "runs": rows,
+        "train_s": log.get("train_s", {}),
+        "refresh_s": log.get("refresh_s", []),
+        "process": {
+            "seed": seed,
+            "setting": setting,
+            "pid": os.getpid(),
+            "wall_s": time.perf_counter() - t0,
+            "cpu_s": time.process_time() - cpu0,
+        },
+    }
+
+
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _evaluate_seeds(
+    job: SeedJob, seeds: Sequence[int], jobs: int, progress: Path | None = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every seed of ``seeds``: in this process, or with ``jobs`` > 1 in that many worker processes
+    (spawned, one torch thread each). With workers, a unit is one (seed, setting): the seeds and
+    settings are independent, each unit trains its seed's v1 again (the same v1: training is
+    seeded) and the workers stay busy to the end. Rows in seed and setting order, and the reference
+    log (training and refresh seconds) of all units. ``progress``: each finished unit's output is
+    appended there as a JSON line (a run stopped early keeps its finished units)."""
+
+    def done(out: dict[str, Any]) -> dict[str, Any]:
+        if progress is not None:
+            with progress.open("a") as fh:
+                fh.write(json.dumps(out) + "\n")
+        return out
+
+    names = job.setting_names
+    units: list[tuple[int, str | None]] = [(seed, None) for seed in seeds]
+    if jobs > 1 and names is not None and len(names) > 1:
+        units = [(seed, name) for seed in seeds for name in names]
+    if jobs > 1 and len(units) > 1:
+        spawn = multiprocessing.get_context("spawn")  # not fork: the parent's torch threads
+        with ProcessPoolExecutor(min(jobs, len(units)), mp_context=spawn, initializer=_one_thread) as pool:
+            futures = [pool.submit(_evaluate_seed, job, seed, name) for seed, name in units]
+            for future in as_completed(futures):
+                done(future.result())
+            outs = [future.result() for future in futures]
+    else:
+        outs = [done(_evaluate_seed(job, seed, name)) for seed, name in units]
+    runs = [row for out in outs for row in out["runs"]]
+    log: dict[str, Any] = {
+        "train_s": {k: v for out in outs for k, v in out["train_s"].items()},
+        "refresh_s": [r for out in outs for r in out["refresh_s"]],
+        "seed_processes": [out["process"] for out in outs],  # which process ran each unit, how long
+    }
+    return runs, log
+
+
+def workload_protocol(workload: str | Workload, preset: str) -> BenchProtocol | None:
+    """The workload's own protocol for ``preset`` (:attr:`Workload.bench_protocols`), if it declares
+    one; read from the class, before the workload is built."""
+    cls = type(workload) if isinstance(workload, Workload) else workload_factory(workload)
+    protocols: Mapping[str, BenchProtocol] = getattr(cls, "bench_protocols", {})
+    return protocols.get(preset)
+
+
+def with_protocol(preset: Preset, protocol: BenchProtocol | None) -> Preset:
+    """``preset`` with what ``protocol`` sets replacing the preset's choices."""
+    if protocol is None:
+        return preset
+    return dataclasses.replace(
+        preset,
+        seeds=preset.seeds if protocol.seeds is None else tuple(protocol.seeds),
+        stages=preset.stages if protocol.stages is None else protocol.stages,
+        settings=preset.settings if protocol.settings is None else tuple(protocol.settings),
+        methods=preset.methods if protocol.methods is None else tuple(protocol.methods),
+        tuned=preset.tuned if protocol.tuned is None else dict(protocol.tuned),
+    )
+
+
 def tune(
     workloads: SeededWorkloads,
     root: Path,
@@ -380,6 +514,7 @@ def tune(
     methods: Sequence[str],
     seeds: Sequence[int],
     references: int = 0,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Every grid value of every method in ``methods`` on the tuning ``seeds``; the chosen value is
     the one with the lowest median UIS over all its (setting, stage, seed) runs (ties: the earlier
@@ -387,26 +522,10 @@ def tune(
     variants = [
         _variant(m, v, label=f"{m}={v:g}") for m in methods if m in TUNING_GRIDS for v in TUNING_GRIDS[m][1]
     ]
-    runs: list[dict[str, Any]] = []
-    importance: dict[str, float] = {}
-    log: dict[str, Any] = {}
-    for seed, inputs, v1 in _prepared_seeds(workloads, root, settings, seeds, references, log):
-        for setting in _settings_list(workloads.of(seed), preset):
-            refs_dir = log.get("dirs", {}).get(seed)
-            runs.extend(
-                _run_setting(
-                    inputs,
-                    v1,
-                    setting,
-                    seed,
-                    preset.stages,
-                    variants,
-                    importance,
-                    references_dir=refs_dir,
-                    reference_log=log,
-                )
-            )
-        _log(f"[bench] tuning seed {seed} done")
+    job = SeedJob(
+        workloads, root, dict(settings), preset.stages, preset.settings, tuple(variants), references
+    )
+    runs, _ = _evaluate_seeds(job, seeds, jobs)
     scores: dict[str, list[dict[str, Any]]] = {}
     chosen: dict[str, float] = {}
     for m in methods:
@@ -441,6 +560,7 @@ def run_bench(
     plots: bool = True,
     references: int = 0,
     extra_variants: Mapping[str, tuple[str, Mapping[str, Any]]] | None = None,
+    jobs: int = 1,
 ) -> dict[str, Any]:
     """Run the benchmark; print a table (via ``echo``), write ``json_path``; return the JSON.
 
@@ -459,6 +579,11 @@ def run_bench(
     timed apart, ``meta.references``); methods with ``ia.target: "references"`` read them.
     ``extra_variants``: label → (method, settings overrides) rows run beside the methods, e.g.
     ``{"default@refs": ("default", {"default": {"ia": {"target": "references"}}})}``.
+    ``jobs``: seeds run in that many worker processes at once (one torch thread each).
+
+    A workload may declare its own protocol for ``preset`` (:attr:`Workload.bench_protocols`:
+    seeds, stages, settings, methods, tuned values, bench-only workload options); it replaces the
+    preset's choices, and explicit ``seeds`` / ``methods`` / ``workload_options`` still win.
     """
     missing = plotting_missing() if plots and json_path is not None else None
     if missing is not None:
@@ -466,10 +591,21 @@ def run_bench(
     # One intra-op thread: the networks are small, and extra threads only spin (measured: 2 threads
     # on a loaded 2-core machine made training ~10× slower).
     torch.set_num_threads(1)
-    chosen = PRESETS[preset]
+    protocol = workload_protocol(workload, preset)
+    chosen = with_protocol(PRESETS[preset], protocol)
+    options = dict(workload_options or {})
+    if protocol is not None and protocol.workload_options:
+        if isinstance(workload, Workload):
+            raise ValueError(
+                f"the {preset!r} protocol of {workload.name!r} sets workload options "
+                f"{dict(protocol.workload_options)}: pass the workload by its registered name"
+            )
+        options = {**protocol.workload_options, **options}  # the user's options win
     seed_list = _seed_list(seeds, chosen)
     if not seed_list:
         raise ValueError("the benchmark needs at least one seed")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     tuning_list = list(tuning_seeds) if tuning_seeds is not None else list(chosen.tuning_seeds)
     if tune_grid and (not tuning_list or set(tuning_list) & set(seed_list)):
         raise ValueError(
@@ -479,17 +615,16 @@ def run_bench(
         method_list = list(methods)
     else:
         method_list = list(chosen.methods) if chosen.methods is not None else registered_methods()
-    workloads = SeededWorkloads(workload, workload_options)
+    workloads = SeededWorkloads(workload, options)
     wl = workloads.of(seed_list[0])  # its default settings and name (the same for every seed)
     settings = fair_settings(
         wl.settings(deep_merge(chosen.overrides, settings_overrides or {})), chosen.anchor_fraction
     )
     t_start = time.perf_counter()
-    runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="lethe-bench-") as tmp:
         root = Path(tmp)
         if tune_grid:
-            tuning = tune(workloads, root, settings, chosen, method_list, tuning_list, references)
+            tuning = tune(workloads, root, settings, chosen, method_list, tuning_list, references, jobs)
             _log(
                 f"[bench] tuned on seeds {tuning_list}: {tuning['chosen']} "
                 f"({time.perf_counter() - t_start:.0f}s)"
@@ -501,27 +636,20 @@ def run_bench(
         for label, (method, extra) in dict(extra_variants or {}).items():
             base_overrides = _variant(method, picked.get(method)).overrides
             variants.append(Variant(label, method, deep_merge(base_overrides, extra)))
-        v1_importance: dict[str, float] = {}  # SSD settings → seconds v1's I_D took (cached after)
-        reference_log: dict[str, Any] = {}
-        prepared = _prepared_seeds(workloads, root, settings, seed_list, references, reference_log)
-        for seed, inputs, v1 in prepared:
-            refs_dir = reference_log.get("dirs", {}).get(seed)
-            for setting in _settings_list(workloads.of(seed), chosen):
-                runs.extend(
-                    _run_setting(
-                        inputs,
-                        v1,
-                        setting,
-                        seed,
-                        chosen.stages,
-                        variants,
-                        v1_importance,
-                        second_retrain=True,
-                        references_dir=refs_dir,
-                        reference_log=reference_log,
-                    )
-                )
-                _log(f"[bench] seed {seed} {setting} done ({time.perf_counter() - t_start:.0f}s elapsed)")
+        names = tuple(_settings_list(wl, chosen.settings))  # the tasks are the same for every seed
+        job = SeedJob(
+            workloads, root, settings, chosen.stages, names, tuple(variants), references, second_retrain=True,
+        )  # fmt: skip
+        progress = None if json_path is None else Path(json_path).with_suffix(".partial.jsonl")
+        if progress is not None:
+            progress.parent.mkdir(parents=True, exist_ok=True)
+            progress.unlink(missing_ok=True)
+        runs, reference_log = _evaluate_seeds(job, seed_list, jobs, progress)
+        if progress is not None:
+            progress.unlink()  # every unit finished: the JSON below has them all
+    # CPU seconds of this process and of its finished worker processes (the tuning's too)
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    untuned = sorted(m for m in method_list if m in TUNING_GRIDS and m not in picked)
     result: dict[str, Any] = {
         "runs": runs,
         "meta": {
@@ -552,9 +680,19 @@ def run_bench(
             "methods": method_list,
             "stages": chosen.stages,
             "settings_overrides": dict(settings_overrides or {}),
+            # the workload's own protocol for this preset (Workload.bench_protocols), or None
+            "protocol": None if protocol is None else {"declared_by": wl.name, **_jsonable(protocol)},
+            "setting_names": list(chosen.settings) if chosen.settings is not None else None,
+            # methods with a tuning knob run with the workload's own settings (no tuned value)
+            "untuned_methods": untuned,
+            "jobs": min(jobs, len(seed_list)),
+            "seed_processes": reference_log["seed_processes"],
             "torch_threads": torch.get_num_threads(),
             "environment": runtime_environment(),
             "total_wall_s": time.perf_counter() - t_start,
+            "cpu_s": own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime,
+            # peak resident set of this process and of the largest worker process (ru_maxrss: KiB)
+            "max_rss_mb": {"main": own.ru_maxrss / 1024, "largest_worker": children.ru_maxrss / 1024},
         },
     }
     result["summary"] = summarise(runs)
@@ -571,6 +709,11 @@ def run_bench(
     if echo is not None:
         echo(format_table(result))
     return result
+
+
+def _jsonable(protocol: BenchProtocol) -> dict[str, Any]:
+    out = dataclasses.asdict(protocol)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
 def plotting_missing() -> str | None:
@@ -917,7 +1060,12 @@ def format_table(result: Mapping[str, Any]) -> str:
         "of the reference retrain's",
         f"anchor fraction {meta.get('anchor_fraction')} for every method; knobs "
         f"{'tuned on' if tuning.get('ran') else 'committed, tuned on'} seeds {tuning.get('seeds')}: "
-        f"{tuning.get('chosen')}",
+        f"{tuning.get('chosen')}"
+        + (
+            f"; untuned (the workload's settings): {', '.join(meta['untuned_methods'])}"
+            if meta.get("untuned_methods")
+            else ""
+        ),
         head,
         "-" * len(head),
     ]
@@ -952,7 +1100,16 @@ def format_table(result: Mapping[str, Any]) -> str:
             f"close — default's close share ≥ 0.9× {SECOND_RETRAIN}'s: {goals.get('close_goal_met_count')} "
             "(setting, stage) pairs"
         )
-    lines.append(f"total wall: {result['meta']['total_wall_s']:.0f}s")
+    protocol = meta.get("protocol")
+    if protocol:
+        lines.append(
+            f"the {meta['preset']!r} protocol of {protocol['declared_by']}: {protocol.get('note', '')}"
+        )
+    cpu = meta.get("cpu_s")
+    lines.append(
+        f"total wall: {meta['total_wall_s']:.0f}s"
+        + (f"; CPU {cpu:.0f}s over {meta.get('jobs', 1)} seed process(es)" if cpu is not None else "")
+    )
     return "\n".join(lines)
 
 

@@ -18,7 +18,9 @@ give:
   :meth:`Workload.client_data`;
 - a held-out split (no client) — :meth:`Workload.heldout_data`;
 - default settings (training recipe, LoRA rank, method and audit settings) —
-  :meth:`Workload.default_settings`.
+  :meth:`Workload.default_settings`;
+- optionally, its own protocol for a ``lethe bench`` preset — :attr:`Workload.bench_protocols`
+  (:class:`BenchProtocol`: e.g. a quick preset that fits a CPU for a large model).
 
 See ``docs/workloads.md`` for a worked example.
 """
@@ -30,10 +32,10 @@ import inspect
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from peft import LoraConfig
@@ -101,11 +103,34 @@ def deep_merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str
     return out
 
 
+@dataclass(frozen=True)
+class BenchProtocol:
+    """What ``lethe bench --preset <name>`` runs on a workload in place of the preset's own choices;
+    a field left ``None`` keeps the preset's. Declared on the workload *class*
+    (:attr:`Workload.bench_protocols`), so the bench reads it before it builds the workload.
+
+    ``settings``: ``"FU"`` and ``"PU:<task>"`` entries. ``workload_options``: constructor options for
+    the benchmark only (e.g. a smaller client pool), merged under the user's ``--workload-option``s.
+    ``tuned``: method → value of its tuning knob; ``{}`` runs every method with the workload's own
+    settings (reported as untuned). ``note``: why the protocol differs from the preset (in the JSON)."""
+
+    seeds: tuple[int, ...] | None = None
+    stages: int | None = None
+    settings: tuple[str, ...] | None = None
+    methods: tuple[str, ...] | None = None
+    workload_options: Mapping[str, Any] = field(default_factory=dict)
+    tuned: Mapping[str, float] | None = None
+    note: str = ""
+
+
 class Workload(ABC):
     """What a model owner implements. Everything must be deterministic given the constructor."""
 
     #: the name under which the workload is registered (``lethe.workloads`` entry point)
     name: str = "workload"
+    #: preset name → this workload's protocol for it (``lethe bench --preset quick``); a preset
+    #: not listed runs as the bench defines it
+    bench_protocols: ClassVar[Mapping[str, BenchProtocol]] = {}
 
     @abstractmethod
     def tasks(self) -> list[TaskSpec]:
@@ -237,7 +262,7 @@ def load_workload(name: str, **kwargs: Any) -> Workload:
 
 
 def build_workload(
-    name: str, options: Mapping[str, Any] | None = None, *, seed: int | None = None
+    name: str, options: Mapping[str, Any] | None = None, *, seed: int | None = None, factory: Any = None
 ) -> Workload:
     """The workload ``name`` built with ``options`` as keyword arguments (a registered model's
     ``workload_options``, a bench's ``--workload-option``).
@@ -245,9 +270,11 @@ def build_workload(
     ``seed``: the data seed of a benchmark; passed as ``seed=`` when the constructor takes one and
     ``options`` do not set it (an explicit ``seed`` option pins the data). A constructor that
     refuses the options raises :class:`WorkloadOptionsError` naming the workload and the options.
+    ``factory``: the class ``name`` resolved to already (a bench's worker process, which does not
+    see entry points registered at run time, is handed it).
     """
     kwargs = dict(options or {})
-    factory = workload_factory(name)
+    factory = factory if factory is not None else workload_factory(name)
     if seed is not None and "seed" not in kwargs and takes_seed(factory):
         kwargs["seed"] = seed
     try:

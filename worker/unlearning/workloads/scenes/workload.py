@@ -18,7 +18,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from peft import LoraConfig
@@ -27,9 +27,10 @@ from transformers import ViTModel
 
 from worker.unlearning.model import MultiTaskModel, default_lora_config, make_heads
 from worker.unlearning.types import Batch, ClassificationTask, RegressionTask, TaskSpec
-from worker.unlearning.workload import SampleSet, Workload
+from worker.unlearning.workload import BenchProtocol, SampleSet, Workload
 from worker.unlearning.workloads.scenes.backbone import LORA_TARGETS, BackboneSize, vit_config
 from worker.unlearning.workloads.scenes.base import HEADS, META, base_files, read_sums, sha256
+from worker.unlearning.workloads.scenes.bench_protocol import QUICK
 from worker.unlearning.workloads.scenes.generator import (
     TASKS,
     Scenes,
@@ -68,6 +69,8 @@ class ScenesWorkload(Workload):
     """The scenes workload; the defaults are the real size (24 clients × 400 samples)."""
 
     name = "scenes"
+    #: ``lethe bench --preset quick`` on scenes: a bench-sized protocol (bench_protocol.py)
+    bench_protocols: ClassVar[Mapping[str, BenchProtocol]] = {"quick": QUICK}
 
     def __init__(
         self,
