@@ -4,6 +4,7 @@ when clients are forgotten. No retrain of the request is read anywhere."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import statistics
 from collections.abc import Iterator
@@ -260,16 +261,17 @@ def test_refresh_retrains_dropped_references_on_their_half_minus_the_forgotten(t
 # --- task-withheld calibration of per-task requests (issue 8 part 1) ------------------------------
 
 
-def test_each_client_task_pair_has_a_reference_that_saw_the_client_without_the_task(tmp_path: Path) -> None:
-    """With K = 4 and two tasks, each client's two IN references are trained without one task's
-    labels each (different tasks): that reference's training data holds the client's inputs and its
-    other task's labels, never the withheld task's; the OUT references' data is untouched, and the
-    halves are those of :func:`assign_halves`. (Would fail if labels were not withheld.)"""
+def _toy_for_references(tmp_path: Path) -> tuple[ToyWorkload, Any, dict[str, int], Batch, list[str]]:
+    """A six-client toy workload, its base, client index, client data and task names."""
     wl = ToyWorkload(0, num_clients=6, per_client=6)
     base = ensure_base(wl, tmp_path / "base", wl.settings({}), 0)
     ci = wl.client_index()
-    data = wl.client_data().to_batch(ci)
-    names = [t.name for t in wl.tasks()]
+    return wl, base, ci, wl.client_data().to_batch(ci), [t.name for t in wl.tasks()]
+
+
+@contextlib.contextmanager
+def _spying_on_reference_training() -> Iterator[list[Batch]]:
+    """The training data of every reference trained inside the block, in order."""
     seen: list[Batch] = []
 
     def spy(*args: Any, **kwargs: Any) -> Any:
@@ -278,6 +280,16 @@ def test_each_client_task_pair_has_a_reference_that_saw_the_client_without_the_t
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(reference_adapters, "train_v1", spy)
+        yield seen
+
+
+def test_each_client_task_pair_has_a_reference_that_saw_the_client_without_the_task(tmp_path: Path) -> None:
+    """With K = 4 and two tasks, each client's two IN references are trained without one task's
+    labels each (different tasks): that reference's training data holds the client's inputs and its
+    other task's labels, never the withheld task's; the OUT references' data is untouched, and the
+    halves are those of :func:`assign_halves`. (Would fail if labels were not withheld.)"""
+    wl, base, ci, data, names = _toy_for_references(tmp_path)
+    with _spying_on_reference_training() as seen:
         refs = train_references(base, data, wl.tasks(), FAST, client_index=ci, k=4, seed=3,
                                 directory=tmp_path / "refs", workload="toy",
                                 withhold_tasks=names)  # fmt: skip
@@ -352,25 +364,14 @@ def test_a_per_task_target_never_reads_a_reference_that_saw_the_forgotten_task(t
 def test_refresh_keeps_the_withheld_labels_of_each_reference(tmp_path: Path) -> None:
     """A reference retrained after a purge withholds the same (client, task) labels as before, for
     the clients its half still holds (the draw is reproducible from the set's seed)."""
-    wl = ToyWorkload(0, num_clients=6, per_client=6)
-    base = ensure_base(wl, tmp_path / "base", wl.settings({}), 0)
-    ci = wl.client_index()
-    data = wl.client_data().to_batch(ci)
-    names = [t.name for t in wl.tasks()]
+    wl, base, ci, data, names = _toy_for_references(tmp_path)
     directory = tmp_path / "refs"
     refs = train_references(base, data, wl.tasks(), FAST, client_index=ci, k=4, seed=3, directory=directory,
                             workload="toy", withhold_tasks=names)  # fmt: skip
     dropped = drop_references_with(directory, ["u1"])
     assert dropped
     remaining = data.select((data.subset != ci["u1"]).nonzero().reshape(-1))
-    seen: list[Batch] = []
-
-    def spy(*args: Any, **kwargs: Any) -> Any:
-        seen.append(args[1])
-        return train_v1(*args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(reference_adapters, "train_v1", spy)
+    with _spying_on_reference_training() as seen:
         refresh_references(base, remaining, wl.tasks(), FAST, client_index=ci, directory=directory,
                            forgotten=["u1"])  # fmt: skip
     after = read_references(directory)
