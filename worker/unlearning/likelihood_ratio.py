@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -89,6 +89,31 @@ def _per_reference_auc(ref_losses: Tensor, out: Tensor, is_forget: Tensor) -> li
     return aucs
 
 
+def _out_mask(loaded: LoadedReferences, forget: Batch, unseen: Batch, client_index: dict[str, int]) -> Tensor:
+    """``[K, len(forget) + len(unseen)]``: which references never saw each row's client (unseen
+    rows belong to no client: every reference is OUT for them)."""
+    subset = torch.cat([forget.subset, torch.full((len(unseen),), -1, dtype=torch.long)])
+    return loaded.refs.out_mask(subset, client_index)
+
+
+def _attacked_tasks(
+    tasks: Sequence[TaskSpec], forget_tasks: Sequence[str], forget: Batch, unseen: Batch, device: str
+) -> Iterator[tuple[TaskSpec, Tensor, Tensor, Tensor]]:
+    """Per forgotten task with labelled rows on both sides: the task, its supervised rows of
+    ``forget`` + ``unseen`` (a mask over the concatenation), their labels, and which of them are
+    forgotten rows."""
+    n_f = len(forget)
+    for task in tasks:
+        name = task.name
+        if name not in forget_tasks or name not in forget.labels or name not in unseen.labels:
+            continue
+        y = torch.cat([forget.labels[name], unseen.labels[name]]).to(device)
+        rows = task.supervised(y)
+        if not bool(rows[:n_f].any()) or not bool(rows[n_f:].any()):
+            continue
+        yield task, rows, y[rows], torch.arange(len(y))[rows.cpu()] < n_f
+
+
 def out_reference_auc(ref_losses: Tensor, out: Tensor, is_forget: Tensor) -> float | None:
     """The loss-MIA AUC (forgotten vs unseen rows) that models which never saw the forgotten clients
     score: per reference, over the forgotten rows it is OUT for, against every unseen row; the
@@ -126,23 +151,14 @@ def out_reference_targets(
     n_f = len(forget)
     inputs = inputs_to(cat_inputs([forget.inputs, unseen.inputs]), device)
     ref_outs = [model_outputs(m, inputs, batch_size=batch_size) for m in loaded.models]
-    subset = torch.cat([forget.subset, torch.full((len(unseen),), -1, dtype=torch.long)])
-    out_mask = loaded.refs.out_mask(subset, client_index)  # [K, N]
+    out_mask = _out_mask(loaded, forget, unseen, client_index)
     if forget_mask is not None:
         out_mask = torch.cat([forget_mask.to(torch.bool), out_mask[:, n_f:]], dim=1)
     indices = list(loaded.refs.members)
     per_task: dict[str, dict[str, Any]] = {}
-    for task in tasks:
+    for task, rows, ys, is_forget in _attacked_tasks(tasks, forget_tasks, forget, unseen, device):
         name = task.name
-        if name not in forget_tasks or name not in forget.labels or name not in unseen.labels:
-            continue
-        y = torch.cat([forget.labels[name], unseen.labels[name]]).to(device)
-        rows = task.supervised(y)
-        if not bool(rows[:n_f].any()) or not bool(rows[n_f:].any()):
-            continue
-        ys = y[rows]
         mask = out_mask[:, rows.cpu()]
-        is_forget = torch.arange(len(y))[rows.cpu()] < n_f
         outs = [o[name][rows] for o in ref_outs]
         losses = torch.stack([task.per_sample_loss(o, ys) for o in outs]).cpu()
         unseen_rows = (~is_forget).to(ys.device)
@@ -210,27 +226,17 @@ def likelihood_ratio_audit(
 ) -> dict[str, Any]:
     """The ``likelihood_ratio`` evidence: per forgotten task, TPR at 1 % FPR and AUC of ``forget``
     (positives) against ``unseen`` (negatives) under offline LiRA with ``loaded``'s references."""
-    n_f = len(forget)
     inputs = inputs_to(cat_inputs([forget.inputs, unseen.inputs]), device)
     target_out = model_outputs(model, inputs, batch_size=batch_size)
     ref_outs = [model_outputs(m, inputs, batch_size=batch_size) for m in loaded.models]
-    subset = torch.cat([forget.subset, torch.full((len(unseen),), -1, dtype=torch.long)])
-    out_mask = loaded.refs.out_mask(subset, client_index)  # [K, N]
+    out_mask = _out_mask(loaded, forget, unseen, client_index)
     per_task: dict[str, Any] = {}
-    for task in tasks:
+    for task, rows, ys, is_forget in _attacked_tasks(tasks, forget_tasks, forget, unseen, device):
         name = task.name
-        if name not in forget_tasks or name not in forget.labels or name not in unseen.labels:
-            continue
-        y = torch.cat([forget.labels[name], unseen.labels[name]]).to(device)
-        rows = task.supervised(y)
-        if not bool(rows[:n_f].any()) or not bool(rows[n_f:].any()):
-            continue
-        ys = y[rows]
         phi = scaled_confidence(task, target_out[name][rows], ys).cpu()
         ref_phi = scaled_confidence(task, torch.stack([o[name][rows] for o in ref_outs]), ys).cpu()
         mask = out_mask[:, rows.cpu()]
         z, sigma = lira_scores(phi, ref_phi, mask)
-        is_forget = torch.arange(len(y))[rows.cpu()] < n_f
         pos, neg = z[is_forget], z[~is_forget]
         missing = int(torch.isnan(pos).sum())
         pos = pos[~torch.isnan(pos)]
