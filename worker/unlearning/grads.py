@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
+from worker.unlearning.lora import joint_grads
 from worker.unlearning.types import Batch, TaskSpec, concat_batches, main_task_loss, main_task_losses
 
 
@@ -157,7 +158,7 @@ def partition_task_grads(
 
         with eval_mode(model):
             jac = cast(dict[str, Tensor], jacrev(losses)(params))
-    elif backend == "autograd" and forward is not None and forward is not model:
+    elif backend == "autograd" and forward is not None and joint_grads(forward, model):
         # the MLP view (``lora.fast_forward``): so cheap per row that the per-partition calls'
         # overhead outweighs the backward work they save (digits: 0.40 → 0.54 s CPU a request)
         tensors = [live_params[n] for n in names]
@@ -174,7 +175,8 @@ def partition_task_grads(
             for n, t, g in zip(names, tensors, grads, strict=True)
         }
     elif backend == "autograd":
-        jac = _partitionwise_vjp(model, model, names, live_params, joined, part, P, tasks, index)
+        fn = model if forward is None else forward  # the model or a ViT view (lora.fast_forward)
+        jac = _partitionwise_vjp(fn, model, names, live_params, joined, part, P, tasks, index)
     else:
         raise ValueError(f"unknown gradient backend {backend!r}")
     for n, g in jac.items():

@@ -1,0 +1,188 @@
+"""A written-out forward of a peft-wrapped transformers ``ViTModel`` with CLS pooling (the
+``scenes`` workload's model), for the unlearning loops' forwards (:func:`lora.fast_forward`).
+
+``model(inputs)`` of such a model runs every token through every layer and then keeps the first
+token of the last hidden state. The view computes the same function with two differences in *what*
+is computed, not in the arithmetic of what is kept:
+
+- the last layer evaluates only the CLS token past its keys and values: its query, attention row,
+  output projection and MLP of the other tokens feed nothing that the heads read (keys and values
+  of every token are still needed, as is every token of the earlier layers); the unused pooler is
+  skipped;
+- transformers' and peft's per-module dispatch (hooks, output capturing, mask creation, LoRA
+  bookkeeping) is skipped: each adapted projection is ``F.linear(x, W, b) + F.linear(F.linear(x,
+  A), B) * s``, the ops peft runs, in its order.
+
+Eager attention only (the workload's ``ATTENTION``), eval mode (no dropout; the loops that use it
+run in eval mode); :func:`lora.fast_forward` checks the view against ``model(inputs)`` on a random
+probe before it is used, and falls back to the model.
+Gradients taken through the view reach the model's live tensors (LoRA factors, heads).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+#: a projection: (W, b, A, B, scaling); A / B ``None`` for a layer without an adapter
+Projection = tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, float]
+
+
+@dataclass(frozen=True)
+class Block:
+    """One ``ViTLayer``'s tensors."""
+
+    ln1: tuple[Tensor, Tensor]
+    q: Projection
+    k: Projection
+    v: Projection
+    o: Projection
+    ln2: tuple[Tensor, Tensor]
+    fc1: Projection
+    fc2: Projection
+    act: Callable[[Tensor], Tensor]
+
+
+def _linear(x: Tensor, p: Projection) -> Tensor:
+    W, b, A, B, s = p
+    out = F.linear(x, W, b)
+    if A is None or B is None:
+        return out
+    return out + F.linear(F.linear(x, A), B) * s  # peft's Linear.forward, in its order
+
+
+@dataclass(frozen=True)
+class LoraViTView:
+    """``model({"pixel_values": x})`` of a peft-wrapped ``MultiTaskModel`` over a ``ViTModel``
+    with ``cls_token`` pooling (module docstring). Built by :func:`lora.fast_forward`."""
+
+    patch: tuple[Tensor, Tensor | None, int]  # conv weight, bias, stride
+    cls: Tensor  # [1, 1, H]
+    pos: Tensor  # [1, T, H]
+    blocks: tuple[Block, ...]
+    final_ln: tuple[Tensor, Tensor]
+    eps: float
+    heads_count: int
+    head_dim: int
+    heads: tuple[tuple[str, Tensor, Tensor | None], ...]
+    image: tuple[int, int, int]  # channels, height, width (the probe's shape)
+    #: the last layer on the CLS token only (past its keys and values); False: every token, as
+    #: the model runs it (the tests compare the two)
+    cls_only: bool = True
+    #: the per-partition gradient path of :func:`grads.partition_task_grads` (each row is costly
+    #: enough that a joint forward's extra backward work outweighs the per-call overhead)
+    joint_grads = False
+
+    def __call__(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        W, b, stride = self.patch
+        x = inputs["pixel_values"].to(W.dtype)
+        n = x.shape[0]
+        h = F.conv2d(x, W, b, stride=stride).flatten(2).transpose(1, 2)
+        h = torch.cat((self.cls.expand(n, -1, -1), h), dim=1) + self.pos
+        width = h.shape[-1]
+        last = len(self.blocks) - 1
+        for i, blk in enumerate(self.blocks):
+            a = F.layer_norm(h, (width,), blk.ln1[0], blk.ln1[1], self.eps)
+            residual = h
+            # only the CLS token reaches the heads: the last layer's other rows past its keys / values
+            if i == last and self.cls_only:
+                a_q, residual = a[:, :1], h[:, :1]
+            else:
+                a_q = a
+            q = _linear(a_q, blk.q).view(n, -1, self.heads_count, self.head_dim).transpose(1, 2)
+            k = _linear(a, blk.k).view(n, -1, self.heads_count, self.head_dim).transpose(1, 2)
+            v = _linear(a, blk.v).view(n, -1, self.heads_count, self.head_dim).transpose(1, 2)
+            # transformers' eager_attention_forward (no mask, no dropout in eval)
+            scores = torch.matmul(q, k.transpose(2, 3)) * self.head_dim**-0.5
+            weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            att = torch.matmul(weights, v).transpose(1, 2).contiguous()
+            att = att.reshape(n, a_q.shape[1], -1).contiguous()
+            h = _linear(att, blk.o) + residual
+            m = F.layer_norm(h, (width,), blk.ln2[0], blk.ln2[1], self.eps)
+            h = _linear(blk.act(_linear(m, blk.fc1)), blk.fc2) + h
+        z = F.layer_norm(h, (width,), self.final_ln[0], self.final_ln[1], self.eps)[:, 0]
+        return {name: F.linear(z, w, b) for name, w, b in self.heads}
+
+    def probe(self, rows: int = 4) -> dict[str, Tensor]:
+        """Random inputs of the model's shape (what :func:`lora.fast_forward` compares on)."""
+        gen = torch.Generator().manual_seed(0)
+        return {"pixel_values": torch.randn(rows, *self.image, generator=gen).to(self.cls)}
+
+    def tensor_ids(self) -> set[int]:
+        """``id`` of every LoRA factor and head tensor the view reads."""
+        ids: set[int] = set()
+        for blk in self.blocks:
+            for p in (blk.q, blk.k, blk.v, blk.o, blk.fc1, blk.fc2):
+                ids |= {id(t) for t in p[2:4] if t is not None}
+        return ids | {id(t) for _, w, b in self.heads for t in (w, b) if t is not None}
+
+
+def _projection(layer: nn.Module, adapter: str) -> Projection | None:
+    base = getattr(layer, "base_layer", layer)
+    if not isinstance(base, nn.Linear):
+        return None
+    if base is layer:
+        return (base.weight, base.bias, None, None, 0.0)
+    lora_a, lora_b = getattr(layer, "lora_A", {}), getattr(layer, "lora_B", {})
+    if adapter not in lora_a or adapter not in lora_b:
+        return None
+    if getattr(layer, "merged", False) or getattr(layer, "disable_adapters", False):
+        return None
+    if getattr(layer, "lora_variant", {}).get(adapter) is not None:  # DoRA etc.: not written out
+        return None
+    scaling: dict[str, float] = getattr(layer, "scaling", {})
+    return (base.weight, base.bias, lora_a[adapter].weight, lora_b[adapter].weight, float(scaling[adapter]))
+
+
+def lora_vit_view(
+    model: nn.Module, adapter: str, heads: tuple[tuple[str, Tensor, Tensor | None], ...]
+) -> LoraViTView | None:
+    """The view of ``model`` (its unwrapped ``MultiTaskModel`` with a ``ViTModel`` backbone and CLS
+    pooling, eager attention), else ``None``. ``heads``: (name, weight, bias) of every head."""
+    from transformers.models.vit.modeling_vit import ViTLayer, ViTModel
+
+    from worker.unlearning.model import unwrap
+
+    try:
+        net = unwrap(model)
+    except TypeError:
+        return None
+    vit = net.backbone
+    if net.pooling != "cls_token" or type(vit) is not ViTModel:
+        return None
+    cfg = vit.config
+    if cfg._attn_implementation != "eager" or vit.embeddings.mask_token is not None:
+        return None
+    conv = vit.embeddings.patch_embeddings.projection
+    if not isinstance(conv, nn.Conv2d) or conv.stride != conv.kernel_size:
+        return None
+    blocks = []
+    for layer in vit.layers:
+        if type(layer) is not ViTLayer:
+            return None
+        att, mlp = layer.attention, layer.mlp
+        modules = (att.q_proj, att.k_proj, att.v_proj, att.o_proj, mlp.fc1, mlp.fc2)
+        projs = [_projection(m, adapter) for m in modules]
+        if any(p is None for p in projs):
+            return None
+        q, k, v, o, fc1, fc2 = (p for p in projs if p is not None)
+        blocks.append(Block((layer.layernorm_before.weight, layer.layernorm_before.bias), q, k, v, o,
+                            (layer.layernorm_after.weight, layer.layernorm_after.bias), fc1, fc2,
+                            mlp.activation_fn))  # fmt: skip
+    size = vit.embeddings.patch_embeddings.image_size
+    return LoraViTView(
+        patch=(conv.weight, conv.bias, int(conv.stride[0])),
+        cls=vit.embeddings.cls_token,
+        pos=vit.embeddings.position_embeddings,
+        blocks=tuple(blocks),
+        final_ln=(vit.layernorm.weight, vit.layernorm.bias),
+        eps=float(cfg.layer_norm_eps),
+        heads_count=int(cfg.num_attention_heads),
+        head_dim=int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads),
+        heads=heads,
+        image=(int(conv.in_channels), int(size[0]), int(size[1])),
+    )
