@@ -196,7 +196,7 @@ def _partitionwise_vjp(
     index: Tensor,
 ) -> dict[str, Tensor]:
     """The rows of :func:`partition_task_grads` selected by ``index`` (flat ``p * T + t``), one
-    forward and one task-batched backward per partition.
+    forward per partition and one backward per (partition, task).
 
     A (partition, task) loss depends only on its partition's rows, and the models here couple no
     rows (eval mode: no batch statistics), so differentiating each partition's forward on its own
@@ -220,15 +220,16 @@ def _partitionwise_vjp(
             outputs = fn(mine.inputs)
             zeros = torch.zeros(len(mine), dtype=torch.long, device=mine.device)
             matrix = task_loss_matrix(outputs, mine.labels, tasks, zeros, 1).reshape(-1)  # [T]
-            selected = matrix[torch.tensor([t for t, _ in wanted], device=matrix.device)]
-            cotangents = torch.eye(len(wanted), dtype=selected.dtype, device=selected.device)
-            grads = torch.autograd.grad(
-                selected, tensors, grad_outputs=cotangents, is_grads_batched=True, allow_unused=True
-            )
-        at = torch.tensor([g for _, g in wanted], dtype=torch.long)
-        for n, g in zip(names, grads, strict=True):
-            if g is not None:
-                jac[n][at] = g.detach()
+            # one backward per task through the kept graph: on the scenes ViT ≈ 8 % cheaper than
+            # one backward vmapped over the task cotangents (is_grads_batched), whose batching
+            # rules copy every transposed activation
+            for j, (t, row) in enumerate(wanted):
+                grads = torch.autograd.grad(
+                    matrix[t], tensors, retain_graph=j < len(wanted) - 1, allow_unused=True
+                )
+                for n, g in zip(names, grads, strict=True):
+                    if g is not None:
+                        jac[n][row] = g.detach()
     return jac
 
 

@@ -47,12 +47,20 @@ class Block:
     act: Callable[[Tensor], Tensor]
 
 
-def _linear(x: Tensor, p: Projection) -> Tensor:
+#: per adapted projection of a recorded forward: (its input x, u = x Aᵀ, y = u Bᵀ)
+Record = list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]
+
+
+def _linear(x: Tensor, p: Projection, record: Record | None = None) -> Tensor:
     W, b, A, B, s = p
     out = F.linear(x, W, b)
     if A is None or B is None:
         return out
-    return out + F.linear(F.linear(x, A), B) * s  # peft's Linear.forward, in its order
+    u = F.linear(x, A)
+    y = F.linear(u, B)
+    if record is not None:
+        record.append((A, B, x, u, y))
+    return out + y * s  # peft's Linear.forward, in its order
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,13 @@ class LoraViTView:
     joint_grads = False
 
     def __call__(self, inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        return self._forward(inputs, None)[0]
+
+    def _forward(
+        self, inputs: Mapping[str, Tensor], record: Record | None
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """The outputs and the pooled embedding ``z``; ``record``: the adapted projections' inputs
+        and low-rank activations are appended to it."""
         W, b, stride = self.patch
         x = inputs["pixel_values"].to(W.dtype)
         n = x.shape[0]
@@ -93,19 +108,51 @@ class LoraViTView:
                 a_q, residual = a[:, :1], h[:, :1]
             else:
                 a_q = a
-            q = _linear(a_q, blk.q).view(n, -1, self.heads_count, self.head_dim).transpose(1, 2)
-            k = _linear(a, blk.k).view(n, -1, self.heads_count, self.head_dim).transpose(1, 2)
-            v = _linear(a, blk.v).view(n, -1, self.heads_count, self.head_dim).transpose(1, 2)
+            q = _linear(a_q, blk.q, record).view(n, -1, self.heads_count, self.head_dim).transpose(1, 2)
+            k = _linear(a, blk.k, record).view(n, -1, self.heads_count, self.head_dim).transpose(1, 2)
+            v = _linear(a, blk.v, record).view(n, -1, self.heads_count, self.head_dim).transpose(1, 2)
             # transformers' eager_attention_forward (no mask, no dropout in eval)
             scores = torch.matmul(q, k.transpose(2, 3)) * self.head_dim**-0.5
             weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
             att = torch.matmul(weights, v).transpose(1, 2).contiguous()
             att = att.reshape(n, a_q.shape[1], -1).contiguous()
-            h = _linear(att, blk.o) + residual
+            h = _linear(att, blk.o, record) + residual
             m = F.layer_norm(h, (width,), blk.ln2[0], blk.ln2[1], self.eps)
-            h = _linear(blk.act(_linear(m, blk.fc1)), blk.fc2) + h
+            h = _linear(blk.act(_linear(m, blk.fc1, record)), blk.fc2, record) + h
         z = F.layer_norm(h, (width,), self.final_ln[0], self.final_ln[1], self.eps)[:, 0]
-        return {name: F.linear(z, w, b) for name, w, b in self.heads}
+        return {name: F.linear(z, w, b) for name, w, b in self.heads}, z
+
+    def sample_grad_squares(
+        self, inputs: Mapping[str, Tensor], per_sample_loss: Callable[[dict[str, Tensor]], Tensor]
+    ) -> dict[int, Tensor]:
+        """``Σ_i (∂ℓ_i/∂θ)²`` for every LoRA factor and head tensor θ (keyed by ``id(θ)``), ``ℓ``
+        the per-sample losses ``per_sample_loss(outputs)``: the diagonal empirical Fisher from one
+        backward pass instead of one per sample (``vmap``). Rows do not interact (eval mode), so
+        the backward of ``Σ_i ℓ_i`` gives each row's ``δ = ∂ℓ_i/∂y`` at every adapted projection
+        ``y = (x Aᵀ) Bᵀ``; a row's gradient sums its tokens: ``∂ℓ_i/∂B = Σ_tok δ ⊗ u`` (``u = x
+        Aᵀ``), ``∂ℓ_i/∂A = Σ_tok (δ B) ⊗ x``; a head's is ``δ_i ⊗ z_i``. The same sums as the
+        per-sample gradients up to float rounding (tokens summed in another order)."""
+        record: Record = []
+        with torch.enable_grad():
+            outputs, z = self._forward(inputs, record)
+            targets = [y for *_, y in record]
+            deltas = torch.autograd.grad(
+                per_sample_loss(outputs).sum(), [*targets, *outputs.values()], allow_unused=True
+            )
+        out: dict[int, Tensor] = {}
+        z = z.detach()
+        for (_, w, b), d in zip(self.heads, deltas[len(targets) :], strict=True):
+            d2 = z.new_zeros((z.shape[0], w.shape[0])) if d is None else d.detach().pow(2)
+            out[id(w)] = d2.T @ z.pow(2)
+            if b is not None:
+                out[id(b)] = d2.sum(0)
+        for (A, B, x, u, y), d in zip(record, deltas[: len(targets)], strict=True):
+            d = torch.zeros_like(y) if d is None else d.detach()
+            g_b = torch.einsum("nto,ntr->nor", d, u.detach())  # per row [out, r]
+            g_a = torch.einsum("ntr,nti->nri", d @ B.detach(), x.detach())  # per row [r, in]
+            out[id(B)] = g_b.pow(2).sum(0)
+            out[id(A)] = g_a.pow(2).sum(0)
+        return out
 
     def probe(self, rows: int = 4) -> dict[str, Tensor]:
         """Random inputs of the model's shape (what :func:`lora.fast_forward` compares on)."""

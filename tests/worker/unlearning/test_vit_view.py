@@ -104,3 +104,24 @@ def test_the_mlp_view_keeps_the_joint_gradient_pass() -> None:
     assert isinstance(view, LoraMLPView)
     assert joint_grads(view, model)
     assert not joint_grads(model, model)
+
+
+def test_the_views_fisher_is_the_per_sample_gradients_squared() -> None:
+    """SSD's per-sample importance through the view (one backward, per-row token sums) equals the
+    mean of the squared ``vmap`` per-sample gradients of every LoRA factor and head."""
+    from worker.unlearning.grads import per_sample_grads
+    from worker.unlearning.ssd import per_sample_importance, trainable_names
+
+    model = _model(2)
+    batch = _batch(7, 6)
+    tasks = TinyViTWorkload().tasks()
+    names = trainable_names(model)
+    view = fast_forward(model)
+    assert isinstance(view, LoraViTView)
+    params = dict(model.named_parameters())
+    assert {id(params[n]) for n in names} <= view.tensor_ids()  # the squares path is the one taken
+    got = per_sample_importance(model, batch, tasks, names=names, chunk_size=4)
+    grads = per_sample_grads(model, names, batch, tasks)
+    assert all(float(grads[n].abs().sum()) > 0 for n in names if "lora_" in n)  # the test can fail
+    for n in names:  # (the subset-ID head has no main-task gradient: 0 on both sides)
+        assert torch.allclose(got[n], grads[n].pow(2).mean(0), rtol=1e-4, atol=1e-9), n
