@@ -119,10 +119,10 @@ def partition_task_grads(
 
     Summing over ``T`` gives the gradient of the partition's mean main-task loss. Only the
     (partition, task) pairs with supervision are differentiated (the others are 0). ``backend``:
-    ``"autograd"`` (default) = per partition, one forward on its rows and
-    ``torch.autograd.grad(..., is_grads_batched=True)``, the backward vmapped over the task
-    one-hot cotangents (:func:`_partitionwise_vjp`); with an MLP view as ``forward`` one joint
-    forward and backward (its per-call overhead dominates, not the backward work); ``"func"`` =
+    ``"autograd"`` (default) = per partition, one forward on its rows and one backward per task
+    through the kept graph (:func:`_partitionwise_vjp`); with an MLP view as ``forward`` one joint
+    forward and one backward vmapped over the task one-hot cotangents (``is_grads_batched``; its
+    per-call overhead dominates, not the backward work); ``"func"`` =
     ``torch.func.jacrev`` over ``functional_call``. Both compute the same vector–Jacobian
     products; the first avoids ``functional_call``'s per-call re-parametrisation (≈ 4× faster on
     the small models here).

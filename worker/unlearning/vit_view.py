@@ -2,16 +2,17 @@
 ``scenes`` workload's model), for the unlearning loops' forwards (:func:`lora.fast_forward`).
 
 ``model(inputs)`` of such a model runs every token through every layer and then keeps the first
-token of the last hidden state. The view computes the same function with two differences in *what*
-is computed, not in the arithmetic of what is kept:
+token of the last hidden state. The view computes the same function with less work:
 
 - the last layer evaluates only the CLS token past its keys and values: its query, attention row,
   output projection and MLP of the other tokens feed nothing that the heads read (keys and values
   of every token are still needed, as is every token of the earlier layers); the unused pooler is
-  skipped;
-- transformers' and peft's per-module dispatch (hooks, output capturing, mask creation, LoRA
-  bookkeeping) is skipped: each adapted projection is ``F.linear(x, W, b) + F.linear(F.linear(x,
-  A), B) * s``, the ops peft runs, in its order.
+  skipped. On the scenes ViT (4 layers, 17 tokens) ≈ 10–12 % of a forward and of a backward;
+  outputs move by ≤ 2e-6 (a matrix product over fewer rows rounds differently);
+- transformers' and peft's per-module dispatch is skipped: each adapted projection is
+  ``F.linear(x, W, b) + F.linear(F.linear(x, A), B) * s``, the ops peft runs, in its order. With
+  ``cls_only=False`` the view is the model bit for bit (a test); the dispatch itself measured
+  negligible at this size, the saving is the CLS-only layer.
 
 Eager attention only (the workload's ``ATTENTION``), eval mode (no dropout; the loops that use it
 run in eval mode); :func:`lora.fast_forward` checks the view against ``model(inputs)`` on a random
