@@ -48,7 +48,7 @@ class Block:
     act: Callable[[Tensor], Tensor]
 
 
-#: per adapted projection of a recorded forward: (its input x, u = x Aᵀ, y = u Bᵀ)
+#: per adapted projection of a recorded forward: (A, B, its input x, u = x Aᵀ, y = u Bᵀ)
 Record = list[tuple[Tensor, Tensor, Tensor, Tensor, Tensor]]
 
 
@@ -69,7 +69,7 @@ class LoraViTView:
     """``model({"pixel_values": x})`` of a peft-wrapped ``MultiTaskModel`` over a ``ViTModel``
     with ``cls_token`` pooling (module docstring). Built by :func:`lora.fast_forward`."""
 
-    patch: tuple[Tensor, Tensor | None, int]  # conv weight, bias, stride
+    patch: tuple[Tensor, Tensor | None, tuple[int, int]]  # conv weight, bias, stride
     cls: Tensor  # [1, 1, H]
     pos: Tensor  # [1, T, H]
     blocks: tuple[Block, ...]
@@ -223,7 +223,7 @@ def lora_vit_view(
                             mlp.activation_fn))  # fmt: skip
     size = vit.embeddings.patch_embeddings.image_size
     return LoraViTView(
-        patch=(conv.weight, conv.bias, int(conv.stride[0])),
+        patch=(conv.weight, conv.bias, (int(conv.stride[0]), int(conv.stride[1]))),
         cls=vit.embeddings.cls_token,
         pos=vit.embeddings.position_embeddings,
         blocks=tuple(blocks),
