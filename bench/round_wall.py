@@ -4,8 +4,12 @@
 prepares the workload into ``DIR`` once (kept: later calls reuse it), then runs, per client and
 method, one per-client ``engine.run_round`` from v1 with the next request's importance deferred
 (timed on its own, as the worker runs it after publishing). Prints one JSON row per round; with
-``--profile`` also a cProfile of the first round (cumulative time). One torch thread.
-docs/benchmarks.md, "Default's wall on scenes".
+``--profile`` also a cProfile of the first round (cumulative time). ``--repeat N``: the method
+runs N times on the round's context (the model restored between runs; the last run is the
+round's), each run's CPU time in ``method_cpu_runs_s`` (``method_cpu_s``: their median), so that one
+process measures a method warm and the load's noise shows. ``--settings JSON``: the model's
+settings (workload defaults underneath). One torch thread.
+docs/benchmarks.md, "Default's wall on scenes" and "… with the ViT view".
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import os
 import pstats
 import shutil
+import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +34,14 @@ from worker.unlearning.workload import Workload, build_workload
 
 
 def measure(
-    root: Path, wl: Workload, clients: Sequence[str], methods: Sequence[str], *, profile: bool = False
+    root: Path,
+    wl: Workload,
+    clients: Sequence[str],
+    methods: Sequence[str],
+    *,
+    profile: bool = False,
+    repeat: int = 1,
+    settings: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per (client, method) round, also printed as a JSON line as it finishes."""
     torch.set_num_threads(1)
@@ -38,20 +51,39 @@ def measure(
             cache_dir=root / "cache",
         )  # fmt: skip
     method_cpu: list[float] = []
+    method_runs: list[list[float]] = []
     apply = engine.apply_method
 
-    def timed(*args: Any, **kwargs: Any) -> Any:
-        c0 = time.process_time()
-        try:
-            return apply(*args, **kwargs)
-        finally:
-            method_cpu.append(time.process_time() - c0)
+    def timed(method: str, model: Any, *args: Any, **kwargs: Any) -> Any:
+        n = 1 if method_runs else repeat  # a fallback retrain (a second call) runs once
+        state = {k: v.clone() for k, v in model.state_dict().items()} if n > 1 else None
+        runs: list[float] = []
+        for i in range(n):
+            if state is not None and i:
+                model.load_state_dict(state)
+            c0 = time.process_time()
+            try:
+                out = apply(method, model, *args, **kwargs)
+            finally:
+                runs.append(time.process_time() - c0)
+        method_cpu.append(statistics.median(runs))
+        method_runs.append(runs)
+        return out
 
     # the method's CPU time (a fallback retrain is a second call); run_round looks it up at call time
     engine.apply_method = timed
     try:
         return [
-            _round(root, wl, client, method, method_cpu, profile=profile and i == 0)
+            _round(
+                root,
+                wl,
+                client,
+                method,
+                method_cpu,
+                method_runs,
+                profile=profile and i == 0,
+                settings=settings or {},
+            )
             for i, (client, method) in enumerate((c, m) for c in clients for m in methods)
         ]
     finally:
@@ -59,18 +91,27 @@ def measure(
 
 
 def _round(
-    root: Path, wl: Workload, client: str, method: str, method_cpu: list[float], *, profile: bool
+    root: Path,
+    wl: Workload,
+    client: str,
+    method: str,
+    method_cpu: list[float],
+    method_runs: list[list[float]],
+    *,
+    profile: bool,
+    settings: Mapping[str, Any],
 ) -> dict[str, Any]:
     out = root / f"out-{method}-{client}"
     shutil.rmtree(out, ignore_errors=True)
     method_cpu.clear()
+    method_runs.clear()
     prof = cProfile.Profile() if profile else None
     w0, c0 = time.perf_counter(), time.process_time()
     if prof is not None:
         prof.enable()
     outcome = engine.run_round(
         wl, data_dir=root / "data", base_dir=root / "base", adapter_in=root / "v1", adapter_out=out,
-        requests=[ForgetSpec("r", "client", client, None, [])], method=method, settings={}, seed=0,
+        requests=[ForgetSpec("r", "client", client, None, [])], method=method, settings=settings, seed=0,
         cache_dir=root / "cache", defer_next_importance=True,
     )  # fmt: skip
     if prof is not None:
@@ -88,6 +129,9 @@ def _round(
         "round_cpu_s": cpu,
         "method_s": ev["timings_s"]["method_s"],
         "method_cpu_s": sum(method_cpu[:1]),
+        "method_cpu_runs_s": method_runs[0] if method_runs else [],
+        "settings": dict(settings),
+        "load": os.getloadavg()[0],
         "fallback_s": ev["timings_s"].get("acceptance_fallback_s"),
         "path": ev["acceptance"].get("path"),
         "next_importance_wall_s": time.perf_counter() - n0,
@@ -105,9 +149,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--clients", default="c03,c07,c05")
     parser.add_argument("--methods", default="default,retrain")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--repeat", type=int, default=1, help="method runs per round (median reported)")
+    parser.add_argument("--settings", type=json.loads, default=None, help="the model's settings (JSON)")
     args = parser.parse_args(argv)
     wl = build_workload(args.workload, seed=0)
-    measure(args.dir, wl, args.clients.split(","), args.methods.split(","), profile=args.profile)
+    measure(args.dir, wl, args.clients.split(","), args.methods.split(","), profile=args.profile,
+            repeat=max(1, args.repeat), settings=args.settings)  # fmt: skip
     return 0
 
 

@@ -28,3 +28,15 @@ def test_rows_per_client_and_method_and_the_engine_restored(tmp_path: Path) -> N
     again = round_wall.measure(tmp_path, wl, ["u2"], ["default"])  # reuses the prepared directory
     assert (tmp_path / "v1").stat().st_mtime_ns == v1
     assert len(again) == 1
+
+
+def test_repeated_method_runs_restore_the_model_and_publish_the_same_round(tmp_path: Path) -> None:
+    """``repeat``: the method runs N times on the round's context, the model restored between runs,
+    so the round's outcome is the single run's (the same forget-vs-unseen AUCs)."""
+    wl = ToyWorkload(num_clients=3, per_client=12)
+    once = round_wall.measure(tmp_path, wl, ["u0"], ["default"])[0]
+    thrice = round_wall.measure(tmp_path, wl, ["u0"], ["default"], repeat=3)[0]
+    assert len(once["method_cpu_runs_s"]) == 1
+    assert len(thrice["method_cpu_runs_s"]) == 3
+    assert thrice["method_cpu_s"] == sorted(thrice["method_cpu_runs_s"])[1]
+    assert thrice["forget_auc"] == once["forget_auc"]

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
+from worker.unlearning.lora import joint_grads
 from worker.unlearning.types import Batch, TaskSpec, concat_batches, main_task_loss, main_task_losses
 
 
@@ -118,10 +119,10 @@ def partition_task_grads(
 
     Summing over ``T`` gives the gradient of the partition's mean main-task loss. Only the
     (partition, task) pairs with supervision are differentiated (the others are 0). ``backend``:
-    ``"autograd"`` (default) = per partition, one forward on its rows and
-    ``torch.autograd.grad(..., is_grads_batched=True)``, the backward vmapped over the task
-    one-hot cotangents (:func:`_partitionwise_vjp`); with an MLP view as ``forward`` one joint
-    forward and backward (its per-call overhead dominates, not the backward work); ``"func"`` =
+    ``"autograd"`` (default) = per partition, one forward on its rows and one backward per task
+    through the kept graph (:func:`_partitionwise_vjp`); with an MLP view as ``forward`` one joint
+    forward and one backward vmapped over the task one-hot cotangents (``is_grads_batched``; its
+    per-call overhead dominates, not the backward work); ``"func"`` =
     ``torch.func.jacrev`` over ``functional_call``. Both compute the same vector–Jacobian
     products; the first avoids ``functional_call``'s per-call re-parametrisation (≈ 4× faster on
     the small models here).
@@ -157,7 +158,7 @@ def partition_task_grads(
 
         with eval_mode(model):
             jac = cast(dict[str, Tensor], jacrev(losses)(params))
-    elif backend == "autograd" and forward is not None and forward is not model:
+    elif backend == "autograd" and forward is not None and joint_grads(forward, model):
         # the MLP view (``lora.fast_forward``): so cheap per row that the per-partition calls'
         # overhead outweighs the backward work they save (digits: 0.40 → 0.54 s CPU a request)
         tensors = [live_params[n] for n in names]
@@ -174,7 +175,8 @@ def partition_task_grads(
             for n, t, g in zip(names, tensors, grads, strict=True)
         }
     elif backend == "autograd":
-        jac = _partitionwise_vjp(model, model, names, live_params, joined, part, P, tasks, index)
+        fn = model if forward is None else forward  # the model or a ViT view (lora.fast_forward)
+        jac = _partitionwise_vjp(fn, model, names, live_params, joined, part, P, tasks, index)
     else:
         raise ValueError(f"unknown gradient backend {backend!r}")
     for n, g in jac.items():
@@ -194,7 +196,7 @@ def _partitionwise_vjp(
     index: Tensor,
 ) -> dict[str, Tensor]:
     """The rows of :func:`partition_task_grads` selected by ``index`` (flat ``p * T + t``), one
-    forward and one task-batched backward per partition.
+    forward per partition and one backward per (partition, task).
 
     A (partition, task) loss depends only on its partition's rows, and the models here couple no
     rows (eval mode: no batch statistics), so differentiating each partition's forward on its own
@@ -218,15 +220,16 @@ def _partitionwise_vjp(
             outputs = fn(mine.inputs)
             zeros = torch.zeros(len(mine), dtype=torch.long, device=mine.device)
             matrix = task_loss_matrix(outputs, mine.labels, tasks, zeros, 1).reshape(-1)  # [T]
-            selected = matrix[torch.tensor([t for t, _ in wanted], device=matrix.device)]
-            cotangents = torch.eye(len(wanted), dtype=selected.dtype, device=selected.device)
-            grads = torch.autograd.grad(
-                selected, tensors, grad_outputs=cotangents, is_grads_batched=True, allow_unused=True
-            )
-        at = torch.tensor([g for _, g in wanted], dtype=torch.long)
-        for n, g in zip(names, grads, strict=True):
-            if g is not None:
-                jac[n][at] = g.detach()
+            # one backward per task through the kept graph: on the scenes ViT ≈ 8 % cheaper than
+            # one backward vmapped over the task cotangents (is_grads_batched), whose batching
+            # rules copy every transposed activation
+            for j, (t, row) in enumerate(wanted):
+                grads = torch.autograd.grad(
+                    matrix[t], tensors, retain_graph=j < len(wanted) - 1, allow_unused=True
+                )
+                for n, g in zip(names, grads, strict=True):
+                    if g is not None:
+                        jac[n][row] = g.detach()
     return jac
 
 

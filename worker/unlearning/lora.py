@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from worker.unlearning.vit_view import LoraViTView, lora_vit_view
+
 
 @dataclass(frozen=True)
 class LoraPair:
@@ -292,15 +294,21 @@ def _lora_mlp_view(model: nn.Module) -> LoraMLPView | None:
 
 
 def fast_forward(model: nn.Module) -> Forward:
-    """A :class:`LoraMLPView` of ``model`` when the backbone is an MLP (by structure) and the view
-    reproduces ``model(inputs)`` on a random probe (eval mode, to 1e-5), else ``model`` itself (any
-    other backbone, a merged or disabled adapter, dropout, …). Build it once per loop: it is tied
-    to the model's current structure."""
-    view = _lora_mlp_view(model)
-    if view is None:
-        return model
-    in_dim = int(view.layers[0][0].shape[1])
-    probe = {"x": torch.randn(4, in_dim, generator=torch.Generator().manual_seed(0)).to(view.layers[0][0])}
+    """A written-out forward of ``model`` when one fits it and reproduces ``model(inputs)`` on a
+    random probe (eval mode, to 1e-5): a :class:`LoraMLPView` when the backbone is an MLP (by
+    structure), a :class:`~worker.unlearning.vit_view.LoraViTView` for a transformers ViT with CLS
+    pooling; else ``model`` itself (any other backbone, a merged or disabled adapter, …). Build it
+    once per loop: it is tied to the model's current structure."""
+    view: LoraMLPView | LoraViTView | None = _lora_mlp_view(model)
+    if isinstance(view, LoraMLPView):
+        in_dim = int(view.layers[0][0].shape[1])
+        gen = torch.Generator().manual_seed(0)
+        probe = {"x": torch.randn(4, in_dim, generator=gen).to(view.layers[0][0])}
+    else:
+        view = _lora_vit_view(model)
+        if view is None:
+            return model
+        probe = view.probe()
     was_training = model.training
     model.eval()
     try:
@@ -310,3 +318,21 @@ def fast_forward(model: nn.Module) -> Forward:
         model.train(was_training)
     same = set(want) == set(got) and all(torch.allclose(want[k], got[k], atol=1e-5, rtol=1e-5) for k in want)
     return view if same else model
+
+
+def _lora_vit_view(model: nn.Module) -> LoraViTView | None:
+    try:
+        adapter = active_adapter(model)
+        heads = tuple(
+            (n, trainable_head(model, n).weight, trainable_head(model, n).bias) for n in head_names(model)
+        )
+    except (TypeError, KeyError, AttributeError):
+        return None
+    return lora_vit_view(model, adapter, heads)
+
+
+def joint_grads(forward: Callable[..., Mapping[str, Tensor]], model: nn.Module) -> bool:
+    """Whether :func:`worker.unlearning.grads.partition_task_grads` should run one joint forward
+    over every partition (a cheap view, whose per-call overhead dominates) rather than one per
+    partition (the model, or a view whose rows are costly)."""
+    return forward is not model and bool(getattr(forward, "joint_grads", True))

@@ -59,6 +59,7 @@ from worker.unlearning.types import (
     main_task_loss,
     main_task_losses,
 )
+from worker.unlearning.vit_view import LoraViTView
 
 FisherMode = Literal["batch", "per_sample"]
 Importance = dict[str, Tensor]
@@ -199,10 +200,12 @@ def per_sample_importance(
     if n_total == 0:
         return imp
     view = fast_forward(model)
-    squares = isinstance(view, LoraMLPView) and {id(params[n]) for n in names} <= view.tensor_ids()
+    squares = (
+        isinstance(view, (LoraMLPView, LoraViTView)) and {id(params[n]) for n in names} <= view.tensor_ids()
+    )
     for part in data.split(chunk_size):
-        if squares:  # the same sums from one backward pass (LoraMLPView.sample_grad_squares)
-            assert isinstance(view, LoraMLPView)
+        if squares:  # the same sums from one backward pass (the views' sample_grad_squares)
+            assert isinstance(view, (LoraMLPView, LoraViTView))
             sq = view.sample_grad_squares(
                 part.inputs, functools.partial(_losses, labels=part.labels, tasks=tasks)
             )

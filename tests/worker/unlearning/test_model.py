@@ -29,6 +29,7 @@ from worker.unlearning.types import (
     concat_batches,
     main_task_loss,
 )
+from worker.unlearning.vit_view import LoraViTView
 from worker.unlearning.workloads.mlp import NetConfig, mlp_model
 from worker.unlearning.workloads.toy import ToyWorkload
 
@@ -70,14 +71,14 @@ def test_base_is_stored_in_the_libraries_format_and_rebuilt_exactly(
 
 
 def test_lora_is_found_through_peft_whatever_the_target_names(prepared: tuple[TinyViTWorkload, Path]) -> None:
-    """LoRA factors on ``q_proj`` / ``v_proj``; the MLP fast path is not taken for a ViT."""
+    """LoRA factors on ``q_proj`` / ``v_proj``; the ViT view, not the MLP one, is taken for a ViT."""
     workload, root = prepared
     model = train_v1(load_base(root / "base"), _train_batch(workload), workload.tasks(),
                      TrainConfig(epochs=1, main_only_epochs=0, batch_size=16), seed=0)  # fmt: skip
     layers = [p.layer for p in lora_pairs(model)]
     assert len(layers) == 2
     assert {layer.rsplit(".", 1)[1] for layer in layers} == {"q_proj", "v_proj"}
-    assert fast_forward(model) is model
+    assert isinstance(fast_forward(model), LoraViTView)
 
 
 def _train_batch(workload: TinyViTWorkload) -> Batch:
