@@ -10,16 +10,17 @@ import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-import worker.unlearning.engine as engine
 import worker.unlearning.reference_adapters as reference_adapters
 from tests.worker.unlearning.distributions import assert_distribution
+from tests.worker.unlearning.round_guards import forbid_training, one_client_round
 from worker.unlearning.adapter_io import AdapterView, load_adapter
 from worker.unlearning.audit import AuditConfig, forget_mia, loss_mia_auc, model_outputs
-from worker.unlearning.engine import ForgetSpec, ensure_base, prepare, run_round
+from worker.unlearning.engine import ensure_base, prepare
 from worker.unlearning.likelihood_ratio import (
     likelihood_ratio_audit,
     lira_scores,
@@ -295,19 +296,12 @@ def test_prepare_trains_references_and_the_round_reads_them_but_never_trains_one
     assert prepared.evidence["timings_s"]["references"] > 0
     assert (tmp_path / "refs" / REFERENCES_FILE).is_file()
 
-    def forbidden(*args: object, **kwargs: object) -> None:
-        raise AssertionError("a round trained a reference adapter")
+    forbid_training(monkeypatch, ("train_references",))
 
-    monkeypatch.setattr(engine, "train_references", forbidden)
-    monkeypatch.setattr(reference_adapters, "train_v1", forbidden)
-
-    def round_(refs: Path | None, out: str) -> dict[str, object]:
-        outcome = run_round(
-            wl, data_dir=tmp_path / "data", base_dir=tmp_path / "base", adapter_in=tmp_path / "v1",
-            adapter_out=tmp_path / out, requests=[ForgetSpec("r1", "client", "u1", None, [])],
-            method="original", settings=TOY_SETTINGS, seed=0, references_dir=refs,
-        )  # fmt: skip
-        return outcome.evidence["r1"]
+    def round_(refs: Path | None, out: str) -> dict[str, Any]:
+        return one_client_round(
+            wl, tmp_path, TOY_SETTINGS, client="u1", method="original", refs=refs, out=out
+        )
 
     ev = round_(tmp_path / "refs", "v2")
     lr = ev["likelihood_ratio"]

@@ -16,6 +16,7 @@ import torch
 
 import worker.unlearning.engine as engine
 import worker.unlearning.reference_adapters as reference_adapters
+from tests.worker.unlearning.round_guards import forbid_training, one_client_round
 from worker.unlearning.engine import ForgetSpec, ensure_base, prepare, run_round
 from worker.unlearning.interference import IAConfig
 from worker.unlearning.interference.checkpoints import select_checkpoint
@@ -180,20 +181,11 @@ def test_a_round_aims_at_the_out_references_and_never_trains_or_reads_a_retrain(
     prepare(wl, data_dir=tmp_path / "data", base_dir=tmp_path / "base", adapter_dir=tmp_path / "v1",
             settings=TOY, seed=0, references_dir=tmp_path / "refs")  # fmt: skip
 
-    def forbidden(*args: object, **kwargs: object) -> None:
-        raise AssertionError("the request path trained a retrain or a reference")
-
-    for name in ("compute_reference", "reference_retrain", "retrain", "train_references"):
-        monkeypatch.setattr(engine, name, forbidden)
-    monkeypatch.setattr(reference_adapters, "train_v1", forbidden)
+    forbid_training(monkeypatch)
 
     def round_(refs: Path | None, out: str) -> dict[str, Any]:
-        outcome = run_round(
-            wl, data_dir=tmp_path / "data", base_dir=tmp_path / "base", adapter_in=tmp_path / "v1",
-            adapter_out=tmp_path / out, requests=[ForgetSpec("r1", "client", "u2", None, [])],
-            method="default", settings=TOY, seed=0, references_dir=refs,
-        )  # fmt: skip
-        return dict(outcome.evidence["r1"]["method_info"]["ia"])
+        evidence = one_client_round(wl, tmp_path, TOY, client="u2", method="default", refs=refs, out=out)
+        return dict(evidence["method_info"]["ia"])
 
     ia = round_(tmp_path / "refs", "v2")
     refs = read_references(tmp_path / "refs")
