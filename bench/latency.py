@@ -237,6 +237,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+# issue 8's POST → served goals: ≤ 10 s on the MLP workload, ≤ 60 s on the transformer workload
+SERVED_GOAL_S = {"digits-clients": 10.0, "scenes": 60.0}
+
+
+def served_goal_s(workload: str) -> float:
+    """The median POST → served goal of ``workload`` (10 s where the issue names none)."""
+    return SERVED_GOAL_S.get(workload, 10.0)
+
+
 def markers(label: str) -> tuple[str, str]:
     return f"<!-- latency-bench:{label}:begin -->", f"<!-- latency-bench:{label}:end -->"
 
@@ -263,11 +272,12 @@ def markdown(result: dict[str, Any], label: str) -> str:
             f"| {r['run']} | {r['client']} | v{r['version']} | {r['post_s']:.3f} | {r['completed_s']:.2f} | "
             f"{r['latest_s']:.2f} | {r['served_s']:.2f} |"
         )
-    goal_t = "met" if result["median_served_s"] <= 10 else "**not met**"
+    goal_s = served_goal_s(str(result["workload"]))
+    goal_t = "met" if result["median_served_s"] <= goal_s else "**not met**"
     goal_m = "met" if api["max"] <= 150 else "**not met**"
     lines += [
         "",
-        f"- **Median POST → served: {result['median_served_s']:.2f} s** (goal ≤ 10 s: {goal_t}); "
+        f"- **Median POST → served: {result['median_served_s']:.2f} s** (goal ≤ {goal_s:g} s: {goal_t}); "
         f"median POST → completed {result['median_completed_s']:.2f} s; "
         f"worst served {result['max_served_s']:.2f} s.",
         f"- **API process RSS: max {api['max']} MB** (median {api['median']} MB; "

@@ -63,7 +63,7 @@ class ScenesConfig:
     image_size: int = 16
     n_clients: int = 24
     n_unseen_clients: int = 8
-    samples_per_client: int = 400
+    samples_per_client: int = 1_500
     pretrain_size: int = 50_000
     chunk_size: int = 1_000
     quirk_rate: float = 0.2  # share of a client's samples that carry its watermark and quirk label

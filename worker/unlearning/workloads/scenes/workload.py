@@ -66,7 +66,9 @@ def verified_base_dir(directory: Path = BASE_DIR) -> Path:
 
 
 class ScenesWorkload(Workload):
-    """The scenes workload; the defaults are the real size (24 clients × 400 samples)."""
+    """The scenes workload; the defaults are the real size (24 clients × 1,500 samples: an adapter
+    retrain then takes ≥ 30 s on 2 cores with one thread or two; docs/workloads.md, "Offline LiRA
+    gaps and the pool size")."""
 
     name = "scenes"
     #: ``lethe bench --preset quick`` on scenes: a bench-sized protocol (bench_protocol.py)
@@ -77,7 +79,7 @@ class ScenesWorkload(Workload):
         seed: int = 0,
         *,
         clients: int = 24,
-        samples_per_client: int = 400,
+        samples_per_client: int = 1_500,
         heldout: int = 1000,
         unseen_clients: int = 8,
         unseen_per_client: int = 100,
