@@ -189,6 +189,11 @@ def out_reference_targets(
     return per_task
 
 
+def score_auc(positive: Tensor, negative: Tensor) -> float | None:
+    """ROC-AUC of a membership score (higher = member): positives against negatives."""
+    return loss_mia_auc(-positive, -negative)  # loss_mia_auc scores −loss: pass −score
+
+
 def tpr_at_fpr(positive: Tensor, negative: Tensor, fpr: float = FPR) -> float | None:
     """Share of positives scored above the threshold that at most ``fpr`` of negatives exceed."""
     if positive.numel() == 0 or negative.numel() == 0:
@@ -245,7 +250,7 @@ def likelihood_ratio_audit(
         per_task[name] = asdict(
             TaskLR(
                 tpr_at_1pct_fpr=tpr_at_fpr(pos, neg),
-                auc=loss_mia_auc(-pos, -neg),  # loss_mia_auc scores −loss: pass −z
+                auc=score_auc(pos, neg),
                 n_forget=int(pos.numel()),
                 n_unseen=int(neg.numel()),
                 sigma_out=sigma,

@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from worker.unlearning.adapter_io import load_adapter, save_adapter
-from worker.unlearning.audit import loss_mia_auc, model_outputs
-from worker.unlearning.likelihood_ratio import lira_scores, scaled_confidence, tpr_at_fpr
+from worker.unlearning.audit import model_outputs
+from worker.unlearning.likelihood_ratio import lira_scores, scaled_confidence, score_auc, tpr_at_fpr
 from worker.unlearning.reference_adapters import (
     REFERENCES_FILE,
     LoadedReferences,
@@ -83,10 +83,6 @@ def subset_accuracy(model: nn.Module, batch: Batch) -> float:
 
 def _losses_of(out: dict[str, torch.Tensor], batch: Batch, tasks: list[TaskSpec]) -> torch.Tensor:
     return sum((t.per_sample_loss(out[t.name], batch.labels[t.name]) for t in tasks), torch.zeros(len(batch)))
-
-
-def _losses(model: nn.Module, batch: Batch, tasks: list[TaskSpec]) -> torch.Tensor:
-    return _losses_of(_outputs(model, batch), batch, tasks)
 
 
 def _auc(members: torch.Tensor, others: torch.Tensor) -> float:
@@ -143,7 +139,7 @@ class LiraGap:
         for name, score in z.items():
             pos, neg = score[is_forget], score[~is_forget]
             pos, neg = pos[~torch.isnan(pos)], neg[~torch.isnan(neg)]
-            auc, tpr = loss_mia_auc(-pos, -neg), tpr_at_fpr(pos, neg)  # loss_mia_auc scores −loss
+            auc, tpr = score_auc(pos, neg), tpr_at_fpr(pos, neg)
             result[name] = {
                 "auc": None if auc is None else round(auc, 4),
                 "tpr_at_1pct_fpr": None if tpr is None else round(tpr, 4),
