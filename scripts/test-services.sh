@@ -50,18 +50,41 @@ as_postgres() {
     if [ "$(id -u)" = "0" ]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
 
+# PostgreSQL's data directory: .test-services/pg, or, when the postgres user cannot reach the
+# checkout (a clone inside a 0700 `mktemp -d` directory), a directory of its own under /tmp. The
+# choice is remembered in .test-services/pg-dir so that `stop` finds the same one.
+pg_data_dir() {
+    if [ -f "$state/pg-dir" ]; then
+        cat "$state/pg-dir"
+        return
+    fi
+    local data="$state/pg"
+    if [ "$(id -u)" = "0" ] && ! runuser -u postgres -- test -x "$state"; then
+        data="$(mktemp -d /tmp/lethe-test-pg.XXXXXX)"
+        chown postgres "$data"
+        data="$data/pg"
+    fi
+    echo "$data" >"$state/pg-dir"
+    echo "$data"
+}
+
 start_postgres() {
     ensure_postgres_installed
-    local bin data="$state/pg"
+    local bin data
     bin="$(find_pg_bin)"
     if [ "$(id -u)" = "0" ] && ! id postgres >/dev/null 2>&1; then
         useradd --system --home-dir "$state" --shell /usr/sbin/nologin postgres
     fi
     mkdir -p "$state"
+    data="$(pg_data_dir)"
     if [ ! -f "$data/PG_VERSION" ]; then
         rm -rf "$data"; mkdir -p "$data"
         [ "$(id -u)" = "0" ] && chown postgres "$data"
-        as_postgres "$bin/initdb" -D "$data" -U postgres --auth=trust -E UTF8 >"$state/initdb.log" 2>&1
+        if ! as_postgres "$bin/initdb" -D "$data" -U postgres --auth=trust -E UTF8 >"$state/initdb.log" 2>&1; then
+            log "initdb failed in $data (log: $state/initdb.log):"
+            tail -5 "$state/initdb.log" >&2
+            return 1
+        fi
     fi
     [ "$(id -u)" = "0" ] && chown -R postgres "$data"
     if ! as_postgres "$bin/pg_ctl" -D "$data" status >/dev/null 2>&1; then
@@ -121,8 +144,10 @@ start_s3() {
 
 stop_all() {
     local bin
-    if bin="$(find_pg_bin 2>/dev/null)" && [ -f "$state/pg/PG_VERSION" ]; then
-        as_postgres "$bin/pg_ctl" -D "$state/pg" -m fast stop >/dev/null 2>&1 || true
+    local data
+    data="$(cat "$state/pg-dir" 2>/dev/null || echo "$state/pg")"
+    if bin="$(find_pg_bin 2>/dev/null)" && [ -f "$data/PG_VERSION" ]; then
+        as_postgres "$bin/pg_ctl" -D "$data" -m fast stop >/dev/null 2>&1 || true
     fi
     if [ -f "$state/redis/redis.pid" ]; then
         kill "$(cat "$state/redis/redis.pid")" 2>/dev/null || true
