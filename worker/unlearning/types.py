@@ -12,7 +12,7 @@ by the label tensor's dtype, so the core never compares labels with ``IGNORE`` i
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
 import torch
@@ -76,27 +76,41 @@ class TaskSpec(Protocol):
 
 @dataclass(frozen=True)
 class ClassificationTask:
-    """Multi-class classification: cross-entropy loss, accuracy metric."""
+    """Multi-class classification: cross-entropy loss, accuracy metric. Targets are class indices
+    ``[N]`` (``IGNORE`` = no label) or class probabilities ``[N, C]`` (a NaN row = no label; the
+    interference-aware update's distilled retain targets, :func:`soft_targets`), whose accuracy
+    counts the most probable class."""
 
     name: str
     num_outputs: int
     weight: float = 1.0
 
     def supervised(self, target: Tensor) -> Tensor:
-        return target != IGNORE
+        return is_supervised(target)
 
     def per_sample_loss(self, output: Tensor, target: Tensor) -> Tensor:
-        supervised = target != IGNORE
-        safe_target = torch.where(supervised, target, torch.zeros_like(target))
+        supervised = self.supervised(target)
+        safe_target = torch.where(supervised.reshape(-1, *([1] * (target.dim() - 1))), target,
+                                  torch.zeros_like(target))  # fmt: skip
         loss = F.cross_entropy(output, safe_target, reduction="none")
         return loss * supervised.to(loss.dtype)
 
     def metric(self, output: Tensor, target: Tensor) -> float:
-        supervised = target != IGNORE
+        supervised = self.supervised(target)
         if not bool(supervised.any()):
             return float("nan")
-        correct = output.argmax(dim=-1)[supervised] == target[supervised]
+        classes = target.argmax(dim=-1) if target.is_floating_point() else target
+        correct = output.argmax(dim=-1)[supervised] == classes[supervised]
         return float(correct.float().mean())
+
+
+def soft_targets(target: Tensor, num_classes: int) -> Tensor:
+    """Class-index targets ``[N]`` as one-hot probabilities ``[N, C]`` (``IGNORE`` → a NaN row);
+    probabilities are returned as they are."""
+    if target.is_floating_point():
+        return target
+    onehot = F.one_hot(target.clamp_min(0), num_classes).to(torch.float32)
+    return torch.where((target != IGNORE)[:, None], onehot, torch.full_like(onehot, float("nan")))
 
 
 Inputs = dict[str, Tensor]
@@ -243,6 +257,7 @@ def concat_batches(batches: Sequence[Batch]) -> Batch:
     for b in batches:
         names.extend(n for n in b.labels if n not in names)
     like = {n: next(b.labels[n] for b in batches if n in b.labels) for n in names}
+    batches, like = _soft_where_any(batches, like)
     labels = {
         n: torch.cat(
             [
@@ -262,6 +277,32 @@ def concat_batches(batches: Sequence[Batch]) -> Batch:
         subset=torch.cat([b.subset for b in batches]),
         sample_ids=[s for b in batches for s in b.sample_ids] if with_ids else [],
     )
+
+
+def _soft_where_any(
+    batches: Sequence[Batch], like: dict[str, Tensor]
+) -> tuple[list[Batch], dict[str, Tensor]]:
+    """A task with float rows ``[N, C]`` (class probabilities) in some batches and class indices in
+    others gets probabilities everywhere (:func:`soft_targets`), so that its labels concatenate."""
+    out, like = list(batches), dict(like)
+    for name in like:
+        probs = next((b.labels[name] for b in out if _is_soft(b.labels.get(name))), None)
+        if probs is None:
+            continue
+        like[name] = probs
+        out = [
+            replace(b, labels={**b.labels, name: soft_targets(b.labels[name], probs.shape[1])})
+            if name in b.labels
+            else b
+            for b in out
+        ]
+    return out, like
+
+
+def _is_soft(target: Tensor | None) -> bool:
+    """Float rows ``[N, C]``: class probabilities (or a multi-output regression's values, which
+    :func:`soft_targets` leaves as they are)."""
+    return target is not None and target.is_floating_point() and target.dim() == 2
 
 
 def empty_batch(like: Batch, task_names: Sequence[str]) -> Batch:

@@ -82,6 +82,11 @@ class IAConfig:
     # X_f's kept tasks (a per-task request) must stay at their pre-request level: a *rise* beyond
     # the tolerance counts like a drop (rising memorisation of the forgotten samples is a leak too)
     kept_two_sided: bool = False
+    # deviation (docs/methods.md, "The retain term's targets"): the retain partitions' targets are
+    # (1 − β)·label + β·the pre-request model's prediction (class probabilities; a regression's
+    # value), so that the retain term keeps the pre-request function instead of re-learning what
+    # an earlier round suppressed; 0 = the labels (paper), 1 = the pre-request model's outputs
+    retain_distillation: float = 0.0
     # per-(partition, task) gradients: "autograd" (batched VJPs) | "func" (torch.func.jacrev)
     grad_backend: Literal["autograd", "func"] = "autograd"
     # a per-task request's reference target (``target: "references"``): "out" (the references that
@@ -109,6 +114,8 @@ class IAConfig:
             raise ValueError("interference-aware update needs epochs >= 0, batch_size >= 1, epsilon >= 0")
         if cfg.retain_tolerance < 0 or cfg.check_size < 0:
             raise ValueError("interference-aware update needs retain_tolerance >= 0, check_size >= 0")
+        if not 0.0 <= cfg.retain_distillation <= 1.0:
+            raise ValueError("interference-aware update needs 0 <= retain_distillation <= 1")
         if cfg.checkpoint_heldout_rows < 0:
             raise ValueError("interference-aware update needs checkpoint_heldout_rows >= 0 (0: all)")
         return cfg

@@ -24,6 +24,7 @@ from worker.unlearning.interference.checkpoints import (
     select_checkpoint,
 )
 from worker.unlearning.interference.config import IAConfig
+from worker.unlearning.interference.distillation import distilled_partitions
 from worker.unlearning.interference.layout import FlatLayout
 from worker.unlearning.interference.orthogonalisation import orthogonalize
 from worker.unlearning.interference.retain import anchor_ids_of, retain_check
@@ -66,6 +67,7 @@ def interference_aware_unlearn(
     retain: Batch | None = None,
     on_epoch: Callable[[int, int], None] | None = None,
     reference: ReferenceTarget | None = None,
+    retain_targets: Partitions | None = None,
 ) -> dict[str, Any]:
     """Algorithm 1 on ``model`` in place (LoRA factors + forgotten-task heads). Returns JSON info.
 
@@ -75,6 +77,10 @@ def interference_aware_unlearn(
     ``reference``: the per-client target from the OUT reference adapters (``interference.targets``);
     with it early stopping keeps the checkpoint closest to it (MIA AUC and forget-set accuracy),
     the closest rather than the earliest of those at the unseen-data level.
+    ``retain_targets``: ``partitions`` with the retain partitions' targets the retain term descends
+    (``ia.retain_distillation``, :func:`~worker.unlearning.interference.distillation.distilled_partitions`
+    of the pre-request model); ``None``: computed from ``model`` as given when β > 0, else the labels.
+    Early stopping's checks always read the labels.
     """
     cfg = cfg or IAConfig()
     info: dict[str, Any] = {"config": cfg.to_json()}
@@ -87,12 +93,14 @@ def interference_aware_unlearn(
     rows = checkpoint_heldout(heldout, cfg.checkpoint_heldout_rows, seed)
     info["heldout_rows"] = {"measured": len(rows), "of": len(heldout)}
     heldout = rows
+    if retain_targets is None:
+        retain_targets = distilled_partitions(model, partitions, tasks, cfg.retain_distillation, device)
     with eval_mode(model):  # no dropout or batch statistics anywhere in the loop (as the gradients)
         size = cfg.check_size if cfg.checks_retain else 0
         check = retain_check(partitions, size=size, seed=seed, retain=retain, rows=cfg.check_rows)
         info.update(_run(model, tasks, partitions, forget, heldout.to(device), cfg, seed, mia_target,
                          device, progress, retain_baseline, check.to(device), on_epoch,
-                         reference))  # fmt: skip
+                         reference, retain_targets))  # fmt: skip
     return info
 
 
@@ -111,6 +119,7 @@ def _run(
     check: Batch,
     on_epoch: Callable[[int, int], None] | None = None,
     reference: ReferenceTarget | None = None,
+    retain_targets: Partitions | None = None,
 ) -> dict[str, Any]:
     inv = involved_tasks(partitions, tasks)
     inv_names = [t.name for t in inv]
@@ -146,10 +155,11 @@ def _run(
     }
 
     gen = torch.Generator().manual_seed(seed)
+    targets = retain_targets or partitions  # the rows are the same; only the targets may differ
     cyclers = {
-        "clean": Cycler(partitions.retain_clean.to(device), cfg.batch_size, gen),
-        "inst": Cycler(partitions.retain_inst.to(device), cfg.batch_size, gen),
-        "task": Cycler(partitions.retain_task.to(device), cfg.batch_size, gen),
+        "clean": Cycler(targets.retain_clean.to(device), cfg.batch_size, gen),
+        "inst": Cycler(targets.retain_inst.to(device), cfg.batch_size, gen),
+        "task": Cycler(targets.retain_task.to(device), cfg.batch_size, gen),
     }
     switches = cfg.retain_switches
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)

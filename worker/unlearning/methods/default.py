@@ -9,7 +9,8 @@ its own). Pruning suppresses ``ctx.prune_outputs`` (the forgotten client's subse
 client request) and re-applies ``ctx.pruned_outputs``.
 
 The retain check of the interference-aware stage's early stopping (``ia.retain_tolerance``) is
-measured on the model *before* SSD, so that the damage SSD does counts against the tolerance.
+measured on the model *before* SSD, so that the damage SSD does counts against the tolerance; the
+retain term's distilled targets (``ia.retain_distillation``) are that model's predictions too.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pydantic import dataclasses as pydantic_dataclasses
 
 from worker.unlearning.config import SETTINGS, parse_settings
 from worker.unlearning.interference import IAConfig, check_accuracy
+from worker.unlearning.interference.distillation import distilled_partitions
 from worker.unlearning.methods import Needs, register
 from worker.unlearning.methods.base import MethodContext, MethodResult
 from worker.unlearning.methods.ia import run_ia
@@ -92,12 +94,17 @@ def default_method(ctx: MethodContext) -> MethodResult:
         baseline = check_accuracy(
             ctx.model, ctx.tasks, ctx.partitions, cfg, seed=ctx.seed, device=ctx.device, retain=ctx.retain
         )
+    retain_targets = None  # the pre-request model's, before SSD changes it (ia.retain_distillation)
+    if switches["ia"] and cfg.retain_distillation > 0:
+        retain_targets = distilled_partitions(
+            ctx.model, ctx.partitions, ctx.tasks, cfg.retain_distillation, ctx.device
+        )
     if switches["ssd"]:
         ctx.progress("default: ssd")
         info["ssd"] = run_ssd(ctx)
     if switches["ia"]:
         ctx.progress("default: interference-aware update")
-        info["ia"] = run_ia(ctx, retain_baseline=baseline)
+        info["ia"] = run_ia(ctx, retain_baseline=baseline, retain_targets=retain_targets)
     pruned: list[int] = []
     if switches["prune"]:
         pruned = sorted({int(o) for o in ctx.prune_outputs})

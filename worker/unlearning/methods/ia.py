@@ -12,15 +12,22 @@ from worker.unlearning.interference.checkpoints import checkpoint_heldout
 from worker.unlearning.interference.targets import request_target
 from worker.unlearning.methods import register
 from worker.unlearning.methods.base import MethodContext, MethodResult
+from worker.unlearning.types import Partitions
 
 
-def run_ia(ctx: MethodContext, retain_baseline: Mapping[str, float] | None = None) -> dict[str, Any]:
+def run_ia(
+    ctx: MethodContext,
+    retain_baseline: Mapping[str, float] | None = None,
+    retain_targets: Partitions | None = None,
+) -> dict[str, Any]:
     """Algorithm 1 on ``ctx.model`` in place; early stopping on ``ctx.mia_target`` (else settings),
     or with ``ia.target: "references"`` on the per-client target of the OUT reference adapters
     (``info["target"]``: its values per reference, median, spread and seconds, or the fallback).
 
     ``retain_baseline``: the pre-request accuracy on the retain check rows (``None``: the model as
-    given), see :func:`worker.unlearning.interference.check_accuracy`."""
+    given), see :func:`worker.unlearning.interference.check_accuracy`. ``retain_targets``: the
+    retain term's distilled targets (``ia.retain_distillation``) of the pre-request model; ``None``:
+    of the model as given."""
     cfg = IAConfig.from_settings(ctx.method_settings("ia"))
     # the per-client target and the checkpoints measure the same held-out rows (paired AUCs)
     heldout = checkpoint_heldout(ctx.heldout, cfg.checkpoint_heldout_rows, ctx.seed)
@@ -37,6 +44,7 @@ def run_ia(ctx: MethodContext, retain_baseline: Mapping[str, float] | None = Non
         reference=reference,
         retain_baseline=retain_baseline,
         retain=ctx.retain,
+        retain_targets=retain_targets,
         device=ctx.device,
         on_epoch=lambda epoch, epochs: ctx.stage(progress.UPDATE, epoch, epochs),
         **ctx.common_kwargs(),
