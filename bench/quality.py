@@ -50,8 +50,9 @@ from typing import Any
 import numpy as np
 import torch
 from peft import PeftModel
+from torch import nn
 
-from worker.unlearning.audit import AuditConfig, ModelMetrics
+from worker.unlearning.audit import AuditConfig, ModelMetrics, model_outputs
 from worker.unlearning.datastore import DataStore
 from worker.unlearning.engine import (
     EngineInputs,
@@ -198,10 +199,13 @@ def _row(
     *,
     reference: Mapping[str, Mapping[str, float | None]] | None = None,
     request_tasks: Sequence[str] = (),
+    earlier: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """One run's row. ``reference``: the reference retrain's per-task metrics (``None`` for the
     reference itself); ``close`` then says, per request-task (the tasks forgotten), whether this
-    model's forget-set accuracy and MIA AUC are both within :data:`CLOSE_TOLERANCE` of it."""
+    model's forget-set accuracy and MIA AUC are both within :data:`CLOSE_TOLERANCE` of it.
+    ``earlier``: per earlier stage's request-task, this model's accuracy on that stage's forget set
+    minus the reference retrain's (:func:`earlier_gaps`)."""
     tasks: dict[str, dict[str, float | None]] = {}
     for name, ev in dict(evidence.get("tasks", {})).items():
         tasks[name] = {
@@ -224,6 +228,7 @@ def _row(
         "importance_precompute_s": float(precompute),
         "tasks": tasks,
         "close": None if reference is None else _close(tasks, reference, request_tasks),
+        "earlier": dict(earlier) if earlier else None,
         "target": _target_of(evidence.get("method_info")),
     }
 
@@ -267,6 +272,28 @@ def _close(
         u, ru, a, ra = (float(v) for v in values if v is not None)
         out[t] = abs(u - ru) <= CLOSE_TOLERANCE and abs(a - ra) <= CLOSE_TOLERANCE
     return out
+
+
+def earlier_accuracy(
+    model: nn.Module, earlier: Sequence[Batch], tasks: Sequence[TaskSpec]
+) -> dict[str, float]:
+    """``model``'s accuracy (task metric) on each earlier stage's forget set, per forgotten task:
+    ``{"<stage>:<task>": metric}``. Scoring only (the bench holds the data; no method reads it)."""
+    out: dict[str, float] = {}
+    for stage, batch in enumerate(earlier, start=1):
+        outputs = model_outputs(model, batch.inputs)
+        for t in tasks:
+            labels = batch.labels.get(t.name)
+            if labels is not None and bool(t.supervised(labels).any()):
+                out[f"{stage}:{t.name}"] = float(t.metric(outputs[t.name], labels))
+    return out
+
+
+def earlier_gaps(mine: Mapping[str, float], reference: Mapping[str, float]) -> dict[str, float]:
+    """Per earlier request-task: this model's accuracy on the earlier forget set minus the reference
+    retrain's (> 0: it knows more of an earlier forgotten subject than a model that never saw it — a
+    later request undid some of an earlier one's forgetting)."""
+    return {k: mine[k] - reference[k] for k in mine if k in reference}
 
 
 def _num(value: Any) -> float | None:
@@ -784,6 +811,9 @@ def _run_setting(
     keys: dict[str, str | None] = {v.label: None for v in approx}
     ahead: dict[str, float] = {v.label: 0.0 for v in approx}
     before_second: PeftModel = v1  # retrain_2's model before the request (its UIS on kept tasks)
+    # the forget sets of the stages so far: every later model is scored on them too, against the
+    # stage's reference retrain (what a later request undid of an earlier one's forgetting)
+    earlier: list[Batch] = []
     for stage, spec in enumerate(specs, start=1):
         ctx = request_context(inputs, spec, state, stage=stage, cache_key=None)
         request_tasks = list(ctx.partitions.forget_tasks)
@@ -798,6 +828,7 @@ def _run_setting(
                     keys[v.label], ahead[v.label] = key, known
         reference = compute_reference(ctx)
         ref_metrics = _task_metrics(reference.metrics)
+        ref_earlier = earlier_accuracy(reference.model, earlier, ctx.tasks)
         if any(v.method == "retrain" for v in variants):
             ev = request_evidence(
                 reference.model,
@@ -842,6 +873,7 @@ def _run_setting(
                     wall,
                     reference=ref_metrics,
                     request_tasks=request_tasks,
+                    earlier=earlier_gaps(earlier_accuracy(other, earlier, ctx.tasks), ref_earlier),
                 )
             )
         for v in approx:
@@ -882,8 +914,10 @@ def _run_setting(
                     precompute,
                     reference=ref_metrics,
                     request_tasks=request_tasks,
+                    earlier=earlier_gaps(earlier_accuracy(models[v.label], earlier, ctx.tasks), ref_earlier),
                 )
             )
+        earlier.append(ctx.partitions.forget)
         advance_state(state, ctx, ctx.prune_outputs)
         if work is not None and stage < len(specs):
             loaded = _refresh(inputs, work, ctx.resolved.client_id, state, reference_log)
@@ -948,6 +982,8 @@ def summarise(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "n": len(sel),
                 "uis": _median([r["uis"] for r in sel]),
                 **_close_fraction(sel),
+                # pooled over seeds and earlier request-tasks (stage ≥ 2; None at stage 1)
+                "earlier_unl_gap": _median([g for r in sel for g in (r.get("earlier") or {}).values()]),
                 "wall_s": _median([r["wall_s"] for r in sel]),
                 "importance_precompute_s": _median([r.get("importance_precompute_s", 0.0) for r in sel]),
                 "wall_with_precompute_s": _median(
@@ -1100,6 +1136,9 @@ def format_table(result: Mapping[str, Any]) -> str:
             f"close — default's close share ≥ 0.9× {SECOND_RETRAIN}'s: {goals.get('close_goal_met_count')} "
             "(setting, stage) pairs"
         )
+    earlier = earlier_by_method(result.get("runs", []))
+    if earlier:
+        lines.append(_earlier_line(earlier))
     protocol = meta.get("protocol")
     if protocol:
         lines.append(
@@ -1111,6 +1150,55 @@ def format_table(result: Mapping[str, Any]) -> str:
         + (f"; CPU {cpu:.0f}s over {meta.get('jobs', 1)} seed process(es)" if cpu is not None else "")
     )
     return "\n".join(lines)
+
+
+def earlier_by_method(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method (in run order), pooled over settings, stages and seeds: the median ``gap`` of
+    every run's :func:`earlier_gaps`, their count ``n``, and — where the reference retrain's rows
+    are in ``runs`` — the median ``rise`` of each gap since the request's own stage (the gap then:
+    the method's Unl minus the reference's) and how many rose by more than
+    :data:`CLOSE_TOLERANCE` (``risen``): what a later request undid, apart from what the request
+    itself never forgot."""
+    unl: dict[tuple[str, int, int, str], Mapping[str, Any]] = {
+        (r["setting"], int(r["stage"]), int(r["seed"]), r["method"]): r["tasks"] for r in runs
+    }
+    gaps: dict[str, list[float]] = {}
+    rises: dict[str, list[float]] = {}
+    for r in runs:
+        for key, gap in (r.get("earlier") or {}).items():
+            gaps.setdefault(r["method"], []).append(gap)
+            stage, task = key.split(":", 1)
+            at = (r["setting"], int(stage), int(r["seed"]))
+            mine = unl.get((*at, r["method"]), {}).get(task, {}).get("unl")
+            ref = unl.get((*at, "retrain"), {}).get(task, {}).get("unl")
+            if mine is not None and ref is not None:
+                rises.setdefault(r["method"], []).append(gap - (float(mine) - float(ref)))
+    return {
+        m: {
+            "gap": statistics.median(v),
+            "n": len(v),
+            "rise": statistics.median(rises[m]) if rises.get(m) else None,
+            "risen": sum(x > CLOSE_TOLERANCE for x in rises.get(m, [])),
+        }
+        for m, v in gaps.items()
+    }
+
+
+def _earlier_line(earlier: Mapping[str, Mapping[str, Any]]) -> str:
+    parts = []
+    for m, e in earlier.items():
+        rise = (
+            ""
+            if e["rise"] is None
+            else f", risen since its stage {e['risen']}/{e['n']} (median {e['rise']:+.3f})"
+        )
+        parts.append(f"{m} {e['gap']:+.3f}{rise}")
+    return (
+        "earlier forget sets — accuracy on the forget sets of the earlier stages minus the reference "
+        "retrain's (stages ≥ 2, median over seeds and request-tasks), and how many rose by more than "
+        f"{CLOSE_TOLERANCE} since the request's own stage (a later request undid some forgetting): "
+        + "; ".join(parts)
+    )
 
 
 def markdown_summary(result: Mapping[str, Any]) -> str:

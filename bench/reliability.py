@@ -123,6 +123,9 @@ def run(trials: int, *, seed: int, rounds: str, settings: dict[str, Any], method
         "rounds": rounds,
         "method": method,
         "settings": settings,
+        # what the engine ran with: the workload's defaults with ``settings`` merged over them (the
+        # overrides alone do not say which defaults a result was measured under)
+        "effective_settings": workload.settings(settings),
         "passed": sum(r["ok"] for r in results),
         "fallbacks": sum(any(q.get("path") == "retrain" for q in r["requests"].values()) for r in results),
         "environment": runtime_environment(),

@@ -22,6 +22,8 @@ from bench.quality import (
     _close,
     _close_fraction,
     check_goals,
+    earlier_by_method,
+    earlier_gaps,
     fair_settings,
     format_table,
     registered_methods,
@@ -79,9 +81,16 @@ def test_bench_smoke_writes_the_json_format(tmp_path: Path, capsys: pytest.Captu
             "importance_precompute_s",
             "tasks",
             "close",
+            "earlier",
             "target",
         }
         assert r["target"] is None  # no method here has an early-stopping target
+        # stage 2 scores every model but the reference on stage 1's forget set too
+        if r["stage"] == 1 or r["method"] == "retrain":
+            assert r["earlier"] is None
+        else:
+            assert set(r["earlier"]) == {"1:kind", "1:side"}
+            assert all(-1.0 <= g <= 1.0 for g in r["earlier"].values())
         # nothing here computes I_D ahead: the ssd method's reference layout ends D with the
         # request's own forget set (default's stage, which does, is in test_unl_engine.py)
         assert r["importance_precompute_s"] == 0.0
@@ -113,6 +122,7 @@ def test_bench_smoke_writes_the_json_format(tmp_path: Path, capsys: pytest.Captu
     assert "close" in out_text
     assert SECOND_RETRAIN in out_text
     assert "total wall" in format_table(result)
+    assert "earlier forget sets" in format_table(result)
     # the quality bench draws its plots beside the JSON (tests/bench/test_plots.py checks them)
     assert sorted(p.name for p in tmp_path.glob("*.png")) == [
         "bench-uis-by-stage.png",
@@ -257,3 +267,30 @@ def test_every_method_of_every_stage_runs_through_run_stage(monkeypatch: pytest.
     )
     assert [(m, s) for _, m, s in calls] == [("original", 1), ("ssd", 1), ("original", 2), ("ssd", 2)]
     assert calls[0][0] == calls[1][0] != calls[2][0]  # one request per stage, the same for every method
+
+
+def test_earlier_gaps_compare_with_the_reference_and_pool_per_method() -> None:
+    """A later request that undid an earlier one's forgetting shows as a positive gap, and as a
+    rise since the request's own stage (apart from what that request never forgot)."""
+    assert earlier_gaps({"1:a": 0.9, "1:b": 0.5, "2:a": 0.4}, {"1:a": 0.6, "1:b": 0.5}) == pytest.approx(
+        {"1:a": 0.3, "1:b": 0.0}
+    )
+
+    def run(method: str, stage: int, unl: float, earlier: dict[str, float] | None) -> dict[str, Any]:
+        return {"setting": "FU", "stage": stage, "seed": 0, "method": method,
+                "tasks": {"a": {"unl": unl}}, "earlier": earlier}  # fmt: skip
+
+    runs = [
+        run("retrain", 1, 0.5, None),
+        run("retrain", 2, 0.5, None),
+        run("default", 1, 0.6, None),  # stage 1: 0.1 above the reference
+        run("default", 2, 0.5, {"1:a": 0.3}),  # stage 2: 0.3 above it on stage 1's forget set
+        run("ssd", 1, 0.5, None),
+        run("ssd", 2, 0.5, {"1:a": 0.0}),
+    ]
+    pooled = earlier_by_method(runs)
+    assert pooled["default"] == {"gap": pytest.approx(0.3), "n": 1, "rise": pytest.approx(0.2), "risen": 1}
+    assert pooled["ssd"] == {"gap": 0.0, "n": 1, "rise": 0.0, "risen": 0}
+    assert set(pooled) == {"default", "ssd"}
+    without_reference = earlier_by_method([r for r in runs if r["method"] != "retrain"])
+    assert without_reference["default"]["rise"] is None
