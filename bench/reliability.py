@@ -16,6 +16,7 @@ reports the pass rate and each check's margin (median, worst). ``--seed`` change
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -106,6 +107,8 @@ def run(trials: int, *, seed: int, rounds: str, settings: dict[str, Any], method
                     "anchor_draw": trial,
                     "ok": ok,
                     "seconds": time.perf_counter() - t1,
+                    # every (group, task): accuracy of v1 and of the last version on the serving host
+                    "measured": [dataclasses.asdict(m) for m in measured],
                     "checks": [
                         {"what": c.what, "ok": c.ok, "margin": c.margin, "detail": c.detail} for c in checks
                     ],
@@ -130,6 +133,7 @@ def run(trials: int, *, seed: int, rounds: str, settings: dict[str, Any], method
         "fallbacks": sum(any(q.get("path") == "retrain" for q in r["requests"].values()) for r in results),
         "environment": runtime_environment(),
         "summary": summarise(results),
+        "rise": sequential_rise(results, client_group=groups[0].label) if rounds == "two" else None,
         "results": results,
     }
 
@@ -154,6 +158,29 @@ def _request_summary(evidence: dict[str, Any]) -> dict[str, Any]:
         "ia_best_epoch": ia.get("best_epoch"),
         "ia_history": [(h["epoch"], h["mia_auc"], round(h["retain_drop"], 3)) for h in ia.get("history", [])],
         "mia_target": ia.get("mia_target"),
+    }
+
+
+def sequential_rise(results: Sequence[dict[str, Any]], client_group: str) -> dict[str, Any]:
+    """One round per request: how far the forgotten client's forget-set accuracy rose again, per
+    task, from right after its own round (the request's evidence) to after the next round (the
+    serving host's measurement) — over the draws in which both rounds published the method's own
+    update (a retrain fallback forgets exactly, so it says nothing about the method). ``median``
+    per task and the ``n`` draws counted. A rise is a later request undoing an earlier one's
+    forgetting (docs/methods.md, "The retain term's targets")."""
+    rises: dict[str, list[float]] = {}
+    for r in results:
+        requests = r["requests"]
+        client = next((q for rid, q in requests.items() if rid.startswith("client-")), None)
+        if client is None or any(q.get("path") == "retrain" for q in requests.values()):
+            continue
+        for m in r["measured"]:
+            own = (client.get("unl") or {}).get(m["task"])
+            if m["group"] == client_group and own is not None:
+                rises.setdefault(m["task"], []).append(float(m["after"]) - float(own))
+    return {
+        "median": {t: statistics.median(v) for t, v in rises.items()},
+        "n": max((len(v) for v in rises.values()), default=0),
     }
 
 
@@ -193,6 +220,13 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m bench reliabi
         f"the acceptance check fell back to retrain in {result['fallbacks']}; "
         f"torch {env['torch']}, CPU path {env['cpu_capability']}, {env['threads']} thread(s)"
     )
+    if result["rise"] is not None:
+        rise = result["rise"]
+        print(
+            f"the forgotten client's forget-set accuracy, next round minus its own (median over the "
+            f"{rise['n']} draws that published the method's update twice): "
+            + ", ".join(f"{t} {v:+.3f}" for t, v in rise["median"].items())
+        )
     print(f"{'check':70} {'passed':>7} {'median':>8} {'worst':>8}")
     for row in result["summary"]:
         print(f"{row['check'][:70]:70} {row['passed']:>7} {100 * row['median_margin']:+8.1f} "
