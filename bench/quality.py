@@ -69,6 +69,7 @@ from worker.unlearning.engine import (
     run_stage,
     training_data,
 )
+from worker.unlearning.interference.retain import task_accuracy
 from worker.unlearning.partitions import retain_set
 from worker.unlearning.reference_adapters import (
     LoadedReferences,
@@ -281,11 +282,8 @@ def earlier_accuracy(
     ``{"<stage>:<task>": metric}``. Scoring only (the bench holds the data; no method reads it)."""
     out: dict[str, float] = {}
     for stage, batch in enumerate(earlier, start=1):
-        outputs = model_outputs(model, batch.inputs)
-        for t in tasks:
-            labels = batch.labels.get(t.name)
-            if labels is not None and bool(t.supervised(labels).any()):
-                out[f"{stage}:{t.name}"] = float(t.metric(outputs[t.name], labels))
+        accuracy = task_accuracy(tasks, model_outputs(model, batch.inputs), batch)
+        out.update({f"{stage}:{task}": value for task, value in accuracy.items()})
     return out
 
 

@@ -300,7 +300,7 @@ class DigitsClients(MLPWorkload):
             # reference adapters (audit.reference_adapters > 0) it aims instead at the per-client
             # target of those that never saw the client (issue 8 part 1, chosen on seeds 100–102:
             # docs/benchmarks.md, "Per-client targets from reference adapters"); without, the above
-            # The retain term's targets half labels, half the pre-request model's predictions
+            # The retain term's targets: a quarter labels, three quarters the pre-request model's predictions
             # (deviation, docs/methods.md "The retain term's targets"): with the labels alone a
             # later round re-learned an earlier forgotten client (two-round demo: c0 +0.15, 18/20
             # draws on AVX-512 → 20/20); chosen on seeds 100–102 among β = 0, 0.5, 0.75, 1
