@@ -108,9 +108,10 @@ def quality_main(argv: Sequence[str], prog: str) -> int:
     parser.add_argument(
         "--references",
         type=int,
-        default=0,
+        default=None,
         help="K reference adapters per seed (even; 0: none), refreshed between stages; read by "
-        'methods with ia.target "references"',
+        'methods with ia.target "references" (default: the workload\'s audit.reference_adapters, '
+        "as a registered model gets them)",
     )
     parser.add_argument(
         "--variant",
@@ -139,7 +140,7 @@ def quality_main(argv: Sequence[str], prog: str) -> int:
         variants = dict(_variant(v) for v in args.variant)
     except ValueError as exc:
         parser.error(f"--settings / --tuning-seeds / --variant: {exc}")
-    if args.references < 0 or args.references % 2:
+    if args.references is not None and (args.references < 0 or args.references % 2):
         parser.error(f"--references must be an even number >= 0, got {args.references}")
     if args.jobs < 0:
         parser.error(f"--jobs must be >= 0 (0: one per CPU core), got {args.jobs}")

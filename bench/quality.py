@@ -583,7 +583,7 @@ def run_bench(
     tuning_seeds: Sequence[int] | None = None,
     echo: Callable[[str], None] | None = print,
     plots: bool = True,
-    references: int = 0,
+    references: int | None = None,
     extra_variants: Mapping[str, tuple[str, Mapping[str, Any]]] | None = None,
     jobs: int = 1,
 ) -> dict[str, Any]:
@@ -602,6 +602,8 @@ def run_bench(
     ``references``: K reference adapters per seed (even; 0: none) trained after v1 off the timed
     path, dropped and refreshed between stages as the worker does after a purge (the refresh is
     timed apart, ``meta.references``); methods with ``ia.target: "references"`` read them.
+    ``None``: as many as the workload's settings give a model (``audit.reference_adapters``), so
+    that its ``default`` runs as the worker runs it.
     ``extra_variants``: label → (method, settings overrides) rows run beside the methods, e.g.
     ``{"default@refs": ("default", {"default": {"ia": {"target": "references"}}})}``.
     ``jobs``: seeds run in that many worker processes at once (one torch thread each).
@@ -645,6 +647,8 @@ def run_bench(
     settings = fair_settings(
         wl.settings(deep_merge(chosen.overrides, settings_overrides or {})), chosen.anchor_fraction
     )
+    if references is None:
+        references = AuditConfig.from_settings(settings).reference_adapters
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lethe-bench-") as tmp:
         root = Path(tmp)

@@ -8,7 +8,9 @@ method, one per-client ``engine.run_round`` from v1 with the next request's impo
 runs N times on the round's context (the model restored between runs; the last run is the
 round's), each run's CPU time in ``method_cpu_runs_s`` (``method_cpu_s``: their median), so that one
 process measures a method warm and the load's noise shows. ``--settings JSON``: the model's
-settings (workload defaults underneath). One torch thread.
+settings (workload defaults underneath); where they ask for reference adapters
+(``audit.reference_adapters`` > 0), preparation trains them into ``DIR/references`` (off the timed
+path, as the worker does) and every round reads them. One torch thread.
 docs/benchmarks.md, "Default's wall on scenes" and "… with the ViT view".
 """
 
@@ -46,9 +48,10 @@ def measure(
     """One row per (client, method) round, also printed as a JSON line as it finishes."""
     torch.set_num_threads(1)
     if not (root / "v1").exists():
+        # the settings' v1 recipe and reference adapters (if any) are prepared once, with the model
         engine.prepare(
-            wl, data_dir=root / "data", base_dir=root / "base", adapter_dir=root / "v1", settings={}, seed=0,
-            cache_dir=root / "cache",
+            wl, data_dir=root / "data", base_dir=root / "base", adapter_dir=root / "v1",
+            settings=settings or {}, seed=0, cache_dir=root / "cache", references_dir=root / "references",
         )  # fmt: skip
     method_runs: list[list[float]] = []  # per call of the method (a fallback retrain is a second)
     apply = engine.apply_method
@@ -108,6 +111,7 @@ def _round(
         wl, data_dir=root / "data", base_dir=root / "base", adapter_in=root / "v1", adapter_out=out,
         requests=[ForgetSpec("r", "client", client, None, [])], method=method, settings=settings, seed=0,
         cache_dir=root / "cache", defer_next_importance=True,
+        references_dir=root / "references" if (root / "references").exists() else None,
     )  # fmt: skip
     if prof is not None:
         prof.disable()
@@ -128,6 +132,7 @@ def _round(
         "settings": dict(settings),
         "load": os.getloadavg()[0],
         "fallback_s": ev["timings_s"].get("acceptance_fallback_s"),
+        "target": {k: _ia_info(ev).get("target", {}).get(k) for k in ("source", "wall_s")},
         "path": ev["acceptance"].get("path"),
         "next_importance_wall_s": time.perf_counter() - n0,
         "next_importance_cpu_s": time.process_time() - nc0,
@@ -135,6 +140,13 @@ def _round(
     }
     print(json.dumps(row), flush=True)
     return row
+
+
+def _ia_info(evidence: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The interference-aware stage's info in a round's evidence (``default`` nests it under "ia")."""
+    info = evidence.get("method_info") or {}
+    ia = info.get("ia", info)
+    return ia if isinstance(ia, Mapping) else {}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,12 +1,15 @@
-"""After a round publishes: delete the withdrawn versions' files, purge the forgotten raw data.
+"""After a round publishes: delete the withdrawn versions' files, purge the forgotten raw data,
+then retrain the reference adapters the purge dropped — background work that yields to requests.
 
-Idempotent; :func:`reconcile` redoes both at every wake and at worker start, so a worker that died
-between ``publish_round`` and the purge loses nothing (docs/architecture.md).
+Idempotent; :func:`reconcile` redoes all three at every wake and at worker start, so a worker that
+died between ``publish_round`` and the purge loses nothing (docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,15 +38,18 @@ def after_publish(ctx: WorkerContext, model_name: str, *, withdrawn: list[int]) 
         ctx.emit("withdrawn_deleted", versions=withdrawn)
         purge_completed(ctx, model_name)
         ctx.emit("purged")
+        refresh_dropped_references(ctx, model_name)
     except Exception:
         log.exception("after publishing %s: cleanup failed; the next wake reconciles it", model_name)
 
 
 def reconcile(ctx: WorkerContext, model_name: str) -> None:
-    """Finish what a crash after a publish left undone (files of withdrawn versions, purges)."""
+    """Finish what a crash after a publish left undone (files of withdrawn versions, purges, the
+    references a purge dropped: while requests wait, those are left for the next idle moment)."""
     try:
         delete_withdrawn_files(ctx, model_name)
         purge_completed(ctx, model_name)
+        refresh_dropped_references(ctx, model_name)
     except Exception:
         log.exception("reconciling %s failed; will retry at the next wake", model_name)
 
@@ -131,12 +137,6 @@ def purge_completed(ctx: WorkerContext, model_name: str, *, everything: bool = F
             return []
         todo = requests_repo.completed(session, model.id) if everything else _pending_purges(session, model)
         pending = [_spec(r) for r in todo]
-        refresh = (
-            model.workload,
-            dict(model.workload_options or {}),
-            dict(model.settings),
-            dict(model.base_files),
-        )
     if not pending:
         return []
     from worker.unlearning.datastore import DataStore
@@ -172,8 +172,58 @@ def purge_completed(ctx: WorkerContext, model_name: str, *, everything: bool = F
         [s.request_id for s in pending], len(report.deleted_clients), len(report.deleted_samples),
         len(report.purged_pairs),
     )  # fmt: skip
-    refresh_references(ctx, model_name, *refresh)
     return [s.request_id for s in pending]
+
+
+#: how often a background refresh asks the database whether a request of its model is waiting
+WAITING_CHECK_SECONDS = 1.0
+
+
+def refresh_dropped_references(ctx: WorkerContext, model_name: str) -> list[int]:
+    """Retrain the reference adapters that purges dropped (:func:`refresh_references`), unless a
+    request of the model is waiting, and stop as soon as one arrives: a reference retrain costs
+    about half an adapter retrain (about 30 s on ``scenes``), and the next request must not wait
+    for it. What is left stays dropped until the next round's cleanup finds the queue empty;
+    meanwhile the audit and the early-stopping targets use the references left (a client without
+    an OUT reference gets the constant target, named in its evidence). Returns the indices
+    retrained."""
+    from worker.unlearning.reference_adapters import read_references
+
+    refs = read_references(ctx.references_dir(model_name))
+    if refs is None or len(refs.members) == refs.k:
+        return []
+    with transaction(ctx.session_factory) as session:
+        model = models_repo.get_model(session, model_name)
+        if model is None or model.status != "ready":
+            return []
+        model_id = model.id
+        recipe = (model.workload, dict(model.workload_options or {}), dict(model.settings),
+                  dict(model.base_files))  # fmt: skip
+    waiting = requests_waiting(ctx, model_id)
+    done = refresh_references(ctx, model_name, *recipe, should_stop=waiting)
+    if waiting():
+        log.info("refresh of %s's reference adapters yielded to a waiting request (%d retrained)",
+                 model_name, len(done))  # fmt: skip
+        ctx.emit("references_refresh_deferred", references=done)
+    return done
+
+
+def requests_waiting(ctx: WorkerContext, model_id: int) -> Callable[[], bool]:
+    """A cheap ``should_stop`` for background work: whether the model has a queued request, read from
+    the database at most every :data:`WAITING_CHECK_SECONDS` (true stays true)."""
+    checked_at = -float("inf")
+    waiting = False
+
+    def check() -> bool:
+        nonlocal checked_at, waiting
+        now = time.monotonic()
+        if not waiting and now - checked_at >= WAITING_CHECK_SECONDS:
+            with transaction(ctx.session_factory) as session:
+                waiting = requests_repo.queue_stats(session, model_id)[0] > 0
+            checked_at = now
+        return waiting
+
+    return check
 
 
 def refresh_references(
@@ -183,14 +233,16 @@ def refresh_references(
     workload_options: dict[str, Any],
     settings: dict[str, Any],
     base_files: dict[str, Any],
+    *,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[int]:
     """Retrain the likelihood-ratio audit's reference adapters that the purge dropped, each on its
     half of the clients minus the forgotten ones, from the store as purged (so no forgotten data can
-    enter one). Here because this is where references are dropped and the store has just lost the
-    forgotten data; off the request path (the requests are completed and published), under the
-    model's lock (a concurrent purge must not drop a reference while it is rewritten), which
-    rounds do not take. A failure is logged: the audit and targets use the references left, and
-    the next purge tries again."""
+    enter one). Off the request path (the requests are completed and published), under the model's
+    lock (a concurrent purge must not drop a reference while it is rewritten), which rounds do not
+    take. ``should_stop``: yield (the reference in training is discarded; those finished stay). A
+    failure is logged: the audit and targets use the references left, and the next cleanup tries
+    again."""
     directory = ctx.references_dir(model_name)
     from worker.unlearning.reference_adapters import read_references, refresh_from_store
     from worker.unlearning.workload import build_workload
@@ -204,13 +256,14 @@ def refresh_references(
         with model_lock(ctx.data_dir(model_name)):
             done = refresh_from_store(
                 workload, data_dir=ctx.data_dir(model_name), base_dir=base_dir, directory=directory,
-                settings=settings, device=ctx.device,
+                settings=settings, device=ctx.device, should_stop=should_stop,
             )  # fmt: skip
     except Exception:
-        log.exception("refreshing the reference adapters of %s failed; the next purge retries", model_name)
+        log.exception("refreshing the reference adapters of %s failed; the next cleanup retries", model_name)
         return []
-    log.info("refreshed reference adapters %s of %s", done, model_name)
-    ctx.emit("references_refreshed", references=done)
+    if done:
+        log.info("refreshed reference adapters %s of %s", done, model_name)
+        ctx.emit("references_refreshed", references=done)
     return done
 
 

@@ -56,6 +56,8 @@ def reapply_erasures(
             return report  # nothing was published or erased yet
         report.withdrawn = halts_repo.withdraw_superseded(session, model.id)
     report.deleted = delete_withdrawn_files(ctx, model_name)
+    # the reference adapters a purge drops are retrained by the worker's next cleanup, when no request
+    # waits (worker.cleanup.refresh_dropped_references), not here
     report.purged_requests = len(purge_completed(ctx, model_name, everything=True))
     if quarantine_unknown:
         store = ctx.artifacts(model_name)

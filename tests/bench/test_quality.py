@@ -60,6 +60,18 @@ def test_bench_with_references_refreshes_them_between_stages_and_records_the_tar
     assert result["meta"]["method_settings"]["default@refs"] == refs
 
 
+def test_the_bench_trains_as_many_references_as_the_workload_gives_a_model() -> None:
+    """Without ``references`` the bench follows the settings' ``audit.reference_adapters`` (a
+    workload whose ``default`` aims at references is benchmarked as the worker runs it); an explicit
+    0 still turns them off."""
+    toy = ToyWorkload(num_clients=4, per_client=10)
+    settings = {"audit": {"reference_adapters": 2}}
+    kwargs: dict[str, Any] = {"seeds": [3], "workload": toy, "methods": ["original"], "echo": None}
+    assert run_bench("smoke", None, settings_overrides=settings, **kwargs)["meta"]["references"]["k"] == 2
+    off = run_bench("smoke", None, settings_overrides=settings, references=0, **kwargs)["meta"]["references"]
+    assert off == {"k": 0, "train_s": {}, "refresh_s": []}
+
+
 def test_bench_smoke_writes_the_json_format(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "bench.json"
     result = run_bench(

@@ -40,3 +40,15 @@ def test_repeated_method_runs_restore_the_model_and_publish_the_same_round(tmp_p
     assert len(thrice["method_cpu_runs_s"]) == 3
     assert thrice["method_cpu_s"] == sorted(thrice["method_cpu_runs_s"])[1]
     assert thrice["forget_auc"] == once["forget_auc"]
+
+
+def test_reference_adapters_are_prepared_with_the_model_and_read_by_every_round(tmp_path: Path) -> None:
+    """Settings that ask for reference adapters: preparation trains them into ``DIR/references``
+    and each round's ``default`` aims at their per-client target (without them it would fall back
+    to the constant, and the row would say so)."""
+    wl = ToyWorkload(num_clients=4, per_client=12)
+    settings = {"audit": {"reference_adapters": 2}, "default": {"ia": {"target": "references"}}}
+    row = round_wall.measure(tmp_path, wl, ["u0"], ["default"], settings=settings)[0]
+    assert (tmp_path / "references").is_dir()
+    assert row["target"]["source"] == "references"
+    assert row["target"]["wall_s"] > 0

@@ -817,3 +817,47 @@ def test_a_purge_drops_the_reference_adapters_trained_on_the_erased_data(
         assert (refs_dir / f"ref-{i}" / "adapter_model.safetensors").read_bytes() == b"weights"
     for i in (0, 2):
         assert (refs_dir / f"ref-{i}" / "adapter_config.json").is_file()
+
+
+def test_the_reference_refresh_waits_while_a_request_is_queued_and_runs_when_the_model_is_idle(
+    ctx: pipeline.WorkerContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reference retrain is about half an adapter retrain (about 30 s on scenes): the next request
+    must not wait behind it. With a request queued the refresh trains nothing (the dropped
+    references stay dropped; the round that serves the request uses those left); the cleanup after
+    that round, with the queue empty, retrains them. (Would fail if the refresh ignored the queue,
+    or if after_publish no longer refreshed.)"""
+    import worker.unlearning.workload as workload_module
+    from worker.unlearning.engine import ensure_base
+    from worker.unlearning.reference_adapters import REFERENCES_FILE, ReferenceSet, read_references
+    from worker.unlearning.workloads.toy import ToyWorkload
+
+    subjects = _toy_model(ctx)
+    monkeypatch.setattr(workload_module, "build_workload", lambda *args, **kwargs: ToyWorkload())
+    ensure_base(ToyWorkload(), ctx.artifacts("toy").base_dir, {}, 0)
+    monkeypatch.setattr(round_job, "_run_engine", _fake_engine())
+    refs_dir = ctx.references_dir("toy")
+    refs = ReferenceSet(clients=["u0", "u1", "u2"], members={1: ["u2"], 3: ["u0"]}, k=4, seed=0,
+                        workload="toy", recipe={}, recipe_digest="d", train_s=0.0)  # fmt: skip
+    for i in refs.members:
+        (refs_dir / f"ref-{i}").mkdir(parents=True)
+        (refs_dir / f"ref-{i}" / "adapter_model.safetensors").write_bytes(b"weights")
+    (refs_dir / REFERENCES_FILE).write_text(json.dumps(refs.to_json()))
+    with transaction(ctx.session_factory) as session:
+        lifecycle.submit(
+            session,
+            lifecycle.Submission(model="toy", kind="task", sample_ids=subjects["u0"][:2], tasks=["side"]),
+            idempotency_key="k1", api_key_id=None, actor="t",
+        )  # fmt: skip
+    assert cleanup.refresh_dropped_references(ctx, "toy") == []
+    waited = read_references(refs_dir)
+    assert waited is not None
+    assert sorted(waited.members) == [1, 3]
+    result = pipeline.run_one_round(ctx, "toy")  # its purge drops ref 3 (u0); its cleanup finds no queue
+    assert result is not None
+    assert result.status == "published"
+    refreshed = read_references(refs_dir)
+    assert refreshed is not None
+    assert sorted(refreshed.members) == [0, 1, 2, 3]
+    assert (refs_dir / "ref-1" / "adapter_model.safetensors").read_bytes() == b"weights"
+    assert all((refs_dir / f"ref-{i}" / "adapter_config.json").is_file() for i in (0, 2, 3))

@@ -150,12 +150,19 @@ def out_reference_targets(
     (:meth:`ReferenceSet.withheld_mask`); the unseen rows count for every reference either way."""
     n_f = len(forget)
     inputs = inputs_to(cat_inputs([forget.inputs, unseen.inputs]), device)
-    ref_outs = [model_outputs(m, inputs, batch_size=batch_size) for m in loaded.models]
     out_mask = _out_mask(loaded, forget, unseen, client_index)
     if forget_mask is not None:
         out_mask = torch.cat([forget_mask.to(torch.bool), out_mask[:, n_f:]], dim=1)
-    indices = list(loaded.refs.members)
+    # a reference IN for every forgotten row scores nothing: it is not forwarded (on the request
+    # path of a per-client request that is half of them)
+    active = [r for r, any_out in enumerate(out_mask[:, :n_f].any(dim=1).tolist()) if any_out]
+    ref_outs = [model_outputs(loaded.models[r], inputs, batch_size=batch_size) for r in active]
+    out_mask = out_mask[active]
+    members = list(loaded.refs.members)
+    indices = [members[r] for r in active]
     per_task: dict[str, dict[str, Any]] = {}
+    if not active:
+        return per_task
     for task, rows, ys, is_forget in _attacked_tasks(tasks, forget_tasks, forget, unseen, device):
         name = task.name
         mask = out_mask[:, rows.cpu()]

@@ -16,9 +16,9 @@ old set or none, never half of one.
 A reference trained on a client keeps that client's data in its weights: when clients are
 forgotten, :func:`drop_references_with` deletes every reference whose half held one of them
 (the OUT references of everyone stay valid), and :func:`refresh_references` retrains the dropped
-ones on their half minus the forgotten clients (off the request path: the worker runs it right
-after the purge that dropped them, ``worker.cleanup``), so that K does not shrink to nothing as
-clients are forgotten.
+ones on their half minus the forgotten clients (off the request path: the worker runs it after
+a round's purge while no request of the model waits, and stops it when one arrives,
+``worker.cleanup``), so that K does not shrink to nothing as clients are forgotten.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import hashlib
 import json
 import shutil
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from torch import nn
 
 from worker.unlearning.adapter_io import AdapterView, load_adapters, save_adapter
 from worker.unlearning.model import MultiTaskModel
-from worker.unlearning.training import TrainConfig, train_v1
+from worker.unlearning.training import TrainConfig, TrainingInterruptedError, train_v1
 from worker.unlearning.types import Batch, TaskSpec, without_labels
 from worker.unlearning.workload import Workload
 
@@ -312,6 +312,7 @@ def refresh_references(
     directory: Path | None,
     forgotten: Iterable[str],
     device: str = "cpu",
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[int]:
     """Retrain every reference of ``directory`` that was dropped (:func:`drop_references_with`) on
     its original half (:func:`assign_halves` of the set's clients, K and seed: the draw is
@@ -321,7 +322,12 @@ def refresh_references(
     Each adapter is written (into a temporary sibling, renamed) before ``references.json`` lists it,
     so a crash leaves an unlisted directory, never a listed half-written one. Returns the indices
     retrained. A refreshed reference never holds a forgotten client, and every client stays OUT of
-    the references its half excluded."""
+    the references its half excluded.
+
+    ``should_stop`` (background work that yields, e.g. to queued requests): asked before each
+    reference and after every optimiser step of its training; when true, the reference in training
+    is discarded and the refresh returns the ones finished — the rest stay dropped for the next
+    refresh."""
     refs = read_references(directory)
     if refs is None or directory is None:
         return []
@@ -333,13 +339,20 @@ def refresh_references(
     halves = assign_halves(refs.clients, refs.k, refs.seed)
     withheld = assign_withheld(refs.clients, refs.k, refs.seed, refs.withhold_tasks) if refs.withhold_tasks \
         else [{}] * refs.k  # fmt: skip
+    done: list[int] = []
     for r in missing:
+        if should_stop is not None and should_stop():
+            break
         half = [c for c in halves[r] if c not in gone and c in client_index and client_index[c] in present]
         keep = torch.tensor([client_index[c] for c in half], dtype=torch.long)
         rows = torch.isin(data.subset, keep).nonzero().reshape(-1)
         held = {c: ts for c, ts in withheld[r].items() if c in half}
         half_data = _withhold(data.select(rows), client_index, held)
-        model = train_v1(base, half_data, tasks, cfg, seed=refs.seed + 1 + r, device=device)
+        try:
+            model = train_v1(base, half_data, tasks, cfg, seed=refs.seed + 1 + r, device=device,
+                             should_stop=should_stop)  # fmt: skip
+        except TrainingInterruptedError:
+            break
         target = Path(directory) / _ref_dir(r)
         tmp = target.with_name(target.name + ".tmp")
         for stale in (tmp, target):  # an unlisted leftover of a crash
@@ -353,7 +366,8 @@ def refresh_references(
             refs.withheld[r] = held
             refs.withheld = dict(sorted(refs.withheld.items()))
         _write_json(Path(directory), refs)
-    return missing
+        done.append(r)
+    return done
 
 
 def refresh_from_store(
@@ -364,6 +378,7 @@ def refresh_from_store(
     directory: Path,
     settings: Mapping[str, Any],
     device: str = "cpu",
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[int]:
     """:func:`refresh_references` on a model's data store as it is now (after a purge: the forgotten
     clients, samples and labels are gone from it), with v1's recipe from ``settings``. The
@@ -374,7 +389,7 @@ def refresh_from_store(
     from worker.unlearning.state import RoundState
 
     refs = read_references(directory)
-    if refs is None or len(refs.members) == refs.k:
+    if refs is None or len(refs.members) == refs.k or (should_stop is not None and should_stop()):
         return []
     store = DataStore(Path(data_dir), workload.collate)
     index = store.client_index()
@@ -386,4 +401,4 @@ def refresh_from_store(
     cfg = TrainConfig.from_settings(workload.settings(settings))
     base = load_base(Path(base_dir))
     return refresh_references(base, data, tasks, cfg, client_index=index, directory=directory,
-                              forgotten=forgotten, device=device)  # fmt: skip
+                              forgotten=forgotten, device=device, should_stop=should_stop)  # fmt: skip

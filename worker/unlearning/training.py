@@ -18,7 +18,7 @@ the scenes workload the attached head cost 30 points of held-out accuracy (docs/
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
@@ -129,6 +129,10 @@ def v1_loss(
     return loss
 
 
+class TrainingInterruptedError(Exception):
+    """``train_v1``'s ``should_stop`` asked it to stop; the half-trained adapter is discarded."""
+
+
 def train_v1(
     base: MultiTaskModel,
     data: Batch,
@@ -137,9 +141,12 @@ def train_v1(
     *,
     seed: int,
     device: str = "cpu",
+    should_stop: Callable[[], bool] | None = None,
 ) -> PeftModel:
     """The original adapter: fresh LoRA (seeded) on a copy of ``base``, trained on ``data`` with the
-    v1 schedule (on ``device``)."""
+    v1 schedule (on ``device``). ``should_stop``: asked after every optimiser step (background
+    training that yields to requests: the caller keeps it cheap); true raises
+    :class:`TrainingInterruptedError`."""
     # a rank from the settings without an alpha keeps the workload's alpha
     alpha = cfg.lora_alpha or (base.lora_template.lora_alpha if cfg.rank else None)
     model = wrap_lora(base, rank=cfg.rank or None, alpha=alpha, seed=seed)
@@ -168,6 +175,8 @@ def train_v1(
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
             sched.step()
+            if should_stop is not None and should_stop():
+                raise TrainingInterruptedError(f"stopped at epoch {epoch + 1} of {cfg.epochs}")
     model.eval()
     return model
 

@@ -67,6 +67,11 @@ def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
     return out
 
 
+class _Unforwardable(torch.nn.Module):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a reference IN for every forgotten row was forwarded")
+
+
 def test_the_target_is_read_from_out_references_only(tmp_path: Path) -> None:
     """The target of client u0's forget set is the median over the references whose half excluded
     u0: changing a reference trained on u0 (IN) leaves it unchanged to the last bit, changing an OUT
@@ -98,6 +103,10 @@ def test_the_target_is_read_from_out_references_only(tmp_path: Path) -> None:
     models = list(loaded.models)
     for r in inside:
         models[r] = _perturbed(models[r])
+    assert target(LoadedReferences(refs=loaded.refs, models=models)) == first
+    # and an IN reference is not even forwarded (half of the target's cost on a per-client request)
+    for r in inside:
+        models[r] = _Unforwardable()
     assert target(LoadedReferences(refs=loaded.refs, models=models)) == first
     models = list(loaded.models)
     models[outside[0]] = _perturbed(models[outside[0]])
@@ -351,6 +360,53 @@ def test_a_per_task_target_never_reads_a_reference_that_saw_the_forgotten_task(t
     ev = target(LoadedReferences(refs=plain, models=loaded.models))
     assert ev["calibration"] == "out"
     assert "withheld" in ev["calibration_reason"]
+
+
+def test_a_refresh_that_is_asked_to_stop_keeps_what_it_finished_and_nothing_half_trained(
+    tmp_path: Path,
+) -> None:
+    """``should_stop`` (the worker's "a request is waiting"): asked mid-training of the second
+    dropped reference, the refresh returns the first, leaves the second dropped (unlisted, no
+    directory of it), and a later refresh trains only what is left. (Would fail if the interrupted
+    adapter were written or listed, or if the refresh ignored the stop.)"""
+    wl = ToyWorkload(0, num_clients=6, per_client=6)
+    base = ensure_base(wl, tmp_path / "base", wl.settings({}), 0)
+    ci = wl.client_index()
+    data = wl.client_data().to_batch(ci)
+    directory = tmp_path / "refs"
+    train_references(base, data, wl.tasks(), FAST, client_index=ci, k=4, seed=3, directory=directory,
+                     workload="toy")  # fmt: skip
+    dropped = drop_references_with(directory, ["u1", "u4"])
+    assert len(dropped) >= 2
+    gone = torch.tensor([ci["u1"], ci["u4"]])
+    remaining = data.select((~torch.isin(data.subset, gone)).nonzero().reshape(-1))
+    listed_before = 4 - len(dropped)
+    since_first = 0
+
+    def stop_in_the_second() -> bool:  # asked before the 2nd (no), then after its first step (yes)
+        nonlocal since_first
+        now = read_references(directory)
+        assert now is not None
+        since_first += len(now.members) > listed_before
+        return since_first >= 2
+
+    first = refresh_references(base, remaining, wl.tasks(), FAST, client_index=ci, directory=directory,
+                               forgotten=["u1", "u4"], should_stop=stop_in_the_second)  # fmt: skip
+    assert first == dropped[:1]
+    listed = read_references(directory)
+    assert listed is not None
+    assert sorted(listed.members) == sorted(set(range(4)) - set(dropped[1:]))
+    for r in dropped[1:]:
+        assert not (directory / f"ref-{r}").exists()
+        assert not (directory / f"ref-{r}.tmp").exists()
+    assert refresh_references(base, remaining, wl.tasks(), FAST, client_index=ci, directory=directory,
+                              forgotten=["u1", "u4"], should_stop=lambda: True) == []  # fmt: skip
+    rest = refresh_references(base, remaining, wl.tasks(), FAST, client_index=ci, directory=directory,
+                              forgotten=["u1", "u4"])  # fmt: skip
+    assert rest == dropped[1:]
+    done = read_references(directory)
+    assert done is not None
+    assert sorted(done.members) == [0, 1, 2, 3]
 
 
 def test_refresh_keeps_the_withheld_labels_of_each_reference(tmp_path: Path) -> None:
