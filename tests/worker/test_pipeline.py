@@ -757,6 +757,43 @@ def test_the_api_shows_the_stage_of_a_running_round(
         assert progress_of(first) == ("completed", None)
 
 
+def _toy_with_references(
+    ctx: pipeline.WorkerContext,
+    monkeypatch: pytest.MonkeyPatch,
+    members: dict[int, list[str]],
+    *,
+    task_request_of: str,
+) -> tuple[Path, Any]:
+    """The toy model with a fake engine, a set of K = 4 references listing ``members`` (the others
+    dropped; placeholder weights), and a queued per-task request on two of ``task_request_of``'s
+    samples. The refresh trains real references: the toy workload (registered as digits here) and
+    its base."""
+    import worker.unlearning.workload as workload_module
+    from worker.unlearning.engine import ensure_base
+    from worker.unlearning.reference_adapters import REFERENCES_FILE, ReferenceSet
+    from worker.unlearning.workloads.toy import ToyWorkload
+
+    subjects = _toy_model(ctx)
+    monkeypatch.setattr(workload_module, "build_workload", lambda *args, **kwargs: ToyWorkload())
+    ensure_base(ToyWorkload(), ctx.artifacts("toy").base_dir, {}, 0)
+    monkeypatch.setattr(round_job, "_run_engine", _fake_engine())
+    refs_dir = ctx.references_dir("toy")
+    refs = ReferenceSet(clients=["u0", "u1", "u2"], members=members, k=4, seed=0, workload="toy",
+                        recipe={}, recipe_digest="d", train_s=0.0)  # fmt: skip
+    for i in refs.members:
+        (refs_dir / f"ref-{i}").mkdir(parents=True)
+        (refs_dir / f"ref-{i}" / "adapter_model.safetensors").write_bytes(b"weights")
+    (refs_dir / REFERENCES_FILE).write_text(json.dumps(refs.to_json()))
+    with transaction(ctx.session_factory) as session:
+        lifecycle.submit(
+            session,
+            lifecycle.Submission(model="toy", kind="task", sample_ids=subjects[task_request_of][:2],
+                                 tasks=["side"]),
+            idempotency_key="k1", api_key_id=None, actor="t",
+        )  # fmt: skip
+    return refs_dir, refs
+
+
 def test_a_purge_drops_the_reference_adapters_trained_on_the_erased_data(
     ctx: pipeline.WorkerContext, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -766,35 +803,10 @@ def test_a_purge_drops_the_reference_adapters_trained_on_the_erased_data(
     ``references.json`` lists only what is left. Then (issue 8 part 1) the dropped ones are retrained
     on their half (``assign_halves`` of the set's clients, K and seed) from the purged store, and the
     others are left as they were."""
-    import worker.unlearning.workload as workload_module
-    from worker.unlearning.engine import ensure_base
-    from worker.unlearning.reference_adapters import (
-        REFERENCES_FILE,
-        ReferenceSet,
-        assign_halves,
-        read_references,
-    )
-    from worker.unlearning.workloads.toy import ToyWorkload
+    from worker.unlearning.reference_adapters import assign_halves, read_references
 
-    subjects = _toy_model(ctx)
-    # the refresh trains real references: the toy workload (registered as digits here) and its base
-    monkeypatch.setattr(workload_module, "build_workload", lambda *args, **kwargs: ToyWorkload())
-    ensure_base(ToyWorkload(), ctx.artifacts("toy").base_dir, {}, 0)
-    monkeypatch.setattr(round_job, "_run_engine", _fake_engine())
-    refs_dir = ctx.references_dir("toy")
     halves = {0: ["u0", "u1"], 1: ["u2"], 2: ["u1"], 3: ["u0"]}
-    refs = ReferenceSet(clients=["u0", "u1", "u2"], members=halves, k=4, seed=0, workload="toy", recipe={},
-                        recipe_digest="d", train_s=0.0)  # fmt: skip
-    for i in refs.members:
-        (refs_dir / f"ref-{i}").mkdir(parents=True)
-        (refs_dir / f"ref-{i}" / "adapter_model.safetensors").write_bytes(b"weights")
-    (refs_dir / REFERENCES_FILE).write_text(json.dumps(refs.to_json()))
-    with transaction(ctx.session_factory) as session:
-        lifecycle.submit(
-            session,
-            lifecycle.Submission(model="toy", kind="task", sample_ids=subjects["u1"][:2], tasks=["side"]),
-            idempotency_key="k1", api_key_id=None, actor="t",
-        )  # fmt: skip
+    refs_dir, refs = _toy_with_references(ctx, monkeypatch, halves, task_request_of="u1")
     after_drop: list[tuple[list[int], list[str]]] = []
     real_refresh = cleanup.refresh_references
 
@@ -827,28 +839,9 @@ def test_the_reference_refresh_waits_while_a_request_is_queued_and_runs_when_the
     references stay dropped; the round that serves the request uses those left); the cleanup after
     that round, with the queue empty, retrains them. (Would fail if the refresh ignored the queue,
     or if after_publish no longer refreshed.)"""
-    import worker.unlearning.workload as workload_module
-    from worker.unlearning.engine import ensure_base
-    from worker.unlearning.reference_adapters import REFERENCES_FILE, ReferenceSet, read_references
-    from worker.unlearning.workloads.toy import ToyWorkload
+    from worker.unlearning.reference_adapters import read_references
 
-    subjects = _toy_model(ctx)
-    monkeypatch.setattr(workload_module, "build_workload", lambda *args, **kwargs: ToyWorkload())
-    ensure_base(ToyWorkload(), ctx.artifacts("toy").base_dir, {}, 0)
-    monkeypatch.setattr(round_job, "_run_engine", _fake_engine())
-    refs_dir = ctx.references_dir("toy")
-    refs = ReferenceSet(clients=["u0", "u1", "u2"], members={1: ["u2"], 3: ["u0"]}, k=4, seed=0,
-                        workload="toy", recipe={}, recipe_digest="d", train_s=0.0)  # fmt: skip
-    for i in refs.members:
-        (refs_dir / f"ref-{i}").mkdir(parents=True)
-        (refs_dir / f"ref-{i}" / "adapter_model.safetensors").write_bytes(b"weights")
-    (refs_dir / REFERENCES_FILE).write_text(json.dumps(refs.to_json()))
-    with transaction(ctx.session_factory) as session:
-        lifecycle.submit(
-            session,
-            lifecycle.Submission(model="toy", kind="task", sample_ids=subjects["u0"][:2], tasks=["side"]),
-            idempotency_key="k1", api_key_id=None, actor="t",
-        )  # fmt: skip
+    refs_dir, _ = _toy_with_references(ctx, monkeypatch, {1: ["u2"], 3: ["u0"]}, task_request_of="u0")
     assert cleanup.refresh_dropped_references(ctx, "toy") == []
     waited = read_references(refs_dir)
     assert waited is not None
