@@ -312,7 +312,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m bench latency
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--model", default="digits")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="The model's name (default: digits on digits-clients, else the workload's)",
+    )
     parser.add_argument(
         "--workload", default="digits-clients", help="A registered lethe.workloads entry point."
     )
@@ -332,6 +336,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m bench latency
     parser.add_argument("--label", default=None, help="Heading of this configuration in the docs.")
     given = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(given)
+    if args.model is None:
+        args.model = "digits" if args.workload == "digits-clients" else args.workload
     result = run(args)
     result["command"] = shlex.join([*prog.split(), *given])
     label = args.label or ("workload defaults" if not args.settings else f"settings {args.settings}")
