@@ -205,6 +205,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "latest_s": round(latest_s, 3),
                     "served_s": round(served_s, 3),
                     "engine_timings_s": payload.get("timings_s"),
+                    # which path published (the method's update or the exact retrain) and what
+                    # early stopping aimed at: references, or the constant where none was OUT
+                    "path": (payload.get("acceptance") or {}).get("path"),
+                    "target": _target_summary(payload),
                 }
                 runs.append(row)
                 print(json.dumps(row), flush=True)
@@ -305,6 +309,17 @@ def write_docs(section: str, label: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + SECTION + "\n\n" + section + "\n"
     DOCS.write_text(text)
+
+
+def _target_summary(evidence: dict[str, Any]) -> dict[str, Any] | None:
+    """The early-stopping target of a request's evidence (``method_info.ia.target``; ``default``
+    nests the interference-aware stage under ``ia``): its source and, for a fallback, why."""
+    info = evidence.get("method_info") or {}
+    ia = info.get("ia", info) if isinstance(info, dict) else {}
+    target = ia.get("target") if isinstance(ia, dict) else None
+    if not isinstance(target, dict):
+        return None
+    return {"source": target.get("source"), "reason": target.get("reason")}
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m bench latency") -> int:

@@ -126,3 +126,20 @@ def test_the_latency_report_judges_each_workload_by_its_own_goal() -> None:
 
     assert "(goal ≤ 10 s: **not met**)" in report("digits-clients")
     assert "(goal ≤ 60 s: met)" in report("scenes")
+
+
+def test_the_latency_rows_say_what_each_request_aimed_at() -> None:
+    """A request's evidence names its early-stopping target (``default`` nests it under ``ia``; a
+    constant fallback says why): the latency bench reports it per run, so a burst's rounds that
+    ran without OUT references show. Methods without a target report none."""
+    from bench.latency import _target_summary
+
+    fallback = {"source": "constant", "reason": "no OUT reference", "mia_auc": 0.5}
+    assert _target_summary({"method_info": {"ia": {"target": fallback}}}) == {
+        "source": "constant", "reason": "no OUT reference",
+    }  # fmt: skip
+    assert _target_summary({"method_info": {"target": {"source": "references"}}}) == {
+        "source": "references", "reason": None,
+    }  # fmt: skip
+    assert _target_summary({"method_info": {"ssd": {}}}) is None
+    assert _target_summary({}) is None
