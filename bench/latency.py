@@ -38,6 +38,8 @@ from typing import Any
 import httpx
 import psutil
 
+from bench.evidence import ia_target
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "benchmarks.md"
 SECTION = "## Latency: POST to served adapter (embedded default)"
@@ -312,12 +314,10 @@ def write_docs(section: str, label: str) -> None:
 
 
 def _target_summary(evidence: dict[str, Any]) -> dict[str, Any] | None:
-    """The early-stopping target of a request's evidence (``method_info.ia.target``; ``default``
-    nests the interference-aware stage under ``ia``): its source and, for a fallback, why."""
-    info = evidence.get("method_info") or {}
-    ia = info.get("ia", info) if isinstance(info, dict) else {}
-    target = ia.get("target") if isinstance(ia, dict) else None
-    if not isinstance(target, dict):
+    """The early-stopping target of a request's evidence (:func:`bench.evidence.ia_target`): its
+    source and, for a fallback, why."""
+    target = ia_target(evidence.get("method_info"))
+    if target is None:
         return None
     return {"source": target.get("source"), "reason": target.get("reason")}
 

@@ -52,6 +52,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
+from bench.evidence import ia_target
 from worker.unlearning.audit import AuditConfig, ModelMetrics, model_outputs
 from worker.unlearning.datastore import DataStore
 from worker.unlearning.engine import (
@@ -238,9 +239,8 @@ def _target_of(info: Any) -> dict[str, Any] | None:
     """The early-stopping target a method aimed at (``ia.target``; its evidence under
     ``info["ia"]["target"]``): source, per task the median MIA AUC / accuracy and spread over the
     OUT references, and the seconds it took; ``None`` for methods without one."""
-    ia = info.get("ia") if isinstance(info, Mapping) else None
-    target = ia.get("target") if isinstance(ia, Mapping) else None
-    if not isinstance(target, Mapping):
+    target = ia_target(info)
+    if target is None:
         return None
     return {
         "source": target.get("source"),

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from bench.evidence import ia_target
 from worker.unlearning import engine
 from worker.unlearning.types import ForgetSpec
 from worker.unlearning.workload import Workload, build_workload
@@ -132,7 +133,7 @@ def _round(
         "settings": dict(settings),
         "load": os.getloadavg()[0],
         "fallback_s": ev["timings_s"].get("acceptance_fallback_s"),
-        "target": {k: _ia_info(ev).get("target", {}).get(k) for k in ("source", "wall_s")},
+        "target": {k: (ia_target(ev.get("method_info")) or {}).get(k) for k in ("source", "wall_s")},
         "path": ev["acceptance"].get("path"),
         "next_importance_wall_s": time.perf_counter() - n0,
         "next_importance_cpu_s": time.process_time() - nc0,
@@ -140,13 +141,6 @@ def _round(
     }
     print(json.dumps(row), flush=True)
     return row
-
-
-def _ia_info(evidence: Mapping[str, Any]) -> Mapping[str, Any]:
-    """The interference-aware stage's info in a round's evidence (``default`` nests it under "ia")."""
-    info = evidence.get("method_info") or {}
-    ia = info.get("ia", info)
-    return ia if isinstance(ia, Mapping) else {}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -199,31 +199,32 @@ def refresh_dropped_references(ctx: WorkerContext, model_name: str) -> list[int]
         model_id = model.id
         recipe = (model.workload, dict(model.workload_options or {}), dict(model.settings),
                   dict(model.base_files))  # fmt: skip
-    waiting = requests_waiting(ctx, model_id)
-    done = refresh_references(ctx, model_name, *recipe, should_stop=waiting)
-    if waiting():
+    watch = QueueWatch(ctx, model_id)
+    done = refresh_references(ctx, model_name, *recipe, should_stop=watch)
+    if watch.waiting and len(done) < refs.k - len(refs.members):
         log.info("refresh of %s's reference adapters yielded to a waiting request (%d retrained)",
                  model_name, len(done))  # fmt: skip
         ctx.emit("references_refresh_deferred", references=done)
     return done
 
 
-def requests_waiting(ctx: WorkerContext, model_id: int) -> Callable[[], bool]:
-    """A cheap ``should_stop`` for background work: whether the model has a queued request, read from
-    the database at most every :data:`WAITING_CHECK_SECONDS` (true stays true)."""
-    checked_at = -float("inf")
-    waiting = False
+class QueueWatch:
+    """A cheap ``should_stop`` for background work: whether the model has a queued request, read
+    from the database at most every :data:`WAITING_CHECK_SECONDS`. Once seen, ``waiting`` stays
+    true (the work stopped for it)."""
 
-    def check() -> bool:
-        nonlocal checked_at, waiting
+    def __init__(self, ctx: WorkerContext, model_id: int) -> None:
+        self.ctx, self.model_id = ctx, model_id
+        self.waiting = False
+        self._checked_at = -float("inf")
+
+    def __call__(self) -> bool:
         now = time.monotonic()
-        if not waiting and now - checked_at >= WAITING_CHECK_SECONDS:
-            with transaction(ctx.session_factory) as session:
-                waiting = requests_repo.queue_stats(session, model_id)[0] > 0
-            checked_at = now
-        return waiting
-
-    return check
+        if not self.waiting and now - self._checked_at >= WAITING_CHECK_SECONDS:
+            with transaction(self.ctx.session_factory) as session:
+                self.waiting = requests_repo.queue_stats(session, self.model_id)[0] > 0
+            self._checked_at = now
+        return self.waiting
 
 
 def refresh_references(
@@ -240,16 +241,14 @@ def refresh_references(
     half of the clients minus the forgotten ones, from the store as purged (so no forgotten data can
     enter one). Off the request path (the requests are completed and published), under the model's
     lock (a concurrent purge must not drop a reference while it is rewritten), which rounds do not
-    take. ``should_stop``: yield (the reference in training is discarded; those finished stay). A
-    failure is logged: the audit and targets use the references left, and the next cleanup tries
-    again."""
+    take. ``should_stop``: yield (the reference in training is discarded; those finished stay).
+    Called when some are dropped (:func:`refresh_dropped_references` read the set); a complete set
+    trains nothing (``refresh_from_store`` reads it again under the lock). A failure is logged:
+    the audit and targets use the references left, and the next cleanup tries again."""
     directory = ctx.references_dir(model_name)
-    from worker.unlearning.reference_adapters import read_references, refresh_from_store
+    from worker.unlearning.reference_adapters import refresh_from_store
     from worker.unlearning.workload import build_workload
 
-    refs = read_references(directory)
-    if refs is None or len(refs.members) == refs.k:
-        return []
     try:
         workload = build_workload(workload_name, workload_options)
         base_dir = ctx.artifacts(model_name).fetch_base(base_files)

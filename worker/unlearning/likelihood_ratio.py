@@ -156,13 +156,13 @@ def out_reference_targets(
     # a reference IN for every forgotten row scores nothing: it is not forwarded (on the request
     # path of a per-client request that is half of them)
     active = [r for r, any_out in enumerate(out_mask[:, :n_f].any(dim=1).tolist()) if any_out]
+    per_task: dict[str, dict[str, Any]] = {}
+    if not active:
+        return per_task
     ref_outs = [model_outputs(loaded.models[r], inputs, batch_size=batch_size) for r in active]
     out_mask = out_mask[active]
     members = list(loaded.refs.members)
     indices = [members[r] for r in active]
-    per_task: dict[str, dict[str, Any]] = {}
-    if not active:
-        return per_task
     for task, rows, ys, is_forget in _attacked_tasks(tasks, forget_tasks, forget, unseen, device):
         name = task.name
         mask = out_mask[:, rows.cpu()]

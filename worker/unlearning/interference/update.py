@@ -117,9 +117,9 @@ def _run(
     progress: Callable[[str], None] | None,
     retain_baseline: Mapping[str, float] | None,
     check: Batch,
-    on_epoch: Callable[[int, int], None] | None = None,
-    reference: ReferenceTarget | None = None,
-    retain_targets: Partitions | None = None,
+    on_epoch: Callable[[int, int], None] | None,
+    reference: ReferenceTarget | None,
+    retain_targets: Partitions,
 ) -> dict[str, Any]:
     inv = involved_tasks(partitions, tasks)
     inv_names = [t.name for t in inv]
@@ -155,11 +155,11 @@ def _run(
     }
 
     gen = torch.Generator().manual_seed(seed)
-    targets = retain_targets or partitions  # the rows are the same; only the targets may differ
+    # the retain term descends retain_targets (the partitions' rows; distilled targets when β > 0)
     cyclers = {
-        "clean": Cycler(targets.retain_clean.to(device), cfg.batch_size, gen),
-        "inst": Cycler(targets.retain_inst.to(device), cfg.batch_size, gen),
-        "task": Cycler(targets.retain_task.to(device), cfg.batch_size, gen),
+        "clean": Cycler(retain_targets.retain_clean.to(device), cfg.batch_size, gen),
+        "inst": Cycler(retain_targets.retain_inst.to(device), cfg.batch_size, gen),
+        "task": Cycler(retain_targets.retain_task.to(device), cfg.batch_size, gen),
     }
     switches = cfg.retain_switches
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)

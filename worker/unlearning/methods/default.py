@@ -94,11 +94,12 @@ def default_method(ctx: MethodContext) -> MethodResult:
         baseline = check_accuracy(
             ctx.model, ctx.tasks, ctx.partitions, cfg, seed=ctx.seed, device=ctx.device, retain=ctx.retain
         )
-    retain_targets = None  # the pre-request model's, before SSD changes it (ia.retain_distillation)
-    if switches["ia"] and cfg.retain_distillation > 0:
-        retain_targets = distilled_partitions(
-            ctx.model, ctx.partitions, ctx.tasks, cfg.retain_distillation, ctx.device
-        )
+    # the retain term's targets are the pre-request model's, before SSD changes it (β = 0: the labels)
+    retain_targets = (
+        distilled_partitions(ctx.model, ctx.partitions, ctx.tasks, cfg.retain_distillation, ctx.device)
+        if switches["ia"]
+        else None
+    )
     if switches["ssd"]:
         ctx.progress("default: ssd")
         info["ssd"] = run_ssd(ctx)

@@ -1,0 +1,18 @@
+"""Reading a request's evidence in the benchmarks (no torch: the latency bench imports it too)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+def ia_target(method_info: Any) -> Mapping[str, Any] | None:
+    """The early-stopping target the interference-aware stage recorded (``run_ia``'s
+    ``info["target"]``: source, reason, per-task values, seconds), or ``None`` for a method without
+    one. ``ia`` and ``default`` both nest that stage's info under ``"ia"``; an info without that key
+    is read as the stage's own."""
+    if not isinstance(method_info, Mapping):
+        return None
+    stage = method_info.get("ia", method_info)
+    target = stage.get("target") if isinstance(stage, Mapping) else None
+    return target if isinstance(target, Mapping) else None
