@@ -16,3 +16,26 @@ def ia_target(method_info: Any) -> Mapping[str, Any] | None:
     stage = method_info.get("ia", method_info)
     target = stage.get("target") if isinstance(stage, Mapping) else None
     return target if isinstance(target, Mapping) else None
+
+
+def ia_steps(method_info: Any) -> Mapping[str, Any] | None:
+    """What the interference-aware stage's update ran: optimiser steps, passes over D_f, what ended
+    it (``stopped``), the kept checkpoint, and per checkpoint its steps and distance to the target
+    (``None`` for a method without that stage). Read as :func:`ia_target` reads the target."""
+    if not isinstance(method_info, Mapping):
+        return None
+    stage = method_info.get("ia", method_info)
+    if not isinstance(stage, Mapping) or "steps" not in stage:
+        return None
+    history = stage.get("history") or []
+    return {
+        "steps": stage.get("steps"),
+        "epochs_run": stage.get("epochs_run"),
+        "stopped": stage.get("stopped"),
+        "best_epoch": stage.get("best_epoch"),
+        "checkpoints": [
+            {"steps": h.get("steps"), "distance": h.get("distance")}
+            for h in history
+            if isinstance(h, Mapping)
+        ],
+    }

@@ -52,7 +52,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
-from bench.evidence import ia_target
+from bench.evidence import ia_steps, ia_target
 from worker.unlearning.audit import AuditConfig, ModelMetrics, model_outputs
 from worker.unlearning.datastore import DataStore
 from worker.unlearning.engine import (
@@ -232,6 +232,8 @@ def _row(
         "close": None if reference is None else _close(tasks, reference, request_tasks),
         "earlier": dict(earlier) if earlier else None,
         "target": _target_of(evidence.get("method_info")),
+        # what the interference-aware update ran (steps, what ended it, the kept checkpoint)
+        "update": ia_steps(evidence.get("method_info")),
     }
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from bench.evidence import ia_target
+from bench.evidence import ia_steps, ia_target
 from worker.unlearning import engine
 from worker.unlearning.types import ForgetSpec
 from worker.unlearning.workload import Workload, build_workload
@@ -135,6 +135,7 @@ def _round(
         "fallback_s": ev["timings_s"].get("acceptance_fallback_s"),
         "target": {k: (ia_target(ev.get("method_info")) or {}).get(k) for k in ("source", "wall_s")},
         "path": ev["acceptance"].get("path"),
+        "update": ia_steps(ev.get("method_info")),
         "next_importance_wall_s": time.perf_counter() - n0,
         "next_importance_cpu_s": time.process_time() - nc0,
         "forget_auc": {t: v.get("auc") for t, v in ev["mia"]["forget_vs_unseen"].items()},

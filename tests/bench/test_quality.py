@@ -57,6 +57,10 @@ def test_bench_with_references_refreshes_them_between_stages_and_records_the_tar
         assert target["source"] == "references"
         assert set(target["tasks"]) == {"kind", "side"}
         assert all(t["references"] == 1 for t in target["tasks"].values())
+        update = rows[("default@refs", stage)]["update"]
+        assert update["steps"] > 0
+        assert update["stopped"] in ("within_target", "patience", "budget")
+        assert update["checkpoints"][0]["steps"] == 0
     assert result["meta"]["method_settings"]["default@refs"] == refs
 
 
@@ -95,8 +99,10 @@ def test_bench_smoke_writes_the_json_format(tmp_path: Path, capsys: pytest.Captu
             "close",
             "earlier",
             "target",
+            "update",
         }
         assert r["target"] is None  # no method here has an early-stopping target
+        assert r["update"] is None  # nor an interference-aware update
         # stage 2 scores every model but the reference on stage 1's forget set too
         if r["stage"] == 1 or r["method"] == "retrain":
             assert r["earlier"] is None

@@ -52,3 +52,4 @@ def test_reference_adapters_are_prepared_with_the_model_and_read_by_every_round(
     assert (tmp_path / "references").is_dir()
     assert row["target"]["source"] == "references"
     assert row["target"]["wall_s"] > 0
+    assert row["update"]["steps"] == row["update"]["checkpoints"][-1]["steps"] > 0

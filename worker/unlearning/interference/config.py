@@ -62,6 +62,10 @@ class IAConfig:
     patience: int = 0
     min_steps: int = 0
     max_steps: int = 0
+    # deviation (docs/methods.md): stop as soon as the kept checkpoint's distance to the target is
+    # at most this (never before ``min_steps``): closer than the target's own error is no nearer
+    # the retrain, only longer (0: off, patience and the budget alone end a run)
+    stop_within: float = 0.0
     # how the forgotten tasks' MIA distances to the target combine: "mean" | "max" (the worst task)
     task_distance: Literal["mean", "max"] = "mean"
     # early stopping prefers checkpoints whose every forgotten task's forget-set accuracy is at the
@@ -106,9 +110,13 @@ class IAConfig:
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | None) -> IAConfig:
         cfg = parse_settings(cls, settings, "interference-aware")
-        if min(cfg.patience, cfg.min_steps, cfg.max_steps) < 0 or cfg.forget_accuracy_z < 0:
+        if (
+            min(cfg.patience, cfg.min_steps, cfg.max_steps) < 0
+            or min(cfg.forget_accuracy_z, cfg.stop_within) < 0
+        ):
             raise ValueError(
-                "interference-aware update needs patience, min_steps, max_steps, forget_accuracy_z >= 0"
+                "interference-aware update needs patience, min_steps, max_steps, forget_accuracy_z, "
+                "stop_within >= 0"
             )
         if cfg.epochs < 0 or cfg.batch_size < 1 or cfg.epsilon < 0:
             raise ValueError("interference-aware update needs epochs >= 0, batch_size >= 1, epsilon >= 0")

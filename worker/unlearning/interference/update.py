@@ -183,6 +183,7 @@ def _run(
     checkpoints.record(model, 0)
     steps, since_change, best = 0, 0, 0  # since_change: steps since the kept checkpoint changed
     epochs_run = 0
+    stopped = "budget"
     norms: list[tuple[float, float, float]] = []
     for epoch in range(1, cfg.epochs + 1):
         order = torch.randperm(len(forget), generator=gen)
@@ -223,14 +224,20 @@ def _run(
         best = chosen
         if cfg.max_steps and steps >= cfg.max_steps:
             break
-        if cfg.early_stopping and 0 < cfg.patience <= since_change and steps >= cfg.min_steps:
-            break
+        if cfg.early_stopping and steps >= cfg.min_steps:
+            if within_target(history[best], cfg.stop_within, cfg.retain_tolerance):
+                stopped = "within_target"
+                break
+            if 0 < cfg.patience <= since_change:
+                stopped = "patience"
+                break
     if not cfg.early_stopping:  # the last epoch is kept
         best = epochs_run
     restore(model, checkpoints.states[best])
     info.update(
         epochs_run=epochs_run,
         steps=steps,
+        stopped=stopped if cfg.early_stopping else "budget",
         best_epoch=history[best]["epoch"],
         best_distance=history[best]["distance"],
         retain_baseline=checkpoints.baseline,
@@ -241,6 +248,18 @@ def _run(
         term_norms=term_norms(norms),
     )
     return info
+
+
+def within_target(checkpoint: Mapping[str, Any], stop_within: float, retain_tolerance: float) -> bool:
+    """Whether ``checkpoint`` (a history entry) is within ``stop_within`` of the target (0: never)
+    and within the retain tolerance (a kept checkpoint outside it is the least bad, not a goal)."""
+    distance = checkpoint.get("distance")
+    return (
+        stop_within > 0
+        and distance is not None
+        and float(distance) <= stop_within
+        and float(checkpoint["retain_drop"]) <= retain_tolerance + 1e-12
+    )
 
 
 def _subspace_batches(partitions: Partitions, device: str, seed: int, size: int = 256) -> list[Batch]:

@@ -19,7 +19,7 @@ from worker.unlearning.interference.checkpoints import forget_excess, select_che
 from worker.unlearning.interference.config import IAConfig
 from worker.unlearning.interference.retain import KEPT_OF_FORGOTTEN, retain_drop
 from worker.unlearning.interference.subspaces import gradient_subspaces, projectors
-from worker.unlearning.interference.update import balance_forget, interference_aware_unlearn
+from worker.unlearning.interference.update import balance_forget, interference_aware_unlearn, within_target
 
 
 def test_patience_counts_optimiser_steps_and_never_stops_before_the_minimum() -> None:
@@ -42,6 +42,41 @@ def test_patience_counts_optimiser_steps_and_never_stops_before_the_minimum() ->
     assert [h["steps"] for h in long["history"]] == [3 * e for e in range(len(long["history"]))]
     capped = run({"patience": 0, "max_steps": 7})
     assert capped["steps"] == 7
+
+
+def test_stop_within_ends_a_run_at_the_first_kept_checkpoint_that_close_to_the_target() -> None:
+    """Defect: a run whose kept checkpoint was already as close to the target as the target is to
+    the retrain went on for a whole patience (a scenes request: 48 optimiser steps to keep the
+    checkpoint of step 24; docs/benchmarks.md, "Stopping within the target's error")."""
+    parts = partial_partitions()  # D_f: 6 rows; batch 2 → 3 steps an epoch
+    heldout = ia_batch(10, 7, ["a", "b"])
+    base: dict[str, object] = {"lr": 5e-2, "epochs": 6, "batch_size": 2, "patience": 0, "min_steps": 3}
+
+    def run(settings: dict[str, object]) -> dict[str, Any]:
+        cfg = IAConfig.from_settings({**base, **settings})
+        torch.manual_seed(0)  # the toy net's heads: the same model in every run
+        return interference_aware_unlearn(
+            ia_model(), tasks=TASKS, partitions=parts, heldout=heldout, cfg=cfg, seed=0, mia_target=0.5
+        )
+
+    full = run({})
+    assert (full["stopped"], full["steps"]) == ("budget", 18)
+    distances = [h["distance"] for h in full["history"]]
+    # a bound every checkpoint meets: the first one after min_steps ends the run, same weights so far
+    loose = run({"stop_within": max(distances) + 1e-6})
+    assert (loose["stopped"], loose["steps"]) == ("within_target", 3)
+    assert loose["history"] == full["history"][:2]
+    # a bound no checkpoint meets changes nothing
+    tight = run({"stop_within": min(distances) / 2})
+    assert tight["stopped"] == "budget"
+    assert tight["history"] == full["history"]
+    # a kept checkpoint outside the retain tolerance (the least bad one) is not a reason to stop
+    assert within_target({"distance": 0.01, "retain_drop": 0.04}, 0.02, retain_tolerance=0.05)
+    assert not within_target({"distance": 0.01, "retain_drop": 0.06}, 0.02, retain_tolerance=0.05)
+    assert not within_target({"distance": None, "retain_drop": 0.0}, 0.02, retain_tolerance=1.0)
+    assert not within_target({"distance": 0.0, "retain_drop": 0.0}, 0.0, retain_tolerance=1.0)  # off
+    with pytest.raises(ValueError, match="stop_within"):
+        IAConfig.from_settings({"stop_within": -0.1})
 
 
 @pytest.mark.parametrize("mode", ["total", "per_task"])
