@@ -39,3 +39,17 @@ def ia_steps(method_info: Any) -> Mapping[str, Any] | None:
             if isinstance(h, Mapping)
         ],
     }
+
+
+def failed_checks(acceptance: Any) -> list[dict[str, Any]]:
+    """The acceptance checks of a request's evidence that failed: the method's own (``method_checks``,
+    where the round fell back to the exact retrain) or else the published model's, each as
+    ``{what, detail, margin}`` (empty when every check passed or none ran)."""
+    if not isinstance(acceptance, Mapping):
+        return []
+    checks = acceptance.get("method_checks") or acceptance.get("checks") or []
+    return [
+        {k: c.get(k) for k in ("what", "detail", "margin")}
+        for c in checks
+        if isinstance(c, Mapping) and not c.get("ok", True)
+    ]

@@ -38,7 +38,7 @@ from typing import Any
 import httpx
 import psutil
 
-from bench.evidence import ia_target
+from bench.evidence import failed_checks, ia_target
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -211,6 +211,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     # early stopping aimed at: references, or the constant where none was OUT
                     "path": (payload.get("acceptance") or {}).get("path"),
                     "target": _target_summary(payload),
+                    # why the method's update was not published (its failed checks), if it was not
+                    "failed_checks": failed_checks(payload.get("acceptance")),
                 }
                 runs.append(row)
                 print(json.dumps(row), flush=True)

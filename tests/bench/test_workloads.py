@@ -143,3 +143,25 @@ def test_the_latency_rows_say_what_each_request_aimed_at() -> None:
     }  # fmt: skip
     assert _target_summary({"method_info": {"ssd": {}}}) is None
     assert _target_summary({}) is None
+
+
+def test_the_latency_rows_say_why_a_request_fell_back() -> None:
+    """A request published by the exact retrain names the method's failed checks (not the
+    retrain's, which may pass); a request whose checks all passed names none."""
+    from bench.evidence import failed_checks
+
+    bad = {
+        "what": "forgotten: forget set, position_x",
+        "ok": False,
+        "detail": "-0.089 → -0.094",
+        "margin": -0.002,
+    }
+    good = {"what": "held-out accuracy kept: shape", "ok": True, "detail": "…", "margin": 0.04}
+    fell_back = {"path": "retrain", "checks": [good], "method_checks": [bad, good]}
+    assert failed_checks(fell_back) == [{k: bad[k] for k in ("what", "detail", "margin")}]
+    assert failed_checks({"path": "default", "checks": [good]}) == []
+    assert failed_checks({"path": "retrain", "checks": [bad]}) == [
+        {k: bad[k] for k in ("what", "detail", "margin")}
+    ]
+    assert failed_checks({"checked": False, "reason": "nothing to forget"}) == []
+    assert failed_checks(None) == []

@@ -41,7 +41,7 @@ from worker.unlearning.audit import (
     unl_split,
 )
 from worker.unlearning.datastore import DataStore, ResolvedSpec
-from worker.unlearning.likelihood_ratio import likelihood_ratio_audit
+from worker.unlearning.likelihood_ratio import likelihood_ratio_audit, out_reference_targets
 from worker.unlearning.model import MultiTaskModel, has_base, load_base
 from worker.unlearning.partitions import (
     DEFAULT_ANCHOR_FRACTION,
@@ -751,18 +751,48 @@ def acceptance_groups(ctx: RequestContext) -> acceptance.Groups:
     )
 
 
+class ReferenceAllowance:
+    """Per forgotten task of one request, the acceptance check's forget-bound allowance: the median
+    over the reference adapters that never saw the request's rows of (their metric on the forget
+    set − their metric on the held-out split) (:func:`likelihood_ratio.out_reference_targets`'s
+    ``accuracy_gap``; the per-task request's OUT references too). Computed on first use and kept:
+    a round whose checks pass never forwards the references for it. ``values``: what was computed
+    (``None``: not needed)."""
+
+    def __init__(self, ctx: RequestContext) -> None:
+        self.ctx = ctx
+        self.values: dict[str, float] | None = None
+
+    def __call__(self) -> dict[str, float]:
+        if self.values is None:
+            ctx = self.ctx
+            per_task = {}
+            if ctx.references is not None and ctx.references.models:
+                per_task = out_reference_targets(
+                    ctx.references, ctx.tasks, forget=ctx.partitions.forget, unseen=ctx.heldout,
+                    forget_tasks=ctx.partitions.forget_tasks, client_index=ctx.client_index,
+                    device=ctx.device,
+                )  # fmt: skip
+            self.values = {t: float(v["accuracy_gap"]) for t, v in per_task.items()}
+        return self.values
+
+
 def check_request(
     before: torch.nn.Module,
     after: torch.nn.Module,
     ctx: RequestContext,
     cfg: acceptance.AcceptanceConfig,
     before_outputs: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+    allowance: ReferenceAllowance | None = None,
 ) -> list[acceptance.Check]:
     """The acceptance checks of one request: ``after`` (the model to publish) against ``before`` (the
     version the round started from), with the original version's held-out level from the state.
     ``before_outputs``: ``before``'s outputs on some of the groups, already computed
-    (:func:`before_outputs_of`)."""
+    (:func:`before_outputs_of`). ``allowance``: the request's :class:`ReferenceAllowance`
+    (``None``: a fresh one when the model has references)."""
     names = {i: c for c, i in ctx.client_index.items()}
+    if allowance is None and ctx.references is not None:
+        allowance = ReferenceAllowance(ctx)
     return acceptance.check(
         before,
         after,
@@ -773,6 +803,7 @@ def check_request(
         original_val=ctx.state.original_val,
         client_names=names,
         before_outputs=before_outputs,
+        allowance=allowance,
     )
 
 
@@ -820,9 +851,14 @@ def _accept_round(
         return model, {s.ctx.spec.request_id: {"checked": False, "reason": reason} for s in staged}, 0.0
     progress("acceptance check")
     reused = before_outputs_of(staged)  # the round input's outputs, not forwarded again
+    # one per request, shared by the check of the update and of a fallback retrain
+    allowances = {
+        s.ctx.spec.request_id: ReferenceAllowance(s.ctx) for s in work if s.ctx.references is not None
+    }
 
     def checked(after: torch.nn.Module, s: StageResult) -> list[acceptance.Check]:
-        return check_request(round_input, after, s.ctx, cfg, reused.get(s.ctx.spec.request_id))
+        rid = s.ctx.spec.request_id
+        return check_request(round_input, after, s.ctx, cfg, reused.get(rid), allowances.get(rid))
 
     first = {s.ctx.spec.request_id: checked(model, s) for s in work}
     passed = all(c.ok for checks in first.values() for c in checks)
@@ -847,6 +883,9 @@ def _accept_round(
             "config": cfg.to_json(),
             "checks": [c.to_json() for c in final[rid]],
         }
+        computed = allowances[rid].values if rid in allowances else None
+        if computed is not None:  # a forget bound failed once: what the references allowed
+            entry["reference_allowance"] = computed
         if path != method:
             entry["method_checks"] = [c.to_json() for c in first[rid]]
             entry["reason"] = f"{method}'s update failed the acceptance check; the round published a retrain"

@@ -11,6 +11,7 @@ by the label tensor's dtype, so the core never compares labels with ``IGNORE`` i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
@@ -164,6 +165,18 @@ class RegressionTask:
             return float("nan")
         err = (self._pred(output, target)[supervised] - target[supervised]).abs()
         return -float(err.mean())
+
+    def metric_standard_error(self, output: Tensor, target: Tensor) -> float:
+        """The standard error of :meth:`metric` over the labelled samples (their absolute errors'
+        standard deviation / √n): the acceptance check's noise term for a metric that is not a
+        proportion (NaN without two labelled samples)."""
+        supervised = self.supervised(target)
+        n = int(supervised.sum())
+        if n < 2:
+            return float("nan")
+        err = (self._pred(output, target)[supervised] - target[supervised]).abs()
+        err = err.reshape(n, -1).mean(dim=1)
+        return float(err.std() / math.sqrt(n))
 
 
 @dataclass

@@ -210,6 +210,52 @@ def test_a_round_aims_at_the_out_references_and_never_trains_or_reads_a_retrain(
     assert plain["pick"] == IAConfig.from_settings(TOY["ia"]).forget_accuracy_pick
 
 
+def test_a_failed_forget_bound_asks_the_out_references_and_the_evidence_says_what_they_allowed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The acceptance check's reference allowance (``acceptance.reference_allowance``) is the OUT
+    references' forget − held-out gap of the request, read only when a forget bound fails (a round
+    whose checks pass never forwards the references for it), recorded in the evidence, and never
+    read from a retrain."""
+    import worker.unlearning.acceptance as acceptance
+
+    wl = ToyWorkload(0, num_clients=4, per_client=10)
+    prepare(wl, data_dir=tmp_path / "data", base_dir=tmp_path / "base", adapter_dir=tmp_path / "v1",
+            settings=TOY, seed=0, references_dir=tmp_path / "refs")  # fmt: skip
+    forbid_training(monkeypatch)
+    asked: list[int] = []
+    real = out_reference_targets  # what the engine imported
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        asked.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "out_reference_targets", counted)
+    # every forget bound passes (a bound far above any accuracy): the references are not asked
+    monkeypatch.setattr(acceptance, "unseen_bound", lambda unseen, n, z=2.0: unseen + 10.0)
+    passing = one_client_round(
+        wl, tmp_path, TOY, client="u2", method="original", refs=tmp_path / "refs", out="a"
+    )
+    assert "reference_allowance" not in passing["acceptance"]
+    assert asked == []
+    # every forget bound fails (a bound far below any accuracy): the references are asked, once
+    monkeypatch.setattr(acceptance, "unseen_bound", lambda unseen, n, z=2.0: unseen - 10.0)
+    failing = one_client_round(
+        wl, tmp_path, TOY, client="u2", method="original", refs=tmp_path / "refs", out="b"
+    )
+    allowed = failing["acceptance"]["reference_allowance"]
+    assert set(allowed) == {"kind", "side"}
+    assert all(-1.0 <= v <= 1.0 for v in allowed.values())
+    assert asked == [1]
+    assert not failing["acceptance"]["passed"]
+    for c in failing["acceptance"]["checks"]:
+        if c["what"].startswith("forgotten") and allowed[c["what"].rsplit(", ", 1)[1]] > 0:
+            assert "references that never saw it" in c["detail"]
+    # without references there is nothing to ask
+    bare = one_client_round(wl, tmp_path, TOY, client="u2", method="original", refs=None, out="c")
+    assert "reference_allowance" not in bare["acceptance"]
+
+
 def test_refresh_retrains_dropped_references_on_their_half_minus_the_forgotten(tmp_path: Path) -> None:
     """After clients are forgotten, :func:`refresh_references` retrains exactly the dropped
     references, each on its original half minus the forgotten clients: every client stays IN

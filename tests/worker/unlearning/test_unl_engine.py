@@ -183,7 +183,12 @@ def test_a_failed_acceptance_check_publishes_the_exact_retrain(
     calls: list[str] = []
 
     def method_fails(
-        before: object, after: torch.nn.Module, ctx: object, cfg: object, before_outputs: object = None
+        before: object,
+        after: torch.nn.Module,
+        ctx: object,
+        cfg: object,
+        before_outputs: object = None,
+        allowance: object = None,
     ) -> list[Check]:
         calls.append(type(after).__name__)
         return _failing_check() if len(calls) == 1 else [Check("kept", True, "ok", margin=0.1)]
