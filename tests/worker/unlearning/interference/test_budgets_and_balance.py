@@ -47,7 +47,7 @@ def test_patience_counts_optimiser_steps_and_never_stops_before_the_minimum() ->
 def test_stop_within_ends_a_run_at_the_first_kept_checkpoint_that_close_to_the_target() -> None:
     """Defect: a run whose kept checkpoint was already as close to the target as the target is to
     the retrain went on for a whole patience (a scenes request: 48 optimiser steps to keep the
-    checkpoint of step 24; docs/benchmarks.md, "Stopping within the target's error")."""
+    checkpoint of step 24; docs/benchmarks.md, "Scenes: stopping within the target")."""
     parts = partial_partitions()  # D_f: 6 rows; batch 2 → 3 steps an epoch
     heldout = ia_batch(10, 7, ["a", "b"])
     base: dict[str, object] = {"lr": 5e-2, "epochs": 6, "batch_size": 2, "patience": 0, "min_steps": 3}
