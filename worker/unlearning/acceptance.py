@@ -102,8 +102,10 @@ def forget_check(
     if n == 0 or math.isnan(before) or math.isnan(unseen):
         return Check(what, False, "no labelled samples to measure")
     allowance = max(0.0, allowance)
-    noise = z * se if se is not None and not math.isnan(se) else unseen_bound(unseen, n, z) - unseen
-    bound = unseen + noise + allowance
+    if se is None or math.isnan(se):  # a proportion's standard error at the unseen level
+        bound = unseen_bound(unseen, n, z) + allowance
+    else:  # the metric's own
+        bound = unseen + z * se + allowance
     extra = (
         f" + {fmt(allowance)} (references that never saw it do that much better on it)" if allowance else ""
     )

@@ -789,10 +789,8 @@ def check_request(
     version the round started from), with the original version's held-out level from the state.
     ``before_outputs``: ``before``'s outputs on some of the groups, already computed
     (:func:`before_outputs_of`). ``allowance``: the request's :class:`ReferenceAllowance`
-    (``None``: a fresh one when the model has references)."""
+    (``None``: the model has no references, a failed forget bound stays as it is)."""
     names = {i: c for c, i in ctx.client_index.items()}
-    if allowance is None and ctx.references is not None:
-        allowance = ReferenceAllowance(ctx)
     return acceptance.check(
         before,
         after,

@@ -237,7 +237,7 @@ def _run(
     info.update(
         epochs_run=epochs_run,
         steps=steps,
-        stopped=stopped if cfg.early_stopping else "budget",
+        stopped=stopped,
         best_epoch=history[best]["epoch"],
         best_distance=history[best]["distance"],
         retain_baseline=checkpoints.baseline,
