@@ -218,6 +218,7 @@ def _row(
         }
     uis_block = evidence.get("uis")
     uis = uis_block.get("value") if isinstance(uis_block, Mapping) else uis_block
+    target = _target_of(evidence.get("method_info"))
     return {
         "setting": setting,
         "stage": stage,
@@ -231,7 +232,10 @@ def _row(
         "tasks": tasks,
         "close": None if reference is None else _close(tasks, reference, request_tasks),
         "earlier": dict(earlier) if earlier else None,
-        "target": _target_of(evidence.get("method_info")),
+        "target": target,
+        # scoring only: whether the target itself was close to the reference retrain (what a
+        # method that lands on its target can reach; the rest of a miss is the update's)
+        "target_close": _target_close(target, reference, request_tasks),
         # what the interference-aware update ran (steps, what ended it, the kept checkpoint)
         "update": ia_steps(evidence.get("method_info")),
     }
@@ -246,6 +250,7 @@ def _target_of(info: Any) -> dict[str, Any] | None:
         return None
     return {
         "source": target.get("source"),
+        "accuracy": target.get("accuracy"),  # "absolute" or "relative" (ia.target_accuracy)
         "reason": target.get("reason"),
         "wall_s": target.get("wall_s"),
         "tasks": {
@@ -253,6 +258,39 @@ def _target_of(info: Any) -> dict[str, Any] | None:
             for t, v in dict(target.get("tasks") or {}).items()
         },
     }
+
+
+def _target_close(
+    target: Mapping[str, Any] | None,
+    reference: Mapping[str, Mapping[str, float | None]] | None,
+    request_tasks: Sequence[str],
+) -> dict[str, bool] | None:
+    """Per request-task, :func:`_close` of a per-client target (its forget-set accuracy and MIA
+    AUC) to the reference retrain; ``None`` without one (a constant target has no accuracy; a
+    ``"relative"`` accuracy target moves with each checkpoint's held-out accuracy)."""
+    if reference is None or target is None or target.get("source") != "references":
+        return None
+    if target.get("accuracy") == "relative":
+        return None
+    values = {
+        t: {"unl": _num(v.get("accuracy")), "mia_auc": _num(v.get("mia_auc"))}
+        for t, v in dict(target.get("tasks") or {}).items()
+    }
+    return _close(values, reference, request_tasks)
+
+
+def target_close_by_method(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per method that aimed at per-client targets (in run order), pooled over settings, stages
+    and seeds: of the ``n`` request-tasks with a target, how many targets were close to the
+    reference retrain (``target_close``) and how many of the method's results were (``close``)."""
+    out: dict[str, dict[str, int]] = {}
+    for r in runs:
+        for task, hit in (r.get("target_close") or {}).items():
+            row = out.setdefault(r["method"], {"n": 0, "target_close": 0, "close": 0})
+            row["n"] += 1
+            row["target_close"] += int(hit)
+            row["close"] += int(bool((r.get("close") or {}).get(task)))
+    return out
 
 
 def _task_metrics(metrics: ModelMetrics) -> dict[str, dict[str, float | None]]:
@@ -1143,6 +1181,15 @@ def format_table(result: Mapping[str, Any]) -> str:
     earlier = earlier_by_method(result.get("runs", []))
     if earlier:
         lines.append(_earlier_line(earlier))
+    targets = target_close_by_method(result.get("runs", []))
+    if targets:
+        lines.append(
+            f"per-client targets within {meta.get('close_tolerance', CLOSE_TOLERANCE)} of the reference "
+            "retrain (scoring only; the method's own close count after it): "
+            + "; ".join(
+                f"{m} {t['target_close']}/{t['n']} (close {t['close']}/{t['n']})" for m, t in targets.items()
+            )
+        )
     protocol = meta.get("protocol")
     if protocol:
         lines.append(
