@@ -147,7 +147,9 @@ def quality_main(argv: Sequence[str], prog: str) -> int:
     jobs = args.jobs or os.cpu_count() or 1
     try:
         if args.latency:  # one seed: the first given, else 0
-            timed = quality.measure_latency(args.workload, seed=(listed or [0])[0], workload_options=options)
+            from bench.workload_figures import measure_latency
+
+            timed = measure_latency(args.workload, seed=(listed or [0])[0], workload_options=options)
             print(json.dumps(timed, indent=2))
             return 0
         if args.measure_workload:
@@ -174,9 +176,9 @@ def quality_main(argv: Sequence[str], prog: str) -> int:
 
 
 def _measure(workload: str, options: dict[str, Any], seeds: list[int] | None, json_path: Path | None) -> int:
-    from bench import quality
+    from bench.workload_figures import measure_workload
 
-    result = quality.measure_workload(workload, seeds=seeds or (0, 1, 2), workload_options=options)
+    result = measure_workload(workload, seeds=seeds or (0, 1, 2), workload_options=options)
     print(json.dumps(result["summary"], indent=2))
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,9 +21,9 @@ settings, methods, tuned values, bench-only workload options), e.g. a quick pres
 CPU cores for a ViT; the fairness rules above hold for it unchanged. ``jobs`` > 1 runs the seeds in
 that many spawned processes, one torch thread each (seeds are independent).
 
-``measure_workload`` measures what makes the workload worth auditing (docs/workloads.md): per
-client, the original–retrain gap on the forget set (accuracy, loss-MIA AUC) and the retrain's Val
-spread over seeds. ``python -m bench quality --help``; ``python -m bench measure-workload --help``.
+How a run is scored and runs are pooled: :mod:`bench.scoring`; the printed table:
+:mod:`bench.report`; the workload's own figures (gaps, Val spread): :mod:`bench.workload_figures`.
+``python -m bench quality --help``.
 """
 
 from __future__ import annotations
@@ -32,12 +32,10 @@ import copy
 import dataclasses
 import importlib.util
 import json
-import math
 import multiprocessing
 import os
 import resource
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -50,10 +48,23 @@ from typing import Any
 import numpy as np
 import torch
 from peft import PeftModel
-from torch import nn
 
-from bench.evidence import ia_steps, ia_target
-from worker.unlearning.audit import AuditConfig, ModelMetrics, model_outputs
+from bench.report import format_table
+from bench.scoring import (
+    APPROXIMATE_METHODS,
+    CLOSE_TOLERANCE,
+    SECOND_RETRAIN,
+    check_goals,
+    earlier_accuracy,
+    earlier_gaps,
+    median_of,
+    registered_methods,
+    run_row,
+    summarise,
+    task_metrics,
+)
+from bench.seeded_workloads import SeededWorkloads
+from worker.unlearning.audit import AuditConfig
 from worker.unlearning.datastore import DataStore
 from worker.unlearning.engine import (
     EngineInputs,
@@ -62,15 +73,12 @@ from worker.unlearning.engine import (
     ensure_base,
     evaluate,
     full_importance_settings,
-    prepare,
     reference_retrain,
     request_context,
     request_evidence,
-    run_round,
     run_stage,
     training_data,
 )
-from worker.unlearning.interference.retain import task_accuracy
 from worker.unlearning.partitions import retain_set
 from worker.unlearning.reference_adapters import (
     LoadedReferences,
@@ -82,22 +90,17 @@ from worker.unlearning.reference_adapters import (
 from worker.unlearning.runtime import runtime_environment
 from worker.unlearning.ssd import precompute_full_importance
 from worker.unlearning.state import RoundState
-from worker.unlearning.training import TrainConfig, retrain, train_v1
-from worker.unlearning.types import Batch, ForgetSpec, TaskSpec
+from worker.unlearning.training import TrainConfig, train_v1
+from worker.unlearning.types import Batch, ForgetSpec
 from worker.unlearning.workload import (
     BenchProtocol,
     Workload,
-    build_workload,
     deep_merge,
-    takes_seed,
     workload_factory,
 )
 
-APPROXIMATE_METHODS = ["ssd", "ia", "default"]  # goal 1 of the issue compares these three
 METHODS = ["original", "retrain", *APPROXIMATE_METHODS]
-SECOND_RETRAIN = "retrain_2"  # a retrain with another seed: how close two exact retrains are
 SECOND_RETRAIN_SEED_OFFSET = 7_919  # the second retrain's seed is the run's seed + this
-CLOSE_TOLERANCE = 0.05  # |Unl − retrain Unl| and |MIA − retrain MIA| both within this: "close"
 #: the seeds the tuning grid is scored on: never an evaluation seed
 TUNING_SEEDS = (100, 101, 102)
 #: one anchor fraction for every method of quick/full (the value ``default`` and ``ia`` had; the
@@ -122,19 +125,6 @@ PAPER_STEPS = {"uno": {"epochs": 530}}
 #: value tuned as a plain weight no longer means the same; ``default`` runs its workload's settings
 #: until a new ``--tune`` run on the tuning seeds chooses again.
 TUNED_QUICK: dict[str, float] = {"ssd": 3.0, "ia": 3e-3}
-
-
-def registered_methods() -> list[str]:
-    """Every method of the registry: the bounds first, ``default`` last, the rest by name."""
-    from worker.unlearning.methods import available_methods
-
-    names = set(available_methods())
-    middle = sorted(names - {"original", "retrain", "default"})
-    return (
-        [m for m in ("original", "retrain") if m in names]
-        + middle
-        + (["default"] if "default" in names else [])
-    )
 
 
 @dataclass(frozen=True)
@@ -190,157 +180,6 @@ def _stage_specs(setting: str, clients: Sequence[str], seed: int, stages: int) -
     raise ValueError(f"unknown setting {setting!r}")
 
 
-def _row(
-    setting: str,
-    stage: int,
-    method: str,
-    seed: int,
-    evidence: Mapping[str, Any],
-    wall: float,
-    precompute: float = 0.0,
-    *,
-    reference: Mapping[str, Mapping[str, float | None]] | None = None,
-    request_tasks: Sequence[str] = (),
-    earlier: Mapping[str, float] | None = None,
-) -> dict[str, Any]:
-    """One run's row. ``reference``: the reference retrain's per-task metrics (``None`` for the
-    reference itself); ``close`` then says, per request-task (the tasks forgotten), whether this
-    model's forget-set accuracy and MIA AUC are both within :data:`CLOSE_TOLERANCE` of it.
-    ``earlier``: per earlier stage's request-task, this model's accuracy on that stage's forget set
-    minus the reference retrain's (:func:`earlier_gaps`)."""
-    tasks: dict[str, dict[str, float | None]] = {}
-    for name, ev in dict(evidence.get("tasks", {})).items():
-        tasks[name] = {
-            "ret": _num(ev.get("ret")),
-            "unl": _num(ev.get("unl")),
-            "val": _num(ev.get("val")),
-            "mia_auc": _num(ev.get("mia_auc")),
-        }
-    uis_block = evidence.get("uis")
-    uis = uis_block.get("value") if isinstance(uis_block, Mapping) else uis_block
-    target = _target_of(evidence.get("method_info"))
-    return {
-        "setting": setting,
-        "stage": stage,
-        "method": method,
-        "seed": seed,
-        "uis": None if method in ("retrain",) or uis is None else float(uis),
-        "wall_s": float(wall),
-        # SSD's full-data importance this request read, computed ahead (after the previous request,
-        # or for v1 before the first): work moved off the request, reported, not hidden
-        "importance_precompute_s": float(precompute),
-        "tasks": tasks,
-        "close": None if reference is None else _close(tasks, reference, request_tasks),
-        "earlier": dict(earlier) if earlier else None,
-        "target": target,
-        # scoring only: whether the target itself was close to the reference retrain (what a
-        # method that lands on its target can reach; the rest of a miss is the update's)
-        "target_close": _target_close(target, reference, request_tasks),
-        # what the interference-aware update ran (steps, what ended it, the kept checkpoint)
-        "update": ia_steps(evidence.get("method_info")),
-    }
-
-
-def _target_of(info: Any) -> dict[str, Any] | None:
-    """The early-stopping target a method aimed at (``ia.target``; its evidence under
-    ``info["ia"]["target"]``): source, per task the median MIA AUC / accuracy and spread over the
-    OUT references, and the seconds it took; ``None`` for methods without one."""
-    target = ia_target(info)
-    if target is None:
-        return None
-    return {
-        "source": target.get("source"),
-        "accuracy": target.get("accuracy"),  # "absolute" or "relative" (ia.target_accuracy)
-        "reason": target.get("reason"),
-        "wall_s": target.get("wall_s"),
-        "tasks": {
-            t: {k: v[k] for k in ("mia_auc", "accuracy", "accuracy_gap", "spread", "references")}
-            for t, v in dict(target.get("tasks") or {}).items()
-        },
-    }
-
-
-def _target_close(
-    target: Mapping[str, Any] | None,
-    reference: Mapping[str, Mapping[str, float | None]] | None,
-    request_tasks: Sequence[str],
-) -> dict[str, bool] | None:
-    """Per request-task, :func:`_close` of a per-client target (its forget-set accuracy and MIA
-    AUC) to the reference retrain; ``None`` without one (a constant target has no accuracy; a
-    ``"relative"`` accuracy target moves with each checkpoint's held-out accuracy)."""
-    if reference is None or target is None or target.get("source") != "references":
-        return None
-    if target.get("accuracy") == "relative":
-        return None
-    values = {
-        t: {"unl": _num(v.get("accuracy")), "mia_auc": _num(v.get("mia_auc"))}
-        for t, v in dict(target.get("tasks") or {}).items()
-    }
-    return _close(values, reference, request_tasks)
-
-
-def target_close_by_method(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
-    """Per method that aimed at per-client targets (in run order), pooled over settings, stages
-    and seeds: of the ``n`` request-tasks with a target, how many targets were close to the
-    reference retrain (``target_close``) and how many of the method's results were (``close``)."""
-    out: dict[str, dict[str, int]] = {}
-    for r in runs:
-        for task, hit in (r.get("target_close") or {}).items():
-            row = out.setdefault(r["method"], {"n": 0, "target_close": 0, "close": 0})
-            row["n"] += 1
-            row["target_close"] += int(hit)
-            row["close"] += int(bool((r.get("close") or {}).get(task)))
-    return out
-
-
-def _task_metrics(metrics: ModelMetrics) -> dict[str, dict[str, float | None]]:
-    return {t: {"unl": _num(m.unl), "mia_auc": _num(m.mia_auc)} for t, m in metrics.tasks.items()}
-
-
-def _close(
-    tasks: Mapping[str, Mapping[str, float | None]],
-    reference: Mapping[str, Mapping[str, float | None]],
-    request_tasks: Sequence[str],
-) -> dict[str, bool]:
-    """Per request-task with both values measured: Unl and MIA AUC both within the tolerance of the
-    reference's (a task without forget-set data this stage is left out, not counted as close)."""
-    out: dict[str, bool] = {}
-    for t in request_tasks:
-        mine, ref = tasks.get(t, {}), reference.get(t, {})
-        values = [mine.get("unl"), ref.get("unl"), mine.get("mia_auc"), ref.get("mia_auc")]
-        if any(v is None for v in values):
-            continue
-        u, ru, a, ra = (float(v) for v in values if v is not None)
-        out[t] = abs(u - ru) <= CLOSE_TOLERANCE and abs(a - ra) <= CLOSE_TOLERANCE
-    return out
-
-
-def earlier_accuracy(
-    model: nn.Module, earlier: Sequence[Batch], tasks: Sequence[TaskSpec]
-) -> dict[str, float]:
-    """``model``'s accuracy (task metric) on each earlier stage's forget set, per forgotten task:
-    ``{"<stage>:<task>": metric}``. Scoring only (the bench holds the data; no method reads it)."""
-    out: dict[str, float] = {}
-    for stage, batch in enumerate(earlier, start=1):
-        accuracy = task_accuracy(tasks, model_outputs(model, batch.inputs), batch)
-        out.update({f"{stage}:{task}": value for task, value in accuracy.items()})
-    return out
-
-
-def earlier_gaps(mine: Mapping[str, float], reference: Mapping[str, float]) -> dict[str, float]:
-    """Per earlier request-task: this model's accuracy on the earlier forget set minus the reference
-    retrain's (> 0: it knows more of an earlier forgotten subject than a model that never saw it — a
-    later request undid some of an earlier one's forgetting)."""
-    return {k: mine[k] - reference[k] for k in mine if k in reference}
-
-
-def _num(value: Any) -> float | None:
-    if value is None:
-        return None
-    f = float(value)
-    return None if math.isnan(f) else f
-
-
 def _seed_list(seeds: int | Sequence[int] | None, preset: Preset) -> list[int]:
     if isinstance(seeds, int):  # a number of seeds: 0 … seeds−1
         return list(range(seeds))
@@ -369,46 +208,6 @@ def fair_settings(settings: Mapping[str, Any], fraction: float | None) -> dict[s
     if fraction is not None:
         out["anchor_fraction"] = float(fraction)
     return out
-
-
-class SeededWorkloads:
-    """The workload of each benchmark seed. A registered name is built with ``options`` and, when
-    its constructor takes ``seed`` and the options do not set it, ``seed=<the benchmark's seed>``:
-    the data follows the seeds. A :class:`Workload` instance is used as it is for every seed."""
-
-    def __init__(self, workload: str | Workload, options: Mapping[str, Any] | None = None) -> None:
-        self.source = workload
-        self.options = dict(options or {})
-        self.factory: Any = None  # the registered class, resolved once (worker processes reuse it)
-        if isinstance(workload, Workload):
-            if self.options:
-                raise ValueError("workload options need a workload name, not an instance")
-            self.follows_seed = False
-        else:
-            self.factory = workload_factory(workload)
-            self.follows_seed = "seed" not in self.options and takes_seed(self.factory)
-        # the last one built only: a workload may hold its whole dataset in memory
-        self._built: tuple[int | None, Workload] | None = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        # a worker process builds its own workload: the one built here (its data) is not sent
-        return {**self.__dict__, "_built": None}
-
-    def data_seed(self, seed: int) -> int | None:
-        return seed if self.follows_seed else None
-
-    def of(self, seed: int) -> Workload:
-        if isinstance(self.source, Workload):
-            return self.source
-        key = self.data_seed(seed)
-        if self._built is None or self._built[0] != key:
-            self._built = (key, build_workload(self.source, self.options, seed=key, factory=self.factory))
-        return self._built[1]
-
-    def root(self, root: Path, seed: int) -> Path:
-        """The directory of ``seed``'s data, base and cache (shared by seeds with the same data)."""
-        key = self.data_seed(seed)
-        return root / ("data-fixed" if key is None else f"data-seed-{key}")
 
 
 def _prepared_seeds(
@@ -600,7 +399,7 @@ def tune(
         best: tuple[float, float] | None = None  # (median UIS, value): the first lowest wins
         for value in TUNING_GRIDS[m][1]:
             sel = [r for r in runs if r["method"] == f"{m}={value:g}"]
-            med = _median([r["uis"] for r in sel])
+            med = median_of([r["uis"] for r in sel])
             table.append({"value": value, "median_uis": med, "n": len(sel)})
             if med is not None and (best is None or med < best[0]):
                 best = (med, value)
@@ -869,7 +668,7 @@ def _run_setting(
                     known = v1_importance.setdefault(json.dumps(ssd_settings, sort_keys=True), t)
                     keys[v.label], ahead[v.label] = key, known
         reference = compute_reference(ctx)
-        ref_metrics = _task_metrics(reference.metrics)
+        ref_metrics = task_metrics(reference.metrics)
         ref_earlier = earlier_accuracy(reference.model, earlier, ctx.tasks)
         if any(v.method == "retrain" for v in variants):
             ev = request_evidence(
@@ -881,7 +680,7 @@ def _run_setting(
                 original=None,
                 timings={"method_s": reference.wall_s},
             )
-            rows.append(_row(setting, stage, "retrain", seed, ev, reference.wall_s))
+            rows.append(run_row(setting, stage, "retrain", seed, ev, reference.wall_s))
         if second_retrain:  # the noise floor: how close another exact retrain comes to the reference
             t0 = time.perf_counter()
             pruned_now = sorted(set(ctx.state.pruned_subset_outputs) | set(ctx.prune_outputs))
@@ -906,7 +705,7 @@ def _run_setting(
             )
             before_second = other
             rows.append(
-                _row(
+                run_row(
                     setting,
                     stage,
                     SECOND_RETRAIN,
@@ -946,7 +745,7 @@ def _run_setting(
                 pruned=done.pruned,
             )
             rows.append(
-                _row(
+                run_row(
                     setting,
                     stage,
                     v.label,
@@ -998,469 +797,6 @@ def _refresh(
 # ----------------------------------------------------------------------------------------------
 
 
-def _median(values: Sequence[float | None]) -> float | None:
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    return statistics.median(vals) if vals else None
-
-
-def summarise(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Medians over seeds per (setting, stage, method)."""
-    names = registered_methods()
-    names.insert(names.index("retrain") + 1 if "retrain" in names else 0, SECOND_RETRAIN)
-    order = {m: i for i, m in enumerate(names)}
-    keys = sorted(
-        {(r["setting"], r["stage"], r["method"]) for r in runs},
-        key=lambda k: (k[0], k[1], order.get(k[2], len(order)), k[2]),
-    )
-    out = []
-    for setting, stage, method in keys:
-        sel = [r for r in runs if (r["setting"], r["stage"], r["method"]) == (setting, stage, method)]
-        tasks = sorted({t for r in sel for t in r["tasks"]})
-        out.append(
-            {
-                "setting": setting,
-                "stage": stage,
-                "method": method,
-                "n": len(sel),
-                "uis": _median([r["uis"] for r in sel]),
-                **_close_fraction(sel),
-                # pooled over seeds and earlier request-tasks (stage ≥ 2; None at stage 1)
-                "earlier_unl_gap": _median([g for r in sel for g in (r.get("earlier") or {}).values()]),
-                "wall_s": _median([r["wall_s"] for r in sel]),
-                "importance_precompute_s": _median([r.get("importance_precompute_s", 0.0) for r in sel]),
-                "wall_with_precompute_s": _median(
-                    [r["wall_s"] + r.get("importance_precompute_s", 0.0) for r in sel]
-                ),
-                "tasks": {
-                    t: {
-                        k: _median([r["tasks"].get(t, {}).get(k) for r in sel])
-                        for k in ("ret", "unl", "val", "mia_auc")
-                    }
-                    for t in tasks
-                },
-            }
-        )
-    return out
-
-
-def _close_fraction(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The share of request-tasks (over the rows' seeds) close to the reference retrain, and how
-    many were counted (``None`` for the reference itself)."""
-    flags = [bool(f) for r in rows if r.get("close") is not None for f in r["close"].values()]
-    if not any(r.get("close") is not None for r in rows):
-        return {"close_fraction": None, "close_n": 0}
-    return {"close_fraction": sum(flags) / len(flags) if flags else None, "close_n": len(flags)}
-
-
-def check_goals(summary: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """The issue's goals, per (setting, stage): is ``default``'s median UIS the lowest among
-    ``ssd``, ``ia`` and ``default`` (and, recorded too, among every approximate method run), and its
-    median wall time ≤ 1/10 of ``retrain``'s — the method's own time, and with the full-data
-    importance it read (computed ahead) added?"""
-    by_key: dict[tuple[str, int], dict[str, Mapping[str, Any]]] = {}
-    for row in summary:
-        by_key.setdefault((row["setting"], int(row["stage"])), {})[row["method"]] = row
-    checks: list[dict[str, Any]] = []
-    for (setting, stage), rows in sorted(by_key.items()):
-        approx = {m: rows[m]["uis"] for m in APPROXIMATE_METHODS if m in rows and rows[m]["uis"] is not None}
-        # ties go to default (the goal is "lowest", not "strictly lowest")
-        best = min(approx, key=lambda m: (approx[m], m != "default")) if approx else None
-        others = {
-            m: r["uis"]
-            for m, r in rows.items()
-            if m not in ("original", "retrain", SECOND_RETRAIN) and r["uis"] is not None
-        }
-        d_close = rows["default"].get("close_fraction") if "default" in rows else None
-        floor = rows[SECOND_RETRAIN].get("close_fraction") if SECOND_RETRAIN in rows else None
-        d_wall = rows["default"]["wall_s"] if "default" in rows else None
-        d_total = rows["default"].get("wall_with_precompute_s") if "default" in rows else None
-        r_wall = rows["retrain"]["wall_s"] if "retrain" in rows else None
-        ratio = d_wall / r_wall if d_wall is not None and r_wall else None
-        ratio_total = d_total / r_wall if d_total is not None and r_wall else None
-        checks.append(
-            {
-                "setting": setting,
-                "stage": stage,
-                "lowest_uis_method": best,
-                # ties count for default
-                "default_lowest_uis": (approx["default"] <= min(approx.values()))
-                if "default" in approx
-                else None,
-                "lowest_uis_all_methods": min(others, key=lambda m: (others[m], m != "default"))
-                if others
-                else None,
-                "default_over_retrain_wall": ratio,
-                "default_with_precompute_over_retrain_wall": ratio_total,
-                "wall_goal_met": None if ratio is None else ratio <= 0.1,
-                "wall_goal_met_with_precompute": None if ratio_total is None else ratio_total <= 0.1,
-                # issue 8's "as close to the reference as another retrain is": ≥ 0.9× retrain_2's share
-                "default_close_fraction": d_close,
-                "retrain_2_close_fraction": floor,
-                "close_goal_met": None if d_close is None or floor is None else d_close >= 0.9 * floor,
-            }
-        )
-    met = [bool(c["default_lowest_uis"]) for c in checks if c["default_lowest_uis"] is not None]
-    walls = [bool(c["wall_goal_met"]) for c in checks if c["wall_goal_met"] is not None]
-    walls_total = [
-        bool(c["wall_goal_met_with_precompute"])
-        for c in checks
-        if c["wall_goal_met_with_precompute"] is not None
-    ]
-    close = [bool(c["close_goal_met"]) for c in checks if c["close_goal_met"] is not None]
-    ratios = [c["default_over_retrain_wall"] for c in checks if c["default_over_retrain_wall"] is not None]
-    return {
-        "per_stage": checks,
-        "default_lowest_uis_everywhere": bool(met) and all(met),
-        "default_lowest_uis_count": f"{sum(met)}/{len(met)}",
-        "wall_goal_met_everywhere": bool(walls) and all(walls),
-        "wall_goal_met_count": f"{sum(walls)}/{len(walls)}",
-        "wall_goal_met_with_precompute_count": f"{sum(walls_total)}/{len(walls_total)}",
-        "median_default_over_retrain_wall": _median(ratios),
-        "close_goal_met_count": f"{sum(close)}/{len(close)}",
-    }
-
-
-def _fmt(v: float | None, width: int = 6, digits: int = 3) -> str:
-    return f"{'—':>{width}}" if v is None else f"{v:>{width}.{digits}f}"
-
-
-def format_table(result: Mapping[str, Any]) -> str:
-    summary = result["summary"]
-    tasks = sorted({t for row in summary for t in row["tasks"]})
-    head = f"{'setting':<16}{'stage':>5} {'method':<13}{'UIS':>7}{'close':>7}{'wall_s':>8}{'ahead_s':>8}"
-    for t in tasks:
-        head += f" | {t[:10]:<10} {'ret':>5} {'unl':>5} {'val':>5} {'mia':>5}"
-    meta = result["meta"]
-    tuning = meta.get("tuning", {})
-    lines = [
-        f"lethe bench — medians over evaluation seeds {meta['seeds']}; close = share of request-tasks "
-        f"with forget-set accuracy and MIA AUC within {meta.get('close_tolerance', CLOSE_TOLERANCE)} "
-        "of the reference retrain's",
-        f"anchor fraction {meta.get('anchor_fraction')} for every method; knobs "
-        f"{'tuned on' if tuning.get('ran') else 'committed, tuned on'} seeds {tuning.get('seeds')}: "
-        f"{tuning.get('chosen')}"
-        + (
-            f"; untuned (the workload's settings): {', '.join(meta['untuned_methods'])}"
-            if meta.get("untuned_methods")
-            else ""
-        ),
-        head,
-        "-" * len(head),
-    ]
-    for row in summary:
-        line = f"{row['setting']:<16}{row['stage']:>5} {row['method']:<13}"
-        line += f"{_fmt(row['uis'], 7)}{_fmt(row.get('close_fraction'), 7, 2)}{_fmt(row['wall_s'], 8, 2)}"
-        line += _fmt(row.get("importance_precompute_s"), 8, 2)
-        for t in tasks:
-            m = row["tasks"].get(t, {})
-            line += f" | {'':<10} " + " ".join(_fmt(m.get(k), 5, 2) for k in ("ret", "unl", "val", "mia_auc"))
-        lines.append(line)
-    goals = result.get("goals")
-    if goals:
-        lines.append("")
-        lines.append(
-            f"goal 1 — default has the lowest median UIS of {', '.join(APPROXIMATE_METHODS)}: "
-            f"{goals['default_lowest_uis_count']} (setting, stage) pairs"
-        )
-        for c in goals["per_stage"]:
-            ratio, total = c["default_over_retrain_wall"], c.get("default_with_precompute_over_retrain_wall")
-            lines.append(
-                f"  {c['setting']:<16} stage {c['stage']}: lowest UIS = {c['lowest_uis_method']} "
-                f"(all methods: {c.get('lowest_uis_all_methods')}); wall default/retrain = "
-                f"{'—' if ratio is None else f'{ratio:.2f}'} "
-                f"(with the importance computed ahead: {'—' if total is None else f'{total:.2f}'})"
-            )
-        lines.append(
-            f"goal 2 — default median wall ≤ 1/10 of retrain's: {goals.get('wall_goal_met_count')} "
-            f"(with the importance computed ahead: {goals.get('wall_goal_met_with_precompute_count')})"
-        )
-        lines.append(
-            f"close — default's close share ≥ 0.9× {SECOND_RETRAIN}'s: {goals.get('close_goal_met_count')} "
-            "(setting, stage) pairs"
-        )
-    earlier = earlier_by_method(result.get("runs", []))
-    if earlier:
-        lines.append(_earlier_line(earlier))
-    targets = target_close_by_method(result.get("runs", []))
-    if targets:
-        lines.append(
-            f"per-client targets within {meta.get('close_tolerance', CLOSE_TOLERANCE)} of the reference "
-            "retrain (scoring only; the method's own close count after it): "
-            + "; ".join(
-                f"{m} {t['target_close']}/{t['n']} (close {t['close']}/{t['n']})" for m, t in targets.items()
-            )
-        )
-    protocol = meta.get("protocol")
-    if protocol:
-        lines.append(
-            f"the {meta['preset']!r} protocol of {protocol['declared_by']}: {protocol.get('note', '')}"
-        )
-    cpu = meta.get("cpu_s")
-    lines.append(
-        f"total wall: {meta['total_wall_s']:.0f}s"
-        + (f"; CPU {cpu:.0f}s over {meta.get('jobs', 1)} seed process(es)" if cpu is not None else "")
-    )
-    return "\n".join(lines)
-
-
-def earlier_by_method(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per method (in run order), pooled over settings, stages and seeds: the median ``gap`` of
-    every run's :func:`earlier_gaps`, their count ``n``, and — where the reference retrain's rows
-    are in ``runs`` — the median ``rise`` of each gap since the request's own stage (the gap then:
-    the method's Unl minus the reference's) and how many rose by more than
-    :data:`CLOSE_TOLERANCE` (``risen``): what a later request undid, apart from what the request
-    itself never forgot."""
-    unl: dict[tuple[str, int, int, str], Mapping[str, Any]] = {
-        (r["setting"], int(r["stage"]), int(r["seed"]), r["method"]): r["tasks"] for r in runs
-    }
-    gaps: dict[str, list[float]] = {}
-    rises: dict[str, list[float]] = {}
-    for r in runs:
-        for key, gap in (r.get("earlier") or {}).items():
-            gaps.setdefault(r["method"], []).append(gap)
-            stage, task = key.split(":", 1)
-            at = (r["setting"], int(stage), int(r["seed"]))
-            mine = unl.get((*at, r["method"]), {}).get(task, {}).get("unl")
-            ref = unl.get((*at, "retrain"), {}).get(task, {}).get("unl")
-            if mine is not None and ref is not None:
-                rises.setdefault(r["method"], []).append(gap - (float(mine) - float(ref)))
-    return {
-        m: {
-            "gap": statistics.median(v),
-            "n": len(v),
-            "rise": statistics.median(rises[m]) if rises.get(m) else None,
-            "risen": sum(x > CLOSE_TOLERANCE for x in rises.get(m, [])),
-        }
-        for m, v in gaps.items()
-    }
-
-
-def _earlier_line(earlier: Mapping[str, Mapping[str, Any]]) -> str:
-    parts = []
-    for m, e in earlier.items():
-        rise = (
-            ""
-            if e["rise"] is None
-            else f", risen since its stage {e['risen']}/{e['n']} (median {e['rise']:+.3f})"
-        )
-        parts.append(f"{m} {e['gap']:+.3f}{rise}")
-    return (
-        "earlier forget sets — accuracy on the forget sets of the earlier stages minus the reference "
-        "retrain's (stages ≥ 2, median over seeds and request-tasks), and how many rose by more than "
-        f"{CLOSE_TOLERANCE} since the request's own stage (a later request undid some forgetting): "
-        + "; ".join(parts)
-    )
-
-
-def markdown_summary(result: Mapping[str, Any]) -> str:
-    """The summary as a Markdown table (medians over seeds), for docs/benchmarks.md."""
-    summary = result["summary"]
-    tasks = sorted({t for row in summary for t in row["tasks"]})
-    cols = ["setting", "stage", "method", "UIS", "close", "wall s", "ahead s"]
-    for t in tasks:
-        cols += [f"{t} ret", f"{t} unl", f"{t} val", f"{t} MIA"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-
-    def f(v: float | None, digits: int = 2) -> str:
-        return "—" if v is None else f"{v:.{digits}f}"
-
-    for row in summary:
-        cells = [
-            row["setting"],
-            str(row["stage"]),
-            row["method"],
-            f(row["uis"], 3),
-            f(row.get("close_fraction")),
-            f(row["wall_s"]),
-            f(row.get("importance_precompute_s")),
-        ]
-        for t in tasks:
-            m = row["tasks"].get(t, {})
-            cells += [f(m.get(k)) for k in ("ret", "unl", "val", "mia_auc")]
-        if row["method"] == "default":
-            cells = [f"**{c}**" if i in (2, 3) else c for i, c in enumerate(cells)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------------------------
 # workload measurability (docs/workloads.md)
 # ----------------------------------------------------------------------------------------------
-
-
-def _auc(members: torch.Tensor, nonmembers: torch.Tensor) -> float:
-    """ROC-AUC of the score −loss for members vs non-members (ties count one half)."""
-    from sklearn.metrics import roc_auc_score
-
-    scores = np.concatenate([-members.numpy(), -nonmembers.numpy()])
-    labels = np.concatenate([np.ones(len(members)), np.zeros(len(nonmembers))])
-    return float(roc_auc_score(labels, scores))
-
-
-def _eval(model: torch.nn.Module, batch: Batch, task: TaskSpec) -> tuple[float, torch.Tensor]:
-    with torch.no_grad():
-        out = model(batch.inputs)[task.name]
-    target = batch.labels[task.name]
-    supervised = target >= 0
-    return task.metric(out, target), task.per_sample_loss(out, target)[supervised]
-
-
-def _seed_inputs(workloads: SeededWorkloads, root: Path, seed: int) -> EngineInputs:
-    """The engine inputs of ``seed``'s workload (its data and base made under ``root``)."""
-    wl, home = workloads.of(seed), workloads.root(root, seed)
-    settings = wl.settings()
-    DataStore.materialise(home / "data", wl)
-    ensure_base(wl, home / "base", settings, seed=0)
-    return EngineInputs.load(wl, data_dir=home / "data", base_dir=home / "base", settings=settings, seed=0)
-
-
-def measure_workload(
-    workload: str | Workload = "digits-clients",
-    seeds: Sequence[int] = (0, 1, 2),
-    clients: Sequence[str] | None = None,
-    *,
-    workload_options: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Original vs retrain on each forgotten client: accuracy and loss-MIA gaps; retrain Val spread.
-
-    The data follows the seeds (:class:`SeededWorkloads`), so the Val spread covers data draws and
-    training seeds together."""
-    torch.set_num_threads(1)
-    workloads = SeededWorkloads(workload, workload_options)
-    wl = workloads.of(seeds[0])
-    with tempfile.TemporaryDirectory(prefix="lethe-measure-") as tmp:
-        per_seed = {seed: _seed_inputs(workloads, Path(tmp), seed) for seed in seeds}
-    inputs = per_seed[seeds[0]]
-    picked = list(clients) if clients else wl.clients()
-    rows: list[dict[str, Any]] = []
-    for seed in seeds:
-        inputs = per_seed[seed]
-        cfg = TrainConfig.from_settings(inputs.settings)
-        data = inputs.full_train_set()
-        owners = inputs.data.client_ids
-        v1 = train_v1(inputs.base, data, inputs.tasks, cfg, seed=seed)
-        for client in picked:
-            idx = torch.tensor([o == client for o in owners], dtype=torch.bool)
-            forget, keep = data.select(idx), data.select(~idx)
-            ref = retrain(inputs.base, keep, inputs.tasks, cfg, seed=seed)
-            row: dict[str, Any] = {"seed": seed, "client": client, "n": len(forget), "tasks": {}}
-            for task in inputs.tasks:
-                acc_o, loss_o = _eval(v1, forget, task)
-                acc_r, loss_r = _eval(ref, forget, task)
-                val_o, vloss_o = _eval(v1, inputs.heldout, task)
-                val_r, vloss_r = _eval(ref, inputs.heldout, task)
-                row["tasks"][task.name] = {
-                    "acc_original": acc_o,
-                    "acc_retrain": acc_r,
-                    "acc_gap": acc_o - acc_r,
-                    "mia_original": _auc(loss_o, vloss_o),
-                    "mia_retrain": _auc(loss_r, vloss_r),
-                    "val_original": val_o,
-                    "val_retrain": val_r,
-                }
-                row["tasks"][task.name]["mia_gap"] = (
-                    row["tasks"][task.name]["mia_original"] - row["tasks"][task.name]["mia_retrain"]
-                )
-            rows.append(row)
-            _log(
-                f"[measure] seed {seed} {client}: "
-                + json.dumps({k: round(v["acc_gap"], 3) for k, v in row["tasks"].items()})
-            )
-    summary: dict[str, Any] = {}
-    for task in inputs.tasks:
-        t = task.name
-        acc_gaps = [r["tasks"][t]["acc_gap"] for r in rows]
-        mia_gaps = [r["tasks"][t]["mia_gap"] for r in rows]
-        # Val spread of the retrain over seeds, per forgotten client (max − min), then its median/max.
-        spreads = []
-        for client in picked:
-            vals = [r["tasks"][t]["val_retrain"] for r in rows if r["client"] == client]
-            spreads.append(max(vals) - min(vals))
-        summary[t] = {
-            "median_acc_gap": statistics.median(acc_gaps),
-            "min_acc_gap": min(acc_gaps),
-            "median_mia_gap": statistics.median(mia_gaps),
-            "min_mia_gap": min(mia_gaps),
-            "clients_acc_gap_ge_0.10": sum(
-                1
-                for c in picked
-                if statistics.median([r["tasks"][t]["acc_gap"] for r in rows if r["client"] == c]) >= 0.10
-            ),
-            "clients_mia_gap_ge_0.10": sum(
-                1
-                for c in picked
-                if statistics.median([r["tasks"][t]["mia_gap"] for r in rows if r["client"] == c]) >= 0.10
-            ),
-            "median_val_retrain": statistics.median([r["tasks"][t]["val_retrain"] for r in rows]),
-            "median_val_original": statistics.median([r["tasks"][t]["val_original"] for r in rows]),
-            "median_val_spread_over_seeds": statistics.median(spreads),
-            "max_val_spread_over_seeds": max(spreads),
-        }
-    return {
-        "workload": wl.name,
-        "workload_options": workloads.options,
-        "data_seed_follows_seeds": workloads.follows_seed,
-        "seeds": list(seeds),
-        "clients": picked,
-        "rows": rows,
-        "summary": summary,
-    }
-
-
-def measure_latency(
-    workload: str | Workload = "digits-clients",
-    method: str = "default",
-    seed: int = 0,
-    *,
-    workload_options: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Wall time of ``prepare`` and of three ``run_round`` calls (client, partial-task, both).
-    ``seed`` seeds the training and the workload's data (:class:`SeededWorkloads`)."""
-    torch.set_num_threads(1)
-    workloads = SeededWorkloads(workload, workload_options)
-    wl = workloads.of(seed)
-    clients = wl.clients()
-    task = wl.tasks()[0].name
-
-    def client(i: int) -> str:  # fixed picks, wrapped for workloads with few clients
-        return clients[i % len(clients)]
-
-    rounds = {
-        "client request": [ForgetSpec("a", "client", client(3), None, [])],
-        "partial-task request": [ForgetSpec("b", "task", client(5), None, [task])],
-        "client + partial-task": [
-            ForgetSpec("c", "client", client(1), None, []),
-            ForgetSpec("d", "task", client(7), None, [task]),
-        ],
-    }
-    out: dict[str, Any] = {
-        "workload": wl.name,
-        "workload_options": workloads.options,
-        "method": method,
-        "seed": seed,
-        "rounds": {},
-    }
-    with tempfile.TemporaryDirectory(prefix="lethe-latency-") as tmp:
-        root = Path(tmp)
-        t0 = time.perf_counter()
-        prepare(
-            wl,
-            data_dir=root / "data",
-            base_dir=root / "base",
-            adapter_dir=root / "v1",
-            settings={},
-            seed=seed,
-        )
-        out["prepare_s"] = time.perf_counter() - t0
-        for i, (name, specs) in enumerate(rounds.items()):
-            t0 = time.perf_counter()
-            outcome = run_round(
-                wl, data_dir=root / "data", base_dir=root / "base", adapter_in=root / "v1",
-                adapter_out=root / f"v{i + 2}", requests=specs, method=method, settings={}, seed=seed,
-                cache_dir=root / "cache",
-            )  # fmt: skip
-            out["rounds"][name] = {
-                "wall_s": time.perf_counter() - t0,
-                "per_request": {rid: ev["timings_s"] for rid, ev in outcome.evidence.items()},
-            }
-    return out

@@ -13,24 +13,9 @@ import pytest
 from peft import PeftModel
 
 from bench import quality
-from bench.quality import (
-    CLOSE_TOLERANCE,
-    PRESETS,
-    SECOND_RETRAIN,
-    TUNED_QUICK,
-    TUNING_GRIDS,
-    _close,
-    _close_fraction,
-    _target_close,
-    check_goals,
-    earlier_by_method,
-    earlier_gaps,
-    fair_settings,
-    format_table,
-    registered_methods,
-    run_bench,
-    target_close_by_method,
-)
+from bench.quality import PRESETS, TUNED_QUICK, TUNING_GRIDS, fair_settings, run_bench
+from bench.report import format_table
+from bench.scoring import SECOND_RETRAIN, registered_methods, target_close_by_method
 from worker.unlearning.engine import StageResult, anchor_fraction, run_stage
 from worker.unlearning.methods import available_methods
 from worker.unlearning.workloads.digits import DigitsClients
@@ -224,52 +209,6 @@ def test_uno_runs_its_paper_step_count_and_quick_uses_the_committed_tuning() -> 
     assert all(v in TUNING_GRIDS[m][1] for m, v in TUNED_QUICK.items())
 
 
-def test_close_needs_both_accuracy_and_mia_within_the_tolerance() -> None:
-    ref: dict[str, dict[str, float | None]] = {
-        "a": {"unl": 0.5, "mia_auc": 0.6},
-        "b": {"unl": 0.5, "mia_auc": 0.6},
-        "c": {"unl": None, "mia_auc": 0.5},
-    }
-    near = CLOSE_TOLERANCE / 2
-    mine: dict[str, dict[str, float | None]] = {
-        "a": {"unl": 0.5 + near, "mia_auc": 0.6 - near},  # both within
-        "b": {"unl": 0.5, "mia_auc": 0.6 + 2 * CLOSE_TOLERANCE},  # MIA too far
-        "c": {"unl": 0.5, "mia_auc": 0.5},  # the reference has no forget-set accuracy: not counted
-    }
-    assert _close(mine, ref, ["a", "b", "c"]) == {"a": True, "b": False}
-    assert _close(mine, ref, ["a"]) == {"a": True}  # only request-tasks count
-    rows = [{"close": {"a": True, "b": False}}, {"close": {"a": True}}]
-    assert _close_fraction(rows) == {"close_fraction": 2 / 3, "close_n": 3}
-    assert _close_fraction([{"close": None}]) == {"close_fraction": None, "close_n": 0}
-
-
-def test_goals_compare_default_with_the_second_retrain() -> None:
-    summary = [
-        {
-            "setting": "FU",
-            "stage": 1,
-            "method": SECOND_RETRAIN,
-            "uis": 0.2,
-            "close_fraction": 0.8,
-            "wall_s": 1.0,
-        },
-        {"setting": "FU", "stage": 1, "method": "default", "uis": 0.5, "close_fraction": 0.7, "wall_s": 0.1},
-        {
-            "setting": "FU",
-            "stage": 2,
-            "method": SECOND_RETRAIN,
-            "uis": 0.2,
-            "close_fraction": 0.8,
-            "wall_s": 1.0,
-        },
-        {"setting": "FU", "stage": 2, "method": "default", "uis": 0.5, "close_fraction": 0.75, "wall_s": 0.1},
-    ]
-    goals = check_goals(summary)
-    assert [c["close_goal_met"] for c in goals["per_stage"]] == [False, True]  # 0.7 < 0.72 ≤ 0.75
-    assert goals["close_goal_met_count"] == "1/2"
-    assert all(c["lowest_uis_all_methods"] == "default" for c in goals["per_stage"])  # retrain_2 is no method
-
-
 def test_full_preset_runs_every_registered_method_and_quick_the_core_five() -> None:
     assert PRESETS["full"].methods is None  # resolved to the registry when the bench runs
     full = registered_methods()
@@ -295,60 +234,3 @@ def test_every_method_of_every_stage_runs_through_run_stage(monkeypatch: pytest.
     )
     assert [(m, s) for _, m, s in calls] == [("original", 1), ("ssd", 1), ("original", 2), ("ssd", 2)]
     assert calls[0][0] == calls[1][0] != calls[2][0]  # one request per stage, the same for every method
-
-
-def test_earlier_gaps_compare_with_the_reference_and_pool_per_method() -> None:
-    """A later request that undid an earlier one's forgetting shows as a positive gap, and as a
-    rise since the request's own stage (apart from what that request never forgot)."""
-    assert earlier_gaps({"1:a": 0.9, "1:b": 0.5, "2:a": 0.4}, {"1:a": 0.6, "1:b": 0.5}) == pytest.approx(
-        {"1:a": 0.3, "1:b": 0.0}
-    )
-
-    def run(method: str, stage: int, unl: float, earlier: dict[str, float] | None) -> dict[str, Any]:
-        return {"setting": "FU", "stage": stage, "seed": 0, "method": method,
-                "tasks": {"a": {"unl": unl}}, "earlier": earlier}  # fmt: skip
-
-    runs = [
-        run("retrain", 1, 0.5, None),
-        run("retrain", 2, 0.5, None),
-        run("default", 1, 0.6, None),  # stage 1: 0.1 above the reference
-        run("default", 2, 0.5, {"1:a": 0.3}),  # stage 2: 0.3 above it on stage 1's forget set
-        run("ssd", 1, 0.5, None),
-        run("ssd", 2, 0.5, {"1:a": 0.0}),
-    ]
-    pooled = earlier_by_method(runs)
-    assert pooled["default"] == {"gap": pytest.approx(0.3), "n": 1, "rise": pytest.approx(0.2), "risen": 1}
-    assert pooled["ssd"] == {"gap": 0.0, "n": 1, "rise": 0.0, "risen": 0}
-    assert set(pooled) == {"default", "ssd"}
-    without_reference = earlier_by_method([r for r in runs if r["method"] != "retrain"])
-    assert without_reference["default"]["rise"] is None
-
-
-def test_a_per_client_target_is_scored_against_the_reference_retrain_like_a_method() -> None:
-    """Scoring only: whether a method's per-client target was itself close to the reference retrain
-    (both its accuracy and MIA AUC within the tolerance), so that a miss of the method splits into
-    the target's error and the update's (docs/benchmarks.md, "Scenes: finer checkpoints, more
-    references, smaller batches")."""
-    reference = {"a": {"unl": 0.60, "mia_auc": 0.40}, "b": {"unl": 0.70, "mia_auc": 0.45}}
-    target = {
-        "source": "references",
-        "accuracy": "absolute",
-        "tasks": {"a": {"accuracy": 0.63, "mia_auc": 0.42}, "b": {"accuracy": 0.70, "mia_auc": 0.52}},
-    }
-    assert _target_close(target, reference, ["a", "b"]) == {"a": True, "b": False}  # b's AUC is 0.07 off
-    assert _target_close(target, reference, ["a"]) == {"a": True}
-    assert _target_close({**target, "accuracy": "relative"}, reference, ["a"]) is None
-    assert _target_close({"source": "constant", "tasks": {}}, reference, ["a"]) is None
-    assert _target_close(target, None, ["a"]) is None  # the reference retrain's own row
-
-    def run(method: str, target_close: dict[str, bool] | None, close: dict[str, bool]) -> dict[str, Any]:
-        return {"method": method, "target_close": target_close, "close": close}
-
-    pooled = target_close_by_method(
-        [
-            run("default", {"a": True, "b": False}, {"a": False, "b": False}),
-            run("default", {"a": True}, {"a": True}),
-            run("ssd", None, {"a": True}),
-        ]
-    )
-    assert pooled == {"default": {"n": 3, "target_close": 2, "close": 1}}

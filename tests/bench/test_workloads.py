@@ -12,7 +12,9 @@ import torch
 from click.testing import CliRunner
 
 from bench import cli, quality
-from bench.quality import SeededWorkloads, measure_latency, measure_workload, run_bench
+from bench.quality import run_bench
+from bench.seeded_workloads import SeededWorkloads
+from bench.workload_figures import measure_latency, measure_workload
 from tests.worker.unlearning.toy_entry_point import register_toy
 from worker.unlearning.workloads.digits import DigitsClients
 from worker.unlearning.workloads.toy import ToyWorkload
