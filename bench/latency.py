@@ -272,13 +272,14 @@ def markdown(result: dict[str, Any], label: str) -> str:
         f"v1 prepared in {result['prepare_s']} s.",
         "",
         "| run | client | version | POST answered (s) | completed (s) | latest moved (s) | "
-        "served: pulled + verified (s) |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "served: pulled + verified (s) | published by | early-stopping target |",
+        "|---:|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in result["runs"]:
         lines.append(
             f"| {r['run']} | {r['client']} | v{r['version']} | {r['post_s']:.3f} | {r['completed_s']:.2f} | "
-            f"{r['latest_s']:.2f} | {r['served_s']:.2f} |"
+            f"{r['latest_s']:.2f} | {r['served_s']:.2f} | {r.get('path') or '—'} | "
+            f"{_target_cell(r.get('target'))} |"
         )
     goal_s = served_goal_s(str(result["workload"]))
     goal_t = "met" if result["median_served_s"] <= goal_s else "**not met**"
@@ -313,6 +314,15 @@ def write_docs(section: str, label: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + SECTION + "\n\n" + section + "\n"
     DOCS.write_text(text)
+
+
+def _target_cell(target: dict[str, Any] | None) -> str:
+    """A run's target in the table: where it came from, and why when it fell back to the constant
+    (a burst's requests can find their OUT references dropped by a purge and not yet refreshed)."""
+    if not target:
+        return "—"
+    reason = target.get("reason")
+    return f"{target.get('source')} ({reason})" if reason else str(target.get("source"))
 
 
 def _target_summary(evidence: dict[str, Any]) -> dict[str, Any] | None:

@@ -110,12 +110,14 @@ def test_bench_commands_pass_the_workload_and_its_options(monkeypatch: pytest.Mo
 
 def test_the_latency_report_judges_each_workload_by_its_own_goal() -> None:
     """Issue 8's POST → served goal is ≤ 10 s on digits-clients and ≤ 60 s on scenes: the same
-    13.8 s median is reported as not met on the first and met on the second."""
+    13.8 s median is reported as not met on the first and met on the second. Each run's row says
+    which path published it and what its early stopping aimed at."""
     from bench.latency import markdown
 
     def report(workload: str) -> str:
         run = {"run": 1, "client": "c0", "version": 2, "post_s": 0.01, "completed_s": 13.7, "latest_s": 13.7,
-               "served_s": 13.8}  # fmt: skip
+               "served_s": 13.8, "path": "retrain",
+               "target": {"source": "constant", "reason": "no OUT reference"}}  # fmt: skip
         result: dict[str, Any] = {
             "host": {"cpus": 2, "python": "3.11", "load_avg_1m_at_end": 0.5},
             "api_rss_mb": {"max": 120.0, "median": 119.0},
@@ -128,6 +130,8 @@ def test_the_latency_report_judges_each_workload_by_its_own_goal() -> None:
 
     assert "(goal ≤ 10 s: **not met**)" in report("digits-clients")
     assert "(goal ≤ 60 s: met)" in report("scenes")
+    # which path published each run, and a target that fell back says why
+    assert "| 13.80 | retrain | constant (no OUT reference) |" in report("scenes")
 
 
 def test_the_latency_rows_say_what_each_request_aimed_at() -> None:
