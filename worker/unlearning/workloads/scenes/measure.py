@@ -4,8 +4,8 @@
 - the base's quality per task (accuracy / R²) on held-out data, on the client pool (quirk samples
   left out) and on the unseen clients, and the spread of held-out quality over 10 seeds of
   ``SPREAD_SAMPLES`` samples, per task (what the committed-base test's floors are derived from);
-- ms per sample: evaluation, LoRA r 8 training (peft on the attention projections, heads trained)
-  and full training (every weight, as pretraining);
+- ms per sample: evaluation, LoRA training at the workload's rank (peft on the attention
+  projections, heads trained) and full training (every weight, as pretraining);
 - the projected adapter-retrain time: pool size × ``--epochs`` × LoRA ms per sample.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from worker.unlearning.workloads.scenes.backbone import ScenesModel, with_lora
+from worker.unlearning.workloads.scenes.backbone import LORA_RANK, ScenesModel, with_lora
 from worker.unlearning.workloads.scenes.base import load_base, losses, predict, quality
 from worker.unlearning.workloads.scenes.generator import TASKS, ScenesConfig, ScenesGenerator
 
@@ -87,7 +87,7 @@ def measure(base: Path, epochs: int) -> dict[str, Any]:
     unseen = gen.pool(gen.unseen_clients())
     heldout = gen.heldout(2_000)
     eval_ms = eval_ms_per_sample(model, heldout.pixel_values)
-    lora_ms = train_ms_per_sample(model, gen, lora_rank=8)
+    lora_ms = train_ms_per_sample(model, gen, lora_rank=LORA_RANK)
     full_ms = train_ms_per_sample(model, gen, lora_rank=None)
     return {
         "torch": torch.__version__,

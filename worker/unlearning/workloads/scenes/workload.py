@@ -28,7 +28,13 @@ from transformers import ViTModel
 from worker.unlearning.model import MultiTaskModel, default_lora_config, make_heads
 from worker.unlearning.types import Batch, ClassificationTask, RegressionTask, TaskSpec
 from worker.unlearning.workload import BenchProtocol, SampleSet, Workload
-from worker.unlearning.workloads.scenes.backbone import LORA_TARGETS, BackboneSize, vit_config
+from worker.unlearning.workloads.scenes.backbone import (
+    LORA_ALPHA,
+    LORA_RANK,
+    LORA_TARGETS,
+    BackboneSize,
+    vit_config,
+)
 from worker.unlearning.workloads.scenes.base import HEADS, META, base_files, read_sums, sha256
 from worker.unlearning.workloads.scenes.bench_protocol import QUICK
 from worker.unlearning.workloads.scenes.generator import (
@@ -145,8 +151,10 @@ class ScenesWorkload(Workload):
         return MultiTaskModel(backbone, heads, pooling="cls_token")
 
     def lora_config(self) -> LoraConfig:
-        # transformers 5 names ViT's attention projections q_proj / v_proj (every layer)
-        return default_lora_config(list(LORA_TARGETS), [*TASKS, "subset_id"], rank=8, alpha=16)
+        # transformers 5 names ViT's attention projections q_proj / v_proj (every layer); the rank
+        # and why: backbone.LORA_RANK
+        heads = [*TASKS, "subset_id"]
+        return default_lora_config(list(LORA_TARGETS), heads, rank=LORA_RANK, alpha=LORA_ALPHA)
 
     def pretrain(self, seed: int, settings: Mapping[str, Any] | None = None) -> MultiTaskModel:
         """The committed base (sha256-checked), not a run-time pretraining; ``seed`` inits the
@@ -212,9 +220,11 @@ class ScenesWorkload(Workload):
         # tasks (with it attached v1 lost 30 points of held-out shape accuracy). The method settings
         # are the digits workload's choices scaled down, not tuned on scenes.
         return {
-            "lora": {"rank": 8, "alpha": 16},
+            "lora": {"rank": LORA_RANK, "alpha": LORA_ALPHA},
             "train": {
-                "epochs": 5,
+                # 8 passes, not 5, with rank 16 (backbone.LORA_RANK): v1 fits its clients'
+                # watermark rules (docs/workloads.md, "Adapter rank and epochs")
+                "epochs": 8,
                 "main_only_epochs": 2,
                 "batch_size": 64,
                 "lr": 1e-3,
