@@ -56,10 +56,9 @@ def measure(workload: ScenesWorkload, v1_dir: Path, seed: int) -> dict[str, Any]
     rows: dict[str, Any] = {}
     for client in workload.clients():
         scenes = workload.generator.client_data(client)
-        out_models = [] if loaded is None else [
-            m for i, m in zip(loaded.refs.members, loaded.models, strict=True)
-            if client not in loaded.refs.members[i]
-        ]  # fmt: skip
+        # the references whose half never held the client (``models`` is in ``members`` order)
+        pairs = [] if loaded is None else zip(loaded.refs.members.values(), loaded.models, strict=True)
+        out_models = [model for members, model in pairs if client not in members]
         v1_fit, v1_clean = fit_and_clean(shape_predictions(v1, scenes), scenes)
         base_fit, base_clean = fit_and_clean(shape_predictions(base, scenes), scenes)
         outs = [fit_and_clean(shape_predictions(m, scenes), scenes) for m in out_models]
