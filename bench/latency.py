@@ -272,14 +272,15 @@ def markdown(result: dict[str, Any], label: str) -> str:
         f"v1 prepared in {result['prepare_s']} s.",
         "",
         "| run | client | version | POST answered (s) | completed (s) | latest moved (s) | "
-        "served: pulled + verified (s) | published by | early-stopping target |",
-        "|---:|---|---:|---:|---:|---:|---:|---|---|",
+        "served: pulled + verified (s) | published by | continuation / exact path (s) | "
+        "early-stopping target |",
+        "|---:|---|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for r in result["runs"]:
         lines.append(
             f"| {r['run']} | {r['client']} | v{r['version']} | {r['post_s']:.3f} | {r['completed_s']:.2f} | "
             f"{r['latest_s']:.2f} | {r['served_s']:.2f} | {r.get('path') or '—'} | "
-            f"{_target_cell(r.get('target'))} |"
+            f"{_acceptance_cell(r.get('engine_timings_s'))} | {_target_cell(r.get('target'))} |"
         )
     goal_s = served_goal_s(str(result["workload"]))
     goal_t = "met" if result["median_served_s"] <= goal_s else "**not met**"
@@ -314,6 +315,14 @@ def write_docs(section: str, label: str) -> None:
     else:
         text = text.rstrip() + "\n\n" + SECTION + "\n\n" + section + "\n"
     DOCS.write_text(text)
+
+
+def _acceptance_cell(timings: dict[str, Any] | None) -> str:
+    """The seconds the acceptance check added to a run: its continuation's and the exact path's
+    (``engine_timings_s``; "—" for a run recorded before the continuation existed)."""
+    if not timings or "acceptance_continuation_s" not in timings:
+        return "—"
+    return f"{timings['acceptance_continuation_s']:.1f} / {timings.get('acceptance_fallback_s', 0.0):.1f}"
 
 
 def _target_cell(target: dict[str, Any] | None) -> str:

@@ -131,6 +131,8 @@ def run(trials: int, *, seed: int, rounds: str, settings: dict[str, Any], method
         "effective_settings": workload.settings(settings),
         "passed": sum(r["ok"] for r in results),
         "fallbacks": sum(any(q.get("path") == "retrain" for q in r["requests"].values()) for r in results),
+        # draws in which a round continued a failed update before the exact path (passed or not)
+        "continuations": sum(any(q.get("continued") for q in r["requests"].values()) for r in results),
         "environment": runtime_environment(),
         "summary": summarise(results),
         "rise": sequential_rise(results, client_group=groups[0].label) if rounds == "two" else None,
@@ -154,6 +156,7 @@ def _request_summary(evidence: dict[str, Any]) -> dict[str, Any]:
         "original_unl": unl(evidence.get("original_metrics")),
         "acceptance_passed": accepted.get("passed"),
         "path": accepted.get("path"),
+        "continued": "continuation" in accepted,
         "failed_method_checks": [c["what"] for c in accepted.get("method_checks", []) if not c["ok"]],
         "ia_best_epoch": ia.get("best_epoch"),
         "ia_history": [(h["epoch"], h["mia_auc"], round(h["retain_drop"], 3)) for h in ia.get("history", [])],
@@ -217,7 +220,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m bench reliabi
     env = result["environment"]
     print(
         f"\n{result['passed']}/{result['trials']} trials passed every check ({args.rounds} round(s)); "
-        f"the acceptance check fell back to retrain in {result['fallbacks']}; "
+        f"the acceptance check continued the update in {result['continuations']} and fell back to "
+        f"retrain in {result['fallbacks']}; "
         f"torch {env['torch']}, CPU path {env['cpu_capability']}, {env['threads']} thread(s)"
     )
     if result["rise"] is not None:

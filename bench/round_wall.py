@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from bench.evidence import ia_steps, ia_target
+from bench.evidence import failed_checks, ia_steps, ia_target
 from worker.unlearning import engine
 from worker.unlearning.types import ForgetSpec
 from worker.unlearning.workload import Workload, build_workload
@@ -133,6 +133,12 @@ def _round(
         "settings": dict(settings),
         "load": os.getloadavg()[0],
         "fallback_s": ev["timings_s"].get("acceptance_fallback_s"),
+        "continuation_s": ev["timings_s"].get("acceptance_continuation_s"),
+        "continuation": [
+            {k: run.get(k) for k in ("steps", "stopped")}
+            for run in (ev["acceptance"].get("continuation") or {}).get("runs", [])
+        ],
+        "method_failed": failed_checks(ev["acceptance"]),
         "target": {k: (ia_target(ev.get("method_info")) or {}).get(k) for k in ("source", "wall_s")},
         "path": ev["acceptance"].get("path"),
         "update": ia_steps(ev.get("method_info")),

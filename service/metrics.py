@@ -46,6 +46,12 @@ ACCEPTANCE_FALLBACKS = Counter(
     "Rounds whose method failed the acceptance check and that published the exact path (retrain).",
     ["model"],
 )
+ACCEPTANCE_CONTINUATIONS = Counter(
+    "lethe_acceptance_continuations_total",
+    "Rounds whose update failed only forget bounds of the acceptance check and was continued "
+    "(the interference-aware stage once more) before the exact path, whatever the second check said.",
+    ["model"],
+)
 CERTIFICATION_RESULTS = Counter(
     "lethe_certification_results_total",
     "Certifications finished by this worker, by result (certified, flagged, incomplete).",

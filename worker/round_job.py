@@ -318,7 +318,10 @@ def _run_and_publish(
                 evidence=outcome,
                 withdraw_versions=withdraw,
             )
-    if any(doc.get("acceptance", {}).get("path") == "retrain" for doc in outcome.values()):
+    accepted = [doc.get("acceptance", {}) for doc in outcome.values()]
+    if any("continuation" in a for a in accepted):
+        metrics.ACCEPTANCE_CONTINUATIONS.labels(model_name).inc()
+    if any(a.get("path") == "retrain" for a in accepted):
         metrics.ACCEPTANCE_FALLBACKS.labels(model_name).inc()
     return _Published(published, withdraw, engine.next_importance)
 

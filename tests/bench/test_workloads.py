@@ -117,6 +117,7 @@ def test_the_latency_report_judges_each_workload_by_its_own_goal() -> None:
     def report(workload: str) -> str:
         run = {"run": 1, "client": "c0", "version": 2, "post_s": 0.01, "completed_s": 13.7, "latest_s": 13.7,
                "served_s": 13.8, "path": "retrain",
+               "engine_timings_s": {"acceptance_continuation_s": 2.04, "acceptance_fallback_s": 9.5},
                "target": {"source": "constant", "reason": "no OUT reference"}}  # fmt: skip
         result: dict[str, Any] = {
             "host": {"cpus": 2, "python": "3.11", "load_avg_1m_at_end": 0.5},
@@ -131,7 +132,8 @@ def test_the_latency_report_judges_each_workload_by_its_own_goal() -> None:
     assert "(goal ≤ 10 s: **not met**)" in report("digits-clients")
     assert "(goal ≤ 60 s: met)" in report("scenes")
     # which path published each run, and a target that fell back says why
-    assert "| 13.80 | retrain | constant (no OUT reference) |" in report("scenes")
+    # and the seconds its continuation and exact path added
+    assert "| 13.80 | retrain | 2.0 / 9.5 | constant (no OUT reference) |" in report("scenes")
 
 
 def test_the_latency_rows_say_what_each_request_aimed_at() -> None:

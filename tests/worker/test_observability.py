@@ -27,8 +27,11 @@ from service.api.app import create_app
 from service.db.models import ForgetRequest
 from service.db.session import transaction
 from service.db.types import utcnow
+from tests.worker.requests import submit_client
 from tests.worker.test_pipeline import MODEL, _fake_engine, _register, _submit, ctx  # noqa: F401
 from worker import pipeline, round_job
+
+OTHER = "m2"  # a second model, for a round of its own
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -114,7 +117,8 @@ def test_metrics_count_final_failures_and_fallbacks(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A permanent error fails the request for good (cause ``permanent``); a round whose evidence
-    says the acceptance check fell back to retrain counts a fallback."""
+    says the acceptance check fell back to retrain counts a fallback, one that continued the
+    update before the exact path a continuation (whether the continuation then passed or not)."""
 
     def broken(*_: object, **__: object) -> round_job.EngineResult:
         raise ValueError("bad input")
@@ -128,20 +132,30 @@ def test_metrics_count_final_failures_and_fallbacks(
     assert _counter("lethe_request_failures_total", model=MODEL, cause="permanent") == failures_before + 1
 
     fake = _fake_engine()
+    _register(ctx, OTHER, {"d0": ["s9"]}, ["t"])
 
-    def fell_back(*args: Any, **kwargs: Any) -> round_job.EngineResult:
-        evidence = fake(*args, **kwargs).evidence
-        return round_job.EngineResult(
-            {rid: {"acceptance": {"checked": True, "path": "retrain"}} for rid in evidence}, None
-        )
+    def continued_then(path: str) -> Any:
+        """An engine whose round continued the update, then published ``path``."""
 
-    fallbacks_before = _counter("lethe_acceptance_fallbacks_total", model=MODEL)
-    monkeypatch.setattr(round_job, "_run_engine", fell_back)
-    _submit(ctx, "c1")
-    result = pipeline.run_one_round(ctx, MODEL)
-    assert result is not None
-    assert result.status == "published"
-    assert _counter("lethe_acceptance_fallbacks_total", model=MODEL) == fallbacks_before + 1
+        def engine(*args: Any, **kwargs: Any) -> round_job.EngineResult:
+            evidence = fake(*args, **kwargs).evidence
+            accepted = {"checked": True, "path": path, "continuation": {"runs": []}}
+            return round_job.EngineResult({rid: {"acceptance": accepted} for rid in evidence}, None)
+
+        return engine
+
+    # a continuation that failed again before the exact path counts both; one that passed, one
+    for model, client, path in ((MODEL, "c1", "retrain"), (OTHER, "d0", "default+continuation")):
+        fallbacks_before = _counter("lethe_acceptance_fallbacks_total", model=model)
+        continuations_before = _counter("lethe_acceptance_continuations_total", model=model)
+        monkeypatch.setattr(round_job, "_run_engine", continued_then(path))
+        submit_client(ctx, model, client)
+        result = pipeline.run_one_round(ctx, model)
+        assert result is not None
+        assert result.status == "published"
+        assert _counter("lethe_acceptance_continuations_total", model=model) == continuations_before + 1
+        fell_back = _counter("lethe_acceptance_fallbacks_total", model=model) - fallbacks_before
+        assert fell_back == (path == "retrain")  # a continuation that passed is no fallback
 
     samples = _scrape(ctx)
     assert _value(samples, "lethe_requests", model=MODEL, status="failed") == 1

@@ -734,8 +734,8 @@ def test_the_api_shows_the_stage_of_a_running_round(
             (adapter_out / "adapter_config.json").write_text("{}")
             (adapter_out / STATE_FILE).write_text("{}")
             return dataclasses.make_dataclass("Outcome", ["evidence", "next_importance"])(
-            {r.request_id: {} for r in requests}, None
-        )
+                {r.request_id: {} for r in requests}, None
+            )
 
         def hook(event_name: str, _details: dict[str, Any]) -> None:
             if event_name in ("engine_done", "committed"):

@@ -17,6 +17,7 @@ update is not a reference: it is the exact unlearning, and it is what the round 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -40,6 +41,7 @@ from worker.unlearning.audit import (
     split_outputs,
     unl_split,
 )
+from worker.unlearning.continuation import CONTINUATION_METHOD, continuation_settings
 from worker.unlearning.datastore import DataStore, ResolvedSpec
 from worker.unlearning.likelihood_ratio import likelihood_ratio_audit, out_reference_targets
 from worker.unlearning.model import MultiTaskModel, has_base, load_base
@@ -586,7 +588,7 @@ class StageResult:
     info: dict[str, Any]  # the method's info
     pruned: list[int]  # the subset-ID outputs this request suppressed
     # partitions_s, method_s, importance_precompute_s (the next request's I_D, computed ahead);
-    # a round adds acceptance_fallback_s
+    # a round adds acceptance_continuation_s and acceptance_fallback_s
     timings: dict[str, float]
     ctx: RequestContext
     original: ModelMetrics  # the model before the request, on this request's splits
@@ -830,43 +832,118 @@ def before_outputs_of(staged: Sequence[StageResult]) -> dict[str, dict[str, dict
     return reused
 
 
+def continuation_context(
+    inputs: EngineInputs, staged: Sequence[StageResult], index: int, method: str
+) -> RequestContext:
+    """The context the acceptance check's continuation runs request ``staged[index]`` with: its own
+    forget set, and retain partitions that exclude every later request of the round too (the last
+    request's context as it is)."""
+    s = staged[index]
+    if index == len(staged) - 1:
+        return s.ctx
+    state = s.ctx.state.copy()
+    for later in staged[index + 1 :]:
+        advance_state(state, later.ctx, later.pruned)
+    return request_context(inputs, s.ctx.spec, state, stage=s.ctx.stage, cache_key=None, method=method)
+
+
+def _continue_update(
+    inputs: EngineInputs,
+    model: PeftModel,
+    staged: Sequence[StageResult],
+    failing: set[str],
+    settings: dict[str, Any],
+    method: str,
+    pruned: Sequence[int],
+) -> tuple[PeftModel, dict[str, Any]]:
+    """The continuation (``worker.unlearning.continuation``) of each request in ``failing``, in the
+    round's order, on ``model``; the round's pruning re-applied. Returns the model and what ran."""
+    runs: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for index, s in enumerate(staged):
+        if s.ctx.spec.request_id not in failing:
+            continue
+        ctx = dataclasses.replace(continuation_context(inputs, staged, index, method), settings=settings)
+        model, info, _, wall = apply_method(CONTINUATION_METHOD, model, ctx)
+        ia = info.get("ia") or {}
+        runs.append(
+            {
+                "request_id": s.ctx.spec.request_id,
+                "steps": ia.get("steps"),
+                "stopped": ia.get("stopped"),
+                "kept_epoch": ia.get("best_epoch"),
+                "seconds": round(wall, 3),
+            }
+        )
+    reapply_pruning(model, pruned)
+    seconds = time.perf_counter() - t0
+    return model, {"settings": settings[CONTINUATION_METHOD], "runs": runs, "seconds": seconds}
+
+
+@dataclass
+class Accepted:
+    """What :func:`_accept_round` decided: the model to publish, the ``acceptance`` evidence per
+    request id, and the seconds of the continuation and of the exact path (0 when none ran)."""
+
+    model: PeftModel
+    evidence: dict[str, dict[str, Any]]
+    continuation_s: float = 0.0
+    fallback_s: float = 0.0
+
+
 def _accept_round(
+    inputs: EngineInputs,
     round_input: torch.nn.Module,
     model: PeftModel,
     staged: list[StageResult],
     cfg: acceptance.AcceptanceConfig,
     method: str,
+    pruned: Sequence[int],
     progress: Callable[[str], None],
-) -> tuple[PeftModel, dict[str, dict[str, Any]], float]:
-    """The acceptance check of every request of the round on the model the round publishes; on a
-    failure, the exact path (``retrain`` on the round's final retain set, which excludes every
-    request of the round and every earlier one) replaces the update, and is checked in turn.
-    Returns the model to publish, the ``acceptance`` evidence per request id and the fallback's
-    seconds (0 when none ran)."""
+) -> Accepted:
+    """The acceptance check of every request of the round on the model the round publishes. On a
+    failure of forget bounds alone, the continuation (``acceptance.continue_steps``) goes on with
+    the interference-aware stage for the failing requests; if a check still fails, the exact path
+    (``retrain`` on the round's final retain set, which excludes every request of the round and
+    every earlier one) replaces the update, and is checked in turn. ``pruned``: every subset-ID
+    output the round's final state suppresses."""
     work = [s for s in staged if not s.nothing_left]
     if not cfg.enabled or not work:
         reason = "disabled (settings.acceptance.enabled is false)" if not cfg.enabled else "nothing to forget"
-        return model, {s.ctx.spec.request_id: {"checked": False, "reason": reason} for s in staged}, 0.0
+        return Accepted(model, {s.ctx.spec.request_id: {"checked": False, "reason": reason} for s in staged})
     progress("acceptance check")
     reused = before_outputs_of(staged)  # the round input's outputs, not forwarded again
-    # one per request, shared by the check of the update and of a fallback retrain
+    # one per request, shared by every check of the request
     allowances = {
         s.ctx.spec.request_id: ReferenceAllowance(s.ctx) for s in work if s.ctx.references is not None
     }
 
-    def checked(after: torch.nn.Module, s: StageResult) -> list[acceptance.Check]:
-        rid = s.ctx.spec.request_id
-        return check_request(round_input, after, s.ctx, cfg, reused.get(rid), allowances.get(rid))
+    def checked(after: torch.nn.Module) -> dict[str, list[acceptance.Check]]:
+        out = {}
+        for s in work:
+            rid = s.ctx.spec.request_id
+            out[rid] = check_request(round_input, after, s.ctx, cfg, reused.get(rid), allowances.get(rid))
+        return out
 
-    first = {s.ctx.spec.request_id: checked(model, s) for s in work}
-    passed = all(c.ok for checks in first.values() for c in checks)
-    path, final, fallback_s = method, first, 0.0
-    if not passed and cfg.fallback == "retrain" and method != "retrain":
+    def all_passed(checks: Mapping[str, list[acceptance.Check]]) -> bool:
+        return all(c.ok for cs in checks.values() for c in cs)
+
+    first = checked(model)
+    path, final, continued, continuation = method, first, None, None
+    extra = continuation_settings(inputs.settings, method, cfg.continue_steps, cfg.forget_z)
+    every = [c for cs in first.values() for c in cs]
+    if not all_passed(first) and extra is not None and acceptance.only_forget_bounds_failed(every):
+        progress("acceptance check failed on forget bounds: continuing the interference-aware stage")
+        failing = {rid for rid, cs in first.items() if not all(c.ok for c in cs)}
+        model, continuation = _continue_update(inputs, model, staged, failing, extra, method, pruned)
+        continued = checked(model)
+        path, final = f"{method}+continuation", continued
+    fallback_s = 0.0
+    if not all_passed(final) and cfg.fallback == "retrain" and method != "retrain":
         progress("acceptance check failed: falling back to retrain (the exact path)")
-        last = work[-1].ctx
-        model, _, _, fallback_s = apply_method("retrain", model, last)
+        model, _, _, fallback_s = apply_method("retrain", model, work[-1].ctx)
         path = "retrain"
-        final = {s.ctx.spec.request_id: checked(model, s) for s in work}
+        final = checked(model)
     out: dict[str, dict[str, Any]] = {}
     for s in staged:
         rid = s.ctx.spec.request_id
@@ -886,7 +963,15 @@ def _accept_round(
             entry["reference_allowance"] = computed
         if path != method:
             entry["method_checks"] = [c.to_json() for c in first[rid]]
+        if continuation is not None and continued is not None:
+            entry["continuation"] = {**continuation, "checks": [c.to_json() for c in continued[rid]]}
+        if path == "retrain":
             entry["reason"] = f"{method}'s update failed the acceptance check; the round published a retrain"
+        elif continuation is not None:
+            entry["reason"] = (
+                f"{method}'s update failed a forget bound; the round published it continued "
+                "(the interference-aware stage until the forget set was at the unseen-data level)"
+            )
         if not ok:
             entry["warning"] = (
                 "the published model fails this check"
@@ -894,7 +979,8 @@ def _accept_round(
                 + ": see the failed checks"
             )
         out[rid] = entry
-    return model, out, fallback_s
+    seconds = 0.0 if continuation is None else float(continuation["seconds"])
+    return Accepted(model, out, continuation_s=seconds, fallback_s=fallback_s)
 
 
 def run_round(
@@ -990,9 +1076,10 @@ def run_round(
             on_progress(stage, n, f"request {spec.request_id}: updated")
 
     stage_progress(ACCEPTANCE)
-    model, accepted, fallback_s = _accept_round(
-        round_input, model, staged, accept_cfg, method, round_progress
+    decided = _accept_round(
+        inputs, round_input, model, staged, accept_cfg, method, state.pruned_subset_outputs, round_progress
     )
+    model, accepted = decided.model, decided.evidence
     next_importance: Callable[[], float] | None = None
     if staged and not staged[-1].nothing_left:
         if defer_next_importance:
@@ -1009,7 +1096,8 @@ def run_round(
     evidence: dict[str, dict[str, Any]] = {}
     for position, s in enumerate(staged, start=1):
         stage_progress(AUDIT, position, n)
-        s.timings["acceptance_fallback_s"] = fallback_s
+        s.timings["acceptance_continuation_s"] = decided.continuation_s
+        s.timings["acceptance_fallback_s"] = decided.fallback_s
         ev = request_evidence(
             model,
             s.ctx,

@@ -3,8 +3,9 @@ engine's randomness per seed; one frozen base): a client request moves the forge
 retrain while Val and Ret stay within stated tolerances; a partial-task request keeps the retained
 task; and whatever the method does, the published model passes its acceptance check.
 
-The method is measured on its own (``acceptance.fallback: none``: no retrain replaces a failed
-update); the retrain it is scored against is trained here by the test, never by the round (no oracle).
+The method is measured on its own (``acceptance.fallback: none``, ``continue_steps: 0``: neither a
+continuation nor a retrain replaces a failed update); the retrain it is scored against is trained
+here by the test, never by the round (no oracle).
 Thresholds: see MEASURED below — the spread over seeds 0–9 on two CPU kernel paths
 (``ATEN_CPU_CAPABILITY=default`` and ``avx2``), with the bound set below the worst path's median and
 pass fraction by about one seed's worth, so that a path that differs in the last bits cannot flip the
@@ -38,7 +39,7 @@ MIN_CLOSED = 0.5  # a seed "closes the gap" when the method closes half the orig
 
 CLIENT_SPEC = ForgetSpec("r1", "client", CLIENT, None, [])
 TASK_SPEC = ForgetSpec("r2", "task", CLIENT, None, ["orientation"])
-NO_FALLBACK = {"acceptance": {"fallback": "none"}}
+NO_FALLBACK = {"acceptance": {"fallback": "none", "continue_steps": 0}}
 
 
 @dataclass(frozen=True)

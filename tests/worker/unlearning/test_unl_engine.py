@@ -178,11 +178,27 @@ def test_a_failed_acceptance_check_publishes_the_exact_retrain(
 ) -> None:
     """UNLEARNING.md step 3: an update that fails its acceptance check is replaced by the exact path
     (a retrain on the retain set), and the evidence says which path was published and why."""
-    import worker.unlearning.engine as engine
+    calls, method_fails = _checks_by_call([_failing_check(), [Check("kept", True, "ok", margin=0.1)]])
+    monkeypatch.setattr(engine, "check_request", method_fails)
+    no_continuation = {"acceptance": {"continue_steps": 0}}
+    outcome = _round(prepared, [ForgetSpec("r1", "client", "u1", None, [])], "default", no_continuation)
+    accepted = outcome.evidence["r1"]["acceptance"]
+    assert accepted["path"] == "retrain"
+    assert accepted["passed"] is True
+    assert [c["ok"] for c in accepted["method_checks"]] == [False]
+    assert "retrain" in accepted["reason"]
+    assert "continuation" not in accepted
+    assert outcome.evidence["r1"]["timings_s"]["acceptance_fallback_s"] > 0
+    assert outcome.evidence["r1"]["timings_s"]["acceptance_continuation_s"] == 0
+    assert len(calls) == 2
 
+
+def _checks_by_call(outcomes: list[list[Check]]) -> tuple[list[str], Any]:
+    """A ``check_request`` stand-in answering the n-th call with ``outcomes[n]`` (the last one
+    after that), and the list of the models it was called on."""
     calls: list[str] = []
 
-    def method_fails(
+    def check(
         before: object,
         after: torch.nn.Module,
         ctx: object,
@@ -191,17 +207,127 @@ def test_a_failed_acceptance_check_publishes_the_exact_retrain(
         allowance: object = None,
     ) -> list[Check]:
         calls.append(type(after).__name__)
-        return _failing_check() if len(calls) == 1 else [Check("kept", True, "ok", margin=0.1)]
+        return outcomes[min(len(calls), len(outcomes)) - 1]
 
-    monkeypatch.setattr(engine, "check_request", method_fails)
+    return calls, check
+
+
+FORGET_FAILS = [Check("forgotten: forget set, kind", False, "above the unseen level", margin=-0.01)]
+PASSES = [Check("forgotten: forget set, kind", True, "ok", margin=0.01)]
+
+
+def _refuse_retrain(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the exact path ran")
+
+
+def test_a_failed_forget_bound_is_continued_before_the_exact_path(
+    prepared: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 8 part 3: an update that fails only a forget bound goes on with the interference-aware
+    stage (a step budget, stopped at the unseen-data level) and is checked again; when that passes,
+    the round publishes it and no retrain runs. The evidence says what ran and why."""
+    spec = [ForgetSpec("r1", "client", "u1", None, [])]
+    _round(prepared, spec, "default", {"acceptance": {"continue_steps": 0, "fallback": "none"}})
+    update = _adapter_weights(prepared / "v2")  # the method's update as it is
+    calls, check = _checks_by_call([FORGET_FAILS, PASSES])
+    monkeypatch.setattr(engine, "check_request", check)
+    monkeypatch.setattr(engine, "retrain", _refuse_retrain)
+    outcome = _round(prepared, spec, "default", {})
+    accepted = outcome.evidence["r1"]["acceptance"]
+    assert (accepted["path"], accepted["passed"]) == ("default+continuation", True)
+    assert [c["ok"] for c in accepted["method_checks"]] == [False]
+    continuation = accepted["continuation"]
+    assert [r["request_id"] for r in continuation["runs"]] == ["r1"]
+    run = continuation["runs"][0]
+    assert 0 < run["steps"] <= 100
+    assert run["stopped"] in ("at_unseen_level", "budget")
+    assert continuation["settings"]["stop_at_unseen_level"] is True
+    assert continuation["settings"]["max_steps"] == 100
+    assert "continued" in accepted["reason"]
+    timings = outcome.evidence["r1"]["timings_s"]
+    assert timings["acceptance_continuation_s"] > 0
+    assert timings["acceptance_fallback_s"] == 0
+    assert len(calls) == 2  # the update's check, the continuation's
+    continued = _adapter_weights(prepared / "v2")
+    assert update.keys() == continued.keys()
+    assert any(not torch.equal(update[k], continued[k]) for k in update)  # it went on
+
+
+def _adapter_weights(adapter_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(adapter_dir / "adapter_model.safetensors"))
+
+
+def test_a_continuation_that_still_fails_falls_back_to_the_exact_path(
+    prepared: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls, check = _checks_by_call([FORGET_FAILS, FORGET_FAILS, PASSES])
+    monkeypatch.setattr(engine, "check_request", check)
     outcome = _round(prepared, [ForgetSpec("r1", "client", "u1", None, [])], "default", {})
     accepted = outcome.evidence["r1"]["acceptance"]
-    assert accepted["path"] == "retrain"
-    assert accepted["passed"] is True
+    assert (accepted["path"], accepted["passed"]) == ("retrain", True)
+    assert [c["ok"] for c in accepted["continuation"]["checks"]] == [False]
     assert [c["ok"] for c in accepted["method_checks"]] == [False]
-    assert "retrain" in accepted["reason"]
-    assert outcome.evidence["r1"]["timings_s"]["acceptance_fallback_s"] > 0
+    timings = outcome.evidence["r1"]["timings_s"]
+    assert timings["acceptance_continuation_s"] > 0
+    assert timings["acceptance_fallback_s"] > 0
+    assert len(calls) == 3
+
+
+@pytest.mark.parametrize(
+    ("method", "failed"),
+    [
+        ("default", [Check("held-out: kind", False, "fell 9 points", margin=-0.04)]),
+        ("default", [*FORGET_FAILS, Check("kept: request's samples, side", False, "fell", margin=-0.1)]),
+        ("ssd", FORGET_FAILS),  # no interference-aware stage to continue
+    ],
+)
+def test_no_continuation_where_more_forgetting_cannot_repair_the_failure(
+    prepared: Path, monkeypatch: pytest.MonkeyPatch, method: str, failed: list[Check]
+) -> None:
+    calls, check = _checks_by_call([failed, PASSES])
+    monkeypatch.setattr(engine, "check_request", check)
+    outcome = _round(prepared, [ForgetSpec("r1", "client", "u1", None, [])], method, {})
+    accepted = outcome.evidence["r1"]["acceptance"]
+    assert accepted["path"] == "retrain"
+    assert "continuation" not in accepted
+    assert outcome.evidence["r1"]["timings_s"]["acceptance_continuation_s"] == 0
     assert len(calls) == 2
+
+
+def test_the_continuation_of_an_earlier_request_trains_on_no_later_requests_data(
+    prepared: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a round of two requests, the continuation of the first one runs on retain partitions that
+    exclude the second request's samples too (it is forgotten in the same round)."""
+    seen: list[tuple[str, set[str]]] = []
+    real = engine.apply_method
+
+    def recording(method: str, model: PeftModel, ctx: engine.RequestContext, **kw: Any) -> Any:
+        if method == "ia":
+            p = ctx.partitions
+            ids = {*p.retain_clean.sample_ids, *p.retain_inst.sample_ids, *p.retain_task.sample_ids}
+            seen.append((ctx.spec.request_id, ids | set(ctx.retain.sample_ids)))
+        return real(method, model, ctx, **kw)
+
+    monkeypatch.setattr(engine, "apply_method", recording)
+    first = {"r1": FORGET_FAILS, "r2": PASSES}
+
+    def check(before: object, after: object, ctx: engine.RequestContext, *a: object, **k: object) -> Any:
+        return first[ctx.spec.request_id] if not seen else PASSES
+
+    monkeypatch.setattr(engine, "check_request", check)
+    requests = [ForgetSpec("r1", "client", "u1", None, []), ForgetSpec("r2", "client", "u2", None, [])]
+    outcome = _round(prepared, requests, "default", {})
+    assert outcome.evidence["r1"]["acceptance"]["path"] == "default+continuation"
+    assert [rid for rid, _ in seen] == ["r1"]
+    store = engine.EngineInputs.load(
+        ToyWorkload(), data_dir=prepared / "data", base_dir=prepared / "base", settings={}, seed=0
+    ).store
+    later = set(store.resolve(requests[1]).sample_ids)
+    assert later
+    assert not (seen[0][1] & later)
 
 
 def test_the_acceptance_check_reuses_the_round_inputs_outputs(
@@ -239,8 +365,9 @@ def test_the_acceptance_check_reuses_the_round_inputs_outputs(
     assert (len(forwarded), n_reused) == (12, 8)
 
 
+@pytest.mark.parametrize(("steps", "path"), [(0, "default"), (100, "default+continuation")])
 def test_a_failed_check_without_fallback_is_never_silent(
-    prepared: Path, monkeypatch: pytest.MonkeyPatch
+    prepared: Path, monkeypatch: pytest.MonkeyPatch, steps: int, path: str
 ) -> None:
     import worker.unlearning.engine as engine
 
@@ -249,11 +376,11 @@ def test_a_failed_check_without_fallback_is_never_silent(
         prepared,
         [ForgetSpec("r1", "client", "u1", None, [])],
         "default",
-        {"acceptance": {"fallback": "none"}},
+        {"acceptance": {"fallback": "none", "continue_steps": steps}},
     )
     accepted = outcome.evidence["r1"]["acceptance"]
     assert accepted["passed"] is False
-    assert accepted["path"] == "default"
+    assert accepted["path"] == path
     assert "fails this check" in accepted["warning"]
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,15 +39,26 @@ def mia_distance(
 
 
 def forget_excess(
-    forget_acc: Mapping[str, float], heldout_acc: Mapping[str, float], counts: Mapping[str, int], z: float
+    forget_acc: Mapping[str, float],
+    heldout_acc: Mapping[str, float],
+    counts: Mapping[str, int],
+    z: float,
+    standard_errors: Mapping[str, float] | None = None,
 ) -> float | None:
     """How far the worst forgotten task's forget-set accuracy is above the unseen-data level
-    (held-out accuracy + ``z`` standard errors over the forget set's n); ≤ 0: at the level."""
-    gaps = [
-        acc - unseen_bound(heldout_acc[t], counts[t], z)
-        for t, acc in forget_acc.items()
-        if t in heldout_acc and counts.get(t, 0) > 0
-    ]
+    (held-out accuracy + ``z`` standard errors over the forget set's n); ≤ 0: at the level.
+    ``standard_errors``: per task, the forget-set metric's own standard error where it is not a
+    proportion (a regression's −MAE), as the acceptance check's bound uses it."""
+    own = dict(standard_errors or {})
+    gaps = []
+    for t, acc in forget_acc.items():
+        if t not in heldout_acc or counts.get(t, 0) <= 0:
+            continue
+        se = own.get(t)
+        if se is None or math.isnan(se):
+            gaps.append(acc - unseen_bound(heldout_acc[t], counts[t], z))
+        else:
+            gaps.append(acc - (heldout_acc[t] + z * se))
     return max(gaps, default=None)
 
 
@@ -59,6 +70,8 @@ class Measured:
     accuracy: dict[str, float]  # retain check rows (:func:`retain_accuracy`)
     forget_accuracy: dict[str, float]  # forgotten task → accuracy on D_f
     heldout_accuracy: dict[str, float]  # forgotten task → accuracy on the held-out rows
+    # forgotten task → the standard error of its D_f metric, for a metric that is not a proportion
+    forget_standard_error: dict[str, float] = field(default_factory=dict)
 
 
 class Monitor:
@@ -96,7 +109,22 @@ class Monitor:
             accuracy=retain_accuracy(self.tasks, c_out, self.check, self.forget.sample_ids, self.anchor_ids),
             forget_accuracy=task_accuracy(self.forget_tasks, f_out, self.forget),
             heldout_accuracy=task_accuracy(self.forget_tasks, v_out, self.heldout),
+            forget_standard_error=metric_standard_errors(self.forget_tasks, f_out, self.forget),
         )
+
+
+def metric_standard_errors(
+    tasks: Sequence[TaskSpec], outputs: Mapping[str, Tensor], batch: Batch
+) -> dict[str, float]:
+    """Per task whose metric is not a proportion (one with ``metric_standard_error``, a regression),
+    its standard error on ``batch`` (the acceptance check's noise term for it)."""
+    out: dict[str, float] = {}
+    for task in tasks:
+        of = getattr(task, "metric_standard_error", None)
+        y = batch.labels.get(task.name)
+        if of is not None and y is not None and len(batch):
+            out[task.name] = float(of(outputs[task.name], y.to(outputs[task.name].device)))
+    return out
 
 
 def checkpoint_heldout(heldout: Batch, rows: int, seed: int) -> Batch:
@@ -111,19 +139,25 @@ def checkpoint_heldout(heldout: Batch, rows: int, seed: int) -> Batch:
     return heldout.select(keep)
 
 
-def select_checkpoint(history: Sequence[Mapping[str, Any]], tolerance: float, pick: str = "closest") -> int:
+def select_checkpoint(
+    history: Sequence[Mapping[str, Any]], tolerance: float, pick: str = "closest", start: int = 0
+) -> int:
     """The index in ``history`` early stopping keeps: among the checkpoints whose ``retain_drop``
     is within ``tolerance``, the one whose MIA ``distance`` to the target is smallest (earliest on
     ties) — among those whose ``forget_excess`` is ≤ 0 (forget-set accuracy at the unseen-data
     level) when there are any, and with ``pick="earliest"`` the first of those; when none is
     within the tolerance, the one with the smallest drop. A checkpoint without a distance ranks
-    after those with one."""
+    after those with one. ``start``: the first index that may be kept (1: never the model as given,
+    ``ia.stop_at_unseen_level``'s continuation of a model that failed its check); the last
+    checkpoint when ``history`` has no other."""
+    start = min(start, len(history) - 1)
 
     def closeness(i: int) -> tuple[float, int]:
         d = history[i]["distance"]
         return (math.inf if d is None else float(d), i)
 
-    within = [i for i, h in enumerate(history) if h["retain_drop"] <= tolerance + 1e-12]
+    candidates = range(start, len(history))
+    within = [i for i in candidates if history[i]["retain_drop"] <= tolerance + 1e-12]
     forgotten = [
         i
         for i in within
@@ -133,12 +167,18 @@ def select_checkpoint(history: Sequence[Mapping[str, Any]], tolerance: float, pi
         return forgotten[0] if pick == "earliest" else min(forgotten, key=closeness)
     if within:
         return min(within, key=closeness)
-    return min(range(len(history)), key=lambda i: (history[i]["retain_drop"], *closeness(i)))
+    return min(candidates, key=lambda i: (history[i]["retain_drop"], *closeness(i)))
 
 
-def _at_unseen_level(checkpoint: Mapping[str, Any]) -> bool:
+def at_unseen_level(checkpoint: Mapping[str, Any], retain_tolerance: float) -> bool:
+    """Whether ``checkpoint`` (a history entry) has every forgotten task at the unseen-data level
+    (its ``forget_excess`` ≤ 0, measured with ``ia.forget_accuracy_z``) within the retain tolerance."""
     excess = checkpoint.get("forget_excess")
-    return excess is not None and float(excess) <= 0
+    return (
+        excess is not None
+        and float(excess) <= 0
+        and float(checkpoint["retain_drop"]) <= retain_tolerance + 1e-12
+    )
 
 
 class Checkpoints:
@@ -179,7 +219,11 @@ class Checkpoints:
         excess = None
         if self.forget_accuracy_z > 0:
             excess = forget_excess(
-                m.forget_accuracy, m.heldout_accuracy, self.monitor.forget_counts, self.forget_accuracy_z
+                m.forget_accuracy,
+                m.heldout_accuracy,
+                self.monitor.forget_counts,
+                self.forget_accuracy_z,
+                m.forget_standard_error,
             )
         self.history.append(
             {

@@ -74,6 +74,11 @@ class IAConfig:
     forget_accuracy_z: float = 0.0
     # which of those: "closest" (MIA-closest to the target) | "earliest" (the least update)
     forget_accuracy_pick: Literal["closest", "earliest"] = "closest"
+    # stop at the first checkpoint after the model as given whose forget set is at that level
+    # (needs forget_accuracy_z > 0) and keep it, whatever the target; the model as given is never
+    # kept: the acceptance check's continuation (``acceptance.continue_steps``) runs the update on
+    # from a model that failed the check's forget bound
+    stop_at_unseen_level: bool = False
     # deviation (docs/methods.md): early stopping only among the checkpoints whose accuracy on the
     # retain check rows dropped by at most this much from the pre-request model; 1 = off (paper)
     retain_tolerance: float = 1.0
@@ -124,6 +129,8 @@ class IAConfig:
             raise ValueError("interference-aware update needs retain_tolerance >= 0, check_size >= 0")
         if not 0.0 <= cfg.retain_distillation <= 1.0:
             raise ValueError("interference-aware update needs 0 <= retain_distillation <= 1")
+        if cfg.stop_at_unseen_level and cfg.forget_accuracy_z <= 0:
+            raise ValueError("interference-aware update: stop_at_unseen_level needs forget_accuracy_z > 0")
         if cfg.checkpoint_heldout_rows < 0:
             raise ValueError("interference-aware update needs checkpoint_heldout_rows >= 0 (0: all)")
         return cfg

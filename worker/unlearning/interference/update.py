@@ -20,6 +20,7 @@ from worker.unlearning.grads import Cycler, eval_mode, partition_task_grads
 from worker.unlearning.interference.checkpoints import (
     Checkpoints,
     Monitor,
+    at_unseen_level,
     checkpoint_heldout,
     select_checkpoint,
 )
@@ -177,8 +178,11 @@ def _run(
         kept_level=cfg.kept_level,
     )
     # "earliest" keeps the least update at the unseen-data level: with a per-client target the
-    # point is to go on towards it, so the closest of those is kept
-    pick = "closest" if reference is not None else cfg.forget_accuracy_pick
+    # point is to go on towards it, so the closest of those is kept (unless the run stops there)
+    if cfg.stop_at_unseen_level:
+        pick = "earliest"
+    else:
+        pick = "closest" if reference is not None else cfg.forget_accuracy_pick
     history = checkpoints.history
     checkpoints.record(model, 0)
     steps, since_change, best = 0, 0, 0  # since_change: steps since the kept checkpoint changed
@@ -218,7 +222,8 @@ def _run(
             progress(f"ia: epoch {epoch}/{cfg.epochs} mia={history[-1]['mia_auc']}")
         if on_epoch is not None:
             on_epoch(epoch, cfg.epochs)
-        chosen = select_checkpoint(history, cfg.retain_tolerance, pick)
+        # the continuation (stop_at_unseen_level) never keeps the model as given: it failed its check
+        chosen = select_checkpoint(history, cfg.retain_tolerance, pick, start=int(cfg.stop_at_unseen_level))
         if chosen != best:
             since_change = 0
         best = chosen
@@ -227,6 +232,9 @@ def _run(
         if cfg.early_stopping and steps >= cfg.min_steps:
             if within_target(history[best], cfg.stop_within, cfg.retain_tolerance):
                 stopped = "within_target"
+                break
+            if cfg.stop_at_unseen_level and at_unseen_level(history[best], cfg.retain_tolerance):
+                stopped = "at_unseen_level"
                 break
             if 0 < cfg.patience <= since_change:
                 stopped = "patience"

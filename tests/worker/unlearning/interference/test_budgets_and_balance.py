@@ -15,11 +15,17 @@ import torch
 
 from tests.worker.unlearning.interference.toy import TASKS, ia_batch, ia_model, partial_partitions
 from worker.unlearning.acceptance import unseen_bound
-from worker.unlearning.interference.checkpoints import forget_excess, select_checkpoint
+from worker.unlearning.interference.checkpoints import (
+    at_unseen_level,
+    forget_excess,
+    metric_standard_errors,
+    select_checkpoint,
+)
 from worker.unlearning.interference.config import IAConfig
 from worker.unlearning.interference.retain import KEPT_OF_FORGOTTEN, retain_drop
 from worker.unlearning.interference.subspaces import gradient_subspaces, projectors
 from worker.unlearning.interference.update import balance_forget, interference_aware_unlearn, within_target
+from worker.unlearning.types import Batch, ClassificationTask, RegressionTask
 
 
 def test_patience_counts_optimiser_steps_and_never_stops_before_the_minimum() -> None:
@@ -44,20 +50,25 @@ def test_patience_counts_optimiser_steps_and_never_stops_before_the_minimum() ->
     assert capped["steps"] == 7
 
 
+def _six_epochs_on_the_toy(settings: dict[str, object]) -> dict[str, Any]:
+    """The update on the toy's partial-task partitions (D_f: 6 rows; batch 2 → 3 steps an epoch),
+    aiming at MIA 0.5, from the same model every time."""
+    cfg = IAConfig.from_settings(settings)
+    torch.manual_seed(0)  # the toy net's heads: the same model in every run
+    return interference_aware_unlearn(
+        ia_model(), tasks=TASKS, partitions=partial_partitions(), heldout=ia_batch(10, 7, ["a", "b"]),
+        cfg=cfg, seed=0, mia_target=0.5,
+    )  # fmt: skip
+
+
 def test_stop_within_ends_a_run_at_the_first_kept_checkpoint_that_close_to_the_target() -> None:
     """Defect: a run whose kept checkpoint was already as close to the target as the target is to
     the retrain went on for a whole patience (a scenes request: 48 optimiser steps to keep the
     checkpoint of step 24; docs/benchmarks.md, "Scenes: stopping within the target")."""
-    parts = partial_partitions()  # D_f: 6 rows; batch 2 → 3 steps an epoch
-    heldout = ia_batch(10, 7, ["a", "b"])
     base: dict[str, object] = {"lr": 5e-2, "epochs": 6, "batch_size": 2, "patience": 0, "min_steps": 3}
 
     def run(settings: dict[str, object]) -> dict[str, Any]:
-        cfg = IAConfig.from_settings({**base, **settings})
-        torch.manual_seed(0)  # the toy net's heads: the same model in every run
-        return interference_aware_unlearn(
-            ia_model(), tasks=TASKS, partitions=parts, heldout=heldout, cfg=cfg, seed=0, mia_target=0.5
-        )
+        return _six_epochs_on_the_toy({**base, **settings})
 
     full = run({})
     assert (full["stopped"], full["steps"]) == ("budget", 18)
@@ -186,3 +197,58 @@ def test_new_settings_are_validated() -> None:
         with pytest.raises(ValueError, match=message):
             IAConfig.from_settings(bad)
     assert IAConfig.from_settings({"forget_accuracy_z": 2}).forget_accuracy_z == 2.0
+
+
+def test_stop_at_unseen_level_keeps_the_first_checkpoint_there_and_never_the_model_as_given() -> None:
+    """Issue 8 part 3 (the acceptance check's continuation): the run goes on from a model that
+    failed the check's forget bound, stops at the first checkpoint after it whose forget set is at
+    the unseen-data level and keeps that one, whatever the MIA distance says."""
+    base: dict[str, object] = {"lr": 5e-2, "epochs": 6, "batch_size": 2, "patience": 0, "min_steps": 0}
+
+    def run(settings: dict[str, object]) -> dict[str, Any]:
+        return _six_epochs_on_the_toy({**base, **settings})
+
+    # a z so large that every checkpoint, the model as given too, is "at the level"
+    loose = run({"forget_accuracy_z": 50.0, "stop_at_unseen_level": True})
+    assert (loose["stopped"], loose["steps"], loose["best_epoch"]) == ("at_unseen_level", 3, 1)
+    # without the stop, the same z keeps the model as given (the earliest at the level)
+    kept = run({"forget_accuracy_z": 50.0, "forget_accuracy_pick": "earliest"})
+    assert (kept["stopped"], kept["best_epoch"]) == ("budget", 0)
+    assert kept["history"][:2] == loose["history"]
+    with pytest.raises(ValueError, match="stop_at_unseen_level"):
+        IAConfig.from_settings({"stop_at_unseen_level": True})
+
+
+def test_select_checkpoint_from_a_start_index() -> None:
+    rows = [
+        {"epoch": 0, "distance": 0.00, "retain_drop": 0.0, "forget_excess": -0.2},
+        {"epoch": 1, "distance": 0.10, "retain_drop": 0.0, "forget_excess": 0.1},
+        {"epoch": 2, "distance": 0.05, "retain_drop": 0.0, "forget_excess": -0.1},
+    ]
+    assert select_checkpoint(rows, 0.05, "earliest") == 0
+    assert select_checkpoint(rows, 0.05, "earliest", start=1) == 2
+    assert select_checkpoint(rows[:1], 0.05, "earliest", start=1) == 0  # nothing else to keep
+    assert at_unseen_level(rows[2], 0.05)
+    assert not at_unseen_level(rows[1], 0.05)
+    assert not at_unseen_level({**rows[2], "retain_drop": 0.2}, 0.05)
+
+
+def test_forget_excess_uses_a_regression_metrics_own_standard_error() -> None:
+    """The acceptance check bounds a regression's −MAE by its own standard error, not a proportion's
+    (whose formula clamps a negative metric to 0); early stopping's level must be the same bound."""
+    counts = {"x": 1500}
+    excess = forget_excess({"x": -0.090}, {"x": -0.101}, counts, 2.0, {"x": 0.002})
+    assert excess == pytest.approx(-0.090 - (-0.101 + 2 * 0.002))
+    proportion = forget_excess({"x": -0.090}, {"x": -0.101}, counts, 2.0)
+    assert proportion == pytest.approx(-0.090 - unseen_bound(-0.101, 1500, 2.0))
+    assert proportion != pytest.approx(excess)
+
+
+def test_the_monitor_reports_a_regression_tasks_standard_error() -> None:
+    task = RegressionTask("x")
+    out = {"x": torch.tensor([[0.1], [0.4], [0.2], [0.9]])}
+    y = torch.tensor([[0.0], [0.5], [0.5], [0.5]])
+    batch = Batch({"inputs": torch.zeros(4, 1)}, {"x": y}, torch.zeros(4, dtype=torch.long))
+    se = metric_standard_errors([task, ClassificationTask("c", 2)], out, batch)
+    assert list(se) == ["x"]
+    assert se["x"] == pytest.approx(task.metric_standard_error(out["x"], batch.labels["x"]))
