@@ -87,10 +87,22 @@ def _se(p: float, n: int, z: float) -> float:
     return math.sqrt(p_tilde * (1 - p_tilde) / n_tilde)
 
 
-def unseen_bound(unseen: float, n: int, z: float = FORGET_NOISE_Z) -> float:
+def unseen_bound(unseen: float, n: int, z: float = FORGET_NOISE_Z, se: float | None = None) -> float:
     """The forget check's bound: the unseen-data level plus ``z`` standard errors over ``n`` samples
-    (also the target of the interference-aware stage's early stopping, ``ia.forget_accuracy_z``)."""
-    return unseen + z * _se(unseen, n, z)
+    (also the target of the interference-aware stage's early stopping, ``ia.forget_accuracy_z``).
+    ``se``: the metric's own standard error where it is not a proportion (a regression's −MAE:
+    :func:`metric_standard_error`); ``None`` or NaN: a proportion's at the unseen level over n."""
+    if se is None or math.isnan(se):
+        return unseen + z * _se(unseen, n, z)
+    return unseen + z * se
+
+
+def metric_standard_error(task: TaskSpec, output: torch.Tensor, target: torch.Tensor) -> float | None:
+    """The standard error of ``task``'s metric of ``output`` against ``target`` for a task whose metric
+    is not a proportion (one that defines ``metric_standard_error``, e.g. ``RegressionTask``);
+    ``None`` for the others (their bounds use a proportion's)."""
+    of = getattr(task, "metric_standard_error", None)
+    return None if of is None else float(of(output, target.to(output.device)))
 
 
 def forget_check(
@@ -111,10 +123,7 @@ def forget_check(
     if n == 0 or math.isnan(before) or math.isnan(unseen):
         return Check(what, False, "no labelled samples to measure")
     allowance = max(0.0, allowance)
-    if se is None or math.isnan(se):  # a proportion's standard error at the unseen level
-        bound = unseen_bound(unseen, n, z) + allowance
-    else:  # the metric's own
-        bound = unseen + z * se + allowance
+    bound = unseen_bound(unseen, n, z, se) + allowance
     extra = (
         f" + {fmt(allowance)} (references that never saw it do that much better on it)" if allowance else ""
     )
@@ -239,14 +248,11 @@ class _Scores:
         return (task.metric(out, y) if n else float("nan")), n
 
     def standard_error(self, task: TaskSpec) -> float | None:
-        """The standard error of ``task``'s metric here, for a task whose metric is not a
-        proportion (one that defines ``metric_standard_error``, e.g. ``RegressionTask``); ``None``
-        for the others (their bounds use a proportion's)."""
-        of = getattr(task, "metric_standard_error", None)
+        """:func:`metric_standard_error` of ``task`` here (``None``: a proportion, or no labels)."""
         y = self.batch.labels.get(task.name)
-        if of is None or y is None or len(self.batch) == 0:
+        if y is None or len(self.batch) == 0:
             return None
-        return float(of(self.out[task.name], y))
+        return metric_standard_error(task, self.out[task.name], y)
 
 
 def _scores(model: nn.Module, batch: Batch) -> _Scores:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from worker.unlearning.acceptance import unseen_bound
+from worker.unlearning.acceptance import metric_standard_error, unseen_bound
 from worker.unlearning.audit import mia_from_outputs, model_outputs
 from worker.unlearning.interference.retain import kept_deviation, retain_accuracy, retain_drop, task_accuracy
 from worker.unlearning.interference.targets import ReferenceTarget, reference_distance
@@ -50,15 +50,11 @@ def forget_excess(
     ``standard_errors``: per task, the forget-set metric's own standard error where it is not a
     proportion (a regression's −MAE), as the acceptance check's bound uses it."""
     own = dict(standard_errors or {})
-    gaps = []
-    for t, acc in forget_acc.items():
-        if t not in heldout_acc or counts.get(t, 0) <= 0:
-            continue
-        se = own.get(t)
-        if se is None or math.isnan(se):
-            gaps.append(acc - unseen_bound(heldout_acc[t], counts[t], z))
-        else:
-            gaps.append(acc - (heldout_acc[t] + z * se))
+    gaps = [
+        acc - unseen_bound(heldout_acc[t], counts[t], z, own.get(t))
+        for t, acc in forget_acc.items()
+        if t in heldout_acc and counts.get(t, 0) > 0
+    ]
     return max(gaps, default=None)
 
 
@@ -116,14 +112,14 @@ class Monitor:
 def metric_standard_errors(
     tasks: Sequence[TaskSpec], outputs: Mapping[str, Tensor], batch: Batch
 ) -> dict[str, float]:
-    """Per task whose metric is not a proportion (one with ``metric_standard_error``, a regression),
-    its standard error on ``batch`` (the acceptance check's noise term for it)."""
+    """Per task whose metric is not a proportion (a regression), its standard error on ``batch``
+    (:func:`~worker.unlearning.acceptance.metric_standard_error`, the check's noise term for it)."""
     out: dict[str, float] = {}
     for task in tasks:
-        of = getattr(task, "metric_standard_error", None)
         y = batch.labels.get(task.name)
-        if of is not None and y is not None and len(batch):
-            out[task.name] = float(of(outputs[task.name], y.to(outputs[task.name].device)))
+        se = None if y is None or not len(batch) else metric_standard_error(task, outputs[task.name], y)
+        if se is not None:
+            out[task.name] = se
     return out
 
 
@@ -157,12 +153,8 @@ def select_checkpoint(
         return (math.inf if d is None else float(d), i)
 
     candidates = range(start, len(history))
-    within = [i for i in candidates if history[i]["retain_drop"] <= tolerance + 1e-12]
-    forgotten = [
-        i
-        for i in within
-        if (history[i].get("forget_excess") is not None and history[i]["forget_excess"] <= 0)
-    ]
+    within = [i for i in candidates if within_tolerance(history[i], tolerance)]
+    forgotten = [i for i in within if at_unseen_level(history[i], tolerance)]
     if forgotten:
         return forgotten[0] if pick == "earliest" else min(forgotten, key=closeness)
     if within:
@@ -174,11 +166,12 @@ def at_unseen_level(checkpoint: Mapping[str, Any], retain_tolerance: float) -> b
     """Whether ``checkpoint`` (a history entry) has every forgotten task at the unseen-data level
     (its ``forget_excess`` ≤ 0, measured with ``ia.forget_accuracy_z``) within the retain tolerance."""
     excess = checkpoint.get("forget_excess")
-    return (
-        excess is not None
-        and float(excess) <= 0
-        and float(checkpoint["retain_drop"]) <= retain_tolerance + 1e-12
-    )
+    return excess is not None and float(excess) <= 0 and within_tolerance(checkpoint, retain_tolerance)
+
+
+def within_tolerance(checkpoint: Mapping[str, Any], retain_tolerance: float) -> bool:
+    """Whether ``checkpoint``'s ``retain_drop`` is within the retain tolerance."""
+    return float(checkpoint["retain_drop"]) <= retain_tolerance + 1e-12
 
 
 class Checkpoints:

@@ -23,6 +23,7 @@ from worker.unlearning.interference.checkpoints import (
     at_unseen_level,
     checkpoint_heldout,
     select_checkpoint,
+    within_tolerance,
 )
 from worker.unlearning.interference.config import IAConfig
 from worker.unlearning.interference.distillation import distilled_partitions
@@ -266,7 +267,7 @@ def within_target(checkpoint: Mapping[str, Any], stop_within: float, retain_tole
         stop_within > 0
         and distance is not None
         and float(distance) <= stop_within
-        and float(checkpoint["retain_drop"]) <= retain_tolerance + 1e-12
+        and within_tolerance(checkpoint, retain_tolerance)
     )
 
 
