@@ -121,6 +121,13 @@ def quality_main(argv: Sequence[str], prog: str) -> int:
         help="an extra row: METHOD with these settings overrides, e.g. "
         """'default@refs=default:{"default": {"ia": {"target": "references"}}}' (repeatable)""",
     )
+    parser.add_argument(
+        "--served",
+        default="",
+        metavar="METHODS",
+        help="comma-separated methods whose rows get a twin LABEL+served, scored on what a round "
+        "publishes: the acceptance check, its continuation, or the exact path (the second retrain)",
+    )
     # the flags of the former ``python -m worker.unlearning.bench``
     parser.add_argument("--measure-workload", action="store_true", help="as `measure-workload`")
     parser.add_argument(
@@ -169,6 +176,7 @@ def quality_main(argv: Sequence[str], prog: str) -> int:
             references=args.references,
             extra_variants=variants,
             jobs=jobs,
+            served=[m for m in args.served.split(",") if m],
         )
     except WorkloadOptionsError as exc:
         parser.error(str(exc))

@@ -64,15 +64,23 @@ from bench.scoring import (
     task_metrics,
 )
 from bench.seeded_workloads import SeededWorkloads
+from worker.unlearning.acceptance import AcceptanceConfig
 from worker.unlearning.audit import AuditConfig
 from worker.unlearning.datastore import DataStore
 from worker.unlearning.engine import (
     EngineInputs,
+    ReferenceAllowance,
+    StageResult,
+    accept_round,
     advance_state,
+    check_request,
     compute_reference,
     ensure_base,
     evaluate,
     full_importance_settings,
+    metrics_on,
+    original_val,
+    precompute_next_importance,
     reference_retrain,
     request_context,
     request_evidence,
@@ -100,6 +108,8 @@ from worker.unlearning.workload import (
 )
 
 METHODS = ["original", "retrain", *APPROXIMATE_METHODS]
+#: the label suffix of a variant scored on what a round publishes (``run_bench(served=...)``)
+SERVED_SUFFIX = "+served"
 SECOND_RETRAIN_SEED_OFFSET = 7_919  # the second retrain's seed is the run's seed + this
 #: the seeds the tuning grid is scored on: never an evaluation seed
 TUNING_SEEDS = (100, 101, 102)
@@ -425,6 +435,7 @@ def run_bench(
     references: int | None = None,
     extra_variants: Mapping[str, tuple[str, Mapping[str, Any]]] | None = None,
     jobs: int = 1,
+    served: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run the benchmark; print a table (via ``echo``), write ``json_path``; return the JSON.
 
@@ -446,6 +457,9 @@ def run_bench(
     ``extra_variants``: label → (method, settings overrides) rows run beside the methods, e.g.
     ``{"default@refs": ("default", {"default": {"ia": {"target": "references"}}})}``.
     ``jobs``: seeds run in that many worker processes at once (one torch thread each).
+    ``served``: methods whose every row gets a twin ``<label>+served``, scored on what a round
+    publishes — the update after the engine's acceptance check and its continuation, or, where a
+    check still fails, the exact path (the stage's second retrain): :func:`_serve`.
 
     A workload may declare its own protocol for ``preset`` (:attr:`Workload.bench_protocols`:
     seeds, stages, settings, methods, tuned values, bench-only workload options); it replaces the
@@ -504,6 +518,14 @@ def run_bench(
         for label, (method, extra) in dict(extra_variants or {}).items():
             base_overrides = _variant(method, picked.get(method)).overrides
             variants.append(Variant(label, method, deep_merge(base_overrides, extra)))
+        unknown = sorted(set(served) - {v.method for v in variants if v.method != "retrain"})
+        if unknown:
+            raise ValueError(f"--served {unknown}: not an approximate method of this run")
+        variants += [
+            dataclasses.replace(v, label=f"{v.label}{SERVED_SUFFIX}", served=True)
+            for v in list(variants)
+            if v.method in served
+        ]
         names = tuple(_settings_list(wl, chosen.settings))  # the tasks are the same for every seed
         job = SeedJob(
             workloads, root, settings, chosen.stages, names, tuple(variants), references, second_retrain=True,
@@ -536,6 +558,7 @@ def run_bench(
                 },
             },
             "method_settings": {v.label: v.overrides for v in variants},
+            "served": sorted(v.label for v in variants if v.served),
             "references": {
                 "k": references,
                 "train_s": reference_log.get("train_s", {}),
@@ -600,6 +623,9 @@ class Variant:
     label: str
     method: str
     overrides: Mapping[str, Any]
+    # scored on what a round publishes: the acceptance check, its continuation and, on a failure,
+    # the exact path (:func:`_serve`), not on the method's update alone
+    served: bool = False
 
 
 def _run_setting(
@@ -652,6 +678,15 @@ def _run_setting(
     keys: dict[str, str | None] = {v.label: None for v in approx}
     ahead: dict[str, float] = {v.label: 0.0 for v in approx}
     before_second: PeftModel = v1  # retrain_2's model before the request (its UIS on kept tasks)
+    if any(v.served for v in approx):
+        if not second_retrain:
+            raise ValueError("served variants publish the second retrain on the exact path: it must run")
+        # the original version's held-out level, which the acceptance check holds every version to
+        v1_val = original_val(metrics_on(v1, inputs.heldout, inputs.tasks))
+        for v in approx:
+            if v.served:
+                states[v.label].original_val = dict(v1_val)
+    second: tuple[PeftModel, float] | None = None  # the stage's second retrain and its seconds
     # the forget sets of the stages so far: every later model is scored on them too, against the
     # stage's reference retrain (what a later request undid of an earlier one's forgetting)
     earlier: list[Batch] = []
@@ -694,6 +729,7 @@ def _run_setting(
                 device=ctx.device,
             )
             wall = time.perf_counter() - t0
+            second = (other, wall)
             ev = request_evidence(
                 other,
                 ctx,
@@ -721,6 +757,7 @@ def _run_setting(
             # the variant's own settings; the same anchor fraction and retain set for every method.
             # No oracle: the method never sees the retrain (it only scores the method, below)
             precompute = ahead[v.label]
+            round_input = copy.deepcopy(models[v.label]).eval() if v.served else None
             models[v.label], done = run_stage(
                 own[v.label],
                 models[v.label],
@@ -729,11 +766,23 @@ def _run_setting(
                 method=v.method,
                 stage=stage,
                 cache_key=keys[v.label],
-                precompute_next=stage < len(specs),
+                # a served variant's next I_D belongs to the model it publishes: computed below
+                precompute_next=stage < len(specs) and not v.served,
             )
+            wall = done.timings["method_s"]
+            if round_input is not None and second is not None:
+                pruned = states[v.label].pruned_subset_outputs  # after the request, as a round's
+                models[v.label], served = _serve(
+                    own[v.label], v.method, round_input, models[v.label], done, pruned, second
+                )
+                done.info = {**done.info, "served": served}
+                wall += served["continuation_s"] + (served["exact_path_s"] or 0.0)
+                if stage < len(specs):
+                    done.next_cache_key, done.timings["importance_precompute_s"] = precompute_next_importance(
+                        models[v.label], done.ctx, v.method
+                    )
             if stage < len(specs):
                 keys[v.label], ahead[v.label] = done.next_cache_key, done.timings["importance_precompute_s"]
-            wall = done.timings["method_s"]
             ev = request_evidence(
                 models[v.label],
                 done.ctx,
@@ -764,6 +813,49 @@ def _run_setting(
             loaded = _refresh(inputs, work, ctx.resolved.client_id, state, reference_log)
             own = {label: dataclasses.replace(i, references=loaded) for label, i in own.items()}
     return rows
+
+
+def _serve(
+    inputs: EngineInputs,
+    method: str,
+    round_input: torch.nn.Module,
+    model: PeftModel,
+    done: StageResult,
+    pruned: Sequence[int],
+    second_retrain: tuple[PeftModel, float],
+) -> tuple[PeftModel, dict[str, Any]]:
+    """What a one-request round publishes after ``done``'s update of ``round_input``: the engine's
+    acceptance check and its continuation (:func:`~worker.unlearning.engine.accept_round`); if a
+    check still fails and the model's settings fall back to the exact path, the stage's second
+    retrain and its training time (``retrain_2``: the round's own retrain would be the scoring
+    reference itself, seed for seed), checked in turn (``exact_path_failed``). ``pruned``: every
+    subset-ID output suppressed after the request. Returns the model and what happened (the row's
+    ``served``)."""
+    cfg = AcceptanceConfig.from_settings(inputs.settings.get("acceptance"))
+    checked_only = dataclasses.replace(cfg, fallback="none")
+    decided = accept_round(inputs, round_input, model, [done], checked_only, method, pruned, lambda _: None)
+    entry = decided.evidence[done.ctx.spec.request_id]
+    failed = [c["what"] for c in entry.get("checks", []) if not c["ok"]]
+    own_checks = entry.get("method_checks", entry.get("checks", []))  # the method's update, as checked
+    served: dict[str, Any] = {
+        "path": entry.get("path", method),
+        "checked": bool(entry.get("checked")),
+        "method_failed": [c["what"] for c in own_checks if not c["ok"]],
+        "continued": "continuation" in entry,
+        "continuation_s": decided.continuation_s,
+        "failed": failed,
+        "exact_path_s": None,
+    }
+    if failed and cfg.fallback == "retrain":
+        retrained, seconds = second_retrain
+        # checked in turn, as a round checks its exact path (a failure there is published with a warning)
+        allowance = ReferenceAllowance(done.ctx) if done.ctx.references is not None else None
+        still = check_request(round_input, retrained, done.ctx, cfg, allowance=allowance)
+        served.update(
+            path="retrain", exact_path_s=seconds, exact_path_failed=[c.what for c in still if not c.ok]
+        )
+        return copy.deepcopy(retrained), served
+    return decided.model, served
 
 
 def _refresh(

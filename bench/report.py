@@ -11,6 +11,7 @@ from bench.scoring import (
     CLOSE_TOLERANCE,
     SECOND_RETRAIN,
     earlier_by_method,
+    served_paths,
     target_close_by_method,
 )
 
@@ -84,6 +85,12 @@ def format_table(result: Mapping[str, Any]) -> str:
             + "; ".join(
                 f"{m} {t['target_close']}/{t['n']} (close {t['close']}/{t['n']})" for m, t in targets.items()
             )
+        )
+    paths = served_paths(result.get("runs", []))
+    if paths:
+        lines.append(
+            "served (what a round publishes; failed = published with a failed check): "
+            + "; ".join(f"{m} " + ", ".join(f"{p} {n}" for p, n in c.items()) for m, c in paths.items())
         )
     protocol = meta.get("protocol")
     if protocol:

@@ -85,6 +85,8 @@ def run_row(
         "target_close": target_close(target, reference, request_tasks),
         # what the interference-aware update ran (steps, what ended it, the kept checkpoint)
         "update": ia_steps(evidence.get("method_info")),
+        # a served variant (``--served``): the acceptance check's path, what failed, the continuation
+        "served": (evidence.get("method_info") or {}).get("served"),
     }
 
 
@@ -137,6 +139,20 @@ def target_close_by_method(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[
             row["n"] += 1
             row["target_close"] += int(hit)
             row["close"] += int(bool((r.get("close") or {}).get(task)))
+    return out
+
+
+def served_paths(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per served variant (``run_bench(served=...)``, in run order), pooled over settings, stages
+    and seeds: how many requests each path published (the update, the update continued by the
+    acceptance check, the exact path) and how many still failed a check (``failed``)."""
+    out: dict[str, dict[str, int]] = {}
+    for r in runs:
+        served = r.get("served")
+        if served:
+            row = out.setdefault(r["method"], {})
+            row[served["path"]] = row.get(served["path"], 0) + 1
+            row["failed"] = row.get("failed", 0) + int(bool(served["failed"]) and served["path"] != "retrain")
     return out
 
 

@@ -101,3 +101,19 @@ def test_the_core_and_the_service_never_import_the_bench_package() -> None:
     assert [str(p.relative_to(ROOT)) for p in sources if _imports_bench(p)] == []
     assert not (ROOT / "worker" / "unlearning" / "bench.py").exists()
     assert not list((ROOT / "scripts").glob("*bench*.py"))
+
+
+def test_quality_passes_served_methods_to_the_bench(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import quality
+
+    seen: dict[str, object] = {}
+
+    def run_bench(*args: object, **kwargs: object) -> dict[str, object]:
+        seen.update(kwargs)
+        return {}
+
+    monkeypatch.setattr(quality, "run_bench", run_bench)
+    assert cli.main(["quality", "--served", "default,ia", "--no-plots"]) == 0
+    assert seen["served"] == ["default", "ia"]
+    assert cli.main(["quality", "--no-plots"]) == 0
+    assert seen["served"] == []

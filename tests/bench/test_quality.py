@@ -15,7 +15,7 @@ from peft import PeftModel
 from bench import quality
 from bench.quality import PRESETS, TUNED_QUICK, TUNING_GRIDS, fair_settings, run_bench
 from bench.report import format_table
-from bench.scoring import SECOND_RETRAIN, registered_methods, target_close_by_method
+from bench.scoring import SECOND_RETRAIN, registered_methods, served_paths, target_close_by_method
 from worker.unlearning.engine import StageResult, anchor_fraction, run_stage
 from worker.unlearning.methods import available_methods
 from worker.unlearning.workloads.digits import DigitsClients
@@ -94,7 +94,9 @@ def test_bench_smoke_writes_the_json_format(tmp_path: Path, capsys: pytest.Captu
             "target",
             "target_close",
             "update",
+            "served",
         }
+        assert r["served"] is None  # no row is a --served twin
         assert r["target"] is None  # no method here has an early-stopping target
         assert r["target_close"] is None
         assert r["update"] is None  # nor an interference-aware update
@@ -234,3 +236,58 @@ def test_every_method_of_every_stage_runs_through_run_stage(monkeypatch: pytest.
     )
     assert [(m, s) for _, m, s in calls] == [("original", 1), ("ssd", 1), ("original", 2), ("ssd", 2)]
     assert calls[0][0] == calls[1][0] != calls[2][0]  # one request per stage, the same for every method
+
+
+def test_served_rows_score_what_a_round_publishes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``served=["default"]``: a twin row per stage scored on the model a round would publish. Stage 1's
+    update fails a forget bound and passes after the acceptance check's continuation: the continued
+    model is served. Stage 2's fails again after it: the exact path is served, which in the bench is the
+    stage's second retrain (the round's own retrain would be the scoring reference, seed for seed),
+    checked in turn as a round checks its exact path."""
+    from worker.unlearning import engine
+    from worker.unlearning.acceptance import Check
+
+    fails = [Check("forgotten: forget set, kind", False, "above the unseen level", margin=-0.01)]
+    passes = [Check("forgotten: forget set, kind", True, "ok", margin=0.01)]
+    # stage 1: the update, its continuation; stage 2: the same, then the exact path's own check
+    answers = [fails, passes, fails, fails, passes]
+    calls: list[int] = []
+
+    def check(*args: object, **kwargs: object) -> list[Check]:
+        calls.append(1)
+        return answers[len(calls) - 1]
+
+    monkeypatch.setattr(engine, "check_request", check)  # the round's checks
+    monkeypatch.setattr(quality, "check_request", check)  # the bench's check of the exact path
+    result = run_bench(
+        "smoke", None, seeds=[3], workload=ToyWorkload(num_clients=4, per_client=10), methods=["default"],
+        served=["default"], echo=None, settings_overrides={"ia": {"epochs": 2}},
+    )  # fmt: skip
+    assert len(calls) == 5
+    assert result["meta"]["served"] == ["default+served"]
+    rows = {(r["method"], r["stage"]): r for r in result["runs"]}
+    assert rows[("default", 1)]["served"] is None  # the method's update alone, as before
+    first = rows[("default+served", 1)]["served"]
+    assert (first["path"], first["continued"], first["failed"]) == ("default+continuation", True, [])
+    assert first["method_failed"] == ["forgotten: forget set, kind"]
+    assert first["continuation_s"] > 0
+    assert first["exact_path_s"] is None
+    assert rows[("default+served", 1)]["wall_s"] >= first["continuation_s"]
+    second = rows[("default+served", 2)]
+    assert second["served"]["path"] == "retrain"
+    assert second["served"]["failed"] == ["forgotten: forget set, kind"]
+    floor = rows[(SECOND_RETRAIN, 2)]
+    assert second["served"]["exact_path_s"] == floor["wall_s"]
+    assert second["served"]["exact_path_failed"] == []
+    assert second["tasks"] == floor["tasks"]  # the served model is the second retrain
+    assert second["close"] == floor["close"]
+    paths = served_paths(result["runs"])
+    assert paths == {"default+served": {"default+continuation": 1, "failed": 0, "retrain": 1}}
+    assert "default+served default+continuation 1, failed 0, retrain 1" in format_table(result)
+
+
+def test_served_names_an_approximate_method_of_the_run() -> None:
+    with pytest.raises(ValueError, match="--served"):
+        run_bench(
+            "smoke", None, seeds=[3], workload=ToyWorkload(), methods=["ssd"], served=["default"], echo=None
+        )

@@ -98,7 +98,8 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _task_metrics(model: torch.nn.Module, batch: Batch, tasks: Sequence[TaskSpec]) -> dict[str, float]:
+def metrics_on(model: torch.nn.Module, batch: Batch, tasks: Sequence[TaskSpec]) -> dict[str, float]:
+    """``model``'s metric per task on ``batch`` (one forward; NaN for every task of an empty batch)."""
     if len(batch) == 0:
         return {t.name: float("nan") for t in tasks}
     with torch.no_grad():
@@ -118,6 +119,12 @@ def _subset_accuracy(model: torch.nn.Module, batch: Batch) -> float:
 # ----------------------------------------------------------------------------------------------
 # prepare
 # ----------------------------------------------------------------------------------------------
+
+
+def original_val(val: Mapping[str, float]) -> dict[str, float]:
+    """``RoundState.original_val`` from the original version's held-out metric per task: a task
+    without held-out labels (NaN) is left out, unknown."""
+    return {t: v for t, v in val.items() if v == v}
 
 
 def ensure_base(workload: Workload, base_dir: Path, settings: Mapping[str, Any], seed: int) -> MultiTaskModel:
@@ -161,10 +168,10 @@ def prepare(
     model = train_v1(base, train, tasks, cfg, seed=seed)
     t_train = time.perf_counter()
     heldout = store.heldout().to_batch(store.client_index())
-    val = _task_metrics(model, heldout, tasks)
+    val = metrics_on(model, heldout, tasks)
     save_adapter(model, Path(adapter_dir))
     state.importance_cache_key = weights_digest(model)
-    state.original_val = {t: v for t, v in val.items() if v == v}  # NaN (no held-out labels): unknown
+    state.original_val = original_val(val)
     state.save(Path(adapter_dir))
     t_importance = 0.0
     for ssd_settings in importance_settings_of_methods(merged):  # the method is chosen per round
@@ -192,7 +199,7 @@ def prepare(
         "samples": len(train),
         "clients": len(store.active_clients),
         "metrics": {
-            "train": _task_metrics(model, train, tasks),
+            "train": metrics_on(model, train, tasks),
             "val": val,
             "subset_id_train_accuracy": _subset_accuracy(model, train),
         },
@@ -882,7 +889,7 @@ def _continue_update(
 
 @dataclass
 class Accepted:
-    """What :func:`_accept_round` decided: the model to publish, the ``acceptance`` evidence per
+    """What :func:`accept_round` decided: the model to publish, the ``acceptance`` evidence per
     request id, and the seconds of the continuation and of the exact path (0 when none ran)."""
 
     model: PeftModel
@@ -891,7 +898,7 @@ class Accepted:
     fallback_s: float = 0.0
 
 
-def _accept_round(
+def accept_round(
     inputs: EngineInputs,
     round_input: torch.nn.Module,
     model: PeftModel,
@@ -906,7 +913,8 @@ def _accept_round(
     the interference-aware stage for the failing requests; if a check still fails, the exact path
     (``retrain`` on the round's final retain set, which excludes every request of the round and
     every earlier one) replaces the update, and is checked in turn. ``pruned``: every subset-ID
-    output the round's final state suppresses."""
+    output the round's final state suppresses. ``lethe bench --served`` calls it too (with the
+    fallback off: it serves its second retrain instead, ``bench.quality``)."""
     work = [s for s in staged if not s.nothing_left]
     if not cfg.enabled or not work:
         reason = "disabled (settings.acceptance.enabled is false)" if not cfg.enabled else "nothing to forget"
@@ -1076,7 +1084,7 @@ def run_round(
             on_progress(stage, n, f"request {spec.request_id}: updated")
 
     stage_progress(ACCEPTANCE)
-    decided = _accept_round(
+    decided = accept_round(
         inputs, round_input, model, staged, accept_cfg, method, state.pruned_subset_outputs, round_progress
     )
     model, accepted = decided.model, decided.evidence
