@@ -52,6 +52,12 @@ ACCEPTANCE_CONTINUATIONS = Counter(
     "(the interference-aware stage once more) before the exact path, whatever the second check said.",
     ["model"],
 )
+ACCEPTANCE_FAILED = Counter(
+    "lethe_acceptance_failed_published_total",
+    "Rounds that published a model failing its acceptance check (after the exact path, or with "
+    "acceptance.fallback none the update itself): the requests' evidence carries the warning.",
+    ["model"],
+)
 CERTIFICATION_RESULTS = Counter(
     "lethe_certification_results_total",
     "Certifications finished by this worker, by result (certified, flagged, incomplete).",

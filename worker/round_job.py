@@ -323,6 +323,9 @@ def _run_and_publish(
         metrics.ACCEPTANCE_CONTINUATIONS.labels(model_name).inc()
     if any(a.get("path") == "retrain" for a in accepted):
         metrics.ACCEPTANCE_FALLBACKS.labels(model_name).inc()
+    if any(a.get("checked") and a.get("passed") is False for a in accepted):
+        # never silent: the version is published (the exact path is the best there is), and counted
+        metrics.ACCEPTANCE_FAILED.labels(model_name).inc()
     return _Published(published, withdraw, engine.next_importance)
 
 

@@ -118,7 +118,8 @@ def test_metrics_count_final_failures_and_fallbacks(
 ) -> None:
     """A permanent error fails the request for good (cause ``permanent``); a round whose evidence
     says the acceptance check fell back to retrain counts a fallback, one that continued the
-    update before the exact path a continuation (whether the continuation then passed or not)."""
+    update before the exact path a continuation (whether the continuation then passed or not), and
+    one whose published model still fails its check (even the exact path) a failed publication."""
 
     def broken(*_: object, **__: object) -> round_job.EngineResult:
         raise ValueError("bad input")
@@ -132,23 +133,31 @@ def test_metrics_count_final_failures_and_fallbacks(
     assert _counter("lethe_request_failures_total", model=MODEL, cause="permanent") == failures_before + 1
 
     fake = _fake_engine()
-    _register(ctx, OTHER, {"d0": ["s9"]}, ["t"])
+    _register(ctx, OTHER, {"d0": ["s9"], "d1": ["s8"]}, ["t"])
 
-    def continued_then(path: str) -> Any:
-        """An engine whose round continued the update, then published ``path``."""
+    def continued_then(path: str, passed: bool) -> Any:
+        """An engine whose round continued the update, then published ``path`` (``passed``: the
+        published model's check)."""
 
         def engine(*args: Any, **kwargs: Any) -> round_job.EngineResult:
             evidence = fake(*args, **kwargs).evidence
-            accepted = {"checked": True, "path": path, "continuation": {"runs": []}}
+            accepted = {"checked": True, "passed": passed, "path": path, "continuation": {"runs": []}}
             return round_job.EngineResult({rid: {"acceptance": accepted} for rid in evidence}, None)
 
         return engine
 
-    # a continuation that failed again before the exact path counts both; one that passed, one
-    for model, client, path in ((MODEL, "c1", "retrain"), (OTHER, "d0", "default+continuation")):
+    # a continuation that failed again before the exact path counts both; one that passed, one;
+    # an exact path that still fails its check is counted as published with a failed check
+    cases = (
+        (MODEL, "c1", "retrain", False),
+        (OTHER, "d0", "default+continuation", True),
+        (OTHER, "d1", "retrain", True),
+    )
+    for model, client, path, passed in cases:
         fallbacks_before = _counter("lethe_acceptance_fallbacks_total", model=model)
         continuations_before = _counter("lethe_acceptance_continuations_total", model=model)
-        monkeypatch.setattr(round_job, "_run_engine", continued_then(path))
+        failed_before = _counter("lethe_acceptance_failed_published_total", model=model)
+        monkeypatch.setattr(round_job, "_run_engine", continued_then(path, passed))
         submit_client(ctx, model, client)
         result = pipeline.run_one_round(ctx, model)
         assert result is not None
@@ -156,6 +165,8 @@ def test_metrics_count_final_failures_and_fallbacks(
         assert _counter("lethe_acceptance_continuations_total", model=model) == continuations_before + 1
         fell_back = _counter("lethe_acceptance_fallbacks_total", model=model) - fallbacks_before
         assert fell_back == (path == "retrain")  # a continuation that passed is no fallback
+        failed = _counter("lethe_acceptance_failed_published_total", model=model) - failed_before
+        assert failed == (not passed)
 
     samples = _scrape(ctx)
     assert _value(samples, "lethe_requests", model=MODEL, status="failed") == 1
