@@ -54,6 +54,7 @@ from bench.scoring import (
     APPROXIMATE_METHODS,
     CLOSE_TOLERANCE,
     SECOND_RETRAIN,
+    SERVED_SUFFIX,
     check_goals,
     earlier_accuracy,
     earlier_gaps,
@@ -108,8 +109,6 @@ from worker.unlearning.workload import (
 )
 
 METHODS = ["original", "retrain", *APPROXIMATE_METHODS]
-#: the label suffix of a variant scored on what a round publishes (``run_bench(served=...)``)
-SERVED_SUFFIX = "+served"
 SECOND_RETRAIN_SEED_OFFSET = 7_919  # the second retrain's seed is the run's seed + this
 #: the seeds the tuning grid is scored on: never an evaluation seed
 TUNING_SEEDS = (100, 101, 102)

@@ -73,6 +73,11 @@ def format_table(result: Mapping[str, Any]) -> str:
         lines.append(
             f"close — default's close share ≥ 0.9× {SECOND_RETRAIN}'s: {goals.get('close_goal_met_count')} "
             "(setting, stage) pairs"
+            + (
+                f"; what a round publishes (default+served): {goals['served_close_goal_met_count']}"
+                if goals.get("served_close_goal_met_count")
+                else ""
+            )
         )
     earlier = earlier_by_method(result.get("runs", []))
     if earlier:

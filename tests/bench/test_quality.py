@@ -281,6 +281,12 @@ def test_served_rows_score_what_a_round_publishes(monkeypatch: pytest.MonkeyPatc
     assert second["served"]["exact_path_failed"] == []
     assert second["tasks"] == floor["tasks"]  # the served model is the second retrain
     assert second["close"] == floor["close"]
+    # the twin is what default publishes, not another method to rank; its close share has its own goal
+    goals = result["goals"]
+    assert all(c["lowest_uis_all_methods"] == "default" for c in goals["per_stage"])
+    assert all(c["served_close_fraction"] is not None for c in goals["per_stage"])
+    assert goals["served_close_goal_met_count"].endswith("/2")
+    assert "what a round publishes (default+served)" in format_table(result)
     paths = served_paths(result["runs"])
     assert paths == {"default+served": {"default+continuation": 1, "failed": 0, "retrain": 1}}
     assert "default+served default+continuation 1, failed 0, retrain 1" in format_table(result)
