@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from peft import PeftModel
 
+from bench.evidence import failed_checks
 from bench.report import format_table
 from bench.scoring import (
     APPROXIMATE_METHODS,
@@ -70,11 +71,9 @@ from worker.unlearning.audit import AuditConfig
 from worker.unlearning.datastore import DataStore
 from worker.unlearning.engine import (
     EngineInputs,
-    ReferenceAllowance,
     StageResult,
     accept_round,
     advance_state,
-    check_request,
     compute_reference,
     ensure_base,
     evaluate,
@@ -824,36 +823,32 @@ def _serve(
     second_retrain: tuple[PeftModel, float],
 ) -> tuple[PeftModel, dict[str, Any]]:
     """What a one-request round publishes after ``done``'s update of ``round_input``: the engine's
-    acceptance check and its continuation (:func:`~worker.unlearning.engine.accept_round`); if a
-    check still fails and the model's settings fall back to the exact path, the stage's second
-    retrain and its training time (``retrain_2``: the round's own retrain would be the scoring
-    reference itself, seed for seed), checked in turn (``exact_path_failed``). ``pruned``: every
-    subset-ID output suppressed after the request. Returns the model and what happened (the row's
-    ``served``)."""
-    cfg = AcceptanceConfig.from_settings(inputs.settings.get("acceptance"))
-    checked_only = dataclasses.replace(cfg, fallback="none")
-    decided = accept_round(inputs, round_input, model, [done], checked_only, method, pruned, lambda _: None)
+    acceptance check, its continuation and its exact path
+    (:func:`~worker.unlearning.engine.accept_round`), whose model here is the stage's second retrain
+    and whose seconds its training time (``retrain_2``: the round's own retrain would be the
+    scoring reference itself, seed for seed). ``pruned``: every subset-ID output suppressed after
+    the request. Returns the model and what happened (the row's ``served``)."""
+    retrained, seconds = second_retrain
+    decided = accept_round(
+        inputs, round_input, model, [done], AcceptanceConfig.from_settings(inputs.settings.get("acceptance")),
+        method, pruned, lambda _: None, exact_path=lambda *_: (copy.deepcopy(retrained), seconds),
+    )  # fmt: skip
     entry = decided.evidence[done.ctx.spec.request_id]
-    failed = [c["what"] for c in entry.get("checks", []) if not c["ok"]]
-    own_checks = entry.get("method_checks", entry.get("checks", []))  # the method's update, as checked
+    exact = entry.get("path") == "retrain"
+    # the checks of the model the round had before its exact path: the continued update's, or the update's
+    before_exact = (entry.get("continuation") or {}).get("checks") or entry.get("method_checks", [])
+    final = [c["what"] for c in entry.get("checks", []) if not c["ok"]]
     served: dict[str, Any] = {
         "path": entry.get("path", method),
         "checked": bool(entry.get("checked")),
-        "method_failed": [c["what"] for c in own_checks if not c["ok"]],
+        "method_failed": [c["what"] for c in failed_checks(entry)],
         "continued": "continuation" in entry,
         "continuation_s": decided.continuation_s,
-        "failed": failed,
-        "exact_path_s": None,
+        "failed": [c["what"] for c in before_exact if not c["ok"]] if exact else final,
+        "exact_path_s": decided.fallback_s if exact else None,
     }
-    if failed and cfg.fallback == "retrain":
-        retrained, seconds = second_retrain
-        # checked in turn, as a round checks its exact path (a failure there is published with a warning)
-        allowance = ReferenceAllowance(done.ctx) if done.ctx.references is not None else None
-        still = check_request(round_input, retrained, done.ctx, cfg, allowance=allowance)
-        served.update(
-            path="retrain", exact_path_s=seconds, exact_path_failed=[c.what for c in still if not c.ok]
-        )
-        return copy.deepcopy(retrained), served
+    if exact:  # checked in turn, as a round checks it (a failure there is published with a warning)
+        served["exact_path_failed"] = final
     return decided.model, served
 
 

@@ -898,6 +898,17 @@ class Accepted:
     fallback_s: float = 0.0
 
 
+#: the exact path of a round whose update failed its check: (the model, the last request's context)
+#: → (the model to publish, its seconds)
+ExactPath = Callable[[PeftModel, RequestContext], tuple[PeftModel, float]]
+
+
+def retrain_exact_path(model: PeftModel, ctx: RequestContext) -> tuple[PeftModel, float]:
+    """The exact path: ``retrain`` of the adapter on ``ctx``'s retain set."""
+    model, _, _, seconds = apply_method("retrain", model, ctx)
+    return model, seconds
+
+
 def accept_round(
     inputs: EngineInputs,
     round_input: torch.nn.Module,
@@ -907,14 +918,16 @@ def accept_round(
     method: str,
     pruned: Sequence[int],
     progress: Callable[[str], None],
+    exact_path: ExactPath = retrain_exact_path,
 ) -> Accepted:
     """The acceptance check of every request of the round on the model the round publishes. On a
     failure of forget bounds alone, the continuation (``acceptance.continue_steps``) goes on with
     the interference-aware stage for the failing requests; if a check still fails, the exact path
     (``retrain`` on the round's final retain set, which excludes every request of the round and
     every earlier one) replaces the update, and is checked in turn. ``pruned``: every subset-ID
-    output the round's final state suppresses. ``lethe bench --served`` calls it too (with the
-    fallback off: it serves its second retrain instead, ``bench.quality``)."""
+    output the round's final state suppresses. ``exact_path``: how the exact path is computed
+    (``lethe bench --served`` passes its second retrain: the round's own retrain would be the
+    bench's scoring reference, ``bench.quality``)."""
     work = [s for s in staged if not s.nothing_left]
     if not cfg.enabled or not work:
         reason = "disabled (settings.acceptance.enabled is false)" if not cfg.enabled else "nothing to forget"
@@ -949,7 +962,7 @@ def accept_round(
     fallback_s = 0.0
     if not all_passed(final) and cfg.fallback == "retrain" and method != "retrain":
         progress("acceptance check failed: falling back to retrain (the exact path)")
-        model, _, _, fallback_s = apply_method("retrain", model, work[-1].ctx)
+        model, fallback_s = exact_path(model, work[-1].ctx)
         path = "retrain"
         final = checked(model)
     out: dict[str, dict[str, Any]] = {}
