@@ -23,9 +23,12 @@ import pytest
 from worker.demo_checks import (
     FORGET_NOISE_Z,
     HELDOUT_TOLERANCE,
+    Group,
+    checks,
     forget_check,
     heldout_check,
     kept_check,
+    measure,
 )
 
 pytestmark = pytest.mark.timeout(400)
@@ -132,6 +135,27 @@ def test_retained_checks_allow_the_stated_tolerance_only() -> None:
     assert not kept_check("k", 0.9, 0.9 - allowed - 0.001, 40).ok
     # a group fitted perfectly still has sampling noise: one changed prediction of 37 is no failure
     assert kept_check("k", 1.0, 1.0 - HELDOUT_TOLERANCE - 1 / 37, 37).ok
+
+
+def test_the_demo_s_heldout_check_allows_the_noise_of_the_paired_change() -> None:
+    """The serving host measures each held-out task's paired change from the two versions'
+    predictions; a drop within the tolerance plus its noise passes (as the engine's check does)."""
+    import torch
+
+    n = 400
+    labels = torch.zeros(n, dtype=torch.long)
+    before = torch.where(torch.arange(n) < 260, 0, 1)  # right on 260 rows: 0.65
+    after = torch.where((torch.arange(n) >= 80) & (torch.arange(n) < 312), 0, 1)  # 232 rows: 0.58
+    heldout = Group("held-out", x="rows", labels={"t": labels}, tasks=["t"], forgotten=False)
+    measured = measure(lambda x: {"t": before}, lambda x: {"t": after}, [heldout])
+    (m,) = measured
+    diff = (after == 0).double() - (before == 0).double()
+    assert m.paired_se == pytest.approx(float(diff.std()) / math.sqrt(n))
+    (c,) = checks(measured, [heldout], heldout_label="held-out")
+    assert c.ok, c.detail  # 7 points down, 10.6 allowed: the two disagree on 132 rows
+    narrow = torch.where(torch.arange(n) < 228, 0, 1)  # right on 228 of before's rows only: 0.57
+    (c,) = checks(measure(lambda x: {"t": before}, lambda x: {"t": narrow}, [heldout]), [heldout], "held-out")
+    assert not c.ok, c.detail
 
 
 def test_demo_chooses_untouched_clients_only() -> None:

@@ -17,9 +17,12 @@ the held-out split (data of no client: the unseen population):
 - kept: the tasks a per-task request keeps, on its samples (D_r^task), stay within
   ``kept_tolerance`` + ``forget_z`` standard errors of the old version's accuracy; with
   ``retained_clients``, every retained client's training data too, task by task.
-- held-out: every task's held-out accuracy stays within ``heldout_tolerance`` of the best of the
-  old version's and the original's (so that a sequence of requests cannot drift the model away by
-  a tolerance each).
+- held-out: every task's held-out accuracy stays within ``heldout_tolerance`` + ``forget_z``
+  standard errors of the paired change (:func:`paired_standard_error`, from the round input to the
+  new model over the held-out rows) of the best of the old version's and the original's (so that a
+  sequence of requests cannot drift the model away by a tolerance each). Two trained models differ
+  on many held-out rows, so without the noise term an exact retrain failed the bound (docs/methods.md,
+  "The held-out bound").
 
 The same functions judge the served model in ``lethe demo`` (``worker/demo_checks.py``): a request
 that completes has passed what the demo checks, or says in its evidence why not.
@@ -134,13 +137,40 @@ def forget_check(
     return Check(what, after <= bound, detail, margin=bound - after)
 
 
-def heldout_check(task: str, before: float, after: float, tolerance: float = HELDOUT_TOLERANCE) -> Check:
-    """Held-out accuracy stayed within ``tolerance`` of ``before``."""
-    detail = (
-        f"{fmt(before)} → {fmt(after)} (drop {100 * (before - after):+.1f} points; "
-        f"allowed {100 * tolerance:.0f})"
+def paired_standard_error(before: torch.Tensor, after: torch.Tensor) -> float:
+    """The standard error of ``after.mean() - before.mean()`` for per-sample scores of two models on
+    the same rows (the standard deviation of the per-row differences / √n): how far the measured
+    change of a metric can move from the models' true change by the draw of the rows alone. NaN
+    without two rows."""
+    n = int(before.numel())
+    if n < 2:
+        return float("nan")
+    return float((after.double() - before.double()).std() / math.sqrt(n))
+
+
+def heldout_check(
+    task: str,
+    before: float,
+    after: float,
+    tolerance: float = HELDOUT_TOLERANCE,
+    z: float = FORGET_NOISE_Z,
+    se: float | None = None,
+    n: int | None = None,
+) -> Check:
+    """Held-out accuracy stayed within ``tolerance`` of ``before``, plus ``z`` standard errors ``se``
+    of the paired change over the ``n`` held-out rows (:func:`paired_standard_error`; ``None`` or
+    NaN: the tolerance alone). On ``digits-clients`` (449 held-out rows) an exact retrain from
+    another seed lands up to 12 points under v1: the tolerance alone failed it in 7–10 % of pairs,
+    with the noise term in 0.1–0.9 % (docs/methods.md, "The held-out bound")."""
+    noise = 0.0 if se is None or math.isnan(se) else z * se
+    allowed = tolerance + noise
+    how = (
+        f"{100 * tolerance:.0f}"
+        if not noise
+        else f"{100 * allowed:.1f} = {100 * tolerance:.0f} + {z:g} SE of the paired change, n={n}"
     )
-    margin = after - (before - tolerance)
+    detail = f"{fmt(before)} → {fmt(after)} (drop {100 * (before - after):+.1f} points; allowed {how})"
+    margin = after - (before - allowed)
     return Check(f"held-out accuracy kept: {task}", margin >= 0, detail, margin=margin)
 
 
@@ -247,6 +277,18 @@ class _Scores:
         n = int(task.supervised(y).sum())
         return (task.metric(out, y) if n else float("nan")), n
 
+    def paired_standard_error(self, after: _Scores, task: TaskSpec) -> float | None:
+        """:func:`paired_standard_error` of ``task``'s per-sample metric from this model to ``after``
+        on the same batch (``None``: a task without ``per_sample_metric``, or no labels)."""
+        y = self.batch.labels.get(task.name)
+        per_sample = getattr(task, "per_sample_metric", None)
+        if y is None or per_sample is None or len(self.batch) == 0:
+            return None
+        rows = task.supervised(y)
+        return paired_standard_error(
+            per_sample(self.out[task.name], y)[rows], per_sample(after.out[task.name], y)[rows]
+        )
+
     def standard_error(self, task: TaskSpec) -> float | None:
         """:func:`metric_standard_error` of ``task`` here (``None``: a proportion, or no labels)."""
         y = self.batch.labels.get(task.name)
@@ -330,5 +372,8 @@ def check(
         if not n:
             continue
         floor = max(v for v in (val_b, original.get(task.name, -math.inf)) if not math.isnan(v))
-        out.append(heldout_check(task.name, floor, val_a, cfg.heldout_tolerance))
+        # the noise of the change from the round input (the original's outputs are not at hand:
+        # this is the same rows' noise between two trained models of the same recipe)
+        se = sb["heldout"].paired_standard_error(sa["heldout"], task)
+        out.append(heldout_check(task.name, floor, val_a, cfg.heldout_tolerance, cfg.forget_z, se, n))
     return out

@@ -96,13 +96,17 @@ class ClassificationTask:
         loss = F.cross_entropy(output, safe_target, reduction="none")
         return loss * supervised.to(loss.dtype)
 
+    def per_sample_metric(self, output: Tensor, target: Tensor) -> Tensor:
+        """1 where the predicted class is the label, else 0, shape ``[N]`` (meaningless where the
+        sample has no label): :meth:`metric` is its mean over the supervised samples."""
+        classes = target.argmax(dim=-1) if target.is_floating_point() else target
+        return (output.argmax(dim=-1) == classes).to(torch.float32)
+
     def metric(self, output: Tensor, target: Tensor) -> float:
         supervised = self.supervised(target)
         if not bool(supervised.any()):
             return float("nan")
-        classes = target.argmax(dim=-1) if target.is_floating_point() else target
-        correct = output.argmax(dim=-1)[supervised] == classes[supervised]
-        return float(correct.float().mean())
+        return float(self.per_sample_metric(output, target)[supervised].mean())
 
 
 def soft_targets(target: Tensor, num_classes: int) -> Tensor:
@@ -159,10 +163,17 @@ class RegressionTask:
         loss = err.reshape(err.shape[0], -1).sum(dim=1)
         return loss * supervised.to(loss.dtype)
 
+    def per_sample_metric(self, output: Tensor, target: Tensor) -> Tensor:
+        """Minus each sample's absolute error (averaged over its outputs), shape ``[N]`` (NaN where
+        the sample has no label): :meth:`metric` is its mean over the supervised samples."""
+        err = (self._pred(output, target) - target).abs()
+        return -err.reshape(err.shape[0], -1).mean(dim=1)
+
     def metric(self, output: Tensor, target: Tensor) -> float:
         supervised = self.supervised(target)
         if not bool(supervised.any()):
             return float("nan")
+        # the mean of :meth:`per_sample_metric` over the supervised samples, summed in this order
         err = (self._pred(output, target)[supervised] - target[supervised]).abs()
         return -float(err.mean())
 
@@ -174,9 +185,8 @@ class RegressionTask:
         n = int(supervised.sum())
         if n < 2:
             return float("nan")
-        err = (self._pred(output, target)[supervised] - target[supervised]).abs()
-        err = err.reshape(n, -1).mean(dim=1)
-        return float(err.std() / math.sqrt(n))
+        scores = self.per_sample_metric(output, target)[supervised]
+        return float(scores.std() / math.sqrt(n))
 
 
 @dataclass

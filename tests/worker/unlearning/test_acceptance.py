@@ -10,7 +10,14 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from worker.unlearning.acceptance import AcceptanceConfig, Check, Groups, check
+from worker.unlearning.acceptance import (
+    AcceptanceConfig,
+    Check,
+    Groups,
+    check,
+    heldout_check,
+    paired_standard_error,
+)
 from worker.unlearning.types import IGNORE, Batch, ClassificationTask
 
 TASKS = [ClassificationTask("a", 4), ClassificationTask("b", 4)]
@@ -222,3 +229,58 @@ def test_a_regression_forget_bound_uses_the_metric_s_own_standard_error() -> Non
     assert within_noise.ok
     assert "2 SE" in within_noise.detail
     assert not forget_after(0.03).ok  # 0.03 of MAE better than unseen: still recognisable
+
+
+def test_paired_standard_error_is_the_spread_of_per_row_changes() -> None:
+    before = torch.tensor([1.0, 1, 0, 0, 1, 0, 1, 1])
+    after = torch.tensor([1.0, 0, 1, 0, 0, 0, 1, 1])
+    diff = after - before
+    assert paired_standard_error(before, after) == pytest.approx(float(diff.std()) / math.sqrt(8))
+    assert paired_standard_error(before, before) == 0.0  # the same predictions: no noise in the change
+    assert math.isnan(paired_standard_error(before[:1], after[:1]))
+
+
+def test_heldout_check_allows_the_tolerance_plus_z_standard_errors_of_the_paired_change() -> None:
+    allowed = 0.05 + 2 * 0.02
+    assert heldout_check("t", 0.70, 0.70 - allowed + 0.001, 0.05, 2.0, se=0.02, n=400).ok
+    failed = heldout_check("t", 0.70, 0.70 - allowed - 0.001, 0.05, 2.0, se=0.02, n=400)
+    assert not failed.ok
+    assert "9.0 = 5 + 2 SE of the paired change, n=400" in failed.detail
+    assert failed.margin == pytest.approx(-0.001)
+    # without a standard error (a task type with no per-sample metric): the tolerance alone
+    assert not heldout_check("t", 0.70, 0.70 - 0.051, 0.05, 2.0, se=None).ok
+    assert not heldout_check("t", 0.70, 0.70 - 0.051, 0.05, 2.0, se=float("nan")).ok
+
+
+def test_a_heldout_change_within_the_noise_of_two_trained_models_passes() -> None:
+    """Defect: the held-out bound was 5 points flat. On digits-clients' 449 held-out rows an exact
+    retrain from another seed lands up to 9 points under v1 (two noisy models disagree on a third of
+    the rows), so the bound failed the exact answer: the demo's checks failed 5 of 10 draws on the
+    AVX2 path, each after a fallback whose retrain failed too. The bound now adds z standard errors
+    of the paired change. A model that disagrees with the old one on many rows and lands 7 points
+    under it is within that noise; one that is 8 points worse only where it changed (few changed
+    rows, little noise: 7.7 points allowed) is not, nor is a 15-point drop."""
+    n = 400
+    empty = rows(0, 0, None, None, 1.0)
+    label = torch.zeros(n, dtype=torch.long)
+    # before: right on the first 260 rows (0.65); after: right on rows 80–311 (0.58), so the two
+    # disagree on 132 rows: the change's SE is ≈ 0.028 and the allowed drop ≈ 10.6 points
+    x = torch.ones(n, 2)
+    x[:260, 0] = 0
+    x[80:312, 1] = 0
+    heldout = Batch(inputs={"x": x}, labels={"a": label, "b": label}, subset=torch.full((n,), IGNORE))
+    groups = Groups(forget=rows(10, 1, 0, 0, 0.0), kept=empty, retained=empty, heldout=heldout)
+    before, after = Predicts({"a": 0, "b": 0}), Predicts({"a": 1, "b": 0})
+    noisy = by_name(check(before, after, groups, TASKS, ["a", "b"], AcceptanceConfig()))
+    assert noisy["held-out accuracy kept: a"].ok, noisy["held-out accuracy kept: a"].detail
+    assert "SE of the paired change, n=400" in noisy["held-out accuracy kept: a"].detail
+    # after is right only where before was, on 228 of them: 8 points down, 32 changed rows
+    x[:, 1] = 1
+    x[:228, 1] = 0
+    narrow = by_name(check(before, after, groups, TASKS, ["a", "b"], AcceptanceConfig()))
+    assert not narrow["held-out accuracy kept: a"].ok, narrow["held-out accuracy kept: a"].detail
+    x[:, 1] = 1
+    x[60:260, 1] = 0  # right on 200 of before's 260 and nowhere else: 15 points down
+    assert not by_name(check(before, after, groups, TASKS, ["a", "b"], AcceptanceConfig()))[
+        "held-out accuracy kept: a"
+    ].ok
