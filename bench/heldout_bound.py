@@ -2,6 +2,7 @@
 noise term: the calibration of ``heldout_check`` (docs/benchmarks.md, "The held-out bound").
 
 ``python -m bench.heldout_bound --seeds 0,1,2,3 --runs 10 --json bench-results/heldout-bound-digits.json``
+(``--workload scenes --preset quick``: the quick bench's smaller scenes pool).
 
 Per worker seed (the frozen base and the data, as ``lethe bench`` builds them): ``--runs`` adapters
 with v1's recipe on every client's data (v1 of ``runs`` adapter seeds) and ``--runs`` on the same
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 
+from bench.quality import workload_protocol
 from bench.seeded_workloads import SeededWorkloads
 from worker.unlearning import acceptance
 from worker.unlearning.datastore import DataStore
@@ -102,6 +104,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.heldout_bound", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("--workload", default="digits-clients")
+    parser.add_argument(
+        "--preset",
+        help="the preset's bench-only workload options (quick: scenes' smaller pool, as lethe bench uses)",
+    )
     parser.add_argument("--seeds", default="0,1,2,3")
     parser.add_argument("--runs", type=int, default=10, help="adapters per side (v1s, retrains) and seed")
     parser.add_argument("--json", type=Path)
@@ -109,7 +115,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.runs < 1:
         parser.error("--runs must be >= 1")
     torch.set_num_threads(1)
-    workloads = SeededWorkloads(args.workload)
+    protocol = workload_protocol(args.workload, args.preset) if args.preset else None
+    options = dict(protocol.workload_options) if protocol is not None else {}
+    workloads = SeededWorkloads(args.workload, options)
     results = []
     with tempfile.TemporaryDirectory(prefix="lethe-heldout-bound-") as tmp:
         for seed in (int(s) for s in args.seeds.split(",")):
@@ -124,6 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{100 * r['allowed_median']:.1f} ({time.perf_counter() - t0:.0f} s)")  # fmt: skip
     out = {
         "workload": args.workload,
+        "preset": args.preset,
+        "workload_options": options,
         "runs": args.runs,
         "environment": runtime_environment(),
         "seeds": results,

@@ -9,11 +9,17 @@ from typing import Any
 from bench.scoring import (
     APPROXIMATE_METHODS,
     CLOSE_TOLERANCE,
+    RETAINED_TOLERANCE,
     SECOND_RETRAIN,
     earlier_by_method,
     served_paths,
     target_close_by_method,
 )
+
+
+def _gap(v: float | None) -> str:
+    """A gap in metric points (0.031 → "3.1")."""
+    return "—" if v is None else f"{100 * v:.1f}"
 
 
 def _fmt(v: float | None, width: int = 6, digits: int = 3) -> str:
@@ -79,6 +85,22 @@ def format_table(result: Mapping[str, Any]) -> str:
                 else ""
             )
         )
+        if goals.get("retained_goal_met_count"):
+            lines.append(
+                f"retained — default's kept tasks on X_f and Val within {RETAINED_TOLERANCE:g} of the "
+                f"retrain's (medians over seeds): {goals['retained_goal_met_count']} (setting, stage) pairs"
+                + (
+                    f"; default+served: {goals['served_retained_goal_met_count']}"
+                    if goals.get("served_retained_goal_met_count")
+                    else ""
+                )
+                + "; largest gaps per stage, default / "
+                + f"{SECOND_RETRAIN}: "
+                + ", ".join(
+                    f"{_gap(c.get('default_retained_gap'))} / {_gap(c.get('retrain_2_retained_gap'))}"
+                    for c in goals["per_stage"]
+                )
+            )
     earlier = earlier_by_method(result.get("runs", []))
     if earlier:
         lines.append(_earlier_line(earlier))

@@ -24,6 +24,8 @@ SECOND_RETRAIN = "retrain_2"  # a retrain with another seed: how close two exact
 CLOSE_TOLERANCE = 0.05  # |Unl − retrain Unl| and |MIA − retrain MIA| both within this: "close"
 #: the label suffix of a row scored on what a round publishes (``bench.quality.run_bench(served=...)``)
 SERVED_SUFFIX = "+served"
+# issue 8: kept tasks on X_f and Val within 2 points of the reference retrain
+RETAINED_TOLERANCE = 0.02
 
 
 def registered_methods() -> list[str]:
@@ -211,8 +213,30 @@ def median_of(values: Sequence[float | None]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
+def retained_gaps(
+    row: Mapping[str, Any], reference: Mapping[str, Any] | None
+) -> tuple[float | None, float | None]:
+    """How far ``row``'s model is from the reference retrain's (same setting, stage and seed) on
+    what the request keeps: the largest |Val − the reference's| over every task, and the largest
+    |Unl − the reference's| over the request's kept tasks (a per-task request's other tasks on X_f:
+    every task but the request-tasks of ``row["close"]``; ``None`` where the request keeps none, or
+    for the reference itself)."""
+    if reference is None or row.get("close") is None:
+        return None, None
+    mine, ref = row["tasks"], reference["tasks"]
+
+    def gap(task: str, key: str) -> float | None:
+        a, b = mine.get(task, {}).get(key), ref.get(task, {}).get(key)
+        return None if a is None or b is None else abs(float(a) - float(b))
+
+    val = [g for g in (gap(t, "val") for t in mine) if g is not None]
+    kept = [g for g in (gap(t, "unl") for t in mine if t not in row["close"]) if g is not None]
+    return (max(val) if val else None), (max(kept) if kept else None)
+
+
 def summarise(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Medians over seeds per (setting, stage, method)."""
+    references = {(r["setting"], r["stage"], r["seed"]): r for r in runs if r["method"] == "retrain"}
     names = registered_methods()
     names.insert(names.index("retrain") + 1 if "retrain" in names else 0, SECOND_RETRAIN)
     order = {m: i for i, m in enumerate(names)}
@@ -234,6 +258,10 @@ def summarise(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 **close_fraction(sel),
                 # pooled over seeds and earlier request-tasks (stage ≥ 2; None at stage 1)
                 "earlier_unl_gap": median_of([g for r in sel for g in (r.get("earlier") or {}).values()]),
+                # issue 8's "kept tasks on X_f and Val within 2 points of the retrain" (medians over
+                # seeds of each run's largest gap: :func:`retained_gaps`)
+                "val_gap": median_of([retained_gaps(r, references.get(_seed_key(r)))[0] for r in sel]),
+                "kept_unl_gap": median_of([retained_gaps(r, references.get(_seed_key(r)))[1] for r in sel]),
                 "wall_s": median_of([r["wall_s"] for r in sel]),
                 "importance_precompute_s": median_of([r.get("importance_precompute_s", 0.0) for r in sel]),
                 "wall_with_precompute_s": median_of(
@@ -251,6 +279,10 @@ def summarise(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _seed_key(row: Mapping[str, Any]) -> tuple[str, int, int]:
+    return row["setting"], row["stage"], row["seed"]
+
+
 def close_fraction(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """The share of request-tasks (over the rows' seeds) close to the reference retrain, and how
     many were counted (``None`` for the reference itself)."""
@@ -265,7 +297,9 @@ def check_goals(summary: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     ``ssd``, ``ia`` and ``default`` (and, recorded too, among every approximate method run), and its
     median wall time ≤ 1/10 of ``retrain``'s — the method's own time, and with the full-data
     importance it read (computed ahead) added? Is its close share ≥ 0.9× ``retrain_2``'s, and, with a
-    ``default+served`` twin (``run_bench(served=...)``), the served model's? A twin is what a method
+    ``default+served`` twin (``run_bench(served=...)``), the served model's? Are its kept tasks on X_f
+    and its Val within :data:`RETAINED_TOLERANCE` of the reference retrain's (the larger of the
+    median gaps of :func:`retained_gaps`; ``retrain_2``'s beside it)? A twin is what a method
     publishes, not another method: it is left out of the "lowest among every method" comparison."""
     by_key: dict[tuple[str, int], dict[str, Mapping[str, Any]]] = {}
     for row in summary:
@@ -286,6 +320,11 @@ def check_goals(summary: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         served = rows.get(f"default{SERVED_SUFFIX}")
         s_close = served.get("close_fraction") if served is not None else None
         floor = rows[SECOND_RETRAIN].get("close_fraction") if SECOND_RETRAIN in rows else None
+        retained = {
+            m: _larger(rows[m].get("val_gap"), rows[m].get("kept_unl_gap"))
+            for m in ("default", f"default{SERVED_SUFFIX}", SECOND_RETRAIN)
+            if m in rows
+        }
         d_wall = rows["default"]["wall_s"] if "default" in rows else None
         d_total = rows["default"].get("wall_with_precompute_s") if "default" in rows else None
         r_wall = rows["retrain"]["wall_s"] if "retrain" in rows else None
@@ -313,6 +352,15 @@ def check_goals(summary: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
                 "close_goal_met": None if d_close is None or floor is None else d_close >= 0.9 * floor,
                 "served_close_fraction": s_close,
                 "served_close_goal_met": None if s_close is None or floor is None else s_close >= 0.9 * floor,
+                # kept tasks on X_f and Val within RETAINED_TOLERANCE of the reference retrain: the
+                # larger of the two median gaps (retrain_2's: how far another retrain lands)
+                "default_retained_gap": retained.get("default"),
+                "served_retained_gap": retained.get(f"default{SERVED_SUFFIX}"),
+                "retrain_2_retained_gap": retained.get(SECOND_RETRAIN),
+                "retained_goal_met": _within(retained.get("default"), RETAINED_TOLERANCE),
+                "served_retained_goal_met": _within(
+                    retained.get(f"default{SERVED_SUFFIX}"), RETAINED_TOLERANCE
+                ),
             }
         )
     met = [bool(c["default_lowest_uis"]) for c in checks if c["default_lowest_uis"] is not None]
@@ -326,6 +374,10 @@ def check_goals(summary: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     served_close = [
         bool(c["served_close_goal_met"]) for c in checks if c["served_close_goal_met"] is not None
     ]
+    retained_met = [bool(c["retained_goal_met"]) for c in checks if c["retained_goal_met"] is not None]
+    served_retained = [
+        bool(c["served_retained_goal_met"]) for c in checks if c["served_retained_goal_met"] is not None
+    ]
     ratios = [c["default_over_retrain_wall"] for c in checks if c["default_over_retrain_wall"] is not None]
     return {
         "per_stage": checks,
@@ -338,7 +390,20 @@ def check_goals(summary: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "close_goal_met_count": f"{sum(close)}/{len(close)}",
         # None without a served twin
         "served_close_goal_met_count": f"{sum(served_close)}/{len(served_close)}" if served_close else None,
+        "retained_goal_met_count": f"{sum(retained_met)}/{len(retained_met)}",
+        "served_retained_goal_met_count": f"{sum(served_retained)}/{len(served_retained)}"
+        if served_retained
+        else None,
     }
+
+
+def _larger(a: float | None, b: float | None) -> float | None:
+    known = [v for v in (a, b) if v is not None]
+    return max(known) if known else None
+
+
+def _within(value: float | None, tolerance: float) -> bool | None:
+    return None if value is None else value <= tolerance + 1e-12
 
 
 def earlier_by_method(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:

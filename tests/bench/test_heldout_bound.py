@@ -29,16 +29,35 @@ def test_every_pair_is_judged_and_the_noise_term_passes_at_least_what_the_tolera
 
 
 def test_cli_writes_the_json_and_refuses_no_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(
-        heldout_bound,
-        "SeededWorkloads",
-        lambda name: SeededWorkloads(ToyWorkload(num_clients=3, per_client=12)),
-    )
+    built = []
+
+    def toy(name: str, options: dict[str, object]) -> SeededWorkloads:
+        built.append((name, options))
+        return SeededWorkloads(ToyWorkload(num_clients=3, per_client=12))
+
+    monkeypatch.setattr(heldout_bound, "SeededWorkloads", toy)
     out = tmp_path / "bound.json"
     assert heldout_bound.main(["--seeds", "0", "--runs", "1", "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert data["runs"] == 1
     assert [s["seed"] for s in data["seeds"]] == [0]
     assert "cpu_capability" in data["environment"]
+    assert built == [("digits-clients", {})]
     with pytest.raises(SystemExit):
         heldout_bound.main(["--runs", "0"])
+
+
+def test_a_preset_builds_the_workload_with_its_bench_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    from worker.unlearning.workloads.scenes.bench_protocol import QUICK
+
+    built: list[SeededWorkloads] = []
+
+    def measured(workloads: SeededWorkloads, *args: object) -> dict[str, object]:
+        built.append(workloads)
+        return {"tasks": {}}
+
+    monkeypatch.setattr(heldout_bound, "measure_seed", measured)
+    assert (
+        heldout_bound.main(["--workload", "scenes", "--preset", "quick", "--seeds", "0", "--runs", "1"]) == 0
+    )
+    assert built[0].options == dict(QUICK.workload_options)

@@ -11,12 +11,15 @@ import pytest
 
 from bench.scoring import (
     CLOSE_TOLERANCE,
+    RETAINED_TOLERANCE,
     SECOND_RETRAIN,
     check_goals,
     close_flags,
     close_fraction,
     earlier_by_method,
     earlier_gaps,
+    retained_gaps,
+    summarise,
     target_close,
     target_close_by_method,
 )
@@ -123,3 +126,47 @@ def test_a_per_client_target_is_scored_against_the_reference_retrain_like_a_meth
         ]
     )
     assert pooled == {"default": {"n": 3, "target_close": 2, "close": 1}}
+
+
+def _row(
+    method: str, seed: int, tasks: dict[str, tuple[float, float]], close: dict[str, bool] | None
+) -> dict[str, Any]:
+    """A run row of a per-task request forgetting ``a``: per task (Unl, Val)."""
+    metrics = {t: {"unl": u, "val": v, "ret": 0.9, "mia_auc": 0.5} for t, (u, v) in tasks.items()}
+    return {
+        "setting": "PU:a", "stage": 1, "method": method, "seed": seed, "uis": None if close is None else 0.3,
+        "wall_s": 1.0, "tasks": metrics, "close": close,
+    }  # fmt: skip
+
+
+def test_kept_tasks_and_val_are_compared_with_the_retrain_of_the_same_seed() -> None:
+    """Issue 8: kept tasks on X_f and Val within 2 points of the reference retrain. The kept tasks
+    are every task but the request's (the keys of ``close``); each run is compared with the
+    reference retrain of its own seed, and the goal reads the larger of the two median gaps."""
+    ref = {s: _row("retrain", s, {"a": (0.4, 0.70), "b": (0.90, 0.60)}, None) for s in (0, 1, 2)}
+    default = [
+        _row("default", 0, {"a": (0.2, 0.69), "b": (0.95, 0.60)}, {"a": False}),  # kept b: +5 points
+        _row("default", 1, {"a": (0.4, 0.70), "b": (0.91, 0.57)}, {"a": True}),  # Val b: −3 points
+        _row("default", 2, {"a": (0.4, 0.70), "b": (0.90, 0.60)}, {"a": True}),
+    ]
+    second = [_row(SECOND_RETRAIN, s, {"a": (0.41, 0.71), "b": (0.90, 0.61)}, {"a": True}) for s in (0, 1, 2)]
+    val_gap, kept_gap = retained_gaps(default[0], ref[0])
+    assert val_gap == pytest.approx(0.01)
+    assert kept_gap == pytest.approx(0.05)
+    assert retained_gaps(ref[0], None) == (None, None)
+    # a per-client request keeps no task on X_f
+    assert retained_gaps(_row("default", 0, {"a": (0.4, 0.7)}, {"a": True}), ref[0])[1] is None
+    summary = summarise([*ref.values(), *default, *second])
+    by_method = {r["method"]: r for r in summary}
+    assert by_method["default"]["val_gap"] == pytest.approx(0.01)  # medians of 0.01, 0.03, 0
+    assert by_method["default"]["kept_unl_gap"] == pytest.approx(0.01)  # of 0.05, 0.01, 0
+    assert by_method["retrain"]["val_gap"] is None
+    (stage,) = check_goals(summary)["per_stage"]
+    assert stage["default_retained_gap"] == pytest.approx(0.01)
+    assert RETAINED_TOLERANCE == 0.02
+    assert stage["retained_goal_met"] is True
+    assert stage["retrain_2_retained_gap"] == pytest.approx(0.01)
+    assert check_goals(summary)["retained_goal_met_count"] == "1/1"
+    far = [_row("default", s, {"a": (0.4, 0.66), "b": (0.9, 0.6)}, {"a": True}) for s in (0, 1, 2)]
+    (stage,) = check_goals(summarise([*ref.values(), *far]))["per_stage"]
+    assert stage["retained_goal_met"] is False  # Val 4 points under the retrain's on every seed
