@@ -71,7 +71,7 @@ def measure_seed(workloads: SeededWorkloads, seed: int, runs: int, root: Path) -
         _scores(train_v1(base, without, tasks, cfg, seed=seed + 1000 * (runs + r)), heldout, tasks)
         for r in range(runs)
     ]
-    ac = acceptance.AcceptanceConfig()
+    ac = acceptance.AcceptanceConfig.from_settings(settings.get("acceptance"))  # as a round judges
     pairs: dict[str, list[dict[str, float]]] = {t.name: [] for t in tasks}
     for v1 in v1s:
         for retrained in retrains:
@@ -86,14 +86,15 @@ def measure_seed(workloads: SeededWorkloads, seed: int, runs: int, root: Path) -
                 pairs[t.name].append({"drop": before - after, "se": se, "flat": flat.ok, "noisy": noisy.ok})
     per_task = {}
     for name, rows in pairs.items():
+        se_median = statistics.median(r["se"] for r in rows)
         per_task[name] = {
             "pairs": len(rows),
             "flat_passed": sum(r["flat"] for r in rows),
             "noisy_passed": sum(r["noisy"] for r in rows),
             "drop_median": statistics.median(r["drop"] for r in rows),
             "drop_max": max(r["drop"] for r in rows),
-            "se_median": statistics.median(r["se"] for r in rows),
-            "allowed_median": ac.heldout_tolerance + ac.forget_z * statistics.median(r["se"] for r in rows),
+            "se_median": se_median,
+            "allowed_median": ac.heldout_tolerance + ac.forget_z * se_median,
             "v1": [round(float(v[name].mean()), 4) for v in v1s],
             "retrain": [round(float(v[name].mean()), 4) for v in retrains],
         }

@@ -236,7 +236,7 @@ def retained_gaps(
 
 def summarise(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Medians over seeds per (setting, stage, method)."""
-    references = {(r["setting"], r["stage"], r["seed"]): r for r in runs if r["method"] == "retrain"}
+    references = {_seed_key(r): r for r in runs if r["method"] == "retrain"}
     names = registered_methods()
     names.insert(names.index("retrain") + 1 if "retrain" in names else 0, SECOND_RETRAIN)
     order = {m: i for i, m in enumerate(names)}
@@ -247,6 +247,7 @@ def summarise(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for setting, stage, method in keys:
         sel = [r for r in runs if (r["setting"], r["stage"], r["method"]) == (setting, stage, method)]
+        gaps = [retained_gaps(r, references.get(_seed_key(r))) for r in sel]
         tasks = sorted({t for r in sel for t in r["tasks"]})
         out.append(
             {
@@ -260,8 +261,8 @@ def summarise(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 "earlier_unl_gap": median_of([g for r in sel for g in (r.get("earlier") or {}).values()]),
                 # issue 8's "kept tasks on X_f and Val within 2 points of the retrain" (medians over
                 # seeds of each run's largest gap: :func:`retained_gaps`)
-                "val_gap": median_of([retained_gaps(r, references.get(_seed_key(r)))[0] for r in sel]),
-                "kept_unl_gap": median_of([retained_gaps(r, references.get(_seed_key(r)))[1] for r in sel]),
+                "val_gap": median_of([val for val, _ in gaps]),
+                "kept_unl_gap": median_of([kept for _, kept in gaps]),
                 "wall_s": median_of([r["wall_s"] for r in sel]),
                 "importance_precompute_s": median_of([r.get("importance_precompute_s", 0.0) for r in sel]),
                 "wall_with_precompute_s": median_of(

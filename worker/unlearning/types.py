@@ -173,9 +173,7 @@ class RegressionTask:
         supervised = self.supervised(target)
         if not bool(supervised.any()):
             return float("nan")
-        # the mean of :meth:`per_sample_metric` over the supervised samples, summed in this order
-        err = (self._pred(output, target)[supervised] - target[supervised]).abs()
-        return -float(err.mean())
+        return float(self.per_sample_metric(output, target)[supervised].mean())
 
     def metric_standard_error(self, output: Tensor, target: Tensor) -> float:
         """The standard error of :meth:`metric` over the labelled samples (their absolute errors'
