@@ -96,6 +96,11 @@ class IAConfig:
     # value), so that the retain term keeps the pre-request function instead of re-learning what
     # an earlier round suppressed; 0 = the labels (paper), 1 = the pre-request model's outputs
     retain_distillation: float = 0.0
+    # β for D_r^inst (the anchor's rows under the *forgotten* tasks; all of the anchor in a
+    # per-client request); None = retain_distillation. At 1 the forgotten tasks' retain term only
+    # repairs what the forget term breaks: their labels were what pulled a later round back
+    # towards the original fit (docs/methods.md, "The retain term's targets")
+    forgotten_task_distillation: float | None = None
     # per-(partition, task) gradients: "autograd" (batched VJPs) | "func" (torch.func.jacrev)
     grad_backend: Literal["autograd", "func"] = "autograd"
     # a per-task request's reference target (``target: "references"``): "out" (the references that
@@ -127,13 +132,21 @@ class IAConfig:
             raise ValueError("interference-aware update needs epochs >= 0, batch_size >= 1, epsilon >= 0")
         if cfg.retain_tolerance < 0 or cfg.check_size < 0:
             raise ValueError("interference-aware update needs retain_tolerance >= 0, check_size >= 0")
-        if not 0.0 <= cfg.retain_distillation <= 1.0:
-            raise ValueError("interference-aware update needs 0 <= retain_distillation <= 1")
+        if not 0.0 <= cfg.retain_distillation <= 1.0 or not 0.0 <= cfg.inst_distillation <= 1.0:
+            raise ValueError(
+                "interference-aware update needs 0 <= retain_distillation, forgotten_task_distillation <= 1"
+            )
         if cfg.stop_at_unseen_level and cfg.forget_accuracy_z <= 0:
             raise ValueError("interference-aware update: stop_at_unseen_level needs forget_accuracy_z > 0")
         if cfg.checkpoint_heldout_rows < 0:
             raise ValueError("interference-aware update needs checkpoint_heldout_rows >= 0 (0: all)")
         return cfg
+
+    @property
+    def inst_distillation(self) -> float:
+        """β of D_r^inst's targets (``forgotten_task_distillation``, else ``retain_distillation``)."""
+        beta = self.forgotten_task_distillation
+        return self.retain_distillation if beta is None else beta
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -60,16 +60,28 @@ def distilled_batch(
 
 
 def distilled_partitions(
-    model: nn.Module, partitions: Partitions, tasks: Sequence[TaskSpec], beta: float, device: str = "cpu"
+    model: nn.Module,
+    partitions: Partitions,
+    tasks: Sequence[TaskSpec],
+    beta: float,
+    device: str = "cpu",
+    *,
+    inst_beta: float | None = None,
 ) -> Partitions:
     """``partitions`` with the three retain partitions' targets distilled from ``model`` (the
-    pre-request model: call before SSD or any update); the forget partition keeps its labels."""
-    if beta <= 0.0:
+    pre-request model: call before SSD or any update); the forget partition keeps its labels.
+    ``inst_beta``: β of ``retain_inst`` (the anchor under the forgotten tasks; None: ``beta``)."""
+    inst_beta = beta if inst_beta is None else inst_beta
+    if beta <= 0.0 and inst_beta <= 0.0:
         return partitions
     forward = fast_forward(model)
+
+    def distil(batch: Batch, b: float) -> Batch:
+        return distilled_batch(model, batch, tasks, b, device, forward) if b > 0.0 else batch
+
     return replace(
         partitions,
-        retain_clean=distilled_batch(model, partitions.retain_clean, tasks, beta, device, forward),
-        retain_inst=distilled_batch(model, partitions.retain_inst, tasks, beta, device, forward),
-        retain_task=distilled_batch(model, partitions.retain_task, tasks, beta, device, forward),
+        retain_clean=distil(partitions.retain_clean, beta),
+        retain_inst=distil(partitions.retain_inst, inst_beta),
+        retain_task=distil(partitions.retain_task, beta),
     )

@@ -96,7 +96,9 @@ def interference_aware_unlearn(
     info["heldout_rows"] = {"measured": len(rows), "of": len(heldout)}
     heldout = rows
     if retain_targets is None:
-        retain_targets = distilled_partitions(model, partitions, tasks, cfg.retain_distillation, device)
+        retain_targets = distilled_partitions(
+            model, partitions, tasks, cfg.retain_distillation, device, inst_beta=cfg.inst_distillation
+        )
     with eval_mode(model):  # no dropout or batch statistics anywhere in the loop (as the gradients)
         size = cfg.check_size if cfg.checks_retain else 0
         check = retain_check(partitions, size=size, seed=seed, retain=retain, rows=cfg.check_rows)

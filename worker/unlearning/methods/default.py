@@ -96,7 +96,14 @@ def default_method(ctx: MethodContext) -> MethodResult:
         )
     # the retain term's targets are the pre-request model's, before SSD changes it (β = 0: the labels)
     retain_targets = (
-        distilled_partitions(ctx.model, ctx.partitions, ctx.tasks, cfg.retain_distillation, ctx.device)
+        distilled_partitions(
+            ctx.model,
+            ctx.partitions,
+            ctx.tasks,
+            cfg.retain_distillation,
+            ctx.device,
+            inst_beta=cfg.inst_distillation,
+        )
         if switches["ia"]
         else None
     )

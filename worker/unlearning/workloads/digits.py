@@ -314,6 +314,12 @@ class DigitsClients(MLPWorkload):
                     "forget_accuracy_pick": "earliest",
                     "target": "references",
                     "retain_distillation": 0.75,
+                    # the forgotten tasks' anchor rows (D_r^inst): the round input's predictions
+                    # alone — their label quarter re-learned an earlier forgotten client (two-round
+                    # demo draws, worker seeds 0–4 × 3 kernel paths: forgotten-client checks
+                    # 296 → 300/300, kept task 300 → 297/300; docs/methods.md "The forgotten
+                    # tasks' anchor rows")
+                    "forgotten_task_distillation": 1.0,
                 },
             },
         }

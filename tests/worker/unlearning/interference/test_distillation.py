@@ -99,3 +99,32 @@ def test_update_with_distilled_targets_runs_and_differs_from_the_labels() -> Non
 def test_config_rejects_a_share_outside_zero_one(beta: float) -> None:
     with pytest.raises(ValueError, match="retain_distillation"):
         IAConfig.from_settings({"retain_distillation": beta})
+
+
+def test_the_forgotten_tasks_anchor_rows_take_their_own_share() -> None:
+    """``forgotten_task_distillation`` sets β of D_r^inst alone (labels elsewhere at β = 0); unset,
+    D_r^inst follows ``retain_distillation``."""
+    model, parts = ia_model(), partial_partitions()
+    distilled = distilled_partitions(model, parts, TASKS, 0.0, inst_beta=1.0)
+    assert distilled.retain_clean is parts.retain_clean
+    assert distilled.retain_task is parts.retain_task
+    out = model_outputs(model, parts.retain_inst.inputs)
+    assert torch.allclose(distilled.retain_inst.labels["a"], torch.softmax(out["a"], -1))
+    assert distilled_partitions(model, parts, TASKS, 0.0, inst_beta=0.0) is parts
+    assert IAConfig(retain_distillation=0.75).inst_distillation == 0.75
+    assert IAConfig(retain_distillation=0.75, forgotten_task_distillation=1.0).inst_distillation == 1.0
+    with pytest.raises(ValueError, match="forgotten_task_distillation"):
+        IAConfig.from_settings({"forgotten_task_distillation": 1.5})
+
+
+def test_update_uses_the_forgotten_tasks_share() -> None:
+    """``interference_aware_unlearn`` distils D_r^inst by ``forgotten_task_distillation`` (β = 0
+    elsewhere): the model ends elsewhere than with the labels everywhere."""
+    outcomes = []
+    for inst in (None, 1.0):
+        model = ia_model()
+        cfg = IAConfig(lr=1e-2, epochs=3, early_stopping=False, forgotten_task_distillation=inst)
+        interference_aware_unlearn(model, tasks=TASKS, partitions=partial_partitions(),
+                                   heldout=partial_partitions().retain_inst, cfg=cfg)  # fmt: skip
+        outcomes.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert not torch.allclose(outcomes[0], outcomes[1])
