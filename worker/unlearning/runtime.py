@@ -5,13 +5,30 @@ from __future__ import annotations
 
 import os
 import platform
+from importlib import metadata
 from typing import Any
 
 import torch
 
+#: the packages besides torch whose versions can move a trained model's draw (data generation,
+#: the ViT, the adapter): a rebuilt venv with the same torch gave another digits v1 (3 Dec 2026)
+PACKAGES = ("numpy", "scikit-learn", "transformers", "peft", "safetensors")
+
+
+def package_versions() -> dict[str, str | None]:
+    """The installed version of each of :data:`PACKAGES` (None: not installed)."""
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
 
 def runtime_environment() -> dict[str, Any]:
-    """torch version, the CPU kernel path torch dispatches to, thread count, machine."""
+    """torch version, the CPU kernel path torch dispatches to, thread count, machine, and the
+    other packages' versions (:func:`package_versions`)."""
     return {
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -20,4 +37,5 @@ def runtime_environment() -> dict[str, Any]:
         "cuda": torch.cuda.is_available(),
         "machine": platform.machine(),
         "python": platform.python_version(),
+        "packages": package_versions(),
     }
