@@ -277,7 +277,8 @@ def _load_backbone(bb_dir: Path, fmt: str, attn_implementation: str | None = Non
     if fmt == "transformers":
         from transformers import AutoModel  # heavy import: only for transformers backbones
 
-        kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        # typed Any: transformers' stubs type from_pretrained's keywords differently per release
+        kwargs: dict[str, Any] = {"attn_implementation": attn_implementation} if attn_implementation else {}
         return cast(nn.Module, AutoModel.from_pretrained(str(bb_dir), **kwargs))
     if fmt != "safetensors":
         raise ValueError(f"unknown backbone format {fmt!r} in {bb_dir}")
