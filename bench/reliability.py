@@ -8,7 +8,9 @@ content and ``settings["anchor_draw"]`` (0), see ``partitions.anchor_key``. This
 same two requests through the same engine with ``anchor_draw`` = 0 … trials−1 (draw 0 is the
 demo's own), in process (no API, broker or worker: what they add does not touch the numbers), and
 reports the pass rate and each check's margin (median, worst). ``--seed`` changes the worker seed
-(the frozen base, v1 and the engine's randomness): another machine's demo, in effect.
+(the frozen base, v1 and the engine's randomness): another machine's demo, in effect. With
+``--rounds two`` each draw's ``after_rounds`` has every group's accuracy after round 1 as well, so
+that a drift over the two rounds can be put on the round that made it.
 
     python -m bench reliability --trials 20 --seed 0 --json bench-results/demo-reliability-s0.json
 """
@@ -90,6 +92,8 @@ def run(trials: int, *, seed: int, rounds: str, settings: dict[str, Any], method
             parent = v1
             batches = [requests] if rounds == "one" else [[r] for r in requests]
             evidence: dict[str, Any] = {}
+            # every group's accuracy after each round but the last (two rounds: which round moved it)
+            between: list[list[dict[str, Any]]] = []
             for i, batch in enumerate(batches):
                 out = root / f"t{trial}-r{i}"
                 outcome = run_round(workload, data_dir=data_dir, base_dir=base_dir, adapter_in=parent,
@@ -97,6 +101,10 @@ def run(trials: int, *, seed: int, rounds: str, settings: dict[str, Any], method
                                     seed=seed, cache_dir=cache, references_dir=refs)  # fmt: skip
                 evidence.update(outcome.evidence)
                 parent = out
+                if i < len(batches) - 1:
+                    between.append(_after(demo_checks.measure(
+                        partial(_predictions, v1, base_dir), partial(_predictions, out, base_dir), groups
+                    )))  # fmt: skip
             measured = demo_checks.measure(
                 partial(_predictions, v1, base_dir), partial(_predictions, parent, base_dir), groups
             )
@@ -109,6 +117,7 @@ def run(trials: int, *, seed: int, rounds: str, settings: dict[str, Any], method
                     "seconds": time.perf_counter() - t1,
                     # every (group, task): accuracy of v1 and of the last version on the serving host
                     "measured": [dataclasses.asdict(m) for m in measured],
+                    "after_rounds": between,
                     "checks": [
                         {"what": c.what, "ok": c.ok, "margin": c.margin, "detail": c.detail} for c in checks
                     ],
@@ -138,6 +147,11 @@ def run(trials: int, *, seed: int, rounds: str, settings: dict[str, Any], method
         "rise": sequential_rise(results, client_group=groups[0].label) if rounds == "two" else None,
         "results": results,
     }
+
+
+def _after(measured: Sequence[demo_checks.Measured]) -> list[dict[str, Any]]:
+    """(group, task, accuracy) of one intermediate version, from :func:`demo_checks.measure`."""
+    return [{"group": m.group, "task": m.task, "after": m.after} for m in measured]
 
 
 def _request_summary(evidence: dict[str, Any]) -> dict[str, Any]:

@@ -17,6 +17,7 @@ def test_one_draw_reports_every_check_and_the_settings_it_ran_with() -> None:
     effective = result["effective_settings"]
     assert effective["ia"]["epochs"] == 2
     assert effective["default"]["ia"]["retain_distillation"] == 0.75  # digits' default's (not the paper's 0)
+    assert effective["default"]["ia"]["forgotten_task_distillation"] == 1.0
     (draw,) = result["results"]
     assert [c["what"] for c in draw["checks"]] == [s["check"] for s in result["summary"]]
     assert len(draw["checks"]) == 6
@@ -27,6 +28,10 @@ def test_one_draw_reports_every_check_and_the_settings_it_ran_with() -> None:
     paths = ("default", "default+continuation", "retrain")
     assert all(r["path"] in paths for r in draw["requests"].values())
     assert {"torch", "cpu_capability", "threads"} <= set(result["environment"])
+    # the version between the two rounds measured on the same groups (which round moved what)
+    (between,) = draw["after_rounds"]
+    assert [(m["group"], m["task"]) for m in between] == [(m["group"], m["task"]) for m in draw["measured"]]
+    assert all(0.0 <= m["after"] <= 1.0 for m in between)
 
 
 # MEASURED (2026-12-02, torch 2.13.0 CPU, 1 thread; docs/benchmarks.md, "The retain term's
