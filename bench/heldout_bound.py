@@ -30,6 +30,7 @@ import torch
 from bench.quality import workload_protocol
 from bench.seeded_workloads import SeededWorkloads
 from worker.unlearning import acceptance
+from worker.unlearning.audit import model_outputs
 from worker.unlearning.datastore import DataStore
 from worker.unlearning.engine import ensure_base
 from worker.unlearning.partitions import retain_set
@@ -41,9 +42,7 @@ from worker.unlearning.types import Batch, TaskSpec
 
 def _scores(model: torch.nn.Module, heldout: Batch, tasks: Sequence[TaskSpec]) -> dict[str, torch.Tensor]:
     """Each task's per-sample metric on its labelled held-out rows."""
-    model.eval()
-    with torch.no_grad():
-        out = model(heldout.inputs)
+    out = model_outputs(model, heldout.inputs)
     return {
         t.name: t.per_sample_metric(out[t.name], heldout.labels[t.name])[t.supervised(heldout.labels[t.name])]  # type: ignore[attr-defined]
         for t in tasks

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from worker.unlearning.audit import model_outputs
+from worker.unlearning.interference.config import IAConfig
 from worker.unlearning.lora import Forward, fast_forward
 from worker.unlearning.types import (
     Batch,
@@ -85,3 +86,12 @@ def distilled_partitions(
         retain_inst=distil(partitions.retain_inst, inst_beta),
         retain_task=distil(partitions.retain_task, beta),
     )
+
+
+def distilled_retain_targets(
+    model: nn.Module, partitions: Partitions, tasks: Sequence[TaskSpec], cfg: IAConfig, device: str = "cpu"
+) -> Partitions:
+    """:func:`distilled_partitions` with ``cfg``'s shares (``retain_distillation``, and
+    ``forgotten_task_distillation`` for D_r^inst): the one reading of the config for every caller."""
+    return distilled_partitions(model, partitions, tasks, cfg.retain_distillation, device,
+                                inst_beta=cfg.inst_distillation)  # fmt: skip

@@ -26,7 +26,7 @@ from worker.unlearning.interference.checkpoints import (
     within_tolerance,
 )
 from worker.unlearning.interference.config import IAConfig
-from worker.unlearning.interference.distillation import distilled_partitions
+from worker.unlearning.interference.distillation import distilled_retain_targets
 from worker.unlearning.interference.layout import FlatLayout
 from worker.unlearning.interference.orthogonalisation import orthogonalize
 from worker.unlearning.interference.retain import anchor_ids_of, retain_check
@@ -80,7 +80,7 @@ def interference_aware_unlearn(
     with it early stopping keeps the checkpoint closest to it (MIA AUC and forget-set accuracy),
     the closest rather than the earliest of those at the unseen-data level.
     ``retain_targets``: ``partitions`` with the retain partitions' targets the retain term descends
-    (``ia.retain_distillation``, :func:`~worker.unlearning.interference.distillation.distilled_partitions`
+    (``ia.retain_distillation``, :func:`~worker.unlearning.interference.distillation.distilled_retain_targets`
     of the pre-request model); ``None``: computed from ``model`` as given when β > 0, else the labels.
     Early stopping's checks always read the labels.
     """
@@ -96,9 +96,7 @@ def interference_aware_unlearn(
     info["heldout_rows"] = {"measured": len(rows), "of": len(heldout)}
     heldout = rows
     if retain_targets is None:
-        retain_targets = distilled_partitions(
-            model, partitions, tasks, cfg.retain_distillation, device, inst_beta=cfg.inst_distillation
-        )
+        retain_targets = distilled_retain_targets(model, partitions, tasks, cfg, device)
     with eval_mode(model):  # no dropout or batch statistics anywhere in the loop (as the gradients)
         size = cfg.check_size if cfg.checks_retain else 0
         check = retain_check(partitions, size=size, seed=seed, retain=retain, rows=cfg.check_rows)

@@ -23,7 +23,7 @@ from pydantic import dataclasses as pydantic_dataclasses
 
 from worker.unlearning.config import SETTINGS, parse_settings
 from worker.unlearning.interference import IAConfig, check_accuracy
-from worker.unlearning.interference.distillation import distilled_partitions
+from worker.unlearning.interference.distillation import distilled_retain_targets
 from worker.unlearning.methods import Needs, register
 from worker.unlearning.methods.base import MethodContext, MethodResult
 from worker.unlearning.methods.ia import run_ia
@@ -96,14 +96,7 @@ def default_method(ctx: MethodContext) -> MethodResult:
         )
     # the retain term's targets are the pre-request model's, before SSD changes it (β = 0: the labels)
     retain_targets = (
-        distilled_partitions(
-            ctx.model,
-            ctx.partitions,
-            ctx.tasks,
-            cfg.retain_distillation,
-            ctx.device,
-            inst_beta=cfg.inst_distillation,
-        )
+        distilled_retain_targets(ctx.model, ctx.partitions, ctx.tasks, cfg, ctx.device)
         if switches["ia"]
         else None
     )
