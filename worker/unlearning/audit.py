@@ -746,6 +746,7 @@ def audit(
     seed: int = 0,
     device: str = "cpu",
     unseen: Batch | None = None,
+    outputs: SplitOutputs | None = None,
 ) -> AuditEvidence:
     """Audit ``model`` after one request.
 
@@ -754,12 +755,17 @@ def audit(
     unseen-population data of the forget-vs-unseen attack (default ``val``).
     ``reference``: the metrics of a *real* retrain on the same retain set (``evaluate_model`` on the
     same splits) — UIS is reported only with it; ``original``: the metrics of the model before the
-    request (needed for retained tasks in partial-task requests).
+    request (needed for retained tasks in partial-task requests). ``outputs``: ``model``'s
+    :func:`split_outputs` on these splits, if the caller computed them (to share them further).
     """
     cfg = AuditConfig.from_settings(settings)
     # one forward pass per split, shared by the metrics, the attacker and forget-vs-unseen (each
     # ran its own: ≈ 9 % of a default round on scenes, docs/benchmarks.md)
-    outs = split_outputs(model, ret=ret, unl=unl, val=val, device=device, batch_size=cfg.batch_size)
+    outs = (
+        split_outputs(model, ret=ret, unl=unl, val=val, device=device, batch_size=cfg.batch_size)
+        if outputs is None
+        else outputs
+    )
     metrics = metrics_from_outputs(outs, tasks, ret=ret, unl=unl, val=val, device=device)
     attacker = _attack(model, tasks, unl, ret, cfg, seed=seed, device=device, outputs=outs)
     uis = unlearning_impact_score(

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -133,7 +133,6 @@ def out_reference_targets(
     forget_tasks: Sequence[str],
     client_index: dict[str, int],
     device: str = "cpu",
-    batch_size: int = 1024,
     forget_mask: Tensor | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per forgotten task, what the OUT references — models that never saw the forgotten rows'
@@ -149,7 +148,6 @@ def out_reference_targets(
     instead of the OUT ones — the task-withheld references of a per-task request
     (:meth:`ReferenceSet.withheld_mask`); the unseen rows count for every reference either way."""
     n_f = len(forget)
-    inputs = inputs_to(cat_inputs([forget.inputs, unseen.inputs]), device)
     out_mask = _out_mask(loaded, forget, unseen, client_index)
     if forget_mask is not None:
         out_mask = torch.cat([forget_mask.to(torch.bool), out_mask[:, n_f:]], dim=1)
@@ -159,7 +157,8 @@ def out_reference_targets(
     per_task: dict[str, dict[str, Any]] = {}
     if not active:
         return per_task
-    ref_outs = [model_outputs(loaded.models[r], inputs, batch_size=batch_size) for r in active]
+    parts = [("forget", forget), ("unseen", unseen)]
+    ref_outs = [loaded.outputs(r, parts, device) for r in active]
     out_mask = out_mask[active]
     members = list(loaded.refs.members)
     indices = [members[r] for r in active]
@@ -235,12 +234,18 @@ def likelihood_ratio_audit(
     client_index: dict[str, int],
     device: str = "cpu",
     batch_size: int = 1024,
+    outputs: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Any]:
     """The ``likelihood_ratio`` evidence: per forgotten task, TPR at 1 % FPR and AUC of ``forget``
-    (positives) against ``unseen`` (negatives) under offline LiRA with ``loaded``'s references."""
-    inputs = inputs_to(cat_inputs([forget.inputs, unseen.inputs]), device)
-    target_out = model_outputs(model, inputs, batch_size=batch_size)
-    ref_outs = [model_outputs(m, inputs, batch_size=batch_size) for m in loaded.models]
+    (positives) against ``unseen`` (negatives) under offline LiRA with ``loaded``'s references.
+    ``outputs``: ``model``'s outputs on ``forget`` then ``unseen``, if the caller has them (the
+    audit's); the references' come from their row cache (:meth:`LoadedReferences.outputs`)."""
+    if outputs is None:
+        inputs = inputs_to(cat_inputs([forget.inputs, unseen.inputs]), device)
+        outputs = model_outputs(model, inputs, batch_size=batch_size)
+    target_out = dict(outputs)
+    parts = [("forget", forget), ("unseen", unseen)]
+    ref_outs = [loaded.outputs(r, parts, device) for r in range(len(loaded.models))]
     out_mask = _out_mask(loaded, forget, unseen, client_index)
     per_task: dict[str, Any] = {}
     for task, rows, ys, is_forget in _attacked_tasks(tasks, forget_tasks, forget, unseen, device):

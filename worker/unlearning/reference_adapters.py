@@ -37,6 +37,7 @@ from torch import nn
 
 from worker.unlearning.adapter_io import AdapterView, load_adapters, save_adapter
 from worker.unlearning.model import MultiTaskModel
+from worker.unlearning.row_outputs import RowOutputs
 from worker.unlearning.training import TrainConfig, TrainingInterruptedError, train_v1
 from worker.unlearning.types import Batch, TaskSpec, without_labels
 from worker.unlearning.workload import Workload
@@ -257,10 +258,24 @@ def read_references(directory: Path | None) -> ReferenceSet | None:
 class LoadedReferences:
     r"""The reference set and a model per reference (eval mode), in ``refs.members`` order. As
     :func:`load_references` loads them, the models are :class:`AdapterView`\ s of ONE copy of the
-    base holding the K adapters: memory is one base and K small adapters, not K bases."""
+    base holding the K adapters: memory is one base and K small adapters, not K bases. The models
+    are read only while loaded (their outputs are cached by row)."""
 
     refs: ReferenceSet
     models: list[nn.Module]
+    #: per model, its outputs on the rows asked for so far (:meth:`outputs`): a row is forwarded once
+    cache: list[RowOutputs] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.cache = [RowOutputs(m) for m in self.models]
+
+    def outputs(
+        self, index: int, parts: Sequence[tuple[str, Batch]], device: str = "cpu"
+    ) -> dict[str, torch.Tensor]:
+        """``models[index]``'s outputs on the rows of ``parts`` (``(role, batch)``: ``"forget"``
+        for the model's client samples, ``"unseen"`` for held-out rows), each row forwarded once
+        while these references are loaded (:class:`~worker.unlearning.row_outputs.RowOutputs`)."""
+        return self.cache[index].of(parts, device)
 
 
 def load_references(
