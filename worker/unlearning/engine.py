@@ -186,6 +186,7 @@ def prepare(
             base, train, tasks, cfg, client_index=store.client_index(), k=k, seed=seed,
             directory=Path(references_dir), workload=workload.name,
             withhold_tasks=[t.name for t in tasks] if audit_cfg.reference_withhold_tasks else (),
+            heldout=heldout,
         )  # fmt: skip
         references = {"k": refs.k, "recipe_digest": refs.recipe_digest, "train_s": refs.train_s,
                       "clients": {str(i): m for i, m in refs.members.items()}}  # fmt: skip
@@ -307,6 +308,7 @@ class EngineInputs:
         store = DataStore(Path(data_dir), workload.collate)
         client_index = store.client_index()
         base = load_base(Path(base_dir))
+        heldout = store.heldout().to_batch(client_index)
         return cls(
             workload=workload,
             store=store,
@@ -314,12 +316,12 @@ class EngineInputs:
             tasks=workload.tasks(),
             client_index=client_index,
             data=store.client_data(),
-            heldout=store.heldout().to_batch(client_index),
+            heldout=heldout,
             settings=workload.settings(settings),
             seed=seed,
             device=device,
             cache_dir=cache_dir,
-            references=load_references(base, references_dir, device=device),
+            references=load_references(base, references_dir, device=device, heldout=heldout),
         )
 
     @property

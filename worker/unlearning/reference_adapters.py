@@ -8,9 +8,10 @@ the first ``K/2`` references of a seeded random permutation of ``0..K-1``, so ea
 exactly ``K/2`` OUT references — the ones the attack
 (:mod:`worker.unlearning.likelihood_ratio`) reads for that client's samples.
 
-On disk (one directory): ``ref-<i>/`` (peft ``save_pretrained``, :func:`save_adapter`) and
-``references.json`` (the clients, which of them each reference was trained on, the seed, the
-recipe and its digest). Written into a temporary sibling and renamed, so that a crash leaves the
+On disk (one directory): ``ref-<i>/`` (peft ``save_pretrained``, :func:`save_adapter`, and the
+reference's outputs on the model's held-out split, :data:`HELDOUT_OUTPUTS`, which the rounds read
+instead of forwarding them) and ``references.json`` (the clients, which of them each reference was
+trained on, the seed, the recipe and its digest). Written into a temporary sibling and renamed, so that a crash leaves the
 old set or none, never half of one.
 
 A reference trained on a client keeps that client's data in its weights: when clients are
@@ -33,16 +34,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
 from torch import nn
 
 from worker.unlearning.adapter_io import AdapterView, load_adapters, save_adapter
 from worker.unlearning.model import MultiTaskModel
-from worker.unlearning.row_outputs import RowOutputs
+from worker.unlearning.row_outputs import RowOutputs, load_outputs, save_outputs
 from worker.unlearning.training import TrainConfig, TrainingInterruptedError, train_v1
 from worker.unlearning.types import Batch, TaskSpec, without_labels
 from worker.unlearning.workload import Workload
 
 REFERENCES_FILE = "references.json"
+#: in ``ref-<i>/``: the reference's outputs on the model's held-out split, computed when it is
+#: trained (off the request path), which every round's target and audit would otherwise forward
+HELDOUT_OUTPUTS = "heldout_outputs.safetensors"
 
 
 def _ref_dir(index: int) -> str:
@@ -207,12 +212,15 @@ def train_references(
     workload: str,
     device: str = "cpu",
     withhold_tasks: Sequence[str] = (),
+    heldout: Batch | None = None,
 ) -> ReferenceSet:
     """Train ``k`` references (v1's recipe, reference ``r`` seeded ``seed + 1 + r``) on halves of the
     clients of ``data`` (rows with ``subset`` = the client's index) and write them to ``directory``
     (replacing what was there). ``withhold_tasks`` (two or more task names): each client's IN
     references are trained without one of these tasks' labels for that client
-    (:func:`assign_withheld`); the OUT references of a client are what they would be anyway."""
+    (:func:`assign_withheld`); the OUT references of a client are what they would be anyway.
+    ``heldout``: the model's held-out split; each reference's outputs on it are written beside it
+    (:data:`HELDOUT_OUTPUTS`), so that rounds read them instead of forwarding them."""
     t0 = time.perf_counter()
     clients = sorted(client_index, key=client_index.__getitem__)
     halves = assign_halves(clients, k, seed)
@@ -227,7 +235,7 @@ def train_references(
         rows = torch.isin(data.subset, keep).nonzero().reshape(-1)
         half_data = _withhold(data.select(rows), client_index, withheld[r])
         model = train_v1(base, half_data, tasks, cfg, seed=seed + 1 + r, device=device)
-        save_adapter(model, tmp / _ref_dir(r))
+        _save_reference(model, tmp / _ref_dir(r), heldout)
     refs = ReferenceSet(
         clients=clients,
         members=dict(enumerate(halves)),
@@ -245,6 +253,12 @@ def train_references(
         shutil.rmtree(directory)
     tmp.replace(directory)
     return refs
+
+
+def _save_reference(model: PeftModel, directory: Path, heldout: Batch | None) -> None:
+    save_adapter(model, directory)
+    if heldout is not None and len(heldout):
+        save_outputs(model, heldout, directory / HELDOUT_OUTPUTS)
 
 
 def read_references(directory: Path | None) -> ReferenceSet | None:
@@ -279,16 +293,24 @@ class LoadedReferences:
 
 
 def load_references(
-    base: MultiTaskModel, directory: Path | None, *, device: str = "cpu"
+    base: MultiTaskModel, directory: Path | None, *, device: str = "cpu", heldout: Batch | None = None
 ) -> LoadedReferences | None:
     """Load every reference of ``directory`` onto one copy of ``base`` (one named peft adapter
-    each, ``ref-<i>``); ``None`` when there are none."""
+    each, ``ref-<i>``); ``None`` when there are none. ``heldout``: the model's held-out split; a
+    reference's outputs on it written at training (:data:`HELDOUT_OUTPUTS`) are read into its row
+    cache when they are these rows (same ids, same inputs), else they are forwarded when asked."""
     refs = read_references(directory)
     if refs is None or directory is None or not refs.members:
         return None
     names = [_ref_dir(i) for i in refs.members]
     shared = load_adapters(base, {name: Path(directory) / name for name in names}, device=device)
-    return LoadedReferences(refs=refs, models=[AdapterView(shared, name) for name in names])
+    loaded = LoadedReferences(refs=refs, models=[AdapterView(shared, name) for name in names])
+    if heldout is not None and len(heldout):
+        for cache, name in zip(loaded.cache, names, strict=True):
+            outputs = load_outputs(Path(directory) / name / HELDOUT_OUTPUTS, heldout)
+            if outputs is not None:
+                cache.seed("unseen", heldout, outputs)
+    return loaded
 
 
 def drop_references_with(directory: Path | None, clients: Iterable[str]) -> list[int]:
@@ -328,6 +350,7 @@ def refresh_references(
     forgotten: Iterable[str],
     device: str = "cpu",
     should_stop: Callable[[], bool] | None = None,
+    heldout: Batch | None = None,
 ) -> list[int]:
     """Retrain every reference of ``directory`` that was dropped (:func:`drop_references_with`) on
     its original half (:func:`assign_halves` of the set's clients, K and seed: the draw is
@@ -342,7 +365,7 @@ def refresh_references(
     ``should_stop`` (background work that yields, e.g. to queued requests): asked before each
     reference and after every optimiser step of its training; when true, the reference in training
     is discarded and the refresh returns the ones finished — the rest stay dropped for the next
-    refresh."""
+    refresh. ``heldout``: as :func:`train_references`'s."""
     refs = read_references(directory)
     if refs is None or directory is None:
         return []
@@ -373,7 +396,7 @@ def refresh_references(
         for stale in (tmp, target):  # an unlisted leftover of a crash
             if stale.exists():
                 shutil.rmtree(stale)
-        save_adapter(model, tmp)
+        _save_reference(model, tmp, heldout)
         tmp.replace(target)
         refs.members[r] = half
         refs.members = dict(sorted(refs.members.items()))
@@ -416,4 +439,5 @@ def refresh_from_store(
     cfg = TrainConfig.from_settings(workload.settings(settings))
     base = load_base(Path(base_dir))
     return refresh_references(base, data, tasks, cfg, client_index=index, directory=directory,
-                              forgotten=forgotten, device=device, should_stop=should_stop)  # fmt: skip
+                              forgotten=forgotten, device=device, should_stop=should_stop,
+                              heldout=store.heldout().to_batch(index))  # fmt: skip

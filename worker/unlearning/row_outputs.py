@@ -21,9 +21,12 @@ calls is fixed).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from worker.unlearning.audit import model_outputs
@@ -75,21 +78,62 @@ class RowOutputs:
             # the first call without repeated rows: forwarded exactly as an uncached call
             new = model_outputs(self.model, inputs_to(inputs, device), batch_size=self.batch_size)
             self._add(keys, new)
-            return dict(self.outputs)
+            return {k: v.to(device) for k, v in self.outputs.items()}
         if missing:
             rows = torch.tensor(missing, dtype=torch.long)
             subset = {k: v[rows] for k, v in inputs.items()}
             new = model_outputs(self.model, inputs_to(subset, device), batch_size=self.batch_size)
             self._add([keys[i] for i in missing], new)
         where = torch.tensor([self.index[k] for k in keys], dtype=torch.long)
-        return {k: v[where.to(v.device)] for k, v in self.outputs.items()}
+        return {k: v[where].to(device) for k, v in self.outputs.items()}
+
+    def seed(self, role: str, batch: Batch, outputs: Mapping[str, Tensor]) -> None:
+        """Know ``batch``'s rows (under ``role``) as having ``outputs`` without forwarding them
+        (outputs computed ahead: :func:`save_outputs` / :func:`load_outputs`)."""
+        keys = [(role, sid, fp) for sid, fp in zip(batch.sample_ids, fingerprints(batch.inputs), strict=True)]
+        fresh = [i for i, k in enumerate(keys) if k not in self.index]
+        if fresh:
+            rows = torch.tensor(fresh, dtype=torch.long)
+            before = self.forwarded
+            self._add([keys[i] for i in fresh], {k: v[rows] for k, v in outputs.items()})
+            self.forwarded = before  # known, not forwarded
 
     def _add(self, keys: Sequence[RowKey], new: Mapping[str, Tensor]) -> None:
         start = len(self.index)
         for offset, key in enumerate(keys):
             self.index[key] = start + offset
+        # kept on the CPU (outputs loaded from disk are; a GPU round copies back what it reads)
         if self.outputs:
-            self.outputs = {k: torch.cat([self.outputs[k], new[k].detach()]) for k in self.outputs}
+            self.outputs = {k: torch.cat([self.outputs[k], new[k].detach().cpu()]) for k in self.outputs}
         else:
-            self.outputs = {k: v.detach() for k, v in new.items()}
+            self.outputs = {k: v.detach().cpu() for k, v in new.items()}
         self.forwarded += len(keys)
+
+
+def save_outputs(model: nn.Module, batch: Batch, path: Path, *, batch_size: int = 1024) -> None:
+    """``model``'s outputs on ``batch`` into ``path`` (safetensors), with the rows' sample ids and
+    input fingerprints: what :func:`load_outputs` checks before they are used."""
+    device = next(iter(model.parameters())).device
+    out = model_outputs(model, inputs_to(batch.inputs, device), batch_size=batch_size)
+    tensors = {f"output.{k}": v.detach().cpu().contiguous() for k, v in out.items()}
+    tensors["fingerprints"] = torch.tensor(fingerprints(batch.inputs), dtype=torch.float64)
+    save_file(tensors, str(path), metadata={"sample_ids": json.dumps(list(batch.sample_ids))})
+
+
+def load_outputs(path: Path, batch: Batch) -> dict[str, Tensor] | None:
+    """The outputs :func:`save_outputs` wrote to ``path``, if they are ``batch``'s rows (the same
+    sample ids in the same order, the same inputs); ``None`` otherwise (no file, other rows)."""
+    if not Path(path).is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        ids = json.loads((f.metadata() or {}).get("sample_ids", "null"))
+    if ids != list(batch.sample_ids):
+        return None
+    tensors = load_file(str(path))
+    if not torch.equal(
+        tensors.pop("fingerprints"), torch.tensor(fingerprints(batch.inputs), dtype=torch.float64)
+    ):
+        return None
+    return {k.removeprefix("output."): v for k, v in tensors.items()}

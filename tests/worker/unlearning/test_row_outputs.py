@@ -5,6 +5,7 @@ asked for under a known id with other inputs forwarded again."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -12,8 +13,15 @@ from torch import Tensor, nn
 from worker.unlearning.audit import model_outputs
 from worker.unlearning.engine import ensure_base
 from worker.unlearning.likelihood_ratio import likelihood_ratio_audit, out_reference_targets
-from worker.unlearning.reference_adapters import LoadedReferences, load_references, train_references
-from worker.unlearning.row_outputs import RowOutputs, fingerprints
+from worker.unlearning.reference_adapters import (
+    HELDOUT_OUTPUTS,
+    LoadedReferences,
+    drop_references_with,
+    load_references,
+    refresh_references,
+    train_references,
+)
+from worker.unlearning.row_outputs import RowOutputs, fingerprints, load_outputs, save_outputs
 from worker.unlearning.training import TrainConfig
 from worker.unlearning.types import Batch, cat_inputs
 from worker.unlearning.workloads.toy import ToyWorkload
@@ -128,3 +136,68 @@ def test_the_target_and_the_audit_share_the_references_forwards(tmp_path: Path) 
     given = likelihood_ratio_audit(model, fresh, tasks, forget=forget, unseen=heldout, forget_tasks=names,
                                    client_index=ci, outputs=model_outputs(model, inputs))  # fmt: skip
     assert given["tasks"] == alone["tasks"]
+
+
+def test_outputs_computed_ahead_are_used_only_for_the_same_rows(tmp_path: Path) -> None:
+    model = Counting()
+    x = torch.randn(4, 3)
+    rows = batch(["v0", "v1", "v2", "v3"], x)
+    save_outputs(model, rows, tmp_path / "out.safetensors")
+    got = load_outputs(tmp_path / "out.safetensors", rows)
+    assert got is not None
+    assert all(torch.equal(got[k], v) for k, v in model_outputs(model, {"x": x}).items())
+    assert load_outputs(tmp_path / "out.safetensors", batch(["v0", "v1", "v3", "v2"], x)) is None
+    changed = x.clone()
+    changed[3, 0] += 1.0
+    assert load_outputs(tmp_path / "out.safetensors", batch(["v0", "v1", "v2", "v3"], changed)) is None
+    assert load_outputs(tmp_path / "missing.safetensors", rows) is None
+    cache = RowOutputs(model)
+    cache.seed("unseen", rows, got)
+    model.rows = 0
+    out = cache.of([("unseen", batch(["v2", "v0"], torch.cat([x[2:3], x[0:1]])))])
+    assert model.rows == 0
+    assert cache.forwarded == 0
+    assert torch.equal(out["a"][1], got["a"][0])
+
+
+def test_references_trained_with_the_heldout_split_are_loaded_with_its_outputs(tmp_path: Path) -> None:
+    """References trained (and refreshed) with the held-out split write their outputs on it; loaded
+    with that split, a round forwards them on the forget set alone, and the evidence is the same
+    as forwarding everything (up to the last bits of a forward in other chunks)."""
+    wl = ToyWorkload(0, num_clients=4, per_client=6)
+    base = ensure_base(wl, tmp_path / "base", wl.settings({}), 0)
+    ci, tasks = wl.client_index(), wl.tasks()
+    data = wl.client_data().to_batch(ci)
+    heldout = wl.heldout_data().to_batch(ci)
+    cfg = TrainConfig(epochs=1, main_only_epochs=1, batch_size=8)
+    refs = train_references(base, data, tasks, cfg, client_index=ci, k=4, seed=1, directory=tmp_path / "refs",
+                            workload="toy", heldout=heldout)  # fmt: skip
+    assert all((tmp_path / "refs" / f"ref-{r}" / HELDOUT_OUTPUTS).is_file() for r in range(4))
+    forget = data.select((data.subset == 0).nonzero().reshape(-1))
+    names = [t.name for t in tasks]
+
+    def audit(loaded: LoadedReferences | None) -> dict[str, Any]:
+        assert loaded is not None
+        return likelihood_ratio_audit(loaded.models[0], loaded, tasks, forget=forget, unseen=heldout,
+                                      forget_tasks=names, client_index=ci)  # fmt: skip
+
+    ahead = load_references(base, tmp_path / "refs", heldout=heldout)
+    plain = load_references(base, tmp_path / "refs")
+    with_ahead, without = audit(ahead), audit(plain)
+    assert ahead is not None
+    assert plain is not None
+    assert sum(c.forwarded for c in ahead.cache) == 4 * len(forget)
+    assert sum(c.forwarded for c in plain.cache) == 4 * (len(forget) + len(heldout))
+    for name in names:
+        a, b = with_ahead["tasks"][name]["auc"], without["tasks"][name]["auc"]
+        assert abs(a - b) < 1e-9
+    # other held-out rows: the file is not used
+    other = load_references(base, tmp_path / "refs", heldout=heldout.select(torch.arange(len(heldout) - 1)))
+    assert other is not None
+    assert all(not c.index for c in other.cache)
+    # a refreshed reference writes its outputs too
+    dropped = drop_references_with(tmp_path / "refs", [refs.members[0][0]])
+    assert not (tmp_path / "refs" / f"ref-{dropped[0]}").exists()
+    assert refresh_references(base, data, tasks, cfg, client_index=ci, directory=tmp_path / "refs",
+                              forgotten=[refs.members[0][0]], heldout=heldout) == dropped  # fmt: skip
+    assert all((tmp_path / "refs" / f"ref-{r}" / HELDOUT_OUTPUTS).is_file() for r in dropped)
