@@ -45,6 +45,19 @@ def model_body(**extra: Any) -> dict[str, Any]:
         # no oracle: the switch that trained a retrain of each request on the request path is gone
         ({"settings": {"audit": {"retrain_reference": True}}}, "settings.audit.retrain_reference"),
         ({"settings": {"acceptance": {"fallback": "hope"}}}, "settings.acceptance.fallback"),
+        # bounds (a fresh-user pass: 1e308 pretraining epochs held the only worker for its hour;
+        # an audit batch of 0 failed every later request of the model; PATCH the same below)
+        ({"settings": {"pretrain": {"epochs": 1e308}}}, "settings.pretrain.epochs"),
+        ({"settings": {"pretrain": {"batch_size": 0}}}, "settings.pretrain.batch_size"),
+        ({"settings": {"audit": {"batch_size": 0}}}, "settings.audit.batch_size"),
+        ({"settings": {"ia": {"batch_size": 0}}}, "settings.ia.batch_size"),
+        ({"settings": {"ia": {"lr": -1e-3}}}, "settings.ia.lr"),
+        ({"settings": {"ia": {"mia_target": 1.5}}}, "settings.ia.mia_target"),
+        ({"settings": {"default": {"ia": {"patience": -1}}}}, "settings.default.ia.patience"),
+        ({"settings": {"train": {"epochs": 10**9}}}, "settings.train.epochs"),
+        ({"settings": {"lora": {"rank": 0}}}, "settings.lora.rank"),
+        ({"settings": {"ssd": {"alpha": -3}}}, "settings.ssd.alpha"),
+        ({"settings": {"acceptance": {"continue_steps": -5}}}, "settings.acceptance.continue_steps"),
     ],
 )
 def test_registration_refuses_nonsense(
@@ -130,6 +143,7 @@ def test_a_ready_model_is_reconfigured_and_the_change_is_an_event(
         ({"settings": {}}, 422, "settings.lora"),
         ({"surprise": 1}, 422, "surprise"),
         ({"settings": []}, 422, "settings"),
+        ({"settings": {"lora": {"rank": 8}, "audit": {"batch_size": 0}}}, 422, "settings.audit.batch_size"),
     ],
 )
 def test_a_reconfiguration_is_validated(

@@ -43,7 +43,7 @@ import torch
 from pydantic import dataclasses as pydantic_dataclasses
 from torch import nn
 
-from worker.unlearning.config import SETTINGS, parse_settings
+from worker.unlearning.config import SETTINGS, Count, NonNegative, parse_settings
 from worker.unlearning.types import IGNORE, Batch, TaskSpec
 
 FORGET_NOISE_Z = 2.0
@@ -199,9 +199,9 @@ class AcceptanceConfig:
     """``settings["acceptance"]``."""
 
     enabled: bool = True
-    forget_z: float = FORGET_NOISE_Z
-    heldout_tolerance: float = HELDOUT_TOLERANCE
-    kept_tolerance: float = HELDOUT_TOLERANCE
+    forget_z: NonNegative = FORGET_NOISE_Z
+    heldout_tolerance: NonNegative = HELDOUT_TOLERANCE
+    kept_tolerance: NonNegative = HELDOUT_TOLERANCE
     # also check every retained client's training data, task by task (off by default: an exact
     # retrain fails it on 2 of 10 seeds of digits-clients — how well a training run fits a client's
     # noisy labels varies by 10–20 points between runs — so it is no promise a retrain keeps)
@@ -215,7 +215,7 @@ class AcceptanceConfig:
     # (``worker.unlearning.continuation``; only methods with that stage: ``default``, ``ia``); 0: off.
     # Issue 8 part 3: on scenes three of five requests missed the bound by 0.3–1.2 points and
     # paid a 92–98 s retrain each (docs/benchmarks.md, "Continuing before the exact path")
-    continue_steps: int = 100
+    continue_steps: Count = 100
     # a forgotten task that fails its bound gets a second reading with the bound raised by how much
     # better than on unseen data the reference adapters that never saw the client do on the forget
     # set (their median; never lowered): a client whose data is easier for any model is no leak.
@@ -224,12 +224,7 @@ class AcceptanceConfig:
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | None) -> AcceptanceConfig:
-        cfg = parse_settings(cls, settings, "acceptance")
-        if min(cfg.forget_z, cfg.heldout_tolerance, cfg.kept_tolerance) < 0:
-            raise ValueError("acceptance bounds must be >= 0")
-        if cfg.continue_steps < 0:
-            raise ValueError("acceptance.continue_steps must be >= 0 (0: no continuation)")
-        return cfg
+        return parse_settings(cls, settings, "acceptance")  # bounds: the fields' types
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

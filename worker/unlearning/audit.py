@@ -29,7 +29,7 @@ import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ from sklearn.metrics import accuracy_score, average_precision_score
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from torch import Tensor, nn
 
-from worker.unlearning.config import SETTINGS, parse_settings, setting_keys
+from worker.unlearning.config import SETTINGS, BatchSize, Count, parse_settings, setting_keys
 from worker.unlearning.grads import eval_mode
 from worker.unlearning.types import (
     SUBSET_HEAD,
@@ -68,17 +68,18 @@ UIS_TERMS = ("ret", "unl", "val", "mia")
 class AuditConfig:
     """Audit settings (``settings["audit"]``; keys the audit does not own are ignored)."""
 
-    attacker_folds: int = 5
-    attacker_max_retain: int = 2000  # retained rows the attacker sees at most (seeded subsample)
-    attacker_max_iter: int = 1000
-    uis_floor: float = 1e-3  # smallest |reference| a UIS term divides by (reference metric 0)
-    batch_size: int = 1024
-    bootstrap: int = 200  # resamples of the forget-vs-unseen AUC's confidence interval (0: none)
-    ci_level: float = 0.95
-    exposed_top: int = 20  # most exposed forgotten samples kept per task in the evidence
+    attacker_folds: Annotated[int, Field(ge=2, le=100)] = 5  # cross-validation folds
+    attacker_max_retain: BatchSize = 2000  # retained rows the attacker sees at most (seeded subsample)
+    attacker_max_iter: BatchSize = 1000
+    # smallest |reference| a UIS term divides by (reference metric 0)
+    uis_floor: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1e-3
+    batch_size: BatchSize = 1024
+    bootstrap: Count = 200  # resamples of the forget-vs-unseen AUC's confidence interval (0: none)
+    ci_level: Annotated[float, Field(gt=0, lt=1)] = 0.95
+    exposed_top: Count = 20  # most exposed forgotten samples kept per task in the evidence
     # likelihood-ratio audit: reference adapters trained at preparation on halves of the clients
     # (even; 0 = off, then the evidence has no ``likelihood_ratio``); see reference_adapters.py
-    reference_adapters: int = Field(default=0, ge=0, multiple_of=2)
+    reference_adapters: int = Field(default=0, ge=0, le=64, multiple_of=2)
     # each client's IN references trained without one task's labels for it (the per-task request's
     # task-withheld calibration, ``ia.per_task_target``; reference_adapters.assign_withheld)
     reference_withhold_tasks: bool = False
@@ -86,7 +87,7 @@ class AuditConfig:
     # draws its retained rows from them): a seeded subset of at most this many, the same rows for
     # the model before the request (``original_metrics``) and after; 0 = all. 2,000 rows: an
     # accuracy's SE ≤ 0.011; on scenes Ret (9,200 rows) was forwarded twice a request
-    ret_rows: int = Field(default=2000, ge=0)
+    ret_rows: Count = 2000
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | None) -> AuditConfig:

@@ -8,9 +8,9 @@ API validates with (``worker.unlearning.methods.schemas``) and what the worker a
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, TypeVar, cast
+from typing import Annotated, Any, TypeVar, cast
 
-from pydantic import AliasChoices, ConfigDict, ValidationError
+from pydantic import AliasChoices, ConfigDict, Field, ValidationError
 from pydantic.fields import FieldInfo
 
 #: The pydantic config of every settings block (an alternative key of a field is declared on it:
@@ -18,6 +18,31 @@ from pydantic.fields import FieldInfo
 SETTINGS = ConfigDict(extra="forbid", validate_by_name=True, validate_by_alias=True)
 
 T = TypeVar("T")
+
+# Bounds of the settings' numbers, in the JSON Schema the API validates with, so that a model's
+# settings cannot ask for something that fails every later request (a batch of 0 rows) or holds
+# the only worker for days (1e308 epochs). The upper bounds are far above any measured use
+# (docs/methods.md); a run that needs more is a workload with its own defaults.
+MAX_EPOCHS = 10_000
+MAX_STEPS = 1_000_000
+MAX_ROWS = 1_000_000
+
+#: passes over a data set (0: none)
+Epochs = Annotated[int, Field(ge=0, le=MAX_EPOCHS)]
+#: optimiser steps, patience, resamples, counts of rows or samples where 0 means "off" / "all"
+Count = Annotated[int, Field(ge=0, le=MAX_STEPS)]
+#: rows per forward or backward (at least one)
+BatchSize = Annotated[int, Field(ge=1, le=MAX_ROWS)]
+#: a learning rate (positive, finite)
+LearningRate = Annotated[float, Field(gt=0, le=1e3, allow_inf_nan=False)]
+#: a weight, scale or tolerance (non-negative, finite)
+NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+#: a share, probability or AUC in [0, 1]
+Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+#: an adapter's LoRA rank and alpha in ``settings["train"]`` (0: the workload's LoraConfig)
+MAX_RANK = 1024
+AdapterRank = Annotated[int, Field(ge=0, le=MAX_RANK)]
+AdapterAlpha = Annotated[int, Field(ge=0, le=64 * MAX_RANK)]
 
 
 def setting_keys(cls: type) -> dict[str, str]:

@@ -11,8 +11,8 @@ exactly ``K/2`` OUT references — the ones the attack
 On disk (one directory): ``ref-<i>/`` (peft ``save_pretrained``, :func:`save_adapter`, and the
 reference's outputs on the model's held-out split, :data:`HELDOUT_OUTPUTS`, which the rounds read
 instead of forwarding them) and ``references.json`` (the clients, which of them each reference was
-trained on, the seed, the recipe and its digest). Written into a temporary sibling and renamed, so that a crash leaves the
-old set or none, never half of one.
+trained on, the seed, the recipe and its digest). Written into a temporary sibling and renamed,
+so that a crash leaves the old set or none, never half of one.
 
 A reference trained on a client keeps that client's data in its weights: when clients are
 forgotten, :func:`drop_references_with` deletes every reference whose half held one of them

@@ -49,7 +49,7 @@ from pydantic import dataclasses as pydantic_dataclasses
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from worker.unlearning.config import SETTINGS, parse_settings
+from worker.unlearning.config import SETTINGS, BatchSize, NonNegative, parse_settings
 from worker.unlearning.grads import eval_mode, minibatches, per_sample_grads
 from worker.unlearning.lora import LoraMLPView, fast_forward
 from worker.unlearning.types import (
@@ -82,22 +82,19 @@ class SSDConfig:
     The class defaults are ``default``'s SSD stage's (unchanged); the ``ssd`` method overlays
     :data:`REFERENCE_DEFAULTS`."""
 
-    alpha: float = 10.0
-    lam: float = Field(default=1.0, validation_alias=AliasChoices("lambda", "lam"))
-    batch_size: int = 64
+    alpha: NonNegative = 10.0
+    lam: NonNegative = Field(default=1.0, validation_alias=AliasChoices("lambda", "lam"))
+    batch_size: BatchSize = 64
     fisher: FisherMode = "batch"
     shuffle: bool = True
     layout: Layout = "merged"
     normalise: Normalisation = "pair"
     cache: bool = True
-    chunk_size: int = 256
+    chunk_size: BatchSize = 256
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | None) -> SSDConfig:
-        cfg = parse_settings(cls, settings, "SSD")
-        if cfg.alpha < 0 or cfg.lam < 0 or cfg.batch_size < 1:
-            raise ValueError("SSD needs alpha >= 0, lambda >= 0, batch_size >= 1")
-        return cfg
+        return parse_settings(cls, settings, "SSD")  # bounds: the fields' types
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -28,7 +28,17 @@ from peft import PeftModel
 from pydantic import dataclasses as pydantic_dataclasses
 from torch import Tensor
 
-from worker.unlearning.config import SETTINGS, parse_settings
+from worker.unlearning.config import (
+    SETTINGS,
+    AdapterAlpha,
+    AdapterRank,
+    BatchSize,
+    Epochs,
+    Fraction,
+    LearningRate,
+    NonNegative,
+    parse_settings,
+)
 from worker.unlearning.model import MultiTaskModel, forward_with_embedding, unwrap, wrap_lora
 from worker.unlearning.types import IGNORE, SUBSET_HEAD, Batch, TaskSpec, main_task_loss
 
@@ -38,23 +48,23 @@ class TrainConfig:
     """``settings["train"]`` (and ``settings["lora"]``'s ``rank`` / ``alpha``): the recipe of v1 and of
     every retrain."""
 
-    epochs: int = 60
-    main_only_epochs: int = 15
-    batch_size: int = 64
-    lr: float = 1e-2
-    weight_decay: float = 0.0
-    lambda_main: float = 1.0
-    lambda_aux: float = 1.0
-    lambda_dis: float = 0.1
-    lambda_pull: float = 1.0
-    lambda_push: float = 1.0
-    margin: float = 1.0
+    epochs: Epochs = 60
+    main_only_epochs: Epochs = 15
+    batch_size: BatchSize = 64
+    lr: LearningRate = 1e-2
+    weight_decay: NonNegative = 0.0
+    lambda_main: NonNegative = 1.0
+    lambda_aux: NonNegative = 1.0
+    lambda_dis: NonNegative = 0.1
+    lambda_pull: NonNegative = 1.0
+    lambda_push: NonNegative = 1.0
+    margin: NonNegative = 1.0
     # 0: the workload's LoraConfig (``settings["lora"]`` ``rank`` / ``alpha`` override it)
-    rank: int = 0
-    lora_alpha: int = 0
+    rank: AdapterRank = 0
+    lora_alpha: AdapterAlpha = 0
     # Cosine decay of the learning rate from ``lr`` to ``final_lr_fraction·lr`` over the run
     # (1.0 = constant learning rate).
-    final_lr_fraction: float = 1.0
+    final_lr_fraction: Fraction = 1.0
     # True: the subset-ID head reads a detached embedding, so L_aux trains that head only and the
     # adapter keeps its capacity for the tasks (L_dis still shapes the embedding). For a small
     # backbone whose one pooled embedding cannot serve client ID and the tasks at once.

@@ -39,9 +39,11 @@ from typing import Any, ClassVar
 
 import torch
 from peft import LoraConfig
+from pydantic import dataclasses as pydantic_dataclasses
 from torch import Tensor
 
 from worker.unlearning import model as model_io
+from worker.unlearning.config import SETTINGS, BatchSize, Epochs, LearningRate, NonNegative, parse_settings
 from worker.unlearning.model import MultiTaskModel
 from worker.unlearning.types import IGNORE, Batch, TaskSpec, main_task_loss
 
@@ -198,24 +200,21 @@ class Workload(ABC):
         The default trains everything with AdamW on the main-task loss; override for a real model
         (e.g. load published weights). The subset-ID head keeps its seeded random init.
         """
-        cfg = dict(self.settings(settings).get("pretrain", {}))
-        epochs = int(cfg.get("epochs", 20))
-        batch_size = int(cfg.get("batch_size", 128))
-        lr = float(cfg.get("lr", 2e-3))
+        cfg = PretrainConfig.from_settings(self.settings(settings))
         net = self.untrained_model(seed)
         data = self.pretraining_data()
         tasks = self.tasks()
         gen = torch.Generator().manual_seed(seed)
         opt = torch.optim.AdamW(
             [p for n, p in net.named_parameters() if not n.startswith("heads.subset")],
-            lr=lr,
-            weight_decay=float(cfg.get("weight_decay", 1e-4)),
+            lr=cfg.lr,
+            weight_decay=cfg.weight_decay,
         )
         net.train()
-        for _ in range(epochs):
+        for _ in range(cfg.epochs):
             order = torch.randperm(len(data), generator=gen)
-            for start in range(0, len(data), batch_size):
-                batch = data.select(order[start : start + batch_size])
+            for start in range(0, len(data), cfg.batch_size):
+                batch = data.select(order[start : start + cfg.batch_size])
                 loss = main_task_loss(net(batch.inputs), batch.labels, tasks)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()  # type: ignore[no-untyped-call]
@@ -224,6 +223,21 @@ class Workload(ABC):
         for p in net.parameters():
             p.requires_grad_(False)
         return net
+
+
+@pydantic_dataclasses.dataclass(frozen=True, config=SETTINGS)
+class PretrainConfig:
+    """``settings["pretrain"]``: the default :meth:`Workload.pretrain` of the frozen base (AdamW on
+    the main-task loss over the pretraining data)."""
+
+    epochs: Epochs = 20
+    batch_size: BatchSize = 128
+    lr: LearningRate = 2e-3
+    weight_decay: NonNegative = 1e-4
+
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> PretrainConfig:
+        return parse_settings(cls, settings.get("pretrain"), "pretraining")
 
 
 def available_workloads() -> list[str]:

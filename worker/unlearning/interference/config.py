@@ -8,7 +8,17 @@ from typing import Any, Literal
 
 from pydantic import dataclasses as pydantic_dataclasses
 
-from worker.unlearning.config import SETTINGS, parse_settings
+from worker.unlearning.config import (
+    SETTINGS,
+    AdapterRank,
+    BatchSize,
+    Count,
+    Epochs,
+    Fraction,
+    LearningRate,
+    NonNegative,
+    parse_settings,
+)
 
 
 @pydantic_dataclasses.dataclass(frozen=True, config=SETTINGS)
@@ -17,27 +27,27 @@ class IAConfig:
     ``orth_task`` (the paper's Table 3 ablations), ``update_heads``, ``early_stopping``."""
 
     # Eq. 11 through AdamW (paper: lr 1e-4, η1 = 1, η2 = 0.1, at most 20 epochs)
-    lr: float = 1e-4
-    eta1: float = 1.0
-    eta2: float = 0.1
-    epochs: int = 20
+    lr: LearningRate = 1e-4
+    eta1: NonNegative = 1.0
+    eta2: NonNegative = 0.1
+    epochs: Epochs = 20
     # the mini-batch of each partition per iteration; AdamW's decoupled weight decay
-    batch_size: int = 32
-    weight_decay: float = 0.0
+    batch_size: BatchSize = 32
+    weight_decay: NonNegative = 0.0
     # deviation (docs/methods.md): Eq. 11's orthogonalised forget term rescaled every step —
     # "none" (paper: η2·∇_f^⊥), "total" (‖forget term‖ = η2·‖retain term‖) or "per_task" (each
     # forgotten task's ∇_f^⊥ to η2·‖retain term‖ / #forgotten tasks, so neither term vanishes and
     # an easy task cannot drown a hard one)
     forget_balance: Literal["none", "total", "per_task"] = "none"
     # Eqs. 9–10: ε, and the residual below which a retain gradient is dropped from the basis
-    epsilon: float = 1e-12
-    rank_tol: float = 1e-8
+    epsilon: NonNegative = 1e-12
+    rank_tol: NonNegative = 1e-8
     # task subspaces (Eqs. 7–8)
-    subspace_dim: int = 0  # 0: rank // number of involved tasks (at least 1)
+    subspace_dim: AdapterRank = 0  # 0: rank // number of involved tasks (at least 1)
     # "random" (overlapping, the regulariser separates) | "orthogonal" (disjoint random) |
     # "gradient" (disjoint, each task's from its own gradient's leading rank-space directions)
     subspace_init: Literal["random", "orthogonal", "gradient"] = "random"
-    subspace_lr: float = 0.1
+    subspace_lr: NonNegative = 0.1
     # the stages (the paper's Table 3 ablations) and the Eq. 10 variant
     projection: bool = True
     orth_clean: bool = True
@@ -48,7 +58,7 @@ class IAConfig:
     update_heads: bool = True
     # early stopping: the checkpoint whose forget-vs-held-out MIA AUC is closest to the target
     early_stopping: bool = True
-    mia_target: float = 0.5
+    mia_target: Fraction = 0.5
     # what early stopping aims at: "constant" (``mia_target``, paper) or "references" (per client:
     # the OUT reference adapters' median forget-set accuracy and MIA AUC, ``interference.targets``;
     # without references the constant, recorded in the evidence)
@@ -59,19 +69,19 @@ class IAConfig:
     # budgets in optimiser steps (checkpoints are still measured after every pass over D_f):
     # patience = steps without a change of the kept checkpoint before stopping (0: run the budget);
     # patience never stops a run before ``min_steps``; ``max_steps`` caps the run (0: ``epochs``)
-    patience: int = 0
-    min_steps: int = 0
-    max_steps: int = 0
+    patience: Count = 0
+    min_steps: Count = 0
+    max_steps: Count = 0
     # deviation (docs/methods.md): stop as soon as the kept checkpoint's distance to the target is
     # at most this (never before ``min_steps``): closer than the target's own error is no nearer
     # the retrain, only longer (0: off, patience and the budget alone end a run)
-    stop_within: float = 0.0
+    stop_within: NonNegative = 0.0
     # how the forgotten tasks' MIA distances to the target combine: "mean" | "max" (the worst task)
     task_distance: Literal["mean", "max"] = "mean"
     # early stopping prefers checkpoints whose every forgotten task's forget-set accuracy is at the
     # unseen-data level: held-out accuracy + z standard errors over the forget set's n (the
     # acceptance check's bound); 0 = off (the MIA distance alone, paper)
-    forget_accuracy_z: float = 0.0
+    forget_accuracy_z: NonNegative = 0.0
     # which of those: "closest" (MIA-closest to the target) | "earliest" (the least update)
     forget_accuracy_pick: Literal["closest", "earliest"] = "closest"
     # stop at the first checkpoint after the model as given whose forget set is at that level
@@ -81,8 +91,8 @@ class IAConfig:
     stop_at_unseen_level: bool = False
     # deviation (docs/methods.md): early stopping only among the checkpoints whose accuracy on the
     # retain check rows dropped by at most this much from the pre-request model; 1 = off (paper)
-    retain_tolerance: float = 1.0
-    check_size: int = 256  # retain check rows (a seeded subset, see ``check_rows``)
+    retain_tolerance: NonNegative = 1.0
+    check_size: Count = 256  # retain check rows (a seeded subset, see ``check_rows``)
     # where they come from: "anchor" (the retain partitions, which the update trains on),
     # "outside_anchor" (retained instances outside the anchor and X_f: training data of the model
     # that the update does not see, so a drop there is damage the retain term did not repair) or
@@ -95,12 +105,12 @@ class IAConfig:
     # (1 − β)·label + β·the pre-request model's prediction (class probabilities; a regression's
     # value), so that the retain term keeps the pre-request function instead of re-learning what
     # an earlier round suppressed; 0 = the labels (paper), 1 = the pre-request model's outputs
-    retain_distillation: float = 0.0
+    retain_distillation: Fraction = 0.0
     # β for D_r^inst (the anchor's rows under the *forgotten* tasks; all of the anchor in a
     # per-client request); None = retain_distillation. At 1 the forgotten tasks' retain term only
     # repairs what the forget term breaks: their labels were what pulled a later round back
     # towards the original fit (docs/methods.md, "The retain term's targets")
-    forgotten_task_distillation: float | None = None
+    forgotten_task_distillation: Fraction | None = None
     # per-(partition, task) gradients: "autograd" (batched VJPs) | "func" (torch.func.jacrev)
     grad_backend: Literal["autograd", "func"] = "autograd"
     # a per-task request's reference target (``target: "references"``): "out" (the references that
@@ -115,31 +125,14 @@ class IAConfig:
     # subset of at most this many (the same rows at every checkpoint of a request, and for the
     # per-client target); 0 = all. Forward passes of the held-out rows were over half of a scenes
     # checkpoint (1,800 rows); digits' 449 held-out rows are under it (docs/benchmarks.md)
-    checkpoint_heldout_rows: int = 600
+    checkpoint_heldout_rows: Count = 600
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | None) -> IAConfig:
+        # the bounds of each number are in its type (worker.unlearning.config), so in the API's schema
         cfg = parse_settings(cls, settings, "interference-aware")
-        if (
-            min(cfg.patience, cfg.min_steps, cfg.max_steps) < 0
-            or min(cfg.forget_accuracy_z, cfg.stop_within) < 0
-        ):
-            raise ValueError(
-                "interference-aware update needs patience, min_steps, max_steps, forget_accuracy_z, "
-                "stop_within >= 0"
-            )
-        if cfg.epochs < 0 or cfg.batch_size < 1 or cfg.epsilon < 0:
-            raise ValueError("interference-aware update needs epochs >= 0, batch_size >= 1, epsilon >= 0")
-        if cfg.retain_tolerance < 0 or cfg.check_size < 0:
-            raise ValueError("interference-aware update needs retain_tolerance >= 0, check_size >= 0")
-        if not 0.0 <= cfg.retain_distillation <= 1.0 or not 0.0 <= cfg.inst_distillation <= 1.0:
-            raise ValueError(
-                "interference-aware update needs 0 <= retain_distillation, forgotten_task_distillation <= 1"
-            )
         if cfg.stop_at_unseen_level and cfg.forget_accuracy_z <= 0:
             raise ValueError("interference-aware update: stop_at_unseen_level needs forget_accuracy_z > 0")
-        if cfg.checkpoint_heldout_rows < 0:
-            raise ValueError("interference-aware update needs checkpoint_heldout_rows >= 0 (0: all)")
         return cfg
 
     @property

@@ -45,7 +45,7 @@ import torch
 from pydantic import dataclasses as pydantic_dataclasses
 from torch import Tensor
 
-from worker.unlearning.config import SETTINGS
+from worker.unlearning.config import SETTINGS, BatchSize, Count, Epochs, LearningRate, NonNegative
 from worker.unlearning.grads import eval_mode
 from worker.unlearning.methods import register
 from worker.unlearning.methods.base import MethodContext, MethodResult
@@ -70,13 +70,13 @@ class GdrGmaConfig(LoopConfig):
     """``settings["gdr_gma"]``: ``gamma`` (steepness γ), ``epsilon`` (ε), ``loss_deviation`` (Eq. 6's
     ``|L_r − L_r(ω_0)|``; false = the public code's raw ``L_r``), ``bank`` (Eqs. 3/5 on) + loop keys."""
 
-    lr: float = 1e-4
-    epochs: int = 10
-    patience: int = 0
-    batch_size: int = 256
-    retain_batch_size: int = 256
-    gamma: float = 100.0
-    epsilon: float = 0.02
+    lr: LearningRate = 1e-4
+    epochs: Epochs = 10
+    patience: Count = 0
+    batch_size: BatchSize = 256
+    retain_batch_size: BatchSize = 256
+    gamma: NonNegative = 100.0
+    epsilon: NonNegative = 0.02
     loss_deviation: bool = True
     bank: bool = True
 

@@ -38,7 +38,16 @@ from torch import Tensor, nn
 
 from worker.unlearning import progress
 from worker.unlearning.audit import forget_mia
-from worker.unlearning.config import SETTINGS, parse_settings
+from worker.unlearning.config import (
+    SETTINGS,
+    BatchSize,
+    Count,
+    Epochs,
+    Fraction,
+    LearningRate,
+    NonNegative,
+    parse_settings,
+)
 from worker.unlearning.grads import Cycler, eval_mode, per_sample_grads
 from worker.unlearning.lora import param_groups, restore
 from worker.unlearning.methods.base import MethodContext
@@ -49,16 +58,16 @@ from worker.unlearning.types import Batch, Partitions, TaskSpec, concat_batches,
 class LoopConfig:
     """Keys every baseline accepts (each method's config adds its own and may change defaults)."""
 
-    lr: float = 1e-3
-    epochs: int = 10
-    batch_size: int = 128
-    retain_batch_size: int = 128
-    weight_decay: float = 0.0
+    lr: LearningRate = 1e-3
+    epochs: Epochs = 10
+    batch_size: BatchSize = 128
+    retain_batch_size: BatchSize = 128
+    weight_decay: NonNegative = 0.0
     update_heads: bool = True
     early_stopping: bool = True
-    mia_target: float = 0.5
-    patience: int = 5  # stop after this many epochs without a better MIA distance (0: run all epochs)
-    chunk_size: int = 256  # vmap chunk of per-sample gradients
+    mia_target: Fraction = 0.5
+    patience: Count = 5  # stop after this many epochs without a better MIA distance (0: run all epochs)
+    chunk_size: BatchSize = 256  # vmap chunk of per-sample gradients
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

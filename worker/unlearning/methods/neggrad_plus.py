@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import dataclasses as pydantic_dataclasses
 from torch import Tensor
 
-from worker.unlearning.config import SETTINGS
+from worker.unlearning.config import SETTINGS, Epochs, Fraction, LearningRate
 from worker.unlearning.methods import register
 from worker.unlearning.methods.base import MethodContext, MethodResult
 from worker.unlearning.methods.gradient_loop import (
@@ -40,9 +40,9 @@ NAME = "neggrad_plus"
 class NegGradPlusConfig(LoopConfig):
     """``settings["neggrad_plus"]``: ``beta`` (retain weight) + the shared loop keys."""
 
-    lr: float = 1e-3
-    epochs: int = 30
-    beta: float = 0.9
+    lr: LearningRate = 1e-3
+    epochs: Epochs = 30
+    beta: Fraction = 0.9
 
 
 def neggrad_plus_direction(g_retain: Tensor, g_forget: Tensor, beta: float) -> Tensor:

@@ -42,7 +42,7 @@ import torch
 from pydantic import dataclasses as pydantic_dataclasses
 from torch import Tensor
 
-from worker.unlearning.config import SETTINGS
+from worker.unlearning.config import SETTINGS, Epochs, LearningRate, NonNegative
 from worker.unlearning.methods import register
 from worker.unlearning.methods.base import MethodContext, MethodResult
 from worker.unlearning.methods.gradient_loop import (
@@ -66,10 +66,10 @@ class OrthoGradConfig(LoopConfig):
     """``settings["orthograd"]``: ``alpha`` (retain weight of Algorithm 1), ``rank_tol`` (relative
     singular-value cut of the retain span), ``solver`` (``"gram"`` or ``"qr"``) + the loop keys."""
 
-    lr: float = 1e-3
-    epochs: int = 30
-    alpha: float = 0.9
-    rank_tol: float = 1e-6
+    lr: LearningRate = 1e-3
+    epochs: Epochs = 30
+    alpha: NonNegative = 0.9
+    rank_tol: NonNegative = 1e-6
     solver: Literal["gram", "qr"] = "gram"
 
 

@@ -23,14 +23,17 @@ from pydantic.json_schema import GenerateJsonSchema
 
 from worker.unlearning.acceptance import AcceptanceConfig
 from worker.unlearning.audit import AuditConfig
+from worker.unlearning.config import MAX_RANK
 from worker.unlearning.methods import available_methods, get_spec
 from worker.unlearning.training import TrainConfig
+from worker.unlearning.workload import PretrainConfig
 
-#: ``settings["pretrain"]``: what :meth:`worker.unlearning.workload.Workload.pretrain` reads.
-PRETRAIN = {"epochs": "int", "batch_size": "int", "lr": "float"}
-#: ``settings["lora"]``: read by :meth:`TrainConfig.from_settings` (``rank``, ``lora_alpha``).
-LORA = {"rank": "int", "alpha": "int"}
-JSON_TYPES = {"bool": "boolean", "int": "integer", "float": "number", "str": "string"}
+#: ``settings["lora"]``: read by :meth:`TrainConfig.from_settings` (``rank``, ``lora_alpha``);
+#: an adapter of rank or alpha 0 does nothing (``train``'s 0 means the workload's LoraConfig)
+LORA = {
+    "rank": {"type": "integer", "minimum": 1, "maximum": MAX_RANK},
+    "alpha": {"type": "integer", "minimum": 1, "maximum": 64 * MAX_RANK},
+}
 
 
 class _Untitled(GenerateJsonSchema):
@@ -45,10 +48,6 @@ def _object(properties: dict[str, Any], description: str | None = None) -> dict[
     if description:
         schema["description"] = description
     return schema
-
-
-def _typed(types: dict[str, str]) -> dict[str, Any]:
-    return {name: {"type": JSON_TYPES[kind]} for name, kind in types.items()}
 
 
 def _inline(node: Any, defs: dict[str, Any]) -> Any:
@@ -106,8 +105,8 @@ def settings_schema(methods: list[str]) -> dict[str, Any]:
     fraction = {"type": "number", "exclusiveMinimum": 0, "maximum": 1}
     engine = {
         "train": config_schema(TrainConfig),
-        "lora": _object(_typed(LORA), "The adapter of v1 (and of the retrain reference)."),
-        "pretrain": _object(_typed(PRETRAIN), "Training of the frozen base."),
+        "lora": _object(LORA, "The adapter of v1 (and of the retrain reference)."),
+        "pretrain": config_schema(PretrainConfig),
         "audit": config_schema(AuditConfig),
         "acceptance": config_schema(AcceptanceConfig),
         "anchor_fraction": fraction,

@@ -32,7 +32,7 @@ import torch
 from pydantic import dataclasses as pydantic_dataclasses
 from torch import Tensor
 
-from worker.unlearning.config import SETTINGS
+from worker.unlearning.config import SETTINGS, Count, Epochs, LearningRate, NonNegative
 from worker.unlearning.grads import eval_mode
 from worker.unlearning.methods import register
 from worker.unlearning.methods.base import MethodContext, MethodResult
@@ -57,10 +57,10 @@ class UnoConfig(LoopConfig):
     """``settings["uno"]``: ``beta_o_times_batch`` (Table 2's ``B·β_o``), ``surgery`` (UNO-S
     alternation; false = plain UNO) + the shared loop keys."""
 
-    lr: float = 1e-3
-    epochs: int = 30
-    patience: int = 0
-    beta_o_times_batch: float = 1e3
+    lr: LearningRate = 1e-3
+    epochs: Epochs = 30
+    patience: Count = 0
+    beta_o_times_batch: NonNegative = 1e3
     surgery: bool = True
 
 
