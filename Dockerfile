@@ -48,6 +48,9 @@ COPY migrations ./migrations
 COPY service ./service
 COPY worker ./worker
 RUN pip install --no-deps . && rm -rf build migrations service worker
+# `lethe worker --check` (the compose healthcheck) reads this container's own heartbeat file:
+# $LETHE_HOME is a volume that other worker containers (and machines) share.
+ENV LETHE_WORKER_ALIVE_FILE=/tmp/lethe-worker.alive
 USER lethe
 # One Celery process per visible GPU (CUDA_VISIBLE_DEVICES per child); CPU when none is visible.
 CMD ["lethe", "worker"]

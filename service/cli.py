@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 from datetime import datetime
 from importlib.metadata import EntryPoint, entry_points
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 from sqlalchemy.engine import make_url
@@ -69,8 +69,17 @@ class LetheGroup(click.Group):
         return loaded
 
 
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+
 @click.group(cls=LetheGroup)
-@click.option("--log-level", default="INFO", show_default=True, help="Python logging level.")
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(LOG_LEVELS, case_sensitive=False),
+    help="Python logging level.",
+)
 def main(log_level: str) -> None:
     """Lethe: right-to-be-forgotten requests turned into versioned model updates."""
     # text unless LETHE_LOG_FORMAT says otherwise; `serve` and `worker` switch to json by default
@@ -162,6 +171,25 @@ def keys() -> None:
     """API keys."""
 
 
+def _key_name(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """The API's rule for a key's name (``ApiKeyIn.name``), so that the CLI stores no name the API
+    would refuse."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from service.api.schemas import ApiKeyIn
+
+    if value is None:
+        return None
+    rule: Any = ApiKeyIn.model_fields["name"].annotation  # the field's type, its pattern included
+    try:
+        TypeAdapter(rule).validate_python(value)
+    except ValidationError as exc:
+        raise click.BadParameter(
+            f"the API refuses this name: {exc.errors()[0]['msg']} (no control characters, at most 200)"
+        ) from None
+    return value
+
+
 @keys.command("create")
 @click.option(
     "--scope",
@@ -171,7 +199,7 @@ def keys() -> None:
     type=click.Choice(SCOPES),
     help="submit, admin or serve (repeatable).",
 )
-@click.option("--name", default=None, help="A label for the key.")
+@click.option("--name", default=None, callback=_key_name, help="A label for the key.")
 def keys_create(scopes: tuple[str, ...], name: str | None) -> None:
     """Create an API key and print it (it is shown only this once)."""
     from service.db.session import create_db_engine, make_session_factory, transaction
@@ -267,12 +295,32 @@ def requests_group() -> None:
 
 @requests_group.command("follow")
 @click.argument("request_id")
-@click.option("--url", "url", envvar="LETHE_API_URL", default="http://127.0.0.1:8000", show_default=True)
 @click.option(
-    "--api-key", "api_key", envvar="LETHE_API_KEY", required=True, help="Key with the submit scope."
+    "--url",
+    "url",
+    envvar="LETHE_API_URL",
+    show_envvar=True,
+    default="http://127.0.0.1:8000",
+    show_default=True,
+    help="The API's base URL.",
 )
-@click.option("--interval", default=1.0, show_default=True, help="Seconds between polls.")
-@click.option("--timeout", default=None, type=float, help="Give up after this many seconds (default: never).")
+@click.option(
+    "--api-key",
+    "api_key",
+    envvar="LETHE_API_KEY",
+    show_envvar=True,
+    required=True,
+    help="Key with the submit scope.",
+)
+@click.option(
+    "--interval", default=1.0, show_default=True, type=click.FloatRange(min=0), help="Seconds between polls."
+)
+@click.option(
+    "--timeout",
+    default=None,
+    type=click.FloatRange(min=0),
+    help="Give up after this many seconds (default: never).",
+)
 def requests_follow(request_id: str, url: str, api_key: str, interval: float, timeout: float | None) -> None:
     """Follow a request until it is final, with its round's progress bar; exit 1 unless completed."""
     import httpx

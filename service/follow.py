@@ -72,7 +72,7 @@ def follow(
         try:
             resp = client.get(f"/v1/forget-requests/{request_id}")
         except httpx.HTTPError as exc:
-            raise FollowError(f"the API is unreachable: {exc}") from exc
+            raise FollowError(f"the API at {str(client.base_url).rstrip('/')} is unreachable: {exc}") from exc
         if resp.status_code != 200:
             detail = (
                 resp.json().get("detail") if resp.headers.get("content-type", "").endswith("json") else None

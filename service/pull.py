@@ -5,8 +5,11 @@ version it downloads every file into a temporary directory next to the destinati
 file's sha256 (and size) against the server's listing (and the version's ``manifest.json``), fsyncs,
 renames the directory to ``DEST/versions/v<n>`` and then swaps the ``DEST/current`` symbolic link
 atomically (``rename`` over the old link). Readers that resolve ``current`` see the old version or
-the new one, never a half-written directory. Older local versions that the server withdrew (410)
-are deleted; see docs/serving.md for vLLM / LoRAX hosts (a new adapter name per version).
+the new one, never a half-written directory. A version directory already in ``DEST`` is used only
+if it holds exactly the listed files with their sha256 and size; otherwise it is downloaded again.
+A ``DEST`` holds one model: one whose ``state.json`` names another model is refused. Older local
+versions that the server withdrew (410) are deleted; see docs/serving.md for vLLM / LoRAX hosts (a
+new adapter name per version).
 
 Layout of ``DEST``::
 
@@ -193,8 +196,67 @@ def local_versions(dest: Path) -> list[int]:
     return sorted(int(p.name[1:]) for p in root.iterdir() if p.name.startswith("v") and p.name[1:].isdigit())
 
 
+def check_dest(dest: Path, model: str) -> None:
+    """Refuse a ``dest`` whose state names another model: its versions are that model's."""
+    held = read_state(dest).get("model")
+    if held is not None and held != model:
+        raise PullError(
+            f"{dest} holds the adapters of model {held!r}, not {model!r}: "
+            f"pull each model into its own directory (another --dest)"
+        )
+
+
+def _matches_listing(directory: Path, files: list[RemoteFile]) -> bool:
+    """Whether ``directory`` holds exactly the listed files, each with its listed sha256 and size.
+
+    A local version directory is trusted only after this: it may be another model's version of
+    the same number, or a file in it may have been damaged since it was installed."""
+    names: set[str] = set()
+    for path in directory.rglob("*"):
+        if path.is_symlink():
+            return False
+        if not path.is_dir():
+            names.add(path.relative_to(directory).as_posix())
+    if names != {f.name for f in files}:
+        return False
+    for remote in files:
+        sha, size = sha256_file(directory / remote.name)
+        if sha != remote.sha256 or (remote.size is not None and size != remote.size):
+            return False
+    return True
+
+
+def _install(client: httpx.Client, files: list[RemoteFile], final: Path) -> None:
+    """Download ``files`` into a temporary directory, verify them and rename it to ``final``.
+
+    A ``final`` already there failed :func:`_matches_listing`: it is renamed aside just before and
+    deleted after (``current`` may point at it: for the time of one rename it points at nothing,
+    never at a half-written directory)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = final.parent / f".tmp-{final.name}-{tag}"
+    stale = final.parent / f".tmp-stale-{final.name}-{tag}"
+    try:
+        for remote in files:
+            _download(client, remote, tmp / remote.name)
+        _check_manifest(tmp, files)
+        fsync_dir(tmp)
+        if final.exists() or final.is_symlink():
+            os.rename(final, stale)
+        os.rename(tmp, final)
+        fsync_dir(final.parent)
+    finally:
+        for leftover in (tmp, stale):
+            if leftover.is_symlink():
+                leftover.unlink()
+            elif leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
 def pull_once(client: httpx.Client, base_url: str, model: str, dest: Path, *, keep: int = 2) -> PullResult:
-    """One poll: download and install the latest version if it changed."""
+    """One poll: download and install the latest version if it changed (or if the local copy of
+    it does not match the server's listing)."""
+    check_dest(dest, model)
     dest.mkdir(parents=True, exist_ok=True)
     state = read_state(dest)
     have = current_version(dest)
@@ -211,19 +273,9 @@ def pull_once(client: httpx.Client, base_url: str, model: str, dest: Path, *, ke
     new_etag = resp.headers.get("ETag")
     final = dest / VERSIONS_DIR / f"v{version}"
     changed = have != version
-    if not final.is_dir():
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest / VERSIONS_DIR / f".tmp-v{version}-{uuid.uuid4().hex[:8]}"
-        try:
-            for remote in files:
-                _download(client, remote, tmp / remote.name)
-            _check_manifest(tmp, files)
-            fsync_dir(tmp)
-            os.rename(tmp, final)
-            fsync_dir(final.parent)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+    if not (final.is_dir() and not final.is_symlink() and _matches_listing(final, files)):
+        _install(client, files, final)
+        changed = True  # new files, even for the version ``current`` already named
     if changed:
         swap_current(dest, final)
     _write_state(dest, {"model": model, "version": version, "etag": new_etag})
@@ -303,6 +355,13 @@ def make_client(
     )
 
 
+def describe(exc: Exception, base_url: str) -> str:
+    """A pull's error for a person: a connection failure names the API's URL."""
+    if isinstance(exc, httpx.TransportError):
+        return f"the API at {base_url} is unreachable: {exc}"
+    return str(exc)
+
+
 def watch(
     base_url: str,
     model: str,
@@ -321,18 +380,51 @@ def watch(
                 if result.changed:
                     on_change(result)
             except (PullError, httpx.HTTPError) as exc:
-                click.echo(f"lethe pull: {exc}", err=True)
+                click.echo(f"lethe pull: {describe(exc, base_url)}", err=True)
             time.sleep(interval)
 
 
 @click.command("pull")
 @click.option("--model", "model", required=True, help="Model name.")
-@click.option("--dest", "dest", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--url", "url", envvar="LETHE_API_URL", default="http://127.0.0.1:8000", show_default=True)
-@click.option("--api-key", "api_key", envvar="LETHE_API_KEY", default=None, help="Key with the serve scope.")
+@click.option(
+    "--dest",
+    "dest",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory of this model's versions (DEST/current: the one to serve); one model per DEST.",
+)
+@click.option(
+    "--url",
+    "url",
+    envvar="LETHE_API_URL",
+    show_envvar=True,
+    default="http://127.0.0.1:8000",
+    show_default=True,
+    help="The API's base URL.",
+)
+@click.option(
+    "--api-key",
+    "api_key",
+    envvar="LETHE_API_KEY",
+    show_envvar=True,
+    default=None,
+    help="Key with the serve scope.",
+)
 @click.option("--watch/--once", "watch_mode", default=False, help="Keep polling (ETag) or pull once.")
-@click.option("--interval", default=30.0, show_default=True, help="Seconds between polls with --watch.")
-@click.option("--keep", default=2, show_default=True, help="Local versions kept (withdrawn ones never).")
+@click.option(
+    "--interval",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds between polls with --watch.",
+)
+@click.option(
+    "--keep",
+    default=2,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Local versions kept, the current one included (withdrawn ones never).",
+)
 @click.option("--with-base", is_flag=True, help="Also fetch the frozen base model into DEST/base (verified).")
 @click.option("--exec", "exec_cmd", default=None, help="Shell command run after each new version "
               "(env: LETHE_ADAPTER_NAME, LETHE_ADAPTER_PATH, LETHE_ADAPTER_VERSION).")  # fmt: skip
@@ -356,17 +448,17 @@ def pull_command(
             )
             subprocess.run(exec_cmd, shell=True, env=env, check=False)
 
-    if watch_mode:
-        if with_base:
-            with make_client(api_key, base_url=base_url) as client:
-                pull_base(client, base_url, model, dest / "base")
-        watch(base_url, model, dest, api_key=api_key, interval=interval, keep=keep, on_change=announce)
-        return
+    result: PullResult | None = None
     try:
+        check_dest(dest, model)  # before --with-base writes anything
         with make_client(api_key, base_url=base_url) as client:
             if with_base:
                 pull_base(client, base_url, model, dest / "base")
-            result = pull_once(client, base_url, model, dest, keep=keep)
+            if not watch_mode:
+                result = pull_once(client, base_url, model, dest, keep=keep)
     except (PullError, httpx.HTTPError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    announce(result)
+        raise click.ClickException(describe(exc, base_url)) from exc
+    if result is not None:
+        announce(result)
+        return
+    watch(base_url, model, dest, api_key=api_key, interval=interval, keep=keep, on_change=announce)

@@ -125,6 +125,13 @@ class Settings(BaseSettings):
         "and `lethe worker`, text for the other commands (the demo's console stays readable).",
     )
 
+    worker_alive_file: Path | None = Field(
+        default=None,
+        description="File every worker's heartbeat touches and `lethe worker --check` reads the age of; "
+        "default: $LETHE_HOME/worker.alive (this stack's workers only). The worker image sets "
+        "/tmp/lethe-worker.alive: one per container, as $LETHE_HOME is a volume other containers share.",
+    )
+
     webhook_secret_key: SecretStr | None = Field(
         default=None,
         min_length=16,
@@ -181,6 +188,10 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{self.resolved_home / 'lethe.db'}"
+
+    @property
+    def resolved_worker_alive_file(self) -> Path:
+        return (self.worker_alive_file or self.resolved_home / "worker.alive").expanduser().resolve()
 
     @property
     def resolved_artifacts_dir(self) -> Path:

@@ -316,3 +316,16 @@ def test_artifacts_live_in_minio_not_in_a_shared_volume(services: dict[str, dict
         assert services[name]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
         unknown = {k for k in env if k.startswith("LETHE_S3_") and k[len("LETHE_") :].lower() not in fields}
         assert not unknown, unknown
+
+
+def test_each_worker_container_checks_its_own_heartbeat(services: dict[str, dict[str, Any]]) -> None:
+    """`lethe worker --check` reads LETHE_WORKER_ALIVE_FILE (default under $LETHE_HOME); the worker
+    image keeps it out of the $LETHE_HOME volume that worker containers share, or one container's
+    check would see another's heartbeat."""
+    worker_stage = _stages((ROOT / "Dockerfile").read_text())["worker"]
+    alive = re.search(r"(?m)^ENV\s+LETHE_WORKER_ALIVE_FILE=(\S+)$", worker_stage)
+    assert alive is not None
+    worker = services["worker"]
+    assert not alive.group(1).startswith(worker["environment"]["LETHE_HOME"].rstrip("/") + "/")
+    assert "LETHE_WORKER_ALIVE_FILE" not in worker["environment"]
+    assert worker["healthcheck"]["test"] == ["CMD", "lethe", "worker", "--check"]

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from service import logs
 from service.errors import ServiceError
@@ -143,19 +145,34 @@ def supervise(gpus: list[str], loglevel: str) -> int:
     show_default=True,
     help="auto: one process per visible GPU (CPU when none); none: CPU; or a list like 0,1.",
 )
-@click.option("--loglevel", default="info", show_default=True)
-@click.option("--check", is_flag=True, help="Health check: exit 0 if this host's worker beat recently.")
+@click.option(
+    "--loglevel",
+    default="info",
+    show_default=True,
+    type=click.Choice(["critical", "error", "warning", "info", "debug"], case_sensitive=False),
+)
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Health check: exit 0 if a worker of this stack beat recently (LETHE_WORKER_ALIVE_FILE).",
+)
 def worker_command(gpus: str, loglevel: str, check: bool) -> None:
     """Run Celery workers: one process per GPU (solo pool), or one CPU worker."""
-    if check:
-        from worker.liveness import ALIVE_FILE
+    from service.settings import Settings
 
-        age = time.time() - ALIVE_FILE.stat().st_mtime if ALIVE_FILE.exists() else float("inf")
+    settings = Settings()
+    if check:
+        from worker.liveness import heartbeat_age
+
+        age = heartbeat_age(settings)
         limit = 3 * WorkerSettings().heartbeat_seconds + 10
         if age > limit:
-            raise click.ClickException(f"no heartbeat for {age:.0f} s")
+            since = "yet" if age == float("inf") else f"for {age:.0f} s"
+            raise click.ClickException(f"no heartbeat {since} ({settings.resolved_worker_alive_file})")
         click.echo(f"ok: last heartbeat {age:.0f} s ago")
         return
+    if not settings.broker_url:
+        raise click.ClickException("LETHE_BROKER_URL is not set: there is no broker to take tasks from")
     if gpus == "inherit":  # a supervised child: CUDA_VISIBLE_DEVICES is already set
         run_celery_worker(loglevel, f"gpu{os.environ.get('CUDA_VISIBLE_DEVICES', '')}")
         return
@@ -182,14 +199,39 @@ def worker_command(gpus: str, loglevel: str, check: bool) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
+def _port_in_use(port: int) -> bool:
+    """Whether the API could not listen on 127.0.0.1:``port`` (bound as uvicorn binds it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
 @click.command("up")
-@click.option("--port", default=8000, show_default=True, help="API port (127.0.0.1).")
-@click.option("--workers", default=1, show_default=True)
+@click.option(
+    "--port",
+    default=8000,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="API port (127.0.0.1; 0: any).",
+)
+@click.option(
+    "--workers", default=1, show_default=True, type=click.IntRange(min=1), help="Worker processes to start."
+)
 def up_command(port: int, workers: int) -> None:
     """API + worker + embedded Redis on this machine (no external server); Ctrl-C stops all."""
     from service.settings import Settings
     from worker.embedded import EmbeddedStack
 
+    # checked before anything starts: an API that cannot listen would exit after Redis and the
+    # workers had started, while another server answered the health check on that port
+    if port and _port_in_use(port):
+        raise click.BadParameter(
+            f"127.0.0.1:{port} is in use; stop what listens there or pick another port", param_hint="--port"
+        )
     logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = Settings()
     env = {
@@ -228,11 +270,18 @@ def models_command() -> None:
     """Register and list models."""
 
 
-def _json_option(value: str | None) -> dict[str, Any]:
+def _json_object(_ctx: click.Context, _param: click.Parameter, value: str | None) -> dict[str, Any] | None:
+    """A JSON object option given inline or as ``@file``; None when not given."""
     if not value:
-        return {}
-    text = Path(value[1:]).read_text() if value.startswith("@") else value
-    data = json.loads(text)
+        return None
+    try:
+        text = Path(value[1:]).read_text() if value.startswith("@") else value
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {value[1:]}: {exc.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}") from None
     if not isinstance(data, dict):
         raise click.BadParameter("must be a JSON object")
     return data
@@ -252,6 +301,63 @@ WORKLOAD_OPTION_HELP = (
 )
 
 
+def _check_workload_options(workload: str, options: dict[str, Any]) -> None:
+    """Build the workload with ``options`` once (cheap: the built-in workloads load their data
+    lazily), so that options its constructor refuses are refused before the model is registered."""
+    from worker.unlearning.workload import WorkloadOptionsError, available_workloads, build_workload
+
+    if workload not in available_workloads():
+        return  # create_model names the available ones
+    try:
+        build_workload(workload, options)
+    except (WorkloadOptionsError, OSError) as exc:  # OSError: e.g. an option naming a missing path
+        raise click.BadParameter(str(exc), param_hint="--workload-option") from None
+
+
+def _stored_model(name: str) -> dict[str, Any]:
+    """The registered model ``name``'s status, workload and its options, method, method_config and
+    settings."""
+    from service.db.session import create_db_engine, make_session_factory, transaction
+    from service.repositories import models as models_repo
+    from service.settings import Settings
+
+    engine = create_db_engine(Settings().resolved_database_url)
+    try:
+        with transaction(make_session_factory(engine)) as session:
+            model = models_repo.get_model(session, name)
+            assert model is not None  # create_model found it
+            return {
+                "status": model.status,
+                "workload": model.workload,
+                "workload_options": dict(model.workload_options),
+                "method": model.method,
+                "method_config": dict(model.method_config),
+                "settings": dict(model.settings),
+            }
+    finally:
+        engine.dispose()
+
+
+def _same_as_stored(name: str, given: dict[str, Any]) -> None:
+    """Print the stored configuration of the existing model ``name``; refuse what was given
+    (None: not given) if it differs, as ``models create`` never changes a model."""
+    stored = _stored_model(name)
+    differ = [
+        f"{key} {json.dumps(value)} (stored: {json.dumps(stored[key])})"
+        for key, value in given.items()
+        if value is not None and value != stored[key]
+    ]
+    options = f" {json.dumps(stored['workload_options'])}" if stored["workload_options"] else ""
+    summary = f"{stored['status']}, workload {stored['workload']}{options}, method {stored['method']}"
+    if differ:
+        raise click.ClickException(
+            f"model {name} exists ({summary}); nothing changed, as these differ: {'; '.join(differ)}. "
+            f"Change its method, method_config or settings with PATCH /v1/admin/models/{name}; "
+            "another workload or workload options need a model of another NAME."
+        )
+    click.echo(f"model {name} exists ({summary})")
+
+
 @models_command.command("create")
 @click.argument("name", default=DEFAULT_MODEL)
 @click.option("--workload", default=DEFAULT_WORKLOAD, show_default=True)
@@ -259,8 +365,14 @@ WORKLOAD_OPTION_HELP = (
     "--workload-option", "workload_option", multiple=True, metavar="KEY=VALUE", help=WORKLOAD_OPTION_HELP
 )
 @click.option("--method", default=None, help="Unlearning method (default: the engine's default).")
-@click.option("--method-config", default=None, help="JSON object (or @file).")
-@click.option("--settings", "settings_json", default=None, help="Per-model settings, JSON (or @file).")
+@click.option("--method-config", default=None, callback=_json_object, help="JSON object (or @file).")
+@click.option(
+    "--settings",
+    "settings_json",
+    default=None,
+    callback=_json_object,
+    help="Per-model settings, JSON (or @file).",
+)
 @click.option(
     "--prepare",
     type=click.Choice(["here", "queue", "none"]),
@@ -273,27 +385,44 @@ def models_create(
     workload: str,
     workload_option: tuple[str, ...],
     method: str | None,
-    method_config: str | None,
-    settings_json: str | None,
+    method_config: dict[str, Any] | None,
+    settings_json: dict[str, Any] | None,
     prepare: str,
 ) -> None:
-    """Register model NAME (workload and its options, method, settings) and train its v1."""
+    """Register model NAME (default: digits) with its workload and options, method, settings, and
+    train its v1. A model that exists is left as it is (it must match what is given)."""
     from worker import models as models_ops
 
     options = _workload_options(workload_option)
+    _check_workload_options(workload, options)
     try:
         created = models_ops.create_model(
             name,
             workload=workload,
             workload_options=options,
             method=method,
-            method_config=_json_option(method_config),
-            settings=_json_option(settings_json),
+            method_config=method_config or {},
+            settings=settings_json or {},
         )
     except (ValueError, ServiceError) as exc:  # ServiceError: e.g. a method or setting the schemas refuse
         raise click.ClickException(str(exc)) from exc
-    shown = f" {json.dumps(options)}" if options else ""
-    click.echo(f"model {name} {'registered' if created else 'exists'} (workload {workload}{shown})")
+    if created:
+        shown = f" {json.dumps(options)}" if options else ""
+        click.echo(f"model {name} registered (workload {workload}{shown})")
+    else:
+        workload_given = (
+            click.get_current_context().get_parameter_source("workload") is not ParameterSource.DEFAULT
+        )
+        _same_as_stored(
+            name,
+            {
+                "workload": workload if workload_given else None,
+                "workload_options": options or None,
+                "method": method,
+                "method_config": method_config,
+                "settings": settings_json,
+            },
+        )
     if prepare == "here":
         started = time.monotonic()
         version = models_ops.prepare_here(name)
@@ -348,9 +477,14 @@ def models_reapply_erasures(names: tuple[str, ...], quarantine_unknown: bool) ->
 @click.option("--json", "as_json", is_flag=True)
 def models_list(as_json: bool) -> None:
     """List registered models with their latest version."""
+    from sqlalchemy.exc import DBAPIError
+
     from worker import models as models_ops
 
-    rows = models_ops.list_models()
+    try:
+        rows = models_ops.list_models()
+    except DBAPIError as exc:  # e.g. a database `lethe migrate` has not created yet
+        raise click.ClickException(f"cannot read the models: {exc.orig}; has `lethe migrate` run?") from exc
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -358,9 +492,10 @@ def models_list(as_json: bool) -> None:
         click.echo("no models")
     for row in rows:
         options = json.dumps(row["workload_options"]) if row["workload_options"] else ""
+        latest = "none" if row["latest_version"] is None else f"v{row['latest_version']}"
         click.echo(
             f"{row['name']:<20} {row['status']:<10} workload={row['workload']}{options} "
-            f"method={row['method']} latest=v{row['latest_version']} versions={row['versions']}"
+            f"method={row['method']} latest={latest} versions={row['versions']}"
         )
 
 
@@ -373,11 +508,17 @@ def models_list(as_json: bool) -> None:
 @click.option("--model", "model_name", default=DEFAULT_MODEL, show_default=True)
 @click.option("--reset", is_flag=True, help="Delete $LETHE_HOME first (a fresh run).")
 @click.option("--timeout", default=280.0, show_default=True, help="Seconds to wait for the requests.")
-@click.option("--settings", "settings_json", default=None, help="Per-model settings (JSON) for a new model.")
-def demo_command(model_name: str, reset: bool, timeout: float, settings_json: str | None) -> None:
+@click.option(
+    "--settings",
+    "settings_json",
+    default=None,
+    callback=_json_object,
+    help="Per-model settings, JSON (or @file), for a new model.",
+)
+def demo_command(model_name: str, reset: bool, timeout: float, settings_json: dict[str, Any] | None) -> None:
     """The main job: train v1, start everything, forget a client and a task over HTTP, pull, load."""
     from worker.demo import run_demo
 
-    code = run_demo(model_name=model_name, reset=reset, timeout=timeout, settings=_json_option(settings_json))
+    code = run_demo(model_name=model_name, reset=reset, timeout=timeout, settings=settings_json or {})
     if code:
         sys.exit(code)

@@ -12,8 +12,8 @@ import contextlib
 import fcntl
 import logging
 import threading
+import time
 from collections.abc import Callable
-from pathlib import Path
 
 import redis
 from celery import Celery
@@ -23,6 +23,7 @@ from service.db.session import transaction
 from service.db.types import utcnow
 from service.dispatch import TASK_CERTIFY, TASK_PREPARE, TASK_WAKE, WAKE_MARKER, WAKE_MARKER_SECONDS
 from service.repositories import models as models_repo
+from service.settings import Settings
 from worker import certification
 from worker.context import WorkerContext
 
@@ -31,7 +32,17 @@ log = logging.getLogger(__name__)
 WAKE_KEY = WAKE_MARKER  # shared with the API: at most one outstanding wake per model
 PREPARE_KEY = "lethe:prepare:{model}"
 CERTIFY_KEY = "lethe:certify:{id}"
-ALIVE_FILE = Path("/tmp/lethe-worker.alive")
+
+
+def heartbeat_age(settings: Settings) -> float:
+    """Seconds since a worker of this stack last beat (the age of its alive file); inf if none has.
+
+    The file is ``LETHE_WORKER_ALIVE_FILE`` (default under ``$LETHE_HOME``), so that
+    ``lethe worker --check`` never reports another stack's worker."""
+    try:
+        return time.time() - settings.resolved_worker_alive_file.stat().st_mtime
+    except FileNotFoundError:
+        return float("inf")
 
 
 def models_to_wake(ctx: WorkerContext) -> list[str]:
@@ -189,7 +200,9 @@ class Heartbeat:
         state = "busy" if self.busy() else "idle"
         heartbeat(self.ctx, queues=self.ctx.worker_settings.queues, state=state)
         with contextlib.suppress(OSError):
-            ALIVE_FILE.touch()
+            alive = self.ctx.settings.resolved_worker_alive_file
+            alive.parent.mkdir(parents=True, exist_ok=True)
+            alive.touch()
         if self.do_sweep:
             sweep(self.app, self.ctx, self.broker)
 

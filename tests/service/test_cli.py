@@ -48,6 +48,28 @@ def test_migrate_then_keys_create_prints_a_key_once_and_stores_its_hash(home: Pa
     assert wrong.exit_code == 2
 
 
+@pytest.mark.parametrize("name", ["", "tab\there", "\x7f", "x" * 201])
+def test_keys_create_refuses_a_name_the_api_would_refuse(home: Path, name: str) -> None:
+    """Failed before: the CLI stored names (empty, control characters, 300 characters) that the
+    API's `POST /v1/admin/keys` refuses."""
+    runner = CliRunner()
+    assert runner.invoke(cli.main, ["migrate"]).exit_code == 0
+    refused = runner.invoke(cli.main, ["keys", "create", "--scope", "admin", "--name", name])
+    assert refused.exit_code == 2
+    assert "Invalid value for '--name'" in refused.output
+    assert runner.invoke(cli.main, ["keys", "list"]).output.count("\n") == 1  # the header alone
+    accepted = runner.invoke(cli.main, ["keys", "create", "--scope", "admin", "--name", "ops " + "x" * 196])
+    assert accepted.exit_code == 0, accepted.output
+
+
+def test_a_bad_log_level_is_a_usage_error(home: Path) -> None:
+    """Failed before: `lethe --log-level LOUD migrate` was a ValueError traceback."""
+    result = CliRunner().invoke(cli.main, ["--log-level", "LOUD", "migrate"])
+    assert result.exit_code == 2
+    assert "Invalid value for '--log-level'" in result.output
+    assert CliRunner().invoke(cli.main, ["--log-level", "info", "sweep"]).exit_code == 1  # case-insensitive
+
+
 def test_sweep_needs_a_broker(home: Path) -> None:
     result = CliRunner().invoke(cli.main, ["sweep"])
     assert result.exit_code == 1
@@ -188,6 +210,28 @@ def test_requests_follow_exits_1_with_the_stage_a_failed_request_stopped_at(
     assert result.exit_code == 1
     assert "[###############...............] stopped at acceptance" in result.output
     assert "request r1 failed: CUDA out of memory" in result.output
+
+
+@pytest.mark.parametrize("args", [["--interval", "-1"], ["--timeout", "-5"]])
+def test_requests_follow_refuses_negative_times(args: list[str]) -> None:
+    result = CliRunner().invoke(cli.main, ["requests", "follow", "r1", "--api-key", "k", *args])
+    assert result.exit_code == 2
+    assert f"Invalid value for '{args[0]}'" in result.output
+
+
+def test_requests_follow_names_the_api_it_cannot_reach() -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    result = CliRunner().invoke(cli.main, ["requests", "follow", "r1", "--api-key", "k", "--url", url])
+    assert result.exit_code == 1
+    assert f"Error: the API at {url} is unreachable" in result.output
+
+
+def test_requests_follow_help_names_the_environment_variables() -> None:
+    shown = CliRunner().invoke(cli.main, ["requests", "follow", "--help"]).output
+    assert "LETHE_API_URL" in shown
+    assert "LETHE_API_KEY" in shown
 
 
 def test_serve_with_several_workers_needs_postgresql(home: Path) -> None:

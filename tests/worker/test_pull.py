@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ def _digest(body: bytes) -> dict[str, Any]:
 
 
 class FakeServer:
-    def __init__(self) -> None:
+    def __init__(self, model: str = "m") -> None:
+        self.model = model
         self.versions: dict[int, dict[str, bytes]] = {}
         self.withdrawn: set[int] = set()
         self.latest = 0
@@ -36,7 +38,7 @@ class FakeServer:
 
     def listing(self, version: int) -> dict[str, Any]:
         return {
-            "model": "m",
+            "model": self.model,
             "version": version,
             "files": {n: _digest(b) for n, b in self.versions[version].items()},
         }
@@ -53,7 +55,7 @@ class FakeServer:
                 return httpx.Response(200, json={"model": "m", "files": files})
             return httpx.Response(200, content=base[parts[5]])
         # v1 models m adapters <latest|n> [files <name>]
-        assert parts[:4] == ["v1", "models", "m", "adapters"]
+        assert parts[:4] == ["v1", "models", self.model, "adapters"]
         if parts[4] == "latest":
             etag = f'"v{self.latest}"'
             if request.headers.get("if-none-match") == etag:
@@ -140,6 +142,71 @@ def test_bad_hash_keeps_current_version(server: FakeServer, tmp_path: Path) -> N
     assert not [p for p in (tmp_path / pull.VERSIONS_DIR).iterdir() if p.name.startswith(".tmp")]
 
 
+def test_a_damaged_local_version_is_downloaded_again(server: FakeServer, tmp_path: Path) -> None:
+    """A version directory already in DEST is checked against the listing (failed before: with
+    state.json gone, garbage in versions/v1 was kept and reported "unchanged")."""
+    with _client(server) as client:
+        pull.pull_once(client, BASE, "m", tmp_path)
+        (tmp_path / pull.VERSIONS_DIR / "v1" / "adapter_model.safetensors").write_bytes(b"garbage")
+        (tmp_path / pull.STATE_FILE).unlink()
+        result = pull.pull_once(client, BASE, "m", tmp_path)
+    assert result.changed
+    assert result.version == 1
+    assert (tmp_path / pull.CURRENT_LINK / "adapter_model.safetensors").read_bytes() == b"w1"
+    assert pull.local_versions(tmp_path) == [1]
+    assert not [p for p in (tmp_path / pull.VERSIONS_DIR).iterdir() if p.name.startswith(".tmp")]
+
+
+def test_an_intact_local_version_is_kept_without_a_download(server: FakeServer, tmp_path: Path) -> None:
+    with _client(server) as client:
+        pull.pull_once(client, BASE, "m", tmp_path)
+        (tmp_path / pull.STATE_FILE).unlink()
+        server.requests.clear()
+        result = pull.pull_once(client, BASE, "m", tmp_path)
+    assert not result.changed
+    assert [r.url.path for r in server.requests] == ["/v1/models/m/adapters/latest"]
+
+
+def test_another_models_version_of_the_same_number_is_replaced(server: FakeServer, tmp_path: Path) -> None:
+    """Without state.json, another model's versions/v1 is not taken for this model's v1."""
+    other = FakeServer("m2")
+    other.publish(1, {"adapter_config.json": b'{"r": 16}', "adapter_model.safetensors": b"other"})
+    with httpx.Client(transport=httpx.MockTransport(other.handler)) as client:
+        pull.pull_once(client, BASE, "m2", tmp_path)
+    (tmp_path / pull.STATE_FILE).unlink()
+    with _client(server) as client:
+        result = pull.pull_once(client, BASE, "m", tmp_path)
+    assert result.changed
+    assert (tmp_path / pull.CURRENT_LINK / "adapter_model.safetensors").read_bytes() == b"w1"
+    assert pull.read_state(tmp_path)["model"] == "m"
+
+
+def test_a_dest_holding_another_model_is_refused_and_left_alone(
+    server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Failed before: `lethe pull --model m2` into digits' DEST printed "m2 v4 unchanged", wrote m2
+    into state.json and kept serving digits' weights."""
+    other = FakeServer("m2")
+    other.publish(1, {"adapter_config.json": b'{"r": 16}', "adapter_model.safetensors": b"other"})
+    with _client(server) as client:
+        pull.pull_once(client, BASE, "m", tmp_path)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+
+    def other_client(api_key: str | None = None, base_url: str = BASE, timeout: float = 30.0) -> httpx.Client:
+        return httpx.Client(transport=httpx.MockTransport(other.handler))
+
+    with other_client() as client, pytest.raises(pull.PullError, match="another --dest"):
+        pull.pull_once(client, BASE, "m2", tmp_path)
+    monkeypatch.setattr(pull, "make_client", other_client)
+    args = ["--model", "m2", "--dest", str(tmp_path), "--url", BASE, "--with-base"]
+    result = CliRunner().invoke(pull.pull_command, args)
+    assert result.exit_code == 1, result.output
+    assert "holds the adapters of model 'm'" in result.output
+    assert "another --dest" in result.output
+    assert other.requests == []
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def test_refuses_path_traversal() -> None:
     listing = {"version": 3, "files": {"../evil": {"sha256": "0" * 64}}}
     with pytest.raises(pull.PullError, match="refusing"):
@@ -167,6 +234,33 @@ def test_cli_prints_version(server: FakeServer, tmp_path: Path, monkeypatch: pyt
     assert "m v1 installed" in result.output
     result = CliRunner().invoke(pull.pull_command, ["--model", "m", "--dest", str(tmp_path), "--url", BASE])
     assert "m v1 unchanged" in result.output
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--keep", "0"], ["--keep", "-1"], ["--watch", "--interval", "-1"], ["--watch", "--interval", "0"]],
+)
+def test_cli_refuses_bad_numbers_before_pulling(args: list[str], tmp_path: Path) -> None:
+    result = CliRunner().invoke(pull.pull_command, ["--model", "m", "--dest", str(tmp_path), *args])
+    assert result.exit_code == 2
+    assert f"Invalid value for '{args[-2]}'" in result.output
+    assert not (tmp_path / pull.VERSIONS_DIR).exists()
+
+
+def test_cli_help_names_the_environment_variables() -> None:
+    shown = CliRunner().invoke(pull.pull_command, ["--help"]).output
+    assert "LETHE_API_URL" in shown
+    assert "LETHE_API_KEY" in shown
+
+
+def test_cli_names_the_api_it_cannot_reach(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    result = CliRunner().invoke(pull.pull_command, ["--model", "m", "--dest", str(tmp_path), "--url", url])
+    assert result.exit_code == 1
+    assert f"Error: the API at {url} is unreachable" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_pull_base_downloads_and_verifies(server: FakeServer, tmp_path: Path) -> None:

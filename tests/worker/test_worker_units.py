@@ -6,12 +6,15 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import redis
@@ -19,7 +22,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from click.testing import CliRunner
 
 from service.settings import Settings
-from worker import cli, liveness
+from worker import cli, liveness, models
 from worker.celery_app import TASK_NAMES, TASK_WAKE, celery_config
 from worker.config import GPU_QUEUE, WorkerSettings
 from worker.context import fault_pause_hook, resolve_device
@@ -222,6 +225,127 @@ def test_models_create_and_list_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     ]
 
 
+def test_models_create_refuses_bad_arguments_and_leaves_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Failed before: a missing @file and a workload option the constructor refuses were tracebacks
+    (the latter after registering the model, left ``failed``); bad JSON did not name its option."""
+    monkeypatch.setenv("LETHE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("LETHE_DATABASE_URL", raising=False)
+    runner = CliRunner()
+    unmigrated = runner.invoke(cli.models_command, ["list"])
+    assert unmigrated.exit_code == 1
+    assert "has `lethe migrate` run?" in unmigrated.output
+    models.migrate()
+    for args, option in [
+        (["--settings", f"@{tmp_path / 'missing.json'}"], "--settings"),
+        (["--settings", "{bad"], "--settings"),
+        (["--method-config", "[1]"], "--method-config"),
+        (["--workload-option", "foo=1"], "--workload-option"),
+    ]:
+        result = runner.invoke(cli.models_command, ["create", "m3", "--prepare", "none", *args])
+        assert result.exit_code == 2, result.output
+        assert (
+            f"Invalid value for {option}" in result.output or f"Invalid value for '{option}'" in result.output
+        )
+        assert result.exception is None or isinstance(result.exception, SystemExit)
+    listed = runner.invoke(cli.models_command, ["list"])
+    assert listed.output == "no models\n"
+
+
+def test_models_create_of_an_existing_model_shows_it_and_refuses_other_arguments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Failed before: `models create digits --workload scenes --method ssd` on an existing model
+    printed "model digits exists (workload scenes)" and exited 0; nothing of it was stored."""
+    monkeypatch.setenv("LETHE_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("LETHE_DATABASE_URL", raising=False)
+    runner = CliRunner()
+    assert runner.invoke(cli.models_command, ["create", "--prepare", "none"]).exit_code == 0
+    same = runner.invoke(cli.models_command, ["create", "--prepare", "none", "--method", "default"])
+    assert same.exit_code == 0, same.output
+    # the line itself (other tests may have configured logging into the runner's output)
+    assert (
+        "model digits exists (preparing, workload digits-clients, method default)" in same.output.splitlines()
+    )
+    other = runner.invoke(
+        cli.models_command, ["create", "--workload", "scenes", "--method", "ssd", "--prepare", "none"]
+    )
+    assert other.exit_code == 1
+    assert 'workload "scenes" (stored: "digits-clients")' in other.output
+    assert 'method "ssd" (stored: "default")' in other.output
+    assert "PATCH /v1/admin/models/digits" in other.output
+    listed = runner.invoke(cli.models_command, ["list"])
+    assert "workload=digits-clients method=default latest=none versions=[]" in listed.output
+    assert "NAME (default: digits)" in runner.invoke(cli.models_command, ["create", "--help"]).output
+
+
+def test_worker_check_reads_the_heartbeat_of_its_own_stack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Failed before: every stack's `lethe worker --check` read /tmp/lethe-worker.alive."""
+    monkeypatch.delenv("LETHE_WORKER_ALIVE_FILE", raising=False)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "worker.alive").touch()
+    runner = CliRunner()
+    monkeypatch.setenv("LETHE_HOME", str(tmp_path / "a"))
+    alive = runner.invoke(cli.worker_command, ["--check"])
+    assert alive.exit_code == 0, alive.output
+    assert alive.output.startswith("ok: last heartbeat")
+    monkeypatch.setenv("LETHE_HOME", str(tmp_path / "b"))
+    assert liveness.heartbeat_age(Settings()) == float("inf")
+    other = runner.invoke(cli.worker_command, ["--check"])
+    assert other.exit_code == 1
+    assert "no heartbeat" in other.output
+    monkeypatch.setenv("LETHE_WORKER_ALIVE_FILE", str(tmp_path / "a" / "worker.alive"))  # the image's way
+    assert runner.invoke(cli.worker_command, ["--check"]).exit_code == 0
+
+
+def test_the_heartbeat_touches_the_alive_file_of_its_stack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LETHE_WORKER_ALIVE_FILE", raising=False)
+    monkeypatch.setattr(liveness, "heartbeat", lambda ctx, *, queues, state: None)  # no database here
+    settings = Settings(home=tmp_path / "home", broker_url=None)
+    ctx: Any = SimpleNamespace(settings=settings, worker_settings=WorkerSettings())
+    app: Any = _RecordingApp()
+    liveness.Heartbeat(app, ctx, interval=1.0, do_sweep=False, busy=lambda: False).beat()
+    assert (tmp_path / "home" / "worker.alive").is_file()
+    assert liveness.heartbeat_age(settings) < 60
+
+
+def test_worker_refuses_bad_arguments_cleanly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LETHE_BROKER_URL", raising=False)
+    runner = CliRunner()
+    no_broker = runner.invoke(cli.worker_command, ["--gpus", "none"])
+    assert no_broker.exit_code == 1
+    assert "LETHE_BROKER_URL is not set" in no_broker.output
+    assert runner.invoke(cli.worker_command, ["--loglevel", "loud"]).exit_code == 2
+
+
+def test_up_refuses_a_busy_port_and_no_workers_before_starting_anything(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Failed before: with the port taken, `lethe up` started Redis and a worker, printed "Lethe is
+    up" and then "the API exited (3)"; `--workers 0` started no worker."""
+    import worker.embedded
+
+    started: list[object] = []
+    monkeypatch.setattr(worker.embedded, "EmbeddedStack", lambda **kw: started.append(kw))
+    runner = CliRunner()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = runner.invoke(cli.up_command, ["--port", str(port)])
+    assert result.exit_code == 2
+    assert f"127.0.0.1:{port} is in use" in result.output
+    assert "Lethe is up" not in result.output
+    for workers in ("0", "-1"):
+        assert runner.invoke(cli.up_command, ["--workers", workers]).exit_code == 2
+    assert started == []
+
+
 def test_one_worker_process_per_gpu() -> None:
     for gpu in ("0", "3"):
         args, env = cli.child_command(gpu, "info")
@@ -292,7 +416,8 @@ def test_supervisor_runs_one_process_per_gpu_and_never_imports_torch(tmp_path: P
     """``lethe worker --gpus 0,1``: one child per GPU, each seeing only its GPU, a dead child is
     restarted, SIGTERM is forwarded, and the supervising parent never imports torch (so it can never
     initialise CUDA before its children exist)."""
-    parent = subprocess.Popen([sys.executable, "-c", SUPERVISOR, str(tmp_path)])
+    env = {**os.environ, "LETHE_BROKER_URL": "redis://127.0.0.1:1/0"}  # never reached: no Celery runs
+    parent = subprocess.Popen([sys.executable, "-c", SUPERVISOR, str(tmp_path)], env=env)
     try:
         _wait_for(lambda: len(_children(tmp_path)) == 2)
         first = _children(tmp_path)
