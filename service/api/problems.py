@@ -163,6 +163,8 @@ def document_problems(schema: dict[str, Any]) -> dict[str, Any]:
                 responses.pop("422", None)
             if "requestBody" in operation:
                 responses.setdefault("400", {"description": "The body is not JSON"})
+                responses.setdefault("413", {"description": "The body is larger than the server accepts"})
+                responses.setdefault("415", {"description": "The body is not sent as `application/json`"})
             for status, response in responses.items():
                 if status.isdigit() and int(status) >= 400:
                     response["content"] = {PROBLEM_JSON: {"schema": ref}}
@@ -230,6 +232,35 @@ async def _bad_json(request: Request) -> JSONResponse:
     )
 
 
+#: What a route with a JSON body answers a body of another media type with (RFC 9110 15.5.16).
+_ACCEPT_HEADER = {"POST": "Accept-Post", "PATCH": "Accept-Patch", "PUT": "Accept-Put"}
+
+
+def _unsupported_media_type(request: Request) -> JSONResponse:
+    """415 for a body the route did not read as JSON: FastAPI reads a body as JSON only when its
+    ``Content-Type`` is ``application/json`` (or ``…+json``), so anything else reached validation as
+    bytes. Authentication already ran (the route's dependencies come before its body)."""
+    given = request.headers.get("content-type")
+    header = _ACCEPT_HEADER.get(request.method)
+    return problem_response(
+        415,
+        detail="the body must be JSON sent with Content-Type: application/json "
+        + (f"(got {given!r})" if given else "(no Content-Type was sent)"),
+        instance=request.url.path,
+        type_=TYPE_BASE + "unsupported-media-type",
+        field="Content-Type",
+        headers={header: "application/json"} if header else None,
+    )
+
+
+#: The message of a request without a body where the route needs one.
+_BODY_MISSING = "the body is missing: send a JSON object with Content-Type: application/json"
+
+
+def _body_missing(error: Any) -> bool:
+    return tuple(error.get("loc", ())) == ("body",) and error.get("type") == "missing"
+
+
 #: Errors of a discriminated union's tag: the input they are about is the tag, ``kind``.
 _TAG_ERRORS = ("union_tag_invalid", "union_tag_not_found")
 
@@ -250,7 +281,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     errors = [
         {
             "field": _field_name(e),
-            "message": str(e.get("msg", "")),
+            "message": _BODY_MISSING if _body_missing(e) else str(e.get("msg", "")),
             "type": str(e.get("type", "")),
         }
         for e in exc.errors()
@@ -258,6 +289,8 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     raw = list(exc.errors())
     if any(e.get("type") == "json_invalid" for e in raw):
         return await _bad_json(request)
+    if isinstance(exc.body, bytes | bytearray) and exc.body:
+        return _unsupported_media_type(request)
     key_errors = [e for e in raw if tuple(e.get("loc", ()))[:2] == ("header", "Idempotency-Key")]
     if key_errors:
         missing = any(e.get("type") == "missing" for e in key_errors)
@@ -270,11 +303,13 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
             type_=TYPE_BASE + "idempotency-key-required",
             field="Idempotency-Key",
         )
-    first = errors[0] if errors else {"field": "", "message": "invalid request"}
+    # no body at all is the problem to name (not "request: Field required")
+    absent = next((i for i, e in enumerate(raw) if _body_missing(e)), None)
+    first = errors[absent or 0] if errors else {"field": "", "message": "invalid request"}
     return problem_response(
         422,
         title="Unprocessable content",
-        detail=f"{first['field'] or 'request'}: {first['message']}",
+        detail=_BODY_MISSING if absent is not None else f"{first['field'] or 'request'}: {first['message']}",
         type_=TYPE_BASE + "validation",
         instance=request.url.path,
         field=first["field"] or None,

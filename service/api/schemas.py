@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    RootModel,
+    StringConstraints,
+    field_validator,
+)
 
 from service.db.models import MODEL_NAME_PATTERN
 
@@ -16,6 +25,23 @@ IDEMPOTENCY_KEY_PATTERN = r"^[\x20-\x7e]{1,200}$"
 
 ModelName = Annotated[str, StringConstraints(pattern=MODEL_NAME_PATTERN)]
 Identifier = Annotated[str, StringConstraints(pattern=IDENTIFIER_PATTERN)]
+
+#: A UUID in its 8-4-4-4-12 hex form, in any case (request and webhook ids are stored lower-case).
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
+#: A webhook delivery id (``msg_`` and 32 hex digits), in any case.
+_DELIVERY_ID = re.compile(r"msg_[0-9a-f]{32}", re.IGNORECASE)
+
+
+def canonical_id(value: str) -> str:
+    """A UUID (or delivery id) as stored, lower-case, whatever case it was given in; any other
+    value unchanged (it names nothing: the caller answers 404 as before)."""
+    if _UUID.fullmatch(value) or _DELIVERY_ID.fullmatch(value):
+        return value.lower()
+    return value
+
+
+#: An id taken from a path (a request, webhook or delivery id): accepted in any case.
+PathId = Annotated[str, AfterValidator(canonical_id)]
 RequestStatus = Literal[
     "received", "queued", "running", "verifying", "completed", "failed", "cancelled", "rejected"
 ]
@@ -156,7 +182,8 @@ class ForgetRequestOut(_Out):
 
 
 class DeadlineExtensionIn(_In):
-    months: int = Field(ge=1, le=2, description="Further months (at most two in total).")
+    #: strict: ``true`` or ``"1"`` is not a number of months (422), not one month
+    months: int = Field(strict=True, ge=1, le=2, description="Further months (at most two in total).")
     reason: Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f-\x9f]{1,1000}$")] = Field(
         description="Why (GDPR Art. 12(3): complexity and number of requests); recorded as an event."
     )
@@ -266,14 +293,40 @@ class ApiKeyWithSecret(ApiKeyOut):
     key: str = Field(description="The secret: shown this once, only its SHA-256 is stored.")
 
 
-class ModelUpdateIn(_In):
-    """What to replace; a field left out keeps its value. Applies from the next round."""
+def _null_not_offered(schema: dict[str, Any]) -> None:
+    """The JSON Schema of a field whose ``None`` stands for "left out" only: drop the null branch
+    (and the null default: left out, the field keeps the stored value)."""
+    schema.pop("default", None)
+    variants = [v for v in schema.pop("anyOf", []) if v != {"type": "null"}]
+    if len(variants) == 1:
+        schema.update(variants[0])
+    elif variants:
+        schema["anyOf"] = variants
 
-    method: MethodName | None = Field(default=None, description="A method of `GET /v1/admin/methods`.")
-    method_config: JsonObject | None = Field(default=None, description="The method's own settings block.")
-    settings: JsonObject | None = Field(
-        default=None, description="All per-model settings (`pretrain`, `lora`, `train` cannot change)."
+
+class ModelUpdateIn(_In):
+    """What to replace; a field left out keeps its value (``null`` is not a value: 422). Applies
+    from the next round."""
+
+    # None stands for "left out" only: the schema does not offer null, and the validator refuses it
+    method: MethodName | None = Field(
+        default=None, description="A method of `GET /v1/admin/methods`.", json_schema_extra=_null_not_offered
     )
+    method_config: JsonObject | None = Field(
+        default=None, description="The method's own settings block.", json_schema_extra=_null_not_offered
+    )
+    settings: JsonObject | None = Field(
+        default=None,
+        description="All per-model settings (`pretrain`, `lora`, `train` cannot change).",
+        json_schema_extra=_null_not_offered,
+    )
+
+    @field_validator("method", "method_config", "settings", mode="before")
+    @classmethod
+    def _not_null(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("must not be null: leave the field out to keep its value")
+        return value
 
 
 class ModelEventOut(_Out):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -35,6 +37,7 @@ class AppState:
     #: ETags of the latest adapter per model, for cheap 304s (checked against the database)
     latest_etags: LatestEtags = field(default_factory=LatestEtags)
     _digest_key: bytes | None = None
+    _cursor_key: bytes | None = None
     _store: ArtifactStore | None = None
 
     def store(self) -> ArtifactStore:
@@ -48,6 +51,14 @@ class AppState:
         if self._digest_key is None:
             self._digest_key = digests.load_key(self.settings)
         return self._digest_key
+
+    def cursor_key(self) -> bytes:
+        """The HMAC key of page cursors (``cursors.Listing``): derived from the digest key, a server
+        secret every API process of the deployment shares, so any of them honours a cursor another
+        gave; a key of its own, so a cursor's tag says nothing about an external id's digest."""
+        if self._cursor_key is None:
+            self._cursor_key = hmac.new(self.digest_key(), b"lethe page cursors", hashlib.sha256).digest()
+        return self._cursor_key
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:

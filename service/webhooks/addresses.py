@@ -30,9 +30,16 @@ def is_public(address: str) -> bool:
 
 
 def _literal(host: str) -> str | None:
+    """The address ``host`` is written as, if it is one: also the numeric IPv4 forms that the
+    resolver reads as addresses (``2130706433``, ``0x7f000001``, ``127.1``, ``017700000001`` are
+    all 127.0.0.1: ``inet_aton``'s forms, which ``getaddrinfo`` accepts too)."""
     try:
         return str(ipaddress.ip_address(host))
     except ValueError:
+        pass
+    try:
+        return socket.inet_ntoa(socket.inet_aton(host))
+    except (OSError, ValueError):  # a name (resolved at delivery)
         return None
 
 
@@ -65,7 +72,8 @@ def check_url(url: str, *, allow_private: bool) -> str:
         if host.lower() == "localhost" or host.lower().endswith(".localhost"):
             raise refuse("loopback hosts are not allowed")
         if literal is not None and not is_public(literal):
-            raise refuse(f"{literal} is not a public address")
+            named = literal if literal == host else f"{host} is the address {literal}, which"
+            raise refuse(f"{named} is not a public address")
     return url
 
 

@@ -141,6 +141,24 @@ def test_model_detail(client: TestClient, keys: Keys) -> None:
 
 
 @pytest.mark.usefixtures("ready_model")
+@pytest.mark.parametrize("field", ["method", "method_config", "settings"])
+def test_reconfiguring_to_null_is_422_and_a_field_left_out_is_unchanged(
+    client: TestClient, keys: Keys, field: str
+) -> None:
+    """Defect: ``{"settings": null}`` was a 200 that changed nothing; null is no value for a field."""
+    url = "/v1/admin/models/digits"
+    before = client.get(url, headers=keys.admin).json()
+    problem = assert_problem(client.patch(url, json={field: None}, headers=keys.admin), 422, field=field)
+    assert "null" in problem["detail"], problem
+    unchanged = client.patch(url, json={}, headers=keys.admin)
+    assert unchanged.status_code == 200, unchanged.text
+    assert {k: unchanged.json()[k] for k in ("method", "method_config", "settings")} == {
+        k: before[k] for k in ("method", "method_config", "settings")
+    }
+    assert client.get(f"{url}/events", headers=keys.admin).json() == []
+
+
+@pytest.mark.usefixtures("ready_model")
 def test_audit_verify_finds_a_tampered_event(
     client: TestClient, keys: Keys, sessions: sessionmaker[Session]
 ) -> None:

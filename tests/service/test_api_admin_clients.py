@@ -106,3 +106,33 @@ def test_clients_and_samples_answer_problems(client: TestClient, keys: Keys) -> 
     ]
     for url, params, headers, status, field in cases:
         assert_problem(client.get(url, params=params, headers=headers), status, field=field)
+
+
+@pytest.mark.usefixtures("ready_model")
+def test_a_cursor_pages_only_the_list_that_gave_it(client: TestClient, keys: Keys) -> None:
+    """Defect: the ``next_cursor`` of c1's samples paged c2's samples (200) and c1's samples with
+    ``?task=`` added; a forged ``base64("sample:zzz")`` was an empty page: now each is a 400."""
+    c1, c2 = f"{CLIENTS}/c1/samples", f"{CLIENTS}/c2/samples"
+    first = client.get(c1, params={"limit": 1}, headers=keys.admin).json()
+    cursor = first["next_cursor"]
+    assert first["items"][0]["sample_id"] == "s00004"
+    assert cursor
+    second = client.get(c1, params={"limit": 1, "cursor": cursor}, headers=keys.admin)
+    assert second.status_code == 200, second.text
+    assert [i["sample_id"] for i in second.json()["items"]] == ["s00005"]  # valid cursors still page
+    forged = base64.urlsafe_b64encode(b"sample:zzz").decode()
+    for url, params in (
+        (c2, {"cursor": cursor}),
+        (c1, {"cursor": cursor, "task": "digit"}),
+        (c1, {"cursor": forged}),
+        (CLIENTS, {"cursor": cursor}),
+    ):
+        problem = assert_problem(client.get(url, params=params, headers=keys.admin), 400, field="cursor")
+        assert "cursor" in problem["detail"]
+    active = client.get(CLIENTS, params={"limit": 1, "status": "active"}, headers=keys.admin).json()
+    assert active["next_cursor"]
+    assert_problem(client.get(CLIENTS, params={"cursor": active["next_cursor"]}, headers=keys.admin), 400)
+    again = client.get(
+        CLIENTS, params={"cursor": active["next_cursor"], "status": "active"}, headers=keys.admin
+    )
+    assert [i["client_id"] for i in again.json()["items"]] == ["c1", "c2"]

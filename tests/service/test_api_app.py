@@ -62,13 +62,13 @@ def test_routing_errors_are_problems(client: TestClient, keys: Keys) -> None:
 
 
 STATUSES = {
-    ("post", "/v1/forget-requests"): "200 201 400 401 403 404 409 413 422 429 503",
+    ("post", "/v1/forget-requests"): "200 201 400 401 403 404 409 413 415 422 429 503",
     ("get", "/v1/forget-requests"): "200 400 401 403 404 422 429 503",
-    ("post", "/v1/forget-requests/bulk"): "200 400 401 403 413 422 429 503",
+    ("post", "/v1/forget-requests/bulk"): "200 400 401 403 413 415 422 429 503",
     ("get", "/v1/forget-requests/{request_id}"): "200 401 403 404 429 503",
     ("get", "/v1/forget-requests/{request_id}/events"): "200 401 403 404 429 503",
     ("get", "/v1/forget-requests/{request_id}/evidence"): "200 401 403 404 429 503",
-    ("post", "/v1/webhooks"): "201 400 401 403 409 413 422 429 503",
+    ("post", "/v1/webhooks"): "201 400 401 403 409 413 415 422 429 503",
     ("get", "/v1/webhooks"): "200 401 403 429 503",
     ("get", "/v1/webhooks/{webhook_id}"): "200 401 403 404 429 503",
     ("delete", "/v1/webhooks/{webhook_id}"): "204 401 403 404 429 503",
@@ -79,9 +79,9 @@ STATUSES = {
     ("post", "/v1/admin/forget-requests/{request_id}/cancel"): "200 401 403 404 409 429 503",
     ("post", "/v1/admin/forget-requests/{request_id}/retry"): "200 401 403 404 409 429 503",
     ("get", "/v1/admin/models"): "200 401 403 429 503",
-    ("post", "/v1/admin/models"): "201 400 401 403 409 413 422 429 503",
+    ("post", "/v1/admin/models"): "201 400 401 403 409 413 415 422 429 503",
     ("get", "/v1/admin/models/{name}"): "200 401 403 404 429 503",
-    ("patch", "/v1/admin/models/{name}"): "200 400 401 403 404 409 413 422 429 503",
+    ("patch", "/v1/admin/models/{name}"): "200 400 401 403 404 409 413 415 422 429 503",
     ("get", "/v1/admin/models/{name}/events"): "200 401 403 404 429 503",
     ("get", "/v1/admin/models/{name}/clients"): "200 400 401 403 404 422 429 503",
     ("get", "/v1/admin/models/{name}/clients/{client_id}/samples"): "200 400 401 403 404 422 429 503",
@@ -89,9 +89,9 @@ STATUSES = {
     ("get", "/v1/admin/methods"): "200 401 403 429 503",
     ("get", "/v1/admin/audit/verify"): "200 401 403 429 503",
     ("get", "/v1/admin/queue/requests"): "200 400 401 403 404 422 429 503",
-    ("post", "/v1/admin/forget-requests/{request_id}/extend"): "200 400 401 403 404 409 422 429 503",
+    ("post", "/v1/admin/forget-requests/{request_id}/extend"): "200 400 401 403 404 409 413 415 422 429 503",
     ("get", "/v1/admin/keys"): "200 401 403 429 503",
-    ("post", "/v1/admin/keys"): "201 400 401 403 422 429 503",
+    ("post", "/v1/admin/keys"): "201 400 401 403 413 415 422 429 503",
     ("post", "/v1/admin/keys/{key_id}/revoke"): "200 401 403 404 429 503",
     ("post", "/v1/admin/keys/{key_id}/rotate"): "200 401 403 404 409 429 503",
     ("get", "/v1/models/{model}/adapters/latest"): "200 304 401 403 404 429 503",
@@ -215,6 +215,12 @@ def test_openapi_parameters_and_bodies(openapi: dict[str, Any]) -> None:
             assert body["content"]["application/json"]["schema"]["$ref"].endswith("/" + bodies[method, path])
         else:
             assert "requestBody" not in operation, path
+    # a field left out of a PATCH keeps its value; null is not offered (422)
+    update = openapi["components"]["schemas"]["ModelUpdateIn"]["properties"]
+    for name in ("method", "method_config", "settings"):
+        assert "null" not in str(update[name]), update[name]
+    extension = openapi["components"]["schemas"]["DeadlineExtensionIn"]["properties"]["months"]
+    assert (extension["type"], extension["minimum"], extension["maximum"]) == ("integer", 1, 2)
     post = _operations(openapi)[("post", "/v1/forget-requests")]
     header = next(p for p in post["parameters"] if p["name"] == "Idempotency-Key")
     assert (header["in"], header["required"]) == ("header", True)

@@ -80,6 +80,49 @@ def test_a_body_that_is_not_json_is_answered_after_authentication(
     assert_problem(client.post("/v1/forget-requests", content=content, headers=JSON), 401)
 
 
+BODY_ROUTES = [
+    ("POST", "/v1/forget-requests"),
+    ("POST", "/v1/forget-requests/bulk"),
+    ("POST", "/v1/webhooks"),
+    ("POST", "/v1/admin/models"),
+    ("PATCH", "/v1/admin/models/digits"),
+    ("POST", "/v1/admin/keys"),
+    ("POST", "/v1/admin/forget-requests/00000000-0000-4000-8000-000000000000/extend"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), BODY_ROUTES)
+@pytest.mark.parametrize("content_type", ["text/plain", None, "application/x-www-form-urlencoded"])
+def test_json_sent_as_another_media_type_is_415(
+    client: TestClient, keys: Keys, method: str, path: str, content_type: str | None
+) -> None:
+    """Defect: valid JSON sent as ``text/plain`` or without a Content-Type was a 422 "request:
+    Input should be a valid dictionary or object to extract fields from", field ``""``."""
+    headers = {
+        **keys.admin,
+        "Idempotency-Key": "k",
+        **({"Content-Type": content_type} if content_type else {}),
+    }
+    response = client.request(method, path, content=b'{"months": 1, "reason": "x"}', headers=headers)
+    problem = assert_problem(response, 415, field="Content-Type")
+    assert "application/json" in problem["detail"], problem
+    assert problem["type"] == "https://lethe.dev/problems/unsupported-media-type"
+    assert response.headers[f"accept-{method.lower()}"] == "application/json"
+    # authentication still comes first
+    anonymous = {k: v for k, v in headers.items() if k != "Authorization"}
+    assert_problem(client.request(method, path, content=b"{}", headers=anonymous), 401)
+
+
+@pytest.mark.parametrize(("method", "path"), BODY_ROUTES)
+def test_a_missing_body_is_named(client: TestClient, keys: Keys, method: str, path: str) -> None:
+    """Defect: no body at all was 422 "request: Field required"."""
+    for headers in ({**JSON}, {}):
+        response = client.request(method, path, headers={**keys.admin, "Idempotency-Key": "k", **headers})
+        problem = assert_problem(response, 422)
+        assert problem["detail"].startswith("the body is missing"), problem
+        assert problem["errors"][0]["message"].startswith("the body is missing"), problem
+
+
 def test_a_body_that_is_not_json_without_a_database_is_503(tmp_path: Path) -> None:
     """Authenticating first must not turn a database outage into a 500."""
     with socket.socket() as s:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import threading
@@ -198,6 +199,42 @@ def test_ids_that_cannot_exist_are_404(client: TestClient, keys: Keys, request_i
     for action in ("cancel", "retry"):
         url = f"/v1/admin/forget-requests/{request_id}/{action}"
         assert_problem(client.post(url, headers=keys.admin), 404)
+
+
+def test_ids_are_found_in_any_case(client: TestClient, keys: Keys) -> None:
+    """Defect: ``GET /v1/forget-requests/20651640-798D-42AF-…`` was a 404 while the lower-case id
+    was found: a UUID in a path names its request whatever its case."""
+    created = post(client, keys, client_body("c0")).json()
+    upper = created["id"].upper()
+    assert upper != created["id"]
+    for suffix in ("", "/events", "/evidence"):
+        response = client.get(f"/v1/forget-requests/{upper}{suffix}", headers=keys.submit)
+        assert response.status_code == 200, (suffix, response.text)
+    assert client.get(f"/v1/forget-requests/{upper}", headers=keys.submit).json() == created
+    mixed = created["id"][:9] + created["id"][9:].upper()
+    cancelled = client.post(f"/v1/admin/forget-requests/{mixed}/cancel", headers=keys.admin)
+    assert (cancelled.status_code, cancelled.json()["id"]) == (200, created["id"])
+    # another submitter's request stays hidden in any case; a non-UUID keeps its 404
+    assert_problem(client.get(f"/v1/forget-requests/{upper}", headers=keys.other_submit), 404)
+    assert_problem(client.get(f"/v1/forget-requests/{{{upper}}}", headers=keys.submit), 404)
+
+
+def test_bulk_items_that_are_not_objects_are_named_by_index(client: TestClient, keys: Keys) -> None:
+    """Defect: an item such as ``"garbage"`` answered "Input should be a valid dictionary or instance
+    of BulkItemIn" with field ``""``: now ``items[<index>]: must be an object``."""
+    good = {"idempotency_key": "b1", "request": client_body("c0")}
+    response = client.post(
+        "/v1/forget-requests/bulk", json={"items": ["garbage", None, 5, [], good]}, headers=keys.submit
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["created"], body["failed"]) == (1, 4)
+    for index, item in enumerate(body["items"][:4]):
+        problem = item["problem"]
+        assert (item["status"], problem["status"], problem["field"]) == (422, 422, f"items[{index}]")
+        assert problem["detail"].startswith(f"items[{index}]: must be an object"), problem
+        assert "BulkItemIn" not in str(problem)
+    assert body["items"][4]["status"] == 201
 
 
 def test_model_not_ready_is_409(client: TestClient, keys: Keys) -> None:
@@ -412,6 +449,30 @@ def test_list_filters_and_cursor_pagination(client: TestClient, keys: Keys) -> N
     assert none.json() == {"items": [], "next_cursor": None}
     assert_problem(
         client.get("/v1/forget-requests", params={"cursor": "!!"}, headers=keys.submit), 400, field="cursor"
+    )
+    # a cursor belongs to its list with its filters; a forged one to none (defect: 200 for both)
+    forged = base64.urlsafe_b64encode(b"seq:3").decode().rstrip("=")
+    assert_problem(
+        client.get("/v1/forget-requests", params={"cursor": forged}, headers=keys.submit), 400, field="cursor"
+    )
+    filtered: dict[str, str | int] = {"status": "queued", "limit": 1}
+    first = client.get("/v1/forget-requests", params=filtered, headers=keys.submit).json()
+    queued_cursor = first["next_cursor"]
+    assert queued_cursor
+    nxt = client.get("/v1/forget-requests", params={**filtered, "cursor": queued_cursor}, headers=keys.submit)
+    assert [r["id"] for r in nxt.json()["items"]] == [ids[1]]
+    for params in (
+        {"cursor": queued_cursor},
+        {"cursor": queued_cursor, "status": "queued", "model": "digits"},
+    ):
+        assert_problem(
+            client.get("/v1/forget-requests", params=params, headers=keys.submit), 400, field="cursor"
+        )
+    queue_cursor = client.get("/v1/admin/queue/requests", params={"limit": 1}, headers=keys.admin).json()
+    assert_problem(
+        client.get("/v1/forget-requests", params={"cursor": queue_cursor["next_cursor"]}, headers=keys.admin),
+        400,
+        field="cursor",
     )
     assert_problem(
         client.get("/v1/forget-requests", params={"status": "done"}, headers=keys.submit), 422, field="status"

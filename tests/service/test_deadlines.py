@@ -100,9 +100,18 @@ def test_extension_bad_input_and_closed_requests(
     assert_problem(client.post(url, json={"months": 1}, headers=admin), 422, field="reason")
     assert_problem(client.post(url, json={"months": 1, "reason": ""}, headers=admin), 422, field="reason")
     assert_problem(client.post(url, json={"months": 1, "reason": "a\nb"}, headers=admin), 422)
+    # defect: `true` and "1" were one month (200, the deadline moved); a number of months is an integer
+    for months in (True, "1", 1.0, "2", [1]):
+        body = {"months": months, "reason": "x"}
+        assert_problem(client.post(url, json=body, headers=admin), 422, field="months")
+    shown = client.get(f"/v1/forget-requests/{request_id}", headers=admin).json()
+    assert shown["extended_months"] == 0
     assert_problem(client.post(url, json={"months": 1, "reason": "x"}, headers=keys.submit), 403)
     missing = "/v1/admin/forget-requests/00000000-0000-4000-8000-000000000000/extend"
     assert_problem(client.post(missing, json={"months": 1, "reason": "x"}, headers=keys.admin), 404)
+    upper = f"/v1/admin/forget-requests/{request_id.upper()}/extend"  # an id in any case names it
+    extended = client.post(upper, json={"months": 1, "reason": "x"}, headers=admin)
+    assert (extended.status_code, extended.json()["extended_months"]) == (200, 1), extended.text
     cancelled = client.post(f"/v1/admin/forget-requests/{request_id}/cancel", headers=keys.admin)
     assert cancelled.status_code == 200
     assert_problem(client.post(url, json={"months": 1, "reason": "x"}, headers=keys.admin), 409)
@@ -139,6 +148,12 @@ def test_queue_by_deadline_with_overdue_filter_and_cursor(
     ).json()  # fmt: skip
     assert [r["id"] for r in page2["items"]] == [ids["c2"]]
     assert page2["next_cursor"] is None
+    # the cursor belongs to the overdue list: without the filter, or for one model, it is a 400
+    others: list[dict[str, str]] = [{}, {"overdue": "true", "model": "digits"}]
+    for other in others:
+        params = {"cursor": str(overdue["next_cursor"]), **other}
+        response = client.get("/v1/admin/queue/requests", params=params, headers=keys.admin)
+        assert_problem(response, 400, field="cursor")
 
     entry = client.get("/v1/admin/queue", headers=keys.admin).json()[0]
     assert entry["overdue"] == 2

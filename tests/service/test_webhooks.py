@@ -258,11 +258,37 @@ def test_register_shows_the_secret_once_and_scopes_webhooks_to_their_key(
         "http://169.254.169.254/latest/meta-data",
         "http://100.64.0.1/x",
         "http://0.0.0.0/x",
+        # 127.0.0.1 as the resolver reads it (inet_aton): registered, then never deliverable (defect)
+        "https://0x7f000001/h",
+        "https://2130706433/h",
+        "https://127.1/h",
+        "https://017700000001/h",
+        "https://0x7f.0.0.1/h",
+        "https://0177.0.0.01/h",
+        "https://127.0.1/h",
+        "https://2130706433./h",
+        "https://0/h",
+        "https://0xa000001/h",  # 10.0.0.1
+        "https://3232235777:8443/h",  # 192.168.1.1
     ],
 )
 def test_urls_that_are_not_http_or_not_public_are_refused(client: TestClient, keys: Keys, url: str) -> None:
     """SSRF and scheme checks at registration (the default settings refuse private addresses)."""
     assert_problem(client.post("/v1/webhooks", json={"url": url}, headers=keys.submit), 422, field="url")
+
+
+def test_numeric_host_forms_are_judged_by_the_address_they_stand_for(
+    client: TestClient, hook_client: TestClient, keys: Keys
+) -> None:
+    """A host such as ``2130706433`` is the address inet_aton reads it as: the message names it; a
+    public one (``134744072`` is 8.8.8.8) is registered, and with private addresses allowed so is
+    a loopback one."""
+    refused = client.post("/v1/webhooks", json={"url": "https://2130706433/h"}, headers=keys.submit)
+    problem = assert_problem(refused, 422, field="url")
+    assert "is the address 127.0.0.1, which is not a public address" in problem["detail"], problem
+    assert "not a public address" in problem["detail"], problem
+    assert register(client, keys.submit, "https://134744072/h")["url"] == "https://134744072/h"
+    assert register(hook_client, keys.other_submit, "https://0x7f000001/h")["url"] == "https://0x7f000001/h"
 
 
 def test_bad_bodies_and_the_per_key_limit_are_4xx(settings: Settings, keys: Keys) -> None:
@@ -332,7 +358,9 @@ def test_a_signed_delivery_arrives_after_a_retry_and_replay_resends_it(
     assert [(a["status_code"], a["error"]) for a in log[0]["log"]] == [(500, "HTTP 500"), (204, None)]
     assert log[0]["payload"] == payload
 
-    replay = hook_client.post(f"/v1/webhooks/{hook['id']}/deliveries/{queued.id}/replay", headers=keys.submit)
+    # the ids in any case (they are stored lower-case)
+    replay_url = f"/v1/webhooks/{hook['id'].upper()}/deliveries/{queued.id.upper()}/replay"
+    replay = hook_client.post(replay_url, headers=keys.submit)
     assert replay.status_code == 202, replay.text
     assert (replay.json()["status"], replay.json()["attempts"]) == ("pending", 0)
     assert len(receiver.received) == 2  # the API does not send: a worker does

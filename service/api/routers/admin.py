@@ -72,9 +72,10 @@ def queue_by_deadline(
     cursor: Annotated[str | None, Query(max_length=200, description="From `next_cursor`.")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> schemas.ForgetRequestPage:
+    listing = cursors.Listing("due", state.cursor_key(), (overdue, model))
     after = None
     if cursor is not None:
-        due, seq = cursors.decode(cursor, "due", fields=2)
+        due, seq = listing.decode(cursor, fields=2)
         after = (cursors.moment(due), cursors.number(seq))
     with state.transaction() as session:
         model_id = models_repo.model_id_filter(session, model)
@@ -89,7 +90,7 @@ def queue_by_deadline(
         items = presenters.forget_requests(session, rows[:limit])
     last = rows[limit - 1] if len(rows) > limit else None
     return schemas.ForgetRequestPage(
-        items=items, next_cursor=cursors.encode("due", last.due_at.isoformat(), last.seq) if last else None
+        items=items, next_cursor=listing.encode(last.due_at.isoformat(), last.seq) if last else None
     )
 
 
@@ -99,7 +100,7 @@ def queue_by_deadline(
     responses=problem_responses(404, 409),
 )
 def extend_deadline(
-    request_id: str, body: schemas.DeadlineExtensionIn, state: State, principal: Admin
+    request_id: schemas.PathId, body: schemas.DeadlineExtensionIn, state: State, principal: Admin
 ) -> schemas.ForgetRequestOut:
     with state.transaction() as session:
         request = lifecycle.extend_deadline(
@@ -175,7 +176,7 @@ def workers(state: State, _: Admin) -> list[schemas.WorkerOut]:
     summary="Cancel a request that has not started",
     responses=problem_responses(404, 409),
 )
-def cancel(request_id: str, state: State, principal: Admin) -> schemas.ForgetRequestOut:
+def cancel(request_id: schemas.PathId, state: State, principal: Admin) -> schemas.ForgetRequestOut:
     with state.transaction() as session:
         return presenters.forget_request(
             session, lifecycle.cancel(session, request_id, actor=principal.actor)
@@ -187,7 +188,7 @@ def cancel(request_id: str, state: State, principal: Admin) -> schemas.ForgetReq
     summary="Queue a failed request again",
     responses=problem_responses(404, 409),
 )
-def retry(request_id: str, state: State, principal: Admin) -> schemas.ForgetRequestOut:
+def retry(request_id: schemas.PathId, state: State, principal: Admin) -> schemas.ForgetRequestOut:
     with state.transaction() as session:
         out = presenters.forget_request(session, lifecycle.retry(session, request_id, actor=principal.actor))
     state.dispatcher.wake_soon(out.model)
@@ -228,7 +229,8 @@ def list_clients(
     cursor: Annotated[str | None, Query(max_length=200, description="From `next_cursor`.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> schemas.ClientPage:
-    after = cursors.decode_number(cursor, "subject") if cursor is not None else None
+    listing = cursors.Listing("subject", state.cursor_key(), (name, status))
+    after = listing.decode_number(cursor) if cursor is not None else None
     with state.transaction() as session:
         model = _model(session, name)
         rows = models_repo.clients_page(session, model.id, status=status, after_id=after, limit=limit + 1)
@@ -244,7 +246,7 @@ def list_clients(
             )
             for r in page
         ]
-    next_cursor = cursors.encode("subject", page[-1].id) if len(rows) > limit else None
+    next_cursor = listing.encode(page[-1].id) if len(rows) > limit else None
     return schemas.ClientPage(items=items, next_cursor=next_cursor)
 
 
@@ -264,7 +266,8 @@ def list_client_samples(
     cursor: Annotated[str | None, Query(max_length=400, description="From `next_cursor`.")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> schemas.SamplePage:
-    after = cursors.decode(cursor, "sample")[0] if cursor is not None else None
+    listing = cursors.Listing("sample", state.cursor_key(), (name, client_id, task))
+    after = listing.decode(cursor)[0] if cursor is not None else None
     if after is not None and not _STORED_ID.fullmatch(after):
         raise cursors.invalid()
     with state.transaction() as session:
@@ -290,7 +293,7 @@ def list_client_samples(
             )
             for r in rows[:limit]
         ]
-    next_cursor = cursors.encode("sample", rows[limit - 1].sample_id) if len(rows) > limit else None
+    next_cursor = listing.encode(rows[limit - 1].sample_id) if len(rows) > limit else None
     return schemas.SamplePage(items=items, next_cursor=next_cursor)
 
 

@@ -108,8 +108,20 @@ def _submission(body: schemas.ForgetRequestIn) -> lifecycle.Submission:
     )
 
 
-def _bulk_item(raw: Any, instance: str) -> bulk.Item | dict[str, Any]:
+def _bulk_item(raw: Any, index: int, instance: str) -> bulk.Item | dict[str, Any]:
     """The item, or the 422 problem object of what is wrong with it."""
+    if not isinstance(raw, dict):  # pydantic would name its class ("instance of BulkItemIn")
+        where = f"items[{index}]"
+        only = {"field": where, "message": "must be an object", "type": "model_type"}
+        return problems.problem_body(
+            422,
+            title="Unprocessable content",
+            detail=f"{where}: must be an object {{idempotency_key, request}}",
+            type_=problems.TYPE_BASE + "validation",
+            instance=instance,
+            field=where,
+            errors=[only],
+        )
     try:
         envelope = schemas.BulkItemIn.model_validate(raw)
     except ValidationError as error:
@@ -130,7 +142,7 @@ def create_forget_requests_bulk(
     body: schemas.BulkForgetRequestsIn, request: Request, state: State, principal: Submitter
 ) -> schemas.BulkForgetRequestsOut:
     instance = request.url.path
-    parsed = [_bulk_item(raw, instance) for raw in body.items]
+    parsed = [_bulk_item(raw, index, instance) for index, raw in enumerate(body.items)]
     items = [p for p in parsed if isinstance(p, bulk.Item)]
     with state.transaction() as session:
         outcomes = iter(
@@ -177,7 +189,8 @@ def list_forget_requests(
     cursor: Annotated[str | None, Query(max_length=200, description="From `next_cursor`.")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> schemas.ForgetRequestPage:
-    before = cursors.decode_number(cursor, "seq") if cursor is not None else None
+    listing = cursors.Listing("seq", state.cursor_key(), (status, model))
+    before = listing.decode_number(cursor) if cursor is not None else None
     with state.transaction() as session:
         model_id = models_repo.model_id_filter(session, model)
         rows = requests_repo.list_requests(
@@ -189,12 +202,14 @@ def list_forget_requests(
             limit=limit + 1,
         )
         items = presenters.forget_requests(session, rows[:limit])
-    next_cursor = cursors.encode("seq", rows[limit - 1].seq) if len(rows) > limit else None
+    next_cursor = listing.encode(rows[limit - 1].seq) if len(rows) > limit else None
     return schemas.ForgetRequestPage(items=items, next_cursor=next_cursor)
 
 
 @router.get("/{request_id}", summary="One forget request", responses=problem_responses(404))
-def get_forget_request(request_id: str, state: State, principal: Submitter) -> schemas.ForgetRequestOut:
+def get_forget_request(
+    request_id: schemas.PathId, state: State, principal: Submitter
+) -> schemas.ForgetRequestOut:
     with state.transaction() as session:
         return presenters.forget_request(session, _visible(session, request_id, principal))
 
@@ -202,7 +217,9 @@ def get_forget_request(request_id: str, state: State, principal: Submitter) -> s
 @router.get(
     "/{request_id}/events", summary="The request's lifecycle events", responses=problem_responses(404)
 )
-def get_forget_request_events(request_id: str, state: State, principal: Submitter) -> list[schemas.EventOut]:
+def get_forget_request_events(
+    request_id: schemas.PathId, state: State, principal: Submitter
+) -> list[schemas.EventOut]:
     with state.transaction() as session:
         row = _visible(session, request_id, principal)
         events_repo.chain_pending(session)  # the submission's events, if the sequencer has not yet
@@ -219,7 +236,7 @@ def get_forget_request_events(request_id: str, state: State, principal: Submitte
     responses=problem_responses(404),
 )
 def get_forget_request_evidence(
-    request_id: str, state: State, principal: Submitter
+    request_id: schemas.PathId, state: State, principal: Submitter
 ) -> list[schemas.EvidenceOut]:
     with state.transaction() as session:
         row = _visible(session, request_id, principal)

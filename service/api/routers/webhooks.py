@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from service.api import webhook_schemas as schemas
 from service.api.auth import Principal, require
 from service.api.problems import problem_responses
+from service.api.schemas import PathId
 from service.api.state import State
 from service.db.models import Webhook, WebhookDelivery
 from service.errors import NotFoundError
@@ -73,7 +74,7 @@ def list_webhooks(state: State, principal: Submitter) -> list[schemas.WebhookOut
 
 
 @router.get("/{webhook_id}", summary="One webhook", responses=problem_responses(404))
-def get_webhook(webhook_id: str, state: State, principal: Submitter) -> schemas.WebhookOut:
+def get_webhook(webhook_id: PathId, state: State, principal: Submitter) -> schemas.WebhookOut:
     with state.transaction() as session:
         return schemas.WebhookOut.from_row(_visible(session, webhook_id, principal))
 
@@ -84,7 +85,7 @@ def get_webhook(webhook_id: str, state: State, principal: Submitter) -> schemas.
     summary="Delete a webhook with its pending deliveries and log",
     responses=problem_responses(404),
 )
-def delete_webhook(webhook_id: str, state: State, principal: Submitter) -> Response:
+def delete_webhook(webhook_id: PathId, state: State, principal: Submitter) -> Response:
     with state.transaction() as session:
         webhooks_repo.delete(session, _visible(session, webhook_id, principal))
     return Response(status_code=204)
@@ -96,7 +97,7 @@ def delete_webhook(webhook_id: str, state: State, principal: Submitter) -> Respo
     responses=problem_responses(404),
 )
 def list_deliveries(
-    webhook_id: str,
+    webhook_id: PathId,
     state: State,
     principal: Submitter,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
@@ -115,7 +116,7 @@ def list_deliveries(
     responses=problem_responses(404),
 )
 def replay_delivery(
-    webhook_id: str, delivery_id: str, state: State, principal: Submitter
+    webhook_id: PathId, delivery_id: PathId, state: State, principal: Submitter
 ) -> schemas.DeliveryOut:
     with state.transaction() as session:
         hook = _visible(session, webhook_id, principal)
