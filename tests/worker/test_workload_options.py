@@ -42,17 +42,28 @@ def ctx(settings: Settings) -> Iterator[pipeline.WorkerContext]:
 
 
 def test_models_create_cli_stores_and_lists_workload_options(settings: Settings) -> None:
-    """Defect: ``lethe models create`` had no way to pass workload options."""
+    """Defect: ``lethe models create`` had no way to pass workload options. Values are JSON (a
+    quoted string stays a string); options the workload's constructor refuses are refused before
+    the model is registered (a fresh-user pass: the model was left ``failed``)."""
     runner = CliRunner()
     created = runner.invoke(
         cli.models_command,
         ["create", "m-toy", "--workload", "toy", "--prepare", "none",
-         "--workload-option", "num_clients=4", "--workload-option", 'note="a b"'],
+         "--workload-option", "num_clients=4", "--workload-option", "per_client=6"],
     )  # fmt: skip
     assert created.exit_code == 0, created.output
-    assert 'model m-toy registered (workload toy {"num_clients": 4, "note": "a b"})' in created.output
+    assert 'model m-toy registered (workload toy {"num_clients": 4, "per_client": 6})' in created.output
     listed = runner.invoke(cli.models_command, ["list", "--json"])
-    assert json.loads(listed.output)[0]["workload_options"] == {"num_clients": 4, "note": "a b"}
+    assert json.loads(listed.output)[0]["workload_options"] == {"num_clients": 4, "per_client": 6}
+    unknown = runner.invoke(
+        cli.models_command,
+        ["create", "m-note", "--workload", "toy", "--prepare", "none", "--workload-option", 'note="a b"'],
+    )
+    assert unknown.exit_code == 2, unknown.output
+    assert '"note": "a b"' in unknown.output  # parsed as a JSON string, then refused by the workload
+    assert [m["name"] for m in json.loads(runner.invoke(cli.models_command, ["list", "--json"]).output)] == [
+        "m-toy"
+    ]
     bad = runner.invoke(
         cli.models_command, ["create", "m-two", "--prepare", "none", "--workload-option", "no-equals"]
     )
