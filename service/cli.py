@@ -20,6 +20,7 @@ import click
 from sqlalchemy.engine import make_url
 
 from service import logs
+from service.cli_options import api_key_option, api_url_option
 from service.db.models import SCOPES, ApiKey
 from service.settings import Settings
 
@@ -295,23 +296,8 @@ def requests_group() -> None:
 
 @requests_group.command("follow")
 @click.argument("request_id")
-@click.option(
-    "--url",
-    "url",
-    envvar="LETHE_API_URL",
-    show_envvar=True,
-    default="http://127.0.0.1:8000",
-    show_default=True,
-    help="The API's base URL.",
-)
-@click.option(
-    "--api-key",
-    "api_key",
-    envvar="LETHE_API_KEY",
-    show_envvar=True,
-    required=True,
-    help="Key with the submit scope.",
-)
+@api_url_option
+@api_key_option("submit", required=True)
 @click.option(
     "--interval", default=1.0, show_default=True, type=click.FloatRange(min=0), help="Seconds between polls."
 )

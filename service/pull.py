@@ -42,6 +42,7 @@ from urllib.parse import quote
 import click
 import httpx
 
+from service.cli_options import api_key_option, api_url_option
 from service.fileio import fsync_dir, sha256_file, sync_open_file
 
 STATE_FILE = "state.json"
@@ -393,23 +394,8 @@ def watch(
     type=click.Path(file_okay=False, path_type=Path),
     help="Directory of this model's versions (DEST/current: the one to serve); one model per DEST.",
 )
-@click.option(
-    "--url",
-    "url",
-    envvar="LETHE_API_URL",
-    show_envvar=True,
-    default="http://127.0.0.1:8000",
-    show_default=True,
-    help="The API's base URL.",
-)
-@click.option(
-    "--api-key",
-    "api_key",
-    envvar="LETHE_API_KEY",
-    show_envvar=True,
-    default=None,
-    help="Key with the serve scope.",
-)
+@api_url_option
+@api_key_option("serve", required=False)
 @click.option("--watch/--once", "watch_mode", default=False, help="Keep polling (ETag) or pull once.")
 @click.option(
     "--interval",
