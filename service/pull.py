@@ -7,6 +7,10 @@ renames the directory to ``DEST/versions/v<n>`` and then swaps the ``DEST/curren
 atomically (``rename`` over the old link). Readers that resolve ``current`` see the old version or
 the new one, never a half-written directory. A version directory already in ``DEST`` is used only
 if it holds exactly the listed files with their sha256 and size; otherwise it is downloaded again.
+``state.json`` keeps the listing of the installed version: before each conditional poll the current
+version is checked against it (a sha256 of every file), so a local file damaged after the install
+is noticed at the next poll, not only at the next version. A damaged current version is replaced
+without a moment in which ``current`` resolves to nothing (:func:`_install`).
 A ``DEST`` holds one model: one whose ``state.json`` names another model is refused. Older local
 versions that the server withdrew (410) are deleted; see docs/serving.md for vLLM / LoRAX hosts (a
 new adapter name per version).
@@ -15,7 +19,7 @@ Layout of ``DEST``::
 
     DEST/current -> versions/v<n>     the version to serve
     DEST/versions/v<n>/               peft files + manifest.json, verified
-    DEST/state.json                   model, version, ETag of the last successful pull
+    DEST/state.json                   model, version, ETag and file listing of the last successful pull
     DEST/base/                        the frozen base model (``--with-base``), verified
 
 The serve key goes to the ``--url`` origin only: file URLs of another origin (scheme, host, port)
@@ -227,46 +231,101 @@ def _matches_listing(directory: Path, files: list[RemoteFile]) -> bool:
     return True
 
 
-def _install(client: httpx.Client, files: list[RemoteFile], final: Path) -> None:
+def _install(
+    client: httpx.Client, files: list[RemoteFile], final: Path, *, serving: Path | None = None
+) -> None:
     """Download ``files`` into a temporary directory, verify them and rename it to ``final``.
 
-    A ``final`` already there failed :func:`_matches_listing`: it is renamed aside just before and
-    deleted after (``current`` may point at it: for the time of one rename it points at nothing,
-    never at a half-written directory)."""
+    A ``final`` already there failed :func:`_matches_listing`; it is renamed aside and deleted.
+    ``serving`` (``DEST`` when ``current`` points at ``final``): ``current`` is first pointed at the
+    verified temporary directory, ``final`` is replaced by hard links to its files, and ``current``
+    is pointed back; readers that resolve ``current`` always find a complete, verified version.
+    Without it, nothing points at ``final`` and a rename aside is enough."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:8]
     tmp = final.parent / f".tmp-{final.name}-{tag}"
+    linked = final.parent / f".tmp-linked-{final.name}-{tag}"
     stale = final.parent / f".tmp-stale-{final.name}-{tag}"
     try:
         for remote in files:
             _download(client, remote, tmp / remote.name)
         _check_manifest(tmp, files)
         fsync_dir(tmp)
+        source = tmp
+        if serving is not None:
+            swap_current(serving, tmp)  # the new files serve while final is replaced
+            for remote in files:  # the files are immutable once verified: links, not copies
+                (linked / remote.name).parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.link(tmp / remote.name, linked / remote.name)
+                except OSError:  # a file system without hard links
+                    shutil.copy2(tmp / remote.name, linked / remote.name)
+            fsync_dir(linked)
+            source = linked
         if final.exists() or final.is_symlink():
             os.rename(final, stale)
-        os.rename(tmp, final)
+        os.rename(source, final)
         fsync_dir(final.parent)
+        if serving is not None:
+            swap_current(serving, final)
     finally:
-        for leftover in (tmp, stale):
+        if serving is not None and current_version(serving) is None and final.is_dir():
+            swap_current(serving, final)  # failed after pointing current at tmp: never leave it dangling
+        for leftover in (tmp, linked, stale):
             if leftover.is_symlink():
                 leftover.unlink()
             elif leftover.exists():
                 shutil.rmtree(leftover, ignore_errors=True)
 
 
+def _listed(files: list[RemoteFile]) -> list[dict[str, Any]]:
+    """The listing kept in ``state.json`` (what the local copy is checked against before a 304)."""
+    return [{"name": f.name, "sha256": f.sha256, "size": f.size} for f in files]
+
+
+def _stored_listing(state: Mapping[str, Any]) -> list[RemoteFile] | None:
+    """The listing ``state.json`` kept, or ``None`` (a state written before it was kept, or damaged)."""
+    rows = state.get("files")
+    if not isinstance(rows, list) or not rows:
+        return None
+    try:
+        return [
+            RemoteFile(
+                str(r["name"]), str(r["sha256"]), None if r.get("size") is None else int(r["size"]), url=""
+            )
+            for r in rows
+        ]
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _current_intact(dest: Path, version: int | None, state: Mapping[str, Any]) -> bool:
+    """Whether ``current`` (version ``version``) still holds exactly the files of its stored listing."""
+    listing = _stored_listing(state)
+    final = dest / VERSIONS_DIR / f"v{version}"
+    return (
+        version is not None
+        and listing is not None
+        and final.is_dir()
+        and not final.is_symlink()
+        and _matches_listing(final, listing)
+    )
+
+
 def pull_once(client: httpx.Client, base_url: str, model: str, dest: Path, *, keep: int = 2) -> PullResult:
-    """One poll: download and install the latest version if it changed (or if the local copy of
-    it does not match the server's listing)."""
+    """One poll: download and install the latest version if it changed, or if the local copy of it
+    does not match the server's listing (checked before the request: a poll answered 304 is one
+    whose local copy was found intact)."""
     check_dest(dest, model)
     dest.mkdir(parents=True, exist_ok=True)
     state = read_state(dest)
     have = current_version(dest)
     headers: dict[str, str] = {}
-    etag = state.get("etag") if state.get("model") == model and have is not None else None
-    if etag and (dest / VERSIONS_DIR / f"v{have}").is_dir():
+    etag = state.get("etag") if state.get("model") == model and state.get("version") == have else None
+    if etag and _current_intact(dest, have, state):
         headers["If-None-Match"] = str(etag)
     resp = client.get(f"{base_url}/v1/models/{quote(model)}/adapters/latest", headers=headers)
-    if resp.status_code == 304:
+    if resp.status_code == 304 and headers:
         return PullResult(False, have, dest / VERSIONS_DIR / f"v{have}", str(etag))
     if resp.status_code != 200:
         raise PullError(f"GET latest adapter of {model}: HTTP {resp.status_code}: {resp.text[:300]}")
@@ -275,11 +334,11 @@ def pull_once(client: httpx.Client, base_url: str, model: str, dest: Path, *, ke
     final = dest / VERSIONS_DIR / f"v{version}"
     changed = have != version
     if not (final.is_dir() and not final.is_symlink() and _matches_listing(final, files)):
-        _install(client, files, final)
+        _install(client, files, final, serving=dest if have == version else None)
         changed = True  # new files, even for the version ``current`` already named
     if changed:
         swap_current(dest, final)
-    _write_state(dest, {"model": model, "version": version, "etag": new_etag})
+    _write_state(dest, {"model": model, "version": version, "etag": new_etag, "files": _listed(files)})
     _prune(client, base_url, model, dest, current=version, keep=keep)
     return PullResult(changed, version, final, new_etag)
 

@@ -157,6 +157,82 @@ def test_a_damaged_local_version_is_downloaded_again(server: FakeServer, tmp_pat
     assert not [p for p in (tmp_path / pull.VERSIONS_DIR).iterdir() if p.name.startswith(".tmp")]
 
 
+def test_a_current_version_damaged_under_an_intact_state_is_replaced_at_the_next_poll(
+    server: FakeServer, tmp_path: Path
+) -> None:
+    """state.json intact, a served file damaged: the next poll notices it (before: every poll was a
+    304 and the damaged file was served until the next version)."""
+    with _client(server) as client:
+        pull.pull_once(client, BASE, "m", tmp_path)
+        (tmp_path / pull.CURRENT_LINK / "adapter_model.safetensors").write_bytes(b"garbage")
+        server.requests.clear()
+        result = pull.pull_once(client, BASE, "m", tmp_path)
+        assert "if-none-match" not in server.requests[0].headers
+        assert result.changed
+        assert (tmp_path / pull.CURRENT_LINK / "adapter_model.safetensors").read_bytes() == b"w1"
+        server.requests.clear()
+        again = pull.pull_once(client, BASE, "m", tmp_path)  # intact now: a conditional poll, 304
+    assert not again.changed
+    assert server.requests[0].headers["if-none-match"] == '"v1"'
+    assert pull.local_versions(tmp_path) == [1]
+    assert not [p for p in (tmp_path / pull.VERSIONS_DIR).iterdir() if p.name.startswith(".tmp")]
+
+
+def test_current_resolves_to_a_complete_version_throughout_a_replacement(
+    server: FakeServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Replacing the damaged version that current points at: before every rename and link swap of
+    the replacement, current resolves to a directory with every file (before: for the moment
+    between two renames versions/v1 did not exist)."""
+    with _client(server) as client:
+        pull.pull_once(client, BASE, "m", tmp_path)
+    (tmp_path / pull.CURRENT_LINK / "adapter_model.safetensors").write_bytes(b"garbage")
+    seen: list[bytes] = []
+
+    def resolves() -> None:
+        current = tmp_path / pull.CURRENT_LINK
+        seen.append((current / "adapter_model.safetensors").read_bytes())
+        assert (current / "adapter_config.json").is_file()
+
+    real_rename, real_replace = os.rename, os.replace
+
+    def rename(src: Any, dst: Any) -> None:
+        resolves()
+        real_rename(src, dst)
+        resolves()
+
+    def replace(src: Any, dst: Any) -> None:
+        resolves()
+        real_replace(src, dst)
+        resolves()
+
+    monkeypatch.setattr(pull.os, "rename", rename)
+    monkeypatch.setattr(pull.os, "replace", replace)
+    with _client(server) as client:
+        result = pull.pull_once(client, BASE, "m", tmp_path)
+    assert result.changed
+    assert len(seen) >= 4
+    assert seen[-1] == b"w1"
+    assert (tmp_path / pull.CURRENT_LINK).resolve() == (tmp_path / pull.VERSIONS_DIR / "v1").resolve()
+
+
+def test_a_state_without_a_listing_polls_unconditionally_once(server: FakeServer, tmp_path: Path) -> None:
+    """A state.json written before the listing was kept: one full answer, checked, then 304s."""
+    with _client(server) as client:
+        pull.pull_once(client, BASE, "m", tmp_path)
+        state = pull.read_state(tmp_path)
+        del state["files"]
+        (tmp_path / pull.STATE_FILE).write_text(json.dumps(state))
+        server.requests.clear()
+        first = pull.pull_once(client, BASE, "m", tmp_path)
+        second = pull.pull_once(client, BASE, "m", tmp_path)
+    assert not first.changed  # the local files were intact: no download
+    assert not second.changed
+    assert [r.url.path for r in server.requests] == ["/v1/models/m/adapters/latest"] * 2
+    assert "if-none-match" not in server.requests[0].headers
+    assert server.requests[1].headers["if-none-match"] == '"v1"'
+
+
 def test_an_intact_local_version_is_kept_without_a_download(server: FakeServer, tmp_path: Path) -> None:
     with _client(server) as client:
         pull.pull_once(client, BASE, "m", tmp_path)
