@@ -63,7 +63,8 @@ def test_lora_targets_the_attention_projections_of_every_layer() -> None:
     peft_model = with_lora(model.backbone, rank=8)
     wrapped = [n for n, m in peft_model.named_modules() if hasattr(m, "lora_A")]
     layers = int(meta["backbone_size"]["layers"])
-    assert len(wrapped) == 2 * layers
+    assert len(wrapped) == len(LORA_TARGETS) * layers
+    assert set(LORA_TARGETS) == {"q_proj", "k_proj", "v_proj", "o_proj"}
     assert all(n.endswith(LORA_TARGETS) for n in wrapped)
     with torch.no_grad():  # B starts at zero: the adapter does not change the base's outputs yet
         assert torch.allclose(embed(peft_model, x), before)

@@ -151,8 +151,8 @@ class ScenesWorkload(Workload):
         return MultiTaskModel(backbone, heads, pooling="cls_token")
 
     def lora_config(self) -> LoraConfig:
-        # transformers 5 names ViT's attention projections q_proj / v_proj (every layer); the rank
-        # and why: backbone.LORA_RANK
+        # transformers 5 names ViT's attention projections q_proj / k_proj / v_proj / o_proj (every
+        # layer); the targets, the rank and why: backbone.LORA_TARGETS, backbone.LORA_RANK
         heads = [*TASKS, "subset_id"]
         return default_lora_config(list(LORA_TARGETS), heads, rank=LORA_RANK, alpha=LORA_ALPHA)
 
