@@ -19,9 +19,11 @@ from worker.unlearning.types import Batch
 from worker.unlearning.vit_view import LoraViTView
 
 
-def _model(layers: int = 2, attention: str = "eager") -> PeftModel:
-    """A tiny ViT (``layers`` layers) with LoRA on q / v, every adapter factor non-zero (peft's B
-    starts at 0, which would hide a wrong B path), heads perturbed off their init."""
+def _model(
+    layers: int = 2, attention: str = "eager", targets: tuple[str, ...] = ("q_proj", "v_proj")
+) -> PeftModel:
+    """A tiny ViT (``layers`` layers) with LoRA on ``targets``, every adapter factor non-zero (peft's
+    B starts at 0, which would hide a wrong B path), heads perturbed off their init."""
     from transformers import ViTModel
 
     config = _vit_config()
@@ -32,6 +34,7 @@ def _model(layers: int = 2, attention: str = "eager") -> PeftModel:
         heads = make_heads(32, {"bright": 3, "level": 1}, 3)
         net = MultiTaskModel(ViTModel(config), heads, pooling="cls_token")
     net.lora_template = TinyViTWorkload().lora_config()
+    net.lora_template.target_modules = set(targets)
     model = wrap_lora(net, seed=0)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -53,11 +56,16 @@ def _batch(n: int, seed: int) -> Batch:
     )
 
 
-@pytest.mark.parametrize("layers", [1, 2])
-def test_view_reproduces_the_models_outputs(layers: int) -> None:
+@pytest.mark.parametrize(
+    ("layers", "targets"),
+    [(1, ("q_proj", "v_proj")), (2, ("q_proj", "v_proj")), (2, ("q_proj", "k_proj", "v_proj", "o_proj"))],
+)
+def test_view_reproduces_the_models_outputs(layers: int, targets: tuple[str, ...]) -> None:
     """Every token through every layer: bit for bit the model's ops. The shipped view (the last
-    layer on the CLS token only) agrees to float rounding."""
-    model = _model(layers)
+    layer on the CLS token only) agrees to float rounding. With LoRA on every attention projection
+    (the scenes workload's targets) as on q / v."""
+    model = _model(layers, targets=targets)
+    assert len(lora_pairs(model)) == len(targets) * layers
     view = fast_forward(model)
     assert isinstance(view, LoraViTView)
     assert view.cls_only
