@@ -206,8 +206,8 @@ def test_current_resolves_to_a_complete_version_throughout_a_replacement(
         real_replace(src, dst)
         resolves()
 
-    monkeypatch.setattr(pull.os, "rename", rename)
-    monkeypatch.setattr(pull.os, "replace", replace)
+    monkeypatch.setattr(os, "rename", rename)  # the module's os is this os
+    monkeypatch.setattr(os, "replace", replace)
     with _client(server) as client:
         result = pull.pull_once(client, BASE, "m", tmp_path)
     assert result.changed

@@ -34,7 +34,7 @@ def _model(
         heads = make_heads(32, {"bright": 3, "level": 1}, 3)
         net = MultiTaskModel(ViTModel(config), heads, pooling="cls_token")
     net.lora_template = TinyViTWorkload().lora_config()
-    net.lora_template.target_modules = set(targets)
+    net.lora_template.target_modules = list(targets)
     model = wrap_lora(net, seed=0)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
