@@ -215,7 +215,10 @@ def _matches_listing(directory: Path, files: list[RemoteFile]) -> bool:
     """Whether ``directory`` holds exactly the listed files, each with its listed sha256 and size.
 
     A local version directory is trusted only after this: it may be another model's version of
-    the same number, or a file in it may have been damaged since it was installed."""
+    the same number, or a file in it may have been damaged since it was installed. A missing
+    directory, or a link in place of one, does not match."""
+    if not directory.is_dir() or directory.is_symlink():
+        return False
     names: set[str] = set()
     for path in directory.rglob("*"):
         if path.is_symlink():
@@ -302,13 +305,10 @@ def _stored_listing(state: Mapping[str, Any]) -> list[RemoteFile] | None:
 def _current_intact(dest: Path, version: int | None, state: Mapping[str, Any]) -> bool:
     """Whether ``current`` (version ``version``) still holds exactly the files of its stored listing."""
     listing = _stored_listing(state)
-    final = dest / VERSIONS_DIR / f"v{version}"
     return (
         version is not None
         and listing is not None
-        and final.is_dir()
-        and not final.is_symlink()
-        and _matches_listing(final, listing)
+        and _matches_listing(dest / VERSIONS_DIR / f"v{version}", listing)
     )
 
 
@@ -333,7 +333,7 @@ def pull_once(client: httpx.Client, base_url: str, model: str, dest: Path, *, ke
     new_etag = resp.headers.get("ETag")
     final = dest / VERSIONS_DIR / f"v{version}"
     changed = have != version
-    if not (final.is_dir() and not final.is_symlink() and _matches_listing(final, files)):
+    if not _matches_listing(final, files):
         _install(client, files, final, serving=dest if have == version else None)
         changed = True  # new files, even for the version ``current`` already named
     if changed:
