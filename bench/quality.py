@@ -256,11 +256,11 @@ def _prepared_seeds(
             refs = train_references(
                 inputs.base, inputs.full_train_set(), inputs.tasks, cfg, client_index=inputs.client_index,
                 k=references, seed=seed, directory=directory, workload=inputs.workload.name,
-                withhold_tasks=[t.name for t in inputs.tasks] if withhold else (),
+                withhold_tasks=[t.name for t in inputs.tasks] if withhold else (), heldout=inputs.heldout,
             )  # fmt: skip
             log.setdefault("dirs", {})[seed] = directory
             log.setdefault("train_s", {})[str(seed)] = refs.train_s
-            inputs = dataclasses.replace(inputs, references=load_references(inputs.base, directory))
+            inputs = dataclasses.replace(inputs, references=_load_references(inputs, directory))
             _log(f"[bench] seed {seed}: {references} references trained in {refs.train_s:.1f}s (off path)")
         yield seed, inputs, v1
 
@@ -663,7 +663,7 @@ def _run_setting(
         if work.exists():
             shutil.rmtree(work)
         shutil.copytree(references_dir, work)
-        inputs = dataclasses.replace(inputs, references=load_references(inputs.base, work))
+        inputs = dataclasses.replace(inputs, references=_load_references(inputs, work))
     state = RoundState()
     approx = [v for v in variants if v.method != "retrain"]
     own = {
@@ -869,13 +869,20 @@ def _refresh(
     refreshed = refresh_references(
         inputs.base, data, inputs.tasks, TrainConfig.from_settings(inputs.settings),
         client_index=inputs.client_index, directory=directory, forgotten=state.forgotten_clients,
-        device=inputs.device,
+        device=inputs.device, heldout=inputs.heldout,
     )  # fmt: skip
     if reference_log is not None:
         reference_log.setdefault("refresh_s", []).append(
             {"dropped": dropped, "refreshed": refreshed, "s": time.perf_counter() - t0}
         )
-    return load_references(inputs.base, directory)
+    return _load_references(inputs, directory)
+
+
+def _load_references(inputs: EngineInputs, directory: Path) -> LoadedReferences | None:
+    """The references of ``directory`` as a worker's round loads them: their outputs computed at
+    training (held-out split, the clients' samples) are read instead of forwarded."""
+    return load_references(inputs.base, directory, device=inputs.device, heldout=inputs.heldout,
+                           client_index=inputs.client_index)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------

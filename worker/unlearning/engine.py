@@ -321,7 +321,9 @@ class EngineInputs:
             seed=seed,
             device=device,
             cache_dir=cache_dir,
-            references=load_references(base, references_dir, device=device, heldout=heldout),
+            references=load_references(
+                base, references_dir, device=device, heldout=heldout, client_index=client_index
+            ),
         )
 
     @property

@@ -9,14 +9,16 @@ exactly ``K/2`` OUT references — the ones the attack
 (:mod:`worker.unlearning.likelihood_ratio`) reads for that client's samples.
 
 On disk (one directory): ``ref-<i>/`` (peft ``save_pretrained``, :func:`save_adapter`, and the
-reference's outputs on the model's held-out split, :data:`HELDOUT_OUTPUTS`, which the rounds read
-instead of forwarding them) and ``references.json`` (the clients, which of them each reference was
+reference's outputs on the model's held-out split, :data:`HELDOUT_OUTPUTS`, and on each client's
+samples, :data:`CLIENT_OUTPUTS`, which the rounds read instead of forwarding them) and
+``references.json`` (the clients, which of them each reference was
 trained on, the seed, the recipe and its digest). Written into a temporary sibling and renamed,
 so that a crash leaves the old set or none, never half of one.
 
 A reference trained on a client keeps that client's data in its weights: when clients are
 forgotten, :func:`drop_references_with` deletes every reference whose half held one of them
-(the OUT references of everyone stay valid), and :func:`refresh_references` retrains the dropped
+(the OUT references of everyone stay valid) and, from the others, their outputs on the forgotten
+clients' samples; :func:`refresh_references` retrains the dropped
 ones on their half minus the forgotten clients (off the request path: the worker runs it after
 a round's purge while no request of the model waits, and stops it when one arrives,
 ``worker.cleanup``), so that K does not shrink to nothing as clients are forgotten.
@@ -39,7 +41,7 @@ from torch import nn
 
 from worker.unlearning.adapter_io import AdapterView, load_adapters, save_adapter
 from worker.unlearning.model import MultiTaskModel
-from worker.unlearning.row_outputs import RowOutputs, load_outputs, save_outputs
+from worker.unlearning.row_outputs import RowOutputs, load_outputs, read_outputs, save_outputs
 from worker.unlearning.training import TrainConfig, TrainingInterruptedError, train_v1
 from worker.unlearning.types import Batch, TaskSpec, without_labels
 from worker.unlearning.workload import Workload
@@ -48,10 +50,30 @@ REFERENCES_FILE = "references.json"
 #: in ``ref-<i>/``: the reference's outputs on the model's held-out split, computed when it is
 #: trained (off the request path), which every round's target and audit would otherwise forward
 HELDOUT_OUTPUTS = "heldout_outputs.safetensors"
+#: in ``ref-<i>/``: one file per client (:func:`client_outputs_file`) with the reference's outputs
+#: on that client's samples, computed when it is trained: a request's forget set is a client's
+#: samples, which the per-client target and the audit would otherwise forward on the request path
+CLIENT_OUTPUTS = "client_outputs"
 
 
 def _ref_dir(index: int) -> str:
     return f"ref-{index}"
+
+
+def client_outputs_file(client: str) -> str:
+    """The file name of ``client``'s outputs in :data:`CLIENT_OUTPUTS` (a digest: client ids are
+    the controller's strings, never a path)."""
+    return hashlib.sha256(client.encode()).hexdigest()[:32] + ".safetensors"
+
+
+def _client_rows(data: Batch, client_index: Mapping[str, int]) -> dict[str, Batch]:
+    """``data``'s rows per client (in ``data``'s order), for the clients with any."""
+    out: dict[str, Batch] = {}
+    for client, index in client_index.items():
+        rows = (data.subset == index).nonzero().reshape(-1)
+        if len(rows):
+            out[client] = data.select(rows)
+    return out
 
 
 def recipe_digest(
@@ -220,7 +242,8 @@ def train_references(
     references are trained without one of these tasks' labels for that client
     (:func:`assign_withheld`); the OUT references of a client are what they would be anyway.
     ``heldout``: the model's held-out split; each reference's outputs on it are written beside it
-    (:data:`HELDOUT_OUTPUTS`), so that rounds read them instead of forwarding them."""
+    (:data:`HELDOUT_OUTPUTS`), and so are its outputs on every client's samples of ``data``
+    (:data:`CLIENT_OUTPUTS`), so that rounds read them instead of forwarding them."""
     t0 = time.perf_counter()
     clients = sorted(client_index, key=client_index.__getitem__)
     halves = assign_halves(clients, k, seed)
@@ -230,12 +253,13 @@ def train_references(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    per_client = _client_rows(data, client_index)
     for r, half in enumerate(halves):
         keep = torch.tensor([client_index[c] for c in half], dtype=torch.long)
         rows = torch.isin(data.subset, keep).nonzero().reshape(-1)
         half_data = _withhold(data.select(rows), client_index, withheld[r])
         model = train_v1(base, half_data, tasks, cfg, seed=seed + 1 + r, device=device)
-        _save_reference(model, tmp / _ref_dir(r), heldout)
+        _save_reference(model, tmp / _ref_dir(r), heldout, per_client)
     refs = ReferenceSet(
         clients=clients,
         members=dict(enumerate(halves)),
@@ -255,10 +279,18 @@ def train_references(
     return refs
 
 
-def _save_reference(model: PeftModel, directory: Path, heldout: Batch | None) -> None:
+def _save_reference(
+    model: PeftModel, directory: Path, heldout: Batch | None, per_client: Mapping[str, Batch]
+) -> None:
+    """The adapter, and its outputs on the held-out split and on each client's samples (inputs
+    only: a reference's outputs do not depend on which labels it was trained with)."""
     save_adapter(model, directory)
     if heldout is not None and len(heldout):
         save_outputs(model, heldout, directory / HELDOUT_OUTPUTS)
+    if per_client:
+        (directory / CLIENT_OUTPUTS).mkdir()
+    for client, rows in per_client.items():
+        save_outputs(model, rows, directory / CLIENT_OUTPUTS / client_outputs_file(client))
 
 
 def read_references(directory: Path | None) -> ReferenceSet | None:
@@ -277,34 +309,71 @@ class LoadedReferences:
 
     refs: ReferenceSet
     models: list[nn.Module]
+    #: where the references' outputs computed ahead are (:data:`CLIENT_OUTPUTS`), and the model's
+    #: client index to find a row's client; ``None``: every row is forwarded when first asked for
+    directory: Path | None = None
+    client_index: Mapping[str, int] | None = None
     #: per model, its outputs on the rows asked for so far (:meth:`outputs`): a row is forwarded once
     cache: list[RowOutputs] = field(init=False, repr=False)
+    #: per model, the clients whose outputs computed ahead were read (or found missing)
+    _read_clients: list[set[str]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.cache = [RowOutputs(m) for m in self.models]
+        self._read_clients = [set() for _ in self.models]
 
     def outputs(
         self, index: int, parts: Sequence[tuple[str, Batch]], device: str = "cpu"
     ) -> dict[str, torch.Tensor]:
         """``models[index]``'s outputs on the rows of ``parts`` (``(role, batch)``: ``"forget"``
         for the model's client samples, ``"unseen"`` for held-out rows), each row forwarded once
-        while these references are loaded (:class:`~worker.unlearning.row_outputs.RowOutputs`)."""
+        while these references are loaded (:class:`~worker.unlearning.row_outputs.RowOutputs`);
+        a client sample whose outputs were computed when the reference was trained is read, not
+        forwarded (when its inputs are still those it was computed on)."""
+        for role, batch in parts:
+            if role == "forget" and len(batch):
+                self._read_ahead(index, batch)
         return self.cache[index].of(parts, device)
+
+    def _read_ahead(self, index: int, batch: Batch) -> None:
+        if self.directory is None or self.client_index is None:
+            return
+        by_index = {i: c for c, i in self.client_index.items()}
+        clients = {by_index[i] for i in torch.unique(batch.subset).tolist() if i in by_index}
+        folder = self.directory / _ref_dir(list(self.refs.members)[index]) / CLIENT_OUTPUTS
+        for client in sorted(clients - self._read_clients[index]):
+            self._read_clients[index].add(client)
+            stored = read_outputs(folder / client_outputs_file(client))
+            if stored is not None:
+                self.cache[index].seed_rows("forget", *stored)
 
 
 def load_references(
-    base: MultiTaskModel, directory: Path | None, *, device: str = "cpu", heldout: Batch | None = None
+    base: MultiTaskModel,
+    directory: Path | None,
+    *,
+    device: str = "cpu",
+    heldout: Batch | None = None,
+    client_index: Mapping[str, int] | None = None,
 ) -> LoadedReferences | None:
     """Load every reference of ``directory`` onto one copy of ``base`` (one named peft adapter
     each, ``ref-<i>``); ``None`` when there are none. ``heldout``: the model's held-out split; a
     reference's outputs on it written at training (:data:`HELDOUT_OUTPUTS`) are read into its row
-    cache when they are these rows (same ids, same inputs), else they are forwarded when asked."""
+    cache when they are these rows (same ids, same inputs), else they are forwarded when asked.
+    ``client_index``: the model's clients; with it a client's samples are read from the outputs
+    written at training (:data:`CLIENT_OUTPUTS`) when first asked for, row by row where the inputs
+    are those the outputs were computed on."""
     refs = read_references(directory)
     if refs is None or directory is None or not refs.members:
         return None
     names = [_ref_dir(i) for i in refs.members]
     shared = load_adapters(base, {name: Path(directory) / name for name in names}, device=device)
-    loaded = LoadedReferences(refs=refs, models=[AdapterView(shared, name) for name in names])
+    loaded = LoadedReferences(
+        refs=refs,
+        models=[AdapterView(shared, name) for name in names],
+        directory=Path(directory),
+        client_index=dict(client_index) if client_index is not None else None,
+    )
     if heldout is not None and len(heldout):
         for cache, name in zip(loaded.cache, names, strict=True):
             outputs = load_outputs(Path(directory) / name / HELDOUT_OUTPUTS, heldout)
@@ -315,13 +384,19 @@ def load_references(
 
 def drop_references_with(directory: Path | None, clients: Iterable[str]) -> list[int]:
     """Delete the references trained on any of ``clients`` (forgotten data must not survive in a
-    reference); returns the indices dropped. ``references.json`` is rewritten first, so a crash
-    leaves at most an unlisted directory, never a listed reference that holds a forgotten client."""
+    reference), and the other references' outputs on those clients' samples (derived from their
+    data); returns the indices dropped. ``references.json`` is rewritten first, so a crash leaves
+    at most an unlisted directory, never a listed reference that holds a forgotten client."""
     refs = read_references(directory)
     if refs is None or directory is None:
         return []
     gone = set(clients)
     dropped = [i for i, m in refs.members.items() if gone & set(m)]
+    for i in refs.members:
+        if i not in dropped:
+            folder = Path(directory) / _ref_dir(i) / CLIENT_OUTPUTS
+            for client in gone:
+                (folder / client_outputs_file(client)).unlink(missing_ok=True)
     if not dropped:
         return []
     refs.members = {i: m for i, m in refs.members.items() if i not in dropped}
@@ -378,6 +453,7 @@ def refresh_references(
     withheld = assign_withheld(refs.clients, refs.k, refs.seed, refs.withhold_tasks) if refs.withhold_tasks \
         else [{}] * refs.k  # fmt: skip
     done: list[int] = []
+    per_client = _client_rows(data, {c: i for c, i in client_index.items() if c not in gone})
     for r in missing:
         if should_stop is not None and should_stop():
             break
@@ -396,7 +472,7 @@ def refresh_references(
         for stale in (tmp, target):  # an unlisted leftover of a crash
             if stale.exists():
                 shutil.rmtree(stale)
-        _save_reference(model, tmp, heldout)
+        _save_reference(model, tmp, heldout, per_client)
         tmp.replace(target)
         refs.members[r] = half
         refs.members = dict(sorted(refs.members.items()))

@@ -17,6 +17,11 @@ chunks), so the early-stopping target, the first to ask, is bit for bit what it 
 cache; later calls forward only the rows not seen yet, in other chunks, which may round the last
 bits of a row differently than a forward of every row would (never across runs: the order of the
 calls is fixed).
+
+Rows may also be known ahead, without a forward: the references' outputs on the held-out split and
+on each client's samples are written when they are trained (:func:`save_outputs`, off the request
+path) and seeded into the cache (:meth:`RowOutputs.seed`, :meth:`RowOutputs.seed_rows`); such a row
+is read back only when the inputs asked about give the fingerprint stored with it.
 """
 
 from __future__ import annotations
@@ -90,7 +95,19 @@ class RowOutputs:
     def seed(self, role: str, batch: Batch, outputs: Mapping[str, Tensor]) -> None:
         """Know ``batch``'s rows (under ``role``) as having ``outputs`` without forwarding them
         (outputs computed ahead: :func:`save_outputs` / :func:`load_outputs`)."""
-        keys = [(role, sid, fp) for sid, fp in zip(batch.sample_ids, fingerprints(batch.inputs), strict=True)]
+        self.seed_rows(role, batch.sample_ids, fingerprints(batch.inputs), outputs)
+
+    def seed_rows(
+        self,
+        role: str,
+        sample_ids: Sequence[str],
+        prints: Sequence[tuple[float, ...]],
+        outputs: Mapping[str, Tensor],
+    ) -> None:
+        """Know the rows ``sample_ids`` (under ``role``, with input fingerprints ``prints``) as having
+        ``outputs``, without their inputs (:func:`read_outputs`): a row asked for later is read
+        back only when its inputs give the same fingerprint."""
+        keys = [(role, sid, fp) for sid, fp in zip(sample_ids, prints, strict=True)]
         fresh = [i for i, k in enumerate(keys) if k not in self.index]
         if fresh:
             rows = torch.tensor(fresh, dtype=torch.long)
@@ -120,20 +137,27 @@ def save_outputs(model: nn.Module, batch: Batch, path: Path, *, batch_size: int 
     save_file(tensors, str(path), metadata={"sample_ids": json.dumps(list(batch.sample_ids))})
 
 
-def load_outputs(path: Path, batch: Batch) -> dict[str, Tensor] | None:
-    """The outputs :func:`save_outputs` wrote to ``path``, if they are ``batch``'s rows (the same
-    sample ids in the same order, the same inputs); ``None`` otherwise (no file, other rows)."""
+def read_outputs(path: Path) -> tuple[list[str], list[tuple[float, ...]], dict[str, Tensor]] | None:
+    """What :func:`save_outputs` wrote to ``path``: the rows' sample ids, their input fingerprints
+    and the outputs; ``None`` when there is no such file."""
     if not Path(path).is_file():
         return None
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         ids = json.loads((f.metadata() or {}).get("sample_ids", "null"))
-    if ids != list(batch.sample_ids):
-        return None
     tensors = load_file(str(path))
-    if not torch.equal(
-        tensors.pop("fingerprints"), torch.tensor(fingerprints(batch.inputs), dtype=torch.float64)
-    ):
+    prints = [tuple(row) for row in tensors.pop("fingerprints").tolist()]
+    return list(ids or []), prints, {k.removeprefix("output."): v for k, v in tensors.items()}
+
+
+def load_outputs(path: Path, batch: Batch) -> dict[str, Tensor] | None:
+    """The outputs :func:`save_outputs` wrote to ``path``, if they are ``batch``'s rows (the same
+    sample ids in the same order, the same inputs); ``None`` otherwise (no file, other rows)."""
+    stored = read_outputs(path)
+    if stored is None:
         return None
-    return {k.removeprefix("output."): v for k, v in tensors.items()}
+    ids, prints, outputs = stored
+    if ids != list(batch.sample_ids) or prints != fingerprints(batch.inputs):
+        return None
+    return outputs

@@ -14,8 +14,10 @@ from worker.unlearning.audit import model_outputs
 from worker.unlearning.engine import ensure_base
 from worker.unlearning.likelihood_ratio import likelihood_ratio_audit, out_reference_targets
 from worker.unlearning.reference_adapters import (
+    CLIENT_OUTPUTS,
     HELDOUT_OUTPUTS,
     LoadedReferences,
+    client_outputs_file,
     drop_references_with,
     load_references,
     refresh_references,
@@ -201,3 +203,70 @@ def test_references_trained_with_the_heldout_split_are_loaded_with_its_outputs(t
     assert refresh_references(base, data, tasks, cfg, client_index=ci, directory=tmp_path / "refs",
                               forgotten=[refs.members[0][0]], heldout=heldout) == dropped  # fmt: skip
     assert all((tmp_path / "refs" / f"ref-{r}" / HELDOUT_OUTPUTS).is_file() for r in dropped)
+
+
+def test_a_clients_samples_are_read_from_the_outputs_written_at_training(tmp_path: Path) -> None:
+    """References write their outputs on every client's samples when trained; loaded with the
+    client index, a round's target and audit forward none of a client's rows whose inputs are
+    unchanged (a changed row is forwarded), with the evidence of a round that forwards them. A
+    purge deletes the forgotten client's outputs from the references that stay, and a refreshed
+    reference writes none for it."""
+    wl = ToyWorkload(0, num_clients=4, per_client=6)
+    base = ensure_base(wl, tmp_path / "base", wl.settings({}), 0)
+    ci, tasks = wl.client_index(), wl.tasks()
+    data = wl.client_data().to_batch(ci)
+    heldout = wl.heldout_data().to_batch(ci)
+    cfg = TrainConfig(epochs=1, main_only_epochs=1, batch_size=8)
+    refs = train_references(base, data, tasks, cfg, client_index=ci, k=4, seed=1, directory=tmp_path / "refs",
+                            workload="toy", heldout=heldout)  # fmt: skip
+    folder = {r: tmp_path / "refs" / f"ref-{r}" / CLIENT_OUTPUTS for r in range(4)}
+    assert all((folder[r] / client_outputs_file(c)).is_file() for r in range(4) for c in ci)
+    assert all(c not in p.name for r in range(4) for p in folder[r].iterdir() for c in ci)  # no ids in names
+    client = next(c for c, i in ci.items() if i == 0)
+    forget = data.select((data.subset == 0).nonzero().reshape(-1))
+    names = [t.name for t in tasks]
+
+    def round_evidence(loaded: LoadedReferences | None, rows: Batch) -> tuple[dict[str, Any], dict[str, Any]]:
+        assert loaded is not None
+        target = out_reference_targets(loaded, tasks, forget=rows, unseen=heldout, forget_tasks=names,
+                                       client_index=ci)  # fmt: skip
+        audit = likelihood_ratio_audit(loaded.models[0], loaded, tasks, forget=rows, unseen=heldout,
+                                       forget_tasks=names, client_index=ci)  # fmt: skip
+        return target, audit
+
+    ahead = load_references(base, tmp_path / "refs", heldout=heldout, client_index=ci)
+    plain = load_references(base, tmp_path / "refs", heldout=heldout)
+    (t_ahead, a_ahead), (t_plain, a_plain) = round_evidence(ahead, forget), round_evidence(plain, forget)
+    assert ahead is not None
+    assert plain is not None
+    assert sum(c.forwarded for c in ahead.cache) == 0
+    assert sum(c.forwarded for c in plain.cache) == 4 * len(forget)
+    for name in names:
+        for key in ("mia_auc", "accuracy"):
+            assert abs(t_ahead[name][key] - t_plain[name][key]) < 1e-6
+        for key in ("auc", "tpr_at_1pct_fpr"):
+            a, b = a_ahead["tasks"][name][key], a_plain["tasks"][name][key]
+            assert (a is None and b is None) or abs(a - b) < 1e-6
+    # a row whose inputs are not those the outputs were computed on is forwarded
+    changed_x = {k: v.clone() for k, v in forget.inputs.items()}
+    key = next(iter(changed_x))
+    changed_x[key][0] += 0.5
+    changed = Batch(inputs=changed_x, labels=forget.labels, subset=forget.subset,
+                    sample_ids=forget.sample_ids)  # fmt: skip
+    again = load_references(base, tmp_path / "refs", heldout=heldout, client_index=ci)
+    round_evidence(again, changed)
+    assert again is not None
+    assert sum(c.forwarded for c in again.cache) == 4
+    # the purge: the client's outputs leave every reference that stays; refreshed ones write none
+    dropped = drop_references_with(tmp_path / "refs", [client])
+    kept = [r for r in range(4) if r not in dropped]
+    assert sorted(dropped) == sorted(r for r, m in refs.members.items() if client in m)
+    assert kept
+    assert all(not (folder[r] / client_outputs_file(client)).exists() for r in kept)
+    assert all((folder[r] / client_outputs_file(c)).is_file() for r in kept for c in ci if c != client)
+    rest = data.select((data.subset != 0).nonzero().reshape(-1))
+    assert refresh_references(base, rest, tasks, cfg, client_index=ci, directory=tmp_path / "refs",
+                              forgotten=[client], heldout=heldout) == dropped  # fmt: skip
+    for r in dropped:
+        assert not (folder[r] / client_outputs_file(client)).exists()
+        assert all((folder[r] / client_outputs_file(c)).is_file() for c in ci if c != client)
