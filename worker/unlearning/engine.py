@@ -35,7 +35,7 @@ from worker.unlearning.audit import (
     ModelMetrics,
     SplitOutputs,
     audit,
-    merge_rows,
+    merge_rows_in_id_order,
     metrics_from_outputs,
     ret_subset,
     split_outputs,
@@ -60,7 +60,7 @@ from worker.unlearning.reference_adapters import LoadedReferences, load_referenc
 from worker.unlearning.ssd import precompute_full_importance, weights_digest
 from worker.unlearning.state import RoundState
 from worker.unlearning.training import TrainConfig, retrain, train_v1
-from worker.unlearning.types import SUBSET_HEAD, Batch, ForgetSpec, Partitions, TaskSpec, concat_batches
+from worker.unlearning.types import SUBSET_HEAD, Batch, ForgetSpec, Partitions, TaskSpec
 from worker.unlearning.workload import SampleSet, Workload
 
 __all__ = [
@@ -506,9 +506,9 @@ def compute_reference(ctx: RequestContext) -> Reference:
 
 def training_data(ctx: RequestContext) -> Batch:
     """D of SSD's full-data importance: the current training data, one row per sample with every
-    label it still has (the retain set and D_f merged)."""
+    label it still has (the retain set and D_f merged), in sample-id order (SSD's own order)."""
     parts = [b for b in (ctx.retain, ctx.partitions.forget) if len(b)]
-    return merge_rows(concat_batches(parts)) if parts else ctx.retain
+    return merge_rows_in_id_order(parts) if parts else ctx.retain
 
 
 def full_importance_settings(method: str, settings: Mapping[str, Any]) -> dict[str, Any] | None:

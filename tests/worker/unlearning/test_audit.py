@@ -273,3 +273,48 @@ def test_audit_forwards_each_split_once_and_reports_what_separate_passes_reporte
     assert fvu["auc"] == pytest.approx(metrics.tasks["a"].mia_auc)
     assert ev["attacker"]["n_forget"] == 20  # each forgotten instance once
     assert ev["attacker"]["accuracy"] is not None
+
+
+def test_merging_in_id_order_equals_merging_then_sorting() -> None:
+    """SSD's D built with one copy of each input row is the batch the three separate calls gave:
+    a per-task request's forget rows share ids with retain rows (their labels are merged, the
+    first row's inputs kept), ids arrive out of order, a regression task has NaN labels."""
+    from worker.unlearning.audit import merge_rows, merge_rows_in_id_order
+    from worker.unlearning.ssd import canonical_order
+    from worker.unlearning.types import concat_batches
+
+    gen = torch.Generator().manual_seed(0)
+    ids = [f"s{i:03d}" for i in torch.randperm(40, generator=gen).tolist()]
+    x = torch.randn(40, 3, 2, generator=gen)
+    kind = torch.randint(0, 3, (40,), generator=gen)
+    size = torch.randn(40, generator=gen)
+    retain = Batch(
+        inputs={"x": x[:30]},
+        labels={"kind": torch.where(torch.arange(30) < 20, kind[:30], -100), "size": size[:30]},
+        subset=torch.arange(30) % 4,
+        sample_ids=ids[:30],
+    )
+    # rows 20..29 of retain lost their `kind` label: the forget set holds it, under the same ids
+    # (other inputs, to tell whose inputs are kept), plus ten rows only the forget set has
+    forget = Batch(
+        inputs={"x": torch.cat([x[20:30] + 100.0, x[30:]])},
+        labels={"kind": kind[20:]},
+        subset=torch.full((20,), 3),
+        sample_ids=ids[20:],
+    )
+    expected = canonical_order(merge_rows(concat_batches([retain, forget])))
+    got = merge_rows_in_id_order([retain, forget])
+    assert got.sample_ids == expected.sample_ids == sorted(set(ids))
+    assert torch.equal(got.inputs["x"], expected.inputs["x"])
+    assert torch.equal(got.subset, expected.subset)
+    assert torch.equal(got.labels["kind"], expected.labels["kind"])
+    torch.testing.assert_close(got.labels["size"], expected.labels["size"], rtol=0, atol=0, equal_nan=True)
+    assert int(torch.isnan(got.labels["size"]).sum()) == 10  # the forget-only rows have no size
+    assert float(got.inputs["x"].max()) < 100.0  # retain's inputs, not the forget set's copies
+
+    without_ids = Batch(
+        inputs={"x": x[:5]}, labels={"size": size[:5]}, subset=torch.zeros(5, dtype=torch.long)
+    )
+    assert torch.equal(
+        merge_rows_in_id_order([without_ids, without_ids]).inputs["x"], torch.cat([x[:5], x[:5]])
+    )

@@ -162,10 +162,9 @@ def test_outputs_computed_ahead_are_used_only_for_the_same_rows(tmp_path: Path) 
     assert torch.equal(out["a"][1], got["a"][0])
 
 
-def test_references_trained_with_the_heldout_split_are_loaded_with_its_outputs(tmp_path: Path) -> None:
-    """References trained (and refreshed) with the held-out split write their outputs on it; loaded
-    with that split, a round forwards them on the forget set alone, and the evidence is the same
-    as forwarding everything (up to the last bits of a forward in other chunks)."""
+def _toy_references(tmp_path: Path) -> tuple[Any, ...]:
+    """Four reference adapters of the toy workload in ``tmp_path / "refs"``, trained with its
+    held-out split: (base, client index, tasks, client data, held-out data, config, references)."""
     wl = ToyWorkload(0, num_clients=4, per_client=6)
     base = ensure_base(wl, tmp_path / "base", wl.settings({}), 0)
     ci, tasks = wl.client_index(), wl.tasks()
@@ -174,6 +173,14 @@ def test_references_trained_with_the_heldout_split_are_loaded_with_its_outputs(t
     cfg = TrainConfig(epochs=1, main_only_epochs=1, batch_size=8)
     refs = train_references(base, data, tasks, cfg, client_index=ci, k=4, seed=1, directory=tmp_path / "refs",
                             workload="toy", heldout=heldout)  # fmt: skip
+    return base, ci, tasks, data, heldout, cfg, refs
+
+
+def test_references_trained_with_the_heldout_split_are_loaded_with_its_outputs(tmp_path: Path) -> None:
+    """References trained (and refreshed) with the held-out split write their outputs on it; loaded
+    with that split, a round forwards them on the forget set alone, and the evidence is the same
+    as forwarding everything (up to the last bits of a forward in other chunks)."""
+    base, ci, tasks, data, heldout, cfg, refs = _toy_references(tmp_path)
     assert all((tmp_path / "refs" / f"ref-{r}" / HELDOUT_OUTPUTS).is_file() for r in range(4))
     forget = data.select((data.subset == 0).nonzero().reshape(-1))
     names = [t.name for t in tasks]
@@ -211,14 +218,7 @@ def test_a_clients_samples_are_read_from_the_outputs_written_at_training(tmp_pat
     unchanged (a changed row is forwarded), with the evidence of a round that forwards them. A
     purge deletes the forgotten client's outputs from the references that stay, and a refreshed
     reference writes none for it."""
-    wl = ToyWorkload(0, num_clients=4, per_client=6)
-    base = ensure_base(wl, tmp_path / "base", wl.settings({}), 0)
-    ci, tasks = wl.client_index(), wl.tasks()
-    data = wl.client_data().to_batch(ci)
-    heldout = wl.heldout_data().to_batch(ci)
-    cfg = TrainConfig(epochs=1, main_only_epochs=1, batch_size=8)
-    refs = train_references(base, data, tasks, cfg, client_index=ci, k=4, seed=1, directory=tmp_path / "refs",
-                            workload="toy", heldout=heldout)  # fmt: skip
+    base, ci, tasks, data, heldout, cfg, refs = _toy_references(tmp_path)
     folder = {r: tmp_path / "refs" / f"ref-{r}" / CLIENT_OUTPUTS for r in range(4)}
     assert all((folder[r] / client_outputs_file(c)).is_file() for r in range(4) for c in ci)
     assert all(c not in p.name for r in range(4) for p in folder[r].iterdir() for c in ci)  # no ids in names
