@@ -193,6 +193,7 @@ class Checkpoints:
         kept_two_sided: bool = False,
         reference: ReferenceTarget | None = None,
         kept_level: bool = False,
+        relative_drop: bool = False,
     ) -> None:
         self.monitor, self.params = monitor, dict(params)
         self.reference = reference
@@ -200,6 +201,7 @@ class Checkpoints:
         self.task_distance, self.forget_accuracy_z = task_distance, forget_accuracy_z
         self.kept_two_sided = kept_two_sided
         self.kept_level = kept_level
+        self.relative_drop = relative_drop
         self.measure_baseline = retain_baseline is None
         self.baseline: dict[str, float] = dict(retain_baseline or {})
         self.history: list[dict[str, Any]] = []
@@ -228,7 +230,9 @@ class Checkpoints:
                 "heldout_accuracy": m.heldout_accuracy,
                 "forget_excess": excess,
                 "retain_accuracy": m.accuracy,
-                "retain_drop": retain_drop(m.accuracy, self.baseline, kept_two_sided=self.kept_two_sided),
+                "retain_drop": retain_drop(
+                    m.accuracy, self.baseline, kept_two_sided=self.kept_two_sided, relative=self.relative_drop
+                ),
             }
         )
         self.states.append({n: p.detach().clone() for n, p in self.params.items()})

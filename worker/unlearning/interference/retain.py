@@ -126,15 +126,23 @@ def anchor_ids_of(partitions: Partitions, cfg: IAConfig) -> list[str] | None:
 
 
 def retain_drop(
-    accuracy: Mapping[str, float], baseline: Mapping[str, float], *, kept_two_sided: bool = False
+    accuracy: Mapping[str, float],
+    baseline: Mapping[str, float],
+    *,
+    kept_two_sided: bool = False,
+    relative: bool = False,
 ) -> float:
     """The largest accuracy drop of any task from ``baseline`` (0 when nothing is comparable).
-    ``kept_two_sided``: on X_f's kept tasks (``"<task> (kept tasks of X_f)"``) a rise counts too."""
-    drops = [
-        abs(baseline[t] - a) if kept_two_sided and t.endswith(KEPT_OF_FORGOTTEN) else baseline[t] - a
-        for t, a in accuracy.items()
-        if t in baseline
-    ]
+    ``kept_two_sided``: on X_f's kept tasks (``"<task> (kept tasks of X_f)"``) a rise counts too.
+    ``relative``: each drop as a share of ``|baseline|`` (``ia.retain_tolerance_scale``), so that a
+    regression task's −MAE of about 0.1 is judged on its own scale, not in accuracy points."""
+    drops = []
+    for t, a in accuracy.items():
+        if t not in baseline:
+            continue
+        drop = abs(baseline[t] - a) if kept_two_sided and t.endswith(KEPT_OF_FORGOTTEN) else baseline[t] - a
+        # a baseline of exactly 0 (a perfect regression, or no correct row) makes any change infinite
+        drops.append(drop / max(abs(baseline[t]), 1e-12) if relative else drop)
     return max(drops, default=0.0)
 
 

@@ -177,6 +177,7 @@ def _run(
         kept_two_sided=cfg.kept_two_sided,
         reference=reference,
         kept_level=cfg.kept_level,
+        relative_drop=cfg.retain_tolerance_scale == "relative",
     )
     # "earliest" keeps the least update at the unseen-data level: with a per-client target the
     # point is to go on towards it, so the closest of those is kept (unless the run stops there)

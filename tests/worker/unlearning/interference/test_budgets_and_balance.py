@@ -185,6 +185,20 @@ def test_kept_tasks_of_the_forgotten_samples_may_not_rise_either() -> None:
     assert retain_drop({"a": 1.0, kept: 0.70}, baseline, kept_two_sided=True) == pytest.approx(0.0)
 
 
+def test_a_relative_retain_drop_judges_each_task_on_its_own_scale() -> None:
+    """Defect: the tolerance was in accuracy points for every task; a regression task's −MAE of
+    about 0.1 could then grow by half (0.05 points) and still pass a 0.05 tolerance."""
+    baseline = {"shape": 0.90, "scale": -0.10}
+    after = {"shape": 0.88, "scale": -0.13}  # 2 points of accuracy, a 30 % larger error
+    assert retain_drop(after, baseline) == pytest.approx(0.03)  # within a 0.05 tolerance
+    assert retain_drop(after, baseline, relative=True) == pytest.approx(0.30)
+    assert retain_drop({"shape": 0.81, "scale": -0.10}, baseline, relative=True) == pytest.approx(0.10)
+    # a rise is no drop on either scale
+    assert retain_drop({"shape": 0.95, "scale": -0.05}, baseline, relative=True) == pytest.approx(-0.05 / 0.9)
+    cfg = IAConfig.from_settings({"retain_tolerance_scale": "relative"})
+    assert cfg.retain_tolerance_scale == "relative"
+
+
 def test_new_settings_are_validated() -> None:
     for bad, message in (
         ({"forget_balance": "both"}, "forget_balance"),
@@ -193,6 +207,7 @@ def test_new_settings_are_validated() -> None:
         ({"forget_accuracy_pick": "last"}, "forget_accuracy_pick"),
         ({"min_steps": -1}, "min_steps"),
         ({"forget_accuracy_z": -1.0}, "forget_accuracy_z"),
+        ({"retain_tolerance_scale": "percent"}, "retain_tolerance_scale"),
     ):
         with pytest.raises(ValueError, match=message):
             IAConfig.from_settings(bad)
