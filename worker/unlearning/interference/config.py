@@ -93,7 +93,7 @@ class IAConfig:
     # retain check rows dropped by at most this much from the pre-request model; 1 = off (paper)
     retain_tolerance: NonNegative = 1.0
     # the scale of that drop: "absolute" (metric points; a regression task's −MAE of about 0.1 then
-    # admits a 50 % larger error at 0.05) | "relative" (a share of the pre-request metric's
+    # admits a 45 % larger error at 0.05) | "relative" (a share of the pre-request metric's
     # magnitude, each task on its own scale)
     retain_tolerance_scale: Literal["absolute", "relative"] = "absolute"
     check_size: Count = 256  # retain check rows (a seeded subset, see ``check_rows``)

@@ -141,7 +141,7 @@ def retain_drop(
         if t not in baseline:
             continue
         drop = abs(baseline[t] - a) if kept_two_sided and t.endswith(KEPT_OF_FORGOTTEN) else baseline[t] - a
-        # a baseline of exactly 0 (a perfect regression, or no correct row) makes any change infinite
+        # a baseline of exactly 0 (a perfect regression, or no correct row): any drop counts as huge
         drops.append(drop / max(abs(baseline[t]), 1e-12) if relative else drop)
     return max(drops, default=0.0)
 
