@@ -44,7 +44,7 @@ from pydantic import dataclasses as pydantic_dataclasses
 from torch import nn
 
 from worker.unlearning.config import SETTINGS, Count, NonNegative, parse_settings
-from worker.unlearning.types import IGNORE, Batch, TaskSpec
+from worker.unlearning.types import IGNORE, Batch, TaskSpec, device_of
 
 FORGET_NOISE_Z = 2.0
 HELDOUT_TOLERANCE = 0.05
@@ -241,13 +241,16 @@ class Groups:
 
 
 def _outputs(model: nn.Module, batch: Batch, batch_size: int = 1024) -> dict[str, torch.Tensor]:
+    """``model``'s outputs on ``batch``, forwarded where the model is, returned on the CPU (where the
+    batch's labels are: the checks' metrics are a few thousand rows)."""
     outs: list[dict[str, torch.Tensor]] = []
+    device = device_of(model)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for part in batch.split(batch_size):
-                outs.append({k: v.detach() for k, v in model(part.inputs).items()})
+                outs.append({k: v.detach().cpu() for k, v in model(part.to(device).inputs).items()})
     finally:
         model.train(was_training)
     if not outs:
@@ -323,7 +326,8 @@ def check(
         given = reused.get(key)
         if given is not None and any(int(v.shape[0]) != len(batch) for v in given.values()):
             raise ValueError(f"before_outputs[{key!r}] has not one row per row of the group")
-        sb[key] = _scores(before, batch) if given is None else _Scores(dict(given), batch)
+        reused_outputs = None if given is None else {k: v.cpu() for k, v in given.items()}
+        sb[key] = _scores(before, batch) if reused_outputs is None else _Scores(reused_outputs, batch)
         sa[key] = _scores(after, batch)
     out: list[Check] = []
     original = dict(original_val or {})

@@ -57,10 +57,11 @@ from worker.unlearning.partitions import (
 from worker.unlearning.progress import ACCEPTANCE, AUDIT, PARTITIONS, StageCallback
 from worker.unlearning.pruning import reapply_pruning
 from worker.unlearning.reference_adapters import LoadedReferences, load_references, train_references
+from worker.unlearning.runtime import settle
 from worker.unlearning.ssd import precompute_full_importance, weights_digest
 from worker.unlearning.state import RoundState
 from worker.unlearning.training import TrainConfig, retrain, train_v1
-from worker.unlearning.types import SUBSET_HEAD, Batch, ForgetSpec, Partitions, TaskSpec
+from worker.unlearning.types import SUBSET_HEAD, Batch, ForgetSpec, Partitions, TaskSpec, device_of
 from worker.unlearning.workload import SampleSet, Workload
 
 __all__ = [
@@ -103,15 +104,15 @@ def metrics_on(model: torch.nn.Module, batch: Batch, tasks: Sequence[TaskSpec]) 
     if len(batch) == 0:
         return {t.name: float("nan") for t in tasks}
     with torch.no_grad():
-        out = model(batch.inputs)
-    return {t.name: t.metric(out[t.name], batch.labels[t.name]) for t in tasks}
+        out = model(batch.to(device_of(model)).inputs)
+    return {t.name: t.metric(out[t.name].cpu(), batch.labels[t.name]) for t in tasks}
 
 
 def _subset_accuracy(model: torch.nn.Module, batch: Batch) -> float:
     if len(batch) == 0:
         return float("nan")
     with torch.no_grad():
-        pred = model(batch.inputs)[SUBSET_HEAD].argmax(-1)
+        pred = model(batch.to(device_of(model)).inputs)[SUBSET_HEAD].argmax(-1).cpu()
     valid = batch.subset >= 0
     return float((pred[valid] == batch.subset[valid]).float().mean()) if bool(valid.any()) else float("nan")
 
@@ -500,6 +501,7 @@ def compute_reference(ctx: RequestContext) -> Reference:
     model = reference_retrain(
         ctx.base, ctx.retain, ctx.tasks, ctx.settings, seed=ctx.seed, pruned=pruned, device=ctx.device
     )
+    settle(ctx.device)
     wall = time.perf_counter() - t0
     return Reference(model=model, metrics=evaluate(model, ctx), wall_s=wall)
 
@@ -587,6 +589,7 @@ def apply_method(
         raise TypeError(f"method {method!r} returned a {type(out).__name__}, not a peft model")
     pruned = sorted({int(o) for o in result.pruned_outputs})
     reapply_pruning(out, sorted(set(ctx.state.pruned_subset_outputs) | set(pruned)))
+    settle(ctx.device)
     return out, dict(result.info), pruned, time.perf_counter() - t0
 
 

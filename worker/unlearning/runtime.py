@@ -26,6 +26,13 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
+def settle(device: str) -> None:
+    """Wait for the work queued on ``device`` (CUDA runs asynchronously): a wall time read after
+    this covers the kernels, not only their launch. A no-op on the CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def runtime_environment() -> dict[str, Any]:
     """torch version, the CPU kernel path torch dispatches to, thread count, machine, and the
     other packages' versions (:func:`package_versions`)."""
@@ -35,6 +42,7 @@ def runtime_environment() -> dict[str, Any]:
         "aten_cpu_capability_env": os.environ.get("ATEN_CPU_CAPABILITY"),
         "threads": torch.get_num_threads(),
         "cuda": torch.cuda.is_available(),
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "machine": platform.machine(),
         "python": platform.python_version(),
         "packages": package_versions(),

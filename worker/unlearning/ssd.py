@@ -56,6 +56,7 @@ from worker.unlearning.types import (
     Batch,
     TaskSpec,
     concat_batches,
+    device_of,
     main_task_loss,
     main_task_losses,
 )
@@ -223,7 +224,9 @@ def importance(
     names: Sequence[str] | None = None,
     seed: int = 0,
 ) -> Importance:
-    """The importance of ``cfg.fisher`` kind over ``data``."""
+    """The importance of ``cfg.fisher`` kind over ``data`` (moved to the model's device: the engine
+    computes the next request's ``I_D`` from the retain set as the data store holds it, on the CPU)."""
+    data = data.to(device_of(model))
     if cfg.fisher == "per_sample":
         return per_sample_importance(model, data, tasks, names=names, chunk_size=cfg.chunk_size)
     return batch_importance(

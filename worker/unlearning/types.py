@@ -18,7 +18,7 @@ from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 SUBSET_HEAD = "subset_id"
 IGNORE = -1
@@ -133,6 +133,12 @@ def cat_inputs(parts: Sequence[Mapping[str, Tensor]]) -> Inputs:
 
 def inputs_to(inputs: Mapping[str, Tensor], device: torch.device | str) -> Inputs:
     return {k: v.to(device) for k, v in inputs.items()}
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """Where ``module``'s parameters live (the CPU for a module without any): the device a caller
+    moves a CPU batch to before a forward (a GPU worker's rounds; the data store is on the CPU)."""
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
 
 
 def input_rows(inputs: Mapping[str, Tensor], start: int, stop: int) -> Inputs:

@@ -11,10 +11,13 @@ Thresholds: see MEASURED below — the spread over seeds 0–9 on two CPU kernel
 pass fraction by about one seed's worth, so that a path that differs in the last bits cannot flip the
 verdict, while a method that stopped forgetting (or started breaking retained data) fails.
 Tolerances are one-sided (a rise is no harm).
+``LETHE_TEST_DEVICE=cuda``: the rounds (and the test's retrains) run on the GPU, v1 is prepared on the
+CPU as a worker does; the same bounds judge them (``scripts/gpu-check``).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,7 @@ MIN_CLOSED = 0.5  # a seed "closes the gap" when the method closes half the orig
 CLIENT_SPEC = ForgetSpec("r1", "client", CLIENT, None, [])
 TASK_SPEC = ForgetSpec("r2", "task", CLIENT, None, ["orientation"])
 NO_FALLBACK = {"acceptance": {"fallback": "none", "continue_steps": 0}}
+DEVICE = os.environ.get("LETHE_TEST_DEVICE", "cpu")
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,7 @@ def _round(
     out = root / f"v2-{seed}-{spec.request_id}-{method}-{len(settings)}"
     outcome = run_round(workload, data_dir=root / "data", base_dir=root / "base", adapter_in=v1,
                         adapter_out=out, requests=[spec], method=method, settings=settings, seed=seed,
-                        cache_dir=root / "cache")  # fmt: skip
+                        device=DEVICE, cache_dir=root / "cache")  # fmt: skip
     evidence: dict[str, Any] = outcome.evidence[spec.request_id]
     return evidence
 
