@@ -5,8 +5,9 @@ A GPU worker prepares a model on the CPU and runs its rounds on the GPU (``worke
 ``LETHE_WORKER_DEVICE=auto``). Here every registered method runs one round of two requests (a
 client's, then another client's partial-task request) on ``digits-clients`` on CUDA, from a v1
 prepared on the CPU, and what it publishes must load on the CPU with peft alone and compute there
-what it computes on the GPU; certification retrains and compares a version on CUDA. The quality of CUDA rounds is judged by the same distribution tests
-as the CPU's: ``LETHE_TEST_DEVICE=cuda pytest -m quality tests/worker/unlearning/test_unl_digits_round.py``.
+what it computes on the GPU; certification retrains and compares a version on CUDA. The quality of
+CUDA rounds is judged by the same distribution tests as the CPU's:
+``LETHE_TEST_DEVICE=cuda pytest -m quality tests/worker/unlearning/test_unl_digits_round.py``.
 """
 
 from __future__ import annotations
