@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from worker.unlearning.types import IGNORE, ClassificationTask, RegressionTask
+from worker.unlearning.types import IGNORE, ClassificationTask, RegressionTask, device_of
 
 
 def test_classification_metric_is_the_mean_of_per_sample_correctness() -> None:
@@ -31,3 +31,11 @@ def test_regression_metric_is_the_mean_of_per_sample_minus_absolute_error(output
     assert float(scores.std()) / labelled.sum().item() ** 0.5 == pytest.approx(
         task.metric_standard_error(output, target), rel=1e-5
     )
+
+
+def test_device_of_is_where_the_parameters_live_and_the_cpu_without_any() -> None:
+    """What the engine moves a CPU batch to before a forward (a GPU worker's rounds: the GPU tests,
+    tests/worker/unlearning/test_cuda_rounds.py, run the moves themselves)."""
+    assert device_of(torch.nn.Linear(2, 2)) == torch.device("cpu")
+    assert device_of(torch.nn.ReLU()) == torch.device("cpu")
+    assert device_of(torch.nn.Linear(2, 2, device="meta")) == torch.device("meta")
