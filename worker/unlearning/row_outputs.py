@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from worker.unlearning.audit import model_outputs
-from worker.unlearning.types import Batch, cat_inputs, inputs_to
+from worker.unlearning.types import Batch, cat_inputs, device_of, inputs_to
 
 #: (role, sample id, input fingerprint)
 RowKey = tuple[str, str, tuple[float, ...]]
@@ -130,7 +130,7 @@ class RowOutputs:
 def save_outputs(model: nn.Module, batch: Batch, path: Path, *, batch_size: int = 1024) -> None:
     """``model``'s outputs on ``batch`` into ``path`` (safetensors), with the rows' sample ids and
     input fingerprints: what :func:`load_outputs` checks before they are used."""
-    device = next(iter(model.parameters())).device
+    device = device_of(model)
     out = model_outputs(model, inputs_to(batch.inputs, device), batch_size=batch_size)
     tensors = {f"output.{k}": v.detach().cpu().contiguous() for k, v in out.items()}
     tensors["fingerprints"] = torch.tensor(fingerprints(batch.inputs), dtype=torch.float64)

@@ -374,7 +374,7 @@ def full_importance(
         path = cache_path(cache_dir, adapter_digest, importance_fingerprint(data, cfg, names, seed))
         cached = load_importance(path, names)
         if cached is not None:
-            device = next(model.parameters()).device
+            device = device_of(model)
             return {n: cached[n].to(device) for n in names}, True
     imp = importance(model, data, tasks, cfg, names=names, seed=seed)
     if path is not None:
