@@ -63,6 +63,11 @@ class IAConfig:
     # the OUT reference adapters' median forget-set accuracy and MIA AUC, ``interference.targets``;
     # without references the constant, recorded in the evidence)
     target: Literal["constant", "references"] = "constant"
+    # deviation (docs/methods.md, "The forget term towards the references' predictions"): what
+    # Eq. 11's forget term does on D_f — "labels" (paper: ascend the loss on the labels) or
+    # "references" (descend the loss towards the mean prediction of the reference adapters that
+    # never saw the row's client; without such references, the labels, recorded in the evidence)
+    forget_targets: Literal["labels", "references"] = "labels"
     # the accuracy part of a reference target: the references' forget-set accuracy ("absolute") or
     # the checkpoint's held-out accuracy + the references' forget − held-out gap ("relative")
     target_accuracy: Literal["absolute", "relative"] = "absolute"

@@ -70,6 +70,7 @@ def interference_aware_unlearn(
     on_epoch: Callable[[int, int], None] | None = None,
     reference: ReferenceTarget | None = None,
     retain_targets: Partitions | None = None,
+    forget_targets: Batch | None = None,
 ) -> dict[str, Any]:
     """Algorithm 1 on ``model`` in place (LoRA factors + forgotten-task heads). Returns JSON info.
 
@@ -82,7 +83,10 @@ def interference_aware_unlearn(
     ``retain_targets``: ``partitions`` with the retain partitions' targets the retain term descends
     (``ia.retain_distillation``, :func:`~worker.unlearning.interference.distillation.distilled_retain_targets`
     of the pre-request model); ``None``: computed from ``model`` as given when β > 0, else the labels.
-    Early stopping's checks always read the labels.
+    ``forget_targets``: D_f with the targets the forget term descends towards (``ia.forget_targets:
+    "references"``, :func:`~worker.unlearning.interference.forget_targets.reference_forget_targets`;
+    the same rows in the same order as ``partitions.forget``); ``None``: the forget term ascends
+    the loss on D_f's labels (paper). Early stopping's checks always read the labels.
     """
     cfg = cfg or IAConfig()
     info: dict[str, Any] = {"config": cfg.to_json()}
@@ -102,7 +106,7 @@ def interference_aware_unlearn(
         check = retain_check(partitions, size=size, seed=seed, retain=retain, rows=cfg.check_rows)
         info.update(_run(model, tasks, partitions, forget, heldout.to(device), cfg, seed, mia_target,
                          device, progress, retain_baseline, check.to(device), on_epoch,
-                         reference, retain_targets))  # fmt: skip
+                         reference, retain_targets, forget_targets))  # fmt: skip
     return info
 
 
@@ -122,6 +126,7 @@ def _run(
     on_epoch: Callable[[int, int], None] | None,
     reference: ReferenceTarget | None,
     retain_targets: Partitions,
+    forget_targets: Batch | None,
 ) -> dict[str, Any]:
     inv = involved_tasks(partitions, tasks)
     inv_names = [t.name for t in inv]
@@ -164,6 +169,9 @@ def _run(
         "task": Cycler(retain_targets.retain_task.to(device), cfg.batch_size, gen),
     }
     switches = cfg.retain_switches
+    # the forget term's rows: D_f's labels (ascended) or the references' predictions (descended)
+    towards = forget_targets is not None
+    forget_rows = forget_targets.to(device) if forget_targets is not None else forget
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     target: float | Mapping[str, float] = cfg.mia_target if mia_target is None else mia_target
     checkpoints = Checkpoints(
@@ -196,7 +204,7 @@ def _run(
         for start in range(0, len(forget), cfg.batch_size):
             if cfg.max_steps and steps >= cfg.max_steps:
                 break
-            f_batch = forget.select(order[start : start + cfg.batch_size])
+            f_batch = forget_rows.select(order[start : start + cfg.batch_size])
             retain_batches = [cyclers[k].next() for k in ("clean", "inst", "task")]
             G = partition_task_grads(
                 model,
@@ -208,7 +216,7 @@ def _run(
                 named=all_params,
             )
             flat = layout.pack(G, lead=2).detach()  # [4, T, D]
-            direction, step_norms = _direction(flat, layout, U, cfg, switches)
+            direction, step_norms = _direction(flat, layout, U, cfg, switches, towards=towards)
             norms.append(step_norms)
             for p, g in zip(params, layout.unpack(direction).values(), strict=True):
                 p.grad = g.to(p.dtype).clone()
@@ -256,6 +264,7 @@ def _run(
         history=history,
         subspace_penalty=None if U is None else float(subspace_penalty(U)),
         term_norms=term_norms(norms),
+        forget_term="descend towards the references' predictions" if towards else "ascend on the labels",
     )
     return info
 
@@ -301,13 +310,22 @@ def term_norms(norms: Sequence[tuple[float, float, float]]) -> dict[str, float |
 
 
 def _direction(
-    flat: Tensor, layout: FlatLayout, U: Tensor | None, cfg: IAConfig, switches: Mapping[str, bool]
+    flat: Tensor,
+    layout: FlatLayout,
+    U: Tensor | None,
+    cfg: IAConfig,
+    switches: Mapping[str, bool],
+    *,
+    towards: bool = False,
 ) -> tuple[Tensor, tuple[float, float, float]]:
     """The Eq. 11 gradient ``Σ_t η1·∇_r^{(t)} − η2·∇_f^{⊥(t)}`` from ``[4, T, D]`` partition-task grads
     (partitions in the order forget, clean, inst, task), with the forget term rescaled by
-    ``cfg.forget_balance``; and (‖retain term‖, ‖forget term‖, ‖unbalanced forget term‖)."""
+    ``cfg.forget_balance``; and (‖retain term‖, ‖forget term‖, ‖unbalanced forget term‖).
+    ``towards``: D_f's loss is towards the references' predictions and is descended, so its
+    gradient enters with the opposite sign (``∇_f = −∇ loss``; projection and orthogonalisation
+    are linear in it, so they are unchanged)."""
     T = int(flat.shape[1])
-    forget_t = flat[0]  # [T, D]: D_f's loss on task t
+    forget_t = -flat[0] if towards else flat[0]  # [T, D]: D_f's loss on task t
     retain_t = flat[1:]  # [3, T, D]
     retain_full = retain_t.sum(1, keepdim=True).expand(-1, T, -1)  # [3, T, D]: whole partition loss
     descent = retain_t.sum(0)  # [T, D]: retain loss on task t

@@ -9,6 +9,7 @@ from typing import Any
 from worker.unlearning import progress
 from worker.unlearning.interference import IAConfig, interference_aware_unlearn
 from worker.unlearning.interference.checkpoints import checkpoint_heldout
+from worker.unlearning.interference.forget_targets import reference_forget_targets
 from worker.unlearning.interference.targets import request_target
 from worker.unlearning.methods import register
 from worker.unlearning.methods.base import MethodContext, MethodResult
@@ -23,6 +24,8 @@ def run_ia(
     """Algorithm 1 on ``ctx.model`` in place; early stopping on ``ctx.mia_target`` (else settings),
     or with ``ia.target: "references"`` on the per-client target of the OUT reference adapters
     (``info["target"]``: its values per reference, median, spread and seconds, or the fallback).
+    With ``ia.forget_targets: "references"`` the forget term descends towards those references'
+    predictions on D_f (``info["forget_targets"]``: how many, or why the labels were used).
 
     ``retain_baseline``: the pre-request accuracy on the retain check rows (``None``: the model as
     given), see :func:`worker.unlearning.interference.check_accuracy`. ``retain_targets``: the
@@ -35,6 +38,12 @@ def run_ia(
         cfg, ctx.references, ctx.tasks, forget=ctx.partitions.forget, heldout=heldout,
         forget_tasks=ctx.partitions.forget_tasks, client_index=ctx.client_index, device=ctx.device,
     )  # fmt: skip
+    forget_targets, forget_info = None, {"source": "labels"}
+    if cfg.forget_targets == "references":
+        forget_targets, forget_info = reference_forget_targets(
+            ctx.references, ctx.tasks, forget=ctx.partitions.forget,
+            forget_tasks=ctx.partitions.forget_tasks, client_index=ctx.client_index, device=ctx.device,
+        )  # fmt: skip
     info = interference_aware_unlearn(
         ctx.model,
         partitions=ctx.partitions,
@@ -45,11 +54,13 @@ def run_ia(
         retain_baseline=retain_baseline,
         retain=ctx.retain,
         retain_targets=retain_targets,
+        forget_targets=forget_targets,
         device=ctx.device,
         on_epoch=lambda epoch, epochs: ctx.stage(progress.UPDATE, epoch, epochs),
         **ctx.common_kwargs(),
     )
     info["target"] = target_info
+    info["forget_targets"] = forget_info
     if "heldout_rows" in info:  # the split the subset was drawn from
         info["heldout_rows"]["of"] = len(ctx.heldout)
     return info
