@@ -255,21 +255,9 @@ class ScenesWorkload(Workload):
             # 8 of 18 tuning runs). Chosen on the quick protocol's tuning seeds 100–102 (median UIS
             # 0.122 -> 0.112, median wall 3.6 -> 2.7 s); on the evaluation seeds a tie (0.126 ->
             # 0.128, close 52/60 both) at a 14 % lower median wall (docs/benchmarks.md, "Scenes:
-            # stopping within the target"). Its forget term descends towards the predictions of the
-            # reference adapters that never saw the client, at the retain term's norm (deviation,
-            # docs/methods.md "The forget term towards the references' predictions"): chosen on
-            # the tuning seeds 100–102 among η2 1 (balance none), total 1, total 3 (median UIS 0.216
-            # -> 0.148, close 31/36 both); evaluation seeds 0–4: 0.236 -> 0.170, close 46 -> 48/60
-            # (docs/benchmarks.md, "Scenes: the forget term towards the references' predictions")
+            # stopping within the target")
             "default": {
                 "ssd": {"fisher": "per_sample", "alpha": 3.0},
-                "ia": {
-                    "target": "references",
-                    "epochs": 10,
-                    "stop_within": 0.02,
-                    "forget_targets": "references",
-                    "forget_balance": "total",
-                    "eta2": 1.0,
-                },
+                "ia": {"target": "references", "epochs": 10, "stop_within": 0.02},
             },
         }
