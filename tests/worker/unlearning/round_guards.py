@@ -10,8 +10,9 @@ import pytest
 
 import worker.unlearning.engine as engine
 import worker.unlearning.reference_adapters as reference_adapters
-from worker.unlearning.engine import ForgetSpec, run_round
+from worker.unlearning.engine import ForgetSpec, prepare, run_round
 from worker.unlearning.workload import Workload
+from worker.unlearning.workloads.toy import ToyWorkload
 
 # the engine's names of every path that trains a model (a retrain, a reference, its references)
 TRAINING_PATHS = ("compute_reference", "reference_retrain", "retrain", "train_references")
@@ -46,3 +47,21 @@ def one_client_round(
         references_dir=refs,
     )  # fmt: skip
     return dict(outcome.evidence["r1"])
+
+
+def prepared_toy(root: Path, settings: dict[str, Any]) -> ToyWorkload:
+    """A toy of 4 clients × 10 samples prepared under ``root`` (``data``, ``base``, ``v1``) with its
+    reference adapters in ``root / "refs"``."""
+    wl = ToyWorkload(0, num_clients=4, per_client=10)
+    prepare(wl, data_dir=root / "data", base_dir=root / "base", adapter_dir=root / "v1", settings=settings,
+            seed=0, references_dir=root / "refs")  # fmt: skip
+    return wl
+
+
+def ia_info_of_round(
+    wl: Workload, root: Path, settings: dict[str, Any], *, refs: Path | None, out: str
+) -> dict[str, Any]:
+    """``default``'s interference-aware evidence (``method_info["ia"]``) of a round forgetting client
+    ``u2`` on the toy prepared under ``root``."""
+    evidence = one_client_round(wl, root, settings, client="u2", method="default", refs=refs, out=out)
+    return dict(evidence["method_info"]["ia"])

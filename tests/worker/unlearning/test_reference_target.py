@@ -16,7 +16,12 @@ import torch
 
 import worker.unlearning.engine as engine
 import worker.unlearning.reference_adapters as reference_adapters
-from tests.worker.unlearning.round_guards import forbid_training, one_client_round
+from tests.worker.unlearning.round_guards import (
+    forbid_training,
+    ia_info_of_round,
+    one_client_round,
+    prepared_toy,
+)
 from worker.unlearning.engine import ForgetSpec, ensure_base, prepare, run_round
 from worker.unlearning.interference import IAConfig
 from worker.unlearning.interference.checkpoints import select_checkpoint
@@ -186,17 +191,9 @@ def test_a_round_aims_at_the_out_references_and_never_trains_or_reads_a_retrain(
     """A round of ``default`` with ``ia.target: "references"`` reads the prepared references (only
     those that never saw the forgotten client) as its early-stopping target, with every way to
     train a retrain or a reference made to fail; without references it records the named fallback."""
-    wl = ToyWorkload(0, num_clients=4, per_client=10)
-    prepare(wl, data_dir=tmp_path / "data", base_dir=tmp_path / "base", adapter_dir=tmp_path / "v1",
-            settings=TOY, seed=0, references_dir=tmp_path / "refs")  # fmt: skip
-
+    wl = prepared_toy(tmp_path, TOY)
     forbid_training(monkeypatch)
-
-    def round_(refs: Path | None, out: str) -> dict[str, Any]:
-        evidence = one_client_round(wl, tmp_path, TOY, client="u2", method="default", refs=refs, out=out)
-        return dict(evidence["method_info"]["ia"])
-
-    ia = round_(tmp_path / "refs", "v2")
+    ia = ia_info_of_round(wl, tmp_path, TOY, refs=tmp_path / "refs", out="v2")
     refs = read_references(tmp_path / "refs")
     assert refs is not None
     out = sorted(i for i, m in refs.members.items() if "u2" not in m)
@@ -204,7 +201,7 @@ def test_a_round_aims_at_the_out_references_and_never_trains_or_reads_a_retrain(
     for task in ("kind", "side"):
         assert sorted(v["reference"] for v in ia["target"]["tasks"][task]["per_reference"]) == out
     assert ia["pick"] == "closest"
-    plain = round_(None, "v2b")
+    plain = ia_info_of_round(wl, tmp_path, TOY, refs=None, out="v2b")
     assert plain["target"]["source"] == "constant"
     assert "no reference adapters" in plain["target"]["reason"]
     assert plain["pick"] == IAConfig.from_settings(TOY["ia"]).forget_accuracy_pick
@@ -219,9 +216,7 @@ def test_a_failed_forget_bound_asks_the_out_references_and_the_evidence_says_wha
     read from a retrain."""
     import worker.unlearning.acceptance as acceptance
 
-    wl = ToyWorkload(0, num_clients=4, per_client=10)
-    prepare(wl, data_dir=tmp_path / "data", base_dir=tmp_path / "base", adapter_dir=tmp_path / "v1",
-            settings=TOY, seed=0, references_dir=tmp_path / "refs")  # fmt: skip
+    wl = prepared_toy(tmp_path, TOY)
     forbid_training(monkeypatch)
     asked: list[int] = []
     real = out_reference_targets  # what the engine imported

@@ -13,15 +13,13 @@ import torch
 from torch import nn
 
 from tests.worker.unlearning.interference.toy import TASKS, ia_batch, ia_model, partial_partitions
-from tests.worker.unlearning.round_guards import forbid_training, one_client_round
+from tests.worker.unlearning.round_guards import forbid_training, ia_info_of_round, prepared_toy
 from worker.unlearning.audit import model_outputs
-from worker.unlearning.engine import prepare
 from worker.unlearning.interference.config import IAConfig
 from worker.unlearning.interference.forget_targets import mean_prediction, reference_forget_targets
 from worker.unlearning.interference.update import interference_aware_unlearn
 from worker.unlearning.reference_adapters import LoadedReferences, ReferenceSet
 from worker.unlearning.types import Batch, ClassificationTask, RegressionTask
-from worker.unlearning.workloads.toy import ToyWorkload
 
 CLIENTS = {"c0": 0, "c1": 1, "c2": 2}
 
@@ -136,20 +134,13 @@ def test_a_round_descends_towards_the_out_references_without_training_anything(
         "acceptance": {"fallback": "none"},
         "ia": {"target": "references", "forget_targets": "references", "epochs": 2},
     }
-    wl = ToyWorkload(0, num_clients=4, per_client=10)
-    prepare(wl, data_dir=tmp_path / "data", base_dir=tmp_path / "base", adapter_dir=tmp_path / "v1",
-            settings=settings, seed=0, references_dir=tmp_path / "refs")  # fmt: skip
+    wl = prepared_toy(tmp_path, settings)
     forbid_training(monkeypatch)
-
-    def round_(refs: Path | None, out: str) -> dict[str, Any]:
-        evidence = one_client_round(wl, tmp_path, settings, client="u2", method="default", refs=refs, out=out)
-        return dict(evidence["method_info"]["ia"])
-
-    ia = round_(tmp_path / "refs", "v2")
+    ia = ia_info_of_round(wl, tmp_path, settings, refs=tmp_path / "refs", out="v2")
     assert ia["forget_targets"]["source"] == "references"
     assert ia["forget_targets"]["references"] == 2  # K = 4 halves: two never saw u2
     assert ia["forget_term"] == "descend towards the references' predictions"
-    plain = round_(None, "v2b")
+    plain = ia_info_of_round(wl, tmp_path, settings, refs=None, out="v2b")
     assert plain["forget_targets"]["source"] == "labels"
     assert "no reference adapters" in plain["forget_targets"]["reason"]
     assert plain["forget_term"] == "ascend on the labels"
