@@ -20,8 +20,9 @@ def ia_target(method_info: Any) -> Mapping[str, Any] | None:
 
 def ia_steps(method_info: Any) -> Mapping[str, Any] | None:
     """What the interference-aware stage's update ran: optimiser steps, passes over D_f, what ended
-    it (``stopped``), the kept checkpoint, and per checkpoint its steps and distance to the target
-    (``None`` for a method without that stage). Read as :func:`ia_target` reads the target."""
+    it (``stopped``), the kept checkpoint (its pass, steps and distance), and per checkpoint its
+    steps and distance to the target (``None`` for a method without that stage). Read as
+    :func:`ia_target` reads the target."""
     if not isinstance(method_info, Mapping):
         return None
     stage = method_info.get("ia", method_info)
@@ -33,6 +34,8 @@ def ia_steps(method_info: Any) -> Mapping[str, Any] | None:
         "epochs_run": stage.get("epochs_run"),
         "stopped": stage.get("stopped"),
         "best_epoch": stage.get("best_epoch"),
+        "best_steps": stage.get("best_steps"),
+        "best_distance": stage.get("best_distance"),
         "checkpoints": [
             {"steps": h.get("steps"), "distance": h.get("distance")}
             for h in history

@@ -77,6 +77,9 @@ class IAConfig:
     patience: Count = 0
     min_steps: Count = 0
     max_steps: Count = 0
+    # a checkpoint also every this many optimiser steps within a pass over D_f (0: after every pass
+    # only); on a large forget set a pass is many steps (scenes' full pool: 24) between checkpoints
+    checkpoint_every: Count = 0
     # deviation (docs/methods.md): stop as soon as the kept checkpoint's distance to the target is
     # at most this (never before ``min_steps``): closer than the target's own error is no nearer
     # the retrain, only longer (0: off, patience and the budget alone end a run)

@@ -199,6 +199,27 @@ def _run(
     epochs_run = 0
     stopped = "budget"
     norms: list[tuple[float, float, float]] = []
+
+    def decide() -> str | None:
+        """After a checkpoint: the kept one updated; why the run stops now (None: it goes on)."""
+        nonlocal best, since_change
+        # the continuation (stop_at_unseen_level) never keeps the model as given: it failed its check
+        chosen = select_checkpoint(history, cfg.retain_tolerance, pick, start=int(cfg.stop_at_unseen_level))
+        if chosen != best:
+            since_change = 0
+        best = chosen
+        if cfg.max_steps and steps >= cfg.max_steps:
+            return "budget"
+        if cfg.early_stopping and steps >= cfg.min_steps:
+            if within_target(history[best], cfg.stop_within, cfg.retain_tolerance):
+                return "within_target"
+            if cfg.stop_at_unseen_level and at_unseen_level(history[best], cfg.retain_tolerance):
+                return "at_unseen_level"
+            if 0 < cfg.patience <= since_change:
+                return "patience"
+        return None
+
+    reason: str | None = None
     for epoch in range(1, cfg.epochs + 1):
         order = torch.randperm(len(forget), generator=gen)
         for start in range(0, len(forget), cfg.batch_size):
@@ -226,29 +247,26 @@ def _run(
                 U = subspace_step(U, cfg.subspace_lr)
             steps += 1
             since_change += 1
+            # a checkpoint within the pass (ia.checkpoint_every); the pass's last step has its own
+            last_of_pass = start + cfg.batch_size >= len(forget)
+            if cfg.checkpoint_every and steps % cfg.checkpoint_every == 0 and not last_of_pass:
+                checkpoints.record(model, epoch, steps)
+                reason = decide()
+                if reason is not None:
+                    break
         epochs_run = epoch
+        if reason is not None:
+            stopped = reason
+            break
         checkpoints.record(model, epoch, steps)
         if progress is not None:
             progress(f"ia: epoch {epoch}/{cfg.epochs} mia={history[-1]['mia_auc']}")
         if on_epoch is not None:
             on_epoch(epoch, cfg.epochs)
-        # the continuation (stop_at_unseen_level) never keeps the model as given: it failed its check
-        chosen = select_checkpoint(history, cfg.retain_tolerance, pick, start=int(cfg.stop_at_unseen_level))
-        if chosen != best:
-            since_change = 0
-        best = chosen
-        if cfg.max_steps and steps >= cfg.max_steps:
+        reason = decide()
+        if reason is not None:
+            stopped = reason
             break
-        if cfg.early_stopping and steps >= cfg.min_steps:
-            if within_target(history[best], cfg.stop_within, cfg.retain_tolerance):
-                stopped = "within_target"
-                break
-            if cfg.stop_at_unseen_level and at_unseen_level(history[best], cfg.retain_tolerance):
-                stopped = "at_unseen_level"
-                break
-            if 0 < cfg.patience <= since_change:
-                stopped = "patience"
-                break
     if not cfg.early_stopping:  # the last epoch is kept
         best = epochs_run
     restore(model, checkpoints.states[best])
@@ -257,6 +275,7 @@ def _run(
         steps=steps,
         stopped=stopped,
         best_epoch=history[best]["epoch"],
+        best_steps=history[best]["steps"],
         best_distance=history[best]["distance"],
         retain_baseline=checkpoints.baseline,
         mia_target=dict(target) if isinstance(target, Mapping) else float(target),

@@ -267,3 +267,30 @@ def test_the_monitor_reports_a_regression_tasks_standard_error() -> None:
     se = metric_standard_errors([task, ClassificationTask("c", 2)], out, batch)
     assert list(se) == ["x"]
     assert se["x"] == pytest.approx(task.metric_standard_error(out["x"], batch.labels["x"]))
+
+
+def test_checkpoints_within_a_pass_every_n_steps_and_early_stopping_reads_them() -> None:
+    """``ia.checkpoint_every``: on a large forget set a pass is many optimiser steps between two
+    checkpoints (scenes' full pool: 24). With it a checkpoint is also measured every N steps within
+    a pass, and early stopping may stop there; 0 keeps one checkpoint a pass."""
+    parts = partial_partitions()  # D_f: 6 rows; batch 2 → 3 steps a pass
+    heldout = ia_batch(10, 7, ["a", "b"])
+
+    def run(settings: dict[str, object]) -> dict[str, Any]:
+        cfg = IAConfig.from_settings({"lr": 5e-2, "epochs": 4, "batch_size": 2, **settings})
+        return interference_aware_unlearn(
+            ia_model(), tasks=TASKS, partitions=parts, heldout=heldout, cfg=cfg, seed=0, mia_target=0.5
+        )
+
+    assert [h["steps"] for h in run({})["history"]] == [0, 3, 6, 9, 12]
+    assert [h["steps"] for h in run({"checkpoint_every": 2})["history"]] == [0, 2, 3, 4, 6, 8, 9, 10, 12]
+    # any distance is "within" 10: the run stops at the first checkpoint after min_steps
+    per_pass = run({"stop_within": 10.0, "min_steps": 2})
+    within = run({"stop_within": 10.0, "min_steps": 2, "checkpoint_every": 2})
+    assert (per_pass["stopped"], per_pass["steps"]) == ("within_target", 3)
+    assert (within["stopped"], within["steps"]) == ("within_target", 2)
+    assert within["history"][-1]["epoch"] == 1  # measured during the first pass
+    # the kept checkpoint is named by its steps (a pass holds several checkpoints)
+    kept = [h for h in within["history"] if h["steps"] == within["best_steps"]]
+    assert len(kept) == 1
+    assert kept[0]["distance"] == within["best_distance"]
