@@ -60,7 +60,7 @@ def reference_forget_targets(
         return None, {"source": "labels", "reason": "no reference adapters for this model"}
     out = references.refs.out_mask(forget.subset.cpu(), dict(client_index))  # [K, N]
     active = [r for r, any_out in enumerate(out.any(dim=1).tolist()) if any_out]
-    if not active or len(forget) == 0:
+    if not active:  # also an empty forget set
         return None, {"source": "labels", "reason": "no reference that never saw the forgotten rows' clients"}
     outputs = [references.outputs(r, [("forget", forget)], device) for r in active]
     mask = out[active]

@@ -255,15 +255,13 @@ def _run(
                 if reason is not None:
                     break
         epochs_run = epoch
-        if reason is not None:
-            stopped = reason
-            break
-        checkpoints.record(model, epoch, steps)
-        if progress is not None:
-            progress(f"ia: epoch {epoch}/{cfg.epochs} mia={history[-1]['mia_auc']}")
-        if on_epoch is not None:
-            on_epoch(epoch, cfg.epochs)
-        reason = decide()
+        if reason is None:  # not stopped within the pass: the pass's own checkpoint
+            checkpoints.record(model, epoch, steps)
+            if progress is not None:
+                progress(f"ia: epoch {epoch}/{cfg.epochs} mia={history[-1]['mia_auc']}")
+            if on_epoch is not None:
+                on_epoch(epoch, cfg.epochs)
+            reason = decide()
         if reason is not None:
             stopped = reason
             break
