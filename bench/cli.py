@@ -128,6 +128,13 @@ def quality_main(argv: Sequence[str], prog: str) -> int:
         help="comma-separated methods whose rows get a twin LABEL+served, scored on what a round "
         "publishes: the acceptance check, its continuation, or the exact path (the second retrain)",
     )
+    parser.add_argument(
+        "--request-settings",
+        default=None,
+        metavar="FU,PU:TASK",
+        help="comma-separated settings to run (FU: per-client requests; PU:<task>: per-task), "
+        "default: the preset's",
+    )
     # the flags of the former ``python -m worker.unlearning.bench``
     parser.add_argument("--measure-workload", action="store_true", help="as `measure-workload`")
     parser.add_argument(
@@ -177,6 +184,9 @@ def quality_main(argv: Sequence[str], prog: str) -> int:
             extra_variants=variants,
             jobs=jobs,
             served=[m for m in args.served.split(",") if m],
+            request_settings=[s for s in args.request_settings.split(",") if s]
+            if args.request_settings
+            else None,
         )
     except WorkloadOptionsError as exc:
         parser.error(str(exc))

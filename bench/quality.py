@@ -38,6 +38,7 @@ import resource
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -173,6 +174,15 @@ def _settings_list(workload: Workload, settings: Sequence[str] | None) -> list[s
     if settings is not None:
         return list(settings)
     return ["FU", *[f"PU:{t.name}" for t in workload.tasks()]]
+
+
+def _chosen_settings(workload: Workload, wanted: Sequence[str]) -> tuple[str, ...]:
+    """``wanted`` checked against the workload's settings (``FU`` and ``PU:<task>``), in its order."""
+    known = _settings_list(workload, None)
+    unknown = [s for s in wanted if s not in known]
+    if unknown or not wanted:
+        raise ValueError(f"request settings {list(wanted)}: each must be one of {known}")
+    return tuple(s for s in known if s in wanted)
 
 
 def _stage_specs(setting: str, clients: Sequence[str], seed: int, stages: int) -> list[ForgetSpec]:
@@ -314,8 +324,25 @@ def _evaluate_seed(job: SeedJob, seed: int, setting: str | None = None) -> dict[
     }
 
 
-def _one_thread() -> None:
+def _seed_worker_init(parent: int) -> None:
+    """A seed process: one torch thread, and it exits when the bench that spawned it is gone
+    (a killed bench's workers would otherwise train on, orphaned, for the rest of their unit)."""
     torch.set_num_threads(1)
+    threading.Thread(target=exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def exit_with_parent(
+    parent: int, interval_s: float = 2.0, *, exit: Callable[[int], Any] = os._exit, checks: int | None = None
+) -> None:
+    """Poll every ``interval_s`` until the parent process ``parent`` is gone (this process was
+    re-parented), then ``exit(1)``. ``checks``: stop polling after that many (tests)."""
+    n = 0
+    while checks is None or n < checks:
+        if os.getppid() != parent:
+            exit(1)
+            return
+        n += 1
+        time.sleep(interval_s)
 
 
 def _evaluate_seeds(
@@ -340,7 +367,9 @@ def _evaluate_seeds(
         units = [(seed, name) for seed in seeds for name in names]
     if jobs > 1 and len(units) > 1:
         spawn = multiprocessing.get_context("spawn")  # not fork: the parent's torch threads
-        with ProcessPoolExecutor(min(jobs, len(units)), mp_context=spawn, initializer=_one_thread) as pool:
+        with ProcessPoolExecutor(
+            min(jobs, len(units)), mp_context=spawn, initializer=_seed_worker_init, initargs=(os.getpid(),)
+        ) as pool:
             futures = [pool.submit(_evaluate_seed, job, seed, name) for seed, name in units]
             for future in as_completed(futures):
                 done(future.result())
@@ -434,6 +463,7 @@ def run_bench(
     extra_variants: Mapping[str, tuple[str, Mapping[str, Any]]] | None = None,
     jobs: int = 1,
     served: Sequence[str] = (),
+    request_settings: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark; print a table (via ``echo``), write ``json_path``; return the JSON.
 
@@ -458,6 +488,9 @@ def run_bench(
     ``served``: methods whose every row gets a twin ``<label>+served``, scored on what a round
     publishes — the update after the engine's acceptance check and its continuation, or, where a
     check still fails, the exact path (the stage's second retrain): :func:`_serve`.
+    ``request_settings``: which of the protocol's settings run (``"FU"``, ``"PU:<task>"``; any of
+    the workload's), e.g. ``["FU"]`` where a larger pool makes every stage dear; default the
+    preset's.
 
     A workload may declare its own protocol for ``preset`` (:attr:`Workload.bench_protocols`:
     seeds, stages, settings, methods, tuned values, bench-only workload options); it replaces the
@@ -495,6 +528,12 @@ def run_bench(
         method_list = list(chosen.methods) if chosen.methods is not None else registered_methods()
     workloads = SeededWorkloads(workload, options)
     wl = workloads.of(seed_list[0])  # its default settings and name (the same for every seed)
+    # the tasks are the same for every seed
+    names = (
+        tuple(_settings_list(wl, chosen.settings))
+        if request_settings is None
+        else _chosen_settings(wl, request_settings)
+    )
     settings = fair_settings(
         wl.settings(deep_merge(chosen.overrides, settings_overrides or {})), chosen.anchor_fraction
     )
@@ -524,7 +563,6 @@ def run_bench(
             for v in list(variants)
             if v.method in served
         ]
-        names = tuple(_settings_list(wl, chosen.settings))  # the tasks are the same for every seed
         job = SeedJob(
             workloads, root, settings, chosen.stages, names, tuple(variants), references, second_retrain=True,
         )  # fmt: skip
@@ -571,7 +609,7 @@ def run_bench(
             "settings_overrides": dict(settings_overrides or {}),
             # the workload's own protocol for this preset (Workload.bench_protocols), or None
             "protocol": None if protocol is None else {"declared_by": wl.name, **_jsonable(protocol)},
-            "setting_names": list(chosen.settings) if chosen.settings is not None else None,
+            "setting_names": list(names),
             # methods with a tuning knob run with the workload's own settings (no tuned value)
             "untuned_methods": untuned,
             "jobs": min(jobs, len(seed_list)),

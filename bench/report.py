@@ -123,6 +123,7 @@ def format_table(result: Mapping[str, Any]) -> str:
     if protocol:
         lines.append(
             f"the {meta['preset']!r} protocol of {protocol['declared_by']}: {protocol.get('note', '')}"
+            + _departures(meta, protocol)
         )
     cpu = meta.get("cpu_s")
     lines.append(
@@ -130,6 +131,23 @@ def format_table(result: Mapping[str, Any]) -> str:
         + (f"; CPU {cpu:.0f}s over {meta.get('jobs', 1)} seed process(es)" if cpu is not None else "")
     )
     return "\n".join(lines)
+
+
+def _departures(meta: Mapping[str, Any], protocol: Mapping[str, Any]) -> str:
+    """What this run changed of its protocol (``--workload-option``, ``--request-settings``), so
+    that the protocol's note is not read as the run's."""
+    declared = dict(protocol.get("workload_options") or {})
+    used = dict(meta.get("workload_options") or {})
+    changed = [f"{k}={used[k]}" for k in sorted(used) if k in declared and used[k] != declared[k]]
+    changed += [f"{k}={used[k]}" for k in sorted(used) if k not in declared]
+    settings = meta.get("setting_names")
+    if (
+        settings is not None
+        and protocol.get("settings") is not None
+        and list(settings) != list(protocol["settings"])
+    ):
+        changed.append("settings " + ", ".join(settings))
+    return f". This run: {'; '.join(changed)}" if changed else ""
 
 
 def _earlier_line(earlier: Mapping[str, Mapping[str, Any]]) -> str:

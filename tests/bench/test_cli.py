@@ -117,3 +117,6 @@ def test_quality_passes_served_methods_to_the_bench(monkeypatch: pytest.MonkeyPa
     assert seen["served"] == ["default", "ia"]
     assert cli.main(["quality", "--no-plots"]) == 0
     assert seen["served"] == []
+    assert seen["request_settings"] is None
+    assert cli.main(["quality", "--request-settings", "FU,PU:shape", "--no-plots"]) == 0
+    assert seen["request_settings"] == ["FU", "PU:shape"]

@@ -296,3 +296,37 @@ def test_served_names_an_approximate_method_of_the_run() -> None:
         run_bench(
             "smoke", None, seeds=[3], workload=ToyWorkload(), methods=["ssd"], served=["default"], echo=None
         )
+
+
+def test_request_settings_run_only_the_chosen_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--request-settings FU``: a larger pool makes every stage dear, so a run can keep one
+    setting; the JSON names what ran."""
+    both = dataclasses.replace(PRESETS["smoke"], settings=None, stages=1)
+    monkeypatch.setitem(PRESETS, "both", both)
+    result = run_bench(
+        "both",
+        None,
+        seeds=[3],
+        workload=ToyWorkload(),
+        methods=["retrain"],
+        echo=None,
+        request_settings=["PU:kind"],
+    )
+    assert {r["setting"] for r in result["runs"]} == {"PU:kind"}
+    assert result["meta"]["setting_names"] == ["PU:kind"]
+
+
+def test_request_settings_must_be_the_workloads() -> None:
+    with pytest.raises(ValueError, match="request settings"):
+        run_bench("smoke", None, seeds=[3], workload=ToyWorkload(), request_settings=["PU:nope"], echo=None)
+
+
+def test_a_seed_process_exits_when_the_bench_is_gone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A killed bench's spawned seed processes were re-parented and trained on for minutes."""
+    exits: list[int] = []
+    monkeypatch.setattr(quality.os, "getppid", lambda: 4242)
+    quality.exit_with_parent(4242, 0.0, exit=exits.append, checks=3)  # the bench is alive
+    assert exits == []
+    monkeypatch.setattr(quality.os, "getppid", lambda: 1)  # re-parented: the bench is gone
+    quality.exit_with_parent(4242, 0.0, exit=exits.append, checks=3)
+    assert exits == [1]
