@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -324,9 +325,9 @@ def test_request_settings_must_be_the_workloads() -> None:
 def test_a_seed_process_exits_when_the_bench_is_gone(monkeypatch: pytest.MonkeyPatch) -> None:
     """A killed bench's spawned seed processes were re-parented and trained on for minutes."""
     exits: list[int] = []
-    monkeypatch.setattr(quality.os, "getppid", lambda: 4242)
+    monkeypatch.setattr(os, "getppid", lambda: 4242)
     quality.exit_with_parent(4242, 0.0, exit=exits.append, checks=3)  # the bench is alive
     assert exits == []
-    monkeypatch.setattr(quality.os, "getppid", lambda: 1)  # re-parented: the bench is gone
+    monkeypatch.setattr(os, "getppid", lambda: 1)  # re-parented: the bench is gone
     quality.exit_with_parent(4242, 0.0, exit=exits.append, checks=3)
     assert exits == [1]
