@@ -138,8 +138,12 @@ def _departures(meta: Mapping[str, Any], protocol: Mapping[str, Any]) -> str:
     that the protocol's note is not read as the run's."""
     declared = dict(protocol.get("workload_options") or {})
     used = dict(meta.get("workload_options") or {})
-    changed = [f"{k}={used[k]}" for k in sorted(used) if k in declared and used[k] != declared[k]]
-    changed += [f"{k}={used[k]}" for k in sorted(used) if k not in declared]
+    # the protocol's own options that the run changed first, then options it added
+    changed = [
+        f"{k}={used[k]}"
+        for k in sorted(used, key=lambda k: (k not in declared, k))
+        if k not in declared or used[k] != declared[k]
+    ]
     settings = meta.get("setting_names")
     if (
         settings is not None
