@@ -21,7 +21,8 @@ def ia_target(method_info: Any) -> Mapping[str, Any] | None:
 def ia_steps(method_info: Any) -> Mapping[str, Any] | None:
     """What the interference-aware stage's update ran: optimiser steps, passes over D_f, what ended
     it (``stopped``), the kept checkpoint (its pass, steps and distance), and per checkpoint its
-    steps and distance to the target (``None`` for a method without that stage). Read as
+    steps, distance to the target and retain drop (early stopping keeps only checkpoints within
+    ``ia.retain_tolerance`` of it) (``None`` for a method without that stage). Read as
     :func:`ia_target` reads the target."""
     if not isinstance(method_info, Mapping):
         return None
@@ -37,7 +38,7 @@ def ia_steps(method_info: Any) -> Mapping[str, Any] | None:
         "best_steps": stage.get("best_steps"),
         "best_distance": stage.get("best_distance"),
         "checkpoints": [
-            {"steps": h.get("steps"), "distance": h.get("distance")}
+            {"steps": h.get("steps"), "distance": h.get("distance"), "retain_drop": h.get("retain_drop")}
             for h in history
             if isinstance(h, Mapping)
         ],

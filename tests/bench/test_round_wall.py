@@ -56,3 +56,8 @@ def test_reference_adapters_are_prepared_with_the_model_and_read_by_every_round(
     assert row["target"]["source"] == "references"
     assert row["target"]["wall_s"] > 0
     assert row["update"]["steps"] == row["update"]["checkpoints"][-1]["steps"] > 0
+    # each checkpoint's retain drop from the pre-request model, what decides whether early
+    # stopping may keep it
+    drops = [c["retain_drop"] for c in row["update"]["checkpoints"]]
+    assert len(drops) >= 2
+    assert all(isinstance(d, float) and -1 <= d <= 1 for d in drops)

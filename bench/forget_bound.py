@@ -1,0 +1,159 @@
+"""How often an exact retrain passes the acceptance check's forget bound, with the unseen-data level
+taken as exact (one-sample, the bound before 5 Dec 2026) and with its own noise (two-sample,
+``acceptance.unseen_noise``): the calibration of the forget bound (docs/methods.md, "The forget
+bound's noise").
+
+``python -m bench.forget_bound --workload scenes --preset quick --workload-option
+samples_per_client=1500 --seeds 0,1,2,3 --json bench-results/forget-bound-scenes1500.json``
+
+Per worker seed (the frozen base and the data, as ``lethe bench`` builds them): v1 on every
+client's data, and per client an exact retrain without it (the exact path of a per-client request
+for that client, from another adapter seed). The acceptance check then judges each retrain against
+v1 as a round judges its exact path (:func:`worker.unlearning.acceptance.check`, the client's rows
+with every task forgotten), once per bound. An exact retrain is a correct unlearning: every
+forgotten task whose bound it fails is a false alarm. The same check of v1 itself (no unlearning)
+shows what the bound still catches: the client-tasks v1 had memorised beyond it. The reference
+adapters' allowance (``acceptance.reference_allowance``) is left out: it only raises a failed bound,
+so the false alarms counted here are an upper bound of a round's. One torch thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.quality import workload_protocol
+from bench.seeded_workloads import SeededWorkloads
+from worker.unlearning import acceptance
+from worker.unlearning.audit import model_outputs
+from worker.unlearning.datastore import DataStore
+from worker.unlearning.engine import ensure_base
+from worker.unlearning.partitions import retain_set
+from worker.unlearning.runtime import runtime_environment
+from worker.unlearning.state import RoundState
+from worker.unlearning.training import TrainConfig, train_v1
+
+BOUNDS = {"one_sample": False, "two_sample": True}  # name → acceptance.unseen_noise
+
+
+def _forget_checks(checks: Sequence[acceptance.Check]) -> dict[str, acceptance.Check]:
+    """The forget-bound checks of one request, by task."""
+    n = len(acceptance.FORGET_BOUND)
+    return {c.what[n:]: c for c in checks if c.what.startswith(acceptance.FORGET_BOUND)}
+
+
+def measure_seed(workloads: SeededWorkloads, seed: int, root: Path, clients: int) -> dict[str, Any]:
+    workload = workloads.of(seed)
+    settings = workload.settings({})
+    store = DataStore.materialise(root / f"data-{seed}", workload)
+    base = ensure_base(workload, root / f"base-{seed}", settings, seed)
+    tasks = workload.tasks()
+    names = [t.name for t in tasks]
+    client_index = store.client_index()
+    data = retain_set(store.client_data(), None, tasks=names, client_index=client_index,
+                      state=RoundState(version=1))  # fmt: skip
+    heldout = store.heldout().to_batch(client_index)
+    cfg = TrainConfig.from_settings(settings)
+    v1 = train_v1(base, data, tasks, cfg, seed=seed)
+    out = model_outputs(v1, heldout.inputs)  # v1's held-out level, as the round state keeps it
+    original_val = {t.name: float(t.metric(out[t.name], heldout.labels[t.name])) for t in tasks}
+    empty = data.select(torch.zeros(0, dtype=torch.long))
+    judged_as = settings.get("acceptance", {})  # as a round judges, one bound at a time
+    configs = {
+        name: acceptance.AcceptanceConfig.from_settings({**judged_as, "unseen_noise": noise})
+        for name, noise in BOUNDS.items()
+    }
+    rows = []
+    for position, client in enumerate(store.active_clients[:clients]):
+        t0 = time.perf_counter()
+        mine = data.subset == client_index[client]
+        forget = data.select(torch.nonzero(mine).flatten())
+        without = data.select(torch.nonzero(~mine).flatten())
+        retrained = train_v1(base, without, tasks, cfg, seed=seed + 1000 * (position + 1))
+        groups = acceptance.Groups(forget=forget, kept=empty, retained=empty, heldout=heldout)
+        row: dict[str, Any] = {"client": client, "retrain_s": round(time.perf_counter() - t0, 1)}
+        for name, ac in configs.items():
+            for label, after in (("retrain", retrained), ("v1", v1)):
+                judged = acceptance.check(v1, after, groups, tasks, names, ac, original_val=original_val)
+                row[f"{label}_{name}"] = {
+                    task: {"ok": c.ok, "margin": None if c.margin != c.margin else round(c.margin, 5),
+                           "memorised": not c.detail.endswith("(nothing to show)"), "detail": c.detail}
+                    for task, c in _forget_checks(judged).items()
+                }  # fmt: skip
+        rows.append(row)
+        print(json.dumps({k: (v if not isinstance(v, dict) else {t: x["ok"] for t, x in v.items()})
+                          for k, v in row.items()}), flush=True)  # fmt: skip
+    return {"seed": seed, "heldout_rows": len(heldout), "clients": rows}
+
+
+def summary(seeds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per bound: client-tasks, the exact retrains' false alarms (a forget bound failed) and the
+    client-tasks v1 itself fails (what the bound still catches without unlearning)."""
+    out: dict[str, Any] = {}
+    for name in BOUNDS:
+        retrain = [c for s in seeds for r in s["clients"] for c in r[f"retrain_{name}"].values()]
+        v1 = [c for s in seeds for r in s["clients"] for c in r[f"v1_{name}"].values()]
+        out[name] = {
+            "client_tasks": len(retrain),
+            "retrain_failed": sum(not c["ok"] for c in retrain),
+            "v1_caught": sum(not c["ok"] for c in v1),
+        }
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.forget_bound", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--workload", default="digits-clients")
+    parser.add_argument(
+        "--preset",
+        help="the preset's bench-only workload options (quick: scenes' smaller pool, as lethe bench uses)",
+    )
+    parser.add_argument("--workload-option", action="append", default=[], metavar="KEY=JSON",
+                        help="a workload option over the preset's, e.g. samples_per_client=1500")  # fmt: skip
+    parser.add_argument("--seeds", default="0,1,2,3")
+    parser.add_argument("--clients", type=int, default=8, help="clients per seed, each with its own retrain")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    if args.clients < 1:
+        parser.error("--clients must be >= 1")
+    torch.set_num_threads(1)
+    protocol = workload_protocol(args.workload, args.preset) if args.preset else None
+    options = dict(protocol.workload_options) if protocol is not None else {}
+    for item in args.workload_option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--workload-option {item!r}: expected KEY=JSON")
+        options[key] = json.loads(value)
+    workloads = SeededWorkloads(args.workload, options)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="lethe-forget-bound-") as tmp:
+        for seed in (int(s) for s in args.seeds.split(",")):
+            results.append(measure_seed(workloads, seed, Path(tmp), args.clients))
+    out = {
+        "workload": args.workload,
+        "preset": args.preset,
+        "workload_options": options,
+        "environment": runtime_environment(),
+        "summary": summary(results),
+        "seeds": results,
+    }
+    for name, s in out["summary"].items():
+        print(f"{name}: exact retrains failing a forget bound {s['retrain_failed']}/{s['client_tasks']} "
+              f"client-tasks; v1 (no unlearning) caught {s['v1_caught']}/{s['client_tasks']}")  # fmt: skip
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""``bench.forget_bound`` (docs/methods.md, "The forget bound's noise") on the toy workload: per
+client an exact retrain and v1 judged by the acceptance check's forget bound, one-sample and
+two-sample."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import forget_bound
+from bench.seeded_workloads import SeededWorkloads
+from worker.unlearning.workloads.toy import ToyWorkload
+
+
+def test_every_client_task_is_judged_and_the_two_sample_bound_only_widens(tmp_path: Path) -> None:
+    wl = ToyWorkload(num_clients=3, per_client=12)
+    result = forget_bound.measure_seed(SeededWorkloads(wl), 0, tmp_path, clients=2)
+    assert [r["client"] for r in result["clients"]] == ["u0", "u1"]
+    tasks = {t.name for t in wl.tasks()}
+    for row in result["clients"]:
+        for key in ("retrain_one_sample", "retrain_two_sample", "v1_one_sample", "v1_two_sample"):
+            assert set(row[key]) == tasks
+        for task in tasks:
+            one, two = row["retrain_one_sample"][task], row["retrain_two_sample"][task]
+            assert not (one["ok"] and not two["ok"])  # what passes the one-sample bound passes both
+            assert "SE of the difference" in two["detail"]
+            assert "SE of the difference" not in one["detail"]
+            # v1 judged against itself: it fails exactly where it had memorised the client
+            v1 = row["v1_two_sample"][task]
+            assert v1["ok"] is not v1["memorised"]
+    counts = forget_bound.summary([result])
+    assert counts["one_sample"]["client_tasks"] == counts["two_sample"]["client_tasks"] == 2 * len(tasks)
+    assert counts["two_sample"]["retrain_failed"] <= counts["one_sample"]["retrain_failed"]
+    assert counts["two_sample"]["v1_caught"] <= counts["one_sample"]["v1_caught"]
+
+
+def test_cli_writes_the_json_with_its_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    built = []
+
+    def toy(name: str, options: dict[str, object]) -> SeededWorkloads:
+        built.append((name, options))
+        return SeededWorkloads(ToyWorkload(num_clients=3, per_client=12))
+
+    monkeypatch.setattr(forget_bound, "SeededWorkloads", toy)
+    out = tmp_path / "bound.json"
+    argv = ["--seeds", "0", "--clients", "1", "--workload-option", "per_client=12", "--json", str(out)]
+    assert forget_bound.main(argv) == 0
+    data = json.loads(out.read_text())
+    assert [s["seed"] for s in data["seeds"]] == [0]
+    assert set(data["summary"]) == {"one_sample", "two_sample"}
+    assert "cpu_capability" in data["environment"]
+    assert built == [("digits-clients", {"per_client": 12})]
+    with pytest.raises(SystemExit):
+        forget_bound.main(["--clients", "0"])
+    with pytest.raises(SystemExit):
+        forget_bound.main(["--workload-option", "no-equals-sign"])
