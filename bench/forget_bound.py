@@ -19,7 +19,6 @@ so the false alarms counted here are an upper bound of a round's. One torch thre
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from typing import Any
 
 import torch
 
-from bench.quality import workload_protocol
+from bench.calibration_cli import calibration_parser, seeds, workload_options, write_json
 from bench.seeded_workloads import SeededWorkloads
 from worker.unlearning import acceptance
 from worker.unlearning.audit import model_outputs
@@ -110,33 +109,17 @@ def summary(seeds: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.forget_bound", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--workload", default="digits-clients")
-    parser.add_argument(
-        "--preset",
-        help="the preset's bench-only workload options (quick: scenes' smaller pool, as lethe bench uses)",
-    )
-    parser.add_argument("--workload-option", action="append", default=[], metavar="KEY=JSON",
-                        help="a workload option over the preset's, e.g. samples_per_client=1500")  # fmt: skip
-    parser.add_argument("--seeds", default="0,1,2,3")
+    parser = calibration_parser("python -m bench.forget_bound", __doc__)
     parser.add_argument("--clients", type=int, default=8, help="clients per seed, each with its own retrain")
-    parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.clients < 1:
         parser.error("--clients must be >= 1")
     torch.set_num_threads(1)
-    protocol = workload_protocol(args.workload, args.preset) if args.preset else None
-    options = dict(protocol.workload_options) if protocol is not None else {}
-    for item in args.workload_option:
-        key, sep, value = item.partition("=")
-        if not sep:
-            parser.error(f"--workload-option {item!r}: expected KEY=JSON")
-        options[key] = json.loads(value)
+    options = workload_options(parser, args)
     workloads = SeededWorkloads(args.workload, options)
     results = []
     with tempfile.TemporaryDirectory(prefix="lethe-forget-bound-") as tmp:
-        for seed in (int(s) for s in args.seeds.split(",")):
+        for seed in seeds(args):
             results.append(measure_seed(workloads, seed, Path(tmp), args.clients))
     out = {
         "workload": args.workload,
@@ -149,9 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, s in out["summary"].items():
         print(f"{name}: exact retrains failing a forget bound {s['retrain_failed']}/{s['client_tasks']} "
               f"client-tasks; v1 (no unlearning) caught {s['v1_caught']}/{s['client_tasks']}")  # fmt: skip
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
+    write_json(args.json, out)
     return 0
 
 

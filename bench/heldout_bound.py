@@ -15,8 +15,6 @@ correct unlearning: every pair it fails is a false alarm of the check. One torch
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -27,7 +25,7 @@ from typing import Any
 
 import torch
 
-from bench.quality import workload_protocol
+from bench.calibration_cli import calibration_parser, seeds, workload_options, write_json
 from bench.seeded_workloads import SeededWorkloads
 from worker.unlearning import acceptance
 from worker.unlearning.audit import model_outputs
@@ -101,26 +99,17 @@ def measure_seed(workloads: SeededWorkloads, seed: int, runs: int, root: Path) -
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.heldout_bound", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--workload", default="digits-clients")
-    parser.add_argument(
-        "--preset",
-        help="the preset's bench-only workload options (quick: scenes' smaller pool, as lethe bench uses)",
-    )
-    parser.add_argument("--seeds", default="0,1,2,3")
+    parser = calibration_parser("python -m bench.heldout_bound", __doc__)
     parser.add_argument("--runs", type=int, default=10, help="adapters per side (v1s, retrains) and seed")
-    parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be >= 1")
     torch.set_num_threads(1)
-    protocol = workload_protocol(args.workload, args.preset) if args.preset else None
-    options = dict(protocol.workload_options) if protocol is not None else {}
+    options = workload_options(parser, args)
     workloads = SeededWorkloads(args.workload, options)
     results = []
     with tempfile.TemporaryDirectory(prefix="lethe-heldout-bound-") as tmp:
-        for seed in (int(s) for s in args.seeds.split(",")):
+        for seed in seeds(args):
             t0 = time.perf_counter()
             result = measure_seed(workloads, seed, args.runs, Path(tmp))
             results.append(result)
@@ -138,9 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "environment": runtime_environment(),
         "seeds": results,
     }
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
+    write_json(args.json, out)
     return 0
 
 
