@@ -227,14 +227,14 @@ def test_a_failed_forget_bound_asks_the_out_references_and_the_evidence_says_wha
 
     monkeypatch.setattr(engine, "out_reference_targets", counted)
     # every forget bound passes (a bound far above any accuracy): the references are not asked
-    monkeypatch.setattr(acceptance, "unseen_bound", lambda unseen, n, z=2.0, se=None: unseen + 10.0)
+    monkeypatch.setattr(acceptance, "unseen_bound", lambda unseen, *_, **__: unseen + 10.0)
     passing = one_client_round(
         wl, tmp_path, TOY, client="u2", method="original", refs=tmp_path / "refs", out="a"
     )
     assert "reference_allowance" not in passing["acceptance"]
     assert asked == []
     # every forget bound fails (a bound far below any accuracy): the references are asked, once
-    monkeypatch.setattr(acceptance, "unseen_bound", lambda unseen, n, z=2.0, se=None: unseen - 10.0)
+    monkeypatch.setattr(acceptance, "unseen_bound", lambda unseen, *_, **__: unseen - 10.0)
     failing = one_client_round(
         wl, tmp_path, TOY, client="u2", method="original", refs=tmp_path / "refs", out="b"
     )
