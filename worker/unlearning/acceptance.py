@@ -248,7 +248,7 @@ class AcceptanceConfig:
     # the unseen-data level is a measurement too (the held-out rows: 1,800 on scenes against a
     # forget set of 1,500): the forget bound is z standard errors of the difference of the two
     # means (a two-sample bound). False: the level as exact (the bound before 5 Dec 2026), which
-    # exact retrains failed on 6 of 168 scenes client-tasks (two-sample: 2; docs/methods.md,
+    # exact retrains failed on 12 of 216 scenes client-tasks (two-sample: 6; docs/methods.md,
     # "The forget bound's noise")
     unseen_noise: bool = True
 
