@@ -83,10 +83,9 @@ def measure_seed(workloads: SeededWorkloads, seed: int, root: Path, clients: int
             for label, after in (("retrain", retrained), ("v1", v1)):
                 judged = acceptance.check(v1, after, groups, tasks, names, ac, original_val=original_val)
                 row[f"{label}_{name}"] = {
-                    task: {"ok": c.ok, "margin": None if c.margin != c.margin else round(c.margin, 5),
-                           "memorised": not c.detail.endswith("(nothing to show)"), "detail": c.detail}
+                    task: {**c.to_json(), "memorised": not acceptance.nothing_to_show(c)}
                     for task, c in _forget_checks(judged).items()
-                }  # fmt: skip
+                }
         rows.append(row)
         print(json.dumps({k: (v if not isinstance(v, dict) else {t: x["ok"] for t, x in v.items()})
                           for k, v in row.items()}), flush=True)  # fmt: skip

@@ -51,6 +51,8 @@ FORGET_NOISE_Z = 2.0
 HELDOUT_TOLERANCE = 0.05
 #: what a forgotten task's forget-bound check is called (followed by the task's name)
 FORGET_BOUND = "forgotten: forget set, "
+#: how a forget check whose old version was already at the bound ends its detail
+NOTHING_TO_SHOW = "(nothing to show)"
 
 
 @dataclass(frozen=True)
@@ -105,16 +107,17 @@ def unseen_bound(
     ``unseen_se``: the standard error of the unseen-data level itself (it is measured on a sample
     too: :func:`level_standard_error`); given, the bound is a two-sample one, z standard errors of
     the difference of the two means (√(se² + unseen_se²)); ``None`` or NaN: the level as exact."""
-    own = _se(unseen, n, z) if se is None or math.isnan(se) else se
+    own = level_standard_error(unseen, n, z, se)
     if unseen_se is not None and not math.isnan(unseen_se):
         own = math.hypot(own, unseen_se)
     return unseen + z * own
 
 
 def level_standard_error(unseen: float, n: int, z: float = FORGET_NOISE_Z, se: float | None = None) -> float:
-    """The standard error of an unseen-data level measured on ``n`` held-out rows: ``se`` (a metric
-    that is not a proportion: :func:`metric_standard_error` on those rows), else a proportion's at
-    ``unseen`` over n. NaN without rows."""
+    """The standard error of a metric at level ``unseen`` measured on ``n`` rows (the forget set's,
+    or the held-out rows' for the unseen-data level itself): ``se`` (a metric that is not a
+    proportion: :func:`metric_standard_error` on those rows), else a proportion's at ``unseen``
+    over n. NaN without rows."""
     if n <= 0 or math.isnan(unseen):
         return math.nan
     return _se(unseen, n, z) if se is None or math.isnan(se) else se
@@ -157,8 +160,14 @@ def forget_check(
     level = f"unseen-data level {fmt(unseen)} + {z:g} {of} (n={n}){extra}"
     detail = f"{fmt(before)} → {fmt(after)}; {level} = {fmt(bound)}"
     if before <= bound:
-        return Check(what, False, detail + ": the old version had not memorised it (nothing to show)")
+        return Check(what, False, f"{detail}: the old version had not memorised it {NOTHING_TO_SHOW}")
     return Check(what, after <= bound, detail, margin=bound - after)
+
+
+def nothing_to_show(check: Check) -> bool:
+    """Whether a forget check found its group not memorised by the old version (already at or
+    below the bound): nothing to forget, whatever the new model does."""
+    return check.detail.endswith(NOTHING_TO_SHOW)
 
 
 def paired_standard_error(before: torch.Tensor, after: torch.Tensor) -> float:
@@ -365,25 +374,23 @@ def check(
         if task.name not in forget_tasks:
             continue
         (acc_b, n), (acc_a, _) = sb["forget"].metric(task), sa["forget"].metric(task)
-        val_a, _ = sa["heldout"].metric(task)
+        val_a, n_unseen = sa["heldout"].metric(task)
         known = [v for v in (original.get(task.name, math.nan), val_a) if not math.isnan(v)]
         unseen = min(known, default=math.nan)
         what = f"{FORGET_BOUND}{task.name}"
         se = sa["forget"].standard_error(task)
         unseen_se = None
         if cfg.unseen_noise:
-            _, n_unseen = sa["heldout"].metric(task)
             own = sa["heldout"].standard_error(task)
             unseen_se = level_standard_error(unseen, n_unseen, cfg.forget_z, own)
         c = forget_check(what, acc_b, acc_a, n, unseen, cfg.forget_z, se=se, unseen_se=unseen_se)
-        memorised = not c.detail.endswith("(nothing to show)")
-        if not c.ok and memorised and allowance is not None and cfg.reference_allowance:
+        if not c.ok and not nothing_to_show(c) and allowance is not None and cfg.reference_allowance:
             raised = float(allowance().get(task.name, 0.0))
             if raised > 0:
                 c = forget_check(
                     what, acc_b, acc_a, n, unseen, cfg.forget_z, allowance=raised, se=se, unseen_se=unseen_se
                 )
-        if not c.ok and c.detail.endswith("(nothing to show)"):
+        if not c.ok and nothing_to_show(c):
             c = Check(c.what, True, c.detail, margin=c.margin)  # nothing memorised: nothing to forget
         out.append(c)
     for task in tasks:
