@@ -38,7 +38,12 @@ def ia_steps(method_info: Any) -> Mapping[str, Any] | None:
         "best_steps": stage.get("best_steps"),
         "best_distance": stage.get("best_distance"),
         "checkpoints": [
-            {"steps": h.get("steps"), "distance": h.get("distance"), "retain_drop": h.get("retain_drop")}
+            {
+                "steps": h.get("steps"),
+                "distance": h.get("distance"),
+                "retain_drop": h.get("retain_drop"),
+                "retain_gate": h.get("retain_gate"),
+            }
             for h in history
             if isinstance(h, Mapping)
         ],

@@ -61,3 +61,5 @@ def test_reference_adapters_are_prepared_with_the_model_and_read_by_every_round(
     drops = [c["retain_drop"] for c in row["update"]["checkpoints"]]
     assert len(drops) >= 2
     assert all(isinstance(d, float) and -1 <= d <= 1 for d in drops)
+    # and what the gate judged: the same drop without ``ia.retain_noise_z``
+    assert [c["retain_gate"] for c in row["update"]["checkpoints"]] == drops

@@ -19,7 +19,14 @@ from torch import Tensor, nn
 
 from worker.unlearning.acceptance import metric_standard_error, unseen_bound
 from worker.unlearning.audit import mia_from_outputs, model_outputs
-from worker.unlearning.interference.retain import kept_deviation, retain_accuracy, retain_drop, task_accuracy
+from worker.unlearning.interference.retain import (
+    RetainLevel,
+    kept_deviation,
+    retain_drop,
+    retain_level,
+    retain_noise,
+    task_accuracy,
+)
 from worker.unlearning.interference.targets import ReferenceTarget, reference_distance
 from worker.unlearning.lora import Forward
 from worker.unlearning.types import Batch, TaskSpec, cat_inputs, inputs_to
@@ -68,6 +75,8 @@ class Measured:
     heldout_accuracy: dict[str, float]  # forgotten task → accuracy on the held-out rows
     # forgotten task → the standard error of its D_f metric, for a metric that is not a proportion
     forget_standard_error: dict[str, float] = field(default_factory=dict)
+    # the per-row scores behind ``accuracy`` (:class:`RetainLevel`; the retain gate's noise term)
+    retain_rows: dict[str, Tensor] = field(default_factory=dict)
 
 
 class Monitor:
@@ -100,9 +109,11 @@ class Monitor:
         out = model_outputs(model, self.inputs, forward=self.forward)
         parts = {k: torch.split(v, self.sizes) for k, v in out.items()}
         f_out, v_out, c_out = ({k: p[i] for k, p in parts.items()} for i in range(3))
+        retained = retain_level(self.tasks, c_out, self.check, self.forget.sample_ids, self.anchor_ids)
         return Measured(
             aucs=mia_from_outputs(self.forget_tasks, f_out, self.forget, v_out, self.heldout),
-            accuracy=retain_accuracy(self.tasks, c_out, self.check, self.forget.sample_ids, self.anchor_ids),
+            accuracy=retained.accuracy,
+            retain_rows=retained.rows,
             forget_accuracy=task_accuracy(self.forget_tasks, f_out, self.forget),
             heldout_accuracy=task_accuracy(self.forget_tasks, v_out, self.heldout),
             forget_standard_error=metric_standard_errors(self.forget_tasks, f_out, self.forget),
@@ -139,11 +150,12 @@ def select_checkpoint(
     history: Sequence[Mapping[str, Any]], tolerance: float, pick: str = "closest", start: int = 0
 ) -> int:
     """The index in ``history`` early stopping keeps: among the checkpoints whose ``retain_drop``
-    is within ``tolerance``, the one whose MIA ``distance`` to the target is smallest (earliest on
-    ties) — among those whose ``forget_excess`` is ≤ 0 (forget-set accuracy at the unseen-data
-    level) when there are any, and with ``pick="earliest"`` the first of those; when none is
-    within the tolerance, the one with the smallest drop. A checkpoint without a distance ranks
-    after those with one. ``start``: the first index that may be kept (1: never the model as given,
+    (its ``retain_gate`` where recorded: the drop less the rows' noise) is within ``tolerance``,
+    the one whose MIA ``distance`` to the target is smallest (earliest on ties) — among those
+    whose ``forget_excess`` is ≤ 0 (forget-set accuracy at the unseen-data level) when there are
+    any, and with ``pick="earliest"`` the first of those; when none is within the tolerance, the
+    one with the smallest ``retain_drop``. A checkpoint without a distance ranks after those with
+    one. ``start``: the first index that may be kept (1: never the model as given,
     ``ia.stop_at_unseen_level``'s continuation of a model that failed its check); the last
     checkpoint when ``history`` has no other."""
     start = min(start, len(history) - 1)
@@ -159,6 +171,8 @@ def select_checkpoint(
         return forgotten[0] if pick == "earliest" else min(forgotten, key=closeness)
     if within:
         return min(within, key=closeness)
+    # the least damaged as measured: the noise allowance grows with how many rows changed, so
+    # among checkpoints that all fail the gate it would favour the most changed one
     return min(candidates, key=lambda i: (history[i]["retain_drop"], *closeness(i)))
 
 
@@ -169,16 +183,25 @@ def at_unseen_level(checkpoint: Mapping[str, Any], retain_tolerance: float) -> b
     return excess is not None and float(excess) <= 0 and within_tolerance(checkpoint, retain_tolerance)
 
 
+def gated_drop(checkpoint: Mapping[str, Any]) -> float:
+    """What the retain gate judges: ``checkpoint``'s ``retain_gate`` (its drop less each task's
+    noise allowance, ``ia.retain_noise_z``) where recorded, else its ``retain_drop``."""
+    return float(checkpoint.get("retain_gate", checkpoint["retain_drop"]))
+
+
 def within_tolerance(checkpoint: Mapping[str, Any], retain_tolerance: float) -> bool:
-    """Whether ``checkpoint``'s ``retain_drop`` is within the retain tolerance."""
-    return float(checkpoint["retain_drop"]) <= retain_tolerance + 1e-12
+    """Whether ``checkpoint``'s :func:`gated_drop` is within the retain tolerance."""
+    return gated_drop(checkpoint) <= retain_tolerance + 1e-12
 
 
 class Checkpoints:
     """The model after every epoch (epoch 0: as given): what the :class:`Monitor` measured, and a
     copy of the updated parameters, so that early stopping can restore the one it keeps.
 
-    ``retain_baseline``: the accuracy the retain drop is measured from (``None``: epoch 0's)."""
+    ``retain_baseline``: the accuracy the retain drop is measured from, with its per-row scores
+    (``None``: epoch 0's). ``retain_noise_z``: the retain gate's noise term (``ia.retain_noise_z``;
+    each checkpoint's ``retain_gate`` is its drop less that many standard errors of each task's
+    paired change from the baseline's rows, its ``retain_drop`` the drop as measured)."""
 
     def __init__(
         self,
@@ -187,13 +210,14 @@ class Checkpoints:
         *,
         target: float | Mapping[str, float],
         default_target: float,
-        retain_baseline: Mapping[str, float] | None,
+        retain_baseline: RetainLevel | None,
         task_distance: str = "mean",
         forget_accuracy_z: float = 0.0,
         kept_two_sided: bool = False,
         reference: ReferenceTarget | None = None,
         kept_level: bool = False,
         relative_drop: bool = False,
+        retain_noise_z: float = 0.0,
     ) -> None:
         self.monitor, self.params = monitor, dict(params)
         self.reference = reference
@@ -202,8 +226,10 @@ class Checkpoints:
         self.kept_two_sided = kept_two_sided
         self.kept_level = kept_level
         self.relative_drop = relative_drop
+        self.retain_noise_z = retain_noise_z
         self.measure_baseline = retain_baseline is None
-        self.baseline: dict[str, float] = dict(retain_baseline or {})
+        self.baseline: dict[str, float] = dict(retain_baseline.accuracy if retain_baseline else {})
+        self.baseline_rows: dict[str, Tensor] = dict(retain_baseline.rows if retain_baseline else {})
         self.history: list[dict[str, Any]] = []
         self.states: list[dict[str, Tensor]] = []
 
@@ -211,6 +237,7 @@ class Checkpoints:
         m = self.monitor(model)
         if not self.history and self.measure_baseline:
             self.baseline.update(m.accuracy)
+            self.baseline_rows.update(m.retain_rows)
         excess = None
         if self.forget_accuracy_z > 0:
             excess = forget_excess(
@@ -220,6 +247,12 @@ class Checkpoints:
                 self.forget_accuracy_z,
                 m.forget_standard_error,
             )
+        noise = retain_noise(self.baseline_rows, m.retain_rows, self.retain_noise_z)
+
+        def drop(allowance: Mapping[str, float] | None = None) -> float:
+            return retain_drop(m.accuracy, self.baseline, kept_two_sided=self.kept_two_sided,
+                               relative=self.relative_drop, noise=allowance)  # fmt: skip
+
         self.history.append(
             {
                 "epoch": epoch,
@@ -230,9 +263,8 @@ class Checkpoints:
                 "heldout_accuracy": m.heldout_accuracy,
                 "forget_excess": excess,
                 "retain_accuracy": m.accuracy,
-                "retain_drop": retain_drop(
-                    m.accuracy, self.baseline, kept_two_sided=self.kept_two_sided, relative=self.relative_drop
-                ),
+                "retain_drop": drop(),
+                "retain_gate": drop(noise),
             }
         )
         self.states.append({n: p.detach().clone() for n, p in self.params.items()})

@@ -104,6 +104,11 @@ class IAConfig:
     # admits a 45 % larger error at 0.05) | "relative" (a share of the pre-request metric's
     # magnitude, each task on its own scale)
     retain_tolerance_scale: Literal["absolute", "relative"] = "absolute"
+    # deviation (docs/methods.md, "The retain gate's noise"): each task's drop may also exceed the
+    # tolerance by this many standard errors of its paired change over the check rows (the
+    # acceptance check's held-out bound has the same term): on 256 rows a drop of 14 rows (0.0547)
+    # discarded the checkpoint that a drop of 13 would have kept; 0 = the tolerance alone
+    retain_noise_z: NonNegative = 0.0
     check_size: Count = 256  # retain check rows (a seeded subset, see ``check_rows``)
     # where they come from: "anchor" (the retain partitions, which the update trains on),
     # "outside_anchor" (retained instances outside the anchor and X_f: training data of the model

@@ -1,16 +1,20 @@
 """The retain check of early stopping: which rows, and each task's accuracy on them.
 
 Deviation (docs/methods.md): early stopping keeps only checkpoints whose accuracy on these rows
-dropped by at most ``IAConfig.retain_tolerance`` from the pre-request model.
+dropped by at most ``IAConfig.retain_tolerance`` from the pre-request model — plus, with
+``IAConfig.retain_noise_z``, that many standard errors of each task's paired change over the rows.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from worker.unlearning.acceptance import paired_standard_error
 from worker.unlearning.audit import merge_rows, model_outputs
 from worker.unlearning.interference.config import IAConfig
 from worker.unlearning.partitions import id_mask
@@ -58,6 +62,45 @@ KEPT_OF_FORGOTTEN = " (kept tasks of X_f)"
 OUTSIDE_ANCHOR = " (outside the anchor)"
 
 
+@dataclass(frozen=True)
+class RetainLevel:
+    """A model on the :func:`retain_check` rows: each task's metric on each source (the keys of
+    :func:`retain_accuracy`) and, for the tasks with a ``per_sample_metric``, the per-row scores
+    behind it (the same rows in the same order at every checkpoint of a request): what the retain
+    gate's noise term (``ia.retain_noise_z``) pairs."""
+
+    accuracy: dict[str, float]
+    rows: dict[str, Tensor] = field(default_factory=dict)
+
+
+def _sources(check: Batch, forget_ids: Sequence[str], anchor_ids: Sequence[str] | None) -> dict[str, Tensor]:
+    """The row masks of the check's sources, by the suffix their keys carry."""
+    device = check.device
+    on_xf = id_mask(check.sample_ids, forget_ids).to(device)
+    if anchor_ids is None:
+        return {"": ~on_xf, KEPT_OF_FORGOTTEN: on_xf}
+    in_anchor = id_mask(check.sample_ids, anchor_ids).to(device)
+    return {"": in_anchor, OUTSIDE_ANCHOR: ~in_anchor & ~on_xf, KEPT_OF_FORGOTTEN: on_xf}
+
+
+def retain_level(
+    tasks: Sequence[TaskSpec],
+    outputs: Mapping[str, Tensor],
+    check: Batch,
+    forget_ids: Sequence[str],
+    anchor_ids: Sequence[str] | None = None,
+) -> RetainLevel:
+    """:func:`retain_accuracy` with each task's per-row scores where it has them."""
+    level = RetainLevel({})
+    for suffix, mask in _sources(check, forget_ids, anchor_ids).items():
+        if not bool(mask.any()):
+            continue
+        rows, out = check.select(mask), {k: v[mask] for k, v in outputs.items()}
+        level.accuracy.update({f"{t}{suffix}": a for t, a in task_accuracy(tasks, out, rows).items()})
+        level.rows.update({f"{t}{suffix}": r for t, r in task_rows(tasks, out, rows).items()})
+    return level
+
+
 def retain_accuracy(
     tasks: Sequence[TaskSpec],
     outputs: Mapping[str, Tensor],
@@ -70,18 +113,7 @@ def retain_accuracy(
     the anchor)"``) and X_f's rows (D_r^task, under ``"<task> (kept tasks of X_f)"``). A drop in
     any counts against the retain tolerance, so a per-task request cannot trade the kept tasks of
     the forgotten samples (a few dozen rows) for the anchor's hundreds."""
-    device = check.device
-    on_xf = id_mask(check.sample_ids, forget_ids).to(device)
-    groups = {"": ~on_xf, KEPT_OF_FORGOTTEN: on_xf}
-    if anchor_ids is not None:
-        in_anchor = id_mask(check.sample_ids, anchor_ids).to(device)
-        groups = {"": in_anchor, OUTSIDE_ANCHOR: ~in_anchor & ~on_xf, KEPT_OF_FORGOTTEN: on_xf}
-    out: dict[str, float] = {}
-    for suffix, mask in groups.items():
-        if bool(mask.any()):
-            acc = task_accuracy(tasks, {k: v[mask] for k, v in outputs.items()}, check.select(mask))
-            out.update({f"{t}{suffix}": a for t, a in acc.items()})
-    return out
+    return retain_level(tasks, outputs, check, forget_ids, anchor_ids).accuracy
 
 
 def task_accuracy(tasks: Sequence[TaskSpec], outputs: Mapping[str, Tensor], batch: Batch) -> dict[str, float]:
@@ -95,6 +127,20 @@ def task_accuracy(tasks: Sequence[TaskSpec], outputs: Mapping[str, Tensor], batc
     return out
 
 
+def task_rows(tasks: Sequence[TaskSpec], outputs: Mapping[str, Tensor], batch: Batch) -> dict[str, Tensor]:
+    """Each task's per-sample metric on the rows of ``batch`` that have its label (on the CPU; tasks
+    without a ``per_sample_metric`` or without any label: left out)."""
+    out: dict[str, Tensor] = {}
+    for task in tasks:
+        y, per_sample = batch.labels.get(task.name), getattr(task, "per_sample_metric", None)
+        if y is None or per_sample is None:
+            continue
+        rows, output = task.supervised(y), outputs[task.name]
+        if bool(rows.any()):
+            out[task.name] = per_sample(output, y.to(output.device))[rows].detach().cpu()
+    return out
+
+
 def check_accuracy(
     model: nn.Module,
     tasks: Sequence[TaskSpec],
@@ -104,14 +150,14 @@ def check_accuracy(
     seed: int,
     device: str = "cpu",
     retain: Batch | None = None,
-) -> dict[str, float]:
-    """``model``'s accuracy on the :func:`retain_check` rows (the ``retain_baseline`` of
+) -> RetainLevel:
+    """``model`` on the :func:`retain_check` rows (the ``retain_baseline`` of
     :func:`interference_aware_unlearn`, measured before any stage of a request changes the model)."""
     check = retain_check(partitions, size=cfg.check_size, seed=seed, retain=retain, rows=cfg.check_rows)
     check = check.to(device)
     if len(check) == 0:
-        return {}
-    return retain_accuracy(
+        return RetainLevel({})
+    return retain_level(
         tasks,
         model_outputs(model, check.inputs),
         check,
@@ -131,19 +177,41 @@ def retain_drop(
     *,
     kept_two_sided: bool = False,
     relative: bool = False,
+    noise: Mapping[str, float] | None = None,
 ) -> float:
     """The largest accuracy drop of any task from ``baseline`` (0 when nothing is comparable).
     ``kept_two_sided``: on X_f's kept tasks (``"<task> (kept tasks of X_f)"``) a rise counts too.
     ``relative``: each drop as a share of ``|baseline|`` (``ia.retain_tolerance_scale``), so that a
-    regression task's −MAE of about 0.1 is judged on its own scale, not in accuracy points."""
+    regression task's −MAE of about 0.1 is judged on its own scale, not in accuracy points.
+    ``noise``: per task, the part of its change the draw of the check rows explains
+    (:func:`retain_noise`), taken off before the largest is taken (may leave it below 0)."""
+    allowance = dict(noise or {})
     drops = []
     for t, a in accuracy.items():
         if t not in baseline:
             continue
         drop = abs(baseline[t] - a) if kept_two_sided and t.endswith(KEPT_OF_FORGOTTEN) else baseline[t] - a
+        drop -= allowance.get(t, 0.0)
         # a baseline of exactly 0 (a perfect regression, or no correct row): any drop counts as huge
         drops.append(drop / max(abs(baseline[t]), 1e-12) if relative else drop)
     return max(drops, default=0.0)
+
+
+def retain_noise(before: Mapping[str, Tensor], after: Mapping[str, Tensor], z: float) -> dict[str, float]:
+    """Per task, ``z`` standard errors of the paired change of its per-row scores from ``before`` to
+    ``after`` (:func:`~worker.unlearning.acceptance.paired_standard_error`; ``ia.retain_noise_z``):
+    the retain gate's allowance for the draw of its rows, as the acceptance check's held-out bound
+    has one. Tasks without the same rows on both sides, or ``z`` = 0: none."""
+    if z <= 0:
+        return {}
+    out: dict[str, float] = {}
+    for t, b in before.items():
+        a = after.get(t)
+        if a is not None and a.shape == b.shape:
+            se = paired_standard_error(b, a)
+            if not math.isnan(se):
+                out[t] = z * se
+    return out
 
 
 def kept_deviation(accuracy: Mapping[str, float], baseline: Mapping[str, float]) -> float | None:

@@ -29,7 +29,7 @@ from worker.unlearning.interference.config import IAConfig
 from worker.unlearning.interference.distillation import distilled_retain_targets
 from worker.unlearning.interference.layout import FlatLayout
 from worker.unlearning.interference.orthogonalisation import orthogonalize
-from worker.unlearning.interference.retain import anchor_ids_of, retain_check
+from worker.unlearning.interference.retain import RetainLevel, anchor_ids_of, retain_check
 from worker.unlearning.interference.subspaces import (
     gradient_subspaces,
     init_subspaces,
@@ -65,7 +65,7 @@ def interference_aware_unlearn(
     mia_target: float | Mapping[str, float] | None = None,
     device: str = "cpu",
     progress: Callable[[str], None] | None = None,
-    retain_baseline: Mapping[str, float] | None = None,
+    retain_baseline: RetainLevel | None = None,
     retain: Batch | None = None,
     on_epoch: Callable[[int, int], None] | None = None,
     reference: ReferenceTarget | None = None,
@@ -121,7 +121,7 @@ def _run(
     mia_target: float | Mapping[str, float] | None,
     device: str,
     progress: Callable[[str], None] | None,
-    retain_baseline: Mapping[str, float] | None,
+    retain_baseline: RetainLevel | None,
     check: Batch,
     on_epoch: Callable[[int, int], None] | None,
     reference: ReferenceTarget | None,
@@ -186,6 +186,7 @@ def _run(
         reference=reference,
         kept_level=cfg.kept_level,
         relative_drop=cfg.retain_tolerance_scale == "relative",
+        retain_noise_z=cfg.retain_noise_z,
     )
     # "earliest" keeps the least update at the unseen-data level: with a per-client target the
     # point is to go on towards it, so the closest of those is kept (unless the run stops there)

@@ -3,13 +3,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from worker.unlearning import progress
 from worker.unlearning.interference import IAConfig, interference_aware_unlearn
 from worker.unlearning.interference.checkpoints import checkpoint_heldout
 from worker.unlearning.interference.forget_targets import reference_forget_targets
+from worker.unlearning.interference.retain import RetainLevel
 from worker.unlearning.interference.targets import request_target
 from worker.unlearning.methods import register
 from worker.unlearning.methods.base import MethodContext, MethodResult
@@ -18,7 +18,7 @@ from worker.unlearning.types import Partitions
 
 def run_ia(
     ctx: MethodContext,
-    retain_baseline: Mapping[str, float] | None = None,
+    retain_baseline: RetainLevel | None = None,
     retain_targets: Partitions | None = None,
 ) -> dict[str, Any]:
     """Algorithm 1 on ``ctx.model`` in place; early stopping on ``ctx.mia_target`` (else settings),

@@ -37,6 +37,57 @@ def test_checkpoint_selection_keeps_the_mia_closest_within_the_retain_tolerance(
     assert select_checkpoint(_checkpoints((None, 0.0), (None, 0.0)), 0.05) == 0
 
 
+def test_the_retain_gate_reads_the_drop_less_its_noise_where_recorded() -> None:
+    """``ia.retain_noise_z``: a checkpoint's ``retain_gate`` (its drop less the check rows' noise)
+    is what the tolerance judges; ``retain_drop`` stays the drop as measured."""
+    history = _checkpoints((0.30, 0.0), (0.05, 0.0547))
+    assert select_checkpoint(history, 0.05) == 0  # 14 of 256 rows: over the tolerance alone
+    history[1]["retain_gate"] = 0.0547 - 0.0393
+    assert select_checkpoint(history, 0.05) == 1
+    history[1]["retain_gate"] = 0.051  # noise too small to explain it
+    assert select_checkpoint(history, 0.05) == 0
+    # none within the gate: the least damaged as measured, not the one with the most noise
+    # allowance (which grows with how many rows changed)
+    history = _checkpoints((0.30, 0.20), (0.05, 0.30))
+    history[0]["retain_gate"], history[1]["retain_gate"] = 0.16, 0.15
+    assert select_checkpoint(history, 0.05) == 0
+
+
+def test_retain_noise_z_keeps_a_checkpoint_whose_drop_is_within_the_rows_noise() -> None:
+    """End to end through the update: the same run with z = 0 and z = 2 measures the same drops,
+    and z = 2 records a gate below each nonzero drop and keeps a later checkpoint."""
+    forget = ia_batch(12, 1, ["a"])
+    twins = dataclasses.replace(forget, sample_ids=[f"twin-{i}" for i in range(12)])
+    parts = Partitions(
+        forget=forget,
+        retain_task=empty_batch(),
+        retain_inst=twins,
+        retain_clean=empty_batch(),
+        forget_tasks=["a"],
+        retain_tasks=["b"],
+        anchor_sample_ids=twins.sample_ids,
+    )
+    torch.manual_seed(2)
+    model = ia_model()
+    runs = {}
+    for z in (0.0, 2.0):
+        cfg = IAConfig(lr=0.1, eta1=0.0, eta2=1.0, epochs=6, batch_size=12, orth_inst=False, projection=False,
+                       retain_tolerance=0.1, check_size=64, retain_noise_z=z, patience=0)  # fmt: skip
+        runs[z] = interference_aware_unlearn(
+            copy.deepcopy(model), tasks=TASKS, partitions=parts, heldout=ia_batch(10, 7, ["a", "b"]), cfg=cfg,
+            mia_target=0.0,
+        )  # fmt: skip
+    drops = [[h["retain_drop"] for h in runs[z]["history"]] for z in (0.0, 2.0)]
+    assert drops[0] == drops[1]
+    assert [h["retain_gate"] for h in runs[0.0]["history"]] == drops[0]
+    assert any(d > 0.1 for d in drops[0])  # the tolerance alone binds somewhere
+    for h in runs[2.0]["history"]:
+        assert h["retain_gate"] < h["retain_drop"] or h["retain_drop"] <= 0
+    # on 12 rows a drop of 2 is within 2 SE of the paired change: z = 2 keeps a later checkpoint
+    assert runs[2.0]["best_epoch"] > runs[0.0]["best_epoch"]
+    assert runs[2.0]["history"][runs[2.0]["best_epoch"]]["retain_drop"] > 0.1
+
+
 def test_retain_tolerance_keeps_no_checkpoint_that_lost_more_retain_accuracy() -> None:
     """The retain rows are twins of the forget rows, and the stages that would protect them are
     off: ascent on D_f costs them accuracy. The paper's rule keeps the most forgetting checkpoint;

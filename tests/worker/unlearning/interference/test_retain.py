@@ -15,6 +15,8 @@ from worker.unlearning.interference.retain import (
     retain_accuracy,
     retain_check,
     retain_drop,
+    retain_level,
+    retain_noise,
 )
 from worker.unlearning.types import IGNORE, concat_batches
 
@@ -60,3 +62,39 @@ def test_retain_accuracy_reports_the_kept_tasks_of_the_forgotten_samples_on_thei
     acc = retain_accuracy(TASKS, outputs, check, parts.forget.sample_ids)
     assert acc == {"a": 1.0, "b": 1.0, f"b{KEPT_OF_FORGOTTEN}": 0.0}
     assert retain_drop(acc, {"a": 1.0, "b": 1.0, f"b{KEPT_OF_FORGOTTEN}": 1.0}) == 1.0
+
+
+def test_retain_level_keeps_the_per_row_scores_behind_each_accuracy() -> None:
+    parts = partial_partitions()
+    check = retain_check(parts, size=256, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    outputs = {task: torch.randn(len(check), k, generator=gen) for task, k in (("a", 3), ("b", 2))}
+    level = retain_level(TASKS, outputs, check, parts.forget.sample_ids)
+    assert level.accuracy == retain_accuracy(TASKS, outputs, check, parts.forget.sample_ids)
+    assert set(level.rows) == set(level.accuracy)
+    for key, rows in level.rows.items():
+        assert float(rows.mean()) == pytest.approx(level.accuracy[key])
+    assert len(level.rows[f"b{KEPT_OF_FORGOTTEN}"]) == len(parts.retain_task)
+
+
+def test_the_retain_gate_s_noise_is_z_standard_errors_of_the_paired_change() -> None:
+    """``ia.retain_noise_z``: 256 rows, 20 turned wrong and 6 turned right (a net drop of 14 rows,
+    0.0547, the drop that discarded the scenes checkpoint): the per-row differences' standard
+    deviation / 16 is 0.0197, so z = 2 allows 0.0393 more than the tolerance; rows that did not
+    change allow nothing, and z = 0 is the tolerance alone."""
+    before = torch.ones(256)
+    before[:10] = 0.0
+    after = before.clone()
+    after[10:30] = 0.0  # 20 right -> wrong
+    after[:6] = 1.0  # 6 wrong -> right
+    diff = after - before
+    se = float(diff.std() / 16)
+    assert se == pytest.approx(0.0197, abs=1e-4)
+    noise = retain_noise({"a": before, "b": before}, {"a": after, "b": before}, z=2.0)
+    assert noise["a"] == pytest.approx(2 * se)
+    assert noise["b"] == 0.0
+    assert retain_noise({"a": before}, {"a": after}, z=0.0) == {}
+    assert retain_noise({"a": before}, {"a": after[:100]}, z=2.0) == {}  # not the same rows: none
+    acc, base = {"a": float(after.mean()), "b": 1.0}, {"a": float(before.mean()), "b": 1.0}
+    assert retain_drop(acc, base) == pytest.approx(14 / 256)
+    assert retain_drop(acc, base, noise=noise) == pytest.approx(14 / 256 - 2 * se)
