@@ -25,6 +25,22 @@ def _checkpoints(*rows: tuple[float | None, float]) -> list[dict[str, object]]:
     return [{"epoch": i, "distance": d, "retain_drop": drop} for i, (d, drop) in enumerate(rows)]
 
 
+def _twin_partitions() -> Partitions:
+    """A forget set whose retain rows are its twins (the same inputs under other ids): ascent on
+    D_f costs them accuracy."""
+    forget = ia_batch(12, 1, ["a"])
+    twins = dataclasses.replace(forget, sample_ids=[f"twin-{i}" for i in range(12)])
+    return Partitions(
+        forget=forget,
+        retain_task=empty_batch(),
+        retain_inst=twins,
+        retain_clean=empty_batch(),
+        forget_tasks=["a"],
+        retain_tasks=["b"],
+        anchor_sample_ids=twins.sample_ids,
+    )
+
+
 def test_checkpoint_selection_keeps_the_mia_closest_within_the_retain_tolerance() -> None:
     history = _checkpoints((0.30, 0.00), (0.20, 0.02), (0.05, 0.09), (0.10, 0.04))
     assert select_checkpoint(history, 1.0) == 2  # off: the paper's rule, MIA-closest
@@ -56,17 +72,7 @@ def test_the_retain_gate_reads_the_drop_less_its_noise_where_recorded() -> None:
 def test_retain_noise_z_keeps_a_checkpoint_whose_drop_is_within_the_rows_noise() -> None:
     """End to end through the update: the same run with z = 0 and z = 2 measures the same drops,
     and z = 2 records a gate below each nonzero drop and keeps a later checkpoint."""
-    forget = ia_batch(12, 1, ["a"])
-    twins = dataclasses.replace(forget, sample_ids=[f"twin-{i}" for i in range(12)])
-    parts = Partitions(
-        forget=forget,
-        retain_task=empty_batch(),
-        retain_inst=twins,
-        retain_clean=empty_batch(),
-        forget_tasks=["a"],
-        retain_tasks=["b"],
-        anchor_sample_ids=twins.sample_ids,
-    )
+    parts = _twin_partitions()
     torch.manual_seed(2)
     model = ia_model()
     runs = {}
@@ -92,17 +98,7 @@ def test_retain_tolerance_keeps_no_checkpoint_that_lost_more_retain_accuracy() -
     """The retain rows are twins of the forget rows, and the stages that would protect them are
     off: ascent on D_f costs them accuracy. The paper's rule keeps the most forgetting checkpoint;
     with the tolerance, the kept one lost at most that much (here: none, epoch 0)."""
-    forget = ia_batch(12, 1, ["a"])
-    twins = dataclasses.replace(forget, sample_ids=[f"twin-{i}" for i in range(12)])
-    parts = Partitions(
-        forget=forget,
-        retain_task=empty_batch(),
-        retain_inst=twins,
-        retain_clean=empty_batch(),
-        forget_tasks=["a"],
-        retain_tasks=["b"],
-        anchor_sample_ids=twins.sample_ids,
-    )
+    parts = _twin_partitions()
     torch.manual_seed(2)  # ia_model's network init (one where the ascent costs the twins accuracy)
     model = ia_model()
     kept = {}
