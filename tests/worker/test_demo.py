@@ -217,7 +217,10 @@ def test_memorisation_margin_is_the_least_margin_over_the_forget_check_s_bound()
     """A client whose data the version fits no better than held-out data on one task would give the
     demo's forget check nothing to show there; the margin is that task's, the smallest."""
     labels = {"a": torch.zeros(50, dtype=torch.long), "b": torch.zeros(50, dtype=torch.long)}
-    right_on = lambda k: torch.where(torch.arange(50) < k, 0, 1)  # noqa: E731
+
+    def right_on(k: int) -> torch.Tensor:  # right on the first k of 50 rows
+        return torch.where(torch.arange(50) < k, 0, 1)
+
     levels = {"a": 0.6, "b": 0.6}
     bound = 0.6 + FORGET_NOISE_Z * _agresti_coull_se(0.6, 50)
     pred = {"a": right_on(48), "b": right_on(35)}  # 0.96 and 0.70
