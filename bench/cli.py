@@ -135,6 +135,12 @@ def quality_main(argv: Sequence[str], prog: str) -> int:
         help="comma-separated settings to run (FU: per-client requests; PU:<task>: per-task), "
         "default: the preset's",
     )
+    parser.add_argument(
+        "--no-second-retrain",
+        action="store_true",
+        help="skip the second retrain (retrain_2, the noise floor) where an earlier run of the same "
+        "seeds measured it: comparing variants costs less; not with --served",
+    )
     # the flags of the former ``python -m worker.unlearning.bench``
     parser.add_argument("--measure-workload", action="store_true", help="as `measure-workload`")
     parser.add_argument(
@@ -187,6 +193,7 @@ def quality_main(argv: Sequence[str], prog: str) -> int:
             request_settings=[s for s in args.request_settings.split(",") if s]
             if args.request_settings
             else None,
+            second_retrain=not args.no_second_retrain,
         )
     except WorkloadOptionsError as exc:
         parser.error(str(exc))

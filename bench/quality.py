@@ -464,6 +464,7 @@ def run_bench(
     jobs: int = 1,
     served: Sequence[str] = (),
     request_settings: Sequence[str] | None = None,
+    second_retrain: bool = True,
 ) -> dict[str, Any]:
     """Run the benchmark; print a table (via ``echo``), write ``json_path``; return the JSON.
 
@@ -491,6 +492,10 @@ def run_bench(
     ``request_settings``: which of the protocol's settings run (``"FU"``, ``"PU:<task>"``; any of
     the workload's), e.g. ``["FU"]`` where a larger pool makes every stage dear; default the
     preset's.
+    ``second_retrain``: also train the stage's second retrain (``retrain_2``, the noise floor and
+    the served rows' exact path). ``False`` skips it where an earlier run of the same seeds measured
+    it: a variant comparison then costs about a fifth less on scenes, and the goals' close-share ratio
+    is not computed (``--no-second-retrain``; not with ``served``).
 
     A workload may declare its own protocol for ``preset`` (:attr:`Workload.bench_protocols`:
     seeds, stages, settings, methods, tuned values, bench-only workload options); it replaces the
@@ -558,13 +563,16 @@ def run_bench(
         unknown = sorted(set(served) - {v.method for v in variants if v.method != "retrain"})
         if unknown:
             raise ValueError(f"--served {unknown}: not an approximate method of this run")
+        if served and not second_retrain:
+            raise ValueError("--served publishes the second retrain on the exact path: it must run")
         variants += [
             dataclasses.replace(v, label=f"{v.label}{SERVED_SUFFIX}", served=True)
             for v in list(variants)
             if v.method in served
         ]
         job = SeedJob(
-            workloads, root, settings, chosen.stages, names, tuple(variants), references, second_retrain=True,
+            workloads, root, settings, chosen.stages, names, tuple(variants), references,
+            second_retrain=second_retrain,
         )  # fmt: skip
         progress = None if json_path is None else Path(json_path).with_suffix(".partial.jsonl")
         if progress is not None:
@@ -602,6 +610,7 @@ def run_bench(
             },
             "anchor_fraction": settings.get("anchor_fraction"),
             "paper_steps": {m: v for m, v in PAPER_STEPS.items() if m in method_list},
+            "second_retrain": second_retrain,
             "second_retrain_seed_offset": SECOND_RETRAIN_SEED_OFFSET,
             "close_tolerance": CLOSE_TOLERANCE,
             "methods": method_list,

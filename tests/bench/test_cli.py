@@ -115,6 +115,9 @@ def test_quality_passes_served_methods_to_the_bench(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(quality, "run_bench", run_bench)
     assert cli.main(["quality", "--served", "default,ia", "--no-plots"]) == 0
     assert seen["served"] == ["default", "ia"]
+    assert seen["second_retrain"] is True
+    assert cli.main(["quality", "--no-second-retrain", "--no-plots"]) == 0
+    assert seen.pop("second_retrain") is False
     assert cli.main(["quality", "--no-plots"]) == 0
     assert seen["served"] == []
     assert seen["request_settings"] is None

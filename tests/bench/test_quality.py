@@ -186,6 +186,24 @@ def test_second_retrain_is_scored_on_partial_task_requests(monkeypatch: pytest.M
         assert set(r["close"]) == {"kind"}  # only the forgotten task is a request-task
 
 
+def test_without_the_second_retrain_no_noise_floor_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``second_retrain=False`` (a variant comparison whose noise floor an earlier run measured):
+    no ``retrain_2`` rows, the JSON says so, and the close-share goal is left open, not judged."""
+    result = run_bench(
+        "smoke", None, seeds=[3], workload=ToyWorkload(), methods=["retrain", "ssd"], echo=None,
+        second_retrain=False,
+    )  # fmt: skip
+    assert {r["method"] for r in result["runs"]} == {"retrain", "ssd"}
+    assert result["meta"]["second_retrain"] is False
+    assert all(c["retrain_2_close_fraction"] is None for c in result["goals"]["per_stage"])
+    assert result["goals"]["close_goal_met_count"] == "0/0"
+    with pytest.raises(ValueError, match="exact path"):
+        run_bench(
+            "smoke", None, seeds=[3], workload=ToyWorkload(), methods=["ssd"], served=["ssd"],
+            second_retrain=False, echo=None,
+        )  # fmt: skip
+
+
 def test_tuning_seeds_must_differ_from_evaluation_seeds() -> None:
     with pytest.raises(ValueError, match="tuning seeds"):
         run_bench("smoke", None, seeds=[100], workload=ToyWorkload(), tune_grid=True, echo=None)
