@@ -119,6 +119,38 @@ def test_the_target_is_read_from_out_references_only(tmp_path: Path) -> None:
     assert any(moved[t]["per_reference"] != first[t]["per_reference"] for t in ("kind", "side"))
 
 
+def test_the_per_task_auc_shift_moves_only_a_per_task_requests_out_target(tmp_path: Path) -> None:
+    """``ia.per_task_auc_shift`` is added to the OUT references' AUC of a per-task request (the
+    evidence keeps their own value and names the shift); a per-client request's target, and the
+    accuracy target of either, are unchanged; the result stays an AUC. (Would fail if the shift
+    moved a per-client target or were not applied.)"""
+    wl, _, data, loaded = _toy(tmp_path, k=4)
+    ci = wl.client_index()
+    forget = data.select((data.subset == 0).nonzero().reshape(-1))
+    unseen = wl.heldout_data().to_batch(ci)
+
+    def target(shift: float, tasks: list[str]) -> tuple[ReferenceTarget, dict[str, Any]]:
+        cfg = IAConfig(target="references", per_task_auc_shift=shift)
+        got, evidence = request_target(cfg, loaded, wl.tasks(), forget=forget, heldout=unseen,
+                                       forget_tasks=tasks, client_index=ci)  # fmt: skip
+        assert got is not None
+        return got, evidence
+
+    plain, plain_ev = target(0.0, ["kind"])
+    shifted, ev = target(-0.07, ["kind"])
+    assert ev["auc_shift"] == -0.07
+    assert plain_ev["auc_shift"] == 0.0
+    assert shifted.mia_auc["kind"] == pytest.approx(max(0.0, plain.mia_auc["kind"] - 0.07))
+    assert ev["tasks"]["kind"]["mia_auc"] == plain.mia_auc["kind"]  # the references' own value
+    assert shifted.accuracy == plain.accuracy
+    per_client, per_client_ev = target(-0.07, ["kind", "side"])
+    assert per_client_ev["auc_shift"] == 0.0
+    assert per_client.mia_auc == target(0.0, ["kind", "side"])[0].mia_auc
+    assert target(-0.5, ["kind"])[0].mia_auc["kind"] >= 0.0
+    with pytest.raises(ValueError, match="per_task_auc_shift"):
+        IAConfig(per_task_auc_shift=0.6)
+
+
 def test_request_target_falls_back_to_the_constant_by_name(tmp_path: Path) -> None:
     """``ia.target: "constant"`` never reads references; ``"references"`` without any (or without an
     OUT reference for the client) falls back to the constant and says why in the evidence."""
