@@ -188,12 +188,17 @@ def test_second_retrain_is_scored_on_partial_task_requests(monkeypatch: pytest.M
 
 def test_without_the_second_retrain_no_noise_floor_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     """``second_retrain=False`` (a variant comparison whose noise floor an earlier run measured):
-    no ``retrain_2`` rows, the JSON says so, and the close-share goal is left open, not judged."""
+    no ``retrain_2`` rows, every other row as a run with it (so the two runs can be read together),
+    the JSON says so, and the close-share goal is left open, not judged."""
     result = run_bench(
         "smoke", None, seeds=[3], workload=ToyWorkload(), methods=["retrain", "ssd"], echo=None,
         second_retrain=False,
     )  # fmt: skip
     assert {r["method"] for r in result["runs"]} == {"retrain", "ssd"}
+    full = run_bench("smoke", None, seeds=[3], workload=ToyWorkload(), methods=["retrain", "ssd"], echo=None)
+    assert [(r["method"], r["uis"], r["tasks"]) for r in full["runs"] if r["method"] != SECOND_RETRAIN] == [
+        (r["method"], r["uis"], r["tasks"]) for r in result["runs"]
+    ]
     assert result["meta"]["second_retrain"] is False
     assert all(c["retrain_2_close_fraction"] is None for c in result["goals"]["per_stage"])
     assert result["goals"]["close_goal_met_count"] == "0/0"
