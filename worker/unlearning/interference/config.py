@@ -81,6 +81,11 @@ class IAConfig:
     # a checkpoint also every this many optimiser steps within a pass over D_f (0: after every pass
     # only); on a large forget set a pass is many steps (scenes' full pool: 24) between checkpoints
     checkpoint_every: Count = 0
+    # deviation: the same for a per-task request, where it is set (0: ``checkpoint_every``). On
+    # scenes a pass over a per-task D_f moved the forget set's accuracy by up to 0.5, so its
+    # checkpoints are too coarse to stop near a target (docs/methods.md, "Per-task requests: the
+    # OUT target's AUC shift"); a per-client request keeps its own
+    per_task_checkpoint_every: Count = 0
     # deviation (docs/methods.md): stop as soon as the kept checkpoint's distance to the target is
     # at most this (never before ``min_steps``): closer than the target's own error is no nearer
     # the retrain, only longer (0: off, patience and the budget alone end a run)

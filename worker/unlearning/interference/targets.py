@@ -131,7 +131,7 @@ def request_target(
             "tasks": per_task,
             "wall_s": wall,
         }
-    shift = cfg.per_task_auc_shift if calibration == "out" and _is_per_task(tasks, forget_tasks) else 0.0
+    shift = cfg.per_task_auc_shift if calibration == "out" and is_per_task(tasks, forget_tasks) else 0.0
     target = ReferenceTarget(
         mia_auc={t: _clamped(float(v["mia_auc"]) + shift) for t, v in per_task.items()},
         accuracy={t: float(v["accuracy"]) for t, v in per_task.items()},
@@ -154,7 +154,7 @@ def request_target(
     return target, evidence
 
 
-def _is_per_task(tasks: Sequence[TaskSpec], forget_tasks: Sequence[str]) -> bool:
+def is_per_task(tasks: Sequence[TaskSpec], forget_tasks: Sequence[str]) -> bool:
     """A request that forgets some of the model's tasks, not all (a per-client request)."""
     return set(forget_tasks) < {t.name for t in tasks}
 
@@ -176,7 +176,7 @@ def _calibration(
     — or ``("task_withheld", mask, None)`` for a per-task request with ``per_task_target:
     "task_withheld"``: the ``[K, len(forget)]`` references that saw each row's client without
     exactly the forgotten tasks' labels."""
-    if not _is_per_task(tasks, forget_tasks) or cfg.per_task_target == "out":
+    if not is_per_task(tasks, forget_tasks) or cfg.per_task_target == "out":
         return "out", None, None
     mask = references.refs.withheld_mask(forget.subset, dict(client_index), list(forget_tasks))
     if not bool(mask.any()):

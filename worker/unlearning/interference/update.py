@@ -37,7 +37,7 @@ from worker.unlearning.interference.subspaces import (
     subspace_penalty,
     subspace_step,
 )
-from worker.unlearning.interference.targets import ReferenceTarget
+from worker.unlearning.interference.targets import ReferenceTarget, is_per_task
 from worker.unlearning.lora import fast_forward, param_groups, restore
 from worker.unlearning.types import Batch, Partitions, TaskSpec
 
@@ -132,6 +132,7 @@ def _run(
     inv_names = [t.name for t in inv]
     forget_names = [t for t in partitions.forget_tasks if t in inv_names]
     forget_specs = [t for t in inv if t.name in forget_names]
+    every = checkpoint_every(cfg, tasks, partitions.forget_tasks)
 
     groups = param_groups(model)
     head_names = groups.head_params(forget_names) if cfg.update_heads else []
@@ -156,6 +157,7 @@ def _run(
     info: dict[str, Any] = {
         "tasks": inv_names,
         "forget_tasks": forget_names,
+        "checkpoint_every": every,
         "rank": rank,
         "subspace_dim": dim if use_projection else None,
         "updated_parameters": names,
@@ -250,7 +252,7 @@ def _run(
             since_change += 1
             # a checkpoint within the pass (ia.checkpoint_every); the pass's last step has its own
             last_of_pass = start + cfg.batch_size >= len(forget)
-            if cfg.checkpoint_every and steps % cfg.checkpoint_every == 0 and not last_of_pass:
+            if every and steps % every == 0 and not last_of_pass:
                 checkpoints.record(model, epoch, steps)
                 reason = decide()
                 if reason is not None:
@@ -285,6 +287,14 @@ def _run(
         forget_term="descend towards the references' predictions" if towards else "ascend on the labels",
     )
     return info
+
+
+def checkpoint_every(cfg: IAConfig, tasks: Sequence[TaskSpec], forget_tasks: Sequence[str]) -> int:
+    """Steps between checkpoints within a pass: ``ia.per_task_checkpoint_every`` for a per-task
+    request where it is set, else ``ia.checkpoint_every`` (0: one checkpoint a pass)."""
+    if cfg.per_task_checkpoint_every and is_per_task(tasks, forget_tasks):
+        return cfg.per_task_checkpoint_every
+    return cfg.checkpoint_every
 
 
 def within_target(checkpoint: Mapping[str, Any], stop_within: float, retain_tolerance: float) -> bool:

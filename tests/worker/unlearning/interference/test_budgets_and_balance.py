@@ -8,6 +8,7 @@ not exist, patience counted epochs, the forget term was ``η2·∇_f^⊥`` only)
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -25,7 +26,7 @@ from worker.unlearning.interference.config import IAConfig
 from worker.unlearning.interference.retain import KEPT_OF_FORGOTTEN, retain_drop
 from worker.unlearning.interference.subspaces import gradient_subspaces, projectors
 from worker.unlearning.interference.update import balance_forget, interference_aware_unlearn, within_target
-from worker.unlearning.types import Batch, ClassificationTask, RegressionTask
+from worker.unlearning.types import Batch, ClassificationTask, Partitions, RegressionTask
 
 
 def test_patience_counts_optimiser_steps_and_never_stops_before_the_minimum() -> None:
@@ -294,3 +295,27 @@ def test_checkpoints_within_a_pass_every_n_steps_and_early_stopping_reads_them()
     kept = [h for h in within["history"] if h["steps"] == within["best_steps"]]
     assert len(kept) == 1
     assert kept[0]["distance"] == within["best_distance"]
+
+
+def test_a_per_task_request_may_have_checkpoints_of_its_own() -> None:
+    """``ia.per_task_checkpoint_every`` applies to a per-task request (D_f forgets task ``a`` of
+    ``a`` and ``b``) and overrides ``checkpoint_every`` there; a per-client request (every task
+    forgotten) keeps ``checkpoint_every``. The info names what ran. (Would fail if the setting
+    reached per-client requests or were ignored.)"""
+    per_task = partial_partitions()
+    per_client = dataclasses.replace(per_task, forget_tasks=["a", "b"])
+    heldout = ia_batch(10, 7, ["a", "b"])
+
+    def steps(parts: Partitions, settings: dict[str, object]) -> tuple[int, list[int]]:
+        cfg = IAConfig.from_settings({"lr": 5e-2, "epochs": 2, "batch_size": 2, **settings})
+        info = interference_aware_unlearn(
+            ia_model(), tasks=TASKS, partitions=parts, heldout=heldout, cfg=cfg, seed=0, mia_target=0.5
+        )
+        return info["checkpoint_every"], [h["steps"] for h in info["history"]]
+
+    assert steps(per_task, {"per_task_checkpoint_every": 2}) == (2, [0, 2, 3, 4, 6])
+    assert steps(per_task, {"per_task_checkpoint_every": 2, "checkpoint_every": 1}) == (2, [0, 2, 3, 4, 6])
+    assert steps(per_task, {}) == (0, [0, 3, 6])
+    assert steps(per_client, {"per_task_checkpoint_every": 2}) == (0, [0, 3, 6])
+    both: dict[str, object] = {"per_task_checkpoint_every": 2, "checkpoint_every": 1}
+    assert steps(per_client, both) == (1, [0, 1, 2, 3, 4, 5, 6])
