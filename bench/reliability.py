@@ -10,7 +10,9 @@ demo's own), in process (no API, broker or worker: what they add does not touch 
 reports the pass rate and each check's margin (median, worst). ``--seed`` changes the worker seed
 (the frozen base, v1 and the engine's randomness): another machine's demo, in effect. With
 ``--rounds two`` each draw's ``after_rounds`` has every group's accuracy after round 1 as well, so
-that a drift over the two rounds can be put on the round that made it.
+that a drift over the two rounds can be put on the round that made it, and the per-task request's
+kept tasks are judged against round 1's version (the one that request was applied to), as the
+demo judges them.
 
     python -m bench reliability --trials 20 --seed 0 --json bench-results/demo-reliability-s0.json
 """
@@ -34,7 +36,7 @@ from typing import Any
 import torch
 
 from worker import demo_checks
-from worker.demo import Subjects, _predictions, _remembered_first, demo_groups
+from worker.demo import KEPT_GROUP, Subjects, _predictions, _remembered_first, demo_groups
 from worker.unlearning.datastore import DataStore
 from worker.unlearning.engine import prepare, run_round
 from worker.unlearning.runtime import runtime_environment
@@ -111,7 +113,8 @@ def run(trials: int, *, seed: int, rounds: str, settings: dict[str, Any], method
                         _after(demo_checks.measure(v1_predict, partial(_predictions, out, base_dir), groups))
                     )
             measured = demo_checks.measure(v1_predict, partial(_predictions, parent, base_dir), groups)
-            checks = demo_checks.checks(measured, groups, heldout_label=groups[-1].label)
+            judged = measured if not between else _kept_since_round_1(measured, between[0], groups)
+            checks = demo_checks.checks(judged, groups, heldout_label=groups[-1].label)
             ok = all(c.ok for c in checks)
             results.append(
                 {
@@ -162,6 +165,18 @@ def _once_per_group(predict: demo_checks.Predict) -> demo_checks.Predict:
         return seen[id(x)]
 
     return cached
+
+
+def _kept_since_round_1(
+    measured: Sequence[demo_checks.Measured],
+    round_1: Sequence[dict[str, Any]],
+    groups: Sequence[demo_checks.Group],
+) -> list[demo_checks.Measured]:
+    """Two rounds: the per-task request's kept tasks judged against round 1's version, the one that
+    request was applied to, as the demo does (``worker.demo._applied_to``)."""
+    kept = groups[KEPT_GROUP].label
+    before = {r["task"]: r["after"] for r in round_1 if r["group"] == kept}
+    return demo_checks.since(measured, kept, before, "round 1's version")
 
 
 def _after(measured: Sequence[demo_checks.Measured]) -> list[dict[str, Any]]:

@@ -363,12 +363,14 @@ def _run(
             )
 
             # 4. submit
+            task_label = (
+                f"task '{subjects.task}' of {len(subjects.task_samples)} samples of {subjects.task_client}"
+            )
             bodies = {
                 f"client {subjects.client} (all tasks)": {"model": model_name, "kind": "client",
                                                           "client_id": subjects.client},
-                f"task '{subjects.task}' of {len(subjects.task_samples)} samples of {subjects.task_client}": {
-                    "model": model_name, "kind": "task", "sample_ids": subjects.task_samples,
-                    "tasks": [subjects.task]},
+                task_label: {"model": model_name, "kind": "task", "sample_ids": subjects.task_samples,
+                             "tasks": [subjects.task]},
             }  # fmt: skip
             ids: dict[str, str] = {}
             t_submit = time.monotonic()
@@ -390,12 +392,13 @@ def _run(
             console.print(f"[green]✓[/green] both requests completed in {time.monotonic() - t_submit:.1f} s")
 
             # 6. evidence + lineage
+            evidence: dict[str, list[dict[str, Any]]] = {}
             for rid, label in ids.items():
                 resp = client.get(f"{api}/v1/forget-requests/{rid}/evidence")
                 if resp.status_code != 200:
                     raise DemoFailure(f"GET evidence of {rid}: HTTP {resp.status_code}")
                 data = resp.json()
-                items = data if isinstance(data, list) else [data]
+                evidence[label] = items = data if isinstance(data, list) else [data]
                 for ev in items:
                     _evidence_table(console, f"{label} → v{ev.get('version')}", ev.get("payload", {}))
             console.print(
@@ -416,6 +419,7 @@ def _run(
                     str(v.get("created_at", ""))[:19], str(v.get("withdrawn_at") or "")[:19],
                 )  # fmt: skip
             console.print(lineage)
+            kept_since = _applied_to(evidence[task_label][-1], versions, v_before)
 
             # 7. pull + load + compare
             after = pull.pull_once(client, api, model_name, serving)
@@ -434,7 +438,7 @@ def _run(
                 f"(withdrawn; local copy deleted: {deleted})"
             )
         ok = _compare(console, before_dir, after.path, base_local, subjects, client_set, task_x, task_labels,
-                      heldout)  # fmt: skip
+                      heldout, kept_since)  # fmt: skip
         store = DataStore(app_settings.resolved_data_dir / model_name)
         purged = store.client_samples(subjects.client) is None
         console.print(
@@ -452,11 +456,31 @@ def _run(
     return 0
 
 
+def _applied_to(
+    task_evidence: dict[str, Any], versions: list[dict[str, Any]], v_before: int | None
+) -> tuple[str, dict[str, float]] | None:
+    """Where the per-task request was applied to another version than ``v_before`` (two rounds: the
+    per-client request's, withdrawn by now because it still carries the per-task request's samples,
+    so the serving host cannot load it): that version's name and its accuracy on the request's
+    samples per task, from the request's evidence (``original_metrics``: the engine measured the
+    version the request was applied to on those samples). ``None``: it was applied to ``v_before``."""
+    parents = {v["version"]: v.get("parent") for v in versions}
+    parent = parents.get(task_evidence.get("version"))
+    if parent is None or parent == v_before:
+        return None
+    original = (task_evidence.get("payload") or {}).get("original_metrics") or {}
+    before = {t: m["unl"] for t, m in original.items() if (m or {}).get("unl") is not None}
+    return f"v{parent}, the version the per-task request was applied to (its evidence)", before
+
+
 def _compare(
     console: Console, before_dir: Path, after_dir: Path, base_dir: Path, subjects: Subjects,
     client_set: Any, task_x: Any, task_labels: dict[str, Any], heldout: Any,
+    kept_since: tuple[str, dict[str, float]] | None = None,
 ) -> bool:  # fmt: skip
-    """Predictions of v_before vs the new version (both loaded with PeftModel.from_pretrained)."""
+    """Predictions of v_before vs the new version (both loaded with PeftModel.from_pretrained).
+    ``kept_since``: the per-task request's kept tasks are judged against that version instead
+    (:func:`_applied_to`)."""
     groups = demo_groups(subjects, client_set, task_x, task_labels, heldout)
     measured = demo_checks.measure(
         lambda x: _predictions(before_dir, base_dir, x),
@@ -469,6 +493,14 @@ def _compare(
     for m in measured:
         t.add_row(m.group, m.task, str(m.n), _fmt(m.before), _fmt(m.after), f"{100 * m.changed:.1f} %")
     console.print(t)
+    if kept_since is not None:
+        version, before = kept_since
+        kept = groups[KEPT_GROUP]
+        measured = demo_checks.since(measured, kept.label, before, version)
+        console.print(
+            f"  {kept.label}: judged against {version}: "
+            + ", ".join(f"{task} {_fmt(before[task])}" for task in kept.tasks)
+        )
     checks = demo_checks.checks(measured, groups, heldout_label=groups[-1].label)
     for check in checks:
         mark = "[green]✓[/green]" if check.ok else "[red]✗[/red]"
@@ -485,6 +517,9 @@ def _compare(
             "the evidence above shows the method's own measurements"
         )
     return ok
+
+
+KEPT_GROUP = 2  # demo_groups' index of the per-task request's kept tasks on its samples
 
 
 def demo_groups(

@@ -32,6 +32,11 @@ def test_one_draw_reports_every_check_and_the_settings_it_ran_with() -> None:
     (between,) = draw["after_rounds"]
     assert [(m["group"], m["task"]) for m in between] == [(m["group"], m["task"]) for m in draw["measured"]]
     assert all(0.0 <= m["after"] <= 1.0 for m in between)
+    # the per-task request's kept tasks are judged against round 1's version, the one it was applied to
+    kept = [c for c in draw["checks"] if c["what"].startswith("kept:")]
+    assert kept
+    assert all(c["detail"].endswith("against round 1's version") for c in kept)
+    assert all(not c["detail"].endswith("version") for c in draw["checks"] if c not in kept)
 
 
 # MEASURED (2026-12-02, torch 2.13.0 CPU, 1 thread; docs/benchmarks.md, "The retain term's
