@@ -52,10 +52,9 @@ class DemoRun:
     home: Path
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
+def _run_demo(tmp_path_factory: pytest.TempPathFactory, **extra_env: str) -> DemoRun:
     home = tmp_path_factory.mktemp("lethe-demo") / "home"
-    env = dict(os.environ, LETHE_HOME=str(home), COLUMNS="200")
+    env = dict(os.environ, LETHE_HOME=str(home), COLUMNS="200", **extra_env)
     env.pop("LETHE_DATABASE_URL", None)
     env.pop("LETHE_BROKER_URL", None)
     code = "import sys; from service.cli import main; sys.argv[0] = 'lethe'; main()"
@@ -69,6 +68,18 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
         check=False,
     )
     return DemoRun(result.returncode, result.stdout + result.stderr, time.monotonic() - started, home)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
+    return _run_demo(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def demo_in_two_rounds(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
+    """The demo with one request per round: the per-task request is applied to the per-client
+    request's version, which is withdrawn before the serving host can pull it."""
+    return _run_demo(tmp_path_factory, LETHE_MAX_REQUESTS_PER_ROUND="1")
 
 
 def test_demo_runs_every_system_step(demo: DemoRun) -> None:
@@ -107,6 +118,22 @@ def test_demo_exit_status_agrees_with_its_checks(demo: DemoRun) -> None:
     else:
         assert demo.returncode == 0, demo.out[-6000:]
         assert "demo finished" in demo.out
+
+
+def test_in_two_rounds_the_demo_judges_the_kept_task_against_the_per_task_request_s_version(
+    demo_in_two_rounds: DemoRun,
+) -> None:
+    """Round 1's path (an exact retrain, say) is not charged to the per-task request: its kept task
+    is judged against v2, read from the request's evidence; the rest against v1, as in one round."""
+    out = demo_in_two_rounds.out
+    assert "serving host pulled v3" in out, out[-6000:]
+    assert "judged against v2, the version the per-task request was applied to (its evidence)" in out
+    checks = CHECK_LINE.findall(out)
+    assert len(checks) == 6, out[-6000:]
+    (kept,) = [c for c in checks if c[1] == "kept"]
+    assert kept[2].endswith("against v2, the version the per-task request was applied to (its evidence)")
+    assert all("against v2" not in c[2] for c in checks if c[1] != "kept")
+    assert demo_in_two_rounds.returncode == (1 if any(c[0] == "✗" for c in checks) else 0), out[-6000:]
 
 
 @pytest.mark.quality
