@@ -15,6 +15,9 @@ kept tasks are judged against round 1's version (the one that request was applie
 demo judges them.
 
     python -m bench reliability --trials 20 --seed 0 --json bench-results/demo-reliability-s0.json
+
+``--rejudge JSON…`` runs nothing: it judges the draws stored in earlier results again with today's
+checks (:func:`rejudge`), so a change to a check's definition is measured on the draws already made.
 """
 
 from __future__ import annotations
@@ -155,6 +158,25 @@ def run(trials: int, *, seed: int, rounds: str, settings: dict[str, Any], method
     }
 
 
+def rejudge(result: dict[str, Any]) -> list[bool]:
+    """Each stored draw of a ``run`` result judged again by today's checks, from the accuracies the
+    draw stored (v1's and the last version's on every group, and round 1's in two rounds); no
+    model runs. What changed in the checks' definition can so be measured on the draws already
+    made. A group is a forgotten one where its stored check was a forget check."""
+    verdicts = []
+    for draw in result["results"]:
+        measured = [demo_checks.Measured(**m) for m in draw["measured"]]
+        labels = list(dict.fromkeys(m.group for m in measured))
+        forgotten = {c["what"].split(": ", 1)[1].rsplit(", ", 1)[0] for c in draw["checks"]
+                     if c["what"].startswith("forgotten: ")}  # fmt: skip
+        tasks = {label: [m.task for m in measured if m.group == label] for label in labels}
+        groups = [demo_checks.Group(label, None, {}, tasks[label], label in forgotten) for label in labels]
+        between = draw.get("after_rounds") or []
+        judged = measured if not between else _kept_since_round_1(measured, between[0], groups)
+        verdicts.append(all(c.ok for c in demo_checks.checks(judged, groups, heldout_label=labels[-1])))
+    return verdicts
+
+
 def _once_per_group(predict: demo_checks.Predict) -> demo_checks.Predict:
     """``predict`` computed once per inputs object (the groups' inputs live for the whole run)."""
     seen: dict[int, Any] = {}
@@ -257,7 +279,23 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m bench reliabi
     parser.add_argument("--method", default="default")
     parser.add_argument("--settings", default="{}", help="workload settings overrides (JSON)")
     parser.add_argument("--json", type=Path, help="write the full result here")
+    parser.add_argument(
+        "--rejudge",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="run nothing: judge the draws stored in these results again with today's checks",
+    )
     args = parser.parse_args(argv)
+    if args.rejudge:
+        for path in args.rejudge:
+            stored = json.loads(path.read_text())
+            now = rejudge(stored)
+            draws = zip(stored["results"], now, strict=True)
+            flipped = [d["anchor_draw"] for d, ok in draws if ok != d["ok"]]
+            print(f"{path}: {stored['passed']}/{stored['trials']} stored, {sum(now)}/{len(now)} now; "
+                  f"draws judged otherwise: {flipped or 'none'}")  # fmt: skip
+        return 0
     torch.set_num_threads(int(os.environ.get("LETHE_WORKER_TORCH_THREADS", "1")))  # as the demo's worker
     result = run(args.trials, seed=args.seed, rounds=args.rounds, settings=json.loads(args.settings),
                  method=args.method)  # fmt: skip

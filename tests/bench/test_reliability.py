@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from bench import reliability
@@ -37,6 +39,47 @@ def test_one_draw_reports_every_check_and_the_settings_it_ran_with() -> None:
     assert kept
     assert all(c["detail"].endswith("against round 1's version") for c in kept)
     assert all(not c["detail"].endswith("version") for c in draw["checks"] if c not in kept)
+    # judged again from what the draw stored, today's checks give the draw's verdict
+    assert reliability.rejudge(result) == [draw["ok"]]
+
+
+def _row(group: str, task: str, n: int, before: float, after: float) -> dict[str, Any]:
+    return {
+        "group": group,
+        "task": task,
+        "n": n,
+        "before": before,
+        "after": after,
+        "changed": 0.0,
+        "paired_se": 0.02,
+    }
+
+
+def test_stored_draws_are_judged_again_by_today_s_checks() -> None:
+    """A two-round draw stored before 5 Dec 2026 failed the kept check on round 1's exact path
+    (worker seed 4: c0's `digit` 0.975 → 0.825, round 1 already 0.825); judged again against round
+    1's version it passes. The forgotten groups are known from the stored checks' names."""
+    client, task = "forgotten client c9", "c0's samples, task forgotten"
+    kept, heldout = "c0's samples, other tasks kept", "held-out"  # the demo's groups, in its order
+    measured = [
+        _row(client, "digit", 86, 0.95, 0.40),
+        _row(task, "orientation", 40, 0.95, 0.40),
+        _row(kept, "digit", 40, 0.975, 0.825),
+        _row(heldout, "digit", 449, 0.62, 0.60),
+        _row(heldout, "orientation", 449, 0.68, 0.66),
+    ]
+    # round 1's version: its exact path forgot c9 and fits c0's samples at 0.825
+    round_1 = [{**m, "after": a} for m, a in zip(measured, (0.40, 0.95, 0.825, 0.60, 0.66), strict=True)]
+    draw = {
+        "anchor_draw": 7,
+        "ok": False,
+        "measured": measured,
+        "after_rounds": [round_1],
+        "checks": [{"what": f"forgotten: {client}, digit"}, {"what": f"forgotten: {task}, orientation"}],
+    }
+    assert reliability.rejudge({"results": [draw]}) == [True]
+    # the same draw in one round (no round 1 to judge against): v1 → final, as stored
+    assert reliability.rejudge({"results": [{**draw, "after_rounds": []}]}) == [False]
 
 
 # MEASURED (2026-12-02, torch 2.13.0 CPU, 1 thread; docs/benchmarks.md, "The retain term's
