@@ -493,9 +493,12 @@ def _compare(
     for m in measured:
         t.add_row(m.group, m.task, str(m.n), _fmt(m.before), _fmt(m.after), f"{100 * m.changed:.1f} %")
     console.print(t)
-    if kept_since is not None:
+    kept = groups[KEPT_GROUP]
+    if kept_since is not None and not set(kept.tasks) <= set(kept_since[1]):
+        console.print(f"  {kept.label}: the per-task request's evidence does not measure {kept_since[0]}; "
+                      "judged against the first version")  # fmt: skip
+    elif kept_since is not None:
         version, before = kept_since
-        kept = groups[KEPT_GROUP]
         measured = demo_checks.since(measured, kept.label, before, version)
         console.print(
             f"  {kept.label}: judged against {version}: "
