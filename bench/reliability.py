@@ -116,8 +116,7 @@ def run(trials: int, *, seed: int, rounds: str, settings: dict[str, Any], method
                         _after(demo_checks.measure(v1_predict, partial(_predictions, out, base_dir), groups))
                     )
             measured = demo_checks.measure(v1_predict, partial(_predictions, parent, base_dir), groups)
-            judged = measured if not between else _kept_since_round_1(measured, between[0], groups)
-            checks = demo_checks.checks(judged, groups, heldout_label=groups[-1].label)
+            checks = _checks(measured, between, groups)
             ok = all(c.ok for c in checks)
             results.append(
                 {
@@ -171,9 +170,7 @@ def rejudge(result: dict[str, Any]) -> list[bool]:
                      if c["what"].startswith("forgotten: ")}  # fmt: skip
         tasks = {label: [m.task for m in measured if m.group == label] for label in labels}
         groups = [demo_checks.Group(label, None, {}, tasks[label], label in forgotten) for label in labels]
-        between = draw.get("after_rounds") or []
-        judged = measured if not between else _kept_since_round_1(measured, between[0], groups)
-        verdicts.append(all(c.ok for c in demo_checks.checks(judged, groups, heldout_label=labels[-1])))
+        verdicts.append(all(c.ok for c in _checks(measured, draw.get("after_rounds") or [], groups)))
     return verdicts
 
 
@@ -187,6 +184,17 @@ def _once_per_group(predict: demo_checks.Predict) -> demo_checks.Predict:
         return seen[id(x)]
 
     return cached
+
+
+def _checks(
+    measured: Sequence[demo_checks.Measured],
+    between: Sequence[Sequence[dict[str, Any]]],
+    groups: Sequence[demo_checks.Group],
+) -> list[demo_checks.Check]:
+    """The demo's checks of one draw; in two rounds (``between``: round 1's accuracies) the kept
+    group is judged against round 1's version."""
+    judged = measured if not between else _kept_since_round_1(measured, between[0], groups)
+    return demo_checks.checks(judged, groups, heldout_label=groups[-1].label)
 
 
 def _kept_since_round_1(
