@@ -22,7 +22,9 @@ def ia_steps(method_info: Any) -> Mapping[str, Any] | None:
     """What the interference-aware stage's update ran: optimiser steps, passes over D_f, what ended
     it (``stopped``), the kept checkpoint (its pass, steps and distance), and per checkpoint its
     steps, distance to the target and retain drop (early stopping keeps only checkpoints within
-    ``ia.retain_tolerance`` of it) (``None`` for a method without that stage). Read as
+    ``ia.retain_tolerance`` of it), and per forgotten task the steps its forget term was held past
+    the target (``ia.hold_past_target``; ``None`` when off) (``None`` for a method without that
+    stage). Read as
     :func:`ia_target` reads the target."""
     if not isinstance(method_info, Mapping):
         return None
@@ -37,6 +39,7 @@ def ia_steps(method_info: Any) -> Mapping[str, Any] | None:
         "best_epoch": stage.get("best_epoch"),
         "best_steps": stage.get("best_steps"),
         "best_distance": stage.get("best_distance"),
+        "held_steps": stage.get("held_steps"),
         "checkpoints": [
             {
                 "steps": h.get("steps"),

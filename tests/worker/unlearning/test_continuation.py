@@ -39,6 +39,12 @@ def test_the_continuation_keeps_the_stage_and_stops_at_the_checks_bound() -> Non
     assert (cfg.forget_accuracy_z, cfg.stop_at_unseen_level, cfg.target) == (2.0, True, "constant")
     assert cfg.checkpoint_heldout_rows == 0  # every held-out row, as the check
     assert cfg.early_stopping
+    # a stage that holds its forget term past the target does not hold it short of the bound
+    holding = {**SETTINGS, "default": {**SETTINGS["default"], "ia": {"hold_past_target": True}}}
+    held = continuation_settings(holding, "default", 100, 2.0)
+    assert held is not None
+    assert stage_block(holding, "default")["hold_past_target"]  # type: ignore[index]
+    assert not IAConfig.from_settings(held[CONTINUATION_METHOD]).hold_past_target
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,31 @@ def mia_distance(
     return float(max(gaps)) if how == "max" else float(sum(gaps) / len(gaps))
 
 
+def past_target(
+    checkpoint: Mapping[str, Any],
+    target: float | Mapping[str, float],
+    default: float,
+    reference: ReferenceTarget | None = None,
+) -> frozenset[str]:
+    """The forgotten tasks that ``checkpoint`` (a history entry) has past its target
+    (``ia.hold_past_target``): with a per-client ``reference``, forget-set accuracy *and* MIA AUC
+    both below the reference target's (one below and one above is not past: the forget term still
+    moves the other towards it); without, the AUC below the constant target."""
+    aucs, accuracy = checkpoint["mia_auc"], checkpoint["forget_accuracy"]
+    past = set()
+    for t, auc in aucs.items():
+        if reference is None:
+            goal = target.get(t, default) if isinstance(target, Mapping) else float(target)
+            if auc < goal:
+                past.add(t)
+            continue
+        acc_goal = reference.accuracy_goal(t, checkpoint.get("heldout_accuracy") or {})
+        below = acc_goal is not None and t in accuracy and accuracy[t] < acc_goal
+        if below and t in reference.mia_auc and auc < reference.mia_auc[t]:
+            past.add(t)
+    return frozenset(past)
+
+
 def forget_excess(
     forget_acc: Mapping[str, float],
     heldout_acc: Mapping[str, float],
@@ -268,6 +293,10 @@ class Checkpoints:
             }
         )
         self.states.append({n: p.detach().clone() for n, p in self.params.items()})
+
+    def past_target(self) -> frozenset[str]:
+        """The forgotten tasks the latest checkpoint has past its target (:func:`past_target`)."""
+        return past_target(self.history[-1], self.target, self.default_target, self.reference)
 
     def _distance(self, m: Measured) -> float | None:
         if self.reference is not None:  # per client, from the OUT reference adapters

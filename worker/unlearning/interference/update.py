@@ -202,6 +202,7 @@ def _run(
     epochs_run = 0
     stopped = "budget"
     norms: list[tuple[float, float, float]] = []
+    held_steps = dict.fromkeys(forget_names, 0)  # ia.hold_past_target: steps without a task's forget term
 
     def decide() -> str | None:
         """After a checkpoint: the kept one updated; why the run stops now (None: it goes on)."""
@@ -240,7 +241,12 @@ def _run(
                 named=all_params,
             )
             flat = layout.pack(G, lead=2).detach()  # [4, T, D]
-            direction, step_norms = _direction(flat, layout, U, cfg, switches, towards=towards)
+            held = checkpoints.past_target() if cfg.hold_past_target else frozenset()
+            for name in held:
+                held_steps[name] += 1
+            direction, step_norms = _direction(
+                flat, layout, U, cfg, switches, towards=towards, held=[t.name in held for t in inv]
+            )
             norms.append(step_norms)
             for p, g in zip(params, layout.unpack(direction).values(), strict=True):
                 p.grad = g.to(p.dtype).clone()
@@ -285,6 +291,7 @@ def _run(
         subspace_penalty=None if U is None else float(subspace_penalty(U)),
         term_norms=term_norms(norms),
         forget_term="descend towards the references' predictions" if towards else "ascend on the labels",
+        held_steps=held_steps if cfg.hold_past_target else None,
     )
     return info
 
@@ -345,15 +352,20 @@ def _direction(
     switches: Mapping[str, bool],
     *,
     towards: bool = False,
+    held: Sequence[bool] | None = None,
 ) -> tuple[Tensor, tuple[float, float, float]]:
     """The Eq. 11 gradient ``Σ_t η1·∇_r^{(t)} − η2·∇_f^{⊥(t)}`` from ``[4, T, D]`` partition-task grads
     (partitions in the order forget, clean, inst, task), with the forget term rescaled by
     ``cfg.forget_balance``; and (‖retain term‖, ‖forget term‖, ‖unbalanced forget term‖).
     ``towards``: D_f's loss is towards the references' predictions and is descended, so its
     gradient enters with the opposite sign (``∇_f = −∇ loss``; projection and orthogonalisation
-    are linear in it, so they are unchanged)."""
+    are linear in it, so they are unchanged). ``held``: per task, whether its forget gradient is
+    left out this step (``ia.hold_past_target``; a held task's row is zero, as a retained task's)."""
     T = int(flat.shape[1])
     forget_t = -flat[0] if towards else flat[0]  # [T, D]: D_f's loss on task t
+    if held is not None and any(held):
+        keep = torch.tensor([not h for h in held], dtype=forget_t.dtype, device=forget_t.device)
+        forget_t = forget_t * keep[:, None]
     retain_t = flat[1:]  # [3, T, D]
     retain_full = retain_t.sum(1, keepdim=True).expand(-1, T, -1)  # [3, T, D]: whole partition loss
     descent = retain_t.sum(0)  # [T, D]: retain loss on task t

@@ -15,8 +15,14 @@ from tests.worker.unlearning.interference.toy import (
     ia_model,
     partial_partitions,
 )
-from worker.unlearning.interference.checkpoints import Monitor, checkpoint_heldout, select_checkpoint
+from worker.unlearning.interference.checkpoints import (
+    Monitor,
+    checkpoint_heldout,
+    past_target,
+    select_checkpoint,
+)
 from worker.unlearning.interference.config import IAConfig
+from worker.unlearning.interference.targets import ReferenceTarget
 from worker.unlearning.interference.update import interference_aware_unlearn
 from worker.unlearning.types import Partitions
 
@@ -155,3 +161,19 @@ def test_every_checkpoint_measures_the_same_bounded_heldout_rows(monkeypatch: py
     assert all(ids == checkpoint_heldout(heldout, 8, seed=5).sample_ids for ids in seen)
     with pytest.raises(ValueError, match="checkpoint_heldout_rows"):
         IAConfig.from_settings({"checkpoint_heldout_rows": -1})
+
+
+def test_a_task_is_past_its_reference_target_only_when_accuracy_and_auc_are_both_below_it() -> None:
+    reference = ReferenceTarget(
+        mia_auc={"a": 0.40, "b": 0.40}, accuracy={"a": 0.50, "b": 0.50}, accuracy_gap={"a": 0.0, "b": 0.0}
+    )
+
+    def entry(auc: dict[str, float], acc: dict[str, float]) -> dict[str, object]:
+        return {"mia_auc": auc, "forget_accuracy": acc, "heldout_accuracy": {}}
+
+    both_below = entry({"a": 0.30, "b": 0.30}, {"a": 0.40, "b": 0.60})
+    assert past_target(both_below, 0.5, 0.5, reference) == {"a"}  # b's accuracy is still above
+    assert past_target(entry({"a": 0.45}, {"a": 0.10}), 0.5, 0.5, reference) == frozenset()
+    # without references: the AUC against the constant target (per task where it is a mapping)
+    assert past_target(both_below, 0.5, 0.5) == {"a", "b"}
+    assert past_target(both_below, {"a": 0.2}, 0.5) == {"b"}

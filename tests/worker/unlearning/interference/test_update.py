@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
 from tests.worker.unlearning.interference.toy import (
@@ -52,6 +53,50 @@ def test_direction_with_projection_stays_in_task_subspaces() -> None:
         assert torch.allclose(span @ g[a], g[a], atol=1e-10)
         assert torch.allclose(g[b] @ span, g[b], atol=1e-10)
         assert float(g[a].abs().sum()) > 0
+
+
+def test_a_held_task_contributes_no_forget_gradient() -> None:
+    model = ia_model()
+    layout = head_a_layout(model)
+    flat = torch.randn(4, 2, layout.size, dtype=torch.float64)
+    cfg = IAConfig(projection=False, eta2=0.5, forget_balance="per_task")
+    zeroed = flat.clone()
+    zeroed[0, 0] = 0.0
+    held, _ = _direction(flat, layout, None, cfg, cfg.retain_switches, held=[True, False])
+    expected, _ = _direction(zeroed, layout, None, cfg, cfg.retain_switches)
+    assert torch.equal(held, expected)
+    unheld, _ = _direction(flat, layout, None, cfg, cfg.retain_switches, held=[False, False])
+    assert not torch.allclose(held, unheld)
+    # every task held: the retain term alone
+    retain_only, norms = _direction(flat, layout, None, cfg, cfg.retain_switches, held=[True, True])
+    assert norms[1] == 0.0
+    assert float(retain_only.norm()) == pytest.approx(norms[0])
+
+
+def test_hold_past_target_runs_the_retain_term_alone_while_the_forget_set_is_past_the_target() -> None:
+    parts = partial_partitions()
+    heldout = ia_batch(10, 7, ["a", "b"])
+    base = {"lr": 5e-2, "epochs": 3, "batch_size": 4, "early_stopping": False}
+    cfg = IAConfig.from_settings({**base, "hold_past_target": True})
+    start = ia_model()
+    # an AUC target of 1 is above every checkpoint's AUC: the forget term is held at every step
+    held = copy.deepcopy(start)
+    info = interference_aware_unlearn(held, tasks=TASKS, partitions=parts, heldout=heldout, cfg=cfg,
+                                      seed=0, mia_target=1.0)  # fmt: skip
+    assert info["held_steps"] == dict.fromkeys(info["forget_tasks"], info["steps"])
+    assert info["term_norms"]["forget"] == 0.0
+    plain = copy.deepcopy(start)
+    free = interference_aware_unlearn(plain, tasks=TASKS, partitions=parts, heldout=heldout,
+                                      cfg=IAConfig.from_settings(base), seed=0, mia_target=1.0)  # fmt: skip
+    assert free["held_steps"] is None
+    assert free["term_norms"]["forget"] > 0
+    assert not all(torch.equal(p, q) for p, q in zip(held.parameters(), plain.parameters(), strict=True))
+    # a target of 0 is below every AUC: nothing is held and the run is the plain one
+    never = copy.deepcopy(start)
+    none_held = interference_aware_unlearn(never, tasks=TASKS, partitions=parts, heldout=heldout, cfg=cfg,
+                                           seed=0, mia_target=0.0)  # fmt: skip
+    assert none_held["held_steps"] == dict.fromkeys(none_held["forget_tasks"], 0)
+    assert all(torch.equal(p, q) for p, q in zip(never.parameters(), plain.parameters(), strict=True))
 
 
 def test_each_ablation_switch_changes_the_update_in_a_partial_task_request() -> None:
