@@ -262,11 +262,12 @@ def _prepared_seeds(
         if references:
             log = reference_log if reference_log is not None else {}
             directory = root / f"references-seed-{seed}"
-            withhold = AuditConfig.from_settings(inputs.settings).reference_withhold_tasks
+            audit = AuditConfig.from_settings(inputs.settings)
             refs = train_references(
                 inputs.base, inputs.full_train_set(), inputs.tasks, cfg, client_index=inputs.client_index,
                 k=references, seed=seed, directory=directory, workload=inputs.workload.name,
-                withhold_tasks=[t.name for t in inputs.tasks] if withhold else (), heldout=inputs.heldout,
+                withhold_tasks=[t.name for t in inputs.tasks] if audit.reference_withhold_tasks else (),
+                heldout=inputs.heldout, in_fraction=audit.reference_in_fraction,
             )  # fmt: skip
             log.setdefault("dirs", {})[seed] = directory
             log.setdefault("train_s", {})[str(seed)] = refs.train_s

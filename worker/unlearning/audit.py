@@ -83,6 +83,9 @@ class AuditConfig:
     # each client's IN references trained without one task's labels for it (the per-task request's
     # task-withheld calibration, ``ia.per_task_target``; reference_adapters.assign_withheld)
     reference_withhold_tasks: bool = False
+    # each client's share of IN references (deviation from LiRA's halves; reference_adapters.in_count:
+    # round(K·share), clamped so that each client has at least one IN and one OUT reference)
+    reference_in_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.5
     # the Ret split's rows the evidence measures (Ret metrics, ``mia_auc_ret``; the logistic attacker
     # draws its retained rows from them): a seeded subset of at most this many, the same rows for
     # the model before the request (``original_metrics``) and after; 0 = all. 2,000 rows: an

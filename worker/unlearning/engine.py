@@ -187,7 +187,7 @@ def prepare(
             base, train, tasks, cfg, client_index=store.client_index(), k=k, seed=seed,
             directory=Path(references_dir), workload=workload.name,
             withhold_tasks=[t.name for t in tasks] if audit_cfg.reference_withhold_tasks else (),
-            heldout=heldout,
+            heldout=heldout, in_fraction=audit_cfg.reference_in_fraction,
         )  # fmt: skip
         references = {"k": refs.k, "recipe_digest": refs.recipe_digest, "train_s": refs.train_s,
                       "clients": {str(i): m for i, m in refs.members.items()}}  # fmt: skip

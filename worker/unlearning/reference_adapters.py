@@ -8,6 +8,12 @@ the first ``K/2`` references of a seeded random permutation of ``0..K-1``, so ea
 exactly ``K/2`` OUT references — the ones the attack
 (:mod:`worker.unlearning.likelihood_ratio`) reads for that client's samples.
 
+``settings["audit"]["reference_in_fraction"]`` (deviation from LiRA's halves, default 0.5): each
+client is IN ``round(K·f)`` references instead. The attack and the per-client targets read only OUT
+references, so LiRA's balance is not needed for them; a larger share trains each OUT reference on
+more of the other clients, nearer what a retrain without the client trains on (docs/methods.md,
+"Reference adapters on more than half of the clients"). "Half" below means that share.
+
 On disk (one directory): ``ref-<i>/`` (peft ``save_pretrained``, :func:`save_adapter`, and the
 reference's outputs on the model's held-out split, :data:`HELDOUT_OUTPUTS`, and on each client's
 samples, :data:`CLIENT_OUTPUTS`, which the rounds read instead of forwarding them) and
@@ -47,6 +53,8 @@ from worker.unlearning.types import Batch, TaskSpec, without_labels
 from worker.unlearning.workload import Workload
 
 REFERENCES_FILE = "references.json"
+#: each client's share of IN references by default: LiRA's halves
+HALF = 0.5
 #: in ``ref-<i>/``: the reference's outputs on the model's held-out split, computed when it is
 #: trained (off the request path), which every round's target and audit would otherwise forward
 HELDOUT_OUTPUTS = "heldout_outputs.safetensors"
@@ -77,50 +85,69 @@ def _client_rows(data: Batch, client_index: Mapping[str, int]) -> dict[str, Batc
 
 
 def recipe_digest(
-    workload: str, cfg: TrainConfig, seed: int, k: int, withhold_tasks: Sequence[str] = ()
+    workload: str,
+    cfg: TrainConfig,
+    seed: int,
+    k: int,
+    withhold_tasks: Sequence[str] = (),
+    in_fraction: float = HALF,
 ) -> str:
     """sha256 of what the references depend on besides the data: workload, v1 recipe, seed, K (and
-    the tasks whose labels are withheld, when any: :func:`assign_withheld`)."""
+    the tasks whose labels are withheld, when any: :func:`assign_withheld`; the IN share, when it
+    is not a half)."""
     doc: dict[str, Any] = {"workload": workload, "train": cfg.to_json(), "seed": seed, "references": k}
     if withhold_tasks:
         doc["withhold_tasks"] = list(withhold_tasks)
+    if in_fraction != HALF:
+        doc["in_fraction"] = in_fraction
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
+
+
+def in_count(k: int, in_fraction: float = HALF) -> int:
+    """How many of ``k`` references each client is IN: ``round(k·in_fraction)``, clamped to
+    ``1..k−1`` so that every client has an IN and an OUT reference (the OUT ones are what the
+    attack and the per-client target read); ``references.json`` records who is IN where."""
+    return min(k - 1, max(1, round(k * in_fraction)))
 
 
 def _ranks(clients: Sequence[str], k: int, gen: torch.Generator) -> torch.Tensor:
     if k < 2 or k % 2:
         raise ValueError(f"the number of reference adapters must be even and at least 2, got {k}")
-    # rank of each reference in a random permutation per client; the first k/2 hold the client
+    # rank of each reference in a random permutation per client; the first in_count hold the client
     return torch.rand(len(clients), k, generator=gen).argsort(1).argsort(1)
 
 
-def assign_halves(clients: Sequence[str], k: int, seed: int) -> list[list[str]]:
-    """Per reference, the clients it trains on: each client IN exactly ``k/2`` references, drawn
-    (a random permutation of the references per client) from a generator seeded with ``seed``."""
-    inside = _ranks(clients, k, torch.Generator().manual_seed(seed)) < k // 2  # [clients, k]
+def assign_halves(clients: Sequence[str], k: int, seed: int, in_fraction: float = HALF) -> list[list[str]]:
+    """Per reference, the clients it trains on: each client IN exactly :func:`in_count` references
+    (``k/2`` by default), drawn (a random permutation of the references per client) from a
+    generator seeded with ``seed``."""
+    n_in = in_count(k, in_fraction)
+    inside = _ranks(clients, k, torch.Generator().manual_seed(seed)) < n_in  # [clients, k]
     return [[c for c, m in zip(clients, inside[:, r].tolist(), strict=True) if m] for r in range(k)]
 
 
 def assign_withheld(
-    clients: Sequence[str], k: int, seed: int, tasks: Sequence[str]
+    clients: Sequence[str], k: int, seed: int, tasks: Sequence[str], in_fraction: float = HALF
 ) -> list[dict[str, list[str]]]:
     """Per reference, the clients of its half whose labels of one task it is trained without (the
     task-withheld calibration of per-task requests, issue 8 part 1): client ``c``'s IN references,
     in the order of its permutation (:func:`assign_halves`, same generator), withhold one task each,
     ``tasks[(j + o_c) % T]`` for the ``j``-th (``o_c`` a seeded random offset), the first ``T`` of
-    them only. So with ``k/2 >= T`` every (client, task) has a reference that saw the client's
-    inputs and its other tasks' labels but not that task's: what a per-task retrain sees of it.
+    them only. So with an IN count (:func:`in_count`, ``k/2`` by default) ``>= T`` every (client,
+    task) has a reference that saw the client's inputs and its other tasks' labels but not that
+    task's: what a per-task retrain sees of it.
     Fewer than two tasks: nothing is withheld (a per-task request needs a kept task)."""
     if len(tasks) < 2:
         return [{} for _ in range(k)]
     gen = torch.Generator().manual_seed(seed)
     ranks = _ranks(clients, k, gen)  # the same draw as assign_halves
+    n_in = in_count(k, in_fraction)
     offsets = torch.randint(len(tasks), (len(clients),), generator=gen).tolist()
     out: list[dict[str, list[str]]] = [{} for _ in range(k)]
     for i, c in enumerate(clients):
         for r in range(k):
             j = int(ranks[i, r])
-            if j < min(k // 2, len(tasks)):
+            if j < min(n_in, len(tasks)):
                 out[r][c] = [tasks[(j + offsets[i]) % len(tasks)]]
     return out
 
@@ -152,6 +179,7 @@ class ReferenceSet:
     # clients of its half trained without those tasks' labels (:func:`assign_withheld`)
     withhold_tasks: list[str] = field(default_factory=list)
     withheld: dict[int, dict[str, list[str]]] = field(default_factory=dict)
+    in_fraction: float = HALF  # each client's share of IN references (:func:`in_count`)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -167,6 +195,7 @@ class ReferenceSet:
             "recipe": self.recipe,
             "recipe_digest": self.recipe_digest,
             "train_s": self.train_s,
+            "in_fraction": self.in_fraction,
         }
 
     @classmethod
@@ -186,6 +215,7 @@ class ReferenceSet:
                 for r in data["references"]
                 if r.get("withheld")
             },
+            in_fraction=float(data.get("in_fraction", HALF)),  # sets written before it: halves
         )
 
     def out_mask(self, subset: torch.Tensor, client_index: dict[str, int]) -> torch.Tensor:
@@ -235,10 +265,12 @@ def train_references(
     device: str = "cpu",
     withhold_tasks: Sequence[str] = (),
     heldout: Batch | None = None,
+    in_fraction: float = HALF,
 ) -> ReferenceSet:
     """Train ``k`` references (v1's recipe, reference ``r`` seeded ``seed + 1 + r``) on halves of the
     clients of ``data`` (rows with ``subset`` = the client's index) and write them to ``directory``
-    (replacing what was there). ``withhold_tasks`` (two or more task names): each client's IN
+    (replacing what was there); ``in_fraction``: each client's IN share (:func:`in_count`).
+    ``withhold_tasks`` (two or more task names): each client's IN
     references are trained without one of these tasks' labels for that client
     (:func:`assign_withheld`); the OUT references of a client are what they would be anyway.
     ``heldout``: the model's held-out split; each reference's outputs on it are written beside it
@@ -246,8 +278,9 @@ def train_references(
     (:data:`CLIENT_OUTPUTS`), so that rounds read them instead of forwarding them."""
     t0 = time.perf_counter()
     clients = sorted(client_index, key=client_index.__getitem__)
-    halves = assign_halves(clients, k, seed)
-    withheld = assign_withheld(clients, k, seed, list(withhold_tasks)) if withhold_tasks else [{}] * k
+    halves = assign_halves(clients, k, seed, in_fraction)
+    withheld = assign_withheld(clients, k, seed, list(withhold_tasks), in_fraction) if withhold_tasks \
+        else [{}] * k  # fmt: skip
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists():
@@ -267,10 +300,11 @@ def train_references(
         seed=seed,
         workload=workload,
         recipe=cfg.to_json(),
-        recipe_digest=recipe_digest(workload, cfg, seed, k, withhold_tasks),
+        recipe_digest=recipe_digest(workload, cfg, seed, k, withhold_tasks, in_fraction),
         train_s=time.perf_counter() - t0,
         withhold_tasks=list(withhold_tasks),
         withheld={r: dict(w) for r, w in enumerate(withheld) if w},
+        in_fraction=in_fraction,
     )
     (tmp / REFERENCES_FILE).write_text(json.dumps(refs.to_json(), indent=2, sort_keys=True))
     if directory.exists():
@@ -449,9 +483,9 @@ def refresh_references(
         return []
     gone = set(forgotten)
     present = set(torch.unique(data.subset).tolist())
-    halves = assign_halves(refs.clients, refs.k, refs.seed)
-    withheld = assign_withheld(refs.clients, refs.k, refs.seed, refs.withhold_tasks) if refs.withhold_tasks \
-        else [{}] * refs.k  # fmt: skip
+    halves = assign_halves(refs.clients, refs.k, refs.seed, refs.in_fraction)
+    withheld = assign_withheld(refs.clients, refs.k, refs.seed, refs.withhold_tasks, refs.in_fraction) \
+        if refs.withhold_tasks else [{}] * refs.k  # fmt: skip
     done: list[int] = []
     per_client = _client_rows(data, {c: i for c, i in client_index.items() if c not in gone})
     for r in missing:

@@ -33,6 +33,7 @@ from worker.unlearning.reference_adapters import (
     LoadedReferences,
     assign_halves,
     drop_references_with,
+    in_count,
     load_references,
     read_references,
     train_references,
@@ -65,6 +66,20 @@ def test_halves_hold_each_client_in_exactly_half_of_the_references() -> None:
         assign_halves(clients, 3, seed=0)
     with pytest.raises(ValueError, match="reference_adapters"):
         AuditConfig.from_settings({"audit": {"reference_adapters": 3}})
+
+
+def test_an_in_share_puts_each_client_in_that_many_references_and_out_of_at_least_one() -> None:
+    """``audit.reference_in_fraction``: each client IN ``round(K·f)`` references, clamped so that
+    every client keeps an IN and an OUT one; a half is the default draw itself; out of (0, 1) is
+    refused by the settings."""
+    clients = [f"c{i}" for i in range(9)]
+    counts = Counter(c for members in assign_halves(clients, 8, seed=3, in_fraction=0.75) for c in members)
+    assert counts == dict.fromkeys(clients, 6)
+    assert assign_halves(clients, 8, seed=3, in_fraction=0.5) == assign_halves(clients, 8, seed=3)
+    assert (in_count(2, 0.75), in_count(8, 0.99), in_count(8, 0.01), in_count(16, 0.875)) == (1, 7, 1, 14)
+    for bad in (0.0, 1.0):
+        with pytest.raises(ValueError, match="reference_in_fraction"):
+            AuditConfig.from_settings({"audit": {"reference_in_fraction": bad}})
 
 
 def test_references_are_saved_loaded_and_dropped_with_a_forgotten_client(tmp_path: Path) -> None:

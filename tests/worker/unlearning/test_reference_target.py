@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import statistics
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -480,6 +481,34 @@ def test_a_refresh_that_is_asked_to_stop_keeps_what_it_finished_and_nothing_half
     done = read_references(directory)
     assert done is not None
     assert sorted(done.members) == [0, 1, 2, 3]
+
+
+def test_references_on_a_larger_share_keep_it_through_a_refresh(tmp_path: Path) -> None:
+    """With ``in_fraction`` 0.75 each client is IN 3 of 4 references; references.json records the
+    share (a set written before it reads as halves), and a refresh after a purge retrains each
+    dropped reference on its own members minus the forgotten client, so every remaining client is
+    still IN 3 (would fail if the refresh drew halves again)."""
+    wl, base, ci, data, _ = _toy_for_references(tmp_path)
+    directory = tmp_path / "refs"
+    refs = train_references(base, data, wl.tasks(), FAST, client_index=ci, k=4, seed=3, directory=directory,
+                            workload="toy", in_fraction=0.75)  # fmt: skip
+    assert refs.in_fraction == 0.75
+    assert Counter(c for m in refs.members.values() for c in m) == dict.fromkeys(ci, 3)
+    halves = train_references(base, data, wl.tasks(), FAST, client_index=ci, k=4, seed=3,
+                              directory=tmp_path / "halves", workload="toy")  # fmt: skip
+    assert refs.recipe_digest != halves.recipe_digest
+    doc = refs.to_json()
+    del doc["in_fraction"]
+    assert type(refs).from_json(doc).in_fraction == 0.5
+    dropped = drop_references_with(directory, ["u1"])
+    assert len(dropped) == 3
+    remaining = data.select((data.subset != ci["u1"]).nonzero().reshape(-1))
+    refresh_references(base, remaining, wl.tasks(), FAST, client_index=ci, directory=directory,
+                       forgotten=["u1"])  # fmt: skip
+    after = read_references(directory)
+    assert after is not None
+    assert after.in_fraction == 0.75
+    assert Counter(c for m in after.members.values() for c in m) == {c: 3 for c in ci if c != "u1"}
 
 
 def test_refresh_keeps_the_withheld_labels_of_each_reference(tmp_path: Path) -> None:
