@@ -152,6 +152,18 @@ def assign_withheld(
     return out
 
 
+def _draw(
+    clients: Sequence[str], k: int, seed: int, withhold_tasks: Sequence[str], in_fraction: float
+) -> tuple[list[list[str]], list[dict[str, list[str]]]]:
+    """A set's reproducible draw: each reference's clients (:func:`assign_halves`) and, per
+    reference, the clients' withheld tasks (:func:`assign_withheld`; none without ``withhold_tasks``).
+    Training and every refresh read it from the same arguments, so a refresh keeps the draw."""
+    halves = assign_halves(clients, k, seed, in_fraction)
+    if not withhold_tasks:
+        return halves, [{} for _ in range(k)]
+    return halves, assign_withheld(clients, k, seed, list(withhold_tasks), in_fraction)
+
+
 def _withhold(data: Batch, client_index: Mapping[str, int], withheld: Mapping[str, Sequence[str]]) -> Batch:
     """``data`` with the labels of each listed client's withheld tasks removed (inputs kept)."""
     labels = dict(data.labels)
@@ -278,9 +290,7 @@ def train_references(
     (:data:`CLIENT_OUTPUTS`), so that rounds read them instead of forwarding them."""
     t0 = time.perf_counter()
     clients = sorted(client_index, key=client_index.__getitem__)
-    halves = assign_halves(clients, k, seed, in_fraction)
-    withheld = assign_withheld(clients, k, seed, list(withhold_tasks), in_fraction) if withhold_tasks \
-        else [{}] * k  # fmt: skip
+    halves, withheld = _draw(clients, k, seed, withhold_tasks, in_fraction)
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists():
@@ -483,9 +493,7 @@ def refresh_references(
         return []
     gone = set(forgotten)
     present = set(torch.unique(data.subset).tolist())
-    halves = assign_halves(refs.clients, refs.k, refs.seed, refs.in_fraction)
-    withheld = assign_withheld(refs.clients, refs.k, refs.seed, refs.withhold_tasks, refs.in_fraction) \
-        if refs.withhold_tasks else [{}] * refs.k  # fmt: skip
+    halves, withheld = _draw(refs.clients, refs.k, refs.seed, refs.withhold_tasks, refs.in_fraction)
     done: list[int] = []
     per_client = _client_rows(data, {c: i for c, i in client_index.items() if c not in gone})
     for r in missing:

@@ -32,16 +32,18 @@ from worker.unlearning.lora import Forward
 from worker.unlearning.types import Batch, TaskSpec, cat_inputs, inputs_to
 
 
+def auc_goal(target: float | Mapping[str, float], task: str, default: float) -> float:
+    """``task``'s constant AUC target: per task where ``target`` is a mapping (else ``default``)."""
+    return target.get(task, default) if isinstance(target, Mapping) else float(target)
+
+
 def mia_distance(
     aucs: Mapping[str, float], target: float | Mapping[str, float], default: float, how: str = "mean"
 ) -> float | None:
     """The forgotten tasks' ``|AUC − target|`` combined by ``how``: ``"mean"`` or ``"max"``."""
     if not aucs:
         return None
-    gaps = []
-    for t, auc in aucs.items():
-        goal = target.get(t, default) if isinstance(target, Mapping) else float(target)
-        gaps.append(abs(auc - goal))
+    gaps = [abs(auc - auc_goal(target, t, default)) for t, auc in aucs.items()]
     return float(max(gaps)) if how == "max" else float(sum(gaps) / len(gaps))
 
 
@@ -59,8 +61,7 @@ def past_target(
     past = set()
     for t, auc in aucs.items():
         if reference is None:
-            goal = target.get(t, default) if isinstance(target, Mapping) else float(target)
-            if auc < goal:
+            if auc < auc_goal(target, t, default):
                 past.add(t)
             continue
         acc_goal = reference.accuracy_goal(t, checkpoint.get("heldout_accuracy") or {})
