@@ -90,18 +90,27 @@ def task_loss_matrix(
     tasks: Sequence[TaskSpec],
     part: Tensor,
     num_parts: int,
+    first_tasks: Sequence[TaskSpec] | None = None,
 ) -> Tensor:
     """``L[p, t] = Σ_{i∈p} w_t·ℓ_{i,t} / N_p`` with ``N_p`` the supervised (sample, task) pairs of
     partition ``p`` (rows ``part == p``), so that ``L[p].sum()`` is partition ``p``'s
-    :func:`types.main_task_loss` (0 for an empty partition)."""
-    per_task = torch.stack(
-        [t.weight * t.per_sample_loss(outputs[t.name], labels[t.name]) for t in tasks], dim=-1
-    )  # [N, T]
+    :func:`types.main_task_loss` (0 for an empty partition). ``first_tasks`` (the same tasks in
+    the same order, other losses): partition 0's rows take their losses instead."""
+    per_task = _weighted_losses(outputs, labels, tasks)  # [N, T]
+    if first_tasks is not None:
+        first = (part == 0)[:, None]
+        per_task = torch.where(first, _weighted_losses(outputs, labels, first_tasks), per_task)
     supervised = torch.stack([t.supervised(labels[t.name]) for t in tasks], dim=-1).to(per_task.dtype)
     onehot = torch.nn.functional.one_hot(part, num_parts).to(per_task.dtype)  # [N, P]
     sums = onehot.T @ per_task  # [P, T]
     counts = (onehot.T @ supervised).sum(-1, keepdim=True)  # [P, 1]
     return sums / torch.clamp(counts, min=1.0)
+
+
+def _weighted_losses(
+    outputs: Mapping[str, Tensor], labels: Mapping[str, Tensor], tasks: Sequence[TaskSpec]
+) -> Tensor:
+    return torch.stack([t.weight * t.per_sample_loss(outputs[t.name], labels[t.name]) for t in tasks], dim=-1)
 
 
 def partition_task_grads(
@@ -113,9 +122,11 @@ def partition_task_grads(
     backend: str = "autograd",
     forward: Callable[[dict[str, Tensor]], Mapping[str, Tensor]] | None = None,
     named: Mapping[str, Tensor] | None = None,
+    first_tasks: Sequence[TaskSpec] | None = None,
 ) -> dict[str, Tensor]:
     """``{name: [P, T, *shape]}``: the gradient of each partition's loss restricted to each task
-    (:func:`task_loss_matrix`), vectorised over the tasks.
+    (:func:`task_loss_matrix`), vectorised over the tasks. ``first_tasks``: the losses of the
+    first partition (the forget set, ``ia.forget_loss``), the same tasks in the same order.
 
     Summing over ``T`` gives the gradient of the partition's mean main-task loss. Only the
     (partition, task) pairs with supervision are differentiated (the others are 0). ``backend``:
@@ -153,7 +164,8 @@ def partition_task_grads(
     if backend == "func":
 
         def losses(prm: dict[str, Tensor]) -> Tensor:
-            matrix = task_loss_matrix(_forward(model, prm, joined.inputs), labels, tasks, part, P)
+            outputs = _forward(model, prm, joined.inputs)
+            matrix = task_loss_matrix(outputs, labels, tasks, part, P, first_tasks)
             return matrix.reshape(-1)[index]
 
         with eval_mode(model):
@@ -164,7 +176,7 @@ def partition_task_grads(
         tensors = [live_params[n] for n in names]
         with eval_mode(model), torch.enable_grad():
             outputs = forward(joined.inputs)
-            matrix = task_loss_matrix(outputs, labels, tasks, part, P)
+            matrix = task_loss_matrix(outputs, labels, tasks, part, P, first_tasks)
             selected = matrix.reshape(-1)[index]
             cotangents = torch.eye(k, dtype=selected.dtype, device=selected.device)
             grads = torch.autograd.grad(
@@ -176,7 +188,7 @@ def partition_task_grads(
         }
     elif backend == "autograd":
         fn = model if forward is None else forward  # the model or a ViT view (lora.fast_forward)
-        jac = _partitionwise_vjp(fn, model, names, live_params, joined, part, P, tasks, index)
+        jac = _partitionwise_vjp(fn, model, names, live_params, joined, part, P, tasks, index, first_tasks)
     else:
         raise ValueError(f"unknown gradient backend {backend!r}")
     for n, g in jac.items():
@@ -194,6 +206,7 @@ def _partitionwise_vjp(
     P: int,
     tasks: Sequence[TaskSpec],
     index: Tensor,
+    first_tasks: Sequence[TaskSpec] | None = None,
 ) -> dict[str, Tensor]:
     """The rows of :func:`partition_task_grads` selected by ``index`` (flat ``p * T + t``), one
     forward per partition and one backward per (partition, task).
@@ -219,7 +232,8 @@ def _partitionwise_vjp(
         with eval_mode(model), torch.enable_grad():
             outputs = fn(mine.inputs)
             zeros = torch.zeros(len(mine), dtype=torch.long, device=mine.device)
-            matrix = task_loss_matrix(outputs, mine.labels, tasks, zeros, 1).reshape(-1)  # [T]
+            own = first_tasks if p == 0 and first_tasks is not None else tasks
+            matrix = task_loss_matrix(outputs, mine.labels, own, zeros, 1).reshape(-1)  # [T]
             # one backward per task through the kept graph: on the scenes ViT ≈ 8 % cheaper than
             # one backward vmapped over the task cotangents (is_grads_batched), whose batching
             # rules copy every transposed activation

@@ -152,6 +152,39 @@ def test_the_per_task_auc_shift_moves_only_a_per_task_requests_out_target(tmp_pa
         IAConfig(per_task_auc_shift=0.6)
 
 
+def test_the_per_task_accuracy_shift_moves_only_a_per_task_requests_accuracy_target(tmp_path: Path) -> None:
+    """``ia.per_task_accuracy_shift`` is added to the OUT references' forget-set accuracy of a
+    per-task request (and to their gap for a ``relative`` target), not clamped (a regression task's
+    metric is −MAE); the AUC
+    target and a per-client request's target are unchanged; the evidence names the shift."""
+    wl, _, data, loaded = _toy(tmp_path, k=4)
+    ci = wl.client_index()
+    forget = data.select((data.subset == 0).nonzero().reshape(-1))
+    unseen = wl.heldout_data().to_batch(ci)
+
+    def target(tasks: list[str], **ia: Any) -> tuple[ReferenceTarget, dict[str, Any]]:
+        cfg = IAConfig(target="references", **ia)
+        got, evidence = request_target(cfg, loaded, wl.tasks(), forget=forget, heldout=unseen,
+                                       forget_tasks=tasks, client_index=ci)  # fmt: skip
+        assert got is not None
+        return got, evidence
+
+    plain, _ = target(["kind"])
+    shifted, ev = target(["kind"], per_task_accuracy_shift=-0.1)
+    assert ev["accuracy_shift"] == -0.1
+    assert ev["auc_shift"] == 0.0
+    assert shifted.accuracy["kind"] == pytest.approx(plain.accuracy["kind"] - 0.1)
+    assert shifted.accuracy_gap["kind"] == pytest.approx(plain.accuracy_gap["kind"] - 0.1)
+    assert shifted.mia_auc == plain.mia_auc
+    assert ev["tasks"]["kind"]["accuracy"] == plain.accuracy["kind"]  # the references' own value
+    relative, _ = target(["kind"], per_task_accuracy_shift=-0.1, target_accuracy="relative")
+    held = {"kind": 0.6}
+    assert relative.accuracy_goal("kind", held) == pytest.approx(0.6 + plain.accuracy_gap["kind"] - 0.1)
+    per_client, per_client_ev = target(["kind", "side"], per_task_accuracy_shift=-0.1)
+    assert per_client_ev["accuracy_shift"] == 0.0
+    assert per_client.accuracy == target(["kind", "side"])[0].accuracy
+
+
 def test_request_target_falls_back_to_the_constant_by_name(tmp_path: Path) -> None:
     """``ia.target: "constant"`` never reads references; ``"references"`` without any (or without an
     OUT reference for the client) falls back to the constant and says why in the evidence."""

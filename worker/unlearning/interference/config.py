@@ -69,6 +69,12 @@ class IAConfig:
     # "references" (descend the loss towards the mean prediction of the reference adapters that
     # never saw the row's client; without such references, the labels, recorded in the evidence)
     forget_targets: Literal["labels", "references"] = "labels"
+    # deviation (docs/methods.md, "The forget term's loss: unlikelihood"): what the forget term
+    # ascends on D_f's labels — "cross_entropy" (paper: the task loss) or "unlikelihood"
+    # (log(1 − p_y) for a classification task, whose gradient is largest on the samples the model
+    # is most confident of) or "log_odds" (log((1 − p_y) / p_y): the same pull on every sample);
+    # a regression task keeps its loss
+    forget_loss: Literal["cross_entropy", "unlikelihood", "log_odds"] = "cross_entropy"
     # the accuracy part of a reference target: the references' forget-set accuracy ("absolute") or
     # the checkpoint's held-out accuracy + the references' forget − held-out gap ("relative")
     target_accuracy: Literal["absolute", "relative"] = "absolute"
@@ -84,7 +90,7 @@ class IAConfig:
     # deviation: the same for a per-task request, where it is set (0: ``checkpoint_every``). On
     # scenes a pass over a per-task D_f moved the forget set's accuracy by up to 0.5, so its
     # checkpoints are too coarse to stop near a target (docs/methods.md, "Per-task requests: the
-    # OUT target's AUC shift"); a per-client request keeps its own
+    # OUT target's shifts"); a per-client request keeps its own
     per_task_checkpoint_every: Count = 0
     # deviation (docs/methods.md): stop as soon as the kept checkpoint's distance to the target is
     # at most this (never before ``min_steps``): closer than the target's own error is no nearer
@@ -140,12 +146,16 @@ class IAConfig:
     # never saw the client) or "task_withheld" (those trained on the client without the forgotten
     # tasks' labels, as a per-task retrain is; ``audit.reference_withhold_tasks``; none: "out")
     per_task_target: Literal["out", "task_withheld"] = "out"
-    # deviation (docs/methods.md, "Per-task requests: the OUT target's AUC shift"): added to the
+    # deviation (docs/methods.md, "Per-task requests: the OUT target's shifts"): added to the
     # OUT references' forget-set AUC target of a per-task request. A per-task retrain still trains
     # on the client's inputs with its kept tasks, so its forget-set AUC is not an unseen client's;
     # the shift is a workload's constant, chosen on tuning seeds (their retrains score it there,
     # off every request's path); 0 = the OUT references' value
     per_task_auc_shift: SignedHalf = 0.0
+    # deviation (docs/methods.md, "Per-task requests: the OUT target's shifts"): the same for the
+    # accuracy part of that target (added to the references' forget-set accuracy, or to their
+    # forget − held-out gap with ``target_accuracy: "relative"``); 0 = the OUT references' value
+    per_task_accuracy_shift: SignedHalf = 0.0
     # X_f's kept tasks aimed at their pre-request level (issue 8 part 2): early stopping's distance
     # is the larger of the forget distance and |kept-task accuracy on X_f − pre-request accuracy|,
     # so the kept checkpoint neither raises nor lowers them where another is as close to the target
@@ -168,6 +178,11 @@ class IAConfig:
         cfg = parse_settings(cls, settings, "interference-aware")
         if cfg.stop_at_unseen_level and cfg.forget_accuracy_z <= 0:
             raise ValueError("interference-aware update: stop_at_unseen_level needs forget_accuracy_z > 0")
+        if cfg.forget_loss != "cross_entropy" and cfg.forget_targets != "labels":
+            raise ValueError(
+                "interference-aware update: forget_loss applies to the labels' forget term "
+                "(forget_targets: labels); the references' targets are descended with the task loss"
+            )
         return cfg
 
     @property

@@ -27,7 +27,8 @@ never contributes. Without such a reference: the OUT references, with the reason
 A per-task request read from the OUT references (``calibration: "out"``) may shift their AUC by
 ``ia.per_task_auc_shift``: the per-task retrain still trains on the client's inputs with its kept
 tasks, which moves its forget-set AUC away from an unseen client's by a workload's measured amount
-(chosen on tuning seeds; the evidence records the shift and the references' own value).
+(chosen on tuning seeds; the evidence records the shift and the references' own value), and its
+accuracy by ``ia.per_task_accuracy_shift`` for the same reason.
 
 Distance of a checkpoint to it: per forgotten task the larger of ``|AUC − target AUC|`` and
 ``|accuracy − target accuracy|`` (both must be close, as in the benchmark's "close to the retrain"
@@ -131,11 +132,14 @@ def request_target(
             "tasks": per_task,
             "wall_s": wall,
         }
-    shift = cfg.per_task_auc_shift if calibration == "out" and is_per_task(tasks, forget_tasks) else 0.0
+    shifted = calibration == "out" and is_per_task(tasks, forget_tasks)
+    shift = cfg.per_task_auc_shift if shifted else 0.0
+    acc_shift = cfg.per_task_accuracy_shift if shifted else 0.0
     target = ReferenceTarget(
         mia_auc={t: _clamped(float(v["mia_auc"]) + shift) for t, v in per_task.items()},
-        accuracy={t: float(v["accuracy"]) for t, v in per_task.items()},
-        accuracy_gap={t: float(v["accuracy_gap"]) for t, v in per_task.items()},
+        # not clamped: a regression task's metric is −MAE (≤ 0)
+        accuracy={t: float(v["accuracy"]) + acc_shift for t, v in per_task.items()},
+        accuracy_gap={t: float(v["accuracy_gap"]) + acc_shift for t, v in per_task.items()},
         relative=cfg.target_accuracy == "relative",
     )
     evidence = {
@@ -144,6 +148,7 @@ def request_target(
         **({"calibration_reason": why} if why else {}),
         # added to the OUT references' AUC of a per-task request (``tasks`` keeps their own value)
         "auc_shift": shift,
+        "accuracy_shift": acc_shift,
         "accuracy": cfg.target_accuracy,
         "recipe_digest": references.refs.recipe_digest,
         "references": len(references.models),

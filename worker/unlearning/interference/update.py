@@ -27,6 +27,7 @@ from worker.unlearning.interference.checkpoints import (
 )
 from worker.unlearning.interference.config import IAConfig
 from worker.unlearning.interference.distillation import distilled_retain_targets
+from worker.unlearning.interference.forget_loss import forget_loss_tasks
 from worker.unlearning.interference.layout import FlatLayout
 from worker.unlearning.interference.orthogonalisation import orthogonalize
 from worker.unlearning.interference.retain import RetainLevel, anchor_ids_of, retain_check
@@ -174,6 +175,7 @@ def _run(
     # the forget term's rows: D_f's labels (ascended) or the references' predictions (descended)
     towards = forget_targets is not None
     forget_rows = forget_targets.to(device) if forget_targets is not None else forget
+    forget_losses = forget_loss_tasks(inv, cfg.forget_loss)  # None: the tasks' own losses (paper)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     target: float | Mapping[str, float] = cfg.mia_target if mia_target is None else mia_target
     checkpoints = Checkpoints(
@@ -239,6 +241,7 @@ def _run(
                 backend=cfg.grad_backend,
                 forward=forward,
                 named=all_params,
+                first_tasks=forget_losses,
             )
             flat = layout.pack(G, lead=2).detach()  # [4, T, D]
             held = checkpoints.past_target() if cfg.hold_past_target else frozenset()
@@ -290,10 +293,18 @@ def _run(
         history=history,
         subspace_penalty=None if U is None else float(subspace_penalty(U)),
         term_norms=term_norms(norms),
-        forget_term="descend towards the references' predictions" if towards else "ascend on the labels",
+        forget_term=forget_term_name(towards, cfg.forget_loss),
         held_steps=held_steps if cfg.hold_past_target else None,
     )
     return info
+
+
+def forget_term_name(towards: bool, forget_loss: str) -> str:
+    """The evidence's name of what the forget term did on D_f."""
+    if towards:
+        return "descend towards the references' predictions"
+    ascended = {"unlikelihood": "log(1 − p_y)", "log_odds": "log((1 − p_y) / p_y)"}.get(forget_loss)
+    return f"ascend {ascended} on the labels" if ascended else "ascend on the labels"
 
 
 def checkpoint_every(cfg: IAConfig, tasks: Sequence[TaskSpec], forget_tasks: Sequence[str]) -> int:
