@@ -250,6 +250,12 @@ def _coalescing(argv: Sequence[str], prog: str) -> int:
     return coalescing.main(argv, prog=prog)
 
 
+def _compare(argv: Sequence[str], prog: str) -> int:
+    from bench import compare
+
+    return compare.main(argv, prog=prog)
+
+
 def _plot(argv: Sequence[str], prog: str) -> int:
     from bench import plots
 
@@ -263,6 +269,7 @@ COMMANDS: dict[str, Callable[[Sequence[str], str], int]] = {
     "reliability": _reliability,
     "coalescing": _coalescing,
     "plot": _plot,
+    "compare": _compare,
 }
 
 
@@ -288,7 +295,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m bench") -> in
 )
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench_command(args: tuple[str, ...]) -> None:
-    """Benchmarks: quality (default), measure-workload, latency, reliability, coalescing, plot.
+    """Benchmarks: quality (default), measure-workload, latency, reliability, coalescing, plot, compare.
 
     The same as ``python -m bench``; ``lethe bench --help`` lists the commands, ``lethe bench
     COMMAND --help`` their flags."""

@@ -106,6 +106,9 @@ def target_of(info: Any) -> dict[str, Any] | None:
         "accuracy": target.get("accuracy"),  # "absolute" or "relative" (ia.target_accuracy)
         "reason": target.get("reason"),
         "wall_s": target.get("wall_s"),
+        # added to the references' values for a per-task request (ia.per_task_*_shift; 0 otherwise)
+        "auc_shift": target.get("auc_shift"),
+        "accuracy_shift": target.get("accuracy_shift"),
         "tasks": {
             t: {k: v[k] for k in ("mia_auc", "accuracy", "accuracy_gap", "spread", "references")}
             for t, v in dict(target.get("tasks") or {}).items()
@@ -119,17 +122,31 @@ def target_close(
     request_tasks: Sequence[str],
 ) -> dict[str, bool] | None:
     """Per request-task, :func:`close_flags` of a per-client target (its forget-set accuracy and MIA
-    AUC) to the reference retrain; ``None`` without one (a constant target has no accuracy; a
-    ``"relative"`` accuracy target moves with each checkpoint's held-out accuracy)."""
+    AUC, with a per-task request's shifts: what early stopping aimed at) to the reference retrain;
+    ``None`` without one (a constant target has no accuracy; a ``"relative"`` accuracy target moves
+    with each checkpoint's held-out accuracy)."""
     if reference is None or target is None or target.get("source") != "references":
         return None
     if target.get("accuracy") == "relative":
         return None
+    acc_shift, auc_shift = float(target.get("accuracy_shift") or 0.0), float(target.get("auc_shift") or 0.0)
     values = {
-        t: {"unl": _num(v.get("accuracy")), "mia_auc": _num(v.get("mia_auc"))}
+        t: {
+            "unl": _aimed(v.get("accuracy"), acc_shift),
+            "mia_auc": _aimed(v.get("mia_auc"), auc_shift, auc=True),
+        }
         for t, v in dict(target.get("tasks") or {}).items()
     }
     return close_flags(values, reference, request_tasks)
+
+
+def _aimed(value: Any, shift: float, *, auc: bool = False) -> float | None:
+    """A target value as early stopping aimed at it: plus its per-task shift, an AUC clamped to
+    [0, 1] as the worker clamps it (an accuracy is not: a regression task's metric is −MAE)."""
+    number = _num(value)
+    if number is None:
+        return None
+    return min(1.0, max(0.0, number + shift)) if auc else number + shift
 
 
 def target_close_by_method(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, int]]:

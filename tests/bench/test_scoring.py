@@ -114,6 +114,15 @@ def test_a_per_client_target_is_scored_against_the_reference_retrain_like_a_meth
     assert target_close({**target, "accuracy": "relative"}, reference, ["a"]) is None
     assert target_close({"source": "constant", "tasks": {}}, reference, ["a"]) is None
     assert target_close(target, None, ["a"]) is None  # the reference retrain's own row
+    # a per-task request's shifts are part of what early stopping aimed at: with AUC −0.08, b's
+    # 0.44 is within 0.05 of 0.45 and a's 0.34 is not within 0.05 of 0.40
+    shifted = {**target, "auc_shift": -0.08, "accuracy_shift": 0.0}
+    assert target_close(shifted, reference, ["a", "b"]) == {"a": False, "b": True}
+    assert target_close({**target, "accuracy_shift": -0.1}, reference, ["a"]) == {"a": False}  # 0.53
+    # a regression task's "accuracy" is −MAE: read as it is (clamped to 0 it would be 0.08 off)
+    regression = {"source": "references", "accuracy": "absolute", "accuracy_shift": 0.0,
+                  "tasks": {"r": {"accuracy": -0.10, "mia_auc": 0.52}}}  # fmt: skip
+    assert target_close(regression, {"r": {"unl": -0.08, "mia_auc": 0.50}}, ["r"]) == {"r": True}
 
     def run(method: str, target_close: dict[str, bool] | None, close: dict[str, bool]) -> dict[str, Any]:
         return {"method": method, "target_close": target_close, "close": close}

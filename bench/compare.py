@@ -1,0 +1,271 @@
+"""Compare one method's rows of two ``lethe bench`` results on the same requests.
+
+    lethe bench compare BASE.json NEW.json [--method default+served] [--new-method LABEL] [--json OUT]
+
+BASE and NEW may be the same file (a variant against its base row: ``--method default --new-method
+default@odds``). The two must score the same requests: their ``retrain`` rows (the reference
+retrains) are compared first, and the comparison is refused unless every shared run's are
+identical (``--unpaired`` reports it anyway, labelled so). A variant changes one method's rows
+only, so identical retrains mean identical v1, anchors and forget sets.
+
+Reported for each side, pooled over the runs both have (no torch, JSON only):
+
+- request-tasks, **close** (forget-set accuracy and MIA AUC within 0.05 of the reference retrain's),
+  median and mean UIS;
+- **targets close**: request-tasks whose per-client early-stopping target itself is close to the
+  reference retrain (scoring only: what a method that lands on its target can reach);
+- **landing**: the kept model's forget-set accuracy and MIA AUC minus the target it aimed at
+  (medians, per-client and per-task requests apart), request-tasks within 0.05 of it, and runs
+  whose kept checkpoint's early-stopping distance is within 0.05;
+- per (setting, stage): median UIS and close, the Val and kept-task gaps to the retrain (the
+  summary's), and the ratio of the median UIS to the best of ``ssd`` and ``ia`` where either file
+  has them;
+- how many runs changed, and in how many the UIS fell or rose.
+
+These are the figures docs/benchmarks.md's rules are judged on; each rule says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.scoring import CLOSE_TOLERANCE
+
+Key = tuple[str, int, int]  # (setting, stage, seed)
+BASELINES = ("ssd", "ia")
+
+
+class NotPairedError(ValueError):
+    """The two results did not score the same requests."""
+
+
+def _rows(result: Mapping[str, Any], method: str) -> dict[Key, Mapping[str, Any]]:
+    return {(r["setting"], r["stage"], r["seed"]): r for r in result["runs"] if r["method"] == method}
+
+
+def paired_runs(base: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[int, int]:
+    """(shared runs whose ``retrain`` rows are identical, shared runs with a ``retrain`` row)."""
+    a, b = _rows(base, "retrain"), _rows(new, "retrain")
+    shared = sorted(set(a) & set(b))
+    return sum(a[k]["tasks"] == b[k]["tasks"] for k in shared), len(shared)
+
+
+def _median(values: Iterable[float | None]) -> float | None:
+    present = [float(v) for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def aimed_target(target: Mapping[str, Any] | None, task: str) -> tuple[float, float] | None:
+    """(accuracy, MIA AUC) a run's early stopping aimed at for ``task``: the references' values plus
+    the per-task shifts it recorded; ``None`` for a constant or ``"relative"`` target."""
+    if not target or target.get("source") != "references" or target.get("accuracy") == "relative":
+        return None
+    values = (target.get("tasks") or {}).get(task)
+    if not values or values.get("accuracy") is None or values.get("mia_auc") is None:
+        return None
+    acc = float(values["accuracy"]) + float(target.get("accuracy_shift") or 0.0)
+    auc = float(values["mia_auc"]) + float(target.get("auc_shift") or 0.0)
+    return acc, min(1.0, max(0.0, auc))  # a regression task's "accuracy" is −MAE: not clamped
+
+
+def _landing(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Kept model minus aimed target, per request kind (``FU``: per-client; ``PU``: per-task)."""
+    out: dict[str, Any] = {}
+    for kind in ("FU", "PU"):
+        gaps = []
+        for r in rows:
+            if (r["setting"] == "FU") != (kind == "FU"):
+                continue
+            for task in r.get("close") or {}:
+                aimed, got = aimed_target(r.get("target"), task), r["tasks"].get(task, {})
+                if aimed is not None and got.get("unl") is not None and got.get("mia_auc") is not None:
+                    gaps.append((float(got["unl"]) - aimed[0], float(got["mia_auc"]) - aimed[1]))
+        if gaps:
+            out[kind] = {
+                "n": len(gaps),
+                "accuracy": statistics.median(g[0] for g in gaps),
+                "mia_auc": statistics.median(g[1] for g in gaps),
+                "within": sum(abs(g[0]) <= CLOSE_TOLERANCE and abs(g[1]) <= CLOSE_TOLERANCE for g in gaps),
+            }
+    return out
+
+
+def _pooled(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    scored = [r for r in rows if r.get("uis") is not None]
+    updates = [r["update"] for r in rows if r.get("update") and r["update"].get("best_distance") is not None]
+    return {
+        "runs": len(rows),
+        "request_tasks": sum(len(r.get("close") or {}) for r in rows),
+        "close": sum(sum(bool(v) for v in (r.get("close") or {}).values()) for r in rows),
+        "median_uis": _median(r["uis"] for r in scored),
+        "mean_uis": statistics.fmean(r["uis"] for r in scored) if scored else None,
+        "targets_close": sum(sum(bool(v) for v in (r.get("target_close") or {}).values()) for r in rows),
+        "landing": _landing(rows),
+        "kept_within_target": sum(float(u["best_distance"]) <= CLOSE_TOLERANCE for u in updates),
+        "runs_with_update": len(updates),
+    }
+
+
+def _summary(result: Mapping[str, Any], method: str) -> dict[tuple[str, int], Mapping[str, Any]]:
+    return {(s["setting"], s["stage"]): s for s in result["summary"] if s["method"] == method}
+
+
+def _best_baseline(results: Sequence[Mapping[str, Any]], cell: tuple[str, int]) -> float | None:
+    values = [_summary(res, m).get(cell, {}).get("uis") for res in results for m in BASELINES]
+    present = [float(v) for v in values if v is not None]
+    return min(present) if present else None
+
+
+def _stages(
+    base: Mapping[str, Any], new: Mapping[str, Any], base_method: str, new_method: str
+) -> list[dict[str, Any]]:
+    a, b = _summary(base, base_method), _summary(new, new_method)
+    out = []
+    for cell in sorted(set(a) & set(b)):
+        best = _best_baseline((base, new), cell)
+        row: dict[str, Any] = {"setting": cell[0], "stage": cell[1], "best_baseline_uis": best}
+        for side, s in (("base", a[cell]), ("new", b[cell])):
+            uis = s.get("uis")
+            row[side] = {
+                "uis": uis,
+                "close": s.get("close_fraction"),
+                "n": s.get("close_n"),
+                "val_gap": s.get("val_gap"),
+                "kept_gap": s.get("kept_unl_gap"),
+                "ratio": None if uis is None or not best else float(uis) / best,
+            }
+        out.append(row)
+    return out
+
+
+def compare(
+    base: Mapping[str, Any],
+    new: Mapping[str, Any],
+    base_method: str,
+    new_method: str,
+    *,
+    unpaired: bool = False,
+) -> dict[str, Any]:
+    """The comparison as a dict (see the module's docstring). Raises :class:`NotPairedError` unless
+    every shared run's retrain rows are identical (or ``unpaired``), and ``ValueError`` when a
+    side has no rows of its method."""
+    identical, shared = paired_runs(base, new)
+    if not unpaired and (shared == 0 or identical != shared):
+        raise NotPairedError(
+            f"the results do not score the same requests: retrain rows identical in {identical} of "
+            f"{shared} shared runs (--unpaired compares them anyway)"
+        )
+    a, b = _rows(base, base_method), _rows(new, new_method)
+    for label, rows in ((base_method, a), (new_method, b)):
+        if not rows:
+            raise ValueError(f"no rows of method {label!r}")
+    keys = sorted(set(a) & set(b))
+    changed = [k for k in keys if a[k]["uis"] != b[k]["uis"] or a[k]["tasks"] != b[k]["tasks"]]
+    scored = [k for k in changed if a[k]["uis"] is not None and b[k]["uis"] is not None]
+    stages = _stages(base, new, base_method, new_method)
+    both = [s for s in stages if s["base"]["uis"] is not None and s["new"]["uis"] is not None]
+
+    def gap(side: str, key: str) -> float | None:
+        return _median(s[side][key] for s in stages)
+
+    return {
+        "paired": {"identical_retrain_rows": identical, "shared_runs": shared},
+        "methods": {"base": base_method, "new": new_method},
+        "runs": len(keys),
+        "base": {
+            **_pooled([a[k] for k in keys]),
+            "val_gap": gap("base", "val_gap"),
+            "kept_gap": gap("base", "kept_gap"),
+        },
+        "new": {
+            **_pooled([b[k] for k in keys]),
+            "val_gap": gap("new", "val_gap"),
+            "kept_gap": gap("new", "kept_gap"),
+        },
+        "changed_runs": len(changed),
+        "uis_lower": sum(b[k]["uis"] < a[k]["uis"] for k in scored),
+        "uis_higher": sum(b[k]["uis"] > a[k]["uis"] for k in scored),
+        "stages": stages,
+        "stages_new_not_worse": sum(s["new"]["uis"] <= s["base"]["uis"] for s in both),
+        "stages_compared": len(both),
+    }
+
+
+def _f(v: float | None, digits: int = 3) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def _landing_text(landing: Mapping[str, Any]) -> str:
+    parts = [
+        f"{kind} {_f(v['accuracy'], 3)} / {_f(v['mia_auc'], 3)}, within {v['within']}/{v['n']}"
+        for kind, v in landing.items()
+    ]
+    return "; ".join(parts) or "—"
+
+
+def format_comparison(c: Mapping[str, Any], base_name: str, new_name: str) -> str:
+    p = c["paired"]
+    lines = [
+        f"base: {base_name} [{c['methods']['base']}]   new: {new_name} [{c['methods']['new']}]",
+        f"paired: retrain rows identical in {p['identical_retrain_rows']} of {p['shared_runs']} shared runs; "
+        f"{c['runs']} runs compared, {c['changed_runs']} changed (UIS lower in {c['uis_lower']}, "
+        f"higher in {c['uis_higher']})",
+        "",
+        f"{'':34}{'base':>24}{'new':>24}",
+    ]
+    rows: list[tuple[str, Callable[[Mapping[str, Any]], str]]] = [
+        ("close (of request-tasks)", lambda s: f"{s['close']}/{s['request_tasks']}"),
+        ("median / mean UIS", lambda s: f"{_f(s['median_uis'])} / {_f(s['mean_uis'])}"),
+        ("targets close to the retrain", lambda s: f"{s['targets_close']}"),
+        (
+            "kept checkpoint within 0.05 (runs)",
+            lambda s: f"{s['kept_within_target']}/{s['runs_with_update']}",
+        ),
+        ("median Val / kept gap (stages)", lambda s: f"{_f(s['val_gap'])} / {_f(s['kept_gap'])}"),
+    ]
+    for label, fmt in rows:
+        lines.append(f"{label:<34}{fmt(c['base']):>24}{fmt(c['new']):>24}")
+    lines.append("landing (kept − aimed target: accuracy / AUC medians, within 0.05):")
+    lines.append(f"  base: {_landing_text(c['base']['landing'])}")
+    lines.append(f"  new:  {_landing_text(c['new']['landing'])}")
+    lines.append("")
+    side = f"{'UIS':>8} {'close':>5} {'Val':>6} {'kept':>6} {'×best':>6}"
+    lines.append(f"{'setting':<16}{'stage':>5} | {side} | {side}   (base | new)")
+    for s in c["stages"]:
+        cells = []
+        for side in ("base", "new"):
+            v = s[side]
+            close = "—" if v["close"] is None or v["n"] is None else f"{round(v['close'] * v['n'])}/{v['n']}"
+            cells.append(f"{_f(v['uis']):>8} {close:>5} {_f(v['val_gap']):>6} {_f(v['kept_gap']):>6} "
+                         f"{_f(v['ratio'], 2):>6}")  # fmt: skip
+        lines.append(f"{s['setting']:<16}{s['stage']:>5} | {cells[0]} | {cells[1]}")
+    lines.append(
+        f"stages where new's median UIS ≤ base's: {c['stages_new_not_worse']} of {c['stages_compared']}"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m bench compare") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("base", type=Path, help="a lethe bench --json result")
+    parser.add_argument("new", type=Path, help="another (or the same) result")
+    parser.add_argument("--method", default="default", help="the base's method row (default: default)")
+    parser.add_argument("--new-method", default=None, help="the new file's method row (default: --method)")
+    parser.add_argument("--unpaired", action="store_true", help="compare results whose retrains differ")
+    parser.add_argument("--json", dest="json_path", type=Path, default=None, help="write the comparison")
+    args = parser.parse_args(argv)
+    try:
+        base, new = (json.loads(p.read_text()) for p in (args.base, args.new))
+        result = compare(base, new, args.method, args.new_method or args.method, unpaired=args.unpaired)
+    except (OSError, ValueError, KeyError) as exc:  # NotPairedError is a ValueError
+        parser.error(str(exc))
+    print(format_comparison(result, args.base.name, args.new.name))
+    if args.json_path is not None:
+        args.json_path.write_text(json.dumps(result, indent=2) + "\n")
+    return 0

@@ -1,0 +1,109 @@
+"""``lethe bench compare``: one method's rows of two results on the same requests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.compare import NotPairedError, aimed_target, compare, format_comparison, main
+
+
+def _run(method: str, setting: str, seed: int, uis: float | None, **extra: Any) -> dict[str, Any]:
+    return {"method": method, "setting": setting, "stage": 1, "seed": seed, "uis": uis, **extra}
+
+
+def _target(acc: float, auc: float, **shifts: float) -> dict[str, Any]:
+    return {"source": "references", "accuracy": "absolute", **shifts,
+            "tasks": {"a": {"accuracy": acc, "mia_auc": auc}}}  # fmt: skip
+
+
+def _result(rows: list[dict[str, Any]], retrain_unl: float = 0.5, val: float = 0.02) -> dict[str, Any]:
+    retrains = [_run("retrain", s, seed, None, tasks={"a": {"unl": retrain_unl, "mia_auc": 0.4}})
+                for s, seed in (("FU", 0), ("PU:a", 0))]  # fmt: skip
+    summary = [
+        {"setting": s, "stage": 1, "method": m, "uis": u, "close_fraction": 0.5, "close_n": 2,
+         "val_gap": val, "kept_unl_gap": None if s == "FU" else 0.01}
+        for m, u in (("default", 0.3), ("ssd", 0.6), ("ia", 0.5)) for s in ("FU", "PU:a")
+    ]  # fmt: skip
+    return {"runs": retrains + rows, "summary": summary}
+
+
+def _rows(uis: float, close: bool, unl: float, update_distance: float) -> list[dict[str, Any]]:
+    return [
+        _run("default", "FU", 0, uis, tasks={"a": {"unl": unl, "mia_auc": 0.41}}, close={"a": close},
+             target=_target(0.50, 0.40), target_close={"a": True}, update={"best_distance": update_distance}),
+        _run("default", "PU:a", 0, uis + 0.1, tasks={"a": {"unl": unl, "mia_auc": 0.41}}, close={"a": False},
+             target=_target(0.60, 0.50, accuracy_shift=-0.1, auc_shift=-0.1), target_close={"a": False},
+             update={"best_distance": 0.2}),
+    ]  # fmt: skip
+
+
+def test_aimed_target_adds_the_recorded_shifts_and_ignores_constant_or_relative_targets() -> None:
+    assert aimed_target(_target(0.6, 0.5, accuracy_shift=-0.1, auc_shift=-0.2), "a") == pytest.approx(
+        (0.5, 0.3)
+    )
+    assert aimed_target(_target(0.5, 0.05, auc_shift=-0.1), "a") == pytest.approx((0.5, 0.0))  # an AUC
+    assert aimed_target(_target(-0.08, 0.5), "a") == pytest.approx((-0.08, 0.5))  # −MAE is not clamped
+    assert aimed_target({"source": "constant", "tasks": {}}, "a") is None
+    assert aimed_target({**_target(0.6, 0.5), "accuracy": "relative"}, "a") is None
+    assert aimed_target(_target(0.6, 0.5), "b") is None
+
+
+def test_compare_pools_both_sides_over_the_shared_runs() -> None:
+    base = _result(_rows(0.30, close=False, unl=0.60, update_distance=0.10))
+    new = _result(_rows(0.20, close=True, unl=0.52, update_distance=0.03))
+    c = compare(base, new, "default", "default")
+    assert c["paired"] == {"identical_retrain_rows": 2, "shared_runs": 2}
+    assert (c["runs"], c["changed_runs"], c["uis_lower"], c["uis_higher"]) == (2, 2, 2, 0)
+    assert (c["base"]["close"], c["new"]["close"], c["new"]["request_tasks"]) == (0, 1, 2)
+    assert c["new"]["median_uis"] == pytest.approx(0.25)
+    assert c["new"]["targets_close"] == 1
+    assert (c["base"]["kept_within_target"], c["new"]["kept_within_target"]) == (0, 1)
+    # landing: FU 0.52 − 0.50 and 0.41 − 0.40; PU against the shifted target (0.50, 0.40)
+    fu = c["new"]["landing"]["FU"]
+    assert (fu["n"], fu["within"]) == (1, 1)
+    assert (fu["accuracy"], fu["mia_auc"]) == (pytest.approx(0.02), pytest.approx(0.01))
+    assert c["new"]["landing"]["PU"]["accuracy"] == pytest.approx(0.02)
+    assert c["base"]["landing"]["FU"]["within"] == 0  # 0.60 is 0.10 above
+    # the summary's cells, the ratio to the best of ssd and ia (0.5), stages not worse
+    assert [s["setting"] for s in c["stages"]] == ["FU", "PU:a"]
+    assert c["stages"][0]["new"]["ratio"] == pytest.approx(0.6)
+    assert c["stages_new_not_worse"] == 2
+    assert c["new"]["val_gap"] == pytest.approx(0.02)
+    assert c["new"]["kept_gap"] == pytest.approx(0.01)
+    text = format_comparison(c, "base.json", "new.json")
+    assert "1/2" in text
+    assert "stages where new's median UIS ≤ base's: 2 of 2" in text
+
+
+def test_results_of_other_requests_are_refused_unless_asked() -> None:
+    base = _result(_rows(0.3, close=False, unl=0.6, update_distance=0.1))
+    other = _result(_rows(0.3, close=False, unl=0.6, update_distance=0.1), retrain_unl=0.7)
+    with pytest.raises(NotPairedError, match="identical in 0 of 2"):
+        compare(base, other, "default", "default")
+    assert compare(base, other, "default", "default", unpaired=True)["paired"]["identical_retrain_rows"] == 0
+    with pytest.raises(ValueError, match="no rows of method 'default@x'"):
+        compare(base, base, "default", "default@x")
+
+
+def test_the_command_prints_and_writes_the_comparison(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base, new = tmp_path / "base.json", tmp_path / "new.json"
+    base.write_text(json.dumps(_result(_rows(0.3, close=False, unl=0.6, update_distance=0.1))))
+    new.write_text(json.dumps(_result(_rows(0.2, close=True, unl=0.52, update_distance=0.03))))
+    out = tmp_path / "c.json"
+    assert main([str(base), str(new), "--json", str(out)]) == 0
+    assert "base: base.json [default]" in capsys.readouterr().out
+    assert json.loads(out.read_text())["new"]["close"] == 1
+    other = tmp_path / "other.json"
+    other.write_text(
+        json.dumps(_result(_rows(0.3, close=False, unl=0.6, update_distance=0.1), retrain_unl=0.9))
+    )
+    with pytest.raises(SystemExit) as exc:
+        main([str(base), str(other)])
+    assert exc.value.code == 2
+    assert "do not score the same requests" in capsys.readouterr().err
