@@ -77,6 +77,13 @@ def test_compare_pools_both_sides_over_the_shared_runs() -> None:
     text = format_comparison(c, "base.json", "new.json")
     assert "1/2" in text
     assert "stages where new's median UIS ≤ base's: 2 of 2" in text
+    assert c["same_runs"]
+    assert "runs differ" not in text
+    fewer = {**new, "runs": [r for r in new["runs"] if r["setting"] == "FU"]}
+    partial = compare(base, fewer, "default", "default")
+    assert not partial["same_runs"]
+    assert partial["runs"] == 1
+    assert "each per-stage cell is its own file's summary" in format_comparison(partial, "b", "n")
 
 
 def test_results_of_other_requests_are_refused_unless_asked() -> None:
