@@ -14,6 +14,7 @@ from worker.unlearning.grads import partition_task_grads
 from worker.unlearning.interference.config import IAConfig
 from worker.unlearning.interference.forget_loss import Unlikelihood, forget_loss_tasks, log_unlikelihood
 from worker.unlearning.interference.update import interference_aware_unlearn
+from worker.unlearning.lora import fast_forward, joint_grads
 from worker.unlearning.types import IGNORE, ClassificationTask, RegressionTask, TaskSpec, soft_targets
 
 
@@ -81,16 +82,22 @@ def test_forget_loss_tasks_wrap_classification_and_keep_regression() -> None:
         forget_loss_tasks(tasks, "hinge")
 
 
-@pytest.mark.parametrize("backend", ["autograd", "func"])
+@pytest.mark.parametrize("backend", ["autograd", "func", "joint"])
 def test_partition_grads_differentiate_the_first_partition_with_its_own_losses(backend: str) -> None:
+    """On each path: per partition (autograd), torch.func, and the MLP view's joint forward (the
+    path the update takes on an MLP)."""
     model = ia_model()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     parts = [ia_batch(5, 1, ["a"]), ia_batch(6, 2, ["a", "b"])]
     swapped = forget_loss_tasks(TASKS, "unlikelihood")
-    plain = partition_task_grads(model, names, parts, TASKS, backend=backend)
-    mixed = partition_task_grads(model, names, parts, TASKS, backend=backend, first_tasks=swapped)
     assert swapped is not None
-    own = partition_task_grads(model, names, parts[:1], swapped, backend=backend)
+    view = fast_forward(model) if backend == "joint" else None
+    if view is not None:
+        assert joint_grads(view, model)
+    path = "autograd" if backend == "joint" else backend
+    plain = partition_task_grads(model, names, parts, TASKS, backend=path, forward=view)
+    mixed = partition_task_grads(model, names, parts, TASKS, backend=path, forward=view, first_tasks=swapped)
+    own = partition_task_grads(model, names, parts[:1], swapped, backend=path, forward=view)
     for n in names:
         assert torch.allclose(mixed[n][1], plain[n][1], atol=1e-6)  # the retain partition: unchanged
         assert torch.allclose(mixed[n][0], own[n][0], atol=1e-6)  # D_f: the unlikelihood's gradient
