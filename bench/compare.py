@@ -3,10 +3,12 @@
     lethe bench compare BASE.json NEW.json [--method default+served] [--new-method LABEL] [--json OUT]
 
 BASE and NEW may be the same file (a variant against its base row: ``--method default --new-method
-default@odds``). The two must score the same requests: their ``retrain`` rows (the reference
-retrains) are compared first, and the comparison is refused unless every shared run's are
-identical (``--unpaired`` reports it anyway, labelled so). A variant changes one method's rows
-only, so identical retrains mean identical v1, anchors and forget sets.
+default@odds``), and each may be several files joined by commas (runs on other seeds, pooled; a
+per-stage cell then names the seeds of its file, and cells pair up by those seeds). The two must
+score the same requests: their ``retrain`` rows (the reference retrains) are compared first, and
+the comparison is refused unless every shared run's are identical (``--unpaired`` reports it
+anyway, labelled so). A variant changes one method's rows only, so identical retrains mean
+identical v1, anchors and forget sets.
 
 Reported for each side, pooled over the runs both have (no torch, JSON only):
 
@@ -111,11 +113,42 @@ def _pooled(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _summary(result: Mapping[str, Any], method: str) -> dict[tuple[str, int], Mapping[str, Any]]:
-    return {(s["setting"], s["stage"]): s for s in result["summary"] if s["method"] == method}
+Cell = tuple[str, str, int]  # (part: the seeds of the file it came from, setting, stage)
 
 
-def _best_baseline(results: Sequence[Mapping[str, Any]], cell: tuple[str, int]) -> float | None:
+def _summary(result: Mapping[str, Any], method: str) -> dict[Cell, Mapping[str, Any]]:
+    return {
+        (s.get("part", ""), s["setting"], s["stage"]): s for s in result["summary"] if s["method"] == method
+    }
+
+
+def merge(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Several results as one side of a comparison: their runs together (a run in two of them is
+    refused) and their summaries' cells, each marked with its file's seeds (``part``)."""
+    runs: list[Mapping[str, Any]] = []
+    summary: list[dict[str, Any]] = []
+    seen: set[tuple[str, int, int, str]] = set()
+    for i, result in enumerate(results):
+        part = _seed_label((result.get("meta") or {}).get("seeds") or []) or f"file {i + 1}"
+        for r in result["runs"]:
+            key = (r["setting"], r["stage"], r["seed"], r["method"])
+            if key in seen:
+                raise ValueError(f"the run {key} is in two of the files")
+            seen.add(key)
+            runs.append(r)
+        summary.extend({**cell, "part": part} for cell in result["summary"])
+    return {"runs": runs, "summary": summary}
+
+
+def _seed_label(seeds: Sequence[int]) -> str:
+    """``100–105`` for consecutive seeds, else ``0,2,5``."""
+    ordered = sorted(int(x) for x in seeds)
+    if len(ordered) > 2 and ordered == list(range(ordered[0], ordered[-1] + 1)):
+        return f"{ordered[0]}–{ordered[-1]}"
+    return ",".join(str(x) for x in ordered)
+
+
+def _best_baseline(results: Sequence[Mapping[str, Any]], cell: Cell) -> float | None:
     values = [_summary(res, m).get(cell, {}).get("uis") for res in results for m in BASELINES]
     present = [float(v) for v in values if v is not None]
     return min(present) if present else None
@@ -128,7 +161,12 @@ def _stages(
     out = []
     for cell in sorted(set(a) & set(b)):
         best = _best_baseline((base, new), cell)
-        row: dict[str, Any] = {"setting": cell[0], "stage": cell[1], "best_baseline_uis": best}
+        row: dict[str, Any] = {
+            "part": cell[0],
+            "setting": cell[1],
+            "stage": cell[2],
+            "best_baseline_uis": best,
+        }
         for side, s in (("base", a[cell]), ("new", b[cell])):
             uis = s.get("uis")
             row[side] = {
@@ -236,8 +274,10 @@ def format_comparison(c: Mapping[str, Any], base_name: str, new_name: str) -> st
     lines.append(f"  base: {_landing_text(c['base']['landing'])}")
     lines.append(f"  new:  {_landing_text(c['new']['landing'])}")
     lines.append("")
-    side = f"{'UIS':>8} {'close':>5} {'Val':>6} {'kept':>6} {'×best':>6}"
-    lines.append(f"{'setting':<16}{'stage':>5} | {side} | {side}   (base | new)")
+    header = f"{'UIS':>8} {'close':>5} {'Val':>6} {'kept':>6} {'×best':>6}"
+    several = len({s["part"] for s in c["stages"]}) > 1  # cells of several files: say whose
+    width = max([16, *(len(f"{s['setting']} [{s['part']}]") + 1 for s in c["stages"] if several)])
+    lines.append(f"{'setting':<{width}}{'stage':>5} | {header} | {header}   (base | new)")
     for s in c["stages"]:
         cells = []
         for side in ("base", "new"):
@@ -245,7 +285,8 @@ def format_comparison(c: Mapping[str, Any], base_name: str, new_name: str) -> st
             close = "—" if v["close"] is None or v["n"] is None else f"{round(v['close'] * v['n'])}/{v['n']}"
             cells.append(f"{_f(v['uis']):>8} {close:>5} {_f(v['val_gap']):>6} {_f(v['kept_gap']):>6} "
                          f"{_f(v['ratio'], 2):>6}")  # fmt: skip
-        lines.append(f"{s['setting']:<16}{s['stage']:>5} | {cells[0]} | {cells[1]}")
+        label = f"{s['setting']} [{s['part']}]" if several else s["setting"]
+        lines.append(f"{label:<{width}}{s['stage']:>5} | {cells[0]} | {cells[1]}")
     lines.append(
         f"stages where new's median UIS ≤ base's: {c['stages_new_not_worse']} of {c['stages_compared']}"
     )
@@ -254,22 +295,29 @@ def format_comparison(c: Mapping[str, Any], base_name: str, new_name: str) -> st
     return "\n".join(lines)
 
 
+def _names(side: str) -> str:
+    return ", ".join(Path(p).name for p in side.split(","))
+
+
 def main(argv: Sequence[str] | None = None, prog: str = "python -m bench compare") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("base", type=Path, help="a lethe bench --json result")
-    parser.add_argument("new", type=Path, help="another (or the same) result")
+    parser.add_argument("base", help="a lethe bench --json result, or several joined by commas")
+    parser.add_argument("new", help="another (or the same) result, or several joined by commas")
     parser.add_argument("--method", default="default", help="the base's method row (default: default)")
     parser.add_argument("--new-method", default=None, help="the new file's method row (default: --method)")
     parser.add_argument("--unpaired", action="store_true", help="compare results whose retrains differ")
     parser.add_argument("--json", dest="json_path", type=Path, default=None, help="write the comparison")
     args = parser.parse_args(argv)
     try:
-        base, new = (json.loads(p.read_text()) for p in (args.base, args.new))
+        base, new = (
+            merge([json.loads(Path(p).read_text()) for p in side.split(",")])
+            for side in (args.base, args.new)
+        )
         result = compare(base, new, args.method, args.new_method or args.method, unpaired=args.unpaired)
     except (OSError, ValueError, KeyError) as exc:  # NotPairedError is a ValueError
         parser.error(str(exc))
-    print(format_comparison(result, args.base.name, args.new.name))
+    print(format_comparison(result, _names(args.base), _names(args.new)))
     if args.json_path is not None:
         args.json_path.write_text(json.dumps(result, indent=2) + "\n")
     return 0

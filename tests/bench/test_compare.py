@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from bench.compare import NotPairedError, aimed_target, compare, format_comparison, main
+from bench.compare import NotPairedError, aimed_target, compare, format_comparison, main, merge
 
 
 def _run(method: str, setting: str, seed: int, uis: float | None, **extra: Any) -> dict[str, Any]:
@@ -114,3 +114,28 @@ def test_the_command_prints_and_writes_the_comparison(
         main([str(base), str(other)])
     assert exc.value.code == 2
     assert "do not score the same requests" in capsys.readouterr().err
+
+
+def test_several_files_make_one_side_and_their_cells_are_named_by_seeds(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = _result(_rows(0.3, close=False, unl=0.6, update_distance=0.1))
+    second = _result(_rows(0.2, close=True, unl=0.52, update_distance=0.03))
+    for r in second["runs"]:
+        r["seed"] = 7  # the second file ran other seeds
+    first["meta"], second["meta"] = {"seeds": [0, 1, 2]}, {"seeds": [7]}
+    both = merge([first, second])
+    assert len(both["runs"]) == len(first["runs"]) + len(second["runs"])
+    assert {cell["part"] for cell in both["summary"]} == {"0–2", "7"}
+    c = compare(both, both, "default", "default")
+    assert (c["runs"], c["base"]["request_tasks"], c["base"]["close"]) == (4, 4, 1)
+    assert {s["part"] for s in c["stages"]} == {"0–2", "7"}
+    assert "FU [0–2]" in format_comparison(c, "a", "b")
+    with pytest.raises(ValueError, match="in two of the files"):
+        merge([first, first])
+    paths = []
+    for name, result in (("a.json", first), ("b.json", second)):
+        (tmp_path / name).write_text(json.dumps(result))
+        paths.append(str(tmp_path / name))
+    assert main([",".join(paths), ",".join(paths)]) == 0
+    assert "base: a.json, b.json [default]" in capsys.readouterr().out
