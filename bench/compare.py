@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.scoring import CLOSE_TOLERANCE
+from bench.closeness import CLOSE_TOLERANCE, aimed_targets
 
 Key = tuple[str, int, int]  # (setting, stage, seed)
 BASELINES = ("ssd", "ia")
@@ -63,16 +63,12 @@ def _median(values: Iterable[float | None]) -> float | None:
 
 
 def aimed_target(target: Mapping[str, Any] | None, task: str) -> tuple[float, float] | None:
-    """(accuracy, MIA AUC) a run's early stopping aimed at for ``task``: the references' values plus
-    the per-task shifts it recorded; ``None`` for a constant or ``"relative"`` target."""
-    if not target or target.get("source") != "references" or target.get("accuracy") == "relative":
+    """(accuracy, MIA AUC) a run's early stopping aimed at for ``task``
+    (:func:`bench.closeness.aimed_targets`); ``None`` for a constant or ``"relative"`` target."""
+    values = (aimed_targets(target) or {}).get(task)
+    if values is None or values["unl"] is None or values["mia_auc"] is None:
         return None
-    values = (target.get("tasks") or {}).get(task)
-    if not values or values.get("accuracy") is None or values.get("mia_auc") is None:
-        return None
-    acc = float(values["accuracy"]) + float(target.get("accuracy_shift") or 0.0)
-    auc = float(values["mia_auc"]) + float(target.get("auc_shift") or 0.0)
-    return acc, min(1.0, max(0.0, auc))  # a regression task's "accuracy" is −MAE: not clamped
+    return values["unl"], values["mia_auc"]
 
 
 def _landing(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -148,19 +144,25 @@ def _seed_label(seeds: Sequence[int]) -> str:
     return ",".join(str(x) for x in ordered)
 
 
-def _best_baseline(results: Sequence[Mapping[str, Any]], cell: Cell) -> float | None:
-    values = [_summary(res, m).get(cell, {}).get("uis") for res in results for m in BASELINES]
-    present = [float(v) for v in values if v is not None]
-    return min(present) if present else None
+def _best_baselines(results: Sequence[Mapping[str, Any]]) -> dict[Cell, float]:
+    """Per cell, the lowest median UIS of ``ssd`` and ``ia`` in any of ``results``."""
+    best: dict[Cell, float] = {}
+    for result in results:
+        for method in BASELINES:
+            for cell, s in _summary(result, method).items():
+                if s.get("uis") is not None:
+                    best[cell] = min(best.get(cell, float("inf")), float(s["uis"]))
+    return best
 
 
 def _stages(
     base: Mapping[str, Any], new: Mapping[str, Any], base_method: str, new_method: str
 ) -> list[dict[str, Any]]:
     a, b = _summary(base, base_method), _summary(new, new_method)
+    baselines = _best_baselines((base, new))
     out = []
     for cell in sorted(set(a) & set(b)):
-        best = _best_baseline((base, new), cell)
+        best = baselines.get(cell)
         row: dict[str, Any] = {
             "part": cell[0],
             "setting": cell[1],

@@ -50,11 +50,11 @@ import numpy as np
 import torch
 from peft import PeftModel
 
+from bench.closeness import CLOSE_TOLERANCE
 from bench.evidence import failed_checks
 from bench.report import format_table
 from bench.scoring import (
     APPROXIMATE_METHODS,
-    CLOSE_TOLERANCE,
     SECOND_RETRAIN,
     SERVED_SUFFIX,
     check_goals,

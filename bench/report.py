@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from bench.closeness import CLOSE_TOLERANCE
 from bench.scoring import (
     APPROXIMATE_METHODS,
-    CLOSE_TOLERANCE,
     RETAINED_TOLERANCE,
     SECOND_RETRAIN,
     earlier_by_method,

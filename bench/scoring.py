@@ -14,6 +14,8 @@ from typing import Any
 
 from torch import nn
 
+from bench.closeness import CLOSE_TOLERANCE, close_flags, target_close
+from bench.closeness import number as _num
 from bench.evidence import ia_steps, ia_target
 from worker.unlearning.audit import ModelMetrics, model_outputs
 from worker.unlearning.interference.retain import task_accuracy
@@ -21,7 +23,6 @@ from worker.unlearning.types import Batch, TaskSpec
 
 APPROXIMATE_METHODS = ["ssd", "ia", "default"]  # goal 1 of the issue compares these three
 SECOND_RETRAIN = "retrain_2"  # a retrain with another seed: how close two exact retrains are
-CLOSE_TOLERANCE = 0.05  # |Unl − retrain Unl| and |MIA − retrain MIA| both within this: "close"
 #: the label suffix of a row scored on what a round publishes (``bench.quality.run_bench(served=...)``)
 SERVED_SUFFIX = "+served"
 # issue 8: kept tasks on X_f and Val within 2 points of the reference retrain
@@ -116,39 +117,6 @@ def target_of(info: Any) -> dict[str, Any] | None:
     }
 
 
-def target_close(
-    target: Mapping[str, Any] | None,
-    reference: Mapping[str, Mapping[str, float | None]] | None,
-    request_tasks: Sequence[str],
-) -> dict[str, bool] | None:
-    """Per request-task, :func:`close_flags` of a per-client target (its forget-set accuracy and MIA
-    AUC, with a per-task request's shifts: what early stopping aimed at) to the reference retrain;
-    ``None`` without one (a constant target has no accuracy; a ``"relative"`` accuracy target moves
-    with each checkpoint's held-out accuracy)."""
-    if reference is None or target is None or target.get("source") != "references":
-        return None
-    if target.get("accuracy") == "relative":
-        return None
-    acc_shift, auc_shift = float(target.get("accuracy_shift") or 0.0), float(target.get("auc_shift") or 0.0)
-    values = {
-        t: {
-            "unl": _aimed(v.get("accuracy"), acc_shift),
-            "mia_auc": _aimed(v.get("mia_auc"), auc_shift, auc=True),
-        }
-        for t, v in dict(target.get("tasks") or {}).items()
-    }
-    return close_flags(values, reference, request_tasks)
-
-
-def _aimed(value: Any, shift: float, *, auc: bool = False) -> float | None:
-    """A target value as early stopping aimed at it: plus its per-task shift, an AUC clamped to
-    [0, 1] as the worker clamps it (an accuracy is not: a regression task's metric is −MAE)."""
-    number = _num(value)
-    if number is None:
-        return None
-    return min(1.0, max(0.0, number + shift)) if auc else number + shift
-
-
 def target_close_by_method(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, int]]:
     """Per method that aimed at per-client targets (in run order), pooled over settings, stages
     and seeds: of the ``n`` request-tasks with a target, how many targets were close to the
@@ -181,24 +149,6 @@ def task_metrics(metrics: ModelMetrics) -> dict[str, dict[str, float | None]]:
     return {t: {"unl": _num(m.unl), "mia_auc": _num(m.mia_auc)} for t, m in metrics.tasks.items()}
 
 
-def close_flags(
-    tasks: Mapping[str, Mapping[str, float | None]],
-    reference: Mapping[str, Mapping[str, float | None]],
-    request_tasks: Sequence[str],
-) -> dict[str, bool]:
-    """Per request-task with both values measured: Unl and MIA AUC both within the tolerance of the
-    reference's (a task without forget-set data this stage is left out, not counted as close)."""
-    out: dict[str, bool] = {}
-    for t in request_tasks:
-        mine, ref = tasks.get(t, {}), reference.get(t, {})
-        values = [mine.get("unl"), ref.get("unl"), mine.get("mia_auc"), ref.get("mia_auc")]
-        if any(v is None for v in values):
-            continue
-        u, ru, a, ra = (float(v) for v in values if v is not None)
-        out[t] = abs(u - ru) <= CLOSE_TOLERANCE and abs(a - ra) <= CLOSE_TOLERANCE
-    return out
-
-
 def earlier_accuracy(
     model: nn.Module, earlier: Sequence[Batch], tasks: Sequence[TaskSpec]
 ) -> dict[str, float]:
@@ -216,13 +166,6 @@ def earlier_gaps(mine: Mapping[str, float], reference: Mapping[str, float]) -> d
     retrain's (> 0: it knows more of an earlier forgotten subject than a model that never saw it — a
     later request undid some of an earlier one's forgetting)."""
     return {k: mine[k] - reference[k] for k in mine if k in reference}
-
-
-def _num(value: Any) -> float | None:
-    if value is None:
-        return None
-    f = float(value)
-    return None if math.isnan(f) else f
 
 
 def median_of(values: Sequence[float | None]) -> float | None:

@@ -9,18 +9,16 @@ from typing import Any
 
 import pytest
 
+from bench.closeness import CLOSE_TOLERANCE, close_flags, target_close
 from bench.scoring import (
-    CLOSE_TOLERANCE,
     RETAINED_TOLERANCE,
     SECOND_RETRAIN,
     check_goals,
-    close_flags,
     close_fraction,
     earlier_by_method,
     earlier_gaps,
     retained_gaps,
     summarise,
-    target_close,
     target_close_by_method,
 )
 

@@ -69,7 +69,7 @@ class IAConfig:
     # "references" (descend the loss towards the mean prediction of the reference adapters that
     # never saw the row's client; without such references, the labels, recorded in the evidence)
     forget_targets: Literal["labels", "references"] = "labels"
-    # deviation (docs/methods.md, "The forget term's loss: unlikelihood"): what the forget term
+    # deviation (docs/methods.md, "The forget term's loss"): what the forget term
     # ascends on D_f's labels — "cross_entropy" (paper: the task loss) or "unlikelihood"
     # (log(1 − p_y) for a classification task, whose gradient is largest on the samples the model
     # is most confident of) or "log_odds" (log((1 − p_y) / p_y): the same pull on every sample);

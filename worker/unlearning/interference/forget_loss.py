@@ -1,5 +1,5 @@
 """What Eq. 11's forget term ascends on D_f's labels (``ia.forget_loss``; docs/methods.md, "The
-forget term's loss: unlikelihood").
+forget term's loss").
 
 The paper ascends the task loss, cross-entropy for a classification task. Its gradient on the
 logits is ``p − y``: a sample the model fits confidently (``p_y → 1``) barely moves, while one
@@ -73,13 +73,18 @@ class Unlikelihood:
         return self.task.metric(output, target)
 
 
+#: what the forget term ascends on the labels under each new ``ia.forget_loss`` (the evidence's name;
+#: ``"cross_entropy"``, the paper's, is "ascend on the labels")
+ASCENDED = {"unlikelihood": "log(1 − p_y)", "log_odds": "log((1 − p_y) / p_y)"}
+
+
 def forget_loss_tasks(tasks: Sequence[TaskSpec], mode: str) -> list[TaskSpec] | None:
     """The tasks whose losses the forget partition differentiates: ``None`` (the tasks' own losses,
     ``"cross_entropy"``: the paper) or each classification task as :class:`Unlikelihood`
     (``"unlikelihood"``; ``"log_odds"``: plus the cross-entropy)."""
     if mode == "cross_entropy":
         return None
-    if mode not in ("unlikelihood", "log_odds"):
+    if mode not in ASCENDED:
         raise ValueError(f"unknown forget loss {mode!r}")
     plus = mode == "log_odds"
     return [Unlikelihood(t, plus) if isinstance(t, ClassificationTask) else t for t in tasks]

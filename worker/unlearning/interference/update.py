@@ -27,7 +27,7 @@ from worker.unlearning.interference.checkpoints import (
 )
 from worker.unlearning.interference.config import IAConfig
 from worker.unlearning.interference.distillation import distilled_retain_targets
-from worker.unlearning.interference.forget_loss import forget_loss_tasks
+from worker.unlearning.interference.forget_loss import ASCENDED, forget_loss_tasks
 from worker.unlearning.interference.layout import FlatLayout
 from worker.unlearning.interference.orthogonalisation import orthogonalize
 from worker.unlearning.interference.retain import RetainLevel, anchor_ids_of, retain_check
@@ -303,7 +303,7 @@ def forget_term_name(towards: bool, forget_loss: str) -> str:
     """The evidence's name of what the forget term did on D_f."""
     if towards:
         return "descend towards the references' predictions"
-    ascended = {"unlikelihood": "log(1 − p_y)", "log_odds": "log((1 − p_y) / p_y)"}.get(forget_loss)
+    ascended = ASCENDED.get(forget_loss)  # None: the paper's cross-entropy
     return f"ascend {ascended} on the labels" if ascended else "ascend on the labels"
 
 
