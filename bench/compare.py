@@ -176,6 +176,7 @@ def _stages(
                 "close": s.get("close_fraction"),
                 "n": s.get("close_n"),
                 "val_gap": s.get("val_gap"),
+                "val_rest_gap": s.get("val_rest_gap"),
                 "kept_gap": s.get("kept_unl_gap"),
                 "ratio": None if uis is None or not best else float(uis) / best,
             }
@@ -222,11 +223,13 @@ def compare(
         "base": {
             **_pooled([a[k] for k in keys]),
             "val_gap": gap("base", "val_gap"),
+            "val_rest_gap": gap("base", "val_rest_gap"),
             "kept_gap": gap("base", "kept_gap"),
         },
         "new": {
             **_pooled([b[k] for k in keys]),
             "val_gap": gap("new", "val_gap"),
+            "val_rest_gap": gap("new", "val_rest_gap"),
             "kept_gap": gap("new", "kept_gap"),
         },
         "changed_runs": len(changed),
@@ -269,6 +272,7 @@ def format_comparison(c: Mapping[str, Any], base_name: str, new_name: str) -> st
             lambda s: f"{s['kept_within_target']}/{s['runs_with_update']}",
         ),
         ("median Val / kept gap (stages)", lambda s: f"{_f(s['val_gap'])} / {_f(s['kept_gap'])}"),
+        ("  Val gap on unguarded rows", lambda s: _f(s.get("val_rest_gap"))),
     ]
     for label, fmt in rows:
         lines.append(f"{label:<34}{fmt(c['base']):>24}{fmt(c['new']):>24}")

@@ -88,6 +88,7 @@ from worker.unlearning.engine import (
     run_stage,
     training_data,
 )
+from worker.unlearning.interference.unseen_guard import scoring_rows
 from worker.unlearning.partitions import retain_set
 from worker.unlearning.reference_adapters import (
     LoadedReferences,
@@ -736,6 +737,7 @@ def _run_setting(
     # the forget sets of the stages so far: every later model is scored on them too, against the
     # stage's reference retrain (what a later request undid of an earlier one's forgetting)
     earlier: list[Batch] = []
+    rest = scoring_rows(inputs.heldout)  # held-out rows no method differentiates (ia.unseen_guard)
     for stage, spec in enumerate(specs, start=1):
         ctx = request_context(inputs, spec, state, stage=stage, cache_key=None)
         request_tasks = list(ctx.partitions.forget_tasks)
@@ -761,7 +763,12 @@ def _run_setting(
                 original=None,
                 timings={"method_s": reference.wall_s},
             )
-            rows.append(run_row(setting, stage, "retrain", seed, ev, reference.wall_s))
+            rows.append(
+                run_row(
+                    setting, stage, "retrain", seed, ev, reference.wall_s,
+                    val_rest=metrics_on(reference.model, rest, ctx.tasks),
+                )
+            )  # fmt: skip
         if second_retrain:  # the noise floor: how close another exact retrain comes to the reference
             t0 = time.perf_counter()
             pruned_now = sorted(set(ctx.state.pruned_subset_outputs) | set(ctx.prune_outputs))
@@ -797,6 +804,7 @@ def _run_setting(
                     reference=ref_metrics,
                     request_tasks=request_tasks,
                     earlier=earlier_gaps(earlier_accuracy(other, earlier, ctx.tasks), ref_earlier),
+                    val_rest=metrics_on(other, rest, ctx.tasks),
                 )
             )
         for v in approx:
@@ -851,6 +859,7 @@ def _run_setting(
                     reference=ref_metrics,
                     request_tasks=request_tasks,
                     earlier=earlier_gaps(earlier_accuracy(models[v.label], earlier, ctx.tasks), ref_earlier),
+                    val_rest=metrics_on(models[v.label], rest, ctx.tasks),
                 )
             )
         earlier.append(ctx.partitions.forget)

@@ -54,12 +54,16 @@ def run_row(
     reference: Mapping[str, Mapping[str, float | None]] | None = None,
     request_tasks: Sequence[str] = (),
     earlier: Mapping[str, float] | None = None,
+    val_rest: Mapping[str, float] | None = None,
 ) -> dict[str, Any]:
     """One run's row. ``reference``: the reference retrain's per-task metrics (``None`` for the
     reference itself); ``close`` then says, per request-task (the tasks forgotten), whether this
     model's forget-set accuracy and MIA AUC are both within :data:`CLOSE_TOLERANCE` of it.
     ``earlier``: per earlier stage's request-task, this model's accuracy on that stage's forget set
-    minus the reference retrain's (:func:`earlier_gaps`)."""
+    minus the reference retrain's (:func:`earlier_gaps`). ``val_rest``: per task, the held-out
+    metric on the rows ``ia.unseen_guard`` never differentiates
+    (:func:`~worker.unlearning.interference.unseen_guard.scoring_rows`; every method's, so that the
+    guard's Val is compared on rows it did not fit)."""
     tasks: dict[str, dict[str, float | None]] = {}
     for name, ev in dict(evidence.get("tasks", {})).items():
         tasks[name] = {
@@ -68,6 +72,8 @@ def run_row(
             "val": _num(ev.get("val")),
             "mia_auc": _num(ev.get("mia_auc")),
         }
+        if val_rest is not None:
+            tasks[name]["val_rest"] = _num(val_rest.get(name))
     uis_block = evidence.get("uis")
     uis = uis_block.get("value") if isinstance(uis_block, Mapping) else uis_block
     target = target_of(evidence.get("method_info"))
@@ -194,6 +200,21 @@ def retained_gaps(
     return (max(val) if val else None), (max(kept) if kept else None)
 
 
+def rest_val_gap(row: Mapping[str, Any], reference: Mapping[str, Any] | None) -> float | None:
+    """:func:`retained_gaps`' Val gap on the held-out rows no method differentiates (the tasks'
+    ``val_rest``; ``ia.unseen_guard`` fits the other half): the largest |Val − the reference's|;
+    ``None`` where a row lacks them (results of before 5 Dec 2026) or for the reference itself."""
+    if reference is None or row.get("close") is None:
+        return None
+    gaps = [
+        abs(float(a) - float(b))
+        for t, m in row["tasks"].items()
+        if (a := m.get("val_rest")) is not None
+        and (b := reference["tasks"].get(t, {}).get("val_rest")) is not None
+    ]
+    return max(gaps) if gaps else None
+
+
 def summarise(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Medians over seeds per (setting, stage, method)."""
     references = {_seed_key(r): r for r in runs if r["method"] == "retrain"}
@@ -223,6 +244,7 @@ def summarise(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                 # seeds of each run's largest gap: :func:`retained_gaps`)
                 "val_gap": median_of([val for val, _ in gaps]),
                 "kept_unl_gap": median_of([kept for _, kept in gaps]),
+                "val_rest_gap": median_of([rest_val_gap(r, references.get(_seed_key(r))) for r in sel]),
                 "wall_s": median_of([r["wall_s"] for r in sel]),
                 "importance_precompute_s": median_of([r.get("importance_precompute_s", 0.0) for r in sel]),
                 "wall_with_precompute_s": median_of(

@@ -25,7 +25,7 @@ def _result(rows: list[dict[str, Any]], retrain_unl: float = 0.5, val: float = 0
                 for s, seed in (("FU", 0), ("PU:a", 0))]  # fmt: skip
     summary = [
         {"setting": s, "stage": 1, "method": m, "uis": u, "close_fraction": 0.5, "close_n": 2,
-         "val_gap": val, "kept_unl_gap": None if s == "FU" else 0.01}
+         "val_gap": val, "val_rest_gap": val + 0.01, "kept_unl_gap": None if s == "FU" else 0.01}
         for m, u in (("default", 0.3), ("ssd", 0.6), ("ia", 0.5)) for s in ("FU", "PU:a")
     ]  # fmt: skip
     return {"runs": retrains + rows, "summary": summary}
@@ -74,7 +74,10 @@ def test_compare_pools_both_sides_over_the_shared_runs() -> None:
     assert c["stages_new_not_worse"] == 2
     assert c["new"]["val_gap"] == pytest.approx(0.02)
     assert c["new"]["kept_gap"] == pytest.approx(0.01)
+    assert c["new"]["val_rest_gap"] == pytest.approx(0.03)
     text = format_comparison(c, "base.json", "new.json")
+    assert "Val gap on unguarded rows" in text
+    assert "0.030" in text
     assert "1/2" in text
     assert "stages where new's median UIS ≤ base's: 2 of 2" in text
     assert c["same_runs"]

@@ -115,7 +115,9 @@ def test_bench_smoke_writes_the_json_format(tmp_path: Path, capsys: pytest.Captu
         assert r["wall_s"] >= 0.0
         assert set(r["tasks"]) == {"kind", "side"}
         for metrics in r["tasks"].values():
-            assert set(metrics) == {"ret", "unl", "val", "mia_auc"}
+            # val_rest: Val on the held-out rows ia.unseen_guard never differentiates
+            assert set(metrics) == {"ret", "unl", "val", "mia_auc", "val_rest"}
+            assert 0.0 <= metrics["val_rest"] <= 1.0
         if r["method"] == "retrain":
             assert r["uis"] is None
             assert r["close"] is None  # the reference itself

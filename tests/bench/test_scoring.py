@@ -17,7 +17,9 @@ from bench.scoring import (
     close_fraction,
     earlier_by_method,
     earlier_gaps,
+    rest_val_gap,
     retained_gaps,
+    run_row,
     summarise,
     target_close_by_method,
 )
@@ -177,3 +179,23 @@ def test_kept_tasks_and_val_are_compared_with_the_retrain_of_the_same_seed() -> 
     far = [_row("default", s, {"a": (0.4, 0.66), "b": (0.9, 0.6)}, {"a": True}) for s in (0, 1, 2)]
     (stage,) = check_goals(summarise([*ref.values(), *far]))["per_stage"]
     assert stage["retained_goal_met"] is False  # Val 4 points under the retrain's on every seed
+
+
+def test_val_on_the_unguarded_rows_is_recorded_and_compared_like_val() -> None:
+    """``val_rest``: the held-out metric on the rows ``ia.unseen_guard`` never differentiates, per
+    task in the row and, as its largest gap to the retrain of the same seed, in the summary."""
+    evidence = {"tasks": {"a": {"ret": 0.9, "unl": 0.3, "val": 0.6, "mia_auc": 0.5}}}
+    row = run_row("PU:a", 1, "default", 0, evidence, 1.0, val_rest={"a": 0.55})
+    assert row["tasks"]["a"]["val_rest"] == pytest.approx(0.55)
+    assert "val_rest" not in run_row("PU:a", 1, "default", 0, evidence, 1.0)["tasks"]["a"]
+    ref = _row("retrain", 0, {"a": (0.4, 0.70), "b": (0.90, 0.60)}, None)
+    mine = _row("default", 0, {"a": (0.4, 0.70), "b": (0.90, 0.60)}, {"a": True})
+    for r, rest in ((ref, {"a": 0.66, "b": 0.61}), (mine, {"a": 0.62, "b": 0.60})):
+        for task, value in rest.items():
+            r["tasks"][task]["val_rest"] = value
+    assert rest_val_gap(mine, ref) == pytest.approx(0.04)  # the larger of |0.62 − 0.66|, |0.60 − 0.61|
+    assert rest_val_gap(ref, None) is None
+    assert rest_val_gap(_row("default", 0, {"a": (0.4, 0.7)}, {"a": True}), ref) is None  # not recorded
+    by_method = {r["method"]: r for r in summarise([ref, mine])}
+    assert by_method["default"]["val_rest_gap"] == pytest.approx(0.04)
+    assert by_method["default"]["val_gap"] == pytest.approx(0.0)  # on every row: no gap

@@ -171,6 +171,11 @@ class IAConfig:
     # per-client target); 0 = all. Forward passes of the held-out rows were over half of a scenes
     # checkpoint (1,800 rows); digits' 449 held-out rows are under it (docs/benchmarks.md)
     checkpoint_heldout_rows: Count = 600
+    # deviation (docs/methods.md, "The unseen-data guard"; ``interference/unseen_guard.py``): each
+    # task's forget gradient is also made orthogonal to that task's loss gradient on held-out rows
+    # (half of the split; the other half is never differentiated), so a step leaves the unseen
+    # population's loss where it was to first order; the paper orthogonalises against retain only
+    unseen_guard: bool = False
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | None) -> IAConfig:

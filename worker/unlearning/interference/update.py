@@ -39,6 +39,7 @@ from worker.unlearning.interference.subspaces import (
     subspace_step,
 )
 from worker.unlearning.interference.targets import ReferenceTarget, is_per_task
+from worker.unlearning.interference.unseen_guard import guard_rows
 from worker.unlearning.lora import fast_forward, param_groups, restore
 from worker.unlearning.types import Batch, Partitions, TaskSpec
 
@@ -97,8 +98,11 @@ def interference_aware_unlearn(
             epochs_run=0, best_epoch=0, steps=0, reason="empty forget set" if len(forget) == 0 else None
         )
         return info
+    guard = guard_rows(heldout).to(device) if cfg.unseen_guard else None  # from the whole split
     rows = checkpoint_heldout(heldout, cfg.checkpoint_heldout_rows, seed)
     info["heldout_rows"] = {"measured": len(rows), "of": len(heldout)}
+    if guard is not None:  # ia.unseen_guard: the rows whose gradients it differentiates
+        info["heldout_rows"]["guard"] = len(guard)
     heldout = rows
     if retain_targets is None:
         retain_targets = distilled_retain_targets(model, partitions, tasks, cfg, device)
@@ -107,7 +111,7 @@ def interference_aware_unlearn(
         check = retain_check(partitions, size=size, seed=seed, retain=retain, rows=cfg.check_rows)
         info.update(_run(model, tasks, partitions, forget, heldout.to(device), cfg, seed, mia_target,
                          device, progress, retain_baseline, check.to(device), on_epoch,
-                         reference, retain_targets, forget_targets))  # fmt: skip
+                         reference, retain_targets, forget_targets, guard))  # fmt: skip
     return info
 
 
@@ -128,6 +132,7 @@ def _run(
     reference: ReferenceTarget | None,
     retain_targets: Partitions,
     forget_targets: Batch | None,
+    guard: Batch | None = None,
 ) -> dict[str, Any]:
     inv = involved_tasks(partitions, tasks)
     inv_names = [t.name for t in inv]
@@ -172,6 +177,8 @@ def _run(
         "task": Cycler(retain_targets.retain_task.to(device), cfg.batch_size, gen),
     }
     switches = cfg.retain_switches
+    # ia.unseen_guard: held-out mini-batches whose per-task gradients the forget term is kept off
+    guard_cycler = None if guard is None else Cycler(guard, cfg.batch_size, gen)
     # the forget term's rows: D_f's labels (ascended) or the references' predictions (descended)
     towards = forget_targets is not None
     forget_rows = forget_targets.to(device) if forget_targets is not None else forget
@@ -233,17 +240,18 @@ def _run(
                 break
             f_batch = forget_rows.select(order[start : start + cfg.batch_size])
             retain_batches = [cyclers[k].next() for k in ("clean", "inst", "task")]
+            guard_batches = [] if guard_cycler is None else [guard_cycler.next()]
             G = partition_task_grads(
                 model,
                 names,
-                [f_batch, *retain_batches],
+                [f_batch, *retain_batches, *guard_batches],
                 inv,
                 backend=cfg.grad_backend,
                 forward=forward,
                 named=all_params,
                 first_tasks=forget_losses,
             )
-            flat = layout.pack(G, lead=2).detach()  # [4, T, D]
+            flat = layout.pack(G, lead=2).detach()  # [4, T, D]; [5, T, D] with the guard's rows
             held = checkpoints.past_target() if cfg.hold_past_target else frozenset()
             for name in held:
                 held_steps[name] += 1
@@ -371,23 +379,29 @@ def _direction(
     ``towards``: D_f's loss is towards the references' predictions and is descended, so its
     gradient enters with the opposite sign (``∇_f = −∇ loss``; projection and orthogonalisation
     are linear in it, so they are unchanged). ``held``: per task, whether its forget gradient is
-    left out this step (``ia.hold_past_target``; a held task's row is zero, as a retained task's)."""
+    left out this step (``ia.hold_past_target``; a held task's row is zero, as a retained task's).
+    A fifth partition (``ia.unseen_guard``): held-out rows, whose gradient *per task* the forget
+    gradient of that task is also made orthogonal to (after the retain partitions')."""
     T = int(flat.shape[1])
     forget_t = -flat[0] if towards else flat[0]  # [T, D]: D_f's loss on task t
     if held is not None and any(held):
         keep = torch.tensor([not h for h in held], dtype=forget_t.dtype, device=forget_t.device)
         forget_t = forget_t * keep[:, None]
-    retain_t = flat[1:]  # [3, T, D]
+    retain_t = flat[1:4]  # [3, T, D]
+    guard_t = flat[4:5]  # [1, T, D] with the guard (its task rows), else [0, T, D]
     retain_full = retain_t.sum(1, keepdim=True).expand(-1, T, -1)  # [3, T, D]: whole partition loss
     descent = retain_t.sum(0)  # [T, D]: retain loss on task t
-    if U is not None:  # one projection of all five [T, D] blocks
-        stacked = layout.project(torch.cat([forget_t[None], retain_full, descent[None]]), projectors(U))
-        forget_t, retain_full, descent = stacked[0], stacked[1:4], stacked[4]
+    if U is not None:  # one projection of all five (six) [T, D] blocks
+        stacked = layout.project(
+            torch.cat([forget_t[None], retain_full, descent[None], guard_t]), projectors(U)
+        )
+        forget_t, retain_full, descent, guard_t = stacked[0], stacked[1:4], stacked[4], stacked[5:]
     # an all-zero retain gradient (an empty partition, e.g. clean and task in full-task requests)
     # removes nothing: skip it rather than pay for its segment sums
     chosen = [
         retain_full[i] for i, k in enumerate(RETAIN_ORDER) if switches[k] and bool(retain_full[i].any())
     ]
+    chosen += [g for g in guard_t if bool(g.any())]
     orth = orthogonalize(
         forget_t,
         chosen,

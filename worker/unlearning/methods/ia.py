@@ -47,8 +47,8 @@ def run_ia(
     info = interference_aware_unlearn(
         ctx.model,
         partitions=ctx.partitions,
-        heldout=heldout,
-        cfg=cfg,
+        heldout=ctx.heldout,  # the whole split: the update draws the same checkpoint rows (seed), and
+        cfg=cfg,  # ia.unseen_guard its rows from the split, never from the checkpoint subset
         mia_target=ctx.mia_target,
         reference=reference,
         retain_baseline=retain_baseline,
@@ -61,8 +61,6 @@ def run_ia(
     )
     info["target"] = target_info
     info["forget_targets"] = forget_info
-    if "heldout_rows" in info:  # the split the subset was drawn from
-        info["heldout_rows"]["of"] = len(ctx.heldout)
     return info
 
 
