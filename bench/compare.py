@@ -51,10 +51,17 @@ def _rows(result: Mapping[str, Any], method: str) -> dict[Key, Mapping[str, Any]
 
 
 def paired_runs(base: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[int, int]:
-    """(shared runs whose ``retrain`` rows are identical, shared runs with a ``retrain`` row)."""
+    """(shared runs whose ``retrain`` rows are identical, shared runs with a ``retrain`` row). The
+    rows' metrics are compared where both record them: a result of before 5 Dec 2026 has no
+    ``val_rest``, which is an extra score, not another request."""
     a, b = _rows(base, "retrain"), _rows(new, "retrain")
     shared = sorted(set(a) & set(b))
-    return sum(a[k]["tasks"] == b[k]["tasks"] for k in shared), len(shared)
+    return sum(_same_metrics(a[k]["tasks"], b[k]["tasks"]) for k in shared), len(shared)
+
+
+def _same_metrics(a: Mapping[str, Mapping[str, Any]], b: Mapping[str, Mapping[str, Any]]) -> bool:
+    """The same tasks with the same value of every metric both record."""
+    return set(a) == set(b) and all(a[t][m] == b[t][m] for t in a for m in a[t].keys() & b[t].keys())
 
 
 def _median(values: Iterable[float | None]) -> float | None:
@@ -206,7 +213,9 @@ def compare(
         if not rows:
             raise ValueError(f"no rows of method {label!r}")
     keys = sorted(set(a) & set(b))
-    changed = [k for k in keys if a[k]["uis"] != b[k]["uis"] or a[k]["tasks"] != b[k]["tasks"]]
+    changed = [
+        k for k in keys if a[k]["uis"] != b[k]["uis"] or not _same_metrics(a[k]["tasks"], b[k]["tasks"])
+    ]
     scored = [k for k in changed if a[k]["uis"] is not None and b[k]["uis"] is not None]
     stages = _stages(base, new, base_method, new_method)
     both = [s for s in stages if s["base"]["uis"] is not None and s["new"]["uis"] is not None]

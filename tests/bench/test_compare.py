@@ -99,6 +99,20 @@ def test_results_of_other_requests_are_refused_unless_asked() -> None:
         compare(base, base, "default", "default@x")
 
 
+def test_a_metric_that_only_one_result_records_does_not_unpair_them() -> None:
+    """Results of before 5 Dec 2026 have no ``val_rest``: the same requests all the same."""
+    old = _result(_rows(0.3, close=False, unl=0.6, update_distance=0.1))
+    new = _result(_rows(0.3, close=False, unl=0.6, update_distance=0.1))
+    for r in new["runs"]:
+        r["tasks"]["a"]["val_rest"] = 0.5
+    c = compare(old, new, "default", "default")
+    assert c["paired"]["identical_retrain_rows"] == 2
+    assert c["changed_runs"] == 0
+    new["runs"][0]["tasks"]["a"]["mia_auc"] = 0.45  # a metric both record differs: not the same
+    with pytest.raises(NotPairedError, match="identical in 1 of 2"):
+        compare(old, new, "default", "default")
+
+
 def test_the_command_prints_and_writes_the_comparison(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
