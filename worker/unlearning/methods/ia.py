@@ -44,11 +44,13 @@ def run_ia(
             ctx.references, ctx.tasks, forget=ctx.partitions.forget,
             forget_tasks=ctx.partitions.forget_tasks, client_index=ctx.client_index, device=ctx.device,
         )  # fmt: skip
+    # the whole held-out split: the update draws the same checkpoint rows from it (the same seed),
+    # and ia.unseen_guard draws its rows from the split, never from the checkpoint subset
     info = interference_aware_unlearn(
         ctx.model,
         partitions=ctx.partitions,
-        heldout=ctx.heldout,  # the whole split: the update draws the same checkpoint rows (seed), and
-        cfg=cfg,  # ia.unseen_guard its rows from the split, never from the checkpoint subset
+        heldout=ctx.heldout,
+        cfg=cfg,
         mia_target=ctx.mia_target,
         reference=reference,
         retain_baseline=retain_baseline,
