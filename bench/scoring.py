@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -189,15 +189,8 @@ def retained_gaps(
     for the reference itself)."""
     if reference is None or row.get("close") is None:
         return None, None
-    mine, ref = row["tasks"], reference["tasks"]
-
-    def gap(task: str, key: str) -> float | None:
-        a, b = mine.get(task, {}).get(key), ref.get(task, {}).get(key)
-        return None if a is None or b is None else abs(float(a) - float(b))
-
-    val = [g for g in (gap(t, "val") for t in mine) if g is not None]
-    kept = [g for g in (gap(t, "unl") for t in mine if t not in row["close"]) if g is not None]
-    return (max(val) if val else None), (max(kept) if kept else None)
+    kept = [t for t in row["tasks"] if t not in row["close"]]
+    return _largest_gap(row, reference, "val", row["tasks"]), _largest_gap(row, reference, "unl", kept)
 
 
 def rest_val_gap(row: Mapping[str, Any], reference: Mapping[str, Any] | None) -> float | None:
@@ -206,11 +199,18 @@ def rest_val_gap(row: Mapping[str, Any], reference: Mapping[str, Any] | None) ->
     ``None`` where a row lacks them (results of before 5 Dec 2026) or for the reference itself."""
     if reference is None or row.get("close") is None:
         return None
+    return _largest_gap(row, reference, "val_rest", row["tasks"])
+
+
+def _largest_gap(
+    row: Mapping[str, Any], reference: Mapping[str, Any], key: str, tasks: Iterable[str]
+) -> float | None:
+    """The largest |``key`` − the reference's| over ``tasks`` where both record it; ``None`` if none."""
+    mine, ref = row["tasks"], reference["tasks"]
     gaps = [
         abs(float(a) - float(b))
-        for t, m in row["tasks"].items()
-        if (a := m.get("val_rest")) is not None
-        and (b := reference["tasks"].get(t, {}).get("val_rest")) is not None
+        for t in tasks
+        if (a := mine.get(t, {}).get(key)) is not None and (b := ref.get(t, {}).get(key)) is not None
     ]
     return max(gaps) if gaps else None
 
