@@ -31,6 +31,8 @@ MAX_ROWS = 1_000_000
 Epochs = Annotated[int, Field(ge=0, le=MAX_EPOCHS)]
 #: optimiser steps, patience, resamples, counts of rows or samples where 0 means "off" / "all"
 Count = Annotated[int, Field(ge=0, le=MAX_STEPS)]
+#: every how many optimiser steps something is done (at least 1: every step)
+Period = Annotated[int, Field(ge=1, le=MAX_STEPS)]
 #: rows per forward or backward (at least one)
 BatchSize = Annotated[int, Field(ge=1, le=MAX_ROWS)]
 #: a learning rate (positive, finite)

@@ -70,7 +70,7 @@ def active_samples(data: SampleSet, state: RoundState) -> SampleSet:
     )
 
 
-def _mask_tasks(batch: Batch, keep_tasks: Sequence[str]) -> Batch:
+def mask_tasks(batch: Batch, keep_tasks: Sequence[str]) -> Batch:
     """Labels outside ``keep_tasks`` set to IGNORE; rows with no supervised label left dropped."""
     labels = {
         t: (y.clone() if t in keep_tasks else torch.full_like(y, unsupervised_value(y)))
@@ -134,10 +134,10 @@ def build_partitions(
     x_r = active.select(~is_forget)
     anchor = x_r.select(anchor_indices(len(x_r), anchor_fraction, seed))
     return Partitions(
-        forget=_mask_tasks(x_f, forget_tasks),
-        retain_task=_mask_tasks(x_f, retain_tasks),
-        retain_inst=_mask_tasks(anchor, forget_tasks),
-        retain_clean=_mask_tasks(anchor, retain_tasks),
+        forget=mask_tasks(x_f, forget_tasks),
+        retain_task=mask_tasks(x_f, retain_tasks),
+        retain_inst=mask_tasks(anchor, forget_tasks),
+        retain_clean=mask_tasks(anchor, retain_tasks),
         forget_tasks=forget_tasks,
         retain_tasks=retain_tasks,
         anchor_sample_ids=list(anchor.sample_ids),
@@ -158,13 +158,13 @@ def retain_set(
     """
     active = active_samples(data, state).to_batch(client_index)
     if selection is None or not selection.sample_ids:
-        return _mask_tasks(active, tasks)
+        return mask_tasks(active, tasks)
     forget_ids = set(selection.sample_ids)
     is_forget = id_mask(active.sample_ids, forget_ids)
     labels = {}
     for t, y in active.labels.items():
         labels[t] = without_labels(y, is_forget) if t in selection.forget_tasks else y
-    return _mask_tasks(
+    return mask_tasks(
         Batch(inputs=active.inputs, labels=labels, subset=active.subset, sample_ids=active.sample_ids), tasks
     )
 

@@ -17,6 +17,7 @@ from worker.unlearning.config import (
     Fraction,
     LearningRate,
     NonNegative,
+    Period,
     SignedHalf,
     parse_settings,
 )
@@ -176,6 +177,11 @@ class IAConfig:
     # (half of the split; the other half is never differentiated), so a step leaves the unseen
     # population's loss where it was to first order; the paper orthogonalises against retain only
     unseen_guard: bool = False
+    # the guard's cost (the 1.42x of a scenes update, docs/benchmarks.md): its held-out rows per
+    # mini-batch (0 = ia.batch_size), and every how many steps their gradient is recomputed (in
+    # between, the last one is reused: the held-out loss's gradient moves slowly over a few steps)
+    unseen_guard_batch: Count = 0
+    unseen_guard_every: Period = 1
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | None) -> IAConfig:

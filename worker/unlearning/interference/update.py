@@ -41,6 +41,7 @@ from worker.unlearning.interference.subspaces import (
 from worker.unlearning.interference.targets import ReferenceTarget, is_per_task
 from worker.unlearning.interference.unseen_guard import guard_rows
 from worker.unlearning.lora import fast_forward, param_groups, restore
+from worker.unlearning.partitions import mask_tasks
 from worker.unlearning.types import Batch, Partitions, TaskSpec
 
 RETAIN_ORDER = ("clean", "inst", "task")
@@ -98,7 +99,9 @@ def interference_aware_unlearn(
             epochs_run=0, best_epoch=0, steps=0, reason="empty forget set" if len(forget) == 0 else None
         )
         return info
-    guard = guard_rows(heldout).to(device) if cfg.unseen_guard else None  # from the whole split
+    # from the whole split; only the forgotten tasks' labels: a kept task's guard gradient would
+    # meet a zero forget row, so differentiating it is wasted (scenes PU: 3 backwards -> 1)
+    guard = mask_tasks(guard_rows(heldout), partitions.forget_tasks).to(device) if cfg.unseen_guard else None
     rows = checkpoint_heldout(heldout, cfg.checkpoint_heldout_rows, seed)
     info["heldout_rows"] = {"measured": len(rows), "of": len(heldout)}
     if guard is not None:  # ia.unseen_guard: the rows whose gradients it differentiates
@@ -178,7 +181,8 @@ def _run(
     }
     switches = cfg.retain_switches
     # ia.unseen_guard: held-out mini-batches whose per-task gradients the forget term is kept off
-    guard_cycler = None if guard is None else Cycler(guard, cfg.batch_size, gen)
+    guard_cycler = None if guard is None else Cycler(guard, cfg.unseen_guard_batch or cfg.batch_size, gen)
+    guard_grads: Tensor | None = None  # [1, T, D]: the last computed (ia.unseen_guard_every)
     # the forget term's rows: D_f's labels (ascended) or the references' predictions (descended)
     towards = forget_targets is not None
     forget_rows = forget_targets.to(device) if forget_targets is not None else forget
@@ -240,7 +244,8 @@ def _run(
                 break
             f_batch = forget_rows.select(order[start : start + cfg.batch_size])
             retain_batches = [cyclers[k].next() for k in ("clean", "inst", "task")]
-            guard_batches = [] if guard_cycler is None else [guard_cycler.next()]
+            fresh_guard = guard_cycler is not None and steps % cfg.unseen_guard_every == 0
+            guard_batches = [guard_cycler.next()] if guard_cycler is not None and fresh_guard else []
             G = partition_task_grads(
                 model,
                 names,
@@ -252,6 +257,10 @@ def _run(
                 first_tasks=forget_losses,
             )
             flat = layout.pack(G, lead=2).detach()  # [4, T, D]; [5, T, D] with the guard's rows
+            if fresh_guard:
+                guard_grads = flat[4:5]
+            elif guard_grads is not None:  # a step between the guard's: its last gradient again
+                flat = torch.cat([flat, guard_grads])
             held = checkpoints.past_target() if cfg.hold_past_target else frozenset()
             for name in held:
                 held_steps[name] += 1
