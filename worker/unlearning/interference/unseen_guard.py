@@ -17,7 +17,9 @@ the update did not fit. The guard never trains on held-out rows: it only removes
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
+from worker.unlearning.grads import Cycler
 from worker.unlearning.types import Batch
 
 
@@ -30,3 +32,28 @@ def scoring_rows(heldout: Batch) -> Batch:
     """The held-out rows the guard never reads (the odd positions): where a benchmark scores
     held-out accuracy free of the guard's fit."""
     return heldout.select(torch.arange(1, len(heldout), 2))
+
+
+class GuardSchedule:
+    """The guard's held-out mini-batches over an update's steps (``ia.unseen_guard_batch`` rows
+    each), differentiated every ``every`` steps (``ia.unseen_guard_every``); in between the last
+    gradient is reused, so every step's forget term is guarded."""
+
+    def __init__(self, rows: Batch, size: int, every: int, gen: torch.Generator) -> None:
+        self.cycler, self.every = Cycler(rows, size, gen), every
+        self.fresh = False
+        self.last: Tensor | None = None  # [1, T, D]: the last differentiated guard partition
+
+    def batches(self, step: int) -> list[Batch]:
+        """The guard's partition to differentiate at ``step`` (none between recomputations)."""
+        self.fresh = step % self.every == 0
+        return [self.cycler.next()] if self.fresh else []
+
+    def with_guard(self, flat: Tensor) -> Tensor:
+        """The step's packed partition gradients ``[P, T, D]`` with the guard's as the last
+        partition: this step's own (kept for later steps), else the last ones appended."""
+        if self.fresh:
+            self.last = flat[-1:]
+            return flat
+        assert self.last is not None  # step 0 is always a recomputation
+        return torch.cat([flat, self.last])

@@ -39,7 +39,7 @@ from worker.unlearning.interference.subspaces import (
     subspace_step,
 )
 from worker.unlearning.interference.targets import ReferenceTarget, is_per_task
-from worker.unlearning.interference.unseen_guard import guard_rows
+from worker.unlearning.interference.unseen_guard import GuardSchedule, guard_rows
 from worker.unlearning.lora import fast_forward, param_groups, restore
 from worker.unlearning.partitions import mask_tasks
 from worker.unlearning.types import Batch, Partitions, TaskSpec
@@ -181,8 +181,11 @@ def _run(
     }
     switches = cfg.retain_switches
     # ia.unseen_guard: held-out mini-batches whose per-task gradients the forget term is kept off
-    guard_cycler = None if guard is None else Cycler(guard, cfg.unseen_guard_batch or cfg.batch_size, gen)
-    guard_grads: Tensor | None = None  # [1, T, D]: the last computed (ia.unseen_guard_every)
+    guard_schedule = (
+        None
+        if guard is None
+        else GuardSchedule(guard, cfg.unseen_guard_batch or cfg.batch_size, cfg.unseen_guard_every, gen)
+    )
     # the forget term's rows: D_f's labels (ascended) or the references' predictions (descended)
     towards = forget_targets is not None
     forget_rows = forget_targets.to(device) if forget_targets is not None else forget
@@ -244,8 +247,7 @@ def _run(
                 break
             f_batch = forget_rows.select(order[start : start + cfg.batch_size])
             retain_batches = [cyclers[k].next() for k in ("clean", "inst", "task")]
-            fresh_guard = guard_cycler is not None and steps % cfg.unseen_guard_every == 0
-            guard_batches = [guard_cycler.next()] if guard_cycler is not None and fresh_guard else []
+            guard_batches = [] if guard_schedule is None else guard_schedule.batches(steps)
             G = partition_task_grads(
                 model,
                 names,
@@ -257,10 +259,8 @@ def _run(
                 first_tasks=forget_losses,
             )
             flat = layout.pack(G, lead=2).detach()  # [4, T, D]; [5, T, D] with the guard's rows
-            if fresh_guard:
-                guard_grads = flat[4:5]
-            elif guard_grads is not None:  # a step between the guard's: its last gradient again
-                flat = torch.cat([flat, guard_grads])
+            if guard_schedule is not None:
+                flat = guard_schedule.with_guard(flat)
             held = checkpoints.past_target() if cfg.hold_past_target else frozenset()
             for name in held:
                 held_steps[name] += 1
