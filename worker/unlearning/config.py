@@ -41,6 +41,8 @@ LearningRate = Annotated[float, Field(gt=0, le=1e3, allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 #: a share, probability or AUC in [0, 1]
 Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+#: a factor that shrinks something (strictly between 0 and 1)
+Shrink = Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
 #: a signed shift of an AUC (or of a fraction): at most half the scale either way
 SignedHalf = Annotated[float, Field(ge=-0.5, le=0.5, allow_inf_nan=False)]
 #: an adapter's LoRA rank and alpha in ``settings["train"]`` (0: the workload's LoraConfig)

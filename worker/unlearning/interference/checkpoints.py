@@ -295,9 +295,10 @@ class Checkpoints:
         )
         self.states.append({n: p.detach().clone() for n, p in self.params.items()})
 
-    def past_target(self) -> frozenset[str]:
-        """The forgotten tasks the latest checkpoint has past its target (:func:`past_target`)."""
-        return past_target(self.history[-1], self.target, self.default_target, self.reference)
+    def past_target(self, index: int = -1) -> frozenset[str]:
+        """The forgotten tasks a checkpoint (the latest by default) has past its target
+        (:func:`past_target`)."""
+        return past_target(self.history[index], self.target, self.default_target, self.reference)
 
     def _distance(self, m: Measured) -> float | None:
         if self.reference is not None:  # per client, from the OUT reference adapters

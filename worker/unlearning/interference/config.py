@@ -18,6 +18,7 @@ from worker.unlearning.config import (
     LearningRate,
     NonNegative,
     Period,
+    Shrink,
     SignedHalf,
     parse_settings,
 )
@@ -182,6 +183,12 @@ class IAConfig:
     # between, the last one is reused: the held-out loss's gradient moves slowly over a few steps)
     unseen_guard_batch: Count = 0
     unseen_guard_every: Period = 1
+    # deviation (docs/methods.md, "Going back on patience"): when patience would end a run, the
+    # update goes back to the kept checkpoint with its learning rate times ``refine_lr_factor`` and
+    # a fresh AdamW, at most this many times (a line search: the distance to the target is U-shaped
+    # over steps and rises within a pass or two past its minimum, docs/benchmarks.md); 0 = stop
+    refine_rounds: Count = 0
+    refine_lr_factor: Shrink = 0.5
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | None) -> IAConfig:

@@ -190,7 +190,12 @@ def _run(
     towards = forget_targets is not None
     forget_rows = forget_targets.to(device) if forget_targets is not None else forget
     forget_losses = forget_loss_tasks(inv, cfg.forget_loss)  # None: the tasks' own losses (paper)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
+
+    def adamw(lr: float) -> torch.optim.AdamW:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, foreach=True)
+
+    lr = cfg.lr
+    opt = adamw(lr)
     target: float | Mapping[str, float] = cfg.mia_target if mia_target is None else mia_target
     checkpoints = Checkpoints(
         Monitor(forget, heldout, check, forget_specs, inv, device, forward, anchor_ids_of(partitions, cfg)),
@@ -219,10 +224,24 @@ def _run(
     stopped = "budget"
     norms: list[tuple[float, float, float]] = []
     held_steps = dict.fromkeys(forget_names, 0)  # ia.hold_past_target: steps without a task's forget term
+    refinements: list[dict[str, Any]] = []  # ia.refine_rounds: each return to the kept checkpoint
+    weights_at = -1  # the history entry the weights were last measured at (the latest, or a return's)
+
+    def go_back() -> None:
+        """ia.refine_rounds: on from the kept checkpoint with a smaller step and a fresh AdamW (the
+        moments belong to the abandoned path). The task subspaces U are the direction's basis,
+        not the model, and go on from where they are."""
+        nonlocal lr, opt, since_change, weights_at
+        lr *= cfg.refine_lr_factor
+        restore(model, checkpoints.states[best])
+        opt = adamw(lr)
+        since_change, weights_at = 0, best
+        refinements.append({"steps": steps, "from_steps": history[best]["steps"], "lr": lr})
 
     def decide() -> str | None:
         """After a checkpoint: the kept one updated; why the run stops now (None: it goes on)."""
-        nonlocal best, since_change
+        nonlocal best, since_change, weights_at
+        weights_at = -1
         # the continuation (stop_at_unseen_level) never keeps the model as given: it failed its check
         chosen = select_checkpoint(history, cfg.retain_tolerance, pick, start=int(cfg.stop_at_unseen_level))
         if chosen != best:
@@ -236,6 +255,9 @@ def _run(
             if cfg.stop_at_unseen_level and at_unseen_level(history[best], cfg.retain_tolerance):
                 return "at_unseen_level"
             if 0 < cfg.patience <= since_change:
+                if len(refinements) < cfg.refine_rounds:
+                    go_back()
+                    return None
                 return "patience"
         return None
 
@@ -261,7 +283,7 @@ def _run(
             flat = layout.pack(G, lead=2).detach()  # [4, T, D]; [5, T, D] with the guard's rows
             if guard_schedule is not None:
                 flat = guard_schedule.with_guard(flat)
-            held = checkpoints.past_target() if cfg.hold_past_target else frozenset()
+            held = checkpoints.past_target(weights_at) if cfg.hold_past_target else frozenset()
             for name in held:
                 held_steps[name] += 1
             direction, step_norms = _direction(
@@ -312,6 +334,7 @@ def _run(
         term_norms=term_norms(norms),
         forget_term=forget_term_name(towards, cfg.forget_loss),
         held_steps=held_steps if cfg.hold_past_target else None,
+        refinements=refinements,
     )
     return info
 
