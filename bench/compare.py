@@ -4,13 +4,16 @@
 
 BASE and NEW may be the same file (a variant against its base row: ``--method default --new-method
 default@odds``), and each may be several files joined by commas (runs on other seeds, pooled; a
-per-stage cell then names the seeds of its file, and cells pair up by those seeds). The two must
+per-stage cell then names the seeds of its file, and cells pair up by those seeds). A file may also
+be the ``.partial.jsonl`` of a run stopped early: its finished units, summarised as the finished
+run would have summarised them (:func:`load_result`). The two must
 score the same requests: their ``retrain`` rows (the reference retrains) are compared first, and
 the comparison is refused unless every shared run's are identical (``--unpaired`` reports it
 anyway, labelled so). A variant changes one method's rows only, so identical retrains mean
 identical v1, anchors and forget sets.
 
-Reported for each side, pooled over the runs both have (no torch, JSON only):
+Reported for each side, pooled over the runs both have (JSON only; torch only to summarise a partial
+run):
 
 - request-tasks, **close** (forget-set accuracy and MIA AUC within 0.05 of the reference retrain's),
   median and mean UIS;
@@ -123,6 +126,20 @@ def _summary(result: Mapping[str, Any], method: str) -> dict[Cell, Mapping[str, 
     return {
         (s.get("part", ""), s["setting"], s["stage"]): s for s in result["summary"] if s["method"] == method
     }
+
+
+def load_result(path: Path) -> dict[str, Any]:
+    """A ``lethe bench --json`` result, or the ``.partial.jsonl`` that a run with ``--jobs`` > 1
+    appends each finished (seed, setting) unit to: its runs, in seed and setting order, with the
+    summary :func:`bench.scoring.summarise` gives them and their seeds as ``meta.seeds``."""
+    if not path.name.endswith(".partial.jsonl"):
+        return dict(json.loads(path.read_text()))
+    from bench.scoring import summarise  # torch: only for a partial run's summary
+
+    units = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    runs = [r for unit in units for r in unit["runs"]]
+    runs.sort(key=lambda r: (r["seed"], r["setting"]))  # stable: a unit keeps its own order
+    return {"runs": runs, "summary": summarise(runs), "meta": {"seeds": sorted({r["seed"] for r in runs})}}
 
 
 def merge(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -317,7 +334,10 @@ def _names(side: str) -> str:
 def main(argv: Sequence[str] | None = None, prog: str = "python -m bench compare") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("base", help="a lethe bench --json result, or several joined by commas")
+    parser.add_argument(
+        "base",
+        help="a lethe bench --json result (or a stopped run's .partial.jsonl), or several joined by commas",
+    )
     parser.add_argument("new", help="another (or the same) result, or several joined by commas")
     parser.add_argument("--method", default="default", help="the base's method row (default: default)")
     parser.add_argument("--new-method", default=None, help="the new file's method row (default: --method)")
@@ -325,10 +345,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m bench compare
     parser.add_argument("--json", dest="json_path", type=Path, default=None, help="write the comparison")
     args = parser.parse_args(argv)
     try:
-        base, new = (
-            merge([json.loads(Path(p).read_text()) for p in side.split(",")])
-            for side in (args.base, args.new)
-        )
+        base, new = (merge([load_result(Path(p)) for p in side.split(",")]) for side in (args.base, args.new))
         result = compare(base, new, args.method, args.new_method or args.method, unpaired=args.unpaired)
     except (OSError, ValueError, KeyError) as exc:  # NotPairedError is a ValueError
         parser.error(str(exc))

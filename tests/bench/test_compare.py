@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from bench.compare import NotPairedError, aimed_target, compare, format_comparison, main, merge
+from bench.compare import NotPairedError, aimed_target, compare, format_comparison, load_result, main, merge
+from bench.scoring import summarise
 
 
 def _run(method: str, setting: str, seed: int, uis: float | None, **extra: Any) -> dict[str, Any]:
@@ -156,3 +157,38 @@ def test_several_files_make_one_side_and_their_cells_are_named_by_seeds(
         paths.append(str(tmp_path / name))
     assert main([",".join(paths), ",".join(paths)]) == 0
     assert "base: a.json, b.json [default]" in capsys.readouterr().out
+
+
+def _scored(method: str, setting: str, seed: int, unl: float) -> dict[str, Any]:
+    """A row as ``lethe bench`` writes it, with what the summary reads (per task Ret / Unl / Val)."""
+    tasks = {"a": {"ret": 0.9, "unl": unl, "val": 0.7, "mia_auc": 0.5}}
+    close = None if method == "retrain" else {"a": abs(unl - 0.4) <= 0.05}
+    return {
+        **_run(method, setting, seed, None if close is None else unl, tasks=tasks, close=close),
+        "wall_s": 1.0,
+    }
+
+
+def test_a_stopped_runs_partial_file_is_read_as_its_finished_units(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run stopped early keeps its finished (seed, setting) units in ``.partial.jsonl``; compare
+    reads them as the finished run's JSON would have them: runs in seed and setting order, the same
+    summary, their seeds."""
+    units = {
+        (seed, setting): [_scored("retrain", setting, seed, 0.4), _scored("default", setting, seed, 0.4 + d)]
+        for seed, d in ((0, 0.01), (1, 0.2)) for setting in ("FU", "PU:a")
+    }  # fmt: skip
+    partial = tmp_path / "run.partial.jsonl"
+    # units finish in any order across worker processes
+    order = [(1, "PU:a"), (0, "FU"), (1, "FU"), (0, "PU:a")]
+    lines = [json.dumps({"runs": units[k], "train_s": {}, "refresh_s": [], "process": 1}) for k in order]
+    partial.write_text("\n".join(lines) + "\n")
+    runs = [r for k in sorted(units) for r in units[k]]
+    loaded = load_result(partial)
+    assert loaded == {"runs": runs, "summary": summarise(runs), "meta": {"seeds": [0, 1]}}
+    finished = tmp_path / "run.json"
+    finished.write_text(json.dumps({**loaded, "meta": {"seeds": [0, 1], "preset": "quick"}}))
+    assert load_result(finished)["runs"] == runs
+    assert main([str(finished), str(partial)]) == 0
+    assert "retrain rows identical in 4 of 4" in capsys.readouterr().out
