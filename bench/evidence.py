@@ -23,8 +23,9 @@ def ia_steps(method_info: Any) -> Mapping[str, Any] | None:
     it (``stopped``), the kept checkpoint (its pass, steps and distance), and per checkpoint its
     steps, distance to the target and retain drop (early stopping keeps only checkpoints within
     ``ia.retain_tolerance`` of it), and per forgotten task the steps its forget term was held past
-    the target (``ia.hold_past_target``; ``None`` when off) (``None`` for a method without that
-    stage). Read as
+    the target (``ia.hold_past_target``; ``None`` when off), and each return to the kept checkpoint
+    (``ia.refine_rounds``: steps, from which checkpoint's steps, the new learning rate) (``None`` for
+    a method without that stage). Read as
     :func:`ia_target` reads the target."""
     if not isinstance(method_info, Mapping):
         return None
@@ -40,6 +41,7 @@ def ia_steps(method_info: Any) -> Mapping[str, Any] | None:
         "best_steps": stage.get("best_steps"),
         "best_distance": stage.get("best_distance"),
         "held_steps": stage.get("held_steps"),
+        "refinements": stage.get("refinements") or [],
         "checkpoints": [
             {
                 "steps": h.get("steps"),
