@@ -6,11 +6,10 @@ BASE and NEW may be the same file (a variant against its base row: ``--method de
 default@odds``), and each may be several files joined by commas (runs on other seeds, pooled; a
 per-stage cell then names the seeds of its file, and cells pair up by those seeds). A file may also
 be the ``.partial.jsonl`` of a run stopped early: its finished units, summarised as the finished
-run would have summarised them (:func:`load_result`). The two must
-score the same requests: their ``retrain`` rows (the reference retrains) are compared first, and
-the comparison is refused unless every shared run's are identical (``--unpaired`` reports it
-anyway, labelled so). A variant changes one method's rows only, so identical retrains mean
-identical v1, anchors and forget sets.
+run would have summarised them (:func:`load_result`). The two must score the same requests:
+their ``retrain`` rows (the reference retrains) are compared first, and the comparison is refused
+unless every shared run's are identical (``--unpaired`` reports it anyway, labelled so). A variant
+changes one method's rows only, so identical retrains mean identical v1, anchors and forget sets.
 
 Reported for each side, pooled over the runs both have (JSON only; torch only to summarise a partial
 run):
