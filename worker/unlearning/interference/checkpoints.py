@@ -28,7 +28,7 @@ from worker.unlearning.interference.retain import (
     task_accuracy,
 )
 from worker.unlearning.interference.targets import ReferenceTarget, reference_distance
-from worker.unlearning.lora import Forward
+from worker.unlearning.lora import Forward, restore
 from worker.unlearning.types import Batch, TaskSpec, cat_inputs, inputs_to
 
 
@@ -258,6 +258,7 @@ class Checkpoints:
         self.baseline_rows: dict[str, Tensor] = dict(retain_baseline.rows if retain_baseline else {})
         self.history: list[dict[str, Any]] = []
         self.states: list[dict[str, Tensor]] = []
+        self.weights_at = -1  # the entry the model's weights are at: the latest, or one restored
 
     def record(self, model: nn.Module, epoch: int, steps: int = 0) -> None:
         m = self.monitor(model)
@@ -294,11 +295,18 @@ class Checkpoints:
             }
         )
         self.states.append({n: p.detach().clone() for n, p in self.params.items()})
+        self.weights_at = len(self.history) - 1
 
-    def past_target(self, index: int = -1) -> frozenset[str]:
-        """The forgotten tasks a checkpoint (the latest by default) has past its target
+    def restore(self, model: nn.Module, index: int) -> None:
+        """Put checkpoint ``index``'s parameters back into ``model`` (the kept one at the end of a
+        run, or where ``ia.refine_rounds`` goes back to)."""
+        restore(model, self.states[index])
+        self.weights_at = index
+
+    def past_target(self) -> frozenset[str]:
+        """The forgotten tasks the checkpoint the weights are at has past its target
         (:func:`past_target`)."""
-        return past_target(self.history[index], self.target, self.default_target, self.reference)
+        return past_target(self.history[self.weights_at], self.target, self.default_target, self.reference)
 
     def _distance(self, m: Measured) -> float | None:
         if self.reference is not None:  # per client, from the OUT reference adapters

@@ -40,7 +40,7 @@ from worker.unlearning.interference.subspaces import (
 )
 from worker.unlearning.interference.targets import ReferenceTarget, is_per_task
 from worker.unlearning.interference.unseen_guard import GuardSchedule, guard_rows
-from worker.unlearning.lora import fast_forward, param_groups, restore
+from worker.unlearning.lora import fast_forward, param_groups
 from worker.unlearning.partitions import mask_tasks
 from worker.unlearning.types import Batch, Partitions, TaskSpec
 
@@ -225,23 +225,21 @@ def _run(
     norms: list[tuple[float, float, float]] = []
     held_steps = dict.fromkeys(forget_names, 0)  # ia.hold_past_target: steps without a task's forget term
     refinements: list[dict[str, Any]] = []  # ia.refine_rounds: each return to the kept checkpoint
-    weights_at = -1  # the history entry the weights were last measured at (the latest, or a return's)
 
     def go_back() -> None:
         """ia.refine_rounds: on from the kept checkpoint with a smaller step and a fresh AdamW (the
         moments belong to the abandoned path). The task subspaces U are the direction's basis,
         not the model, and go on from where they are."""
-        nonlocal lr, opt, since_change, weights_at
+        nonlocal lr, opt, since_change
         lr *= cfg.refine_lr_factor
-        restore(model, checkpoints.states[best])
+        checkpoints.restore(model, best)
         opt = adamw(lr)
-        since_change, weights_at = 0, best
+        since_change = 0
         refinements.append({"steps": steps, "from_steps": history[best]["steps"], "lr": lr})
 
     def decide() -> str | None:
         """After a checkpoint: the kept one updated; why the run stops now (None: it goes on)."""
-        nonlocal best, since_change, weights_at
-        weights_at = -1
+        nonlocal best, since_change
         # the continuation (stop_at_unseen_level) never keeps the model as given: it failed its check
         chosen = select_checkpoint(history, cfg.retain_tolerance, pick, start=int(cfg.stop_at_unseen_level))
         if chosen != best:
@@ -283,7 +281,7 @@ def _run(
             flat = layout.pack(G, lead=2).detach()  # [4, T, D]; [5, T, D] with the guard's rows
             if guard_schedule is not None:
                 flat = guard_schedule.with_guard(flat)
-            held = checkpoints.past_target(weights_at) if cfg.hold_past_target else frozenset()
+            held = checkpoints.past_target() if cfg.hold_past_target else frozenset()
             for name in held:
                 held_steps[name] += 1
             direction, step_norms = _direction(
@@ -318,7 +316,7 @@ def _run(
             break
     if not cfg.early_stopping:  # the last epoch is kept
         best = epochs_run
-    restore(model, checkpoints.states[best])
+    checkpoints.restore(model, best)
     info.update(
         epochs_run=epochs_run,
         steps=steps,

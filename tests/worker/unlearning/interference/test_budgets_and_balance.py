@@ -381,9 +381,9 @@ def test_after_going_back_the_held_tasks_are_read_at_the_kept_checkpoint(
     read: list[int] = []
     original = Checkpoints.past_target
 
-    def spy(self: Checkpoints, index: int = -1) -> frozenset[str]:
-        read.append(index if index >= 0 else len(self.history) - 1)
-        return original(self, index)
+    def spy(self: Checkpoints) -> frozenset[str]:
+        read.append(self.weights_at)
+        return original(self)
 
     monkeypatch.setattr(Checkpoints, "past_target", spy)
     run = _toy_run({"refine_rounds": 1, "hold_past_target": True}, target=0.6)
