@@ -20,13 +20,13 @@ def ia_target(method_info: Any) -> Mapping[str, Any] | None:
 
 def ia_steps(method_info: Any) -> Mapping[str, Any] | None:
     """What the interference-aware stage's update ran: optimiser steps, passes over D_f, what ended
-    it (``stopped``), the kept checkpoint (its pass, steps and distance), and per checkpoint its
-    steps, distance to the target and retain drop (early stopping keeps only checkpoints within
-    ``ia.retain_tolerance`` of it), and per forgotten task the steps its forget term was held past
-    the target (``ia.hold_past_target``; ``None`` when off), and each return to the kept checkpoint
-    (``ia.refine_rounds``: steps, from which checkpoint's steps, the new learning rate) (``None`` for
-    a method without that stage). Read as
-    :func:`ia_target` reads the target."""
+    it (``stopped``), the kept checkpoint (its pass, steps and distance); per checkpoint its steps,
+    distance to the target, retain drop (early stopping keeps only checkpoints within
+    ``ia.retain_tolerance`` of it) and the forgotten tasks' MIA AUC and forget-set metric; per
+    forgotten task the steps its forget term was held past the target (``ia.hold_past_target``;
+    ``None`` when off); and each return to the kept checkpoint (``ia.refine_rounds``: steps, from
+    which checkpoint's steps, the new learning rate) (``None`` for a method without that stage).
+    Read as :func:`ia_target` reads the target."""
     if not isinstance(method_info, Mapping):
         return None
     stage = method_info.get("ia", method_info)
@@ -48,6 +48,11 @@ def ia_steps(method_info: Any) -> Mapping[str, Any] | None:
                 "distance": h.get("distance"),
                 "retain_drop": h.get("retain_drop"),
                 "retain_gate": h.get("retain_gate"),
+                # per forgotten task as measured at the checkpoint: a stop rule can be replayed
+                # on a run's rows (docs/benchmarks.md, "Stopping inside the references' spread")
+                "mia_auc": h.get("mia_auc"),
+                "forget_accuracy": h.get("forget_accuracy"),
+                **({"inside_spread": h["inside_spread"]} if "inside_spread" in h else {}),
             }
             for h in history
             if isinstance(h, Mapping)

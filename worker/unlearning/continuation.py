@@ -61,6 +61,7 @@ def continuation_settings(
         min_steps=0,
         patience=0,
         stop_within=0.0,
+        stop_within_spread=0.0,
         hold_past_target=False,  # its aim is the bound: holding at a target could stop short of it
     )
     return {**settings, CONTINUATION_METHOD: block}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import statistics
 from collections import Counter
 from collections.abc import Iterator
@@ -26,7 +27,12 @@ from tests.worker.unlearning.round_guards import (
 from worker.unlearning.engine import ForgetSpec, ensure_base, prepare, run_round
 from worker.unlearning.interference import IAConfig
 from worker.unlearning.interference.checkpoints import select_checkpoint
-from worker.unlearning.interference.targets import ReferenceTarget, reference_distance, request_target
+from worker.unlearning.interference.targets import (
+    ReferenceTarget,
+    inside_spread,
+    reference_distance,
+    request_target,
+)
 from worker.unlearning.likelihood_ratio import out_reference_targets
 from worker.unlearning.reference_adapters import (
     LoadedReferences,
@@ -218,6 +224,27 @@ def test_request_target_falls_back_to_the_constant_by_name(tmp_path: Path) -> No
     fallback, ev = request_target(cfg, only_in, wl.tasks(), **kwargs)
     assert fallback is None
     assert "no OUT reference" in ev["reason"]
+
+
+def test_inside_spread_is_a_box_of_the_references_spread_around_the_target() -> None:
+    """``ia.stop_within_spread``: every target task measured, its AUC and accuracy each within
+    ``max(floor, factor × spread)``; a ``relative`` target's accuracy goal is the checkpoint's own
+    held-out accuracy + the references' gap."""
+    target = ReferenceTarget(
+        mia_auc={"a": 0.40, "b": 0.50}, accuracy={"a": 0.60, "b": 0.70}, accuracy_gap={"a": -0.1, "b": 0.0},
+        auc_spread={"a": 0.10, "b": 0.02}, accuracy_spread={"a": 0.04, "b": 0.0},
+    )  # fmt: skip
+    aucs, accs = {"a": 0.44, "b": 0.505}, {"a": 0.615, "b": 0.705}
+    assert inside_spread(aucs, accs, target, factor=0.5, floor=0.01)
+    assert not inside_spread({**aucs, "a": 0.46}, accs, target, 0.5, 0.01)  # a's AUC past 0.05
+    assert not inside_spread(aucs, {**accs, "a": 0.63}, target, 0.5, 0.01)  # a's accuracy past 0.02
+    assert not inside_spread(aucs, {**accs, "b": 0.715}, target, 0.5, 0.01)  # b: the floor, 0.01
+    assert inside_spread(aucs, {**accs, "b": 0.715}, target, 0.5, 0.02)
+    assert not inside_spread(aucs, accs, target, factor=0.0, floor=1.0)  # off
+    assert not inside_spread({"a": 0.40}, {"a": 0.60}, target, 0.5, 0.01)  # b not measured
+    rel = dataclasses.replace(target, relative=True)  # goals a 0.8 - 0.1, b 0.8 + 0.0
+    assert inside_spread(aucs, {"a": 0.71, "b": 0.80}, rel, 0.5, 0.01, heldout_accuracy={"a": 0.8, "b": 0.8})
+    assert not inside_spread(aucs, {"a": 0.71, "b": 0.80}, rel, 0.5, 0.01)  # no held-out accuracy
 
 
 def test_early_stopping_keeps_the_checkpoint_closest_to_the_reference_target() -> None:

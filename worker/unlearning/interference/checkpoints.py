@@ -27,7 +27,7 @@ from worker.unlearning.interference.retain import (
     retain_noise,
     task_accuracy,
 )
-from worker.unlearning.interference.targets import ReferenceTarget, reference_distance
+from worker.unlearning.interference.targets import ReferenceTarget, inside_spread, reference_distance
 from worker.unlearning.lora import Forward, restore
 from worker.unlearning.types import Batch, TaskSpec, cat_inputs, inputs_to
 
@@ -244,8 +244,10 @@ class Checkpoints:
         kept_level: bool = False,
         relative_drop: bool = False,
         retain_noise_z: float = 0.0,
+        stop_spread: tuple[float, float] = (0.0, 0.0),
     ) -> None:
         self.monitor, self.params = monitor, dict(params)
+        self.stop_spread = stop_spread  # (factor, floor): ia.stop_within_spread, ia.stop_within
         self.reference = reference
         self.target, self.default_target = target, default_target
         self.task_distance, self.forget_accuracy_z = task_distance, forget_accuracy_z
@@ -286,6 +288,7 @@ class Checkpoints:
                 "steps": steps,
                 "mia_auc": m.aucs,
                 "distance": self._distance(m),
+                **self._inside_spread(m),
                 "forget_accuracy": m.forget_accuracy,
                 "heldout_accuracy": m.heldout_accuracy,
                 "forget_excess": excess,
@@ -307,6 +310,15 @@ class Checkpoints:
         """The forgotten tasks the checkpoint the weights are at has past its target
         (:func:`past_target`)."""
         return past_target(self.history[self.weights_at], self.target, self.default_target, self.reference)
+
+    def _inside_spread(self, m: Measured) -> dict[str, bool]:
+        """``{"inside_spread": …}`` when ``ia.stop_within_spread`` is on with a reference target (the
+        history of a run without it is unchanged)."""
+        factor, floor = self.stop_spread
+        if self.reference is None or factor <= 0:
+            return {}
+        inside = inside_spread(m.aucs, m.forget_accuracy, self.reference, factor, floor, m.heldout_accuracy)
+        return {"inside_spread": inside}
 
     def _distance(self, m: Measured) -> float | None:
         if self.reference is not None:  # per client, from the OUT reference adapters

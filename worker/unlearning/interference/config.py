@@ -98,6 +98,12 @@ class IAConfig:
     # at most this (never before ``min_steps``): closer than the target's own error is no nearer
     # the retrain, only longer (0: off, patience and the budget alone end a run)
     stop_within: NonNegative = 0.0
+    # deviation (docs/methods.md, "Stopping inside the references' spread"): with a reference
+    # target, also stop once the kept checkpoint is, per forgotten task and on both AUC and
+    # accuracy, within max(stop_within, this × the OUT references' spread) of it: where the
+    # models that never saw the client disagree, walking on towards their median is not nearer a
+    # retrain (0: off)
+    stop_within_spread: NonNegative = 0.0
     # how the forgotten tasks' MIA distances to the target combine: "mean" | "max" (the worst task)
     task_distance: Literal["mean", "max"] = "mean"
     # early stopping prefers checkpoints whose every forgotten task's forget-set accuracy is at the

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
@@ -63,6 +63,11 @@ class ReferenceTarget:
     accuracy: dict[str, float]
     accuracy_gap: dict[str, float]
     relative: bool = False
+    # per task, the references' spread (max − min) of the AUC and of the accuracy (of the gap for
+    # a ``relative`` target): how far apart models that never saw the client are
+    # (``ia.stop_within_spread``); empty: unknown
+    auc_spread: dict[str, float] = field(default_factory=dict)
+    accuracy_spread: dict[str, float] = field(default_factory=dict)
 
     def accuracy_goal(self, task: str, heldout_accuracy: Mapping[str, float]) -> float | None:
         if not self.relative:
@@ -89,6 +94,31 @@ def reference_distance(
     if not gaps:
         return None
     return float(max(gaps)) if how == "max" else float(sum(gaps) / len(gaps))
+
+
+def inside_spread(
+    aucs: Mapping[str, float],
+    accuracy: Mapping[str, float],
+    target: ReferenceTarget,
+    factor: float,
+    floor: float,
+    heldout_accuracy: Mapping[str, float] | None = None,
+) -> bool:
+    """Whether every target task is measured and, on both its AUC and its accuracy, within
+    ``max(floor, factor × spread)`` of the target (``ia.stop_within_spread``: ``factor`` 0.5 with
+    two OUT references is "between them"). The references that never saw the client disagree by
+    their spread; a checkpoint inside it is as close to a retrain as they can tell."""
+    if factor <= 0 or not target.mia_auc:
+        return False
+    for t, goal in target.mia_auc.items():
+        acc_goal = target.accuracy_goal(t, heldout_accuracy or {})
+        if t not in aucs or t not in accuracy or acc_goal is None:
+            return False
+        auc_bound = max(floor, factor * target.auc_spread.get(t, 0.0))
+        acc_bound = max(floor, factor * target.accuracy_spread.get(t, 0.0))
+        if abs(aucs[t] - goal) > auc_bound or abs(accuracy[t] - acc_goal) > acc_bound:
+            return False
+    return True
 
 
 def request_target(
@@ -141,6 +171,11 @@ def request_target(
         accuracy={t: float(v["accuracy"]) + acc_shift for t, v in per_task.items()},
         accuracy_gap={t: float(v["accuracy_gap"]) + acc_shift for t, v in per_task.items()},
         relative=cfg.target_accuracy == "relative",
+        auc_spread={t: float(v["spread"]["mia_auc"]) for t, v in per_task.items()},
+        accuracy_spread={
+            t: float(v["spread"]["accuracy_gap" if cfg.target_accuracy == "relative" else "accuracy"])
+            for t, v in per_task.items()
+        },
     )
     evidence = {
         "source": "references",

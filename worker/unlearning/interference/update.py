@@ -210,6 +210,7 @@ def _run(
         kept_level=cfg.kept_level,
         relative_drop=cfg.retain_tolerance_scale == "relative",
         retain_noise_z=cfg.retain_noise_z,
+        stop_spread=(cfg.stop_within_spread, cfg.stop_within),
     )
     # "earliest" keeps the least update at the unseen-data level: with a per-client target the
     # point is to go on towards it, so the closest of those is kept (unless the run stops there)
@@ -250,6 +251,8 @@ def _run(
         if cfg.early_stopping and steps >= cfg.min_steps:
             if within_target(history[best], cfg.stop_within, cfg.retain_tolerance):
                 return "within_target"
+            if within_spread(history[best], cfg.retain_tolerance):
+                return "within_spread"
             if cfg.stop_at_unseen_level and at_unseen_level(history[best], cfg.retain_tolerance):
                 return "at_unseen_level"
             if 0 < cfg.patience <= since_change:
@@ -363,6 +366,12 @@ def within_target(checkpoint: Mapping[str, Any], stop_within: float, retain_tole
         and float(distance) <= stop_within
         and within_tolerance(checkpoint, retain_tolerance)
     )
+
+
+def within_spread(checkpoint: Mapping[str, Any], retain_tolerance: float) -> bool:
+    """Whether ``checkpoint`` is inside the references' spread of the target (its ``inside_spread``,
+    ``ia.stop_within_spread``) and within the retain tolerance."""
+    return bool(checkpoint.get("inside_spread")) and within_tolerance(checkpoint, retain_tolerance)
 
 
 def _subspace_batches(partitions: Partitions, device: str, seed: int, size: int = 256) -> list[Batch]:

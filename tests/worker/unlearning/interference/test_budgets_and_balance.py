@@ -26,6 +26,7 @@ from worker.unlearning.interference.checkpoints import (
 from worker.unlearning.interference.config import IAConfig
 from worker.unlearning.interference.retain import KEPT_OF_FORGOTTEN, retain_drop
 from worker.unlearning.interference.subspaces import gradient_subspaces, projectors
+from worker.unlearning.interference.targets import ReferenceTarget
 from worker.unlearning.interference.update import balance_forget, interference_aware_unlearn, within_target
 from worker.unlearning.types import Batch, ClassificationTask, Partitions, RegressionTask
 
@@ -90,6 +91,47 @@ def test_stop_within_ends_a_run_at_the_first_kept_checkpoint_that_close_to_the_t
     assert not within_target({"distance": 0.0, "retain_drop": 0.0}, 0.0, retain_tolerance=1.0)  # off
     with pytest.raises(ValueError, match="stop_within"):
         IAConfig.from_settings({"stop_within": -0.1})
+
+
+def test_stop_within_spread_ends_a_run_inside_the_references_spread_of_the_target() -> None:
+    """``ia.stop_within_spread``: a run stops at the first kept checkpoint that is, per forgotten
+    task and on both AUC and accuracy, within factor × the references' spread of the target; the
+    path up to there is the plain run's. On the toy (D_f of task ``a``: 6 rows, 3 steps a pass)
+    the forget set's accuracy stays at 1/6 and its AUC goes 0.50, 0.65, 0.75, 0.80, …"""
+    cfg = {"lr": 5e-2, "epochs": 6, "batch_size": 2, "patience": 0, "min_steps": 3}
+
+    def run(settings: dict[str, object], auc_spread: float, accuracy: float = 1 / 6) -> dict[str, Any]:
+        reference = ReferenceTarget(
+            mia_auc={"a": 0.9}, accuracy={"a": accuracy}, accuracy_gap={"a": 0.0},
+            auc_spread={"a": auc_spread}, accuracy_spread={"a": 0.02},
+        )  # fmt: skip
+        torch.manual_seed(0)
+        return interference_aware_unlearn(
+            ia_model(), tasks=TASKS, partitions=partial_partitions(), heldout=ia_batch(10, 7, ["a", "b"]),
+            cfg=IAConfig.from_settings({**cfg, **settings}), seed=0, reference=reference,
+        )  # fmt: skip
+
+    def plain(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in h.items() if k != "inside_spread"} for h in history]
+
+    full = run({}, auc_spread=0.4)
+    assert (full["stopped"], full["steps"]) == ("budget", 18)
+    assert all("inside_spread" not in h for h in full["history"])  # off: the history is unchanged
+    gaps = [abs(h["mia_auc"]["a"] - 0.9) for h in full["history"]]
+    assert gaps[1] > 0.2 >= gaps[2]  # steps 3 outside half the spread, steps 6 inside
+    spread = run({"stop_within_spread": 0.5}, auc_spread=0.4)
+    assert (spread["stopped"], spread["steps"]) == ("within_spread", 6)
+    assert [h["inside_spread"] for h in spread["history"]] == [False, False, True]
+    assert plain(spread["history"]) == full["history"][:3]
+    # a box: with the accuracy 0.1 from its target (half its spread: 0.01) it is never inside
+    off_accuracy = run({"stop_within_spread": 0.5}, auc_spread=0.4, accuracy=1 / 6 + 0.1)
+    assert off_accuracy["stopped"] == "budget"
+    # no AUC spread and no floor (stop_within 0): nothing is inside, the run is the plain one
+    none = run({"stop_within_spread": 0.5}, auc_spread=0.0)
+    assert none["stopped"] == "budget"
+    assert plain(none["history"]) == full["history"]
+    with pytest.raises(ValueError, match="stop_within_spread"):
+        IAConfig.from_settings({"stop_within_spread": -1.0})
 
 
 @pytest.mark.parametrize("mode", ["total", "per_task"])
