@@ -213,6 +213,10 @@ def test_request_target_falls_back_to_the_constant_by_name(tmp_path: Path) -> No
     assert ev["source"] == "references"
     assert set(target.mia_auc) == {"kind"}
     assert ev["tasks"]["kind"]["references"] == 1  # K = 2: one reference excluded u1
+    # the target carries the references' spread (ia.stop_within_spread): one reference, none
+    spread = ev["tasks"]["kind"]["spread"]
+    assert target.auc_spread == {"kind": spread["mia_auc"]} == {"kind": 0.0}
+    assert target.accuracy_spread == {"kind": spread["accuracy"]}
     assert ev["wall_s"] > 0
     fallback, ev = request_target(cfg, None, wl.tasks(), **kwargs)
     assert fallback is None
