@@ -86,14 +86,25 @@ def reference_distance(
     """Per target task ``max(|AUC − target|, |accuracy − target|)`` (a task not measured on this
     checkpoint is left out), combined by ``how``: ``"mean"`` or ``"max"``. ``heldout_accuracy``:
     the checkpoint's own (for a ``relative`` target)."""
-    gaps = []
-    for t, goal in target.mia_auc.items():
-        acc_goal = target.accuracy_goal(t, heldout_accuracy or {})
-        if t in aucs and t in accuracy and acc_goal is not None:
-            gaps.append(max(abs(aucs[t] - goal), abs(accuracy[t] - acc_goal)))
+    gaps = [max(g) for g in task_gaps(aucs, accuracy, target, heldout_accuracy).values()]
     if not gaps:
         return None
     return float(max(gaps)) if how == "max" else float(sum(gaps) / len(gaps))
+
+
+def task_gaps(
+    aucs: Mapping[str, float],
+    accuracy: Mapping[str, float],
+    target: ReferenceTarget,
+    heldout_accuracy: Mapping[str, float] | None = None,
+) -> dict[str, tuple[float, float]]:
+    """Per target task measured on this checkpoint, ``(|AUC − target|, |accuracy − target|)``."""
+    gaps = {}
+    for t, goal in target.mia_auc.items():
+        acc_goal = target.accuracy_goal(t, heldout_accuracy or {})
+        if t in aucs and t in accuracy and acc_goal is not None:
+            gaps[t] = (abs(aucs[t] - goal), abs(accuracy[t] - acc_goal))
+    return gaps
 
 
 def inside_spread(
@@ -108,17 +119,14 @@ def inside_spread(
     ``max(floor, factor × spread)`` of the target (``ia.stop_within_spread``: ``factor`` 0.5 with
     two OUT references is "between them"). The references that never saw the client disagree by
     their spread; a checkpoint inside it is as close to a retrain as they can tell."""
-    if factor <= 0 or not target.mia_auc:
+    gaps = task_gaps(aucs, accuracy, target, heldout_accuracy)
+    if factor <= 0 or not gaps or len(gaps) < len(target.mia_auc):
         return False
-    for t, goal in target.mia_auc.items():
-        acc_goal = target.accuracy_goal(t, heldout_accuracy or {})
-        if t not in aucs or t not in accuracy or acc_goal is None:
-            return False
-        auc_bound = max(floor, factor * target.auc_spread.get(t, 0.0))
-        acc_bound = max(floor, factor * target.accuracy_spread.get(t, 0.0))
-        if abs(aucs[t] - goal) > auc_bound or abs(accuracy[t] - acc_goal) > acc_bound:
-            return False
-    return True
+    return all(
+        auc_gap <= max(floor, factor * target.auc_spread.get(t, 0.0))
+        and acc_gap <= max(floor, factor * target.accuracy_spread.get(t, 0.0))
+        for t, (auc_gap, acc_gap) in gaps.items()
+    )
 
 
 def request_target(
@@ -165,16 +173,16 @@ def request_target(
     shifted = calibration == "out" and is_per_task(tasks, forget_tasks)
     shift = cfg.per_task_auc_shift if shifted else 0.0
     acc_shift = cfg.per_task_accuracy_shift if shifted else 0.0
+    relative = cfg.target_accuracy == "relative"
     target = ReferenceTarget(
         mia_auc={t: _clamped(float(v["mia_auc"]) + shift) for t, v in per_task.items()},
         # not clamped: a regression task's metric is −MAE (≤ 0)
         accuracy={t: float(v["accuracy"]) + acc_shift for t, v in per_task.items()},
         accuracy_gap={t: float(v["accuracy_gap"]) + acc_shift for t, v in per_task.items()},
-        relative=cfg.target_accuracy == "relative",
+        relative=relative,
         auc_spread={t: float(v["spread"]["mia_auc"]) for t, v in per_task.items()},
         accuracy_spread={
-            t: float(v["spread"]["accuracy_gap" if cfg.target_accuracy == "relative" else "accuracy"])
-            for t, v in per_task.items()
+            t: float(v["spread"]["accuracy_gap" if relative else "accuracy"]) for t, v in per_task.items()
         },
     )
     evidence = {
