@@ -62,6 +62,7 @@ def continuation_settings(
         patience=0,
         stop_within=0.0,
         stop_within_spread=0.0,
+        target_offset="none",
         hold_past_target=False,  # its aim is the bound: holding at a target could stop short of it
     )
     return {**settings, CONTINUATION_METHOD: block}

@@ -32,6 +32,7 @@ from worker.unlearning.workload import SampleSet, Workload
 
 STORE_FILE = "store.json"
 HELDOUT_FILE = "heldout.npz"
+HELDOUT_CLIENTS = "unseen_client"  # heldout.npz: the unseen client of each row ("" = none)
 CLIENTS_DIR = "clients"
 STORE_FORMAT = 1
 INPUT_PREFIX = "input__"
@@ -145,7 +146,14 @@ class DataStore:
                 labels={t: data.labels[t][rows] for t in tasks},
             )
             _write_npz(data_dir / CLIENTS_DIR / f"{client}.npz", _shard_arrays(shard, tasks))
-        _write_npz(data_dir / HELDOUT_FILE, _shard_arrays(workload.heldout_data(), tasks))
+        heldout = workload.heldout_data()
+        arrays = _shard_arrays(heldout, tasks)
+        unseen = workload.heldout_clients()
+        if unseen:
+            # which unseen client each held-out row was drawn from ("" = none)
+            unseen_of_row = [unseen.get(s, "") for s in heldout.sample_ids]
+            arrays[HELDOUT_CLIENTS] = np.asarray(unseen_of_row, dtype=np.str_)
+        _write_npz(data_dir / HELDOUT_FILE, arrays)
         meta = {
             "format": STORE_FORMAT,
             "workload": workload.name,
@@ -233,6 +241,15 @@ class DataStore:
 
     def heldout(self) -> SampleSet:
         return self._read(self.data_dir / HELDOUT_FILE, None)
+
+    def heldout_clients(self) -> dict[str, str]:
+        """Held-out sample id → the unseen client it was drawn from (:meth:`Workload.heldout_clients`);
+        empty for a store written without them."""
+        with np.load(self.data_dir / HELDOUT_FILE, allow_pickle=False) as npz:
+            if HELDOUT_CLIENTS not in npz.files:
+                return {}
+            ids, clients = npz["sample_ids"].tolist(), npz[HELDOUT_CLIENTS].tolist()
+        return {str(s): str(c) for s, c in zip(ids, clients, strict=True) if c}
 
     def sample_ids_of(self, client: str) -> list[str]:
         shard = self.client_samples(client)

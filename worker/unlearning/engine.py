@@ -243,6 +243,7 @@ class RequestContext:
     stage: int
     anchor_fraction: float = DEFAULT_ANCHOR_FRACTION  # of the retain instances in the anchor
     references: LoadedReferences | None = None  # the model's reference adapters (read only)
+    heldout_clients: dict[str, str] = field(default_factory=dict)  # held-out id -> unseen client
 
     @property
     def prune_outputs(self) -> list[int]:
@@ -292,6 +293,8 @@ class EngineInputs:
     cache_dir: Path | None = None
     # the likelihood-ratio audit's reference adapters (None: none trained, the audit is omitted)
     references: LoadedReferences | None = None
+    # held-out sample id -> the unseen client it was drawn from (DataStore.heldout_clients)
+    heldout_clients: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def load(
@@ -325,6 +328,7 @@ class EngineInputs:
             references=load_references(
                 base, references_dir, device=device, heldout=heldout, client_index=client_index
             ),
+            heldout_clients=store.heldout_clients(),
         )
 
     @property
@@ -414,6 +418,7 @@ def request_context(
         stage=stage,
         anchor_fraction=fraction,
         references=inputs.references,
+        heldout_clients=inputs.heldout_clients,
     )
 
 
@@ -582,6 +587,7 @@ def apply_method(
         on_stage=on_stage,
         references=ctx.references,
         client_index=ctx.client_index,
+        heldout_clients=ctx.heldout_clients,
     )
     result = run_method(method, mctx)
     out = result.model

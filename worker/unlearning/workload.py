@@ -177,6 +177,11 @@ class Workload(ABC):
     def heldout_data(self) -> SampleSet:
         """The held-out split (never trained on; the ``Val`` split and the MIA's non-members)."""
 
+    def heldout_clients(self) -> dict[str, str]:
+        """Held-out sample id → the client it was drawn from, for held-out rows of clients that are
+        never trained on (unseen clients; ``ia.target_offset`` measures on them). Empty: none."""
+        return {}
+
     def default_settings(self) -> dict[str, Any]:
         """Defaults of the per-model settings; the service's settings are merged over them."""
         return {}

@@ -35,6 +35,21 @@ def test_materialise_writes_client_shards(store: DataStore) -> None:
     assert again.purged_clients == ["u0"]
 
 
+class _GroupedHeldout(ToyWorkload):
+    """The toy with its held-out rows drawn from three unseen clients (the rest of no client)."""
+
+    def heldout_clients(self) -> dict[str, str]:
+        return {f"h{i:03d}": f"n{i % 3}" for i in range(12)}
+
+
+def test_heldout_clients_are_stored_beside_the_heldout_rows(tmp_path: Path) -> None:
+    grouped = DataStore.materialise(tmp_path / "grouped", _GroupedHeldout())
+    assert grouped.heldout_clients() == _GroupedHeldout().heldout_clients()
+    assert len(grouped.heldout()) == 16  # rows h012… belong to no client and are not listed
+    # a workload without unseen clients (and a store written before them): none
+    assert DataStore.materialise(tmp_path / "plain", ToyWorkload()).heldout_clients() == {}
+
+
 def test_client_purge_deletes_raw_samples_and_is_idempotent(store: DataStore) -> None:
     spec = ForgetSpec("r1", "client", "u1", None, [])
     report = store.purge([spec])

@@ -164,6 +164,12 @@ class IAConfig:
     # accuracy part of that target (added to the references' forget-set accuracy, or to their
     # forget − held-out gap with ``target_accuracy: "relative"``); 0 = the OUT references' value
     per_task_accuracy_shift: SignedHalf = 0.0
+    # deviation (docs/methods.md, "The references' offset, measured on unseen clients"): a reference
+    # target moved by the median over the held-out split's unseen clients of (the version's model −
+    # the references' median) on the client's AUC and metric (``interference/unseen_offset.py``):
+    # the references train on half of the clients, a retrain on all the others; "none" = the
+    # references' values
+    target_offset: Literal["none", "unseen_clients"] = "none"
     # X_f's kept tasks aimed at their pre-request level (issue 8 part 2): early stopping's distance
     # is the larger of the forget distance and |kept-task accuracy on X_f − pre-request accuracy|,
     # so the kept checkpoint neither raises nor lowers them where another is as close to the target

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import Tensor
@@ -200,6 +200,24 @@ def request_target(
         "wall_s": wall,
     }
     return target, evidence
+
+
+def offset_target(target: ReferenceTarget, offsets: Mapping[str, Mapping[str, float]]) -> ReferenceTarget:
+    """``target`` moved by the references' offset measured on unseen clients
+    (``ia.target_offset``, :mod:`worker.unlearning.interference.unseen_offset`): per task with an
+    offset, its ``mia_auc`` (clamped to [0, 1]), ``accuracy`` and ``accuracy_gap`` each plus the
+    offset's; the spreads are the references' own. A task without an offset keeps its target."""
+
+    def moved(values: Mapping[str, float], key: str) -> dict[str, float]:
+        return {t: v + offsets[t][key] if t in offsets else v for t, v in values.items()}
+
+    aucs = moved(target.mia_auc, "mia_auc")
+    return replace(
+        target,
+        mia_auc={t: _clamped(v) for t, v in aucs.items()},
+        accuracy=moved(target.accuracy, "accuracy"),
+        accuracy_gap=moved(target.accuracy_gap, "accuracy_gap"),
+    )
 
 
 def is_per_task(tasks: Sequence[TaskSpec], forget_tasks: Sequence[str]) -> bool:

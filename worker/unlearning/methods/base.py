@@ -47,7 +47,9 @@ class MethodContext:
     - ``on_stage``: an optional :data:`~worker.unlearning.progress.StageCallback` (stage, step, of);
     - ``references`` / ``client_index``: the model's reference adapters (trained off the request
       path on halves of the clients; ``None``: none) and the client → subset index map, from which
-      ``ia.target: "references"`` reads a per-client early-stopping target (never a retrain).
+      ``ia.target: "references"`` reads a per-client early-stopping target (never a retrain);
+    - ``heldout_clients``: held-out sample id → the unseen client it was drawn from (clients the
+      model never trained on; ``ia.target_offset`` measures the references' offset on them).
     """
 
     model: nn.Module
@@ -69,6 +71,7 @@ class MethodContext:
     on_stage: StageCallback | None = None
     references: LoadedReferences | None = None
     client_index: Mapping[str, int] | None = None
+    heldout_clients: Mapping[str, str] = field(default_factory=dict)
 
     def method_settings(self, key: str) -> dict[str, Any]:
         """``settings[key]`` as a dict (empty when absent)."""

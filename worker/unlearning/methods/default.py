@@ -26,7 +26,7 @@ from worker.unlearning.interference import IAConfig, check_accuracy
 from worker.unlearning.interference.distillation import distilled_retain_targets
 from worker.unlearning.methods import Needs, register
 from worker.unlearning.methods.base import MethodContext, MethodResult
-from worker.unlearning.methods.ia import run_ia
+from worker.unlearning.methods.ia import measure_target_offset, run_ia
 from worker.unlearning.methods.ssd import run_ssd
 from worker.unlearning.pruning import prune_outputs
 from worker.unlearning.ssd import SSDConfig
@@ -100,12 +100,16 @@ def default_method(ctx: MethodContext) -> MethodResult:
         if switches["ia"]
         else None
     )
+    # the target's offset is measured on the version's model, as a retrain without the client would be
+    offset = measure_target_offset(ctx, cfg) if switches["ia"] else None
     if switches["ssd"]:
         ctx.progress("default: ssd")
         info["ssd"] = run_ssd(ctx)
     if switches["ia"]:
         ctx.progress("default: interference-aware update")
-        info["ia"] = run_ia(ctx, retain_baseline=baseline, retain_targets=retain_targets)
+        info["ia"] = run_ia(
+            ctx, retain_baseline=baseline, retain_targets=retain_targets, target_offset=offset
+        )
     pruned: list[int] = []
     if switches["prune"]:
         pruned = sorted({int(o) for o in ctx.prune_outputs})

@@ -15,6 +15,7 @@ import pytest
 import torch
 from peft import PeftModel
 
+from worker.unlearning.datastore import DataStore
 from worker.unlearning.engine import ForgetSpec, prepare, run_round
 from worker.unlearning.model import load_base, unwrap
 from worker.unlearning.workloads.scenes.base import SUMS
@@ -88,6 +89,13 @@ def test_heldout_has_neutral_and_unseen_client_samples_of_no_client(
     assert len(held) == 32 + 2 * 8
     assert set(held.client_ids) == {None}
     assert sum(s.startswith("u") for s in held.sample_ids) == 16
+    # which unseen client each of those rows comes from (ia.target_offset), and only those rows
+    unseen = workload.heldout_clients()
+    assert sorted(set(unseen.values())) == ["u00", "u01"]
+    assert sorted(unseen) == sorted(s for s in held.sample_ids if s.startswith("u"))
+    assert all(s.startswith(f"{c}-") for s, c in unseen.items())
+    # the store keeps them beside the held-out rows
+    assert DataStore(prepared[1] / "data").heldout_clients() == unseen
     clients = workload.client_data()
     assert set(clients.client_ids) == {"c00", "c01", "c02"}
     assert not set(clients.sample_ids) & set(held.sample_ids)

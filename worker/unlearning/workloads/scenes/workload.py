@@ -206,6 +206,12 @@ class ScenesWorkload(Workload):
                                 {t: v[:k] for t, v in d.labels.items()}, d.quirk[:k]))  # fmt: skip
         return concat(parts)
 
+    def heldout_clients(self) -> dict[str, str]:
+        unseen = self.unseen_data() if self.generator.config.n_unseen_clients else None
+        if unseen is None:
+            return {}
+        return {s: str(c) for s, c in zip(unseen.sample_ids, unseen.client_ids, strict=True)}
+
     def heldout_data(self) -> SampleSet:
         parts = [self.generator.heldout(self.n_heldout)]
         if self.generator.config.n_unseen_clients:
