@@ -40,18 +40,22 @@ def close_flags(
 def aimed_targets(target: Mapping[str, Any] | None) -> dict[str, dict[str, float | None]] | None:
     """Per task, the forget-set accuracy (``unl``) and MIA AUC a run's early stopping aimed at: the
     references' values (a row's ``target``, :func:`bench.scoring.target_of`) plus the per-task
-    shifts it recorded, the AUC clamped to [0, 1] as the worker clamps it (an accuracy is not: a
+    shifts and the offset (``ia.target_offset``) it recorded, the AUC clamped to [0, 1] after each
+    as the worker clamps it (an accuracy is not: a
     regression task's metric is −MAE). ``None`` for a constant target (it has no accuracy) or a
     ``"relative"`` one (it moves with each checkpoint's held-out accuracy)."""
     if not target or target.get("source") != "references" or target.get("accuracy") == "relative":
         return None
     acc_shift, auc_shift = float(target.get("accuracy_shift") or 0.0), float(target.get("auc_shift") or 0.0)
     out: dict[str, dict[str, float | None]] = {}
+    offsets = dict(target.get("offset") or {})
     for task, values in dict(target.get("tasks") or {}).items():
         acc, auc = number(values.get("accuracy")), number(values.get("mia_auc"))
+        offset = dict(offsets.get(task) or {})
+        acc_off, auc_off = float(offset.get("accuracy") or 0.0), float(offset.get("mia_auc") or 0.0)
         out[task] = {
-            "unl": None if acc is None else acc + acc_shift,
-            "mia_auc": None if auc is None else min(1.0, max(0.0, auc + auc_shift)),
+            "unl": None if acc is None else acc + acc_shift + acc_off,
+            "mia_auc": None if auc is None else _clamped(_clamped(auc + auc_shift) + auc_off),
         }
     return out
 
@@ -67,3 +71,7 @@ def target_close(
     if reference is None or aimed is None:
         return None
     return close_flags(aimed, reference, request_tasks)
+
+
+def _clamped(auc: float) -> float:
+    return min(1.0, max(0.0, auc))

@@ -116,6 +116,12 @@ def target_of(info: Any) -> dict[str, Any] | None:
         # added to the references' values for a per-task request (ia.per_task_*_shift; 0 otherwise)
         "auc_shift": target.get("auc_shift"),
         "accuracy_shift": target.get("accuracy_shift"),
+        # per task, what ia.target_offset added to those values (measured on unseen clients)
+        "offset": {
+            t: dict(v["offset"])
+            for t, v in dict((target.get("offset") or {}).get("tasks") or {}).items()
+            if v.get("offset")
+        },
         "tasks": {
             t: {k: v[k] for k in ("mia_auc", "accuracy", "accuracy_gap", "spread", "references")}
             for t, v in dict(target.get("tasks") or {}).items()

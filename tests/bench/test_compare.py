@@ -51,6 +51,14 @@ def test_aimed_target_adds_the_recorded_shifts_and_ignores_constant_or_relative_
     assert aimed_target({"source": "constant", "tasks": {}}, "a") is None
     assert aimed_target({**_target(0.6, 0.5), "accuracy": "relative"}, "a") is None
     assert aimed_target(_target(0.6, 0.5), "b") is None
+    # ia.target_offset's per-task offset is added after the shifts, the AUC clamped after each
+    offset = {"a": {"accuracy": 0.05, "mia_auc": -0.1, "accuracy_gap": 0.0}}
+    assert aimed_target({**_target(0.6, 0.5, auc_shift=-0.2), "offset": offset}, "a") == pytest.approx(
+        (0.65, 0.2)
+    )
+    assert aimed_target({**_target(0.6, 0.95, auc_shift=0.1), "offset": offset}, "a") == pytest.approx(
+        (0.65, 0.9)
+    )
 
 
 def test_compare_pools_both_sides_over_the_shared_runs() -> None:

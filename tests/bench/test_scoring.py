@@ -22,6 +22,7 @@ from bench.scoring import (
     run_row,
     summarise,
     target_close_by_method,
+    target_of,
 )
 
 
@@ -135,6 +136,24 @@ def test_a_per_client_target_is_scored_against_the_reference_retrain_like_a_meth
         ]
     )
     assert pooled == {"default": {"n": 3, "target_close": 2, "close": 1}}
+
+
+def test_a_row_keeps_the_offset_its_target_was_moved_by() -> None:
+    """``ia.target_offset``: the row keeps, per task, what the offset added to the references'
+    values, so that the target aimed at (and whether it was close) is scored as the worker aimed."""
+    offset = {"mia_auc": -0.06, "accuracy": 0.02, "accuracy_gap": 0.01}
+    references = {"accuracy": 0.6, "mia_auc": 0.5, "accuracy_gap": -0.1, "spread": {}, "references": 2}
+    measured = {"a": {"offset": offset, "clients": {}}, "b": {"reason": "2 unseen clients measured"}}
+    info = {"ia": {"target": {
+        "source": "references", "accuracy": "absolute", "tasks": {"a": references},
+        "offset": {"source": "unseen_clients", "applied": ["a"], "tasks": measured},
+    }}}  # fmt: skip
+    row_target = target_of(info)
+    assert row_target is not None
+    assert row_target["offset"] == {"a": offset}
+    reference = {"a": {"unl": 0.62, "mia_auc": 0.43}}
+    assert target_close(row_target, reference, ["a"]) == {"a": True}  # 0.44 aimed, not 0.50
+    assert target_close({**row_target, "offset": {}}, reference, ["a"]) == {"a": False}
 
 
 def _row(
