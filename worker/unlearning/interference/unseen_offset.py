@@ -25,6 +25,7 @@ Nothing here reads a retrain, and the rows are held-out rows that no request for
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -83,8 +84,9 @@ def unseen_client_offset(
     device: str = "cpu",
 ) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
     """Per forgotten task, the median over unseen clients of (``model`` − the references' median) on
-    :data:`STATS`, and the evidence: per task the per-client values, or why there is no offset.
-    A task gets an offset only with :data:`MIN_CLIENTS` measured clients."""
+    :data:`STATS`, and the evidence: per task the per-client values, or why there is no offset,
+    and the seconds it took. A task gets an offset only with :data:`MIN_CLIENTS` measured clients."""
+    t0 = time.perf_counter()
     groups = [heldout_clients.get(s) for s in heldout.sample_ids]
     if len({g for g in groups if g is not None}) < MIN_CLIENTS:
         return {}, {"reason": f"fewer than {MIN_CLIENTS} unseen clients in the held-out split"}
@@ -110,4 +112,5 @@ def unseen_client_offset(
             continue
         offsets[name] = {k: statistics.median(v[k] for v in per_client.values()) for k in STATS}
         evidence["tasks"][name] = {"offset": offsets[name], "clients": per_client}
+    evidence["wall_s"] = time.perf_counter() - t0
     return offsets, evidence

@@ -93,6 +93,7 @@ def test_a_round_aims_at_the_references_target_plus_the_unseen_clients_offset(tm
     offset = target["offset"]
     assert offset["source"] == "unseen_clients"
     assert offset["applied"] == sorted(target["tasks"]) == ["kind", "side"]
+    assert offset["wall_s"] > 0
     for task, references in target["tasks"].items():
         measured = offset["tasks"][task]
         assert sorted(measured["clients"]) == ["n0", "n1", "n2"]
