@@ -41,9 +41,9 @@ def aimed_targets(target: Mapping[str, Any] | None) -> dict[str, dict[str, float
     """Per task, the forget-set accuracy (``unl``) and MIA AUC a run's early stopping aimed at: the
     references' values (a row's ``target``, :func:`bench.scoring.target_of`) plus the per-task
     shifts and the offset (``ia.target_offset``) it recorded, the AUC clamped to [0, 1] after each
-    as the worker clamps it (an accuracy is not: a
-    regression task's metric is −MAE). ``None`` for a constant target (it has no accuracy) or a
-    ``"relative"`` one (it moves with each checkpoint's held-out accuracy)."""
+    as the worker clamps it (an accuracy is not: a regression task's metric is −MAE). ``None`` for
+    a constant target (it has no accuracy) or a ``"relative"`` one (it moves with each
+    checkpoint's held-out accuracy)."""
     if not target or target.get("source") != "references" or target.get("accuracy") == "relative":
         return None
     acc_shift, auc_shift = float(target.get("accuracy_shift") or 0.0), float(target.get("auc_shift") or 0.0)

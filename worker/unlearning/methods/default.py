@@ -100,7 +100,8 @@ def default_method(ctx: MethodContext) -> MethodResult:
         if switches["ia"]
         else None
     )
-    # the target's offset is measured on the version's model, as a retrain without the client would be
+    # the target's offset is measured on the version's model before SSD changes it: on an unseen
+    # client that model is what a retrain without the client is
     offset = measure_target_offset(ctx, cfg) if switches["ia"] else None
     if switches["ssd"]:
         ctx.progress("default: ssd")
