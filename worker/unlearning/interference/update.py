@@ -221,6 +221,7 @@ def _run(
     history = checkpoints.history
     checkpoints.record(model, 0)
     steps, since_change, best = 0, 0, 0  # since_change: steps since the kept checkpoint changed
+    patience, grid_from = cfg.patience, 0  # after a return: ia.refine_patience, a grid from its step
     epochs_run = 0
     stopped = "budget"
     norms: list[tuple[float, float, float]] = []
@@ -231,11 +232,14 @@ def _run(
         """ia.refine_rounds: on from the kept checkpoint with a smaller step and a fresh AdamW (the
         moments belong to the abandoned path). The task subspaces U are the direction's basis,
         not the model, and go on from where they are."""
-        nonlocal lr, opt, since_change
+        nonlocal lr, opt, since_change, patience, every, grid_from
         lr *= cfg.refine_lr_factor
         checkpoints.restore(model, best)
         opt = adamw(lr)
         since_change = 0
+        # ia.refine_checkpoint_every / refine_patience: a finer search near the kept checkpoint
+        patience = cfg.refine_patience or patience
+        every, grid_from = cfg.refine_checkpoint_every or every, steps
         refinements.append({"steps": steps, "from_steps": history[best]["steps"], "lr": lr})
 
     def decide() -> str | None:
@@ -255,7 +259,7 @@ def _run(
                 return "within_spread"
             if cfg.stop_at_unseen_level and at_unseen_level(history[best], cfg.retain_tolerance):
                 return "at_unseen_level"
-            if 0 < cfg.patience <= since_change:
+            if 0 < patience <= since_change:
                 if len(refinements) < cfg.refine_rounds:
                     go_back()
                     return None
@@ -301,7 +305,7 @@ def _run(
             since_change += 1
             # a checkpoint within the pass (ia.checkpoint_every); the pass's last step has its own
             last_of_pass = start + cfg.batch_size >= len(forget)
-            if every and steps % every == 0 and not last_of_pass:
+            if every and (steps - grid_from) % every == 0 and not last_of_pass:
                 checkpoints.record(model, epoch, steps)
                 reason = decide()
                 if reason is not None:

@@ -408,11 +408,52 @@ def test_going_back_on_patience_lands_closer_to_the_target_and_never_farther() -
     assert closer >= 3
 
 
+def test_a_cheaper_return_searches_a_finer_grid_with_its_own_patience() -> None:
+    """ia.refine_checkpoint_every / refine_patience: after a return the checkpoints fall every k
+    steps counted from the return (besides each pass's end), and the run stops as soon as the kept
+    checkpoint has not changed for ``refine_patience`` steps. The history still extends the plain
+    run's, so the kept checkpoint is never farther from the target."""
+    k, wait = 2, 2
+    for seed in range(8):
+        plain = _toy_run({}, target=0.7, seed=seed)
+        run = _toy_run(
+            {"refine_rounds": 2, "refine_checkpoint_every": k, "refine_patience": wait}, target=0.7, seed=seed
+        )
+        history = run["history"]
+        assert history[: len(plain["history"])] == plain["history"]
+        assert run["best_distance"] <= plain["best_distance"]
+        returned_at = run["refinements"][0]["steps"]
+        after = [c["steps"] for c in history if c["steps"] > returned_at]
+        # the toy's passes are 3 steps: a checkpoint is on the return's grid or at a pass's end
+        assert all((s - returned_at) % k == 0 or s % 3 == 0 for s in after)
+        assert any((s - returned_at) % k == 0 and s % 3 for s in after)  # the grid is used
+        # the kept index after each checkpoint, replayed from the history: the run ends at the
+        # first checkpoint where it had not changed for ``wait`` steps (after the last return)
+        kept = [select_checkpoint(history[: i + 1], 1.0, "closest") for i in range(len(history))]
+        last_return = run["refinements"][-1]["steps"]
+        i_return = max(i for i, c in enumerate(history) if c["steps"] == last_return)
+        changed_at = last_return
+        for i in range(i_return + 1, len(history)):
+            if kept[i] != kept[i - 1]:
+                changed_at = history[i]["steps"]
+            stops = history[i]["steps"] - changed_at >= wait
+            assert stops == (i == len(history) - 1) or run["stopped"] != "patience"
+        assert run["stopped"] in {"patience", "budget"}
+
+
 def test_going_back_settings_are_validated() -> None:
-    for bad in ({"refine_lr_factor": 0.0}, {"refine_lr_factor": 1.0}, {"refine_rounds": -1}):
+    bad_settings = (
+        {"refine_lr_factor": 0.0},
+        {"refine_lr_factor": 1.0},
+        {"refine_rounds": -1},
+        {"refine_checkpoint_every": -1},
+        {"refine_patience": -1},
+    )
+    for bad in bad_settings:
         with pytest.raises(ValueError, match=next(iter(bad))):
             IAConfig.from_settings(bad)
-    assert IAConfig.from_settings({}).refine_rounds == 0
+    defaults = IAConfig.from_settings({})
+    assert (defaults.refine_rounds, defaults.refine_checkpoint_every, defaults.refine_patience) == (0, 0, 0)
 
 
 def test_after_going_back_the_held_tasks_are_read_at_the_kept_checkpoint(
