@@ -39,7 +39,8 @@ def close_flags(
 
 def aimed_targets(target: Mapping[str, Any] | None) -> dict[str, dict[str, float | None]] | None:
     """Per task, the forget-set accuracy (``unl``) and MIA AUC a run's early stopping aimed at: the
-    references' values (a row's ``target``, :func:`bench.scoring.target_of`) plus the per-task
+    references' values (a row's ``target``, :func:`bench.scoring.target_of`; the accuracy their
+    median's or, with ``accuracy_reference: "best"``, the best reference's) plus the per-task
     shifts and the offset (``ia.target_offset``) it recorded, the AUC clamped to [0, 1] after each
     as the worker clamps it (an accuracy is not: a regression task's metric is −MAE). ``None`` for
     a constant target (it has no accuracy) or a ``"relative"`` one (it moves with each
@@ -49,8 +50,10 @@ def aimed_targets(target: Mapping[str, Any] | None) -> dict[str, dict[str, float
     acc_shift, auc_shift = float(target.get("accuracy_shift") or 0.0), float(target.get("auc_shift") or 0.0)
     out: dict[str, dict[str, float | None]] = {}
     offsets = dict(target.get("offset") or {})
+    best = target.get("accuracy_reference") == "best"
     for task, values in dict(target.get("tasks") or {}).items():
-        acc, auc = number(values.get("accuracy")), number(values.get("mia_auc"))
+        acc = number(dict(values.get("best") or {}).get("accuracy") if best else values.get("accuracy"))
+        auc = number(values.get("mia_auc"))
         offset = dict(offsets.get(task) or {})
         acc_off, auc_off = float(offset.get("accuracy") or 0.0), float(offset.get("mia_auc") or 0.0)
         out[task] = {

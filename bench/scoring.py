@@ -101,6 +101,10 @@ def run_row(
     }
 
 
+#: what a row keeps of each task's reference target (``best``: only where the worker recorded it)
+TARGET_KEYS = ("mia_auc", "accuracy", "accuracy_gap", "spread", "references", "best")
+
+
 def target_of(info: Any) -> dict[str, Any] | None:
     """The early-stopping target a method aimed at (``ia.target``; its evidence under
     ``info["ia"]["target"]``): source, per task the median MIA AUC / accuracy and spread over the
@@ -111,6 +115,8 @@ def target_of(info: Any) -> dict[str, Any] | None:
     return {
         "source": target.get("source"),
         "accuracy": target.get("accuracy"),  # "absolute" or "relative" (ia.target_accuracy)
+        # the accuracy part from the references' "median" or "best" (ia.target_accuracy_reference)
+        "accuracy_reference": target.get("accuracy_reference"),
         "reason": target.get("reason"),
         "wall_s": target.get("wall_s"),
         # added to the references' values for a per-task request (ia.per_task_*_shift; 0 otherwise)
@@ -123,8 +129,7 @@ def target_of(info: Any) -> dict[str, Any] | None:
             if v.get("offset")
         },
         "tasks": {
-            t: {k: v[k] for k in ("mia_auc", "accuracy", "accuracy_gap", "spread", "references")}
-            for t, v in dict(target.get("tasks") or {}).items()
+            t: {k: v[k] for k in TARGET_KEYS if k in v} for t, v in dict(target.get("tasks") or {}).items()
         },
     }
 

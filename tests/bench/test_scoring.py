@@ -156,6 +156,22 @@ def test_a_row_keeps_the_offset_its_target_was_moved_by() -> None:
     assert target_close({**row_target, "offset": {}}, reference, ["a"]) == {"a": False}
 
 
+def test_a_row_scores_the_best_references_accuracy_where_the_worker_aimed_at_it() -> None:
+    """``ia.target_accuracy_reference: "best"``: the row keeps the best reference's accuracy beside
+    the median, and the target is scored with the accuracy early stopping aimed at."""
+    references = {"accuracy": 0.55, "mia_auc": 0.5, "accuracy_gap": -0.1, "spread": {}, "references": 2,
+                  "best": {"accuracy": 0.61, "accuracy_gap": -0.04}}  # fmt: skip
+    info = {"ia": {"target": {"source": "references", "accuracy": "absolute", "accuracy_reference": "best",
+                              "tasks": {"a": references}}}}  # fmt: skip
+    row_target = target_of(info)
+    assert row_target is not None
+    assert row_target["accuracy_reference"] == "best"
+    assert row_target["tasks"]["a"]["best"] == {"accuracy": 0.61, "accuracy_gap": -0.04}
+    reference = {"a": {"unl": 0.63, "mia_auc": 0.52}}
+    assert target_close(row_target, reference, ["a"]) == {"a": True}  # 0.61 aimed
+    assert target_close({**row_target, "accuracy_reference": "median"}, reference, ["a"]) == {"a": False}
+
+
 def _row(
     method: str, seed: int, tasks: dict[str, tuple[float, float]], close: dict[str, bool] | None
 ) -> dict[str, Any]:

@@ -139,10 +139,11 @@ def out_reference_targets(
     clients — score on ``forget`` against ``unseen``: per reference (over the forgotten rows it is
     OUT for) the task metric, the loss-MIA AUC (the statistics early stopping measures) and the
     metric's gap to its own metric on ``unseen`` (``accuracy_gap``: how far below the unseen-data
-    level the client sits for a model that never saw it), their median over the references and
-    their spread (max − min). A reference IN for every forgotten row
-    contributes nothing. Tasks without a forgotten or unseen row, or without an OUT reference, are
-    left out. The per-client early-stopping target of issue 8 part 1 (no retrain anywhere).
+    level the client sits for a model that never saw it), their median over the references,
+    their spread (max − min) and the best reference's metric and gap (``best``). A reference IN
+    for every forgotten row contributes nothing. Tasks without a forgotten or unseen row, or without
+    an OUT reference, are left out. The per-client early-stopping target of issue 8 part 1 (no
+    retrain anywhere).
 
     ``forget_mask`` (``[K, len(forget)]`` bool): which references count for each forgotten row
     instead of the OUT ones — the task-withheld references of a per-task request
@@ -189,6 +190,9 @@ def out_reference_targets(
         per_task[name] = {
             **{k: statistics.median(v) for k, v in summary.items()},
             "spread": {k: max(v) - min(v) for k, v in summary.items()},
+            # the most accurate reference's metric and gap (every task's metric is higher-better:
+            # a regression's is −MAE): ``ia.target_accuracy_reference: "best"``
+            "best": {k: max(summary[k]) for k in ("accuracy", "accuracy_gap")},
             "references": len(values),
             "per_reference": values,
         }

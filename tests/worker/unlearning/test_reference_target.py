@@ -191,6 +191,50 @@ def test_the_per_task_accuracy_shift_moves_only_a_per_task_requests_accuracy_tar
     assert per_client.accuracy == target(["kind", "side"])[0].accuracy
 
 
+def test_the_best_reference_accuracy_target_is_the_most_accurate_out_reference(tmp_path: Path) -> None:
+    """``ia.target_accuracy_reference: "best"``: the accuracy target (and a ``relative`` target's
+    gap) is the most accurate OUT reference's, not their median; the AUC target, the spreads and the
+    evidence's per-task values are unchanged, and the evidence names the choice. One OUT reference
+    is perturbed so that the two differ. (Would fail if "best" read the median or moved the AUC.)"""
+    wl, _, data, loaded = _toy(tmp_path, k=4)
+    ci = wl.client_index()
+    forget = data.select((data.subset == 0).nonzero().reshape(-1))
+    unseen = wl.heldout_data().to_batch(ci)
+    members = list(loaded.refs.members.values())
+    outside = [row for row, m in enumerate(members) if "u0" not in m]
+    models = list(loaded.models)
+    models[outside[0]] = _perturbed(models[outside[0]])
+    refs = LoadedReferences(refs=loaded.refs, models=models)
+
+    def target(**ia: Any) -> tuple[ReferenceTarget, dict[str, Any]]:
+        cfg = IAConfig(target="references", **ia)
+        got, evidence = request_target(cfg, refs, wl.tasks(), forget=forget, heldout=unseen,
+                                       forget_tasks=["kind", "side"], client_index=ci)  # fmt: skip
+        assert got is not None
+        return got, evidence
+
+    median, median_ev = target()
+    best, ev = target(target_accuracy_reference="best")
+    assert median_ev["accuracy_reference"] == "median"
+    assert ev["accuracy_reference"] == "best"
+    differs = 0
+    for task in ("kind", "side"):
+        per_ref = ev["tasks"][task]["per_reference"]
+        accuracies = [v["accuracy"] for v in per_ref]
+        assert best.accuracy[task] == pytest.approx(max(accuracies))
+        assert best.accuracy_gap[task] == pytest.approx(max(v["accuracy_gap"] for v in per_ref))
+        assert median.accuracy[task] == pytest.approx(statistics.median(accuracies))
+        assert ev["tasks"][task]["best"]["accuracy"] == pytest.approx(max(accuracies))
+        differs += max(accuracies) > statistics.median(accuracies)
+    assert differs > 0  # the perturbed reference made the best and the median differ
+    assert best.mia_auc == median.mia_auc
+    assert best.accuracy_spread == median.accuracy_spread
+    assert best.auc_spread == median.auc_spread
+    relative, _ = target(target_accuracy_reference="best", target_accuracy="relative")
+    held = {"kind": 0.6}
+    assert relative.accuracy_goal("kind", held) == pytest.approx(0.6 + best.accuracy_gap["kind"])
+
+
 def test_request_target_falls_back_to_the_constant_by_name(tmp_path: Path) -> None:
     """``ia.target: "constant"`` never reads references; ``"references"`` without any (or without an
     OUT reference for the client) falls back to the constant and says why in the evidence."""

@@ -15,6 +15,9 @@ The accuracy target (``ia.target_accuracy``) is the references' own forget-set a
 (``"absolute"``) or the checkpoint's held-out accuracy plus the references' forget-minus-held-out
 gap (``"relative"``: the references, trained on half the clients, are less accurate everywhere
 than a retrain on all the others; their gap to the unseen level is what they know of the client).
+Either is the references' median, or with ``ia.target_accuracy_reference: "best"`` the most
+accurate reference's: a retrain trains on every client of each OUT reference's half, and on more,
+so on the client's rows it is about as accurate as the best of them.
 
 Per-task requests (``ia.per_task_target: "task_withheld"``): a per-task retrain still trains on the
 client's inputs with its kept tasks' labels, which an OUT reference never saw. With references
@@ -174,11 +177,13 @@ def request_target(
     shift = cfg.per_task_auc_shift if shifted else 0.0
     acc_shift = cfg.per_task_accuracy_shift if shifted else 0.0
     relative = cfg.target_accuracy == "relative"
+    # the accuracy part: the OUT references' median, or their best (``ia.target_accuracy_reference``)
+    pick = {t: v["best"] if cfg.target_accuracy_reference == "best" else v for t, v in per_task.items()}
     target = ReferenceTarget(
         mia_auc={t: _clamped(float(v["mia_auc"]) + shift) for t, v in per_task.items()},
         # not clamped: a regression task's metric is −MAE (≤ 0)
-        accuracy={t: float(v["accuracy"]) + acc_shift for t, v in per_task.items()},
-        accuracy_gap={t: float(v["accuracy_gap"]) + acc_shift for t, v in per_task.items()},
+        accuracy={t: float(v["accuracy"]) + acc_shift for t, v in pick.items()},
+        accuracy_gap={t: float(v["accuracy_gap"]) + acc_shift for t, v in pick.items()},
         relative=relative,
         auc_spread={t: float(v["spread"]["mia_auc"]) for t, v in per_task.items()},
         accuracy_spread={
@@ -193,6 +198,8 @@ def request_target(
         "auc_shift": shift,
         "accuracy_shift": acc_shift,
         "accuracy": cfg.target_accuracy,
+        # the accuracy part from the references' median or their best (``tasks`` keeps both)
+        "accuracy_reference": cfg.target_accuracy_reference,
         "recipe_digest": references.refs.recipe_digest,
         "references": len(references.models),
         "combine": "per task max(|AUC - target|, |accuracy - target|), tasks by ia.task_distance",
