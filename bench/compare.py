@@ -24,7 +24,10 @@ run):
 - per (setting, stage): median UIS and close, the Val and kept-task gaps to the retrain (each
   file's summary, over all its runs: the text says when the two methods' runs differ), and the
   ratio of the median UIS to the best of ``ssd`` and ``ia`` where either file has them;
-- how many runs changed, and in how many the UIS fell or rose.
+- how many runs changed, and in how many the UIS fell or rose;
+- **differences** (:mod:`bench.paired`): each side's distance to the reference retrain per
+  request-task (``max(|Δ accuracy|, |Δ AUC|)``, the box "close" thresholds), the mean paired
+  difference and the close count's difference, each with a 95 % interval from resampling seeds.
 
 These are the figures docs/benchmarks.md's rules are judged on; each rule says which.
 """
@@ -39,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.closeness import CLOSE_TOLERANCE, aimed_targets
+from bench.paired import paired_differences
 
 Key = tuple[str, int, int]  # (setting, stage, seed)
 BASELINES = ("ssd", "ia")
@@ -263,6 +267,8 @@ def compare(
         "stages": stages,
         "stages_new_not_worse": sum(s["new"]["uis"] <= s["base"]["uis"] for s in both),
         "stages_compared": len(both),
+        # the distance to the retrain and the close count, new − base, with intervals over seeds
+        "differences": paired_differences(a, b, _rows(base, "retrain"), _rows(new, "retrain"), keys),
     }
 
 
@@ -321,9 +327,29 @@ def format_comparison(c: Mapping[str, Any], base_name: str, new_name: str) -> st
     lines.append(
         f"stages where new's median UIS ≤ base's: {c['stages_new_not_worse']} of {c['stages_compared']}"
     )
+    lines.extend(_differences_text(c["differences"]))
     if not c["same_runs"]:
         lines.append("note: the two methods' runs differ; each per-stage cell is its own file's summary")
     return "\n".join(lines)
+
+
+def _interval(interval: Sequence[float] | None, digits: int) -> str:
+    return "" if interval is None else f" [{interval[0]:+.{digits}f}, {interval[1]:+.{digits}f}]"
+
+
+def _differences_text(d: Mapping[str, Any]) -> list[str]:
+    dist, close = d["distance"], d["close"]
+    if dist["mean_difference"] is None:
+        return []
+    return [
+        "distance to the retrain (per request-task, max(|Δ accuracy|, |Δ AUC|)): "
+        f"base median {_f(dist['base_median'])} / mean {_f(dist['base_mean'])}, "
+        f"new median {_f(dist['new_median'])} / mean {_f(dist['new_mean'])}",
+        f"new − base, 95 % interval from resampling the {d['seeds']} seeds: distance mean "
+        f"{dist['mean_difference']:+.4f}{_interval(dist['interval'], 4)} (nearer in {dist['nearer']}, "
+        f"farther in {dist['farther']} of {d['request_tasks']}); close {close['difference']:+d}"
+        f"{_interval(close['interval'], 0)}",
+    ]
 
 
 def _names(side: str) -> str:

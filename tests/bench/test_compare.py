@@ -91,6 +91,12 @@ def test_compare_pools_both_sides_over_the_shared_runs() -> None:
     assert "stages where new's median UIS ≤ base's: 2 of 2" in text
     assert c["same_runs"]
     assert "runs differ" not in text
+    # bench.paired: FU moved 0.10 → 0.02 from the retrain (0.60 → 0.52), PU the same; one seed, so
+    # no interval over seeds
+    diff = c["differences"]
+    assert diff["distance"]["mean_difference"] == pytest.approx(-0.08)
+    assert (diff["close"]["difference"], diff["distance"]["interval"]) == (1, None)
+    assert "distance mean -0.0800 (nearer in 2, farther in 0 of 2); close +1" in text
     fewer = {**new, "runs": [r for r in new["runs"] if r["setting"] == "FU"]}
     partial = compare(base, fewer, "default", "default")
     assert not partial["same_runs"]
