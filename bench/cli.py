@@ -256,6 +256,12 @@ def _compare(argv: Sequence[str], prog: str) -> int:
     return compare.main(argv, prog=prog)
 
 
+def _noise(argv: Sequence[str], prog: str) -> int:
+    from bench import noise
+
+    return noise.main(argv, prog=prog)
+
+
 def _plot(argv: Sequence[str], prog: str) -> int:
     from bench import plots
 
@@ -270,6 +276,7 @@ COMMANDS: dict[str, Callable[[Sequence[str], str], int]] = {
     "coalescing": _coalescing,
     "plot": _plot,
     "compare": _compare,
+    "noise": _noise,
 }
 
 
@@ -295,7 +302,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m bench") -> in
 )
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench_command(args: tuple[str, ...]) -> None:
-    """Benchmarks: quality (default), measure-workload, latency, reliability, coalescing, plot, compare.
+    """Benchmarks: quality (default), measure-workload, latency, reliability, coalescing, plot, compare,
+    noise.
 
     The same as ``python -m bench``; ``lethe bench --help`` lists the commands, ``lethe bench
     COMMAND --help`` their flags."""
