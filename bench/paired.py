@@ -3,7 +3,7 @@
 A rule that asks "close + 2 of 60" judges a count whose paired difference between two settings
 moved with a standard deviation of about 1.2 request-tasks per seed on scenes (17 candidates,
 docs/benchmarks.md, "How much a tuning run can tell"): on five seeds a candidate that changes
-nothing passes such a bar about one time in five. This module gives a rule the two figures it
+nothing passes such a bar about one time in four. This module gives a rule the two figures it
 needs to say how far a difference is from noise:
 
 - **distance to the retrain**: per request-task, ``max(|Δ accuracy|, |Δ AUC|)`` of the forget set
