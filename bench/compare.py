@@ -42,9 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.closeness import CLOSE_TOLERANCE, aimed_targets
-from bench.paired import paired_differences
+from bench.paired import Key, paired_differences
 
-Key = tuple[str, int, int]  # (setting, stage, seed)
 BASELINES = ("ssd", "ia")
 
 
