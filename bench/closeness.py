@@ -40,7 +40,7 @@ def close_flags(
 def aimed_targets(target: Mapping[str, Any] | None) -> dict[str, dict[str, float | None]] | None:
     """Per task, the forget-set accuracy (``unl``) and MIA AUC a run's early stopping aimed at: the
     references' values (a row's ``target``, :func:`bench.scoring.target_of`; the accuracy their
-    median's or, with ``accuracy_reference: "best"``, the best reference's) plus the per-task
+    median or, with ``accuracy_reference: "best"``, their highest) plus the per-task
     shifts and the offset (``ia.target_offset``) it recorded, the AUC clamped to [0, 1] after each
     as the worker clamps it (an accuracy is not: a regression task's metric is −MAE). ``None`` for
     a constant target (it has no accuracy) or a ``"relative"`` one (it moves with each

@@ -51,7 +51,8 @@ class NotPairedError(ValueError):
     """The two results did not score the same requests."""
 
 
-def _rows(result: Mapping[str, Any], method: str) -> dict[Key, Mapping[str, Any]]:
+def method_rows(result: Mapping[str, Any], method: str) -> dict[Key, Mapping[str, Any]]:
+    """``method``'s rows of ``result``, by (setting, stage, seed)."""
     return {(r["setting"], r["stage"], r["seed"]): r for r in result["runs"] if r["method"] == method}
 
 
@@ -59,7 +60,7 @@ def paired_runs(base: Mapping[str, Any], new: Mapping[str, Any]) -> tuple[int, i
     """(shared runs whose ``retrain`` rows are identical, shared runs with a ``retrain`` row). The
     rows' metrics are compared where both record them: a result of before 5 Dec 2026 has no
     ``val_rest``, which is an extra score, not another request."""
-    a, b = _rows(base, "retrain"), _rows(new, "retrain")
+    a, b = method_rows(base, "retrain"), method_rows(new, "retrain")
     shared = sorted(set(a) & set(b))
     return sum(_same_metrics(a[k]["tasks"], b[k]["tasks"]) for k in shared), len(shared)
 
@@ -227,7 +228,7 @@ def compare(
             f"the results do not score the same requests: retrain rows identical in {identical} of "
             f"{shared} shared runs (--unpaired compares them anyway)"
         )
-    a, b = _rows(base, base_method), _rows(new, new_method)
+    a, b = method_rows(base, base_method), method_rows(new, new_method)
     for label, rows in ((base_method, a), (new_method, b)):
         if not rows:
             raise ValueError(f"no rows of method {label!r}")
@@ -267,7 +268,9 @@ def compare(
         "stages_new_not_worse": sum(s["new"]["uis"] <= s["base"]["uis"] for s in both),
         "stages_compared": len(both),
         # the distance to the retrain and the close count, new − base, with intervals over seeds
-        "differences": paired_differences(a, b, _rows(base, "retrain"), _rows(new, "retrain"), keys),
+        "differences": paired_differences(
+            a, b, method_rows(base, "retrain"), method_rows(new, "retrain"), keys
+        ),
     }
 
 

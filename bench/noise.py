@@ -22,24 +22,20 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.compare import load_result
-from bench.paired import Key, paired_differences
+from bench.compare import load_result, method_rows
+from bench.paired import paired_differences
 
 SEED_COUNTS = (3, 5, 10, 20)
-
-
-def _rows(result: Mapping[str, Any], method: str) -> dict[Key, Mapping[str, Any]]:
-    return {(r["setting"], r["stage"], r["seed"]): r for r in result["runs"] if r["method"] == method}
 
 
 def variant_differences(result: Mapping[str, Any], method: str) -> list[dict[str, Any]]:
     """Per variant ``method@…`` of ``result``: its per-seed close differences against ``method``
     and the mean paired distance difference (:func:`bench.paired.paired_differences`)."""
-    base = _rows(result, method)
-    retrains = _rows(result, "retrain")
+    base = method_rows(result, method)
+    retrains = method_rows(result, "retrain")
     out = []
     for variant in sorted({r["method"] for r in result["runs"] if str(r["method"]).startswith(f"{method}@")}):
-        rows = _rows(result, variant)
+        rows = method_rows(result, variant)
         keys = sorted(set(base) & set(rows))
         d = paired_differences(base, rows, retrains, retrains, keys)
         out.append({"method": variant, "close_per_seed": d["close"]["per_seed"],

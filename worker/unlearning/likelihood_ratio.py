@@ -140,7 +140,7 @@ def out_reference_targets(
     OUT for) the task metric, the loss-MIA AUC (the statistics early stopping measures) and the
     metric's gap to its own metric on ``unseen`` (``accuracy_gap``: how far below the unseen-data
     level the client sits for a model that never saw it), their median over the references,
-    their spread (max − min) and the best reference's metric and gap (``best``). A reference IN
+    their spread (max − min) and their highest metric and highest gap (``best``). A reference IN
     for every forgotten row contributes nothing. Tasks without a forgotten or unseen row, or without
     an OUT reference, are left out. The per-client early-stopping target of issue 8 part 1 (no
     retrain anywhere).
@@ -190,8 +190,8 @@ def out_reference_targets(
         per_task[name] = {
             **{k: statistics.median(v) for k, v in summary.items()},
             "spread": {k: max(v) - min(v) for k, v in summary.items()},
-            # the most accurate reference's metric and gap (every task's metric is higher-better:
-            # a regression's is −MAE): ``ia.target_accuracy_reference: "best"``
+            # the highest metric and the highest gap, each over the references (every task's
+            # metric is higher-better: a regression's is −MAE): ``ia.target_accuracy_reference``
             "best": {k: max(summary[k]) for k in ("accuracy", "accuracy_gap")},
             "references": len(values),
             "per_reference": values,

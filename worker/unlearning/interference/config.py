@@ -80,9 +80,9 @@ class IAConfig:
     # the accuracy part of a reference target: the references' forget-set accuracy ("absolute") or
     # the checkpoint's held-out accuracy + the references' forget − held-out gap ("relative")
     target_accuracy: Literal["absolute", "relative"] = "absolute"
-    # deviation (docs/methods.md, "The accuracy target from the best reference"): which OUT
-    # reference's metric (or gap) the accuracy target takes — "median" (their median, as the AUC)
-    # or "best" (the most accurate one's). A retrain trains on every client that any OUT reference
+    # deviation (docs/methods.md, "The accuracy target from the best reference"): what the accuracy
+    # target takes of the OUT references' metrics (or a relative target's gaps) — "median" (as the
+    # AUC) or "best" (their highest). A retrain trains on every client that any OUT reference
     # trained on, and on the other half too, so on the client's rows it is about as accurate as the
     # best of them: on scenes the median sat a median 0.023 below the retrain's `shape` accuracy
     target_accuracy_reference: Literal["median", "best"] = "median"

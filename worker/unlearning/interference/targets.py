@@ -15,9 +15,10 @@ The accuracy target (``ia.target_accuracy``) is the references' own forget-set a
 (``"absolute"``) or the checkpoint's held-out accuracy plus the references' forget-minus-held-out
 gap (``"relative"``: the references, trained on half the clients, are less accurate everywhere
 than a retrain on all the others; their gap to the unseen level is what they know of the client).
-Either is the references' median, or with ``ia.target_accuracy_reference: "best"`` the most
-accurate reference's: a retrain trains on every client of each OUT reference's half, and on more,
-so on the client's rows it is about as accurate as the best of them.
+Either is the references' median, or with ``ia.target_accuracy_reference: "best"`` their highest
+(each over the references: the highest metric, or the highest gap): a retrain trains on every
+client of each OUT reference's half, and on more, so on the client's rows it is about as accurate
+as the best of them.
 
 Per-task requests (``ia.per_task_target: "task_withheld"``): a per-task retrain still trains on the
 client's inputs with its kept tasks' labels, which an OUT reference never saw. With references
