@@ -12,9 +12,13 @@ for that client, from another adapter seed). The acceptance check then judges ea
 v1 as a round judges its exact path (:func:`worker.unlearning.acceptance.check`, the client's rows
 with every task forgotten), once per bound. An exact retrain is a correct unlearning: every
 forgotten task whose bound it fails is a false alarm. The same check of v1 itself (no unlearning)
-shows what the bound still catches: the client-tasks v1 had memorised beyond it. The reference
-adapters' allowance (``acceptance.reference_allowance``) is left out: it only raises a failed bound,
-so the false alarms counted here are an upper bound of a round's. One torch thread.
+shows what the bound still catches: the client-tasks v1 had memorised beyond it.
+
+With reference adapters (``--references K``; by default the workload's ``audit.reference_adapters``,
+trained on v1's data as a model version's are), each retrain and v1 are judged a third time as a
+round reads the check (``with_allowance``): the two-sample bound, raised where it fails by the
+references' allowance (``acceptance.reference_allowance``: how much better than on the held-out
+rows the references that never saw the client do on its rows). One torch thread.
 """
 
 from __future__ import annotations
@@ -28,19 +32,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from bench.calibration_cli import calibration_parser, seeds, workload_options, write_json
 from bench.seeded_workloads import SeededWorkloads
 from worker.unlearning import acceptance
-from worker.unlearning.audit import model_outputs
+from worker.unlearning.audit import AuditConfig, model_outputs
 from worker.unlearning.datastore import DataStore
 from worker.unlearning.engine import ensure_base
+from worker.unlearning.likelihood_ratio import forget_bound_allowance
+from worker.unlearning.model import MultiTaskModel
 from worker.unlearning.partitions import retain_set
+from worker.unlearning.reference_adapters import LoadedReferences, load_references, train_references
 from worker.unlearning.runtime import runtime_environment
 from worker.unlearning.state import RoundState
 from worker.unlearning.training import TrainConfig, train_v1
+from worker.unlearning.types import Batch, TaskSpec
+from worker.unlearning.workload import Workload
 
 BOUNDS = {"one_sample": False, "two_sample": True}  # name → acceptance.unseen_noise
+#: the two-sample bound with the references' allowance: what a round reads
+WITH_ALLOWANCE = "with_allowance"
 
 
 def _forget_checks(checks: Sequence[acceptance.Check]) -> dict[str, acceptance.Check]:
@@ -49,7 +61,43 @@ def _forget_checks(checks: Sequence[acceptance.Check]) -> dict[str, acceptance.C
     return {c.what[n:]: c for c in checks if c.what.startswith(acceptance.FORGET_BOUND)}
 
 
-def measure_seed(workloads: SeededWorkloads, seed: int, root: Path, clients: int) -> dict[str, Any]:
+def _references(
+    workload: Workload, settings: dict[str, Any], base: MultiTaskModel, data: Batch, heldout: Batch,
+    client_index: dict[str, int], cfg: TrainConfig, k: int, seed: int, directory: Path,
+) -> LoadedReferences | None:  # fmt: skip
+    """The version's reference adapters, trained on v1's data as the engine trains them."""
+    audit = AuditConfig.from_settings(settings)
+    tasks = workload.tasks()
+    train_references(
+        base, data, tasks, cfg, client_index=client_index, k=k, seed=seed, directory=directory,
+        workload=workload.name, heldout=heldout, in_fraction=audit.reference_in_fraction,
+        withhold_tasks=[t.name for t in tasks] if audit.reference_withhold_tasks else (),
+    )  # fmt: skip
+    return load_references(base, directory, heldout=heldout, client_index=client_index)
+
+
+def _levels(
+    model: nn.Module, tasks: Sequence[TaskSpec], forget: Batch, heldout: Batch
+) -> dict[str, dict[str, float]]:
+    """Per task, ``model``'s metric on the forget set and on the held-out rows (to 6 digits): what
+    the bound compares, for reading a check's margin against the references' allowance."""
+    on = {
+        "forget": (model_outputs(model, forget.inputs), forget),
+        "heldout": (model_outputs(model, heldout.inputs), heldout),
+    }
+    return {
+        t.name: {
+            key: round(float(t.metric(out[t.name], b.labels[t.name])), 6) for key, (out, b) in on.items()
+        }
+        for t in tasks
+    }
+
+
+def measure_seed(
+    workloads: SeededWorkloads, seed: int, root: Path, clients: int, references: int | None = None
+) -> dict[str, Any]:
+    """``references``: how many reference adapters to train for the ``with_allowance`` bound
+    (``None``: the workload's ``audit.reference_adapters``; 0: none, that bound is not judged)."""
     workload = workloads.of(seed)
     settings = workload.settings({})
     store = DataStore.materialise(root / f"data-{seed}", workload)
@@ -70,6 +118,16 @@ def measure_seed(workloads: SeededWorkloads, seed: int, root: Path, clients: int
         name: acceptance.AcceptanceConfig.from_settings({**judged_as, "unseen_noise": noise})
         for name, noise in BOUNDS.items()
     }
+    k = AuditConfig.from_settings(settings).reference_adapters if references is None else references
+    loaded = None
+    if k:
+        t0 = time.perf_counter()
+        loaded = _references(workload, settings, base, data, heldout, client_index, cfg, k, seed,
+                             root / f"references-{seed}")  # fmt: skip
+        print(f"seed {seed}: {k} references trained in {time.perf_counter() - t0:.1f}s", flush=True)
+        configs[WITH_ALLOWANCE] = acceptance.AcceptanceConfig.from_settings(
+            {**judged_as, "unseen_noise": True, "reference_allowance": True}
+        )
     rows = []
     for position, client in enumerate(store.active_clients[:clients]):
         t0 = time.perf_counter()
@@ -79,26 +137,39 @@ def measure_seed(workloads: SeededWorkloads, seed: int, root: Path, clients: int
         retrained = train_v1(base, without, tasks, cfg, seed=seed + 1000 * (position + 1))
         groups = acceptance.Groups(forget=forget, kept=empty, retained=empty, heldout=heldout)
         row: dict[str, Any] = {"client": client, "retrain_s": round(time.perf_counter() - t0, 1)}
+        allowance = forget_bound_allowance(loaded, tasks, forget=forget, unseen=heldout, forget_tasks=names,
+                                           client_index=client_index)  # fmt: skip
+        if loaded is not None:
+            row["allowance"] = {t: round(v, 6) for t, v in allowance.items()}
+        row["levels"] = {label: _levels(model, tasks, forget, heldout) for label, model in
+                         (("retrain", retrained), ("v1", v1))}  # fmt: skip
         for name, ac in configs.items():
+            raise_by = allowance.copy if name == WITH_ALLOWANCE else None
             for label, after in (("retrain", retrained), ("v1", v1)):
-                judged = acceptance.check(v1, after, groups, tasks, names, ac, original_val=original_val)
+                judged = acceptance.check(v1, after, groups, tasks, names, ac, original_val=original_val,
+                                          allowance=raise_by)  # fmt: skip
                 row[f"{label}_{name}"] = {
                     task: {**c.to_json(), "memorised": not acceptance.nothing_to_show(c)}
                     for task, c in _forget_checks(judged).items()
                 }
         rows.append(row)
-        print(json.dumps({k: (v if not isinstance(v, dict) else {t: x["ok"] for t, x in v.items()})
-                          for k, v in row.items()}), flush=True)  # fmt: skip
-    return {"seed": seed, "heldout_rows": len(heldout), "clients": rows}
+        print(json.dumps({k: (v if not isinstance(v, dict) else {t: x["ok"] if isinstance(x, dict) else x
+                                                                 for t, x in v.items()})
+                          for k, v in row.items() if k != "levels"}), flush=True)  # fmt: skip
+    return {"seed": seed, "heldout_rows": len(heldout), "references": k, "clients": rows}
 
 
 def summary(seeds: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Per bound: client-tasks, the exact retrains' false alarms (a forget bound failed) and the
-    client-tasks v1 itself fails (what the bound still catches without unlearning)."""
+    client-tasks v1 itself fails (what the bound still catches without unlearning). The
+    ``with_allowance`` bound only over the seeds that had references."""
     out: dict[str, Any] = {}
-    for name in BOUNDS:
-        retrain = [c for s in seeds for r in s["clients"] for c in r[f"retrain_{name}"].values()]
-        v1 = [c for s in seeds for r in s["clients"] for c in r[f"v1_{name}"].values()]
+    for name in (*BOUNDS, WITH_ALLOWANCE):
+        rows = [r for s in seeds for r in s["clients"] if f"retrain_{name}" in r]
+        if not rows:
+            continue
+        retrain = [c for r in rows for c in r[f"retrain_{name}"].values()]
+        v1 = [c for r in rows for c in r[f"v1_{name}"].values()]
         out[name] = {
             "client_tasks": len(retrain),
             "retrain_failed": sum(not c["ok"] for c in retrain),
@@ -110,16 +181,21 @@ def summary(seeds: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = calibration_parser("python -m bench.forget_bound", __doc__)
     parser.add_argument("--clients", type=int, default=8, help="clients per seed, each with its own retrain")
+    parser.add_argument("--references", type=int, default=None,
+                        help="reference adapters for the with_allowance bound (default: the workload's "
+                             "audit.reference_adapters; 0: none)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.clients < 1:
         parser.error("--clients must be >= 1")
+    if args.references is not None and (args.references < 0 or args.references % 2):
+        parser.error("--references must be an even number >= 0")
     torch.set_num_threads(1)
     options = workload_options(parser, args)
     workloads = SeededWorkloads(args.workload, options)
     results = []
     with tempfile.TemporaryDirectory(prefix="lethe-forget-bound-") as tmp:
         for seed in seeds(args):
-            results.append(measure_seed(workloads, seed, Path(tmp), args.clients))
+            results.append(measure_seed(workloads, seed, Path(tmp), args.clients, args.references))
     out = {
         "workload": args.workload,
         "preset": args.preset,

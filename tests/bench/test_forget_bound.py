@@ -16,12 +16,16 @@ from worker.unlearning.workloads.toy import ToyWorkload
 
 def test_every_client_task_is_judged_and_the_two_sample_bound_only_widens(tmp_path: Path) -> None:
     wl = ToyWorkload(num_clients=3, per_client=12)
-    result = forget_bound.measure_seed(SeededWorkloads(wl), 0, tmp_path, clients=2)
+    result = forget_bound.measure_seed(SeededWorkloads(wl), 0, tmp_path, clients=2, references=0)
     assert [r["client"] for r in result["clients"]] == ["u0", "u1"]
     tasks = {t.name for t in wl.tasks()}
     for row in result["clients"]:
         for key in ("retrain_one_sample", "retrain_two_sample", "v1_one_sample", "v1_two_sample"):
             assert set(row[key]) == tasks
+        assert "allowance" not in row and "retrain_with_allowance" not in row
+        for label in ("retrain", "v1"):  # the levels the bound compares
+            assert set(row["levels"][label]) == tasks
+            assert all(set(v) == {"forget", "heldout"} for v in row["levels"][label].values())
         for task in tasks:
             one, two = row["retrain_one_sample"][task], row["retrain_two_sample"][task]
             assert not (one["ok"] and not two["ok"])  # what passes the one-sample bound passes both
@@ -56,3 +60,33 @@ def test_cli_writes_the_json_with_its_summary(tmp_path: Path, monkeypatch: pytes
         forget_bound.main(["--clients", "0"])
     with pytest.raises(SystemExit):
         forget_bound.main(["--workload-option", "no-equals-sign"])
+
+
+def test_with_references_a_failed_bound_is_read_again_with_their_allowance(tmp_path: Path) -> None:
+    wl = ToyWorkload(num_clients=4, per_client=24)
+    tasks = {t.name for t in wl.tasks()}
+    raised = 0
+    # six seeds: on this toy a two-sample bound fails where the references find the client easier
+    # in 3 client-tasks of 36 (seeds 0 and 4), on the default and the AVX2 kernels alike
+    for seed in range(6):
+        result = forget_bound.measure_seed(SeededWorkloads(wl), seed, tmp_path, clients=3, references=2)
+        assert result["references"] == 2
+        for row in result["clients"]:
+            assert set(row["allowance"]) == tasks  # every client is OUT for one of two halves
+            for label in ("retrain", "v1"):
+                two, read = row[f"{label}_two_sample"], row[f"{label}_{forget_bound.WITH_ALLOWANCE}"]
+                for task in tasks:
+                    if two[task]["ok"]:  # the allowance only reads a failed bound again
+                        assert read[task] == two[task]
+                        continue
+                    allowance = max(0.0, row["allowance"][task])
+                    raised += allowance > 0
+                    if read[task]["margin"] is None:  # raised above v1's own level: nothing to show
+                        assert read[task]["ok"] and read[task]["detail"].endswith("(nothing to show)")
+                        continue
+                    assert read[task]["margin"] == pytest.approx(two[task]["margin"] + allowance, abs=2e-6)
+        counts = forget_bound.summary([result])
+        with_allowance = counts[forget_bound.WITH_ALLOWANCE]
+        assert with_allowance["retrain_failed"] <= counts["two_sample"]["retrain_failed"]
+        assert with_allowance["v1_caught"] <= counts["two_sample"]["v1_caught"]
+    assert raised

@@ -43,7 +43,7 @@ from worker.unlearning.audit import (
 )
 from worker.unlearning.continuation import CONTINUATION_METHOD, continuation_settings
 from worker.unlearning.datastore import DataStore, ResolvedSpec
-from worker.unlearning.likelihood_ratio import likelihood_ratio_audit, out_reference_targets
+from worker.unlearning.likelihood_ratio import forget_bound_allowance, likelihood_ratio_audit
 from worker.unlearning.model import MultiTaskModel, has_base, load_base
 from worker.unlearning.partitions import (
     DEFAULT_ANCHOR_FRACTION,
@@ -790,8 +790,8 @@ def acceptance_groups(ctx: RequestContext) -> acceptance.Groups:
 class ReferenceAllowance:
     """Per forgotten task of one request, the acceptance check's forget-bound allowance: the median
     over the reference adapters that never saw the request's rows of (their metric on the forget
-    set − their metric on the held-out split) (:func:`likelihood_ratio.out_reference_targets`'s
-    ``accuracy_gap``; the per-task request's OUT references too). Computed on first use and kept:
+    set − their metric on the held-out split) (:func:`likelihood_ratio.forget_bound_allowance`; the
+    per-task request's OUT references too). Computed on first use and kept:
     a round whose checks pass never forwards the references for it. ``values``: what was computed
     (``None``: not needed)."""
 
@@ -802,14 +802,10 @@ class ReferenceAllowance:
     def __call__(self) -> dict[str, float]:
         if self.values is None:
             ctx = self.ctx
-            per_task = {}
-            if ctx.references is not None and ctx.references.models:
-                per_task = out_reference_targets(
-                    ctx.references, ctx.tasks, forget=ctx.partitions.forget, unseen=ctx.heldout,
-                    forget_tasks=ctx.partitions.forget_tasks, client_index=ctx.client_index,
-                    device=ctx.device,
-                )  # fmt: skip
-            self.values = {t: float(v["accuracy_gap"]) for t, v in per_task.items()}
+            self.values = forget_bound_allowance(
+                ctx.references, ctx.tasks, forget=ctx.partitions.forget, unseen=ctx.heldout,
+                forget_tasks=ctx.partitions.forget_tasks, client_index=ctx.client_index, device=ctx.device,
+            )  # fmt: skip
         return self.values
 
 

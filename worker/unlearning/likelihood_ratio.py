@@ -199,6 +199,27 @@ def out_reference_targets(
     return per_task
 
 
+def forget_bound_allowance(
+    loaded: LoadedReferences | None,
+    tasks: Sequence[TaskSpec],
+    *,
+    forget: Batch,
+    unseen: Batch,
+    forget_tasks: Sequence[str],
+    client_index: dict[str, int],
+    device: str = "cpu",
+) -> dict[str, float]:
+    """Per forgotten task, the acceptance check's forget-bound allowance
+    (``acceptance.reference_allowance``): the median over the OUT references of (their metric on
+    ``forget`` − their metric on ``unseen``), :func:`out_reference_targets`'s ``accuracy_gap``.
+    Empty without references, and for a task no OUT reference scores."""
+    if loaded is None or not loaded.models:
+        return {}
+    per_task = out_reference_targets(loaded, tasks, forget=forget, unseen=unseen, forget_tasks=forget_tasks,
+                                     client_index=client_index, device=device)  # fmt: skip
+    return {t: float(v["accuracy_gap"]) for t, v in per_task.items()}
+
+
 def score_auc(positive: Tensor, negative: Tensor) -> float | None:
     """ROC-AUC of a membership score (higher = member): positives against negatives."""
     return loss_mia_auc(-positive, -negative)  # loss_mia_auc scores −loss: pass −score
