@@ -27,7 +27,7 @@ import json
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,12 +94,19 @@ def _levels(
 
 
 def measure_seed(
-    workloads: SeededWorkloads, seed: int, root: Path, clients: int, references: int | None = None
+    workloads: SeededWorkloads,
+    seed: int,
+    root: Path,
+    clients: int | Sequence[str],
+    references: int | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``references``: how many reference adapters to train for the ``with_allowance`` bound
-    (``None``: the workload's ``audit.reference_adapters``; 0: none, that bound is not judged)."""
+    """``clients``: how many of the active clients (the first ones), or which by name.
+    ``references``: how many reference adapters to train for the ``with_allowance`` bound
+    (``None``: the workload's ``audit.reference_adapters``; 0: none, that bound is not judged).
+    ``overrides``: settings over the workload's (e.g. ``audit.reference_in_fraction``)."""
     workload = workloads.of(seed)
-    settings = workload.settings({})
+    settings = workload.settings(overrides)
     store = DataStore.materialise(root / f"data-{seed}", workload)
     base = ensure_base(workload, root / f"base-{seed}", settings, seed)
     tasks = workload.tasks()
@@ -129,7 +136,12 @@ def measure_seed(
             {**judged_as, "unseen_noise": True, "reference_allowance": True}
         )
     rows = []
-    for position, client in enumerate(store.active_clients[:clients]):
+    chosen = store.active_clients[:clients] if isinstance(clients, int) else list(clients)
+    unknown = sorted(set(chosen) - set(store.active_clients))
+    if unknown:
+        raise ValueError(f"no such clients: {unknown}")
+    for client in chosen:
+        position = store.active_clients.index(client)  # the retrain's seed does not depend on the choice
         t0 = time.perf_counter()
         mine = data.subset == client_index[client]
         forget = data.select(torch.nonzero(mine).flatten())
@@ -181,6 +193,20 @@ def summary(seeds: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = calibration_parser("python -m bench.forget_bound", __doc__)
     parser.add_argument("--clients", type=int, default=8, help="clients per seed, each with its own retrain")
+    parser.add_argument(
+        "--client",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="judge this client (repeatable; instead of the first --clients)",
+    )
+    parser.add_argument(
+        "--settings",
+        type=json.loads,
+        default={},
+        metavar="JSON",
+        help='settings over the workload\'s, e.g. {"audit": {"reference_in_fraction": 0.75}}',
+    )
     parser.add_argument("--references", type=int, default=None,
                         help="reference adapters for the with_allowance bound (default: the workload's "
                              "audit.reference_adapters; 0: none)")  # fmt: skip
@@ -195,11 +221,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="lethe-forget-bound-") as tmp:
         for seed in seeds(args):
-            results.append(measure_seed(workloads, seed, Path(tmp), args.clients, args.references))
+            chosen = args.client or args.clients
+            try:
+                results.append(
+                    measure_seed(workloads, seed, Path(tmp), chosen, args.references, args.settings)
+                )
+            except ValueError as e:  # a client the workload does not have
+                parser.error(str(e))
     out = {
         "workload": args.workload,
         "preset": args.preset,
         "workload_options": options,
+        "settings": args.settings,
         "environment": runtime_environment(),
         "summary": summary(results),
         "seeds": results,

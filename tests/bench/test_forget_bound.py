@@ -22,7 +22,8 @@ def test_every_client_task_is_judged_and_the_two_sample_bound_only_widens(tmp_pa
     for row in result["clients"]:
         for key in ("retrain_one_sample", "retrain_two_sample", "v1_one_sample", "v1_two_sample"):
             assert set(row[key]) == tasks
-        assert "allowance" not in row and "retrain_with_allowance" not in row
+        assert "allowance" not in row
+        assert "retrain_with_allowance" not in row
         for label in ("retrain", "v1"):  # the levels the bound compares
             assert set(row["levels"][label]) == tasks
             assert all(set(v) == {"forget", "heldout"} for v in row["levels"][label].values())
@@ -56,6 +57,16 @@ def test_cli_writes_the_json_with_its_summary(tmp_path: Path, monkeypatch: pytes
     assert set(data["summary"]) == {"one_sample", "two_sample"}
     assert "cpu_capability" in data["environment"]
     assert built == [("digits-clients", {"per_client": 12})]
+    # clients by name, and settings over the workload's (its reference adapters here)
+    picked = ["--seeds", "0", "--client", "u2", "--settings", '{"audit": {"reference_adapters": 2}}']
+    assert forget_bound.main([*picked, "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [r["client"] for r in data["seeds"][0]["clients"]] == ["u2"]
+    assert data["seeds"][0]["references"] == 2
+    assert data["settings"] == {"audit": {"reference_adapters": 2}}
+    assert set(data["summary"]) == {"one_sample", "two_sample", forget_bound.WITH_ALLOWANCE}
+    with pytest.raises(SystemExit):
+        forget_bound.main(["--seeds", "0", "--client", "nobody"])
     with pytest.raises(SystemExit):
         forget_bound.main(["--clients", "0"])
     with pytest.raises(SystemExit):
@@ -82,7 +93,8 @@ def test_with_references_a_failed_bound_is_read_again_with_their_allowance(tmp_p
                     allowance = max(0.0, row["allowance"][task])
                     raised += allowance > 0
                     if read[task]["margin"] is None:  # raised above v1's own level: nothing to show
-                        assert read[task]["ok"] and read[task]["detail"].endswith("(nothing to show)")
+                        assert read[task]["ok"]
+                        assert read[task]["detail"].endswith("(nothing to show)")
                         continue
                     assert read[task]["margin"] == pytest.approx(two[task]["margin"] + allowance, abs=2e-6)
         counts = forget_bound.summary([result])
