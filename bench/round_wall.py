@@ -161,6 +161,10 @@ def _round(
             for run in (ev["acceptance"].get("continuation") or {}).get("runs", [])
         ],
         "method_failed": failed_checks(ev["acceptance"]),
+        # the published model's own failed checks (the exact path's, where the round fell back)
+        "published_failed": failed_checks({"checks": ev["acceptance"].get("checks")}),
+        # what the references allowed a failed forget bound (absent: no bound failed)
+        "reference_allowance": ev["acceptance"].get("reference_allowance"),
         "target": {k: (ia_target(ev.get("method_info")) or {}).get(k) for k in ("source", "wall_s")},
         "path": ev["acceptance"].get("path"),
         "update": ia_steps(ev.get("method_info")),

@@ -27,6 +27,10 @@ def test_rows_per_client_and_method_and_the_engine_restored(tmp_path: Path) -> N
         assert row["path"] in {row["method"], f"{row['method']}+continuation", "retrain"}
         assert set(row["forget_auc"]) == {"kind", "side"}
         assert (tmp_path / f"out-{row['method']}-{row['client']}").is_dir()
+        # the published model's failed checks: the method's own where its update was published
+        if row["path"] == row["method"]:
+            assert row["published_failed"] == row["method_failed"]
+        assert all(c["what"] and c["detail"] for c in row["published_failed"])
     v1 = (tmp_path / "v1").stat().st_mtime_ns
     again = round_wall.measure(tmp_path, wl, ["u2"], ["default"])  # reuses the prepared directory
     assert (tmp_path / "v1").stat().st_mtime_ns == v1
