@@ -40,7 +40,7 @@ from worker.unlearning import acceptance
 from worker.unlearning.audit import AuditConfig, model_outputs
 from worker.unlearning.datastore import DataStore
 from worker.unlearning.engine import ensure_base
-from worker.unlearning.likelihood_ratio import forget_bound_allowance
+from worker.unlearning.likelihood_ratio import forget_bound_allowance, out_reference_targets
 from worker.unlearning.model import MultiTaskModel
 from worker.unlearning.partitions import retain_set
 from worker.unlearning.reference_adapters import LoadedReferences, load_references, train_references
@@ -149,8 +149,11 @@ def measure_seed(
         retrained = train_v1(base, without, tasks, cfg, seed=seed + 1000 * (position + 1))
         groups = acceptance.Groups(forget=forget, kept=empty, retained=empty, heldout=heldout)
         row: dict[str, Any] = {"client": client, "retrain_s": round(time.perf_counter() - t0, 1)}
-        allowance = forget_bound_allowance(loaded, tasks, forget=forget, unseen=heldout, forget_tasks=names,
-                                           client_index=client_index)  # fmt: skip
+        allowance: dict[str, float] = {}
+        if loaded is not None:
+            allowance = forget_bound_allowance(out_reference_targets(
+                loaded, tasks, forget=forget, unseen=heldout, forget_tasks=names, client_index=client_index
+            ))  # fmt: skip
         if loaded is not None:
             row["allowance"] = {t: round(v, 6) for t, v in allowance.items()}
         row["levels"] = {label: _levels(model, tasks, forget, heldout) for label, model in

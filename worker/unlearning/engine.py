@@ -43,7 +43,11 @@ from worker.unlearning.audit import (
 )
 from worker.unlearning.continuation import CONTINUATION_METHOD, continuation_settings
 from worker.unlearning.datastore import DataStore, ResolvedSpec
-from worker.unlearning.likelihood_ratio import forget_bound_allowance, likelihood_ratio_audit
+from worker.unlearning.likelihood_ratio import (
+    forget_bound_allowance,
+    likelihood_ratio_audit,
+    out_reference_targets,
+)
 from worker.unlearning.model import MultiTaskModel, has_base, load_base
 from worker.unlearning.partitions import (
     DEFAULT_ANCHOR_FRACTION,
@@ -802,10 +806,14 @@ class ReferenceAllowance:
     def __call__(self) -> dict[str, float]:
         if self.values is None:
             ctx = self.ctx
-            self.values = forget_bound_allowance(
-                ctx.references, ctx.tasks, forget=ctx.partitions.forget, unseen=ctx.heldout,
-                forget_tasks=ctx.partitions.forget_tasks, client_index=ctx.client_index, device=ctx.device,
-            )  # fmt: skip
+            per_task = {}
+            if ctx.references is not None and ctx.references.models:
+                per_task = out_reference_targets(
+                    ctx.references, ctx.tasks, forget=ctx.partitions.forget, unseen=ctx.heldout,
+                    forget_tasks=ctx.partitions.forget_tasks, client_index=ctx.client_index,
+                    device=ctx.device,
+                )  # fmt: skip
+            self.values = forget_bound_allowance(per_task)
         return self.values
 
 

@@ -199,24 +199,11 @@ def out_reference_targets(
     return per_task
 
 
-def forget_bound_allowance(
-    loaded: LoadedReferences | None,
-    tasks: Sequence[TaskSpec],
-    *,
-    forget: Batch,
-    unseen: Batch,
-    forget_tasks: Sequence[str],
-    client_index: dict[str, int],
-    device: str = "cpu",
-) -> dict[str, float]:
+def forget_bound_allowance(per_task: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
     """Per forgotten task, the acceptance check's forget-bound allowance
-    (``acceptance.reference_allowance``): the median over the OUT references of (their metric on
-    ``forget`` − their metric on ``unseen``), :func:`out_reference_targets`'s ``accuracy_gap``.
-    Empty without references, and for a task no OUT reference scores."""
-    if loaded is None or not loaded.models:
-        return {}
-    per_task = out_reference_targets(loaded, tasks, forget=forget, unseen=unseen, forget_tasks=forget_tasks,
-                                     client_index=client_index, device=device)  # fmt: skip
+    (``acceptance.reference_allowance``) from :func:`out_reference_targets`' result: the median over
+    the OUT references of (their metric on the forget set − their metric on the unseen rows), its
+    ``accuracy_gap``."""
     return {t: float(v["accuracy_gap"]) for t, v in per_task.items()}
 
 

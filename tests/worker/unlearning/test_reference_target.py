@@ -33,7 +33,7 @@ from worker.unlearning.interference.targets import (
     reference_distance,
     request_target,
 )
-from worker.unlearning.likelihood_ratio import forget_bound_allowance, out_reference_targets
+from worker.unlearning.likelihood_ratio import out_reference_targets
 from worker.unlearning.reference_adapters import (
     LoadedReferences,
     assign_halves,
@@ -360,13 +360,13 @@ def test_a_failed_forget_bound_asks_the_out_references_and_the_evidence_says_wha
     wl = prepared_toy(tmp_path, TOY)
     forbid_training(monkeypatch)
     asked: list[int] = []
-    real = forget_bound_allowance  # what the engine imported
+    real = out_reference_targets  # what the engine imported
 
     def counted(*args: Any, **kwargs: Any) -> Any:
         asked.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "forget_bound_allowance", counted)
+    monkeypatch.setattr(engine, "out_reference_targets", counted)
     # every forget bound passes (a bound far above any accuracy): the references are not asked
     monkeypatch.setattr(acceptance, "unseen_bound", lambda unseen, *_, **__: unseen + 10.0)
     passing = one_client_round(
