@@ -108,6 +108,10 @@ def measure_seed(
     workload = workloads.of(seed)
     settings = workload.settings(overrides)
     store = DataStore.materialise(root / f"data-{seed}", workload)
+    chosen = store.active_clients[:clients] if isinstance(clients, int) else list(clients)
+    unknown = sorted(set(chosen) - set(store.active_clients))
+    if unknown:  # before anything is trained
+        raise ValueError(f"no such clients: {unknown}")
     base = ensure_base(workload, root / f"base-{seed}", settings, seed)
     tasks = workload.tasks()
     names = [t.name for t in tasks]
@@ -136,10 +140,6 @@ def measure_seed(
             {**judged_as, "unseen_noise": True, "reference_allowance": True}
         )
     rows = []
-    chosen = store.active_clients[:clients] if isinstance(clients, int) else list(clients)
-    unknown = sorted(set(chosen) - set(store.active_clients))
-    if unknown:
-        raise ValueError(f"no such clients: {unknown}")
     for client in chosen:
         position = store.active_clients.index(client)  # the retrain's seed does not depend on the choice
         t0 = time.perf_counter()
@@ -154,7 +154,6 @@ def measure_seed(
             allowance = forget_bound_allowance(out_reference_targets(
                 loaded, tasks, forget=forget, unseen=heldout, forget_tasks=names, client_index=client_index
             ))  # fmt: skip
-        if loaded is not None:
             row["allowance"] = {t: round(v, 6) for t, v in allowance.items()}
         row["levels"] = {label: _levels(model, tasks, forget, heldout) for label, model in
                          (("retrain", retrained), ("v1", v1))}  # fmt: skip
