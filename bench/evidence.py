@@ -66,9 +66,14 @@ def failed_checks(acceptance: Any) -> list[dict[str, Any]]:
     ``{what, detail, margin}`` (empty when every check passed or none ran)."""
     if not isinstance(acceptance, Mapping):
         return []
-    checks = acceptance.get("method_checks") or acceptance.get("checks") or []
+    return failed_of(acceptance.get("method_checks") or acceptance.get("checks"))
+
+
+def failed_of(checks: Any) -> list[dict[str, Any]]:
+    """The failed ones of a list of acceptance checks (evidence JSON), each as
+    ``{what, detail, margin}``; empty for ``None``."""
     return [
         {k: c.get(k) for k in ("what", "detail", "margin")}
-        for c in checks
+        for c in checks or []
         if isinstance(c, Mapping) and not c.get("ok", True)
     ]

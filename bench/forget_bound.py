@@ -71,7 +71,7 @@ def _references(
     train_references(
         base, data, tasks, cfg, client_index=client_index, k=k, seed=seed, directory=directory,
         workload=workload.name, heldout=heldout, in_fraction=audit.reference_in_fraction,
-        withhold_tasks=[t.name for t in tasks] if audit.reference_withhold_tasks else (),
+        withhold_tasks=audit.reference_withheld_tasks(tasks),
     )  # fmt: skip
     return load_references(base, directory, heldout=heldout, client_index=client_index)
 

@@ -267,7 +267,7 @@ def _prepared_seeds(
             refs = train_references(
                 inputs.base, inputs.full_train_set(), inputs.tasks, cfg, client_index=inputs.client_index,
                 k=references, seed=seed, directory=directory, workload=inputs.workload.name,
-                withhold_tasks=[t.name for t in inputs.tasks] if audit.reference_withhold_tasks else (),
+                withhold_tasks=audit.reference_withheld_tasks(inputs.tasks),
                 heldout=inputs.heldout, in_fraction=audit.reference_in_fraction,
             )  # fmt: skip
             log.setdefault("dirs", {})[seed] = directory

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from bench.evidence import failed_checks, ia_steps, ia_target
+from bench.evidence import failed_checks, failed_of, ia_steps, ia_target
 from worker.unlearning import engine
 from worker.unlearning.runtime import runtime_environment, settle
 from worker.unlearning.types import ForgetSpec
@@ -162,7 +162,7 @@ def _round(
         ],
         "method_failed": failed_checks(ev["acceptance"]),
         # the published model's own failed checks (the exact path's, where the round fell back)
-        "published_failed": failed_checks({"checks": ev["acceptance"].get("checks")}),
+        "published_failed": failed_of(ev["acceptance"].get("checks")),
         # what the references allowed a failed forget bound (absent: no bound failed)
         "reference_allowance": ev["acceptance"].get("reference_allowance"),
         "target": {k: (ia_target(ev.get("method_info")) or {}).get(k) for k in ("source", "wall_s")},

@@ -92,6 +92,12 @@ class AuditConfig:
     # accuracy's SE ≤ 0.011; on scenes Ret (9,200 rows) was forwarded twice a request
     ret_rows: Count = 2000
 
+    def reference_withheld_tasks(self, tasks: Sequence[TaskSpec]) -> list[str]:
+        """The tasks whose labels each client's IN references are trained without
+        (``reference_adapters.train_references``' ``withhold_tasks``): all of them with
+        ``reference_withhold_tasks``, else none."""
+        return [t.name for t in tasks] if self.reference_withhold_tasks else []
+
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | None) -> AuditConfig:
         audit = dict((settings or {}).get("audit", {}) or {})

@@ -190,7 +190,7 @@ def prepare(
         refs = train_references(
             base, train, tasks, cfg, client_index=store.client_index(), k=k, seed=seed,
             directory=Path(references_dir), workload=workload.name,
-            withhold_tasks=[t.name for t in tasks] if audit_cfg.reference_withhold_tasks else (),
+            withhold_tasks=audit_cfg.reference_withheld_tasks(tasks),
             heldout=heldout, in_fraction=audit_cfg.reference_in_fraction,
         )  # fmt: skip
         references = {"k": refs.k, "recipe_digest": refs.recipe_digest, "train_s": refs.train_s,
