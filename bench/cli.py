@@ -141,6 +141,14 @@ def quality_main(argv: Sequence[str], prog: str) -> int:
         help="skip the second retrain (retrain_2, the noise floor) where an earlier run of the same "
         "seeds measured it: comparing variants costs less; not with --served",
     )
+    parser.add_argument(
+        "--training-cache",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="store v1, the references, their refreshes and the retrains in DIR and read them back "
+        "where an earlier run on this machine trained the same ones (bench/training_cache.py)",
+    )
     # the flags of the former ``python -m worker.unlearning.bench``
     parser.add_argument("--measure-workload", action="store_true", help="as `measure-workload`")
     parser.add_argument(
@@ -194,6 +202,7 @@ def quality_main(argv: Sequence[str], prog: str) -> int:
             if args.request_settings
             else None,
             second_retrain=not args.no_second_retrain,
+            training_cache=args.training_cache,
         )
     except WorkloadOptionsError as exc:
         parser.error(str(exc))

@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -67,11 +67,14 @@ from bench.scoring import (
     task_metrics,
 )
 from bench.seeded_workloads import SeededWorkloads
+from bench.training_cache import TrainingCache, tree_digest
 from worker.unlearning.acceptance import AcceptanceConfig
 from worker.unlearning.audit import AuditConfig
 from worker.unlearning.datastore import DataStore
 from worker.unlearning.engine import (
     EngineInputs,
+    Reference,
+    RequestContext,
     StageResult,
     accept_round,
     advance_state,
@@ -100,7 +103,7 @@ from worker.unlearning.reference_adapters import (
 from worker.unlearning.runtime import runtime_environment
 from worker.unlearning.ssd import precompute_full_importance
 from worker.unlearning.state import RoundState
-from worker.unlearning.training import TrainConfig, train_v1
+from worker.unlearning.training import TrainConfig, fresh_adapter, train_v1
 from worker.unlearning.types import Batch, ForgetSpec
 from worker.unlearning.workload import (
     BenchProtocol,
@@ -108,6 +111,8 @@ from worker.unlearning.workload import (
     deep_merge,
     workload_factory,
 )
+
+T = TypeVar("T")
 
 METHODS = ["original", "retrain", *APPROXIMATE_METHODS]
 SECOND_RETRAIN_SEED_OFFSET = 7_919  # the second retrain's seed is the run's seed + this
@@ -236,12 +241,15 @@ def _prepared_seeds(
     seeds: Sequence[int],
     references: int = 0,
     reference_log: dict[str, Any] | None = None,
+    cache: TrainingCache | None = None,
 ) -> Iterator[tuple[int, EngineInputs, PeftModel]]:
     """Per seed: the engine inputs (with ``settings`` as they are, fair anchors kept) and v1. The
     seed's data and frozen base are made on first use (the base's init seed is 0 for every seed).
     ``references`` > 0: also that many reference adapters on halves of the clients (v1's recipe,
     off the path, as preparation trains them), in ``inputs.references`` and on disk under
-    ``reference_log["dirs"][seed]``; their seconds in ``reference_log["train_s"][seed]``."""
+    ``reference_log["dirs"][seed]``; their seconds in ``reference_log["train_s"][seed]``.
+    ``cache``: v1 and the references are read from it where an earlier run trained them."""
+    cache = cache or TrainingCache()
     for seed in seeds:
         wl, home = workloads.of(seed), workloads.root(root, seed)
         DataStore.materialise(home / "data", wl)
@@ -256,25 +264,53 @@ def _prepared_seeds(
         )
         # load() merges the workload's defaults again (its anchor_fractions among them)
         inputs = dataclasses.replace(inputs, settings=dict(settings))
-        cfg = TrainConfig.from_settings(inputs.settings)
-        t0 = time.perf_counter()
-        v1 = train_v1(inputs.base, inputs.full_train_set(), inputs.tasks, cfg, seed=seed)
-        _log(f"[bench] seed {seed}: v1 trained in {time.perf_counter() - t0:.1f}s")
+        v1, v1_s = _v1(inputs, seed, cache)
+        _log(f"[bench] seed {seed}: v1 trained in {v1_s:.1f}s")
         if references:
             log = reference_log if reference_log is not None else {}
             directory = root / f"references-seed-{seed}"
-            audit = AuditConfig.from_settings(inputs.settings)
-            refs = train_references(
-                inputs.base, inputs.full_train_set(), inputs.tasks, cfg, client_index=inputs.client_index,
-                k=references, seed=seed, directory=directory, workload=inputs.workload.name,
-                withhold_tasks=audit.reference_withheld_tasks(inputs.tasks),
-                heldout=inputs.heldout, in_fraction=audit.reference_in_fraction,
-            )  # fmt: skip
+            train_s = _train_references(inputs, seed, references, directory, cache)
             log.setdefault("dirs", {})[seed] = directory
-            log.setdefault("train_s", {})[str(seed)] = refs.train_s
+            log.setdefault("train_s", {})[str(seed)] = train_s
             inputs = dataclasses.replace(inputs, references=_load_references(inputs, directory))
-            _log(f"[bench] seed {seed}: {references} references trained in {refs.train_s:.1f}s (off path)")
+            _log(f"[bench] seed {seed}: {references} references trained in {train_s:.1f}s (off path)")
         yield seed, inputs, v1
+
+
+def _v1(inputs: EngineInputs, seed: int, cache: TrainingCache) -> tuple[PeftModel, float]:
+    """The seed's v1 (v1's recipe on every client's data) and its training seconds."""
+    cfg, data = TrainConfig.from_settings(inputs.settings), inputs.full_train_set()
+    return cache.adapter(
+        "v1", {"data": data, "tasks": inputs.tasks, "cfg": cfg, "seed": seed}, inputs.base,
+        train=lambda: _timed(lambda: train_v1(inputs.base, data, inputs.tasks, cfg, seed=seed)),
+        fresh=lambda: fresh_adapter(inputs.base, cfg, seed=seed),
+    )  # fmt: skip
+
+
+def _train_references(
+    inputs: EngineInputs, seed: int, k: int, directory: Path, cache: TrainingCache
+) -> float:
+    """``k`` reference adapters on v1's data written to ``directory``, as preparation trains them;
+    their training seconds."""
+    cfg, data = TrainConfig.from_settings(inputs.settings), inputs.full_train_set()
+    audit = AuditConfig.from_settings(inputs.settings)
+    withheld, fraction = audit.reference_withheld_tasks(inputs.tasks), audit.reference_in_fraction
+    recipe = {
+        "data": data, "tasks": inputs.tasks, "cfg": cfg, "client_index": inputs.client_index, "k": k,
+        "seed": seed, "workload": inputs.workload.name, "heldout": inputs.heldout,
+        "withhold_tasks": withheld, "in_fraction": fraction,
+    }  # fmt: skip
+
+    def train() -> tuple[float, float]:
+        made = train_references(
+            inputs.base, data, inputs.tasks, cfg, client_index=inputs.client_index, k=k, seed=seed,
+            directory=directory, workload=inputs.workload.name, withhold_tasks=withheld,
+            heldout=inputs.heldout, in_fraction=fraction,
+        )  # fmt: skip
+        return made.train_s, made.train_s
+
+    train_s, _ = cache.tree("references", recipe, inputs.base, train, directory)
+    return float(train_s)
 
 
 @dataclass(frozen=True)
@@ -289,6 +325,7 @@ class SeedJob:
     variants: tuple[Variant, ...]
     references: int = 0
     second_retrain: bool = False
+    training_cache: Path | None = None  # :mod:`bench.training_cache`; None: every training runs
 
 
 def _evaluate_seed(job: SeedJob, seed: int, setting: str | None = None) -> dict[str, Any]:
@@ -301,14 +338,16 @@ def _evaluate_seed(job: SeedJob, seed: int, setting: str | None = None) -> dict[
     importance: dict[str, float] = {}  # this seed's v1 I_D seconds per SSD settings (computed once)
     t0, cpu0 = time.perf_counter(), time.process_time()
     root = job.root if setting is None else job.root / f"unit-{seed}-{setting.replace(':', '-')}"
-    for _, inputs, v1 in _prepared_seeds(job.workloads, root, job.settings, [seed], job.references, log):
+    cache = TrainingCache(job.training_cache)
+    prepared = _prepared_seeds(job.workloads, root, job.settings, [seed], job.references, log, cache)
+    for _, inputs, v1 in prepared:
         names = _settings_list(job.workloads.of(seed), job.setting_names) if setting is None else [setting]
         for name in names:
             rows.extend(
                 _run_setting(
                     inputs, v1, name, seed, job.stages, job.variants, importance,
                     second_retrain=job.second_retrain, references_dir=log.get("dirs", {}).get(seed),
-                    reference_log=log,
+                    reference_log=log, cache=cache,
                 )
             )  # fmt: skip
             _log(f"[bench] seed {seed} {name} done ({time.perf_counter() - t0:.0f}s into the unit)")
@@ -316,6 +355,7 @@ def _evaluate_seed(job: SeedJob, seed: int, setting: str | None = None) -> dict[
         "runs": rows,
         "train_s": log.get("train_s", {}),
         "refresh_s": log.get("refresh_s", []),
+        "training_cache": cache.stats(),
         "process": {
             "seed": seed,
             "setting": setting,
@@ -383,6 +423,10 @@ def _evaluate_seeds(
         "train_s": {k: v for out in outs for k, v in out["train_s"].items()},
         "refresh_s": [r for out in outs for r in out["refresh_s"]],
         "seed_processes": [out["process"] for out in outs],  # which process ran each unit, how long
+        "training_cache": {
+            k: sum(out.get("training_cache", {}).get(k, 0) for out in outs)
+            for k in ("hits", "misses", "uncached")
+        },
     }
     return runs, log
 
@@ -418,6 +462,7 @@ def tune(
     seeds: Sequence[int],
     references: int = 0,
     jobs: int = 1,
+    training_cache: Path | None = None,
 ) -> dict[str, Any]:
     """Every grid value of every method in ``methods`` on the tuning ``seeds``; the chosen value is
     the one with the lowest median UIS over all its (setting, stage, seed) runs (ties: the earlier
@@ -426,8 +471,9 @@ def tune(
         _variant(m, v, label=f"{m}={v:g}") for m in methods if m in TUNING_GRIDS for v in TUNING_GRIDS[m][1]
     ]
     job = SeedJob(
-        workloads, root, dict(settings), preset.stages, preset.settings, tuple(variants), references
-    )
+        workloads, root, dict(settings), preset.stages, preset.settings, tuple(variants), references,
+        training_cache=training_cache,
+    )  # fmt: skip
     runs, _ = _evaluate_seeds(job, seeds, jobs)
     scores: dict[str, list[dict[str, Any]]] = {}
     chosen: dict[str, float] = {}
@@ -467,6 +513,7 @@ def run_bench(
     served: Sequence[str] = (),
     request_settings: Sequence[str] | None = None,
     second_retrain: bool = True,
+    training_cache: Path | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark; print a table (via ``echo``), write ``json_path``; return the JSON.
 
@@ -498,6 +545,9 @@ def run_bench(
     the served rows' exact path). ``False`` skips it where an earlier run of the same seeds measured
     it: a variant comparison then costs about a fifth less on scenes, and the goals' close-share ratio
     is not computed (``--no-second-retrain``; not with ``served``).
+    ``training_cache``: a directory where v1, the references, their refreshes and the retrains are
+    stored and read back (:mod:`bench.training_cache`): a run on seeds an earlier run on this
+    machine trained costs only its methods' rounds. ``None``: every training runs.
 
     A workload may declare its own protocol for ``preset`` (:attr:`Workload.bench_protocols`:
     seeds, stages, settings, methods, tuned values, bench-only workload options); it replaces the
@@ -550,7 +600,9 @@ def run_bench(
     with tempfile.TemporaryDirectory(prefix="lethe-bench-") as tmp:
         root = Path(tmp)
         if tune_grid:
-            tuning = tune(workloads, root, settings, chosen, method_list, tuning_list, references, jobs)
+            tuning = tune(
+                workloads, root, settings, chosen, method_list, tuning_list, references, jobs, training_cache
+            )
             _log(
                 f"[bench] tuned on seeds {tuning_list}: {tuning['chosen']} "
                 f"({time.perf_counter() - t_start:.0f}s)"
@@ -574,7 +626,7 @@ def run_bench(
         ]
         job = SeedJob(
             workloads, root, settings, chosen.stages, names, tuple(variants), references,
-            second_retrain=second_retrain,
+            second_retrain=second_retrain, training_cache=training_cache,
         )  # fmt: skip
         progress = None if json_path is None else Path(json_path).with_suffix(".partial.jsonl")
         if progress is not None:
@@ -625,6 +677,12 @@ def run_bench(
             "untuned_methods": untuned,
             "jobs": min(jobs, len(seed_list)),
             "seed_processes": reference_log["seed_processes"],
+            # trainings read from --training-cache (hits), trained and stored (misses), or trained
+            # and not stored (uncached: they drew from the global RNG)
+            "training_cache": {
+                "dir": None if training_cache is None else str(training_cache),
+                **reference_log["training_cache"],
+            },
             "torch_threads": torch.get_num_threads(),
             "environment": runtime_environment(),
             "total_wall_s": time.perf_counter() - t_start,
@@ -687,6 +745,7 @@ def _run_setting(
     second_retrain: bool = False,
     references_dir: Path | None = None,
     reference_log: dict[str, Any] | None = None,
+    cache: TrainingCache | None = None,
 ) -> list[dict[str, Any]]:
     """One setting of one seed: ``stages`` sequential requests; every variant keeps its own model.
 
@@ -703,7 +762,10 @@ def _run_setting(
     works on its own copy, and after every stage but the last the references trained on the
     stage's client are dropped and retrained on their half minus the forgotten clients
     (:func:`_refresh`: what the worker does after a purge, off the request path and the timed
-    method; its seconds in ``reference_log["refresh_s"]``)."""
+    method; its seconds in ``reference_log["refresh_s"]``).
+
+    ``cache``: the retrains and the refreshes are read from it where an earlier run trained them."""
+    cache = cache or TrainingCache()
     rows: list[dict[str, Any]] = []
     specs = _stage_specs(setting, inputs.store.active_clients, seed, stages)
     work: Path | None = None
@@ -750,7 +812,7 @@ def _run_setting(
                     )
                     known = v1_importance.setdefault(json.dumps(ssd_settings, sort_keys=True), t)
                     keys[v.label], ahead[v.label] = key, known
-        reference = compute_reference(ctx)
+        reference = _reference(ctx, cache)
         ref_metrics = task_metrics(reference.metrics)
         ref_earlier = earlier_accuracy(reference.model, earlier, ctx.tasks)
         if any(v.method == "retrain" for v in variants):
@@ -770,18 +832,7 @@ def _run_setting(
                 )
             )  # fmt: skip
         if second_retrain:  # the noise floor: how close another exact retrain comes to the reference
-            t0 = time.perf_counter()
-            pruned_now = sorted(set(ctx.state.pruned_subset_outputs) | set(ctx.prune_outputs))
-            other = reference_retrain(
-                ctx.base,
-                ctx.retain,
-                ctx.tasks,
-                ctx.settings,
-                seed=seed + SECOND_RETRAIN_SEED_OFFSET,
-                pruned=pruned_now,
-                device=ctx.device,
-            )
-            wall = time.perf_counter() - t0
+            other, wall = _retrain(ctx, seed + SECOND_RETRAIN_SEED_OFFSET, cache)
             second = (other, wall)
             ev = request_evidence(
                 other,
@@ -865,7 +916,7 @@ def _run_setting(
         earlier.append(ctx.partitions.forget)
         advance_state(state, ctx, ctx.prune_outputs)
         if work is not None and stage < len(specs):
-            loaded = _refresh(inputs, work, ctx.resolved.client_id, state, reference_log)
+            loaded = _refresh(inputs, work, ctx.resolved.client_id, state, reference_log, cache)
             own = {label: dataclasses.replace(i, references=loaded) for label, i in own.items()}
     return rows
 
@@ -909,28 +960,85 @@ def _serve(
     return decided.model, served
 
 
+def _reference(ctx: RequestContext, cache: TrainingCache) -> Reference:
+    """The stage's reference retrain (:func:`compute_reference`), or the cache's copy of it."""
+    made: list[Reference] = []
+
+    def train() -> tuple[PeftModel, float]:
+        made.append(compute_reference(ctx))
+        return made[0].model, made[0].wall_s
+
+    model, wall = _cached_retrain(ctx, ctx.seed, cache, train)
+    return made[0] if made else Reference(model=model, metrics=evaluate(model, ctx), wall_s=wall)
+
+
+def _retrain(ctx: RequestContext, seed: int, cache: TrainingCache) -> tuple[PeftModel, float]:
+    """A retrain of the stage's retain set with ``seed`` (``retrain_2``) and its seconds."""
+    pruned = _pruned_now(ctx)
+    return _cached_retrain(
+        ctx, seed, cache,
+        lambda: _timed(lambda: reference_retrain(ctx.base, ctx.retain, ctx.tasks, ctx.settings, seed=seed,
+                                                 pruned=pruned, device=ctx.device)),
+    )  # fmt: skip
+
+
+def _cached_retrain(
+    ctx: RequestContext, seed: int, cache: TrainingCache, train: Callable[[], tuple[PeftModel, float]]
+) -> tuple[PeftModel, float]:
+    cfg = TrainConfig.from_settings(ctx.settings)
+    parts = {"data": ctx.retain, "tasks": ctx.tasks, "cfg": cfg, "seed": seed, "pruned": _pruned_now(ctx),
+             "device": ctx.device}  # fmt: skip
+    fresh = lambda: fresh_adapter(ctx.base, cfg, seed=seed).to(ctx.device)  # noqa: E731
+    return cache.adapter("retrain", parts, ctx.base, train, fresh)
+
+
+def _pruned_now(ctx: RequestContext) -> list[int]:
+    """Every subset-ID output suppressed once the stage's request is done (a retrain applies them)."""
+    return sorted(set(ctx.state.pruned_subset_outputs) | set(ctx.prune_outputs))
+
+
+def _timed(work: Callable[[], T]) -> tuple[T, float]:
+    t0 = time.perf_counter()
+    out = work()
+    return out, time.perf_counter() - t0
+
+
 def _refresh(
     inputs: EngineInputs,
     directory: Path,
     client: str | None,
     state: RoundState,
     reference_log: dict[str, Any] | None,
+    cache: TrainingCache | None = None,
 ) -> LoadedReferences | None:
     """After a stage: drop the references trained on the stage's client (the purge does) and
     retrain them on their half minus every forgotten client, from the retain data (the forgotten
-    samples and labels of ``state`` gone); the reloaded set."""
+    samples and labels of ``state`` gone); the reloaded set. ``cache``: the refreshed set is read
+    from it where an earlier run trained it from the same set and data."""
+    cache = cache or TrainingCache()
     t0 = time.perf_counter()
     dropped = drop_references_with(directory, [client] if client is not None else [])
     names, index = inputs.task_names, inputs.client_index
     data = retain_set(inputs.data, None, tasks=names, client_index=index, state=state)
-    refreshed = refresh_references(
-        inputs.base, data, inputs.tasks, TrainConfig.from_settings(inputs.settings),
-        client_index=inputs.client_index, directory=directory, forgotten=state.forgotten_clients,
-        device=inputs.device, heldout=inputs.heldout,
-    )  # fmt: skip
+    cfg = TrainConfig.from_settings(inputs.settings)
+    forgotten = sorted(state.forgotten_clients)
+    prepared_s = time.perf_counter() - t0
+    parts = {"before": tree_digest(directory), "data": data, "tasks": inputs.tasks, "cfg": cfg,
+             "client_index": index, "forgotten": forgotten, "heldout": inputs.heldout,
+             "device": inputs.device}  # fmt: skip
+
+    def refresh() -> tuple[list[int], float]:
+        t = time.perf_counter()
+        done = refresh_references(
+            inputs.base, data, inputs.tasks, cfg, client_index=index, directory=directory,
+            forgotten=forgotten, device=inputs.device, heldout=inputs.heldout,
+        )  # fmt: skip
+        return done, time.perf_counter() - t
+
+    refreshed, seconds = cache.tree("refresh", parts, inputs.base, refresh, directory)
     if reference_log is not None:
         reference_log.setdefault("refresh_s", []).append(
-            {"dropped": dropped, "refreshed": refreshed, "s": time.perf_counter() - t0}
+            {"dropped": dropped, "refreshed": refreshed, "s": prepared_s + seconds}
         )
     return _load_references(inputs, directory)
 

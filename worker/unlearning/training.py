@@ -143,6 +143,13 @@ class TrainingInterruptedError(Exception):
     """``train_v1``'s ``should_stop`` asked it to stop; the half-trained adapter is discarded."""
 
 
+def fresh_adapter(base: MultiTaskModel, cfg: TrainConfig, *, seed: int) -> PeftModel:
+    """The untrained adapter :func:`train_v1` starts from: seeded LoRA of ``cfg``'s rank on a copy of
+    ``base`` (a rank from the settings without an alpha keeps the workload's alpha)."""
+    alpha = cfg.lora_alpha or (base.lora_template.lora_alpha if cfg.rank else None)
+    return wrap_lora(base, rank=cfg.rank or None, alpha=alpha, seed=seed)
+
+
 def train_v1(
     base: MultiTaskModel,
     data: Batch,
@@ -157,9 +164,7 @@ def train_v1(
     v1 schedule (on ``device``). ``should_stop``: asked after every optimiser step (background
     training that yields to requests: the caller keeps it cheap); true raises
     :class:`TrainingInterruptedError`."""
-    # a rank from the settings without an alpha keeps the workload's alpha
-    alpha = cfg.lora_alpha or (base.lora_template.lora_alpha if cfg.rank else None)
-    model = wrap_lora(base, rank=cfg.rank or None, alpha=alpha, seed=seed)
+    model = fresh_adapter(base, cfg, seed=seed)
     model.to(device)
     data = data.to(device)
     params = [p for p in model.parameters() if p.requires_grad]

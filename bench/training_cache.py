@@ -1,0 +1,300 @@
+"""A disk cache of the benchmark's trainings (``--training-cache DIR``), so that a comparison of
+candidates on seeds an earlier run trained does not train them again.
+
+A quality run trains, per seed, v1, its reference adapters, their refreshes after each stage, and
+each stage's reference retrain (and ``retrain_2``). None of them depends on the method being
+compared: on scenes at 1,500 samples per client they are about 80 % of a unit's CPU time. Every
+one is a deterministic function of its inputs on one machine (seeded; one torch thread), so its
+result can be stored and read back bit for bit.
+
+**The key is the inputs themselves, not their names:** the bytes of the training data and of the
+frozen base, the recipe, the seed, the source of every ``worker`` module the training runs
+(:func:`code_fingerprint`), and the machine's arithmetic: torch, peft and transformers versions,
+the CPU kernel path, the CPU model and the thread count. Any change to one of them is a miss, which
+trains and stores. A hit returns what training would have returned and reports the seconds the
+training took when it ran (so a row's ``wall_s`` is the measured training time, not a load).
+
+A training that draws from the global torch RNG (dropout, say) depends on what ran before it, which
+the key does not hold: such a result is never stored (``uncached``), and every call trains.
+
+Entries are written to a temporary sibling and renamed, so two processes that train the same seed
+(``--jobs``: each unit trains its seed's v1) never leave a half-written entry. Only the benchmark
+uses this; the worker never caches a training.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import platform
+import shutil
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from worker.unlearning.runtime import package_versions
+
+FORMAT = 1  # bump when what an entry holds changes
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# the modules whose code runs when the benchmark trains (v1's recipe, references, pruning); their
+# ``worker`` imports are followed, and the base model's own modules are added per call
+TRAINING_MODULES = (
+    "worker.unlearning.training",
+    "worker.unlearning.reference_adapters",
+    "worker.unlearning.pruning",
+    "worker.unlearning.model",
+)
+
+T = TypeVar("T")
+M = TypeVar("M", bound=nn.Module)
+
+
+def _module_file(name: str) -> Path | None:
+    """The source file of the repository module ``name`` (``None``: not a module of this repo)."""
+    path = REPO_ROOT.joinpath(*name.split("."))
+    if path.with_suffix(".py").is_file():
+        return path.with_suffix(".py")
+    if (path / "__init__.py").is_file():
+        return path / "__init__.py"
+    return None
+
+
+def _imported_files(path: Path) -> set[Path]:
+    """The ``worker`` modules ``path`` imports anywhere (a function's lazy import too)."""
+    out: set[Path] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        for name in names:
+            found = _module_file(name) if name.split(".")[0] == "worker" else None
+            if found is not None:
+                out.add(found)
+    return out
+
+
+def code_files(modules: tuple[str, ...] = TRAINING_MODULES) -> set[Path]:
+    """The source files of ``modules`` and of every ``worker`` module they import, transitively."""
+    todo = [f for f in (_module_file(m) for m in modules) if f is not None]
+    seen: set[Path] = set()
+    while todo:
+        path = todo.pop()
+        if path not in seen:
+            seen.add(path)
+            todo.extend(_imported_files(path) - seen)
+    return seen
+
+
+@functools.cache
+def code_fingerprint(modules: tuple[str, ...] = TRAINING_MODULES) -> str:
+    """A digest of :func:`code_files`. A change to the methods (``worker.unlearning.methods``,
+    ``interference``) leaves it as it is; a change to what trains does not."""
+    h = hashlib.blake2b(digest_size=16)
+    for path in sorted(code_files(modules)):
+        h.update(str(path.relative_to(REPO_ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def model_modules(model: nn.Module) -> tuple[str, ...]:
+    """The repository modules that define ``model``'s layers (their forward runs in training)."""
+    names = {type(m).__module__ for m in model.modules()}
+    return tuple(sorted(n for n in names if _module_file(n) is not None))
+
+
+def machine() -> dict[str, Any]:
+    """What decides the arithmetic of a training on this machine."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "torch": torch.__version__,
+        "packages": {k: package_versions().get(k) for k in ("peft", "transformers")},
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def _feed(h: Any, obj: Any) -> None:
+    """Feed ``obj`` into the hash ``h`` canonically; a type it cannot key raises (never a weak key)."""
+    if isinstance(obj, Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, nn.Module):
+        h.update(f"M{type(obj).__qualname__}".encode())
+        _feed(h, dict(obj.state_dict()))
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        h.update(f"D{type(obj).__qualname__}".encode())
+        for f in dataclasses.fields(obj):
+            h.update(f.name.encode())
+            _feed(h, getattr(obj, f.name))
+    elif isinstance(obj, Mapping):
+        h.update(f"{{{len(obj)}".encode())
+        for key in sorted(obj, key=str):
+            _feed(h, str(key))
+            _feed(h, obj[key])
+    elif isinstance(obj, list | tuple):
+        h.update(f"[{len(obj)}".encode())
+        for item in obj:
+            _feed(h, item)
+    elif obj is None or isinstance(obj, str | int | float | bool):
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+    else:
+        raise TypeError(f"the training cache cannot key a {type(obj).__qualname__}")
+
+
+def digest(kind: str, parts: Mapping[str, Any], base: nn.Module) -> str:
+    """The entry name of a ``kind`` training of ``base`` on ``parts`` (see the module doc)."""
+    h = hashlib.blake2b(digest_size=20)
+    _feed(h, {"format": FORMAT, "kind": kind, "machine": machine(), "parts": parts, "base": base})
+    _feed(h, code_fingerprint(TRAINING_MODULES + model_modules(base)))
+    return h.hexdigest()
+
+
+@dataclasses.dataclass
+class TrainingCache:
+    """``directory``: where entries live; ``None``: every call trains (nothing is stored)."""
+
+    directory: Path | None = None
+    hits: int = 0
+    misses: int = 0  # trained and stored
+    uncached: int = 0  # trained, not stored: the training drew from the global RNG
+
+    def stats(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses, "uncached": self.uncached}
+
+    def adapter(
+        self,
+        kind: str,
+        parts: Mapping[str, Any],
+        base: nn.Module,
+        train: Callable[[], tuple[M, float]],
+        fresh: Callable[[], M],
+    ) -> tuple[M, float]:
+        """``train()``'s model and the seconds it reports for its training. ``fresh()``: the
+        untrained model ``train`` starts from (an entry stores only the tensors training changed,
+        and loads them into ``fresh()``)."""
+        if self.directory is None:
+            return train()
+        entry = self.directory / digest(kind, parts, base)
+        if (entry / "meta.json").is_file():
+            meta = json.loads((entry / "meta.json").read_text())
+            model = fresh()
+            changed = torch.load(entry / "changed.pt", map_location="cpu", weights_only=True)
+            device = next(iter(model.state_dict().values())).device
+            missing = set(changed) - set(model.state_dict())
+            if missing:
+                raise RuntimeError(f"cache entry {entry.name}: unknown tensors {sorted(missing)[:3]}")
+            model.load_state_dict({k: v.to(device) for k, v in changed.items()}, strict=False)
+            model.eval()
+            self.hits += 1
+            return model, float(meta["train_s"])
+        (model, seconds), pure = _pure(train)
+        if not pure:
+            self.uncached += 1
+            return model, seconds
+        untrained = fresh().state_dict()
+        changed = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+                   if not torch.equal(v.detach().cpu(), untrained[k].detach().cpu())}  # fmt: skip
+        with self._writing(entry) as tmp:
+            torch.save(changed, tmp / "changed.pt")
+            (tmp / "meta.json").write_text(json.dumps({"kind": kind, "train_s": seconds}))
+        self.misses += 1
+        return model, seconds
+
+    def tree(
+        self,
+        kind: str,
+        parts: Mapping[str, Any],
+        base: nn.Module,
+        produce: Callable[[], tuple[Any, float]],
+        directory: Path,
+    ) -> tuple[Any, float]:
+        """``produce()`` writes ``directory`` (a reference set) and returns a JSON value and its
+        seconds; those two. A hit replaces ``directory`` with the stored copy. ``parts`` should
+        hold what ``directory`` held before (:func:`tree_digest`) where ``produce`` reads it."""
+        if self.directory is None:
+            return produce()
+        entry = self.directory / digest(kind, parts, base)
+        if (entry / "meta.json").is_file():
+            meta = json.loads((entry / "meta.json").read_text())
+            if directory.exists():
+                shutil.rmtree(directory)
+            shutil.copytree(entry / "tree", directory)
+            self.hits += 1
+            return meta["value"], float(meta["train_s"])
+        (value, seconds), pure = _pure(produce)
+        if not pure:
+            self.uncached += 1
+            return value, seconds
+        with self._writing(entry) as tmp:
+            shutil.copytree(directory, tmp / "tree")
+            (tmp / "meta.json").write_text(json.dumps({"kind": kind, "train_s": seconds, "value": value}))
+        self.misses += 1
+        return value, seconds
+
+    @staticmethod
+    def _writing(entry: Path) -> _EntryWriter:
+        return _EntryWriter(entry)
+
+
+class _EntryWriter:
+    """A temporary sibling of ``entry``, renamed to it on success; if another process stored the
+    same entry first, ours is dropped (both are the same training's result)."""
+
+    def __init__(self, entry: Path) -> None:
+        self.entry = entry
+        self.tmp = entry.with_name(f".{entry.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+
+    def __enter__(self) -> Path:
+        self.tmp.mkdir(parents=True)
+        return self.tmp
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        if kind is None:
+            try:
+                self.tmp.rename(self.entry)
+                return
+            except OSError:  # the entry exists: another process stored it first
+                pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def tree_digest(directory: Path) -> dict[str, str]:
+    """Per file of ``directory`` (relative path), a digest of its bytes: what a refresh reads."""
+    return {str(p.relative_to(directory)): hashlib.blake2b(p.read_bytes(), digest_size=16).hexdigest()
+            for p in sorted(_files(directory))}  # fmt: skip
+
+
+def _files(directory: Path) -> Iterator[Path]:
+    return (p for p in Path(directory).rglob("*") if p.is_file())
+
+
+def _rng_states() -> list[Tensor]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return [torch.random.get_rng_state(), *cuda]
+
+
+def _pure(work: Callable[[], T]) -> tuple[T, bool]:
+    """``work()``, and whether it left the global torch RNGs as it found them."""
+    before = _rng_states()
+    out = work()
+    after = _rng_states()
+    same = len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
+    return out, same
