@@ -21,6 +21,9 @@ run):
 - **landing**: the kept model's forget-set accuracy and MIA AUC minus the target it aimed at
   (medians, per-client and per-task requests apart), request-tasks within 0.05 of it, and runs
   whose kept checkpoint's early-stopping distance is within 0.05;
+- **misses**: why the request-tasks that are not close miss: their target is itself more than 0.05
+  from the retrain, or it is close and the model landed off it, past it (accuracy and AUC both
+  below the target), short of it (both above) or on either side (:func:`misses`);
 - per (setting, stage): median UIS and close, the Val and kept-task gaps to the retrain (each
   file's summary, over all its runs: the text says when the two methods' runs differ), and the
   ratio of the median UIS to the best of ``ssd`` and ``ia`` where either file has them;
@@ -106,6 +109,28 @@ def _landing(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def misses(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """The request-tasks of ``rows`` that are not close, by cause: ``target_far`` (the target it
+    aimed at is itself not close to the retrain), or off a close target: ``past`` (forget-set
+    accuracy and AUC both below it), ``short`` (both above) or ``mixed``; ``no_target`` (a constant
+    or relative target: nothing to tell the two apart)."""
+    out = {"target_far": 0, "past": 0, "short": 0, "mixed": 0, "no_target": 0}
+    for r in rows:
+        target_close = r.get("target_close") or {}
+        for task, close in (r.get("close") or {}).items():
+            if close:
+                continue
+            aimed, got = aimed_target(r.get("target"), task), r["tasks"].get(task, {})
+            if aimed is None or task not in target_close:
+                out["no_target"] += 1
+            elif not target_close[task]:
+                out["target_far"] += 1
+            else:
+                gaps = (float(got["unl"]) - aimed[0], float(got["mia_auc"]) - aimed[1])
+                out["past" if max(gaps) < 0 else "short" if min(gaps) > 0 else "mixed"] += 1
+    return out
+
+
 def _pooled(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     scored = [r for r in rows if r.get("uis") is not None]
     updates = [r["update"] for r in rows if r.get("update") and r["update"].get("best_distance") is not None]
@@ -117,6 +142,7 @@ def _pooled(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "mean_uis": statistics.fmean(r["uis"] for r in scored) if scored else None,
         "targets_close": sum(sum(bool(v) for v in (r.get("target_close") or {}).values()) for r in rows),
         "landing": _landing(rows),
+        "misses": misses(rows),
         "kept_within_target": sum(float(u["best_distance"]) <= CLOSE_TOLERANCE for u in updates),
         "runs_with_update": len(updates),
     }
@@ -312,6 +338,13 @@ def format_comparison(c: Mapping[str, Any], base_name: str, new_name: str) -> st
     lines.append("landing (kept − aimed target: accuracy / AUC medians, within 0.05):")
     lines.append(f"  base: {_landing_text(c['base']['landing'])}")
     lines.append(f"  new:  {_landing_text(c['new']['landing'])}")
+    lines.append(
+        "misses (not close): the target far from the retrain; off a close target: past / short / mixed"
+    )
+    for side in ("base", "new"):
+        m = c[side]["misses"]
+        extra = f"; no per-client target {m['no_target']}" if m["no_target"] else ""
+        lines.append(f"  {side + ':':<5} {m['target_far']}; {m['past']} / {m['short']} / {m['mixed']}{extra}")
     lines.append("")
     header = f"{'UIS':>8} {'close':>5} {'Val':>6} {'kept':>6} {'×best':>6}"
     several = len({s["part"] for s in c["stages"]}) > 1  # cells of several files: say whose

@@ -77,6 +77,10 @@ def test_compare_pools_both_sides_over_the_shared_runs() -> None:
     assert (fu["accuracy"], fu["mia_auc"]) == (pytest.approx(0.02), pytest.approx(0.01))
     assert c["new"]["landing"]["PU"]["accuracy"] == pytest.approx(0.02)
     assert c["base"]["landing"]["FU"]["within"] == 0  # 0.60 is 0.10 above
+    # misses: base's FU lands 0.10 above a close target (short of it), its PU aimed at a far one
+    assert c["base"]["misses"] == {"target_far": 1, "past": 0, "short": 1, "mixed": 0, "no_target": 0}
+    assert c["new"]["misses"]["target_far"] == 1
+    assert sum(c["new"]["misses"].values()) == 1  # the close FU task is no miss
     # the summary's cells, the ratio to the best of ssd and ia (0.5), stages not worse
     assert [s["setting"] for s in c["stages"]] == ["FU", "PU:a"]
     assert c["stages"][0]["new"]["ratio"] == pytest.approx(0.6)
@@ -85,6 +89,7 @@ def test_compare_pools_both_sides_over_the_shared_runs() -> None:
     assert c["new"]["kept_gap"] == pytest.approx(0.01)
     assert c["new"]["val_rest_gap"] == pytest.approx(0.03)
     text = format_comparison(c, "base.json", "new.json")
+    assert "  base: 1; 0 / 1 / 0" in text
     assert "Val gap on unguarded rows" in text
     assert "0.030" in text
     assert "1/2" in text
