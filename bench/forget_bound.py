@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from torch import nn
 
 from bench.calibration_cli import calibration_parser, seeds, workload_options, write_json
 from bench.seeded_workloads import SeededWorkloads
+from bench.training_cache import TrainingCache, trained_adapter, trained_references
 from worker.unlearning import acceptance
 from worker.unlearning.audit import AuditConfig, model_outputs
 from worker.unlearning.datastore import DataStore
@@ -43,10 +43,10 @@ from worker.unlearning.engine import ensure_base
 from worker.unlearning.likelihood_ratio import forget_bound_allowance, out_reference_targets
 from worker.unlearning.model import MultiTaskModel
 from worker.unlearning.partitions import retain_set
-from worker.unlearning.reference_adapters import LoadedReferences, load_references, train_references
+from worker.unlearning.reference_adapters import LoadedReferences, load_references
 from worker.unlearning.runtime import runtime_environment
 from worker.unlearning.state import RoundState
-from worker.unlearning.training import TrainConfig, train_v1
+from worker.unlearning.training import TrainConfig
 from worker.unlearning.types import Batch, TaskSpec
 from worker.unlearning.workload import Workload
 
@@ -63,17 +63,18 @@ def _forget_checks(checks: Sequence[acceptance.Check]) -> dict[str, acceptance.C
 
 def _references(
     workload: Workload, settings: dict[str, Any], base: MultiTaskModel, data: Batch, heldout: Batch,
-    client_index: dict[str, int], cfg: TrainConfig, k: int, seed: int, directory: Path,
-) -> LoadedReferences | None:  # fmt: skip
-    """The version's reference adapters, trained on v1's data as the engine trains them."""
+    client_index: dict[str, int], cfg: TrainConfig, k: int, seed: int, directory: Path, cache: TrainingCache,
+) -> tuple[LoadedReferences | None, float]:  # fmt: skip
+    """The version's reference adapters, trained on v1's data as the engine trains them, and their
+    training seconds."""
     audit = AuditConfig.from_settings(settings)
     tasks = workload.tasks()
-    train_references(
-        base, data, tasks, cfg, client_index=client_index, k=k, seed=seed, directory=directory,
+    train_s = trained_references(
+        cache, base, data, tasks, cfg, directory=directory, client_index=client_index, k=k, seed=seed,
         workload=workload.name, heldout=heldout, in_fraction=audit.reference_in_fraction,
         withhold_tasks=audit.reference_withheld_tasks(tasks),
     )  # fmt: skip
-    return load_references(base, directory, heldout=heldout, client_index=client_index)
+    return load_references(base, directory, heldout=heldout, client_index=client_index), train_s
 
 
 def _levels(
@@ -100,11 +101,15 @@ def measure_seed(
     clients: int | Sequence[str],
     references: int | None = None,
     overrides: Mapping[str, Any] | None = None,
+    cache: TrainingCache | None = None,
 ) -> dict[str, Any]:
     """``clients``: how many of the active clients (the first ones), or which by name.
     ``references``: how many reference adapters to train for the ``with_allowance`` bound
     (``None``: the workload's ``audit.reference_adapters``; 0: none, that bound is not judged).
-    ``overrides``: settings over the workload's (e.g. ``audit.reference_in_fraction``)."""
+    ``overrides``: settings over the workload's (e.g. ``audit.reference_in_fraction``).
+    ``cache``: v1, the references and the retrains are read from it where it holds them
+    (:mod:`bench.training_cache`)."""
+    cache = cache or TrainingCache()
     workload = workloads.of(seed)
     settings = workload.settings(overrides)
     store = DataStore.materialise(root / f"data-{seed}", workload)
@@ -120,7 +125,7 @@ def measure_seed(
                       state=RoundState(version=1))  # fmt: skip
     heldout = store.heldout().to_batch(client_index)
     cfg = TrainConfig.from_settings(settings)
-    v1 = train_v1(base, data, tasks, cfg, seed=seed)
+    v1, _ = trained_adapter(cache, base, data, tasks, cfg, seed=seed)
     out = model_outputs(v1, heldout.inputs)  # v1's held-out level, as the round state keeps it
     original_val = {t.name: float(t.metric(out[t.name], heldout.labels[t.name])) for t in tasks}
     empty = data.select(torch.zeros(0, dtype=torch.long))
@@ -132,23 +137,23 @@ def measure_seed(
     k = AuditConfig.from_settings(settings).reference_adapters if references is None else references
     loaded = None
     if k:
-        t0 = time.perf_counter()
-        loaded = _references(workload, settings, base, data, heldout, client_index, cfg, k, seed,
-                             root / f"references-{seed}")  # fmt: skip
-        print(f"seed {seed}: {k} references trained in {time.perf_counter() - t0:.1f}s", flush=True)
+        loaded, train_s = _references(workload, settings, base, data, heldout, client_index, cfg, k, seed,
+                                      root / f"references-{seed}", cache)  # fmt: skip
+        print(f"seed {seed}: {k} references trained in {train_s:.1f}s", flush=True)
         configs[WITH_ALLOWANCE] = acceptance.AcceptanceConfig.from_settings(
             {**judged_as, "unseen_noise": True, "reference_allowance": True}
         )
     rows = []
     for client in chosen:
         position = store.active_clients.index(client)  # the retrain's seed does not depend on the choice
-        t0 = time.perf_counter()
         mine = data.subset == client_index[client]
         forget = data.select(torch.nonzero(mine).flatten())
         without = data.select(torch.nonzero(~mine).flatten())
-        retrained = train_v1(base, without, tasks, cfg, seed=seed + 1000 * (position + 1))
+        retrained, retrain_s = trained_adapter(
+            cache, base, without, tasks, cfg, seed=seed + 1000 * (position + 1)
+        )
         groups = acceptance.Groups(forget=forget, kept=empty, retained=empty, heldout=heldout)
-        row: dict[str, Any] = {"client": client, "retrain_s": round(time.perf_counter() - t0, 1)}
+        row: dict[str, Any] = {"client": client, "retrain_s": round(retrain_s, 1)}
         allowance: dict[str, float] = {}
         if loaded is not None:
             allowance = forget_bound_allowance(out_reference_targets(
@@ -209,6 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="JSON",
         help='settings over the workload\'s, e.g. {"audit": {"reference_in_fraction": 0.75}}',
     )
+    parser.add_argument("--training-cache", type=Path, default=None, metavar="DIR",
+                        help="read v1, the references and the retrains from DIR where an earlier run "
+                             "trained them; store them there (bench/training_cache.py)")  # fmt: skip
     parser.add_argument("--references", type=int, default=None,
                         help="reference adapters for the with_allowance bound (default: the workload's "
                              "audit.reference_adapters; 0: none)")  # fmt: skip
@@ -221,12 +229,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = workload_options(parser, args)
     workloads = SeededWorkloads(args.workload, options)
     results = []
+    cache = TrainingCache(args.training_cache)
     with tempfile.TemporaryDirectory(prefix="lethe-forget-bound-") as tmp:
         for seed in seeds(args):
             chosen = args.client or args.clients
             try:
                 results.append(
-                    measure_seed(workloads, seed, Path(tmp), chosen, args.references, args.settings)
+                    measure_seed(workloads, seed, Path(tmp), chosen, args.references, args.settings, cache)
                 )
             except ValueError as e:  # a client the workload does not have
                 parser.error(str(e))
@@ -236,6 +245,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "workload_options": options,
         "settings": args.settings,
         "environment": runtime_environment(),
+        "training_cache": {
+            "dir": None if args.training_cache is None else str(args.training_cache),
+            **cache.stats(),
+        },
         "summary": summary(results),
         "seeds": results,
     }

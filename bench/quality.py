@@ -67,7 +67,7 @@ from bench.scoring import (
     task_metrics,
 )
 from bench.seeded_workloads import SeededWorkloads
-from bench.training_cache import TrainingCache, tree_digest
+from bench.training_cache import TrainingCache, trained_adapter, trained_references, tree_digest
 from worker.unlearning.acceptance import AcceptanceConfig
 from worker.unlearning.audit import AuditConfig
 from worker.unlearning.datastore import DataStore
@@ -98,12 +98,11 @@ from worker.unlearning.reference_adapters import (
     drop_references_with,
     load_references,
     refresh_references,
-    train_references,
 )
 from worker.unlearning.runtime import runtime_environment
 from worker.unlearning.ssd import precompute_full_importance
 from worker.unlearning.state import RoundState
-from worker.unlearning.training import TrainConfig, fresh_adapter, train_v1
+from worker.unlearning.training import TrainConfig, fresh_adapter
 from worker.unlearning.types import Batch, ForgetSpec
 from worker.unlearning.workload import (
     BenchProtocol,
@@ -279,12 +278,8 @@ def _prepared_seeds(
 
 def _v1(inputs: EngineInputs, seed: int, cache: TrainingCache) -> tuple[PeftModel, float]:
     """The seed's v1 (v1's recipe on every client's data) and its training seconds."""
-    cfg, data = TrainConfig.from_settings(inputs.settings), inputs.full_train_set()
-    return cache.adapter(
-        "v1", {"data": data, "tasks": inputs.tasks, "cfg": cfg, "seed": seed}, inputs.base,
-        train=lambda: _timed(lambda: train_v1(inputs.base, data, inputs.tasks, cfg, seed=seed)),
-        fresh=lambda: fresh_adapter(inputs.base, cfg, seed=seed),
-    )  # fmt: skip
+    cfg = TrainConfig.from_settings(inputs.settings)
+    return trained_adapter(cache, inputs.base, inputs.full_train_set(), inputs.tasks, cfg, seed=seed)
 
 
 def _train_references(
@@ -292,25 +287,13 @@ def _train_references(
 ) -> float:
     """``k`` reference adapters on v1's data written to ``directory``, as preparation trains them;
     their training seconds."""
-    cfg, data = TrainConfig.from_settings(inputs.settings), inputs.full_train_set()
     audit = AuditConfig.from_settings(inputs.settings)
-    withheld, fraction = audit.reference_withheld_tasks(inputs.tasks), audit.reference_in_fraction
-    recipe = {
-        "data": data, "tasks": inputs.tasks, "cfg": cfg, "client_index": inputs.client_index, "k": k,
-        "seed": seed, "workload": inputs.workload.name, "heldout": inputs.heldout,
-        "withhold_tasks": withheld, "in_fraction": fraction,
-    }  # fmt: skip
-
-    def train() -> tuple[float, float]:
-        made = train_references(
-            inputs.base, data, inputs.tasks, cfg, client_index=inputs.client_index, k=k, seed=seed,
-            directory=directory, workload=inputs.workload.name, withhold_tasks=withheld,
-            heldout=inputs.heldout, in_fraction=fraction,
-        )  # fmt: skip
-        return made.train_s, made.train_s
-
-    train_s, _ = cache.tree("references", recipe, inputs.base, train, directory)
-    return float(train_s)
+    return trained_references(
+        cache, inputs.base, inputs.full_train_set(), inputs.tasks, TrainConfig.from_settings(inputs.settings),
+        directory=directory, client_index=inputs.client_index, k=k, seed=seed, workload=inputs.workload.name,
+        heldout=inputs.heldout, withhold_tasks=audit.reference_withheld_tasks(inputs.tasks),
+        in_fraction=audit.reference_in_fraction,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)

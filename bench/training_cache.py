@@ -32,15 +32,21 @@ import json
 import os
 import platform
 import shutil
+import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+from peft import PeftModel
 from torch import Tensor, nn
 
+from worker.unlearning.model import MultiTaskModel
+from worker.unlearning.reference_adapters import train_references
 from worker.unlearning.runtime import package_versions
+from worker.unlearning.training import TrainConfig, fresh_adapter, train_v1
+from worker.unlearning.types import Batch, TaskSpec
 
 FORMAT = 1  # bump when what an entry holds changes
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -286,6 +292,12 @@ def _files(directory: Path) -> Iterator[Path]:
     return (p for p in Path(directory).rglob("*") if p.is_file())
 
 
+def _timed(work: Callable[[], T]) -> tuple[T, float]:
+    t0 = time.perf_counter()
+    out = work()
+    return out, time.perf_counter() - t0
+
+
 def _rng_states() -> list[Tensor]:
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     return [torch.random.get_rng_state(), *cuda]
@@ -298,3 +310,43 @@ def _pure(work: Callable[[], T]) -> tuple[T, bool]:
     after = _rng_states()
     same = len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     return out, same
+
+
+def trained_adapter(
+    cache: TrainingCache,
+    base: MultiTaskModel,
+    data: Batch,
+    tasks: Sequence[TaskSpec],
+    cfg: TrainConfig,
+    *,
+    seed: int,
+) -> tuple[PeftModel, float]:
+    """:func:`~worker.unlearning.training.train_v1` (v1, or a retrain on another data set) and its
+    seconds, read from ``cache`` where it trained the same before."""
+    return cache.adapter(
+        "v1", {"data": data, "tasks": list(tasks), "cfg": cfg, "seed": seed}, base,
+        train=lambda: _timed(lambda: train_v1(base, data, tasks, cfg, seed=seed)),
+        fresh=lambda: fresh_adapter(base, cfg, seed=seed),
+    )  # fmt: skip
+
+
+def trained_references(
+    cache: TrainingCache,
+    base: MultiTaskModel,
+    data: Batch,
+    tasks: Sequence[TaskSpec],
+    cfg: TrainConfig,
+    *,
+    directory: Path,
+    **recipe: Any,
+) -> float:
+    """:func:`~worker.unlearning.reference_adapters.train_references` into ``directory`` (``recipe``:
+    its keyword arguments), or the cache's copy of the same set; the set's training seconds."""
+
+    def train() -> tuple[float, float]:
+        made = train_references(base, data, tasks, cfg, directory=directory, **recipe)
+        return made.train_s, made.train_s
+
+    parts = {"data": data, "tasks": list(tasks), "cfg": cfg, **recipe}
+    train_s, _ = cache.tree("references", parts, base, train, directory)
+    return float(train_s)

@@ -102,3 +102,28 @@ def test_with_references_a_failed_bound_is_read_again_with_their_allowance(tmp_p
         assert with_allowance["retrain_failed"] <= counts["two_sample"]["retrain_failed"]
         assert with_allowance["v1_caught"] <= counts["two_sample"]["v1_caught"]
     assert raised
+
+
+def test_a_second_run_reads_its_trainings_from_the_cache_and_judges_the_same(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(forget_bound, "SeededWorkloads",
+                        lambda *_: SeededWorkloads(ToyWorkload(num_clients=3, per_client=12)))  # fmt: skip
+    argv = [
+        "--seeds",
+        "0",
+        "--clients",
+        "2",
+        "--references",
+        "2",
+        "--training-cache",
+        str(tmp_path / "cache"),
+    ]
+    runs = []
+    for name in ("first", "second"):
+        assert forget_bound.main([*argv, "--json", str(tmp_path / f"{name}.json")]) == 0
+        runs.append(json.loads((tmp_path / f"{name}.json").read_text()))
+    # v1, the reference set and two retrains: trained and stored, then read back
+    assert {k: runs[0]["training_cache"][k] for k in ("hits", "misses")} == {"hits": 0, "misses": 4}
+    assert {k: runs[1]["training_cache"][k] for k in ("hits", "misses")} == {"hits": 4, "misses": 0}
+    assert runs[0]["seeds"] == runs[1]["seeds"]  # every check, level and allowance; the retrains' seconds
