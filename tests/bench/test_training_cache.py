@@ -124,6 +124,13 @@ def test_a_tree_hit_restores_the_directory_and_its_value(tmp_path: Path) -> None
     assert calls == [1]
     assert first == second == ([0], 3.0)
     assert tree_digest(target) == written
+    # a set trained twice writes the same adapters and other seconds: the same content for a refresh
+    (target / "references.json").write_text('{"k": 2, "train_s": 99.5}')
+    timed = tree_digest(target)
+    (target / "references.json").write_text('{"k": 2, "train_s": 12.25}')
+    assert tree_digest(target) == timed
+    (target / "references.json").write_text('{"k": 4, "train_s": 12.25}')
+    assert tree_digest(target) != timed
 
 
 def test_the_code_key_follows_what_trains_and_not_the_methods() -> None:
