@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,7 +67,7 @@ from bench.scoring import (
     task_metrics,
 )
 from bench.seeded_workloads import SeededWorkloads
-from bench.training_cache import TrainingCache, trained_adapter, trained_references, tree_digest
+from bench.training_cache import TrainingCache, timed, trained_adapter, trained_references, tree_digest
 from worker.unlearning.acceptance import AcceptanceConfig
 from worker.unlearning.audit import AuditConfig
 from worker.unlearning.datastore import DataStore
@@ -110,8 +110,6 @@ from worker.unlearning.workload import (
     deep_merge,
     workload_factory,
 )
-
-T = TypeVar("T")
 
 METHODS = ["original", "retrain", *APPROXIMATE_METHODS]
 SECOND_RETRAIN_SEED_OFFSET = 7_919  # the second retrain's seed is the run's seed + this
@@ -957,11 +955,10 @@ def _reference(ctx: RequestContext, cache: TrainingCache) -> Reference:
 
 def _retrain(ctx: RequestContext, seed: int, cache: TrainingCache) -> tuple[PeftModel, float]:
     """A retrain of the stage's retain set with ``seed`` (``retrain_2``) and its seconds."""
-    pruned = _pruned_now(ctx)
     return _cached_retrain(
         ctx, seed, cache,
-        lambda: _timed(lambda: reference_retrain(ctx.base, ctx.retain, ctx.tasks, ctx.settings, seed=seed,
-                                                 pruned=pruned, device=ctx.device)),
+        lambda: timed(lambda: reference_retrain(ctx.base, ctx.retain, ctx.tasks, ctx.settings, seed=seed,
+                                                pruned=ctx.pruned_after, device=ctx.device)),
     )  # fmt: skip
 
 
@@ -969,21 +966,10 @@ def _cached_retrain(
     ctx: RequestContext, seed: int, cache: TrainingCache, train: Callable[[], tuple[PeftModel, float]]
 ) -> tuple[PeftModel, float]:
     cfg = TrainConfig.from_settings(ctx.settings)
-    parts = {"data": ctx.retain, "tasks": ctx.tasks, "cfg": cfg, "seed": seed, "pruned": _pruned_now(ctx),
+    parts = {"data": ctx.retain, "tasks": ctx.tasks, "cfg": cfg, "seed": seed, "pruned": ctx.pruned_after,
              "device": ctx.device}  # fmt: skip
     fresh = lambda: fresh_adapter(ctx.base, cfg, seed=seed).to(ctx.device)  # noqa: E731
     return cache.adapter("retrain", parts, ctx.base, train, fresh)
-
-
-def _pruned_now(ctx: RequestContext) -> list[int]:
-    """Every subset-ID output suppressed once the stage's request is done (a retrain applies them)."""
-    return sorted(set(ctx.state.pruned_subset_outputs) | set(ctx.prune_outputs))
-
-
-def _timed(work: Callable[[], T]) -> tuple[T, float]:
-    t0 = time.perf_counter()
-    out = work()
-    return out, time.perf_counter() - t0
 
 
 def _refresh(

@@ -119,7 +119,13 @@ def model_modules(model: nn.Module) -> tuple[str, ...]:
 
 
 def machine() -> dict[str, Any]:
-    """What decides the arithmetic of a training on this machine."""
+    """What decides the arithmetic of a training on this machine (the thread count read each time:
+    a process may set it after the first key)."""
+    return {**_fixed_machine(), "threads": torch.get_num_threads()}
+
+
+@functools.cache
+def _fixed_machine() -> dict[str, Any]:
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as fh:
@@ -131,7 +137,6 @@ def machine() -> dict[str, Any]:
         "packages": {k: package_versions().get(k) for k in ("peft", "transformers")},
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu": cpu,
-        "threads": torch.get_num_threads(),
         "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
@@ -196,32 +201,25 @@ class TrainingCache:
         """``train()``'s model and the seconds it reports for its training. ``fresh()``: the
         untrained model ``train`` starts from (an entry stores only the tensors training changed,
         and loads them into ``fresh()``)."""
-        if self.directory is None:
-            return train()
-        entry = self.directory / digest(kind, parts, base)
-        if (entry / "meta.json").is_file():
-            meta = json.loads((entry / "meta.json").read_text())
+
+        def read(entry: Path) -> M:
             model = fresh()
             changed = torch.load(entry / "changed.pt", map_location="cpu", weights_only=True)
-            device = next(iter(model.state_dict().values())).device
-            missing = set(changed) - set(model.state_dict())
+            own = model.state_dict()
+            missing = set(changed) - set(own)
             if missing:
                 raise RuntimeError(f"cache entry {entry.name}: unknown tensors {sorted(missing)[:3]}")
+            device = next(iter(own.values())).device
             model.load_state_dict({k: v.to(device) for k, v in changed.items()}, strict=False)
-            model.eval()
-            self.hits += 1
-            return model, float(meta["train_s"])
-        (model, seconds), pure = _pure(train)
-        if not pure:
-            self.uncached += 1
-            return model, seconds
-        untrained = fresh().state_dict()
-        changed = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
-                   if not torch.equal(v.detach().cpu(), untrained[k].detach().cpu())}  # fmt: skip
-        with self._writing(entry) as tmp:
+            return model.eval()
+
+        def write(model: M, tmp: Path) -> None:
+            untrained = fresh().state_dict()
+            changed = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()
+                       if not torch.equal(v.detach().cpu(), untrained[k].detach().cpu())}  # fmt: skip
             torch.save(changed, tmp / "changed.pt")
-            (tmp / "meta.json").write_text(json.dumps({"kind": kind, "train_s": seconds}))
-        self.misses += 1
+
+        model, seconds, _ = self._through(kind, parts, base, train, read, write)
         return model, seconds
 
     def tree(
@@ -235,29 +233,49 @@ class TrainingCache:
         """``produce()`` writes ``directory`` (a reference set) and returns a JSON value and its
         seconds; those two. A hit replaces ``directory`` with the stored copy. ``parts`` should
         hold what ``directory`` held before (:func:`tree_digest`) where ``produce`` reads it."""
-        if self.directory is None:
-            return produce()
-        entry = self.directory / digest(kind, parts, base)
-        if (entry / "meta.json").is_file():
-            meta = json.loads((entry / "meta.json").read_text())
+
+        def read(entry: Path) -> None:
             if directory.exists():
                 shutil.rmtree(directory)
             shutil.copytree(entry / "tree", directory)
+
+        def write(_: Any, tmp: Path) -> None:
+            shutil.copytree(directory, tmp / "tree")
+
+        value, seconds, meta = self._through(kind, parts, base, produce, read, write)
+        return (meta["value"] if meta is not None else value), seconds
+
+    def _through(
+        self,
+        kind: str,
+        parts: Mapping[str, Any],
+        base: nn.Module,
+        run: Callable[[], tuple[T, float]],
+        read: Callable[[Path], T],
+        write: Callable[[T, Path], None],
+    ) -> tuple[T, float, dict[str, Any] | None]:
+        """A hit: ``read(entry)``, the stored seconds and the entry's meta. A miss: ``run()``, and
+        where it left the RNGs alone ``write(result, tmp)`` and its meta (``value``: the result
+        where it is JSON, a tree's); meta ``None``."""
+        if self.directory is None:
+            return (*run(), None)
+        entry = self.directory / digest(kind, parts, base)
+        if (entry / "meta.json").is_file():
+            meta = json.loads((entry / "meta.json").read_text())
             self.hits += 1
-            return meta["value"], float(meta["train_s"])
-        (value, seconds), pure = _pure(produce)
+            return read(entry), float(meta["train_s"]), meta
+        (result, seconds), pure = _pure(run)
         if not pure:
             self.uncached += 1
-            return value, seconds
-        with self._writing(entry) as tmp:
-            shutil.copytree(directory, tmp / "tree")
-            (tmp / "meta.json").write_text(json.dumps({"kind": kind, "train_s": seconds, "value": value}))
+            return result, seconds, None
+        with _EntryWriter(entry) as tmp:
+            write(result, tmp)
+            meta = {"kind": kind, "train_s": seconds}
+            if not isinstance(result, nn.Module):
+                meta["value"] = result
+            (tmp / "meta.json").write_text(json.dumps(meta))
         self.misses += 1
-        return value, seconds
-
-    @staticmethod
-    def _writing(entry: Path) -> _EntryWriter:
-        return _EntryWriter(entry)
+        return result, seconds, None
 
 
 class _EntryWriter:
@@ -308,7 +326,8 @@ def _files(directory: Path) -> Iterator[Path]:
     return (p for p in Path(directory).rglob("*") if p.is_file())
 
 
-def _timed(work: Callable[[], T]) -> tuple[T, float]:
+def timed(work: Callable[[], T]) -> tuple[T, float]:
+    """``work()`` and its wall seconds."""
     t0 = time.perf_counter()
     out = work()
     return out, time.perf_counter() - t0
@@ -341,7 +360,7 @@ def trained_adapter(
     seconds, read from ``cache`` where it trained the same before."""
     return cache.adapter(
         "v1", {"data": data, "tasks": list(tasks), "cfg": cfg, "seed": seed}, base,
-        train=lambda: _timed(lambda: train_v1(base, data, tasks, cfg, seed=seed)),
+        train=lambda: timed(lambda: train_v1(base, data, tasks, cfg, seed=seed)),
         fresh=lambda: fresh_adapter(base, cfg, seed=seed),
     )  # fmt: skip
 

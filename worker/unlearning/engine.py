@@ -256,6 +256,12 @@ class RequestContext:
             return [self.client_index[self.resolved.client_id]]
         return []
 
+    @property
+    def pruned_after(self) -> list[int]:
+        """Every subset-ID output suppressed once this request is done: the earlier requests' and
+        its own (what a retrain of its retain set applies)."""
+        return sorted(set(self.state.pruned_subset_outputs) | set(self.prune_outputs))
+
 
 def _selection(resolved: ResolvedSpec, state: RoundState) -> ForgetSelection:
     gone = set(state.forgotten_samples)
@@ -506,9 +512,14 @@ def reference_retrain(
 
 def compute_reference(ctx: RequestContext) -> Reference:
     t0 = time.perf_counter()
-    pruned = sorted(set(ctx.state.pruned_subset_outputs) | set(ctx.prune_outputs))
     model = reference_retrain(
-        ctx.base, ctx.retain, ctx.tasks, ctx.settings, seed=ctx.seed, pruned=pruned, device=ctx.device
+        ctx.base,
+        ctx.retain,
+        ctx.tasks,
+        ctx.settings,
+        seed=ctx.seed,
+        pruned=ctx.pruned_after,
+        device=ctx.device,
     )
     settle(ctx.device)
     wall = time.perf_counter() - t0
