@@ -384,19 +384,17 @@ def _evaluate_seeds(
                 fh.write(json.dumps(out) + "\n")
         return out
 
-    names = job.setting_names
-    units: list[tuple[int, str | None]] = [(seed, None) for seed in seeds]
-    if jobs > 1 and names is not None and len(names) > 1:
-        units = [(seed, name) for seed in seeds for name in names]
+    units, submitted = work_units(seeds, job.setting_names, jobs)
     if jobs > 1 and len(units) > 1:
         spawn = multiprocessing.get_context("spawn")  # not fork: the parent's torch threads
         with ProcessPoolExecutor(
             min(jobs, len(units)), mp_context=spawn, initializer=_seed_worker_init, initargs=(os.getpid(),)
         ) as pool:
-            futures = [pool.submit(_evaluate_seed, job, seed, name) for seed, name in units]
+            futures = {pool.submit(_evaluate_seed, job, seed, name): (seed, name) for seed, name in submitted}
             for future in as_completed(futures):
                 done(future.result())
-            outs = [future.result() for future in futures]
+            by_unit = {unit: future.result() for future, unit in futures.items()}
+            outs = [by_unit[unit] for unit in units]
     else:
         outs = [done(_evaluate_seed(job, seed, name)) for seed, name in units]
     runs = [row for out in outs for row in out["runs"]]
@@ -410,6 +408,23 @@ def _evaluate_seeds(
         },
     }
     return runs, log
+
+
+Unit = tuple[int, str | None]  # (seed, setting); setting None: all of the seed's settings
+
+
+def work_units(seeds: Sequence[int], names: Sequence[str] | None, jobs: int) -> tuple[list[Unit], list[Unit]]:
+    """The units of a run in the rows' order (seed, then setting) and in the order they are
+    submitted. One process: one unit per seed. Several, with several settings: one per (seed,
+    setting), submitted setting by setting, so a seed's units run apart and, with a training
+    cache, the later ones read the seed's v1 and references instead of training them beside the
+    first."""
+    if jobs <= 1 or names is None or len(names) <= 1:
+        units: list[Unit] = [(seed, None) for seed in seeds]
+        return units, units
+    return [(seed, name) for seed in seeds for name in names], [
+        (seed, name) for name in names for seed in seeds
+    ]
 
 
 def workload_protocol(workload: str | Workload, preset: str) -> BenchProtocol | None:

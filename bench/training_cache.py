@@ -18,14 +18,18 @@ A training that draws from the global torch RNG (dropout, say) depends on what r
 the key does not hold: such a result is never stored (``uncached``), and every call trains.
 
 Entries are written to a temporary sibling and renamed, so two processes that train the same seed
-(``--jobs``: each unit trains its seed's v1) never leave a half-written entry. Only the benchmark
-uses this; the worker never caches a training.
+(``--jobs``: each unit trains its seed's v1) never leave a half-written entry. A training holds a
+lock on its key while it runs: a second process that asks for it waits and reads the entry,
+instead of running the same training beside it. Only the benchmark uses this; the worker never
+caches a training.
 """
 
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
+import fcntl
 import functools
 import hashlib
 import json
@@ -260,22 +264,38 @@ class TrainingCache:
         if self.directory is None:
             return (*run(), None)
         entry = self.directory / digest(kind, parts, base)
-        if (entry / "meta.json").is_file():
-            meta = json.loads((entry / "meta.json").read_text())
-            self.hits += 1
-            return read(entry), float(meta["train_s"]), meta
-        (result, seconds), pure = _pure(run)
-        if not pure:
-            self.uncached += 1
+        with _key_lock(entry):
+            if (entry / "meta.json").is_file():
+                meta = json.loads((entry / "meta.json").read_text())
+                self.hits += 1
+                return read(entry), float(meta["train_s"]), meta
+            (result, seconds), pure = _pure(run)
+            if not pure:
+                self.uncached += 1
+                return result, seconds, None
+            with _EntryWriter(entry) as tmp:
+                write(result, tmp)
+                meta = {"kind": kind, "train_s": seconds}
+                if not isinstance(result, nn.Module):
+                    meta["value"] = result
+                (tmp / "meta.json").write_text(json.dumps(meta))
+            self.misses += 1
             return result, seconds, None
-        with _EntryWriter(entry) as tmp:
-            write(result, tmp)
-            meta = {"kind": kind, "train_s": seconds}
-            if not isinstance(result, nn.Module):
-                meta["value"] = result
-            (tmp / "meta.json").write_text(json.dumps(meta))
-        self.misses += 1
-        return result, seconds, None
+
+
+@contextlib.contextmanager
+def _key_lock(entry: Path) -> Iterator[None]:
+    """An exclusive lock on ``entry``'s key, across processes, held from the hit check to the
+    entry's rename: a second asker of the same training waits for it and then hits. Each call
+    trains or reads one entry and takes no other lock inside, so no two locks are ever nested.
+    The OS drops the lock if its holder dies."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    with open(entry.with_name(f".{entry.name}.lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 class _EntryWriter:

@@ -14,7 +14,7 @@ import pytest
 from peft import PeftModel
 
 from bench import quality
-from bench.quality import PRESETS, TUNED_QUICK, TUNING_GRIDS, fair_settings, run_bench
+from bench.quality import PRESETS, TUNED_QUICK, TUNING_GRIDS, fair_settings, run_bench, work_units
 from bench.report import format_table
 from bench.scoring import SECOND_RETRAIN, registered_methods, served_paths, target_close_by_method
 from worker.unlearning.engine import StageResult, anchor_fraction, run_stage
@@ -356,3 +356,13 @@ def test_a_seed_process_exits_when_the_bench_is_gone(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(os, "getppid", lambda: 1)  # re-parented: the bench is gone
     quality.exit_with_parent(4242, 0.0, exit=exits.append, checks=3)
     assert exits == [1]
+
+
+def test_a_seed_s_settings_are_submitted_apart_and_its_rows_stay_in_seed_order() -> None:
+    """With several processes, a seed's second setting is submitted after every seed's first, so
+    it reads what the first stored in a training cache instead of training it alongside."""
+    rows, submitted = work_units([5, 6, 7], ["FU", "PU:t"], jobs=2)
+    assert rows == [(5, "FU"), (5, "PU:t"), (6, "FU"), (6, "PU:t"), (7, "FU"), (7, "PU:t")]
+    assert submitted == [(5, "FU"), (6, "FU"), (7, "FU"), (5, "PU:t"), (6, "PU:t"), (7, "PU:t")]
+    assert work_units([5, 6], ["FU", "PU:t"], jobs=1) == ([(5, None), (6, None)],) * 2
+    assert work_units([5, 6], None, jobs=2) == ([(5, None), (6, None)],) * 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,44 @@ def test_what_the_training_reads_is_its_key(tmp_path: Path) -> None:
     assert cache.stats()["hits"] == 1
 
 
+def test_a_second_asker_of_a_training_waits_for_it_and_reads_it(tmp_path: Path) -> None:
+    """Two processes' units asking for the same training at once (``--jobs``): one trains, the other
+    waits on the key's lock and hits, instead of training the same thing beside it."""
+    inputs = _inputs(tmp_path / "wl")
+    cfg = dataclasses.replace(TrainConfig.from_settings(inputs.settings), epochs=1)
+    parts = {"data": inputs.full_train_set(), "tasks": inputs.tasks, "cfg": cfg, "seed": 3}
+    fresh = lambda: fresh_adapter(inputs.base, cfg, seed=3)  # noqa: E731
+    started, release, calls = threading.Event(), threading.Event(), list[str]()
+
+    def slow() -> tuple[Any, float]:
+        calls.append("first")
+        started.set()
+        assert release.wait(30)
+        return train_v1(inputs.base, inputs.full_train_set(), inputs.tasks, cfg, seed=3), 2.5
+
+    def quick() -> tuple[Any, float]:
+        calls.append("second")
+        return train_v1(inputs.base, inputs.full_train_set(), inputs.tasks, cfg, seed=3), 0.1
+
+    first, second = TrainingCache(tmp_path / "cache"), TrainingCache(tmp_path / "cache")
+    got: dict[str, float] = {}
+    a = threading.Thread(target=lambda: got.update(a=first.adapter("v1", parts, inputs.base, slow, fresh)[1]))
+    a.start()
+    assert started.wait(30)
+    b = threading.Thread(
+        target=lambda: got.update(b=second.adapter("v1", parts, inputs.base, quick, fresh)[1])
+    )
+    b.start()
+    b.join(0.5)
+    assert b.is_alive()  # waiting for the first training, not running its own
+    release.set()
+    a.join(60)
+    b.join(60)
+    assert calls == ["first"]
+    assert got == {"a": 2.5, "b": 2.5}  # the second reads the first's entry and its seconds
+    assert (first.stats()["misses"], second.stats()["hits"]) == (1, 1)
+
+
 def test_a_training_that_draws_from_the_global_rng_is_never_stored(tmp_path: Path) -> None:
     cache = TrainingCache(tmp_path / "cache")
     model = torch.nn.Linear(2, 2)
@@ -103,7 +142,8 @@ def test_a_training_that_draws_from_the_global_rng_is_never_stored(tmp_path: Pat
     for _ in range(2):
         cache.adapter("v1", {"seed": 1}, model, noisy, lambda: model)
     assert cache.stats() == {"hits": 0, "misses": 0, "uncached": 2}
-    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    left = list((tmp_path / "cache").iterdir()) if (tmp_path / "cache").exists() else []
+    assert all(p.name.endswith(".lock") and p.is_file() for p in left)  # no entry, only the key's lock
 
 
 def test_a_tree_hit_restores_the_directory_and_its_value(tmp_path: Path) -> None:
