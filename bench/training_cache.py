@@ -20,8 +20,9 @@ the key does not hold: such a result is never stored (``uncached``), and every c
 Entries are written to a temporary sibling and renamed, so two processes that train the same seed
 (``--jobs``: each unit trains its seed's v1) never leave a half-written entry. A training holds a
 lock on its key while it runs: a second process that asks for it waits and reads the entry,
-instead of running the same training beside it. Only the benchmark uses this; the worker never
-caches a training.
+instead of running the same training beside it. A run stopped mid-training leaves its temporary
+entry behind; the next cache opened on the directory removes it (:func:`remove_abandoned`). Only
+the benchmark uses this; the worker never caches a training.
 """
 
 from __future__ import annotations
@@ -191,6 +192,10 @@ class TrainingCache:
     misses: int = 0  # trained and stored
     uncached: int = 0  # trained, not stored: the training drew from the global RNG
 
+    def __post_init__(self) -> None:
+        if self.directory is not None:
+            remove_abandoned(self.directory)
+
     def stats(self) -> dict[str, int]:
         return {"hits": self.hits, "misses": self.misses, "uncached": self.uncached}
 
@@ -296,6 +301,30 @@ def _key_lock(entry: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def remove_abandoned(directory: Path) -> list[Path]:
+    """Remove the temporary entries (:class:`_EntryWriter`) of processes that are gone, e.g. a run
+    stopped mid-training, and return them. A live process's (its pid answers) and the keys' lock
+    files are kept."""
+    removed = []
+    for tmp in directory.glob(".*.*.*") if directory.is_dir() else ():
+        parts = tmp.name.split(".")  # "", key, pid, id
+        if not tmp.is_dir() or len(parts) != 4 or not parts[2].isdigit() or _alive(int(parts[2])):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 class _EntryWriter:

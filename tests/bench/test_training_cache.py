@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -129,6 +132,24 @@ def test_a_second_asker_of_a_training_waits_for_it_and_reads_it(tmp_path: Path) 
     assert calls == ["first"]
     assert got == {"a": 2.5, "b": 2.5}  # the second reads the first's entry and its seconds
     assert (first.stats()["misses"], second.stats()["hits"]) == (1, 1)
+
+
+def test_a_stopped_run_s_temporary_entry_is_removed_and_a_live_one_s_kept(tmp_path: Path) -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # its pid answers no more
+    cache_dir = tmp_path / "cache"
+    key = "ab" * 20
+    abandoned = cache_dir / f".{key}.{gone.pid}.0123abcd"
+    live = cache_dir / f".{key}.{os.getpid()}.89abcdef"
+    lock, entry = cache_dir / f".{key}.lock", cache_dir / key
+    for d in (abandoned, live, entry):
+        (d / "tree").mkdir(parents=True)
+    lock.touch()
+    TrainingCache(cache_dir)
+    assert not abandoned.exists()
+    assert live.is_dir()
+    assert entry.is_dir()
+    assert lock.is_file()
 
 
 def test_a_training_that_draws_from_the_global_rng_is_never_stored(tmp_path: Path) -> None:
