@@ -422,9 +422,9 @@ def work_units(seeds: Sequence[int], names: Sequence[str] | None, jobs: int) -> 
     if jobs <= 1 or names is None or len(names) <= 1:
         units: list[Unit] = [(seed, None) for seed in seeds]
         return units, units
-    return [(seed, name) for seed in seeds for name in names], [
-        (seed, name) for name in names for seed in seeds
-    ]
+    rows: list[Unit] = [(seed, name) for seed in seeds for name in names]
+    submitted: list[Unit] = [(seed, name) for name in names for seed in seeds]
+    return rows, submitted
 
 
 def workload_protocol(workload: str | Workload, preset: str) -> BenchProtocol | None:

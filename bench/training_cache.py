@@ -30,7 +30,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import dataclasses
-import fcntl
 import functools
 import hashlib
 import json
@@ -47,6 +46,7 @@ import torch
 from peft import PeftModel
 from torch import Tensor, nn
 
+from worker.file_lock import exclusive_lock
 from worker.unlearning.model import MultiTaskModel
 from worker.unlearning.reference_adapters import train_references
 from worker.unlearning.runtime import package_versions
@@ -288,19 +288,11 @@ class TrainingCache:
             return result, seconds, None
 
 
-@contextlib.contextmanager
-def _key_lock(entry: Path) -> Iterator[None]:
+def _key_lock(entry: Path) -> contextlib.AbstractContextManager[None]:
     """An exclusive lock on ``entry``'s key, across processes, held from the hit check to the
     entry's rename: a second asker of the same training waits for it and then hits. Each call
-    trains or reads one entry and takes no other lock inside, so no two locks are ever nested.
-    The OS drops the lock if its holder dies."""
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    with open(entry.with_name(f".{entry.name}.lock"), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    trains or reads one entry and takes no other lock inside, so no two locks are ever nested."""
+    return exclusive_lock(entry.with_name(f".{entry.name}.lock"))
 
 
 def remove_abandoned(directory: Path) -> list[Path]:
@@ -322,8 +314,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        return True
+    except PermissionError:  # another user's process: alive
+        pass
     return True
 
 

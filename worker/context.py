@@ -7,13 +7,12 @@ Torch and the ML core are imported lazily (inside functions).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,6 +28,7 @@ from service.storage import ArtifactStore, make_store
 from worker.artifacts import ModelArtifacts
 from worker.blob_cache import BlobCache
 from worker.config import WorkerSettings
+from worker.file_lock import exclusive_lock
 
 if TYPE_CHECKING:
     from worker.unlearning.types import ForgetSpec
@@ -164,16 +164,9 @@ def resolve_device(device: str) -> str:
     return "cuda" if available else "cpu"
 
 
-@contextlib.contextmanager
-def model_lock(directory: Path, name: str = ".lethe.lock") -> Iterator[None]:
+def model_lock(directory: Path, name: str = ".lethe.lock") -> contextlib.AbstractContextManager[None]:
     """An exclusive ``flock`` on ``directory/name`` (data-store writes, preparation)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / name, "a+b") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    return exclusive_lock(directory / name)
 
 
 def _spec(request: rounds.ClaimedRequest | ForgetRequest) -> ForgetSpec:
