@@ -271,6 +271,12 @@ def _noise(argv: Sequence[str], prog: str) -> int:
     return noise.main(argv, prog=prog)
 
 
+def _targets(argv: Sequence[str], prog: str) -> int:
+    from bench import target_error
+
+    return target_error.main(argv, prog=prog)
+
+
 def _plot(argv: Sequence[str], prog: str) -> int:
     from bench import plots
 
@@ -286,6 +292,7 @@ COMMANDS: dict[str, Callable[[Sequence[str], str], int]] = {
     "plot": _plot,
     "compare": _compare,
     "noise": _noise,
+    "targets": _targets,
 }
 
 
@@ -312,7 +319,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m bench") -> in
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench_command(args: tuple[str, ...]) -> None:
     """Benchmarks: quality (default), measure-workload, latency, reliability, coalescing, plot, compare,
-    noise.
+    noise, targets.
 
     The same as ``python -m bench``; ``lethe bench --help`` lists the commands, ``lethe bench
     COMMAND --help`` their flags."""
