@@ -23,7 +23,8 @@ run):
   whose kept checkpoint's early-stopping distance is within 0.05;
 - **misses**: why the request-tasks that are not close miss: their target is itself more than 0.05
   from the retrain, or it is close and the model landed off it, past it (accuracy and AUC both
-  below the target), short of it (both above) or on either side (:func:`misses`);
+  below the target), short of it (both above) or on either side, and of those how many had a
+  checkpoint on their recorded path within 0.05 of the retrain (:func:`misses`);
 - per (setting, stage): median UIS and close, the Val and kept-task gaps to the retrain (each
   file's summary, over all its runs: the text says when the two methods' runs differ), and the
   ratio of the median UIS to the best of ``ssd`` and ``ia`` where either file has them;
@@ -109,14 +110,19 @@ def _landing(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def misses(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+def misses(
+    rows: Sequence[Mapping[str, Any]], retrains: Mapping[Key, Mapping[str, Any]] | None = None
+) -> dict[str, int]:
     """The request-tasks of ``rows`` that are not close, by cause: ``target_far`` (the target it
     aimed at is itself not close to the retrain), or off a close target: ``past`` (forget-set
     accuracy and AUC both below it), ``short`` (both above) or ``mixed``; ``no_target`` (a constant
-    or relative target: nothing to tell the two apart)."""
-    out = {"target_far": 0, "past": 0, "short": 0, "mixed": 0, "no_target": 0}
+    or relative target: nothing to tell the two apart). Of those off a close target,
+    ``path_near``: a checkpoint of the run's recorded path was close to the retrain (``retrains``,
+    by (setting, stage, seed)): the stop missed it, where the others' path never came near."""
+    out = {"target_far": 0, "past": 0, "short": 0, "mixed": 0, "no_target": 0, "path_near": 0}
     for r in rows:
         target_close = r.get("target_close") or {}
+        retrain = (retrains or {}).get((r["setting"], r["stage"], r["seed"]))
         for task, close in (r.get("close") or {}).items():
             if close:
                 continue
@@ -128,10 +134,28 @@ def misses(rows: Sequence[Mapping[str, Any]]) -> dict[str, int]:
             else:
                 gaps = (float(got["unl"]) - aimed[0], float(got["mia_auc"]) - aimed[1])
                 out["past" if max(gaps) < 0 else "short" if min(gaps) > 0 else "mixed"] += 1
+                out["path_near"] += retrain is not None and _path_near(
+                    r, retrain["tasks"].get(task, {}), task
+                )
     return out
 
 
-def _pooled(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def _path_near(row: Mapping[str, Any], retrain: Mapping[str, Any], task: str) -> bool:
+    """Whether a checkpoint of ``row``'s update (those that record the forget-set accuracy) had
+    ``task``'s forget-set accuracy and MIA AUC within the tolerance of the retrain's."""
+    for checkpoint in (row.get("update") or {}).get("checkpoints") or []:
+        acc = (checkpoint.get("forget_accuracy") or {}).get(task)
+        auc = (checkpoint.get("mia_auc") or {}).get(task)
+        if acc is None or auc is None or retrain.get("unl") is None or retrain.get("mia_auc") is None:
+            continue
+        if abs(acc - retrain["unl"]) <= CLOSE_TOLERANCE and abs(auc - retrain["mia_auc"]) <= CLOSE_TOLERANCE:
+            return True
+    return False
+
+
+def _pooled(
+    rows: Sequence[Mapping[str, Any]], retrains: Mapping[Key, Mapping[str, Any]] | None = None
+) -> dict[str, Any]:
     scored = [r for r in rows if r.get("uis") is not None]
     updates = [r["update"] for r in rows if r.get("update") and r["update"].get("best_distance") is not None]
     return {
@@ -142,7 +166,7 @@ def _pooled(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "mean_uis": statistics.fmean(r["uis"] for r in scored) if scored else None,
         "targets_close": sum(sum(bool(v) for v in (r.get("target_close") or {}).values()) for r in rows),
         "landing": _landing(rows),
-        "misses": misses(rows),
+        "misses": misses(rows, retrains),
         "kept_within_target": sum(float(u["best_distance"]) <= CLOSE_TOLERANCE for u in updates),
         "runs_with_update": len(updates),
     }
@@ -276,13 +300,13 @@ def compare(
         "methods": {"base": base_method, "new": new_method},
         "runs": len(keys),
         "base": {
-            **_pooled([a[k] for k in keys]),
+            **_pooled([a[k] for k in keys], method_rows(base, "retrain")),
             "val_gap": gap("base", "val_gap"),
             "val_rest_gap": gap("base", "val_rest_gap"),
             "kept_gap": gap("base", "kept_gap"),
         },
         "new": {
-            **_pooled([b[k] for k in keys]),
+            **_pooled([b[k] for k in keys], method_rows(new, "retrain")),
             "val_gap": gap("new", "val_gap"),
             "val_rest_gap": gap("new", "val_rest_gap"),
             "kept_gap": gap("new", "kept_gap"),
@@ -340,11 +364,15 @@ def format_comparison(c: Mapping[str, Any], base_name: str, new_name: str) -> st
     lines.append(f"  new:  {_landing_text(c['new']['landing'])}")
     lines.append(
         "misses (not close): the target far from the retrain; off a close target: past / short / mixed"
+        " (of which the path came within 0.05 of the retrain)"
     )
     for side in ("base", "new"):
         m = c[side]["misses"]
         extra = f"; no per-client target {m['no_target']}" if m["no_target"] else ""
-        lines.append(f"  {side + ':':<5} {m['target_far']}; {m['past']} / {m['short']} / {m['mixed']}{extra}")
+        lines.append(
+            f"  {side + ':':<5} {m['target_far']}; {m['past']} / {m['short']} / {m['mixed']}"
+            f" ({m['path_near']}){extra}"
+        )
     lines.append("")
     header = f"{'UIS':>8} {'close':>5} {'Val':>6} {'kept':>6} {'×best':>6}"
     several = len({s["part"] for s in c["stages"]}) > 1  # cells of several files: say whose

@@ -8,7 +8,16 @@ from typing import Any
 
 import pytest
 
-from bench.compare import NotPairedError, aimed_target, compare, format_comparison, load_result, main, merge
+from bench.compare import (
+    NotPairedError,
+    aimed_target,
+    compare,
+    format_comparison,
+    load_result,
+    main,
+    merge,
+    misses,
+)
 from bench.scoring import summarise
 
 
@@ -61,6 +70,24 @@ def test_aimed_target_adds_the_recorded_shifts_and_ignores_constant_or_relative_
     )
 
 
+def test_a_landing_miss_says_whether_its_path_came_near_the_retrain() -> None:
+    """Two FU runs short of a close target (0.50 / 0.40; the retrain 0.50 / 0.40): one passed a
+    checkpoint within 0.05 of the retrain on the way (the stop missed it), one never came near."""
+    retrains = {("FU", 1, s): {"tasks": {"a": {"unl": 0.5, "mia_auc": 0.4}}} for s in (0, 1)}
+    path = [{"steps": 0, "forget_accuracy": {"a": 0.9}, "mia_auc": {"a": 0.6}},
+            {"steps": 24, "forget_accuracy": {"a": 0.53}, "mia_auc": {"a": 0.43}},
+            {"steps": 48, "forget_accuracy": {"a": 0.2}, "mia_auc": {"a": 0.2}}]  # fmt: skip
+    rows = [
+        _run("default", "FU", seed, 0.3, tasks={"a": {"unl": 0.6, "mia_auc": 0.5}}, close={"a": False},
+             target=_target(0.50, 0.40), target_close={"a": True},
+             update={"checkpoints": cks, "best_distance": 0.1})
+        for seed, cks in ((0, path), (1, [path[0], path[2], {"steps": 72}]))
+    ]  # fmt: skip
+    got = misses(rows, retrains)
+    assert (got["short"], got["path_near"]) == (2, 1)
+    assert misses(rows)["path_near"] == 0  # without the retrains nothing is said
+
+
 def test_compare_pools_both_sides_over_the_shared_runs() -> None:
     base = _result(_rows(0.30, close=False, unl=0.60, update_distance=0.10))
     new = _result(_rows(0.20, close=True, unl=0.52, update_distance=0.03))
@@ -78,7 +105,8 @@ def test_compare_pools_both_sides_over_the_shared_runs() -> None:
     assert c["new"]["landing"]["PU"]["accuracy"] == pytest.approx(0.02)
     assert c["base"]["landing"]["FU"]["within"] == 0  # 0.60 is 0.10 above
     # misses: base's FU lands 0.10 above a close target (short of it), its PU aimed at a far one
-    assert c["base"]["misses"] == {"target_far": 1, "past": 0, "short": 1, "mixed": 0, "no_target": 0}
+    assert c["base"]["misses"] == {"target_far": 1, "past": 0, "short": 1, "mixed": 0, "no_target": 0,
+                                   "path_near": 0}  # fmt: skip
     assert c["new"]["misses"]["target_far"] == 1
     assert sum(c["new"]["misses"].values()) == 1  # the close FU task is no miss
     # the summary's cells, the ratio to the best of ssd and ia (0.5), stages not worse
