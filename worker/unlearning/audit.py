@@ -83,6 +83,10 @@ class AuditConfig:
     # each client's IN references trained without one task's labels for it (the per-task request's
     # task-withheld calibration, ``ia.per_task_target``; reference_adapters.assign_withheld)
     reference_withhold_tasks: bool = False
+    # how many of a client's IN references withhold each task (their first T·this; T tasks): one
+    # task-withheld reference per (client, task) is as noisy as one reference (docs/benchmarks.md,
+    # "The targets' error, split"); IN references beyond T·this see every label of the client
+    reference_withheld_per_task: Annotated[int, Field(ge=1, le=32)] = 1
     # each client's share of IN references (deviation from LiRA's halves; reference_adapters.in_count:
     # round(K·share), clamped so that each client has at least one IN and one OUT reference)
     reference_in_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.5
@@ -95,8 +99,12 @@ class AuditConfig:
     def reference_withheld_tasks(self, tasks: Sequence[TaskSpec]) -> list[str]:
         """The tasks whose labels each client's IN references are trained without
         (``reference_adapters.train_references``' ``withhold_tasks``): all of them with
-        ``reference_withhold_tasks``, else none."""
-        return [t.name for t in tasks] if self.reference_withhold_tasks else []
+        ``reference_withhold_tasks``, else none. Each task is named
+        ``reference_withheld_per_task`` times in turn, so that the client's ``j``-th IN reference
+        withholds the ``j mod T``-th (:func:`reference_adapters.assign_withheld` cycles the list)."""
+        if not self.reference_withhold_tasks:
+            return []
+        return [t.name for t in tasks] * self.reference_withheld_per_task
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any] | None) -> AuditConfig:

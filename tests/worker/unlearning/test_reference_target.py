@@ -37,6 +37,7 @@ from worker.unlearning.likelihood_ratio import out_reference_targets
 from worker.unlearning.reference_adapters import (
     LoadedReferences,
     assign_halves,
+    assign_withheld,
     drop_references_with,
     load_references,
     read_references,
@@ -710,3 +711,32 @@ def test_kept_level_prefers_the_checkpoint_that_holds_the_kept_task_at_its_pre_r
         picks.append(select_checkpoint(cps.history, 0.05, "closest"))
     assert picks == [1, 2]
     assert cps.history[1]["distance"] == pytest.approx(0.15)
+
+
+def test_several_task_withheld_references_per_client_and_task() -> None:
+    """``audit.reference_withheld_per_task``: each task is named that many times in turn, and
+    :func:`assign_withheld` gives each client that many IN references without each task's labels;
+    IN references beyond T times that withhold nothing (with 8 IN of 16 and 2 tasks, 3 each
+    leaves 2 that saw every label)."""
+    from worker.unlearning.audit import AuditConfig
+
+    tasks = ToyWorkload(0, num_clients=4, per_client=10).tasks()
+    two = [t.name for t in tasks]
+    assert len(two) == 2
+    cfg = AuditConfig.from_settings(
+        {"audit": {"reference_withhold_tasks": True, "reference_withheld_per_task": 3}}
+    )
+    names = cfg.reference_withheld_tasks(tasks)
+    assert names == two * 3
+    once = AuditConfig.from_settings({"audit": {"reference_withhold_tasks": True}})
+    assert once.reference_withheld_tasks(tasks) == two
+    assert AuditConfig.from_settings({}).reference_withheld_tasks(tasks) == []
+    clients = [f"c{i}" for i in range(10)]
+    halves = assign_halves(clients, 16, seed=5)
+    withheld = assign_withheld(clients, 16, 5, names)
+    for c in clients:
+        inside = [r for r in range(16) if c in halves[r]]
+        held = Counter(withheld[r][c][0] for r in inside if c in withheld[r])
+        assert held == dict.fromkeys(two, 3)
+        assert all(c in halves[r] for r in range(16) if c in withheld[r])  # only IN references withhold
+        assert sum(c not in withheld[r] for r in inside) == 2
