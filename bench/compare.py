@@ -195,6 +195,17 @@ def load_result(path: Path) -> dict[str, Any]:
     return {"runs": runs, "summary": summarise(runs), "meta": {"seeds": sorted({r["seed"] for r in runs})}}
 
 
+def results_parser(prog: str, description: str | None, method_help: str) -> argparse.ArgumentParser:
+    """The parser of a command that reads several results (``lethe bench noise``, ``lethe bench
+    targets``): ``RESULT.json …``, ``--method`` and ``--json OUT``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("results", nargs="+", help="lethe bench --json results (or .partial.jsonl)")
+    parser.add_argument("--method", default="default", help=method_help)
+    parser.add_argument("--json", dest="json_path", type=Path, default=None, help="write the figures")
+    return parser
+
+
 def merge(results: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Several results as one side of a comparison: their runs together (a run in two of them is
     refused) and their summaries' cells, each marked with its file's seeds (``part``)."""

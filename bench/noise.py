@@ -14,7 +14,6 @@ docs/benchmarks.md, "How much a tuning run can tell", reads it on scenes' tuning
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -22,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.compare import load_result, method_rows
+from bench.compare import load_result, method_rows, results_parser
 from bench.paired import paired_differences
 
 SEED_COUNTS = (3, 5, 10, 20)
@@ -59,11 +58,7 @@ def pooled_noise(comparisons: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m bench noise") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("results", nargs="+", help="lethe bench --json results (or .partial.jsonl)")
-    parser.add_argument("--method", default="default", help="the base method; its variants are METHOD@…")
-    parser.add_argument("--json", dest="json_path", type=Path, default=None, help="write the figures")
+    parser = results_parser(prog, __doc__, "the base method; its variants are METHOD@…")
     args = parser.parse_args(argv)
     comparisons = []
     try:

@@ -29,7 +29,6 @@ independent ones, so their spread understates σ and the rest overstates what st
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
@@ -41,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from bench.closeness import CLOSE_TOLERANCE, aimed_targets, number
-from bench.compare import load_result
+from bench.compare import load_result, results_parser
 
 METRICS = (("accuracy", "unl"), ("mia_auc", "mia_auc"))  # (the target's spread key, the row's key)
 PROJECTED = (2, 4, 8)
@@ -209,11 +208,7 @@ def format_split(group: Group, s: Mapping[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "python -m bench targets") -> int:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("results", nargs="+", help="lethe bench --json results (or .partial.jsonl)")
-    parser.add_argument("--method", default="default", help="whose rows' targets (default: default)")
-    parser.add_argument("--json", dest="json_path", type=Path, default=None, help="write the figures")
+    parser = results_parser(prog, __doc__, "whose rows' targets (default: default)")
     args = parser.parse_args(argv)
     try:
         groups = target_errors((load_result(Path(p)) for p in args.results), args.method)
