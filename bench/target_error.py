@@ -76,6 +76,8 @@ def workload_label(result: Mapping[str, Any]) -> str:
 def reference_design(result: Mapping[str, Any]) -> str:
     """``K4 f0.5`` (and ``withheld`` where IN references withheld task labels) from a result's meta."""
     meta = result.get("meta") or {}
+    if "references" not in meta:  # a stopped run's .partial.jsonl keeps only its seeds
+        return "references unknown"
     audit = dict((meta.get("settings_overrides") or {}).get("audit") or {})
     k = (meta.get("references") or {}).get("k")
     label = f"K{k if k is not None else '?'} f{float(audit.get('reference_in_fraction', 0.5)):g}"

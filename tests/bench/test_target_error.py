@@ -70,6 +70,7 @@ def test_groups_are_by_design_kind_and_task_and_a_run_counts_once() -> None:
         "meta": {"references": {"k": 8}, "settings_overrides": {"audit": {"reference_withhold_tasks": True}}}
     }
     assert reference_design(withheld) == "K8 f0.5 withheld"
+    assert reference_design({"runs": [], "meta": {"seeds": [1]}}) == "references unknown"
 
 
 def test_the_split_recovers_the_noise_and_the_rest_it_was_built_from() -> None:
