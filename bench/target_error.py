@@ -6,8 +6,9 @@ the references' own disagreement explains (``lethe bench targets``; scoring only
 For every ``--method`` row with a reference target, per request-task: the target it aimed at
 (:func:`bench.closeness.aimed_targets`, shifts included) minus the reference retrain's forget-set
 metric and MIA AUC. Rows are grouped by workload, reference design (K references, the IN share, task
-withholding), request kind (``FU``: per client; ``PU``: per task) and task, and pooled over the files
-(a run in two files counts once, from the first).
+withholding; a target read from the best reference's accuracy apart), request kind (``FU``: per
+client; ``PU``: per task) and task, and pooled over the files (a run in two files counts once, from
+the first).
 
 Per group: request-tasks, **targets close** (both errors within 0.05), and per metric the error's
 mean (bias) and standard deviation, beside what the references' disagreement implies. A target is
@@ -102,19 +103,23 @@ def target_errors(
             aimed = aimed_targets(r.get("target")) if r["method"] == method else None
             if aimed is None or key not in retrains:
                 continue
+            # a target whose accuracy is the best reference's is not their median: a group of its own
+            row_design = design + (
+                " best-accuracy" if r["target"].get("accuracy_reference") == "best" else ""
+            )
             for task in r.get("close") or {}:
                 entry = _entry(
                     aimed.get(task), r["target"]["tasks"].get(task), retrains[key]["tasks"].get(task)
                 )
-                if entry is None or (workload, design, *key, task) in seen:
+                if entry is None or (workload, row_design, *key, task) in seen:
                     continue
-                seen.add((workload, design, *key, task))
+                seen.add((workload, row_design, *key, task))
                 if key in seconds:
                     entry["retrain_2"] = _differences(
                         seconds[key]["tasks"].get(task), retrains[key]["tasks"][task]
                     )
                 kind = "FU" if r["setting"] == "FU" else "PU"
-                out.setdefault((workload, design, kind, task), []).append(entry)
+                out.setdefault((workload, row_design, kind, task), []).append(entry)
     return out
 
 

@@ -57,15 +57,22 @@ def test_groups_are_by_design_kind_and_task_and_a_run_counts_once() -> None:
     again = _result(_runs(1, "FU", 0.0, 0.0, _target(0.9, 0.9)))  # the same run in a second file
     other = _result(_runs(2, "FU", 0.0, 0.0, _target(0.6, 0.4, n=4)), k=8, fraction=0.75)
     constant = _result(_runs(3, "FU", 0.0, 0.0, {"source": "constant", "mia_auc": 0.5}))
-    groups = target_errors([first, again, other, constant])
+    best_target = _target(0.6, 0.4)
+    best_target["tasks"]["shape"]["best"] = {"accuracy": 0.65}
+    best = _result(_runs(4, "FU", 0.0, 0.0, {**best_target, "accuracy_reference": "best"}))
+    groups = target_errors([first, again, other, constant, best])
     label = workload_label(first)
     assert label == "scenes(clients=8)"
     assert sorted(groups) == [(label, "K4 f0.5", "FU", "shape"), (label, "K4 f0.5", "PU", "shape"),
+                              (label, "K4 f0.5 best-accuracy", "FU", "shape"),
                               (label, "K8 f0.75", "FU", "shape")]  # fmt: skip
     (fu,) = groups[(label, "K4 f0.5", "FU", "shape")]
     assert fu["error"] == pytest.approx({"accuracy": 0.02, "mia_auc": 0.03})
     assert (fu["references"], fu["spread"]) == (2, {"accuracy": 0.1, "mia_auc": 0.05})
     assert groups[(label, "K8 f0.75", "FU", "shape")][0]["references"] == 4
+    assert groups[(label, "K4 f0.5 best-accuracy", "FU", "shape")][0]["error"]["accuracy"] == pytest.approx(
+        0.05
+    )
     withheld = {
         "meta": {"references": {"k": 8}, "settings_overrides": {"audit": {"reference_withhold_tasks": True}}}
     }
