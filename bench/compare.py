@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench.closeness import CLOSE_TOLERANCE, aimed_targets
+from bench.closeness import CLOSE_TOLERANCE, aimed_targets, close_flags
 from bench.paired import Key, paired_differences
 
 BASELINES = ("ssd", "ia")
@@ -141,16 +141,21 @@ def misses(
 
 
 def _path_near(row: Mapping[str, Any], retrain: Mapping[str, Any], task: str) -> bool:
-    """Whether a checkpoint of ``row``'s update (those that record the forget-set accuracy) had
-    ``task``'s forget-set accuracy and MIA AUC within the tolerance of the retrain's."""
-    for checkpoint in (row.get("update") or {}).get("checkpoints") or []:
-        acc = (checkpoint.get("forget_accuracy") or {}).get(task)
-        auc = (checkpoint.get("mia_auc") or {}).get(task)
-        if acc is None or auc is None or retrain.get("unl") is None or retrain.get("mia_auc") is None:
-            continue
-        if abs(acc - retrain["unl"]) <= CLOSE_TOLERANCE and abs(auc - retrain["mia_auc"]) <= CLOSE_TOLERANCE:
-            return True
-    return False
+    """Whether a checkpoint of ``row``'s update (those that record the forget-set accuracy) was close
+    to the retrain on ``task`` (:func:`bench.closeness.close_flags`)."""
+    return any(
+        close_flags(
+            {
+                task: {
+                    "unl": (c.get("forget_accuracy") or {}).get(task),
+                    "mia_auc": (c.get("mia_auc") or {}).get(task),
+                }
+            },
+            {task: retrain},
+            [task],
+        ).get(task, False)
+        for c in (row.get("update") or {}).get("checkpoints") or []
+    )
 
 
 def _pooled(
