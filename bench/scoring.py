@@ -118,6 +118,8 @@ def target_of(info: Any) -> dict[str, Any] | None:
         # the accuracy part from the references' "median" or "best" (ia.target_accuracy_reference)
         "accuracy_reference": target.get("accuracy_reference"),
         "reason": target.get("reason"),
+        # which references it read: "out" (never saw the client) or "task_withheld" (ia.per_task_target)
+        "calibration": target.get("calibration"),
         "wall_s": target.get("wall_s"),
         # added to the references' values for a per-task request (ia.per_task_*_shift; 0 otherwise)
         "auc_shift": target.get("auc_shift"),

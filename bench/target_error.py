@@ -107,6 +107,9 @@ def target_errors(
             row_design = design + (
                 " best-accuracy" if r["target"].get("accuracy_reference") == "best" else ""
             )
+            # a per-task target read from task-withheld references (rows written since 7 Dec say so)
+            if r["target"].get("calibration") == "task_withheld":
+                row_design += " task-withheld targets"
             for task in r.get("close") or {}:
                 entry = _entry(
                     aimed.get(task), r["target"]["tasks"].get(task), retrains[key]["tasks"].get(task)
@@ -195,10 +198,14 @@ def _f(value: float | None, fmt: str = "{:.3f}") -> str:
     return "—" if value is None else fmt.format(value)
 
 
+def _read_from(design: str) -> str:
+    return "task-withheld" if design.endswith(" task-withheld targets") else "OUT"
+
+
 def format_split(group: Group, s: Mapping[str, Any]) -> str:
     workload, design, kind, task = group
     parts = [f"{workload} {design} {kind}:{task}: {s['targets_close']}/{s['request_tasks']} targets close "
-             f"(median {_f(s['out_references'], '{:g}')} OUT references)"]  # fmt: skip
+             f"(median {_f(s['out_references'], '{:g}')} {_read_from(design)} references)"]  # fmt: skip
     for metric, _ in METRICS:
         c = s[metric]
         line = f"  {metric:<9} bias {_f(c['bias'], '{:+.3f}')}  sd {_f(c['sd'])}"

@@ -166,6 +166,10 @@ def test_a_row_scores_the_best_references_accuracy_where_the_worker_aimed_at_it(
     row_target = target_of(info)
     assert row_target is not None
     assert row_target["accuracy_reference"] == "best"
+    assert row_target["calibration"] is None  # the evidence did not say which references it read
+    withheld = target_of({"ia": {"target": {**info["ia"]["target"], "calibration": "task_withheld"}}})
+    assert withheld is not None
+    assert withheld["calibration"] == "task_withheld"
     assert row_target["tasks"]["a"]["best"] == {"accuracy": 0.61, "accuracy_gap": -0.04}
     reference = {"a": {"unl": 0.63, "mia_auc": 0.52}}
     assert target_close(row_target, reference, ["a"]) == {"a": True}  # 0.61 aimed

@@ -76,6 +76,9 @@ def test_groups_are_by_design_kind_and_task_and_a_run_counts_once() -> None:
     withheld = {
         "meta": {"references": {"k": 8}, "settings_overrides": {"audit": {"reference_withhold_tasks": True}}}
     }
+    read = {**_target(0.6, 0.4, n=1), "calibration": "task_withheld"}
+    read_withheld = _result(_runs(5, "PU:shape", 0.0, 0.0, read))
+    assert list(target_errors([read_withheld])) == [(label, "K4 f0.5 task-withheld targets", "PU", "shape")]
     assert reference_design(withheld) == "K8 f0.5 withheld"
     assert reference_design({"runs": [], "meta": {"seeds": [1]}}) == "references unknown"
 
@@ -137,6 +140,11 @@ def test_the_command_prints_each_group_and_writes_json(tmp_path: Path, capsys: A
     )
     assert group["mia_auc"]["retrain_sd"] == 0.0
     assert "a retrain's own sd 0.014 (2 pairs)" in text
+    withheld_runs = _runs(4, "PU:shape", 0.0, 0.0, {**_target(0.6, 0.4, n=1), "calibration": "task_withheld"})
+    path.write_text(json.dumps(_result(withheld_runs)))
+    assert main([str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "task-withheld targets PU:shape: 1/1 targets close (median 1 task-withheld references)" in text
     empty = tmp_path / "empty.json"
     empty.write_text(json.dumps(_result([])))
     with pytest.raises(SystemExit) as exc:
