@@ -45,6 +45,8 @@ from bench.compare import load_result, results_parser
 
 METRICS = (("accuracy", "unl"), ("mia_auc", "mia_auc"))  # (the target's spread key, the row's key)
 PROJECTED = (2, 4, 8)
+# the design suffix of a group whose per-task targets were read from task-withheld references
+TASK_WITHHELD = " task-withheld targets"
 _DRAWS = 200_000  # normal samples per n for m(n) and c(n): their error is under 1 %
 
 Group = tuple[str, str, str, str]  # (workload, references, kind, task)
@@ -103,13 +105,7 @@ def target_errors(
             aimed = aimed_targets(r.get("target")) if r["method"] == method else None
             if aimed is None or key not in retrains:
                 continue
-            # a target whose accuracy is the best reference's is not their median: a group of its own
-            row_design = design + (
-                " best-accuracy" if r["target"].get("accuracy_reference") == "best" else ""
-            )
-            # a per-task target read from task-withheld references (rows written since 7 Dec say so)
-            if r["target"].get("calibration") == "task_withheld":
-                row_design += " task-withheld targets"
+            row_design = design + _target_kind(r["target"])
             for task in r.get("close") or {}:
                 entry = _entry(
                     aimed.get(task), r["target"]["tasks"].get(task), retrains[key]["tasks"].get(task)
@@ -124,6 +120,14 @@ def target_errors(
                 kind = "FU" if r["setting"] == "FU" else "PU"
                 out.setdefault((workload, row_design, kind, task), []).append(entry)
     return out
+
+
+def _target_kind(target: Mapping[str, Any]) -> str:
+    """What sets a row's target apart from the references' median of OUT references, as a suffix of
+    its group's design: the best reference's accuracy, and (rows written since 7 Dec say so) a
+    per-task target read from task-withheld references."""
+    kind = " best-accuracy" if target.get("accuracy_reference") == "best" else ""
+    return kind + (TASK_WITHHELD if target.get("calibration") == "task_withheld" else "")
 
 
 def _entry(
@@ -199,7 +203,7 @@ def _f(value: float | None, fmt: str = "{:.3f}") -> str:
 
 
 def _read_from(design: str) -> str:
-    return "task-withheld" if design.endswith(" task-withheld targets") else "OUT"
+    return "task-withheld" if design.endswith(TASK_WITHHELD) else "OUT"
 
 
 def format_split(group: Group, s: Mapping[str, Any]) -> str:
