@@ -9,6 +9,9 @@ Commands (each has ``--help``):
 * ``reliability``: how often the demo's checks pass over anchor draws (:mod:`bench.reliability`).
 * ``coalescing``: N queued requests of one model → rounds and wall time (:mod:`bench.coalescing`).
 * ``plot``: re-render the PNG plots of a saved quality result.
+* ``compare``, ``noise``, ``targets``, ``budget``: read saved quality results (JSON alone): one
+  result against another (:mod:`bench.compare`), the noise floor (:mod:`bench.noise`), the targets'
+  error (:mod:`bench.target_error`), the target and landing errors (:mod:`bench.error_budget`).
 
 Each command's module is imported only when it runs (torch, httpx, matplotlib are theirs).
 """
@@ -277,6 +280,12 @@ def _targets(argv: Sequence[str], prog: str) -> int:
     return target_error.main(argv, prog=prog)
 
 
+def _budget(argv: Sequence[str], prog: str) -> int:
+    from bench import error_budget
+
+    return error_budget.main(argv, prog=prog)
+
+
 def _plot(argv: Sequence[str], prog: str) -> int:
     from bench import plots
 
@@ -293,6 +302,7 @@ COMMANDS: dict[str, Callable[[Sequence[str], str], int]] = {
     "compare": _compare,
     "noise": _noise,
     "targets": _targets,
+    "budget": _budget,
 }
 
 
@@ -319,7 +329,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m bench") -> in
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def bench_command(args: tuple[str, ...]) -> None:
     """Benchmarks: quality (default), measure-workload, latency, reliability, coalescing, plot, compare,
-    noise, targets.
+    noise, targets, budget.
 
     The same as ``python -m bench``; ``lethe bench --help`` lists the commands, ``lethe bench
     COMMAND --help`` their flags."""

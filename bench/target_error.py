@@ -105,7 +105,7 @@ def target_errors(
             aimed = aimed_targets(r.get("target")) if r["method"] == method else None
             if aimed is None or key not in retrains:
                 continue
-            row_design = design + _target_kind(r["target"])
+            row_design = design + target_kind(r["target"])
             for task in r.get("close") or {}:
                 entry = _entry(
                     aimed.get(task), r["target"]["tasks"].get(task), retrains[key]["tasks"].get(task)
@@ -122,7 +122,7 @@ def target_errors(
     return out
 
 
-def _target_kind(target: Mapping[str, Any]) -> str:
+def target_kind(target: Mapping[str, Any]) -> str:
     """What sets a row's target apart from the references' median of OUT references, as a suffix of
     its group's design: the best reference's accuracy, and (rows written since 7 Dec say so) a
     per-task target read from task-withheld references."""
