@@ -142,7 +142,9 @@ def summary(entries: Sequence[RequestTask]) -> dict[str, Any]:
         landing = [e.landing_error(metric) for e in entries]
         enough = len(entries) >= 2
         out[metric] = {
+            "target_bias": statistics.fmean(target),
             "target_sd": statistics.pstdev(target) if enough else None,
+            "landing_bias": statistics.fmean(landing),
             "landing_sd": statistics.pstdev(landing) if enough else None,
             "correlation": _correlation(target, landing),
         }
@@ -165,8 +167,9 @@ def format_summary(group: Group, s: Mapping[str, Any]) -> str:
              f"{s['close']}, retrain_2 {s['retrain_2_close']}, targets {s['targets_close']}"]  # fmt: skip
     for metric, _ in METRICS:
         c = s[metric]
-        lines.append(f"  {metric:<9} target error sd {_f(c['target_sd'])}  landing error sd "
-                     f"{_f(c['landing_sd'])}  correlation {_f(c['correlation'], '{:+.2f}')}")  # fmt: skip
+        lines.append(f"  {metric:<9} target error {_f(c['target_bias'], '{:+.3f}')} ± {_f(c['target_sd'])}  "
+                     f"landing error {_f(c['landing_bias'], '{:+.3f}')} ± {_f(c['landing_sd'])}  "
+                     f"correlation {_f(c['correlation'], '{:+.2f}')}")  # fmt: skip
     return "\n".join(lines)
 
 

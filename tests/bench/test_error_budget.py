@@ -62,6 +62,8 @@ def test_each_request_task_splits_into_its_target_error_and_its_landing_error() 
     s = summary(entries)
     assert (s["request_tasks"], s["close"], s["retrain_2_close"], s["targets_close"]) == (3, 1, 3, 2)
     assert s["accuracy"]["target_sd"] == pytest.approx(0.0330, abs=1e-3)
+    assert s["accuracy"]["target_bias"] == pytest.approx(0.0367, abs=1e-3)
+    assert s["mia_auc"]["landing_bias"] == pytest.approx(0.0300, abs=1e-3)
 
 
 def test_the_grid_reads_the_method_at_one_and_retrain_2_at_zero() -> None:
