@@ -74,6 +74,20 @@ def _values(values: Mapping[str, Any] | None) -> dict[str, float] | None:
     return out
 
 
+Row = Mapping[str, Any]
+
+
+def _request_task(task: str, retrain: Row, second: Row, aimed: Row, row: Row) -> RequestTask | None:
+    """``task`` of a method's ``row`` (which aimed at ``aimed``) beside the ``retrain`` and
+    ``retrain_2`` rows of its run; ``None`` if a value is not measured."""
+    measured = [_values(retrain["tasks"].get(task)), _values(second["tasks"].get(task))]
+    measured += [_values(aimed.get(task)), _values(row["tasks"].get(task))]
+    if any(v is None for v in measured):
+        return None
+    truth, second_values, target, kept = (v for v in measured if v is not None)
+    return RequestTask(truth, second_values, target, kept, close=bool(row["close"][task]))
+
+
 def request_tasks(
     results: Iterable[Mapping[str, Any]], method: str = "default"
 ) -> dict[Group, list[RequestTask]]:
@@ -91,16 +105,12 @@ def request_tasks(
             if aimed is None or retrain is None or second is None:
                 continue
             row_design = design + target_kind(row["target"])
-            for task, close in (row.get("close") or {}).items():
-                truth, second_values = _values(retrain["tasks"].get(task)), _values(second["tasks"].get(task))
-                aimed_values, kept = _values(aimed.get(task)), _values(row["tasks"].get(task))
+            for task in row.get("close") or {}:
+                entry = _request_task(task, retrain, second, aimed, row)
                 key = (workload, row_design, setting, stage, seed, task)
-                if truth is None or second_values is None or aimed_values is None or kept is None:
-                    continue
-                if key in seen:
+                if entry is None or key in seen:
                     continue
                 seen.add(key)
-                entry = RequestTask(truth, second_values, aimed_values, kept, close=bool(close))
                 kind = "FU" if setting == "FU" else "PU"
                 out.setdefault((workload, row_design, kind, task), []).append(entry)
     return out
