@@ -33,12 +33,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.closeness import CLOSE_TOLERANCE, aimed_targets, number
+from bench.closeness import aimed_targets, close_flags, number
 from bench.compare import load_result, results_parser
-from bench.target_error import Group, reference_design, target_kind, workload_label
+from bench.target_error import METRICS, Group, reference_design, target_kind, workload_label
 
-#: (a target's key, a row's key): the forget-set metric and the MIA AUC
-METRICS = (("accuracy", "unl"), ("mia_auc", "mia_auc"))
 #: the grid's scales of the target error (rows) and the landing error (columns)
 SCALES = (1.0, 0.75, 0.5, 0.25, 0.0)
 
@@ -117,7 +115,13 @@ def request_tasks(
 
 
 def _close(values: Mapping[str, float], retrain: Mapping[str, float]) -> bool:
-    return all(abs(values[m] - retrain[m]) <= CLOSE_TOLERANCE for m, _ in METRICS)
+    """Whether ``values`` is close to ``retrain`` by the benchmark's one definition
+    (:func:`bench.closeness.close_flags`, which reads a row's keys)."""
+
+    def row(v: Mapping[str, float]) -> dict[str, dict[str, float | None]]:
+        return {"task": {row_key: v[name] for name, row_key in METRICS}}
+
+    return close_flags(row(values), row(retrain), ["task"])["task"]
 
 
 def scaled_close(entries: Sequence[RequestTask], target_scale: float, landing_scale: float) -> int:
