@@ -18,50 +18,38 @@ within 0.05):
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
+from pathlib import Path
 
-from bench.closeness import CLOSE_TOLERANCE, aimed_targets
+from bench.closeness import aimed_targets, close_flags
+from bench.compare import load_result, method_rows
 
 METRICS = ("unl", "mia_auc")
 
 
 def main() -> None:
-    with open(sys.argv[1]) as f:
-        data = json.load(f)
-    rows = {(r["setting"], r["stage"], r["seed"], r["method"]): r for r in data["runs"]}
+    result = load_result(Path(sys.argv[1]))
+    retrains, withheld = method_rows(result, "retrain"), method_rows(result, "default@withheld")
     items = []
-    for (setting, stage, seed, method), row in rows.items():
-        if method != "default" or setting == "FU":
+    for key, row in method_rows(result, "default").items():
+        ret, other = retrains.get(key), withheld.get(key)
+        if key[0] == "FU" or ret is None or other is None:
             continue
-        ret, other = (
-            rows.get((setting, stage, seed, "retrain")),
-            rows.get((setting, stage, seed, "default@withheld")),
-        )
-        if ret is None or other is None:
-            continue
-        out, wh = aimed_targets(row.get("target")), aimed_targets(other.get("target"))
+        out, wh = aimed_targets(row.get("target")) or {}, aimed_targets(other.get("target")) or {}
         calibration = (other.get("target") or {}).get("calibration")
-        for task in out or {}:
+        for task in sorted(out.keys() & wh.keys()):
             ref = ret["tasks"].get(task) or {}
-            if not wh or task not in wh or any(ref.get(m) is None for m in METRICS):
+            if any(ref.get(m) is None for m in METRICS):
                 continue
-            items.append(
-                {
-                    "seed": seed,
-                    "task": task,
-                    "out": out[task],
-                    "wh": wh[task],
-                    "ref": ref,
-                    "calibration": calibration,
-                }
-            )
+            items.append({"seed": key[2], "task": task, "out": out[task], "wh": wh[task], "ref": ref,
+                          "calibration": calibration})  # fmt: skip
     print(f"per-task request-tasks: {len(items)}; withheld calibration used in "
           f"{sum(i['calibration'] == 'task_withheld' for i in items)}")  # fmt: skip
 
     def close(target, ref):
-        return all(abs(target[m] - ref[m]) <= CLOSE_TOLERANCE for m in METRICS)
+        """The benchmark's one definition of close (:func:`bench.closeness.close_flags`)."""
+        return close_flags({"t": target}, {"t": ref}, ["t"])["t"]
 
     def loso(item, key):
         """Mean over the other seeds' request-tasks of the same task of key(i), per metric."""
