@@ -2,8 +2,8 @@
 the forgotten tasks' Ret and every task's Val against the reference retrain. Scoring only.
 
 Each file's ``default*`` rows are labelled with the file's name (the same method in two files is two
-rows); ``ssd`` and ``ia`` come from whichever file with the same seeds has them, for the stages at
-≤ 0.7× the best of them.
+rows); the stages at ≤ 0.7× compare each row's summary median with the best of ``ssd`` and ``ia``
+(``bench.compare.best_baselines``) in the files of the same workload and seeds.
 
     python bench-results/retain-by-stage.py RESULTS.json [...]
 """
@@ -15,56 +15,58 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from bench.compare import load_result, method_rows
+from bench.compare import best_baselines, load_result, method_rows, summary_by_cell
 
 GOAL = 0.7
 
 
 def main() -> None:
-    # cells by (seeds, setting, stage): baselines pair only with rows of the same seeds
-    uis: dict[tuple[tuple[int, ...], str, int], dict[str, list[float]]] = defaultdict(
-        lambda: defaultdict(list)
-    )
+    results = [(path, load_result(path)) for path in map(Path, sys.argv[1:])]
+    # the best of ssd and ia per cell, from the files of the same workload and seeds (never across)
+    group_of = {
+        path: (str(result["meta"].get("workload")), tuple(sorted({int(r["seed"]) for r in result["runs"]})))
+        for path, result in results
+    }
+    baselines = {
+        group: best_baselines([result for path, result in results if group_of[path] == group])
+        for group in set(group_of.values())
+    }
+    pooled: dict[str, list[float]] = defaultdict(list)
+    at_goal: dict[str, list[bool]] = defaultdict(list)
     close: dict[str, int] = defaultdict(int)
     gaps: dict[tuple[str, str, int], list[float]] = defaultdict(list)
-    for path in map(Path, sys.argv[1:]):
-        result = load_result(path)
+    for path, result in results:
         retrains = method_rows(result, "retrain")
-        seeds = tuple(sorted({int(r["seed"]) for r in result["runs"]}))
         for method in sorted({r["method"] for r in result["runs"]}):
-            if method not in ("ssd", "ia") and not method.startswith("default"):
+            if not method.startswith("default"):
                 continue
-            label = method if method in ("ssd", "ia") else f"{method} [{path.stem}]"
+            label = f"{method} [{path.stem}]"
+            for cell, summary in summary_by_cell(result, method).items():
+                best = baselines[group_of[path]].get(cell)
+                if best is not None and summary.get("uis") is not None:
+                    at_goal[label].append(float(summary["uis"]) <= GOAL * best)
             for key, row in method_rows(result, method).items():
-                setting, stage, _ = key
+                stage, retrain = key[1], retrains.get(key)
                 if row.get("uis") is not None:
-                    uis[(seeds, setting, stage)][label].append(float(row["uis"]))
-                retrain = retrains.get(key)
-                if label in ("ssd", "ia") or retrain is None:
+                    pooled[label].append(float(row["uis"]))
+                if retrain is None:
                     continue
                 close[label] += sum(bool(v) for v in (row.get("close") or {}).values())
-                forgotten = list(row["tasks"]) if setting == "FU" else [setting.split(":", 1)[1]]
                 for task, metrics in row["tasks"].items():
-                    if task in forgotten:
+                    if task in (row.get("close") or {}):  # the request-tasks: the forgotten ones
                         gaps[(label, "ret", stage)].append(metrics["ret"] - retrain["tasks"][task]["ret"])
                     gaps[(label, "val", stage)].append(metrics["val"] - retrain["tasks"][task]["val"])
     print("| row | pooled median UIS | stages ≤ 0.7× | close | Ret − retrain, stages 1–3 | Val − retrain |")
     print("|---|---|---|---|---|---|")
     for label in sorted(close):
-        cells = [cell for cell in uis.values() if cell.get(label)]
-        pooled = statistics.median([x for cell in cells for x in cell[label]])
-        judged = [cell for cell in cells if cell.get("ssd") and cell.get("ia")]
-        at_goal = sum(
-            statistics.median(cell[label]) <= GOAL * min(statistics.median(cell[b]) for b in ("ssd", "ia"))
-            for cell in judged
-        )
         by_stage = {
             metric: ", ".join(f"{100 * statistics.median(gaps[(label, metric, s)]):+.1f}" for s in (1, 2, 3))
             for metric in ("ret", "val")
         }
+        stages = f"{sum(at_goal[label])}/{len(at_goal[label])}"
         print(
-            f"| {label} | {pooled:.3f} | {at_goal}/{len(judged)} | {close[label]} | {by_stage['ret']} "
-            f"| {by_stage['val']} |"
+            f"| {label} | {statistics.median(pooled[label]):.3f} | {stages} | {close[label]} "
+            f"| {by_stage['ret']} | {by_stage['val']} |"
         )
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.closeness import aimed_targets, number
-from bench.compare import load_result, method_rows
+from bench.compare import BASELINES, load_result, method_rows, summary_by_cell
 
 AIMED = ("unl", "mia_auc")
 REST = ("ret", "val", "unl", "mia_auc")
@@ -36,20 +36,20 @@ GOAL = 0.7
 
 
 def relative(value: float, reference: float) -> float:
-    """One UIS term, as ``unlearning_impact_score`` computes it (reference floored at 1e-3)."""
+    """One UIS term, as ``worker.unlearning.audit.unlearning_impact_score`` computes it (reference
+    floored at 1e-3; not imported: that module brings torch, and this script reads JSON)."""
     return abs(value - reference) / max(abs(reference), 1e-3)
 
 
-def forgotten(setting: str, tasks: Mapping[str, Any]) -> list[str]:
-    return list(tasks) if setting == "FU" else [setting.split(":", 1)[1]]
-
-
 def aimed_part(
-    row: Mapping[str, Any], retrain: Mapping[str, Any], values: Mapping[str, Mapping[str, Any]], setting: str
+    row: Mapping[str, Any],
+    retrain: Mapping[str, Any],
+    values: Mapping[str, Mapping[str, Any]],
+    forgotten: list[str],
 ) -> float | None:
-    """The forgotten tasks' ``unl`` and AUC terms of ``row``'s UIS with those metrics at ``values``."""
+    """The ``forgotten`` tasks' ``unl`` and AUC terms of ``row``'s UIS with those metrics at ``values``."""
     total = 0.0
-    for task in forgotten(setting, row["tasks"]):
+    for task in forgotten:
         for metric in AIMED:
             mine, ref = (
                 number((values.get(task) or {}).get(metric)),
@@ -68,30 +68,31 @@ def median(values: list[float]) -> float | None:
 def main() -> None:
     for path in sys.argv[1:]:
         result = load_result(Path(path))
-        rows = {
-            m: method_rows(result, m) for m in ("retrain", "retrain_2", "default", "ssd", "ia", "original")
-        }
-        cells: dict[tuple[str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        rows = {m: method_rows(result, m) for m in ("retrain", "retrain_2", "default", "original")}
+        # per cell (the summary's key: part, setting, stage), the baselines' median UIS by method
+        baselines: dict[tuple[str, str, int], dict[str, float]] = defaultdict(dict)
+        for method in BASELINES:
+            for cell, summary in summary_by_cell(result, method).items():
+                if summary.get("uis") is not None:
+                    baselines[cell][method] = float(summary["uis"])
+        cells: dict[tuple[str, str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         rest_terms: dict[str, dict[tuple[str, str, str], list[float]]] = defaultdict(
             lambda: defaultdict(list)
         )
-        for method in ("ssd", "ia"):
-            for (setting, stage, _), row in rows[method].items():
-                if row.get("uis") is not None:
-                    cells[(setting, stage)][method].append(float(row["uis"]))
         for key, row in rows["default"].items():
             setting, stage, _ = key
             retrain, second = rows["retrain"].get(key), rows["retrain_2"].get(key)
             targets = aimed_targets(row.get("target"))
             if retrain is None or second is None or row.get("uis") is None or not targets:
                 continue
-            cell = cells[(setting, stage)]
-            f_land = aimed_part(row, retrain, row["tasks"], setting)
-            f_target = aimed_part(row, retrain, targets, setting)
-            f_second = aimed_part(second, retrain, second["tasks"], setting)
+            forgotten = list(row.get("close") or {})  # the request-tasks, as the bench scored them
+            f_land = aimed_part(row, retrain, row["tasks"], forgotten)
+            f_target = aimed_part(row, retrain, targets, forgotten)
+            f_second = aimed_part(second, retrain, second["tasks"], forgotten)
             if f_land is None or f_target is None or f_second is None or second.get("uis") is None:
                 continue
             rest, rest_second = float(row["uis"]) - f_land, float(second["uis"]) - f_second
+            cell = cells[("", setting, stage)]
             cell["default"].append(float(row["uis"]))
             cell["perfect landing"].append(f_target + rest)
             cell["retrain_2 on targets"].append(f_target + rest_second)
@@ -103,7 +104,7 @@ def main() -> None:
             for name, model in (("default", row), ("retrain_2", second)):
                 n = len(model["tasks"])
                 for task, metrics in model["tasks"].items():
-                    is_forgotten = task in forgotten(setting, model["tasks"])
+                    is_forgotten = task in forgotten
                     ref = retrain if is_forgotten else (original if stage == 1 else None)
                     if ref is None:
                         continue
@@ -127,9 +128,10 @@ def main() -> None:
             "R retrain_2",
         )
         print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-        for (setting, stage), cell in sorted(cells.items()):
-            best_name = min((m for m in ("ssd", "ia") if cell.get(m)), key=lambda m: median(cell[m]) or 0.0)
-            best = median(cell[best_name]) or float("nan")
+        for (part, setting, stage), cell in sorted(cells.items()):
+            by_method = baselines.get((part, setting, stage), {})
+            best_name = min(by_method, key=lambda m: by_method[m]) if by_method else "-"
+            best = by_method.get(best_name, float("nan"))
             parts = [f"{setting} {stage}", f"`{best_name}` {best:.3f}"]
             for column in header[2:5]:
                 value = median(cell[column])

@@ -180,7 +180,8 @@ def _pooled(
 Cell = tuple[str, str, int]  # (part: the seeds of the file it came from, setting, stage)
 
 
-def _summary(result: Mapping[str, Any], method: str) -> dict[Cell, Mapping[str, Any]]:
+def summary_by_cell(result: Mapping[str, Any], method: str) -> dict[Cell, Mapping[str, Any]]:
+    """``method``'s summary rows of ``result`` (medians over seeds), by :data:`Cell`."""
     return {
         (s.get("part", ""), s["setting"], s["stage"]): s for s in result["summary"] if s["method"] == method
     }
@@ -237,12 +238,12 @@ def _seed_label(seeds: Sequence[int]) -> str:
     return ",".join(str(x) for x in ordered)
 
 
-def _best_baselines(results: Sequence[Mapping[str, Any]]) -> dict[Cell, float]:
+def best_baselines(results: Sequence[Mapping[str, Any]]) -> dict[Cell, float]:
     """Per cell, the lowest median UIS of ``ssd`` and ``ia`` in any of ``results``."""
     best: dict[Cell, float] = {}
     for result in results:
         for method in BASELINES:
-            for cell, s in _summary(result, method).items():
+            for cell, s in summary_by_cell(result, method).items():
                 if s.get("uis") is not None:
                     best[cell] = min(best.get(cell, float("inf")), float(s["uis"]))
     return best
@@ -251,8 +252,8 @@ def _best_baselines(results: Sequence[Mapping[str, Any]]) -> dict[Cell, float]:
 def _stages(
     base: Mapping[str, Any], new: Mapping[str, Any], base_method: str, new_method: str
 ) -> list[dict[str, Any]]:
-    a, b = _summary(base, base_method), _summary(new, new_method)
-    baselines = _best_baselines((base, new))
+    a, b = summary_by_cell(base, base_method), summary_by_cell(new, new_method)
+    baselines = best_baselines((base, new))
     out = []
     for cell in sorted(set(a) & set(b)):
         best = baselines.get(cell)
